@@ -1,0 +1,1 @@
+RandMultiHeadAttention = None  # issue [B]

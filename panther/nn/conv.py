@@ -1,0 +1,1 @@
+SKConv2d = None  # issue [B]

@@ -1,0 +1,1 @@
+sinSRPE = None  # issue [B]

@@ -1,0 +1,2 @@
+"""Random-feature attention ops: fake kernels, autograd, plain-torch references (issue [B])."""
+__all__ = []

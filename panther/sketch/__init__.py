@@ -1,0 +1,2 @@
+"""Random sketching operators (seedable with ``generator=``; never touch the global RNG state)."""
+from .core import *  # noqa: F401,F403
