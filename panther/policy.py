@@ -1,0 +1,358 @@
+"""Which layers to sketch, and how: plain data shared by the compile backend and ``panther.convert``.
+
+A *policy* answers one question per candidate layer: "replace this layer, and with what?". It sees a
+:class:`LayerInfo` (name, kind, shapes, parameter count and FLOPs per call) and returns a
+:class:`SketchSpec` to replace the layer or ``None`` to leave it alone. Three spellings are accepted
+wherever a policy is expected (``options={"policy": ...}`` of the backend, ``panther.convert``):
+
+* ``None`` — :func:`default_policy`: rewrite a layer only where the sketch at least halves its FLOPs;
+* a callable ``LayerInfo -> SketchSpec | None``;
+* a dict from :mod:`fnmatch` patterns to a ``SketchSpec`` or ``"skip"``. A pattern matches a layer when it
+  matches its name (the module path, e.g. ``"blocks.*.mlp.fc1"``) or its kind (``"linear"``, ``"conv2d"``,
+  ``"attention"``). An exact name always wins; otherwise the *last* matching entry wins, so general
+  entries go first and per-layer overrides after them::
+
+      {"linear": SketchSpec(low_rank=32), "head": "skip", "blocks.0.*": SketchSpec(low_rank=64)}
+
+  The value ``"default"`` hands the layer to :func:`default_policy`. Layers no entry matches stay dense.
+
+Per-layer overrides can also be layered on top of any policy with :func:`with_overrides`.
+
+This module also holds the cost model (:func:`sketched_cost`): the parameter and FLOP counts of a layer
+before and after sketching, used by the default policy and by the graph diff report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Tuple, Union
+
+__all__ = [
+    "LayerInfo",
+    "SketchSpec",
+    "Policy",
+    "KINDS",
+    "default_policy",
+    "default_spec",
+    "resolve_policy",
+    "with_overrides",
+    "sketched_cost",
+    "spec_for_layer",
+    "decide",
+    "seed_for",
+    "MIN_DEFAULT_RANK",
+]
+
+KINDS = ("linear", "conv2d", "attention")
+_INITS = ("sketch", "svd")
+_KERNEL_FNS = ("softmax", "relu")
+#: default_policy leaves linear/conv2d layers dense when the FLOP-halving rank is below this: a rank-1..7
+#: sketch of a tiny layer saves nothing worth its error.
+MIN_DEFAULT_RANK = 8
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a policy knows about one candidate layer (one graph node, or one module for ``convert``).
+
+    ``shapes`` maps role → shape: ``"input"``, ``"weight"``, ``"output"`` for linear / conv2d;
+    ``"query"``, ``"key"``, ``"value"`` (B, H, L, d) for attention. ``params`` counts the tensor elements
+    the layer owns (weight and bias; for nn.MultiheadAttention its projections), ``flops`` the multiply-add
+    FLOPs (2 per MAC) of one call at the traced shapes, or ``None`` when no input shape is known
+    (``panther.convert`` without ``example_inputs``). ``extra`` holds kind-specific facts, e.g.
+    ``in_features``/``out_features``, ``kernel_size``/``stride``/``groups``, ``num_heads``/``head_dim``/
+    ``causal``.
+    """
+
+    name: str
+    kind: str
+    shapes: Mapping[str, Optional[Tuple[int, ...]]] = field(default_factory=dict)
+    dtype: Any = None
+    device: Any = None
+    params: int = 0
+    flops: Optional[int] = None
+    has_bias: bool = False
+    grad_enabled: bool = False
+    op: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SketchSpec:
+    """How to sketch one layer.
+
+    * linear / conv2d: ``num_terms`` (L) and ``low_rank`` (k); the layer keeps rank ``L*k``. ``init``:
+      ``"sketch"`` (random, unbiased; the library's training init) or ``"svd"`` (best approximation of
+      that rank; exact truncated SVD for a linear layer with ``num_terms=1``).
+    * attention: ``num_random_features`` (m) and ``kernel_fn`` (``"softmax"`` or ``"relu"``);
+      ``causal`` is only read by ``panther.convert`` for nn.MultiheadAttention (the compile backend takes
+      causality from the graph).
+
+    A field left ``None`` is filled by :func:`default_spec` for the layer. ``seed`` makes the random draws
+    (sketch signs, random features) reproducible: each layer derives its own generator from ``seed`` and
+    its name, so the compile backend and ``panther.convert`` draw the same numbers for the same layer.
+    """
+
+    num_terms: Optional[int] = None
+    low_rank: Optional[int] = None
+    num_random_features: Optional[int] = None
+    kernel_fn: str = "softmax"
+    init: str = "sketch"
+    causal: bool = False
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        for key in ("num_terms", "low_rank", "num_random_features"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise TypeError(f"SketchSpec.{key} must be a positive int or None, got {v!r}")
+            if v is not None and v < 1:
+                raise ValueError(f"SketchSpec.{key} must be a positive int or None, got {v!r}")
+        if self.init not in _INITS:
+            raise ValueError(f"SketchSpec.init must be one of {_INITS}, got {self.init!r}")
+        if self.kernel_fn not in _KERNEL_FNS:
+            raise ValueError(f"SketchSpec.kernel_fn must be one of {_KERNEL_FNS}, got {self.kernel_fn!r}")
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"SketchSpec.causal must be a bool, got {self.causal!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise TypeError(f"SketchSpec.seed must be an int or None, got {self.seed!r}")
+
+    def replace(self, **changes) -> "SketchSpec":
+        return dataclasses.replace(self, **changes)
+
+
+Policy = Union[None, Callable[[LayerInfo], Optional[SketchSpec]], Mapping[str, Union[SketchSpec, str]]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# cost model (2 FLOPs per multiply-add; bias adds and softmax/feature-map nonlinearities ignored)
+
+
+def _dims(info: LayerInfo):
+    """(d_in, d_out, positions) of a linear or conv2d layer: the equivalent GEMM per output position."""
+    e = info.extra
+    if info.kind == "linear":
+        return e["in_features"], e["out_features"]
+    kh, kw = e["kernel_size"]
+    return e["in_channels"] // e.get("groups", 1) * kh * kw, e["out_channels"]
+
+
+def _positions(info: LayerInfo) -> Optional[int]:
+    """Rows of the equivalent GEMM: tokens for linear, B*H_out*W_out for conv2d (None if unknown)."""
+    if info.flops is None:
+        return None
+    d_in, d_out = _dims(info)
+    return info.flops // (2 * d_in * d_out) if d_in * d_out else 0
+
+
+def _attention_flops(info: LayerInfo, m: int) -> Optional[int]:
+    e = info.extra
+    if e.get("batch_heads") is None:
+        return None
+    bh, lq, lk, d, dv = e["batch_heads"], e["len_q"], e["len_k"], e["head_dim"], e.get("head_dim_v", e["head_dim"])
+    # features of q and k (x·Pᵀ), the (m, dv+1) key/value state, and its read-out for every query.
+    core = 2 * bh * (lq + lk) * d * m + 2 * bh * lk * m * (dv + 1) + 2 * bh * lq * m * (dv + 1)
+    return core + e.get("projection_flops", 0)
+
+
+def dense_attention_flops(batch_heads, len_q, len_k, head_dim, head_dim_v=None, causal=False) -> int:
+    """FLOPs of exact attention: QKᵀ and PV (halved when causal: a fused kernel skips the masked half)."""
+    dv = head_dim if head_dim_v is None else head_dim_v
+    f = 2 * batch_heads * len_q * len_k * (head_dim + dv)
+    return f // 2 if causal else f
+
+
+def sketched_cost(info: LayerInfo, spec: SketchSpec) -> Tuple[int, Optional[int]]:
+    """(params_after, flops_after) of ``info`` sketched as ``spec`` (fields filled by :func:`spec_for_layer`).
+
+    linear: factors S1s, S2s, U1s, U2s hold ``2Lk(d_in+d_out)`` elements; forward = two GEMMs through
+    rank 2Lk, ``4NLk(d_in+d_out)`` FLOPs. conv2d: a conv to 2Lk channels plus a 1×1 channel mix.
+    attention: the projections are unchanged; the (m, d) random-feature matrix is added.
+    """
+    spec = spec_for_layer(info, spec)
+    bias = info.extra.get("out_features", info.extra.get("out_channels", 0)) if info.has_bias else 0
+    if info.kind in ("linear", "conv2d"):
+        L, k = spec.num_terms, spec.low_rank
+        d_in, d_out = _dims(info)
+        if info.kind == "linear":
+            params = 2 * L * k * (d_in + d_out) + bias
+        else:  # S1s (2Lk, C_in, kh, kw) + U1s (2L, k, C_out)
+            params = 2 * L * k * d_in + 2 * L * k * d_out + bias
+        n = _positions(info)
+        flops = None if n is None else 4 * n * L * k * (d_in + d_out)
+        return params, flops
+    if info.kind == "attention":
+        m = spec.num_random_features
+        params = info.params + m * info.extra["head_dim"]
+        return params, _attention_flops(info, m)
+    raise ValueError(f"LayerInfo.kind must be one of {KINDS}, got {info.kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# default policy
+
+
+def _halving_rank(d_in: int, d_out: int) -> int:
+    """The largest rank k (num_terms=1) with 4k(d_in+d_out) <= d_in*d_out, i.e. FLOPs at least halved,
+    rounded down to a multiple of 8 (friendlier GEMM shapes) when it is at least 8."""
+    k = (d_in * d_out) // (4 * (d_in + d_out))
+    return k - k % 8 if k >= 8 else k
+
+
+def default_spec(info: LayerInfo) -> SketchSpec:
+    """The spec :func:`default_policy` would use for ``info`` (ignoring its FLOP threshold).
+
+    linear / conv2d: one term, ``init="svd"``, and the largest rank that halves the FLOPs
+    (``k = d_in*d_out / (4(d_in+d_out))`` with d_in = C_in*kh*kw for conv, down to a multiple of 8).
+    attention: ``num_random_features = 4 * head_dim``, softmax kernel.
+    """
+    if info.kind in ("linear", "conv2d"):
+        d_in, d_out = _dims(info)
+        return SketchSpec(num_terms=1, low_rank=max(1, _halving_rank(d_in, d_out)), init="svd")
+    if info.kind == "attention":
+        return SketchSpec(num_random_features=4 * info.extra["head_dim"], kernel_fn="softmax")
+    raise ValueError(f"LayerInfo.kind must be one of {KINDS}, got {info.kind!r}")
+
+
+def spec_for_layer(info: LayerInfo, spec: SketchSpec) -> SketchSpec:
+    """``spec`` with its ``None`` fields filled from :func:`default_spec` for this layer."""
+    if info.kind in ("linear", "conv2d"):
+        if spec.num_terms is not None and spec.low_rank is not None:
+            return spec
+        d = default_spec(info)
+        return spec.replace(num_terms=spec.num_terms or d.num_terms, low_rank=spec.low_rank or d.low_rank)
+    if spec.num_random_features is not None:
+        return spec
+    return spec.replace(num_random_features=default_spec(info).num_random_features)
+
+
+def default_policy(info: LayerInfo) -> Optional[SketchSpec]:
+    """Rewrite a layer only where the sketch at least halves its FLOPs per call.
+
+    Uses :func:`default_spec` (rank-k SVD for linear/conv2d, 4*head_dim random features for attention)
+    and accepts it iff ``2 * flops_after <= flops_before``. Linear and conv2d layers pass when that rank
+    is at least ``MIN_DEFAULT_RANK`` = 8 (e.g. a 64x64 linear gets rank 8, a 32x32 one stays dense); attention passes only for sequences long
+    enough that random features pay off (about len >= 4 * num_random_features). Layers whose FLOPs are
+    unknown (``panther.convert`` without example inputs) are judged per output position for linear /
+    conv2d and left alone for attention.
+    """
+    spec = default_spec(info)
+    if info.kind in ("linear", "conv2d"):
+        d_in, d_out = _dims(info)
+        if _halving_rank(d_in, d_out) < MIN_DEFAULT_RANK:
+            return None
+        info = dataclasses.replace(info, flops=2 * d_in * d_out)  # per position: the ratio is shape-free
+    if info.flops is None:
+        return None
+    _, after = sketched_cost(info, spec)
+    if after is None or 2 * after > info.flops:
+        return None
+    return spec
+
+
+default_policy.reason_rejected = "default policy: sketch would not halve the FLOPs"  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------------------------------
+# resolving the accepted spellings into one function
+
+
+def _check_spec_value(key, value):
+    if isinstance(value, SketchSpec) or value in ("skip", "default"):
+        return
+    raise TypeError(
+        f"policy[{key!r}] must be a SketchSpec, 'skip' or 'default', got {value!r} ({type(value).__name__})"
+    )
+
+
+def _dict_policy(table: Mapping[str, Union[SketchSpec, str]]):
+    for key, value in table.items():
+        if not isinstance(key, str):
+            raise TypeError(f"policy keys must be str fnmatch patterns on layer name or kind, got {key!r}")
+        _check_spec_value(key, value)
+    items = list(table.items())
+
+    def decide(info: LayerInfo):
+        if info.name in table:
+            key, value = info.name, table[info.name]
+        else:
+            hits = [(k, v) for k, v in items if fnmatch.fnmatchcase(info.name, k) or fnmatch.fnmatchcase(info.kind, k)]
+            if not hits:
+                return None, "no policy entry matches this layer"
+            key, value = hits[-1]
+        if value == "skip":
+            return None, f"policy: 'skip' (entry {key!r})"
+        if value == "default":
+            spec = default_policy(info)
+            return spec, (None if spec is not None else default_policy.reason_rejected)
+        return value, None
+
+    return decide
+
+
+def resolve_policy(policy: Policy):
+    """Turn any accepted policy spelling into ``decide(info) -> (spec | None, reason | None)``.
+
+    ``reason`` explains a refusal (it is ``None`` when a spec is returned). Raises TypeError for anything
+    that is not None, a callable or a dict.
+    """
+    if getattr(policy, "__panther_decide__", False):
+        return policy
+    if policy is None:
+        def decide(info):
+            spec = default_policy(info)
+            return spec, (None if spec is not None else default_policy.reason_rejected)
+
+        return decide
+    if isinstance(policy, Mapping):
+        return _dict_policy(policy)
+    if callable(policy):
+        def decide(info):
+            spec = policy(info)
+            if spec is None or spec == "skip":
+                return None, "policy returned None" if spec is None else "policy: 'skip'"
+            if not isinstance(spec, SketchSpec):
+                raise TypeError(
+                    f"policy returned {spec!r} for layer {info.name!r}; a policy must return a SketchSpec, None or 'skip'"
+                )
+            return spec, None
+
+        return decide
+    raise TypeError(
+        f"policy must be None (default policy), a callable LayerInfo -> SketchSpec | None, or a dict of "
+        f"fnmatch patterns to SketchSpec | 'skip'; got {type(policy).__name__}"
+    )
+
+
+def with_overrides(policy: Policy, overrides: Mapping[str, Union[SketchSpec, str]]):
+    """A policy that consults ``overrides`` (dict spelling, names or kinds) first and ``policy`` otherwise."""
+    base = resolve_policy(policy)
+    over = _dict_policy(overrides)
+
+    def decide(info):
+        spec, reason = over(info)
+        if spec is None and reason == "no policy entry matches this layer":
+            return base(info)
+        return spec, reason
+
+    decide.__panther_decide__ = True  # already in (spec, reason) form
+    return decide
+
+
+def decide(policy, info: LayerInfo):
+    """(spec filled for the layer | None, reason | None) for ``policy`` (any spelling, or a resolved one)."""
+    spec, reason = resolve_policy(policy)(info)
+    if spec is None:
+        return None, reason
+    return spec_for_layer(info, spec), None
+
+
+def seed_for(spec: SketchSpec, name: str) -> Optional[int]:
+    """Per-layer seed derived from ``spec.seed`` and the layer name (stable across processes)."""
+    if spec.seed is None:
+        return None
+    import zlib
+
+    return (spec.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+

@@ -1,0 +1,170 @@
+"""Graph diff reports: what panther replaced, what it left alone and why (plain data).
+
+Both the compile backend and ``panther.convert`` produce a :class:`GraphDiffReport`; the most recent one is
+kept for :func:`last_report`. ``str(report)`` is a table (tabulate), ``report.to_markdown()`` a GitHub
+table, ``report.as_dict()`` plain dicts and numbers for asserting in tests or dumping as JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+__all__ = ["ReportRow", "GraphDiffReport", "last_report"]
+
+
+@dataclass
+class ReportRow:
+    """One candidate layer (graph node or module).
+
+    ``op_before``/``op_after`` name the op (or module class) before and after; they are equal when the
+    layer was left alone, and then ``reason`` says why. ``params_*`` count tensor elements the layer needs
+    (weights, factors, fixed sketches, bias, random features); ``flops_*`` are FLOPs of one call at the
+    traced shapes (``None`` when unknown). ``est_error`` is the relative Frobenius error of the sketched
+    weight ‖W − Ŵ‖/‖W‖ where it is cheap to know (linear / conv2d), else ``None``.
+    """
+
+    name: str
+    kind: str
+    op_before: str
+    op_after: str
+    replaced: bool
+    reason: str = ""
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: Optional[int] = None
+    flops_after: Optional[int] = None
+    spec: Any = None
+    est_error: Optional[float] = None
+
+    def as_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["spec"] = None if self.spec is None else dataclasses.asdict(self.spec)
+        return d
+
+
+def _fmt_int(v):
+    if v is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g}{unit}"
+    return str(v)
+
+
+def _sum(values):
+    vals = [v for v in values]
+    if any(v is None for v in vals):
+        return None
+    return sum(vals)
+
+
+@dataclass
+class GraphDiffReport:
+    """Rows in graph (execution) order plus totals; ``source`` is ``"compile"`` or ``"convert"``."""
+
+    rows: List[ReportRow] = field(default_factory=list)
+    source: str = "compile"
+    graph_id: Optional[str] = None
+
+    # -- queries -------------------------------------------------------------------------------------
+    @property
+    def replaced(self) -> List[ReportRow]:
+        return [r for r in self.rows if r.replaced]
+
+    @property
+    def skipped(self) -> List[ReportRow]:
+        return [r for r in self.rows if not r.replaced]
+
+    def row(self, name: str) -> ReportRow:
+        """The row of layer ``name`` (KeyError listing the names if absent)."""
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(f"no row named {name!r}; rows: {[r.name for r in self.rows]}")
+
+    @property
+    def totals(self) -> Dict[str, Optional[int]]:
+        """Sums over all rows (a FLOP total is ``None`` when some row's FLOPs are unknown)."""
+        return {
+            "layers": len(self.rows),
+            "replaced": len(self.replaced),
+            "params_before": sum(r.params_before for r in self.rows),
+            "params_after": sum(r.params_after for r in self.rows),
+            "flops_before": _sum(r.flops_before for r in self.rows),
+            "flops_after": _sum(r.flops_after for r in self.rows),
+        }
+
+    # -- renderings ----------------------------------------------------------------------------------
+    _HEADERS = ("layer", "kind", "before", "after", "params", "FLOPs", "err", "note")
+
+    def _table_rows(self):
+        out = []
+        for r in self.rows:
+            out.append(
+                (
+                    r.name,
+                    r.kind,
+                    r.op_before,
+                    r.op_after if r.replaced else "(unchanged)",
+                    f"{_fmt_int(r.params_before)} -> {_fmt_int(r.params_after)}",
+                    f"{_fmt_int(r.flops_before)} -> {_fmt_int(r.flops_after)}",
+                    "-" if r.est_error is None else f"{r.est_error:.3g}",
+                    _spec_str(r.spec) if r.replaced else r.reason,
+                )
+            )
+        t = self.totals
+        out.append(
+            (
+                "TOTAL",
+                "",
+                "",
+                f"{t['replaced']}/{t['layers']} replaced",
+                f"{_fmt_int(t['params_before'])} -> {_fmt_int(t['params_after'])}",
+                f"{_fmt_int(t['flops_before'])} -> {_fmt_int(t['flops_after'])}",
+                "",
+                "",
+            )
+        )
+        return out
+
+    def __str__(self) -> str:
+        from tabulate import tabulate
+
+        title = f"panther graph diff ({self.source}{', ' + self.graph_id if self.graph_id else ''})"
+        return title + "\n" + tabulate(self._table_rows(), headers=self._HEADERS, tablefmt="simple")
+
+    def to_markdown(self) -> str:
+        from tabulate import tabulate
+
+        return tabulate(self._table_rows(), headers=self._HEADERS, tablefmt="github")
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "source": self.source,
+            "graph_id": self.graph_id,
+            "rows": [r.as_dict() for r in self.rows],
+            "totals": self.totals,
+        }
+
+
+def _spec_str(spec) -> str:
+    if spec is None:
+        return ""
+    if spec.num_random_features is not None and spec.low_rank is None:
+        return f"m={spec.num_random_features}, {spec.kernel_fn}"
+    return f"L={spec.num_terms}, k={spec.low_rank}, {spec.init}"
+
+
+_LAST: Optional[GraphDiffReport] = None
+
+
+def last_report() -> Optional[GraphDiffReport]:
+    """The report of the most recent panther compile (one per graph Dynamo hands the backend) or
+    ``panther.convert`` call in this process; ``None`` before the first."""
+    return _LAST
+
+
+def _set_last(report: GraphDiffReport) -> None:
+    global _LAST
+    _LAST = report
