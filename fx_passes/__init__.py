@@ -1,0 +1,116 @@
+"""panther's graph passes over Dynamo FX graphs.
+
+One pass per file, each with its pattern and its replacement side by side:
+
+* :mod:`.sketch_linear` — ``linear`` / ``x @ W.t()`` -> ``panther::sketched_linear`` (weight factors)
+* :mod:`.sketch_conv2d` — ``conv2d`` -> ``panther::sketched_conv2d`` (weight factors)
+* :mod:`.sketch_sdpa` — ``scaled_dot_product_attention`` -> ``panther::rf_attention`` (weight-free)
+* :mod:`.sketch_mha` — ``F.multi_head_attention_forward`` -> projections + ``panther::rf_attention``
+
+:func:`run_passes` walks the graph once in order, lets each pass recognise its nodes, asks the policy,
+applies the accepted rewrites and returns a :class:`panther.report.GraphDiffReport` with one row per
+candidate node, including the reason for every node left alone.
+
+Layering: this package imports ``panther.ops``, ``panther.policy``, ``panther.report`` and
+``panther.sketch`` only (graphs, never modules).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from panther.policy import Policy, decide, resolve_policy, sketched_cost
+from panther.report import GraphDiffReport, ReportRow
+
+from . import sketch_conv2d, sketch_linear, sketch_mha, sketch_sdpa
+from .common import FactorCache, PassContext, factor_cache
+
+__all__ = ["run_passes", "PASSES", "factor_cache", "TRAINING_REASON"]
+
+log = logging.getLogger("panther")
+
+PASSES = (sketch_linear, sketch_conv2d, sketch_sdpa, sketch_mha)
+
+TRAINING_REASON = "training: use panther.convert"
+
+
+def run_passes(
+    gm: torch.fx.GraphModule,
+    example_inputs,
+    *,
+    policy: Policy = None,
+    grad_enabled: Optional[bool] = None,
+    cache: Optional[FactorCache] = None,
+) -> GraphDiffReport:
+    """Rewrite ``gm`` in place as ``policy`` decides; return the graph diff report.
+
+    Weight-bearing rewrites (linear, conv2d) happen only when ``grad_enabled`` is False (default: the
+    current grad mode); otherwise those nodes stay dense with the reason :data:`TRAINING_REASON`.
+    Weight-free rewrites (attention) happen in both modes.
+    """
+    grad_enabled = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
+    ctx = PassContext(gm, example_inputs, grad_enabled=grad_enabled, cache=cache or factor_cache)
+    policy_fn = resolve_policy(policy)
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.graph is not gm.graph or node.op != "call_function":
+            continue  # already erased by an earlier rewrite
+        for p in PASSES:
+            cand = p.match(node, ctx)
+            if cand is None:
+                continue
+            changed |= _apply(p, cand, ctx, policy_fn)
+            break
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    rows = [row for _, row in sorted(ctx.rows, key=lambda t: t[0])]
+    return GraphDiffReport(rows=rows, source="compile", graph_id=_graph_id(gm))
+
+
+def _graph_id(gm):
+    cid = gm.meta.get("dynamo_compile_id") if hasattr(gm, "meta") else None
+    return None if cid is None else f"graph {cid}"
+
+
+def _row(cand, *, replaced, reason="", op_after=None, params_after=None, flops_after=None, spec=None, err=None):
+    info = cand.info
+    return ReportRow(
+        name=info.name,
+        kind=info.kind,
+        op_before=cand.op_before,
+        op_after=op_after if replaced else cand.op_before,
+        replaced=replaced,
+        reason=reason,
+        params_before=info.params,
+        params_after=params_after if replaced else info.params,
+        flops_before=info.flops,
+        flops_after=flops_after if replaced else info.flops,
+        spec=spec,
+        est_error=err,
+    )
+
+
+def _apply(p, cand, ctx: PassContext, policy_fn) -> bool:
+    if cand.unsupported:
+        ctx.record(cand, _row(cand, replaced=False, reason=cand.unsupported))
+        return False
+    spec, reason = decide(policy_fn, cand.info)
+    if spec is None:
+        ctx.record(cand, _row(cand, replaced=False, reason=reason or "policy declined"))
+        return False
+    if cand.needs_weights and ctx.grad_enabled:
+        ctx.record(cand, _row(cand, replaced=False, reason=TRAINING_REASON, spec=spec))
+        return False
+    problem = getattr(p, "check", lambda c, s: None)(cand, spec)
+    if problem:
+        ctx.record(cand, _row(cand, replaced=False, reason=problem, spec=spec))
+        return False
+    params_after, flops_after = sketched_cost(cand.info, spec)
+    op_after, err = p.rewrite(cand, spec, ctx)
+    ctx.graph_changed()
+    ctx.record(cand, _row(cand, replaced=True, op_after=op_after, params_after=params_after,
+                          flops_after=flops_after, spec=spec, err=err))
+    return True

@@ -1,0 +1,308 @@
+"""What every panther pass needs from a Dynamo FX graph: real weights, layer names, shapes, new constants,
+a networkx view of the dataflow, and the factor cache.
+
+Facts this relies on (torch 2.6-2.13, see docs/compile.md): Dynamo hands the backend a GraphModule whose
+parameters are *placeholders* (no ``call_module``/``get_attr``); ``example_inputs[i]`` is the real
+``nn.Parameter`` of the i-th placeholder and ``placeholder.meta["grapharg"].source.name`` its access path
+(``L['self']._modules['fc1']._parameters['weight']``); every other node carries a FakeTensor in
+``meta["example_value"]``. New tensors go on the gm as buffers plus a ``ConstantSource`` entry in
+``gm._param_name_to_source`` (AOTAutograd asserts every gm buffer has a source); placeholders are never
+touched because Dynamo reads their meta again after the backend returns.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch.utils.weak import WeakIdKeyDictionary
+
+from panther.policy import LayerInfo, SketchSpec
+from panther.report import ReportRow
+
+__all__ = ["PassContext", "Candidate", "FactorCache", "factor_cache", "concrete", "shape_of"]
+
+_ACCESS = re.compile(r"""\._(?:modules|parameters|buffers)\[['"]([^'"]+)['"]\]|\.([A-Za-z_]\w*)|\[(\d+)\]""")
+_ROOT = re.compile(r"""^(?:[LG]\[['"][^'"]+['"]\]|[A-Za-z_]\w*)""")
+
+
+def source_to_fqn(source_name: str) -> Optional[str]:
+    """``L['self']._modules['blocks']._modules['0']._parameters['weight']`` -> ``blocks.0.weight``.
+
+    The root local (``L['self']``, ``L['fn']``, ``G['model']``...) is dropped; attribute and index
+    spellings (``L['self'].blocks[0].weight``) are understood too. ``None`` if nothing is left.
+    """
+    m = _ROOT.match(source_name)
+    rest = source_name[m.end():] if m else source_name
+    parts = []
+    for mm in _ACCESS.finditer(rest):
+        parts.append(next(g for g in mm.groups() if g is not None))
+    return ".".join(parts) or None
+
+
+def concrete(d) -> int:
+    """An int for a possibly symbolic size (its hint: FLOPs are estimates at the traced shapes)."""
+    if isinstance(d, int):
+        return d
+    try:
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        return int(optimization_hint(d, fallback=1))
+    except Exception:  # noqa: BLE001 - older torch: fall back on the node's hint
+        hint = getattr(getattr(d, "node", None), "hint", None)
+        return int(hint) if hint is not None else 1
+
+
+def shape_of(value) -> Optional[Tuple[int, ...]]:
+    if isinstance(value, torch.Tensor):
+        return tuple(concrete(s) for s in value.shape)
+    return None
+
+
+def _prod(xs):
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# factor cache: a recompile (new batch size, dynamic shapes...) calls the backend again on a fresh graph;
+# the expensive part (SVD, random draws) is reused as long as the weight is the same object, unmodified.
+
+
+class FactorCache:
+    """Values keyed by an *owner* tensor (weakly, by identity) and a hashable key.
+
+    ``hits``/``misses`` count lookups (tests use them to check a recompile does not refactorise).
+    Entries die with their owner; ``clear()`` drops everything.
+    """
+
+    def __init__(self):
+        self._owned = WeakIdKeyDictionary()
+        self._unowned: Dict[Hashable, Any] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, owner: Optional[torch.Tensor], key: Hashable, compute: Callable[[], Any]):
+        with self._lock:
+            table = self._unowned if owner is None else self._owned.setdefault(owner, {})
+            if key in table:
+                self.hits += 1
+                return table[key]
+        value = compute()
+        with self._lock:
+            self.misses += 1
+            table[key] = value
+        return value
+
+    def clear(self):
+        with self._lock:
+            self._owned = WeakIdKeyDictionary()
+            self._unowned.clear()
+            self.hits = self.misses = 0
+
+
+factor_cache = FactorCache()
+
+
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """A node a pass recognised: its LayerInfo and either what the rewrite needs or why it cannot be done."""
+
+    node: fx.Node
+    info: LayerInfo
+    op_before: str
+    needs_weights: bool  # True: factors come from the real weights (inference only)
+    data: Dict[str, Any] = field(default_factory=dict)
+    unsupported: Optional[str] = None  # reason the node cannot be rewritten at all
+
+
+_SHAPE_ONLY_METHODS = {
+    "view", "reshape", "transpose", "permute", "contiguous", "unflatten", "flatten", "split", "chunk",
+    "unbind", "__getitem__", "to", "float", "half", "bfloat16", "type_as", "mul", "div", "unsqueeze",
+    "squeeze", "expand", "t",
+}
+
+
+class PassContext:
+    """Shared state of one backend call: the gm, real example inputs, grad mode, and the report rows."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs, *, grad_enabled: bool, cache: FactorCache):
+        self.gm = gm
+        self.graph = gm.graph
+        self.grad_enabled = grad_enabled
+        self.cache = cache
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        # Dynamo passes one example per placeholder, in order; anything else (a hand-made gm) falls back
+        # on the fake values in meta, which is enough for shapes but not for factorising weights.
+        self.real: Dict[fx.Node, Any] = {}
+        if len(placeholders) == len(example_inputs):
+            self.real = dict(zip(placeholders, example_inputs))
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.rows: List[Tuple[int, ReportRow]] = []
+        self._used_names = set(dict(gm.named_buffers()).keys()) | set(dict(gm.named_parameters()).keys())
+        self._nx: Optional[nx.DiGraph] = None
+        self._names_taken: Dict[str, int] = {}
+        # node -> the real weight it was derived from (keys the cache of weight-free draws per model)
+        self.owners: Dict[fx.Node, torch.Tensor] = {}
+
+    # -- weights and names --------------------------------------------------------------------------
+    def weight(self, node) -> Tuple[Optional[torch.Tensor], Optional[str], Optional[str]]:
+        """(real tensor, fqn, None) when ``node`` is a module parameter/buffer placeholder, else
+        (None, None, reason)."""
+        if not isinstance(node, fx.Node):
+            return None, None, "weight is not a graph value"
+        if node.op != "placeholder":
+            return None, None, f"weight is computed in the graph ({node.op} {node.name}), not a module parameter"
+        ga = node.meta.get("grapharg")
+        src = getattr(getattr(ga, "source", None), "name", None)
+        if callable(src):  # older torch: Source.name() is a method
+            src = src()
+        real = self.real.get(node)
+        if real is None and ga is not None:
+            real = getattr(ga, "example", None)
+        is_state = isinstance(real, torch.nn.Parameter) or (
+            isinstance(src, str) and ("_parameters[" in src or "_buffers[" in src)
+        )
+        if not isinstance(real, torch.Tensor) or not is_state:
+            return None, None, "weight is a graph input, not a module parameter"
+        fqn = source_to_fqn(src) if isinstance(src, str) else None
+        return real, fqn or node.name, None
+
+    def module_path(self, node: fx.Node) -> Optional[str]:
+        """Innermost module path of a call node from ``nn_module_stack`` (``None`` at the root)."""
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            return None
+        path = list(stack.values())[-1][0]
+        return source_to_fqn(path)
+
+    def unique_layer_name(self, name: str) -> str:
+        """Layer names are unique within one report (a module called twice gets ``#1``, ``#2``...)."""
+        n = self._names_taken.get(name, 0)
+        self._names_taken[name] = n + 1
+        return name if n == 0 else f"{name}#{n}"
+
+    # -- new tensors on the gm ----------------------------------------------------------------------
+    def add_constant(self, base: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
+        """Register ``tensor`` as a gm buffer (with its ConstantSource) and return a get_attr node."""
+        stem = "_panther_" + re.sub(r"\W", "_", base).strip("_")
+        name, i = stem, 0
+        while name in self._used_names or hasattr(self.gm, name):
+            i += 1
+            name = f"{stem}_{i}"
+        self._used_names.add(name)
+        self.gm.register_buffer(name, tensor)
+        sources = getattr(self.gm, "_param_name_to_source", None)
+        if sources is not None:
+            from torch._dynamo.source import ConstantSource
+
+            sources[name] = ConstantSource(name)
+        with self.graph.inserting_before(before):
+            node = self.graph.get_attr(name)
+        fake = self._fake(tensor)
+        if fake is not None:
+            node.meta["example_value"] = fake
+        return node
+
+    def _fake(self, tensor):
+        """A FakeTensor of ``tensor`` in the graph's fake mode (meta must never hold real tensors)."""
+        if not hasattr(self, "_fake_mode"):
+            self._fake_mode = None
+            for n in self.graph.nodes:
+                fm = getattr(n.meta.get("example_value"), "fake_mode", None)
+                if fm is not None:
+                    self._fake_mode = fm
+                    break
+        if self._fake_mode is None:
+            return None
+        try:
+            return self._fake_mode.from_tensor(tensor, static_shapes=True)
+        except Exception:  # noqa: BLE001 - meta is a nicety; AOT re-traces anyway
+            return None
+
+    # -- networkx view ------------------------------------------------------------------------------
+    @property
+    def nx(self) -> nx.DiGraph:
+        """Dataflow DiGraph over the current nodes (rebuilt after each rewrite)."""
+        if self._nx is None:
+            G = nx.DiGraph()
+            for n in self.graph.nodes:
+                G.add_node(n)
+                for inp in n.all_input_nodes:
+                    G.add_edge(inp, n)
+            self._nx = G
+        return self._nx
+
+    def graph_changed(self):
+        self._nx = None
+
+    def producers(self, node: fx.Node, is_producer: Callable[[fx.Node], bool]) -> List[fx.Node]:
+        """Nearest upstream nodes satisfying ``is_producer``, looking through shape-only ops
+        (view/transpose/split/getitem...): e.g. the projections that feed an attention's q, k, v."""
+        G = self.nx
+        found, seen, frontier = [], {node}, [node]
+        while frontier:
+            nxt = []
+            for n in frontier:
+                for p in G.predecessors(n):
+                    if p in seen:
+                        continue
+                    seen.add(p)
+                    if is_producer(p):
+                        found.append(p)
+                    elif _is_shape_only(p):
+                        nxt.append(p)
+            frontier = nxt
+        return sorted(found, key=lambda n: self.order.get(n, 0))
+
+    # -- report --------------------------------------------------------------------------------------
+    def record(self, cand: Candidate, row: ReportRow):
+        self.rows.append((self.order.get(cand.node, len(self.order)), row))
+
+
+def _is_shape_only(n: fx.Node) -> bool:
+    import operator
+
+    if n.op == "call_method":
+        return n.target in _SHAPE_ONLY_METHODS
+    if n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        return n.target is operator.getitem or name in _SHAPE_ONLY_METHODS
+    return False
+
+
+def common_prefix(names: List[str]) -> Optional[str]:
+    """Longest shared dotted prefix of module paths (``a.attn.q``, ``a.attn.k`` -> ``a.attn``)."""
+    if not names:
+        return None
+    parts = [n.split(".") for n in names]
+    out = []
+    for group in zip(*parts):
+        if all(g == group[0] for g in group):
+            out.append(group[0])
+        else:
+            break
+    return ".".join(out) or None
+
+
+def numel(shape) -> int:
+    return _prod(shape) if shape is not None else 0
+
+
+def spec_key(spec: SketchSpec) -> Tuple:
+    return (spec.num_terms, spec.low_rank, spec.num_random_features, spec.kernel_fn, spec.init, spec.seed)
+
+
+def generator_for(seed: Optional[int]) -> Optional[torch.Generator]:
+    """A CPU generator for a per-layer seed, exactly as ``panther.nn`` builds one from ``seed=``."""
+    return None if seed is None else torch.Generator().manual_seed(seed)

@@ -1,0 +1,153 @@
+"""Pass: nn.MultiheadAttention -> dense projections + ``panther::rf_attention`` (weight-free).
+
+Pattern (Dynamo torch IR: nn.MultiheadAttention is one opaque call, inputs already in (L, B, E) layout):
+    out = F.multi_head_attention_forward(q, k, v, E, H, in_proj_weight, in_proj_bias, bias_k, bias_v,
+                                         add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, ...)
+    attn = out[0]                       # out[1] (attention weights) must be unused
+
+Replacement (one call, traced by AOTAutograd into aten ops around the custom op):
+    attn = rf_multi_head_attention(q, k, v, H, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+                                   P, kernel_fn, causal, key_padding_mask, q_w, k_w, v_w)
+which projects with the layer's own weights, runs random-feature attention per head with an (m, d_head)
+feature matrix ``P`` and applies the output projection, the same computation as
+``panther.nn.RandMultiHeadAttention.from_mha(mha, m)`` (the projection weights stay the module's
+parameters, so training through this rewrite updates them). Causality comes from ``is_causal``.
+
+Left alone: ``bias_k``/``bias_v``, ``add_zero_attn``, an ``attn_mask`` that is not flagged causal, attention
+dropout in training, float key padding masks, unbatched inputs, and uses of the attention weights.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
+
+from .common import Candidate, PassContext, shape_of
+from .sketch_sdpa import projection_for
+
+KIND = "attention"
+OP_AFTER = "panther.rf_attention"
+OP_BEFORE = "F.multi_head_attention_forward"
+_ARGS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k",
+         "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
+         "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
+         "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal")
+_DEFAULTS = {"training": True, "key_padding_mask": None, "need_weights": True, "attn_mask": None,
+             "use_separate_proj_weight": False, "q_proj_weight": None, "k_proj_weight": None,
+             "v_proj_weight": None, "static_k": None, "static_v": None, "average_attn_weights": True,
+             "is_causal": False}
+
+
+def rf_multi_head_attention(query, key, value, num_heads, in_proj_weight, in_proj_bias, out_proj_weight,
+                            out_proj_bias, projection, kernel_fn, causal, key_padding_mask=None,
+                            q_proj_weight=None, k_proj_weight=None, v_proj_weight=None):
+    """Multi-head attention with random-feature attention per head; inputs and output in (L, B, E)."""
+    E = query.shape[-1]
+    if q_proj_weight is None:
+        q_proj_weight, k_proj_weight, v_proj_weight = in_proj_weight.chunk(3)
+    bq = bk = bv = None
+    if in_proj_bias is not None:
+        bq, bk, bv = in_proj_bias.chunk(3)
+    d = E // num_heads
+
+    def heads(t, w, b):  # (L, B, E) -> (B, H, L, d)
+        t = F.linear(t, w, b)
+        return t.reshape(t.shape[0], t.shape[1], num_heads, d).permute(1, 2, 0, 3)
+
+    q, k, v = heads(query, q_proj_weight, bq), heads(key, k_proj_weight, bk), heads(value, v_proj_weight, bv)
+    o = torch.ops.panther.rf_attention(q, k, v, projection, kernel_fn, causal, None, key_padding_mask)
+    o = o.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], E)
+    return F.linear(o, out_proj_weight, out_proj_bias)
+
+
+def match(node, ctx: PassContext):
+    if node.op != "call_function" or node.target is not F.multi_head_attention_forward:
+        return None
+    a = dict(_DEFAULTS)
+    a.update(zip(_ARGS, node.args))
+    a.update(node.kwargs)
+    q, k, v = a["query"], a["key"], a["value"]
+    H = a["num_heads"]
+    qs, ks, vs = (shape_of(t.meta.get("example_value")) if isinstance(t, torch.fx.Node) else None for t in (q, k, v))
+    qv = q.meta.get("example_value") if isinstance(q, torch.fx.Node) else None
+    in_w = a["q_proj_weight"] if a["use_separate_proj_weight"] else a["in_proj_weight"]
+    W, fqn, _ = ctx.weight(in_w)
+    if fqn is not None and "." in fqn:
+        base_name = fqn.rsplit(".", 1)[0]
+    else:
+        base_name = ctx.module_path(node) or node.name
+    name = ctx.unique_layer_name(base_name)
+    node.meta["panther_layer"] = name
+    ok = qs is not None and ks is not None and vs is not None and len(qs) == 3 and isinstance(H, int)
+    extra = {"head_dim": 1, "causal": bool(a["is_causal"])}
+    flops = None
+    params = 0
+    if ok:
+        Lq, B, E = qs
+        Lk = ks[0]
+        d = E // H
+        kdim, vdim = ks[-1], vs[-1]
+        params = E * (E + kdim + vdim) + E * E
+        params += (3 * E if a["in_proj_bias"] is not None else 0) + (E if a["out_proj_bias"] is not None else 0)
+        proj = 2 * B * (Lq * E * E + Lk * E * kdim + Lk * E * vdim + Lq * E * E)
+        causal = bool(a["is_causal"])
+        flops = proj + dense_attention_flops(B * H, Lq, Lk, d, d, causal)
+        extra.update(batch_heads=B * H, num_heads=H, len_q=Lq, len_k=Lk, head_dim=d, head_dim_v=d,
+                     embed_dim=E, projection_flops=proj)
+    info = LayerInfo(name=name, kind=KIND, shapes={"query": qs, "key": ks, "value": vs},
+                     dtype=getattr(qv, "dtype", None), device=getattr(qv, "device", None), params=params,
+                     flops=flops, has_bias=a["in_proj_bias"] is not None, grad_enabled=ctx.grad_enabled,
+                     op=OP_BEFORE, extra=extra)
+    cand = Candidate(node, info, OP_BEFORE, needs_weights=False, data={"a": a, "base_name": base_name, "owner": W})
+    kpm = a["key_padding_mask"]
+    kpm_v = kpm.meta.get("example_value") if isinstance(kpm, torch.fx.Node) else None
+    uses = [u for u in node.users]
+    if not ok:
+        cand.unsupported = "unbatched or unknown input shapes"
+    elif any(u.target is not operator.getitem or u.args[1] != 0 for u in uses):
+        cand.unsupported = "the attention weights (output 1) are used"
+    elif a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"]:
+        cand.unsupported = "bias_k/bias_v/add_zero_attn are not supported"
+    elif a["static_k"] is not None or a["static_v"] is not None:
+        cand.unsupported = "static_k/static_v are not supported"
+    elif a["attn_mask"] is not None and not a["is_causal"]:
+        cand.unsupported = "explicit attn_mask: random-feature attention supports only causal / key padding masks"
+    elif a["training"] is not False and a["dropout_p"] not in (0, 0.0):
+        cand.unsupported = f"attention dropout {a['dropout_p']} in training mode"
+    elif kpm is not None and (kpm_v is None or kpm_v.dtype != torch.bool):
+        cand.unsupported = "key_padding_mask is not a bool tensor"
+    elif causal and Lq != Lk:
+        cand.unsupported = "causal attention with different query and key lengths"
+    elif E % H:
+        cand.unsupported = "embed_dim is not divisible by num_heads"
+    elif not hasattr(torch.ops.panther, "rf_attention"):
+        cand.unsupported = "panther::rf_attention is not available in this build"
+    return cand
+
+
+def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
+    node, a, info = cand.node, cand.data["a"], cand.info
+    base_name = cand.data["base_name"]
+    P = projection_for(ctx, cand.data["owner"], base_name, spec, info.extra["head_dim"], info.dtype, info.device)
+    p_node = ctx.add_constant(f"{base_name}_rf_projection", P, node)
+    sep = bool(a["use_separate_proj_weight"])
+    with ctx.graph.inserting_before(node):
+        new = ctx.graph.call_function(
+            rf_multi_head_attention,
+            (a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"], a["in_proj_bias"],
+             a["out_proj_weight"], a["out_proj_bias"], p_node, spec.kernel_fn, bool(a["is_causal"]),
+             a["key_padding_mask"], a["q_proj_weight"] if sep else None, a["k_proj_weight"] if sep else None,
+             a["v_proj_weight"] if sep else None),
+        )
+    out_val = node.meta.get("example_value")
+    new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
+    if isinstance(out_val, (tuple, list)) and out_val:
+        new.meta["example_value"] = out_val[0]
+    for user in list(node.users):  # every user is out[0] (checked in match)
+        user.replace_all_uses_with(new)
+        ctx.graph.erase_node(user)
+    ctx.graph.erase_node(node)
+    return OP_AFTER, None

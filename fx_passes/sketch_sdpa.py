@@ -1,0 +1,155 @@
+"""Pass: exact attention -> ``panther::rf_attention`` (random-feature attention; weight-free).
+
+Pattern (Dynamo torch IR; ``F.scaled_dot_product_attention`` is this builtin):
+    torch._C._nn.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=?, scale=?)
+    with q, k, v of shape (B, H, L, d)
+
+Replacement:
+    torch.ops.panther.rf_attention(q, k, v, P, kernel_fn, is_causal, scale, None)
+with ``P`` an (m, d) orthogonal random-feature matrix registered as a gm buffer. Nothing is derived from
+weights, so the rewrite is valid with grad enabled too (gradients flow to q, k, v as usual). The draw is
+cached per layer, so recompiles keep the same features.
+
+Left alone: an explicit ``attn_mask`` (random features cannot apply an arbitrary additive mask),
+``dropout_p > 0``, grouped-query attention, non-4-D inputs, causal with different query/key lengths.
+"""
+from __future__ import annotations
+
+import torch
+
+from panther.policy import LayerInfo, SketchSpec, dense_attention_flops, seed_for
+
+from .common import Candidate, PassContext, common_prefix, generator_for, shape_of, spec_key
+
+KIND = "attention"
+OP_AFTER = "panther.rf_attention"
+_SDPA = torch._C._nn.scaled_dot_product_attention
+_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_DEFAULTS = (None, None, None, None, 0.0, False, None, False)
+
+
+def draw_projection(m: int, d: int, *, generator=None, dtype=None, device=None) -> torch.Tensor:
+    """(m, d) random features for ``rf_attention``, drawn by panther.ops.attention when it provides the draw."""
+    from panther.ops import attention as att
+
+    for fn_name in ("orthogonal_random_features", "draw_orthogonal_features", "random_features"):
+        fn = getattr(att, fn_name, None)
+        if fn is not None:
+            return fn(m, d, generator=generator, dtype=dtype, device=device)
+    return _orthogonal_gaussian(m, d, generator=generator, dtype=dtype, device=device)
+
+
+def _orthogonal_gaussian(m, d, *, generator=None, dtype=None, device=None):
+    """Fallback draw: stacked orthogonal (d, d) blocks with rows rescaled to Gaussian norms (ORF)."""
+    blocks, rows = [], 0
+    while rows < m:
+        g = torch.randn(d, d, generator=generator, dtype=torch.float64)
+        q, _ = torch.linalg.qr(g)
+        blocks.append(q.mT)
+        rows += d
+    Q = torch.cat(blocks)[:m]
+    norms = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=1, keepdim=True)
+    return (Q * norms).to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def is_projection(n) -> bool:
+    """A dense or already-sketched linear node (what typically produces q, k, v)."""
+    if n.op != "call_function":
+        return False
+    if n.target is torch._C._nn.linear:
+        return True
+    sk = getattr(getattr(torch.ops, "panther", None), "sketched_linear", None)
+    return sk is not None and n.target is sk.default
+
+
+def match(node, ctx: PassContext):
+    if node.op != "call_function" or node.target is not _SDPA:
+        return None
+    vals = list(node.args) + list(_DEFAULTS[len(node.args):])
+    for i, k in enumerate(_ARGS):
+        if k in node.kwargs:
+            vals[i] = node.kwargs[k]
+    q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa = vals
+    shapes = {r: shape_of(t.meta.get("example_value")) if isinstance(t, torch.fx.Node) else None
+              for r, t in (("query", q), ("key", k), ("value", v))}
+    qv = q.meta.get("example_value") if isinstance(q, torch.fx.Node) else None
+    projections = []
+    for t in (q, k, v):
+        if isinstance(t, torch.fx.Node):
+            projections += [p for p in ctx.producers(t, is_projection) if p not in projections]
+    proj_names = [p.meta.get("panther_layer", p.name) for p in projections]
+    base_name = ctx.module_path(node) or common_prefix([n.split("#")[0] for n in proj_names]) or node.name
+    name = ctx.unique_layer_name(base_name)
+    node.meta["panther_layer"] = name
+    qs, ks, vs = shapes["query"], shapes["key"], shapes["value"]
+    ok4 = all(s is not None and len(s) == 4 for s in (qs, ks, vs))
+    causal = is_causal is True
+    extra = {"head_dim": qs[-1] if qs else 1, "projections": proj_names, "causal": causal}
+    flops = None
+    if ok4:
+        B, H, Lq, d = qs
+        Lk, dv = ks[2], vs[3]
+        extra.update(batch_heads=B * H, num_heads=H, len_q=Lq, len_k=Lk, head_dim=d, head_dim_v=dv)
+        flops = dense_attention_flops(B * H, Lq, Lk, d, dv, causal)
+    info = LayerInfo(name=name, kind=KIND, shapes=shapes, dtype=getattr(qv, "dtype", None),
+                     device=getattr(qv, "device", None), params=0, flops=flops, has_bias=False,
+                     grad_enabled=ctx.grad_enabled, op="scaled_dot_product_attention", extra=extra)
+    cand = Candidate(node, info, "scaled_dot_product_attention", needs_weights=False,
+                     data={"q": q, "k": k, "v": v, "causal": causal, "scale": scale, "base_name": base_name,
+                           "owner": _owner(ctx, projections)})
+    if not ok4:
+        cand.unsupported = "query/key/value are not 4-D (B, H, L, d)"
+    elif attn_mask is not None:
+        cand.unsupported = "explicit attn_mask: random-feature attention supports only causal / key padding masks"
+    elif not (isinstance(dropout_p, (int, float)) and dropout_p == 0):
+        cand.unsupported = f"dropout_p={dropout_p!r}: random-feature attention has no attention dropout"
+    elif enable_gqa is not False and qs[1] != ks[1]:
+        cand.unsupported = "grouped-query attention (enable_gqa) is not supported"
+    elif qs[1] != ks[1] or ks[:3] != vs[:3] or qs[0] != ks[0]:
+        cand.unsupported = "query/key/value batch or head counts differ"
+    elif not isinstance(is_causal, bool):
+        cand.unsupported = "is_causal is not a constant"
+    elif causal and qs[2] != ks[2]:
+        cand.unsupported = "causal attention with different query and key lengths"
+    elif not hasattr(torch.ops.panther, "rf_attention"):
+        cand.unsupported = "panther::rf_attention is not available in this build"
+    return cand
+
+
+def _owner(ctx, projections):
+    """A weight tying the random features to the model they were drawn for (cache lifetime)."""
+    for p in projections:
+        w = ctx.owners.get(p)
+        if w is not None:
+            return w
+        if p.target is torch._C._nn.linear and len(p.args) > 1:
+            W, _, _ = ctx.weight(p.args[1])
+            if W is not None:
+                return W
+    return None
+
+
+def projection_for(ctx: PassContext, owner, base_name: str, spec: SketchSpec, d: int, dtype, device):
+    key = ("rf_projection", base_name, spec_key(spec), d, dtype, str(device))
+
+    def draw():
+        gen = generator_for(seed_for(spec, base_name))
+        return draw_projection(spec.num_random_features, d, generator=gen, dtype=dtype, device=device)
+
+    return ctx.cache.get(owner, key, draw)
+
+
+def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
+    node, d = cand.node, cand.data
+    info = cand.info
+    P = projection_for(ctx, d["owner"], d["base_name"], spec, info.extra["head_dim"], info.dtype, info.device)
+    p_node = ctx.add_constant(f"{d['base_name']}_rf_projection", P, node)
+    with ctx.graph.inserting_before(node):
+        new = ctx.graph.call_function(
+            torch.ops.panther.rf_attention.default,
+            (d["q"], d["k"], d["v"], p_node, spec.kernel_fn, d["causal"], d["scale"], None),
+        )
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    ctx.graph.erase_node(node)
+    return OP_AFTER, None
