@@ -304,9 +304,9 @@ def resolve_policy(policy: Policy):
             spec = default_policy(info)
             return spec, (None if spec is not None else default_policy.reason_rejected)
 
-        return decide
+        return _resolved(decide)
     if isinstance(policy, Mapping):
-        return _dict_policy(policy)
+        return _resolved(_dict_policy(policy))
     if callable(policy):
         def decide(info):
             spec = policy(info)
@@ -318,7 +318,7 @@ def resolve_policy(policy: Policy):
                 )
             return spec, None
 
-        return decide
+        return _resolved(decide)
     raise TypeError(
         f"policy must be None (default policy), a callable LayerInfo -> SketchSpec | None, or a dict of "
         f"fnmatch patterns to SketchSpec | 'skip'; got {type(policy).__name__}"
@@ -336,8 +336,12 @@ def with_overrides(policy: Policy, overrides: Mapping[str, Union[SketchSpec, str
             return base(info)
         return spec, reason
 
-    decide.__panther_decide__ = True  # already in (spec, reason) form
-    return decide
+    return _resolved(decide)
+
+
+def _resolved(fn):
+    fn.__panther_decide__ = True  # already in (spec, reason) form
+    return fn
 
 
 def decide(policy, info: LayerInfo):

@@ -1,0 +1,239 @@
+"""``panther.convert``: the eager module swap, panther's training path.
+
+``convert(model, policy)`` replaces, in place, each ``nn.Linear`` / ``nn.Conv2d`` / ``nn.MultiheadAttention``
+the policy accepts by ``SKLinear`` / ``SKConv2d`` / ``RandMultiHeadAttention`` whose factors are built
+from the dense weights (``SketchSpec.init``: ``"sketch"`` or ``"svd"``). The new modules own real
+``nn.Parameter``s, so optimizers, ``state_dict``, ``torch.export`` and ``torch.compile`` (with
+``backend="panther"`` or any other) all see them.
+
+Call it **before** building the optimizer: an optimizer built earlier holds the old dense parameters and
+would never update the new factors.
+
+Nothing the policy did not ask for changes: other modules, their parameters (same objects), training
+flags and RNG-free state stay as they were. Without ``example_inputs`` nothing is run; with them, one
+forward under ``no_grad`` in eval mode records input shapes so that FLOPs (and the default policy's
+attention decisions) use real sizes; training flags are restored afterwards.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from .policy import LayerInfo, Policy, SketchSpec, decide, dense_attention_flops, resolve_policy, seed_for, \
+    sketched_cost, with_overrides
+from .report import GraphDiffReport, ReportRow, _set_last
+
+__all__ = ["convert"]
+
+
+def _is_plain(module, cls) -> bool:
+    """An instance of ``cls`` whose forward is ``cls.forward`` (subclasses with their own math are left alone)."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def _candidates(model: nn.Module):
+    """(name, module, kind) for every swappable layer, in registration order.
+
+    Linears owned by an nn.MultiheadAttention (its out_proj) are part of that layer: the attention reads
+    ``out_proj.weight`` directly, so swapping them alone would be wrong.
+    """
+    mha_children = set()
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            mha_children.update(id(c) for c in m.modules() if c is not m)
+    out = []
+    for name, m in model.named_modules():
+        if id(m) in mha_children:
+            continue
+        if _is_plain(m, nn.Linear):
+            out.append((name, m, "linear"))
+        elif _is_plain(m, nn.Conv2d):
+            out.append((name, m, "conv2d"))
+        elif _is_plain(m, nn.MultiheadAttention):
+            out.append((name, m, "attention"))
+    return out
+
+
+def _record_shapes(model, cands, example_inputs) -> Dict[int, Any]:
+    """Run one eval-mode, no-grad forward and record each candidate's (args, kwargs, output) shapes."""
+    seen: Dict[int, Any] = {}
+    hooks = []
+
+    def shape(t):
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+
+    for _, m, _ in cands:
+        def hook(mod, args, kwargs, output, _id=id(m)):
+            out = output[0] if isinstance(output, tuple) else output
+            seen.setdefault(_id, ([shape(a) for a in args], {k: v for k, v in kwargs.items()}, shape(out)))
+
+        hooks.append(m.register_forward_hook(hook, with_kwargs=True))
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, t in modes.items():
+            m.training = t
+    return seen
+
+
+def _numel(*ts):
+    return sum(t.numel() for t in ts if t is not None)
+
+
+def _linear_info(name, m: nn.Linear, rec, grad_enabled):
+    d_in, d_out = m.in_features, m.out_features
+    x_shape = rec[0][0] if rec and rec[0] else None
+    flops = None
+    if x_shape is not None:
+        n = 1
+        for s in x_shape[:-1]:
+            n *= s
+        flops = 2 * n * d_in * d_out
+    return LayerInfo(
+        name=name, kind="linear",
+        shapes={"input": x_shape, "weight": (d_out, d_in), "output": rec[2] if rec else None},
+        dtype=m.weight.dtype, device=m.weight.device, params=_numel(m.weight, m.bias), flops=flops,
+        has_bias=m.bias is not None, grad_enabled=grad_enabled, op="nn.Linear",
+        extra={"in_features": d_in, "out_features": d_out},
+    )
+
+
+def _conv_info(name, m: nn.Conv2d, rec, grad_enabled):
+    C_out, C_in_g, kh, kw = m.weight.shape
+    out_shape = rec[2] if rec else None
+    flops = None
+    if out_shape is not None:
+        positions = (out_shape[0] if len(out_shape) == 4 else 1) * out_shape[-2] * out_shape[-1]
+        flops = 2 * positions * C_out * C_in_g * kh * kw
+    return LayerInfo(
+        name=name, kind="conv2d",
+        shapes={"input": rec[0][0] if rec and rec[0] else None, "weight": tuple(m.weight.shape), "output": out_shape},
+        dtype=m.weight.dtype, device=m.weight.device, params=_numel(m.weight, m.bias), flops=flops,
+        has_bias=m.bias is not None, grad_enabled=grad_enabled, op="nn.Conv2d",
+        extra={"in_channels": m.in_channels, "out_channels": C_out, "kernel_size": (kh, kw), "groups": m.groups,
+               "stride": m.stride, "padding": m.padding, "dilation": m.dilation},
+    )
+
+
+def _mha_info(name, m: nn.MultiheadAttention, rec, grad_enabled):
+    E, H = m.embed_dim, m.num_heads
+    d = E // H
+    params = sum(p.numel() for p in m.parameters())
+    extra = {"head_dim": d, "num_heads": H, "embed_dim": E, "causal": False}
+    flops = None
+    shapes = {}
+    if rec and len(rec[0]) >= 3 and all(s is not None and len(s) == 3 for s in rec[0][:3]):
+        qs, ks, vs = rec[0][:3]
+        if m.batch_first:
+            (B, Lq, _), Lk = qs, ks[1]
+        else:
+            (Lq, B, _), Lk = qs, ks[0]
+        proj = 2 * B * (Lq * E * E + Lk * E * m.kdim + Lk * E * m.vdim + Lq * E * E)
+        causal = bool(rec[1].get("is_causal", False))
+        flops = proj + dense_attention_flops(B * H, Lq, Lk, d, d, causal)
+        extra.update(batch_heads=B * H, len_q=Lq, len_k=Lk, head_dim_v=d, projection_flops=proj, causal=causal)
+        shapes = {"query": qs, "key": ks, "value": vs}
+    return LayerInfo(name=name, kind="attention", shapes=shapes, dtype=m.out_proj.weight.dtype,
+                     device=m.out_proj.weight.device, params=params, flops=flops,
+                     has_bias=m.in_proj_bias is not None, grad_enabled=grad_enabled,
+                     op="nn.MultiheadAttention", extra=extra)
+
+
+def _match_grad_flags(new: nn.Module, old: nn.Module):
+    """Frozen dense layers give frozen sketched layers; training flags carry over."""
+    frozen = all(not p.requires_grad for p in old.parameters())
+    if frozen:
+        for p in new.parameters():
+            p.requires_grad_(False)
+    new.train(old.training)
+
+
+def _swap_linear(name, m, spec: SketchSpec):
+    from .nn import SKLinear
+
+    new = SKLinear.from_linear(m, spec.num_terms, spec.low_rank, init=spec.init, seed=seed_for(spec, name))
+    return new, "panther.nn.SKLinear"
+
+
+def _swap_conv(name, m, spec: SketchSpec):
+    from .nn import SKConv2d
+    from .sketch import conv2d_factors
+
+    new = SKConv2d.from_conv2d(m, spec.num_terms, spec.low_rank)
+    # The factors follow the spec's init and per-layer seed exactly as the compile pass builds them.
+    gen = None if spec.seed is None else torch.Generator().manual_seed(seed_for(spec, name))
+    S1s, U1s = conv2d_factors(m.weight.detach(), spec.num_terms, spec.low_rank, init=spec.init, generator=gen)
+    with torch.no_grad():
+        new.S1s.copy_(S1s)
+        new.U1s.copy_(U1s)
+    return new, "panther.nn.SKConv2d"
+
+
+def _swap_mha(name, m, spec: SketchSpec):
+    from .nn import RandMultiHeadAttention
+
+    new = RandMultiHeadAttention.from_mha(m, spec.num_random_features, kernel_fn=spec.kernel_fn,
+                                          iscausal=spec.causal)
+    return new, "panther.nn.RandMultiHeadAttention"
+
+
+_SWAP = {"linear": _swap_linear, "conv2d": _swap_conv, "attention": _swap_mha}
+_INFO = {"linear": _linear_info, "conv2d": _conv_info, "attention": _mha_info}
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, overrides=None):
+    """Swap the layers ``policy`` selects for sketched ones, in place; return ``(model, report)``.
+
+    Args:
+        model: any nn.Module (modified in place and returned).
+        policy: None (the default policy), a callable ``LayerInfo -> SketchSpec | None`` or a dict of
+            fnmatch patterns (layer name or kind) -> ``SketchSpec`` | ``"skip"`` (see ``panther.policy``).
+        example_inputs: optional input (or tuple of inputs) for one recording forward pass, so the report
+            has FLOPs and policies see input shapes.
+        overrides: per-layer dict consulted before ``policy``.
+
+    Build the optimizer *after* this call. ``model`` itself is returned so ``model, report =
+    panther.convert(model, policy)`` reads naturally; the report is also ``panther.last_report()``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise TypeError(f"overrides must be a dict of name/kind patterns -> SketchSpec | 'skip', got {type(overrides).__name__}")
+    policy_fn = with_overrides(policy, overrides) if overrides else resolve_policy(policy)
+    if isinstance(model, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)):
+        raise TypeError("convert() swaps submodules in place; wrap a bare layer in a container (e.g. nn.Sequential)")
+    cands = _candidates(model)
+    recorded = _record_shapes(model, cands, example_inputs) if example_inputs is not None else {}
+    grad_enabled = torch.is_grad_enabled()
+    rows = []
+    for name, m, kind in cands:
+        info = _INFO[kind](name, m, recorded.get(id(m)), grad_enabled)
+        spec, reason = decide(policy_fn, info)
+        op_before = info.op
+        if spec is None:
+            rows.append(ReportRow(name, kind, op_before, op_before, False, reason or "policy declined",
+                                  info.params, info.params, info.flops, info.flops))
+            continue
+        new, op_after = _SWAP[kind](name, m, spec)
+        _match_grad_flags(new, m)
+        _set_submodule(model, name, new)
+        params_after, flops_after = sketched_cost(info, spec)
+        rows.append(ReportRow(name, kind, op_before, op_after, True, "", info.params, params_after, info.flops,
+                              flops_after, spec=spec))
+    report = GraphDiffReport(rows=rows, source="convert")
+    _set_last(report)
+    return model, report

@@ -1,0 +1,215 @@
+"""backend="panther" on linear layers: the rewrite, the report, numerics vs convert, caching, training mode.
+
+Most compiles use options={"compiler": "aot_eager"} (AOTAutograd without Inductor): it checks that the
+rewritten graph with its new buffers is valid for AOT while costing ~1 s instead of a cold Inductor build.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fx_passes
+import panther
+from fx_passes import sketch_linear
+from panther.backend import panther_backend
+from panther.policy import SketchSpec
+
+FAST = {"compiler": "aot_eager"}
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(32, 48)
+        self.fc2 = nn.Linear(48, 40, bias=False)
+        self.head = nn.Linear(40, 6)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+POLICY = {"linear": SketchSpec(num_terms=1, low_rank=8, init="svd"), "head": "skip"}
+
+
+def compile_panther(model, **options):
+    reports = []
+    opts = {**FAST, "report": reports.append, **options}
+    return torch.compile(model, backend=panther_backend, options=opts), reports
+
+
+def capturing_backend(graphs, **options):
+    """panther_backend with fixed options that also keeps the graph modules it rewrote."""
+    def backend(gm, example_inputs):
+        out = panther_backend(gm, example_inputs, options={**FAST, **options})
+        graphs.append(gm)
+        return out
+
+    return backend
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    torch.manual_seed(0)
+    return MLP().eval()
+
+
+@pytest.fixture(scope="module")
+def inference_run(mlp):
+    """One no-grad compile of the MLP with POLICY, shared by the report/numerics tests."""
+    torch._dynamo.reset()
+    graphs, reports = [], []
+    compiled = torch.compile(mlp, backend=capturing_backend(graphs, policy=POLICY, report=reports.append))
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        y = compiled(x)
+    return graphs[0], reports, x, y
+
+
+def test_report_lists_exactly_the_chosen_nodes(inference_run):
+    _, reports, x, _ = inference_run
+    (rep,) = reports
+    assert rep is panther.last_report()
+    assert [r.name for r in rep.rows] == ["fc1", "fc2", "head"]
+    assert [r.name for r in rep.replaced] == ["fc1", "fc2"]
+    head = rep.row("head")
+    assert not head.replaced and head.op_after == head.op_before and "skip" in head.reason
+    n = x.shape[0]
+    for name, d_in, d_out, bias in (("fc1", 32, 48, True), ("fc2", 48, 40, False), ("head", 40, 6, True)):
+        r = rep.row(name)
+        assert r.kind == "linear" and r.op_before == "torch._C._nn.linear"
+        assert r.params_before == d_in * d_out + (d_out if bias else 0)
+        assert r.flops_before == 2 * n * d_in * d_out
+        if r.replaced:
+            assert r.op_after == "panther.sketched_linear"
+            assert r.params_after == 2 * 8 * (d_in + d_out) + (d_out if bias else 0)
+            assert r.flops_after == 4 * n * 8 * (d_in + d_out)
+            assert 0 < r.est_error < 1
+    t = rep.totals
+    assert t["replaced"] == 2 and t["params_before"] == sum(r.params_before for r in rep.rows)
+    text = str(rep)
+    assert "fc1" in text and "panther.sketched_linear" in text and "TOTAL" in text
+    assert rep.to_markdown().splitlines()[1].startswith("|")
+    d = rep.as_dict()
+    assert d["rows"][0]["spec"]["low_rank"] == 8 and d["totals"]["layers"] == 3
+
+
+def test_graph_uses_panther_op_with_buffers(inference_run, mlp):
+    gm, _, _, _ = inference_run
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.panther.sketched_linear.default) == 2
+    assert targets.count(torch._C._nn.linear) == 1  # head
+    buffers = dict(gm.named_buffers())
+    assert len(buffers) == 8 and all(name in gm._param_name_to_source for name in buffers)
+    # Placeholders untouched: Dynamo still sees the weights as inputs (now unused by fc1/fc2).
+    assert sum(n.op == "placeholder" for n in gm.graph.nodes) == 1 + 5
+    s1 = next(t for name, t in buffers.items() if name.endswith("fc1_S1s"))
+    assert s1.shape == (1, 32, 8)
+
+
+def test_svd_compile_equals_convert_eager(inference_run, mlp):
+    _, _, x, y = inference_run
+    converted, conv_report = panther.convert(copy.deepcopy(mlp), POLICY)
+    assert [r.name for r in conv_report.replaced] == ["fc1", "fc2"]
+    assert isinstance(converted.fc1, panther.nn.SKLinear) and isinstance(converted.head, nn.Linear)
+    with torch.no_grad():
+        y_conv = converted(x)
+        y_dense = mlp(x)
+    assert rel(y, y_conv) <= 1e-4
+    assert rel(y, y_dense) > 1e-3  # rank 8 really is an approximation: the test can fail
+
+
+def test_full_rank_svd_reproduces_dense(mlp):
+    torch._dynamo.reset()
+    full = {"fc1": SketchSpec(low_rank=32, init="svd"), "fc2": SketchSpec(low_rank=40, init="svd"),
+            "head": SketchSpec(low_rank=6, init="svd")}
+    compiled, reports = compile_panther(mlp, policy=full)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        y = compiled(x)
+        ref = mlp(x)
+    assert len(reports[0].replaced) == 3
+    assert rel(y, ref) <= 1e-5
+
+
+def test_recompile_for_new_batch_size_reuses_factors(mlp, monkeypatch):
+    torch._dynamo.reset()
+    fx_passes.factor_cache.clear()
+    calls = []
+    real = sketch_linear.linear_factors
+
+    def counting(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sketch_linear, "linear_factors", counting)
+    compiled, reports = compile_panther(mlp, policy=POLICY)
+    with torch.no_grad():
+        compiled(torch.randn(2, 32))
+        compiled(torch.randn(7, 32))  # a new batch size: Dynamo recompiles, the backend runs again
+        compiled(torch.randn(9, 32))
+    assert len(reports) >= 2, "expected a recompile"
+    assert all(len(r.replaced) == 2 for r in reports)
+    assert len(calls) == 2  # fc1 and fc2 factorised once each
+    assert fx_passes.factor_cache.hits >= 2
+
+
+def test_grad_enabled_compile_never_bakes_factors(mlp):
+    torch._dynamo.reset()
+    before = fx_passes.factor_cache.misses
+    compiled, reports = compile_panther(mlp, policy=POLICY)
+    x = torch.randn(4, 32, requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    (rep,) = reports
+    assert not rep.replaced
+    for name in ("fc1", "fc2"):
+        assert rep.row(name).reason == fx_passes.TRAINING_REASON
+    assert fx_passes.factor_cache.misses == before
+    assert torch.allclose(y, mlp(x), atol=1e-6)
+
+
+def test_matmul_spelling():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(24, 16))  # nn.Linear layout, used as x @ w.t()
+            self.p = nn.Parameter(torch.randn(24, 12))  # (d_in, d_out), used as x @ p
+
+        def forward(self, x):
+            return (x @ self.w.t()) @ self.p
+
+    torch._dynamo.reset()
+    m = M()
+    compiled, reports = compile_panther(m, policy={"w": SketchSpec(low_rank=16, init="svd"),
+                                                       "p": SketchSpec(low_rank=12, init="svd")})
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        y = compiled(x)
+    rep = reports[0]
+    assert [(r.name, r.replaced) for r in rep.rows] == [("w", True), ("p", True)]
+    assert rep.row("w").op_before == "matmul(x, W.t())" and rep.row("p").op_before == "matmul(x, W)"
+    with torch.no_grad():
+        assert rel(y, m(x)) <= 1e-5  # full rank for both
+
+
+@pytest.mark.parametrize(
+    "options, exc, needle",
+    [
+        ({"polcy": None}, ValueError, "polcy"),
+        ({"compiler": "tvm"}, ValueError, "inductor"),
+        ({"report": 3}, TypeError, "report"),
+        ({"policy": 3}, TypeError, "policy"),
+        ({"decompose": "yes"}, TypeError, "decompose"),
+        ({"mode": "fastest"}, ValueError, "max-autotune"),
+        ({"compiler": "eager", "mode": "max-autotune"}, ValueError, "inductor"),
+    ],
+)
+def test_option_validation(options, exc, needle):
+    gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
+    with pytest.raises(exc, match=needle):
+        panther_backend(gm, [torch.randn(1, 2)], options=options)
