@@ -1,0 +1,130 @@
+"""panther.convert: the eager module swap (training path), its report, training under torch.compile,
+torch.export and state_dict round trips."""
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import panther
+from panther.backend import panther_backend
+from panther.policy import SketchSpec
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(24, 32)
+        self.drop = nn.Dropout(0.0)
+        self.fc2 = nn.Linear(32, 32)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc2(self.drop(torch.relu(self.fc1(x))))))
+
+
+POLICY = {"fc*": SketchSpec(num_terms=2, low_rank=3, seed=7)}
+
+
+def fresh():
+    torch.manual_seed(1)
+    return Net()
+
+
+def test_convert_swaps_only_what_the_policy_asks():
+    model = fresh()
+    keep = {n: p for n, p in model.named_parameters() if n.startswith("out.")}
+    drop = model.drop
+    model.eval()
+    converted, report = panther.convert(model, POLICY, example_inputs=torch.randn(5, 24))
+    assert converted is model and report is panther.last_report()
+    assert isinstance(model.fc1, panther.nn.SKLinear) and isinstance(model.fc2, panther.nn.SKLinear)
+    assert model.fc1.num_terms == 2 and model.fc1.low_rank == 3
+    assert model.drop is drop and not model.training and not model.fc1.training
+    for n, p in model.named_parameters():
+        if n.startswith("out."):
+            assert p is keep[n]  # untouched layer: the very same Parameter objects
+    assert [(r.name, r.replaced) for r in report.rows] == [("fc1", True), ("fc2", True), ("out", False)]
+    r = report.row("fc1")
+    assert (r.op_before, r.op_after) == ("nn.Linear", "panther.nn.SKLinear")
+    assert r.params_after == sum(t.numel() for t in list(model.fc1.parameters()) + list(model.fc1.buffers()))
+    assert r.flops_before == 2 * 5 * 24 * 32 and r.flops_after == 4 * 5 * 2 * 3 * (24 + 32)
+    assert report.row("out").reason == "no policy entry matches this layer"
+
+
+def test_convert_seeded_spec_is_reproducible_and_per_layer():
+    a, _ = panther.convert(fresh(), POLICY)
+    b, _ = panther.convert(fresh(), POLICY)
+    assert torch.equal(a.fc1.U1s, b.fc1.U1s)  # same seed, same layer -> same draw
+    assert not torch.equal(a.fc2.U1s, b.fc1.U1s[:, :, :32])  # layers derive different seeds
+
+
+def test_convert_keeps_frozen_layers_frozen():
+    model = fresh()
+    model.fc1.requires_grad_(False)
+    panther.convert(model, POLICY)
+    assert not any(p.requires_grad for p in model.fc1.parameters())
+    assert all(p.requires_grad for p in model.fc2.parameters())
+
+
+def test_convert_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="model"):
+        panther.convert("net", POLICY)
+    with pytest.raises(TypeError, match="policy"):
+        panther.convert(fresh(), 42)
+    with pytest.raises(TypeError, match="overrides"):
+        panther.convert(fresh(), POLICY, overrides=["fc1"])
+
+
+def test_convert_then_compile_trains_like_eager():
+    torch._dynamo.reset()
+    eager, _ = panther.convert(fresh(), POLICY)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend=panther_backend, options={"compiler": "aot_eager"})
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9)
+    opt_c = torch.optim.SGD(compiled_model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x, t = torch.randn(8, 24, generator=g), torch.randn(8, 4, generator=g)
+        for model, opt in ((eager, opt_e), (compiled, opt_c)):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), t).backward()
+            opt.step()
+    for (n, pe), (_, pc) in zip(eager.named_parameters(), compiled_model.named_parameters()):
+        assert (pe - pc).abs().max().item() <= 1e-5, n
+    assert not torch.equal(eager.fc1.S1s, panther.convert(fresh(), POLICY)[0].fc1.S1s)  # it did train
+
+
+def test_export_keeps_panther_ops():
+    model, _ = panther.convert(fresh(), POLICY)
+    ep = torch.export.export(model.eval(), (torch.randn(3, 24),))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any("panther.sketched_linear" in t for t in targets), targets
+    params = set(ep.graph_signature.parameters) | set(ep.graph_signature.buffers)
+    assert {"fc1.S1s", "fc1.S2s", "fc1.U1s", "fc1.U2s"} <= params
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(ep.module()(x), model(x))
+
+
+def test_state_dict_round_trip(tmp_path):
+    src, _ = panther.convert(fresh(), POLICY)
+    with torch.no_grad():
+        src.fc1.S1s.add_(0.5)  # state that only the checkpoint knows about
+    path = tmp_path / "ckpt.pt"
+    torch.save(src.state_dict(), path)
+    torch.manual_seed(123)
+    dst, _ = panther.convert(Net(), {"fc*": SketchSpec(num_terms=2, low_rank=3)})
+    dst.load_state_dict(torch.load(path))
+    x = torch.randn(4, 24)
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+    assert set(src.state_dict()) == set(dst.state_dict())
+
+
+def test_import_panther_does_not_import_the_compile_stack():
+    code = (
+        "import sys, panther; bad = [m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor',"
+        " 'fx_passes', 'inductor_ext'))]; print(bad); assert not bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
