@@ -26,7 +26,7 @@ from panther.report import ReportRow
 
 __all__ = ["PassContext", "Candidate", "FactorCache", "factor_cache", "concrete", "shape_of"]
 
-_ACCESS = re.compile(r"""\._(?:modules|parameters|buffers)\[['"]([^'"]+)['"]\]|\.([A-Za-z_]\w*)|\[(\d+)\]""")
+_ACCESS = re.compile(r"""\._(?:modules|parameters|buffers)\[['"]([^'"]+)['"]\]|\.(\w+)|\[(\d+)\]""")
 _ROOT = re.compile(r"""^(?:[LG]\[['"][^'"]+['"]\]|[A-Za-z_]\w*)""")
 
 

@@ -2,6 +2,6 @@
 
 Layering: this package imports ``panther.ops`` only; it never imports ``fx_passes`` or ``panther.nn``.
 """
-from .decompositions import panther_decompositions  # noqa: F401
+from .decompositions import inductor_decompositions, panther_decompositions  # noqa: F401
 
-__all__ = ["panther_decompositions"]
+__all__ = ["panther_decompositions", "inductor_decompositions"]

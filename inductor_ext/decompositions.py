@@ -15,29 +15,48 @@ from typing import Callable, Dict
 
 import torch
 
-__all__ = ["panther_decompositions", "sketched_linear_fwd_decomposition", "sketched_conv2d_decomposition"]
+__all__ = ["panther_decompositions", "inductor_decompositions", "DecompositionTable", "sketched_linear_fwd_decomposition", "sketched_conv2d_decomposition"]
+
+
+def _term_major(F, rows):
+    """(L, r, c) factors -> (r, L*c) with term-major columns (a view when L == 1)."""
+    L, r, c = F.shape
+    return F.permute(1, 0, 2).reshape(r, L * c) if L > 1 else F[0]
 
 
 def sketched_linear_fwd_decomposition(x, S1s, S2s, U1s, U2s, bias=None):
-    """``panther::sketched_linear_fwd`` -> (y, xA) as two GEMMs over the concatenated factors."""
-    from panther.ops.linear import concat_factors
+    """``panther::sketched_linear_fwd`` -> (y, xA) as four extern GEMMs, no copies of the factors.
 
-    d_in = S1s.shape[1]
-    A, Bm = concat_factors(S1s, S2s, U1s, U2s)
+    With ``h1 = x S1cat``, ``h2 = x U2cat``: ``y = (h1 U1cat + h2 S2cat) / (2L) + bias`` via two addmm's whose
+    ``alpha`` carries the 1/(2L), and ``xA = [h1 | h2]``. Splitting the op's two GEMMs over the
+    concatenated factors into four keeps the (constant) factors uncopied, so for L = 1 a sketched layer
+    adds no generated kernel at all (nothing to compile) and in inference ``xA`` is dead code.
+    """
+    L, d_in, k = S1s.shape
+    d_out = S2s.shape[-1]
+    s = 1.0 / (2 * L)
     x2 = x.reshape(-1, d_in)
-    xA = torch.mm(x2, A)
-    y = torch.mm(xA, Bm) if bias is None else torch.addmm(bias, xA, Bm)
+    h1 = torch.mm(x2, _term_major(S1s, d_in))  # (N, Lk)
+    h2 = torch.mm(x2, _term_major(U2s, d_in))  # (N, Lk)
+    U1cat, S2cat = U1s.reshape(L * k, d_out), S2s.reshape(L * k, d_out)
+    if bias is None:
+        y = torch.addmm(torch.mm(h1, U1cat), h2, S2cat, beta=s, alpha=s)
+    else:
+        y = torch.addmm(torch.addmm(bias, h1, U1cat, alpha=s), h2, S2cat, alpha=s)
     lead = x.shape[:-1]
-    return y.reshape(*lead, Bm.shape[1]), xA.reshape(*lead, A.shape[1])
+    return y.reshape(*lead, d_out), torch.cat([h1, h2], dim=1).reshape(*lead, 2 * L * k)
 
 
 def sketched_conv2d_decomposition(x, S1s, U1s, bias, stride, padding, dilation):
-    """``panther::sketched_conv2d`` -> a convolution to 2Lk channels and a 1x1 channel-mix convolution."""
+    """``panther::sketched_conv2d`` -> a convolution to 2Lk channels, then the channel mix as a batched GEMM
+    with the (transposed, unscaled) U1 factors; 1/(2L) and the bias fuse into one pointwise epilogue."""
     terms, k, C_out = U1s.shape
     h = torch.ops.aten.convolution(x, S1s, None, stride, padding, dilation, False, [0, 0], 1)
-    # out[c] = 1/(2L) Σ_{i,j} U1[i, j, c] h[i*k + j]: a 1x1 conv with weight U1catᵀ / (2L).
-    mix = (U1s.reshape(terms * k, C_out).mT / terms).reshape(C_out, terms * k, 1, 1)
-    return torch.ops.aten.convolution(h, mix.to(h.dtype), bias, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    # out[c] = 1/(2L) Σ_{i,j} U1[i, j, c] h[i*k + j]
+    lead, (R, Ho, Wo) = h.shape[:-3], h.shape[-3:]
+    out = torch.matmul(U1s.reshape(terms * k, C_out).mT, h.reshape(*lead, R, Ho * Wo)) * (1.0 / terms)
+    out = out.reshape(*lead, C_out, Ho, Wo)
+    return out if bias is None else out + bias.reshape(C_out, 1, 1)
 
 
 def _overload(name: str):
@@ -57,10 +76,45 @@ def panther_decompositions() -> Dict[torch._ops.OpOverload, Callable]:
 
     table = {}
     for name, fn in (("sketched_linear_fwd", sketched_linear_fwd_decomposition),
-                     ("sketched_conv2d_fwd", None),
                      ("sketched_conv2d", sketched_conv2d_decomposition)):
         op = _overload(name)
         if op is None or fn is None or _is_composite(op):
             continue
         table[op] = fn
     return table
+
+
+class DecompositionTable(dict):
+    """Inductor's default decompositions plus panther's, with a stable identity for Inductor's caches.
+
+    ``compile_fx(decompositions=...)`` makes the table part of the FX-graph cache key, and the default
+    table holds pybind functions that cannot be pickled, which would bypass the cache on every compile.
+    This dict pickles as (torch version, hash of this file, op names) instead: everything its content
+    depends on (Inductor's config is keyed separately).
+    """
+
+    def __reduce__(self):
+        return (_rebuild_table, (_table_key(tuple(sorted(str(k) for k in self if _is_panther(k)))),))
+
+
+def _is_panther(op) -> bool:
+    return getattr(op, "namespace", None) == "panther"
+
+
+def _table_key(ops):
+    import hashlib
+
+    with open(__file__, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return ("panther-inductor-decompositions", torch.__version__, digest, ops)
+
+
+def _rebuild_table(key):
+    return inductor_decompositions()
+
+
+def inductor_decompositions() -> DecompositionTable:
+    """``{**select_decomp_table(), **panther_decompositions()}`` as a cache-friendly table."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    return DecompositionTable({**select_decomp_table(), **panther_decompositions()})

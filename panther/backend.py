@@ -115,13 +115,14 @@ def _compile(gm, example_inputs, opts):
         return aot_eager(gm, example_inputs)
 
     from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
 
     decompositions = None
     if opts["decompose"]:
-        from inductor_ext import panther_decompositions
+        from inductor_ext import inductor_decompositions
 
-        decompositions = {**select_decomp_table(), **panther_decompositions()}
+        # Inductor-scoped: {**select_decomp_table(), **panther's}, pickled by a stable key so that
+        # Inductor's FX graph cache still works.
+        decompositions = inductor_decompositions()
     patches = {}
     if opts["mode"] not in (None, "default"):
         import torch

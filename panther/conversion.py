@@ -23,9 +23,13 @@ from torch import nn
 
 from .policy import LayerInfo, Policy, SketchSpec, decide, dense_attention_flops, resolve_policy, seed_for, \
     sketched_cost, with_overrides
+from . import nn as _pnn
+
+# TEMPORARY until RandMultiHeadAttention lands on main (issue [B]).
+_RandMHA = _pnn.RandMultiHeadAttention if isinstance(_pnn.RandMultiHeadAttention, type) else nn.Module
 from .report import GraphDiffReport, ReportRow, _set_last
 
-__all__ = ["convert"]
+__all__ = ["convert", "MHACompatibleRandAttention"]
 
 
 def _is_plain(module, cls) -> bool:
@@ -178,11 +182,47 @@ def _swap_conv(name, m, spec: SketchSpec):
 
 
 def _swap_mha(name, m, spec: SketchSpec):
-    from .nn import RandMultiHeadAttention
+    new = MHACompatibleRandAttention.from_mha(m, spec.num_random_features, kernel_fn=spec.kernel_fn, iscausal=spec.causal)
+    new.batch_first = m.batch_first
+    if spec.seed is not None:
+        # The same per-layer draw the compile pass makes for this layer name.
+        from .ops.attention import orthogonal_random_features
 
-    new = RandMultiHeadAttention.from_mha(m, spec.num_random_features, kernel_fn=spec.kernel_fn,
-                                          iscausal=spec.causal)
+        gen = torch.Generator().manual_seed(seed_for(spec, name))
+        P = orthogonal_random_features(spec.num_random_features, new.feature_dim, generator=gen,
+                                       dtype=new.projection_matrix.dtype, device=new.projection_matrix.device)
+        with torch.no_grad():
+            new.projection_matrix.copy_(P)
     return new, "panther.nn.RandMultiHeadAttention"
+
+
+class MHACompatibleRandAttention(_RandMHA):
+    """A RandMultiHeadAttention called like the nn.MultiheadAttention it replaced.
+
+    ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+    average_attn_weights=True, is_causal=False)`` honours the original ``batch_first`` and returns
+    ``(output, None)``: random-feature attention never forms attention weights. ``attn_mask`` is only
+    accepted together with ``is_causal=True`` on a layer converted with ``SketchSpec(causal=True)``.
+    Parameters, buffers and state_dict keys are RandMultiHeadAttention's.
+    """
+
+    batch_first = True
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if attn_mask is not None and not (is_causal and self.causal):
+            raise ValueError(
+                "attn_mask is not supported by random-feature attention (only key_padding_mask, and "
+                "causal masks on a layer converted with SketchSpec(causal=True))"
+            )
+        if is_causal and not self.causal:
+            raise ValueError("is_causal=True on a layer converted with SketchSpec(causal=False)")
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        out, _ = super().forward(query, key, value, key_padding_mask)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
 
 
 _SWAP = {"linear": _swap_linear, "conv2d": _swap_conv, "attention": _swap_mha}
