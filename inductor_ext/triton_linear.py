@@ -49,6 +49,7 @@ __all__ = [
     "lowrank_chain",
     "kernel_configs",
     "smem_bytes",
+    "tuned_configs",
     "MAX_RANK",
     "SMEM_LIMIT",
 ]
@@ -84,13 +85,14 @@ if triton is not None:
     def _mma(a, b, acc, DOT_MODE: tl.constexpr):
         if DOT_MODE == 3:
             # Triton's CPU interpreter multiplies bf16 bit patterns as integers; upcasting is exact.
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         elif DOT_MODE == 1:
-            return tl.dot(a, b, acc, input_precision="tf32")
+            out = tl.dot(a, b, acc, input_precision="tf32")
         elif DOT_MODE == 2:
-            return tl.dot(a, b, acc, input_precision="ieee")
+            out = tl.dot(a, b, acc, input_precision="ieee")
         else:
-            return tl.dot(a, b, acc)
+            out = tl.dot(a, b, acc)
+        return out
 
     @triton.jit
     def _sketched_linear_chain_kernel(
@@ -168,9 +170,17 @@ if triton is not None:
         t_begin = pid_g * per_group
         t_end = tl.minimum(t_begin + per_group, n_tiles)
         offs_n = tl.arange(0, BLOCK_N)
+        if HAS_BIAS:
+            # Prefetched one tile ahead: a plain load used right away would stall every iteration
+            # on L2 latency (the pipeliner only prefetches the loads feeding tl.dot).
+            b_cols = t_begin * BLOCK_N + offs_n
+            bias_next = tl.load(BIAS + b_cols, mask=b_cols < D_OUT, other=0.0)
         for t in range(t_begin, t_end):
             cols = t * BLOCK_N + offs_n
             mask_n = cols < D_OUT
+            if HAS_BIAS:
+                bias_tile = bias_next
+                bias_next = tl.load(BIAS + cols + BLOCK_N, mask=(cols + BLOCK_N) < D_OUT, other=0.0)
             g_mask = mask_h[:, None] & mask_n[None, :]
             gl = tl.load(GL + offs_h[:, None] * sgl_h + cols[None, :] * sgl_n, mask=g_mask, other=0.0)
             gh = tl.load(GH + offs_h[:, None] * sgh_h + cols[None, :] * sgh_n, mask=g_mask, other=0.0)
@@ -179,7 +189,7 @@ if triton is not None:
             acc = _mma(p_h, gh, acc, DOT_MODE)
             acc = acc * alpha_y
             if HAS_BIAS:
-                acc += tl.load(BIAS + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                acc += bias_tile.to(tl.float32)[None, :]
             y_ptrs = Y + rows[:, None] * sym + cols[None, :] * syn
             tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -248,18 +258,26 @@ def kernel_configs(h_pad, elem_size):
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 32}
 
 
-@functools.lru_cache(maxsize=None)
+_AUTOTUNERS: dict = {}
+
+
 def _autotuned(h_pad, elem_size):
     """One Autotuner per bucket: its config list fits that bucket's shared-memory need.
-    Cached so that the kernel object is stable (Inductor's kernel side table keys on it)."""
-    if _INTERPRET:
-        configs = [triton.Config(dict(_INTERPRET_CONFIG), num_warps=4, num_stages=1)]
-    else:
-        configs = kernel_configs(h_pad, elem_size)
-    if not configs:
-        return None
-    return triton.autotune(configs=configs, key=["M_BUCKET", "D_IN", "D_OUT", "H"])(
-        _sketched_linear_chain_kernel)
+    Kept so that the kernel object is stable (Inductor's kernel side table keys on it)."""
+    key = (h_pad, elem_size)
+    if key not in _AUTOTUNERS:
+        if _INTERPRET:
+            configs = [triton.Config(dict(_INTERPRET_CONFIG), num_warps=4, num_stages=1)]
+        else:
+            configs = kernel_configs(h_pad, elem_size)
+        _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["M_BUCKET", "D_IN", "D_OUT", "H"])(
+            _sketched_linear_chain_kernel) if configs else None
+    return _AUTOTUNERS[key]
+
+
+def tuned_configs():
+    """``{(half width padded, element size): best config}`` chosen so far by eager autotuning."""
+    return {k: getattr(v, "best_config", None) for k, v in _AUTOTUNERS.items() if v is not None}
 
 
 @functools.lru_cache(maxsize=None)
@@ -279,9 +297,21 @@ def _column_groups(m, d_out, device):
     return max(1, min((sms + row_blocks - 1) // row_blocks, (d_out + 127) // 128, 8))
 
 
+def _allow_tf32():
+    """cuBLAS's fp32 policy: the newer ``fp32_precision`` setting when set, else ``allow_tf32``
+    (reading the latter raises once the two APIs were mixed)."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 def _dot_mode(dtype):
     if dtype == torch.float32:
-        return _DOT_TF32 if torch.backends.cuda.matmul.allow_tf32 else _DOT_IEEE
+        return _DOT_TF32 if _allow_tf32() else _DOT_IEEE
     if dtype == torch.bfloat16 and _INTERPRET:
         return _DOT_UPCAST
     return _DOT_NATIVE
@@ -358,6 +388,8 @@ def _half_out(T):
 def _kernel_ok(t, rank):
     """Whether the fused kernel serves this call (else: the two-GEMM torch math)."""
     if triton is None or rank > MAX_RANK or t.dtype not in _DTYPES:
+        return False
+    if _autotuned(_half_pad(rank // 2), t.element_size()) is None:
         return False
     return t.device.type == "cuda" or (_INTERPRET and t.device.type == "cpu")
 
