@@ -258,32 +258,64 @@ def _distinct_indices(count, high, k, generator):
     return chosen
 
 
-def _assemble(rows, cols, signs, scale, shape, layout, device):
-    """``scale`` × the ``shape`` matrix holding ±1 ``signs`` at (rows, cols); repeats are summed.
+def _ptr(sorted_major, size):
+    """Compressed pointer (``size + 1``,) of indices already sorted ascending."""
+    counts = torch.bincount(sorted_major, minlength=size)
+    return torch.cat((counts.new_zeros(1), counts.cumsum(0)))
 
-    Sums of ±1 are exact, and scaling comes after, so every layout gives bit-identical values."""
-    target = rows.device if device is None else torch.device(device)
-    rows, cols, signs = rows.to(target), cols.to(target), signs.to(target)
+
+def _from_vectors(idx, signs, scale, shape, along_columns, distinct, layout, device):
+    """Assemble ``scale`` × a ±1 matrix of ``shape`` from per-vector index draws.
+
+    ``idx``/``signs``: ``(count, k)``; vector ``v`` (column ``v`` if ``along_columns`` else row ``v``)
+    gets ``signs[v, t]`` at position ``idx[v, t]``. Repeated positions (possible only when not
+    ``distinct``) are summed; sums of ±1 are exact and scaling comes last, so all layouts agree bit for
+    bit. With ``distinct`` indices no coalescing sort over all entries is needed.
+    """
+    target = idx.device if device is None else torch.device(device)
+    idx, signs = idx.to(target), signs.to(target)
+    count, k = idx.shape
+    if distinct:
+        # sort inside each vector: the flat entries are then ordered by (owner, index)
+        idx, order = idx.sort(dim=1)
+        signs = signs.gather(1, order)
+    owner = torch.arange(count, device=target).unsqueeze(1).expand(count, k).reshape(-1)
+    idx, signs = idx.reshape(-1), signs.reshape(-1)
+    rows, cols = (idx, owner) if along_columns else (owner, idx)
+
     if layout is torch.strided:
         out = torch.zeros(shape, dtype=signs.dtype, device=target)
-        return out.index_put_((rows, cols), signs, accumulate=True).mul_(scale)
-    # indices are in range by construction, so skip torch's invariant checks
-    out = torch.sparse_coo_tensor(torch.stack((rows, cols)), signs, shape, check_invariants=False).coalesce()
-    out.values().mul_(scale)  # values() aliases the coalesced tensor's storage
+        return out.index_put_((rows, cols), signs, accumulate=not distinct).mul_(scale)
+    if not distinct:
+        # indices are in range by construction, so skip torch's invariant checks
+        out = torch.sparse_coo_tensor(torch.stack((rows, cols)), signs, shape, check_invariants=False).coalesce()
+        out.values().mul_(scale)  # values() aliases the coalesced tensor's storage
+        if layout is torch.sparse_csr:
+            return out.to_sparse_csr()
+        if layout is torch.sparse_csc:
+            return out.to_sparse_csc()
+        return out
+
+    vals = signs.mul_(scale)
+    if layout is torch.sparse_csc:  # column-major order wanted
+        if not along_columns:
+            perm = cols.argsort(stable=True)  # stable: rows stay ascending inside each column
+            rows, cols, vals = rows[perm], cols[perm], vals[perm]
+        return torch.sparse_csc_tensor(_ptr(cols, shape[1]), rows, vals, shape, check_invariants=False)
+    if along_columns:  # row-major order wanted
+        perm = rows.argsort(stable=True)
+        rows, cols, vals = rows[perm], cols[perm], vals[perm]
     if layout is torch.sparse_csr:
-        return out.to_sparse_csr()
-    if layout is torch.sparse_csc:
-        return out.to_sparse_csc()
-    return out
+        return torch.sparse_csr_tensor(_ptr(rows, shape[0]), cols, vals, shape, check_invariants=False)
+    return torch.sparse_coo_tensor(torch.stack((rows, cols)), vals, shape, is_coalesced=True,
+                                   check_invariants=False)
 
 
 def _column_sparse(m, d, s, layout, generator, device, dtype):
     """``(m, d)`` with ``s`` distinct ±1/sqrt(s) entries per column (so every column has unit norm)."""
     rows = _distinct_indices(d, m, s, generator)  # (d, s)
-    cols = torch.arange(d, device=rows.device).unsqueeze(1).expand(d, s)
     signs = _signs((d, s), dtype, generator, rows.device)
-    return _assemble(rows.reshape(-1), cols.reshape(-1), signs.reshape(-1), 1.0 / math.sqrt(s), (m, d),
-                     layout, device)
+    return _from_vectors(rows, signs, 1.0 / math.sqrt(s), (m, d), True, True, layout, device)
 
 
 def count_skop(m, d, *, layout=torch.strided, generator=None, device=None, dtype=None):
@@ -292,6 +324,7 @@ def count_skop(m, d, *, layout=torch.strided, generator=None, device=None, dtype
     ``SᵀS`` has an exact unit diagonal, so no further scaling is needed. ``layout``: ``torch.strided``
     (default, dense), ``torch.sparse_coo`` (coalesced), ``torch.sparse_csr`` or ``torch.sparse_csc``;
     a sparse layout pays once ``m`` is more than a handful (``d`` nonzeros instead of ``m·d``).
+    ``torch.sparse_csc`` is the cheapest to build (entries come out column by column, no global sort).
     """
     m = _size("m", m)
     d = _size("d", d)
@@ -325,7 +358,8 @@ def sparse_sketch_operator(m, n, vec_nnz, axis, *, layout=torch.sparse_coo, gene
     ``vec_nnz`` nonzeros drawn with replacement (repeats are summed). Values are ``±c`` with
     ``c = 1/sqrt(vec_nnz)`` when the vectors are columns and ``c = sqrt(n / (m·vec_nnz))`` when they are
     rows (for ``m == n`` they are columns). ``layout`` defaults to a coalesced ``torch.sparse_coo``;
-    ``torch.strided``, ``torch.sparse_csr`` and ``torch.sparse_csc`` are also accepted.
+    ``torch.strided``, ``torch.sparse_csr`` and ``torch.sparse_csc`` are also accepted (with
+    ``Axis.Short``, CSC for column vectors and CSR for row vectors are built without a global sort).
     """
     m = _size("m", m)
     n = _size("n", n)
@@ -345,11 +379,9 @@ def sparse_sketch_operator(m, n, vec_nnz, axis, *, layout=torch.sparse_coo, gene
     else:
         idx = torch.randint(0, index_range, (count, vec_nnz), generator=generator,
                             device=_draw_device(generator))
-    owner = torch.arange(count, device=idx.device).unsqueeze(1).expand(count, vec_nnz)
     scale = 1.0 / math.sqrt(vec_nnz) if along_columns else math.sqrt(n / (m * vec_nnz))
     signs = _signs((count, vec_nnz), dtype, generator, idx.device)
-    rows, cols = (idx, owner) if along_columns else (owner, idx)
-    return _assemble(rows.reshape(-1), cols.reshape(-1), signs.reshape(-1), scale, (m, n), layout, device)
+    return _from_vectors(idx, signs, scale, (m, n), along_columns, axis is Axis.Short, layout, device)
 
 
 # ----------------------------------------------------------------------------------------------
