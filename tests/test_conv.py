@@ -393,7 +393,7 @@ def test_reset_parameters_extra_repr_state_dict():
         assert part in r
     u, s = layer.U1s.clone(), layer.S1s.detach().clone()
     layer.reset_parameters(generator=torch.Generator().manual_seed(1))
-    assert torch.equal(layer.U1s, u) and not torch.equal(layer.S1s, s)
+    assert not torch.equal(layer.U1s, u) and not torch.equal(layer.S1s, s)
     other = SKConv2d(4, 8, 3, stride=2, padding="valid", dilation=2, num_terms=1, low_rank=2, seed=99)
     other.load_state_dict(layer.state_dict())
     x = torch.randn(2, 4, 11, 11)
@@ -421,3 +421,11 @@ def test_autocast_cpu_bf16():
     assert (y_ac.float() - y).abs().max() <= 3e-2 * y.abs().max()
     y_ac.float().sum().backward()
     assert layer.S1s.grad.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
+
+
+def test_svd_init_full_rank_reproduces_conv():
+    conv = torch.nn.Conv2d(3, 6, 3, padding=1, dtype=torch.float64)
+    layer = SKConv2d.from_conv2d(conv, num_terms=1, low_rank=3, init="svd")  # rank 2Lk = 6 = C_out
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x))
+    assert "init='svd'" in repr(layer)

@@ -9,28 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sketch import scaled_sign_sketch
+from ..sketch.factors import INITS, conv2d_factors
+from ._checks import as_int as _as_int
+from ._checks import make_generator, positive_int
 
 __all__ = ["SKConv2d"]
 
 
-def _as_int(value):
-    """An integral value (int, numpy integer, ...) as int; None for anything else, bools included."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def _positive_int(value, name):
-    v = _as_int(value)
-    if v is None:
-        raise TypeError(f"SKConv2d: {name} must be a positive int, got {value!r}")
-    if v <= 0:
-        raise ValueError(f"SKConv2d: {name} must be a positive int, got {value}")
-    return v
+    try:
+        return positive_int(name, value)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"SKConv2d: {e}") from None
 
 
 def _int_pair(value, name, minimum):
@@ -74,7 +64,8 @@ class SKConv2d(nn.Module):
                      "num_terms", "low_rank"]
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, num_terms=1,
-                 low_rank=64, W_init=None, dtype=None, device=None, *, dilation=1, seed=None, generator=None):
+                 low_rank=64, W_init=None, dtype=None, device=None, *, dilation=1, seed=None, generator=None,
+                 init="sketch"):
         super().__init__()
         self.in_channels = _positive_int(in_channels, "in_channels")
         self.out_channels = _positive_int(out_channels, "out_channels")
@@ -95,14 +86,14 @@ class SKConv2d(nn.Module):
             self.padding = _int_pair(padding, "padding", 0)
         if not isinstance(bias, bool):
             raise TypeError(f"SKConv2d: bias must be a bool, got {bias!r}")
-        if seed is not None and generator is not None:
-            raise ValueError("SKConv2d: pass at most one of seed= and generator=")
-        if seed is not None:
-            if _as_int(seed) is None:
-                raise TypeError(f"SKConv2d: seed must be an int or None, got {seed!r}")
-            generator = torch.Generator().manual_seed(_as_int(seed))
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"SKConv2d: generator must be a torch.Generator or None, got {type(generator).__name__}")
+        try:
+            generator = make_generator(seed, generator)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"SKConv2d: {e}") from None
+        if init not in INITS:
+            raise ValueError(f"SKConv2d: init must be one of {INITS}, got {init!r}")
+        self.init = init
+        self._generator = generator
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         if not dtype.is_floating_point:
             raise TypeError(f"SKConv2d: dtype must be a floating-point dtype, got {dtype}")
@@ -130,53 +121,50 @@ class SKConv2d(nn.Module):
             if not W_init.is_floating_point():
                 raise TypeError(f"SKConv2d: W_init must be a floating-point tensor, got {W_init.dtype}")
 
-        # Everything random is drawn on the generator's device (CPU by default), so a seed gives the
-        # same layer on every device; the products are formed in >= fp32 and cast once at the end.
         self._work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        u = torch.stack([
-            scaled_sign_sketch(self.low_rank, self.out_channels, generator=generator, dtype=self._work_dtype)
-            for _ in range(2 * self.num_terms)
-        ])  # (2L, k, C_out), ±1/sqrt(k)
-        self.register_buffer("U1s", u.to(device=device, dtype=dtype))
+        self.register_buffer("U1s", torch.empty((2 * self.num_terms, self.low_rank, self.out_channels),
+                                                dtype=dtype, device=device))
         self.S1s = nn.Parameter(torch.empty((rank, self.in_channels, kh, kw), dtype=dtype, device=device))
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_channels, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
-        self._init_from(W_init, None, generator, u)
+        self._init_from(W_init, None, generator)
 
     # ------------------------------------------------------------------------------------------------
-    def _init_from(self, weight, bias_value, generator, u=None):
-        """Set S1s from a dense (C_out, C_in, kh, kw) kernel (drawn like nn.Conv2d when None)."""
+    @torch.no_grad()
+    def _init_from(self, weight, bias_value, generator):
+        """Set U1s and S1s from a dense (C_out, C_in, kh, kw) kernel (drawn like nn.Conv2d when None)
+        through :func:`panther.sketch.conv2d_factors`, and the bias (drawn like nn.Conv2d's when None).
+
+        Everything random is drawn on the generator's device (CPU by default), so a seed gives the same
+        layer on every device; the products are formed in >= fp32 and cast once at the end.
+        """
         kh, kw = self.kernel_size
         fan_in = self.in_channels * kh * kw
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        with torch.no_grad():
-            if weight is None:
-                # nn.Conv2d's default: kaiming_uniform_(a=sqrt(5)) on fan_in = C_in*kh*kw -> U(±1/sqrt(fan_in)).
-                weight = torch.empty((self.out_channels, self.in_channels, kh, kw), dtype=self._work_dtype,
-                                     device=gen_device)
-                nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
-            weight = weight.detach().to(device="cpu", dtype=self._work_dtype)
-            if u is None:
-                u = self.U1s.to(device="cpu", dtype=self._work_dtype)
-            rank = self.S1s.shape[0]
-            s1 = (u.reshape(rank, self.out_channels) @ weight.reshape(self.out_channels, -1)).reshape(
-                self.S1s.shape)
-            self.S1s.copy_(s1)
-            if self.bias is not None:
-                if bias_value is None:
-                    bound = 1.0 / math.sqrt(fan_in)
-                    bias_value = torch.empty(self.out_channels, dtype=self._work_dtype, device=gen_device)
-                    bias_value.uniform_(-bound, bound, generator=generator)
-                self.bias.copy_(bias_value.detach())
+        if weight is None:
+            # nn.Conv2d's default: kaiming_uniform_(a=sqrt(5)) on fan_in = C_in*kh*kw -> U(±1/sqrt(fan_in)).
+            weight = torch.empty((self.out_channels, self.in_channels, kh, kw), dtype=self._work_dtype,
+                                 device=gen_device)
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+        weight = weight.detach().to(device=gen_device, dtype=self._work_dtype)
+        S1s, U1s = conv2d_factors(weight, self.num_terms, self.low_rank, init=self.init, generator=generator)
+        self.S1s.copy_(S1s)
+        self.U1s.copy_(U1s)
+        if self.bias is not None:
+            if bias_value is None:
+                bound = 1.0 / math.sqrt(fan_in)
+                bias_value = torch.empty(self.out_channels, dtype=self._work_dtype, device=gen_device)
+                bias_value.uniform_(-bound, bound, generator=generator)
+            self.bias.copy_(bias_value.detach())
 
-    def reset_parameters(self, generator=None):
-        """Redraw the seed kernel and bias like ``nn.Conv2d`` and rebuild ``S1s`` (``U1s`` is kept)."""
-        self._init_from(None, None, generator)
+    def reset_parameters(self, W_init=None, generator=None):
+        """Redraw the sketch (and, without ``W_init``, the seed kernel and bias like ``nn.Conv2d``)."""
+        self._init_from(W_init, None, generator if generator is not None else self._generator)
 
     @classmethod
-    def from_conv2d(cls, conv, num_terms=1, low_rank=64, *, seed=None, generator=None):
+    def from_conv2d(cls, conv, num_terms=1, low_rank=64, *, init="sketch", seed=None, generator=None):
         """Sketch an existing ``nn.Conv2d`` (its weight seeds ``S1s``; bias, stride, padding, dilation,
         dtype and device are copied)."""
         if not isinstance(conv, nn.Conv2d):
@@ -191,7 +179,7 @@ class SKConv2d(nn.Module):
                     padding=conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
                     bias=conv.bias is not None, num_terms=num_terms, low_rank=low_rank, W_init=weight,
                     dtype=weight.dtype, device=weight.device, dilation=tuple(conv.dilation), seed=seed,
-                    generator=generator)
+                    generator=generator, init=init)
         if conv.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(conv.bias.detach())
@@ -239,4 +227,5 @@ class SKConv2d(nn.Module):
              f"padding={self.padding!r}")
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
-        return s + f", num_terms={self.num_terms}, low_rank={self.low_rank}, bias={self.bias is not None}"
+        return s + (f", num_terms={self.num_terms}, low_rank={self.low_rank}, bias={self.bias is not None}, "
+                    f"init={self.init!r}")
