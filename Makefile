@@ -23,7 +23,7 @@ $(PY):
 $(STAMP): $(PY) $(NATIVE_SRC)
 	$(PY) -m pip install -q "setuptools>=70.1" wheel ninja
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q triton networkx tabulate pytest hypothesis
+	$(PY) -m pip install -q numpy triton networkx tabulate pytest hypothesis
 	MAX_JOBS=$${MAX_JOBS:-4} $(PY) -m pip install -q -e . --no-build-isolation --no-deps
 	touch $(STAMP)
 

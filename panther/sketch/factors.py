@@ -1,0 +1,108 @@
+"""Factors of sketched layers computed from a dense weight: the one home of these formulas.
+
+Both the eager layers (``panther.nn``) and the compile backend's weight rewrite (``fx_passes``) build
+their factors here, so a converted module and a rewritten graph compute the same function.
+
+Two initialisations:
+
+* ``"sketch"`` — the seed library's unbiased estimator: the fixed ``U`` factors are random
+  ±1/sqrt(k) sign sketches and the learnable factors are the weight projected onto them, so that
+  E[layer(x)] = dense(x) over the draw.
+* ``"svd"`` — the ``U`` factors hold singular vectors of the weight, which makes the layer the best
+  approximation its rank allows (for a linear layer with ``num_terms=1`` it is exactly the truncated
+  SVD of rank ``low_rank``; in general the rank-``num_terms*low_rank`` truncation).
+"""
+from __future__ import annotations
+
+import torch
+
+from .core import scaled_sign_sketch
+
+__all__ = ["linear_factors", "conv2d_factors", "INITS"]
+
+INITS = ("sketch", "svd")
+
+
+def _check_init(init):
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+
+
+def _signs(num, k, n, generator, like):
+    """``num`` independent (k, n) ±1/sqrt(k) sketches stacked to (num, k, n)."""
+    return torch.stack([scaled_sign_sketch(k, n, generator=generator, dtype=like.dtype) for _ in range(num)]).to(
+        like.device
+    )
+
+
+def _top_singular(W, rank):
+    """(U_r, S_r, V_r) of the rank-``rank`` truncated SVD of a 2-D ``W``, computed in float64 for accuracy.
+
+    ``rank`` larger than min(W.shape) is padded with zero singular values and orthonormal completions,
+    so callers can ask for any rank.
+    """
+    W64 = W.detach().to(torch.float64)
+    U, S, Vh = torch.linalg.svd(W64, full_matrices=True)
+    r_full = S.numel()
+    if rank > r_full:
+        S = torch.cat([S, S.new_zeros(rank - r_full)])
+    # Column counts may still be short of ``rank`` when rank > max(W.shape): pad with zeros.
+    U = _pad_cols(U, rank)
+    V = _pad_cols(Vh.mT, rank)
+    return U[:, :rank], S[:rank], V[:, :rank]
+
+
+def _pad_cols(M, n):
+    if M.shape[1] >= n:
+        return M
+    return torch.cat([M, M.new_zeros(M.shape[0], n - M.shape[1])], dim=1)
+
+
+def linear_factors(W, num_terms, low_rank, *, init="sketch", generator=None):
+    """Factors ``(S1s, S2s, U1s, U2s)`` of an SKLinear layer equal (in expectation or best-rank) to ``W``.
+
+    ``W`` is in ``nn.Linear`` layout (out_features, in_features). Shapes returned:
+    S1s (L, d_in, k), S2s (L, k, d_out), U1s (L, k, d_out), U2s (L, d_in, k) in W's dtype and device.
+    The layer computes ``y = 1/(2L) Σ_i [(x S1_i) U1_i + (x U2_i) S2_i]``.
+    """
+    _check_init(init)
+    L, k = num_terms, low_rank
+    d_out, d_in = W.shape
+    Wt = W.detach().mT  # (d_in, d_out): the row-vector map x -> x Wᵀ
+    if init == "sketch":
+        U1s = _signs(L, k, d_out, generator, W)  # (L, k, d_out)
+        U2s = _signs(L, k, d_in, generator, W).mT.contiguous()  # (L, d_in, k)
+        # Each branch is an unbiased estimate of x Wᵀ because E[UᵀU] = I.
+        S1s = Wt @ U1s.mT  # (L, d_in, k)
+        S2s = U2s.mT @ Wt  # (L, k, d_out)
+        return S1s.contiguous(), S2s.contiguous(), U1s.contiguous(), U2s
+    # "svd": term i holds singular triplets [i*k, (i+1)*k); with S scaled by L the 2L branch halves
+    # average to Σ_i (rank-k block i) = the rank-Lk truncation of W.
+    U, S, V = _top_singular(W, L * k)  # W ≈ U diag(S) Vᵀ
+    U1s = U.mT.reshape(L, k, d_out)  # rows: left singular vectors
+    U2s = V.reshape(d_in, L, k).permute(1, 0, 2)  # columns: right singular vectors
+    S1s = L * (V * S).reshape(d_in, L, k).permute(1, 0, 2)  # Wᵀ U1ᵢᵀ = V_i S_i
+    S2s = L * (S[:, None] * U.mT).reshape(L, k, d_out)  # U2ᵢᵀ Wᵀ = S_i U_iᵀ
+    return tuple(t.to(dtype=W.dtype, device=W.device).contiguous() for t in (S1s, S2s, U1s, U2s))
+
+
+def conv2d_factors(W, num_terms, low_rank, *, init="sketch", generator=None):
+    """Factors ``(S1s, U1s)`` of an SKConv2d layer from a conv weight ``W`` (C_out, C_in, kh, kw).
+
+    S1s (2Lk, C_in, kh, kw) is an ordinary conv weight, U1s (2L, k, C_out) the fixed channel mix; the layer
+    computes ``out = 1/(2L) Σ_{i<2L} U1_iᵀ conv(x, S1_i)`` with ``S1_i = c · U1_i W`` (c = 1 for "sketch",
+    2L for "svd", where the U1_i are blocks of left singular vectors of W reshaped to (C_out, C_in·kh·kw)).
+    """
+    _check_init(init)
+    terms, k = 2 * num_terms, low_rank
+    C_out = W.shape[0]
+    W2 = W.detach().reshape(C_out, -1)  # (C_out, C_in*kh*kw)
+    if init == "sketch":
+        U1s = _signs(terms, k, C_out, generator, W)  # (2L, k, C_out)
+        S1 = U1s @ W2  # (2L, k, C_in*kh*kw): unbiased because E[U1ᵢᵀ U1ᵢ] = I
+    else:
+        U, _, _ = _top_singular(W2, terms * k)
+        U1s = U.mT.reshape(terms, k, C_out).to(W.dtype)
+        S1 = terms * (U1s.to(torch.float64) @ W2.to(torch.float64))
+    S1s = S1.reshape(terms * k, *W.shape[1:])
+    return S1s.to(dtype=W.dtype, device=W.device).contiguous(), U1s.to(device=W.device).contiguous()
