@@ -41,3 +41,36 @@ def test_autocast_cuda():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = torch.ops.panther.sketched_linear(*args)
     assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sketched_conv2d_cuda_matches_cpu(bias):
+    g = torch.Generator().manual_seed(1)
+    x, S1s, U1s = (torch.randn(2, 3, 9, 9, generator=g), torch.randn(8, 3, 3, 3, generator=g),
+                   torch.randn(4, 2, 5, generator=g))
+    b = torch.randn(5, generator=g) if bias else None
+    args = [x, S1s, U1s, b, [2, 1], [1, 0], [1, 2]]
+    cpu = torch.ops.panther.sketched_conv2d(*args)
+    cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.testing.assert_close(torch.ops.panther.sketched_conv2d(*cuda_args).cpu(), cpu, rtol=1e-4, atol=1e-4)
+    for a in cuda_args[:4]:
+        if a is not None:
+            a.requires_grad_(True)
+    torch.library.opcheck(torch.ops.panther.sketched_conv2d.default, cuda_args)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_rf_attention_cuda_matches_cpu(causal, kernel_fn):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 70, 16, generator=g) * 0.5 for _ in range(3))
+    proj = torch.randn(32, 16, generator=g)
+    mask = torch.zeros(2, 70, dtype=torch.bool)
+    mask[1, 60:] = True
+    args = [q, k, v, proj, kernel_fn, causal, None, mask]
+    cpu = torch.ops.panther.rf_attention(*args)
+    cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.testing.assert_close(torch.ops.panther.rf_attention(*cuda_args).cpu(), cpu, rtol=1e-4, atol=1e-4)
+    for a in cuda_args[:3]:
+        a.requires_grad_(True)
+    torch.library.opcheck(torch.ops.panther.rf_attention.default, cuda_args)
