@@ -4,8 +4,8 @@
 //
 // collapses exactly into two GEMMs over concatenated factors (term-major):
 //   A  = [S1_1 .. S1_L | U2_1 .. U2_L]            (d_in, 2Lk)
-//   Bm = [U1_1; ..; U1_L; S2_1; ..; S2_L] / (2L)   (2Lk, d_out)
-//   xA = x A,  y = xA Bm + b   (bias in the second GEMM's epilogue via addmm)
+//   Bm = [U1_1; ..; U1_L; S2_1; ..; S2_L]          (2Lk, d_out)
+//   xA = x A,  y = xA Bm / (2L) + b   (scale and bias in the second GEMM via addmm)
 // so there is no per-term loop and no (L, N, d_out) temporary. `sketched_linear_fwd` also
 // returns xA so that the backward can reuse it (optimal 6·N·L·k·(d_in+d_out) FLOPs);
 // `sketched_linear` is the user-facing single-output op, a composite over it.
@@ -58,10 +58,17 @@ std::tuple<Tensor, Tensor> sketched_linear_fwd(const Tensor& x, const Tensor& S1
   // (L, d_in, k) -> (d_in, L*k): term-major columns. A view when L == 1, a small copy otherwise.
   const Tensor A = at::cat({S1s.permute({1, 0, 2}).reshape({d_in, L * k}),
                             U2s.permute({1, 0, 2}).reshape({d_in, L * k})}, 1);
-  // The 1/(2L) is folded into the small second factor instead of a pass over y.
-  const Tensor Bm = at::cat({U1s.reshape({L * k, d_out}), S2s.reshape({L * k, d_out})}, 0).mul(1.0 / (2.0 * L));
+  const Tensor Bm = at::cat({U1s.reshape({L * k, d_out}), S2s.reshape({L * k, d_out})}, 0);
   const Tensor xA = at::mm(x2, A);
-  const Tensor y = bias.has_value() ? at::addmm(*bias, xA, Bm) : at::mm(xA, Bm);
+  // The 1/(2L) rides in the GEMM's alpha: no extra pass over y or over the factors.
+  const double alpha = 1.0 / (2.0 * L);
+  Tensor y;
+  if (bias.has_value()) {
+    y = at::addmm(*bias, xA, Bm, /*beta=*/1, alpha);
+  } else {
+    y = at::empty({xA.size(0), d_out}, xA.options());
+    at::addmm_out(y, y, xA, Bm, /*beta=*/0, alpha);  // beta = 0: y's uninitialised values are never read
+  }
   return {y.view(with_last(x.sizes(), d_out)), xA.view(with_last(x.sizes(), 2 * L * k))};
 }
 

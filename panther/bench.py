@@ -84,6 +84,25 @@ def bench_linear(in_features=4096, out_features=4096, batch=2048, num_terms=1, l
     return rows, headers
 
 
+def reuse_freed_memory():
+    """Make glibc keep freed large blocks for reuse instead of returning them to the OS.
+
+    By default every tensor of >= 32 MiB is a fresh mmap, so each call pays page faults for its output
+    (in sandboxed VMs that costs more than the sketched GEMMs themselves). This is the usual CPU-inference
+    setting (jemalloc/tcmalloc do the same); it applies equally to every implementation timed.
+    Returns True when applied.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 def _with_backward(fn, x, dense, layer):
     def step():
         with torch.enable_grad():
@@ -109,7 +128,10 @@ def main(argv=None):
     p.add_argument("--low-rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--backward", action="store_true", help="time forward+backward")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="CPU: keep glibc's default of returning large freed blocks to the OS")
     a = p.parse_args(argv)
+    tuned = a.device == "cpu" and not a.no_malloc_tuning and reuse_freed_memory()
     cuda = a.device == "cuda"
     d = 8192 if cuda else 4096
     dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
@@ -120,3 +142,5 @@ def main(argv=None):
     print(f"sketched linear {'forward+backward' if a.backward else 'forward'}: "
           + ", ".join(f"{k}={v}" for k, v in cfg.items()) + f", {dtype}, {where}, torch {torch.__version__}")
     print(tabulate(rows, headers=headers))
+    if tuned:
+        print("(glibc set to reuse freed memory, see panther.bench.reuse_freed_memory; --no-malloc-tuning to skip)")

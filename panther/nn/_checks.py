@@ -1,16 +1,29 @@
 """Argument validation shared by the sketched layers: clear errors naming the argument."""
 from __future__ import annotations
 
+import operator
+
 import torch
+
+
+def as_int(value):
+    """An integral value (int, numpy integer, ...) as int; None for anything else, bools included."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def positive_int(name, value):
     """``value`` as an int > 0, else TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    v = as_int(value)
+    if v is None:
         raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value <= 0:
+    if v <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
+    return v
 
 
 def make_generator(seed, generator):
@@ -26,7 +39,7 @@ def make_generator(seed, generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         return generator
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if as_int(seed) is None:
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        return torch.Generator().manual_seed(seed)
+        return torch.Generator().manual_seed(as_int(seed))
     return None

@@ -7,6 +7,8 @@ import warnings
 import torch
 from torch import nn
 
+from inductor_ext.triton_linear import sketched_linear_triton
+
 from ..sketch.factors import INITS, linear_factors
 from ._checks import make_generator, positive_int
 
@@ -118,12 +120,20 @@ class SKLinear(nn.Module):
 
 
 class SKLinear_triton(SKLinear):
-    """SKLinear with the seed's Triton-accelerated name and API.
+    """SKLinear whose CUDA forward and backward are panther's fused Triton kernels.
 
-    It runs the same ``panther::sketched_linear`` op (so CPU works and results match SKLinear exactly);
-    on CUDA that op's GEMMs are where the fused Triton kernels plug in. Unlike the public library's
-    version, ``U2s`` has the same ±1/sqrt(k) scale as SKLinear's, so the init is unbiased.
+    ``panther::sketched_linear_triton_fwd/_bwd`` (``inductor_ext/triton_linear.py``) read x once and
+    write y once, keeping the rank-2Lk intermediate on chip; they are ``triton_op``s, so Inductor inlines
+    them under ``torch.compile``. CPU tensors take the same ops' two-GEMM torch branch, so results match
+    SKLinear's. Unlike the public library's version, ``U2s`` has the same ±1/sqrt(k) scale as SKLinear's,
+    so the init is unbiased.
     """
+
+    def forward(self, x):
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"SKLinear_triton expects input of shape (..., in_features={self.in_features}), "
+                             f"got {tuple(x.shape)}")
+        return sketched_linear_triton(x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias)
 
 
 def _check_weight(W, in_features, out_features):

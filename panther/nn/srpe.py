@@ -1,1 +1,137 @@
-sinSRPE = None  # issue [B]
+"""Sine stochastic relative positional encoding (sineSPE, Liutkus et al. 2021) for
+random-feature attention.
+
+Every (head h, feature i) gets ``S`` learnable sines (frequency, phase, gain) and ``R`` fixed
+Gaussian realisations ``z``. The positional codes
+
+    qbar[n,h,i,r] = sum_j Omega_q[n,h,i,j] s[h,i,j] z[h,i,j,r] / (R d)^{1/4}
+    kbar[n,h,i,r] = same with Omega_k
+    Omega_q[n,h,i,:] = [cos(2 pi f n + phi), sin(2 pi f n + phi)]   (2S entries)
+    Omega_k[n,h,i,:] = [cos(2 pi f n),       sin(2 pi f n)]
+    f = sigmoid(freqs) / 2,  phi = phases,  s = [softplus(scales), softplus(scales)]
+
+turn queries/keys into ``qhat[n,h,:] = sum_i q[n,h,i] qbar[n,h,i,:]`` (dimension R) with
+
+    E_z[qhat_n . khat_m] = sqrt(R/d) sum_i q_i k_i sum_j softplus(scales_ij)^2 cos(2 pi f_ij (n-m) + phi_ij)
+
+i.e. a learned relative (Toeplitz) positional kernel per feature, in linear time.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["sinSRPE"]
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+
+
+def _generator(seed, generator):
+    if seed is not None and generator is not None:
+        raise ValueError("pass at most one of seed= and generator=")
+    if seed is not None:
+        return torch.Generator().manual_seed(int(seed))
+    return generator
+
+
+class sinSRPE(nn.Module):
+    """Sine SRPE positional codes.
+
+    Args:
+        num_heads: number of attention heads ``H``.
+        perHead_in: per-head feature dimension ``d`` (``embed_dim // num_heads``).
+        sines: number of sines ``S`` per (head, feature).
+        num_realizations: number of Gaussian realisations ``R``; the attention then works on
+            ``R``-dimensional queries/keys.
+        device, dtype: factory arguments (``dtype=None`` means ``torch.get_default_dtype()``).
+        seed, generator: randomness for the initial values (default: torch's global RNG).
+
+    Parameters ``freqs``, ``phases``, ``scales`` ``(H, d, S)``; buffer ``z`` ``(H, d, 2S, R)``
+    (fixed realisations, saved in the ``state_dict``).
+    ``forward(length)`` returns ``(qbar, kbar)``, each ``(1, length, H, d, R)``.
+    """
+
+    def __init__(self, num_heads, perHead_in, sines, num_realizations=256, device=None,
+                 dtype=None, *, seed=None, generator=None):
+        _positive_int("num_heads", num_heads)
+        _positive_int("perHead_in", perHead_in)
+        _positive_int("sines", sines)
+        _positive_int("num_realizations", num_realizations)
+        super().__init__()
+        self.num_heads = num_heads
+        self.perHead_in = perHead_in
+        self.sines = sines
+        self.num_realizations = num_realizations
+        dtype = dtype or torch.get_default_dtype()
+        gen = _generator(seed, generator)
+        gdev = gen.device if gen is not None else torch.device("cpu")
+        shape = (num_heads, perHead_in, sines)
+
+        def draw(*size):
+            return torch.randn(*size, generator=gen, device=gdev, dtype=torch.float32)
+
+        freqs = draw(*shape) - 4.0  # sigmoid(-4)/2 ~ 0.009 cycles per position: slow sines
+        phases = draw(*shape)
+        scales = draw(*shape)
+        scales = scales / (scales.norm(dim=-1, keepdim=True) / 2)  # gain vectors of norm 2
+        z = draw(num_heads, perHead_in, 2 * sines, num_realizations)
+        factory = dict(device=device, dtype=dtype)
+        self.freqs = nn.Parameter(freqs.to(**factory))
+        self.phases = nn.Parameter(phases.to(**factory))
+        self.scales = nn.Parameter(scales.to(**factory))
+        self.register_buffer("z", z.to(**factory))
+
+    def extra_repr(self):
+        return (f"num_heads={self.num_heads}, perHead_in={self.perHead_in}, sines={self.sines}, "
+                f"num_realizations={self.num_realizations}")
+
+    def omegas(self, length):
+        """Sine bases ``(Omega_q, Omega_k)``, each ``(length, H, d, 2S)``."""
+        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+            raise ValueError(f"length must be a non-negative int, got {length!r}")
+        # angles in at least fp32: fp16 positions stop being exact integers past 2048
+        wt = torch.float64 if self.freqs.dtype == torch.float64 else torch.float32
+        n = torch.arange(length, device=self.freqs.device, dtype=wt).view(length, 1, 1, 1)
+        ang = (2 * math.pi) * (torch.sigmoid(self.freqs.to(wt)) / 2) * n
+        angq = ang + self.phases.to(wt)
+        omega_q = torch.cat([torch.cos(angq), torch.sin(angq)], dim=-1)
+        omega_k = torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1)
+        return omega_q.to(self.freqs.dtype), omega_k.to(self.freqs.dtype)
+
+    def mixing(self):
+        """``s ⊙ z / (R d)^{1/4}``, ``(H, d, 2S, R)``: the codes are ``Omega @ mixing``."""
+        s = F.softplus(self.scales)
+        s = torch.cat([s, s], dim=-1).unsqueeze(-1)
+        return s * self.z / (self.num_realizations * self.perHead_in) ** 0.25
+
+    def forward(self, length):
+        """Positional codes ``(qbar, kbar)``, each ``(1, length, H, d, R)`` (materialised)."""
+        omega_q, omega_k = self.omegas(length)
+        w = self.mixing()
+        qbar = torch.einsum("lhdj,hdjr->lhdr", omega_q, w).unsqueeze(0)
+        kbar = torch.einsum("lhdj,hdjr->lhdr", omega_k, w).unsqueeze(0)
+        return qbar, kbar
+
+    def filter(self, q, k):
+        """Apply the codes to ``q (B, Lq, H, d)`` and ``k (B, S, H, d)`` without materialising
+        them per batch element: returns ``(qhat (B, Lq, H, R), khat (B, S, H, R))``.
+        Positions are ``0..Lq-1`` for queries and ``0..S-1`` for keys."""
+        for name, t in (("q", q), ("k", k)):
+            if t.dim() != 4 or t.shape[2] != self.num_heads or t.shape[3] != self.perHead_in:
+                raise ValueError(f"sinSRPE.filter: {name} must be (B, L, {self.num_heads}, "
+                                 f"{self.perHead_in}), got {tuple(t.shape)}")
+        length = max(q.shape[1], k.shape[1])
+        omega_q, omega_k = self.omegas(length)
+        w = self.mixing()
+        dt = q.dtype
+        qhat = torch.ops.panther.srpe_filter(q, omega_q[: q.shape[1]].to(dt), w.to(dt))
+        khat = torch.ops.panther.srpe_filter(k, omega_k[: k.shape[1]].to(dt), w.to(dt))
+        return qhat, khat

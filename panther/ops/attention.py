@@ -1,2 +1,236 @@
-"""Random-feature attention ops: fake kernels, autograd, plain-torch references (issue [B])."""
-__all__ = []
+"""Random-feature attention ops: fake kernels, autograd and plain-torch references.
+
+Ops (schemas and ATen kernels in ``csrc/rf_attention.cpp``):
+
+``torch.ops.panther.rf_attention(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)``
+    q ``(B, H, Lq, d)``, k ``(B, H, S, d)``, v ``(B, H, S, dv)``, projection ``(m, d)`` random
+    features, ``kernel_fn`` in ``{"softmax", "relu"}``, ``scale`` the logit scale (None means
+    ``1/sqrt(d)``), ``key_padding_mask`` ``(B, S)`` bool with True = ignore that key.
+    Returns ``(B, H, Lq, dv)``. ``causal=True`` needs ``Lq == S``.
+
+    * softmax: FAVOR+ positive features ``phi(x)_j = exp(w_j.x' - |x'|^2/2) / sqrt(m)`` with
+      ``x' = x * scale**0.5``, so that ``E[phi(q).phi(k)] = exp(scale * q.k)``;
+    * relu: ``phi(x) = relu(x W^T) / sqrt(m)``, an unbiased estimate of the order-1 arc-cosine
+      kernel (``scale`` has no effect: the kernel is homogeneous and cancels in the normalisation);
+    * output ``(phi(Q) phi(K)^T ⊙ M) V / rowsum`` computed in linear time (ones column on V,
+      chunked prefix states when causal). A query that sees no key with positive weight (all
+      keys masked) returns 0.
+
+``torch.ops.panther.srpe_filter(x, omega, weight)``
+    ``out[b,n,h,r] = sum_{i,j} x[b,n,h,i] omega[n,h,i,j] weight[h,i,j,r]``: the sine-SRPE
+    contraction of queries/keys with their positional codes, without building the codes for
+    every batch element.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "rf_attention",
+    "rf_attention_reference",
+    "srpe_filter",
+    "srpe_filter_reference",
+    "orthogonal_random_features",
+]
+
+_KERNELS = ("softmax", "relu")
+
+
+def rf_attention(q, k, v, projection, kernel_fn="softmax", causal=False, scale=None,
+                 key_padding_mask=None):
+    """Convenience wrapper around ``torch.ops.panther.rf_attention`` (see the module docstring)."""
+    return torch.ops.panther.rf_attention(q, k, v, projection, kernel_fn, causal, scale,
+                                          key_padding_mask)
+
+
+def srpe_filter(x, omega, weight):
+    """Convenience wrapper around ``torch.ops.panther.srpe_filter``."""
+    return torch.ops.panther.srpe_filter(x, omega, weight)
+
+
+# ------------------------------------------------------------------------------------------
+# validation shared by the fake kernels (the C++ kernels raise the same errors)
+
+def _check_rf(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask):
+    if kernel_fn not in _KERNELS:
+        raise ValueError(f"rf_attention: kernel_fn must be 'softmax' or 'relu', got {kernel_fn!r}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"rf_attention: q, k, v must be 4-D (B, H, L, d); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:
+        raise ValueError("rf_attention: q, k, v must share batch and head sizes")
+    if k.shape[3] != q.shape[3] or v.shape[2] != k.shape[2]:
+        raise ValueError("rf_attention: k must be (B, H, S, d) and v (B, H, S, dv)")
+    if projection.dim() != 2 or projection.shape[1] != q.shape[3] or projection.shape[0] < 1:
+        raise ValueError(f"rf_attention: projection must be (m, d) with d = {q.shape[3]}")
+    if not (q.dtype.is_floating_point and q.dtype == k.dtype == v.dtype):
+        raise TypeError("rf_attention: q, k, v must share one floating dtype")
+    if not projection.dtype.is_floating_point:
+        raise TypeError("rf_attention: projection must be floating point")
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"rf_attention: causal=True requires equal query and key lengths; got "
+                         f"Lq={q.shape[2]}, S={k.shape[2]}")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"rf_attention: scale must be a positive finite float or None, got {scale}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (
+                q.shape[0], k.shape[2]):
+            raise ValueError("rf_attention: key_padding_mask must be a bool tensor of shape (B, S)")
+
+
+@torch.library.register_fake("panther::rf_attention")
+def _rf_attention_fake(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask):
+    _check_rf(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
+    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+
+@torch.library.register_fake("panther::rf_attention_backward")
+def _rf_attention_backward_fake(grad_out, q, k, v, projection, kernel_fn, causal, scale,
+                                key_padding_mask, projection_grad):
+    _check_rf(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
+    # the kernel returns contiguous gradients whatever the input strides
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            projection.new_empty(projection.shape))
+
+
+def _rf_setup_context(ctx, inputs, output):
+    q, k, v, projection, kernel_fn, causal, scale, key_padding_mask = inputs
+    ctx.save_for_backward(q, k, v, projection, key_padding_mask)
+    ctx.kernel_fn, ctx.causal, ctx.scale = kernel_fn, causal, scale
+
+
+def _rf_backward(ctx, grad):
+    q, k, v, projection, key_padding_mask = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if not any(need[:4]):
+        return (None,) * 8
+    # the backward recomputes features and chunk states (the forward saves only its inputs)
+    dq, dk, dv, dp = torch.ops.panther.rf_attention_backward(
+        grad, q, k, v, projection, ctx.kernel_fn, ctx.causal, ctx.scale, key_padding_mask,
+        bool(need[3]))
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+            dp if need[3] else None, None, None, None, None)
+
+
+torch.library.register_autograd("panther::rf_attention", _rf_backward,
+                                setup_context=_rf_setup_context)
+
+
+def _check_srpe(x, omega, weight):
+    if x.dim() != 4 or omega.dim() != 4 or weight.dim() != 4:
+        raise ValueError("srpe_filter: expected x (B, L, H, d), omega (L, H, d, J), "
+                         "weight (H, d, J, R)")
+    B, L, H, d = x.shape
+    if tuple(omega.shape[:3]) != (L, H, d) or tuple(weight.shape[:3]) != (H, d, omega.shape[3]):
+        raise ValueError(f"srpe_filter: inconsistent shapes x {tuple(x.shape)}, omega "
+                         f"{tuple(omega.shape)}, weight {tuple(weight.shape)}")
+    if not (x.dtype.is_floating_point and x.dtype == omega.dtype == weight.dtype):
+        raise TypeError("srpe_filter: x, omega, weight must share one floating dtype")
+
+
+@torch.library.register_fake("panther::srpe_filter")
+def _srpe_filter_fake(x, omega, weight):
+    _check_srpe(x, omega, weight)
+    return x.new_empty((x.shape[0], x.shape[1], x.shape[2], weight.shape[3]))
+
+
+@torch.library.register_fake("panther::srpe_filter_backward")
+def _srpe_filter_backward_fake(grad_out, x, omega, weight, output_mask):
+    _check_srpe(x, omega, weight)
+    return x.new_empty(x.shape), omega.new_empty(omega.shape), weight.new_empty(weight.shape)
+
+
+def _srpe_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _srpe_backward(ctx, grad):
+    x, omega, weight = ctx.saved_tensors
+    need = [bool(n) for n in ctx.needs_input_grad[:3]]
+    if not any(need):
+        return None, None, None
+    dx, dom, dw = torch.ops.panther.srpe_filter_backward(grad, x, omega, weight, need)
+    return (dx if need[0] else None, dom if need[1] else None, dw if need[2] else None)
+
+
+torch.library.register_autograd("panther::srpe_filter", _srpe_backward,
+                                setup_context=_srpe_setup_context)
+
+
+# ------------------------------------------------------------------------------------------
+# plain-torch references (test oracles: explicit quadratic attention over the same features)
+
+def rf_attention_reference(q, k, v, projection, kernel_fn="softmax", causal=False, scale=None,
+                           key_padding_mask=None):
+    """Explicit ``(phi(Q) phi(K)^T ⊙ M) V / rowsum`` with the op's feature maps, O(Lq·S) memory."""
+    _check_rf(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
+    out_dtype = q.dtype
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v, W = q.to(ct), k.to(ct), v.to(ct), projection.to(ct)
+    m, d = W.shape
+    if kernel_fn == "relu":
+        fq = torch.relu(q @ W.T) / math.sqrt(m)
+        fk = torch.relu(k @ W.T) / math.sqrt(m)
+    else:
+        a = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(d))
+
+        def exponent(x):
+            xs = x * a
+            return xs @ W.T - (xs * xs).sum(-1, keepdim=True) / 2
+
+        uq, uk = exponent(q), exponent(k)
+        # shifts are constants that cancel in the normalisation; they only keep exp() in range
+        fq = torch.exp(uq - uq.amax(-1, keepdim=True).detach()) / math.sqrt(m)
+        visible = uk
+        if key_padding_mask is not None:
+            visible = uk.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
+        kshift = visible.detach().amax(dim=(-2, -1), keepdim=True) if uk.shape[2] else 0.0
+        if torch.is_tensor(kshift):
+            kshift = torch.nan_to_num(kshift, neginf=0.0)
+        fk = torch.exp(uk - kshift) / math.sqrt(m)
+    if key_padding_mask is not None:
+        fk = fk.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+    A = fq @ fk.transpose(-2, -1)
+    if causal:
+        L = q.shape[2]
+        A = A.masked_fill(torch.ones(L, L, dtype=torch.bool, device=A.device).triu(1), 0.0)
+    den = A.sum(-1, keepdim=True)
+    out = (A @ v) / torch.where(den == 0, torch.ones_like(den), den)
+    return out.to(out_dtype)
+
+
+def srpe_filter_reference(x, omega, weight):
+    """``einsum('blhd,lhdj,hdjr->blhr')`` written out with the (L, H, d, R) codes materialised."""
+    codes = torch.einsum("lhdj,hdjr->lhdr", omega, weight)
+    return torch.einsum("blhd,lhdr->blhr", x, codes)
+
+
+# ------------------------------------------------------------------------------------------
+
+def orthogonal_random_features(num_features, dim, *, generator=None, device=None, dtype=None):
+    """``(num_features, dim)`` orthogonal random features for FAVOR+.
+
+    Stacks ``ceil(num_features / dim)`` Haar-orthogonal ``dim x dim`` blocks (QR of a Gaussian
+    matrix, signs fixed by ``diag(R)``), keeps the first ``num_features`` rows and gives every
+    row the norm of an independent Gaussian vector (chi-distributed), so each row is marginally
+    ``N(0, I)`` (unbiased features) while rows within a block are orthogonal (lower variance).
+    Draws from ``generator`` (default: torch's global RNG); never reseeds anything.
+    """
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    dtype = dtype or torch.get_default_dtype()
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    blocks = -(-num_features // dim)
+    g = torch.randn(blocks, dim, dim, generator=generator, device=gdev, dtype=torch.float64)
+    Q, R = torch.linalg.qr(g)
+    sign = torch.where(torch.diagonal(R, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(Q.dtype)
+    Q = Q * sign.unsqueeze(-2)
+    rows = Q.transpose(-2, -1).reshape(blocks * dim, dim)[:num_features]
+    norms = torch.randn(num_features, dim, generator=generator, device=gdev,
+                        dtype=torch.float64).norm(dim=-1)
+    return (rows * norms[:, None]).to(device=device, dtype=dtype)

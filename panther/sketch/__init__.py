@@ -1,3 +1,6 @@
 """Random sketching operators (seedable with ``generator=``; never touch the global RNG state)."""
+from . import core as _core
 from .core import *  # noqa: F401,F403
 from .factors import conv2d_factors, linear_factors  # noqa: F401
+
+__all__ = [*_core.__all__, "conv2d_factors", "linear_factors"]

@@ -1,0 +1,554 @@
+"""Fused Triton kernels for ``panther::sketched_linear`` (the SKLinear layer).
+
+The layer is two chained GEMMs through a thin rank ``R = 2·L·k``:
+
+    xA = x·A,            A  = [S1cat | U2cat]            (d_in, R)
+    y  = xA·Bm + bias,   Bm = [U1cat; S2cat] / (2L)      (R, d_out)
+
+For small R the whole chain is memory bound: the floor is reading x once and writing y once.
+One kernel does exactly that. Each program owns BLOCK_M rows of x, accumulates their
+(BLOCK_M × R) ``xA`` tile in fp32 registers while streaming x through in BLOCK_K chunks, stores
+that small tile (the backward needs it), then streams y out in BLOCK_N chunks of ``xA·Bm + bias``.
+The backward's ``dx`` is the same chain with the factors' roles swapped
+(``dxA = g·Bmᵀ (+ grad_xA)``, ``dx = dxA·Aᵀ``), so one kernel serves both directions.
+
+The concatenation is never materialised: each half of A (``S1cat``, ``U2cat``) and of Bm
+(``U1cat``, ``S2cat``) is passed as its own strided 2-D view (a free view when L == 1) and gets its
+own ``tl.dot``; ``1/(2L)`` is a scalar applied to the fp32 accumulator. So the forward is one
+launch with no preparatory copies.
+
+Registered as ``torch.library.triton_op`` (``panther::sketched_linear_triton_fwd`` / ``_bwd``), so
+Inductor inlines the kernel on CUDA. Inside the op body a device branch sends CPU tensors (and
+shapes the kernel does not cover) to the plain two-GEMM torch math, so CPU graphs, ``opcheck`` and
+``gradcheck`` work. Under ``TRITON_INTERPRET=1`` (set before triton is imported) CPU tensors run the
+kernel in Triton's interpreter instead, eager only: that is how CPU CI checks its arithmetic.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from panther.ops.linear import concat_factors
+
+try:  # Triton is optional: without it every call takes the torch path.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with Linux torch wheels
+    triton = None
+
+__all__ = [
+    "sketched_linear_triton",
+    "sketched_linear_triton_fwd",
+    "sketched_linear_triton_bwd",
+    "lowrank_chain",
+    "kernel_configs",
+    "smem_bytes",
+    "tuned_configs",
+    "MAX_RANK",
+    "SMEM_LIMIT",
+]
+
+# Hopper's per-block shared-memory limit (227 KiB). Every autotune config is checked against it.
+SMEM_LIMIT = 227 * 1024
+# Largest 2·L·k the fused kernel takes (each half padded to a power of two ≤ 128); above it the
+# fp32 xA tile no longer fits the registers and the op falls back to two cuBLAS GEMMs.
+MAX_RANK = 256
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# tl.dot flavours (a constexpr of the kernel).
+_DOT_NATIVE, _DOT_TF32, _DOT_IEEE, _DOT_UPCAST = 0, 1, 2, 3
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _half_pad(h: int) -> int:
+    """Register width of one half (L·k columns): a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, _next_pow2(h))
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel
+# --------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _mma(a, b, acc, DOT_MODE: tl.constexpr):
+        if DOT_MODE == 3:
+            # Triton's CPU interpreter multiplies bf16 bit patterns as integers; upcasting is exact.
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif DOT_MODE == 1:
+            out = tl.dot(a, b, acc, input_precision="tf32")
+        elif DOT_MODE == 2:
+            out = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            out = tl.dot(a, b, acc)
+        return out
+
+    @triton.jit
+    def _sketched_linear_chain_kernel(
+        X, FL, FH, GL, GH, BIAS, E, Y, P,
+        M, D_IN, D_OUT, H,
+        sxm, sxd,
+        sfl_d, sfl_h, sfh_d, sfh_h,
+        sgl_h, sgl_n, sgh_h, sgh_n,
+        sem, seh,
+        sym, syn,
+        spm, sph,
+        alpha_p, alpha_y,
+        M_BUCKET,
+        H_PAD: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_E: tl.constexpr,
+        DOT_MODE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """P = alpha_p·X·[FL | FH] (+ E);  Y = alpha_y·(P_L·GL + P_H·GH) (+ bias).
+
+        X (M, D_IN); FL, FH (D_IN, H); GL, GH (H, D_OUT); E, P (M, 2H); Y (M, D_OUT); all strided.
+        Grid: (row blocks, column groups). Column group g writes a contiguous range of Y's column
+        tiles; every group recomputes its rows' P (only group 0 stores it). One group is the
+        memory-floor layout (x read once); more groups only help when there are few row blocks.
+        """
+        pid_m = tl.program_id(0)
+        pid_g = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        rows = offs_m.to(tl.int64)  # row offsets can pass 2**31 elements
+        offs_h = tl.arange(0, H_PAD)
+        mask_h = offs_h < H
+        offs_k = tl.arange(0, BLOCK_K)
+
+        # ---- phase 1: the (BLOCK_M, 2H) tile of X·F, x streamed once --------------------------
+        x_ptrs = X + rows[:, None] * sxm + offs_k[None, :] * sxd
+        fl_ptrs = FL + offs_k[:, None] * sfl_d + offs_h[None, :] * sfl_h
+        fh_ptrs = FH + offs_k[:, None] * sfh_d + offs_h[None, :] * sfh_h
+        acc_l = tl.zeros((BLOCK_M, H_PAD), dtype=tl.float32)
+        acc_h = tl.zeros((BLOCK_M, H_PAD), dtype=tl.float32)
+        for d0 in range(0, D_IN, BLOCK_K):
+            mask_k = (d0 + offs_k) < D_IN
+            xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            f_mask = mask_k[:, None] & mask_h[None, :]
+            fl = tl.load(fl_ptrs, mask=f_mask, other=0.0)
+            fh = tl.load(fh_ptrs, mask=f_mask, other=0.0)
+            acc_l = _mma(xt, fl, acc_l, DOT_MODE)
+            acc_h = _mma(xt, fh, acc_h, DOT_MODE)
+            x_ptrs += BLOCK_K * sxd
+            fl_ptrs += BLOCK_K * sfl_d
+            fh_ptrs += BLOCK_K * sfh_d
+
+        acc_l = acc_l * alpha_p
+        acc_h = acc_h * alpha_p
+        ph_mask = mask_m[:, None] & mask_h[None, :]
+        if HAS_E:
+            e_ptrs = E + rows[:, None] * sem + offs_h[None, :] * seh
+            acc_l += tl.load(e_ptrs, mask=ph_mask, other=0.0).to(tl.float32)
+            acc_h += tl.load(e_ptrs + H * seh, mask=ph_mask, other=0.0).to(tl.float32)
+        # Round once to the output dtype: the stored P and the second GEMM's operand agree, as in
+        # the two-GEMM reference where xA is a tensor of the input dtype.
+        p_l = acc_l.to(P.dtype.element_ty)
+        p_h = acc_h.to(P.dtype.element_ty)
+        p_ptrs = P + rows[:, None] * spm + offs_h[None, :] * sph
+        if pid_g == 0:
+            tl.store(p_ptrs, p_l, mask=ph_mask)
+            tl.store(p_ptrs + H * sph, p_h, mask=ph_mask)
+
+        # ---- phase 2: Y's column tiles of this group, y written once ---------------------------
+        n_tiles = tl.cdiv(D_OUT, BLOCK_N)
+        per_group = tl.cdiv(n_tiles, tl.num_programs(1))
+        t_begin = pid_g * per_group
+        t_end = tl.minimum(t_begin + per_group, n_tiles)
+        offs_n = tl.arange(0, BLOCK_N)
+        if HAS_BIAS:
+            # Prefetched one tile ahead: a plain load used right away would stall every iteration
+            # on L2 latency (the pipeliner only prefetches the loads feeding tl.dot).
+            b_cols = t_begin * BLOCK_N + offs_n
+            bias_next = tl.load(BIAS + b_cols, mask=b_cols < D_OUT, other=0.0)
+        for t in range(t_begin, t_end):
+            cols = t * BLOCK_N + offs_n
+            mask_n = cols < D_OUT
+            if HAS_BIAS:
+                bias_tile = bias_next
+                bias_next = tl.load(BIAS + cols + BLOCK_N, mask=(cols + BLOCK_N) < D_OUT, other=0.0)
+            g_mask = mask_h[:, None] & mask_n[None, :]
+            gl = tl.load(GL + offs_h[:, None] * sgl_h + cols[None, :] * sgl_n, mask=g_mask, other=0.0)
+            gh = tl.load(GH + offs_h[:, None] * sgh_h + cols[None, :] * sgh_n, mask=g_mask, other=0.0)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = _mma(p_l, gl, acc, DOT_MODE)
+            acc = _mma(p_h, gh, acc, DOT_MODE)
+            acc = acc * alpha_y
+            if HAS_BIAS:
+                acc += bias_tile.to(tl.float32)[None, :]
+            y_ptrs = Y + rows[:, None] * sym + cols[None, :] * syn
+            tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Autotune configs: a few tile shapes, each checked against the shared-memory and register budget
+# --------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages), best first for the memory-bound regime.
+_CANDIDATES = (
+    (128, 64, 128, 8, 4),
+    (64, 128, 128, 4, 4),
+    (128, 128, 64, 8, 3),
+    (64, 64, 256, 8, 3),
+    (128, 32, 128, 8, 4),
+    (128, 64, 64, 8, 3),
+    (64, 64, 64, 4, 4),
+    (128, 32, 64, 8, 3),
+    (64, 64, 128, 4, 3),
+    (64, 64, 128, 8, 3),
+    (64, 32, 128, 4, 3),
+    (64, 32, 64, 8, 3),
+    (64, 32, 64, 4, 3),
+    (64, 32, 64, 8, 2),
+    (64, 32, 32, 4, 2),
+    (32, 32, 32, 4, 2),
+)
+_MAX_CONFIGS = 8
+
+
+def smem_bytes(block_m, block_k, block_n, num_stages, h_pad, elem_size):
+    """An upper bound on one program's shared memory, counting every buffer as live at once.
+
+    phase 1: num_stages copies of the x tile and both F tiles; phase 2: num_stages copies of both
+    G tiles plus the two P operand tiles; the epilogue's layout conversion of the fp32 y tile.
+    (Triton reuses phase-1 buffers in phase 2, so the real figure is lower.)
+    """
+    phase1 = num_stages * (block_m * block_k + 2 * block_k * h_pad) * elem_size
+    phase2 = num_stages * (2 * h_pad * block_n) * elem_size + 2 * block_m * h_pad * elem_size
+    epilogue = block_m * block_n * 4
+    return phase1 + phase2 + epilogue
+
+
+def _acc_registers(block_m, block_n, h_pad, num_warps):
+    """fp32 accumulator registers per thread: both xA halves and the y tile."""
+    return (2 * block_m * h_pad + block_m * block_n) // (32 * num_warps)
+
+
+def kernel_configs(h_pad, elem_size):
+    """The autotune candidates for one (half width, element size) bucket, all of them within
+    ``SMEM_LIMIT`` and a register budget that leaves room for addresses."""
+    out = []
+    for bm, bk, bn, warps, stages in _CANDIDATES:
+        if smem_bytes(bm, bk, bn, stages, h_pad, elem_size) > SMEM_LIMIT:
+            continue
+        if _acc_registers(bm, bn, h_pad, warps) > 128:
+            continue
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn}, num_warps=warps,
+                                 num_stages=stages))
+        if len(out) == _MAX_CONFIGS:
+            break
+    return out
+
+
+# The interpreter cannot benchmark; it runs one small config (tails are exercised by the tests,
+# which also pass explicit configs).
+_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 32}
+
+
+_AUTOTUNERS: dict = {}
+
+
+def _autotuned(h_pad, elem_size):
+    """One Autotuner per bucket: its config list fits that bucket's shared-memory need.
+    Kept so that the kernel object is stable (Inductor's kernel side table keys on it)."""
+    key = (h_pad, elem_size)
+    if key not in _AUTOTUNERS:
+        if _INTERPRET:
+            configs = [triton.Config(dict(_INTERPRET_CONFIG), num_warps=4, num_stages=1)]
+        else:
+            configs = kernel_configs(h_pad, elem_size)
+        _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["M_BUCKET", "D_IN", "D_OUT", "H"])(
+            _sketched_linear_chain_kernel) if configs else None
+    return _AUTOTUNERS[key]
+
+
+def tuned_configs():
+    """``{(half width padded, element size): best config}`` chosen so far by eager autotuning."""
+    return {k: getattr(v, "best_config", None) for k, v in _AUTOTUNERS.items() if v is not None}
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _column_groups(m, d_out, device):
+    """Column groups for few rows: enough programs to fill the GPU, each x row block re-read by
+    every group (from L2). With many rows, one group: x is read exactly once."""
+    if device.type != "cuda":
+        return 1
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    row_blocks = (m + 63) // 64
+    if row_blocks >= sms:
+        return 1
+    return max(1, min((sms + row_blocks - 1) // row_blocks, (d_out + 127) // 128, 8))
+
+
+def _allow_tf32():
+    """cuBLAS's fp32 policy: the newer ``fp32_precision`` setting when set, else ``allow_tf32``
+    (reading the latter raises once the two APIs were mixed)."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        return False
+
+
+def _dot_mode(dtype):
+    if dtype == torch.float32:
+        return _DOT_TF32 if _allow_tf32() else _DOT_IEEE
+    if dtype == torch.bfloat16 and _INTERPRET:
+        return _DOT_UPCAST
+    return _DOT_NATIVE
+
+
+def _m_bucket(m):
+    # The autotune key: batch sizes in one power-of-two bucket share a tuned config.
+    return min(_next_pow2(m), 1 << 20) if isinstance(m, int) else 0
+
+
+def lowrank_chain(X, FL, FH, GL, GH, bias=None, E=None, alpha_p=1.0, alpha_y=1.0, *, config=None,
+                  col_groups=None, out=None):
+    """Launch the chain kernel: returns ``Y = alpha_y·(P_L·GL + P_H·GH) + bias`` and
+    ``P = [P_L | P_H] = alpha_p·X·[FL | FH] + E``, both in X's dtype.
+
+    ``config`` (a dict with BLOCK_M/BLOCK_K/BLOCK_N and optionally num_warps/num_stages) bypasses
+    the autotuner (tests use it to cover tails with several tile shapes); ``col_groups`` overrides
+    the column-group heuristic; ``out=(Y, P)`` writes into given tensors (tests poison them).
+    """
+    M, D_IN = X.shape
+    H = FL.shape[1]
+    D_OUT = GL.shape[1]
+    Y, P = out if out is not None else (X.new_empty((M, D_OUT)), X.new_empty((M, 2 * H)))
+    if M == 0:
+        return Y, P
+    h_pad = _half_pad(H)
+    groups = col_groups if col_groups is not None else _column_groups(M, D_OUT, X.device)
+    args = (X, FL, FH, GL, GH, bias if bias is not None else X, E if E is not None else X, Y, P,
+            M, D_IN, D_OUT, H,
+            X.stride(0), X.stride(1),
+            FL.stride(0), FL.stride(1), FH.stride(0), FH.stride(1),
+            GL.stride(0), GL.stride(1), GH.stride(0), GH.stride(1),
+            E.stride(0) if E is not None else 0, E.stride(1) if E is not None else 0,
+            Y.stride(0), Y.stride(1),
+            P.stride(0), P.stride(1),
+            float(alpha_p), float(alpha_y),
+            _m_bucket(M))
+    consts = dict(H_PAD=h_pad, HAS_BIAS=bias is not None, HAS_E=E is not None, DOT_MODE=_dot_mode(X.dtype))
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), groups)
+
+    if config is not None:
+        meta = dict(config)
+        launch = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+        kernel = _sketched_linear_chain_kernel
+        _launcher(kernel)[grid](*args, **consts, **meta, **launch)
+    else:
+        kernel = _autotuned(h_pad, X.element_size())
+        _launcher(kernel)[grid](*args, **consts)
+    return Y, P
+
+
+def _launcher(kernel):
+    # Eager interpreter runs call the kernel directly (torch 2.11's wrap_triton rejects it).
+    return kernel if _INTERPRET else torch.library.wrap_triton(kernel)
+
+
+# --------------------------------------------------------------------------------------------
+# Factor views: the halves of A and Bm without concatenating them
+# --------------------------------------------------------------------------------------------
+def _half_in(T):
+    """(L, d, k) -> (d, L·k), term-major columns: a view when L == 1, a small copy otherwise."""
+    L, d, k = T.shape
+    return T[0] if L == 1 else T.permute(1, 0, 2).reshape(d, L * k)
+
+
+def _half_out(T):
+    """(L, k, d) -> (L·k, d): a view for contiguous factors."""
+    L, k, d = T.shape
+    return T.reshape(L * k, d)
+
+
+def _kernel_ok(t, rank):
+    """Whether the fused kernel serves this call (else: the two-GEMM torch math)."""
+    if triton is None or rank > MAX_RANK or t.dtype not in _DTYPES:
+        return False
+    if _autotuned(_half_pad(rank // 2), t.element_size()) is None:
+        return False
+    return t.device.type == "cuda" or (_INTERPRET and t.device.type == "cpu")
+
+
+def _with_last(t, lead, last):
+    return t.view(*lead, last)
+
+
+# --------------------------------------------------------------------------------------------
+# The ops
+# --------------------------------------------------------------------------------------------
+@torch.library.triton_op("panther::sketched_linear_triton_fwd", mutates_args=())
+def sketched_linear_triton_fwd(x: Tensor, S1s: Tensor, S2s: Tensor, U1s: Tensor, U2s: Tensor,
+                               bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(y, xA)`` with ``xA = x·A`` and ``y = xA·Bm + bias``: the same contract as
+    ``panther::sketched_linear_fwd``, computed by one fused kernel on CUDA."""
+    L, d_in, k = S1s.shape
+    d_out = S2s.shape[-1]
+    H = L * k
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d_in)
+    if _kernel_ok(x, 2 * H):
+        y2, xA2 = lowrank_chain(x2, _half_in(S1s), _half_in(U2s), _half_out(U1s), _half_out(S2s),
+                                bias=bias, alpha_y=1.0 / (2 * L))
+    else:
+        A, Bm = concat_factors(S1s, S2s, U1s, U2s)
+        xA2 = x2 @ A
+        y2 = torch.addmm(bias, xA2, Bm) if bias is not None else xA2 @ Bm
+    return _with_last(y2, lead, d_out), _with_last(xA2, lead, 2 * H)
+
+
+@torch.library.triton_op("panther::sketched_linear_triton_bwd", mutates_args=())
+def sketched_linear_triton_bwd(grad_y: Tensor, grad_xA: Optional[Tensor], S1s: Tensor, S2s: Tensor,
+                               U1s: Tensor, U2s: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dx, dxA)`` with ``dxA = grad_y·Bmᵀ (+ grad_xA)`` and ``dx = dxA·Aᵀ``: g read once,
+    dx written once; dxA (N, 2Lk) is returned for the weight gradients."""
+    L, d_in, k = S1s.shape
+    d_out = S2s.shape[-1]
+    H = L * k
+    lead = grad_y.shape[:-1]
+    g = grad_y.reshape(-1, d_out)
+    e = grad_xA.reshape(-1, 2 * H) if grad_xA is not None else None
+    if _kernel_ok(grad_y, 2 * H):
+        # The forward chain with roles swapped: F = Bmᵀ halves, G = Aᵀ halves (transposed views).
+        dx2, dxA2 = lowrank_chain(g, _half_out(U1s).mT, _half_out(S2s).mT, _half_in(S1s).mT,
+                                  _half_in(U2s).mT, E=e, alpha_p=1.0 / (2 * L))
+    else:
+        A, Bm = concat_factors(S1s, S2s, U1s, U2s)
+        dxA2 = g @ Bm.mT
+        if e is not None:
+            dxA2 = dxA2 + e
+        dx2 = dxA2 @ A.mT
+    return _with_last(dx2, lead, d_in), _with_last(dxA2, lead, 2 * H)
+
+
+def _setup_context(ctx, inputs, output):
+    x, S1s, S2s, U1s, U2s, bias = inputs
+    ctx.save_for_backward(x, output[1], S1s, S2s, U1s, U2s)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y, grad_xA):
+    """6·N·L·k·(d_in+d_out) FLOPs for dx, dS1s, dS2s: dx and dxA from the fused kernel, the weight
+    gradients as GEMMs over the small (N, 2Lk) results; db rides in the dS2 GEMM as a ones column."""
+    x, xA, S1s, S2s, U1s, U2s = ctx.saved_tensors
+    need_x, need_S1, need_S2, need_U1, need_U2, need_b = ctx.needs_input_grad
+    need_b = need_b and ctx.has_bias
+    L, d_in, k = S1s.shape
+    d_out = S2s.shape[-1]
+    H = L * k
+    scale = 1.0 / (2 * L)
+    g = grad_y.reshape(-1, d_out)
+    x2 = x.reshape(-1, d_in)
+    xA2 = xA.reshape(-1, 2 * H)
+
+    dx = dS1s = dS2s = dU1s = dU2s = db = None
+    if need_x or need_S1 or need_U2:
+        if need_x:
+            dx, dxA = torch.ops.panther.sketched_linear_triton_bwd(grad_y, grad_xA, S1s, S2s, U1s, U2s)
+            dxA = dxA.reshape(-1, 2 * H)
+        else:
+            _, Bm = concat_factors(S1s, S2s, U1s, U2s)
+            dxA = g @ Bm.mT
+            if grad_xA is not None:
+                dxA = dxA + grad_xA.reshape(-1, 2 * H)
+        # x read once for both A-side factors when both need a gradient.
+        cols = slice(0, 2 * H) if (need_S1 and need_U2) else slice(0, H) if need_S1 else slice(H, 2 * H)
+        if need_S1 or need_U2:
+            dA = (x2.mT @ dxA[:, cols]).reshape(d_in, -1, k).permute(1, 0, 2)
+            if need_S1:
+                dS1s = dA[:L]
+            if need_U2:
+                dU2s = dA[-L:]
+    if need_U1 or need_S2 or need_b:
+        # g read once for U1, S2 and bias: [xA_sel | 1]ᵀ·g, the ones row giving db = Σ_rows g.
+        parts = ([xA2[:, :H]] if need_U1 else []) + ([xA2[:, H:]] if need_S2 else [])
+        width = sum(p.shape[1] for p in parts) + (1 if need_b else 0)
+        lhs = xA2.new_empty((xA2.shape[0], (width + 7) // 8 * 8))[:, :width]  # aligned rows for cuBLAS
+        col = 0
+        for part in parts:
+            lhs[:, col:col + H].copy_(part)
+            col += H
+        if need_b:
+            lhs[:, col].fill_(1)
+        dB = lhs.mT @ g
+        i = 0
+        if need_U1:
+            dU1s = (dB[:H] * scale).reshape(L, k, d_out)
+            i = H
+        if need_S2:
+            dS2s = (dB[i:i + H] * scale).reshape(L, k, d_out)
+        if need_b:
+            db = dB[-1]
+    return dx, dS1s, dS2s, dU1s, dU2s, db
+
+
+torch.library.register_autograd("panther::sketched_linear_triton_fwd", _backward, setup_context=_setup_context)
+
+
+# FlopCounterMode sees the ops, not their kernels: both run two GEMMs through the rank 2·L·k.
+@register_flop_formula([torch.ops.panther.sketched_linear_triton_fwd, torch.ops.panther.sketched_linear_triton_bwd])
+def _chain_flops(a_shape, grad_xA_or_S1s_shape, *shapes, out_shape=None, **kwargs):
+    (first, p), n = out_shape, math.prod(a_shape[:-1])  # (y or dx, xA or dxA)
+    return 2 * n * p[-1] * (a_shape[-1] + first[-1])
+
+
+def _check_args(x, S1s, S2s, U1s, U2s, bias):
+    for name, t in (("x", x), ("S1s", S1s), ("S2s", S2s), ("U1s", U1s), ("U2s", U2s), ("bias", bias)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"sketched_linear_triton: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if any(t.dim() != 3 for t in (S1s, S2s, U1s, U2s)):
+        raise ValueError("sketched_linear_triton: S1s, S2s, U1s, U2s must be 3-D (L, ., .), got shapes "
+                         f"{[tuple(t.shape) for t in (S1s, S2s, U1s, U2s)]}")
+    L, d_in, k = S1s.shape
+    d_out = S2s.shape[-1]
+    for name, t, want in (("S2s", S2s, (L, k, d_out)), ("U1s", U1s, (L, k, d_out)), ("U2s", U2s, (L, d_in, k))):
+        if tuple(t.shape) != want:
+            raise ValueError(f"sketched_linear_triton: {name} must be (L, ., .) = {want}, got {tuple(t.shape)}")
+    if x.dim() < 1 or x.shape[-1] != d_in:
+        raise ValueError(f"sketched_linear_triton: x must have last dimension in_features={d_in}, "
+                         f"got shape {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (d_out,):
+        raise ValueError(f"sketched_linear_triton: bias must be (out_features,) = ({d_out},), got {tuple(bias.shape)}")
+    for name, t in (("S1s", S1s), ("S2s", S2s), ("U1s", U1s), ("U2s", U2s), ("bias", bias)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"sketched_linear_triton: {name} must be on x's device {x.device}, got {t.device}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"sketched_linear_triton: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+
+
+def sketched_linear_triton(x, S1s, S2s, U1s, U2s, bias=None):
+    """``y = 1/(2L) Σ_i [(x S1_i) U1_i + (x U2_i) S2_i] + bias``, like ``torch.ops.panther.sketched_linear``
+    (any leading shape, autocast honoured), through the fused Triton kernel on CUDA."""
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        cast = lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
+        with torch.autocast(x.device.type, enabled=False):
+            return sketched_linear_triton(*(cast(t) for t in (x, S1s, S2s, U1s, U2s, bias)))
+    _check_args(x, S1s, S2s, U1s, U2s, bias)
+    return torch.ops.panther.sketched_linear_triton_fwd(x, S1s, S2s, U1s, U2s, bias)[0]

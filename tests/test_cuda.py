@@ -1,0 +1,76 @@
+"""CUDA checks of the ATen paths (skipped without a GPU; run on the lent H200 with `pytest -m cuda`)."""
+import pytest
+import torch
+
+import panther  # noqa: F401
+from panther.ops import sketched_linear_reference
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _linear_args(dtype, lead=(37,), d_in=1000, k=5, d_out=333, L=1, bias=True, requires_grad=False):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype, generator=g).requires_grad_(requires_grad)  # noqa
+    return (mk(*lead, d_in), mk(L, d_in, k), mk(L, k, d_out), mk(L, k, d_out), mk(L, d_in, k),
+            mk(d_out) if bias else None)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_sketched_linear_cuda(bias):
+    args = _linear_args(torch.float32, lead=(4, 5), d_in=40, k=3, d_out=24, L=2, bias=bias, requires_grad=True)
+    torch.library.opcheck(torch.ops.panther.sketched_linear_fwd.default, args)
+    torch.library.opcheck(torch.ops.panther.sketched_linear.default, args)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_sketched_linear_cuda_odd_shapes(dtype, tol):
+    args = _linear_args(dtype)
+    y = torch.ops.panther.sketched_linear(*args)
+    ref = sketched_linear_reference(*[a.double() if a is not None else None for a in args])
+    assert y.dtype == dtype
+    assert ((y.double() - ref).norm() / ref.norm()).item() < tol
+
+
+def test_gradcheck_cuda_float64():
+    args = _linear_args(torch.float64, lead=(3,), d_in=7, k=2, d_out=5, L=2, requires_grad=True)
+    assert torch.autograd.gradcheck(torch.ops.panther.sketched_linear, args)
+
+
+def test_autocast_cuda():
+    args = _linear_args(torch.float32, d_in=64, d_out=32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = torch.ops.panther.sketched_linear(*args)
+    assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sketched_conv2d_cuda_matches_cpu(bias):
+    g = torch.Generator().manual_seed(1)
+    x, S1s, U1s = (torch.randn(2, 3, 9, 9, generator=g), torch.randn(8, 3, 3, 3, generator=g),
+                   torch.randn(4, 2, 5, generator=g))
+    b = torch.randn(5, generator=g) if bias else None
+    args = [x, S1s, U1s, b, [2, 1], [1, 0], [1, 2]]
+    cpu = torch.ops.panther.sketched_conv2d(*args)
+    cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.testing.assert_close(torch.ops.panther.sketched_conv2d(*cuda_args).cpu(), cpu, rtol=1e-4, atol=1e-4)
+    for a in cuda_args[:4]:
+        if a is not None:
+            a.requires_grad_(True)
+    torch.library.opcheck(torch.ops.panther.sketched_conv2d.default, cuda_args)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_rf_attention_cuda_matches_cpu(causal, kernel_fn):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 70, 16, generator=g) * 0.5 for _ in range(3))
+    proj = torch.randn(32, 16, generator=g)
+    mask = torch.zeros(2, 70, dtype=torch.bool)
+    mask[1, 60:] = True
+    args = [q, k, v, proj, kernel_fn, causal, None, mask]
+    cpu = torch.ops.panther.rf_attention(*args)
+    cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.testing.assert_close(torch.ops.panther.rf_attention(*cuda_args).cpu(), cpu, rtol=1e-4, atol=1e-4)
+    for a in cuda_args[:3]:
+        a.requires_grad_(True)
+    torch.library.opcheck(torch.ops.panther.rf_attention.default, cuda_args)

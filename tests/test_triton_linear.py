@@ -1,0 +1,297 @@
+"""The fused Triton sketched-linear kernels (inductor_ext/triton_linear.py).
+
+CPU CI: the kernels' arithmetic in Triton's interpreter (one subprocess, TRITON_INTERPRET=1), the
+triton_ops' CPU branch through opcheck / gradcheck, and the autotune configs' shared-memory budget.
+CUDA (the lent H200, ``pytest -m cuda``): odd shapes in fp16/bf16/fp32 against float64, every
+autotune config launching, and Inductor inlining the kernel.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import panther  # noqa: F401
+from inductor_ext import triton_linear as tlin
+from panther.ops import sketched_linear_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+FWD = torch.ops.panther.sketched_linear_triton_fwd.default
+BWD = torch.ops.panther.sketched_linear_triton_bwd.default
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def factors(L, d_in, k, d_out, lead=(4,), dtype=torch.float64, device="cpu", bias=True, requires_grad=False,
+            u_grad=False, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed + 1000 * L + 100 * d_in + 10 * k + d_out)
+    mk = lambda *s, rg=requires_grad: torch.randn(*s, generator=g, device=device, dtype=dtype).requires_grad_(rg)  # noqa: E731,E501
+    return (mk(*lead, d_in), mk(L, d_in, k), mk(L, k, d_out), mk(L, k, d_out, rg=u_grad), mk(L, d_in, k, rg=u_grad),
+            mk(d_out) if bias else None)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ------------------------------------------------------------------ interpreter (CPU CI)
+@pytest.mark.skipif(tlin.triton is None, reason="needs triton")
+def test_kernel_arithmetic_in_triton_interpreter():
+    """Tails in every dimension, k=1, L=2/3, bias or not, fp32/bf16/fp16, 1-D/3-D input, forward and
+    backward kernels: all against float64, outputs NaN-poisoned so unwritten elements fail."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_interpret_check.py")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "ALL OK" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+# ------------------------------------------------------------------ CPU branch of the ops
+@pytest.mark.parametrize("lead,bias", [((5,), True), ((2, 3), False), ((), True)], ids=["2d-bias", "3d", "1d-bias"])
+def test_opcheck_fwd(bias, lead):
+    args = factors(2, 6, 3, 5, lead=lead, dtype=torch.float32, bias=bias, requires_grad=True)
+    torch.library.opcheck(FWD, args)
+
+
+@pytest.mark.parametrize("with_grad_xA", [True, False])
+def test_opcheck_bwd(with_grad_xA):
+    _, S1s, S2s, U1s, U2s, _ = factors(2, 6, 3, 5, dtype=torch.float32)
+    g = torch.randn(2, 3, 5)
+    gxa = torch.randn(2, 3, 12) if with_grad_xA else None
+    torch.library.opcheck(BWD, (g, gxa, S1s, S2s, U1s, U2s))
+
+
+@pytest.mark.parametrize("lead,bias", [((5,), True), ((2, 3), False), ((), True)], ids=["2d-bias", "3d", "1d-bias"])
+def test_gradcheck_float64(bias, lead):
+    args = factors(2, 6, 3, 5, lead=lead, bias=bias, requires_grad=True, u_grad=True)
+    assert torch.autograd.gradcheck(tlin.sketched_linear_triton, args)
+
+
+@pytest.mark.parametrize("needs", ["x", "S1s", "S2s", "bias", "x,S2s", "S1s,U2s", "U1s,S2s,bias"])
+def test_partial_gradients_match_reference(needs):
+    """Each subset of requires_grad takes its own branch of the backward (ones column, joint GEMMs)."""
+    names = ["x", "S1s", "S2s", "U1s", "U2s", "bias"]
+    args = list(factors(2, 7, 3, 6, lead=(3, 4)))
+    want = [n in needs.split(",") for n in names]
+    args = [a.requires_grad_(w) for a, w in zip(args, want)]
+    gy = torch.randn(3, 4, 6, dtype=torch.float64)
+    inputs = [a for a, w in zip(args, want) if w]
+    got = torch.autograd.grad(tlin.sketched_linear_triton(*args), inputs, gy)
+    ref = torch.autograd.grad(sketched_linear_reference(*args), inputs, gy)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_matches_cpp_op_and_reference():
+    args = factors(3, 17, 4, 11, lead=(2, 5))
+    y = tlin.sketched_linear_triton(*args)
+    torch.testing.assert_close(y, torch.ops.panther.sketched_linear(*args), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, sketched_linear_reference(*args), rtol=1e-10, atol=1e-10)
+    y_fwd, xA = FWD(*args)
+    assert xA.shape == (2, 5, 24)
+
+
+def test_non_contiguous_input_and_empty_batch():
+    _, *rest = factors(2, 6, 3, 5)
+    xt = torch.randn(6, 7, dtype=torch.float64).t()
+    torch.testing.assert_close(tlin.sketched_linear_triton(xt, *rest), sketched_linear_reference(xt, *rest))
+    assert tlin.sketched_linear_triton(torch.empty(0, 6, dtype=torch.float64), *rest).shape == (0, 5)
+
+
+def test_backward_flops_are_six_nlk_plus_bias_column():
+    """dx, dS1s, dS2s cost 6·N·L·k·(d_in+d_out); db rides in the dS2 GEMM as one more row (2·N·d_out)."""
+    N, L, d_in, k, d_out = 64, 2, 48, 4, 40
+    x, S1s, S2s, U1s, U2s, b = factors(L, d_in, k, d_out, lead=(N,), dtype=torch.float32, requires_grad=True)
+    y = tlin.sketched_linear_triton(x, S1s, S2s, U1s, U2s, b)
+    with FlopCounterMode(display=False) as counter:
+        y.backward(torch.ones_like(y))
+    assert counter.get_total_flops() == 6 * N * L * k * (d_in + d_out) + 2 * N * d_out
+
+
+def test_autocast_cpu_bfloat16():
+    args = [a.float() if a is not None else None for a in factors(1, 32, 4, 16)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = tlin.sketched_linear_triton(*args)
+    assert y.dtype == torch.bfloat16
+    ref = sketched_linear_reference(*args)
+    assert rel(y, ref) < 3e-2
+
+
+def test_compile_cpu_branch():
+    """Inductor on CPU decomposes the triton_op's body: the torch branch, same numbers."""
+    args = factors(2, 9, 3, 7, dtype=torch.float32, lead=(5,))
+    fn = torch.compile(tlin.sketched_linear_triton, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(fn(*args), sketched_linear_reference(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_raise():
+    x, S1s, S2s, U1s, U2s, b = factors(2, 6, 3, 5)
+    with pytest.raises(ValueError, match="in_features=6"):
+        tlin.sketched_linear_triton(x[..., :5], S1s, S2s, U1s, U2s, b)
+    with pytest.raises(ValueError, match="U2s must be"):
+        tlin.sketched_linear_triton(x, S1s, S2s, U1s, U2s[:, :, :2], b)
+    with pytest.raises(ValueError, match="bias must be"):
+        tlin.sketched_linear_triton(x, S1s, S2s, U1s, U2s, b[:3])
+    with pytest.raises(TypeError, match="S2s must have x's dtype"):
+        tlin.sketched_linear_triton(x, S1s, S2s.float(), U1s, U2s, b)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        tlin.sketched_linear_triton([1.0] * 6, S1s, S2s, U1s, U2s, b)
+
+
+# ------------------------------------------------------------------ autotune configs
+@pytest.mark.skipif(tlin.triton is None, reason="needs triton")
+@pytest.mark.parametrize("elem_size", [2, 4])
+@pytest.mark.parametrize("h_pad", [16, 32, 64, 128])
+def test_every_config_fits_hopper_shared_memory(h_pad, elem_size):
+    configs = tlin.kernel_configs(h_pad, elem_size)
+    assert configs, "no config for a rank the fused kernel accepts"
+    for c in configs:
+        kw = c.kwargs
+        assert tlin.smem_bytes(kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_N"], c.num_stages, h_pad,
+                               elem_size) <= tlin.SMEM_LIMIT == 227 * 1024
+        assert min(kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_N"]) >= 16  # tl.dot's minimum
+
+
+def _compile_for_hopper(h_pad, cfg, num_warps, num_stages):
+    """Compile the forward kernel (bf16, contiguous operands) for sm_90 without a GPU, with the
+    ptxas that ships with triton; returns (shared bytes, resource usage text, SASS)."""
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kern = tlin._sketched_linear_chain_kernel
+    unit = {"sxd", "sfl_h", "sfh_h", "sgl_n", "sgh_n", "syn", "sph", "seh"}  # the JIT specialises stride 1
+    consts = dict(H_PAD=h_pad, HAS_BIAS=True, HAS_E=False, DOT_MODE=0, **cfg)
+    sig, attrs = {}, {}
+    for i, n in enumerate(kern.arg_names):
+        if n in ("X", "FL", "FH", "GL", "GH", "BIAS", "E", "Y", "P"):
+            sig[n], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
+        elif n in ("alpha_p", "alpha_y"):
+            sig[n] = "fp32"
+        elif n in consts or n in unit:
+            sig[n] = "constexpr"
+            consts.setdefault(n, 1)
+        else:
+            sig[n] = "i32"
+            if n not in ("M", "H"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kern, signature=sig, constexprs=consts, attrs=attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
+                                                                        "num_stages": num_stages})
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        run = lambda *a: subprocess.run([str(bindir / "cuobjdump"), *a, f.name], capture_output=True,  # noqa: E731
+                                        text=True, check=True).stdout
+        return ck.metadata.shared, run("--dump-resource-usage"), run("--dump-sass")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(tlin.triton is None, reason="needs triton")
+def test_forward_kernel_compiles_for_hopper():
+    """No GPU needed: the main bf16 config compiles for sm_90 with wgmma (HGMMA), cp.async loads,
+    no local-memory spills, and shared memory within Hopper's limit (the real figure, not the estimate)."""
+    c = tlin.kernel_configs(16, 2)[0]
+    try:
+        shared, usage, sass = _compile_for_hopper(16, dict(c.kwargs), c.num_warps, c.num_stages)
+    except (ImportError, TypeError, KeyError, AttributeError, FileNotFoundError) as e:  # triton API drift
+        pytest.skip(f"cannot compile for sm_90 offline with this triton: {e!r}")
+    assert 0 < shared <= tlin.SMEM_LIMIT
+    assert "STACK:0" in usage.replace(" ", "")
+    assert "HGMMA" in sass and "LDGSTS" in sass
+
+
+# ------------------------------------------------------------------ CUDA (the lent H200)
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1.5e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("shape", [(1, 1000, 5, 333, (37,)), (2, 1000, 5, 333, (3, 1001)), (1, 257, 64, 129, (515,))],
+                         ids=["N37", "L2_3d", "k64"])
+def test_cuda_odd_shapes_against_float64(dtype, tol, shape):
+    L, d_in, k, d_out, lead = shape
+    args = factors(L, d_in, k, d_out, lead=lead, dtype=dtype, device="cuda")
+    ref = sketched_linear_reference(*[a.double() if a is not None else None for a in args])
+    prev = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32: ieee dots, so 1e-5 is meaningful
+        y, xA = FWD(*args)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert y.dtype == dtype and y.shape == (*lead, d_out)
+    assert rel(y, ref) < tol
+    from panther.ops.linear import concat_factors
+    A, _ = concat_factors(*[a.double() for a in args[1:5]])
+    assert rel(xA, args[0].double() @ A) < tol
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_cuda_gradients_against_float64(dtype, tol):
+    args = factors(2, 1000, 5, 333, lead=(37,), dtype=dtype, device="cuda", requires_grad=True, u_grad=True)
+    y = tlin.sketched_linear_triton(*args)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, args, gy)
+    ref_in = [a.detach().double().requires_grad_(True) for a in args]
+    want = torch.autograd.grad(sketched_linear_reference(*ref_in), ref_in, gy.double())
+    for a, b in zip(got, want):
+        assert rel(a, b) < tol
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("h_pad,dtype", [(16, torch.bfloat16), (32, torch.bfloat16), (64, torch.bfloat16),
+                                         (128, torch.bfloat16), (16, torch.float32), (64, torch.float32)])
+def test_cuda_every_autotune_config_launches(h_pad, dtype):
+    """Each config of a bucket compiles, fits the device's shared memory and computes the right thing."""
+    M, D_IN, D_OUT, H = 300, 515, 389, h_pad - 3
+    dev = "cuda"
+    X, FL, FH = (torch.randn(s, device=dev, dtype=dtype) for s in ((M, D_IN), (D_IN, H), (D_IN, H)))
+    GL, GH = (torch.randn(H, D_OUT, device=dev, dtype=dtype) for _ in range(2))
+    bias = torch.randn(D_OUT, device=dev, dtype=dtype)
+    P_ref = X.double() @ torch.cat([FL, FH], 1).double()
+    for c in tlin.kernel_configs(h_pad, X.element_size()):
+        cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        out = (torch.full((M, D_OUT), float("nan"), device=dev, dtype=dtype),
+               torch.full((M, 2 * H), float("nan"), device=dev, dtype=dtype))
+        Y, P = tlin.lowrank_chain(X, FL, FH, GL, GH, bias=bias, alpha_y=0.5, config=cfg, out=out)
+        Y_ref = 0.5 * P.double() @ torch.cat([GL, GH], 0).double() + bias.double()
+        tol = 2e-2 if dtype != torch.float32 else 2e-3  # fp32 may use tf32 here
+        assert rel(P, P_ref) < tol, cfg
+        assert rel(Y, Y_ref) < tol, cfg
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_inductor_inlines_the_triton_kernel():
+    from torch._inductor.utils import run_and_get_code
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.args = torch.nn.ParameterList(
+                [torch.nn.Parameter(a) for a in factors(1, 1000, 5, 333, lead=(), dtype=torch.bfloat16,
+                                                        device="cuda")[1:]])
+
+        def forward(self, x):
+            return torch.relu(tlin.sketched_linear_triton(x, *self.args))
+
+    net = Net()
+    x = torch.randn(37, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend="inductor", fullgraph=True)
+    (y,), code = run_and_get_code(lambda: (compiled(x),))
+    src = "\n".join(code)
+    assert "_sketched_linear_chain_kernel" in src
+    assert "torch.ops.panther.sketched_linear_triton_fwd" not in src  # inlined, not an opaque op call
+    assert rel(y, net(x)) < 1e-2
+    # the backward graph (compiled with the forward or at the first backward) runs it for dx too
+    _, code_bwd = run_and_get_code(lambda: y.sum().backward())
+    assert sum("_sketched_linear_chain_kernel" in c for c in code + code_bwd) >= 2
+    assert x.grad is not None and torch.isfinite(x.grad).all()
