@@ -63,6 +63,29 @@ def rf_multi_head_attention(query, key, value, num_heads, in_proj_weight, in_pro
     return F.linear(o, out_proj_weight, out_proj_bias)
 
 
+def _is_bool(n) -> bool:
+    v = n.meta.get("example_value") if isinstance(n, torch.fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.dtype == torch.bool
+
+
+def bool_key_padding_mask(kpm):
+    """The bool (B, S) mask behind MHA's key_padding_mask, or None.
+
+    nn.MultiheadAttention.forward turns a bool mask into an additive one before the functional call:
+    ``zeros_like(b, dtype=...).masked_fill_(b, -inf)``; recover ``b`` from that pattern. Other float masks
+    (arbitrary additive values) have no random-feature equivalent.
+    """
+    if kpm is None or _is_bool(kpm):
+        return kpm
+    n = kpm
+    if (isinstance(n, torch.fx.Node) and n.target in ("masked_fill_", "masked_fill", torch.masked_fill)
+            and len(n.args) == 3 and n.args[2] == float("-inf") and _is_bool(n.args[1])):
+        base = n.args[0]
+        if isinstance(base, torch.fx.Node) and base.target is torch.zeros_like:
+            return n.args[1]
+    return None
+
+
 def match(node, ctx: PassContext):
     if node.op != "call_function" or node.target is not F.multi_head_attention_forward:
         return None
@@ -103,7 +126,8 @@ def match(node, ctx: PassContext):
                      op=OP_BEFORE, extra=extra)
     cand = Candidate(node, info, OP_BEFORE, needs_weights=False, data={"a": a, "base_name": base_name, "owner": W})
     kpm = a["key_padding_mask"]
-    kpm_v = kpm.meta.get("example_value") if isinstance(kpm, torch.fx.Node) else None
+    kpm_bool = bool_key_padding_mask(kpm)
+    cand.data["kpm"] = kpm_bool
     uses = [u for u in node.users]
     if not ok:
         cand.unsupported = "unbatched or unknown input shapes"
@@ -117,8 +141,8 @@ def match(node, ctx: PassContext):
         cand.unsupported = "explicit attn_mask: random-feature attention supports only causal / key padding masks"
     elif a["training"] is not False and a["dropout_p"] not in (0, 0.0):
         cand.unsupported = f"attention dropout {a['dropout_p']} in training mode"
-    elif kpm is not None and (kpm_v is None or kpm_v.dtype != torch.bool):
-        cand.unsupported = "key_padding_mask is not a bool tensor"
+    elif kpm is not None and kpm_bool is None:
+        cand.unsupported = "key_padding_mask is an additive float mask (only bool masks are supported)"
     elif causal and Lq != Lk:
         cand.unsupported = "causal attention with different query and key lengths"
     elif E % H:
@@ -139,7 +163,7 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
             rf_multi_head_attention,
             (a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"], a["in_proj_bias"],
              a["out_proj_weight"], a["out_proj_bias"], p_node, spec.kernel_fn, bool(a["is_causal"]),
-             a["key_padding_mask"], a["q_proj_weight"] if sep else None, a["k_proj_weight"] if sep else None,
+             cand.data["kpm"], a["q_proj_weight"] if sep else None, a["k_proj_weight"] if sep else None,
              a["v_proj_weight"] if sep else None),
         )
     out_val = node.meta.get("example_value")

@@ -23,10 +23,8 @@ from torch import nn
 
 from .policy import LayerInfo, Policy, SketchSpec, decide, dense_attention_flops, resolve_policy, seed_for, \
     sketched_cost, with_overrides
-from . import nn as _pnn
-
-# TEMPORARY until RandMultiHeadAttention lands on main (issue [B]).
-_RandMHA = _pnn.RandMultiHeadAttention if isinstance(_pnn.RandMultiHeadAttention, type) else nn.Module
+from .nn import RandMultiHeadAttention as _RandMHA
+from .nn import SKConv2d, SKLinear
 from .report import GraphDiffReport, ReportRow, _set_last
 
 __all__ = ["convert", "MHACompatibleRandAttention"]
@@ -161,39 +159,41 @@ def _match_grad_flags(new: nn.Module, old: nn.Module):
 
 
 def _swap_linear(name, m, spec: SketchSpec):
-    from .nn import SKLinear
-
     new = SKLinear.from_linear(m, spec.num_terms, spec.low_rank, init=spec.init, seed=seed_for(spec, name))
     return new, "panther.nn.SKLinear"
 
 
 def _swap_conv(name, m, spec: SketchSpec):
-    from .nn import SKConv2d
-    from .sketch import conv2d_factors
-
-    new = SKConv2d.from_conv2d(m, spec.num_terms, spec.low_rank)
-    # The factors follow the spec's init and per-layer seed exactly as the compile pass builds them.
-    gen = None if spec.seed is None else torch.Generator().manual_seed(seed_for(spec, name))
-    S1s, U1s = conv2d_factors(m.weight.detach(), spec.num_terms, spec.low_rank, init=spec.init, generator=gen)
-    with torch.no_grad():
-        new.S1s.copy_(S1s)
-        new.U1s.copy_(U1s)
+    new = SKConv2d.from_conv2d(m, spec.num_terms, spec.low_rank, init=spec.init, seed=seed_for(spec, name))
     return new, "panther.nn.SKConv2d"
 
 
 def _swap_mha(name, m, spec: SketchSpec):
-    new = MHACompatibleRandAttention.from_mha(m, spec.num_random_features, kernel_fn=spec.kernel_fn, iscausal=spec.causal)
+    seed = seed_for(spec, name)
+    new = MHACompatibleRandAttention.from_mha(m, spec.num_random_features, kernel_fn=spec.kernel_fn,
+                                              iscausal=spec.causal, seed=seed)
     new.batch_first = m.batch_first
-    if spec.seed is not None:
-        # The same per-layer draw the compile pass makes for this layer name.
-        from .ops.attention import orthogonal_random_features
-
-        gen = torch.Generator().manual_seed(seed_for(spec, name))
-        P = orthogonal_random_features(spec.num_random_features, new.feature_dim, generator=gen,
-                                       dtype=new.projection_matrix.dtype, device=new.projection_matrix.device)
-        with torch.no_grad():
-            new.projection_matrix.copy_(P)
+    if seed is not None:
+        # The random features the compile pass draws for this layer: the first draw of the per-layer seed.
+        new.redraw_features(generator=torch.Generator().manual_seed(seed))
     return new, "panther.nn.RandMultiHeadAttention"
+
+
+def _unsupported(kind, m) -> Optional[str]:
+    """Why a module of a supported class still cannot be swapped (None if it can)."""
+    if kind == "conv2d":
+        if m.groups != 1:
+            return f"grouped convolution (groups={m.groups}) is not supported by SKConv2d"
+        if m.padding_mode != "zeros":
+            return f"padding_mode={m.padding_mode!r} is not supported by SKConv2d"
+    if kind == "attention":
+        if not m._qkv_same_embed_dim:
+            return "kdim/vdim different from embed_dim are not supported by RandMultiHeadAttention"
+        if m.bias_k is not None or m.add_zero_attn:
+            return "bias_k/bias_v/add_zero_attn are not supported by RandMultiHeadAttention"
+        if (m.in_proj_bias is None) != (m.out_proj.bias is None):
+            return "input and output projections must both have biases or neither"
+    return None
 
 
 class MHACompatibleRandAttention(_RandMHA):
@@ -264,6 +264,10 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
         info = _INFO[kind](name, m, recorded.get(id(m)), grad_enabled)
         spec, reason = decide(policy_fn, info)
         op_before = info.op
+        if spec is not None:
+            problem = _unsupported(kind, m)
+            if problem:
+                spec, reason = None, problem
         if spec is None:
             rows.append(ReportRow(name, kind, op_before, op_before, False, reason or "policy declined",
                                   info.params, info.params, info.flops, info.flops))

@@ -1,0 +1,251 @@
+"""backend="panther" on conv nets, F.scaled_dot_product_attention and nn.MultiheadAttention: the report
+(which nodes, params/FLOPs, reasons) and numerics against panther.convert / the panther ops run eagerly."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import panther
+from panther.backend import panther_backend
+from panther.ops.attention import orthogonal_random_features
+from panther.policy import SketchSpec, seed_for
+
+FAST = {"compiler": "aot_eager"}
+
+
+def compile_panther(model, **options):
+    torch._dynamo.reset()
+    reports = []
+    return torch.compile(model, backend=panther_backend, options={**FAST, "report": reports.append, **options}), reports
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------------- conv
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=False)
+        self.c3 = nn.Conv2d(12, 12, 3, padding="same")
+        self.grouped = nn.Conv2d(12, 12, 1, groups=2)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.relu(self.c2(x))
+        x = self.grouped(F.relu(self.c3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+CONV_POLICY = {"conv2d": SketchSpec(num_terms=1, low_rank=3, init="svd"), "c3": SketchSpec(num_terms=2, low_rank=2, init="svd")}
+
+
+@pytest.fixture(scope="module")
+def conv_run():
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    compiled, reports = compile_panther(model, policy=CONV_POLICY)
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        y = compiled(x)
+    return model, reports[0], x, y
+
+
+def test_conv_report(conv_run):
+    _, rep, x, _ = conv_run
+    assert [r.name for r in rep.rows] == ["c1", "c2", "c3", "grouped", "fc"]
+    assert [r.name for r in rep.replaced] == ["c1", "c2", "c3"]
+    assert "groups=2" in rep.row("grouped").reason
+    assert rep.row("fc").reason == "no policy entry matches this layer"
+    # (name, C_in, C_out, k, out spatial, bias, L, rank)
+    for name, cin, cout, ks, hw, bias, L, k in (("c1", 3, 8, 3, 10, True, 1, 3), ("c2", 8, 12, 3, 5, False, 1, 3),
+                                                ("c3", 12, 12, 3, 5, True, 2, 2)):
+        r = rep.row(name)
+        assert (r.kind, r.op_before, r.op_after) == ("conv2d", "torch.conv2d", "panther.sketched_conv2d")
+        pos = x.shape[0] * hw * hw
+        fan_in = cin * ks * ks
+        assert r.params_before == cout * fan_in + (cout if bias else 0)
+        assert r.flops_before == 2 * pos * cout * fan_in
+        assert r.params_after == 2 * L * k * fan_in + 2 * L * k * cout + (cout if bias else 0)
+        assert r.flops_after == 4 * pos * L * k * (fan_in + cout)
+        assert 0 <= r.est_error < 1
+
+
+def test_conv_compile_equals_convert(conv_run):
+    model, _, x, y = conv_run
+    converted, rep = panther.convert(copy.deepcopy(model), CONV_POLICY)
+    assert [r.name for r in rep.replaced] == ["c1", "c2", "c3"]
+    assert isinstance(converted.c3, panther.nn.SKConv2d) and isinstance(converted.grouped, nn.Conv2d)
+    with torch.no_grad():
+        assert rel(y, converted(x)) <= 1e-4
+        assert rel(y, model(x)) > 1e-3
+
+
+def test_conv_full_rank_svd_reproduces_dense(conv_run):
+    model, _, x, _ = conv_run
+    # rank 2Lk >= C_out spans every output channel: exact.
+    full = {"c1": SketchSpec(low_rank=4, init="svd"), "c2": SketchSpec(low_rank=6, init="svd"),
+            "c3": SketchSpec(num_terms=3, low_rank=2, init="svd")}
+    compiled, reports = compile_panther(model, policy=full)
+    with torch.no_grad():
+        assert rel(compiled(x), model(x)) <= 1e-5
+    assert len(reports[0].replaced) == 3
+
+
+# ---------------------------------------------------------------------------------------------------- SDPA
+
+
+class SDPABlock(nn.Module):
+    def __init__(self, dim=32, heads=4, causal=True):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+
+    def split(self, t):
+        B, L, D = t.shape
+        return t.view(B, L, self.heads, D // self.heads).transpose(1, 2)
+
+    def forward(self, x, mask=None):
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
+        return self.o(a.transpose(1, 2).reshape(x.shape))
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = SDPABlock(causal=True)
+        self.masked = SDPABlock(causal=False)
+
+    def forward(self, x, mask):
+        return self.masked(self.attn(x), mask)
+
+
+ATT_SPEC = SketchSpec(num_random_features=24, seed=3)
+
+
+def rf_reference(block, x, spec, name):
+    """The SDPA block computed eagerly with panther's op and the features a seeded layer ``name`` draws."""
+    P = orthogonal_random_features(spec.num_random_features, x.shape[-1] // block.heads,
+                                   generator=torch.Generator().manual_seed(seed_for(spec, name)))
+    q, k, v = block.split(block.q(x)), block.split(block.k(x)), block.split(block.v(x))
+    a = torch.ops.panther.rf_attention(q, k, v, P, spec.kernel_fn, block.causal, None, None)
+    return block.o(a.transpose(1, 2).reshape(x.shape))
+
+
+@pytest.fixture(scope="module")
+def sdpa_model():
+    torch.manual_seed(0)
+    return TwoBlocks()
+
+
+def test_sdpa_rewrite_report_and_numerics(sdpa_model):
+    compiled, reports = compile_panther(sdpa_model, policy={"attention": ATT_SPEC})
+    x = torch.randn(2, 12, 32)
+    mask = torch.ones(12, 12, dtype=torch.bool)
+    with torch.no_grad():
+        y = compiled(x, mask)
+    rep = reports[0]
+    att = [r for r in rep.rows if r.kind == "attention"]
+    assert [(r.name, r.replaced) for r in att] == [("attn", True), ("masked", False)]
+    assert "attn_mask" in rep.row("masked").reason
+    r = rep.row("attn")
+    assert (r.op_before, r.op_after) == ("scaled_dot_product_attention", "panther.rf_attention")
+    B, H, L, d, m = 2, 4, 12, 8, 24
+    assert r.flops_before == 2 * B * H * L * L * 2 * d // 2  # causal: half of QK^T + PV
+    assert r.flops_after == 2 * B * H * 2 * L * d * m + 2 * 2 * B * H * L * m * (d + 1)
+    assert (r.params_before, r.params_after) == (0, m * d)
+    # The linears are listed too, left dense: the policy only names attention.
+    assert {row.name for row in rep.rows if row.kind == "linear"} == {f"{b}.{p}" for b in ("attn", "masked") for p in "qkvo"}
+    with torch.no_grad():
+        ref = sdpa_model.masked(rf_reference(sdpa_model.attn, x, ATT_SPEC, "attn"), mask)
+        dense = sdpa_model(x, mask)
+    assert rel(y, ref) <= 1e-4
+    assert rel(y, dense) > 1e-3
+
+
+def test_sdpa_rewrite_also_in_training(sdpa_model):
+    # Weight-free: valid with grad enabled; gradients reach the dense projections.
+    compiled, reports = compile_panther(sdpa_model.attn, policy={"attention": ATT_SPEC, "linear": SketchSpec()})
+    x = torch.randn(2, 12, 32)
+    y = compiled(x)
+    y.square().mean().backward()
+    rep = reports[0]
+    att = [r for r in rep.rows if r.kind == "attention"]
+    assert len(att) == 1 and att[0].replaced
+    assert all(r.reason == "training: use panther.convert" for r in rep.rows if r.kind == "linear")
+    assert sdpa_model.attn.q.weight.grad is not None and sdpa_model.attn.q.weight.grad.abs().sum() > 0
+    sdpa_model.zero_grad()
+
+
+# ---------------------------------------------------------------------------------------------------- MHA
+
+
+class MHABlock(nn.Module):
+    def __init__(self, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.ff = nn.Linear(32, 32)
+
+    def forward(self, x, pad=None):
+        a, _ = self.mha(x, x, x, key_padding_mask=pad)
+        return self.ff(a + x)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_compile_equals_convert(batch_first):
+    torch.manual_seed(0)
+    model = MHABlock(batch_first).eval()
+    spec = SketchSpec(num_random_features=16, seed=5)
+    compiled, reports = compile_panther(model, policy={"attention": spec})
+    x = torch.randn(2, 10, 32) if batch_first else torch.randn(10, 2, 32)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 7:] = True
+    with torch.no_grad():
+        y = compiled(x, pad)
+    rep = reports[0]
+    r = rep.row("mha")
+    assert r.replaced and (r.op_before, r.op_after) == ("F.multi_head_attention_forward", "panther.rf_attention")
+    E, B, L, H, d, m = 32, 2, 10, 4, 8, 16
+    proj = 2 * B * 4 * L * E * E
+    assert r.params_before == 4 * E * E + 4 * E and r.params_after == r.params_before + m * d
+    assert r.flops_before == proj + 4 * B * H * L * L * d
+    assert r.flops_after == proj + 2 * B * H * 2 * L * d * m + 2 * 2 * B * H * L * m * (d + 1)
+    converted, crep = panther.convert(copy.deepcopy(model), {"attention": spec})
+    assert [x.name for x in crep.replaced] == ["mha"]
+    assert isinstance(converted.mha, panther.nn.RandMultiHeadAttention)
+    with torch.no_grad():
+        y_conv = converted(x, pad)
+        dense = model(x, pad)
+    assert rel(y, y_conv) <= 1e-4
+    assert rel(y, dense) > 1e-3
+
+
+def test_mha_left_alone_with_reasons():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kv = nn.MultiheadAttention(16, 2, batch_first=True, add_bias_kv=True)
+            self.w = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):
+            a, _ = self.kv(x, x, x)
+            b, weights = self.w(x, x, x)
+            return a + b, weights
+
+    compiled, reports = compile_panther(M().eval(), policy={"attention": SketchSpec(num_random_features=8)})
+    with torch.no_grad():
+        compiled(torch.randn(1, 5, 16))
+    rep = reports[0]
+    assert not rep.replaced
+    assert "bias_k" in rep.row("kv").reason
+    assert "weights" in rep.row("w").reason
