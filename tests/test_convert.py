@@ -128,3 +128,44 @@ def test_import_panther_does_not_import_the_compile_stack():
         " 'fx_passes', 'inductor_ext'))]; print(bad); assert not bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+class ConvAttn(nn.Module):
+    """Conv stem + nn.MultiheadAttention (sequence-first) + a grouped conv convert() must leave alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.mha = nn.MultiheadAttention(16, 2)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, img):
+        t = self.dw(torch.relu(self.conv(img))).flatten(2).permute(2, 0, 1)  # (L, B, E)
+        a, _ = self.mha(t, t, t, need_weights=False)
+        return self.head(a.mean(0))
+
+
+CA_POLICY = {"conv2d": SketchSpec(low_rank=4, seed=1), "attention": SketchSpec(num_random_features=8, seed=2)}
+
+
+def test_convert_conv_and_attention_export_and_state_dict(tmp_path):
+    torch.manual_seed(0)
+    img = torch.randn(2, 3, 6, 6)
+    model, report = panther.convert(ConvAttn().eval(), CA_POLICY, example_inputs=img)
+    assert [(r.name, r.replaced) for r in report.rows] == [("conv", True), ("dw", False), ("mha", True), ("head", False)]
+    assert "groups=16" in report.row("dw").reason
+    assert isinstance(model.conv, panther.nn.SKConv2d) and isinstance(model.mha, panther.nn.RandMultiHeadAttention)
+    mha = report.row("mha")
+    assert mha.flops_before is not None and mha.params_after == mha.params_before + 8 * 8
+    y = model(img)
+    assert y.shape == (2, 3)
+    ep = torch.export.export(model, (img,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"panther.sketched_conv2d.default", "panther.rf_attention.default"} <= targets, targets
+    torch.testing.assert_close(ep.module()(img), y)
+    torch.save(model.state_dict(), tmp_path / "ca.pt")
+    torch.manual_seed(5)
+    other, _ = panther.convert(ConvAttn().eval(), CA_POLICY)
+    other.load_state_dict(torch.load(tmp_path / "ca.pt"))
+    torch.testing.assert_close(other(img), y, rtol=0, atol=0)

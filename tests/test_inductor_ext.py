@@ -49,3 +49,18 @@ def test_inductor_compile_fuses_sketched_linear():
     # Decomposed into GEMMs (bias folded into addmm); no opaque call to the custom op remains.
     assert "torch.ops.panther" not in code
     assert code.count("extern_kernels.mm") + code.count("extern_kernels.addmm") >= 3
+
+
+@pytest.mark.parametrize("stride, padding, dilation, bias", [([1, 1], [1, 1], [1, 1], True), ([2, 1], [0, 2], [1, 2], False)])
+def test_conv_decomposition_matches_op(stride, padding, dilation, bias):
+    from inductor_ext.decompositions import sketched_conv2d_decomposition
+
+    g = torch.Generator().manual_seed(0)
+    L, k, C_in, C_out = 2, 3, 4, 5
+    x = torch.randn(2, C_in, 9, 8, generator=g)
+    S1s = torch.randn(2 * L * k, C_in, 3, 3, generator=g)
+    U1s = torch.randn(2 * L, k, C_out, generator=g)
+    b = torch.randn(C_out, generator=g) if bias else None
+    ref = torch.ops.panther.sketched_conv2d(x, S1s, U1s, b, stride, padding, dilation)
+    torch.testing.assert_close(sketched_conv2d_decomposition(x, S1s, U1s, b, stride, padding, dilation), ref)
+    assert torch.ops.panther.sketched_conv2d.default in panther_decompositions()
