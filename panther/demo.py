@@ -4,8 +4,10 @@ The model is a small vision transformer: a conv net stem (three Conv2d layers) t
 tokens, then a stack of transformer blocks (fused qkv projection, ``F.scaled_dot_product_attention``,
 MLP). It runs in inference mode three ways, and the demo prints
 
-1. the graph diff report of ``torch.compile(model, backend="panther")`` (default policy: a layer is
-   sketched only where that at least halves its FLOPs);
+1. the graph diff report of ``torch.compile(model, backend="panther")`` with the default policy (a layer is
+   sketched only where that at least halves its FLOPs) plus one per-layer override: the stem's middle
+   conv stays dense (its FLOP-halving rank, 8, would lose 13% of its weight and, through the stem's
+   nonlinearities and the normalisations after it, far more of the output);
 2. the maximum relative error of panther's output against the dense model;
 3. eager vs ``backend="inductor"`` vs ``backend="panther"``: compile time and time per call.
 
@@ -134,6 +136,7 @@ def main(argv=None):
           f"input {tuple(x.shape)}, {torch.get_num_threads()} CPU threads\n")
 
     policy = None
+    overrides = {"stem.2": "skip"}
     if args.policy == "attention":
         def policy(info):
             if info.kind == "attention":
@@ -142,17 +145,19 @@ def main(argv=None):
 
     reports = []
     y_dense = model(x)
-    c_ind, y_ind, ind_compile = _compile(model, x, backend="inductor")
+    _compile(lambda t: t * 2 + 1, torch.ones(8), backend="inductor")  # one-time Dynamo/Inductor start-up
+    # panther compiles first, so kernels both graphs share are compiled on panther's clock (when the code
+    # cache is cold, this order favours inductor).
     c_pan, y_pan, pan_compile = _compile(
-        model, x, backend=_panther_backend(), options={"policy": policy, "report": reports.append}
+        model, x, backend=_panther_backend(), options={"policy": policy, "overrides": overrides, "report": reports.append}
     )
+    c_ind, y_ind, ind_compile = _compile(model, x, backend="inductor")
     ms = _interleaved_ms({"eager": model, "inductor": c_ind, "panther": c_pan}, x, args.repeats)
     eager_ms, ind_ms, pan_ms = ms["eager"], ms["inductor"], ms["panther"]
 
     print(reports[-1])
-    err = ((y_pan - y_dense).abs().max() / y_dense.abs().max()).item()
-    err_ind = ((y_ind - y_dense).abs().max() / y_dense.abs().max()).item()
-    print(f"\nmax relative output error vs dense: panther {err:.2e}   (inductor {err_ind:.1e})\n")
+    err, err_ind = _max_rel_err(y_pan, y_dense), _max_rel_err(y_ind, y_dense)
+    print(f"\nmax relative output error vs dense (worst sample, L2): panther {err:.2e}   (inductor {err_ind:.1e})\n")
     rows = [
         ["eager", "-", f"{eager_ms:.1f}", "1.00x"],
         ["inductor", f"{ind_compile:.1f}", f"{ind_ms:.1f}", f"{eager_ms / ind_ms:.2f}x"],
@@ -163,9 +168,14 @@ def main(argv=None):
     print(f"(median of {args.repeats} round-robin calls each; 1-min load average {load:.1f} on "
           f"{os.cpu_count()} CPUs: on a busy machine CPU timings are noisy)")
     ratio = pan_compile / ind_compile
-    print(f"\npanther compile time / inductor compile time = {ratio:.2f} (target <= 1.5; inductor ran first, "
-          "so shared kernels may already be in its code cache)")
+    print(f"\npanther compile time / inductor compile time = {ratio:.2f} (target <= 1.5; panther compiled first, "
+          "so with a cold code cache it also paid for the kernels both graphs share)")
     return 0
+
+
+def _max_rel_err(y, ref):
+    """max over samples of ||y_i - ref_i|| / ||ref_i||."""
+    return ((y - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).max().item()
 
 
 def _panther_backend():
