@@ -231,27 +231,38 @@ def default_policy(info: LayerInfo) -> Optional[SketchSpec]:
     """Rewrite a layer only where the sketch at least halves its FLOPs per call.
 
     Uses :func:`default_spec` (rank-k SVD for linear/conv2d, 4*head_dim random features for attention)
-    and accepts it iff ``2 * flops_after <= flops_before``. Linear and conv2d layers pass when that rank
-    is at least ``MIN_DEFAULT_RANK`` = 8 (e.g. a 64x64 linear gets rank 8, a 32x32 one stays dense); attention passes only for sequences long
-    enough that random features pay off (about len >= 4 * num_random_features). Layers whose FLOPs are
-    unknown (``panther.convert`` without example inputs) are judged per output position for linear /
-    conv2d and left alone for attention.
+    and accepts it iff ``2 * flops_after <= flops_before``. Linear and conv2d layers pass when that rank is
+    at least ``MIN_DEFAULT_RANK`` = 8 (a 64x64 linear gets rank 8, a 32x32 one stays dense); attention
+    passes only for sequences long enough that random features pay off (roughly len >= 4 *
+    num_random_features). Layers whose FLOPs are unknown (``panther.convert`` without example inputs) are
+    judged per output position for linear / conv2d and left alone for attention.
     """
+    return _default_decide(info)[0]
+
+
+def _default_decide(info: LayerInfo):
     spec = default_spec(info)
     if info.kind in ("linear", "conv2d"):
         d_in, d_out = _dims(info)
-        if _halving_rank(d_in, d_out) < MIN_DEFAULT_RANK:
-            return None
+        k = _halving_rank(d_in, d_out)
+        if k < MIN_DEFAULT_RANK:
+            return None, (f"default policy: too small (the FLOP-halving rank {k} is below {MIN_DEFAULT_RANK})")
         info = dataclasses.replace(info, flops=2 * d_in * d_out)  # per position: the ratio is shape-free
     if info.flops is None:
-        return None
+        return None, "default policy: FLOPs unknown (pass example_inputs to convert)"
     _, after = sketched_cost(info, spec)
     if after is None or 2 * after > info.flops:
-        return None
-    return spec
+        return None, f"default policy: would not halve the FLOPs ({_human(info.flops)} -> {_human(after)})"
+    return spec, None
 
 
-default_policy.reason_rejected = "default policy: sketch would not halve the FLOPs"  # type: ignore[attr-defined]
+def _human(v):
+    if v is None:
+        return "?"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if v >= scale:
+            return f"{v / scale:.3g}{unit}"
+    return str(v)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,8 +295,7 @@ def _dict_policy(table: Mapping[str, Union[SketchSpec, str]]):
         if value == "skip":
             return None, f"policy: 'skip' (entry {key!r})"
         if value == "default":
-            spec = default_policy(info)
-            return spec, (None if spec is not None else default_policy.reason_rejected)
+            return _default_decide(info)
         return value, None
 
     return decide
@@ -300,11 +310,7 @@ def resolve_policy(policy: Policy):
     if getattr(policy, "__panther_decide__", False):
         return policy
     if policy is None:
-        def decide(info):
-            spec = default_policy(info)
-            return spec, (None if spec is not None else default_policy.reason_rejected)
-
-        return _resolved(decide)
+        return _resolved(_default_decide)
     if isinstance(policy, Mapping):
         return _resolved(_dict_policy(policy))
     if callable(policy):

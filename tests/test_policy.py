@@ -131,7 +131,9 @@ def test_default_policy_threshold():
     spec = default_policy(long)
     assert spec is not None and 2 * sketched_cost(long, spec)[1] <= long.flops
     spec, reason = decide(None, linear_info("tiny", 8, 8))
-    assert spec is None and "halve" in reason
+    assert spec is None and "too small" in reason
+    spec, reason = decide(None, attn_info("a", 32))
+    assert spec is None and "would not halve" in reason
 
 
 @settings(max_examples=60, deadline=None)
