@@ -213,3 +213,24 @@ def test_option_validation(options, exc, needle):
     gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
     with pytest.raises(exc, match=needle):
         panther_backend(gm, [torch.randn(1, 2)], options=options)
+
+
+def test_callable_policy_and_overrides_through_options(mlp, caplog):
+    torch._dynamo.reset()
+    seen = []
+
+    def policy(info):
+        seen.append((info.name, info.kind, info.shapes["input"], info.grad_enabled))
+        return SketchSpec(low_rank=4) if info.extra["out_features"] >= 40 else None
+
+    compiled, reports = compile_panther(mlp, policy=policy, overrides={"fc2": "skip"}, compiler="eager")
+    x = torch.randn(3, 32)
+    with caplog.at_level("INFO", logger="panther"), torch.no_grad():
+        compiled(x)
+    rep = reports[0]
+    assert [(r.name, r.replaced) for r in rep.rows] == [("fc1", True), ("fc2", False), ("head", False)]
+    assert "fc2" in rep.row("fc2").reason and rep.row("head").reason == "policy returned None"
+    assert rep.row("fc1").spec == SketchSpec(num_terms=1, low_rank=4)  # unset num_terms filled in
+    # the override answered for fc2 before the callable was asked
+    assert seen == [("fc1", "linear", (3, 32), False), ("head", "linear", (3, 40), False)]
+    assert any("panther graph diff" in rec.getMessage() for rec in caplog.records)
