@@ -11,7 +11,7 @@ import time
 import torch
 from tabulate import tabulate
 
-from .nn import SKLinear
+from .nn import SKConv2d, SKLinear
 from .ops.linear import concat_factors
 
 __all__ = ["time_fn", "bench_linear", "per_term_bmm"]
@@ -84,6 +84,23 @@ def bench_linear(in_features=4096, out_features=4096, batch=2048, num_terms=1, l
     return rows, headers
 
 
+@torch.no_grad()
+def bench_conv2d(channels=512, size=56, batch=32, num_terms=1, low_rank=16, kernel_size=3, *, device="cpu",
+                 dtype=torch.float32, repeats=20, channels_last=True):
+    """Dense conv (cuDNN/oneDNN) vs SKConv2d on the same input; returns (rows, headers) for tabulate."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dense = torch.nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, device=device, dtype=dtype)
+    layer = SKConv2d.from_conv2d(dense, num_terms, low_rank, seed=0)
+    dense, layer = dense.to(memory_format=fmt), layer.to(memory_format=fmt)
+    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).to(memory_format=fmt)
+    times = {"nn.Conv2d (dense)": time_fn(lambda: dense(x), repeats=repeats, device=device),
+             "panther SKConv2d": time_fn(lambda: layer(x), repeats=repeats, device=device)}
+    ours = times["panther SKConv2d"]
+    return [[name, f"{ms:.3f}", f"{ms / ours:.2f}x"] for name, ms in times.items()], \
+        ["implementation", "median ms", "time / panther"]
+
+
 def reuse_freed_memory():
     """Make glibc keep freed large blocks for reuse instead of returning them to the OS.
 
@@ -118,7 +135,7 @@ def main(argv=None):
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m panther bench", description=__doc__)
-    p.add_argument("what", choices=["linear"])
+    p.add_argument("what", choices=["linear", "conv2d"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--in-features", type=int, default=None)
@@ -137,9 +154,14 @@ def main(argv=None):
     dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
     cfg = dict(in_features=a.in_features or d, out_features=a.out_features or d,
                batch=a.batch or (16384 if cuda else 2048), num_terms=a.num_terms, low_rank=a.low_rank)
-    rows, headers = bench_linear(**cfg, device=a.device, dtype=dtype, repeats=a.repeats, backward=a.backward)
+    if a.what == "conv2d":
+        cfg = dict(channels=512, size=56, batch=a.batch or (32 if cuda else 4), num_terms=a.num_terms,
+                   low_rank=a.low_rank)
+        rows, headers = bench_conv2d(**cfg, device=a.device, dtype=dtype, repeats=a.repeats)
+    else:
+        rows, headers = bench_linear(**cfg, device=a.device, dtype=dtype, repeats=a.repeats, backward=a.backward)
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"sketched linear {'forward+backward' if a.backward else 'forward'}: "
+    print(f"sketched {a.what} {'forward+backward' if a.backward else 'forward'}: "
           + ", ".join(f"{k}={v}" for k, v in cfg.items()) + f", {dtype}, {where}, torch {torch.__version__}")
     print(tabulate(rows, headers=headers))
     if tuned:

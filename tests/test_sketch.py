@@ -27,7 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in 
 # uniformly. srht and sketch_tensor are materialised by sketching the identity (columns = S e_j).
 def _srht_matrix(m, n, **kw):
     dtype = kw.pop("dtype", None) or torch.get_default_dtype()
-    return srht(torch.eye(n, dtype=dtype), m, dim=0, **kw)
+    g = kw.get("generator")  # srht runs where its input lives: put the identity with the generator
+    return srht(torch.eye(n, dtype=dtype, device=g.device if g is not None else None), m, dim=0, **kw)
 
 
 def _sketch_tensor_matrix(m, n, **kw):
