@@ -139,6 +139,7 @@ def test_full_rank_svd_reproduces_dense(mlp):
 def test_recompile_for_new_batch_size_reuses_factors(mlp, monkeypatch):
     torch._dynamo.reset()
     fx_passes.factor_cache.clear()
+    monkeypatch.setattr(fx_passes.factor_cache, "disk", False)  # count real factorisations
     calls = []
     real = sketch_linear.linear_factors
 
@@ -234,3 +235,19 @@ def test_callable_policy_and_overrides_through_options(mlp, caplog):
     # the override answered for fc2 before the callable was asked
     assert seen == [("fc1", "linear", (3, 32), False), ("head", "linear", (3, 40), False)]
     assert any("panther graph diff" in rec.getMessage() for rec in caplog.records)
+
+
+def test_factors_persist_across_processes(mlp, monkeypatch, tmp_path):
+    """A fresh process (simulated by clearing the in-memory cache) loads deterministic factors from disk."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    cache = fx_passes.factor_cache
+    outputs = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        cache.clear()
+        compiled, reports = compile_panther(mlp, policy=POLICY, compiler="eager")
+        with torch.no_grad():
+            outputs.append(compiled(torch.ones(2, 32)))
+    assert (cache.misses, cache.disk_hits) == (0, 2)  # second round: both layers from disk
+    assert torch.equal(outputs[0], outputs[1])
+    assert len(list((tmp_path / "panther_factors").glob("*.pt"))) == 2
