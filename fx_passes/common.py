@@ -243,6 +243,7 @@ class PassContext:
         self._names_taken: Dict[str, int] = {}
         # node -> the real weight it was derived from (keys the cache of weight-free draws per model)
         self.owners: Dict[fx.Node, torch.Tensor] = {}
+        self._registered: Dict[int, Tuple[torch.Tensor, str]] = {}
 
     # -- weights and names --------------------------------------------------------------------------
     def weight(self, node) -> Tuple[Optional[torch.Tensor], Optional[str], Optional[str]]:
@@ -283,7 +284,13 @@ class PassContext:
 
     # -- new tensors on the gm ----------------------------------------------------------------------
     def add_constant(self, base: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
-        """Register ``tensor`` as a gm buffer (with its ConstantSource) and return a get_attr node."""
+        """Register ``tensor`` as a gm buffer (with its ConstantSource) and return a get_attr node.
+
+        The same tensor object (a module called twice shares its cached factors) is registered once."""
+        known = self._registered.get(id(tensor))
+        if known is not None and known[0] is tensor:
+            with self.graph.inserting_before(before):
+                return self.graph.get_attr(known[1])
         stem = "_panther_" + re.sub(r"\W", "_", base).strip("_")
         name, i = stem, 0
         while name in self._used_names or hasattr(self.gm, name):
@@ -291,6 +298,7 @@ class PassContext:
             name = f"{stem}_{i}"
         self._used_names.add(name)
         self.gm.register_buffer(name, tensor)
+        self._registered[id(tensor)] = (tensor, name)
         sources = getattr(self.gm, "_param_name_to_source", None)
         if sources is not None:
             from torch._dynamo.source import ConstantSource

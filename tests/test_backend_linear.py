@@ -251,3 +251,24 @@ def test_factors_persist_across_processes(mlp, monkeypatch, tmp_path):
     assert (cache.misses, cache.disk_hits) == (0, 2)  # second round: both layers from disk
     assert torch.equal(outputs[0], outputs[1])
     assert len(list((tmp_path / "panther_factors").glob("*.pt"))) == 2
+
+
+def test_module_called_twice_shares_its_factors():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.fc(x)))
+
+    torch._dynamo.reset()
+    graphs, reports = [], []
+    m = Twice().eval()
+    compiled = torch.compile(m, backend=capturing_backend(graphs, policy={"fc": SketchSpec(low_rank=16, init="svd")},
+                                                          report=reports.append))
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), m(x), rtol=1e-4, atol=1e-5)  # full rank: exact
+    assert [(r.name, r.replaced) for r in reports[0].rows] == [("fc", True), ("fc#1", True)]
+    assert len(dict(graphs[0].named_buffers())) == 4  # one set of factors for both calls
