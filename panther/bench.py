@@ -101,6 +101,36 @@ def bench_conv2d(channels=512, size=56, batch=32, num_terms=1, low_rank=16, kern
         ["implementation", "median ms", "time / panther"]
 
 
+@torch.no_grad()
+def bench_attention(seq=4096, batch=16, heads=16, head_dim=64, num_features=256, *, causal=False, device="cpu",
+                    dtype=torch.float32, repeats=20, backward=False):
+    """Exact SDPA vs panther's random-feature attention (feature map included) on the same q, k, v."""
+    from .ops.attention import orthogonal_random_features
+
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype, generator=g) * 0.35
+               for _ in range(3))
+    proj = orthogonal_random_features(num_features, head_dim, device=device, dtype=dtype)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    candidates = {
+        "SDPA (exact)": lambda: sdpa(q, k, v, is_causal=causal),
+        "panther rf_attention": lambda: torch.ops.panther.rf_attention(q, k, v, proj, "softmax", causal, None, None),
+    }
+    if backward:
+        def with_backward(fn):
+            def step():
+                with torch.enable_grad():
+                    for t in (q, k, v):
+                        t.requires_grad_(True).grad = None
+                    fn().backward(torch.ones(batch, heads, seq, head_dim, device=device, dtype=dtype))
+            return step
+        candidates = {name: with_backward(fn) for name, fn in candidates.items()}
+    times = {name: time_fn(fn, repeats=repeats, device=device) for name, fn in candidates.items()}
+    ours = times["panther rf_attention"]
+    return [[name, f"{ms:.3f}", f"{ms / ours:.2f}x"] for name, ms in times.items()], \
+        ["implementation", "median ms", "time / panther"]
+
+
 def reuse_freed_memory():
     """Make glibc keep freed large blocks for reuse instead of returning them to the OS.
 
@@ -135,7 +165,9 @@ def main(argv=None):
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m panther bench", description=__doc__)
-    p.add_argument("what", choices=["linear", "conv2d"])
+    p.add_argument("what", choices=["linear", "conv2d", "attention"])
+    p.add_argument("--seq", type=int, default=None, help="attention: sequence length")
+    p.add_argument("--causal", action="store_true", help="attention: causal")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--in-features", type=int, default=None)
@@ -154,7 +186,13 @@ def main(argv=None):
     dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
     cfg = dict(in_features=a.in_features or d, out_features=a.out_features or d,
                batch=a.batch or (16384 if cuda else 2048), num_terms=a.num_terms, low_rank=a.low_rank)
-    if a.what == "conv2d":
+    if a.what == "attention":
+        seq = a.seq or (65536 if cuda else 2048)
+        cfg = dict(seq=seq, batch=a.batch or max(1, (65536 if cuda else 4096) // seq), heads=16, head_dim=64,
+                   num_features=256, causal=a.causal)
+        rows, headers = bench_attention(**cfg, device=a.device, dtype=dtype, repeats=a.repeats,
+                                        backward=a.backward)
+    elif a.what == "conv2d":
         cfg = dict(channels=512, size=56, batch=a.batch or (32 if cuda else 4), num_terms=a.num_terms,
                    low_rank=a.low_rank)
         rows, headers = bench_conv2d(**cfg, device=a.device, dtype=dtype, repeats=a.repeats)

@@ -33,7 +33,9 @@ def _srht_matrix(m, n, **kw):
 
 def _sketch_tensor_matrix(m, n, **kw):
     dtype = kw.pop("dtype", None) or torch.get_default_dtype()
-    out, S = sketch_tensor(torch.eye(n, dtype=dtype), 0, m, DistributionFamily.Uniform, **kw)
+    g = kw.get("generator")  # sketch_tensor runs where its input lives: put the identity with the generator
+    eye = torch.eye(n, dtype=dtype, device=g.device if g is not None else None)
+    out, S = sketch_tensor(eye, 0, m, DistributionFamily.Uniform, **kw)
     assert torch.equal(out, S)
     return out
 

@@ -275,12 +275,13 @@ def test_inductor_inlines_the_triton_kernel():
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.args = torch.nn.ParameterList(
-                [torch.nn.Parameter(a) for a in factors(1, 1000, 5, 333, lead=(), dtype=torch.bfloat16,
-                                                        device="cuda")[1:]])
+            S1s, S2s, U1s, U2s, bias = factors(1, 1000, 5, 333, lead=(), dtype=torch.bfloat16, device="cuda")[1:]
+            self.S1s, self.S2s, self.bias = (torch.nn.Parameter(t) for t in (S1s, S2s, bias))
+            self.register_buffer("U1s", U1s)
+            self.register_buffer("U2s", U2s)
 
         def forward(self, x):
-            return torch.relu(tlin.sketched_linear_triton(x, *self.args))
+            return torch.relu(tlin.sketched_linear_triton(x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias))
 
     net = Net()
     x = torch.randn(37, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)

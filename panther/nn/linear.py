@@ -7,8 +7,6 @@ import warnings
 import torch
 from torch import nn
 
-from inductor_ext.triton_linear import sketched_linear_triton
-
 from ..sketch.factors import INITS, linear_factors
 from ._checks import make_generator, positive_int
 
@@ -129,11 +127,21 @@ class SKLinear_triton(SKLinear):
     so the init is unbiased.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Imported on first construction: registering the triton_ops loads torch._inductor, which a plain
+        # `import panther` should not pay for.
+        global _sketched_linear_triton
+        from inductor_ext.triton_linear import sketched_linear_triton as _sketched_linear_triton
+
     def forward(self, x):
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"SKLinear_triton expects input of shape (..., in_features={self.in_features}), "
                              f"got {tuple(x.shape)}")
-        return sketched_linear_triton(x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias)
+        return _sketched_linear_triton(x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias)
+
+
+_sketched_linear_triton = None  # set by SKLinear_triton.__init__
 
 
 def _check_weight(W, in_features, out_features):
