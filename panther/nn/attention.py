@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops.attention import orthogonal_random_features
+from ..sketch import orthogonal_random_features
 from ._checks import make_generator
 from .srpe import sinSRPE
 
