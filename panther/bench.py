@@ -131,6 +131,48 @@ def bench_attention(seq=4096, batch=16, heads=16, head_dim=64, num_features=256,
         ["implementation", "median ms", "time / panther"]
 
 
+def _per_token_causal(q, k, v, proj):
+    """The public library's causal scheme: FAVOR+ features, then one state update per token."""
+    d, m = q.shape[-1], proj.shape[0]
+
+    def features(x):
+        u = (x * d ** -0.25) @ proj.T - (x * d ** -0.25).pow(2).sum(-1, keepdim=True) / 2
+        return torch.exp(u - u.amax(-1, keepdim=True)) / m ** 0.5
+
+    fq, fk = features(q), features(k)
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    state = torch.zeros(*q.shape[:2], m, v1.shape[-1], dtype=q.dtype, device=q.device)
+    outs = []
+    for t in range(q.shape[2]):
+        state += fk[:, :, t, :, None] * v1[:, :, t, None, :]
+        o = (fq[:, :, t, None, :] @ state).squeeze(-2)
+        outs.append(o[..., :-1] / o[..., -1:])
+    return torch.stack(outs, 2)
+
+
+@torch.no_grad()
+def bench_causal_scaling(lengths=(1024, 4096), batch=1, heads=8, head_dim=64, num_features=256, *, device="cpu",
+                         dtype=torch.float32, repeats=3):
+    """Causal rf_attention time against sequence length (linear = O(L)), and against a per-token loop."""
+    from .sketch import orthogonal_random_features
+
+    g = torch.Generator(device=device).manual_seed(0)
+    proj = orthogonal_random_features(num_features, head_dim, device=device, dtype=dtype)
+    rows, first = [], None
+    for L in lengths:
+        q, k, v = (torch.randn(batch, heads, L, head_dim, device=device, dtype=dtype, generator=g) * 0.35
+                   for _ in range(3))
+        ms = time_fn(lambda: torch.ops.panther.rf_attention(q, k, v, proj, "softmax", True, None, None),
+                     repeats=repeats, warmup=1, device=device)
+        first = first or (L, ms)
+        rows.append([f"panther causal rf_attention, L={L}", f"{ms:.1f}",
+                     f"{L / first[0]:.0f}x length -> {ms / first[1]:.2f}x time"])
+    loop_ms = time_fn(lambda: _per_token_causal(q, k, v, proj), repeats=1, warmup=0, device=device)
+    rows.append([f"per-token loop (public library scheme), L={lengths[-1]}", f"{loop_ms:.1f}",
+                 f"{loop_ms / ms:.1f}x slower than panther"])
+    return rows, ["implementation", "median ms", "note"]
+
+
 def reuse_freed_memory():
     """Make glibc keep freed large blocks for reuse instead of returning them to the OS.
 
@@ -165,7 +207,7 @@ def main(argv=None):
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m panther bench", description=__doc__)
-    p.add_argument("what", choices=["linear", "conv2d", "attention"])
+    p.add_argument("what", choices=["linear", "conv2d", "attention", "causal-scaling"])
     p.add_argument("--seq", type=int, default=None, help="attention: sequence length")
     p.add_argument("--causal", action="store_true", help="attention: causal")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -186,7 +228,10 @@ def main(argv=None):
     dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
     cfg = dict(in_features=a.in_features or d, out_features=a.out_features or d,
                batch=a.batch or (16384 if cuda else 2048), num_terms=a.num_terms, low_rank=a.low_rank)
-    if a.what == "attention":
+    if a.what == "causal-scaling":
+        cfg = dict(lengths=(1024, 4096), heads=8, head_dim=64, num_features=256)
+        rows, headers = bench_causal_scaling(**cfg, device=a.device, dtype=dtype, repeats=min(a.repeats, 5))
+    elif a.what == "attention":
         seq = a.seq or (65536 if cuda else 2048)
         cfg = dict(seq=seq, batch=a.batch or max(1, (65536 if cuda else 4096) // seq), heads=16, head_dim=64,
                    num_features=256, causal=a.causal)
