@@ -135,11 +135,13 @@ def _per_token_causal(q, k, v, proj):
     """The public library's causal scheme: FAVOR+ features, then one state update per token."""
     d, m = q.shape[-1], proj.shape[0]
 
-    def features(x):
-        u = (x * d ** -0.25) @ proj.T - (x * d ** -0.25).pow(2).sum(-1, keepdim=True) / 2
-        return torch.exp(u - u.amax(-1, keepdim=True)) / m ** 0.5
+    def exponent(x):
+        return (x * d ** -0.25) @ proj.T - (x * d ** -0.25).pow(2).sum(-1, keepdim=True) / 2
 
-    fq, fk = features(q), features(k)
+    # shifts that cancel in the normalisation: per query row, and one constant per (batch, head) for keys
+    uq, uk = exponent(q), exponent(k)
+    fq = torch.exp(uq - uq.amax(-1, keepdim=True)) / m ** 0.5
+    fk = torch.exp(uk - uk.amax((-2, -1), keepdim=True)) / m ** 0.5
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)
     state = torch.zeros(*q.shape[:2], m, v1.shape[-1], dtype=q.dtype, device=q.device)
     outs = []
