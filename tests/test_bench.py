@@ -1,0 +1,29 @@
+"""The benchmark harness: its reference implementations compute the same function as panther's ops,
+and every subcommand runs (tiny sizes; timings themselves are never asserted)."""
+import torch
+
+import panther
+from panther import bench
+
+
+def test_per_term_bmm_reference_equals_the_op():
+    layer = panther.nn.SKLinear(24, 16, 2, 3)
+    x = torch.randn(5, 24)
+    args = (layer.S1s, layer.S2s, layer.U1s, layer.U2s, layer.bias)
+    torch.testing.assert_close(bench.per_term_bmm(x, *args), layer(x))
+
+
+def test_per_token_causal_reference_equals_the_op():
+    q, k, v = (torch.randn(1, 2, 40, 16, dtype=torch.float64) * 0.35 for _ in range(3))
+    P = panther.sketch.orthogonal_random_features(32, 16, dtype=torch.float64)
+    torch.testing.assert_close(bench._per_token_causal(q, k, v, P),
+                               torch.ops.panther.rf_attention(q, k, v, P, "softmax", True, None, None))
+
+
+def test_subcommands_run(capsys):
+    tiny = ["--repeats", "1", "--batch", "2", "--no-malloc-tuning"]  # keep the test process allocator as is
+    bench.main(["linear", "--in-features", "32", "--out-features", "16", "--low-rank", "2", *tiny])
+    bench.main(["linear", "--backward", "--in-features", "32", "--out-features", "16", "--low-rank", "2", *tiny])
+    bench.main(["attention", "--seq", "16", *tiny])
+    out = capsys.readouterr().out
+    assert out.count("panther SKLinear") == 2 and "panther rf_attention" in out
