@@ -263,6 +263,10 @@ class ErrorBudgetPolicy:
             (default 0.2: smaller savings rarely pay for a second GEMM launch).
         headroom: aim for ``headroom * budget`` on the calibration inputs (default 0.9), so that the error
             on unseen inputs, which fluctuates around the calibration error, still stays within budget.
+        min_rows_per_dim: ``"svd_act"`` fits the subspace the calibration rows span, so with few rows it
+            overfits them (a layer fed 16 pooled vectors of width 256 gets a rank-3 map that is exact on
+            those 16 and poor on the next); layers with fewer than ``min_rows_per_dim * d_in`` calibration
+            rows fall back to plain ``"svd"`` (default 4).
         progress: None (a progress line on an interactive terminal only), True or False.
         seed: passed on to every spec (reproducible random draws for ``init="sketch"``).
 
@@ -272,7 +276,8 @@ class ErrorBudgetPolicy:
     """
 
     def __init__(self, model: nn.Module, calibration, budget=0.05, *, init: str = "svd_act",
-                 min_saving: float = 0.2, headroom: float = 0.9, progress: Optional[bool] = None,
+                 min_saving: float = 0.2, headroom: float = 0.9, min_rows_per_dim: float = 4.0,
+                 progress: Optional[bool] = None,
                  seed: Optional[int] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -289,6 +294,7 @@ class ErrorBudgetPolicy:
             raise ValueError(f"headroom must be a number in (0, 1], got {headroom!r}")
         self.budget, self.init, self.min_saving, self.seed = budget, init, float(min_saving), seed
         self.headroom = float(headroom)
+        self.min_rows_per_dim = float(min_rows_per_dim)
         self.stats = collect_stats(model, calibration, progress=progress)
         self._curves: Dict[str, Tuple[torch.Tensor, float, float]] = {}
         self._weighted: Dict[str, torch.Tensor] = {}
@@ -395,7 +401,10 @@ class ErrorBudgetPolicy:
         dense = 2 * d_in * d_out
         per_pos = dataclasses.replace(info, flops=dense)  # the FLOP ratio does not depend on positions
         best = None
-        for init in (("svd_act", "svd", "sketch") if self.init == "auto" else (self.init,)):
+        inits = ("svd_act", "svd", "sketch") if self.init == "auto" else (self.init,)
+        if st.rows < self.min_rows_per_dim * d_in:  # too few rows to trust the activation weighting
+            inits = tuple(dict.fromkeys("svd" if i == "svd_act" else i for i in inits))
+        for init in inits:
             spec = self._cheapest(name, info.kind, init, budget, d_in, d_out)
             if spec is None:
                 continue
@@ -404,7 +413,7 @@ class ErrorBudgetPolicy:
                 best = (spec, flops)
         if best is None:
             k_max = _k_max(d_in, d_out)
-            err = self.predicted_error(name, self._spec(name, "svd_act" if self.init == "auto" else self.init, k_max))
+            err = self.predicted_error(name, self._spec(name, inits[0], k_max))
             return no(f"no spec that saves FLOPs meets budget {budget:g} (at break-even k={k_max}: "
                       f"err {err:.2g})")
         spec, flops = best

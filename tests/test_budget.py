@@ -58,7 +58,7 @@ def mlp_case():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 16)).eval()
-    calib = [_aniso(64, 24, g), _aniso(64, 24, g)]
+    calib = [_aniso(64, 24, g) for _ in range(3)]  # 192 rows >= 4 * d_in for both layers
     return model, calib
 
 
@@ -156,7 +156,7 @@ def test_choice_is_the_cheapest_within_budget(mlp_case):
         assert pol.predicted_error(row.name, row.spec) <= 0.9 * budget
         if k > 1:
             assert pol.predicted_error(row.name, row.spec.replace(low_rank=k - 1)) > 0.9 * budget
-        assert "pred err" in str(report) and row.spec.act_gram is not None
+        assert "pred err" in str(report) and row.spec.act_gram is not None  # enough rows for svd_act
     json.dumps(report.as_dict())  # the Gram matrix does not leak into the plain-data report
     for row in report.skipped:
         assert row.reason.startswith("error budget:")
@@ -170,6 +170,16 @@ def test_bad_arguments(mlp_case):
         ErrorBudgetPolicy(model, calib, 0.1, init="qr")
     with pytest.raises(ValueError, match="calibration"):
         ErrorBudgetPolicy(nn.Sequential(nn.ReLU()), [torch.randn(2, 3)], 0.1)
+
+
+def test_few_rows_fall_back_to_plain_svd(mlp_case):
+    model, calib = mlp_case
+    pol = ErrorBudgetPolicy(model, calib[:1], 0.9, min_saving=0.0)  # 64 rows < 4 * 24
+    _, report = panther.convert(copy.deepcopy(model), pol)
+    assert report.replaced and all(r.spec.act_gram is None and r.spec.init == "svd" for r in report.replaced)
+    pol = ErrorBudgetPolicy(model, calib[:1], 0.9, min_saving=0.0, min_rows_per_dim=0)
+    _, report = panther.convert(copy.deepcopy(model), pol)
+    assert report.replaced and all(r.spec.act_gram is not None for r in report.replaced)
 
 
 def test_progress_line_only_when_asked(mlp_case, capsys):
@@ -208,7 +218,7 @@ def test_trained_mlp_meets_budget_on_held_out_inputs():
         opt.step()
     assert loss.item() < 0.02
     model.eval()
-    calib = [data(256, torch.Generator().manual_seed(1))[0] for _ in range(2)]
+    calib = [data(256, torch.Generator().manual_seed(1))[0] for _ in range(4)]  # 4 rows per input dim
     held_out = [data(512, torch.Generator().manual_seed(2))[0]]
     budget = 0.05
     pol = ErrorBudgetPolicy(model, calib, budget)
@@ -240,6 +250,8 @@ def _compile_report(model, policy, x):
 
 
 def _check_convert_and_compile(model, calib, x, budget, out=lambda y: y):
+    """The policy's choices are the same through convert and backend="panther", both give the same outputs,
+    and the measured per-layer errors on the calibration inputs are within budget."""
     pol = ErrorBudgetPolicy(model, calib, budget)
     converted, rep_c = panther.convert(copy.deepcopy(model), pol, example_inputs=x)
     assert rep_c.replaced, str(rep_c)
@@ -275,8 +287,8 @@ def test_gpt2_conv1d_convert_and_backend(transformers_mod):
         torch.manual_seed(0)
         model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=128,
                                                  bos_token_id=0, eos_token_id=0)).eval()
-    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    rep_c, rep_b = _check_convert_and_compile(model, [ids], ids, 0.3, out=lambda y: y.logits)
+    calib = list(torch.randint(0, 128, (32, 32), generator=torch.Generator().manual_seed(0)).split(8))
+    rep_c, rep_b = _check_convert_and_compile(model, calib, calib[0], 0.45, out=lambda y: y.logits)
     assert {r.op_before for r in rep_c.rows} >= {"Conv1D"}
     assert any(r.op_before.startswith("addmm") and r.replaced for r in rep_b.rows)
 
@@ -288,5 +300,5 @@ def test_bert_convert_and_backend(transformers_mod):
         model = tf.BertModel(tf.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                            intermediate_size=128, vocab_size=128,
                                            max_position_embeddings=32)).eval()
-    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    _check_convert_and_compile(model, [ids], ids, 0.3, out=lambda y: y.last_hidden_state)
+    calib = list(torch.randint(0, 128, (32, 32), generator=torch.Generator().manual_seed(0)).split(8))
+    _check_convert_and_compile(model, calib, calib[0], 0.45, out=lambda y: y.last_hidden_state)
