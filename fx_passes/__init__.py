@@ -16,6 +16,7 @@ Layering: this package imports ``panther.ops``, ``panther.policy``, ``panther.re
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Optional
 
@@ -97,7 +98,10 @@ def _apply(p, cand, ctx: PassContext, policy_fn) -> bool:
     if cand.unsupported:
         ctx.record(cand, _row(cand, replaced=False, reason=cand.unsupported))
         return False
-    spec, reason = decide(policy_fn, cand.info)
+    info = cand.info
+    if "#" in info.name:  # a module called again: the policy judges the module path, the row keeps the suffix
+        info = dataclasses.replace(info, name=info.name.split("#", 1)[0])
+    spec, reason = decide(policy_fn, info)
     if spec is None:
         ctx.record(cand, _row(cand, replaced=False, reason=reason or "policy declined"))
         return False

@@ -11,6 +11,7 @@ touched because Dynamo reads their meta again after the backend returns.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from dataclasses import dataclass, field
@@ -88,24 +89,112 @@ class FactorCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.disk_hits = 0
+        #: persist deterministic factors under Inductor's cache dir (``<cache>/panther_factors``)
+        self.disk = True
 
-    def get(self, owner: Optional[torch.Tensor], key: Hashable, compute: Callable[[], Any]):
+    def get(self, owner: Optional[torch.Tensor], key: Hashable, compute: Callable[[], Any], *,
+            persist: Optional[Tuple[torch.Tensor, Hashable]] = None):
+        """The cached value for (owner, key), else ``compute()``.
+
+        ``persist=(tensor, key)`` also keeps the value on disk under a hash of the tensor's bytes and that
+        key, so another process compiling the same weights skips the computation. Pass it only for
+        deterministic values (an SVD init, or a seeded draw): a replayed unseeded draw would change what
+        the global RNG means.
+        """
         with self._lock:
             table = self._unowned if owner is None else self._owned.setdefault(owner, {})
             if key in table:
                 self.hits += 1
                 return table[key]
-        value = compute()
-        with self._lock:
+        path = self._path(*persist) if (persist is not None and self.disk) else None
+        value = _load(path, persist[0].device) if path is not None else None
+        if value is not None:
+            self.disk_hits += 1
+        else:
+            value = compute()
+            if path is not None:
+                _store(path, value)
             self.misses += 1
+        with self._lock:
             table[key] = value
         return value
+
+    def _path(self, tensor, key):
+        import hashlib
+        import os
+
+        h = hashlib.sha256(repr((key, tuple(tensor.shape), str(tensor.dtype), torch.__version__, _code_hash())).encode())
+        h.update(tensor.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return os.path.join(_disk_dir(), h.hexdigest() + ".pt")
 
     def clear(self):
         with self._lock:
             self._owned = WeakIdKeyDictionary()
             self._unowned.clear()
-            self.hits = self.misses = 0
+            self.hits = self.misses = self.disk_hits = 0
+
+
+def _disk_dir():
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return os.path.join(cache_dir(), "panther_factors")
+
+
+_CODE_HASH = None
+
+
+def _code_hash():
+    """Hash of the code that computes factors, so cached files die with a change to it."""
+    global _CODE_HASH
+    if _CODE_HASH is None:
+        import hashlib
+        import inspect
+
+        from panther.sketch import factors
+
+        from . import sketch_conv2d, sketch_linear, sketch_sdpa
+
+        h = hashlib.sha256()
+        for mod in (factors, sketch_linear, sketch_conv2d, sketch_sdpa):
+            h.update(inspect.getsource(mod).encode())
+        _CODE_HASH = h.hexdigest()
+    return _CODE_HASH
+
+
+def _load(path, device):
+    import os
+
+    if not os.path.exists(path):
+        return None
+    try:
+        # The backend runs inside Dynamo's tracing context, whose fake mode would make torch.load
+        # return data-less tensors: load outside it.
+        with torch._guards.tracing(None):
+            value = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # noqa: BLE001 - a torn or foreign file is just a miss
+        return None
+    return _to_tuples(value)
+
+
+def _to_tuples(v):
+    return tuple(_to_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def _store(path, value):
+    import os
+    import tempfile
+
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(value, f)
+        os.replace(tmp, path)  # atomic: concurrent compiles never read a half-written file
+    except OSError:
+        pass  # a read-only cache dir only costs the recomputation
 
 
 factor_cache = FactorCache()
@@ -154,6 +243,7 @@ class PassContext:
         self._names_taken: Dict[str, int] = {}
         # node -> the real weight it was derived from (keys the cache of weight-free draws per model)
         self.owners: Dict[fx.Node, torch.Tensor] = {}
+        self._registered: Dict[int, Tuple[torch.Tensor, str]] = {}
 
     # -- weights and names --------------------------------------------------------------------------
     def weight(self, node) -> Tuple[Optional[torch.Tensor], Optional[str], Optional[str]]:
@@ -194,7 +284,13 @@ class PassContext:
 
     # -- new tensors on the gm ----------------------------------------------------------------------
     def add_constant(self, base: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
-        """Register ``tensor`` as a gm buffer (with its ConstantSource) and return a get_attr node."""
+        """Register ``tensor`` as a gm buffer (with its ConstantSource) and return a get_attr node.
+
+        The same tensor object (a module called twice shares its cached factors) is registered once."""
+        known = self._registered.get(id(tensor))
+        if known is not None and known[0] is tensor:
+            with self.graph.inserting_before(before):
+                return self.graph.get_attr(known[1])
         stem = "_panther_" + re.sub(r"\W", "_", base).strip("_")
         name, i = stem, 0
         while name in self._used_names or hasattr(self.gm, name):
@@ -202,6 +298,7 @@ class PassContext:
             name = f"{stem}_{i}"
         self._used_names.add(name)
         self.gm.register_buffer(name, tensor)
+        self._registered[id(tensor)] = (tensor, name)
         sources = getattr(self.gm, "_param_name_to_source", None)
         if sources is not None:
             from torch._dynamo.source import ConstantSource
@@ -303,6 +400,25 @@ def spec_key(spec: SketchSpec) -> Tuple:
     act = getattr(spec, "act_gram", None)
     return (spec.num_terms, spec.low_rank, spec.num_random_features, spec.kernel_fn, spec.init, spec.seed,
             None if act is None else id(act))
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """Run the compile-time factorisations on one intra-op thread, then restore the setting.
+
+    The matrices are small (one layer's weight), so threads buy little, while a multi-threaded LAPACK SVD
+    on a busy machine can stall on spinning thread barriers: measured here, 8 SVDs of 256-1024 wide
+    float64 weights took 17 s on 2 threads under load vs 0.3 s on 1.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def generator_for(seed: Optional[int]) -> Optional[torch.Generator]:

@@ -16,7 +16,7 @@ import torch
 from panther.policy import LayerInfo, SketchSpec, seed_for
 from panther.sketch import conv2d_factors
 
-from .common import Candidate, PassContext, generator_for, shape_of, spec_key
+from .common import Candidate, PassContext, generator_for, single_threaded, shape_of, spec_key
 
 KIND = "conv2d"
 OP_AFTER = "panther.sketched_conv2d"
@@ -105,7 +105,7 @@ def match(node, ctx: PassContext):
 
 
 def _factorise(W, spec: SketchSpec, base_name: str):
-    with torch.no_grad():
+    with torch.no_grad(), single_threaded():
         gen = generator_for(seed_for(spec, base_name))
         S1s, U1s = conv2d_factors(W.detach(), spec.num_terms, spec.low_rank, init=spec.init, generator=gen,
                                    act_gram=spec.act_gram)
@@ -121,7 +121,9 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     node, d = cand.node, cand.data
     W = d["W"]
     key = ("conv2d", d["base_name"], spec_key(spec), W._version)
-    (S1s, U1s), err = ctx.cache.get(W, key, lambda: _factorise(W, spec, d["base_name"]))
+    # Across processes: keyed by the weight's bytes instead of its identity/version (deterministic specs only).
+    persist = (W, key[:3] + key[4:]) if spec.init == "svd" or spec.seed is not None else None
+    (S1s, U1s), err = ctx.cache.get(W, key, lambda: _factorise(W, spec, d["base_name"]), persist=persist)
     s1 = ctx.add_constant(f"{d['base_name']}_S1s", S1s, node)
     u1 = ctx.add_constant(f"{d['base_name']}_U1s", U1s, node)
     with ctx.graph.inserting_before(node):

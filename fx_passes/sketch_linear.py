@@ -21,7 +21,7 @@ import torch
 from panther.policy import LayerInfo, SketchSpec, seed_for
 from panther.sketch import linear_factors
 
-from .common import Candidate, PassContext, generator_for, numel, shape_of, spec_key
+from .common import Candidate, PassContext, generator_for, single_threaded, numel, shape_of, spec_key
 
 KIND = "linear"
 OP_AFTER = "panther.sketched_linear"
@@ -131,7 +131,7 @@ def _unsupported(node, ctx, op_before, reason):
 
 def _factorise(W_lin, spec: SketchSpec, base_name: str):
     """Factors of a (d_out, d_in) weight and the relative error ‖W - Ŵ‖_F / ‖W‖_F of the sketch."""
-    with torch.no_grad():
+    with torch.no_grad(), single_threaded():
         gen = generator_for(seed_for(spec, base_name))
         S1s, S2s, U1s, U2s = linear_factors(W_lin, spec.num_terms, spec.low_rank, init=spec.init, generator=gen,
                                               act_gram=spec.act_gram)
@@ -148,7 +148,9 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     W = d["W"]
     W_lin = W.detach().mT if d["transposed"] else W.detach()
     key = ("linear", d["base_name"], spec_key(spec), W._version, d["transposed"])
-    factors, err = ctx.cache.get(W, key, lambda: _factorise(W_lin, spec, d["base_name"]))
+    # Across processes: keyed by the weight's bytes instead of its identity/version (deterministic specs only).
+    persist = (W, key[:3] + key[4:]) if spec.init == "svd" or spec.seed is not None else None
+    factors, err = ctx.cache.get(W, key, lambda: _factorise(W_lin, spec, d["base_name"]), persist=persist)
     consts = [ctx.add_constant(f"{d['base_name']}_{n}", t, node) for n, t in zip(("S1s", "S2s", "U1s", "U2s"), factors)]
     with ctx.graph.inserting_before(node):
         new = ctx.graph.call_function(torch.ops.panther.sketched_linear.default, (d["x"], *consts, d["b"]))

@@ -29,23 +29,10 @@ _DEFAULTS = (None, None, None, None, 0.0, False, None, False)
 
 
 def draw_projection(m: int, d: int, *, generator=None, dtype=None, device=None) -> torch.Tensor:
-    """(m, d) random features for ``rf_attention``: ``panther.ops.attention.orthogonal_random_features``
-    (the draw ``RandMultiHeadAttention`` uses), or a private equivalent when this build lacks it."""
-    from panther.ops import attention as att
+    """(m, d) random features for ``rf_attention``: the draw ``RandMultiHeadAttention`` uses."""
+    from panther.sketch import orthogonal_random_features
 
-    fn = getattr(att, "orthogonal_random_features", None) or _orthogonal_gaussian
-    return fn(m, d, generator=generator, dtype=dtype, device=device)
-
-
-def _orthogonal_gaussian(m, d, *, generator=None, dtype=None, device=None):
-    """Fallback draw: stacked Haar-orthogonal (d, d) blocks, rows rescaled to Gaussian norms (ORF)."""
-    blocks = -(-m // d)
-    g = torch.randn(blocks, d, d, generator=generator, dtype=torch.float64)
-    Q, R = torch.linalg.qr(g)
-    Q = Q * torch.where(torch.diagonal(R, dim1=-2, dim2=-1) < 0, -1.0, 1.0).unsqueeze(-2)
-    rows = Q.mT.reshape(blocks * d, d)[:m]
-    norms = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=-1, keepdim=True)
-    return (rows * norms).to(dtype=dtype or torch.get_default_dtype(), device=device)
+    return orthogonal_random_features(m, d, generator=generator, dtype=dtype, device=device)
 
 
 def is_projection(n) -> bool:

@@ -105,7 +105,7 @@ def bench_conv2d(channels=512, size=56, batch=32, num_terms=1, low_rank=16, kern
 def bench_attention(seq=4096, batch=16, heads=16, head_dim=64, num_features=256, *, causal=False, device="cpu",
                     dtype=torch.float32, repeats=20, backward=False):
     """Exact SDPA vs panther's random-feature attention (feature map included) on the same q, k, v."""
-    from .ops.attention import orthogonal_random_features
+    from .sketch import orthogonal_random_features
 
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype, generator=g) * 0.35

@@ -9,7 +9,8 @@ from torch.nn import functional as F
 
 import panther  # noqa: F401  (registers the ops)
 from panther.nn import RandMultiHeadAttention, sinSRPE
-from panther.ops.attention import orthogonal_random_features, rf_attention_reference
+from panther.ops.attention import rf_attention_reference
+from panther.sketch import orthogonal_random_features
 
 OP = torch.ops.panther.rf_attention
 OPB = torch.ops.panther.rf_attention_backward

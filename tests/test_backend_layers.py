@@ -9,7 +9,7 @@ from torch import nn
 
 import panther
 from panther.backend import panther_backend
-from panther.ops.attention import orthogonal_random_features
+from panther.sketch import orthogonal_random_features
 from panther.policy import SketchSpec, seed_for
 
 FAST = {"compiler": "aot_eager"}

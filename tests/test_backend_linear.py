@@ -139,6 +139,7 @@ def test_full_rank_svd_reproduces_dense(mlp):
 def test_recompile_for_new_batch_size_reuses_factors(mlp, monkeypatch):
     torch._dynamo.reset()
     fx_passes.factor_cache.clear()
+    monkeypatch.setattr(fx_passes.factor_cache, "disk", False)  # count real factorisations
     calls = []
     real = sketch_linear.linear_factors
 
@@ -234,3 +235,40 @@ def test_callable_policy_and_overrides_through_options(mlp, caplog):
     # the override answered for fc2 before the callable was asked
     assert seen == [("fc1", "linear", (3, 32), False), ("head", "linear", (3, 40), False)]
     assert any("panther graph diff" in rec.getMessage() for rec in caplog.records)
+
+
+def test_factors_persist_across_processes(mlp, monkeypatch, tmp_path):
+    """A fresh process (simulated by clearing the in-memory cache) loads deterministic factors from disk."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    cache = fx_passes.factor_cache
+    outputs = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        cache.clear()
+        compiled, reports = compile_panther(mlp, policy=POLICY, compiler="eager")
+        with torch.no_grad():
+            outputs.append(compiled(torch.ones(2, 32)))
+    assert (cache.misses, cache.disk_hits) == (0, 2)  # second round: both layers from disk
+    assert torch.equal(outputs[0], outputs[1])
+    assert len(list((tmp_path / "panther_factors").glob("*.pt"))) == 2
+
+
+def test_module_called_twice_shares_its_factors():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.fc(x)))
+
+    torch._dynamo.reset()
+    graphs, reports = [], []
+    m = Twice().eval()
+    compiled = torch.compile(m, backend=capturing_backend(graphs, policy={"fc": SketchSpec(low_rank=16, init="svd")},
+                                                          report=reports.append))
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), m(x), rtol=1e-4, atol=1e-5)  # full rank: exact
+    assert [(r.name, r.replaced) for r in reports[0].rows] == [("fc", True), ("fc#1", True)]
+    assert len(dict(graphs[0].named_buffers())) == 4  # one set of factors for both calls

@@ -7,20 +7,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops.attention import orthogonal_random_features
+from ..sketch import orthogonal_random_features
+from ._checks import make_generator
 from .srpe import sinSRPE
 
 __all__ = ["RandMultiHeadAttention"]
 
 _KERNELS = ("softmax", "relu")
-
-
-def _generator(seed, generator):
-    if seed is not None and generator is not None:
-        raise ValueError("pass at most one of seed= and generator=")
-    if seed is not None:
-        return torch.Generator().manual_seed(int(seed))
-    return generator
 
 
 def _verify(embed_dim, num_heads, num_random_features, dropout, bias, kernel_fn, iscausal, SRPE):
@@ -111,7 +104,7 @@ class RandMultiHeadAttention(nn.Module):
         self.causal = iscausal
         self.srpe = SRPE
         factory = dict(device=device, dtype=dtype or torch.get_default_dtype())
-        gen = _generator(seed, generator)
+        gen = make_generator(seed, generator)
         self._generator = gen if seed is not None else None
         E = embed_dim
         for name in ("Wq", "Wk", "Wv", "W0"):

@@ -24,22 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._checks import make_generator, positive_int
+
 __all__ = ["sinSRPE"]
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-
-
-def _generator(seed, generator):
-    if seed is not None and generator is not None:
-        raise ValueError("pass at most one of seed= and generator=")
-    if seed is not None:
-        return torch.Generator().manual_seed(int(seed))
-    return generator
 
 
 class sinSRPE(nn.Module):
@@ -61,17 +48,17 @@ class sinSRPE(nn.Module):
 
     def __init__(self, num_heads, perHead_in, sines, num_realizations=256, device=None,
                  dtype=None, *, seed=None, generator=None):
-        _positive_int("num_heads", num_heads)
-        _positive_int("perHead_in", perHead_in)
-        _positive_int("sines", sines)
-        _positive_int("num_realizations", num_realizations)
+        positive_int("num_heads", num_heads)
+        positive_int("perHead_in", perHead_in)
+        positive_int("sines", sines)
+        positive_int("num_realizations", num_realizations)
         super().__init__()
         self.num_heads = num_heads
         self.perHead_in = perHead_in
         self.sines = sines
         self.num_realizations = num_realizations
         dtype = dtype or torch.get_default_dtype()
-        gen = _generator(seed, generator)
+        gen = make_generator(seed, generator)
         gdev = gen.device if gen is not None else torch.device("cpu")
         shape = (num_heads, perHead_in, sines)
 
