@@ -162,6 +162,16 @@ def test_choice_is_the_cheapest_within_budget(mlp_case):
         assert row.reason.startswith("error budget:")
 
 
+def test_per_layer_budgets(mlp_case):
+    model, calib = mlp_case
+    pol = ErrorBudgetPolicy(model, calib, {"*": 0.9, "2": 0.5}, min_saving=0.0)
+    panther.convert(copy.deepcopy(model), pol)
+    loose, strict = pol.choices["0"], pol.choices["2"]
+    assert loose.spec is not None and loose.predicted_error <= 0.9 * 0.9
+    assert strict.spec is None or strict.predicted_error <= 0.9 * 0.5
+    assert "0.5" in (strict.reason or strict.spec.note)
+
+
 def test_bad_arguments(mlp_case):
     model, calib = mlp_case
     with pytest.raises(ValueError, match="budget"):
