@@ -397,7 +397,9 @@ def numel(shape) -> int:
 
 
 def spec_key(spec: SketchSpec) -> Tuple:
-    return (spec.num_terms, spec.low_rank, spec.num_random_features, spec.kernel_fn, spec.init, spec.seed)
+    act = getattr(spec, "act_gram", None)
+    return (spec.num_terms, spec.low_rank, spec.num_random_features, spec.kernel_fn, spec.init, spec.seed,
+            None if act is None else id(act))
 
 
 @contextlib.contextmanager

@@ -107,7 +107,8 @@ def match(node, ctx: PassContext):
 def _factorise(W, spec: SketchSpec, base_name: str):
     with torch.no_grad(), single_threaded():
         gen = generator_for(seed_for(spec, base_name))
-        S1s, U1s = conv2d_factors(W.detach(), spec.num_terms, spec.low_rank, init=spec.init, generator=gen)
+        S1s, U1s = conv2d_factors(W.detach(), spec.num_terms, spec.low_rank, init=spec.init, generator=gen,
+                                   act_gram=spec.act_gram)
         terms = U1s.shape[0]
         # The equivalent dense weight: Ŵ = 1/(2L) Σ_i U1_iᵀ S1_i (channel mix folded into the conv).
         What = (U1s.reshape(-1, U1s.shape[-1]).mT @ S1s.reshape(S1s.shape[0], -1)) / terms

@@ -4,6 +4,7 @@ Pattern (Dynamo torch IR):
     torch._C._nn.linear(x, W, b?)                     # nn.Linear, F.linear
     operator.matmul / torch.matmul(x, W.t())          # x @ W.t(), x @ W.T, x @ W.transpose(0, 1)
     operator.matmul / torch.matmul(x, P)              # x @ P with a (d_in, d_out) parameter P
+    torch.addmm(b, x, P)                              # Hugging Face Conv1D (GPT-2): P is (d_in, d_out)
 where W / P is a module parameter (a placeholder whose source is ``..._parameters['...']``).
 
 Replacement:
@@ -56,6 +57,11 @@ def match(node, ctx: PassContext):
         w = node.kwargs.get("weight", args[1])
         b = node.kwargs.get("bias", args[2])
         transposed, op_before, t_node = False, "torch._C._nn.linear", None
+    elif (node.target is torch.addmm and len(node.args) == 3 and not node.kwargs
+          and isinstance(node.args[2], torch.fx.Node) and node.args[2].op == "placeholder"):
+        # addmm(b, x, P) = x @ P + b with beta = alpha = 1 (no kwargs): Conv1D's forward.
+        b, x, w = node.args
+        transposed, op_before, t_node = True, "addmm(b, x, W)", None
     elif node.target in _MATMULS and len(node.args) == 2 and not node.kwargs:
         x, rhs = node.args
         b = None
@@ -75,11 +81,11 @@ def match(node, ctx: PassContext):
     xv = x.meta.get("example_value") if isinstance(x, torch.fx.Node) else None
     w_shape = shape_of(W if W is not None else wv)
     if w_shape is None or len(w_shape) != 2:
-        return None if op_before.startswith("matmul") else _unsupported(node, ctx, op_before, "weight is not 2-D")
+        return None if op_before.startswith(("matmul", "addmm")) else _unsupported(node, ctx, op_before, "weight is not 2-D")
     d_out, d_in = w_shape if not transposed else w_shape[::-1]
     x_shape = shape_of(xv)
     if x_shape is None or not x_shape or x_shape[-1] != d_in:
-        if op_before.startswith("matmul"):
+        if op_before.startswith(("matmul", "addmm")):
             return None
         return _unsupported(node, ctx, op_before, "input shape unknown")
     if fqn is None:
@@ -127,7 +133,8 @@ def _factorise(W_lin, spec: SketchSpec, base_name: str):
     """Factors of a (d_out, d_in) weight and the relative error ‖W - Ŵ‖_F / ‖W‖_F of the sketch."""
     with torch.no_grad(), single_threaded():
         gen = generator_for(seed_for(spec, base_name))
-        S1s, S2s, U1s, U2s = linear_factors(W_lin, spec.num_terms, spec.low_rank, init=spec.init, generator=gen)
+        S1s, S2s, U1s, U2s = linear_factors(W_lin, spec.num_terms, spec.low_rank, init=spec.init, generator=gen,
+                                              act_gram=spec.act_gram)
         L = S1s.shape[0]
         # Ŵᵀ = [S1cat | U2cat] [U1cat; S2cat] / (2L), the map the layer applies (row-vector convention).
         What_t = (S1s @ U1s + U2s @ S2s).sum(0) / (2 * L)

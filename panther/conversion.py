@@ -27,12 +27,21 @@ from .nn import RandMultiHeadAttention as _RandMHA
 from .nn import SKConv2d, SKLinear
 from .report import GraphDiffReport, ReportRow, _set_last
 
-__all__ = ["convert", "MHACompatibleRandAttention"]
+__all__ = ["convert", "MHACompatibleRandAttention", "is_conv1d"]
 
 
 def _is_plain(module, cls) -> bool:
     """An instance of ``cls`` whose forward is ``cls.forward`` (subclasses with their own math are left alone)."""
     return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """Hugging Face ``Conv1D`` (GPT-2's projections): a linear layer whose weight is stored (in, out) and
+    applied as ``addmm(bias, x, weight)``. Recognised by name and shape, so panther never imports
+    transformers."""
+    w = getattr(m, "weight", None)
+    return (type(m).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
+            and getattr(m, "nf", None) == w.shape[1] and type(m).forward is not nn.Module.forward)
 
 
 def _candidates(model: nn.Module):
@@ -49,7 +58,7 @@ def _candidates(model: nn.Module):
     for name, m in model.named_modules():
         if id(m) in mha_children:
             continue
-        if _is_plain(m, nn.Linear):
+        if _is_plain(m, nn.Linear) or is_conv1d(m):
             out.append((name, m, "linear"))
         elif _is_plain(m, nn.Conv2d):
             out.append((name, m, "conv2d"))
@@ -91,7 +100,8 @@ def _numel(*ts):
 
 
 def _linear_info(name, m: nn.Linear, rec, grad_enabled):
-    d_in, d_out = m.in_features, m.out_features
+    conv1d = is_conv1d(m)
+    d_in, d_out = m.weight.shape if conv1d else (m.in_features, m.out_features)
     x_shape = rec[0][0] if rec and rec[0] else None
     flops = None
     if x_shape is not None:
@@ -103,7 +113,7 @@ def _linear_info(name, m: nn.Linear, rec, grad_enabled):
         name=name, kind="linear",
         shapes={"input": x_shape, "weight": (d_out, d_in), "output": rec[2] if rec else None},
         dtype=m.weight.dtype, device=m.weight.device, params=_numel(m.weight, m.bias), flops=flops,
-        has_bias=m.bias is not None, grad_enabled=grad_enabled, op="nn.Linear",
+        has_bias=m.bias is not None, grad_enabled=grad_enabled, op="Conv1D" if conv1d else "nn.Linear",
         extra={"in_features": d_in, "out_features": d_out},
     )
 
@@ -159,6 +169,15 @@ def _match_grad_flags(new: nn.Module, old: nn.Module):
 
 
 def _swap_linear(name, m, spec: SketchSpec):
+    if is_conv1d(m):  # weight (in, out): the same layer as an nn.Linear with weight.T
+        d_in, d_out = m.weight.shape
+        new = SKLinear(d_in, d_out, spec.num_terms, spec.low_rank, W_init=m.weight.detach().mT,
+                       bias=m.bias is not None, dtype=m.weight.dtype, device=m.weight.device,
+                       seed=seed_for(spec, name), init=spec.init)
+        if m.bias is not None:
+            with torch.no_grad():
+                new.bias.copy_(m.bias)
+        return new, "panther.nn.SKLinear"
     new = SKLinear.from_linear(m, spec.num_terms, spec.low_rank, init=spec.init, seed=seed_for(spec, name))
     return new, "panther.nn.SKLinear"
 
@@ -225,6 +244,23 @@ class MHACompatibleRandAttention(_RandMHA):
         return out, None
 
 
+def _apply_act_gram(name, m, new, spec: SketchSpec):
+    """Overwrite an svd-initialised layer's factors with the activation-weighted ones (spec.act_gram)."""
+    from .sketch import conv2d_factors, linear_factors
+
+    with torch.no_grad():
+        if isinstance(new, SKLinear):
+            W = m.weight.detach().mT if is_conv1d(m) else m.weight.detach()
+            factors = linear_factors(W, spec.num_terms, spec.low_rank, init="svd", act_gram=spec.act_gram)
+            for t, f in zip((new.S1s, new.S2s, new.U1s, new.U2s), factors):
+                t.copy_(f)
+        else:
+            S1s, U1s = conv2d_factors(m.weight.detach(), spec.num_terms, spec.low_rank, init="svd",
+                                      act_gram=spec.act_gram)
+            new.S1s.copy_(S1s)
+            new.U1s.copy_(U1s)
+
+
 _SWAP = {"linear": _swap_linear, "conv2d": _swap_conv, "attention": _swap_mha}
 _INFO = {"linear": _linear_info, "conv2d": _conv_info, "attention": _mha_info}
 
@@ -273,6 +309,8 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
                                   info.params, info.params, info.flops, info.flops))
             continue
         new, op_after = _SWAP[kind](name, m, spec)
+        if getattr(spec, "act_gram", None) is not None:
+            _apply_act_gram(name, m, new, spec)
         _match_grad_flags(new, m)
         _set_submodule(model, name, new)
         params_after, flops_after = sketched_cost(info, spec)

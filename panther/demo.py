@@ -9,7 +9,11 @@ MLP). It runs in inference mode three ways, and the demo prints
    conv stays dense (its FLOP-halving rank, 8, would lose 13% of its weight and, through the stem's
    nonlinearities and the normalisations after it, far more of the output);
 2. the maximum relative error of panther's output against the dense model;
-3. eager vs ``backend="inductor"`` vs ``backend="panther"``: compile time and time per call.
+3. eager vs ``backend="inductor"`` vs ``backend="panther"``: compile time and time per call;
+4. the error-budget policy (``panther.policy.ErrorBudgetPolicy``): calibrated on 16 other images, it picks
+   per layer the cheapest rank whose relative output error stays within ``--budget`` (default 0.05); the demo
+   converts the model with it (``panther.convert``) and prints its report, the FLOPs it removed and the
+   per-layer errors measured on the demo images (not used for calibration).
 
 Dense weights are drawn with a decaying singular spectrum (like trained layers; random Gaussian weights have
 a flat spectrum that no low-rank method can approximate), so the error column means something.
@@ -121,6 +125,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--policy", choices=("default", "attention"), default="default")
+    ap.add_argument("--budget", type=float, default=0.05, help="error budget of part 4 (relative, per layer)")
     args = ap.parse_args(argv)
 
     import logging
@@ -173,7 +178,28 @@ def main(argv=None):
     ratio = pan_compile / ind_compile
     print(f"\npanther compile time / inductor compile time = {ratio:.2f} (target <= 1.5; panther compiled first, "
           "so with a cold code cache it also paid for the kernels both graphs share)")
+    _error_budget_part(model, x, args.budget)
     return 0
+
+
+def _error_budget_part(model, x, budget):
+    """Part 4: the error-budget policy through panther.convert, checked on images it was not calibrated on."""
+    import copy
+
+    from .budget import ErrorBudgetPolicy, relative_output_errors
+    from .conversion import convert
+
+    calib = [torch.randn(16, *x.shape[1:], generator=torch.Generator().manual_seed(2))]
+    policy = ErrorBudgetPolicy(model, calib, budget)
+    sketched, report = convert(copy.deepcopy(model), policy, example_inputs=x)
+    print(f"\nerror-budget policy (budget {budget:g} relative output error per layer, calibrated on 16 other images):")
+    print(report)
+    t = report.totals
+    errs = relative_output_errors(model, sketched, x)
+    worst = max(errs.items(), key=lambda kv: kv[1]) if errs else ("-", 0.0)
+    print(f"linear/conv FLOPs removed: {1 - t['flops_after'] / t['flops_before']:.1%}; measured on the demo images: "
+          f"worst layer {worst[0]} {worst[1]:.3g} (budget {budget:g}); model output error (errors compound "
+          f"through the layers) {_max_rel_err(sketched(x), model(x)):.3g}")
 
 
 def _max_rel_err(y, ref):

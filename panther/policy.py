@@ -92,6 +92,7 @@ class SketchSpec:
     A field left ``None`` is filled by :func:`default_spec` for the layer. ``seed`` makes the random draws
     (sketch signs, random features) reproducible: each layer derives its own generator from ``seed`` and
     its name, so the compile backend and ``panther.convert`` draw the same numbers for the same layer.
+    ``note`` is shown in the report's note column and ignored by comparisons.
     """
 
     num_terms: Optional[int] = None
@@ -101,6 +102,13 @@ class SketchSpec:
     init: str = "sketch"
     causal: bool = False
     seed: Optional[int] = None
+    #: free text the graph diff report prints after the spec (e.g. the error-budget policy's predicted
+    #: error and saving); not part of the spec's identity.
+    note: str = field(default="", compare=False)
+    #: with ``init="svd"``: the Gram matrix ``XᵀX`` of calibration inputs (d_in × d_in; conv: of the
+    #: unfolded patches) to factorise ``W·G^{1/2}`` instead of ``W`` (see panther.sketch.factors). Set by
+    #: the error-budget policy; compared by identity.
+    act_gram: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         for key in ("num_terms", "low_rank", "num_random_features"):
@@ -115,6 +123,8 @@ class SketchSpec:
             raise ValueError(f"SketchSpec.kernel_fn must be one of {_KERNEL_FNS}, got {self.kernel_fn!r}")
         if not isinstance(self.causal, bool):
             raise TypeError(f"SketchSpec.causal must be a bool, got {self.causal!r}")
+        if self.act_gram is not None and self.init != "svd":
+            raise ValueError(f"SketchSpec.act_gram needs init='svd', got init={self.init!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise TypeError(f"SketchSpec.seed must be an int or None, got {self.seed!r}")
 
@@ -304,11 +314,16 @@ def _dict_policy(table: Mapping[str, Union[SketchSpec, str]]):
 def resolve_policy(policy: Policy):
     """Turn any accepted policy spelling into ``decide(info) -> (spec | None, reason | None)``.
 
-    ``reason`` explains a refusal (it is ``None`` when a spec is returned). Raises TypeError for anything
+    ``reason`` explains a refusal (it is ``None`` when a spec is returned). An object with a
+    ``panther_decide(info) -> (spec | None, reason | None)`` method is used through that method. Raises TypeError for anything
     that is not None, a callable or a dict.
     """
     if getattr(policy, "__panther_decide__", False):
         return policy
+    if callable(getattr(policy, "panther_decide", None)):
+        # a policy object that can also say why it declines (e.g. panther.policy.ErrorBudgetPolicy)
+        method = policy.panther_decide
+        return _resolved(lambda info: method(info))
     if policy is None:
         return _resolved(_default_decide)
     if isinstance(policy, Mapping):
@@ -366,3 +381,13 @@ def seed_for(spec: SketchSpec, name: str) -> Optional[int]:
 
     return (spec.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
+
+
+def __getattr__(name):
+    # The error-budget policy lives in panther.budget (it runs models and needs torch); re-exported here
+    # lazily so that this module stays plain data.
+    if name in ("ErrorBudgetPolicy", "error_budget_policy"):
+        from . import budget
+
+        return getattr(budget, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -40,6 +40,8 @@ class ReportRow:
     def as_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["spec"] = None if self.spec is None else dataclasses.asdict(self.spec)
+        if d["spec"] is not None and d["spec"].get("act_gram") is not None:
+            d["spec"]["act_gram"] = "calibration Gram " + "x".join(map(str, self.spec.act_gram.shape))
         return d
 
 
@@ -152,8 +154,12 @@ def _spec_str(spec) -> str:
     if spec is None:
         return ""
     if spec.num_random_features is not None and spec.low_rank is None:
-        return f"m={spec.num_random_features}, {spec.kernel_fn}"
-    return f"L={spec.num_terms}, k={spec.low_rank}, {spec.init}"
+        text = f"m={spec.num_random_features}, {spec.kernel_fn}"
+    else:
+        act = "+act" if getattr(spec, "act_gram", None) is not None else ""
+        text = f"L={spec.num_terms}, k={spec.low_rank}, {spec.init}{act}"
+    note = getattr(spec, "note", "")
+    return f"{text}; {note}" if note else text
 
 
 _LAST: Optional[GraphDiffReport] = None

@@ -11,6 +11,11 @@ Two initialisations:
 * ``"svd"`` — the ``U`` factors hold singular vectors of the weight, which makes the layer the best
   approximation its rank allows (for a linear layer with ``num_terms=1`` it is exactly the truncated
   SVD of rank ``low_rank``; in general the rank-``num_terms*low_rank`` truncation).
+
+  With ``act_gram=G`` (the Gram matrix ``XᵀX`` of calibration inputs, d_in × d_in; for a conv, of the
+  unfolded patches) the singular vectors are those of ``W·G^{1/2}`` instead: the layer becomes
+  ``Ŵ = P_r W`` with ``P_r`` the projection on the top-r left singular vectors of ``W·G^{1/2}``, the rank-r
+  map with the smallest output error ``‖X(W − Ŵ)ᵀ‖`` on those inputs (panther.budget uses it).
 """
 from __future__ import annotations
 
@@ -59,14 +64,28 @@ def _pad_cols(M, n):
     return torch.cat([M, M.new_zeros(M.shape[0], n - M.shape[1])], dim=1)
 
 
-def linear_factors(W, num_terms, low_rank, *, init="sketch", generator=None):
+def _act_weighted_left(W2, rank, act_gram):
+    """Top-``rank`` left singular vectors (float64, zero-padded) of ``W2 · G^{1/2}``."""
+    G = act_gram.detach().to(device=W2.device, dtype=torch.float64)
+    if G.shape != (W2.shape[1], W2.shape[1]):
+        raise ValueError(f"act_gram must be ({W2.shape[1]}, {W2.shape[1]}) for this weight, got {tuple(G.shape)}")
+    evals, evecs = torch.linalg.eigh(G)
+    root = (evecs * evals.clamp_min(0).sqrt()) @ evecs.mT
+    U, _, _ = _top_singular(W2.to(torch.float64) @ root, rank)
+    return U
+
+
+def linear_factors(W, num_terms, low_rank, *, init="sketch", generator=None, act_gram=None):
     """Factors ``(S1s, S2s, U1s, U2s)`` of an SKLinear layer equal (in expectation or best-rank) to ``W``.
 
     ``W`` is in ``nn.Linear`` layout (out_features, in_features). Shapes returned:
     S1s (L, d_in, k), S2s (L, k, d_out), U1s (L, k, d_out), U2s (L, d_in, k) in W's dtype and device.
-    The layer computes ``y = 1/(2L) Σ_i [(x S1_i) U1_i + (x U2_i) S2_i]``.
+    The layer computes ``y = 1/(2L) Σ_i [(x S1_i) U1_i + (x U2_i) S2_i]``. ``act_gram`` (only with
+    ``init="svd"``): weight the factorisation by the inputs' Gram matrix (module docstring).
     """
     _check_init(init)
+    if act_gram is not None and init != "svd":
+        raise ValueError(f"act_gram is only used with init='svd', got init={init!r}")
     L, k = num_terms, low_rank
     d_out, d_in = W.shape
     Wt = W.detach().mT  # (d_in, d_out): the row-vector map x -> x Wᵀ
@@ -79,6 +98,16 @@ def linear_factors(W, num_terms, low_rank, *, init="sketch", generator=None):
         return S1s.contiguous(), S2s.contiguous(), U1s.contiguous(), U2s
     # "svd": term i holds singular triplets [i*k, (i+1)*k); with S scaled by L the 2L branch halves
     # average to Σ_i (rank-k block i) = the rank-Lk truncation of W.
+    if act_gram is not None:
+        # Ŵ = Σ_i U_i U_iᵀ W with U from W·G^{1/2}; branch 1 holds (Wᵀ U_i, U_iᵀ), branch 2 the same map
+        # with an orthonormal first factor: Wᵀ U_i = Q_i R_i.
+        U = _act_weighted_left(W, L * k, act_gram)
+        U_blocks = U.mT.reshape(L, k, d_out)  # U_iᵀ
+        WtU = W.detach().to(torch.float64).mT @ U_blocks.mT  # (L, d_in, k)
+        Q, R = torch.linalg.qr(WtU)
+        S1s, U1s = L * WtU, U_blocks
+        U2s, S2s = Q, L * (R @ U_blocks)
+        return tuple(t.to(dtype=W.dtype, device=W.device).contiguous() for t in (S1s, S2s, U1s, U2s))
     U, S, V = _top_singular(W, L * k)  # W ≈ U diag(S) Vᵀ
     U1s = U.mT.reshape(L, k, d_out)  # rows: left singular vectors
     U2s = V.reshape(d_in, L, k).permute(1, 0, 2)  # columns: right singular vectors
@@ -87,14 +116,17 @@ def linear_factors(W, num_terms, low_rank, *, init="sketch", generator=None):
     return tuple(t.to(dtype=W.dtype, device=W.device).contiguous() for t in (S1s, S2s, U1s, U2s))
 
 
-def conv2d_factors(W, num_terms, low_rank, *, init="sketch", generator=None):
+def conv2d_factors(W, num_terms, low_rank, *, init="sketch", generator=None, act_gram=None):
     """Factors ``(S1s, U1s)`` of an SKConv2d layer from a conv weight ``W`` (C_out, C_in, kh, kw).
 
     S1s (2Lk, C_in, kh, kw) is an ordinary conv weight, U1s (2L, k, C_out) the fixed channel mix; the layer
     computes ``out = 1/(2L) Σ_{i<2L} U1_iᵀ conv(x, S1_i)`` with ``S1_i = c · U1_i W`` (c = 1 for "sketch",
-    2L for "svd", where the U1_i are blocks of left singular vectors of W reshaped to (C_out, C_in·kh·kw)).
+    2L for "svd", where the U1_i are blocks of left singular vectors of W reshaped to (C_out, C_in·kh·kw);
+    with ``act_gram``, the Gram matrix of the unfolded input patches, of W·G^{1/2}).
     """
     _check_init(init)
+    if act_gram is not None and init != "svd":
+        raise ValueError(f"act_gram is only used with init='svd', got init={init!r}")
     terms, k = 2 * num_terms, low_rank
     C_out = W.shape[0]
     W2 = W.detach().reshape(C_out, -1)  # (C_out, C_in*kh*kw)
@@ -102,7 +134,7 @@ def conv2d_factors(W, num_terms, low_rank, *, init="sketch", generator=None):
         U1s = _signs(terms, k, C_out, generator, W)  # (2L, k, C_out)
         S1 = U1s @ W2  # (2L, k, C_in*kh*kw): unbiased because E[U1ᵢᵀ U1ᵢ] = I
     else:
-        U, _, _ = _top_singular(W2, terms * k)
+        U = _top_singular(W2, terms * k)[0] if act_gram is None else _act_weighted_left(W2, terms * k, act_gram)
         U1s = U.mT.reshape(terms, k, C_out).to(W.dtype)
         S1 = terms * (U1s.to(torch.float64) @ W2.to(torch.float64))
     S1s = S1.reshape(terms * k, *W.shape[1:])
