@@ -11,7 +11,7 @@ TORCH_SPEC  ?= torch==2.13.0
 PYTEST_ARGS ?=
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.panther-built
-NATIVE_SRC  := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml
+SETUP_INPUTS := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml Makefile
 
 .PHONY: setup test demo bench docs clean
 
@@ -20,10 +20,11 @@ setup: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 
-$(STAMP): $(PY) $(NATIVE_SRC)
+$(STAMP): $(PY) $(SETUP_INPUTS)
 	$(PY) -m pip install -q "setuptools>=70.1" wheel ninja
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q numpy triton networkx tabulate pytest hypothesis
+	$(PY) -m pip install -q transformers  # test-only: GPT-2 / BERT built from configs (no downloads)
 	MAX_JOBS=$${MAX_JOBS:-4} $(PY) -m pip install -q -e . --no-build-isolation --no-deps
 	touch $(STAMP)
 
