@@ -27,3 +27,26 @@ def test_subcommands_run(capsys):
     bench.main(["attention", "--seq", "16", *tiny])
     out = capsys.readouterr().out
     assert out.count("panther SKLinear") == 2 and "panther rf_attention" in out
+
+
+def test_train_bench_batches_are_the_same_global_batch_for_any_world_size():
+    from panther.train_bench import batch
+
+    whole = batch(3, 4, 8, 100, 0, 1, "cpu")
+    halves = [batch(3, 4, 8, 100, r, 2, "cpu") for r in range(2)]
+    for i in range(2):
+        torch.testing.assert_close(torch.cat([h[i] for h in halves]), whole[i])
+
+
+def test_train_bench_compare_table(tmp_path, capsys):
+    import json
+
+    from panther.train_bench import compare
+
+    runs = [dict(mode="ddp", gpus=1, dense=False, low_rank=64, tokens_per_s=100.0, losses=[2.0, 1.0]),
+            dict(mode="ddp", gpus=2, dense=False, low_rank=64, tokens_per_s=190.0, losses=[2.0, 1.001])]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    compare(str(path))
+    out = capsys.readouterr().out
+    assert "1.90x" in out and "1.00e-03" in out
