@@ -129,7 +129,7 @@ def compare(path):
         rows.append(["dense" if r["dense"] else f"panther (k={r['low_rank']})", r["mode"], r["gpus"],
                      f"{r['tokens_per_s']:,.0f}", f"{speed:.2f}x", f"{r['losses'][-1]:.4f}", f"{diff:.2e}"])
     print(tabulate(rows, headers=["model", "mode", "GPUs", "tokens/s", "vs 1 GPU", "final loss",
-                                  "max |loss - 1-GPU loss|"]))
+                                  "max |loss - 1-GPU loss|"], disable_numparse=True))
 
 
 def main(argv=None):
