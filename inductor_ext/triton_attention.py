@@ -104,25 +104,31 @@ if triton is not None:
         smb, sms,
         alpha,
         KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
-        M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
-        """P[bh, i] = sum_s exp(e_s - R) v_s^T over keys of split i (R its running max), Z, MX = R."""
-        bh = tl.program_id(0)
-        sp = tl.program_id(1)
-        nsp = tl.num_programs(1)
+        """One feature block of one key split: P[bh, i, f] = sum_s exp(e_sf - R) v_s^T, Z likewise,
+        MX[bh, i, fb] = R, the running max of e over the split's keys and the block's features.
+        Grid (feature blocks, B·H, splits): the feature blocks of one key range run side by side
+        and share its k / v tiles through L2."""
+        fb = tl.program_id(0)
+        bh = tl.program_id(1)
+        sp = tl.program_id(2)
+        nfb = tl.num_programs(0)
+        nsp = tl.num_programs(2)
         b = bh // H
         hh = bh % H
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D_PAD)
-        offs_f = tl.arange(0, M_PAD)
+        offs_f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
         offs_v = tl.arange(0, DV_PAD)
         feat_ok = offs_f < M
         w_t = tl.load(W + offs_f[None, :] * swm + offs_d[:, None] * swd,
                       mask=feat_ok[None, :] & (offs_d[:, None] < D), other=0.0)
         k_base = K + b.to(tl.int64) * skb + hh.to(tl.int64) * skh
         v_base = V + b.to(tl.int64) * svb + hh.to(tl.int64) * svh
-        acc = tl.zeros((M_PAD, DV_PAD), dtype=tl.float32)
-        z = tl.zeros((M_PAD,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_F, DV_PAD), dtype=tl.float32)
+        z = tl.zeros((BLOCK_F,), dtype=tl.float32)
         run = tl.max(tl.full((BLOCK_N,), -3.0e38, tl.float32), axis=0)
         start = sp * SEG
         for s0 in range(start, start + SEG, BLOCK_N):
@@ -151,20 +157,23 @@ if triton is not None:
         base = bh.to(tl.int64) * nsp + sp
         tl.store(P + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :], acc)
         tl.store(Z + base * M_PAD + offs_f, z)
-        tl.store(MX + base, run)
+        tl.store(MX + base * nfb + fb, run)
 
     @triton.jit
     def _merge_kernel(
         P, Z, MX, RP, ST, ZT, NSPLIT,
         PREFIX: tl.constexpr, M_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
+        NF: tl.constexpr, NF_PAD: tl.constexpr,
     ):
-        """Walk the splits of one (b, h) in order, keeping the running sum at the running max.
+        """Walk the splits of one (b, h) in order, keeping the running sum at the running max of
+        the per-split maxima over all feature blocks (= the running max of kappa over the keys).
         PREFIX: P[bh, i] <- exclusive prefix (reference RP[bh, i]); else ST/ZT <- total (reference
         is the overall max, whose value is never needed: it cancels)."""
         bh = tl.program_id(0)
         fb = tl.program_id(1)
         offs_f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
         offs_v = tl.arange(0, DV_PAD)
+        offs_nf = tl.arange(0, NF_PAD)
         acc = tl.zeros((BLOCK_F, DV_PAD), dtype=tl.float32)
         z = tl.zeros((BLOCK_F,), dtype=tl.float32)
         run = tl.max(tl.full((BLOCK_F,), -3.0e38, tl.float32), axis=0)
@@ -173,13 +182,14 @@ if triton is not None:
             p_ptr = P + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :]
             pi = tl.load(p_ptr)
             zi = tl.load(Z + base * M_PAD + offs_f)
-            mi = tl.load(MX + base)
+            mi = tl.load(MX + base * NF + fb)
+            mg = tl.max(tl.load(MX + base * NF + offs_nf, mask=offs_nf < NF, other=-3.0e38), axis=0)
             if PREFIX:
                 tl.store(p_ptr, acc)
                 tl.store(Z + base * M_PAD + offs_f, z)
                 if fb == 0:
                     tl.store(RP + base, run)
-            new = tl.maximum(run, mi)
+            new = tl.maximum(run, mg)
             r_old = tl.exp(run - new)
             r_new = tl.exp(mi - new)
             acc = acc * r_old + pi * r_new
@@ -246,9 +256,15 @@ if triton is not None:
         sob, soh, sol, sod,
         alpha,
         KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
-        M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, C: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
+        C: tl.constexpr,
     ):
-        """One segment of one (b, h): chunk walk from the segment's prefix state (P, Z at RP)."""
+        """One segment of one (b, h): chunk walk from the segment's prefix state (P, Z at RP).
+
+        The (m × dv) state would not fit the registers next to the feature tiles, so it stays in
+        this program's own slice of P (L2-resident) and is streamed per feature block: pass 1
+        over the feature blocks finds the row maxima (query shift, key kappa), pass 2 builds the
+        intra-chunk weights, the inter-chunk product with the old state and the state update."""
         bh = tl.program_id(0)
         sg = tl.program_id(1)
         nsg = tl.num_programs(1)
@@ -256,15 +272,12 @@ if triton is not None:
         hh = bh % H
         offs_c = tl.arange(0, C)
         offs_d = tl.arange(0, D_PAD)
-        offs_f = tl.arange(0, M_PAD)
+        offs_fb = tl.arange(0, BLOCK_F)
         offs_v = tl.arange(0, DV_PAD)
-        feat_ok = offs_f < M
         tril = offs_c[None, :] <= offs_c[:, None]          # [t, s]: key s visible to query t
-        w_t = tl.load(W + offs_f[None, :] * swm + offs_d[:, None] * swd,
-                      mask=feat_ok[None, :] & (offs_d[:, None] < D), other=0.0)
         base = bh.to(tl.int64) * nsg + sg
-        st = tl.load(P + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :])
-        z = tl.load(Z + base * M_PAD + offs_f)
+        p_base = P + base * (M_PAD * DV_PAD)
+        z_base = Z + base * M_PAD
         run = tl.load(RP + base)
         q_base = Q + b.to(tl.int64) * sqb + hh.to(tl.int64) * sqh
         k_base = K + b.to(tl.int64) * skb + hh.to(tl.int64) * skh
@@ -285,36 +298,69 @@ if triton is not None:
                          mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             vt = tl.load(v_base + rows64[:, None] * svs + offs_v[None, :] * svd,
                          mask=key_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
-            eq, kq = _features(qt, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
-            ek, kk = _features(kt, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
             if KERNEL == 0:
-                phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
+                # pass 1: row maxima over all features
+                kq = tl.full((C,), -3.0e38, tl.float32)
+                kk = tl.full((C,), -3.0e38, tl.float32)
+                for f0 in range(0, M_PAD, BLOCK_F):
+                    offs_f = f0 + offs_fb
+                    feat_ok = offs_f < M
+                    w_t = tl.load(W + offs_f[None, :] * swm + offs_d[:, None] * swd,
+                                  mask=feat_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+                    _e, kq_f = _features(qt, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
+                    _e, kk_f = _features(kt, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
+                    kq = tl.maximum(kq, kq_f)
+                    kk = tl.maximum(kk, kk_f)
                 # running max over keys <= t (within the chunk, then against the carried one)
                 mt = tl.max(tl.where(tril, kk[None, :], -3.0e38), axis=1)
                 mt = tl.maximum(mt, run)
                 new = tl.maximum(run, tl.max(kk, axis=0))
-                # key s at its own reference M_s (<= 1); the (t, s) weight adds exp(M_s - M_t)
-                phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.exp(ek - mt[:, None]), 0.0)
-                # clamp: above the diagonal the difference may be huge (discarded, but keep it finite)
+                # clamp: above the diagonal the difference may be huge (discarded, keep it finite)
                 decay = tl.where(tril, tl.exp(tl.minimum(mt[None, :] - mt[:, None], 0.0)), 0.0)
                 fac = tl.exp(run - mt)          # carried state (reference run) -> M_t
                 r = tl.exp(run - new)           # carried state -> this chunk's end
                 kscale = tl.exp(mt - new)       # key s at M_s -> chunk end
             else:
-                phq = eq
-                phk = ek
                 decay = tl.where(tril, 1.0, 0.0)
-            a = _mm(phq.to(vt.dtype), tl.trans(phk.to(vt.dtype)), UPCAST) * decay
+            a = tl.zeros((C, C), dtype=tl.float32)
+            inter = tl.zeros((C, DV_PAD), dtype=tl.float32)
+            iden = tl.zeros((C,), dtype=tl.float32)
+            # pass 2: per feature block, weights, inter-chunk product, state update
+            for f0 in range(0, M_PAD, BLOCK_F):
+                offs_f = f0 + offs_fb
+                feat_ok = offs_f < M
+                w_t = tl.load(W + offs_f[None, :] * swm + offs_d[:, None] * swd,
+                              mask=feat_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+                eq, _kq = _features(qt, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
+                ek, _kk = _features(kt, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
+                s_ptr = p_base + offs_f[:, None] * DV_PAD + offs_v[None, :]
+                st = tl.load(s_ptr)
+                zf = tl.load(z_base + offs_f)
+                if KERNEL == 0:
+                    phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
+                    # key s at its own reference M_s (<= 1); the (t, s) weight adds exp(M_s - M_t)
+                    phk = tl.where(feat_ok[None, :] & key_ok[:, None],
+                                   tl.exp(ek - mt[:, None]), 0.0)
+                else:
+                    phq = eq
+                    phk = ek
+                a += _mm(phq.to(vt.dtype), tl.trans(phk.to(vt.dtype)), UPCAST)
+                inter += _mm(phq.to(vt.dtype), st.to(vt.dtype), UPCAST)
+                iden += tl.sum(phq * zf[None, :], axis=1)
+                if KERNEL == 0:
+                    phk = phk * kscale[:, None]
+                    st = st * r
+                    zf = zf * r
+                st += _mm(tl.trans(phk.to(vt.dtype)), vt, UPCAST)
+                zf += tl.sum(phk, axis=0)
+                tl.store(s_ptr, st)
+                tl.store(z_base + offs_f, zf)
+            a = a * decay
             num = _mm(a.to(vt.dtype), vt, UPCAST)
             den = tl.sum(a, axis=1)
-            inter = _mm(phq.to(vt.dtype), st.to(vt.dtype), UPCAST)
-            iden = tl.sum(phq * z[None, :], axis=1)
             if KERNEL == 0:
                 num += inter * fac[:, None]
                 den += iden * fac
-                phk = phk * kscale[:, None]
-                st = st * r
-                z = z * r
                 run = new
             else:
                 num += inter
@@ -323,9 +369,8 @@ if triton is not None:
             out = tl.where((den == 0.0)[:, None], 0.0, out)
             tl.store(o_base + rows64[:, None] * sol + offs_v[None, :] * sod,
                      out.to(O.dtype.element_ty), mask=in_seq[:, None] & (offs_v[None, :] < DV))
-            st += _mm(tl.trans(phk.to(vt.dtype)), vt, UPCAST)
-            z += tl.sum(phk, axis=0)
-
+            # the state slice is re-read by other threads in the next chunk
+            tl.debug_barrier()
 
 # --------------------------------------------------------------------------------------------
 # Launch helpers
@@ -364,7 +409,8 @@ def _splits(bh, length, block, device, min_len):
 
 
 def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *, seg=None,
-             block_n=64, block_m=64):
+             block_n=64, block_m=64,
+             causal_warps=4, block_f=None):
     B, H, Lq, d = q.shape
     S, dv, m = k.shape[2], v.shape[3], projection.shape[0]
     dev = q.device
@@ -381,51 +427,54 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     mask = key_padding_mask.view(torch.uint8) if has_mask else q.new_empty((1, 1), dtype=torch.uint8)
     BH = B * H
     f32 = torch.float32
+    block_f = min(M_PAD, block_f or 64)  # feature block: tiles of (rows, block_f) on chip
+    NF = M_PAD // block_f
     if causal:
         block_n = CHUNK
     if seg is None:
-        seg, nsplit = _splits(BH, S, block_n, dev, 4 * block_n if causal else 8 * block_n)
+        # causal: the chunk walk's parallelism is B·H·segments; non-causal: the key pass's is
+        # feature blocks·B·H·splits
+        seg, nsplit = _splits(BH if causal else BH * NF, S, block_n, dev, 4 * block_n)
     else:
         seg = -(-seg // block_n) * block_n
         nsplit = -(-S // seg)
     P = torch.empty((BH, nsplit, M_PAD, DV_PAD), device=dev, dtype=f32)
     Z = torch.empty((BH, nsplit, M_PAD), device=dev, dtype=f32)
-    MX = torch.empty((BH, nsplit), device=dev, dtype=f32)
-    nw = 4 if _INTERPRET else 8
-    _launcher(_kv_state_kernel)[(BH, nsplit)](
+    MX = torch.empty((BH, nsplit, NF), device=dev, dtype=f32)
+    _launcher(_kv_state_kernel)[(NF, BH, nsplit)](
         k, v, W, mask, P, Z, MX,
         H, S, m, d, dv, seg,
         *k.stride(), *v.stride(), *W.stride(), *mask.stride(),
         alpha,
         KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
-        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_N=block_n, num_warps=nw)
-    block_f = min(M_PAD, 64)
+        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, BLOCK_N=block_n,
+        num_warps=4)
+    merge_meta = dict(M_PAD=M_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, NF=NF, NF_PAD=_pow2(NF, 2),
+                      num_warps=4)
     if causal:
         RP = torch.empty((BH, nsplit), device=dev, dtype=f32)
-        _launcher(_merge_kernel)[(BH, M_PAD // block_f)](
-            P, Z, MX, RP, P, Z, nsplit,
-            PREFIX=True, M_PAD=M_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, num_warps=4)
+        _launcher(_merge_kernel)[(BH, NF)](P, Z, MX, RP, P, Z, nsplit, PREFIX=True, **merge_meta)
         _launcher(_causal_kernel)[(BH, nsplit)](
             q, k, v, W, mask, P, Z, RP, out,
             H, Lq, m, d, dv, seg,
             *q.stride(), *k.stride(), *v.stride(), *W.stride(), *mask.stride(), *out.stride(),
             alpha,
             KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
-            M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, C=CHUNK, num_warps=nw)
+            M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, C=CHUNK,
+            num_warps=causal_warps)
         return out
     # the state is read by every query block: keep it in q's dtype (fp32 for fp32 inputs)
     ST = torch.empty((BH, M_PAD, DV_PAD), device=dev, dtype=q.dtype)
     ZT = torch.empty((BH, M_PAD), device=dev, dtype=f32)
-    _launcher(_merge_kernel)[(BH, M_PAD // block_f)](
-        P, Z, MX, MX, ST, ZT, nsplit,
-        PREFIX=False, M_PAD=M_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, num_warps=4)
+    _launcher(_merge_kernel)[(BH, NF)](P, Z, MX, MX, ST, ZT, nsplit, PREFIX=False, **merge_meta)
     _launcher(_query_kernel)[(BH, triton.cdiv(Lq, block_m))](
         q, W, ST, ZT, out,
         H, Lq, m, d, dv,
         *q.stride(), *W.stride(), *out.stride(),
         alpha,
         KERNEL=kid, UPCAST=upcast,
-        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_M=block_m, num_warps=nw)
+        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_M=block_m,
+        num_warps=4 if _INTERPRET else 8)
     return out
 
 

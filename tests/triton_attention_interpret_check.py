@@ -39,7 +39,7 @@ def check(name, err, tol):
         sys.exit(1)
 
 
-def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0):
+def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0, bf=16):
     g = gen()
     q = torch.randn(B, H, L, d, generator=g, dtype=torch.float64)
     k = torch.randn(B, H, S, d, generator=g, dtype=torch.float64) + shift
@@ -55,11 +55,11 @@ def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shi
     ref = rf_attention_reference(q.double(), k.double(), v.double(), W.double(), kernel_fn,
                                  causal, scale, mask)
     out = ta._forward(q, k, v, W, kernel_fn, causal, scale, mask, seg=seg, block_n=16,
-                      block_m=16)
+                      block_m=16, block_f=bf)
     assert out.dtype == dtype and out.shape == ref.shape
     assert torch.isfinite(out).all(), "non-finite output"
     name = (f"{kernel_fn} causal={causal} B{B} H{H} L{L} S{S} d{d} dv{dv} m{m} scale={scale} "
-            f"mask={masked} {str(dtype)[6:]} seg={seg} shift={shift}")
+            f"mask={masked} {str(dtype)[6:]} seg={seg} shift={shift} block_f={bf}")
     check(name, rel(out, ref), TOL[dtype])
 
 
@@ -81,6 +81,9 @@ def main():
     case(1, 2, 90, 90, 8, 8, 24, "relu", True, None, False, f32, seg=64)
     case(2, 1, 70, 70, 16, 4, 16, "relu", True, None, True, f32, seg=64)
     case(1, 1, 30, 30, 16, 16, 16, "softmax", True, None, False, f32, seg=64)  # L < C
+    # one feature block (block_f = 64) and m > 64 (padded feature block at the end)
+    case(1, 1, 70, 70, 16, 8, 40, "softmax", True, 2.0, True, f32, seg=64, shift=1.0, bf=64)
+    case(1, 1, 20, 40, 16, 8, 100, "softmax", False, None, True, f32, seg=16, bf=64)
     # bf16 inputs (the kernels' tensor-core path, upcast in the interpreter)
     case(1, 2, 33, 45, 16, 16, 32, "softmax", False, None, True, bf, seg=16)
     case(2, 1, 100, 100, 16, 16, 32, "softmax", True, None, True, bf, seg=64)
