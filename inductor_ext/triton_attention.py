@@ -302,7 +302,7 @@ if triton is not None:
                 # pass 1: row maxima over all features
                 kq = tl.full((C,), -3.0e38, tl.float32)
                 kk = tl.full((C,), -3.0e38, tl.float32)
-                for f0 in range(0, M_PAD, BLOCK_F):
+                for f0 in range(0, M, BLOCK_F):  # runtime bound: no full unroll
                     offs_f = f0 + offs_fb
                     feat_ok = offs_f < M
                     w_t = tl.load(W + offs_f[None, :] * swm + offs_d[:, None] * swd,
@@ -315,18 +315,14 @@ if triton is not None:
                 mt = tl.max(tl.where(tril, kk[None, :], -3.0e38), axis=1)
                 mt = tl.maximum(mt, run)
                 new = tl.maximum(run, tl.max(kk, axis=0))
-                # clamp: above the diagonal the difference may be huge (discarded, keep it finite)
-                decay = tl.where(tril, tl.exp(tl.minimum(mt[None, :] - mt[:, None], 0.0)), 0.0)
                 fac = tl.exp(run - mt)          # carried state (reference run) -> M_t
                 r = tl.exp(run - new)           # carried state -> this chunk's end
                 kscale = tl.exp(mt - new)       # key s at M_s -> chunk end
-            else:
-                decay = tl.where(tril, 1.0, 0.0)
             a = tl.zeros((C, C), dtype=tl.float32)
             inter = tl.zeros((C, DV_PAD), dtype=tl.float32)
             iden = tl.zeros((C,), dtype=tl.float32)
             # pass 2: per feature block, weights, inter-chunk product, state update
-            for f0 in range(0, M_PAD, BLOCK_F):
+            for f0 in range(0, M, BLOCK_F):  # runtime bound: no full unroll
                 offs_f = f0 + offs_fb
                 feat_ok = offs_f < M
                 w_t = tl.load(W + offs_f[None, :] * swm + offs_d[:, None] * swd,
@@ -355,7 +351,11 @@ if triton is not None:
                 zf += tl.sum(phk, axis=0)
                 tl.store(s_ptr, st)
                 tl.store(z_base + offs_f, zf)
-            a = a * decay
+            if KERNEL == 0:
+                # the (t, s) weight's exp(M_s - M_t); clamped above the diagonal (discarded there)
+                a = tl.where(tril, a * tl.exp(tl.minimum(mt[None, :] - mt[:, None], 0.0)), 0.0)
+            else:
+                a = tl.where(tril, a, 0.0)
             num = _mm(a.to(vt.dtype), vt, UPCAST)
             den = tl.sum(a, axis=1)
             if KERNEL == 0:
@@ -410,7 +410,7 @@ def _splits(bh, length, block, device, min_len):
 
 def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *, seg=None,
              block_n=64, block_m=64,
-             causal_warps=4, block_f=None):
+             causal_warps=8, causal_stages=2, block_f=None):
     B, H, Lq, d = q.shape
     S, dv, m = k.shape[2], v.shape[3], projection.shape[0]
     dev = q.device
@@ -461,7 +461,7 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
             alpha,
             KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
             M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, C=CHUNK,
-            num_warps=causal_warps)
+            num_warps=causal_warps, num_stages=causal_stages)
         return out
     # the state is read by every query block: keep it in q's dtype (fp32 for fp32 inputs)
     ST = torch.empty((BH, M_PAD, DV_PAD), device=dev, dtype=q.dtype)
@@ -545,7 +545,8 @@ def _time_ms(fn, iters=20):
     return start.elapsed_time(end) / iters
 
 
-def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, backward=True):
+def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, backward=True,
+                           sweep=False):
     """Prints SDPA vs the C++ op vs the Triton op (forward, and forward+backward) on CUDA."""
     import torch.nn.functional as F
     if not torch.cuda.is_available():
@@ -585,4 +586,20 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
                     _time_ms(lambda: torch.autograd.grad(fn(), (qg, kg, vg), go), iters=5), 3)
         print(line, flush=True)
         rows.append(line)
+        if sweep:
+            # launch parameters of the Triton path (forward only), to pick the defaults
+            B_, H_, L_ = q.shape[0], q.shape[1], q.shape[2]
+            for seg in (None, 256, 512, 1024):
+                for warps, stages in ((4, 1), (8, 1), (8, 2), (8, 3)) if causal else ((8, 2),):
+                    for bn in (64,) if causal else (32, 64, 128):
+                        def run_cfg():
+                            return _forward(q, k, v, W, "softmax", causal, None, None, seg=seg,
+                                            block_n=bn, causal_warps=warps,
+                                            causal_stages=stages)
+                        try:
+                            ms = round(_time_ms(run_cfg, iters=10), 3)
+                        except Exception as exc:  # noqa: BLE001 - report and go on
+                            ms = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
+                        print(f"  sweep {name} L={L_} B={B_}: seg={seg} warps={warps} "
+                              f"stages={stages} block_n={bn}: {ms} ms", flush=True)
     return rows
