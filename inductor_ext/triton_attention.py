@@ -257,7 +257,7 @@ if triton is not None:
         alpha,
         KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
-        C: tl.constexpr,
+        C: tl.constexpr, HALF_STATE: tl.constexpr,
     ):
         """One segment of one (b, h): chunk walk from the segment's prefix state (P, Z at RP).
 
@@ -341,7 +341,11 @@ if triton is not None:
                     phq = eq
                     phk = ek
                 a += _mm(phq.to(vt.dtype), tl.trans(phk.to(vt.dtype)), UPCAST)
-                inter += _mm(phq.to(vt.dtype), st.to(vt.dtype), UPCAST)
+                # the state can exceed fp16's range: half inputs multiply it in bf16
+                if HALF_STATE:
+                    inter += _mm(phq.to(tl.bfloat16), st.to(tl.bfloat16), UPCAST)
+                else:
+                    inter += _mm(phq, st, UPCAST)
                 iden += tl.sum(phq * zf[None, :], axis=1)
                 if KERNEL == 0:
                     phk = phk * kscale[:, None]
@@ -461,10 +465,13 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
             alpha,
             KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
             M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, C=CHUNK,
+            HALF_STATE=q.dtype != torch.float32,
             num_warps=causal_warps, num_stages=causal_stages)
         return out
-    # the state is read by every query block: keep it in q's dtype (fp32 for fp32 inputs)
-    ST = torch.empty((BH, M_PAD, DV_PAD), device=dev, dtype=q.dtype)
+    # the state is read by every query block: bf16 for half inputs (fp16 could overflow: it sums
+    # up to S values of phi·v), fp32 for fp32 inputs
+    ST = torch.empty((BH, M_PAD, DV_PAD), device=dev,
+                     dtype=torch.bfloat16 if q.dtype != torch.float32 else f32)
     ZT = torch.empty((BH, M_PAD), device=dev, dtype=f32)
     _launcher(_merge_kernel)[(BH, NF)](P, Z, MX, MX, ST, ZT, nsplit, PREFIX=False, **merge_meta)
     _launcher(_query_kernel)[(BH, triton.cdiv(Lq, block_m))](
