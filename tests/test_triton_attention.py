@@ -178,3 +178,13 @@ def test_cuda_autocast():
     assert out.dtype == torch.bfloat16
     ref = rf_attention_reference(q.double(), k.double(), v.double(), W.double())
     assert rel(out, ref) < 3e-2
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal,masked", [(False, False), (True, True)])
+def test_cuda_opcheck(causal, masked):
+    """Fake tensors / AOT dispatch through the Triton branch (wrap_triton) on CUDA."""
+    q, k, v, W, mask = inputs(B=1, H=2, L=130, d=32, dv=16, m=40, dtype=torch.float32,
+                              device="cuda", masked=masked, requires_grad=True)
+    torch.library.opcheck(OP, (q, k, v, W, "softmax", causal, None, mask))
