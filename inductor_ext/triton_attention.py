@@ -13,18 +13,22 @@ so it cancels exactly (there is no epsilon); ``1/sqrt(m)`` cancels the same way 
       kappa over keys <= t (never a future key), so every weight is <= 1. States carry their
       reference (the running max at their last key) and are rescaled when it grows.
 
-Kernels (all fp32 accumulation; q, k, v, W read in their own dtype):
-    ``_kv_state_kernel``   grid (B·H, splits): per key range, state ``phi(K)^T V`` (m × dv) and
-                           ``z = phi(K)^T 1`` (m) at the range's own running-max reference.
+Kernels (all fp32 accumulation; q, k, v, W read in their own dtype, W cast to q's dtype for the
+tensor cores when q is half precision):
+    ``_kv_state_kernel``   grid (feature blocks of 64, B·H, key splits): per key range and feature
+                           block, the state ``phi(K)^T V`` and ``z = phi(K)^T 1`` at the block's own
+                           running-max reference (online rescaling, FlashAttention-style).
     ``_merge_kernel``      grid (B·H, feature blocks): walks the splits in order, rescaling to the
-                           running max: the exclusive prefix per split (causal) or the total
-                           (non-causal).
+                           running max of kappa: the exclusive prefix per split, written in place
+                           (causal), or the total (non-causal; bf16 for half inputs).
     ``_query_kernel``      non-causal, grid (B·H, query blocks): ``phi(q)·S / phi(q)·z``.
     ``_causal_kernel``     causal, grid (B·H, segments): each program walks its segment in chunks
-                           of C keys from the segment's prefix state: intra-chunk masked product
-                           plus inter-chunk ``phi(Q)·S``.
+                           of C = 64 from the segment's prefix state: intra-chunk masked product plus
+                           inter-chunk ``phi(Q)·S``. The (m × dv) state lives in the program's own
+                           slice of the prefix buffer (L2) and is streamed per feature block, which
+                           keeps the registers for the (C × 64) feature tiles.
 The causal op is thus a three-launch chunked scan (segment states, scan over segments, chunk walk)
-whose parallelism is B·H·segments, not B·H.
+whose parallelism is B·H·segments, not B·H. Non-causal is three launches as well.
 
 Registered as ``torch.library.triton_op("panther::rf_attention_triton")``. A device branch sends CPU
 tensors, float64 and shapes the kernels do not cover (head dim > 128, m > 256, dv > 128, empty) to
