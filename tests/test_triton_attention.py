@@ -1,0 +1,190 @@
+"""The fused random-feature attention Triton kernels (inductor_ext/triton_attention.py).
+
+CPU CI: the kernels' arithmetic in Triton's interpreter (one subprocess, TRITON_INTERPRET=1), the
+triton_op's CPU branch through opcheck / gradcheck, argument validation.
+CUDA (the lent H200, ``pytest -m cuda``): the kernels against the float64 reference in bf16/fp32,
+causal or not, softmax/relu, masks, several segments; gradients (C++ backward) against the C++ op;
+torch.compile of the op.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import panther  # noqa: F401
+from inductor_ext import triton_attention as ta
+from panther.ops.attention import orthogonal_random_features, rf_attention_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+OP = torch.ops.panther.rf_attention_triton.default
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def inputs(B=2, H=2, L=9, S=None, d=8, dv=6, m=12, dtype=torch.float64, device="cpu", masked=False,
+           requires_grad=False, seed=0, shift=0.0):
+    S = L if S is None else S
+    g = torch.Generator(device=device).manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype)  # noqa: E731
+    q, k, v = mk(B, H, L, d), mk(B, H, S, d) + shift, mk(B, H, S, dv)
+    W = orthogonal_random_features(m, d, generator=g, device=device, dtype=dtype) \
+        if device == "cpu" else orthogonal_random_features(m, d, dtype=dtype).to(device)
+    mask = None
+    if masked:
+        mask = torch.rand(B, S, generator=g, device=device) < 0.3
+        mask[0, : min(S, 3)] = True
+    for t in (q, k, v, W):
+        t.requires_grad_(requires_grad)
+    return q, k, v, W, mask
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------ interpreter (CPU CI)
+@pytest.mark.skipif(ta.triton is None, reason="needs triton")
+def test_kernel_arithmetic_in_triton_interpreter():
+    """Non-causal (several key splits) and causal (several segments, chunk tails), softmax/relu,
+    masks with fully masked rows and masked prefixes, odd d/dv/m, fp32 and bf16: vs float64."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_attention_interpret_check.py")],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "all interpreter checks passed" in proc.stdout, \
+        proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+# ------------------------------------------------------------------ CPU branch of the op
+@pytest.mark.parametrize("kernel_fn,causal,masked,scale", [
+    ("softmax", False, False, None), ("softmax", True, True, 0.5), ("relu", False, True, None),
+    ("relu", True, False, None)])
+def test_opcheck(kernel_fn, causal, masked, scale):
+    q, k, v, W, mask = inputs(dtype=torch.float32, masked=masked, requires_grad=True)
+    torch.library.opcheck(OP, (q, k, v, W, kernel_fn, causal, scale, mask))
+
+
+@pytest.mark.parametrize("kernel_fn,causal", [("softmax", False), ("softmax", True), ("relu", True)])
+def test_gradcheck_float64(kernel_fn, causal):
+    q, k, v, W, mask = inputs(B=1, L=6, d=4, dv=3, m=5, masked=True, requires_grad=True)
+    fn = lambda q, k, v, W: ta.rf_attention_triton(q, k, v, W, kernel_fn, causal, None, mask)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v, W))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_matches_reference(causal):
+    q, k, v, W, mask = inputs(L=11, S=11, masked=True)
+    out = ta.rf_attention_triton(q, k, v, W, "softmax", causal, 0.3, mask)
+    ref = rf_attention_reference(q, k, v, W, "softmax", causal, 0.3, mask)
+    assert rel(out, ref) < 1e-10
+
+
+def test_validation_errors():
+    q, k, v, W, _ = inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match="kernel_fn"):
+        ta.rf_attention_triton(q, k, v, W, "tanh")
+    with pytest.raises(ValueError, match="scale"):
+        ta.rf_attention_triton(q, k, v, W, "softmax", False, -1.0)
+    with pytest.raises(ValueError, match="causal"):
+        ta.rf_attention_triton(q, k[:, :, :4], v[:, :, :4], W, "softmax", True)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        ta.rf_attention_triton(q, k, v, W, "softmax", False, None, torch.zeros(2, 9))
+
+
+def test_kernel_ok_routing():
+    q, k, v, W, _ = inputs(dtype=torch.float32)
+    assert not ta.kernel_ok(q, k, v, W)            # CPU without the interpreter: the C++ op
+    big = torch.randn(ta.MAX_FEATURES + 1, q.shape[-1])
+    assert not ta.kernel_ok(q.to("meta"), k.to("meta"), v.to("meta"), big.to("meta"))
+
+
+# ------------------------------------------------------------------ CUDA (lent H200)
+TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cuda_matches_reference(dtype, kernel_fn, causal, masked):
+    # odd sizes: tails in L, d, dv, m; enough length for several splits / segments
+    q, k, v, W, mask = inputs(B=2, H=3, L=1000, d=48, dv=40, m=100, dtype=dtype, device="cuda",
+                              masked=masked)
+    W = W.float()
+    out = ta.rf_attention_triton(q, k, v, W, kernel_fn, causal, None, mask)
+    ref = rf_attention_reference(q.double(), k.double(), v.double(), W.double(), kernel_fn, causal,
+                                 None, mask)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel(out, ref) < TOL[dtype]
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_full_size_shapes_and_splits(causal):
+    """The benchmark's head shape (d=64, m=256) at a length that uses many splits/segments; large
+    logits (shifted keys, big scale) exercise the running-max rescaling."""
+    q, k, v, W, mask = inputs(B=1, H=4, L=8192, d=64, dv=64, m=256, dtype=torch.bfloat16,
+                              device="cuda", masked=True, shift=0.5)
+    out = ta.rf_attention_triton(q, k, v, W.float(), "softmax", causal, 0.5, mask)
+    ref = torch.ops.panther.rf_attention(q.float(), k.float(), v.float(), W.float(), "softmax",
+                                         causal, 0.5, mask)
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) < 3e-2
+    # explicit small segments: many more programs, same answer
+    out2 = ta._forward(q, k, v, W.float(), "softmax", causal, 0.5, mask, seg=256)
+    assert rel(out2, ref) < 3e-2
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_backward_matches_cpp_op(causal):
+    q, k, v, W, mask = inputs(B=2, H=2, L=300, d=32, dv=32, m=64, dtype=torch.float32,
+                              device="cuda", masked=True, requires_grad=True)
+    go = torch.randn(2, 2, 300, 32, device="cuda")
+    g1 = torch.autograd.grad(ta.rf_attention_triton(q, k, v, W, "softmax", causal, None, mask),
+                             (q, k, v, W), go)
+    g2 = torch.autograd.grad(torch.ops.panther.rf_attention(q, k, v, W, "softmax", causal, None,
+                                                            mask), (q, k, v, W), go)
+    for a, b in zip(g1, g2):
+        assert rel(a, b) < 1e-3
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_cuda_compile_inlines_op():
+    q, k, v, W, mask = inputs(B=1, H=2, L=256, d=64, dv=64, m=128, dtype=torch.bfloat16,
+                              device="cuda", masked=True)
+    W = W.float()
+    fn = torch.compile(lambda *a: ta.rf_attention_triton(*a, "softmax", True, None, mask),
+                       fullgraph=True)
+    out = fn(q, k, v, W)
+    ref = ta.rf_attention_triton(q, k, v, W, "softmax", True, None, mask)
+    assert rel(out, ref) < 1e-2
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_cuda_autocast():
+    q, k, v, W, _ = inputs(B=1, H=2, L=200, d=32, dv=32, m=64, dtype=torch.float32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = ta.rf_attention_triton(q, k, v, W)
+    assert out.dtype == torch.bfloat16
+    ref = rf_attention_reference(q.double(), k.double(), v.double(), W.double())
+    assert rel(out, ref) < 3e-2
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal,masked", [(False, False), (True, True)])
+def test_cuda_opcheck(causal, masked):
+    """Fake tensors / AOT dispatch through the Triton branch (wrap_triton) on CUDA."""
+    q, k, v, W, mask = inputs(B=1, H=2, L=130, d=32, dv=16, m=40, dtype=torch.float32,
+                              device="cuda", masked=masked, requires_grad=True)
+    torch.library.opcheck(OP, (q, k, v, W, "softmax", causal, None, mask))

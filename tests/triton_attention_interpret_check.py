@@ -1,0 +1,106 @@
+"""Checks the fused random-feature attention Triton kernels' arithmetic in Triton's CPU interpreter.
+
+Run by tests/test_triton_attention.py in ONE subprocess with ``TRITON_INTERPRET=1`` (the variable
+must be set before triton is imported). Every case compares the kernels (called through
+``inductor_ext.triton_attention._forward`` with small split lengths, so several splits / segments
+and chunk tails are exercised) against ``rf_attention_reference`` in float64; prints one line per
+case and exits non-zero on the first failure.
+"""
+import math
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+
+import panther  # noqa: E402,F401
+from inductor_ext import triton_attention as ta  # noqa: E402
+from panther.ops.attention import orthogonal_random_features, rf_attention_reference  # noqa: E402
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+_seed = [0]
+
+
+def gen():
+    _seed[0] += 1
+    return torch.Generator().manual_seed(_seed[0])
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check(name, err, tol):
+    ok = err < tol
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: rel err {err:.2e} (tol {tol:.0e})", flush=True)
+    if not ok:
+        sys.exit(1)
+
+
+def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0, bf=16):
+    g = gen()
+    q = torch.randn(B, H, L, d, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, S, d, generator=g, dtype=torch.float64) + shift
+    v = torch.randn(B, H, S, dv, generator=g, dtype=torch.float64)
+    W = orthogonal_random_features(m, d, generator=g, dtype=torch.float64)
+    mask = None
+    if masked:
+        mask = torch.rand(B, S, generator=g) < 0.3
+        mask[0, : min(S, 5)] = True  # a masked prefix: early queries see no key at all
+        if B > 1:
+            mask[1] = True          # a fully masked row: output 0
+    q, k, v, W = q.to(dtype), k.to(dtype), v.to(dtype), W.to(dtype)
+    ref = rf_attention_reference(q.double(), k.double(), v.double(), W.double(), kernel_fn,
+                                 causal, scale, mask)
+    out = ta._forward(q, k, v, W, kernel_fn, causal, scale, mask, seg=seg, block_n=16,
+                      block_m=16, block_f=bf)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all(), "non-finite output"
+    name = (f"{kernel_fn} causal={causal} B{B} H{H} L{L} S{S} d{d} dv{dv} m{m} scale={scale} "
+            f"mask={masked} {str(dtype)[6:]} seg={seg} shift={shift} block_f={bf}")
+    check(name, rel(out, ref), TOL[dtype])
+
+
+def main():
+    f32, bf = torch.float32, torch.bfloat16
+    # non-causal: several splits, tails in L, S, d, dv, m (padded features), Lq != S
+    case(2, 2, 37, 53, 20, 12, 24, "softmax", False, None, False, f32, seg=16)
+    case(1, 3, 19, 40, 16, 16, 16, "softmax", False, 0.7, False, f32, seg=32)
+    case(2, 1, 21, 33, 8, 5, 40, "relu", False, None, False, f32, seg=16)
+    case(3, 2, 17, 29, 12, 7, 20, "softmax", False, None, True, f32, seg=16)
+    case(2, 2, 9, 30, 16, 16, 32, "relu", False, None, True, f32, seg=16)
+    # keys far from the queries: large logits exercise the online max / merge rescaling
+    case(1, 2, 13, 50, 16, 8, 16, "softmax", False, 2.0, False, f32, seg=16, shift=1.5)
+    # causal: one and several segments, chunk tails (C = 64), masks, relu
+    case(1, 2, 70, 70, 16, 8, 32, "softmax", True, None, False, f32, seg=64)
+    case(2, 1, 150, 150, 12, 9, 20, "softmax", True, 0.5, False, f32, seg=64)
+    case(1, 1, 130, 130, 16, 16, 16, "softmax", True, 2.0, False, f32, seg=128, shift=1.5)
+    case(3, 1, 100, 100, 16, 8, 16, "softmax", True, None, True, f32, seg=64)
+    case(1, 2, 90, 90, 8, 8, 24, "relu", True, None, False, f32, seg=64)
+    case(2, 1, 70, 70, 16, 4, 16, "relu", True, None, True, f32, seg=64)
+    case(1, 1, 30, 30, 16, 16, 16, "softmax", True, None, False, f32, seg=64)  # L < C
+    # one feature block (block_f = 64) and m > 64 (padded feature block at the end)
+    case(1, 1, 70, 70, 16, 8, 40, "softmax", True, 2.0, True, f32, seg=64, shift=1.0, bf=64)
+    case(1, 1, 20, 40, 16, 8, 100, "softmax", False, None, True, f32, seg=16, bf=64)
+    # bf16 inputs (the kernels' tensor-core path, upcast in the interpreter)
+    case(1, 2, 33, 45, 16, 16, 32, "softmax", False, None, True, bf, seg=16)
+    case(2, 1, 100, 100, 16, 16, 32, "softmax", True, None, True, bf, seg=64)
+    case(1, 1, 80, 80, 16, 16, 32, "relu", True, None, False, torch.float16, seg=64)
+    case(1, 1, 20, 50, 16, 16, 32, "softmax", False, None, False, torch.float16, seg=16)
+    # the op itself (device branch picks the kernels under the interpreter)
+    g = gen()
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=g) for _ in range(3))
+    W = torch.randn(16, 16, generator=g)
+    for causal in (False, True):
+        out = ta.rf_attention_triton(q, k, v, W, "softmax", causal)
+        ref = rf_attention_reference(q.double(), k.double(), v.double(), W.double(), "softmax",
+                                     causal)
+        check(f"op causal={causal}", rel(out, ref), 1e-4)
+    print("all interpreter checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
