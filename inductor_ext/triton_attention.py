@@ -563,7 +563,7 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
     if not torch.cuda.is_available():
         print("bench_triton_attention: CUDA not available")
         return []
-    from panther.ops.attention import orthogonal_random_features
+    from panther.sketch import orthogonal_random_features
     cases = cases or [("non-causal", 65536, 1, False), ("causal", 65536, 1, True),
                       ("causal", 4096, 16, True)]
     dev = torch.device("cuda")

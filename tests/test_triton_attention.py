@@ -16,7 +16,8 @@ import torch
 
 import panther  # noqa: F401
 from inductor_ext import triton_attention as ta
-from panther.ops.attention import orthogonal_random_features, rf_attention_reference
+from panther.ops.attention import rf_attention_reference
+from panther.sketch import orthogonal_random_features
 
 ROOT = Path(__file__).resolve().parents[1]
 OP = torch.ops.panther.rf_attention_triton.default

@@ -16,7 +16,8 @@ import torch  # noqa: E402
 
 import panther  # noqa: E402,F401
 from inductor_ext import triton_attention as ta  # noqa: E402
-from panther.ops.attention import orthogonal_random_features, rf_attention_reference  # noqa: E402
+from panther.ops.attention import rf_attention_reference
+from panther.sketch import orthogonal_random_features  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 _seed = [0]
