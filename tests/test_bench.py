@@ -43,10 +43,12 @@ def test_train_bench_compare_table(tmp_path, capsys):
 
     from panther.train_bench import compare
 
-    runs = [dict(mode="ddp", gpus=1, dense=False, low_rank=64, tokens_per_s=100.0, losses=[2.0, 1.0]),
-            dict(mode="ddp", gpus=2, dense=False, low_rank=64, tokens_per_s=190.0, losses=[2.0, 1.001])]
+    run = dict(mode="ddp", dense=False, low_rank=64)
+    runs = [dict(run, gpus=1, global_batch=16, tokens_per_s=100.0, losses=[2.0, 1.0]),
+            dict(run, gpus=2, global_batch=16, tokens_per_s=120.0, losses=[2.0, 1.001]),
+            dict(run, gpus=2, global_batch=32, tokens_per_s=190.0, losses=[2.0, 0.9])]
     path = tmp_path / "runs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in runs))
     compare(str(path))
     out = capsys.readouterr().out
-    assert "1.90x" in out and "1.00e-03" in out
+    assert "1.90x" in out and "1.00e-03" in out and "1.20x" not in out  # speed-up only at equal batch/GPU
