@@ -432,7 +432,7 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     if _INTERPRET:
         out.fill_(float("nan"))  # an element the kernels fail to write fails the checks
     has_mask = key_padding_mask is not None
-    mask = key_padding_mask.view(torch.uint8) if has_mask else q.new_empty((1, 1), dtype=torch.uint8)
+    mask = key_padding_mask.to(torch.uint8) if has_mask else q.new_empty((1, 1), dtype=torch.uint8)
     BH = B * H
     f32 = torch.float32
     block_f = min(M_PAD, block_f or 64)  # feature block: tiles of (rows, block_f) on chip

@@ -74,3 +74,19 @@ def test_rf_attention_cuda_matches_cpu(causal, kernel_fn):
     for a in cuda_args[:3]:
         a.requires_grad_(True)
     torch.library.opcheck(torch.ops.panther.rf_attention.default, cuda_args)
+
+
+def test_rand_mha_uses_the_triton_kernels_on_cuda():
+    from panther.nn import RandMultiHeadAttention, attention
+
+    layer = RandMultiHeadAttention(128, 4, 64, iscausal=True, seed=0).cuda()
+    assert attention._rf_attention_triton is not None
+    x = torch.randn(2, 300, 128, device="cuda") * 0.5
+    with torch.no_grad():
+        out, _ = layer(x, x, x)
+        q = torch.nn.functional.linear(x, layer.Wq, layer.bq).view(2, 300, 4, 32).transpose(1, 2)
+        k = torch.nn.functional.linear(x, layer.Wk, layer.bk).view(2, 300, 4, 32).transpose(1, 2)
+        v = torch.nn.functional.linear(x, layer.Wv, layer.bv).view(2, 300, 4, 32).transpose(1, 2)
+        ref = torch.ops.panther.rf_attention(q, k, v, layer.projection_matrix, "softmax", True, None, None)
+        ref = torch.nn.functional.linear(ref.transpose(1, 2).reshape(2, 300, 128), layer.W0, layer.b0)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4

@@ -13,6 +13,19 @@ from .srpe import sinSRPE
 
 __all__ = ["RandMultiHeadAttention"]
 
+_rf_attention_triton = None  # the Triton op, loaded when a layer is built on a machine with CUDA
+
+
+def _load_triton_attention():
+    """Registering the triton_op loads torch._inductor: done at construction, only where CUDA exists."""
+    global _rf_attention_triton
+    if _rf_attention_triton is None and torch.cuda.is_available():
+        try:
+            from inductor_ext.triton_attention import rf_attention_triton
+        except ImportError:  # no triton: the C++ op serves CUDA too
+            return
+        _rf_attention_triton = rf_attention_triton
+
 _KERNELS = ("softmax", "relu")
 
 
@@ -94,6 +107,7 @@ class RandMultiHeadAttention(nn.Module):
         _verify(embed_dim, num_heads, num_random_features, dropout, bias, kernel_fn, iscausal,
                 SRPE)
         super().__init__()
+        _load_triton_attention()
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -178,8 +192,11 @@ class RandMultiHeadAttention(nn.Module):
         if self.training and self.dropout > 0:
             keep = torch.rand(B, H, S, 1, device=v.device) >= self.dropout
             v = v * (keep.to(v.dtype) / (1.0 - self.dropout))
-        out = torch.ops.panther.rf_attention(q, k, v, self.projection_matrix, self.kernel_fn,
-                                             self.causal, None, attention_mask)
+        # CUDA: the fused Triton kernels (feature maps never reach HBM); they route what they do not cover
+        # (float64, wide heads, m > 256) to the C++ op themselves.
+        attend = _rf_attention_triton if (q.is_cuda and _rf_attention_triton is not None) else \
+            torch.ops.panther.rf_attention
+        out = attend(q, k, v, self.projection_matrix, self.kernel_fn, self.causal, None, attention_mask)
         out = out.transpose(1, 2).reshape(B, Lq, self.embed_dim)
         return F.linear(out, self.W0, self.b0), None
 
