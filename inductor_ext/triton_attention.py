@@ -87,9 +87,10 @@ if triton is not None:
         relu(xW^T) (relu). Returns (e, kappa) with kappa the row max (softmax) / 0 (relu)."""
         u = _mm(x, w_t, UPCAST)
         if KERNEL == 0:
+            # Inductor passes Python floats as fp64 scalars: cast back so the accumulators stay fp32
             xf = x.to(tl.float32)
-            h = tl.sum(xf * xf, axis=1) * (0.5 * alpha * alpha)
-            e = u * alpha - h[:, None]
+            h = (tl.sum(xf * xf, axis=1) * (0.5 * alpha * alpha)).to(tl.float32)
+            e = (u * alpha).to(tl.float32) - h[:, None]
             e = tl.where(feat_ok[None, :] & row_ok[:, None], e, -3.0e38)
             kappa = tl.max(e, axis=1)
         else:
