@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 import panther  # noqa: F401  (loads the native ops)
-from panther.ops.attention import _check_rf
+from panther.ops.attention import _check_rf, _rf_backward, _rf_setup_context
 
 try:  # Triton is optional: without it every call takes the C++ op.
     import triton
@@ -505,27 +505,8 @@ def rf_attention_triton_op(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, 
                                           key_padding_mask)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, projection, kernel_fn, causal, scale, key_padding_mask = inputs
-    ctx.save_for_backward(q, k, v, projection, key_padding_mask)
-    ctx.kernel_fn, ctx.causal, ctx.scale = kernel_fn, causal, scale
-
-
-def _backward(ctx, grad):
-    # The C++ backward recomputes features and chunk states from the inputs.
-    q, k, v, projection, key_padding_mask = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    if not any(need[:4]):
-        return (None,) * 8
-    dq, dk, dv, dp = torch.ops.panther.rf_attention_backward(
-        grad.contiguous(), q, k, v, projection, ctx.kernel_fn, ctx.causal, ctx.scale,
-        key_padding_mask, bool(need[3]))
-    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-            dp if need[3] else None, None, None, None, None)
-
-
-torch.library.register_autograd("panther::rf_attention_triton", _backward,
-                                setup_context=_setup_context)
+# Same autograd as panther::rf_attention: its C++ backward recomputes features and chunk states.
+torch.library.register_autograd("panther::rf_attention_triton", _rf_backward, setup_context=_rf_setup_context)
 
 
 def rf_attention_triton(q, k, v, projection, kernel_fn="softmax", causal=False, scale=None,

@@ -109,7 +109,7 @@ def _rf_backward(ctx, grad):
         return (None,) * 8
     # the backward recomputes features and chunk states (the forward saves only its inputs)
     dq, dk, dv, dp = torch.ops.panther.rf_attention_backward(
-        grad, q, k, v, projection, ctx.kernel_fn, ctx.causal, ctx.scale, key_padding_mask,
+        grad.contiguous(), q, k, v, projection, ctx.kernel_fn, ctx.causal, ctx.scale, key_padding_mask,
         bool(need[3]))
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
             dp if need[3] else None, None, None, None, None)
