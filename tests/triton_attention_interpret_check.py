@@ -15,6 +15,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 import torch  # noqa: E402
 
 import panther  # noqa: E402,F401
+from interpret_common import check, rel  # noqa: E402  (tests/ is on sys.path: run as a script)
 from inductor_ext import triton_attention as ta  # noqa: E402
 from panther.ops.attention import rf_attention_reference
 from panther.sketch import orthogonal_random_features  # noqa: E402
@@ -26,18 +27,6 @@ _seed = [0]
 def gen():
     _seed[0] += 1
     return torch.Generator().manual_seed(_seed[0])
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def check(name, err, tol):
-    ok = err < tol
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: rel err {err:.2e} (tol {tol:.0e})", flush=True)
-    if not ok:
-        sys.exit(1)
 
 
 def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0, bf=16):

@@ -12,6 +12,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 import torch  # noqa: E402
 
 import panther  # noqa: E402,F401
+from interpret_common import check, rel  # noqa: E402  (tests/ is on sys.path: run as a script)
 from inductor_ext import triton_linear as tlin  # noqa: E402
 from panther.ops import sketched_linear_reference  # noqa: E402
 from panther.ops.linear import concat_factors  # noqa: E402
@@ -24,18 +25,6 @@ def rand(*shape, dtype=torch.float64):
     _seed[0] += 1
     g = torch.Generator().manual_seed(_seed[0])
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def check(name, err, tol):
-    ok = err < tol
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: rel err {err:.2e} (tol {tol:.0e})", flush=True)
-    if not ok:
-        sys.exit(1)
 
 
 def layer(L, d_in, k, d_out, lead, dtype, bias=True):
