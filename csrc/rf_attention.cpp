@@ -311,6 +311,34 @@ std::tuple<Tensor, Tensor, Tensor> causal_backward(const Causal& cz, const Tenso
 // ---------------------------------------------------------------------------------------------
 // The ops.
 
+// The forward pass, shared by the op and its backward (which recomputes it rather than saving
+// O(L·m) features): features, [v|1], and num|den in one product (non-causal through the state kv).
+struct Pass {
+  Tensor W, vp, kv, outp;
+  Features fq, fk;
+  Causal cz;
+  double alpha = 0.0;
+};
+
+Pass forward_pass(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& projection, Kernel kern,
+                  bool causal, std::optional<double> scale, const std::optional<Tensor>& key_padding_mask) {
+  Pass p;
+  const auto ct = compute_type(q);
+  p.W = projection.to(ct);
+  p.alpha = feature_alpha(scale, q.size(3));
+  p.fq = query_features(q.to(ct), p.W, kern, p.alpha);
+  p.fk = key_features(k.to(ct), p.W, kern, p.alpha, causal, get_mask(key_padding_mask));
+  p.vp = append_ones(v.to(ct));
+  if (causal) {
+    p.cz = causal_prepare(p.fq.phi, p.fk.phi, p.vp, p.fk.M);
+    p.outp = causal_forward(p.cz);
+  } else {
+    p.kv = at::matmul(p.fk.phi.transpose(-2, -1), p.vp);
+    p.outp = at::matmul(p.fq.phi, p.kv);
+  }
+  return p;
+}
+
 Tensor rf_attention_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& projection,
                          c10::string_view kernel_fn, bool causal, std::optional<double> scale,
                          const std::optional<Tensor>& key_padding_mask) {
@@ -318,21 +346,8 @@ Tensor rf_attention_impl(const Tensor& q, const Tensor& k, const Tensor& v, cons
   check_inputs(q, k, v, projection, causal, scale, key_padding_mask);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), S = k.size(2), dv = v.size(3);
   if (B * H * Lq * dv == 0 || S == 0) return at::zeros({B, H, Lq, dv}, q.options());
-  const auto ct = compute_type(q);
-  const Tensor W = projection.to(ct);
-  const Tensor* mask = get_mask(key_padding_mask);
-  const double alpha = feature_alpha(scale, q.size(3));
-  Features fq = query_features(q.to(ct), W, kern, alpha);
-  Features fk = key_features(k.to(ct), W, kern, alpha, causal, mask);
-  Tensor vp = append_ones(v.to(ct));
-  Tensor outp;
-  if (causal) {
-    Causal cz = causal_prepare(fq.phi, fk.phi, vp, fk.M);
-    outp = causal_forward(cz);
-  } else {
-    outp = at::matmul(fq.phi, at::matmul(fk.phi.transpose(-2, -1), vp));
-  }
-  Tensor out = outp.narrow(-1, 0, dv) * safe_inverse(outp.narrow(-1, dv, 1));
+  const Pass p = forward_pass(q, k, v, projection, kern, causal, scale, key_padding_mask);
+  Tensor out = p.outp.narrow(-1, 0, dv) * safe_inverse(p.outp.narrow(-1, dv, 1));
   return out.to(q.scalar_type()).contiguous();
 }
 
@@ -351,26 +366,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rf_attention_backward_impl(
     return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()),
             at::zeros(v.sizes(), v.options()), at::zeros(projection.sizes(), projection.options())};
   }
-  const auto ct = compute_type(q);
-  const Tensor W = projection.to(ct);
-  const Tensor* mask = get_mask(key_padding_mask);
-  const double alpha = feature_alpha(scale, q.size(3));
   // recompute features and the forward (den and the chunk states are needed; nothing O(L m)
   // is saved by the forward)
-  Features fq = query_features(q.to(ct), W, kern, alpha);
-  Features fk = key_features(k.to(ct), W, kern, alpha, causal, mask);
-  Tensor vp = append_ones(v.to(ct));
-  Tensor g = grad_out.to(ct);
-
-  Causal cz;
-  Tensor kv, outp;
-  if (causal) {
-    cz = causal_prepare(fq.phi, fk.phi, vp, fk.M);
-    outp = causal_forward(cz);
-  } else {
-    kv = at::matmul(fk.phi.transpose(-2, -1), vp);
-    outp = at::matmul(fq.phi, kv);
-  }
+  const Pass p = forward_pass(q, k, v, projection, kern, causal, scale, key_padding_mask);
+  const Tensor &W = p.W, &vp = p.vp, &kv = p.kv, &outp = p.outp;
+  const Features &fq = p.fq, &fk = p.fk;
+  const Causal& cz = p.cz;
+  const double alpha = p.alpha;
+  Tensor g = grad_out.to(W.scalar_type());
   // out = num / den:  dL/dnum = g / den,  dL/dden = -(g . out) / den
   Tensor inv = safe_inverse(outp.narrow(-1, dv, 1));
   Tensor o = outp.narrow(-1, 0, dv) * inv;
