@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 import panther  # noqa: F401  (loads the native ops)
-from panther.ops.attention import _check_rf, _rf_backward, _rf_setup_context
+from panther.ops.attention import _check_rf, _rf_setup_context
 
 try:  # Triton is optional: without it every call takes the C++ op.
     import triton
@@ -505,8 +505,15 @@ def rf_attention_triton_op(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, 
                                           key_padding_mask)
 
 
-# Same autograd as panther::rf_attention: its C++ backward recomputes features and chunk states.
-torch.library.register_autograd("panther::rf_attention_triton", _rf_backward, setup_context=_rf_setup_context)
+def _rf_triton_backward(ctx, grad):
+    # the fused backward (inductor_ext/triton_attention_bwd.py) where the kernels serve the call
+    # and the projection needs no gradient; else the C++ backward, as for panther::rf_attention
+    from inductor_ext import triton_attention_bwd
+    return triton_attention_bwd.autograd_backward(ctx, grad)
+
+
+torch.library.register_autograd("panther::rf_attention_triton", _rf_triton_backward,
+                                setup_context=_rf_setup_context)
 
 
 def rf_attention_triton(q, k, v, projection, kernel_fn="softmax", causal=False, scale=None,
@@ -596,3 +603,7 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
                         print(f"  sweep {name} L={L_} B={B_}: seg={seg} warps={warps} "
                               f"stages={stages} block_n={bn}: {ms} ms", flush=True)
     return rows
+
+
+# registers panther::rf_attention_triton_backward (imported last: it uses the kernels above)
+from inductor_ext import triton_attention_bwd  # noqa: E402,F401
