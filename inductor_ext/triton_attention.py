@@ -545,9 +545,20 @@ def _time_ms(fn, iters=20):
     return start.elapsed_time(end) / iters
 
 
+def _rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, backward=True,
-                           sweep=False):
-    """Prints SDPA vs the C++ op vs the Triton op (forward, and forward+backward) on CUDA."""
+                           sweep=False, long_len=262144):
+    """Prints SDPA vs the C++ op vs the Triton op (forward, and forward+backward) on CUDA.
+
+    fwd+bwd of the Triton op uses the fused Triton backward (the projection needs no gradient);
+    "triton bwd ms" times that backward alone, "bwd_vs_c++" is the largest relative error of its
+    dq, dk, dv against the C++ backward. ``long_len`` adds a causal B=1 forward+backward at that
+    length (Triton only) with its peak memory. ``sweep`` also times launch parameters of the
+    forward and of the backward."""
     import torch.nn.functional as F
     if not torch.cuda.is_available():
         print("bench_triton_attention: CUDA not available")
@@ -567,7 +578,7 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
             "triton": lambda: rf_attention_triton(q, k, v, W, "softmax", causal),
         }
         ref = fns["c++"]().float()
-        err = ((fns["triton"]().float() - ref).norm() / ref.norm()).item()
+        err = _rel(fns["triton"](), ref)
         line = {"case": f"{name} L={L} B={B}", "triton_vs_c++_rel_err": f"{err:.2e}"}
         with torch.no_grad():
             for key, fn in fns.items():
@@ -581,28 +592,93 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
                                                               None, None),
                 "triton": lambda: rf_attention_triton(qg, kg, vg, W, "softmax", causal),
             }
+            gref = torch.ops.panther.rf_attention_backward(go, q, k, v, W, "softmax", causal, None,
+                                                           None, False)[:3]
+            gtri = torch.autograd.grad(bw["triton"](), (qg, kg, vg), go)
+            line["bwd_vs_c++_rel_err"] = f"{max(_rel(a, b) for a, b in zip(gtri, gref)):.2e}"
+            del gref, gtri
             for key, fn in bw.items():
                 line[f"{key} fwd+bwd ms"] = round(
                     _time_ms(lambda: torch.autograd.grad(fn(), (qg, kg, vg), go), iters=5), 3)
+            line["triton bwd ms"] = round(_time_ms(
+                lambda: torch.ops.panther.rf_attention_triton_backward(
+                    go, q, k, v, W, "softmax", causal, None, None), iters=10), 3)
         print(line, flush=True)
         rows.append(line)
         if sweep:
-            # launch parameters of the Triton path (forward only), to pick the defaults
-            B_, H_, L_ = q.shape[0], q.shape[1], q.shape[2]
-            for seg in (None, 256, 512, 1024):
-                for warps, stages in ((4, 1), (8, 1), (8, 2), (8, 3)) if causal else ((8, 2),):
-                    for bn in (64,) if causal else (32, 64, 128):
-                        def run_cfg():
-                            return _forward(q, k, v, W, "softmax", causal, None, None, seg=seg,
-                                            block_n=bn, causal_warps=warps,
-                                            causal_stages=stages)
-                        try:
-                            ms = round(_time_ms(run_cfg, iters=10), 3)
-                        except Exception as exc:  # noqa: BLE001 - report and go on
-                            ms = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
-                        print(f"  sweep {name} L={L_} B={B_}: seg={seg} warps={warps} "
-                              f"stages={stages} block_n={bn}: {ms} ms", flush=True)
+            _sweep(q, k, v, W, name, causal, backward)
+        del q, k, v, fns
+        torch.cuda.empty_cache()
+    if backward and long_len:
+        rows.append(_bench_long(long_len, m, H, d, dtype, sweep))
     return rows
+
+
+def _bench_long(L, m, H, d, dtype, sweep):
+    """Causal B=1 forward + backward at length L with the Triton op: time and peak memory."""
+    from panther.sketch import orthogonal_random_features
+    dev = torch.device("cuda")
+    torch.cuda.empty_cache()
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(1, H, L, d, device=dev, dtype=dtype, generator=g).requires_grad_()
+               for _ in range(3))
+    W = orthogonal_random_features(m, d, device=dev, dtype=torch.float32)
+    go = torch.randn_like(q)
+    inputs_mb = 4 * q.numel() * q.element_size() / 2**20  # q, k, v, grad_out
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    grads = torch.autograd.grad(rf_attention_triton(q, k, v, W, "softmax", True), (q, k, v), go)
+    torch.cuda.synchronize()
+    peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ok = all(bool(torch.isfinite(t).all()) for t in grads)
+    del grads
+    line = {"case": f"causal L={L} B=1 H={H} fwd+bwd (triton)",
+            "triton fwd+bwd ms": round(_time_ms(
+                lambda: torch.autograd.grad(rf_attention_triton(q, k, v, W, "softmax", True),
+                                            (q, k, v), go), iters=3), 3),
+            "peak MiB above inputs": round(peak_mb, 1), "inputs+grad_out MiB": round(inputs_mb, 1),
+            "max_memory_allocated MiB": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+            "finite grads": ok}
+    print(line, flush=True)
+    if sweep:
+        _sweep(q.detach(), k.detach(), v.detach(), W, f"causal L={L}", True, True, fwd=False)
+    return line
+
+
+def _sweep(q, k, v, W, name, causal, backward, fwd=True):
+    """Times the Triton forward / backward over launch parameters, to pick the defaults."""
+    B_, L_ = q.shape[0], q.shape[2]
+    if fwd:
+        for seg in (None, 256, 512, 1024):
+            for warps, stages in ((4, 1), (8, 1), (8, 2), (8, 3)) if causal else ((8, 2),):
+                for bn in (64,) if causal else (32, 64, 128):
+                    def run_cfg():
+                        return _forward(q, k, v, W, "softmax", causal, None, None, seg=seg,
+                                        block_n=bn, causal_warps=warps, causal_stages=stages)
+                    try:
+                        ms = round(_time_ms(run_cfg, iters=10), 3)
+                    except Exception as exc:  # noqa: BLE001 - report and go on
+                        ms = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
+                    print(f"  sweep fwd {name} L={L_} B={B_}: seg={seg} warps={warps} "
+                          f"stages={stages} block_n={bn}: {ms} ms", flush=True)
+    if not backward:
+        return
+    from inductor_ext.triton_attention_bwd import _backward
+    go = torch.randn_like(q)
+    for seg in (None, 512, 1024, 2048):
+        for bf in (32, 64):
+            for qw, kw in ((4, 4), (8, 8), (8, 4), (4, 8)):
+                for stages in (1, 2):
+                    def run_bwd():
+                        return _backward(go, q, k, v, W, "softmax", causal, None, None, seg=seg,
+                                         block_f=bf, q_warps=qw, k_warps=kw, stages=stages)
+                    try:
+                        ms = round(_time_ms(run_bwd, iters=5), 3)
+                    except Exception as exc:  # noqa: BLE001 - report and go on
+                        ms = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
+                    print(f"  sweep bwd {name} L={L_} B={B_}: seg={seg} block_f={bf} "
+                          f"q_warps={qw} k_warps={kw} stages={stages}: {ms} ms", flush=True)
 
 
 # registers panther::rf_attention_triton_backward (imported last: it uses the kernels above)

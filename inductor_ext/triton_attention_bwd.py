@@ -61,16 +61,22 @@ if triton is not None:
 __all__ = ["rf_attention_triton_backward_op", "backward_params"]
 
 # launch parameters of the backward (a sweep can change them: see bench_triton_attention)
-backward_params = {"seg": None, "block_f": 64, "q_warps": 8, "k_warps": 8, "stages": 2}
+backward_params = {"seg": None, "block_f": 64, "q_warps": 8, "k_warps": 8, "stages": 2,
+                   "tf32": False}
 
 
 if triton is not None:
 
     @triton.jit
-    def _dot(a, b, UPCAST: tl.constexpr):
-        # attention-side products: fp32 (ieee) or bf16 operands (fp16 could overflow: G ~ 1/den)
+    def _dot(a, b, UPCAST: tl.constexpr, TF32: tl.constexpr):
+        """Attention-side products, fp32 accumulation. Operands: fp32 (ieee) for fp32 inputs and
+        in the interpreter; else bf16 (fp16 could overflow: G ~ 1/den), or tf32 when TF32 (8x
+        finer rounding at half the tensor-core rate: about 4e-3 instead of 1.5e-2 relative error
+        in bf16 gradients, emulated)."""
         if UPCAST:
             r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        elif TF32:
+            r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
         else:
             r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
         return r
@@ -88,6 +94,7 @@ if triton is not None:
         sdb, sdh, sdl, sdd,
         alpha,
         KERNEL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+        TF32: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
         C: tl.constexpr,
     ):
@@ -198,14 +205,14 @@ if triton is not None:
                     a += _mm(phq.to(qt.dtype), tl.trans(phk.to(qt.dtype)), UPCAST)
                 st = tl.load(s_base + offs_f[:, None] * DV_PAD + offs_v[None, :])
                 zf = tl.load(z_base + offs_f)
-                inum += _dot(phq, st, UPCAST)
+                inum += _dot(phq, st, UPCAST, TF32)
                 iden += tl.sum(phq * zf[None, :], axis=1)
             if CAUSAL:
                 if KERNEL == 0:
                     a = tl.where(tril, a * tl.exp(tl.minimum(mt[None, :] - mt[:, None], 0.0)), 0.0)
                 else:
                     a = tl.where(tril, a, 0.0)
-                num = _dot(a, vt, UPCAST) + inum * fac[:, None]
+                num = _dot(a, vt, UPCAST, TF32) + inum * fac[:, None]
                 den = tl.sum(a, axis=1) + iden * fac
             else:
                 num = inum
@@ -221,7 +228,7 @@ if triton is not None:
                 tl.store(r_base + 2 * LROW + rows, kq, mask=r_ok)
                 tl.store(r_base + 3 * LROW + rows, mt, mask=r_ok)
                 # dA[t, s] = G_t . [v_s, 1], with the intra-chunk weights' mask and decay
-                da = _dot(gv, tl.trans(vt), UPCAST) - gdo[:, None]
+                da = _dot(gv, tl.trans(vt), UPCAST, TF32) - gdo[:, None]
                 if KERNEL == 0:
                     da = tl.where(tril, da * tl.exp(tl.minimum(mt[None, :] - mt[:, None], 0.0)), 0.0)
                 else:
@@ -243,7 +250,7 @@ if triton is not None:
                 s_ptr = s_base + offs_f[:, None] * DV_PAD + offs_v[None, :]
                 st = tl.load(s_ptr)
                 zf = tl.load(z_base + offs_f)
-                dphq = _dot(gv, tl.trans(st), UPCAST) - gdo[:, None] * zf[None, :]
+                dphq = _dot(gv, tl.trans(st), UPCAST, TF32) - gdo[:, None] * zf[None, :]
                 if CAUSAL:
                     ek, _kk = _features(kt, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
                     if KERNEL == 0:
@@ -251,18 +258,18 @@ if triton is not None:
                                        tl.exp(ek - mt[:, None]), 0.0)
                     else:
                         phk = ek
-                    dphq = dphq * fac[:, None] + _dot(da, phk, UPCAST)
+                    dphq = dphq * fac[:, None] + _dot(da, phk, UPCAST, TF32)
                 if KERNEL == 0:
                     du = dphq * phq
                 else:
                     du = tl.where(eq > 0.0, dphq, 0.0)
                 w_f = tl.load(W + offs_f[:, None] * swm + offs_d[None, :] * swd,
                               mask=feat_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                dqa += _dot(du, w_f, UPCAST)
+                dqa += _dot(du, w_f, UPCAST, TF32)
                 rs += tl.sum(du, axis=1)
                 qf = phq * pfac[:, None]
                 pi_ptr = pi_base + offs_f[:, None] * DV_PAD + offs_v[None, :]
-                tl.store(pi_ptr, tl.load(pi_ptr) + _dot(tl.trans(qf), gv, UPCAST))
+                tl.store(pi_ptr, tl.load(pi_ptr) + _dot(tl.trans(qf), gv, UPCAST, TF32))
                 tl.store(pz_base + offs_f,
                          tl.load(pz_base + offs_f) - tl.sum(qf * gdo[:, None], axis=0))
                 if CAUSAL:
@@ -270,8 +277,10 @@ if triton is not None:
                         phk = phk * kscale[:, None]
                         st = st * r
                         zf = zf * r
-                    st += _dot(tl.trans(phk), vt, UPCAST)
+                    st += _dot(tl.trans(phk), vt, UPCAST, TF32)
                     zf += tl.sum(phk, axis=0)
+                    # every thread's reads of this block (st, zf feed dq) precede the update
+                    tl.debug_barrier()
                     tl.store(s_ptr, st)
                     tl.store(z_base + offs_f, zf)
             if KERNEL == 0:
@@ -327,6 +336,7 @@ if triton is not None:
         sdvb, sdvh, sdvl, sdvd,
         alpha,
         KERNEL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+        TF32: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
         C: tl.constexpr,
     ):
@@ -396,7 +406,7 @@ if triton is not None:
                     eks = tl.exp(mt - rc)                            # key s at M_s -> R_c
                     facq = tl.exp(rprev - mt)                        # query t at M_t -> R_prev
                     r = tl.exp(rprev - rc)                           # state R_c -> R_prev
-                da = _dot(gv, tl.trans(vt), UPCAST) - gdo[:, None]
+                da = _dot(gv, tl.trans(vt), UPCAST, TF32) - gdo[:, None]
                 if KERNEL == 0:
                     decay = tl.exp(tl.minimum(mt[None, :] - mt[:, None], 0.0))
                     da = tl.where(tril, da * decay, 0.0)
@@ -420,8 +430,8 @@ if triton is not None:
                 pv = tl.load(p_ptr)
                 pz = tl.load(pz_base + offs_f)
                 # dphi_k[s] = P [v_s, 1] (later chunks), at the key's reference
-                dphk = _dot(vt, tl.trans(pv), UPCAST) + pz[None, :]
-                dvi += _dot(phk, pv, UPCAST)
+                dphk = _dot(vt, tl.trans(pv), UPCAST, TF32) + pz[None, :]
+                dvi += _dot(phk, pv, UPCAST, TF32)
                 if CAUSAL:
                     eq, _kq = _features(qt, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
                     if KERNEL == 0:
@@ -429,13 +439,16 @@ if triton is not None:
                     else:
                         phq = eq
                     a += _mm(phq.to(qt.dtype), tl.trans(phk.to(qt.dtype)), UPCAST)
-                    dphk = dphk * eks[:, None] + _dot(tl.trans(da), phq, UPCAST)
+                    dphk = dphk * eks[:, None] + _dot(tl.trans(da), phq, UPCAST, TF32)
                     # the state gains this chunk's queries (moves to the previous chunk's end)
                     qf = phq * facq[:, None]
                     if KERNEL == 0:
                         pv = pv * r
                         pz = pz * r
-                    tl.store(p_ptr, pv + _dot(tl.trans(qf), gv, UPCAST))
+                    pv += _dot(tl.trans(qf), gv, UPCAST, TF32)
+                    # every thread's reads of this block (pv, pz feed dk, dv) precede the update
+                    tl.debug_barrier()
+                    tl.store(p_ptr, pv)
                     tl.store(pz_base + offs_f, pz - tl.sum(qf * gdo[:, None], axis=0))
                 if KERNEL == 0:
                     du = dphk * phk
@@ -443,14 +456,14 @@ if triton is not None:
                     du = tl.where(ek > 0.0, dphk, 0.0)
                 w_f = tl.load(W + offs_f[:, None] * swm + offs_d[None, :] * swd,
                               mask=feat_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                dka += _dot(du, w_f, UPCAST)
+                dka += _dot(du, w_f, UPCAST, TF32)
                 rs += tl.sum(du, axis=1)
             if CAUSAL:
                 if KERNEL == 0:
                     a = tl.where(tril, a * decay, 0.0)
                 else:
                     a = tl.where(tril, a, 0.0)
-                dvv = _dot(tl.trans(a), gv, UPCAST) + dvi * eks[:, None]
+                dvv = _dot(tl.trans(a), gv, UPCAST, TF32) + dvi * eks[:, None]
             else:
                 dvv = dvi
             if KERNEL == 0:
@@ -468,9 +481,14 @@ if triton is not None:
 # Launch
 # --------------------------------------------------------------------------------------------
 def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *, seg=None,
-              block_f=None, q_warps=None, k_warps=None, stages=None):
-    """(dq, dk, dv) of ``panther::rf_attention`` by the fused kernels (no projection gradient)."""
+              block_f=None, q_warps=None, k_warps=None, stages=None, tf32=None):
+    """(dq, dk, dv) of ``panther::rf_attention`` by the fused kernels (no projection gradient).
+    Launch parameters default to ``backward_params``: ``seg`` keys/queries per program of the
+    chunk walks (None: about 4 programs per SM), ``block_f`` features per streamed block,
+    ``q_warps`` / ``k_warps`` warps of the dq / dk-dv walks, ``stages`` software-pipelining
+    depth, ``tf32`` tf32 instead of bf16 operands for half inputs."""
     p = backward_params
+    tf32 = p["tf32"] if tf32 is None else tf32
     seg = p["seg"] if seg is None else seg
     block_f = block_f or p["block_f"]
     q_warps = q_warps or p["q_warps"]
@@ -497,8 +515,8 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     if _INTERPRET:
         for t in (dq, dk, dvo):
             t.fill_(float("nan"))  # an element the kernels fail to write fails the checks
-    meta = dict(KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast, M_PAD=M_PAD, D_PAD=D_PAD,
-                DV_PAD=DV_PAD, BLOCK_F=block_f, C=C, num_stages=stages)
+    meta = dict(KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast, TF32=bool(tf32), M_PAD=M_PAD,
+                D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, C=C, num_stages=stages)
     # ---- the forward's key states: prefix states at segment starts (causal) / total (non-causal)
     kblock = C if causal else 64
     if causal and seg is not None:
