@@ -32,8 +32,13 @@ whose parallelism is B·H·segments, not B·H. Non-causal is three launches as w
 
 Registered as ``torch.library.triton_op("panther::rf_attention_triton")``. A device branch sends CPU
 tensors, float64 and shapes the kernels do not cover (head dim > 128, m > 256, dv > 128, empty) to
-``torch.ops.panther.rf_attention``. The backward is the C++ ``panther::rf_attention_backward``. Under
-``TRITON_INTERPRET=1`` (set before triton is imported) CPU tensors run the kernels in Triton's
+``torch.ops.panther.rf_attention``. The backward is the fused Triton backward
+(``inductor_ext/triton_attention_bwd.py``, triton_op ``panther::rf_attention_triton_backward``)
+where the kernels serve the call and the projection needs no gradient, else the C++
+``panther::rf_attention_backward``. ``rf_attention_triton`` calls the variant
+``panther::rf_attention_triton_train`` when a gradient is needed: the same output plus per-row
+den and shifts (``SAVE_STATS`` below), which spare the backward's dq walk two of its three passes.
+Under ``TRITON_INTERPRET=1`` (set before triton is imported) CPU tensors run the kernels in Triton's
 interpreter (eager only): that is how CPU CI checks the arithmetic.
 """
 from __future__ import annotations
@@ -207,7 +212,7 @@ if triton is not None:
 
     @triton.jit
     def _query_kernel(
-        Q, W, ST, ZT, O,
+        Q, W, ST, ZT, O, STATS,
         H, L, M, D, DV,
         sqb, sqh, sql, sqd,
         swm, swd,
@@ -215,8 +220,10 @@ if triton is not None:
         alpha,
         KERNEL: tl.constexpr, UPCAST: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+        SAVE_STATS: tl.constexpr,
     ):
-        """out = phi(q)·S / phi(q)·z for one query block (0 where the denominator is 0)."""
+        """out = phi(q)·S / phi(q)·z for one query block (0 where the denominator is 0).
+        SAVE_STATS: per row den and the query shift into STATS (B·H, 3, L) for the backward."""
         bh = tl.program_id(0)
         pm = tl.program_id(1)
         b = bh // H
@@ -248,10 +255,14 @@ if triton is not None:
         tl.store(O + b.to(tl.int64) * sob + hh.to(tl.int64) * soh + rows64[:, None] * sol
                  + offs_v[None, :] * sod, out.to(O.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_v[None, :] < DV))
+        if SAVE_STATS:
+            s_base = STATS + bh.to(tl.int64) * (3 * L)
+            tl.store(s_base + rows64, den, mask=row_ok)
+            tl.store(s_base + L + rows64, kappa, mask=row_ok)
 
     @triton.jit
     def _causal_kernel(
-        Q, K, V, W, MASK, P, Z, RP, O,
+        Q, K, V, W, MASK, P, Z, RP, O, STATS,
         H, L, M, D, DV, SEG,
         sqb, sqh, sql, sqd,
         skb, skh, sks, skd,
@@ -262,9 +273,11 @@ if triton is not None:
         alpha,
         KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
-        C: tl.constexpr, HALF_STATE: tl.constexpr,
+        C: tl.constexpr, HALF_STATE: tl.constexpr, SAVE_STATS: tl.constexpr,
     ):
         """One segment of one (b, h): chunk walk from the segment's prefix state (P, Z at RP).
+        SAVE_STATS: per row den, the query shift and the key running max M into STATS
+        (B·H, 3, L) for the backward.
 
         The (m × dv) state would not fit the registers next to the feature tiles, so it stays in
         this program's own slice of P (L2-resident) and is streamed per feature block: pass 1
@@ -378,6 +391,12 @@ if triton is not None:
             out = tl.where((den == 0.0)[:, None], 0.0, out)
             tl.store(o_base + rows64[:, None] * sol + offs_v[None, :] * sod,
                      out.to(O.dtype.element_ty), mask=in_seq[:, None] & (offs_v[None, :] < DV))
+            if SAVE_STATS:
+                s_base = STATS + bh.to(tl.int64) * (3 * L)
+                tl.store(s_base + rows64, den, mask=in_seq)
+                if KERNEL == 0:
+                    tl.store(s_base + L + rows64, kq, mask=in_seq)
+                    tl.store(s_base + 2 * L + rows64, mt, mask=in_seq)
             # the state slice is re-read by other threads in the next chunk
             tl.debug_barrier()
 
@@ -419,7 +438,9 @@ def _splits(bh, length, block, device, min_len):
 
 def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *, seg=None,
              block_n=64, block_m=64,
-             causal_warps=8, causal_stages=2, block_f=None):
+             causal_warps=8, causal_stages=2, block_f=None, stats=None):
+    """The output; ``stats`` (a (B·H, 3, Lq) fp32 buffer) also receives per row den, the query
+    shift and (causal) the key running max, which the fused backward reuses."""
     B, H, Lq, d = q.shape
     S, dv, m = k.shape[2], v.shape[3], projection.shape[0]
     dev = q.device
@@ -464,13 +485,13 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
         RP = torch.empty((BH, nsplit), device=dev, dtype=f32)
         _launcher(_merge_kernel)[(BH, NF)](P, Z, MX, RP, P, Z, nsplit, PREFIX=True, **merge_meta)
         _launcher(_causal_kernel)[(BH, nsplit)](
-            q, k, v, W, mask, P, Z, RP, out,
+            q, k, v, W, mask, P, Z, RP, out, stats if stats is not None else RP,
             H, Lq, m, d, dv, seg,
             *q.stride(), *k.stride(), *v.stride(), *W.stride(), *mask.stride(), *out.stride(),
             alpha,
             KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
             M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, C=CHUNK,
-            HALF_STATE=q.dtype != torch.float32,
+            HALF_STATE=q.dtype != torch.float32, SAVE_STATS=stats is not None,
             num_warps=causal_warps, num_stages=causal_stages)
         return out
     # the state is read by every query block: bf16 for half inputs (fp16 could overflow: it sums
@@ -480,12 +501,12 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     ZT = torch.empty((BH, M_PAD), device=dev, dtype=f32)
     _launcher(_merge_kernel)[(BH, NF)](P, Z, MX, MX, ST, ZT, nsplit, PREFIX=False, **merge_meta)
     _launcher(_query_kernel)[(BH, triton.cdiv(Lq, block_m))](
-        q, W, ST, ZT, out,
+        q, W, ST, ZT, out, stats if stats is not None else ZT,
         H, Lq, m, d, dv,
         *q.stride(), *W.stride(), *out.stride(),
         alpha,
         KERNEL=kid, UPCAST=upcast,
-        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_M=block_m,
+        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_M=block_m, SAVE_STATS=stats is not None,
         num_warps=4 if _INTERPRET else 8)
     return out
 
@@ -516,17 +537,26 @@ torch.library.register_autograd("panther::rf_attention_triton", _rf_triton_backw
                                 setup_context=_rf_setup_context)
 
 
+def _attend(*args):
+    # with a gradient to come, the variant that also returns the forward's per-row statistics
+    # (den, shifts), which spares the fused backward two of its three passes
+    q, k, v = args[:3]
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                       for t in (q, k, v)):
+        return torch.ops.panther.rf_attention_triton_train(*args)[0]
+    return torch.ops.panther.rf_attention_triton(*args)
+
+
 def rf_attention_triton(q, k, v, projection, kernel_fn="softmax", causal=False, scale=None,
                         key_padding_mask=None):
-    """Drop-in for ``panther.ops.rf_attention`` that runs the fused Triton kernels on CUDA."""
+    """Drop-in for ``panther.ops.rf_attention`` that runs the fused Triton kernels on CUDA
+    (forward and backward)."""
     if isinstance(q, Tensor) and torch.is_autocast_enabled(q.device.type):
         dt = torch.get_autocast_dtype(q.device.type)
         with torch.autocast(q.device.type, enabled=False):
-            return torch.ops.panther.rf_attention_triton(
-                q.to(dt), k.to(dt), v.to(dt), projection.to(dt), kernel_fn, causal, scale,
-                key_padding_mask)
-    return torch.ops.panther.rf_attention_triton(q, k, v, projection, kernel_fn, causal, scale,
-                                                 key_padding_mask)
+            return _attend(q.to(dt), k.to(dt), v.to(dt), projection.to(dt), kernel_fn, causal,
+                           scale, key_padding_mask)
+    return _attend(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
 
 
 # --------------------------------------------------------------------------------------------

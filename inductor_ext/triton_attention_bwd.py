@@ -19,7 +19,8 @@ phi(q), phi(k) are recomputed on chip from q, k and W and never written to HBM; 
 
 Causal (chunks of C = 64 as in the forward, parallel over B·H·segments):
     1. ``_kv_state_kernel`` + ``_merge_kernel`` (the forward's): prefix states at segment starts.
-    2. ``_bwd_q_kernel`` grid (B·H, segments): the forward chunk walk again (row maxima, num/den),
+    2. ``_bwd_q_kernel`` grid (B·H, segments): the forward chunk walk again (row maxima, num/den;
+       or, on the training path, the forward's saved out and per-row den / shifts instead),
        then per chunk ``dq`` from the intra-chunk ``dA phi_k`` and the inter-chunk ``G S^T``. It writes
        per row ``1/den``, ``(g.o)/den``, the query shift and the key running max (4 floats a row)
        and each segment's suffix increment ``sum_t exp(R_seg - M_t) phi_q[t]^T G_t`` (own reference).
@@ -38,8 +39,12 @@ reference, suffix states rescaled by ``exp(R_prev - R) <= 1`` as the walk moves 
 keys at the overall max of the visible keys (the reference the merged forward state is at).
 
 Registered as ``torch.library.triton_op("panther::rf_attention_triton_backward")`` (Inductor inlines
-it when compiled); a device branch sends what ``kernel_ok`` rejects to the C++ backward. Under
-``TRITON_INTERPRET=1`` CPU tensors run the kernels in Triton's interpreter.
+it when compiled); a device branch sends what ``kernel_ok`` rejects to the C++ backward. Also here:
+``panther::rf_attention_triton_train`` (the forward that also returns the per-row statistics) and
+its autograd. Under ``TRITON_INTERPRET=1`` CPU tensors run the kernels in Triton's interpreter.
+
+Work per chunk and feature block (GEMMs of about 64x64x64): dq walk 7 (13 when recomputing),
+dk/dv walk 8, key states 2; features are recomputed twice (four times when recomputing).
 """
 from __future__ import annotations
 
@@ -58,7 +63,7 @@ if triton is not None:
 
     from inductor_ext.triton_attention import _features, _kv_state_kernel, _merge_kernel, _mm
 
-__all__ = ["rf_attention_triton_backward_op", "backward_params"]
+__all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op", "backward_params"]
 
 # launch parameters of the backward (a sweep can change them: see bench_triton_attention)
 backward_params = {"seg": None, "block_f": 64, "q_warps": 8, "k_warps": 8, "stages": 2,
@@ -83,7 +88,7 @@ if triton is not None:
 
     @triton.jit
     def _bwd_q_kernel(
-        Q, K, V, GO, W, MASK, ST, ZT, RP, PI, PZ, ROWS, DQ,
+        Q, K, V, GO, W, MASK, ST, ZT, RP, PI, PZ, ROWS, DQ, OUT, STATS,
         H, L, M, D, DV, SEG, LROW, ST_BH, ST_SG,
         sqb, sqh, sql, sqd,
         skb, skh, sks, skd,
@@ -92,9 +97,10 @@ if triton is not None:
         swm, swd,
         smb, sms,
         sdb, sdh, sdl, sdd,
+        sob, soh, sol, sod,
         alpha,
         KERNEL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
-        TF32: tl.constexpr,
+        TF32: tl.constexpr, HAS_STATS: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
         C: tl.constexpr,
     ):
@@ -102,7 +108,8 @@ if triton is not None:
 
         Causal: the forward's chunk walk from the segment's prefix state (ST, ZT at RP), the state
         streamed per feature block through this program's slice. Per chunk: pass 0 row maxima,
-        pass 1 num/den (-> G), pass 2 dphi_q, dq, the increment and the state update.
+        pass 1 num/den (-> G), pass 2 dphi_q, dq, the increment and the state update. HAS_STATS:
+        the forward's output OUT and per-row STATS (den, query shift, M) replace passes 0 and 1.
         Non-causal: ST, ZT is the total state (ST_SG = 0, read only), no intra-chunk part."""
         bh = tl.program_id(0)
         sg = tl.program_id(1)
@@ -126,6 +133,7 @@ if triton is not None:
         v_base = V + b.to(tl.int64) * svb + hh.to(tl.int64) * svh
         g_base = GO + b.to(tl.int64) * sgb + hh.to(tl.int64) * sgh
         d_base = DQ + b.to(tl.int64) * sdb + hh.to(tl.int64) * sdh
+        o_base = OUT + b.to(tl.int64) * sob + hh.to(tl.int64) * soh
         for f0 in range(0, M_PAD, BLOCK_F):  # the increment starts at zero
             offs_f = f0 + offs_fb
             tl.store(pi_base + offs_f[:, None] * DV_PAD + offs_v[None, :],
@@ -155,12 +163,20 @@ if triton is not None:
                              mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
                 vt = tl.load(v_base + rows64[:, None] * svs + offs_v[None, :] * svd,
                              mask=key_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
-            # ---- pass 0 (softmax): row maxima over all features
             kq = tl.zeros((C,), dtype=tl.float32)
             mt = tl.zeros((C,), dtype=tl.float32)
             fac = tl.full((C,), 1.0, tl.float32)
             pfac = tl.full((C,), 1.0, tl.float32)
-            if KERNEL == 0:
+            if HAS_STATS:
+                # the forward's per-row den, query shift and key running max: no passes 0, 1
+                x_base = STATS + bh.to(tl.int64) * (3 * L)
+                den = tl.load(x_base + rows64, mask=in_seq, other=0.0)
+                if KERNEL == 0:
+                    kq = tl.load(x_base + L + rows64, mask=in_seq, other=0.0)
+                    if CAUSAL:
+                        kk = tl.load(x_base + 2 * L + rows64, mask=in_seq, other=-3.0e38)
+            elif KERNEL == 0:
+                # ---- pass 0 (softmax): row maxima over all features
                 kq = tl.full((C,), -3.0e38, tl.float32)
                 kk = tl.full((C,), -3.0e38, tl.float32)
                 for f0 in range(0, M, BLOCK_F):
@@ -173,54 +189,64 @@ if triton is not None:
                     if CAUSAL:
                         _e, kk_f = _features(kt, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
                         kk = tl.maximum(kk, kk_f)
+            if KERNEL == 0:
                 if CAUSAL:
+                    # running max over keys <= t (kk: key maxima, or the saved M itself)
                     mt = tl.max(tl.where(tril, kk[None, :], -3.0e38), axis=1)
                     mt = tl.maximum(mt, run)
-                    new = tl.maximum(run, tl.max(kk, axis=0))
+                    new = tl.max(mt, axis=0)
                     fac = tl.exp(run - mt)          # carried state (reference run) -> M_t
                     r = tl.exp(run - new)           # carried state -> this chunk's end
                     kscale = tl.exp(mt - new)       # key s at M_s -> chunk end
                     pfac = tl.exp(ref0 - mt)        # query t's G at M_t -> the segment's start
-            # ---- pass 1: num | den
-            a = tl.zeros((C, C), dtype=tl.float32)
-            inum = tl.zeros((C, DV_PAD), dtype=tl.float32)
-            iden = tl.zeros((C,), dtype=tl.float32)
-            for f0 in range(0, M, BLOCK_F):
-                offs_f = f0 + offs_fb
-                feat_ok = offs_f < M
-                w_t = tl.load(W + offs_f[None, :] * swm + offs_d[:, None] * swd,
-                              mask=feat_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-                eq, _kq = _features(qt, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
-                if KERNEL == 0:
-                    phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
-                else:
-                    phq = eq
-                if CAUSAL:
-                    ek, _kk = _features(kt, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
-                    if KERNEL == 0:
-                        phk = tl.where(feat_ok[None, :] & key_ok[:, None],
-                                       tl.exp(ek - mt[:, None]), 0.0)
-                    else:
-                        phk = ek
-                    a += _mm(phq.to(qt.dtype), tl.trans(phk.to(qt.dtype)), UPCAST)
-                st = tl.load(s_base + offs_f[:, None] * DV_PAD + offs_v[None, :])
-                zf = tl.load(z_base + offs_f)
-                inum += _dot(phq, st, UPCAST, TF32)
-                iden += tl.sum(phq * zf[None, :], axis=1)
-            if CAUSAL:
-                if KERNEL == 0:
-                    a = tl.where(tril, a * tl.exp(tl.minimum(mt[None, :] - mt[:, None], 0.0)), 0.0)
-                else:
-                    a = tl.where(tril, a, 0.0)
-                num = _dot(a, vt, UPCAST, TF32) + inum * fac[:, None]
-                den = tl.sum(a, axis=1) + iden * fac
+            if HAS_STATS:
+                ot = tl.load(o_base + rows64[:, None] * sol + offs_v[None, :] * sod,
+                             mask=in_seq[:, None] & (offs_v[None, :] < DV), other=0.0)
+                inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
+                gv = go * inv[:, None]
+                gdo = tl.sum(gv * ot.to(tl.float32), axis=1)
             else:
-                num = inum
-                den = iden
-            # ---- G = [g / den, -(g . o) / den]  (0 where den == 0)
-            inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
-            gv = go * inv[:, None]
-            gdo = tl.sum(gv * num, axis=1) * inv
+                # ---- pass 1: num | den
+                a = tl.zeros((C, C), dtype=tl.float32)
+                inum = tl.zeros((C, DV_PAD), dtype=tl.float32)
+                iden = tl.zeros((C,), dtype=tl.float32)
+                for f0 in range(0, M, BLOCK_F):
+                    offs_f = f0 + offs_fb
+                    feat_ok = offs_f < M
+                    w_t = tl.load(W + offs_f[None, :] * swm + offs_d[:, None] * swd,
+                                  mask=feat_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+                    eq, _kq = _features(qt, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
+                    if KERNEL == 0:
+                        phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
+                    else:
+                        phq = eq
+                    if CAUSAL:
+                        ek, _kk = _features(kt, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
+                        if KERNEL == 0:
+                            phk = tl.where(feat_ok[None, :] & key_ok[:, None],
+                                           tl.exp(ek - mt[:, None]), 0.0)
+                        else:
+                            phk = ek
+                        a += _mm(phq.to(qt.dtype), tl.trans(phk.to(qt.dtype)), UPCAST)
+                    st = tl.load(s_base + offs_f[:, None] * DV_PAD + offs_v[None, :])
+                    zf = tl.load(z_base + offs_f)
+                    inum += _dot(phq, st, UPCAST, TF32)
+                    iden += tl.sum(phq * zf[None, :], axis=1)
+                if CAUSAL:
+                    if KERNEL == 0:
+                        a = tl.where(tril, a * tl.exp(tl.minimum(mt[None, :] - mt[:, None], 0.0)),
+                                     0.0)
+                    else:
+                        a = tl.where(tril, a, 0.0)
+                    num = _dot(a, vt, UPCAST, TF32) + inum * fac[:, None]
+                    den = tl.sum(a, axis=1) + iden * fac
+                else:
+                    num = inum
+                    den = iden
+                # ---- G = [g / den, -(g . o) / den]  (0 where den == 0)
+                inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
+                gv = go * inv[:, None]
+                gdo = tl.sum(gv * num, axis=1) * inv
             if CAUSAL:
                 r_ok = rows < LROW
                 tl.store(r_base + rows, inv, mask=r_ok)
@@ -480,9 +506,12 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 # Launch
 # --------------------------------------------------------------------------------------------
-def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *, seg=None,
-              block_f=None, q_warps=None, k_warps=None, stages=None, tf32=None):
+def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, out=None,
+              stats=None, *, seg=None, block_f=None, q_warps=None, k_warps=None, stages=None,
+              tf32=None):
     """(dq, dk, dv) of ``panther::rf_attention`` by the fused kernels (no projection gradient).
+    ``out`` and ``stats`` (the forward's output and per-row statistics, ``_forward(stats=...)``),
+    when given, spare the dq walk its recomputation of the row maxima and of num / den.
     Launch parameters default to ``backward_params``: ``seg`` keys/queries per program of the
     chunk walks (None: about 4 programs per SM), ``block_f`` features per streamed block,
     ``q_warps`` / ``k_warps`` warps of the dq / dk-dv walks, ``stages`` software-pipelining
@@ -556,12 +585,15 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     ROWS = torch.empty((BH, 4, LROW) if causal else (1, 4), device=dev, dtype=f32)
     PI = torch.empty((BH, nq, M_PAD, DV_PAD), device=dev, dtype=f32)
     PZ = torch.empty((BH, nq, M_PAD), device=dev, dtype=f32)
+    has_stats = stats is not None
+    if not has_stats:
+        out, stats = dq, RP  # never read
     _launcher(_bwd_q_kernel)[(BH, nq)](
-        q, k, v, go, W, mask, ST, ZT, RP, PI, PZ, ROWS, dq,
+        q, k, v, go, W, mask, ST, ZT, RP, PI, PZ, ROWS, dq, out, stats,
         H, Lq, m, d, dv, qseg, LROW, st_bh, st_sg,
         *q.stride(), *k.stride(), *v.stride(), *go.stride(), *W.stride(), *mask.stride(),
-        *dq.stride(),
-        alpha, CAUSAL=causal, num_warps=q_warps, **meta)
+        *dq.stride(), *out.stride(),
+        alpha, CAUSAL=causal, HAS_STATS=has_stats, num_warps=q_warps, **meta)
     # ---- suffix states, then dk, dv
     if causal:
         _launcher(_suffix_kernel)[(BH, NF)](PI, PZ, RP, nq, M_PAD=M_PAD, DV_PAD=DV_PAD,
@@ -583,34 +615,102 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     return dq, dk, dvo
 
 
+def _stats_ok(stats, q):
+    return stats is not None and tuple(stats.shape) == (q.shape[0] * q.shape[1], 3, q.shape[2])
+
+
 @torch.library.triton_op("panther::rf_attention_triton_backward", mutates_args=())
 def rf_attention_triton_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                                     projection: Tensor, kernel_fn: str, causal: bool,
-                                    scale: Optional[float], key_padding_mask: Optional[Tensor]
+                                    scale: Optional[float], key_padding_mask: Optional[Tensor],
+                                    out: Optional[Tensor] = None, stats: Optional[Tensor] = None
                                     ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``panther::rf_attention`` (no projection gradient): the fused Triton kernels
-    where ``kernel_ok`` holds, else the C++ ``panther::rf_attention_backward``."""
+    where ``kernel_ok`` holds, else the C++ ``panther::rf_attention_backward``. ``out`` and
+    ``stats`` are the forward's output and per-row statistics (``rf_attention_triton_train``);
+    without them the kernels recompute what they need."""
     _check_rf(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
     if tuple(grad_out.shape) != (q.shape[0], q.shape[1], q.shape[2], v.shape[3]):
         raise ValueError("rf_attention_triton_backward: grad_out must have shape (B, H, Lq, dv)")
     if kernel_ok(q, k, v, projection, key_padding_mask):
-        return _backward(grad_out, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
+        if not (_stats_ok(stats, q) and out is not None and out.shape == grad_out.shape):
+            out = stats = None
+        return _backward(grad_out, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask,
+                         out, stats)
     dq, dk, dv, _ = torch.ops.panther.rf_attention_backward(
         grad_out, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, False)
     return dq, dk, dv
 
 
-def autograd_backward(ctx, grad):
-    """Autograd of ``panther::rf_attention_triton``: the Triton backward when the kernels serve the
-    call and the projection needs no gradient, else the C++ backward (which also gives dW)."""
-    from panther.ops.attention import _rf_backward
-    q, k, v, projection, key_padding_mask = ctx.saved_tensors
+def _fused_or_cpp(ctx, grad, q, k, v, projection, key_padding_mask, out=None, stats=None):
     need = ctx.needs_input_grad
     if not any(need[:4]):
         return (None,) * 8
     if need[3] or not kernel_ok(q, k, v, projection, key_padding_mask):
-        return _rf_backward(ctx, grad)
-    dq, dk, dv = torch.ops.panther.rf_attention_triton_backward(
-        grad, q, k, v, projection, ctx.kernel_fn, ctx.causal, ctx.scale, key_padding_mask)
+        # the C++ backward, which also gives the projection's gradient
+        dq, dk, dv, dp = torch.ops.panther.rf_attention_backward(
+            grad.contiguous(), q, k, v, projection, ctx.kernel_fn, ctx.causal, ctx.scale,
+            key_padding_mask, bool(need[3]))
+    else:
+        dq, dk, dv = torch.ops.panther.rf_attention_triton_backward(
+            grad, q, k, v, projection, ctx.kernel_fn, ctx.causal, ctx.scale, key_padding_mask,
+            out, stats)
+        dp = None
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-            None, None, None, None, None)
+            dp if need[3] else None, None, None, None, None)
+
+
+def autograd_backward(ctx, grad):
+    """Autograd of ``panther::rf_attention_triton`` (saves its inputs only): the Triton backward
+    (recomputing num / den) when the kernels serve the call and the projection needs no gradient,
+    else the C++ backward (which also gives dW)."""
+    q, k, v, projection, key_padding_mask = ctx.saved_tensors
+    return _fused_or_cpp(ctx, grad, q, k, v, projection, key_padding_mask)
+
+
+@torch.library.triton_op("panther::rf_attention_triton_train", mutates_args=())
+def rf_attention_triton_train_op(q: Tensor, k: Tensor, v: Tensor, projection: Tensor,
+                                 kernel_fn: str, causal: bool, scale: Optional[float],
+                                 key_padding_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``panther::rf_attention_triton`` plus the per-row statistics its fused backward reuses:
+    ``(out, stats)`` with ``stats`` (B·H, 3, Lq) fp32 = den, query shift, key running max, or
+    empty where the C++ op serves the call. ``rf_attention_triton`` calls this when a gradient
+    is needed."""
+    _check_rf(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
+    if kernel_ok(q, k, v, projection, key_padding_mask):
+        B, H, Lq = q.shape[:3]
+        stats = torch.empty((B * H, 3, Lq), device=q.device, dtype=torch.float32)
+        if kernel_fn == "relu" or not causal:
+            stats.zero_()  # rows the kernels leave unwritten (relu shifts, non-causal M)
+        out = _ta()._forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask,
+                             stats=stats)
+        return out, stats
+    out = torch.ops.panther.rf_attention(q, k, v, projection, kernel_fn, causal, scale,
+                                         key_padding_mask)
+    return out, q.new_empty((0,), dtype=torch.float32)
+
+
+def _ta():
+    from inductor_ext import triton_attention
+    return triton_attention
+
+
+def _train_setup_context(ctx, inputs, output):
+    q, k, v, projection, kernel_fn, causal, scale, key_padding_mask = inputs
+    out, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(q, k, v, projection, key_padding_mask, out, stats)
+    ctx.kernel_fn, ctx.causal, ctx.scale = kernel_fn, causal, scale
+
+
+def _train_backward(ctx, grad, _grad_stats):
+    q, k, v, projection, key_padding_mask, out, stats = ctx.saved_tensors
+    if grad is None:
+        return (None,) * 8
+    if not _stats_ok(stats, q):
+        out = stats = None
+    return _fused_or_cpp(ctx, grad, q, k, v, projection, key_padding_mask, out, stats)
+
+
+torch.library.register_autograd("panther::rf_attention_triton_train", _train_backward,
+                                setup_context=_train_setup_context)

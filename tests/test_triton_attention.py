@@ -96,6 +96,23 @@ def test_backward_op_cpu_branch(kernel_fn, causal, masked):
         torch.ops.panther.rf_attention_triton_backward(go[:, :, :3], *args[1:])
 
 
+@pytest.mark.parametrize("kernel_fn,causal,masked", [("softmax", True, True), ("relu", False, False)])
+def test_train_op_cpu_branch(kernel_fn, causal, masked):
+    """panther::rf_attention_triton_train (the op rf_attention_triton calls when a gradient is
+    needed): opcheck, its output and gradients equal the C++ op's on CPU."""
+    q, k, v, W, mask = inputs(dtype=torch.float32, masked=masked, requires_grad=True)
+    args = (q, k, v, W, kernel_fn, causal, 0.7, mask)
+    torch.library.opcheck(torch.ops.panther.rf_attention_triton_train.default, args)
+    out, stats = torch.ops.panther.rf_attention_triton_train(*args)
+    assert stats.numel() == 0 and not stats.requires_grad
+    ref = torch.ops.panther.rf_attention(*args)
+    assert torch.equal(out, ref)
+    go = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(ta.rf_attention_triton(*args), (q, k, v, W), go),
+                    torch.autograd.grad(ref, (q, k, v, W), go)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kernel_fn,causal", [("softmax", False), ("softmax", True), ("relu", True)])
 def test_gradcheck_float64(kernel_fn, causal):
     q, k, v, W, mask = inputs(B=1, L=6, d=4, dv=3, m=5, masked=True, requires_grad=True)
@@ -199,20 +216,27 @@ def test_cuda_triton_backward_matches_reference(dtype, kernel_fn, causal, masked
     k = k * torch.linspace(0.2, 1.2, k.shape[2], device="cuda", dtype=torch.float64)[:, None]
     go = torch.randn(2, 3, 1000, 40, device="cuda", dtype=torch.float64)
     q, k, v, go = (t.to(dtype) for t in (q, k, v, go))
+    # the kernels use W in the inputs' dtype (forward and backward): so does the reference
     ref = torch.ops.panther.rf_attention_backward(go.double(), q.double(), k.double(), v.double(),
-                                                  W, kernel_fn, causal, None, mask, False)[:3]
+                                                  W.to(dtype).double(), kernel_fn, causal, None,
+                                                  mask, False)[:3]
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     out = ta.rf_attention_triton(qg, kg, vg, W.float(), kernel_fn, causal, None, mask)
     got = torch.autograd.grad(out, (qg, kg, vg), go)
     for name, a, b in zip(("dq", "dk", "dv"), got, ref):
         assert a.dtype == dtype and torch.isfinite(a).all(), name
         assert rel(a, b) < BWD_TOL[dtype], (name, rel(a, b))
-    # explicit launch parameters: small segments / feature blocks give the same gradients
+    # the recomputing backward (the plain op's autograd) and explicit launch parameters (small
+    # segments / feature blocks, tf32 products) give the same gradients
     from inductor_ext import triton_attention_bwd as tb
-    got2 = tb._backward(go, q, k, v, W.float(), kernel_fn, causal, None, mask, seg=128, block_f=32,
-                        q_warps=4, k_warps=4, stages=1)
-    for name, a, b in zip(("dq", "dk", "dv"), got2, ref):
-        assert rel(a, b) < BWD_TOL[dtype], (name, rel(a, b))
+    out2 = torch.ops.panther.rf_attention_triton(qg, kg, vg, W.float(), kernel_fn, causal, None,
+                                                 mask)
+    got2 = torch.autograd.grad(out2, (qg, kg, vg), go)
+    got3 = tb._backward(go, q, k, v, W.float(), kernel_fn, causal, None, mask, seg=128, block_f=32,
+                        q_warps=4, k_warps=4, stages=1, tf32=True)
+    for got_ in (got2, got3):
+        for name, a, b in zip(("dq", "dk", "dv"), got_, ref):
+            assert rel(a, b) < BWD_TOL[dtype], (name, rel(a, b))
 
 
 BWD_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
@@ -227,11 +251,17 @@ def test_cuda_triton_backward_full_size():
     go = torch.randn_like(q)
     for causal in (False, True):
         ref = torch.ops.panther.rf_attention_backward(go.float(), q.float(), k.float(), v.float(),
-                                                      W.float(), "softmax", causal, 0.5, mask, False)
+                                                      W.bfloat16().float(), "softmax", causal, 0.5,
+                                                      mask, False)
         got = torch.ops.panther.rf_attention_triton_backward(go, q, k, v, W.float(), "softmax",
                                                              causal, 0.5, mask)
-        for name, a, b in zip(("dq", "dk", "dv"), got, ref):
+        out, stats = torch.ops.panther.rf_attention_triton_train(q, k, v, W.float(), "softmax",
+                                                                 causal, 0.5, mask)
+        got2 = torch.ops.panther.rf_attention_triton_backward(go, q, k, v, W.float(), "softmax",
+                                                              causal, 0.5, mask, out, stats)
+        for name, a, a2, b in zip(("dq", "dk", "dv"), got, got2, ref):
             assert torch.isfinite(a).all() and rel(a, b) < 5e-2, (causal, name, rel(a, b))
+            assert torch.isfinite(a2).all() and rel(a2, b) < 5e-2, (causal, name, rel(a2, b))
 
 
 @cuda_only

@@ -2,7 +2,8 @@
 
 Run by tests/test_triton_attention.py in ONE subprocess with ``TRITON_INTERPRET=1`` (set before
 triton is imported). Each case runs ``inductor_ext.triton_attention_bwd._backward`` with small
-segments and feature blocks (several segments, chunk tails, padded feature blocks) and compares
+segments and feature blocks (several segments, chunk tails, padded feature blocks), with the
+forward's saved statistics (the training path) or recomputing them, and compares
 dq, dk, dv with the C++ ``panther::rf_attention_backward`` and with autograd through
 ``rf_attention_reference``, both in float64 on the same (rounded) inputs. Prints one line per
 gradient and exits non-zero on the first failure.
@@ -59,12 +60,23 @@ def references(q, k, v, go, W, kernel_fn, causal, scale, mask):
 
 
 def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0, bf=16,
-         ramp=False):
+         ramp=False, stats=True):
+    """stats: the training path (the forward saves out and per-row den / shifts, the backward
+    reuses them); else the backward recomputes them."""
     q, k, v, go, W, mask = make(B, H, L, S, d, dv, m, masked, dtype, shift, ramp)
     cpp, auto = references(q, k, v, go, W, kernel_fn, causal, scale, mask)
-    got = tb._backward(go, q, k, v, W, kernel_fn, causal, scale, mask, seg=seg, block_f=bf)
+    out = st = None
+    if stats:
+        st = torch.full((B * H, 3, L), float("nan"))
+        if kernel_fn == "relu" or not causal:
+            st.zero_()  # rows the forward leaves unwritten (as rf_attention_triton_train does)
+        out = ta._forward(q, k, v, W, kernel_fn, causal, scale, mask, seg=seg, block_n=16,
+                          block_m=16, block_f=bf, stats=st)
+    got = tb._backward(go, q, k, v, W, kernel_fn, causal, scale, mask, out, st, seg=seg,
+                       block_f=bf)
     name = (f"{kernel_fn} causal={causal} B{B} H{H} L{L} S{S} d{d} dv{dv} m{m} scale={scale} "
-            f"mask={masked} {str(dtype)[6:]} seg={seg} shift={shift} block_f={bf} ramp={ramp}")
+            f"mask={masked} {str(dtype)[6:]} seg={seg} shift={shift} block_f={bf} ramp={ramp} "
+            f"stats={stats}")
     for gname, x, ref_c, ref_a in zip(("dq", "dk", "dv"), got, cpp, auto):
         assert x.dtype == dtype and x.shape == ref_c.shape, (gname, x.dtype, x.shape)
         assert torch.isfinite(x).all(), f"{name}: non-finite {gname} (unwritten or overflow)"
@@ -120,18 +132,25 @@ def main():
     case(1, 2, 70, 70, 16, 8, 32, "softmax", True, None, False, f32, seg=64)
     case(2, 1, 100, 100, 16, 8, 32, "softmax", True, 0.5, True, f32, seg=64, ramp=True)
     case(1, 1, 131, 131, 16, 8, 32, "softmax", True, 0.5, False, f32, seg=64, ramp=True)
-    case(1, 1, 131, 131, 16, 8, 32, "softmax", True, 2.0, True, f32, seg=128, shift=1.5)
+    case(1, 1, 131, 131, 16, 8, 32, "softmax", True, 0.5, False, f32, seg=64, ramp=True,
+         stats=False)
+    case(1, 1, 131, 131, 16, 8, 32, "softmax", True, 2.0, True, f32, seg=128, shift=1.5,
+         stats=False)
     case(2, 1, 100, 100, 16, 8, 32, "relu", True, None, True, f32, seg=64)
+    case(1, 1, 70, 70, 16, 8, 32, "relu", True, None, True, f32, seg=64, stats=False)
     case(1, 1, 30, 30, 16, 8, 32, "relu", True, None, False, f32, seg=64)
     # one padded feature block (m = 40 < block_f = 64) / two blocks, the second padded (m = 100)
     case(1, 1, 70, 70, 16, 8, 40, "softmax", True, None, True, f32, seg=64, shift=1.0, bf=64)
     # non-causal: several query segments, Lq != S, masks, large logits, relu
     case(2, 1, 100, 53, 16, 8, 32, "softmax", False, None, True, f32, seg=64)
+    case(1, 1, 70, 40, 16, 8, 32, "softmax", False, None, True, f32, seg=64, stats=False)
     case(1, 1, 40, 70, 16, 8, 32, "softmax", False, 2.0, False, f32, seg=64, shift=1.5)
     case(2, 1, 70, 45, 16, 8, 32, "relu", False, None, True, f32, seg=64)
+    case(1, 1, 40, 30, 16, 8, 32, "relu", False, None, False, f32, seg=64, stats=False)
     case(1, 1, 20, 40, 16, 8, 100, "softmax", False, None, True, f32, seg=64, bf=64)
     # half inputs (the interpreter upcasts the products; the GPU uses bf16 tensor cores)
     case(1, 1, 100, 100, 16, 8, 32, "softmax", True, None, True, bf, seg=64)
+    case(1, 1, 70, 70, 16, 8, 32, "softmax", True, None, True, bf, seg=64, stats=False)
     case(1, 1, 60, 33, 16, 8, 32, "relu", False, None, True, bf, seg=64)
     case(1, 1, 70, 70, 16, 8, 32, "softmax", True, None, False, f16, seg=64)
     op_level()
