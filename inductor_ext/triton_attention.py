@@ -563,6 +563,9 @@ def rf_attention_triton(q, k, v, projection, kernel_fn="softmax", causal=False, 
 # Benchmark (CUDA)
 # --------------------------------------------------------------------------------------------
 def _time_ms(fn, iters=20):
+    if not torch.cuda.is_available():  # the interpreter smoke test of the bench code
+        fn()
+        return 0.0
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -581,22 +584,23 @@ def _rel(a, b):
 
 
 def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, backward=True,
-                           sweep=False, long_len=262144):
+                           sweep=False, long_len=262144, device="cuda"):
     """Prints SDPA vs the C++ op vs the Triton op (forward, and forward+backward) on CUDA.
 
     fwd+bwd of the Triton op uses the fused Triton backward (the projection needs no gradient);
     "triton bwd ms" times that backward alone, "bwd_vs_c++" is the largest relative error of its
     dq, dk, dv against the C++ backward. ``long_len`` adds a causal B=1 forward+backward at that
     length (Triton only) with its peak memory. ``sweep`` also times launch parameters of the
-    forward and of the backward."""
+    forward and of the backward. (``device="cpu"`` under TRITON_INTERPRET=1 only smoke-tests
+    this code on tiny cases: no timings.)"""
     import torch.nn.functional as F
-    if not torch.cuda.is_available():
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
         print("bench_triton_attention: CUDA not available")
         return []
     from panther.sketch import orthogonal_random_features
     cases = cases or [("non-causal", 65536, 1, False), ("causal", 65536, 1, True),
                       ("causal", 4096, 16, True)]
-    dev = torch.device("cuda")
     rows = []
     for name, L, B, causal in cases:
         g = torch.Generator(device=dev).manual_seed(0)
@@ -638,29 +642,35 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
         if sweep:
             _sweep(q, k, v, W, name, causal, backward)
         del q, k, v, fns
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     if backward and long_len:
-        rows.append(_bench_long(long_len, m, H, d, dtype, sweep))
+        rows.append(_bench_long(long_len, m, H, d, dtype, dev))
     return rows
 
 
-def _bench_long(L, m, H, d, dtype, sweep):
-    """Causal B=1 forward + backward at length L with the Triton op: time and peak memory."""
+def _bench_long(L, m, H, d, dtype, dev):
+    """Causal B=1 forward + backward at length L with the Triton op: time and peak memory (the
+    C++ op would hold several (H, L, m) fp32 feature tensors: 4 GiB each at L = 262144)."""
     from panther.sketch import orthogonal_random_features
-    dev = torch.device("cuda")
-    torch.cuda.empty_cache()
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(1, H, L, d, device=dev, dtype=dtype, generator=g).requires_grad_()
                for _ in range(3))
     W = orthogonal_random_features(m, d, device=dev, dtype=torch.float32)
     go = torch.randn_like(q)
     inputs_mb = 4 * q.numel() * q.element_size() / 2**20  # q, k, v, grad_out
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
     grads = torch.autograd.grad(rf_attention_triton(q, k, v, W, "softmax", True), (q, k, v), go)
-    torch.cuda.synchronize()
-    peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    if cuda:
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    peak_mb = (peak - base) / 2**20
     ok = all(bool(torch.isfinite(t).all()) for t in grads)
     del grads
     line = {"case": f"causal L={L} B=1 H={H} fwd+bwd (triton)",
@@ -668,11 +678,9 @@ def _bench_long(L, m, H, d, dtype, sweep):
                 lambda: torch.autograd.grad(rf_attention_triton(q, k, v, W, "softmax", True),
                                             (q, k, v), go), iters=3), 3),
             "peak MiB above inputs": round(peak_mb, 1), "inputs+grad_out MiB": round(inputs_mb, 1),
-            "max_memory_allocated MiB": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+            "max_memory_allocated MiB": round(peak / 2**20, 1),
             "finite grads": ok}
     print(line, flush=True)
-    if sweep:
-        _sweep(q.detach(), k.detach(), v.detach(), W, f"causal L={L}", True, True, fwd=False)
     return line
 
 
@@ -694,21 +702,27 @@ def _sweep(q, k, v, W, name, causal, backward, fwd=True):
                           f"stages={stages} block_n={bn}: {ms} ms", flush=True)
     if not backward:
         return
-    from inductor_ext.triton_attention_bwd import _backward
+    from inductor_ext.triton_attention_bwd import _backward, backward_params
     go = torch.randn_like(q)
-    for seg in (None, 512, 1024, 2048):
-        for bf in (32, 64):
-            for qw, kw in ((4, 4), (8, 8), (8, 4), (4, 8)):
-                for stages in (1, 2):
-                    def run_bwd():
-                        return _backward(go, q, k, v, W, "softmax", causal, None, None, seg=seg,
-                                         block_f=bf, q_warps=qw, k_warps=kw, stages=stages)
-                    try:
-                        ms = round(_time_ms(run_bwd, iters=5), 3)
-                    except Exception as exc:  # noqa: BLE001 - report and go on
-                        ms = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
-                    print(f"  sweep bwd {name} L={L_} B={B_}: seg={seg} block_f={bf} "
-                          f"q_warps={qw} k_warps={kw} stages={stages}: {ms} ms", flush=True)
+    out, stats = torch.ops.panther.rf_attention_triton_train(q, k, v, W, "softmax", causal, None,
+                                                             None)
+    base = dict(backward_params)
+    configs = [dict(chunk=c, block_f=bf, q_warps=w, k_warps=w, stages=st)
+               for c, bf, w, st in ((64, 32, 8, 2), (64, 32, 8, 1), (64, 32, 4, 2), (64, 32, 4, 1),
+                                    (64, 64, 8, 2), (64, 64, 8, 1), (64, 64, 4, 2), (64, 64, 4, 1),
+                                    (32, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2), (32, 64, 4, 2))]
+    configs += [dict(seg=sg) for sg in (512, 1024, 2048, 4096)]
+    configs += [dict(tf32=True), dict(q_warps=8, k_warps=4), dict(q_warps=4, k_warps=8)]
+    for cfg in configs:
+        full = {**base, **cfg}
+
+        def run_bwd():
+            return _backward(go, q, k, v, W, "softmax", causal, None, None, out, stats, **full)
+        try:
+            ms = round(_time_ms(run_bwd, iters=5), 3)
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            ms = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
+        print(f"  sweep bwd {name} L={L_} B={B_}: {full}: {ms} ms", flush=True)
 
 
 # registers panther::rf_attention_triton_backward (imported last: it uses the kernels above)

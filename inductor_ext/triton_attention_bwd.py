@@ -66,8 +66,10 @@ if triton is not None:
 __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op", "backward_params"]
 
 # launch parameters of the backward (a sweep can change them: see bench_triton_attention)
-backward_params = {"seg": None, "block_f": 64, "q_warps": 8, "k_warps": 8, "stages": 2,
-                   "tf32": False}
+# (block_f 32: ptxas reports about a third of the register spills of 64 for the two walks at
+# d = dv = 64, m = 256, 8 warps, bf16 on sm_90; not yet timed on the GPU)
+backward_params = {"seg": None, "block_f": 32, "q_warps": 8, "k_warps": 8, "stages": 2,
+                   "tf32": False, "chunk": CHUNK}
 
 
 if triton is not None:
@@ -84,6 +86,16 @@ if triton is not None:
             r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
         else:
             r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        return r
+
+    @triton.jit
+    def _operand(x, UPCAST: tl.constexpr, TF32: tl.constexpr):
+        # a loop-invariant product operand, cast once to what _dot feeds the tensor cores (half
+        # the registers of fp32 on the bf16 path)
+        if UPCAST or TF32:
+            r = x
+        else:
+            r = x.to(tl.bfloat16)
         return r
 
     @triton.jit
@@ -259,6 +271,8 @@ if triton is not None:
                     da = tl.where(tril, da * tl.exp(tl.minimum(mt[None, :] - mt[:, None], 0.0)), 0.0)
                 else:
                     da = tl.where(tril, da, 0.0)
+                da = _operand(da, UPCAST, TF32)
+            gv = _operand(gv, UPCAST, TF32)  # only a matrix-product operand from here on
             tl.debug_barrier()
             # ---- pass 2: dphi_q -> dq; the segment's phi_q^T G; the state update
             dqa = tl.zeros((C, D_PAD), dtype=tl.float32)
@@ -310,7 +324,9 @@ if triton is not None:
                     tl.store(s_ptr, st)
                     tl.store(z_base + offs_f, zf)
             if KERNEL == 0:
-                dq = alpha * dqa - (alpha * alpha) * rs[:, None] * qt.to(tl.float32)
+                # Inductor may pass alpha as an fp64 scalar: keep the tiles fp32
+                dq = (alpha * dqa).to(tl.float32) \
+                    - ((alpha * alpha) * rs).to(tl.float32)[:, None] * qt.to(tl.float32)
                 if CAUSAL:
                     run = new
             else:
@@ -438,6 +454,8 @@ if triton is not None:
                     da = tl.where(tril, da * decay, 0.0)
                 else:
                     da = tl.where(tril, da, 0.0)
+                da = _operand(da, UPCAST, TF32)
+                gv = _operand(gv, UPCAST, TF32)  # only a matrix-product operand from here on
                 a = tl.zeros((C, C), dtype=tl.float32)
             dvi = tl.zeros((C, DV_PAD), dtype=tl.float32)
             dka = tl.zeros((C, D_PAD), dtype=tl.float32)
@@ -493,7 +511,8 @@ if triton is not None:
             else:
                 dvv = dvi
             if KERNEL == 0:
-                dk = alpha * dka - (alpha * alpha) * rs[:, None] * kt.to(tl.float32)
+                dk = (alpha * dka).to(tl.float32) \
+                    - ((alpha * alpha) * rs).to(tl.float32)[:, None] * kt.to(tl.float32)
             else:
                 dk = dka
             tl.store(dk_base + rows64[:, None] * sdkl + offs_d[None, :] * sdkd,
@@ -508,16 +527,18 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, out=None,
               stats=None, *, seg=None, block_f=None, q_warps=None, k_warps=None, stages=None,
-              tf32=None):
+              tf32=None, chunk=None):
     """(dq, dk, dv) of ``panther::rf_attention`` by the fused kernels (no projection gradient).
     ``out`` and ``stats`` (the forward's output and per-row statistics, ``_forward(stats=...)``),
     when given, spare the dq walk its recomputation of the row maxima and of num / den.
     Launch parameters default to ``backward_params``: ``seg`` keys/queries per program of the
     chunk walks (None: about 4 programs per SM), ``block_f`` features per streamed block,
     ``q_warps`` / ``k_warps`` warps of the dq / dk-dv walks, ``stages`` software-pipelining
-    depth, ``tf32`` tf32 instead of bf16 operands for half inputs."""
+    depth, ``tf32`` tf32 instead of bf16 operands for half inputs, ``chunk`` the chunk length of
+    the walks (a power of two >= 16; the forward's statistics do not depend on it)."""
     p = backward_params
     tf32 = p["tf32"] if tf32 is None else tf32
+    C = chunk or p["chunk"]
     seg = p["seg"] if seg is None else seg
     block_f = block_f or p["block_f"]
     q_warps = q_warps or p["q_warps"]
@@ -533,7 +554,6 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
     block_f = min(M_PAD, block_f)
     NF = M_PAD // block_f
-    C = CHUNK
     BH = B * H
     f32 = torch.float32
     has_mask = key_padding_mask is not None

@@ -60,7 +60,7 @@ def references(q, k, v, go, W, kernel_fn, causal, scale, mask):
 
 
 def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0, bf=16,
-         ramp=False, stats=True):
+         ramp=False, stats=True, chunk=64):
     """stats: the training path (the forward saves out and per-row den / shifts, the backward
     reuses them); else the backward recomputes them."""
     q, k, v, go, W, mask = make(B, H, L, S, d, dv, m, masked, dtype, shift, ramp)
@@ -73,10 +73,10 @@ def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shi
         out = ta._forward(q, k, v, W, kernel_fn, causal, scale, mask, seg=seg, block_n=16,
                           block_m=16, block_f=bf, stats=st)
     got = tb._backward(go, q, k, v, W, kernel_fn, causal, scale, mask, out, st, seg=seg,
-                       block_f=bf)
+                       block_f=bf, chunk=chunk)
     name = (f"{kernel_fn} causal={causal} B{B} H{H} L{L} S{S} d{d} dv{dv} m{m} scale={scale} "
             f"mask={masked} {str(dtype)[6:]} seg={seg} shift={shift} block_f={bf} ramp={ramp} "
-            f"stats={stats}")
+            f"stats={stats} chunk={chunk}")
     for gname, x, ref_c, ref_a in zip(("dq", "dk", "dv"), got, cpp, auto):
         assert x.dtype == dtype and x.shape == ref_c.shape, (gname, x.dtype, x.shape)
         assert torch.isfinite(x).all(), f"{name}: non-finite {gname} (unwritten or overflow)"
@@ -139,6 +139,9 @@ def main():
     case(2, 1, 100, 100, 16, 8, 32, "relu", True, None, True, f32, seg=64)
     case(1, 1, 70, 70, 16, 8, 32, "relu", True, None, True, f32, seg=64, stats=False)
     case(1, 1, 30, 30, 16, 8, 32, "relu", True, None, False, f32, seg=64)
+    # the backward's own chunk length (32; the forward walks chunks of 64)
+    case(1, 1, 100, 100, 16, 8, 32, "softmax", True, 0.5, True, f32, seg=64, ramp=True, chunk=32)
+    case(1, 1, 50, 70, 16, 8, 32, "softmax", False, None, True, f32, seg=64, chunk=32)
     # one padded feature block (m = 40 < block_f = 64) / two blocks, the second padded (m = 100)
     case(1, 1, 70, 70, 16, 8, 40, "softmax", True, None, True, f32, seg=64, shift=1.0, bf=64)
     # non-causal: several query segments, Lq != S, masks, large logits, relu
