@@ -607,7 +607,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     PZ = torch.empty((BH, nq, M_PAD), device=dev, dtype=f32)
     has_stats = stats is not None
     if not has_stats:
-        out, stats = dq, RP  # never read
+        out, stats = go, RP  # never read (read-only stand-ins: nothing aliases an output)
     _launcher(_bwd_q_kernel)[(BH, nq)](
         q, k, v, go, W, mask, ST, ZT, RP, PI, PZ, ROWS, dq, out, stats,
         H, Lq, m, d, dv, qseg, LROW, st_bh, st_sg,
