@@ -17,13 +17,14 @@ then through the feature maps (``du = dphi * phi``; ``dphi * [u > 0]`` for relu)
 The projection gets no gradient here: the autograd sends calls that need one to the C++ backward.
 phi(q), phi(k) are recomputed on chip from q, k and W and never written to HBM; states are fp32.
 
-Causal (chunks of C = 64 as in the forward, parallel over B·H·segments):
+Causal (chunks of C = 64 as in the forward by default, parallel over B·H·segments):
     1. ``_kv_state_kernel`` + ``_merge_kernel`` (the forward's): prefix states at segment starts.
     2. ``_bwd_q_kernel`` grid (B·H, segments): the forward chunk walk again (row maxima, num/den;
        or, on the training path, the forward's saved out and per-row den / shifts instead),
-       then per chunk ``dq`` from the intra-chunk ``dA phi_k`` and the inter-chunk ``G S^T``. It writes
-       per row ``1/den``, ``(g.o)/den``, the query shift and the key running max (4 floats a row)
-       and each segment's suffix increment ``sum_t exp(R_seg - M_t) phi_q[t]^T G_t`` (own reference).
+       then per chunk ``dq`` from the intra-chunk ``dA phi_k`` and the inter-chunk ``G S^T``.
+       It writes per row ``1/den``, ``(g.o)/den``, the query shift and the key running max
+       (4 floats a row) and each segment's suffix increment
+       ``sum_t exp(R_seg - M_t) phi_q[t]^T G_t`` (at the segment's start reference R_seg).
     3. ``_suffix_kernel`` grid (B·H, feature blocks): reverse scan over the segments, rescaling to
        each segment's end reference: the suffix state after every segment (never total - prefix).
     4. ``_bwd_k_kernel`` grid (B·H, segments): reverse chunk walk from the segment's suffix state:

@@ -90,7 +90,8 @@ def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shi
 
 
 def op_level():
-    """Autograd of the Triton op: the Triton backward without a projection gradient, the C++
+    """Autograd of the Triton op (through rf_attention_triton: the training variant with saved
+    statistics; and the plain op): the Triton backward without a projection gradient, the C++
     backward (with dW) when the projection requires grad."""
     g = gen()
     q, k, v = (torch.randn(1, 2, 70, 16, generator=g, requires_grad=True) for _ in range(3))
@@ -108,12 +109,17 @@ def op_level():
                                                          None, mask), (qd, kd, vd), go.double())
         for gname, a, b in zip(("dq", "dk", "dv"), got, ref):
             check(f"op autograd causal={causal} {gname}", rel(a, b), 1e-4)
+        # the plain op's autograd (saves only its inputs: the backward recomputes num / den)
+        got = torch.autograd.grad(torch.ops.panther.rf_attention_triton(
+            q, k, v, W, "softmax", causal, None, mask), (q, k, v), go)
+        for gname, a, b in zip(("dq", "dk", "dv"), got, ref):
+            check(f"plain op autograd causal={causal} {gname}", rel(a, b), 1e-4)
         # the backward op itself, and its fallback when the projection needs a gradient
         bwd = torch.ops.panther.rf_attention_triton_backward(go, q.detach(), k.detach(), v.detach(), W,
                                                              "softmax", causal, None, mask)
         for gname, a, b in zip(("dq", "dk", "dv"), bwd, ref):
             check(f"op rf_attention_triton_backward causal={causal} {gname}", rel(a, b), 1e-4)
-    assert len(calls) == 4, f"the fused backward ran {len(calls)} times, expected 4"
+    assert len(calls) == 6, f"the fused backward ran {len(calls)} times, expected 6"
     Wg = W.clone().requires_grad_()
     got = torch.autograd.grad(ta.rf_attention_triton(q, k, v, Wg, "relu", True, None, mask),
                               (q, k, v, Wg), go)
@@ -121,7 +127,7 @@ def op_level():
                                                   True, None, mask, True)
     for gname, a, b in zip(("dq", "dk", "dv", "dW"), got, ref):
         check(f"op autograd with projection grad (C++ path) {gname}", rel(a, b), 1e-5)
-    assert len(calls) == 4, "a projection gradient must take the C++ backward"
+    assert len(calls) == 6, "a projection gradient must take the C++ backward"
     tb._backward = fused
 
 
