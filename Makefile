@@ -23,7 +23,7 @@ $(PY):
 $(STAMP): $(PY) $(SETUP_INPUTS)
 	$(PY) -m pip install -q "setuptools>=70.1" wheel ninja
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q numpy triton networkx tabulate pytest hypothesis
+	$(PY) -m pip install -q numpy triton networkx tabulate tqdm matplotlib pytest hypothesis  # matplotlib: the [plot] extra, tested
 	$(PY) -m pip install -q transformers  # test-only: GPT-2 / BERT built from configs (no downloads)
 	MAX_JOBS=$${MAX_JOBS:-4} $(PY) -m pip install -q -e . --no-build-isolation --no-deps
 	touch $(STAMP)
