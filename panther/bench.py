@@ -368,8 +368,9 @@ def sweep(what, sizes=None, *, device="cpu", dtype=torch.float32, repeats=5, bat
     resident = _ResidentPeak() if method == "resident" else None
     rows, impls = [], []
     for size in _progress(sizes, desc=f"panther bench {what}", enabled=progress, unit="size"):
-        torch.manual_seed(0)
-        cases = _SWEEP_CASES[what](size, device=device, dtype=dtype, **cfg)
+        with torch.random.fork_rng(devices=[_cuda_index(device)] if cuda else []):  # same draws, RNG untouched
+            torch.manual_seed(0)
+            cases = _SWEEP_CASES[what](size, device=device, dtype=dtype, **cfg)
         for name, (fn, static, out_bytes) in cases.items():
             ms = time_fn(fn, repeats=repeats, warmup=2, device=device)
             if method == "cuda":
@@ -386,6 +387,11 @@ def sweep(what, sizes=None, *, device="cpu", dtype=torch.float32, repeats=5, bat
             torch.cuda.empty_cache()
     return {"what": what, "rows": rows, "impls": impls, "memory": method, "config": cfg, "device": str(device),
             "dtype": dtype}
+
+
+def _cuda_index(device):
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
 
 
 def sweep_table(result):
