@@ -223,8 +223,8 @@ def draw_report(report, path, fmt: str, *, dpi: int = 100, figsize=None, max_nod
         labels = nx.draw_networkx_labels(
             G, pos, labels={n: text[n] for n in nodes}, ax=ax, font_size=fontsize,
             bbox=dict(boxstyle="round,pad=0.3", facecolor=face, edgecolor=edge, linewidth=0.8))
-        for t in labels.values():
-            t.set_zorder(3)
+        for artist in labels.values():
+            artist.set_zorder(3)  # boxes over the edges
     # margins of about one box around the drawing, in the layout's own units
     xs = [p[0] for p in pos.values()] or [0.0]
     ys = [p[1] for p in pos.values()] or [0.0]
