@@ -27,7 +27,9 @@ key                meaning                                                      
 ``mode``           Inductor mode ("default", "reduce-overhead", "max-autotune",  None
                    "max-autotune-no-cudagraphs")
 ``inductor_config`` dict of Inductor config patches (compile_fx config_patches)   {}
-``decompose``      use panther's Inductor decompositions of its ops              True
+``decompose``      Inductor only: decompose panther's linear/conv ops into aten  True
+                   GEMMs/convs, and run CUDA attention through the fused Triton
+                   kernels (``inductor_ext.kernel_routing``)
 =================  ============================================================  ====================
 """
 from __future__ import annotations
@@ -119,6 +121,9 @@ def _compile(gm, example_inputs, opts):
     decompositions = None
     if opts["decompose"]:
         from inductor_ext import inductor_decompositions
+        from inductor_ext.kernel_routing import use_triton_kernels
+
+        use_triton_kernels(gm)  # CUDA attention -> the fused Triton op, which Inductor inlines
 
         # Inductor-scoped: {**select_decomp_table(), **panther's}, pickled by a stable key so that
         # Inductor's FX graph cache still works.
