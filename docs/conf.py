@@ -44,9 +44,8 @@ napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 napoleon_custom_sections = ["Shape"]
 
-# Markdown how-tos: "#section" links and $-free text (the pages use backticks, not math).
+# Markdown how-tos: anchors for headings down to level 3, so pages can link "page.md#section".
 myst_heading_anchors = 3
-myst_enable_extensions = []
 
 html_theme = "alabaster"
 html_title = f"panther {release}"
