@@ -163,8 +163,19 @@ def _python_blocks(page):
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
 
+@pytest.fixture
+def one_thread():
+    """The examples are tiny; a multi-threaded LAPACK SVD on a busy shared machine is ~100x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("page", RUNNABLE_PAGES)
-def test_howto_examples_run(page, capsys):
+def test_howto_examples_run(page, capsys, one_thread):
     blocks = _python_blocks(page)
     assert blocks, page
     namespace = {"__name__": f"docs_{page}"}
