@@ -22,9 +22,9 @@ formula, so it works under ``torch.compile`` and ``torch.export``.
 import torch  # noqa: F401  (loads libtorch before the extension links against it)
 
 from .. import _C  # noqa: F401  (dlopen: runs the TORCH_LIBRARY registrations)
-from . import attention as _attention
-from . import conv as _conv
 from . import linear as _linear
+from . import conv as _conv
+from . import attention as _attention
 from .linear import *  # noqa: F401,F403
 from .conv import *  # noqa: F401,F403
 from .attention import *  # noqa: F401,F403
