@@ -59,7 +59,11 @@ def _copy_bandwidth(device, dtype, numel, repeats):
 @torch.no_grad()
 def bench_linear(in_features=4096, out_features=4096, batch=2048, num_terms=1, low_rank=16, *, device="cpu",
                  dtype=torch.float32, repeats=20, backward=False):
-    """Time the four ways of computing one layer; returns (rows, headers) for tabulate."""
+    """Time the four ways of computing one layer; returns (rows, headers) for tabulate.
+
+    Dense ``nn.Linear``, the public library's per-term ``bmm``, the two-GEMM torch reference and panther's
+    ``SKLinear``, each timed with :func:`time_fn` on the same input (plus the memory floor on CUDA).
+    """
     torch.manual_seed(0)
     dense = torch.nn.Linear(in_features, out_features, device=device, dtype=dtype)
     layer = SKLinear(in_features, out_features, num_terms, low_rank, device=device, dtype=dtype, seed=0)

@@ -234,6 +234,11 @@ class ErrorBudgetPolicy:
     Use it wherever a policy goes: ``panther.convert(model, policy)`` or
     ``torch.compile(model, backend="panther", options={"policy": policy})``. ``policy.choices`` holds a
     :class:`LayerChoice` per calibrated layer; ``policy.curve(name)`` the relative error of every rank.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: a budget outside ``(0, 1)``, an unknown ``init``, ``min_saving`` outside ``[0, 1)``,
+            ``headroom`` outside ``(0, 1]``, or calibration that runs no linear / conv2d layer.
     """
 
     def __init__(self, model: nn.Module, calibration, budget=0.05, *, init: str = "svd_act",

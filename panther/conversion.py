@@ -3,7 +3,7 @@
 ``convert(model, policy)`` replaces, in place, each ``nn.Linear`` / ``nn.Conv2d`` / ``nn.MultiheadAttention``
 the policy accepts by ``SKLinear`` / ``SKConv2d`` / ``RandMultiHeadAttention`` whose factors are built
 from the dense weights (``SketchSpec.init``: ``"sketch"`` or ``"svd"``). The new modules own real
-``nn.Parameter``s, so optimizers, ``state_dict``, ``torch.export`` and ``torch.compile`` (with
+``nn.Parameter`` objects, so optimizers, ``state_dict``, ``torch.export`` and ``torch.compile`` (with
 ``backend="panther"`` or any other) all see them.
 
 Call it **before** building the optimizer: an optimizer built earlier holds the old dense parameters and
@@ -308,6 +308,14 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
 
     Build the optimizer *after* this call. ``model`` itself is returned so ``model, report =
     panther.convert(model, policy)`` reads naturally; the report is also ``panther.last_report()``.
+
+    Returns:
+        ``(model, report)``: the same ``model`` object, and a :class:`~panther.report.GraphDiffReport`
+        (``source="convert"``) with one row per candidate layer.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or is a bare layer (wrap it in a container), a
+            ``policy`` of an unsupported type, ``overrides`` not a dict.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

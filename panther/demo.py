@@ -94,6 +94,7 @@ def _decaying_spectrum_(model, generator, decay=8.0):
 
 
 def build_model(blocks=2, seed=0):
+    """The demo's :class:`DemoViT` in eval mode, its weights drawn from ``seed`` with a decaying spectrum."""
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -124,6 +125,7 @@ def _interleaved_ms(fns, x, repeats):
 
 
 def main(argv=None):
+    """``python -m panther demo [options]`` (options in the module docstring); returns the exit code."""
     ap = argparse.ArgumentParser(prog="python -m panther demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)

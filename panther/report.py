@@ -40,6 +40,7 @@ class ReportRow:
     est_error: Optional[float] = None
 
     def as_dict(self) -> Dict[str, Any]:
+        """The row as plain data (the spec as a dict, a calibration Gram matrix as its shape)."""
         d = dataclasses.asdict(self)
         d["spec"] = None if self.spec is None else dataclasses.asdict(self.spec)
         if d["spec"] is not None and d["spec"].get("act_gram") is not None:
@@ -82,10 +83,12 @@ class GraphDiffReport:
     # -- queries -------------------------------------------------------------------------------------
     @property
     def replaced(self) -> List[ReportRow]:
+        """The rows of the layers that were replaced."""
         return [r for r in self.rows if r.replaced]
 
     @property
     def skipped(self) -> List[ReportRow]:
+        """The rows of the layers left alone (each with its ``reason``)."""
         return [r for r in self.rows if not r.replaced]
 
     def row(self, name: str) -> ReportRow:
@@ -147,6 +150,7 @@ class GraphDiffReport:
         return title + "\n" + tabulate(self._table_rows(), headers=self._HEADERS, tablefmt="simple")
 
     def to_markdown(self) -> str:
+        """The table of ``str(report)`` as a GitHub Markdown table (no title line)."""
         from tabulate import tabulate
 
         return tabulate(self._table_rows(), headers=self._HEADERS, tablefmt="github")
@@ -177,6 +181,7 @@ class GraphDiffReport:
         return draw_report(self, path, "svg", dpi=100, figsize=figsize, max_nodes=max_nodes)
 
     def as_dict(self) -> Dict[str, Any]:
+        """Plain dicts and numbers (JSON-ready): ``source``, ``graph_id``, ``rows`` and ``totals``."""
         return {
             "source": self.source,
             "graph_id": self.graph_id,
