@@ -202,12 +202,17 @@ def test_cuda_backward_matches_cpp_op(causal):
         assert rel(a, b) < 1e-3
 
 
+# a Latin-square-like cover of dtype x kernel x causal x mask (each kernel variant compiles anew)
+_BWD_CASES = [
+    (torch.float32, "softmax", True, True), (torch.bfloat16, "softmax", True, True),
+    (torch.bfloat16, "relu", True, False), (torch.float16, "relu", True, True),
+    (torch.float16, "softmax", False, True), (torch.bfloat16, "relu", False, True),
+    (torch.float32, "relu", False, False), (torch.bfloat16, "softmax", False, False)]
+
+
 @cuda_only
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype,kernel_fn,causal,masked", _BWD_CASES)
 def test_cuda_triton_backward_matches_reference(dtype, kernel_fn, causal, masked):
     """The fused backward (projection without grad) vs the float64 C++ backward: odd sizes (tails
     in L, d, dv, m), several segments, rising key norms (the running max moves across segments)."""
@@ -232,9 +237,12 @@ def test_cuda_triton_backward_matches_reference(dtype, kernel_fn, causal, masked
     out2 = torch.ops.panther.rf_attention_triton(qg, kg, vg, W.float(), kernel_fn, causal, None,
                                                  mask)
     got2 = torch.autograd.grad(out2, (qg, kg, vg), go)
-    got3 = tb._backward(go, q, k, v, W.float(), kernel_fn, causal, None, mask, seg=128, block_f=32,
-                        q_warps=4, k_warps=4, stages=1, tf32=True)
-    for got_ in (got2, got3):
+    checks = [got2]
+    if dtype == torch.bfloat16:
+        checks.append(tb._backward(go, q, k, v, W.float(), kernel_fn, causal, None, mask, seg=128,
+                                   block_f=64, q_warps=4, k_warps=4, stages=1, tf32=True,
+                                   chunk=32))
+    for got_ in checks:
         for name, a, b in zip(("dq", "dk", "dv"), got_, ref):
             assert rel(a, b) < BWD_TOL[dtype], (name, rel(a, b))
 
