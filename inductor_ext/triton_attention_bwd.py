@@ -269,7 +269,8 @@ if triton is not None:
                 # dA[t, s] = G_t . [v_s, 1], with the intra-chunk weights' mask and decay
                 da = _dot(gv, tl.trans(vt), UPCAST, TF32) - gdo[:, None]
                 if KERNEL == 0:
-                    da = tl.where(tril, da * tl.exp(tl.minimum(mt[None, :] - mt[:, None], 0.0)), 0.0)
+                    da = tl.where(tril, da * tl.exp(tl.minimum(mt[None, :] - mt[:, None], 0.0)),
+                                  0.0)
                 else:
                     da = tl.where(tril, da, 0.0)
                 da = _operand(da, UPCAST, TF32)
@@ -468,7 +469,8 @@ if triton is not None:
                               mask=feat_ok[None, :] & (offs_d[:, None] < D), other=0.0)
                 ek, _kk = _features(kt, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
                 if KERNEL == 0:
-                    phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.exp(ek - mt[:, None]), 0.0)
+                    phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.exp(ek - mt[:, None]),
+                                   0.0)
                 else:
                     phk = ek
                 p_ptr = p_base + offs_f[:, None] * DV_PAD + offs_v[None, :]

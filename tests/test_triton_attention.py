@@ -66,7 +66,8 @@ def test_backward_kernel_arithmetic_in_triton_interpreter():
     and the op's autograd routing (Triton backward; C++ when the projection needs a gradient)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_attention_bwd_interpret_check.py")],
+    script = ROOT / "tests" / "triton_attention_bwd_interpret_check.py"
+    proc = subprocess.run([sys.executable, str(script)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "all backward interpreter checks passed" in proc.stdout, \
         proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -81,7 +82,8 @@ def test_opcheck(kernel_fn, causal, masked, scale):
     torch.library.opcheck(OP, (q, k, v, W, kernel_fn, causal, scale, mask))
 
 
-@pytest.mark.parametrize("kernel_fn,causal,masked", [("softmax", False, True), ("relu", True, False)])
+@pytest.mark.parametrize("kernel_fn,causal,masked",
+                         [("softmax", False, True), ("relu", True, False)])
 def test_backward_op_cpu_branch(kernel_fn, causal, masked):
     """panther::rf_attention_triton_backward on CPU: opcheck and equality with the C++ backward."""
     q, k, v, W, mask = inputs(dtype=torch.float32, masked=masked)
@@ -96,7 +98,8 @@ def test_backward_op_cpu_branch(kernel_fn, causal, masked):
         torch.ops.panther.rf_attention_triton_backward(go[:, :, :3], *args[1:])
 
 
-@pytest.mark.parametrize("kernel_fn,causal,masked", [("softmax", True, True), ("relu", False, False)])
+@pytest.mark.parametrize("kernel_fn,causal,masked",
+                         [("softmax", True, True), ("relu", False, False)])
 def test_train_op_cpu_branch(kernel_fn, causal, masked):
     """panther::rf_attention_triton_train (the op rf_attention_triton calls when a gradient is
     needed): opcheck, its output and gradients equal the C++ op's on CPU."""
@@ -282,7 +285,8 @@ def test_cuda_compile_backward():
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
 
     def loss(q, k, v):
-        return ta.rf_attention_triton(q, k, v, W, "softmax", True, None, mask).float().square().sum()
+        out = ta.rf_attention_triton(q, k, v, W, "softmax", True, None, mask)
+        return out.float().square().sum()
 
     got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(qg, kg, vg), (qg, kg, vg))
     ref = torch.autograd.grad(loss(qg, kg, vg), (qg, kg, vg))
