@@ -543,8 +543,10 @@ def _attend(*args):
     # with a gradient to come, the variant that also returns the forward's per-row statistics
     # (den, shifts), which spares the fused backward two of its three passes
     q, k, v = args[:3]
-    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
-                                       for t in (q, k, v)):
+    causal = args[5]
+    from .triton_attention_bwd import backward_params
+    if (backward_params["causal"] or not causal) and torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad for t in (q, k, v)):
         return torch.ops.panther.rf_attention_triton_train(*args)[0]
     return torch.ops.panther.rf_attention_triton(*args)
 

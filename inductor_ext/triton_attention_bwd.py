@@ -69,8 +69,11 @@ __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op", "b
 # launch parameters of the backward (a sweep can change them: see bench_triton_attention)
 # (block_f 32: ptxas reports about a third of the register spills of 64 for the two walks at
 # d = dv = 64, m = 256, 8 warps, bf16 on sm_90; not yet timed on the GPU)
+# "causal": whether causal calls take the fused backward (else the C++ one). Off by default: at
+# 65,536 tokens × 16 heads the causal walk faulted on the H200 (illegal memory access) while every
+# smaller CUDA test passed; non-causal calls are unaffected.
 backward_params = {"seg": None, "block_f": 32, "q_warps": 8, "k_warps": 8, "stages": 2,
-                   "tf32": False, "chunk": CHUNK}
+                   "tf32": False, "chunk": CHUNK, "causal": False}
 
 
 if triton is not None:
@@ -665,11 +668,15 @@ def rf_attention_triton_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: T
     return dq, dk, dv
 
 
+def _fused_serves(q, k, v, projection, key_padding_mask, causal):
+    return kernel_ok(q, k, v, projection, key_padding_mask) and (backward_params["causal"] or not causal)
+
+
 def _fused_or_cpp(ctx, grad, q, k, v, projection, key_padding_mask, out=None, stats=None):
     need = ctx.needs_input_grad
     if not any(need[:4]):
         return (None,) * 8
-    if need[3] or not kernel_ok(q, k, v, projection, key_padding_mask):
+    if need[3] or not _fused_serves(q, k, v, projection, key_padding_mask, ctx.causal):
         # the C++ backward, which also gives the projection's gradient
         dq, dk, dv, dp = torch.ops.panther.rf_attention_backward(
             grad.contiguous(), q, k, v, projection, ctx.kernel_fn, ctx.causal, ctx.scale,
