@@ -652,13 +652,14 @@ def rf_attention_triton_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: T
                                     out: Optional[Tensor] = None, stats: Optional[Tensor] = None
                                     ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``panther::rf_attention`` (no projection gradient): the fused Triton kernels
-    where ``kernel_ok`` holds, else the C++ ``panther::rf_attention_backward``. ``out`` and
+    where ``kernel_ok`` holds (causal calls only when ``backward_params["causal"]``), else the C++
+    ``panther::rf_attention_backward``. ``out`` and
     ``stats`` are the forward's output and per-row statistics (``rf_attention_triton_train``);
     without them the kernels recompute what they need."""
     _check_rf(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
     if tuple(grad_out.shape) != (q.shape[0], q.shape[1], q.shape[2], v.shape[3]):
         raise ValueError("rf_attention_triton_backward: grad_out must have shape (B, H, Lq, dv)")
-    if kernel_ok(q, k, v, projection, key_padding_mask):
+    if _fused_serves(q, k, v, projection, key_padding_mask, causal):
         if not (_stats_ok(stats, q) and out is not None and out.shape == grad_out.shape):
             out = stats = None
         return _backward(grad_out, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask,
