@@ -6,6 +6,7 @@ the factors once at the measured copy bandwidth) is printed beside the measured 
 from __future__ import annotations
 
 import statistics
+import textwrap
 import time
 
 import torch
@@ -466,7 +467,8 @@ def plot_sweep(result, path, *, dpi=100):
     ax_t.set_ylabel("forward time per call (ms, median, log scale)")
     ax_t.set_title("speed", fontsize=10)
     ax_m.set_ylabel("peak memory (MiB, log scale)")
-    ax_m.set_title("memory — " + MEMORY_LABELS[result["memory"]].replace(": ", ":\n", 1), fontsize=8)
+    # wrapped: the label names how memory was measured and would overflow the panel on one line
+    ax_m.set_title(textwrap.fill("memory — " + MEMORY_LABELS[result["memory"]], 70), fontsize=8)
     dtype = str(result["dtype"]).replace("torch.", "")
     cfg = ", ".join(f"{k}={v}" for k, v in result["config"].items())
     fig.suptitle(f"panther {what}: dense vs sketched — {_device_name(result['device'])}, {dtype} ({cfg})",
