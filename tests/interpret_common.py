@@ -1,5 +1,18 @@
 """Helpers shared by the TRITON_INTERPRET checker scripts (run as subprocesses by the tests)."""
+import itertools
 import sys
+
+import torch
+
+# tolerances of the attention checkers: fp32 tight; half precision rounds the features and products
+ATTENTION_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def seeded_generators(first_seed):
+    """A ``gen()`` giving a fresh CPU generator per call (seeds first_seed + 1, + 2, ...), so that
+    every case of a checker draws its own reproducible inputs."""
+    seeds = itertools.count(first_seed + 1)
+    return lambda: torch.Generator().manual_seed(next(seeds))
 
 
 def rel(a, b):

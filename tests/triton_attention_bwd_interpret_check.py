@@ -16,19 +16,13 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 import torch  # noqa: E402
 
 import panther  # noqa: E402,F401
-from interpret_common import check, rel  # noqa: E402  (tests/ is on sys.path: run as a script)
+from interpret_common import ATTENTION_TOL as TOL, check, rel, seeded_generators  # noqa: E402  (tests/ is on sys.path: run as a script)
 from inductor_ext import triton_attention as ta  # noqa: E402
 from inductor_ext import triton_attention_bwd as tb  # noqa: E402
 from panther.ops.attention import rf_attention_reference  # noqa: E402
 from panther.sketch import orthogonal_random_features  # noqa: E402
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
-_seed = [100]
-
-
-def gen():
-    _seed[0] += 1
-    return torch.Generator().manual_seed(_seed[0])
+gen = seeded_generators(100)
 
 
 def make(B, H, L, S, d, dv, m, masked, dtype, shift=0.0, ramp=False):
