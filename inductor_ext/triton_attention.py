@@ -544,8 +544,8 @@ def _attend(*args):
     # (den, shifts), which spares the fused backward two of its three passes
     q, k, v = args[:3]
     causal = args[5]
-    from .triton_attention_bwd import backward_params
-    if (backward_params["causal"] or not causal) and torch.is_grad_enabled() and any(
+    from .triton_attention_bwd import fused_backward_enabled
+    if fused_backward_enabled(causal) and torch.is_grad_enabled() and any(
             isinstance(t, Tensor) and t.requires_grad for t in (q, k, v)):
         return torch.ops.panther.rf_attention_triton_train(*args)[0]
     return torch.ops.panther.rf_attention_triton(*args)
@@ -638,8 +638,8 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
             for key, fn in bw.items():
                 line[f"{key} fwd+bwd ms"] = round(
                     _time_ms(lambda: torch.autograd.grad(fn(), (qg, kg, vg), go), iters=5), 3)
-            from .triton_attention_bwd import backward_params
-            if backward_params["causal"] or not causal:
+            from .triton_attention_bwd import fused_backward_enabled
+            if fused_backward_enabled(causal):
                 line["triton bwd ms"] = round(_time_ms(
                     lambda: torch.ops.panther.rf_attention_triton_backward(
                         go, q, k, v, W, "softmax", causal, None, None), iters=10), 3)

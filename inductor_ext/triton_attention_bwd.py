@@ -64,7 +64,8 @@ if triton is not None:
 
     from inductor_ext.triton_attention import _features, _kv_state_kernel, _merge_kernel, _mm
 
-__all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op", "backward_params"]
+__all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op", "backward_params",
+           "fused_backward_enabled"]
 
 # launch parameters of the backward (a sweep can change them: see bench_triton_attention)
 # (block_f 32: ptxas reports about a third of the register spills of 64 for the two walks at
@@ -669,8 +670,13 @@ def rf_attention_triton_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: T
     return dq, dk, dv
 
 
+def fused_backward_enabled(causal: bool) -> bool:
+    """Whether calls of this causality take the fused backward at all (causal ones are opt-in)."""
+    return backward_params["causal"] or not causal
+
+
 def _fused_serves(q, k, v, projection, key_padding_mask, causal):
-    return kernel_ok(q, k, v, projection, key_padding_mask) and (backward_params["causal"] or not causal)
+    return kernel_ok(q, k, v, projection, key_padding_mask) and fused_backward_enabled(causal)
 
 
 def _fused_or_cpp(ctx, grad, q, k, v, projection, key_padding_mask, out=None, stats=None):
