@@ -25,3 +25,13 @@ def check(name, err, tol):
     print(f"{'ok  ' if ok else 'FAIL'} {name}: rel err {err:.2e} (tol {tol:.0e})", flush=True)
     if not ok:
         sys.exit(1)
+
+
+def padding_mask(B, S, generator):
+    """A (B, S) key-padding mask (True = ignore) with the hard cases: ~30% random keys masked, a
+    masked prefix (early queries see no key at all) and, with B > 1, a fully masked row."""
+    mask = torch.rand(B, S, generator=generator) < 0.3
+    mask[0, : min(S, 5)] = True
+    if B > 1:
+        mask[1] = True
+    return mask

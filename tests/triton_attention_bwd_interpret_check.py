@@ -16,7 +16,9 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 import torch  # noqa: E402
 
 import panther  # noqa: E402,F401
-from interpret_common import ATTENTION_TOL as TOL, check, rel, seeded_generators  # noqa: E402  (tests/ is on sys.path: run as a script)
+# tests/ is on sys.path: run as a script
+from interpret_common import (ATTENTION_TOL as TOL, check, padding_mask, rel,  # noqa: E402
+                              seeded_generators)
 from inductor_ext import triton_attention as ta  # noqa: E402
 from inductor_ext import triton_attention_bwd as tb  # noqa: E402
 from panther.ops.attention import rf_attention_reference  # noqa: E402
@@ -34,12 +36,7 @@ def make(B, H, L, S, d, dv, m, masked, dtype, shift=0.0, ramp=False):
     v = torch.randn(B, H, S, dv, generator=g, dtype=torch.float64)
     go = torch.randn(B, H, L, dv, generator=g, dtype=torch.float64)
     W = orthogonal_random_features(m, d, generator=g, dtype=torch.float64)
-    mask = None
-    if masked:
-        mask = torch.rand(B, S, generator=g) < 0.3
-        mask[0, : min(S, 5)] = True  # a masked prefix: early queries see no key at all
-        if B > 1:
-            mask[1] = True          # a fully masked row: zero output, zero gradients
+    mask = padding_mask(B, S, g) if masked else None
     return [t.to(dtype) for t in (q, k, v, go, W)] + [mask]
 
 
