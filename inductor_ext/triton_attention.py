@@ -76,6 +76,10 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 if triton is not None:
+    # kernel constants (globals a kernel reads must be constexpr)
+    _LOWEST_C = tl.constexpr(_LOWEST)
+    _LOG2E = tl.constexpr(1.4426950408889634)   # exp(x) = exp2(x * log2(e))
+    _LN2 = tl.constexpr(0.6931471805599453)
 
     @triton.jit
     def _mm(a, b, UPCAST: tl.constexpr):
@@ -106,7 +110,7 @@ if triton is not None:
 
     @triton.jit
     def _kv_state_kernel(
-        K, V, W, MASK, P, Z, MX,
+        K, V, W, W_LO, MASK, P, Z, MX, KAP,
         H, S, M, D, DV, SEG,
         skb, skh, sks, skd,
         svb, svh, svs, svd,
@@ -115,12 +119,21 @@ if triton is not None:
         alpha,
         KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        BLOCK_N: tl.constexpr, SAVE_KAPPA: tl.constexpr, SPLIT_W: tl.constexpr,
     ):
         """One feature block of one key split: P[bh, i, f] = sum_s exp(e_sf - R) v_s^T, Z likewise,
-        MX[bh, i, fb] = R, the running max of e over the split's keys and the block's features.
+        MX[bh, i, fb] = R, the max of e over the split's keys and the block's features.
+        SAVE_KAPPA (softmax): KAP[bh, fb, s] = max of e_s over the block's features (the causal
+        walk's key shifts).
         Grid (feature blocks, B·H, splits): the feature blocks of one key range run side by side
-        and share its k / v tiles through L2."""
+        and share its k / v tiles through L2.
+
+        Laid out as FlashAttention's forward with the feature rows in the place of the queries:
+        the (features × keys) exponent tile feeds the state product as it comes out of the first
+        product (no transpose), and each feature keeps its own running max (a row reduction;
+        one shift per tile would need a cross-warp reduction every step). The per-feature
+        references are brought to the block's max once at the end. exp2 with log2(e) folded
+        into the scale saves a multiply per element."""
         fb = tl.program_id(0)
         bh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -133,13 +146,17 @@ if triton is not None:
         offs_f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
         offs_v = tl.arange(0, DV_PAD)
         feat_ok = offs_f < M
-        w_t = tl.load(W + offs_f[None, :] * swm + offs_d[:, None] * swd,
-                      mask=feat_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        w_off = offs_f[:, None] * swm + offs_d[None, :] * swd
+        w_ok = feat_ok[:, None] & (offs_d[None, :] < D)
+        w = tl.load(W + w_off, mask=w_ok, other=0.0)
+        if SPLIT_W:
+            w_lo = tl.load(W_LO + w_off, mask=w_ok, other=0.0)
         k_base = K + b.to(tl.int64) * skb + hh.to(tl.int64) * skh
         v_base = V + b.to(tl.int64) * svb + hh.to(tl.int64) * svh
         acc = tl.zeros((BLOCK_F, DV_PAD), dtype=tl.float32)
         z = tl.zeros((BLOCK_F,), dtype=tl.float32)
-        run = tl.max(tl.full((BLOCK_N,), -3.0e38, tl.float32), axis=0)
+        run = tl.full((BLOCK_F,), _LOWEST_C, tl.float32)   # per feature, log2 units
+        scale2 = alpha * _LOG2E
         start = sp * SEG
         for s0 in range(start, start + SEG, BLOCK_N):
             rows = s0 + offs_n
@@ -152,22 +169,43 @@ if triton is not None:
                          mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             vt = tl.load(v_base + rows64[:, None] * svs + offs_v[None, :] * svd,
                          mask=row_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
-            e, kappa = _features(kt, w_t, feat_ok, row_ok, alpha, KERNEL, UPCAST)
+            s = _mm(w, tl.trans(kt), UPCAST)                  # (features, keys)
+            if SPLIT_W:
+                s += _mm(w_lo, tl.trans(kt), UPCAST)
             if KERNEL == 0:
-                new = tl.maximum(run, tl.max(kappa, axis=0))
-                r = tl.exp(run - new)
-                phi = tl.where(feat_ok[None, :] & row_ok[:, None], tl.exp(e - new), 0.0)
-                acc = acc * r
+                kf = kt.to(tl.float32)
+                # |k|^2 a^2 / 2 in log2 units; an invalid key gets a huge one (out of the max)
+                hk = (tl.sum(kf * kf, axis=1) * (0.5 * alpha * scale2)).to(tl.float32)
+                hk = tl.where(row_ok, hk, 1.0e38)
+                e = (s * scale2).to(tl.float32) - hk[None, :]
+                if SAVE_KAPPA:
+                    kap = tl.max(tl.where(feat_ok[:, None], e, _LOWEST_C), axis=0) * _LN2
+                    tl.store(KAP + (bh.to(tl.int64) * nfb + fb) * S + rows64, kap, mask=row_ok)
+                new = tl.maximum(run, tl.max(e, axis=1))
+                r = tl.exp2(run - new)
+                p = tl.where(row_ok[None, :], tl.exp2(e - new[:, None]), 0.0)
+                acc = acc * r[:, None]
                 z = z * r
                 run = new
             else:
-                phi = e
-            acc += _mm(tl.trans(phi.to(vt.dtype)), vt, UPCAST)
-            z += tl.sum(phi, axis=0)
+                p = tl.where(row_ok[None, :], tl.maximum(s, 0.0), 0.0)
+            acc += _mm(p.to(vt.dtype), vt, UPCAST)
+            z += tl.sum(p, axis=1)
+        if KERNEL == 0:
+            # one reference for the block: the max over its (real) features, in natural units
+            ref = tl.max(tl.where(feat_ok, run, _LOWEST_C), axis=0)
+            to_ref = tl.exp2(run - ref)
+            acc = acc * to_ref[:, None]
+            z = z * to_ref
+            ref = ref * _LN2
+        else:
+            ref = tl.max(tl.full((BLOCK_F,), _LOWEST_C, tl.float32), axis=0)
+        acc = tl.where(feat_ok[:, None], acc, 0.0)
+        z = tl.where(feat_ok, z, 0.0)
         base = bh.to(tl.int64) * nsp + sp
         tl.store(P + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :], acc)
         tl.store(Z + base * M_PAD + offs_f, z)
-        tl.store(MX + base * nfb + fb, run)
+        tl.store(MX + base * nfb + fb, ref)
 
     @triton.jit
     def _merge_kernel(
@@ -212,7 +250,7 @@ if triton is not None:
 
     @triton.jit
     def _query_kernel(
-        Q, W, ST, ZT, O, STATS,
+        Q, W, W_LO, ST, ZT, O, STATS,
         H, L, M, D, DV,
         sqb, sqh, sql, sqd,
         swm, swd,
@@ -220,37 +258,57 @@ if triton is not None:
         alpha,
         KERNEL: tl.constexpr, UPCAST: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-        SAVE_STATS: tl.constexpr,
+        BLOCK_F: tl.constexpr, SAVE_STATS: tl.constexpr, SPLIT_W: tl.constexpr,
     ):
         """out = phi(q)·S / phi(q)·z for one query block (0 where the denominator is 0).
-        SAVE_STATS: per row den and the query shift into STATS (B·H, 3, L) for the backward."""
+        SAVE_STATS: per row den and the query shift into STATS (B·H, 3, L) for the backward.
+
+        FlashAttention's forward with the features in the place of the keys and the state rows
+        in the place of the values: feature blocks of BLOCK_F with an online row max, so the
+        (rows × m) feature tile is never held whole. The query's -|q|^2/2 is a per-row constant
+        and cancels; it is only added back to the saved shift."""
         bh = tl.program_id(0)
         pm = tl.program_id(1)
         b = bh // H
         hh = bh % H
         offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D_PAD)
-        offs_f = tl.arange(0, M_PAD)
         offs_v = tl.arange(0, DV_PAD)
         row_ok = offs_m < L
         rows64 = offs_m.to(tl.int64)
-        feat_ok = offs_f < M
-        w_t = tl.load(W + offs_f[None, :] * swm + offs_d[:, None] * swd,
-                      mask=feat_ok[None, :] & (offs_d[:, None] < D), other=0.0)
         qt = tl.load(Q + b.to(tl.int64) * sqb + hh.to(tl.int64) * sqh + rows64[:, None] * sql
                      + offs_d[None, :] * sqd,
                      mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        e, kappa = _features(qt, w_t, feat_ok, row_ok, alpha, KERNEL, UPCAST)
-        if KERNEL == 0:
-            phi = tl.where(feat_ok[None, :], tl.exp(e - kappa[:, None]), 0.0)
-        else:
-            phi = e
-        st = tl.load(ST + bh.to(tl.int64) * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD
-                     + offs_v[None, :])
-        zt = tl.load(ZT + bh.to(tl.int64) * M_PAD + offs_f)
-        num = _mm(phi.to(st.dtype), st, UPCAST)
-        den = tl.sum(phi * zt[None, :], axis=1)
-        out = num / tl.where(den == 0.0, 1.0, den)[:, None]
+        st_base = ST + bh.to(tl.int64) * (M_PAD * DV_PAD)
+        zt_base = ZT + bh.to(tl.int64) * M_PAD
+        scale2 = alpha * _LOG2E
+        run = tl.full((BLOCK_M,), _LOWEST_C, tl.float32)
+        acc = tl.zeros((BLOCK_M, DV_PAD), dtype=tl.float32)
+        den = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for f0 in range(0, M_PAD, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            feat_ok = offs_f < M
+            w_off = offs_f[None, :] * swm + offs_d[:, None] * swd
+            w_ok = feat_ok[None, :] & (offs_d[:, None] < D)
+            w_t = tl.load(W + w_off, mask=w_ok, other=0.0)
+            st = tl.load(st_base + offs_f[:, None] * DV_PAD + offs_v[None, :])
+            zt = tl.load(zt_base + offs_f)
+            s = _mm(qt, w_t, UPCAST)
+            if SPLIT_W:
+                s += _mm(qt, tl.load(W_LO + w_off, mask=w_ok, other=0.0), UPCAST)
+            if KERNEL == 0:
+                e = tl.where(feat_ok[None, :], (s * scale2).to(tl.float32), _LOWEST_C)
+                new = tl.maximum(run, tl.max(e, axis=1))
+                r = tl.exp2(run - new)
+                p = tl.exp2(e - new[:, None])
+                acc = acc * r[:, None]
+                den = den * r
+                run = new
+            else:
+                p = tl.where(feat_ok[None, :], tl.maximum(s, 0.0), 0.0)
+            acc += _mm(p.to(st.dtype), st, UPCAST)
+            den += tl.sum(p * zt[None, :], axis=1)
+        out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
         out = tl.where((den == 0.0)[:, None], 0.0, out)
         tl.store(O + b.to(tl.int64) * sob + hh.to(tl.int64) * soh + rows64[:, None] * sol
                  + offs_v[None, :] * sod, out.to(O.dtype.element_ty),
@@ -258,11 +316,16 @@ if triton is not None:
         if SAVE_STATS:
             s_base = STATS + bh.to(tl.int64) * (3 * L)
             tl.store(s_base + rows64, den, mask=row_ok)
-            tl.store(s_base + L + rows64, kappa, mask=row_ok)
+            if KERNEL == 0:
+                qf = qt.to(tl.float32)
+                hq = tl.sum(qf * qf, axis=1) * (0.5 * alpha * alpha)
+                tl.store(s_base + L + rows64, run * _LN2 - hq, mask=row_ok)
+            else:
+                tl.store(s_base + L + rows64, tl.zeros_like(den), mask=row_ok)
 
     @triton.jit
     def _causal_kernel(
-        Q, K, V, W, MASK, P, Z, RP, O, STATS,
+        Q, K, V, W, W_LO, MASK, P, Z, RP, KAP, O, STATS,
         H, L, M, D, DV, SEG,
         sqb, sqh, sql, sqd,
         skb, skh, sks, skd,
@@ -273,16 +336,20 @@ if triton is not None:
         alpha,
         KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
-        C: tl.constexpr, HALF_STATE: tl.constexpr, SAVE_STATS: tl.constexpr,
+        NF_KAP: tl.constexpr, C: tl.constexpr, HALF_STATE: tl.constexpr,
+        SAVE_STATS: tl.constexpr, IN_REGS: tl.constexpr, SPLIT_W: tl.constexpr,
     ):
         """One segment of one (b, h): chunk walk from the segment's prefix state (P, Z at RP).
         SAVE_STATS: per row den, the query shift and the key running max M into STATS
         (B·H, 3, L) for the backward.
 
-        The (m × dv) state would not fit the registers next to the feature tiles, so it stays in
-        this program's own slice of P (L2-resident) and is streamed per feature block: pass 1
-        over the feature blocks finds the row maxima (query shift, key kappa), pass 2 builds the
-        intra-chunk weights, the inter-chunk product with the old state and the state update."""
+        One pass over the feature blocks per chunk. The keys' shifts come ready from the key
+        pass (KAP: each key's max exponent per feature block of that pass), so the running max
+        M_t is known before any feature is formed; the query's shift is an online row max over
+        the feature blocks (the accumulators are rescaled when it grows; -|q|^2/2 cancels).
+        BLOCK_F == M_PAD: the (m × dv) state is carried in registers across the chunks; else it
+        lives in this program's own slice of P (L2-resident) and is streamed per feature block.
+        Exponents are in log2 units (exp2)."""
         bh = tl.program_id(0)
         sg = tl.program_id(1)
         nsg = tl.num_programs(1)
@@ -292,15 +359,21 @@ if triton is not None:
         offs_d = tl.arange(0, D_PAD)
         offs_fb = tl.arange(0, BLOCK_F)
         offs_v = tl.arange(0, DV_PAD)
+        offs_kf = tl.arange(0, NF_KAP)
         tril = offs_c[None, :] <= offs_c[:, None]          # [t, s]: key s visible to query t
         base = bh.to(tl.int64) * nsg + sg
         p_base = P + base * (M_PAD * DV_PAD)
         z_base = Z + base * M_PAD
-        run = tl.load(RP + base)
+        scale2 = alpha * _LOG2E
+        run = tl.maximum(tl.load(RP + base), -2.0e38) * _LOG2E   # stays finite in log2 units
         q_base = Q + b.to(tl.int64) * sqb + hh.to(tl.int64) * sqh
         k_base = K + b.to(tl.int64) * skb + hh.to(tl.int64) * skh
         v_base = V + b.to(tl.int64) * svb + hh.to(tl.int64) * svh
         o_base = O + b.to(tl.int64) * sob + hh.to(tl.int64) * soh
+        kap_base = KAP + bh.to(tl.int64) * (NF_KAP * L)
+        if IN_REGS:
+            st_r = tl.load(p_base + offs_fb[:, None] * DV_PAD + offs_v[None, :])
+            z_r = tl.load(z_base + offs_fb)
         start = sg * SEG
         for t0 in range(start, start + SEG, C):
             rows = t0 + offs_c
@@ -317,47 +390,57 @@ if triton is not None:
             vt = tl.load(v_base + rows64[:, None] * svs + offs_v[None, :] * svd,
                          mask=key_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
             if KERNEL == 0:
-                # pass 1: row maxima over all features
-                kq = tl.full((C,), -3.0e38, tl.float32)
-                kk = tl.full((C,), -3.0e38, tl.float32)
-                for f0 in range(0, M, BLOCK_F):  # runtime bound: no full unroll
-                    offs_f = f0 + offs_fb
-                    feat_ok = offs_f < M
-                    w_t = tl.load(W + offs_f[None, :] * swm + offs_d[:, None] * swd,
-                                  mask=feat_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-                    _e, kq_f = _features(qt, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
-                    _e, kk_f = _features(kt, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
-                    kq = tl.maximum(kq, kq_f)
-                    kk = tl.maximum(kk, kk_f)
+                kap = tl.load(kap_base + offs_kf[None, :] * L + rows64[:, None],
+                              mask=key_ok[:, None], other=_LOWEST_C)
+                kk = tl.where(key_ok, tl.max(kap, axis=1), -2.0e38) * _LOG2E
                 # running max over keys <= t (within the chunk, then against the carried one)
-                mt = tl.max(tl.where(tril, kk[None, :], -3.0e38), axis=1)
+                mt = tl.max(tl.where(tril, kk[None, :], _LOWEST_C), axis=1)
                 mt = tl.maximum(mt, run)
                 new = tl.maximum(run, tl.max(kk, axis=0))
-                fac = tl.exp(run - mt)          # carried state (reference run) -> M_t
-                r = tl.exp(run - new)           # carried state -> this chunk's end
-                kscale = tl.exp(mt - new)       # key s at M_s -> chunk end
+                fac = tl.exp2(run - mt)          # carried state (reference run) -> M_t
+                r = tl.exp2(run - new)           # carried state -> this chunk's end
+                kscale = tl.exp2(mt - new)       # key s at M_s -> chunk end
+                kf = kt.to(tl.float32)
+                hk = (tl.sum(kf * kf, axis=1) * (0.5 * alpha * scale2)).to(tl.float32)
+            mq = tl.full((C,), _LOWEST_C, tl.float32)
             a = tl.zeros((C, C), dtype=tl.float32)
             inter = tl.zeros((C, DV_PAD), dtype=tl.float32)
             iden = tl.zeros((C,), dtype=tl.float32)
-            # pass 2: per feature block, weights, inter-chunk product, state update
-            for f0 in range(0, M, BLOCK_F):  # runtime bound: no full unroll
+            for f0 in range(0, M_PAD, BLOCK_F):
                 offs_f = f0 + offs_fb
                 feat_ok = offs_f < M
-                w_t = tl.load(W + offs_f[None, :] * swm + offs_d[:, None] * swd,
-                              mask=feat_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-                eq, _kq = _features(qt, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
-                ek, _kk = _features(kt, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
-                s_ptr = p_base + offs_f[:, None] * DV_PAD + offs_v[None, :]
-                st = tl.load(s_ptr)
-                zf = tl.load(z_base + offs_f)
-                if KERNEL == 0:
-                    phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
-                    # key s at its own reference M_s (<= 1); the (t, s) weight adds exp(M_s - M_t)
-                    phk = tl.where(feat_ok[None, :] & key_ok[:, None],
-                                   tl.exp(ek - mt[:, None]), 0.0)
+                w_off = offs_f[None, :] * swm + offs_d[:, None] * swd
+                w_ok = feat_ok[None, :] & (offs_d[:, None] < D)
+                w_t = tl.load(W + w_off, mask=w_ok, other=0.0)
+                sq = _mm(qt, w_t, UPCAST)
+                sk = _mm(kt, w_t, UPCAST)
+                if SPLIT_W:
+                    w_lo = tl.load(W_LO + w_off, mask=w_ok, other=0.0)
+                    sq += _mm(qt, w_lo, UPCAST)
+                    sk += _mm(kt, w_lo, UPCAST)
+                if IN_REGS:
+                    st = st_r
+                    zf = z_r
                 else:
-                    phq = eq
-                    phk = ek
+                    s_ptr = p_base + offs_f[:, None] * DV_PAD + offs_v[None, :]
+                    st = tl.load(s_ptr)
+                    zf = tl.load(z_base + offs_f)
+                if KERNEL == 0:
+                    eq = tl.where(feat_ok[None, :], (sq * scale2).to(tl.float32), _LOWEST_C)
+                    nq = tl.maximum(mq, tl.max(eq, axis=1))
+                    resc = tl.exp2(mq - nq)
+                    a = a * resc[:, None]
+                    inter = inter * resc[:, None]
+                    iden = iden * resc
+                    mq = nq
+                    phq = tl.exp2(eq - mq[:, None])
+                    # key s at its own reference M_s (<= 1); the (t, s) weight adds exp(M_s - M_t)
+                    ek = (sk * scale2).to(tl.float32) - hk[:, None]
+                    phk = tl.where(feat_ok[None, :] & key_ok[:, None],
+                                   tl.exp2(ek - mt[:, None]), 0.0)
+                else:
+                    phq = tl.where(feat_ok[None, :], tl.maximum(sq, 0.0), 0.0)
+                    phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.maximum(sk, 0.0), 0.0)
                 a += _mm(phq.to(vt.dtype), tl.trans(phk.to(vt.dtype)), UPCAST)
                 # the state can exceed fp16's range: half inputs multiply it in bf16
                 if HALF_STATE:
@@ -371,11 +454,15 @@ if triton is not None:
                     zf = zf * r
                 st += _mm(tl.trans(phk.to(vt.dtype)), vt, UPCAST)
                 zf += tl.sum(phk, axis=0)
-                tl.store(s_ptr, st)
-                tl.store(z_base + offs_f, zf)
+                if IN_REGS:
+                    st_r = st
+                    z_r = zf
+                else:
+                    tl.store(s_ptr, st)
+                    tl.store(z_base + offs_f, zf)
             if KERNEL == 0:
                 # the (t, s) weight's exp(M_s - M_t); clamped above the diagonal (discarded there)
-                a = tl.where(tril, a * tl.exp(tl.minimum(mt[None, :] - mt[:, None], 0.0)), 0.0)
+                a = tl.where(tril, a * tl.exp2(tl.minimum(mt[None, :] - mt[:, None], 0.0)), 0.0)
             else:
                 a = tl.where(tril, a, 0.0)
             num = _mm(a.to(vt.dtype), vt, UPCAST)
@@ -395,10 +482,13 @@ if triton is not None:
                 s_base = STATS + bh.to(tl.int64) * (3 * L)
                 tl.store(s_base + rows64, den, mask=in_seq)
                 if KERNEL == 0:
-                    tl.store(s_base + L + rows64, kq, mask=in_seq)
-                    tl.store(s_base + 2 * L + rows64, mt, mask=in_seq)
-            # the state slice is re-read by other threads in the next chunk
-            tl.debug_barrier()
+                    qf = qt.to(tl.float32)
+                    hq = tl.sum(qf * qf, axis=1) * (0.5 * alpha * alpha)
+                    tl.store(s_base + L + rows64, mq * _LN2 - hq, mask=in_seq)
+                    tl.store(s_base + 2 * L + rows64, mt * _LN2, mask=in_seq)
+            if not IN_REGS:
+                # the state slice is re-read by other threads in the next chunk
+                tl.debug_barrier()
 
 # --------------------------------------------------------------------------------------------
 # Launch helpers
@@ -428,6 +518,20 @@ def kernel_ok(q, k, v, projection, key_padding_mask=None):
     return d <= MAX_HEAD_DIM and dv <= MAX_HEAD_DIM and m <= MAX_FEATURES
 
 
+def _projection_operands(projection, dtype):
+    """(W, W_lo): the projection as the kernels' product operand. bf16 inputs get it as a sum of
+    two bf16 parts (hi + lo, 16 significant bits): rounding W itself to bf16 shifts every
+    exponent by up to |a x| 2^-9 and was the largest error of the bf16 path (about 0.5%
+    relative, against 0.3% for everything else); the second part costs one more small product
+    per feature tile. fp16 (11 bits) and fp32 take one part (W_lo None)."""
+    if dtype == torch.float32:
+        return projection.float(), None
+    hi = projection.to(dtype)
+    if dtype != torch.bfloat16:
+        return hi, None
+    return hi, (projection.float() - hi.float()).to(dtype)
+
+
 def _splits(bh, length, block, device, min_len):
     """Split `length` into ranges (multiples of `block`) so that about 4 programs run per SM."""
     want = max(1, (4 * _num_sms(device)) // max(bh, 1))
@@ -437,10 +541,17 @@ def _splits(bh, length, block, device, min_len):
 
 
 def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *, seg=None,
-             block_n=64, block_m=128,
-             causal_warps=4, causal_stages=2, block_f=None, stats=None):
+             block_n=128, block_m=128, kv_block_f=128, q_block_f=128, kv_warps=4, q_warps=8,
+             kv_stages=3, q_stages=3,
+             causal_warps=4, causal_stages=2, block_f=None, chunk=CHUNK, stats=None):
     """The output; ``stats`` (a (B·H, 3, Lq) fp32 buffer) also receives per row den, the query
-    shift and (causal) the key running max, which the fused backward reuses."""
+    shift and (causal) the key running max, which the fused backward reuses.
+    Launch parameters: ``seg`` keys per split / segment (None: about 4 programs per SM);
+    key pass: ``kv_block_f`` features per program, ``block_n`` keys per step, ``kv_warps``,
+    ``kv_stages``; non-causal query pass: ``block_m`` queries per program, ``q_block_f``
+    features per step, ``q_warps``, ``q_stages``; causal walk: ``chunk`` rows per step (a power of two >= 16), ``block_f``
+    features per block (``block_f == m`` padded: the state stays in registers),
+    ``causal_warps``, ``causal_stages``."""
     B, H, Lq, d = q.shape
     S, dv, m = k.shape[2], v.shape[3], projection.shape[0]
     dev = q.device
@@ -448,7 +559,9 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     alpha = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(d))
     # fp32 inputs (and the interpreter) multiply in true fp32; half inputs use the tensor cores
     upcast = _INTERPRET or q.dtype == torch.float32
-    W = projection.to(q.dtype) if q.dtype != torch.float32 else projection.float()
+    W, W_lo = _projection_operands(projection, q.dtype)
+    split_w = W_lo is not None
+    W_lo = W if W_lo is None else W_lo
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
     out = torch.empty((B, H, Lq, dv), device=dev, dtype=q.dtype)
     if _INTERPRET:
@@ -459,10 +572,12 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     f32 = torch.float32
     # feature block: tiles of (rows, block_f) on chip. Defaults measured on the H200 (65,536 tokens,
     # 16 heads, d=64, m=256, bf16): the causal walk holds more tiles per feature block, so smaller
-    block_f = min(M_PAD, block_f or (32 if causal else 128))
-    NF = M_PAD // block_f
+    block_f = min(M_PAD, block_f or 32)
+    kv_block_f = min(M_PAD, kv_block_f)
+    q_block_f = min(M_PAD, q_block_f)
+    NF = M_PAD // kv_block_f
     if causal:
-        block_n = CHUNK
+        block_n = chunk
     if seg is None:
         # causal: the chunk walk's parallelism is B·H·segments; non-causal: the key pass's is
         # feature blocks·B·H·splits
@@ -473,27 +588,31 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     P = torch.empty((BH, nsplit, M_PAD, DV_PAD), device=dev, dtype=f32)
     Z = torch.empty((BH, nsplit, M_PAD), device=dev, dtype=f32)
     MX = torch.empty((BH, nsplit, NF), device=dev, dtype=f32)
+    # causal softmax: the key pass also leaves each key's shift for the walk
+    save_kap = causal and kid == 0
+    KAP = torch.empty((BH, NF, S) if save_kap else (1,), device=dev, dtype=f32)
     _launcher(_kv_state_kernel)[(NF, BH, nsplit)](
-        k, v, W, mask, P, Z, MX,
+        k, v, W, W_lo, mask, P, Z, MX, KAP,
         H, S, m, d, dv, seg,
         *k.stride(), *v.stride(), *W.stride(), *mask.stride(),
         alpha,
         KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
-        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, BLOCK_N=block_n,
-        num_warps=4)
-    merge_meta = dict(M_PAD=M_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, NF=NF, NF_PAD=_pow2(NF, 2),
+        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=kv_block_f, BLOCK_N=block_n,
+        SAVE_KAPPA=save_kap, SPLIT_W=split_w, num_warps=kv_warps, num_stages=kv_stages)
+    merge_meta = dict(M_PAD=M_PAD, DV_PAD=DV_PAD, BLOCK_F=kv_block_f, NF=NF, NF_PAD=_pow2(NF, 2),
                       num_warps=4)
     if causal:
         RP = torch.empty((BH, nsplit), device=dev, dtype=f32)
         _launcher(_merge_kernel)[(BH, NF)](P, Z, MX, RP, P, Z, nsplit, PREFIX=True, **merge_meta)
         _launcher(_causal_kernel)[(BH, nsplit)](
-            q, k, v, W, mask, P, Z, RP, out, stats if stats is not None else RP,
+            q, k, v, W, W_lo, mask, P, Z, RP, KAP, out, stats if stats is not None else RP,
             H, Lq, m, d, dv, seg,
             *q.stride(), *k.stride(), *v.stride(), *W.stride(), *mask.stride(), *out.stride(),
             alpha,
             KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
-            M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, C=CHUNK,
+            M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, NF_KAP=NF, C=chunk,
             HALF_STATE=q.dtype != torch.float32, SAVE_STATS=stats is not None,
+            IN_REGS=block_f == M_PAD, SPLIT_W=split_w,
             num_warps=causal_warps, num_stages=causal_stages)
         return out
     # the state is read by every query block: bf16 for half inputs (fp16 could overflow: it sums
@@ -503,13 +622,13 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     ZT = torch.empty((BH, M_PAD), device=dev, dtype=f32)
     _launcher(_merge_kernel)[(BH, NF)](P, Z, MX, MX, ST, ZT, nsplit, PREFIX=False, **merge_meta)
     _launcher(_query_kernel)[(BH, triton.cdiv(Lq, block_m))](
-        q, W, ST, ZT, out, stats if stats is not None else ZT,
+        q, W, W_lo, ST, ZT, out, stats if stats is not None else ZT,
         H, Lq, m, d, dv,
         *q.stride(), *W.stride(), *out.stride(),
         alpha,
         KERNEL=kid, UPCAST=upcast,
-        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_M=block_m, SAVE_STATS=stats is not None,
-        num_warps=4 if _INTERPRET else 8)
+        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_M=block_m, BLOCK_F=q_block_f,
+        SAVE_STATS=stats is not None, SPLIT_W=split_w, num_warps=q_warps, num_stages=q_stages)
     return out
 
 

@@ -584,12 +584,13 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     Z = torch.empty((BH, nk, M_PAD), device=dev, dtype=f32)
     MX = torch.empty((BH, nk, NF), device=dev, dtype=f32)
     _launcher(_kv_state_kernel)[(NF, BH, nk)](
-        k, v, W, mask, P, Z, MX,
+        k, v, W, W, mask, P, Z, MX, MX,
         H, S, m, d, dv, kseg,
         *k.stride(), *v.stride(), *W.stride(), *mask.stride(),
         alpha,
         KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
-        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, BLOCK_N=kblock, num_warps=4)
+        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, BLOCK_N=kblock,
+        SAVE_KAPPA=False, SPLIT_W=False, num_warps=4)
     merge_meta = dict(M_PAD=M_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, NF=NF, NF_PAD=_pow2(NF, 2),
                       num_warps=4)
     RP = torch.empty((BH, nk), device=dev, dtype=f32)

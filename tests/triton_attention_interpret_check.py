@@ -25,7 +25,8 @@ from panther.sketch import orthogonal_random_features  # noqa: E402
 gen = seeded_generators(0)
 
 
-def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0, bf=16):
+def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0, bf=16,
+         chunk=ta.CHUNK):
     g = gen()
     q = torch.randn(B, H, L, d, generator=g, dtype=torch.float64)
     k = torch.randn(B, H, S, d, generator=g, dtype=torch.float64) + shift
@@ -36,11 +37,11 @@ def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shi
     ref = rf_attention_reference(q.double(), k.double(), v.double(), W.double(), kernel_fn,
                                  causal, scale, mask)
     out = ta._forward(q, k, v, W, kernel_fn, causal, scale, mask, seg=seg, block_n=16,
-                      block_m=16, block_f=bf)
+                      block_m=16, block_f=bf, kv_block_f=bf, q_block_f=bf, chunk=chunk)
     assert out.dtype == dtype and out.shape == ref.shape
     assert torch.isfinite(out).all(), "non-finite output"
     name = (f"{kernel_fn} causal={causal} B{B} H{H} L{L} S{S} d{d} dv{dv} m{m} scale={scale} "
-            f"mask={masked} {str(dtype)[6:]} seg={seg} shift={shift} block_f={bf}")
+            f"mask={masked} {str(dtype)[6:]} seg={seg} shift={shift} block_f={bf} chunk={chunk}")
     check(name, rel(out, ref), TOL[dtype])
 
 
@@ -65,6 +66,10 @@ def main():
     # one feature block (block_f = 64) and m > 64 (padded feature block at the end)
     case(1, 1, 70, 70, 16, 8, 40, "softmax", True, 2.0, True, f32, seg=64, shift=1.0, bf=64)
     case(1, 1, 20, 40, 16, 8, 100, "softmax", False, None, True, f32, seg=16, bf=64)
+    # the state carried in registers (block_f = m padded), and shorter chunks
+    case(1, 2, 90, 90, 16, 8, 32, "softmax", True, 2.0, True, f32, seg=64, shift=1.0, bf=32)
+    case(2, 1, 75, 75, 16, 8, 20, "softmax", True, None, False, f32, seg=32, bf=32, chunk=16)
+    case(1, 1, 50, 50, 8, 8, 24, "relu", True, None, False, f32, seg=32, bf=32, chunk=32)
     # bf16 inputs (the kernels' tensor-core path, upcast in the interpreter)
     case(1, 2, 33, 45, 16, 16, 32, "softmax", False, None, True, bf, seg=16)
     case(2, 1, 100, 100, 16, 16, 32, "softmax", True, None, True, bf, seg=64)
