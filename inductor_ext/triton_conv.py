@@ -1,0 +1,509 @@
+"""Fused Triton forward kernel for ``panther::sketched_conv2d`` (the SKConv2d layer).
+
+The layer is a convolution to a thin rank ``R = 2·L·k`` followed by a 1×1 channel mix:
+
+    z   = conv(x, S1s)                          (N, R, Ho, Wo)   S1s (R, C_in, kh, kw)
+    out = Mixᵀ·z / (2L) + bias                  (N, C_out, Ho, Wo), Mix = U1s as (R, C_out)
+
+For small R the pair is memory bound: the floor is reading x once and writing out once. The ATen
+path (cuDNN conv to R channels, then a GEMM) also writes and re-reads z and pays two launches with
+poor tensor-core shapes. Here one kernel does everything as an implicit GEMM over NHWC memory:
+
+    * each program owns BLOCK_P output pixels (flattened n·Ho·Wo) and accumulates their
+      (BLOCK_P × R_PAD) z tile in fp32 registers by looping over the kh·kw taps and C_in in
+      BLOCK_C chunks: the x tile of a tap is a (BLOCK_P × BLOCK_C) load at shifted / strided
+      positions (out-of-image positions masked to zero = the zero padding), contiguous along the
+      channels in channels_last memory; it meets the matching (BLOCK_C × R_PAD) slice of the
+      weight, pre-arranged by one cheap host-side permute into (kh·kw, C_in, R_PAD);
+    * z is rounded once to the input dtype (as the ATen path's intermediate tensor is) and
+      multiplied by Mix in BLOCK_N column chunks; the 1/(2L) scale is applied to the fp32
+      result, the bias added, and the (BLOCK_P × BLOCK_N) tile stored straight into the output
+      (channels_last output for channels_last input: rows are pixels, columns channels).
+
+z never reaches HBM. Loop order over (tap, channel chunk) is a launch parameter (``TAPS_INNER``:
+the kh·kw taps of one channel chunk back to back, whose x tiles overlap, so they can hit in
+L1/L2), as is an L1-caching hint on the x loads (``X_CA``).
+
+Registered as ``torch.library.triton_op("panther::sketched_conv2d_triton")`` with the schema of
+``panther::sketched_conv2d``; the autograd is that op's (``panther/ops/conv.py``: cuDNN
+``convolution_backward`` on the mixed-back gradient). A device branch sends CPU tensors, float64,
+NCHW CUDA inputs (the kernel's loads want contiguous channels; cuDNN handles NCHW well) and
+anything unusual (empty tensors, rank > ``MAX_RANK``, invalid arguments: the C++ op raises the
+error) to ``torch.ops.panther.sketched_conv2d``. Under ``TRITON_INTERPRET=1`` (set before triton
+is imported) CPU tensors run the kernel in Triton's interpreter instead, eager only: that is how
+CPU CI checks its arithmetic.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import panther  # noqa: F401  (loads the native op the fallback calls)
+from panther.ops.conv import _backward as _conv_backward
+from panther.ops.conv import _pair
+from panther.ops.conv import _setup_context as _conv_setup_context
+from panther.ops.conv import _wants_channels_last
+
+try:  # Triton is optional: without it every call takes the C++ op.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with Linux torch wheels
+    triton = None
+
+__all__ = [
+    "sketched_conv2d_triton",
+    "sketched_conv2d_triton_op",
+    "kernel_ok",
+    "conv_forward",
+    "kernel_configs",
+    "smem_bytes",
+    "tuned_configs",
+    "MAX_RANK",
+    "SMEM_LIMIT",
+]
+
+# Hopper's per-block shared-memory limit (227 KiB). Every config is checked against it.
+SMEM_LIMIT = 227 * 1024
+# Largest 2·L·k the kernel takes (padded to a power of two): the fp32 z tile lives in registers.
+MAX_RANK = 256
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Whether NCHW-contiguous inputs take the kernel (its loads are then strided along the channels,
+# so on CUDA they go to cuDNN by default). The interpreter takes them, so CPU CI checks that path
+# through the op as well.
+NCHW_KERNEL = _INTERPRET
+
+# tl.dot flavours (constexprs of the kernel).
+_DOT_NATIVE, _DOT_TF32, _DOT_IEEE, _DOT_UPCAST = 0, 1, 2, 3
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _rank_pad(r: int) -> int:
+    """Register width of z: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, _next_pow2(r))
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel
+# --------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _mma(a, b, acc, DOT_MODE: tl.constexpr):
+        if DOT_MODE == 3:
+            # Triton's CPU interpreter multiplies bf16 bit patterns wrongly; upcasting is exact.
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif DOT_MODE == 1:
+            out = tl.dot(a, b, acc, input_precision="tf32")
+        elif DOT_MODE == 2:
+            out = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            out = tl.dot(a, b, acc)
+        return out
+
+    @triton.jit
+    def _sketched_conv2d_kernel(
+        X, WM, MIX, BIAS, OUT,
+        P, C_IN, C_OUT, H, W, HO, WO,
+        sxn, sxc, sxh, sxw,
+        swt, swc,
+        smr, smn,
+        son, soc, soh, sow,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        scale,
+        P_BUCKET,
+        KH: tl.constexpr,
+        KW: tl.constexpr,
+        R_PAD: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DOT_CONV: tl.constexpr,
+        DOT_MIX: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        TAPS_INNER: tl.constexpr,
+        X_CA: tl.constexpr,
+    ):
+        """OUT[p, :] = scale·(conv(X, WM)[p, :] rounded to X's dtype)·MIX + BIAS, p = (n, ho, wo).
+
+        X (N, C_IN, H, W) and OUT (N, C_OUT, HO, WO) by strides (channels_last: sxc = soc = 1);
+        WM (KH·KW, C_IN, R_PAD) with unit stride along the rank (zero columns past 2Lk);
+        MIX (R_PAD, C_OUT) (zero rows past 2Lk). Grid: (pixel blocks, column groups). Column
+        group g writes a contiguous range of OUT's channel tiles; every group recomputes its
+        pixels' z. One group is the memory-floor layout (x read once); more groups only help
+        when there are few pixel blocks.
+        """
+        pid_p = tl.program_id(0)
+        pid_g = tl.program_id(1)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        hw = HO * WO
+        n = offs_p // hw
+        rem = offs_p - n * hw
+        ho = rem // WO
+        wo = rem - ho * WO
+        h0 = ho * stride_h - pad_h
+        w0 = wo * stride_w - pad_w
+        n64 = n.to(tl.int64)
+        # element offsets can pass 2**31: rows in int64
+        x_row = n64 * sxn + h0.to(tl.int64) * sxh + w0.to(tl.int64) * sxw
+        offs_c = tl.arange(0, BLOCK_C)
+        offs_r = tl.arange(0, R_PAD)
+
+        # ---- phase 1: the (BLOCK_P, R_PAD) z tile, implicit GEMM over (tap, channel) ----------
+        KK: tl.constexpr = KH * KW
+        n_cb = tl.cdiv(C_IN, BLOCK_C)
+        acc = tl.zeros((BLOCK_P, R_PAD), dtype=tl.float32)
+        for it in range(0, KK * n_cb):
+            if TAPS_INNER:
+                tap = it % KK
+                cb = it // KK
+            else:
+                tap = it // n_cb
+                cb = it - tap * n_cb
+            ti = tap // KW
+            tj = tap - ti * KW
+            dh = ti * dil_h
+            dw = tj * dil_w
+            hi = h0 + dh
+            wi = w0 + dw
+            ok = mask_p & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            cs = cb * BLOCK_C + offs_c
+            mask_c = cs < C_IN
+            x_ptrs = X + (x_row + dh * sxh + dw * sxw)[:, None] + cs[None, :] * sxc
+            x_mask = ok[:, None] & mask_c[None, :]
+            if X_CA:
+                xt = tl.load(x_ptrs, mask=x_mask, other=0.0, cache_modifier=".ca")
+            else:
+                xt = tl.load(x_ptrs, mask=x_mask, other=0.0)
+            wt = tl.load(WM + tap * swt + cs[:, None] * swc + offs_r[None, :], mask=mask_c[:, None],
+                         other=0.0)
+            acc = _mma(xt, wt, acc, DOT_CONV)
+
+        # Round once to the input dtype: the second GEMM's operand is what the ATen path's z
+        # tensor holds (and the tensor cores want matching operand types).
+        z = acc.to(X.dtype.element_ty)
+
+        # ---- phase 2: this group's output channel tiles, out written once --------------------
+        n_tiles = tl.cdiv(C_OUT, BLOCK_N)
+        per_group = tl.cdiv(n_tiles, tl.num_programs(1))
+        t_begin = pid_g * per_group
+        t_end = tl.minimum(t_begin + per_group, n_tiles)
+        offs_n = tl.arange(0, BLOCK_N)
+        o_row = n64 * son + ho.to(tl.int64) * soh + wo.to(tl.int64) * sow
+        if HAS_BIAS:
+            # Prefetched one tile ahead: a plain load used right away would stall every iteration
+            # on L2 latency (the pipeliner only prefetches the loads feeding tl.dot).
+            b_cols = t_begin * BLOCK_N + offs_n
+            bias_next = tl.load(BIAS + b_cols, mask=b_cols < C_OUT, other=0.0)
+        for t in range(t_begin, t_end):
+            cols = t * BLOCK_N + offs_n
+            mask_n = cols < C_OUT
+            if HAS_BIAS:
+                bias_tile = bias_next
+                bias_next = tl.load(BIAS + cols + BLOCK_N, mask=(cols + BLOCK_N) < C_OUT, other=0.0)
+            m = tl.load(MIX + offs_r[:, None] * smr + cols[None, :] * smn, mask=mask_n[None, :],
+                        other=0.0)
+            o = _mma(z, m, tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32), DOT_MIX)
+            o = o * scale
+            if HAS_BIAS:
+                o += bias_tile.to(tl.float32)[None, :]
+            tl.store(OUT + o_row[:, None] + cols[None, :] * soc, o.to(OUT.dtype.element_ty),
+                     mask=mask_p[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configurations
+# --------------------------------------------------------------------------------------------
+# (BLOCK_P, BLOCK_C, BLOCK_N, num_warps, num_stages, TAPS_INNER, X_CA), best guess first; the
+# autotuner tries the first _MAX_CONFIGS that fit a (rank, dtype) bucket. `python -m
+# inductor_ext.triton_conv_bench --sweep` times a wider set on the GPU to re-rank this list.
+_CANDIDATES = (
+    (128, 64, 128, 8, 3, 0, 0),
+    (128, 64, 64, 4, 4, 1, 0),
+    (256, 64, 64, 8, 3, 0, 0),
+    (64, 128, 128, 4, 3, 0, 0),
+    (128, 32, 128, 8, 4, 1, 0),
+    (64, 64, 64, 4, 3, 0, 0),
+    (64, 32, 64, 4, 2, 0, 0),
+    (32, 32, 32, 4, 2, 0, 0),
+)
+_MAX_CONFIGS = 4
+
+
+def smem_bytes(block_p, block_c, block_n, num_stages, r_pad, elem_size):
+    """An upper bound on one program's shared memory, counting every buffer as live at once.
+
+    phase 1: num_stages copies of the x tile and the weight tile; phase 2: num_stages copies of
+    the Mix tile plus the z operand; the epilogue's layout conversion of the fp32 output tile.
+    (Triton reuses phase-1 buffers in phase 2, so the real figure is lower.)
+    """
+    phase1 = num_stages * (block_p * block_c + block_c * r_pad) * elem_size
+    phase2 = num_stages * r_pad * block_n * elem_size + block_p * r_pad * elem_size
+    epilogue = block_p * block_n * 4
+    return phase1 + phase2 + epilogue
+
+
+def _acc_registers(block_p, block_n, r_pad, num_warps):
+    """fp32 accumulator registers per thread: the z tile and the output tile."""
+    return (block_p * r_pad + block_p * block_n) // (32 * num_warps)
+
+
+def config_fits(block_p, block_c, block_n, num_warps, num_stages, r_pad, elem_size):
+    return (smem_bytes(block_p, block_c, block_n, num_stages, r_pad, elem_size) <= SMEM_LIMIT
+            and _acc_registers(block_p, block_n, r_pad, num_warps) <= 128
+            and min(block_p, block_c, block_n) >= 16)
+
+
+def _as_config(c):
+    bp, bc, bn, warps, stages, taps_inner, ca = c
+    return triton.Config({"BLOCK_P": bp, "BLOCK_C": bc, "BLOCK_N": bn, "TAPS_INNER": taps_inner,
+                          "X_CA": ca}, num_warps=warps, num_stages=stages)
+
+
+def kernel_configs(r_pad, elem_size, candidates=None, limit=_MAX_CONFIGS):
+    """The autotune candidates for one (rank bucket, element size), all within ``SMEM_LIMIT`` and
+    a register budget that leaves room for addresses."""
+    out = []
+    for c in candidates or _CANDIDATES:
+        if config_fits(c[0], c[1], c[2], c[3], c[4], r_pad, elem_size):
+            out.append(_as_config(c))
+        if len(out) == limit:
+            break
+    return out
+
+
+# The interpreter cannot benchmark; it runs one small config (the checker passes others).
+_INTERPRET_CONFIG = {"BLOCK_P": 16, "BLOCK_C": 16, "BLOCK_N": 16, "TAPS_INNER": 0, "X_CA": 0}
+
+_AUTOTUNERS: dict = {}
+
+
+def _autotuned(r_pad, elem_size):
+    """One Autotuner per bucket: its config list fits that bucket's shared-memory need. Kept so
+    that the kernel object is stable (Inductor's kernel side table keys on it)."""
+    key = (r_pad, elem_size)
+    if key not in _AUTOTUNERS:
+        if _INTERPRET:
+            configs = [triton.Config(dict(_INTERPRET_CONFIG), num_warps=4, num_stages=1)]
+        else:
+            configs = kernel_configs(r_pad, elem_size)
+        _AUTOTUNERS[key] = triton.autotune(
+            configs=configs,
+            key=["P_BUCKET", "C_IN", "C_OUT", "KH", "KW", "stride_h", "stride_w"],
+        )(_sketched_conv2d_kernel) if configs else None
+    return _AUTOTUNERS[key]
+
+
+def tuned_configs():
+    """``{(rank padded, element size): best config}`` chosen so far by eager autotuning."""
+    return {k: getattr(v, "best_config", None) for k, v in _AUTOTUNERS.items() if v is not None}
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _column_groups(p, c_out, device):
+    """Column groups for few output pixels: enough programs to fill the GPU, each pixel block's
+    z recomputed by every group. With many pixels, one group: x is read exactly once."""
+    if device.type != "cuda":
+        return 1
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    blocks = (p + 127) // 128
+    if blocks >= sms:
+        return 1
+    return max(1, min((sms + blocks - 1) // blocks, (c_out + 127) // 128, 8))
+
+
+def _tf32(setting, legacy):
+    """Whether an fp32 product may use TF32: the newer ``fp32_precision`` setting when set, else
+    the legacy ``allow_tf32`` flag (reading it raises once the two APIs were mixed)."""
+    precision = getattr(setting, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(legacy())
+    except RuntimeError:
+        return False
+
+
+def _dot_modes(dtype):
+    """(conv phase, mix phase) dot flavours. fp32 follows torch's policies for the two halves of
+    the ATen path (cuDNN conv: TF32 by default; matmul: IEEE by default); half types use the
+    tensor cores natively, upcast under the interpreter (which multiplies bf16 wrongly)."""
+    if dtype == torch.float32:
+        if _INTERPRET:
+            return _DOT_IEEE, _DOT_IEEE
+        cudnn = torch.backends.cudnn
+        conv = _tf32(getattr(cudnn, "conv", None), lambda: cudnn.allow_tf32)
+        mm = _tf32(torch.backends.cuda.matmul, lambda: torch.backends.cuda.matmul.allow_tf32)
+        return (_DOT_TF32 if conv else _DOT_IEEE), (_DOT_TF32 if mm else _DOT_IEEE)
+    return (_DOT_UPCAST, _DOT_UPCAST) if _INTERPRET else (_DOT_NATIVE, _DOT_NATIVE)
+
+
+def _p_bucket(p):
+    # The autotune key: pixel counts in one power-of-two bucket share a tuned config.
+    return min(_next_pow2(p), 1 << 24) if isinstance(p, int) else 0
+
+
+def _launcher(kernel):
+    # Eager interpreter runs call the kernel directly (wrap_triton rejects CPU tensors there).
+    return kernel if _INTERPRET else torch.library.wrap_triton(kernel)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+def _arrange_weight(S1s, r_pad):
+    """(R, C_in, kh, kw) -> (kh·kw, C_in, R_PAD), rank innermost, zero columns past R: one small
+    copy (the weight is tiny next to x), so every weight tile load is contiguous."""
+    R, C, kh, kw = S1s.shape
+    w = S1s.permute(2, 3, 1, 0).reshape(kh * kw, C, R)
+    return F.pad(w, (0, r_pad - R)) if r_pad != R else w.contiguous()
+
+
+def _arrange_mix(U1s, r_pad):
+    """(2L, k, C_out) -> (R_PAD, C_out), zero rows past R (a view when R is a power of two)."""
+    two_l, k, c_out = U1s.shape
+    m = U1s.reshape(two_l * k, c_out)
+    return F.pad(m, (0, 0, 0, r_pad - two_l * k)) if r_pad != two_l * k else m
+
+
+def _out_size(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def conv_forward(x4, S1s, U1s, bias, stride, padding, dilation, *, config=None, col_groups=None,
+                 out=None):
+    """Launch the fused kernel on a 4-D x (any strides): returns the (N, C_out, Ho, Wo) output,
+    channels_last exactly when the C++ op's output would be (``_wants_channels_last``).
+
+    ``config`` (a dict with BLOCK_P/BLOCK_C/BLOCK_N, optionally TAPS_INNER/X_CA/num_warps/
+    num_stages) bypasses the autotuner; ``col_groups`` overrides the column-group heuristic;
+    ``out`` writes into a given tensor (tests poison it).
+    """
+    N, C_in, H, W = x4.shape
+    R, _, KH, KW = S1s.shape
+    two_l, _, C_out = U1s.shape
+    (sh, sw), (ph, pw), (dh, dw) = ([int(v) for v in a] for a in (stride, padding, dilation))
+    Ho, Wo = _out_size(H, KH, sh, ph, dh), _out_size(W, KW, sw, pw, dw)
+    if out is None:
+        if _wants_channels_last(x4):
+            out = x4.new_empty((N, Ho, Wo, C_out)).permute(0, 3, 1, 2)
+        else:
+            out = x4.new_empty((N, C_out, Ho, Wo))
+    P = N * Ho * Wo
+    if P == 0 or C_out == 0:
+        return out
+    r_pad = _rank_pad(R)
+    WM = _arrange_weight(S1s, r_pad)
+    MIX = _arrange_mix(U1s, r_pad)
+    groups = col_groups if col_groups is not None else _column_groups(P, C_out, x4.device)
+    dot_conv, dot_mix = _dot_modes(x4.dtype)
+    args = (x4, WM, MIX, bias if bias is not None else x4, out,
+            P, C_in, C_out, H, W, Ho, Wo,
+            *x4.stride(),
+            WM.stride(0), WM.stride(1),
+            MIX.stride(0), MIX.stride(1),
+            *out.stride(),
+            sh, sw, ph, pw, dh, dw,
+            1.0 / two_l,
+            _p_bucket(P))
+    consts = dict(KH=KH, KW=KW, R_PAD=r_pad, HAS_BIAS=bias is not None, DOT_CONV=dot_conv,
+                  DOT_MIX=dot_mix)
+
+    def grid(meta):
+        return (triton.cdiv(P, meta["BLOCK_P"]), groups)
+
+    if config is not None:
+        meta = {"TAPS_INNER": 0, "X_CA": 0, **config}
+        launch = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+        _launcher(_sketched_conv2d_kernel)[grid](*args, **consts, **meta, **launch)
+    else:
+        _launcher(_autotuned(r_pad, x4.element_size()))[grid](*args, **consts)
+    return out
+
+
+def _ints(v, n=2):
+    return isinstance(v, (list, tuple)) and len(v) == n and all(isinstance(a, int) for a in v)
+
+
+def kernel_ok(x, S1s, U1s, bias, stride, padding, dilation):
+    """Whether the fused kernel serves this call (else the C++ op does, raising for bad input)."""
+    if triton is None:
+        return False
+    if not all(isinstance(t, Tensor) for t in (x, S1s, U1s)) or not (bias is None or isinstance(bias, Tensor)):
+        return False
+    if x.dim() not in (3, 4) or S1s.dim() != 4 or U1s.dim() != 3:
+        return False
+    if not (_ints(stride) and _ints(padding) and _ints(dilation)):
+        return False
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        return False
+    x4 = x.unsqueeze(0) if x.dim() == 3 else x
+    N, C_in, H, W = x4.shape
+    R, s_cin, KH, KW = S1s.shape
+    two_l, k, C_out = U1s.shape
+    if R != two_l * k or s_cin != C_in or R == 0 or _rank_pad(R) > MAX_RANK:
+        return False
+    if bias is not None and tuple(bias.shape) != (C_out,):
+        return False
+    tensors = [t for t in (x, S1s, U1s, bias) if t is not None]
+    if x.dtype not in _DTYPES or any(t.dtype != x.dtype or t.device != x.device for t in tensors):
+        return False
+    if not (x.device.type == "cuda" or (_INTERPRET and x.device.type == "cpu")):
+        return False
+    Ho = _out_size(H, KH, stride[0], padding[0], dilation[0])
+    Wo = _out_size(W, KW, stride[1], padding[1], dilation[1])
+    if N * C_in * C_out == 0 or Ho < 1 or Wo < 1:
+        return False
+    if not (NCHW_KERNEL or x4.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    return _autotuned(_rank_pad(R), x.element_size()) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# The op
+# --------------------------------------------------------------------------------------------
+_SCHEMA = ("(Tensor x, Tensor S1s, Tensor U1s, Tensor? bias, SymInt[2] stride, SymInt[2] padding, "
+           "SymInt[2] dilation) -> Tensor")
+
+
+@torch.library.triton_op("panther::sketched_conv2d_triton", mutates_args=(), schema=_SCHEMA)
+def sketched_conv2d_triton_op(x: Tensor, S1s: Tensor, U1s: Tensor, bias: Optional[Tensor],
+                              stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    """``panther::sketched_conv2d`` computed by the fused Triton kernel on CUDA."""
+    if kernel_ok(x, S1s, U1s, bias, list(stride), list(padding), list(dilation)):
+        if x.dim() == 3:
+            return conv_forward(x.unsqueeze(0), S1s, U1s, bias, stride, padding, dilation).squeeze(0)
+        return conv_forward(x, S1s, U1s, bias, stride, padding, dilation)
+    return torch.ops.panther.sketched_conv2d(x, S1s, U1s, bias, stride, padding, dilation)
+
+
+# Same autograd as panther::sketched_conv2d (cuDNN convolution_backward on the mixed-back gradient).
+torch.library.register_autograd("panther::sketched_conv2d_triton", _conv_backward,
+                                setup_context=_conv_setup_context)
+
+
+def sketched_conv2d_triton(x, S1s, U1s, bias=None, stride=1, padding=0, dilation=1):
+    """Drop-in for ``panther.ops.sketched_conv2d`` (ints or pairs; numeric padding; autocast
+    honoured) that runs the fused Triton kernel for channels_last CUDA inputs."""
+    args = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"))
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        cast = lambda t: t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.ops.panther.sketched_conv2d_triton(cast(x), cast(S1s), cast(U1s), cast(bias), *args)
+    return torch.ops.panther.sketched_conv2d_triton(x, S1s, U1s, bias, *args)
