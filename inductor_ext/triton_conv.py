@@ -503,7 +503,9 @@ def sketched_conv2d_triton(x, S1s, U1s, bias=None, stride=1, padding=0, dilation
     args = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"))
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
-        cast = lambda t: t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
+        # as the C++ op's autocast kernel (at::autocast::cached_cast): float64 stays float64
+        cast = lambda t: t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() \
+            and t.dtype != torch.float64 else t  # noqa: E731
         with torch.autocast(x.device.type, enabled=False):
             return torch.ops.panther.sketched_conv2d_triton(cast(x), cast(S1s), cast(U1s), cast(bias), *args)
     return torch.ops.panther.sketched_conv2d_triton(x, S1s, U1s, bias, *args)
