@@ -195,12 +195,22 @@ if triton is not None:
         z = acc.to(X.dtype.element_ty)
 
         # ---- phase 2: this group's output channel tiles, out written once --------------------
+        o_row = n64 * son + ho.to(tl.int64) * soh + wo.to(tl.int64) * sow
+        _mix_store(z, MIX, BIAS, OUT, o_row, mask_p, C_OUT, smr, smn, soc, scale, pid_g,
+                   R_PAD, HAS_BIAS, DOT_MIX, BLOCK_P, BLOCK_N)
+
+    @triton.jit
+    def _mix_store(z, MIX, BIAS, OUT, o_row, o_ok, C_OUT, smr, smn, soc, scale, pid_g,
+                   R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_MIX: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """OUT[rows, tiles of this group] = scale·z·MIX + BIAS, z (BLOCK_P, R_PAD) in registers;
+        o_row: each row's element offset in OUT, o_ok: the rows to write."""
+        offs_r = tl.arange(0, R_PAD)
         n_tiles = tl.cdiv(C_OUT, BLOCK_N)
         per_group = tl.cdiv(n_tiles, tl.num_programs(1))
         t_begin = pid_g * per_group
         t_end = tl.minimum(t_begin + per_group, n_tiles)
         offs_n = tl.arange(0, BLOCK_N)
-        o_row = n64 * son + ho.to(tl.int64) * soh + wo.to(tl.int64) * sow
         if HAS_BIAS:
             # Prefetched one tile ahead: a plain load used right away would stall every iteration
             # on L2 latency (the pipeliner only prefetches the loads feeding tl.dot).
@@ -219,49 +229,168 @@ if triton is not None:
             if HAS_BIAS:
                 o += bias_tile.to(tl.float32)[None, :]
             tl.store(OUT + o_row[:, None] + cols[None, :] * soc, o.to(OUT.dtype.element_ty),
-                     mask=mask_p[:, None] & mask_n[None, :])
+                     mask=o_ok[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _sketched_conv2d_rowtap_kernel(
+        X, WR, MIX, BIAS, OUT,
+        C_IN, C_OUT, H, W, HO, WO, W_SPAN,
+        sxn, sxc, sxh, sxw,
+        swi, swc,
+        smr, smn,
+        son, soc, soh, sow,
+        stride_h, pad_h, pad_w, dil_h, dil_w,
+        scale,
+        P_BUCKET,
+        KH: tl.constexpr,
+        KW: tl.constexpr,
+        KW_PAD: tl.constexpr,
+        R_PAD: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DOT_CONV: tl.constexpr,
+        DOT_MIX: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        TAPS_INNER: tl.constexpr,
+        X_CA: tl.constexpr,
+    ):
+        """The same result for stride_w == 1, with x loaded kw times less often.
+
+        A program owns ROWS output rows × BW_OUT consecutive output columns of one image
+        (BW = min(W_SPAN, BLOCK_P) input columns per row, W_SPAN = next_pow2(WO + (KW-1)·dil_w),
+        ROWS = BLOCK_P // BW, BW_OUT = BW - (KW-1)·dil_w). For each row tap i it loads the
+        (ROWS·BW × BLOCK_C) input strip ONCE and multiplies it by all column taps at once:
+        WR (KH, C_IN, KW_PAD·R_PAD) holds column tap j's weights in columns [j·R_PAD, (j+1)·R_PAD).
+        Strip element q (input column c0 + q) feeds output column q - j·dil_w through tap j, so
+        at the end z[f] = Σ_j acc[f + j·dil_w, j-th column block]: one row gather of the fp32
+        accumulator (through shared memory), then a sum over the column taps.
+        """
+        pid = tl.program_id(0)
+        pid_g = tl.program_id(1)
+        HALO = (KW - 1) * dil_w
+        BW = tl.minimum(W_SPAN, BLOCK_P)
+        BW_OUT = BW - HALO
+        ROWS = BLOCK_P // BW
+        n_wb = tl.cdiv(WO, BW_OUT)
+        n_hb = tl.cdiv(HO, ROWS)
+        wb = pid % n_wb
+        tmp = pid // n_wb
+        hb = tmp % n_hb
+        n = tmp // n_hb
+        f = tl.arange(0, BLOCK_P)
+        r = f // BW
+        q = f - r * BW
+        ho = hb * ROWS + r
+        wo = wb * BW_OUT + q          # row f's output column (when q < BW_OUT)
+        wi = wo - pad_w               # strip element q's input column (tap j: output q - j·dil_w)
+        row_ok = (ho < HO) & (wi >= 0) & (wi < W)
+        h0 = ho * stride_h - pad_h
+        n64 = n.to(tl.int64)
+        x_row = n64 * sxn + h0.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
+        offs_c = tl.arange(0, BLOCK_C)
+        NW: tl.constexpr = KW_PAD * R_PAD
+        offs_w = tl.arange(0, NW)
+
+        acc = tl.zeros((BLOCK_P, NW), dtype=tl.float32)
+        n_cb = tl.cdiv(C_IN, BLOCK_C)
+        for it in range(0, KH * n_cb):
+            if TAPS_INNER:
+                ti = it % KH
+                cb = it // KH
+            else:
+                ti = it // n_cb
+                cb = it - ti * n_cb
+            dh = ti * dil_h
+            hi = h0 + dh
+            ok = row_ok & (hi >= 0) & (hi < H)
+            cs = cb * BLOCK_C + offs_c
+            mask_c = cs < C_IN
+            x_ptrs = X + (x_row + dh * sxh)[:, None] + cs[None, :] * sxc
+            x_mask = ok[:, None] & mask_c[None, :]
+            if X_CA:
+                xt = tl.load(x_ptrs, mask=x_mask, other=0.0, cache_modifier=".ca")
+            else:
+                xt = tl.load(x_ptrs, mask=x_mask, other=0.0)
+            wt = tl.load(WR + ti * swi + cs[:, None] * swc + offs_w[None, :], mask=mask_c[:, None],
+                         other=0.0)
+            acc = _mma(xt, wt, acc, DOT_CONV)
+
+        # fold the column taps; rows past the block only reach outputs q >= BW_OUT (not stored)
+        src = tl.minimum(f[:, None] + (offs_w // R_PAD)[None, :] * dil_w, BLOCK_P - 1)
+        shifted = tl.gather(acc, src, axis=0)
+        z = tl.sum(tl.reshape(shifted, (BLOCK_P, KW_PAD, R_PAD)), axis=1).to(X.dtype.element_ty)
+        o_ok = (q < BW_OUT) & (wo < WO) & (ho < HO)
+        o_row = n64 * son + ho.to(tl.int64) * soh + wo.to(tl.int64) * sow
+        _mix_store(z, MIX, BIAS, OUT, o_row, o_ok, C_OUT, smr, smn, soc, scale, pid_g,
+                   R_PAD, HAS_BIAS, DOT_MIX, BLOCK_P, BLOCK_N)
 
 
 # --------------------------------------------------------------------------------------------
 # Launch configurations
 # --------------------------------------------------------------------------------------------
+# Which kernel serves calls both can take: "direct" (_sketched_conv2d_kernel, any stride) or
+# "rowtap" (_sketched_conv2d_rowtap_kernel: stride_w == 1, x loaded kw times less often, at the
+# price of kw_pad/kw more MMA work and a gather). `python -m inductor_ext.triton_conv_bench
+# --sweep` times both on the GPU.
+ALGO = "direct"
+ALGOS = ("direct", "rowtap")
+
 # (BLOCK_P, BLOCK_C, BLOCK_N, num_warps, num_stages, TAPS_INNER, X_CA), best guess first; the
-# autotuner tries the first _MAX_CONFIGS that fit a (rank, dtype) bucket. `python -m
-# inductor_ext.triton_conv_bench --sweep` times a wider set on the GPU to re-rank this list.
-_CANDIDATES = (
-    (128, 64, 128, 8, 3, 0, 0),
-    (128, 64, 64, 4, 4, 1, 0),
-    (256, 64, 64, 8, 3, 0, 0),
-    (64, 128, 128, 4, 3, 0, 0),
-    (128, 32, 128, 8, 4, 1, 0),
-    (64, 64, 64, 4, 3, 0, 0),
-    (64, 32, 64, 4, 2, 0, 0),
-    (32, 32, 32, 4, 2, 0, 0),
-)
+# autotuner tries the first _MAX_CONFIGS that fit a bucket. The bench's sweep re-ranks them.
+_CANDIDATES = {
+    "direct": (
+        (128, 64, 128, 8, 3, 0, 0),
+        (128, 64, 64, 4, 4, 1, 0),
+        (256, 64, 64, 8, 3, 0, 0),
+        (64, 128, 128, 4, 3, 0, 0),
+        (128, 32, 128, 8, 4, 1, 0),
+        (64, 64, 64, 4, 3, 0, 0),
+        (64, 32, 64, 4, 2, 0, 0),
+        (32, 32, 32, 4, 2, 0, 0),
+    ),
+    "rowtap": (
+        (128, 64, 128, 8, 3, 0, 0),
+        (128, 32, 64, 8, 4, 0, 0),
+        (256, 32, 64, 16, 3, 0, 0),
+        (64, 64, 64, 4, 3, 0, 0),
+        (64, 32, 64, 4, 2, 0, 0),
+        (32, 32, 32, 4, 2, 0, 0),
+        (16, 32, 32, 4, 2, 0, 0),
+    ),
+}
 _MAX_CONFIGS = 4
+# The rowtap kernel's phase-1 accumulator is (BLOCK_P, kw_pad·R_PAD): at most this wide.
+MAX_ROWTAP_WIDTH = 256
 
 
-def smem_bytes(block_p, block_c, block_n, num_stages, r_pad, elem_size):
-    """An upper bound on one program's shared memory, counting every buffer as live at once.
+def smem_bytes(block_p, block_c, block_n, num_stages, width, elem_size, r_pad=None, gather=False):
+    """An upper bound on one program's shared memory: the largest of the buffers live together.
 
-    phase 1: num_stages copies of the x tile and the weight tile; phase 2: num_stages copies of
-    the Mix tile plus the z operand; the epilogue's layout conversion of the fp32 output tile.
-    (Triton reuses phase-1 buffers in phase 2, so the real figure is lower.)
+    phase 1: num_stages copies of the x tile and the weight tile (``width`` columns: R_PAD, or
+    kw_pad·R_PAD for the rowtap kernel); the rowtap kernel's fold, whose gather stages the fp32
+    accumulator in shared memory; phase 2: num_stages copies of the Mix tile plus the z operand,
+    and the epilogue's layout conversion of the output tile (counted as fp32). Triton gives
+    buffers of disjoint lifetimes the same memory; the sm_90 compile test checks the real figure.
     """
-    phase1 = num_stages * (block_p * block_c + block_c * r_pad) * elem_size
-    phase2 = num_stages * r_pad * block_n * elem_size + block_p * r_pad * elem_size
-    epilogue = block_p * block_n * 4
-    return phase1 + phase2 + epilogue
+    r_pad = width if r_pad is None else r_pad
+    phase1 = num_stages * (block_p * block_c + block_c * width) * elem_size
+    fold = block_p * width * 4 if gather else 0
+    phase2 = num_stages * r_pad * block_n * elem_size + block_p * r_pad * elem_size + block_p * block_n * 4
+    return max(phase1, fold, phase2)
 
 
-def _acc_registers(block_p, block_n, r_pad, num_warps):
-    """fp32 accumulator registers per thread: the z tile and the output tile."""
-    return (block_p * r_pad + block_p * block_n) // (32 * num_warps)
+def _acc_registers(block_p, block_n, width, num_warps):
+    """fp32 accumulator registers per thread: the phase-1 tile and the output tile."""
+    return (block_p * width + block_p * block_n) // (32 * num_warps)
 
 
-def config_fits(block_p, block_c, block_n, num_warps, num_stages, r_pad, elem_size):
-    return (smem_bytes(block_p, block_c, block_n, num_stages, r_pad, elem_size) <= SMEM_LIMIT
-            and _acc_registers(block_p, block_n, r_pad, num_warps) <= 128
+def config_fits(block_p, block_c, block_n, num_warps, num_stages, width, elem_size, r_pad=None,
+                gather=False):
+    """Within Hopper's shared memory, a register budget that leaves room for addresses, and
+    tl.dot's minimum tile of 16."""
+    return (smem_bytes(block_p, block_c, block_n, num_stages, width, elem_size, r_pad, gather) <= SMEM_LIMIT
+            and _acc_registers(block_p, block_n, width, num_warps) <= 128
             and min(block_p, block_c, block_n) >= 16)
 
 
@@ -271,12 +400,17 @@ def _as_config(c):
                           "X_CA": ca}, num_warps=warps, num_stages=stages)
 
 
-def kernel_configs(r_pad, elem_size, candidates=None, limit=_MAX_CONFIGS):
-    """The autotune candidates for one (rank bucket, element size), all within ``SMEM_LIMIT`` and
-    a register budget that leaves room for addresses."""
+def _width(algo, r_pad, kw):
+    return r_pad if algo == "direct" else _next_pow2(kw) * r_pad
+
+
+def kernel_configs(r_pad, elem_size, algo="direct", kw=3, candidates=None, limit=_MAX_CONFIGS):
+    """The autotune candidates for one bucket (algorithm, rank padded, element size, and for
+    rowtap the kernel width), all passing ``config_fits``."""
+    width = _width(algo, r_pad, kw)
     out = []
-    for c in candidates or _CANDIDATES:
-        if config_fits(c[0], c[1], c[2], c[3], c[4], r_pad, elem_size):
+    for c in candidates or _CANDIDATES[algo]:
+        if config_fits(*c[:5], width, elem_size, r_pad, gather=algo == "rowtap"):
             out.append(_as_config(c))
         if len(out) == limit:
             break
@@ -287,27 +421,37 @@ def kernel_configs(r_pad, elem_size, candidates=None, limit=_MAX_CONFIGS):
 _INTERPRET_CONFIG = {"BLOCK_P": 16, "BLOCK_C": 16, "BLOCK_N": 16, "TAPS_INNER": 0, "X_CA": 0}
 
 _AUTOTUNERS: dict = {}
+_AUTOTUNE_KEYS = {
+    "direct": ["P_BUCKET", "C_IN", "C_OUT", "KH", "KW", "stride_h", "stride_w"],
+    "rowtap": ["P_BUCKET", "C_IN", "C_OUT", "KH", "KW", "WO", "stride_h"],
+}
 
 
-def _autotuned(r_pad, elem_size):
+def _autotuned(algo, r_pad, elem_size, kw=3):
     """One Autotuner per bucket: its config list fits that bucket's shared-memory need. Kept so
     that the kernel object is stable (Inductor's kernel side table keys on it)."""
-    key = (r_pad, elem_size)
+    key = (algo, r_pad, elem_size, _next_pow2(kw) if algo == "rowtap" else 1)
     if key not in _AUTOTUNERS:
         if _INTERPRET:
             configs = [triton.Config(dict(_INTERPRET_CONFIG), num_warps=4, num_stages=1)]
         else:
-            configs = kernel_configs(r_pad, elem_size)
-        _AUTOTUNERS[key] = triton.autotune(
-            configs=configs,
-            key=["P_BUCKET", "C_IN", "C_OUT", "KH", "KW", "stride_h", "stride_w"],
-        )(_sketched_conv2d_kernel) if configs else None
+            configs = kernel_configs(r_pad, elem_size, algo, kw)
+        kernel = _sketched_conv2d_kernel if algo == "direct" else _sketched_conv2d_rowtap_kernel
+        _AUTOTUNERS[key] = triton.autotune(configs=configs, key=_AUTOTUNE_KEYS[algo])(kernel) \
+            if configs else None
     return _AUTOTUNERS[key]
 
 
 def tuned_configs():
-    """``{(rank padded, element size): best config}`` chosen so far by eager autotuning."""
+    """``{(algorithm, rank padded, element size, kw_pad): best config}`` chosen so far by eager
+    autotuning."""
     return {k: getattr(v, "best_config", None) for k, v in _AUTOTUNERS.items() if v is not None}
+
+
+def rowtap_ok(kw, stride_w, dil_w, r_pad):
+    """Whether the rowtap kernel can serve a call: unit column stride, a column halo that fits the
+    smallest tile (16), an accumulator of at most MAX_ROWTAP_WIDTH columns."""
+    return stride_w == 1 and (kw - 1) * dil_w < 16 and _next_pow2(kw) * r_pad <= MAX_ROWTAP_WIDTH
 
 
 @functools.lru_cache(maxsize=None)
@@ -385,14 +529,31 @@ def _out_size(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def conv_forward(x4, S1s, U1s, bias, stride, padding, dilation, *, config=None, col_groups=None,
-                 out=None):
-    """Launch the fused kernel on a 4-D x (any strides): returns the (N, C_out, Ho, Wo) output,
+def _arrange_row_weight(S1s, r_pad):
+    """(R, C_in, kh, kw) -> (kh, C_in, kw_pad·R_PAD): row tap i, channel c hold column tap j's
+    weights in columns [j·R_PAD, j·R_PAD + R), zeros elsewhere (the rowtap kernel's layout)."""
+    R, C, kh, kw = S1s.shape
+    w = F.pad(S1s.permute(2, 1, 3, 0), (0, r_pad - R, 0, _next_pow2(kw) - kw))
+    return w.reshape(kh, C, -1)
+
+
+def _rowtap_grid(block_p, N, Ho, Wo, halo):
+    """Programs of the rowtap kernel (its in-kernel tiling, repeated on the host)."""
+    bw = min(_next_pow2(Wo + halo), block_p)
+    rows = block_p // bw
+    return N * triton.cdiv(Ho, rows) * triton.cdiv(Wo, bw - halo)
+
+
+def conv_forward(x4, S1s, U1s, bias, stride, padding, dilation, *, algo=None, config=None,
+                 col_groups=None, out=None):
+    """Launch a fused kernel on a 4-D x (any strides): returns the (N, C_out, Ho, Wo) output,
     channels_last exactly when the C++ op's output would be (``_wants_channels_last``).
 
-    ``config`` (a dict with BLOCK_P/BLOCK_C/BLOCK_N, optionally TAPS_INNER/X_CA/num_warps/
-    num_stages) bypasses the autotuner; ``col_groups`` overrides the column-group heuristic;
-    ``out`` writes into a given tensor (tests poison it).
+    ``algo``: "direct" or "rowtap" (default: ``ALGO`` where the call allows it, else "direct";
+    asking for "rowtap" where it does not apply raises). ``config`` (a dict with BLOCK_P/BLOCK_C/
+    BLOCK_N, optionally TAPS_INNER/X_CA/num_warps/num_stages) bypasses the autotuner;
+    ``col_groups`` overrides the column-group heuristic; ``out`` writes into a given tensor
+    (tests poison it).
     """
     N, C_in, H, W = x4.shape
     R, _, KH, KW = S1s.shape
@@ -408,31 +569,50 @@ def conv_forward(x4, S1s, U1s, bias, stride, padding, dilation, *, config=None, 
     if P == 0 or C_out == 0:
         return out
     r_pad = _rank_pad(R)
-    WM = _arrange_weight(S1s, r_pad)
+    if algo is None:
+        fits = ALGO == "direct" or (rowtap_ok(KW, sw, dw, r_pad)
+                                    and _autotuned(ALGO, r_pad, x4.element_size(), KW) is not None)
+        algo = ALGO if fits else "direct"
+    elif algo not in ALGOS or (algo == "rowtap" and not rowtap_ok(KW, sw, dw, r_pad)):
+        raise ValueError(f"conv_forward: algo must be one of {ALGOS} ('rowtap' needs stride_w == 1, "
+                         f"(kw-1)*dil_w < 16, kw_pad*R_PAD <= {MAX_ROWTAP_WIDTH}), got {algo!r}")
     MIX = _arrange_mix(U1s, r_pad)
     groups = col_groups if col_groups is not None else _column_groups(P, C_out, x4.device)
     dot_conv, dot_mix = _dot_modes(x4.dtype)
-    args = (x4, WM, MIX, bias if bias is not None else x4, out,
-            P, C_in, C_out, H, W, Ho, Wo,
-            *x4.stride(),
-            WM.stride(0), WM.stride(1),
-            MIX.stride(0), MIX.stride(1),
-            *out.stride(),
-            sh, sw, ph, pw, dh, dw,
-            1.0 / two_l,
-            _p_bucket(P))
     consts = dict(KH=KH, KW=KW, R_PAD=r_pad, HAS_BIAS=bias is not None, DOT_CONV=dot_conv,
                   DOT_MIX=dot_mix)
+    b = bias if bias is not None else x4
+    if algo == "direct":
+        WM = _arrange_weight(S1s, r_pad)
+        kernel = _sketched_conv2d_kernel
+        args = (x4, WM, MIX, b, out,
+                P, C_in, C_out, H, W, Ho, Wo,
+                *x4.stride(), WM.stride(0), WM.stride(1), MIX.stride(0), MIX.stride(1), *out.stride(),
+                sh, sw, ph, pw, dh, dw,
+                1.0 / two_l, _p_bucket(P))
 
-    def grid(meta):
-        return (triton.cdiv(P, meta["BLOCK_P"]), groups)
+        def grid(meta):
+            return (triton.cdiv(P, meta["BLOCK_P"]), groups)
+    else:
+        WR = _arrange_row_weight(S1s, r_pad)
+        kernel = _sketched_conv2d_rowtap_kernel
+        halo = (KW - 1) * dw
+        consts["KW_PAD"] = _next_pow2(KW)
+        args = (x4, WR, MIX, b, out,
+                C_in, C_out, H, W, Ho, Wo, _next_pow2(Wo + halo),
+                *x4.stride(), WR.stride(0), WR.stride(1), MIX.stride(0), MIX.stride(1), *out.stride(),
+                sh, ph, pw, dh, dw,
+                1.0 / two_l, _p_bucket(P))
+
+        def grid(meta):
+            return (_rowtap_grid(meta["BLOCK_P"], N, Ho, Wo, halo), groups)
 
     if config is not None:
         meta = {"TAPS_INNER": 0, "X_CA": 0, **config}
         launch = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
-        _launcher(_sketched_conv2d_kernel)[grid](*args, **consts, **meta, **launch)
+        _launcher(kernel)[grid](*args, **consts, **meta, **launch)
     else:
-        _launcher(_autotuned(r_pad, x4.element_size()))[grid](*args, **consts)
+        _launcher(_autotuned(algo, r_pad, x4.element_size(), KW))[grid](*args, **consts)
     return out
 
 
@@ -471,7 +651,7 @@ def kernel_ok(x, S1s, U1s, bias, stride, padding, dilation):
         return False
     if not (NCHW_KERNEL or x4.is_contiguous(memory_format=torch.channels_last)):
         return False
-    return _autotuned(_rank_pad(R), x.element_size()) is not None
+    return _autotuned("direct", _rank_pad(R), x.element_size()) is not None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Timing of the fused Triton sketched-conv2d kernel against cuDNN and the C++ op, in one run.
 
     python -m inductor_ext.triton_conv_bench            # issue [D]'s workload, bf16 channels_last
-    python -m inductor_ext.triton_conv_bench --sweep    # + every launch config of the sweep list
+    python -m inductor_ext.triton_conv_bench --sweep    # + each launch config of both kernels
 
 Workload (defaults): 3×3 conv, C_in = C_out = 512, 56×56, batch 32, L = 1, k = 16, padding 1,
 bf16, channels_last. Every time is a median of CUDA-event timings (``triton.testing.do_bench``,
@@ -27,28 +27,41 @@ from . import triton_conv as tc
 __all__ = ["bench_triton_conv", "sweep_configs", "main"]
 
 
-def sweep_configs(r_pad, elem_size):
-    """(BLOCK_P, BLOCK_C, BLOCK_N, num_warps, num_stages, TAPS_INNER, X_CA) tuples to time: a grid
-    over the tile shapes and pipeline depth, plus loop-order / L1-hint variants of the main tiles;
-    only those within Hopper's shared memory and the register budget."""
-    out = []
+def sweep_configs(r_pad, elem_size, kw=3, rowtap=True):
+    """(algo, BLOCK_P, BLOCK_C, BLOCK_N, num_warps, num_stages, TAPS_INNER, X_CA) tuples to time:
+    both kernels' autotune candidates first, then a grid over tile shapes and pipeline depth, and
+    loop-order / L1-hint variants of the main tiles; only those passing ``config_fits``."""
+    out = [("direct", *c) for c in tc._CANDIDATES["direct"]]
+    if rowtap:
+        out += [("rowtap", *c) for c in tc._CANDIDATES["rowtap"]]
     for bp in (64, 128, 256):
         for bc in (32, 64, 128):
             for warps in (4, 8):
                 for stages in (3, 4):
-                    out.append((bp, bc, 128 if warps == 8 else 64, warps, stages, 0, 0))
+                    out.append(("direct", bp, bc, 128 if warps == 8 else 64, warps, stages, 0, 0))
     for bp, bc, warps in ((128, 64, 8), (128, 64, 4), (256, 64, 8), (128, 128, 8), (64, 128, 4)):
         bn = 128 if warps == 8 else 64
         for taps_inner, ca in ((1, 0), (0, 1), (1, 1)):
-            out.append((bp, bc, bn, warps, 3, taps_inner, ca))
+            out.append(("direct", bp, bc, bn, warps, 3, taps_inner, ca))
         for stages in (2, 5):
-            out.append((bp, bc, bn, warps, stages, 0, 0))
+            out.append(("direct", bp, bc, bn, warps, stages, 0, 0))
         for bn2 in (32, 64, 128, 256):
             if bn2 != bn:
-                out.append((bp, bc, bn2, warps, 3, 0, 0))
+                out.append(("direct", bp, bc, bn2, warps, 3, 0, 0))
+    if rowtap:
+        for bp, warps in ((64, 4), (128, 8), (256, 16), (128, 4), (256, 8)):
+            for bc in (32, 64):
+                for stages in (2, 3, 4):
+                    for bn in (64, 128):
+                        out.append(("rowtap", bp, bc, bn, warps, stages, 0, 0))
+        for bp, bc, warps in ((128, 64, 8), (256, 32, 16)):
+            for taps_inner, ca in ((1, 0), (0, 1)):
+                out.append(("rowtap", bp, bc, 64, warps, 3, taps_inner, ca))
     seen, fits = set(), []
     for c in out:
-        if c not in seen and tc.config_fits(*c[:5], r_pad, elem_size):
+        algo = c[0]
+        width = tc._width(algo, r_pad, kw)
+        if c not in seen and tc.config_fits(*c[1:6], width, elem_size, r_pad, gather=algo == "rowtap"):
             seen.add(c)
             fits.append(c)
     return fits
@@ -74,24 +87,14 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def bench_triton_conv(batch=32, channels=512, out_channels=None, size=56, kernel=3, num_terms=1,
-                      low_rank=16, stride=1, dtype=torch.bfloat16, sweep=False, backward=False,
-                      budget_s=420.0, seed=0):
-    """Prints dense cuDNN conv vs the C++ sketched op vs the Triton op (forward; optionally
-    forward+backward), then optionally the sweep. Returns the rows as dicts."""
-    if not torch.cuda.is_available():
-        print("triton_conv_bench: CUDA is not available; nothing to time")
-        return []
-    if tc.triton is None:
-        print("triton_conv_bench: triton is not installed")
-        return []
-    t_start = time.time()
-    dev = torch.device("cuda")
+def _workload(batch, channels, out_channels, size, kernel, num_terms, low_rank, stride, dtype, seed,
+              device="cuda"):
+    """The benchmark's tensors (same values in every process for one argument set)."""
+    dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(seed)
     C_in, C_out, L, k = channels, out_channels or channels, num_terms, low_rank
     R = 2 * L * k
     pad = (kernel - 1) // 2
-    conv = ([stride, stride], [pad, pad], [1, 1])
 
     def mk(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, device=dev) * scale).to(dtype)
@@ -102,24 +105,102 @@ def bench_triton_conv(batch=32, channels=512, out_channels=None, size=56, kernel
     S1s = mk(R, C_in, kernel, kernel, scale=(C_in * kernel * kernel) ** -0.5)
     U1s = mk(2 * L, k, C_out, scale=k ** -0.5)
     bias = mk(C_out)
+    conv = ([stride, stride], [pad, pad], [1, 1])
+    return x, W, S1s, U1s, bias, conv
+
+
+def _config_dict(c):
+    return dict(BLOCK_P=c[1], BLOCK_C=c[2], BLOCK_N=c[3], num_warps=c[4], num_stages=c[5], TAPS_INNER=c[6],
+                X_CA=c[7])
+
+
+def _precompile_worker(spec, configs):
+    """Run each config once in this (spawned) process: the compiled kernels land in Triton's
+    on-disk cache, so the timing process only loads them. Returns the configs that failed."""
+    x, _, S1s, U1s, bias, conv = _workload(**spec)
+    failed = []
+    with torch.no_grad():
+        for c in configs:
+            try:
+                tc.conv_forward(x, S1s, U1s, bias, *conv, algo=c[0], config=_config_dict(c))
+            except Exception as exc:  # noqa: BLE001 - reported by the timing pass
+                failed.append((c, f"{type(exc).__name__}: {str(exc)[:100]}"))
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return failed
+
+
+def _precompile(spec, configs, jobs):
+    """Compile configs in ``jobs`` spawned processes (Triton compiles one kernel at a time per
+    process; the machine has many cores). Any failure here just leaves the work to the timing loop."""
+    if jobs <= 1 or len(configs) < 2:
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    t0 = time.time()
+    chunks = [configs[i::jobs] for i in range(jobs) if configs[i::jobs]]
+    try:
+        with ProcessPoolExecutor(max_workers=len(chunks), mp_context=mp.get_context("spawn")) as pool:
+            failed = sum(pool.map(_precompile_worker, [spec] * len(chunks), chunks), [])
+        print(f"precompiled {len(configs)} configs in {len(chunks)} processes: {time.time() - t0:.0f} s"
+              f"{f', {len(failed)} failed' if failed else ''}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - the timing loop compiles what is missing
+        print(f"precompile skipped ({type(exc).__name__}: {str(exc)[:100]})", flush=True)
+
+
+def bench_triton_conv(batch=32, channels=512, out_channels=None, size=56, kernel=3, num_terms=1,
+                      low_rank=16, stride=1, dtype=torch.bfloat16, sweep=False, backward=False,
+                      budget_s=480.0, jobs=8, seed=0, device="cuda"):
+    """Prints dense cuDNN conv vs the C++ sketched op vs the Triton op and both Triton kernels
+    (forward; optionally forward+backward), then optionally the sweep. Returns the rows as dicts.
+    ``jobs`` processes compile the configs first; ``budget_s`` (seconds since the start) stops
+    the sweep early."""
+    if not torch.cuda.is_available():
+        print("triton_conv_bench: CUDA is not available; nothing to time")
+        return []
+    if tc.triton is None:
+        print("triton_conv_bench: triton is not installed")
+        return []
+    t_start = time.time()
+    spec = dict(batch=batch, channels=channels, out_channels=out_channels, size=size, kernel=kernel,
+                num_terms=num_terms, low_rank=low_rank, stride=stride, dtype=dtype, seed=seed, device=device)
+    x, W, S1s, U1s, bias, conv = _workload(**spec)
+    C_in, C_out, R, pad = channels, U1s.shape[-1], S1s.shape[0], conv[1][0]
     print(f"workload: x ({batch}, {C_in}, {size}, {size}) {str(dtype)[6:]} channels_last, {kernel}x{kernel} "
-          f"stride {stride} pad {pad}, C_out {C_out}, L={L}, k={k} (rank {R}); {torch.cuda.get_device_name()}, "
-          f"torch {torch.__version__}, triton {tc.triton.__version__}", flush=True)
+          f"stride {stride} pad {pad}, C_out {C_out}, L={num_terms}, k={low_rank} (rank {R}); "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {tc.triton.__version__}", flush=True)
+    r_pad = tc._rank_pad(R)
+    can_rowtap = tc.rowtap_ok(kernel, stride, 1, r_pad)
+    # what the autotuners will try, then the sweep: compiled up front in parallel
+    auto = [(algo, c.kwargs["BLOCK_P"], c.kwargs["BLOCK_C"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+             c.kwargs["TAPS_INNER"], c.kwargs["X_CA"])
+            for algo in (tc.ALGOS if can_rowtap else ("direct",))
+            for c in tc.kernel_configs(r_pad, x.element_size(), algo, kernel)]
+    cands = sweep_configs(r_pad, x.element_size(), kernel, rowtap=can_rowtap) if sweep else []
+    _precompile(spec, list(dict.fromkeys(auto + cands)), jobs)
+    dev = x.device
 
     ops = {
         "dense cuDNN conv (F.conv2d)": lambda: F.conv2d(x, W, bias, stride, pad),
         "C++ op panther::sketched_conv2d (cuDNN conv + GEMM)":
             lambda: torch.ops.panther.sketched_conv2d(x, S1s, U1s, bias, *conv),
-        "Triton op panther::sketched_conv2d_triton (autotuned)":
+        f"Triton op panther::sketched_conv2d_triton (ALGO={tc.ALGO!r})":
             lambda: torch.ops.panther.sketched_conv2d_triton(x, S1s, U1s, bias, *conv),
+        "Triton direct kernel (autotuned)": lambda: tc.conv_forward(x, S1s, U1s, bias, *conv, algo="direct"),
     }
+    if can_rowtap:
+        ops["Triton rowtap kernel (autotuned)"] = lambda: tc.conv_forward(x, S1s, U1s, bias, *conv, algo="rowtap")
     with torch.no_grad():
         exact = torch.ops.panther.sketched_conv2d(x.float(), S1s.float(), U1s.float(), bias.float(), *conv)
         aten = ops["C++ op panther::sketched_conv2d (cuDNN conv + GEMM)"]()
-        tri = ops["Triton op panther::sketched_conv2d_triton (autotuned)"]()
-        assert tri.is_contiguous(memory_format=torch.channels_last)
-        print(f"rel err vs fp32 C++ op: Triton {_rel(tri, exact):.2e}, C++ op (bf16) {_rel(aten, exact):.2e}; "
-              f"Triton vs C++ op {_rel(tri, aten):.2e}", flush=True)
+        print(f"rel err vs the C++ op in fp32: C++ op ({str(dtype)[6:]}) {_rel(aten, exact):.2e}", flush=True)
+        for name, fn in ops.items():
+            if name.startswith("Triton"):
+                tri = fn()
+                assert tri.is_contiguous(memory_format=torch.channels_last)
+                print(f"  {name}: {_rel(tri, exact):.2e} (vs the {str(dtype)[6:]} C++ op {_rel(tri, aten):.2e})",
+                      flush=True)
         bw = _copy_bandwidth(max(x.numel(), 1 << 26), dtype, dev)
         floor = (x.numel() + tri.numel()) * x.element_size() / bw
         rows = []
@@ -134,7 +215,7 @@ def bench_triton_conv(batch=32, channels=512, out_channels=None, size=56, kernel
                   f"{ms / floor:5.2f}x floor", flush=True)
         print(f"  {'memory floor (x read once + out written once)':58s} {floor:8.4f} ms   "
               f"(copy bandwidth {bw / 1e9:.2f} TB/s)", flush=True)
-        print(f"  autotuned choice: {tc.tuned_configs()}", flush=True)
+        print(f"  autotuned choice: { {k: str(v) for k, v in tc.tuned_configs().items()} }", flush=True)
         # NCHW input (the op sends it to the C++ op unless NCHW_KERNEL): the kernel's strided path
         xn = x.contiguous()
         t_nchw_aten = _ms(lambda: torch.ops.panther.sketched_conv2d(xn, S1s, U1s, bias, *conv))
@@ -149,7 +230,8 @@ def bench_triton_conv(batch=32, channels=512, out_channels=None, size=56, kernel
         Wg = W.detach().requires_grad_()
         go = torch.randn_like(tri)
         fb = {
-            "dense cuDNN conv": lambda: torch.autograd.grad(F.conv2d(xg, Wg, bg, stride, pad), (xg, Wg, bg), go),
+            "dense cuDNN conv": lambda: torch.autograd.grad(F.conv2d(xg, Wg, bg, stride, pad), (xg, Wg, bg),
+                                                            go),
             "C++ op": lambda: torch.autograd.grad(
                 torch.ops.panther.sketched_conv2d(xg, Sg, U1s, bg, *conv), (xg, Sg, bg), go),
             "Triton op": lambda: torch.autograd.grad(
@@ -161,30 +243,36 @@ def bench_triton_conv(batch=32, channels=512, out_channels=None, size=56, kernel
             print(f"  fwd+bwd (dx, dS1s, db) {name:34s} {ms:8.4f} ms", flush=True)
 
     if sweep:
-        cands = sweep_configs(tc._rank_pad(R), x.element_size())
-        print(f"sweep: {len(cands)} configs (BLOCK_P, BLOCK_C, BLOCK_N, num_warps, num_stages, TAPS_INNER, X_CA), "
-              f"budget {budget_s:.0f} s", flush=True)
+        print(f"sweep: {len(cands)} configs (algo, BLOCK_P, BLOCK_C, BLOCK_N, num_warps, num_stages, TAPS_INNER, "
+              f"X_CA), budget {budget_s:.0f} s since the start", flush=True)
         results = []
         with torch.no_grad():
             for c in cands:
                 if time.time() - t_start > budget_s:
                     print(f"  sweep stopped: time budget reached after {len(results)} configs", flush=True)
                     break
-                cfg = dict(BLOCK_P=c[0], BLOCK_C=c[1], BLOCK_N=c[2], num_warps=c[3], num_stages=c[4],
-                           TAPS_INNER=c[5], X_CA=c[6])
+                algo = c[0]
+                cfg = _config_dict(c)
                 try:
-                    out = tc.conv_forward(x, S1s, U1s, bias, *conv, config=cfg)
+                    out = tc.conv_forward(x, S1s, U1s, bias, *conv, algo=algo, config=cfg)
                     err = _rel(out, exact)
-                    ms = _ms(lambda: tc.conv_forward(x, S1s, U1s, bias, *conv, config=cfg), rep=40)
+                    ms = _ms(lambda: tc.conv_forward(x, S1s, U1s, bias, *conv, algo=algo, config=cfg), rep=40)
                     results.append((ms, c))
                     print(f"  {c}: {ms:.4f} ms  ({base / ms:.2f}x vs C++ op, {dense / ms:.2f}x vs dense, "
                           f"err {err:.1e})", flush=True)
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     print(f"  {c}: failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
         results.sort()
-        print("best configs (paste into triton_conv._CANDIDATES):", flush=True)
-        for ms, c in results[:6]:
-            print(f"    {c},  # {ms:.4f} ms", flush=True)
+        for algo in tc.ALGOS:
+            best = [(ms, c) for ms, c in results if c[0] == algo][:5]
+            if best:
+                print(f"best {algo} configs (paste into triton_conv._CANDIDATES[{algo!r}]):", flush=True)
+                for ms, c in best:
+                    print(f"        {c[1:]},  # {ms:.4f} ms", flush=True)
+        if results:
+            ms, c = results[0]
+            print(f"fastest: {c[0]} {c[1:]} at {ms:.4f} ms -> ALGO = {c[0]!r} in inductor_ext/triton_conv.py",
+                  flush=True)
         rows += [dict(name=f"sweep {c}", ms=ms) for ms, c in results]
     return rows
 
@@ -193,7 +281,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m inductor_ext.triton_conv_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true", help="also time every launch config of the sweep list")
     ap.add_argument("--backward", action="store_true", help="also time forward+backward")
-    ap.add_argument("--budget", type=float, default=420.0, help="seconds after which the sweep stops")
+    ap.add_argument("--budget", type=float, default=480.0, help="seconds after which the sweep stops")
+    ap.add_argument("--jobs", type=int, default=8, help="processes that compile the configs first (0: none)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--channels", type=int, default=512)
     ap.add_argument("--size", type=int, default=56)
@@ -205,7 +294,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     bench_triton_conv(batch=a.batch, channels=a.channels, size=a.size, kernel=a.kernel, stride=a.stride,
                       num_terms=a.num_terms, low_rank=a.low_rank, dtype=getattr(torch, a.dtype), sweep=a.sweep,
-                      backward=a.backward, budget_s=a.budget)
+                      backward=a.backward, budget_s=a.budget, jobs=a.jobs)
     return 0
 
 

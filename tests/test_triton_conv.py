@@ -152,18 +152,33 @@ def test_skconv2d_cpu_unchanged():
 @needs_triton
 @pytest.mark.parametrize("elem_size", [2, 4])
 @pytest.mark.parametrize("r_pad", [16, 32, 64, 128, 256])
-def test_every_config_fits_hopper_shared_memory(r_pad, elem_size):
-    configs = tc.kernel_configs(r_pad, elem_size)
+@pytest.mark.parametrize("algo", ["direct", "rowtap"])
+def test_every_config_fits_hopper_shared_memory(algo, r_pad, elem_size):
+    width = r_pad if algo == "direct" else 4 * r_pad  # rowtap: kw = 3 -> kw_pad 4
+    configs = tc.kernel_configs(r_pad, elem_size, algo, kw=3)
+    if algo == "rowtap" and width > tc.MAX_ROWTAP_WIDTH:
+        assert not tc.rowtap_ok(3, 1, 1, r_pad)  # never asked for
+        return
     assert configs, "no config for a rank the kernel accepts"
     for c in configs:
         kw = c.kwargs
-        assert tc.smem_bytes(kw["BLOCK_P"], kw["BLOCK_C"], kw["BLOCK_N"], c.num_stages, r_pad,
-                             elem_size) <= tc.SMEM_LIMIT == 227 * 1024
+        assert tc.smem_bytes(kw["BLOCK_P"], kw["BLOCK_C"], kw["BLOCK_N"], c.num_stages, width, elem_size, r_pad,
+                             gather=algo == "rowtap") <= tc.SMEM_LIMIT == 227 * 1024
         assert min(kw["BLOCK_P"], kw["BLOCK_C"], kw["BLOCK_N"]) >= 16  # tl.dot's minimum
 
 
-def _compile_for_hopper(r_pad, cfg, num_warps, num_stages):
-    """Compile the kernel (bf16, 3x3, channels_last strides) for sm_90 without a GPU, with the
+def test_rowtap_eligibility():
+    assert tc.rowtap_ok(3, 1, 1, 32) and tc.rowtap_ok(1, 1, 1, 256) and tc.rowtap_ok(5, 1, 3, 16)
+    assert not tc.rowtap_ok(3, 2, 1, 32)        # column stride 2
+    assert not tc.rowtap_ok(3, 1, 8, 32)        # halo 16 >= the smallest tile
+    assert not tc.rowtap_ok(3, 1, 1, 128)       # 4 * 128 columns of accumulator
+    x, S1s, U1s, b = factors(dtype=torch.float32)
+    with pytest.raises(ValueError, match="algo"):
+        tc.conv_forward(x, S1s, U1s, b, (1, 2), (1, 1), (1, 1), algo="rowtap")
+
+
+def _compile_for_hopper(algo, r_pad, cfg, num_warps, num_stages):
+    """Compile a kernel (bf16, 3x3, channels_last strides) for sm_90 without a GPU, with the
     ptxas that ships with triton; returns (shared bytes, resource usage text, SASS)."""
     import tempfile
 
@@ -171,13 +186,15 @@ def _compile_for_hopper(r_pad, cfg, num_warps, num_stages):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kern = tc._sketched_conv2d_kernel
+    kern = tc._sketched_conv2d_kernel if algo == "direct" else tc._sketched_conv2d_rowtap_kernel
     unit = {"sxc", "soc", "smn", "stride_h", "stride_w", "dil_h", "dil_w"}  # the JIT specialises 1s
-    consts = dict(KH=3, KW=3, R_PAD=r_pad, HAS_BIAS=True, DOT_CONV=0, DOT_MIX=0, TAPS_INNER=0, X_CA=0,
-                  **cfg)
+    div16 = {"C_IN", "C_OUT", "sxn", "sxh", "sxw", "swt", "swi", "swc", "smr", "son", "soh", "sow"}
+    consts = dict(KH=3, KW=3, R_PAD=r_pad, HAS_BIAS=True, DOT_CONV=0, DOT_MIX=0, TAPS_INNER=0, X_CA=0, **cfg)
+    if algo == "rowtap":
+        consts["KW_PAD"] = 4
     sig, attrs = {}, {}
     for i, n in enumerate(kern.arg_names):
-        if n in ("X", "WM", "MIX", "BIAS", "OUT"):
+        if n in ("X", "WM", "WR", "MIX", "BIAS", "OUT"):
             sig[n], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
         elif n == "scale":
             sig[n] = "fp32"
@@ -186,7 +203,7 @@ def _compile_for_hopper(r_pad, cfg, num_warps, num_stages):
             consts.setdefault(n, 1)
         else:
             sig[n] = "i32"
-            if n in ("C_IN", "C_OUT", "sxn", "sxh", "sxw", "swt", "swc", "smr", "son", "soh", "sow"):
+            if n in div16:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kern, signature=sig, constexprs=consts, attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
@@ -202,16 +219,20 @@ def _compile_for_hopper(r_pad, cfg, num_warps, num_stages):
 
 @pytest.mark.slow
 @needs_triton
-def test_kernel_compiles_for_hopper():
-    """No GPU needed: the first bf16 config compiles for sm_90 with wgmma (HGMMA), 16-byte cp.async
-    loads of x, no local-memory spills, and shared memory within Hopper's limit (the real figure)."""
-    c = tc.kernel_configs(32, 2)[0]
+@pytest.mark.parametrize("algo", ["direct", "rowtap"])
+def test_kernel_compiles_for_hopper(algo):
+    """No GPU needed: the first bf16 config of each kernel compiles for sm_90 with wgmma (HGMMA),
+    16-byte cp.async loads of x, no local-memory spills, and shared memory within Hopper's limit
+    (the real figure, which the estimate bounds)."""
+    c = tc.kernel_configs(32, 2, algo, kw=3)[0]
     cfg = {k: v for k, v in c.kwargs.items() if k in ("BLOCK_P", "BLOCK_C", "BLOCK_N")}
     try:
-        shared, usage, sass = _compile_for_hopper(32, cfg, c.num_warps, c.num_stages)
+        shared, usage, sass = _compile_for_hopper(algo, 32, cfg, c.num_warps, c.num_stages)
     except (ImportError, TypeError, KeyError, AttributeError, FileNotFoundError) as e:  # triton API drift
         pytest.skip(f"cannot compile for sm_90 offline with this triton: {e!r}")
-    assert 0 < shared <= tc.SMEM_LIMIT
+    width = 32 if algo == "direct" else 128
+    assert 0 < shared <= tc.smem_bytes(cfg["BLOCK_P"], cfg["BLOCK_C"], cfg["BLOCK_N"], c.num_stages, width, 2, 32,
+                                       gather=algo == "rowtap") <= tc.SMEM_LIMIT
     assert "STACK:0" in usage.replace(" ", "")
     assert "HGMMA" in sass and "LDGSTS.E.BYPASS.128" in sass
 
@@ -259,24 +280,43 @@ def test_cuda_against_float64(dtype, shape, conv):
 @cuda_only
 @pytest.mark.parametrize("r_pad,dtype", [(16, torch.bfloat16), (32, torch.bfloat16), (64, torch.bfloat16),
                                          (128, torch.bfloat16), (256, torch.bfloat16), (32, torch.float32)])
-def test_cuda_every_config_launches(r_pad, dtype):
-    """Each autotune config and each bench sweep config of a bucket compiles, fits the device's shared
-    memory and computes the right thing (NaN-poisoned output, tails everywhere, column groups)."""
-    from inductor_ext.triton_conv_bench import sweep_configs
-
-    k = (r_pad - 2) // 2 if r_pad > 16 else 5  # R = 2k just above half the bucket: padded columns
+@pytest.mark.parametrize("algo", ["direct", "rowtap"])
+def test_cuda_every_config_launches(algo, r_pad, dtype):
+    """Each autotune candidate of a bucket compiles, fits the device's shared memory and computes the
+    right thing (NaN-poisoned output, tails everywhere, one and three column groups)."""
+    if algo == "rowtap" and not tc.rowtap_ok(3, 1, 1, r_pad):
+        pytest.skip("rowtap does not take this rank")
+    k = (r_pad - 2) // 2 if r_pad > 16 else 5  # R = 2k just under the bucket's width: padded columns
     x, S1s, U1s, b = factors(N=2, C_in=70, C_out=150, H=9, W=13, L=1, k=k, dtype=dtype, device="cuda",
                              channels_last=True)
     ref = sketched_conv2d_reference(x.double(), S1s.double(), U1s.double(), b.double(), 1, 1)
-    cands = [(c.kwargs, c.num_warps, c.num_stages) for c in tc.kernel_configs(r_pad, x.element_size())]
-    cands += [(dict(BLOCK_P=c[0], BLOCK_C=c[1], BLOCK_N=c[2], TAPS_INNER=c[5], X_CA=c[6]), c[3], c[4])
-              for c in sweep_configs(r_pad, x.element_size())]
-    for kw, warps, stages in cands:
-        cfg = dict(kw, num_warps=warps, num_stages=stages)
+    configs = tc.kernel_configs(r_pad, x.element_size(), algo, kw=3, limit=100)
+    assert configs
+    for c in configs:
+        cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         for groups in (1, 3):
             out = torch.full_like(ref, float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
-            tc.conv_forward(x, S1s, U1s, b, (1, 1), (1, 1), (1, 1), config=cfg, col_groups=groups, out=out)
+            tc.conv_forward(x, S1s, U1s, b, (1, 1), (1, 1), (1, 1), algo=algo, config=cfg, col_groups=groups,
+                            out=out)
             assert rel(out, ref) < (2e-2 if dtype != torch.float32 else 5e-3), (cfg, groups)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_rowtap_against_float64(dtype):
+    """The rowtap kernel on odd shapes: rows wider than one strip, dilation, stride_h 2, 5x3 taps."""
+    for shape, conv in ((dict(N=2, C_in=67, C_out=133, H=13, W=150, L=1, k=16), ((1, 1), (1, 1), (1, 1))),
+                        (dict(N=1, C_in=64, C_out=96, H=15, W=17, L=2, k=5, kh=5, kw=3), ((2, 1), (2, 2), (1, 2)))):
+        x, S1s, U1s, b = factors(dtype=dtype, device="cuda", channels_last=True, **shape)
+        ref = sketched_conv2d_reference(x.double(), S1s.double(), U1s.double(), b.double(), *conv)
+        prev = torch.backends.cudnn.allow_tf32
+        try:
+            torch.backends.cudnn.allow_tf32 = False
+            out = tc.conv_forward(x, S1s, U1s, b, *conv, algo="rowtap")
+        finally:
+            torch.backends.cudnn.allow_tf32 = prev
+        assert rel(out, ref) < TOL[dtype]
 
 
 @pytest.mark.cuda

@@ -3,12 +3,14 @@
 Run by tests/test_triton_conv.py in ONE subprocess with ``TRITON_INTERPRET=1`` (the variable must
 be set before triton is imported). Every case compares the kernel (``triton_conv.conv_forward``
 with explicit small tiles, so pixel / channel / output-channel tails and several column groups are
-exercised; the output NaN-poisoned so an unwritten element fails) against
+exercised, for both kernels, "direct" and "rowtap"; the output NaN-poisoned so an unwritten
+element fails) against
 ``sketched_conv2d_reference`` in float64; prints one line per case and exits non-zero on the
 first failure.
 """
 import os
 import sys
+import time
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
@@ -31,7 +33,9 @@ def rand(*shape):
 
 
 def case(N=2, C_in=3, C_out=5, H=7, W=9, kh=3, kw=3, L=1, k=4, stride=(1, 1), padding=(0, 0),
-         dilation=(1, 1), bias=True, dtype=torch.float32, channels_last=False, config=T16, groups=1):
+         dilation=(1, 1), bias=True, dtype=torch.float32, channels_last=False, config=T16, groups=1,
+         algo="direct"):
+    t0 = time.perf_counter()
     x, S1s, U1s = rand(N, C_in, H, W), rand(2 * L * k, C_in, kh, kw), rand(2 * L, k, C_out)
     b = rand(C_out) if bias else None
     x, S1s, U1s = x.to(dtype), S1s.to(dtype), U1s.to(dtype)
@@ -42,14 +46,14 @@ def case(N=2, C_in=3, C_out=5, H=7, W=9, kh=3, kw=3, L=1, k=4, stride=(1, 1), pa
                                     b.double() if bias else None, stride, padding, dilation)
     layout = torch.channels_last if tc._wants_channels_last(x) else torch.contiguous_format
     poisoned = torch.full(ref.shape, float("nan"), dtype=dtype).contiguous(memory_format=layout)
-    out = tc.conv_forward(x, S1s, U1s, b, stride, padding, dilation, config=config, col_groups=groups,
-                          out=poisoned)
+    out = tc.conv_forward(x, S1s, U1s, b, stride, padding, dilation, algo=algo, config=config,
+                          col_groups=groups, out=poisoned)
     assert out.dtype == dtype and out.shape == ref.shape
     assert out.is_contiguous(memory_format=layout)
     assert torch.isfinite(out).all(), "an output element was not written"
-    name = (f"N{N} Cin{C_in} Cout{C_out} {H}x{W} k{kh}x{kw} L{L} k{k} s{stride} p{padding} "
+    name = (f"{algo} N{N} Cin{C_in} Cout{C_out} {H}x{W} k{kh}x{kw} L{L} k{k} s{stride} p{padding} "
             f"d{dilation} bias={bias} {str(dtype)[6:]} cl={channels_last} {config} groups={groups}")
-    check(name, rel(out, ref), TOL[dtype])
+    check(f"{name} [{time.perf_counter() - t0:.1f}s]", rel(out, ref), TOL[dtype])
 
 
 def main():
@@ -73,6 +77,15 @@ def main():
     case(C_in=20, C_out=37, H=6, W=5, padding=(1, 1), dtype=bf, channels_last=True, groups=2,
          config=dict(BLOCK_P=32, BLOCK_C=16, BLOCK_N=32, TAPS_INNER=1))
     case(padding=(1, 1), dtype=fp16, channels_last=True)
+    # the rowtap kernel (stride_w == 1): one and several output rows per program, several column
+    # blocks per row (W=20 > a 16-wide strip), dilation, stride_h 2, 2x3 / 1x1 kernels, tails
+    rt = dict(algo="rowtap")
+    case(padding=(1, 1), channels_last=True, **rt)
+    case(stride=(2, 1), padding=(0, 1), dilation=(2, 2), L=2, k=1, config=dict(T16, BLOCK_P=32), **rt)
+    case(H=3, W=20, kh=2, kw=3, padding=(1, 0), bias=False, channels_last=True, **rt)
+    case(kh=1, kw=1, k=1, **rt)
+    case(C_in=20, C_out=37, H=6, W=5, L=2, k=5, padding=(1, 1), dtype=bf, channels_last=True, groups=2,
+         config=dict(BLOCK_P=64, BLOCK_C=16, BLOCK_N=32, TAPS_INNER=1), **rt)
 
     # the op itself (the device branch picks the kernel under the interpreter), unbatched input
     # and autocast through the wrapper, backward (the C++ op's formula) through the kernel forward
