@@ -1,4 +1,4 @@
-"""Fused Triton forward kernel for ``panther::sketched_conv2d`` (the SKConv2d layer).
+"""Fused Triton forward kernels for ``panther::sketched_conv2d`` (the SKConv2d layer).
 
 The layer is a convolution to a thin rank ``R = 2·L·k`` followed by a 1×1 channel mix:
 
@@ -23,6 +23,13 @@ poor tensor-core shapes. Here one kernel does everything as an implicit GEMM ove
 z never reaches HBM. Loop order over (tap, channel chunk) is a launch parameter (``TAPS_INNER``:
 the kh·kw taps of one channel chunk back to back, whose x tiles overlap, so they can hit in
 L1/L2), as is an L1-caching hint on the x loads (``X_CA``).
+
+That "direct" kernel reads each x element kh·kw times from L2 (about 0.9 GB for issue [D]'s
+workload, against 0.1 GB from HBM). The "rowtap" kernel (unit column stride) cuts that by kw:
+a program owns a strip of whole output rows, loads each row tap's input strip once and
+multiplies it by all kw column taps in one wider GEMM (N = kw_pad·R_PAD), then folds the column
+taps with one shifted gather of the fp32 accumulator. Which one serves the op is ``ALGO``;
+``python -m inductor_ext.triton_conv_bench --sweep`` times both.
 
 Registered as ``torch.library.triton_op("panther::sketched_conv2d_triton")`` with the schema of
 ``panther::sketched_conv2d``; the autograd is that op's (``panther/ops/conv.py``: cuDNN
@@ -59,11 +66,17 @@ __all__ = [
     "sketched_conv2d_triton",
     "sketched_conv2d_triton_op",
     "kernel_ok",
+    "rowtap_ok",
     "conv_forward",
     "kernel_configs",
+    "config_fits",
     "smem_bytes",
     "tuned_configs",
+    "ALGO",
+    "ALGOS",
     "MAX_RANK",
+    "MAX_ROWTAP_WIDTH",
+    "NCHW_KERNEL",
     "SMEM_LIMIT",
 ]
 
@@ -164,13 +177,10 @@ if triton is not None:
         KK: tl.constexpr = KH * KW
         n_cb = tl.cdiv(C_IN, BLOCK_C)
         acc = tl.zeros((BLOCK_P, R_PAD), dtype=tl.float32)
-        for it in range(0, KK * n_cb):
-            if TAPS_INNER:
-                tap = it % KK
-                cb = it // KK
-            else:
-                tap = it // n_cb
-                cb = it - tap * n_cb
+        # (tap, channel chunk) as carried counters: no run-time division per iteration
+        tap = pid_p * 0
+        cb = pid_p * 0
+        for _ in range(0, KK * n_cb):
             ti = tap // KW
             tj = tap - ti * KW
             dh = ti * dil_h
@@ -189,6 +199,14 @@ if triton is not None:
             wt = tl.load(WM + tap * swt + cs[:, None] * swc + offs_r[None, :], mask=mask_c[:, None],
                          other=0.0)
             acc = _mma(xt, wt, acc, DOT_CONV)
+            if TAPS_INNER:
+                wrap = tap == KK - 1
+                cb = tl.where(wrap, cb + 1, cb)
+                tap = tl.where(wrap, 0, tap + 1)
+            else:
+                wrap = cb == n_cb - 1
+                tap = tl.where(wrap, tap + 1, tap)
+                cb = tl.where(wrap, 0, cb + 1)
 
         # Round once to the input dtype: the second GEMM's operand is what the ATen path's z
         # tensor holds (and the tensor cores want matching operand types).
@@ -294,13 +312,9 @@ if triton is not None:
 
         acc = tl.zeros((BLOCK_P, NW), dtype=tl.float32)
         n_cb = tl.cdiv(C_IN, BLOCK_C)
-        for it in range(0, KH * n_cb):
-            if TAPS_INNER:
-                ti = it % KH
-                cb = it // KH
-            else:
-                ti = it // n_cb
-                cb = it - ti * n_cb
+        ti = pid * 0
+        cb = pid * 0
+        for _ in range(0, KH * n_cb):
             dh = ti * dil_h
             hi = h0 + dh
             ok = row_ok & (hi >= 0) & (hi < H)
@@ -315,6 +329,14 @@ if triton is not None:
             wt = tl.load(WR + ti * swi + cs[:, None] * swc + offs_w[None, :], mask=mask_c[:, None],
                          other=0.0)
             acc = _mma(xt, wt, acc, DOT_CONV)
+            if TAPS_INNER:
+                wrap = ti == KH - 1
+                cb = tl.where(wrap, cb + 1, cb)
+                ti = tl.where(wrap, 0, ti + 1)
+            else:
+                wrap = cb == n_cb - 1
+                ti = tl.where(wrap, ti + 1, ti)
+                cb = tl.where(wrap, 0, cb + 1)
 
         # fold the column taps; rows past the block only reach outputs q >= BW_OUT (not stored)
         src = tl.minimum(f[:, None] + (offs_w // R_PAD)[None, :] * dil_w, BLOCK_P - 1)
@@ -617,7 +639,8 @@ def conv_forward(x4, S1s, U1s, bias, stride, padding, dilation, *, algo=None, co
 
 
 def _ints(v, n=2):
-    return isinstance(v, (list, tuple)) and len(v) == n and all(isinstance(a, int) for a in v)
+    return isinstance(v, (list, tuple)) and len(v) == n and all(
+        isinstance(a, (int, torch.SymInt)) and not isinstance(a, bool) for a in v)
 
 
 def kernel_ok(x, S1s, U1s, bias, stride, padding, dilation):

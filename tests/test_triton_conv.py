@@ -140,6 +140,13 @@ def test_bad_arguments_raise_like_the_cpp_op():
         tc.sketched_conv2d_triton(x, S1s, U1s, b, stride=(1, 2, 3))
 
 
+def test_skconv2d_loads_the_triton_op_lazily():
+    from panther.nn import conv as nn_conv
+
+    want = tc.sketched_conv2d_triton if tc.triton is not None else None
+    assert nn_conv._triton_conv() is want
+
+
 def test_skconv2d_cpu_unchanged():
     """On CPU SKConv2d keeps the C++ op (bit-identical), with or without triton."""
     layer = SKConv2d(3, 5, 3, padding=1, num_terms=1, low_rank=2, seed=0)
