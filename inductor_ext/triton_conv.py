@@ -31,7 +31,7 @@ multiplies it by all kw column taps in one wider GEMM (N = kw_pad·R_PAD), then 
 taps with one shifted gather of the fp32 accumulator. Which one serves the op is ``ALGO``;
 ``python -m inductor_ext.triton_conv_bench --sweep`` times both.
 
-Registered as ``torch.library.triton_op("panther::sketched_conv2d_triton")`` with the schema of
+Registered as ``torch.library.triton_op("panther::sketched_conv2d_triton")`` with the arguments of
 ``panther::sketched_conv2d``; the autograd is that op's (``panther/ops/conv.py``: cuDNN
 ``convolution_backward`` on the mixed-back gradient). A device branch sends CPU tensors, float64,
 NCHW CUDA inputs (the kernel's loads want contiguous channels; cuDNN handles NCHW well) and
@@ -174,7 +174,7 @@ if triton is not None:
         offs_r = tl.arange(0, R_PAD)
 
         # ---- phase 1: the (BLOCK_P, R_PAD) z tile, implicit GEMM over (tap, channel) ----------
-        KK: tl.constexpr = KH * KW
+        KK = KH * KW
         n_cb = tl.cdiv(C_IN, BLOCK_C)
         acc = tl.zeros((BLOCK_P, R_PAD), dtype=tl.float32)
         # (tap, channel chunk) as carried counters: no run-time division per iteration
@@ -307,10 +307,9 @@ if triton is not None:
         n64 = n.to(tl.int64)
         x_row = n64 * sxn + h0.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
         offs_c = tl.arange(0, BLOCK_C)
-        NW: tl.constexpr = KW_PAD * R_PAD
-        offs_w = tl.arange(0, NW)
+        offs_w = tl.arange(0, KW_PAD * R_PAD)
 
-        acc = tl.zeros((BLOCK_P, NW), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_P, KW_PAD * R_PAD), dtype=tl.float32)
         n_cb = tl.cdiv(C_IN, BLOCK_C)
         ti = pid * 0
         cb = pid * 0
@@ -360,22 +359,25 @@ ALGOS = ("direct", "rowtap")
 
 # (BLOCK_P, BLOCK_C, BLOCK_N, num_warps, num_stages, TAPS_INNER, X_CA), best guess first; the
 # autotuner tries the first _MAX_CONFIGS that fit a bucket. The bench's sweep re-ranks them.
+# Offline sm_90 compiles (bf16, 3x3, rank 32) guided the order: a 128-wide output tile costs
+# ~60 more registers per thread than a 64-wide one (152 vs 90 with 8 warps), which halves the
+# programs an SM holds; two or more resident programs let one's loads overlap another's stores.
 _CANDIDATES = {
     "direct": (
-        (128, 64, 128, 8, 3, 0, 0),
-        (128, 64, 64, 4, 4, 1, 0),
-        (256, 64, 64, 8, 3, 0, 0),
-        (64, 128, 128, 4, 3, 0, 0),
-        (128, 32, 128, 8, 4, 1, 0),
-        (64, 64, 64, 4, 3, 0, 0),
+        (128, 64, 64, 8, 3, 0, 0),    # 90 regs, 60 KB smem: 2 programs / SM
+        (128, 64, 64, 4, 3, 0, 0),    # 148 regs: 3 / SM
+        (64, 64, 64, 4, 4, 0, 0),     # 92 regs, 48 KB: 4 / SM
+        (256, 64, 32, 8, 3, 0, 0),    # 110 regs, 108 KB: 2 / SM
+        (128, 64, 128, 8, 3, 0, 0),   # 152 regs: 1 / SM
         (64, 32, 64, 4, 2, 0, 0),
         (32, 32, 32, 4, 2, 0, 0),
     ),
     "rowtap": (
-        (128, 64, 128, 8, 3, 0, 0),
-        (128, 32, 64, 8, 4, 0, 0),
+        (128, 64, 64, 8, 3, 0, 0),    # 124 regs, 96 KB: 2 / SM
+        (128, 32, 64, 8, 3, 0, 0),    # 120 regs, 48 KB: 2 / SM
+        (64, 64, 64, 4, 2, 0, 0),     # 125 regs, 48 KB: 4 / SM
+        (64, 32, 64, 4, 4, 0, 0),     # 107 regs, 48 KB: 4 / SM
         (256, 32, 64, 16, 3, 0, 0),
-        (64, 64, 64, 4, 3, 0, 0),
         (64, 32, 64, 4, 2, 0, 0),
         (32, 32, 32, 4, 2, 0, 0),
         (16, 32, 32, 4, 2, 0, 0),
@@ -409,10 +411,11 @@ def _acc_registers(block_p, block_n, width, num_warps):
 
 def config_fits(block_p, block_c, block_n, num_warps, num_stages, width, elem_size, r_pad=None,
                 gather=False):
-    """Within Hopper's shared memory, a register budget that leaves room for addresses, and
-    tl.dot's minimum tile of 16."""
+    """Within Hopper's shared memory, an accumulator budget that leaves room for addresses (at
+    most 3/4 of a thread's share of the register file, and 128), and tl.dot's minimum tile of 16."""
+    acc_budget = min(128, 3 * (65536 // (32 * num_warps)) // 4)
     return (smem_bytes(block_p, block_c, block_n, num_stages, width, elem_size, r_pad, gather) <= SMEM_LIMIT
-            and _acc_registers(block_p, block_n, width, num_warps) <= 128
+            and _acc_registers(block_p, block_n, width, num_warps) <= acc_budget
             and min(block_p, block_c, block_n) >= 16)
 
 
@@ -680,11 +683,9 @@ def kernel_ok(x, S1s, U1s, bias, stride, padding, dilation):
 # --------------------------------------------------------------------------------------------
 # The op
 # --------------------------------------------------------------------------------------------
-_SCHEMA = ("(Tensor x, Tensor S1s, Tensor U1s, Tensor? bias, SymInt[2] stride, SymInt[2] padding, "
-           "SymInt[2] dilation) -> Tensor")
-
-
-@torch.library.triton_op("panther::sketched_conv2d_triton", mutates_args=(), schema=_SCHEMA)
+# The schema is inferred from the annotations: that of panther::sketched_conv2d with SymInt[]
+# for its SymInt[2] (triton_op ignores an explicit schema); the wrapper below always passes pairs.
+@torch.library.triton_op("panther::sketched_conv2d_triton", mutates_args=())
 def sketched_conv2d_triton_op(x: Tensor, S1s: Tensor, U1s: Tensor, bias: Optional[Tensor],
                               stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
     """``panther::sketched_conv2d`` computed by the fused Triton kernel on CUDA."""

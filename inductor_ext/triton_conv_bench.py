@@ -38,25 +38,24 @@ def sweep_configs(r_pad, elem_size, kw=3, rowtap=True):
         for bc in (32, 64, 128):
             for warps in (4, 8):
                 for stages in (3, 4):
-                    out.append(("direct", bp, bc, 128 if warps == 8 else 64, warps, stages, 0, 0))
-    for bp, bc, warps in ((128, 64, 8), (128, 64, 4), (256, 64, 8), (128, 128, 8), (64, 128, 4)):
-        bn = 128 if warps == 8 else 64
+                    out.append(("direct", bp, bc, 64, warps, stages, 0, 0))
+    for bp, bc, warps in ((128, 64, 8), (128, 64, 4), (64, 64, 4), (256, 64, 8)):
         for taps_inner, ca in ((1, 0), (0, 1), (1, 1)):
-            out.append(("direct", bp, bc, bn, warps, 3, taps_inner, ca))
+            out.append(("direct", bp, bc, 64, warps, 3, taps_inner, ca))
         for stages in (2, 5):
-            out.append(("direct", bp, bc, bn, warps, stages, 0, 0))
-        for bn2 in (32, 64, 128, 256):
-            if bn2 != bn:
-                out.append(("direct", bp, bc, bn2, warps, 3, 0, 0))
+            out.append(("direct", bp, bc, 64, warps, stages, 0, 0))
+        for bn in (32, 128):
+            out.append(("direct", bp, bc, bn, warps, 3, 0, 0))
     if rowtap:
-        for bp, warps in ((64, 4), (128, 8), (256, 16), (128, 4), (256, 8)):
+        for bp, warps in ((64, 4), (128, 8), (128, 4), (256, 8), (256, 16)):
             for bc in (32, 64):
                 for stages in (2, 3, 4):
-                    for bn in (64, 128):
-                        out.append(("rowtap", bp, bc, bn, warps, stages, 0, 0))
-        for bp, bc, warps in ((128, 64, 8), (256, 32, 16)):
+                    out.append(("rowtap", bp, bc, 64, warps, stages, 0, 0))
+        for bp, bc, warps in ((64, 64, 4), (128, 64, 8)):
             for taps_inner, ca in ((1, 0), (0, 1)):
                 out.append(("rowtap", bp, bc, 64, warps, 3, taps_inner, ca))
+            for bn in (32, 128):
+                out.append(("rowtap", bp, bc, bn, warps, 3, 0, 0))
     seen, fits = set(), []
     for c in out:
         algo = c[0]
