@@ -27,8 +27,8 @@ L1/L2), as is an L1-caching hint on the x loads (``X_CA``).
 That "direct" kernel reads each x element kh·kw times from L2 (about 0.9 GB for issue [D]'s
 workload, against 0.1 GB from HBM). The "rowtap" kernel (unit column stride) cuts that by kw:
 a program owns a strip of whole output rows, loads each row tap's input strip once and
-multiplies it by all kw column taps in one wider GEMM (N = kw_pad·R_PAD), then folds the column
-taps with one shifted gather of the fp32 accumulator. Which one serves the op is ``ALGO``;
+multiplies it by all kw column taps in a wider GEMM (N = kw·R_PAD, as two power-of-two parts),
+then folds the column taps with a shifted gather of the fp32 accumulators. Which one serves the op is ``ALGO``;
 ``python -m inductor_ext.triton_conv_bench --sweep`` times both.
 
 Registered as ``torch.library.triton_op("panther::sketched_conv2d_triton")`` with the arguments of
@@ -262,7 +262,8 @@ if triton is not None:
         P_BUCKET,
         KH: tl.constexpr,
         KW: tl.constexpr,
-        KW_PAD: tl.constexpr,
+        KW_A: tl.constexpr,
+        KW_B: tl.constexpr,
         R_PAD: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         DOT_CONV: tl.constexpr,
@@ -279,10 +280,12 @@ if triton is not None:
         (BW = min(W_SPAN, BLOCK_P) input columns per row, W_SPAN = next_pow2(WO + (KW-1)·dil_w),
         ROWS = BLOCK_P // BW, BW_OUT = BW - (KW-1)·dil_w). For each row tap i it loads the
         (ROWS·BW × BLOCK_C) input strip ONCE and multiplies it by all column taps at once:
-        WR (KH, C_IN, KW_PAD·R_PAD) holds column tap j's weights in columns [j·R_PAD, (j+1)·R_PAD).
-        Strip element q (input column c0 + q) feeds output column q - j·dil_w through tap j, so
-        at the end z[f] = Σ_j acc[f + j·dil_w, j-th column block]: one row gather of the fp32
-        accumulator (through shared memory), then a sum over the column taps.
+        WR (KH, C_IN, (KW_A + KW_B)·R_PAD) holds column tap j's weights in columns
+        [j·R_PAD, (j+1)·R_PAD). tl.dot wants power-of-two widths, so the taps go in two groups:
+        the first KW_A (a power of two) and the rest, padded to KW_B (a power of two or 0; for
+        3 taps 2 + 1, no padding). Strip element q (input column c0 + q) feeds output column
+        q - j·dil_w through tap j, so at the end z[f] = Σ_j acc[f + j·dil_w, j-th column block]:
+        a row gather of each fp32 accumulator (through shared memory), then a sum over the taps.
         """
         pid = tl.program_id(0)
         pid_g = tl.program_id(1)
@@ -307,9 +310,11 @@ if triton is not None:
         n64 = n.to(tl.int64)
         x_row = n64 * sxn + h0.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
         offs_c = tl.arange(0, BLOCK_C)
-        offs_w = tl.arange(0, KW_PAD * R_PAD)
+        offs_a = tl.arange(0, KW_A * R_PAD)
+        offs_b = tl.arange(0, KW_B * R_PAD if KW_B > 0 else R_PAD)  # unused when KW_B == 0
 
-        acc = tl.zeros((BLOCK_P, KW_PAD * R_PAD), dtype=tl.float32)
+        acc_a = tl.zeros((BLOCK_P, KW_A * R_PAD), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_P, KW_B * R_PAD if KW_B > 0 else R_PAD), dtype=tl.float32)
         n_cb = tl.cdiv(C_IN, BLOCK_C)
         ti = pid * 0
         cb = pid * 0
@@ -325,9 +330,12 @@ if triton is not None:
                 xt = tl.load(x_ptrs, mask=x_mask, other=0.0, cache_modifier=".ca")
             else:
                 xt = tl.load(x_ptrs, mask=x_mask, other=0.0)
-            wt = tl.load(WR + ti * swi + cs[:, None] * swc + offs_w[None, :], mask=mask_c[:, None],
-                         other=0.0)
-            acc = _mma(xt, wt, acc, DOT_CONV)
+            w_row = WR + ti * swi + cs[:, None] * swc
+            wa = tl.load(w_row + offs_a[None, :], mask=mask_c[:, None], other=0.0)
+            acc_a = _mma(xt, wa, acc_a, DOT_CONV)
+            if KW_B > 0:
+                wb_t = tl.load(w_row + KW_A * R_PAD + offs_b[None, :], mask=mask_c[:, None], other=0.0)
+                acc_b = _mma(xt, wb_t, acc_b, DOT_CONV)
             if TAPS_INNER:
                 wrap = ti == KH - 1
                 cb = tl.where(wrap, cb + 1, cb)
@@ -338,9 +346,12 @@ if triton is not None:
                 cb = tl.where(wrap, 0, cb + 1)
 
         # fold the column taps; rows past the block only reach outputs q >= BW_OUT (not stored)
-        src = tl.minimum(f[:, None] + (offs_w // R_PAD)[None, :] * dil_w, BLOCK_P - 1)
-        shifted = tl.gather(acc, src, axis=0)
-        z = tl.sum(tl.reshape(shifted, (BLOCK_P, KW_PAD, R_PAD)), axis=1).to(X.dtype.element_ty)
+        src = tl.minimum(f[:, None] + (offs_a // R_PAD)[None, :] * dil_w, BLOCK_P - 1)
+        zf = tl.sum(tl.reshape(tl.gather(acc_a, src, axis=0), (BLOCK_P, KW_A, R_PAD)), axis=1)
+        if KW_B > 0:
+            src = tl.minimum(f[:, None] + (KW_A + offs_b // R_PAD)[None, :] * dil_w, BLOCK_P - 1)
+            zf += tl.sum(tl.reshape(tl.gather(acc_b, src, axis=0), (BLOCK_P, KW_B, R_PAD)), axis=1)
+        z = zf.to(X.dtype.element_ty)
         o_ok = (q < BW_OUT) & (wo < WO) & (ho < HO)
         o_row = n64 * son + ho.to(tl.int64) * soh + wo.to(tl.int64) * sow
         _mix_store(z, MIX, BIAS, OUT, o_row, o_ok, C_OUT, smr, smn, soc, scale, pid_g,
@@ -352,7 +363,7 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 # Which kernel serves calls both can take: "direct" (_sketched_conv2d_kernel, any stride) or
 # "rowtap" (_sketched_conv2d_rowtap_kernel: stride_w == 1, x loaded kw times less often, at the
-# price of kw_pad/kw more MMA work and a gather). `python -m inductor_ext.triton_conv_bench
+# price of a fold (gather) per program and a few wasted strip columns). `python -m inductor_ext.triton_conv_bench
 # --sweep` times both on the GPU.
 ALGO = "direct"
 ALGOS = ("direct", "rowtap")
@@ -373,10 +384,10 @@ _CANDIDATES = {
         (32, 32, 32, 4, 2, 0, 0),
     ),
     "rowtap": (
-        (128, 64, 64, 8, 3, 0, 0),    # 124 regs, 96 KB: 2 / SM
-        (128, 32, 64, 8, 3, 0, 0),    # 120 regs, 48 KB: 2 / SM
-        (64, 64, 64, 4, 2, 0, 0),     # 125 regs, 48 KB: 4 / SM
-        (64, 32, 64, 4, 4, 0, 0),     # 107 regs, 48 KB: 4 / SM
+        (128, 64, 64, 8, 3, 0, 0),    # 124 regs, 84 KB: 2 / SM
+        (128, 32, 64, 8, 3, 0, 0),    # 95 regs, 42 KB: 2 / SM
+        (64, 64, 64, 4, 2, 0, 0),     # 96 regs, 40 KB: 5 / SM
+        (64, 32, 64, 4, 4, 0, 0),     # 96 regs, 40 KB: 5 / SM
         (256, 32, 64, 16, 3, 0, 0),
         (64, 32, 64, 4, 2, 0, 0),
         (32, 32, 32, 4, 2, 0, 0),
@@ -384,7 +395,7 @@ _CANDIDATES = {
     ),
 }
 _MAX_CONFIGS = 4
-# The rowtap kernel's phase-1 accumulator is (BLOCK_P, kw_pad·R_PAD): at most this wide.
+# The rowtap kernel's phase-1 accumulators are (BLOCK_P, kw_split·R_PAD) together: at most this wide.
 MAX_ROWTAP_WIDTH = 256
 
 
@@ -392,7 +403,7 @@ def smem_bytes(block_p, block_c, block_n, num_stages, width, elem_size, r_pad=No
     """An upper bound on one program's shared memory: the largest of the buffers live together.
 
     phase 1: num_stages copies of the x tile and the weight tile (``width`` columns: R_PAD, or
-    kw_pad·R_PAD for the rowtap kernel); the rowtap kernel's fold, whose gather stages the fp32
+    (kw_a + kw_b)·R_PAD for the rowtap kernel); the rowtap kernel's fold, whose gather stages the fp32
     accumulator in shared memory; phase 2: num_stages copies of the Mix tile plus the z operand,
     and the epilogue's layout conversion of the output tile (counted as fp32). Triton gives
     buffers of disjoint lifetimes the same memory; the sm_90 compile test checks the real figure.
@@ -425,8 +436,15 @@ def _as_config(c):
                           "X_CA": ca}, num_warps=warps, num_stages=stages)
 
 
+def _kw_split(kw):
+    """Column taps as (a power of two, the rest padded to a power of two or 0): 3 -> (2, 1)."""
+    a = 1 << (int(kw).bit_length() - 1)
+    return a, (_next_pow2(kw - a) if kw > a else 0)
+
+
 def _width(algo, r_pad, kw):
-    return r_pad if algo == "direct" else _next_pow2(kw) * r_pad
+    """Columns of the phase-1 accumulator(s)."""
+    return r_pad if algo == "direct" else sum(_kw_split(kw)) * r_pad
 
 
 def kernel_configs(r_pad, elem_size, algo="direct", kw=3, candidates=None, limit=_MAX_CONFIGS):
@@ -455,7 +473,7 @@ _AUTOTUNE_KEYS = {
 def _autotuned(algo, r_pad, elem_size, kw=3):
     """One Autotuner per bucket: its config list fits that bucket's shared-memory need. Kept so
     that the kernel object is stable (Inductor's kernel side table keys on it)."""
-    key = (algo, r_pad, elem_size, _next_pow2(kw) if algo == "rowtap" else 1)
+    key = (algo, r_pad, elem_size, _kw_split(kw) if algo == "rowtap" else 1)
     if key not in _AUTOTUNERS:
         if _INTERPRET:
             configs = [triton.Config(dict(_INTERPRET_CONFIG), num_warps=4, num_stages=1)]
@@ -468,7 +486,7 @@ def _autotuned(algo, r_pad, elem_size, kw=3):
 
 
 def tuned_configs():
-    """``{(algorithm, rank padded, element size, kw_pad): best config}`` chosen so far by eager
+    """``{(algorithm, rank padded, element size, kw split): best config}`` chosen so far by eager
     autotuning."""
     return {k: getattr(v, "best_config", None) for k, v in _AUTOTUNERS.items() if v is not None}
 
@@ -476,7 +494,7 @@ def tuned_configs():
 def rowtap_ok(kw, stride_w, dil_w, r_pad):
     """Whether the rowtap kernel can serve a call: unit column stride, a column halo that fits the
     smallest tile (16), an accumulator of at most MAX_ROWTAP_WIDTH columns."""
-    return stride_w == 1 and (kw - 1) * dil_w < 16 and _next_pow2(kw) * r_pad <= MAX_ROWTAP_WIDTH
+    return stride_w == 1 and (kw - 1) * dil_w < 16 and _width("rowtap", r_pad, kw) <= MAX_ROWTAP_WIDTH
 
 
 @functools.lru_cache(maxsize=None)
@@ -555,10 +573,10 @@ def _out_size(size, k, s, p, d):
 
 
 def _arrange_row_weight(S1s, r_pad):
-    """(R, C_in, kh, kw) -> (kh, C_in, kw_pad·R_PAD): row tap i, channel c hold column tap j's
-    weights in columns [j·R_PAD, j·R_PAD + R), zeros elsewhere (the rowtap kernel's layout)."""
+    """(R, C_in, kh, kw) -> (kh, C_in, (kw_a + kw_b)·R_PAD): row tap i, channel c hold column tap
+    j's weights in columns [j·R_PAD, j·R_PAD + R), zeros elsewhere (the rowtap kernel's layout)."""
     R, C, kh, kw = S1s.shape
-    w = F.pad(S1s.permute(2, 1, 3, 0), (0, r_pad - R, 0, _next_pow2(kw) - kw))
+    w = F.pad(S1s.permute(2, 1, 3, 0), (0, r_pad - R, 0, sum(_kw_split(kw)) - kw))
     return w.reshape(kh, C, -1)
 
 
@@ -600,7 +618,7 @@ def conv_forward(x4, S1s, U1s, bias, stride, padding, dilation, *, algo=None, co
         algo = ALGO if fits else "direct"
     elif algo not in ALGOS or (algo == "rowtap" and not rowtap_ok(KW, sw, dw, r_pad)):
         raise ValueError(f"conv_forward: algo must be one of {ALGOS} ('rowtap' needs stride_w == 1, "
-                         f"(kw-1)*dil_w < 16, kw_pad*R_PAD <= {MAX_ROWTAP_WIDTH}), got {algo!r}")
+                         f"(kw-1)*dil_w < 16, kw*R_PAD <= {MAX_ROWTAP_WIDTH} after padding), got {algo!r}")
     MIX = _arrange_mix(U1s, r_pad)
     groups = col_groups if col_groups is not None else _column_groups(P, C_out, x4.device)
     dot_conv, dot_mix = _dot_modes(x4.dtype)
@@ -622,7 +640,7 @@ def conv_forward(x4, S1s, U1s, bias, stride, padding, dilation, *, algo=None, co
         WR = _arrange_row_weight(S1s, r_pad)
         kernel = _sketched_conv2d_rowtap_kernel
         halo = (KW - 1) * dw
-        consts["KW_PAD"] = _next_pow2(KW)
+        consts["KW_A"], consts["KW_B"] = _kw_split(KW)
         args = (x4, WR, MIX, b, out,
                 C_in, C_out, H, W, Ho, Wo, _next_pow2(Wo + halo),
                 *x4.stride(), WR.stride(0), WR.stride(1), MIX.stride(0), MIX.stride(1), *out.stride(),

@@ -161,7 +161,7 @@ def test_skconv2d_cpu_unchanged():
 @pytest.mark.parametrize("r_pad", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("algo", ["direct", "rowtap"])
 def test_every_config_fits_hopper_shared_memory(algo, r_pad, elem_size):
-    width = r_pad if algo == "direct" else 4 * r_pad  # rowtap: kw = 3 -> kw_pad 4
+    width = r_pad if algo == "direct" else 3 * r_pad  # rowtap: kw = 3 -> 2 + 1 column taps
     configs = tc.kernel_configs(r_pad, elem_size, algo, kw=3)
     if algo == "rowtap" and width > tc.MAX_ROWTAP_WIDTH:
         assert not tc.rowtap_ok(3, 1, 1, r_pad)  # never asked for
@@ -178,7 +178,9 @@ def test_rowtap_eligibility():
     assert tc.rowtap_ok(3, 1, 1, 32) and tc.rowtap_ok(1, 1, 1, 256) and tc.rowtap_ok(5, 1, 3, 16)
     assert not tc.rowtap_ok(3, 2, 1, 32)        # column stride 2
     assert not tc.rowtap_ok(3, 1, 8, 32)        # halo 16 >= the smallest tile
-    assert not tc.rowtap_ok(3, 1, 1, 128)       # 4 * 128 columns of accumulator
+    assert not tc.rowtap_ok(3, 1, 1, 128)       # 3 * 128 columns of accumulator
+    assert tc.rowtap_ok(7, 1, 1, 32) and not tc.rowtap_ok(7, 1, 1, 64)  # 7 taps: 4 + 4 (3 padded)
+    assert [tc._kw_split(k) for k in (1, 2, 3, 4, 5, 7)] == [(1, 0), (2, 0), (2, 1), (4, 0), (4, 1), (4, 4)]
     x, S1s, U1s, b = factors(dtype=torch.float32)
     with pytest.raises(ValueError, match="algo"):
         tc.conv_forward(x, S1s, U1s, b, (1, 2), (1, 1), (1, 1), algo="rowtap")
@@ -198,7 +200,7 @@ def _compile_for_hopper(algo, r_pad, cfg, num_warps, num_stages):
     div16 = {"C_IN", "C_OUT", "sxn", "sxh", "sxw", "swt", "swi", "swc", "smr", "son", "soh", "sow"}
     consts = dict(KH=3, KW=3, R_PAD=r_pad, HAS_BIAS=True, DOT_CONV=0, DOT_MIX=0, TAPS_INNER=0, X_CA=0, **cfg)
     if algo == "rowtap":
-        consts["KW_PAD"] = 4
+        consts["KW_A"], consts["KW_B"] = 2, 1
     sig, attrs = {}, {}
     for i, n in enumerate(kern.arg_names):
         if n in ("X", "WM", "WR", "MIX", "BIAS", "OUT"):
@@ -237,7 +239,7 @@ def test_kernel_compiles_for_hopper(algo):
         shared, usage, sass = _compile_for_hopper(algo, 32, cfg, c.num_warps, c.num_stages)
     except (ImportError, TypeError, KeyError, AttributeError, FileNotFoundError) as e:  # triton API drift
         pytest.skip(f"cannot compile for sm_90 offline with this triton: {e!r}")
-    width = 32 if algo == "direct" else 128
+    width = 32 if algo == "direct" else 96
     assert 0 < shared <= tc.smem_bytes(cfg["BLOCK_P"], cfg["BLOCK_C"], cfg["BLOCK_N"], c.num_stages, width, 2, 32,
                                        gather=algo == "rowtap") <= tc.SMEM_LIMIT
     assert "STACK:0" in usage.replace(" ", "")

@@ -78,12 +78,13 @@ def main():
          config=dict(BLOCK_P=32, BLOCK_C=16, BLOCK_N=32, TAPS_INNER=1))
     case(padding=(1, 1), dtype=fp16, channels_last=True)
     # the rowtap kernel (stride_w == 1): one and several output rows per program, several column
-    # blocks per row (W=20 > a 16-wide strip), dilation, stride_h 2, 2x3 / 1x1 kernels, tails
+    # blocks per row (W=20 > a 16-wide strip), dilation, stride_h 2, 2x3 / 1x1 / 1x7 kernels, tails
     rt = dict(algo="rowtap")
     case(padding=(1, 1), channels_last=True, **rt)
     case(stride=(2, 1), padding=(0, 1), dilation=(2, 2), L=2, k=1, config=dict(T16, BLOCK_P=32), **rt)
     case(H=3, W=20, kh=2, kw=3, padding=(1, 0), bias=False, channels_last=True, **rt)
-    case(kh=1, kw=1, k=1, **rt)
+    case(kh=1, kw=1, k=1, **rt)                                          # 1 column tap: no second group
+    case(H=4, kh=1, kw=7, padding=(0, 3), k=2, channels_last=True, **rt)  # 7 taps: 4 + 3 padded to 4
     case(C_in=20, C_out=37, H=6, W=5, L=2, k=5, padding=(1, 1), dtype=bf, channels_last=True, groups=2,
          config=dict(BLOCK_P=64, BLOCK_C=16, BLOCK_N=32, TAPS_INNER=1), **rt)
 
