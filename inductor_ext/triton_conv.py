@@ -363,9 +363,10 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 # Which kernel serves calls both can take: "direct" (_sketched_conv2d_kernel, any stride) or
 # "rowtap" (_sketched_conv2d_rowtap_kernel: stride_w == 1, x loaded kw times less often, at the
-# price of a fold (gather) per program and a few wasted strip columns). `python -m inductor_ext.triton_conv_bench
-# --sweep` times both on the GPU.
-ALGO = "direct"
+# price of a fold (gather) per program and a few wasted strip columns). Not yet measured on the
+# GPU: "rowtap" because, by the byte count, issue [D]'s workload moves ~0.6 GB through L2 with
+# it against ~1.1 GB with "direct". `python -m inductor_ext.triton_conv_bench --sweep` times both.
+ALGO = "rowtap"
 ALGOS = ("direct", "rowtap")
 
 # (BLOCK_P, BLOCK_C, BLOCK_N, num_warps, num_stages, TAPS_INNER, X_CA), best guess first; the

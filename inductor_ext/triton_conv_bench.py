@@ -214,7 +214,12 @@ def bench_triton_conv(batch=32, channels=512, out_channels=None, size=56, kernel
                   f"{ms / floor:5.2f}x floor", flush=True)
         print(f"  {'memory floor (x read once + out written once)':58s} {floor:8.4f} ms   "
               f"(copy bandwidth {bw / 1e9:.2f} TB/s)", flush=True)
-        print(f"  autotuned choice: { {k: str(v) for k, v in tc.tuned_configs().items()} }", flush=True)
+        for key, c in tc.tuned_configs().items():
+            if c is not None:
+                kw = c.kwargs
+                tup = (kw["BLOCK_P"], kw["BLOCK_C"], kw["BLOCK_N"], c.num_warps, c.num_stages, kw["TAPS_INNER"],
+                       kw["X_CA"])
+                print(f"  autotuned {key[0]} (rank pad {key[1]}): {tup}", flush=True)
         # NCHW input (the op sends it to the C++ op unless NCHW_KERNEL): the kernel's strided path
         xn = x.contiguous()
         t_nchw_aten = _ms(lambda: torch.ops.panther.sketched_conv2d(xn, S1s, U1s, bias, *conv))
