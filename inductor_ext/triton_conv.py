@@ -133,7 +133,7 @@ if triton is not None:
         smr, smn,
         son, soc, soh, sow,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-        scale,
+        TWO_L,
         P_BUCKET,
         KH: tl.constexpr,
         KW: tl.constexpr,
@@ -147,7 +147,7 @@ if triton is not None:
         TAPS_INNER: tl.constexpr,
         X_CA: tl.constexpr,
     ):
-        """OUT[p, :] = scale·(conv(X, WM)[p, :] rounded to X's dtype)·MIX + BIAS, p = (n, ho, wo).
+        """OUT[p, :] = (conv(X, WM)[p, :] rounded to X's dtype)·MIX / TWO_L + BIAS, p = (n, ho, wo).
 
         X (N, C_IN, H, W) and OUT (N, C_OUT, HO, WO) by strides (channels_last: sxc = soc = 1);
         WM (KH·KW, C_IN, R_PAD) with unit stride along the rank (zero columns past 2Lk);
@@ -214,7 +214,8 @@ if triton is not None:
 
         # ---- phase 2: this group's output channel tiles, out written once --------------------
         o_row = n64 * son + ho.to(tl.int64) * soh + wo.to(tl.int64) * sow
-        _mix_store(z, MIX, BIAS, OUT, o_row, mask_p, C_OUT, smr, smn, soc, scale, pid_g,
+        # 1/(2L) from an int argument: an fp32 scalar (Inductor may pass Python floats as fp64)
+        _mix_store(z, MIX, BIAS, OUT, o_row, mask_p, C_OUT, smr, smn, soc, 1.0 / TWO_L, pid_g,
                    R_PAD, HAS_BIAS, DOT_MIX, BLOCK_P, BLOCK_N)
 
     @triton.jit
@@ -258,7 +259,7 @@ if triton is not None:
         smr, smn,
         son, soc, soh, sow,
         stride_h, pad_h, pad_w, dil_h, dil_w,
-        scale,
+        TWO_L,
         P_BUCKET,
         KH: tl.constexpr,
         KW: tl.constexpr,
@@ -354,7 +355,7 @@ if triton is not None:
         z = zf.to(X.dtype.element_ty)
         o_ok = (q < BW_OUT) & (wo < WO) & (ho < HO)
         o_row = n64 * son + ho.to(tl.int64) * soh + wo.to(tl.int64) * sow
-        _mix_store(z, MIX, BIAS, OUT, o_row, o_ok, C_OUT, smr, smn, soc, scale, pid_g,
+        _mix_store(z, MIX, BIAS, OUT, o_row, o_ok, C_OUT, smr, smn, soc, 1.0 / TWO_L, pid_g,
                    R_PAD, HAS_BIAS, DOT_MIX, BLOCK_P, BLOCK_N)
 
 
@@ -633,7 +634,7 @@ def conv_forward(x4, S1s, U1s, bias, stride, padding, dilation, *, algo=None, co
                 P, C_in, C_out, H, W, Ho, Wo,
                 *x4.stride(), WM.stride(0), WM.stride(1), MIX.stride(0), MIX.stride(1), *out.stride(),
                 sh, sw, ph, pw, dh, dw,
-                1.0 / two_l, _p_bucket(P))
+                two_l, _p_bucket(P))
 
         def grid(meta):
             return (triton.cdiv(P, meta["BLOCK_P"]), groups)
@@ -646,7 +647,7 @@ def conv_forward(x4, S1s, U1s, bias, stride, padding, dilation, *, algo=None, co
                 C_in, C_out, H, W, Ho, Wo, _next_pow2(Wo + halo),
                 *x4.stride(), WR.stride(0), WR.stride(1), MIX.stride(0), MIX.stride(1), *out.stride(),
                 sh, ph, pw, dh, dw,
-                1.0 / two_l, _p_bucket(P))
+                two_l, _p_bucket(P))
 
         def grid(meta):
             return (_rowtap_grid(meta["BLOCK_P"], N, Ho, Wo, halo), groups)

@@ -205,8 +205,6 @@ def _compile_for_hopper(algo, r_pad, cfg, num_warps, num_stages):
     for i, n in enumerate(kern.arg_names):
         if n in ("X", "WM", "WR", "MIX", "BIAS", "OUT"):
             sig[n], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
-        elif n == "scale":
-            sig[n] = "fp32"
         elif n in consts or n in unit:
             sig[n] = "constexpr"
             consts.setdefault(n, 1)
