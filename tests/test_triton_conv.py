@@ -259,17 +259,22 @@ def test_bench_without_cuda_says_so(capsys):
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
+SHAPES = {"odd": dict(N=3, C_in=67, C_out=133, H=13, W=11, L=1, k=16),
+          "L2_5x3": dict(N=2, C_in=64, C_out=96, H=15, W=17, L=2, k=5, kh=5, kw=3),
+          "tiny": dict(N=1, C_in=3, C_out=5, H=7, W=9, L=2, k=1)}
+CONVS = {"s1": ((1, 1), (1, 1), (1, 1)), "s2": ((2, 2), (1, 0), (1, 1)), "dil": ((1, 2), (2, 2), (2, 1))}
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+
 @pytest.mark.cuda
 @cuda_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [
-    dict(N=3, C_in=67, C_out=133, H=13, W=11, L=1, k=16),
-    dict(N=2, C_in=64, C_out=96, H=15, W=17, L=2, k=5, kh=5, kw=3),
-    dict(N=1, C_in=3, C_out=5, H=7, W=9, L=2, k=1),
-], ids=["odd", "L2_5x3", "tiny"])
-@pytest.mark.parametrize("conv", [((1, 1), (1, 1), (1, 1)), ((2, 2), (1, 0), (1, 1)), ((1, 2), (2, 2), (2, 1))],
-                         ids=["s1", "s2", "dil"])
+# a Latin square over (dtype, shape, conv): each pair once, nine first-call autotunes instead of 27
+@pytest.mark.parametrize("dtype,shape,conv", [
+    (F32, "odd", "s1"), (F32, "L2_5x3", "s2"), (F32, "tiny", "dil"),
+    (BF16, "odd", "s2"), (BF16, "L2_5x3", "dil"), (BF16, "tiny", "s1"),
+    (F16, "odd", "dil"), (F16, "L2_5x3", "s1"), (F16, "tiny", "s2")])
 def test_cuda_against_float64(dtype, shape, conv):
+    shape, conv = SHAPES[shape], CONVS[conv]
     x, S1s, U1s, b = factors(dtype=dtype, device="cuda", channels_last=True, **shape)
     ref = sketched_conv2d_reference(x.double(), S1s.double(), U1s.double(), b.double(), *conv)
     prev = torch.backends.cudnn.allow_tf32
@@ -287,7 +292,7 @@ def test_cuda_against_float64(dtype, shape, conv):
 @pytest.mark.cuda
 @cuda_only
 @pytest.mark.parametrize("r_pad,dtype", [(16, torch.bfloat16), (32, torch.bfloat16), (64, torch.bfloat16),
-                                         (128, torch.bfloat16), (256, torch.bfloat16), (32, torch.float32)])
+                                         (256, torch.bfloat16), (32, torch.float32)])
 @pytest.mark.parametrize("algo", ["direct", "rowtap"])
 def test_cuda_every_config_launches(algo, r_pad, dtype):
     """Each autotune candidate of a bucket compiles, fits the device's shared memory and computes the
@@ -298,7 +303,7 @@ def test_cuda_every_config_launches(algo, r_pad, dtype):
     x, S1s, U1s, b = factors(N=2, C_in=70, C_out=150, H=9, W=13, L=1, k=k, dtype=dtype, device="cuda",
                              channels_last=True)
     ref = sketched_conv2d_reference(x.double(), S1s.double(), U1s.double(), b.double(), 1, 1)
-    configs = tc.kernel_configs(r_pad, x.element_size(), algo, kw=3, limit=100)
+    configs = tc.kernel_configs(r_pad, x.element_size(), algo, kw=3)
     assert configs
     for c in configs:
         cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
