@@ -211,29 +211,22 @@ Tensor apply_intra_mask(Tensor a, const Causal& cz) {
   return cz.decay ? a.mul_(cz.D) : a.masked_fill_(cz.D, 0);
 }
 
-// Exclusive prefix scan of per-chunk increments with reference rescaling.
-// forward=true : out[c] = sum_{c'<c} inc[c'] * exp(R_{c'} - Rprev_c)     (S_{c-1})
-// forward=false: out[c] = sum_{c'>c} inc[c'] * exp(Rprev_{c'} - R_c)     (P_c)
-Tensor chunk_scan(const Tensor& inc, const Causal& cz, bool forward) {
+// Reverse exclusive scan of per-chunk increments (the backward's sums over later chunks):
+// out[c] = sum_{c'>c} inc[c'] * exp(Rprev_{c'} - R_c), each step rescaling the running sum, so
+// nothing is ever recovered by subtraction.
+Tensor suffix_scan(const Tensor& inc, const Causal& cz) {
   const int64_t NC = cz.NC;
   if (!cz.decay) {
-    // no shifts: plain exclusive (reverse) cumsum, built without subtracting anything
-    Tensor z = at::zeros_like(inc.narrow(2, 0, 1));
-    if (forward) {
-      return at::cat({z, at::cumsum(inc.narrow(2, 0, NC - 1), 2)}, 2);
-    }
     Tensor rev = at::cumsum(inc.narrow(2, 1, NC - 1).flip({2}), 2).flip({2});
-    return at::cat({rev, z}, 2);
+    return at::cat({rev, at::zeros_like(inc.narrow(2, 0, 1))}, 2);
   }
   Tensor out = at::empty_like(inc);
-  Tensor S = at::zeros_like(inc.select(2, 0));
+  Tensor P = at::zeros_like(inc.select(2, 0));
   // chunk c moves the reference from Rprev_c to R_c (ratio exp(Rprev_c - R_c) <= 1)
   Tensor ratio = (cz.Rprev - cz.Rc).exp_().unsqueeze(-1).unsqueeze(-1);  // (B,H,NC,1,1)
-  for (int64_t i = 0; i < NC; ++i) {
-    const int64_t c = forward ? i : NC - 1 - i;
-    out.select(2, c).copy_(S);
-    // forward: S_c = S_{c-1} r_c + dS_c;  reverse: P_{c-1} = P_c r_c + dP_c
-    S = S.mul(ratio.select(2, c)).add_(inc.select(2, c));
+  for (int64_t c = NC - 1; c >= 0; --c) {
+    out.select(2, c).copy_(P);
+    P.mul_(ratio.select(2, c)).add_(inc.select(2, c));  // P_{c-1} = P_c r_c + dP_c
   }
   return out;
 }
@@ -269,18 +262,34 @@ Causal causal_prepare(const Tensor& phiq, const Tensor& phik, const Tensor& vp, 
   return cz;
 }
 
-// numerator|denominator (B,H,L,dv+1); fills cz.states
-Tensor causal_forward(Causal& cz) {
-  Tensor outp = at::matmul(cz.A, cz.vc);
-  if (cz.NC > 1) {
-    Tensor dS = at::matmul(cz.kd.transpose(-2, -1), cz.vc);  // per-chunk K'^T [V|1]
-    cz.states = chunk_scan(dS, cz, /*forward=*/true);
-    Tensor inter = at::matmul(cz.qc, cz.states);
-    if (cz.decay) inter.mul_(cz.facq);
-    outp.add_(inter);
+// numerator|denominator (B,H,L,dv+1). The inter-chunk state S (B,H,m,dv+1) is streamed chunk
+// by chunk (four in-place batched GEMM/elementwise ops per chunk, no O(L·m·dv) intermediate);
+// keep_states also records S_{c-1} per chunk in cz.states for the backward.
+Tensor causal_forward(Causal& cz, bool keep_states) {
+  Tensor outp = at::matmul(cz.A, cz.vc);  // intra-chunk part, (B,H,NC,C,dv+1)
+  const int64_t B = outp.size(0), H = outp.size(1), NC = cz.NC, C = cz.C;
+  const int64_t m = cz.qc.size(-1), dv1 = cz.vc.size(-1);
+  if (NC > 1) {
+    Tensor S = at::zeros({B * H, m, dv1}, outp.options());
+    Tensor inter = at::empty({B * H, C, dv1}, outp.options());
+    if (keep_states) cz.states = at::empty({B, H, NC, m, dv1}, outp.options());
+    // chunk c moves the state's reference from Rprev_c to R_c (ratio exp(Rprev_c - R_c) <= 1)
+    Tensor ratio = cz.decay ? (cz.Rprev - cz.Rc).exp_().reshape({B * H, NC, 1, 1}) : Tensor();
+    auto chunk = [&](const Tensor& t, int64_t c) { return t.select(2, c).reshape({B * H, C, t.size(-1)}); };
+    for (int64_t c = 0; c < NC; ++c) {
+      if (keep_states) cz.states.select(2, c).copy_(S.view({B, H, m, dv1}));
+      if (c > 0) {
+        at::bmm_out(inter, chunk(cz.qc, c), S);
+        if (cz.decay) inter.mul_(chunk(cz.facq, c));
+        outp.select(2, c).add_(inter.view({B, H, C, dv1}));
+      }
+      if (c + 1 < NC) {
+        if (cz.decay) S.mul_(ratio.select(1, c));
+        S.baddbmm_(chunk(cz.kd, c).transpose(1, 2), chunk(cz.vc, c));
+      }
+    }
   }
-  const int64_t B = outp.size(0), H = outp.size(1);
-  return outp.reshape({B, H, cz.NC * cz.C, outp.size(-1)}).narrow(2, 0, cz.L);
+  return outp.reshape({B, H, NC * C, dv1}).narrow(2, 0, cz.L);
 }
 
 // Given G = dL/d[num|den] per query (B,H,L,dv+1): gradients w.r.t. phi_q, phi_k, [v|1].
@@ -296,7 +305,7 @@ std::tuple<Tensor, Tensor, Tensor> causal_backward(const Causal& cz, const Tenso
     dq.add_(dqi);
     Tensor qd = cz.decay ? cz.qc * cz.facq : cz.qc;
     Tensor dP = at::matmul(qd.transpose(-2, -1), Gc);  // per-chunk phi_q^T G
-    Tensor P = chunk_scan(dP, cz, /*forward=*/false);   // sums over later chunks
+    Tensor P = suffix_scan(dP, cz);  // sums over later chunks
     Tensor dki = at::matmul(cz.vc, P.transpose(-2, -1));
     if (cz.decay) dki.mul_(cz.ek);
     dk.add_(dki);
@@ -321,7 +330,8 @@ struct Pass {
 };
 
 Pass forward_pass(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& projection, Kernel kern,
-                  bool causal, std::optional<double> scale, const std::optional<Tensor>& key_padding_mask) {
+                  bool causal, std::optional<double> scale, const std::optional<Tensor>& key_padding_mask,
+                  bool for_backward) {
   Pass p;
   const auto ct = compute_type(q);
   p.W = projection.to(ct);
@@ -331,7 +341,7 @@ Pass forward_pass(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   p.vp = append_ones(v.to(ct));
   if (causal) {
     p.cz = causal_prepare(p.fq.phi, p.fk.phi, p.vp, p.fk.M);
-    p.outp = causal_forward(p.cz);
+    p.outp = causal_forward(p.cz, /*keep_states=*/for_backward);
   } else {
     p.kv = at::matmul(p.fk.phi.transpose(-2, -1), p.vp);
     p.outp = at::matmul(p.fq.phi, p.kv);
@@ -346,7 +356,8 @@ Tensor rf_attention_impl(const Tensor& q, const Tensor& k, const Tensor& v, cons
   check_inputs(q, k, v, projection, causal, scale, key_padding_mask);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), S = k.size(2), dv = v.size(3);
   if (B * H * Lq * dv == 0 || S == 0) return at::zeros({B, H, Lq, dv}, q.options());
-  const Pass p = forward_pass(q, k, v, projection, kern, causal, scale, key_padding_mask);
+  const Pass p = forward_pass(q, k, v, projection, kern, causal, scale, key_padding_mask,
+                              /*for_backward=*/false);
   Tensor out = p.outp.narrow(-1, 0, dv) * safe_inverse(p.outp.narrow(-1, dv, 1));
   return out.to(q.scalar_type()).contiguous();
 }
@@ -368,7 +379,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rf_attention_backward_impl(
   }
   // recompute features and the forward (den and the chunk states are needed; nothing O(L m)
   // is saved by the forward)
-  const Pass p = forward_pass(q, k, v, projection, kern, causal, scale, key_padding_mask);
+  const Pass p = forward_pass(q, k, v, projection, kern, causal, scale, key_padding_mask,
+                              /*for_backward=*/true);
   const Tensor &W = p.W, &vp = p.vp, &kv = p.kv, &outp = p.outp;
   const Features &fq = p.fq, &fk = p.fk;
   const Causal& cz = p.cz;

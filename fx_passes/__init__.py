@@ -22,11 +22,13 @@ from typing import Optional
 
 import torch
 
+from panther._progress import progress
 from panther.policy import Policy, decide, resolve_policy, sketched_cost
 from panther.report import GraphDiffReport, ReportRow
 
 from . import sketch_conv2d, sketch_linear, sketch_mha, sketch_sdpa
 from .common import FactorCache, PassContext, factor_cache
+from .graph_view import graph_view, mark_layers
 
 __all__ = ["run_passes", "PASSES", "factor_cache", "TRAINING_REASON"]
 
@@ -54,8 +56,10 @@ def run_passes(
     grad_enabled = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
     ctx = PassContext(gm, example_inputs, grad_enabled=grad_enabled, cache=cache or factor_cache)
     policy_fn = resolve_policy(policy)
+    view = graph_view(gm, lambda n: ctx.weight(n)[1])  # before any rewrite: the graph the report describes
     changed = False
-    for node in list(gm.graph.nodes):
+    # factorising the weights of many / large layers takes seconds: a bar on a terminal once past 1 s
+    for node in progress(list(gm.graph.nodes), desc="panther: sketching graph", unit="node", delay=1.0):
         if node.graph is not gm.graph or node.op != "call_function":
             continue  # already erased by an earlier rewrite
         for p in PASSES:
@@ -68,7 +72,8 @@ def run_passes(
         gm.graph.lint()
         gm.recompile()
     rows = [row for _, row in sorted(ctx.rows, key=lambda t: t[0])]
-    return GraphDiffReport(rows=rows, source="compile", graph_id=_graph_id(gm))
+    mark_layers(view, ctx.row_nodes)
+    return GraphDiffReport(rows=rows, source="compile", graph_id=_graph_id(gm), graph=view)
 
 
 def _graph_id(gm):

@@ -238,6 +238,7 @@ class PassContext:
             self.real = dict(zip(placeholders, example_inputs))
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.rows: List[Tuple[int, ReportRow]] = []
+        self.row_nodes: List[Tuple[str, str]] = []
         self._used_names = set(dict(gm.named_buffers()).keys()) | set(dict(gm.named_parameters()).keys())
         self._nx: Optional[nx.DiGraph] = None
         self._names_taken: Dict[str, int] = {}
@@ -365,6 +366,7 @@ class PassContext:
     # -- report --------------------------------------------------------------------------------------
     def record(self, cand: Candidate, row: ReportRow):
         self.rows.append((self.order.get(cand.node, len(self.order)), row))
+        self.row_nodes.append((cand.node.name, row.name))  # for the report's picture (graph_view)
 
 
 def _is_shape_only(n: fx.Node) -> bool:

@@ -200,6 +200,8 @@ if triton is not None:
 # (BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages), best first for the memory-bound regime.
 _CANDIDATES = (
     (128, 64, 128, 8, 4),
+    (32, 128, 128, 4, 4),  # twice the programs of BLOCK_M=64: fuller waves, more bytes in flight
+    (32, 256, 128, 4, 3),
     (64, 128, 128, 4, 4),
     (128, 128, 64, 8, 3),
     (64, 64, 256, 8, 3),
@@ -216,7 +218,7 @@ _CANDIDATES = (
     (64, 32, 32, 4, 2),
     (32, 32, 32, 4, 2),
 )
-_MAX_CONFIGS = 8
+_MAX_CONFIGS = 10
 
 
 def smem_bytes(block_m, block_k, block_n, num_stages, h_pad, elem_size):

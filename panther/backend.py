@@ -14,21 +14,8 @@ What one backend call does, for each graph Dynamo captures:
    the ``"panther"`` logger);
 3. compile the graph: Inductor with panther's decompositions (default), or ``aot_eager`` / ``eager``.
 
-Options (``torch.compile(..., options={...})``; see docs/compile.md):
-
-=================  ============================================================  ====================
-key                meaning                                                       default
-=================  ============================================================  ====================
-``policy``         None (default policy), callable LayerInfo -> SketchSpec|None,  None
-                   or dict of fnmatch patterns -> SketchSpec | "skip"
-``overrides``      dict name/kind pattern -> SketchSpec | "skip", consulted first  {}
-``report``         callable receiving each GraphDiffReport                       None
-``compiler``       "inductor", "aot_eager" or "eager" (no AOT: fastest, tests)    "inductor"
-``mode``           Inductor mode ("default", "reduce-overhead", "max-autotune",  None
-                   "max-autotune-no-cudagraphs")
-``inductor_config`` dict of Inductor config patches (compile_fx config_patches)   {}
-``decompose``      use panther's Inductor decompositions of its ops              True
-=================  ============================================================  ====================
+The options (``torch.compile(..., options={...})``) are documented on :func:`panther_backend`; their
+keys are :data:`OPTIONS`.
 """
 from __future__ import annotations
 
@@ -39,8 +26,11 @@ __all__ = ["panther_backend", "OPTIONS", "COMPILERS"]
 
 log = logging.getLogger("panther")
 
+#: The accepted values of ``options["compiler"]``, i.e. what compiles the graph after panther's rewrite.
 COMPILERS = ("inductor", "aot_eager", "eager")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: The keys ``options=`` accepts (any other raises ``ValueError``); each is described on
+#: :func:`panther_backend`.
 OPTIONS = ("policy", "overrides", "report", "compiler", "mode", "inductor_config", "decompose")
 
 
@@ -84,7 +74,64 @@ def _check_options(options, mode):
 
 
 def panther_backend(gm, example_inputs, *, options=None, mode=None):
-    """Dynamo backend: sketch the graph as the policy says, report, then compile (Inductor by default)."""
+    """Dynamo backend: sketch the graph as the policy says, report, then compile (Inductor by default).
+
+    Not called directly: ``torch.compile(model, backend="panther", options={...})`` calls it once per
+    graph Dynamo captures (graph breaks, recompiles and DDP's bucket splits each give a separate call and
+    a separate report). From a source checkout that is not pip-installed, pass the function itself:
+    ``torch.compile(model, backend=panther.backend.panther_backend)``.
+
+    Options (every key is optional; the allowed keys are :data:`OPTIONS`):
+
+    ``policy`` (default ``None``)
+        Which layers to sketch and how: ``None`` (the default policy, which sketches a layer where that at
+        least halves its FLOPs), a callable ``LayerInfo -> SketchSpec | None`` (for example an
+        :class:`panther.budget.ErrorBudgetPolicy`), or a dict of fnmatch patterns on layer name or kind
+        -> ``SketchSpec`` | ``"skip"`` | ``"default"`` (see :mod:`panther.policy`).
+    ``overrides`` (default ``None``)
+        Dict of name/kind patterns -> ``SketchSpec`` | ``"skip"``, consulted before ``policy``
+        (per-layer exceptions to any policy).
+    ``report`` (default ``None``)
+        Callable receiving each graph's :class:`~panther.report.GraphDiffReport`. The report is also
+        kept as :func:`panther.last_report` and logged at INFO on the ``"panther"`` logger.
+    ``compiler`` (default ``"inductor"``)
+        What compiles the rewritten graph (:data:`COMPILERS`): ``"inductor"`` (with panther's
+        decompositions), ``"aot_eager"`` (AOTAutograd without code generation; quick, for tests) or
+        ``"eager"`` (run the rewritten graph as it is).
+    ``mode`` (default ``None``)
+        Inductor mode: ``"default"``, ``"reduce-overhead"``, ``"max-autotune"`` or
+        ``"max-autotune-no-cudagraphs"``. ``torch.compile(mode=...)`` reaches the backend as the ``mode``
+        argument when no ``options`` are given (``torch.compile`` refuses both); two different modes are
+        an error. Only with ``compiler="inductor"``.
+    ``inductor_config`` (default ``None``)
+        Dict of Inductor config patches for this compile only (``compile_fx``'s ``config_patches``).
+        Only with ``compiler="inductor"``.
+    ``decompose`` (default ``True``)
+        Inductor only. Give Inductor panther's decompositions of its ops (the sketched linear as
+        ``mm``/``addmm`` calls, the sketched conv as a convolution plus a channel-mix GEMM) so that it
+        fuses bias, activations and residual adds around them, and run CUDA attention through the fused
+        Triton kernels (``inductor_ext.kernel_routing``), which Inductor inlines. ``False`` keeps the ops
+        opaque (their C++ kernels).
+
+    Weight-bearing rewrites (linear, conv2d) happen only with grad disabled; with grad enabled those
+    layers stay dense with the reason ``"training: use panther.convert"``. Attention rewrites are applied
+    in both modes.
+
+    Args:
+        gm: the ``torch.fx.GraphModule`` Dynamo captured (rewritten in place).
+        example_inputs: its example inputs (the real parameters among them).
+        options: the options above (``None``: all defaults).
+        mode: the ``torch.compile`` mode, when given there instead of in ``options``.
+
+    Returns:
+        The compiled callable for ``gm``.
+
+    Raises:
+        ValueError: an unknown option key, an unknown ``compiler`` or ``mode``, ``mode`` given twice with
+            different values, or ``mode``/``inductor_config`` with a compiler other than Inductor.
+        TypeError: an option of the wrong type (``policy`` not None/callable/dict, ``overrides`` or
+            ``inductor_config`` not a dict, ``report`` not callable, ``decompose`` not a bool).
+    """
     opts = _check_options(options, mode)
 
     import torch
@@ -119,6 +166,9 @@ def _compile(gm, example_inputs, opts):
     decompositions = None
     if opts["decompose"]:
         from inductor_ext import inductor_decompositions
+        from inductor_ext.kernel_routing import use_triton_kernels
+
+        use_triton_kernels(gm)  # CUDA attention -> the fused Triton op, which Inductor inlines
 
         # Inductor-scoped: {**select_decomp_table(), **panther's}, pickled by a stable key so that
         # Inductor's FX graph cache still works.

@@ -14,7 +14,8 @@ from tabulate import tabulate
 from .nn import SKConv2d, SKLinear
 from .ops.linear import concat_factors
 
-__all__ = ["time_fn", "bench_linear", "per_term_bmm"]
+__all__ = ["time_fn", "bench_linear", "bench_conv2d", "bench_attention", "per_term_bmm", "sweep", "sweep_table",
+           "plot_sweep", "DEFAULT_SWEEPS"]
 
 
 def time_fn(fn, *, repeats=20, warmup=3, device="cpu"):
@@ -58,7 +59,11 @@ def _copy_bandwidth(device, dtype, numel, repeats):
 @torch.no_grad()
 def bench_linear(in_features=4096, out_features=4096, batch=2048, num_terms=1, low_rank=16, *, device="cpu",
                  dtype=torch.float32, repeats=20, backward=False):
-    """Time the four ways of computing one layer; returns (rows, headers) for tabulate."""
+    """Time the four ways of computing one layer; returns (rows, headers) for tabulate.
+
+    Dense ``nn.Linear``, the public library's per-term ``bmm``, the two-GEMM torch reference and panther's
+    ``SKLinear``, each timed with :func:`time_fn` on the same input (plus the memory floor on CUDA).
+    """
     torch.manual_seed(0)
     dense = torch.nn.Linear(in_features, out_features, device=device, dtype=dtype)
     layer = SKLinear(in_features, out_features, num_terms, low_rank, device=device, dtype=dtype, seed=0)
@@ -194,6 +199,271 @@ def reuse_freed_memory():
         return False
 
 
+# ------------------------------------------------------------------------------------------------------
+# size sweeps with a picture (`--plot`): dense vs sketched, speed and memory against size, one run
+
+#: default sizes of each sweep, (CPU, CUDA); what a size means is in SWEEP_AXIS
+DEFAULT_SWEEPS = {
+    "linear": ((512, 1024, 2048, 4096), (1024, 2048, 4096, 8192, 16384)),
+    "conv2d": ((64, 128, 256, 512), (128, 256, 512, 1024)),
+    "attention": ((256, 512, 1024, 2048, 4096), (1024, 4096, 16384, 65536)),
+}
+SWEEP_AXIS = {"linear": "in_features = out_features", "conv2d": "channels (in = out)",
+              "attention": "sequence length"}
+
+
+def _nbytes(*tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _linear_case(size, *, device, dtype, batch, num_terms, low_rank):
+    dense = torch.nn.Linear(size, size, device=device, dtype=dtype)
+    layer = SKLinear(size, size, num_terms, low_rank, device=device, dtype=dtype, seed=0)
+    x = torch.randn(batch, size, device=device, dtype=dtype)
+    out = batch * size * x.element_size()
+    return {
+        "nn.Linear (dense)": (lambda: dense(x), _nbytes(x, *dense.parameters()), out),
+        f"panther SKLinear (L={num_terms}, k={low_rank})": (lambda: layer(x), _nbytes(x, *layer.parameters(),
+                                                                                        *layer.buffers()), out),
+    }
+
+
+def _conv2d_case(size, *, device, dtype, batch, num_terms, low_rank, spatial=None, kernel_size=3):
+    spatial = spatial or (56 if torch.device(device).type == "cuda" else 28)
+    fmt = torch.channels_last
+    dense = torch.nn.Conv2d(size, size, kernel_size, padding=kernel_size // 2, device=device, dtype=dtype)
+    layer = SKConv2d.from_conv2d(dense, num_terms, low_rank, seed=0).to(memory_format=fmt)
+    dense = dense.to(memory_format=fmt)
+    x = torch.randn(batch, size, spatial, spatial, device=device, dtype=dtype).to(memory_format=fmt)
+    out = x.numel() * x.element_size()
+    return {
+        "nn.Conv2d (dense)": (lambda: dense(x), _nbytes(x, *dense.parameters()), out),
+        f"panther SKConv2d (L={num_terms}, k={low_rank})": (lambda: layer(x), _nbytes(x, *layer.parameters(),
+                                                                                        *layer.buffers()), out),
+    }
+
+
+def _attention_case(size, *, device, dtype, batch, heads=16, head_dim=64, num_features=256, causal=False):
+    from .sketch import orthogonal_random_features
+
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, size, head_dim, device=device, dtype=dtype, generator=g) * 0.35
+               for _ in range(3))
+    proj = orthogonal_random_features(num_features, head_dim, device=device, dtype=dtype)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    out = q.numel() * q.element_size()
+    return {
+        "SDPA (exact)": (lambda: sdpa(q, k, v, is_causal=causal), _nbytes(q, k, v), out),
+        f"panther rf_attention (m={num_features})": (
+            lambda: torch.ops.panther.rf_attention(q, k, v, proj, "softmax", causal, None, None),
+            _nbytes(q, k, v, proj), out),
+    }
+
+
+_SWEEP_CASES = {"linear": _linear_case, "conv2d": _conv2d_case, "attention": _attention_case}
+
+
+class _ResidentPeak:
+    """Peak resident memory of this process above its level before a call (Linux only).
+
+    ``malloc_trim`` first hands freed heap pages back to the OS, so memory an earlier call left cached is
+    not silently reused uncounted; writing ``5`` to ``/proc/self/clear_refs`` resets the kernel's
+    high-water mark ``VmHWM`` to the current ``VmRSS``. Checked against the output size of plain matmuls
+    (exact to the page). ``available`` is False where either is missing (macOS, Windows, locked /proc).
+    """
+
+    def __init__(self):
+        self._trim = None
+        try:
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            self._trim = libc.malloc_trim
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.available = self._read("VmHWM") is not None
+        except (OSError, AttributeError):
+            self.available = False
+
+    @staticmethod
+    def _read(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+        return None
+
+    def __call__(self, fn):
+        self._trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = self._read("VmRSS")
+        out = fn()  # kept alive until the peak is read: the output is part of the call's memory
+        peak = self._read("VmHWM")
+        del out
+        return max(peak - before, 0)
+
+
+def _cuda_peak(fn, device):
+    """Peak bytes the CUDA caching allocator handed out during ``fn()`` above what was allocated before."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del out
+    return peak - before
+
+
+def memory_method(device) -> str:
+    """How :func:`sweep` gets memory on ``device``: ``"cuda"``, ``"resident"`` (Linux CPU) or ``"estimate"``."""
+    if torch.device(device).type == "cuda":
+        return "cuda"
+    return "resident" if _ResidentPeak().available else "estimate"
+
+
+MEMORY_LABELS = {
+    "cuda": "measured: parameters + inputs + peak the CUDA allocator gave the call "
+            "(torch.cuda.max_memory_allocated)",
+    "resident": "measured: parameters + inputs + peak resident memory the call added (Linux VmHWM)",
+    "estimate": "estimated: parameters + inputs + output bytes (intermediates not counted)",
+}
+
+
+@torch.no_grad()
+def sweep(what, sizes=None, *, device="cpu", dtype=torch.float32, repeats=5, batch=None, num_terms=1,
+          low_rank=16, causal=False, progress=None):
+    """Dense vs sketched forward time and memory for each size, measured in one run.
+
+    Args:
+        what: ``"linear"`` (size = in = out features), ``"conv2d"`` (size = in = out channels, 3x3,
+            28x28 images on CPU / 56x56 on CUDA) or ``"attention"`` (size = sequence length; 16 heads of
+            64, 256 random features).
+        sizes: the sizes (default :data:`DEFAULT_SWEEPS`, per device).
+        batch: rows (linear; default 2048 CPU / 16384 CUDA), images (conv2d; 4 / 32) or sequences
+            (attention; 1).
+        num_terms, low_rank: the sketched layers' ``L`` and ``k``; ``causal``: attention only.
+        progress: a bar over the sizes (see :func:`panther._progress.progress`).
+
+    Memory per implementation and size is the bytes of its parameters, buffers and inputs plus the
+    extra peak of one call (output included), measured as :func:`memory_method` says: the CUDA
+    allocator's peak; on Linux CPUs the resident-set high-water mark; elsewhere an estimate (output
+    bytes only). Returns a dict: ``rows`` (one dict per size and implementation: size, impl, ms,
+    mem_bytes), ``impls``, ``memory`` (the method) and ``config``.
+    """
+    from ._progress import progress as _progress
+
+    if what not in _SWEEP_CASES:
+        raise ValueError(f"what must be one of {tuple(_SWEEP_CASES)}, got {what!r}")
+    cuda = torch.device(device).type == "cuda"
+    sizes = tuple(sizes or DEFAULT_SWEEPS[what][cuda])
+    if not sizes or any(not isinstance(s, int) or s <= 0 for s in sizes):
+        raise ValueError(f"sizes must be positive integers, got {sizes!r}")
+    if batch is None:
+        batch = {"linear": 16384 if cuda else 2048, "conv2d": 32 if cuda else 4, "attention": 1}[what]
+    cfg = {"batch": batch}
+    if what == "attention":
+        cfg["causal"] = causal
+    else:
+        cfg.update(num_terms=num_terms, low_rank=low_rank)
+    method = memory_method(device)
+    resident = _ResidentPeak() if method == "resident" else None
+    rows, impls = [], []
+    for size in _progress(sizes, desc=f"panther bench {what}", enabled=progress, unit="size"):
+        with torch.random.fork_rng(devices=[_cuda_index(device)] if cuda else []):  # same draws, RNG untouched
+            torch.manual_seed(0)
+            cases = _SWEEP_CASES[what](size, device=device, dtype=dtype, **cfg)
+        for name, (fn, static, out_bytes) in cases.items():
+            ms = time_fn(fn, repeats=repeats, warmup=2, device=device)
+            if method == "cuda":
+                extra = _cuda_peak(fn, device)
+            elif method == "resident":
+                extra = resident(fn)
+            else:
+                extra = out_bytes
+            rows.append({"size": size, "impl": name, "ms": ms, "mem_bytes": static + extra})
+            if name not in impls:
+                impls.append(name)
+        del cases
+        if cuda:
+            torch.cuda.empty_cache()
+    return {"what": what, "rows": rows, "impls": impls, "memory": method, "config": cfg, "device": str(device),
+            "dtype": dtype}
+
+
+def _cuda_index(device):
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
+def sweep_table(result):
+    """(rows, headers) for tabulate: one line per size, dense and sketched side by side."""
+    dense, ours = result["impls"][0], result["impls"][-1]
+    by = {(r["size"], r["impl"]): r for r in result["rows"]}
+    sizes = list(dict.fromkeys(r["size"] for r in result["rows"]))
+    mib = 2.0 ** 20
+    out = []
+    for s in sizes:
+        d, o = by[(s, dense)], by[(s, ours)]
+        out.append([s, f"{d['ms']:.3f}", f"{o['ms']:.3f}", f"{d['ms'] / o['ms']:.2f}x",
+                    f"{d['mem_bytes'] / mib:.1f}", f"{o['mem_bytes'] / mib:.1f}",
+                    f"{d['mem_bytes'] / o['mem_bytes']:.2f}x"])
+    headers = [SWEEP_AXIS[result["what"]], f"{dense} ms", f"{ours} ms", "speed-up",
+               "dense MiB", "sketched MiB", "memory ratio"]
+    return out, headers
+
+
+def _device_name(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def plot_sweep(result, path, *, dpi=100):
+    """Draw a :func:`sweep` result to ``path`` (PNG, SVG, PDF... from the suffix): time (ms, log scale)
+    against size on the left, memory against size on the right; returns the path.
+
+    Needs matplotlib (``pip install 'panther[plot]'``)."""
+    from ._plot import new_figure, save_figure
+
+    what, impls = result["what"], result["impls"]
+    fig = new_figure((12, 5), dpi=dpi)
+    ax_t, ax_m = fig.subplots(1, 2)
+    styles = [dict(color="#555555", marker="o", linestyle="--"), dict(color="#1f77b4", marker="s")]
+    for i, name in enumerate(impls):
+        pts = [r for r in result["rows"] if r["impl"] == name]
+        xs = [r["size"] for r in pts]
+        style = styles[min(i, len(styles) - 1)]
+        ax_t.plot(xs, [r["ms"] for r in pts], label=name, **style)
+        ax_m.plot(xs, [r["mem_bytes"] / 2 ** 20 for r in pts], label=name, **style)
+    for ax in (ax_t, ax_m):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["size"] for r in result["rows"]}))
+        ax.set_xticklabels([str(s) for s in sorted({r["size"] for r in result["rows"]})])
+        ax.set_xlabel(SWEEP_AXIS[what])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    for ax in (ax_t, ax_m):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax_t.set_ylabel("forward time per call (ms, median, log scale)")
+    ax_t.set_title("speed", fontsize=10)
+    ax_m.set_ylabel("peak memory (MiB, log scale)")
+    ax_m.set_title("memory — " + MEMORY_LABELS[result["memory"]].replace(": ", ":\n", 1), fontsize=8)
+    dtype = str(result["dtype"]).replace("torch.", "")
+    cfg = ", ".join(f"{k}={v}" for k, v in result["config"].items())
+    fig.suptitle(f"panther {what}: dense vs sketched — {_device_name(result['device'])}, {dtype} ({cfg})",
+                 fontsize=11)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.82, wspace=0.25)
+    return save_figure(fig, path)
+
+
 def _with_backward(fn, x, dense, layer):
     def step():
         with torch.enable_grad():
@@ -219,12 +489,34 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--num-terms", type=int, default=1)
     p.add_argument("--low-rank", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 20; 5 with --plot)")
     p.add_argument("--backward", action="store_true", help="time forward+backward")
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="CPU: keep glibc's default of returning large freed blocks to the OS")
+    p.add_argument("--plot", metavar="FILE", default=None,
+                   help="linear/conv2d/attention: sweep over sizes, dense vs sketched, and draw time and memory "
+                        "against size to FILE (.png, .svg, .pdf; needs matplotlib: pip install 'panther[plot]')")
+    p.add_argument("--sizes", default=None, type=_int_list,
+                   help="with --plot: comma-separated sizes to sweep (linear: features, conv2d: channels, "
+                        "attention: sequence length), e.g. --sizes 64,128; default: a sweep per device")
     a = p.parse_args(argv)
+    if a.sizes is not None and a.plot is None:
+        p.error("--sizes needs --plot FILE")
+    if a.plot is not None:
+        if a.what == "causal-scaling":
+            p.error("--plot supports linear, conv2d and attention")
+        given = [f for f in ("seq", "in_features", "out_features") if getattr(a, f) is not None]
+        if given or a.backward:
+            p.error(f"--plot sweeps forward calls over --sizes; it does not take {given or ['--backward']}")
+        if a.device == "cuda" and not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device available")
+        from ._plot import require_matplotlib
+
+        require_matplotlib()  # fail before the sweep, not after it
     tuned = a.device == "cpu" and not a.no_malloc_tuning and reuse_freed_memory()
+    if a.plot is not None:
+        return _plot_main(a, tuned)
+    a.repeats = a.repeats or 20
     cuda = a.device == "cuda"
     d = 8192 if cuda else 4096
     dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
@@ -251,3 +543,31 @@ def main(argv=None):
     print(tabulate(rows, headers=headers))
     if tuned:
         print("(glibc set to reuse freed memory, see panther.bench.reuse_freed_memory; --no-malloc-tuning to skip)")
+
+
+def _int_list(text):
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(v <= 0 for v in sizes):
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, e.g. 64,128; got {text!r}")
+    return sizes
+
+
+def _plot_main(a, tuned):
+    cuda = a.device == "cuda"
+    dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
+    result = sweep(a.what, a.sizes, device=a.device, dtype=dtype, repeats=a.repeats or 5, batch=a.batch,
+                   num_terms=a.num_terms, low_rank=a.low_rank, causal=a.causal)
+    rows, headers = sweep_table(result)
+    cfg = ", ".join(f"{k}={v}" for k, v in result["config"].items())
+    print(f"sketched {a.what} forward sweep: {cfg}, {dtype}, {_device_name(a.device)}, torch {torch.__version__}")
+    print(tabulate(rows, headers=headers))
+    print(f"memory {MEMORY_LABELS[result['memory']]}")
+    if tuned:
+        print("(glibc set to reuse freed memory, see panther.bench.reuse_freed_memory; --no-malloc-tuning to skip)")
+    print(f"figure written to {plot_sweep(result, a.plot)}")
+    return 0

@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import sys
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
@@ -38,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._progress import progress as _progress
 from .conversion import is_conv1d
 from .policy import LayerInfo, SketchSpec, _dims, sketched_cost
 
@@ -88,45 +86,6 @@ class LayerChoice:
 # calibration
 
 
-class _Progress:
-    """A one-line progress indicator on stderr when it is a terminal (tqdm when installed); silent in CI,
-    in pipes and under pytest's capture."""
-
-    def __init__(self, total, enabled, desc="panther calibration"):
-        if enabled is None:
-            enabled = sys.stderr.isatty() and not os.environ.get("CI")
-        self.enabled, self.total, self.n, self.desc = enabled, total, 0, desc
-        self._bar, self._t0, self._last = None, time.monotonic(), 0.0
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self._bar = tqdm(total=total, desc=desc, leave=False)
-
-    def update(self, n=1):
-        self.n += n
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.update(n)
-            return
-        now = time.monotonic()
-        if now - self._last >= 0.2 or self.n == self.total:
-            self._last = now
-            of = f"/{self.total}" if self.total else ""
-            sys.stderr.write(f"\r{self.desc}: batch {self.n}{of} ({now - self._t0:.1f}s)")
-            sys.stderr.flush()
-
-    def close(self):
-        if self._bar is not None:
-            self._bar.close()
-        elif self.enabled and self.n:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def _call(model, batch):
     if isinstance(batch, dict):
         return model(**batch)
@@ -173,7 +132,8 @@ def collect_stats(model: nn.Module, calibration, *, progress=None) -> Dict[str, 
     batches = None
     if not callable(calibration) or isinstance(calibration, nn.Module):
         batches = [calibration] if isinstance(calibration, (torch.Tensor, dict)) else calibration
-    bar = _Progress(len(batches) if hasattr(batches, "__len__") else None, progress)
+    bar = _progress(total=len(batches) if hasattr(batches, "__len__") else None, desc="panther calibration",
+                    enabled=progress, unit="batch")
     try:
         model.eval()
         if batches is None:
@@ -267,12 +227,18 @@ class ErrorBudgetPolicy:
             overfits them (a layer fed 16 pooled vectors of width 256 gets a rank-3 map that is exact on
             those 16 and poor on the next); layers with fewer than ``min_rows_per_dim * d_in`` calibration
             rows fall back to plain ``"svd"`` (default 4).
-        progress: None (a progress line on an interactive terminal only), True or False.
+        progress: None (a tqdm bar on an interactive terminal only; never in CI, pipes or under pytest),
+            True or False (see :func:`panther._progress.progress`).
         seed: passed on to every spec (reproducible random draws for ``init="sketch"``).
 
     Use it wherever a policy goes: ``panther.convert(model, policy)`` or
     ``torch.compile(model, backend="panther", options={"policy": policy})``. ``policy.choices`` holds a
     :class:`LayerChoice` per calibrated layer; ``policy.curve(name)`` the relative error of every rank.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: a budget outside ``(0, 1)``, an unknown ``init``, ``min_saving`` outside ``[0, 1)``,
+            ``headroom`` outside ``(0, 1]``, or calibration that runs no linear / conv2d layer.
     """
 
     def __init__(self, model: nn.Module, calibration, budget=0.05, *, init: str = "svd_act",
@@ -300,7 +266,9 @@ class ErrorBudgetPolicy:
         self._weighted: Dict[str, torch.Tensor] = {}
         self._layers = {}
         modules = dict(model.named_modules())
-        for name, st in self.stats.items():
+        # one float64 SVD per layer: seconds on large models, so a bar (shown only once it takes > 0.5 s)
+        for name, st in _progress(self.stats.items(), total=len(self.stats), desc="panther error curves",
+                                  enabled=progress, unit="layer", delay=0.5):
             m = modules[name]
             W = _weight2d(m).to(torch.float64)
             self._layers[name] = (W, st)

@@ -3,7 +3,7 @@
 ``convert(model, policy)`` replaces, in place, each ``nn.Linear`` / ``nn.Conv2d`` / ``nn.MultiheadAttention``
 the policy accepts by ``SKLinear`` / ``SKConv2d`` / ``RandMultiHeadAttention`` whose factors are built
 from the dense weights (``SketchSpec.init``: ``"sketch"`` or ``"svd"``). The new modules own real
-``nn.Parameter``s, so optimizers, ``state_dict``, ``torch.export`` and ``torch.compile`` (with
+``nn.Parameter`` objects, so optimizers, ``state_dict``, ``torch.export`` and ``torch.compile`` (with
 ``backend="panther"`` or any other) all see them.
 
 Call it **before** building the optimizer: an optimizer built earlier holds the old dense parameters and
@@ -13,6 +13,9 @@ Nothing the policy did not ask for changes: other modules, their parameters (sam
 flags and RNG-free state stay as they were. Without ``example_inputs`` nothing is run; with them, one
 forward under ``no_grad`` in eval mode records input shapes so that FLOPs (and the default policy's
 attention decisions) use real sizes; training flags are restored afterwards.
+
+When converting takes more than a second, a progress bar is shown on an interactive terminal (never in
+logs, pipes, CI or pytest; ``PANTHER_PROGRESS=0/1`` forces it off/on, see ``panther._progress``).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from .policy import LayerInfo, Policy, SketchSpec, decide, dense_attention_flops
     sketched_cost, with_overrides
 from .nn import RandMultiHeadAttention as _RandMHA
 from .nn import SKConv2d, SKLinear
+from ._progress import progress as _progress
 from .report import GraphDiffReport, ReportRow, _set_last
 
 __all__ = ["convert", "MHACompatibleRandAttention", "is_conv1d"]
@@ -271,6 +275,26 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module):
     setattr(parent, child, new)
 
 
+def _module_tree(model: nn.Module, cands, rows):
+    """The candidate layers and their parent modules as a networkx tree (parent -> child), for the
+    report's picture: node = dotted module name ("" for the model), ``label`` = class name before the
+    swap, ``layer`` = report row name on candidates."""
+    import networkx as nx
+
+    G = nx.DiGraph(kind="modules")
+    G.add_node("", label=type(model).__name__, role="module")
+    modules = dict(model.named_modules())
+    for (name, m, _), row in zip(cands, rows):
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            child, parent = ".".join(parts[:i]), ".".join(parts[:i - 1])
+            if child not in G:
+                G.add_node(child, label=type(modules.get(child, m)).__name__, role="module")
+            G.add_edge(parent, child)
+        G.nodes[name].update(label=type(m).__name__, layer=row.name)
+    return G
+
+
 def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, overrides=None):
     """Swap the layers ``policy`` selects for sketched ones, in place; return ``(model, report)``.
 
@@ -284,6 +308,14 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
 
     Build the optimizer *after* this call. ``model`` itself is returned so ``model, report =
     panther.convert(model, policy)`` reads naturally; the report is also ``panther.last_report()``.
+
+    Returns:
+        ``(model, report)``: the same ``model`` object, and a :class:`~panther.report.GraphDiffReport`
+        (``source="convert"``) with one row per candidate layer.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or is a bare layer (wrap it in a container), a
+            ``policy`` of an unsupported type, ``overrides`` not a dict.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -296,7 +328,8 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
     recorded = _record_shapes(model, cands, example_inputs) if example_inputs is not None else {}
     grad_enabled = torch.is_grad_enabled()
     rows = []
-    for name, m, kind in cands:
+    # factorising many / large layers takes seconds: a bar on a terminal once it has taken more than 1 s
+    for name, m, kind in _progress(cands, desc="panther convert", unit="layer", delay=1.0):
         info = _INFO[kind](name, m, recorded.get(id(m)), grad_enabled)
         spec, reason = decide(policy_fn, info)
         op_before = info.op
@@ -316,6 +349,6 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
         params_after, flops_after = sketched_cost(info, spec)
         rows.append(ReportRow(name, kind, op_before, op_after, True, "", info.params, params_after, info.flops,
                               flops_after, spec=spec))
-    report = GraphDiffReport(rows=rows, source="convert")
+    report = GraphDiffReport(rows=rows, source="convert", graph=_module_tree(model, cands, rows))
     _set_last(report)
     return model, report

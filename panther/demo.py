@@ -18,6 +18,10 @@ MLP). It runs in inference mode three ways, and the demo prints
 Dense weights are drawn with a decaying singular spectrum (like trained layers; random Gaussian weights have
 a flat spectrum that no low-rank method can approximate), so the error column means something.
 
+It also draws the graph diff report of part 1 (the model's FX graph with the replaced layers marked) to
+``panther-report.png`` in the current directory (``--report-png PATH`` to choose the file, ``--report-png ''``
+to skip; needs matplotlib, ``pip install 'panther[plot]'``).
+
 Options: ``--blocks N`` (default 2), ``--batch N`` (default 4), ``--repeats N`` (default 5),
 ``--policy default|attention`` (``attention`` also swaps exact attention for random features).
 """
@@ -90,6 +94,7 @@ def _decaying_spectrum_(model, generator, decay=8.0):
 
 
 def build_model(blocks=2, seed=0):
+    """The demo's :class:`DemoViT` in eval mode, its weights drawn from ``seed`` with a decaying spectrum."""
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -120,12 +125,15 @@ def _interleaved_ms(fns, x, repeats):
 
 
 def main(argv=None):
+    """``python -m panther demo [options]`` (options in the module docstring); returns the exit code."""
     ap = argparse.ArgumentParser(prog="python -m panther demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--policy", choices=("default", "attention"), default="default")
     ap.add_argument("--budget", type=float, default=0.05, help="error budget of part 4 (relative, per layer)")
+    ap.add_argument("--report-png", default="panther-report.png", metavar="PATH",
+                    help="draw part 1's graph diff report to PATH ('' to skip; needs matplotlib)")
     args = ap.parse_args(argv)
 
     import logging
@@ -164,6 +172,8 @@ def main(argv=None):
     eager_ms, ind_ms, pan_ms = ms["eager"], ms["inductor"], ms["panther"]
 
     print(reports[-1])
+    if args.report_png:
+        _write_report_picture(reports[-1], args.report_png)
     err, err_ind = _max_rel_err(y_pan, y_dense), _max_rel_err(y_ind, y_dense)
     print(f"\nmax relative output error vs dense (worst sample, L2): panther {err:.2e}   (inductor {err_ind:.1e})\n")
     rows = [
@@ -180,6 +190,17 @@ def main(argv=None):
           "so with a cold code cache it also paid for the kernels both graphs share)")
     _error_budget_part(model, x, args.budget)
     return 0
+
+
+def _write_report_picture(report, path):
+    """Draw ``report`` to ``path``; a missing matplotlib is a printed note, not a failed demo."""
+    try:
+        written = report.to_png(path)
+    except ImportError as e:
+        print(f"(report picture skipped: {e})")
+        return None
+    print(f"graph diff picture written to {os.path.abspath(written)}")
+    return written
 
 
 def _error_budget_part(model, x, budget):

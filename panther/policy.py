@@ -20,6 +20,10 @@ Per-layer overrides can also be layered on top of any policy with :func:`with_ov
 
 This module also holds the cost model (:func:`sketched_cost`): the parameter and FLOP counts of a layer
 before and after sketching, used by the default policy and by the graph diff report.
+
+The accuracy-driven policy :class:`panther.budget.ErrorBudgetPolicy` (and
+:func:`panther.budget.error_budget_policy`) can also be imported from here:
+``from panther.policy import ErrorBudgetPolicy``.
 """
 from __future__ import annotations
 
@@ -44,11 +48,12 @@ __all__ = [
     "MIN_DEFAULT_RANK",
 ]
 
+#: The layer kinds policies see (``LayerInfo.kind``) and dict policies can use as patterns.
 KINDS = ("linear", "conv2d", "attention")
 _INITS = ("sketch", "svd")
 _KERNEL_FNS = ("softmax", "relu")
-#: default_policy leaves linear/conv2d layers dense when the FLOP-halving rank is below this: a rank-1..7
-#: sketch of a tiny layer saves nothing worth its error.
+#: default_policy leaves linear/conv2d layers dense when the FLOP-halving rank is below this, since a
+#: rank-1..7 sketch of a tiny layer saves nothing worth its error.
 MIN_DEFAULT_RANK = 8
 
 
@@ -63,6 +68,12 @@ class LayerInfo:
     (``panther.convert`` without ``example_inputs``). ``extra`` holds kind-specific facts, e.g.
     ``in_features``/``out_features``, ``kernel_size``/``stride``/``groups``, ``num_heads``/``head_dim``/
     ``causal``.
+
+    ``name`` is the module path (``"blocks.0.mlp.fc1"``; a module called again appears in compile reports
+    as ``name#1``), ``kind`` one of :data:`KINDS`, ``dtype``/``device`` those of the weight, ``has_bias``
+    whether the layer adds a bias, ``grad_enabled`` the grad mode at compile/convert time (the backend
+    rewrites weight-bearing layers only without grad), ``op`` the op or module class before the rewrite
+    (``"nn.Linear"``, ``"torch._C._nn.linear"``, ...).
     """
 
     name: str
@@ -93,6 +104,11 @@ class SketchSpec:
     (sketch signs, random features) reproducible: each layer derives its own generator from ``seed`` and
     its name, so the compile backend and ``panther.convert`` draw the same numbers for the same layer.
     ``note`` is shown in the report's note column and ignored by comparisons.
+
+    Raises:
+        TypeError: a size or ``seed`` that is not an int, ``causal`` not a bool.
+        ValueError: a size ``< 1``, an unknown ``init`` or ``kernel_fn``, ``act_gram`` without
+            ``init="svd"``.
     """
 
     num_terms: Optional[int] = None
@@ -105,9 +121,9 @@ class SketchSpec:
     #: free text the graph diff report prints after the spec (e.g. the error-budget policy's predicted
     #: error and saving); not part of the spec's identity.
     note: str = field(default="", compare=False)
-    #: with ``init="svd"``: the Gram matrix ``XᵀX`` of calibration inputs (d_in × d_in; conv: of the
-    #: unfolded patches) to factorise ``W·G^{1/2}`` instead of ``W`` (see panther.sketch.factors). Set by
-    #: the error-budget policy; compared by identity.
+    #: with ``init="svd"``, the Gram matrix ``XᵀX`` of calibration inputs (d_in × d_in, or for a conv
+    #: the Gram matrix of the unfolded patches) to factorise ``W·G^{1/2}`` instead of ``W`` (see
+    #: panther.sketch.factors). Set by the error-budget policy; compared by identity.
     act_gram: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -129,9 +145,13 @@ class SketchSpec:
             raise TypeError(f"SketchSpec.seed must be an int or None, got {self.seed!r}")
 
     def replace(self, **changes) -> "SketchSpec":
+        """A copy with the given fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
 
+#: The accepted spellings of a ``policy=`` argument are ``None`` (the default policy), a callable
+#: ``LayerInfo -> SketchSpec | None``, or a dict of fnmatch patterns to ``SketchSpec`` | ``"skip"`` |
+#: ``"default"`` (see the module docstring).
 Policy = Union[None, Callable[[LayerInfo], Optional[SketchSpec]], Mapping[str, Union[SketchSpec, str]]]
 
 

@@ -2,7 +2,9 @@
 
 Both the compile backend and ``panther.convert`` produce a :class:`GraphDiffReport`; the most recent one is
 kept for :func:`last_report`. ``str(report)`` is a table (tabulate), ``report.to_markdown()`` a GitHub
-table, ``report.as_dict()`` plain dicts and numbers for asserting in tests or dumping as JSON.
+table, ``report.as_dict()`` plain dicts and numbers for asserting in tests or dumping as JSON, and
+``report.to_png(path)`` / ``report.to_svg(path)`` a picture of the graph with the replaced layers marked
+(needs matplotlib: ``pip install 'panther[plot]'``).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class ReportRow:
     est_error: Optional[float] = None
 
     def as_dict(self) -> Dict[str, Any]:
+        """The row as plain data (the spec as a dict, a calibration Gram matrix as its shape)."""
         d = dataclasses.asdict(self)
         d["spec"] = None if self.spec is None else dataclasses.asdict(self.spec)
         if d["spec"] is not None and d["spec"].get("act_gram") is not None:
@@ -63,19 +66,29 @@ def _sum(values):
 
 @dataclass
 class GraphDiffReport:
-    """Rows in graph (execution) order plus totals; ``source`` is ``"compile"`` or ``"convert"``."""
+    """Rows in graph (execution) order plus totals; ``source`` is ``"compile"`` or ``"convert"``.
+
+    ``graph`` is what :meth:`to_png` draws: a ``networkx.DiGraph`` of plain strings (no tensors or
+    modules), for compile reports the FX graph as it was *before* panther rewrote it (node ``label``,
+    ``role``, and ``layer`` = the row name on candidate nodes; see ``fx_passes.graph_view``), for
+    ``panther.convert`` reports the module tree of the candidate layers and their parent modules.
+    It is ``None`` for reports built by hand; it is left out of :meth:`as_dict`, ``==`` and ``repr``.
+    """
 
     rows: List[ReportRow] = field(default_factory=list)
     source: str = "compile"
     graph_id: Optional[str] = None
+    graph: Any = field(default=None, repr=False, compare=False)
 
     # -- queries -------------------------------------------------------------------------------------
     @property
     def replaced(self) -> List[ReportRow]:
+        """The rows of the layers that were replaced."""
         return [r for r in self.rows if r.replaced]
 
     @property
     def skipped(self) -> List[ReportRow]:
+        """The rows of the layers left alone (each with its ``reason``)."""
         return [r for r in self.rows if not r.replaced]
 
     def row(self, name: str) -> ReportRow:
@@ -137,11 +150,38 @@ class GraphDiffReport:
         return title + "\n" + tabulate(self._table_rows(), headers=self._HEADERS, tablefmt="simple")
 
     def to_markdown(self) -> str:
+        """The table of ``str(report)`` as a GitHub Markdown table (no title line)."""
         from tabulate import tabulate
 
         return tabulate(self._table_rows(), headers=self._HEADERS, tablefmt="github")
 
+    def to_png(self, path, *, dpi: int = 100, figsize=None, max_nodes: int = 80) -> str:
+        """Draw the graph this report describes to a PNG file at ``path``; return the path.
+
+        Replaced layers are green boxes labelled with their op before -> after and the FLOP and
+        parameter change; candidates left as they were are orange with the reason; every other node is
+        grey. Compile reports draw the FX graph top to bottom in topological layers, with module
+        parameters, symbolic sizes and shape-only ops (getitem, view, transpose...) left out (their edges
+        are joined through); when more than ``max_nodes`` nodes remain, only the inputs, the candidate
+        layers and the output are drawn (the title says so). ``panther.convert`` reports, which have no
+        FX graph, draw the module tree of their candidate layers, left to right.
+
+        The picture is ``figsize`` (inches, width x height; default: grown with the graph, capped at
+        24 x 32) times ``dpi`` pixels. Raises ValueError for a report without a graph (built by hand)
+        and ImportError naming ``pip install 'panther[plot]'`` when matplotlib is missing.
+        """
+        from ._report_plot import draw_report
+
+        return draw_report(self, path, "png", dpi=dpi, figsize=figsize, max_nodes=max_nodes)
+
+    def to_svg(self, path, *, figsize=None, max_nodes: int = 80) -> str:
+        """The picture of :meth:`to_png` as an SVG file (scalable: zoom into large graphs); return the path."""
+        from ._report_plot import draw_report
+
+        return draw_report(self, path, "svg", dpi=100, figsize=figsize, max_nodes=max_nodes)
+
     def as_dict(self) -> Dict[str, Any]:
+        """Plain dicts and numbers (JSON-ready): ``source``, ``graph_id``, ``rows`` and ``totals``."""
         return {
             "source": self.source,
             "graph_id": self.graph_id,

@@ -1,5 +1,6 @@
 """The benchmark harness: its reference implementations compute the same function as panther's ops,
 and every subcommand runs (tiny sizes; timings themselves are never asserted)."""
+import pytest
 import torch
 
 import panther
@@ -52,3 +53,58 @@ def test_train_bench_compare_table(tmp_path, capsys):
     compare(str(path))
     out = capsys.readouterr().out
     assert "1.90x" in out and "1.00e-03" in out and "1.20x" not in out  # speed-up only at equal batch/GPU
+
+
+# ---------------------------------------------------------------------------------------------------
+# --plot: a size sweep, dense vs sketched, drawn with matplotlib (tiny sizes, one repeat)
+
+
+def test_plot_sweep_writes_the_figure_and_prints_its_table(tmp_path, capsys):
+    image = pytest.importorskip("matplotlib.image")
+    path = tmp_path / "linear.png"
+    assert bench.main(["linear", "--plot", str(path), "--sizes", "16,32", "--batch", "4", "--low-rank", "2",
+                       "--repeats", "1", "--no-malloc-tuning"]) == 0
+    out = capsys.readouterr().out
+    table = [line.split() for line in out.splitlines() if line.split()[:1] in (["16"], ["32"])]
+    assert [row[0] for row in table] == ["16", "32"]  # one line per size, dense and sketched side by side
+    assert "nn.Linear (dense) ms" in out and "panther SKLinear (L=1, k=2) ms" in out and str(path) in out
+    pixels = image.imread(str(path))
+    assert pixels.shape[:2] == (500, 1200)  # figsize (12, 5) inches at 100 dpi
+    assert pixels[..., :3].std() > 0.01  # something was drawn
+
+
+def test_sweep_rows_and_memory():
+    result = bench.sweep("attention", [8, 16], repeats=1)
+    assert [(r["size"], r["impl"]) for r in result["rows"]] == [
+        (8, "SDPA (exact)"), (8, "panther rf_attention (m=256)"), (16, "SDPA (exact)"),
+        (16, "panther rf_attention (m=256)")]
+    q_bytes = 16 * 8 * 64 * 4  # heads * seq * head_dim * fp32, batch 1
+    for r in result["rows"]:
+        assert r["ms"] > 0 and r["mem_bytes"] >= 3 * q_bytes * r["size"] // 8  # at least q, k, v
+    assert result["memory"] in bench.MEMORY_LABELS
+
+
+def test_resident_peak_measures_an_allocation():
+    peak = bench._ResidentPeak()
+    if not peak.available:
+        pytest.skip("no /proc/self/clear_refs or malloc_trim here")
+    n = 8 << 20
+    extra = peak(lambda: torch.ones(n // 4))  # 8 MiB, touched
+    assert n <= extra < n + (1 << 20)
+    assert peak(lambda: None) < (1 << 20)
+
+
+def test_plot_errors(tmp_path, monkeypatch, capsys):
+    import sys
+
+    with pytest.raises(SystemExit):
+        bench.main(["linear", "--sizes", "16"])  # --sizes needs --plot
+    with pytest.raises(SystemExit):
+        bench.main(["causal-scaling", "--plot", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit):
+        bench.main(["linear", "--plot", str(tmp_path / "x.png"), "--sizes", "16,-2"])
+    assert "--sizes needs --plot" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'panther\[plot\]'"):
+        bench.main(["linear", "--plot", str(tmp_path / "x.png"), "--sizes", "16"])
+    assert not (tmp_path / "x.png").exists()

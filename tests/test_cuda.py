@@ -90,3 +90,32 @@ def test_rand_mha_uses_the_triton_kernels_on_cuda():
         ref = torch.ops.panther.rf_attention(q, k, v, layer.projection_matrix, "softmax", True, None, None)
         ref = torch.nn.functional.linear(ref.transpose(1, 2).reshape(2, 300, 128), layer.W0, layer.b0)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def test_backend_sdpa_rewrite_inlines_the_triton_attention_kernels():
+    """backend="panther" with Inductor on CUDA: the rewritten attention runs panther's Triton kernels,
+    inlined in the generated code (not the C++ op), and matches the same rewrite run by aot_eager
+    (which calls the C++ op with the same random features)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from panther.backend import panther_backend
+    from panther.policy import SketchSpec
+
+    class Block(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+    q, k, v = (torch.randn(2, 4, 300, 32, device="cuda") * 0.5 for _ in range(3))
+    outs, reports = {}, []
+    for compiler in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        options = {"policy": {"attention": SketchSpec(num_random_features=64, seed=1)},
+                   "report": reports.append, "compiler": compiler}
+        compiled = torch.compile(Block(), backend=panther_backend, options=options)
+        with torch.no_grad():
+            outs[compiler], code = run_and_get_code(compiled, q, k, v)
+    src = "\n".join(code)
+    assert "_causal_kernel" in src and "torch.ops.panther.rf_attention." not in src
+    assert all([r for r in rep.rows if r.kind == "attention"][0].replaced for rep in reports)
+    ref = outs["aot_eager"]
+    assert ((outs["inductor"] - ref).norm() / ref.norm()).item() < 1e-3

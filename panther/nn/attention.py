@@ -85,10 +85,13 @@ class RandMultiHeadAttention(nn.Module):
         iscausal: causal (autoregressive) attention; needs equal query and key lengths.
         SRPE: optional :class:`panther.nn.sinSRPE` relative positional encoding; queries/keys
             become ``R = SRPE.num_realizations``-dimensional and the projection is ``(m, R)``.
-        device, dtype: factory arguments (``None``: CPU, ``torch.get_default_dtype()``).
-        seed, generator: randomness of the initial weights and the random features (default:
-            torch's global RNG, so ``torch.manual_seed`` makes construction reproducible).
-            ``seed`` builds a private generator that is also used by :meth:`redraw_features`.
+        device: of the parameters and buffers (default: CPU).
+        dtype: of the parameters and buffers (default: ``torch.get_default_dtype()``).
+        seed: an int that builds a private generator for the initial weights and the random
+            features, also used by :meth:`redraw_features`.
+        generator: a ``torch.Generator`` to draw the initial weights and features from. With
+            neither, torch's global RNG is used (so ``torch.manual_seed`` makes construction
+            reproducible).
 
     Parameters ``Wq, Wk, Wv, W0`` ``(E, E)`` (Xavier-uniform, ``nn.Linear`` layout), biases
     ``bq, bk, bv, b0`` ``(E,)``; buffer ``projection_matrix`` ``(m, E/H)`` (or ``(m, R)``) of
@@ -99,6 +102,13 @@ class RandMultiHeadAttention(nn.Module):
     ``(output (B, Lq, E), None)``. ``attention_mask`` is a key-padding mask ``(B, S)`` of dtype
     bool, True = ignore that key (the ``nn.MultiheadAttention`` convention); it combines with
     ``iscausal``. A query that sees no unmasked key gets a zero attention output.
+
+    Raises:
+        TypeError: a size that is not an int, ``dropout`` not a number, ``SRPE`` not a
+            :class:`~panther.nn.sinSRPE`.
+        ValueError: a size ``<= 0``, ``embed_dim`` not divisible by ``num_heads``, ``dropout`` outside
+            ``[0, 1)``, an unknown ``kernel_fn``, ``bias``/``iscausal`` not bools, an ``SRPE`` built for
+            other head sizes.
     """
 
     def __init__(self, embed_dim, num_heads, num_random_features, dropout=0.0, bias=True,
@@ -136,11 +146,12 @@ class RandMultiHeadAttention(nn.Module):
 
     @property
     def iscausal(self):
+        """Whether the attention is causal (the constructor's ``iscausal``)."""
         return self.causal
 
     @property
     def feature_dim(self):
-        """Dimension the random features act on: head dim, or SRPE realisations."""
+        """The dimension the random features act on (the head dim, or the SRPE's realisations)."""
         return self.srpe.num_realizations if self.srpe is not None else self.head_dim
 
     def extra_repr(self):
@@ -180,6 +191,23 @@ class RandMultiHeadAttention(nn.Module):
                     f"({B}, {S}) with True = ignore that key; got {desc}")
 
     def forward(self, query, key, value, attention_mask=None):
+        """Attend from ``query`` to ``key``/``value`` (batch-first).
+
+        Args:
+            query: ``(B, Lq, E)``.
+            key: ``(B, S, E)``.
+            value: ``(B, S, E)``.
+            attention_mask: optional key-padding mask, a bool tensor ``(B, S)`` with True = ignore that
+                key; combines with ``iscausal``.
+
+        Returns:
+            ``(output, None)``: ``output`` is ``(B, Lq, E)``; random-feature attention never forms the
+            attention weights, so the second element is always ``None``.
+
+        Raises:
+            ValueError: inputs that are not ``(B, L, E)`` tensors with matching batch and key/value
+                lengths, ``Lq != S`` with ``iscausal``, or a mask of the wrong dtype or shape.
+        """
         self._check_forward(query, key, value, attention_mask)
         B, Lq, S = query.shape[0], query.shape[1], key.shape[1]
         H, dh = self.num_heads, self.head_dim
@@ -209,6 +237,22 @@ class RandMultiHeadAttention(nn.Module):
         The result is always batch-first, whatever ``mha.batch_first`` is. Separate
         ``kdim``/``vdim``, ``bias_k``/``bias_v`` and ``add_zero_attn`` have no counterpart and
         raise ``ValueError``.
+
+        Args:
+            mha: the ``nn.MultiheadAttention`` to copy (not modified).
+            num_random_features: ``m``, as in the constructor.
+            kernel_fn: ``"softmax"`` or ``"relu"``, as in the constructor.
+            iscausal: causal attention, as in the constructor.
+            seed: private generator seed, as in the constructor.
+            generator: generator to draw the random features from, as in the constructor.
+
+        Returns:
+            A new layer of this class.
+
+        Raises:
+            TypeError: ``mha`` is not an ``nn.MultiheadAttention``.
+            ValueError: an unsupported configuration (see above), or biases on only one of the input
+                and output projections.
         """
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")

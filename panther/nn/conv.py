@@ -70,13 +70,42 @@ class SKConv2d(nn.Module):
     ``conv2d(x, W) + bias``. Cost: ``4·P·L·k·(C_in·kh·kw + C_out)`` FLOPs for ``P`` output pixels versus
     ``2·P·C_out·C_in·kh·kw`` for the dense conv.
 
-    Args: as ``nn.Conv2d`` (``kernel_size``/``stride``/``padding``/``dilation`` are ints or pairs;
-    ``padding`` may also be ``"same"`` or ``"valid"``), plus ``num_terms`` (L), ``low_rank`` (k),
-    ``W_init`` (optional (C_out, C_in, kh, kw) tensor), ``seed`` (int, builds a private generator) or
-    ``generator`` (a ``torch.Generator``; default: torch's global RNG).
-    Input (B, C_in, H, W) or (C_in, H, W); channels_last inputs give channels_last outputs. On CUDA,
-    channels_last inputs run one fused Triton kernel (``panther::sketched_conv2d_triton``, same math and
-    backward) when triton is installed; everything else runs ``panther::sketched_conv2d``.
+    Args:
+        in_channels: ``C_in``, as in ``nn.Conv2d``.
+        out_channels: ``C_out``, as in ``nn.Conv2d``.
+        kernel_size: int or pair ``(kh, kw)``.
+        stride: int or pair (default 1).
+        padding: int, pair, ``"valid"`` or ``"same"`` with ``nn.Conv2d``'s meaning (``"same"`` pads even
+            kernels asymmetrically, extra on the right/bottom, and needs ``stride=1``); zero padding only.
+        bias: learnable bias (drawn like ``nn.Conv2d``'s unless copied by :meth:`from_conv2d`).
+        num_terms: ``L``, the number of sketch terms.
+        low_rank: ``k``, the rank of each term; the sketch convolves to ``2·L·k`` channels.
+        W_init: optional dense kernel ``(C_out, C_in, kh, kw)`` to approximate (default: drawn like
+            ``nn.Conv2d``'s default init).
+        dtype: of the parameters and buffers (default: torch's default dtype).
+        device: of the parameters and buffers (default: CPU).
+        dilation: int or pair (default 1).
+        seed: an int that builds a private ``torch.Generator`` for the random draws.
+        generator: a ``torch.Generator`` to draw from. With neither, torch's global RNG is used (never
+            reseeded).
+        init: ``"sketch"`` (random signs, unbiased) or ``"svd"`` (``U1s`` holds left singular vectors of
+            the kernel reshaped to ``(C_out, C_in·kh·kw)``: the best approximation of rank ``2·L·k``).
+
+    Raises:
+        TypeError: a size that is not an int, ``bias`` not a bool, a non-floating ``dtype`` or ``W_init``.
+        ValueError: a size ``<= 0``, a bad ``padding`` string, ``padding="same"`` with a stride, ``W_init``
+            of the wrong shape, an unknown ``init``, both ``seed`` and ``generator``.
+
+    Warns:
+        UserWarning: when ``2·L·k·(C_in·kh·kw + C_out) >= C_out·C_in·kh·kw``, i.e. the sketch is not
+            cheaper than the dense kernel (in numbers stored and in forward FLOPs).
+
+    Shape:
+        input ``(B, C_in, H, W)`` or unbatched ``(C_in, H, W)``; output ``(B, C_out, H_out, W_out)`` (or
+        ``(C_out, H_out, W_out)``) with ``nn.Conv2d``'s output size. channels_last inputs give
+        channels_last outputs. On CUDA, channels_last inputs run one fused Triton kernel
+        (``panther::sketched_conv2d_triton``: same math and backward, the ``2·L·k``-channel intermediate
+        never written to memory) when triton is installed; other inputs run ``panther::sketched_conv2d``.
     """
 
     __constants__ = ["in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
@@ -179,13 +208,35 @@ class SKConv2d(nn.Module):
             self.bias.copy_(bias_value.detach())
 
     def reset_parameters(self, W_init=None, generator=None):
-        """Redraw the sketch (and, without ``W_init``, the seed kernel and bias like ``nn.Conv2d``)."""
+        """Redraw the sketch (and, without ``W_init``, the seed kernel like ``nn.Conv2d``'s).
+
+        Args:
+            W_init: optional dense kernel ``(C_out, C_in, kh, kw)`` to approximate. The bias is redrawn
+                like ``nn.Conv2d``'s either way.
+            generator: source of the draws (default: the layer's own, else torch's global RNG).
+        """
         self._init_from(W_init, None, generator if generator is not None else self._generator)
 
     @classmethod
     def from_conv2d(cls, conv, num_terms=1, low_rank=64, *, init="sketch", seed=None, generator=None):
         """Sketch an existing ``nn.Conv2d`` (its weight seeds ``S1s``; bias, stride, padding, dilation,
-        dtype and device are copied)."""
+        dtype and device are copied).
+
+        Args:
+            conv: the ``nn.Conv2d`` to approximate (not modified).
+            num_terms: ``L``, as in the constructor.
+            low_rank: ``k``, as in the constructor.
+            init: ``"sketch"`` or ``"svd"``, as in the constructor.
+            seed: private generator seed, as in the constructor.
+            generator: generator to draw from, as in the constructor.
+
+        Returns:
+            A new ``SKConv2d``.
+
+        Raises:
+            TypeError: ``conv`` is not an ``nn.Conv2d``.
+            ValueError: ``conv`` has ``groups != 1`` or a ``padding_mode`` other than ``"zeros"``.
+        """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"SKConv2d.from_conv2d: conv must be an nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:
@@ -220,6 +271,20 @@ class SKConv2d(nn.Module):
         return (0, 0), (lw, tw - lw, lh, th - lh)
 
     def forward(self, x):
+        """Apply the layer: ``torch.ops.panther.sketched_conv2d`` (one convolution to ``2·L·k`` channels and
+        one channel mix), or on CUDA ``torch.ops.panther.sketched_conv2d_triton`` (both in one kernel for
+        channels_last inputs).
+
+        Args:
+            x: ``(B, C_in, H, W)`` or unbatched ``(C_in, H, W)``.
+
+        Returns:
+            ``(B, C_out, H_out, W_out)`` (or ``(C_out, H_out, W_out)``), sized as ``nn.Conv2d``'s output.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` is not 3-D or 4-D, or its channel count is not ``in_channels``.
+        """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"SKConv2d: input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() not in (3, 4):

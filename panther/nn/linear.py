@@ -23,14 +23,31 @@ class SKLinear(nn.Module):
     The whole layer is two GEMMs (``panther::sketched_linear``), forward ``4·N·L·k·(in+out)`` FLOPs.
 
     Args:
-        in_features, out_features: sizes of each input / output sample.
-        num_terms (L), low_rank (k): the sketch has rank ``2·L·k``.
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        num_terms: ``L``, the number of sketch terms.
+        low_rank: ``k``, the rank of each term; the layer has rank ``2·L·k``.
         W_init: optional (out_features, in_features) weight to approximate.
         bias: learnable bias (drawn like ``nn.Linear``'s unless copied by :meth:`from_linear`).
-        dtype, device: of parameters and buffers (default: torch's default dtype / ``W_init``'s, CPU).
-        seed, generator: private source of the random draws; by default torch's global RNG is used
-            (so ``torch.manual_seed`` makes construction reproducible) and is never reseeded.
+        dtype: of the parameters and buffers (default: ``W_init``'s if given, else torch's default dtype).
+        device: of the parameters and buffers (default: ``W_init``'s if given, else CPU).
+        seed: an int that builds a private ``torch.Generator`` for the random draws.
+        generator: a ``torch.Generator`` to draw from. With neither ``seed`` nor ``generator``, torch's
+            global RNG is used (so ``torch.manual_seed`` makes construction reproducible); it is never
+            reseeded.
         init: ``"sketch"`` (random signs, unbiased) or ``"svd"`` (best rank-``L·k`` approximation of W).
+
+    Raises:
+        TypeError: a size that is not an int, ``bias`` not a bool, ``W_init`` not a floating-point tensor,
+            ``generator`` not a ``torch.Generator``.
+        ValueError: a size ``<= 0``, an unknown ``init``, ``W_init`` of the wrong shape, both ``seed`` and
+            ``generator``.
+
+    Warns:
+        UserWarning: when ``2·L·k·(in + out) > in·out``: the sketch holds more numbers than the dense weight.
+
+    Shape:
+        input ``(..., in_features)``, output ``(..., out_features)``.
     """
 
     __constants__ = ["in_features", "out_features", "num_terms", "low_rank"]
@@ -73,7 +90,12 @@ class SKLinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, W_init=None):
-        """Redraw the sketches (and, without ``W_init``, the seed weight and bias) from the layer's RNG."""
+        """Redraw the sketches (and, without ``W_init``, the seed weight and bias) from the layer's RNG.
+
+        Args:
+            W_init: optional (out_features, in_features) weight to approximate; ``None`` draws one like
+                ``nn.Linear``'s default init. The bias is redrawn either way.
+        """
         bound = 1.0 / math.sqrt(self.in_features)  # nn.Linear: kaiming_uniform(a=sqrt(5)) == U(±1/sqrt(fan_in))
         if W_init is None:
             W = self._uniform((self.out_features, self.in_features), bound)
@@ -93,7 +115,23 @@ class SKLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear, num_terms, low_rank, *, init="sketch", seed=None, generator=None):
-        """A sketched layer approximating ``linear`` (weights and bias copied, same dtype and device)."""
+        """A sketched layer approximating ``linear`` (weights and bias copied, same dtype and device).
+
+        Args:
+            linear: the ``nn.Linear`` to approximate (not modified).
+            num_terms: ``L``, as in the constructor.
+            low_rank: ``k``, as in the constructor.
+            init: ``"sketch"`` (unbiased random sketch, for training) or ``"svd"`` (the best approximation
+                of rank ``num_terms·low_rank``; exactly the truncated SVD for ``num_terms=1``).
+            seed: private generator seed, as in the constructor.
+            generator: generator to draw from, as in the constructor.
+
+        Returns:
+            A new layer of this class (``SKLinear`` or ``SKLinear_triton``).
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear``.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         layer = cls(linear.in_features, linear.out_features, num_terms, low_rank, W_init=linear.weight,
@@ -105,6 +143,17 @@ class SKLinear(nn.Module):
         return layer
 
     def forward(self, x):
+        """Apply the layer: ``torch.ops.panther.sketched_linear(x, S1s, S2s, U1s, U2s, bias)``.
+
+        Args:
+            x: input of shape ``(..., in_features)``, on the layer's device.
+
+        Returns:
+            Tensor of shape ``(..., out_features)``.
+
+        Raises:
+            ValueError: the last dimension of ``x`` is not ``in_features``, or ``x`` is on another device.
+        """
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"SKLinear expects input of shape (..., in_features={self.in_features}), "
                              f"got {tuple(x.shape)}")
@@ -121,20 +170,33 @@ class SKLinear_triton(SKLinear):
     """SKLinear whose CUDA forward and backward are panther's fused Triton kernels.
 
     ``panther::sketched_linear_triton_fwd/_bwd`` (``inductor_ext/triton_linear.py``) read x once and
-    write y once, keeping the rank-2Lk intermediate on chip; they are ``triton_op``s, so Inductor inlines
-    them under ``torch.compile``. CPU tensors take the same ops' two-GEMM torch branch, so results match
-    SKLinear's. Unlike the public library's version, ``U2s`` has the same ±1/sqrt(k) scale as SKLinear's,
-    so the init is unbiased.
+    write y once, keeping the rank-2Lk intermediate on chip; they are ``triton_op`` kernels, so Inductor
+    inlines them under ``torch.compile``. CPU tensors take the same ops' two-GEMM torch branch, so results
+    match SKLinear's. Unlike the public library's version, ``U2s`` has the same ±1/sqrt(k) scale as
+    SKLinear's, so the init is unbiased. Same constructor arguments as :class:`SKLinear`; needs ``triton``.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, in_features, out_features, num_terms, low_rank, W_init=None, bias=True, dtype=None,
+                 device=None, *, seed=None, generator=None, init="sketch"):
+        super().__init__(in_features, out_features, num_terms, low_rank, W_init, bias, dtype, device, seed=seed,
+                         generator=generator, init=init)
         # Imported on first construction: registering the triton_ops loads torch._inductor, which a plain
         # `import panther` should not pay for.
         global _sketched_linear_triton
         from inductor_ext.triton_linear import sketched_linear_triton as _sketched_linear_triton
 
     def forward(self, x):
+        """Apply the layer through the Triton ops (CUDA) or their two-GEMM torch branch (CPU).
+
+        Args:
+            x: input of shape ``(..., in_features)``.
+
+        Returns:
+            Tensor of shape ``(..., out_features)``.
+
+        Raises:
+            ValueError: the last dimension of ``x`` is not ``in_features``.
+        """
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"SKLinear_triton expects input of shape (..., in_features={self.in_features}), "
                              f"got {tuple(x.shape)}")

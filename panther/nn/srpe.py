@@ -38,12 +38,19 @@ class sinSRPE(nn.Module):
         sines: number of sines ``S`` per (head, feature).
         num_realizations: number of Gaussian realisations ``R``; the attention then works on
             ``R``-dimensional queries/keys.
-        device, dtype: factory arguments (``dtype=None`` means ``torch.get_default_dtype()``).
-        seed, generator: randomness for the initial values (default: torch's global RNG).
+        device: of the parameters and buffers (default: CPU).
+        dtype: of the parameters and buffers (default: ``torch.get_default_dtype()``).
+        seed: an int that builds a private generator for the initial values.
+        generator: a ``torch.Generator`` to draw them from (default: torch's global RNG).
 
     Parameters ``freqs``, ``phases``, ``scales`` ``(H, d, S)``; buffer ``z`` ``(H, d, 2S, R)``
     (fixed realisations, saved in the ``state_dict``).
-    ``forward(length)`` returns ``(qbar, kbar)``, each ``(1, length, H, d, R)``.
+    ``forward(length)`` returns ``(qbar, kbar)``, each ``(1, length, H, d, R)``; pass the module as
+    ``SRPE=`` to :class:`~panther.nn.RandMultiHeadAttention`, which applies it through :meth:`filter`.
+
+    Raises:
+        TypeError: a size that is not an int.
+        ValueError: a size ``<= 0``, or both ``seed`` and ``generator``.
     """
 
     def __init__(self, num_heads, perHead_in, sines, num_realizations=256, device=None,
@@ -100,7 +107,14 @@ class sinSRPE(nn.Module):
         return s * self.z / (self.num_realizations * self.perHead_in) ** 0.25
 
     def forward(self, length):
-        """Positional codes ``(qbar, kbar)``, each ``(1, length, H, d, R)`` (materialised)."""
+        """Positional codes ``(qbar, kbar)``, each ``(1, length, H, d, R)`` (materialised).
+
+        Args:
+            length: number of positions (a non-negative int).
+
+        Raises:
+            ValueError: ``length`` is not a non-negative int.
+        """
         omega_q, omega_k = self.omegas(length)
         w = self.mixing()
         qbar = torch.einsum("lhdj,hdjr->lhdr", omega_q, w).unsqueeze(0)

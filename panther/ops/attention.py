@@ -41,13 +41,52 @@ _KERNELS = ("softmax", "relu")
 
 def rf_attention(q, k, v, projection, kernel_fn="softmax", causal=False, scale=None,
                  key_padding_mask=None):
-    """Convenience wrapper around ``torch.ops.panther.rf_attention`` (see the module docstring)."""
+    """Random-feature attention ``(φ(Q) φ(K)ᵀ ⊙ M) V / rowsum`` in time linear in the sequence length.
+
+    Wrapper around ``torch.ops.panther.rf_attention``; the feature maps are given in
+    :mod:`panther.ops.attention`.
+
+    Args:
+        q: queries ``(B, H, Lq, d)``.
+        k: keys ``(B, H, S, d)``.
+        v: values ``(B, H, S, dv)``.
+        projection: random features ``(m, d)``, e.g. from
+            :func:`panther.sketch.orthogonal_random_features`.
+        kernel_fn: ``"softmax"`` (positive features, unbiased for ``exp(scale·q·k)``) or ``"relu"``.
+        causal: each query attends only to keys at or before its position (needs ``Lq == S``).
+        scale: logit scale; ``None`` means ``1/sqrt(d)``.
+        key_padding_mask: optional bool ``(B, S)``, True = ignore that key.
+
+    Returns:
+        ``(B, H, Lq, dv)``; a query that sees no key (all masked) gets zeros.
+
+    Raises:
+        ValueError: an unknown ``kernel_fn``, inconsistent shapes, ``causal`` with ``Lq != S``, a bad
+            ``scale`` or mask.
+        TypeError: ``q``, ``k``, ``v`` of different or non-floating dtypes.
+    """
     return torch.ops.panther.rf_attention(q, k, v, projection, kernel_fn, causal, scale,
                                           key_padding_mask)
 
 
 def srpe_filter(x, omega, weight):
-    """Convenience wrapper around ``torch.ops.panther.srpe_filter``."""
+    """``out[b, n, h, r] = Σ_{i, j} x[b, n, h, i] · omega[n, h, i, j] · weight[h, i, j, r]``.
+
+    Wrapper around ``torch.ops.panther.srpe_filter``: the sine-SRPE contraction of queries or keys with
+    their positional codes (:class:`panther.nn.sinSRPE`), without building the codes per batch element.
+
+    Args:
+        x: queries or keys ``(B, L, H, d)``.
+        omega: sine bases ``(L, H, d, J)``.
+        weight: mixing ``(H, d, J, R)``.
+
+    Returns:
+        ``(B, L, H, R)``.
+
+    Raises:
+        ValueError: inconsistent shapes.
+        TypeError: arguments of different or non-floating dtypes.
+    """
     return torch.ops.panther.srpe_filter(x, omega, weight)
 
 
@@ -165,7 +204,10 @@ torch.library.register_autograd("panther::srpe_filter", _srpe_backward,
 
 def rf_attention_reference(q, k, v, projection, kernel_fn="softmax", causal=False, scale=None,
                            key_padding_mask=None):
-    """Explicit ``(phi(Q) phi(K)^T ⊙ M) V / rowsum`` with the op's feature maps, O(Lq·S) memory."""
+    """Explicit ``(phi(Q) phi(K)^T ⊙ M) V / rowsum`` with the op's feature maps, O(Lq·S) memory.
+
+    The test oracle of :func:`rf_attention`: same arguments, result and errors.
+    """
     _check_rf(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
     out_dtype = q.dtype
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -203,7 +245,10 @@ def rf_attention_reference(q, k, v, projection, kernel_fn="softmax", causal=Fals
 
 
 def srpe_filter_reference(x, omega, weight):
-    """``einsum('blhd,lhdj,hdjr->blhr')`` written out with the (L, H, d, R) codes materialised."""
+    """``einsum('blhd,lhdj,hdjr->blhr')`` written out with the (L, H, d, R) codes materialised.
+
+    The test oracle of :func:`srpe_filter` (same arguments and result; no argument checks).
+    """
     codes = torch.einsum("lhdj,hdjr->lhdr", omega, weight)
     return torch.einsum("blhd,lhdr->blhr", x, codes)
 

@@ -29,7 +29,25 @@ def _pair(v, name):
 
 def sketched_conv2d(x, S1s, U1s, bias=None, stride=1, padding=0, dilation=1):
     """Call ``torch.ops.panther.sketched_conv2d``; ``stride``/``padding``/``dilation`` may be ints or pairs
-    (numeric padding only; ``panther.nn.SKConv2d`` handles ``"same"``/``"valid"``)."""
+    (numeric padding only; ``panther.nn.SKConv2d`` handles ``"same"``/``"valid"``).
+
+    Computes ``out[b, o] = 1/(2L) Σ_{i<2L, r<k} U1s[i, r, o] · conv2d(x, S1s)[b, i·k + r] + bias[o]``
+    (see :mod:`panther.ops.conv`).
+
+    Args:
+        x: ``(B, C_in, H, W)`` or unbatched ``(C_in, H, W)``.
+        S1s: ``(2Lk, C_in, kh, kw)``, an ordinary conv weight.
+        U1s: ``(2L, k, C_out)``, the channel mix.
+        bias: optional ``(C_out,)``.
+        stride, padding, dilation: ints or pairs of ints.
+
+    Returns:
+        ``(B, C_out, H_out, W_out)`` (or unbatched), with ``F.conv2d``'s output size.
+
+    Raises:
+        TypeError: ``stride``/``padding``/``dilation`` not an int or a pair of ints.
+        ValueError: inconsistent shapes (e.g. channel counts of ``x`` and ``S1s`` differ).
+    """
     return torch.ops.panther.sketched_conv2d(
         x, S1s, U1s, bias, _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     )

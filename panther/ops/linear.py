@@ -11,19 +11,49 @@ __all__ = ["sketched_linear", "sketched_linear_reference", "concat_factors"]
 
 
 def sketched_linear(x: Tensor, S1s: Tensor, S2s: Tensor, U1s: Tensor, U2s: Tensor, bias: Tensor | None = None):
-    """``y = 1/(2L) Σ_i [(x S1_i) U1_i + (x U2_i) S2_i] + bias`` for x of shape (..., d_in)."""
+    """``y = 1/(2L) Σ_i [(x S1_i) U1_i + (x U2_i) S2_i] + bias``: the sketched linear layer as one op.
+
+    Calls ``torch.ops.panther.sketched_linear`` (two GEMMs over concatenated factors; CPU and CUDA,
+    autocast, ``torch.compile`` and ``torch.export`` aware; differentiable in every tensor argument).
+
+    Args:
+        x: input ``(..., d_in)``.
+        S1s: ``(L, d_in, k)``.
+        S2s: ``(L, k, d_out)``.
+        U1s: ``(L, k, d_out)``.
+        U2s: ``(L, d_in, k)``.
+        bias: optional ``(d_out,)``.
+
+    Returns:
+        ``(..., d_out)``.
+
+    Raises:
+        RuntimeError: inconsistent shapes (e.g. ``x`` not ending in ``d_in``).
+    """
     return torch.ops.panther.sketched_linear(x, S1s, S2s, U1s, U2s, bias)
 
 
 def sketched_linear_reference(x, S1s, S2s, U1s, U2s, bias=None):
-    """The layer's definition, term by term in plain torch: the oracle the kernels are tested against."""
+    """The layer's definition, term by term in plain torch: the oracle the kernels are tested against.
+
+    Same arguments, shapes and result as :func:`sketched_linear`.
+    """
     L = S1s.shape[0]
     y = sum((x @ S1s[i]) @ U1s[i] + (x @ U2s[i]) @ S2s[i] for i in range(L)) / (2 * L)
     return y if bias is None else y + bias
 
 
 def concat_factors(S1s, S2s, U1s, U2s):
-    """``A = [S1cat | U2cat]`` (d_in, 2Lk) and ``Bm = [U1cat; S2cat] / (2L)`` (2Lk, d_out), as in the C++ kernel."""
+    """``A = [S1cat | U2cat]`` (d_in, 2Lk) and ``Bm = [U1cat; S2cat] / (2L)`` (2Lk, d_out), as in the C++ kernel.
+
+    ``sketched_linear(x, ...) == x @ A @ Bm + bias``: the two GEMMs the layer costs.
+
+    Args:
+        S1s, S2s, U1s, U2s: the factors, shaped as in :func:`sketched_linear`.
+
+    Returns:
+        ``(A, Bm)``.
+    """
     L, d_in, k = S1s.shape
     d_out = S2s.shape[-1]
     A = torch.cat([S1s.permute(1, 0, 2).reshape(d_in, L * k), U2s.permute(1, 0, 2).reshape(d_in, L * k)], 1)

@@ -134,6 +134,11 @@ def scaled_sign_sketch(m, n, *, generator=None, device=None, dtype=None):
 
     Drawn on ``generator``'s device (the default device when ``generator`` is None) and moved to
     ``device`` (``None`` keeps it where it was drawn).
+
+    Raises:
+        TypeError: ``m`` or ``n`` not an int, a non-floating ``dtype``, ``generator`` not a
+            ``torch.Generator``.
+        ValueError: ``m`` or ``n`` below 1.
     """
     m = _size("m", m)
     n = _size("n", n)
@@ -154,7 +159,15 @@ def _uniform(shape, generator):
 
 
 def gaussian_skop(m, d, *, generator=None, device=None, dtype=None):
-    """Dense ``(m, d)`` Gaussian sketch with i.i.d. ``N(0, 1/m)`` entries, so ``E[SᵀS] = I_d``."""
+    """Dense ``(m, d)`` Gaussian sketch with i.i.d. ``N(0, 1/m)`` entries, so ``E[SᵀS] = I_d``.
+
+    Drawn in fp32 on ``generator``'s device, then cast to ``dtype`` and moved to ``device``.
+
+    Raises:
+        TypeError: ``m`` or ``d`` not an int, a non-floating ``dtype``, ``generator`` not a
+            ``torch.Generator``.
+        ValueError: ``m`` or ``d`` below 1.
+    """
     m = _size("m", m)
     d = _size("d", d)
     dtype = _float_dtype(dtype)
@@ -167,6 +180,10 @@ def dense_sketch_operator(m, n, distribution, *, generator=None, device=None, dt
 
     ``distribution``: :class:`DistributionFamily` ``Gaussian`` (``N(0, 1/m)``) or ``Uniform``
     (uniform on ``[-sqrt(3/m), sqrt(3/m)]``); the strings ``"gaussian"``/``"uniform"`` are accepted.
+
+    Raises:
+        TypeError: ``m`` or ``n`` not an int, an unknown ``distribution``, a non-floating ``dtype``.
+        ValueError: ``m`` or ``n`` below 1.
     """
     m = _size("m", m)
     n = _size("n", n)
@@ -189,6 +206,16 @@ def sketch_tensor(input, axis, new_size, distribution=None, sketch_matrix=None, 
 
     ``n = input.size(axis)``; ``axis`` may be negative; ``1 <= new_size <= n``. The computation runs on
     ``device`` (default: ``input.device``) in ``dtype`` (default: ``input``'s floating dtype).
+
+    Returns:
+        ``(out, S)`` with ``distribution``, ``out`` with ``sketch_matrix``; ``out`` has ``input``'s shape
+        with ``new_size`` at ``axis``.
+
+    Raises:
+        TypeError: ``input``/``sketch_matrix`` not tensors, ``axis``/``new_size`` not ints, a complex
+            ``input``.
+        ValueError: both or neither of ``distribution`` and ``sketch_matrix``, a 0-d ``input``, ``axis``
+            out of range, ``new_size`` outside ``[1, n]``, a ``sketch_matrix`` of the wrong shape.
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -325,6 +352,10 @@ def count_skop(m, d, *, layout=torch.strided, generator=None, device=None, dtype
     (default, dense), ``torch.sparse_coo`` (coalesced), ``torch.sparse_csr`` or ``torch.sparse_csc``;
     a sparse layout pays once ``m`` is more than a handful (``d`` nonzeros instead of ``m·d``).
     ``torch.sparse_csc`` is the cheapest to build (entries come out column by column, no global sort).
+
+    Raises:
+        TypeError: ``m`` or ``d`` not an int, ``layout`` not a ``torch.layout``, a non-floating ``dtype``.
+        ValueError: ``m`` or ``d`` below 1, an unsupported ``layout``.
     """
     m = _size("m", m)
     d = _size("d", d)
@@ -338,6 +369,10 @@ def sjlt_skop(m, d, sparsity=2, *, layout=torch.strided, generator=None, device=
     ``±1/sqrt(sparsity)`` (unit-norm columns, ``E[SᵀS] = I_d``). Requires ``1 <= sparsity <= m``.
 
     ``layout`` as in :func:`count_skop` (dense by default; sparse formats store ``sparsity·d`` values).
+
+    Raises:
+        TypeError: a size not an int, ``layout`` not a ``torch.layout``, a non-floating ``dtype``.
+        ValueError: a size below 1, ``sparsity > m``, an unsupported ``layout``.
     """
     m = _size("m", m)
     d = _size("d", d)
@@ -360,6 +395,11 @@ def sparse_sketch_operator(m, n, vec_nnz, axis, *, layout=torch.sparse_coo, gene
     rows (for ``m == n`` they are columns). ``layout`` defaults to a coalesced ``torch.sparse_coo``;
     ``torch.strided``, ``torch.sparse_csr`` and ``torch.sparse_csc`` are also accepted (with
     ``Axis.Short``, CSC for column vectors and CSR for row vectors are built without a global sort).
+
+    Raises:
+        TypeError: a size not an int, ``axis`` not an :class:`Axis`, ``layout`` not a ``torch.layout``, a
+            non-floating ``dtype``.
+        ValueError: a size below 1, ``vec_nnz > min(m, n)`` with ``Axis.Short``, an unsupported ``layout``.
     """
     m = _size("m", m)
     n = _size("n", n)
@@ -413,6 +453,13 @@ def srht(x, m, *, dim=-1, generator=None, device=None, dtype=None):
     to every slice of ``x``; the draws depend only on ``(N, m)`` and the RNG, not on ``x``'s other dims.
     Requires ``1 <= m <= N``. Runs on ``device`` (default ``x.device``) in ``dtype`` (default ``x``'s
     floating dtype; half/bfloat16 are transformed in fp32).
+
+    Returns:
+        ``x``'s shape with length ``m`` at ``dim``.
+
+    Raises:
+        TypeError: ``x`` not a tensor, ``dim``/``m`` not ints, a complex ``x``.
+        ValueError: a 0-d ``x``, ``dim`` out of range, ``x.size(dim) == 0``, ``m`` outside ``[1, N]``.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")

@@ -82,6 +82,9 @@ def linear_factors(W, num_terms, low_rank, *, init="sketch", generator=None, act
     S1s (L, d_in, k), S2s (L, k, d_out), U1s (L, k, d_out), U2s (L, d_in, k) in W's dtype and device.
     The layer computes ``y = 1/(2L) Σ_i [(x S1_i) U1_i + (x U2_i) S2_i]``. ``act_gram`` (only with
     ``init="svd"``): weight the factorisation by the inputs' Gram matrix (module docstring).
+
+    Raises:
+        ValueError: an unknown ``init``, ``act_gram`` without ``init="svd"`` or of the wrong shape.
     """
     _check_init(init)
     if act_gram is not None and init != "svd":
@@ -123,6 +126,9 @@ def conv2d_factors(W, num_terms, low_rank, *, init="sketch", generator=None, act
     computes ``out = 1/(2L) Σ_{i<2L} U1_iᵀ conv(x, S1_i)`` with ``S1_i = c · U1_i W`` (c = 1 for "sketch",
     2L for "svd", where the U1_i are blocks of left singular vectors of W reshaped to (C_out, C_in·kh·kw);
     with ``act_gram``, the Gram matrix of the unfolded input patches, of W·G^{1/2}).
+
+    Raises:
+        ValueError: an unknown ``init``, ``act_gram`` without ``init="svd"`` or of the wrong shape.
     """
     _check_init(init)
     if act_gram is not None and init != "svd":

@@ -14,6 +14,9 @@ def orthogonal_random_features(num_features, dim, *, generator=None, device=None
     row the norm of an independent Gaussian vector (chi-distributed), so each row is marginally
     ``N(0, I)`` (unbiased features) while rows within a block are orthogonal (lower variance).
     Draws from ``generator`` (default: torch's global RNG); never reseeds anything.
+
+    Raises:
+        ValueError: ``num_features`` or ``dim`` not a positive int.
     """
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
         raise ValueError(f"num_features must be a positive int, got {num_features!r}")
