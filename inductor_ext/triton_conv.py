@@ -449,9 +449,10 @@ def _width(algo, r_pad, kw):
     return r_pad if algo == "direct" else sum(_kw_split(kw)) * r_pad
 
 
-def kernel_configs(r_pad, elem_size, algo="direct", kw=3, candidates=None, limit=_MAX_CONFIGS):
+def kernel_configs(r_pad, elem_size, algo="direct", kw=3, candidates=None, limit=None):
     """The autotune candidates for one bucket (algorithm, rank padded, element size, and for
-    rowtap the kernel width), all passing ``config_fits``."""
+    rowtap the kernel width): the first ``limit`` (default ``_MAX_CONFIGS``) passing ``config_fits``."""
+    limit = _MAX_CONFIGS if limit is None else limit
     width = _width(algo, r_pad, kw)
     out = []
     for c in candidates or _CANDIDATES[algo]:

@@ -257,6 +257,20 @@ def test_bench_without_cuda_says_so(capsys):
 
 # ------------------------------------------------------------------ CUDA (the lent H200)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+AUTOTUNE_LIMIT = tc._MAX_CONFIGS  # the production list, launched config by config below
+
+
+@pytest.fixture
+def quick_autotune():
+    """First calls autotune over 2 configs instead of 4: half the compiles (device time is scarce);
+    test_cuda_every_config_launches still runs every production candidate."""
+    saved = tc._MAX_CONFIGS, dict(tc._AUTOTUNERS)
+    tc._MAX_CONFIGS = 2
+    tc._AUTOTUNERS.clear()
+    yield
+    tc._MAX_CONFIGS = saved[0]
+    tc._AUTOTUNERS.clear()
+    tc._AUTOTUNERS.update(saved[1])
 
 
 SHAPES = {"odd": dict(N=3, C_in=67, C_out=133, H=13, W=11, L=1, k=16),
@@ -273,7 +287,7 @@ F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
     (F32, "odd", "s1"), (F32, "L2_5x3", "s2"), (F32, "tiny", "dil"),
     (BF16, "odd", "s2"), (BF16, "L2_5x3", "dil"), (BF16, "tiny", "s1"),
     (F16, "odd", "dil"), (F16, "L2_5x3", "s1"), (F16, "tiny", "s2")])
-def test_cuda_against_float64(dtype, shape, conv):
+def test_cuda_against_float64(dtype, shape, conv, quick_autotune):
     shape, conv = SHAPES[shape], CONVS[conv]
     x, S1s, U1s, b = factors(dtype=dtype, device="cuda", channels_last=True, **shape)
     ref = sketched_conv2d_reference(x.double(), S1s.double(), U1s.double(), b.double(), *conv)
@@ -303,7 +317,7 @@ def test_cuda_every_config_launches(algo, r_pad, dtype):
     x, S1s, U1s, b = factors(N=2, C_in=70, C_out=150, H=9, W=13, L=1, k=k, dtype=dtype, device="cuda",
                              channels_last=True)
     ref = sketched_conv2d_reference(x.double(), S1s.double(), U1s.double(), b.double(), 1, 1)
-    configs = tc.kernel_configs(r_pad, x.element_size(), algo, kw=3)
+    configs = tc.kernel_configs(r_pad, x.element_size(), algo, kw=3, limit=AUTOTUNE_LIMIT)
     assert configs
     for c in configs:
         cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
@@ -317,7 +331,7 @@ def test_cuda_every_config_launches(algo, r_pad, dtype):
 @pytest.mark.cuda
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_rowtap_against_float64(dtype):
+def test_cuda_rowtap_against_float64(dtype, quick_autotune):
     """The rowtap kernel on odd shapes: rows wider than one strip, dilation, stride_h 2, 5x3 taps."""
     for shape, conv in ((dict(N=2, C_in=67, C_out=133, H=13, W=150, L=1, k=16), ((1, 1), (1, 1), (1, 1))),
                         (dict(N=1, C_in=64, C_out=96, H=15, W=17, L=2, k=5, kh=5, kw=3), ((2, 1), (2, 2), (1, 2)))):
@@ -335,7 +349,7 @@ def test_cuda_rowtap_against_float64(dtype):
 @pytest.mark.cuda
 @cuda_only
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_cuda_gradients_against_float64(dtype, tol):
+def test_cuda_gradients_against_float64(dtype, tol, quick_autotune):
     x, S1s, U1s, b = factors(N=2, C_in=40, C_out=48, H=11, W=10, L=2, k=4, dtype=dtype, device="cuda",
                              channels_last=True, requires_grad=True)
     y = tc.sketched_conv2d_triton(x, S1s, U1s, b, 2, 1)
@@ -349,7 +363,7 @@ def test_cuda_gradients_against_float64(dtype, tol):
 
 @pytest.mark.cuda
 @cuda_only
-def test_cuda_skconv2d_takes_the_kernel():
+def test_cuda_skconv2d_takes_the_kernel(quick_autotune):
     layer = SKConv2d(64, 96, 3, padding=1, num_terms=1, low_rank=16, seed=0, device="cuda",
                      dtype=torch.bfloat16)
     x = torch.randn(4, 64, 20, 20, device="cuda", dtype=torch.bfloat16).contiguous(
@@ -367,7 +381,7 @@ def test_cuda_skconv2d_takes_the_kernel():
 
 @pytest.mark.cuda
 @cuda_only
-def test_cuda_opcheck():
+def test_cuda_opcheck(quick_autotune):
     """Fake tensors / AOT dispatch through the Triton branch (wrap_triton) on CUDA."""
     x, S1s, U1s, b = factors(N=2, C_in=16, C_out=24, H=9, W=7, L=1, k=8, dtype=torch.float32, device="cuda",
                              channels_last=True, requires_grad=True)
@@ -376,7 +390,7 @@ def test_cuda_opcheck():
 
 @pytest.mark.cuda
 @cuda_only
-def test_cuda_inductor_inlines_the_kernel():
+def test_cuda_inductor_inlines_the_kernel(quick_autotune):
     from torch._inductor.utils import run_and_get_code
 
     x, S1s, U1s, b = factors(N=2, C_in=32, C_out=48, H=12, W=12, L=1, k=8, dtype=torch.bfloat16,
@@ -392,7 +406,7 @@ def test_cuda_inductor_inlines_the_kernel():
 
 @pytest.mark.cuda
 @cuda_only
-def test_cuda_backend_conv_rewrite_inlines_the_fused_kernel():
+def test_cuda_backend_conv_rewrite_inlines_the_fused_kernel(quick_autotune):
     """backend="panther" with Inductor on CUDA: a channels_last conv rewritten to panther.sketched_conv2d
     is retargeted to the Triton op (inductor_ext.kernel_routing) and its kernel inlined; the numbers
     match the same rewrite run by aot_eager (the C++ op, same sketch)."""
