@@ -129,28 +129,36 @@ def _precompile_worker(spec, configs):
     return failed
 
 
-def _precompile(spec, configs, jobs):
+def _precompile(spec, configs, jobs, timeout_s=240.0):
     """Compile configs in ``jobs`` spawned processes (Triton compiles one kernel at a time per
-    process; the machine has many cores). Any failure here just leaves the work to the timing loop."""
+    process; the machine has many cores). Any failure, or ``timeout_s`` passing, just leaves the
+    rest to the timing loop."""
     if jobs <= 1 or len(configs) < 2:
         return
+    import concurrent.futures as cf
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
 
     t0 = time.time()
     chunks = [configs[i::jobs] for i in range(jobs) if configs[i::jobs]]
+    pool = cf.ProcessPoolExecutor(max_workers=len(chunks), mp_context=mp.get_context("spawn"))
     try:
-        with ProcessPoolExecutor(max_workers=len(chunks), mp_context=mp.get_context("spawn")) as pool:
-            failed = sum(pool.map(_precompile_worker, [spec] * len(chunks), chunks), [])
+        futures = [pool.submit(_precompile_worker, spec, chunk) for chunk in chunks]
+        done, pending = cf.wait(futures, timeout=timeout_s)
+        failed = sum((f.result() for f in done if f.exception() is None), [])
+        errors = [f.exception() for f in done if f.exception() is not None]
         print(f"precompiled {len(configs)} configs in {len(chunks)} processes: {time.time() - t0:.0f} s"
-              f"{f', {len(failed)} failed' if failed else ''}", flush=True)
+              f"{f', {len(failed)} configs failed' if failed else ''}"
+              f"{f', {len(errors)} workers broke ({errors[0]!r:.100})' if errors else ''}"
+              f"{f', {len(pending)} workers still compiling (left behind)' if pending else ''}", flush=True)
     except Exception as exc:  # noqa: BLE001 - the timing loop compiles what is missing
         print(f"precompile skipped ({type(exc).__name__}: {str(exc)[:100]})", flush=True)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def bench_triton_conv(batch=32, channels=512, out_channels=None, size=56, kernel=3, num_terms=1,
                       low_rank=16, stride=1, dtype=torch.bfloat16, sweep=False, backward=False,
-                      budget_s=480.0, jobs=8, seed=0, device="cuda"):
+                      budget_s=420.0, jobs=8, seed=0, device="cuda"):
     """Prints dense cuDNN conv vs the C++ sketched op vs the Triton op and both Triton kernels
     (forward; optionally forward+backward), then optionally the sweep. Returns the rows as dicts.
     ``jobs`` processes compile the configs first; ``budget_s`` (seconds since the start) stops
@@ -285,7 +293,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m inductor_ext.triton_conv_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true", help="also time every launch config of the sweep list")
     ap.add_argument("--backward", action="store_true", help="also time forward+backward")
-    ap.add_argument("--budget", type=float, default=480.0, help="seconds after which the sweep stops")
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds after which the sweep stops")
     ap.add_argument("--jobs", type=int, default=8, help="processes that compile the configs first (0: none)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--channels", type=int, default=512)
