@@ -3,9 +3,10 @@
 ``panther::rf_attention`` (C++/ATen kernels) and ``panther::rf_attention_triton`` (fused Triton kernels,
 registered with ``triton_op`` so Inductor inlines them) compute the same function and share one autograd
 formula; so do ``panther::sketched_conv2d`` and ``panther::sketched_conv2d_triton`` (one fused kernel for
-channels_last inputs, the rule ``SKConv2d`` follows in eager mode too). Inductor cannot take a decomposition that applies on some devices only (an op it falls back on
-must have none), so the choice is made on the graph before it is compiled, from each node's example
-values: CUDA inputs the Triton kernels cover go to the Triton op, anything else keeps the C++ op.
+channels_last inputs, the rule ``SKConv2d`` follows in eager mode too). Inductor cannot take a
+decomposition that applies on some devices only (an op it falls back on must have none), so the choice
+is made on the graph before it is compiled, from each node's example values: CUDA inputs the Triton
+kernels cover go to the Triton op, anything else keeps the C++ op.
 """
 from __future__ import annotations
 
