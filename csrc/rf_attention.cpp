@@ -211,22 +211,26 @@ Tensor apply_intra_mask(Tensor a, const Causal& cz) {
   return cz.decay ? a.mul_(cz.D) : a.masked_fill_(cz.D, 0);
 }
 
-// Reverse exclusive scan of per-chunk increments (the backward's sums over later chunks):
-// out[c] = sum_{c'>c} inc[c'] * exp(Rprev_{c'} - R_c), each step rescaling the running sum, so
-// nothing is ever recovered by subtraction.
-Tensor suffix_scan(const Tensor& inc, const Causal& cz) {
+// Exclusive scan of per-chunk increments with reference rescaling; every step only rescales
+// and adds, so nothing is ever recovered by subtraction from a total.
+// forward=true : out[c] = sum_{c'<c} inc[c'] * exp(R_{c'} - Rprev_c)     (S_{c-1})
+// forward=false: out[c] = sum_{c'>c} inc[c'] * exp(Rprev_{c'} - R_c)     (P_c)
+Tensor chunk_scan(const Tensor& inc, const Causal& cz, bool forward) {
   const int64_t NC = cz.NC;
   if (!cz.decay) {
+    Tensor z = at::zeros_like(inc.narrow(2, 0, 1));
+    if (forward) return at::cat({z, at::cumsum(inc.narrow(2, 0, NC - 1), 2)}, 2);
     Tensor rev = at::cumsum(inc.narrow(2, 1, NC - 1).flip({2}), 2).flip({2});
-    return at::cat({rev, at::zeros_like(inc.narrow(2, 0, 1))}, 2);
+    return at::cat({rev, z}, 2);
   }
   Tensor out = at::empty_like(inc);
-  Tensor P = at::zeros_like(inc.select(2, 0));
+  Tensor S = at::zeros_like(inc.select(2, 0));
   // chunk c moves the reference from Rprev_c to R_c (ratio exp(Rprev_c - R_c) <= 1)
   Tensor ratio = (cz.Rprev - cz.Rc).exp_().unsqueeze(-1).unsqueeze(-1);  // (B,H,NC,1,1)
-  for (int64_t c = NC - 1; c >= 0; --c) {
-    out.select(2, c).copy_(P);
-    P.mul_(ratio.select(2, c)).add_(inc.select(2, c));  // P_{c-1} = P_c r_c + dP_c
+  for (int64_t i = 0; i < NC; ++i) {
+    const int64_t c = forward ? i : NC - 1 - i;
+    out.select(2, c).copy_(S);
+    S.mul_(ratio.select(2, c)).add_(inc.select(2, c));  // S_c = S_{c-1} r_c + dS_c (or reversed)
   }
   return out;
 }
@@ -262,18 +266,24 @@ Causal causal_prepare(const Tensor& phiq, const Tensor& phik, const Tensor& vp, 
   return cz;
 }
 
-// numerator|denominator (B,H,L,dv+1). The inter-chunk state S (B,H,m,dv+1) is streamed chunk
-// by chunk (four in-place batched GEMM/elementwise ops per chunk, no O(L·m·dv) intermediate);
-// keep_states also records S_{c-1} per chunk in cz.states for the backward.
+// numerator|denominator (B,H,L,dv+1). keep_states records S_{c-1} per chunk in cz.states for
+// the backward. On CPU the inter-chunk state S (B,H,m,dv+1) is streamed chunk by chunk (no
+// O(L·m·dv) intermediate, which costs more than the GEMMs there); on GPUs, where one launch per
+// chunk would dominate, the per-chunk increments, the scan and the query product are batched.
 Tensor causal_forward(Causal& cz, bool keep_states) {
   Tensor outp = at::matmul(cz.A, cz.vc);  // intra-chunk part, (B,H,NC,C,dv+1)
   const int64_t B = outp.size(0), H = outp.size(1), NC = cz.NC, C = cz.C;
   const int64_t m = cz.qc.size(-1), dv1 = cz.vc.size(-1);
-  if (NC > 1) {
+  if (NC > 1 && !outp.device().is_cpu()) {
+    Tensor states = chunk_scan(at::matmul(cz.kd.transpose(-2, -1), cz.vc), cz, /*forward=*/true);
+    Tensor inter = at::matmul(cz.qc, states);
+    if (cz.decay) inter.mul_(cz.facq);
+    outp.add_(inter);
+    if (keep_states) cz.states = states;
+  } else if (NC > 1) {
     Tensor S = at::zeros({B * H, m, dv1}, outp.options());
     Tensor inter = at::empty({B * H, C, dv1}, outp.options());
     if (keep_states) cz.states = at::empty({B, H, NC, m, dv1}, outp.options());
-    // chunk c moves the state's reference from Rprev_c to R_c (ratio exp(Rprev_c - R_c) <= 1)
     Tensor ratio = cz.decay ? (cz.Rprev - cz.Rc).exp_().reshape({B * H, NC, 1, 1}) : Tensor();
     auto chunk = [&](const Tensor& t, int64_t c) { return t.select(2, c).reshape({B * H, C, t.size(-1)}); };
     for (int64_t c = 0; c < NC; ++c) {
@@ -284,7 +294,7 @@ Tensor causal_forward(Causal& cz, bool keep_states) {
         outp.select(2, c).add_(inter.view({B, H, C, dv1}));
       }
       if (c + 1 < NC) {
-        if (cz.decay) S.mul_(ratio.select(1, c));
+        if (cz.decay) S.mul_(ratio.select(1, c));  // reference Rprev_c -> R_c
         S.baddbmm_(chunk(cz.kd, c).transpose(1, 2), chunk(cz.vc, c));
       }
     }
@@ -305,7 +315,7 @@ std::tuple<Tensor, Tensor, Tensor> causal_backward(const Causal& cz, const Tenso
     dq.add_(dqi);
     Tensor qd = cz.decay ? cz.qc * cz.facq : cz.qc;
     Tensor dP = at::matmul(qd.transpose(-2, -1), Gc);  // per-chunk phi_q^T G
-    Tensor P = suffix_scan(dP, cz);  // sums over later chunks
+    Tensor P = chunk_scan(dP, cz, /*forward=*/false);  // sums over later chunks
     Tensor dki = at::matmul(cz.vc, P.transpose(-2, -1));
     if (cz.decay) dki.mul_(cz.ek);
     dk.add_(dki);

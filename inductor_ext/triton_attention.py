@@ -32,8 +32,13 @@ whose parallelism is B·H·segments, not B·H. Non-causal is three launches as w
 
 Registered as ``torch.library.triton_op("panther::rf_attention_triton")``. A device branch sends CPU
 tensors, float64 and shapes the kernels do not cover (head dim > 128, m > 256, dv > 128, empty) to
-``torch.ops.panther.rf_attention``. The backward is the C++ ``panther::rf_attention_backward``. Under
-``TRITON_INTERPRET=1`` (set before triton is imported) CPU tensors run the kernels in Triton's
+``torch.ops.panther.rf_attention``. The backward is the fused Triton backward
+(``inductor_ext/triton_attention_bwd.py``, triton_op ``panther::rf_attention_triton_backward``)
+where the kernels serve the call and the projection needs no gradient, else the C++
+``panther::rf_attention_backward``. ``rf_attention_triton`` calls the variant
+``panther::rf_attention_triton_train`` when a gradient is needed: the same output plus per-row
+den and shifts (``SAVE_STATS`` below), which spare the backward's dq walk two of its three passes.
+Under ``TRITON_INTERPRET=1`` (set before triton is imported) CPU tensors run the kernels in Triton's
 interpreter (eager only): that is how CPU CI checks the arithmetic.
 """
 from __future__ import annotations
@@ -46,7 +51,7 @@ import torch
 from torch import Tensor
 
 import panther  # noqa: F401  (loads the native ops)
-from panther.ops.attention import _check_rf, _rf_backward, _rf_setup_context
+from panther.ops.attention import _check_rf, _rf_setup_context
 
 try:  # Triton is optional: without it every call takes the C++ op.
     import triton
@@ -207,7 +212,7 @@ if triton is not None:
 
     @triton.jit
     def _query_kernel(
-        Q, W, ST, ZT, O,
+        Q, W, ST, ZT, O, STATS,
         H, L, M, D, DV,
         sqb, sqh, sql, sqd,
         swm, swd,
@@ -215,8 +220,10 @@ if triton is not None:
         alpha,
         KERNEL: tl.constexpr, UPCAST: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+        SAVE_STATS: tl.constexpr,
     ):
-        """out = phi(q)·S / phi(q)·z for one query block (0 where the denominator is 0)."""
+        """out = phi(q)·S / phi(q)·z for one query block (0 where the denominator is 0).
+        SAVE_STATS: per row den and the query shift into STATS (B·H, 3, L) for the backward."""
         bh = tl.program_id(0)
         pm = tl.program_id(1)
         b = bh // H
@@ -248,10 +255,14 @@ if triton is not None:
         tl.store(O + b.to(tl.int64) * sob + hh.to(tl.int64) * soh + rows64[:, None] * sol
                  + offs_v[None, :] * sod, out.to(O.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_v[None, :] < DV))
+        if SAVE_STATS:
+            s_base = STATS + bh.to(tl.int64) * (3 * L)
+            tl.store(s_base + rows64, den, mask=row_ok)
+            tl.store(s_base + L + rows64, kappa, mask=row_ok)
 
     @triton.jit
     def _causal_kernel(
-        Q, K, V, W, MASK, P, Z, RP, O,
+        Q, K, V, W, MASK, P, Z, RP, O, STATS,
         H, L, M, D, DV, SEG,
         sqb, sqh, sql, sqd,
         skb, skh, sks, skd,
@@ -262,9 +273,11 @@ if triton is not None:
         alpha,
         KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
-        C: tl.constexpr, HALF_STATE: tl.constexpr,
+        C: tl.constexpr, HALF_STATE: tl.constexpr, SAVE_STATS: tl.constexpr,
     ):
         """One segment of one (b, h): chunk walk from the segment's prefix state (P, Z at RP).
+        SAVE_STATS: per row den, the query shift and the key running max M into STATS
+        (B·H, 3, L) for the backward.
 
         The (m × dv) state would not fit the registers next to the feature tiles, so it stays in
         this program's own slice of P (L2-resident) and is streamed per feature block: pass 1
@@ -378,6 +391,12 @@ if triton is not None:
             out = tl.where((den == 0.0)[:, None], 0.0, out)
             tl.store(o_base + rows64[:, None] * sol + offs_v[None, :] * sod,
                      out.to(O.dtype.element_ty), mask=in_seq[:, None] & (offs_v[None, :] < DV))
+            if SAVE_STATS:
+                s_base = STATS + bh.to(tl.int64) * (3 * L)
+                tl.store(s_base + rows64, den, mask=in_seq)
+                if KERNEL == 0:
+                    tl.store(s_base + L + rows64, kq, mask=in_seq)
+                    tl.store(s_base + 2 * L + rows64, mt, mask=in_seq)
             # the state slice is re-read by other threads in the next chunk
             tl.debug_barrier()
 
@@ -419,7 +438,9 @@ def _splits(bh, length, block, device, min_len):
 
 def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *, seg=None,
              block_n=64, block_m=128,
-             causal_warps=4, causal_stages=2, block_f=None):
+             causal_warps=4, causal_stages=2, block_f=None, stats=None):
+    """The output; ``stats`` (a (B·H, 3, Lq) fp32 buffer) also receives per row den, the query
+    shift and (causal) the key running max, which the fused backward reuses."""
     B, H, Lq, d = q.shape
     S, dv, m = k.shape[2], v.shape[3], projection.shape[0]
     dev = q.device
@@ -466,13 +487,13 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
         RP = torch.empty((BH, nsplit), device=dev, dtype=f32)
         _launcher(_merge_kernel)[(BH, NF)](P, Z, MX, RP, P, Z, nsplit, PREFIX=True, **merge_meta)
         _launcher(_causal_kernel)[(BH, nsplit)](
-            q, k, v, W, mask, P, Z, RP, out,
+            q, k, v, W, mask, P, Z, RP, out, stats if stats is not None else RP,
             H, Lq, m, d, dv, seg,
             *q.stride(), *k.stride(), *v.stride(), *W.stride(), *mask.stride(), *out.stride(),
             alpha,
             KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
             M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, C=CHUNK,
-            HALF_STATE=q.dtype != torch.float32,
+            HALF_STATE=q.dtype != torch.float32, SAVE_STATS=stats is not None,
             num_warps=causal_warps, num_stages=causal_stages)
         return out
     # the state is read by every query block: bf16 for half inputs (fp16 could overflow: it sums
@@ -482,12 +503,12 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     ZT = torch.empty((BH, M_PAD), device=dev, dtype=f32)
     _launcher(_merge_kernel)[(BH, NF)](P, Z, MX, MX, ST, ZT, nsplit, PREFIX=False, **merge_meta)
     _launcher(_query_kernel)[(BH, triton.cdiv(Lq, block_m))](
-        q, W, ST, ZT, out,
+        q, W, ST, ZT, out, stats if stats is not None else ZT,
         H, Lq, m, d, dv,
         *q.stride(), *W.stride(), *out.stride(),
         alpha,
         KERNEL=kid, UPCAST=upcast,
-        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_M=block_m,
+        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_M=block_m, SAVE_STATS=stats is not None,
         num_warps=4 if _INTERPRET else 8)
     return out
 
@@ -507,27 +528,48 @@ def rf_attention_triton_op(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, 
                                           key_padding_mask)
 
 
-# Same autograd as panther::rf_attention: its C++ backward recomputes features and chunk states.
-torch.library.register_autograd("panther::rf_attention_triton", _rf_backward, setup_context=_rf_setup_context)
+def _rf_triton_backward(ctx, grad):
+    # the fused backward (inductor_ext/triton_attention_bwd.py) where the kernels serve the call
+    # and the projection needs no gradient; else the C++ backward, as for panther::rf_attention
+    from inductor_ext import triton_attention_bwd
+    return triton_attention_bwd.autograd_backward(ctx, grad)
+
+
+torch.library.register_autograd("panther::rf_attention_triton", _rf_triton_backward,
+                                setup_context=_rf_setup_context)
+
+
+def _attend(*args):
+    # with a gradient to come, the variant that also returns the forward's per-row statistics
+    # (den, shifts), which spares the fused backward two of its three passes
+    q, k, v = args[:3]
+    causal = args[5]
+    from .triton_attention_bwd import fused_backward_enabled
+    if fused_backward_enabled(causal) and torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad for t in (q, k, v)):
+        return torch.ops.panther.rf_attention_triton_train(*args)[0]
+    return torch.ops.panther.rf_attention_triton(*args)
 
 
 def rf_attention_triton(q, k, v, projection, kernel_fn="softmax", causal=False, scale=None,
                         key_padding_mask=None):
-    """Drop-in for ``panther.ops.rf_attention`` that runs the fused Triton kernels on CUDA."""
+    """Drop-in for ``panther.ops.rf_attention`` that runs the fused Triton kernels on CUDA
+    (forward and backward)."""
     if isinstance(q, Tensor) and torch.is_autocast_enabled(q.device.type):
         dt = torch.get_autocast_dtype(q.device.type)
         with torch.autocast(q.device.type, enabled=False):
-            return torch.ops.panther.rf_attention_triton(
-                q.to(dt), k.to(dt), v.to(dt), projection.to(dt), kernel_fn, causal, scale,
-                key_padding_mask)
-    return torch.ops.panther.rf_attention_triton(q, k, v, projection, kernel_fn, causal, scale,
-                                                 key_padding_mask)
+            return _attend(q.to(dt), k.to(dt), v.to(dt), projection.to(dt), kernel_fn, causal,
+                           scale, key_padding_mask)
+    return _attend(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
 
 
 # --------------------------------------------------------------------------------------------
 # Benchmark (CUDA)
 # --------------------------------------------------------------------------------------------
 def _time_ms(fn, iters=20):
+    if not torch.cuda.is_available():  # the interpreter smoke test of the bench code
+        fn()
+        return 0.0
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -540,17 +582,29 @@ def _time_ms(fn, iters=20):
     return start.elapsed_time(end) / iters
 
 
+def _rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, backward=True,
-                           sweep=False):
-    """Prints SDPA vs the C++ op vs the Triton op (forward, and forward+backward) on CUDA."""
+                           sweep=False, long_len=262144, device="cuda"):
+    """Prints SDPA vs the C++ op vs the Triton op (forward, and forward+backward) on CUDA.
+
+    fwd+bwd of the Triton op uses the fused Triton backward (the projection needs no gradient);
+    "triton bwd ms" times that backward alone, "bwd_vs_c++" is the largest relative error of its
+    dq, dk, dv against the C++ backward. ``long_len`` adds a causal B=1 forward+backward at that
+    length (Triton only) with its peak memory. ``sweep`` also times launch parameters of the
+    forward and of the backward. (``device="cpu"`` under TRITON_INTERPRET=1 only smoke-tests
+    this code on tiny cases: no timings.)"""
     import torch.nn.functional as F
-    if not torch.cuda.is_available():
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
         print("bench_triton_attention: CUDA not available")
         return []
     from panther.sketch import orthogonal_random_features
     cases = cases or [("non-causal", 65536, 1, False), ("causal", 65536, 1, True),
                       ("causal", 4096, 16, True)]
-    dev = torch.device("cuda")
     rows = []
     for name, L, B, causal in cases:
         g = torch.Generator(device=dev).manual_seed(0)
@@ -562,7 +616,7 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
             "triton": lambda: rf_attention_triton(q, k, v, W, "softmax", causal),
         }
         ref = fns["c++"]().float()
-        err = ((fns["triton"]().float() - ref).norm() / ref.norm()).item()
+        err = _rel(fns["triton"](), ref)
         line = {"case": f"{name} L={L} B={B}", "triton_vs_c++_rel_err": f"{err:.2e}"}
         with torch.no_grad():
             for key, fn in fns.items():
@@ -576,25 +630,108 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
                                                               None, None),
                 "triton": lambda: rf_attention_triton(qg, kg, vg, W, "softmax", causal),
             }
+            gref = torch.ops.panther.rf_attention_backward(go, q, k, v, W, "softmax", causal, None,
+                                                           None, False)[:3]
+            gtri = torch.autograd.grad(bw["triton"](), (qg, kg, vg), go)
+            line["bwd_vs_c++_rel_err"] = f"{max(_rel(a, b) for a, b in zip(gtri, gref)):.2e}"
+            del gref, gtri
             for key, fn in bw.items():
                 line[f"{key} fwd+bwd ms"] = round(
                     _time_ms(lambda: torch.autograd.grad(fn(), (qg, kg, vg), go), iters=5), 3)
+            from .triton_attention_bwd import fused_backward_enabled
+            if fused_backward_enabled(causal):
+                line["triton bwd ms"] = round(_time_ms(
+                    lambda: torch.ops.panther.rf_attention_triton_backward(
+                        go, q, k, v, W, "softmax", causal, None, None), iters=10), 3)
+            else:
+                line["triton bwd"] = "C++ backward (the fused causal backward is opt-in)"
         print(line, flush=True)
         rows.append(line)
         if sweep:
-            # launch parameters of the Triton path (forward only), to pick the defaults
-            B_, H_, L_ = q.shape[0], q.shape[1], q.shape[2]
-            for seg in (None, 256, 512, 1024):
-                for warps, stages in ((4, 1), (8, 1), (8, 2), (8, 3)) if causal else ((8, 2),):
-                    for bn in (64,) if causal else (32, 64, 128):
-                        def run_cfg():
-                            return _forward(q, k, v, W, "softmax", causal, None, None, seg=seg,
-                                            block_n=bn, causal_warps=warps,
-                                            causal_stages=stages)
-                        try:
-                            ms = round(_time_ms(run_cfg, iters=10), 3)
-                        except Exception as exc:  # noqa: BLE001 - report and go on
-                            ms = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
-                        print(f"  sweep {name} L={L_} B={B_}: seg={seg} warps={warps} "
-                              f"stages={stages} block_n={bn}: {ms} ms", flush=True)
+            _sweep(q, k, v, W, name, causal, backward)
+        del q, k, v, fns
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    if backward and long_len:
+        rows.append(_bench_long(long_len, m, H, d, dtype, dev))
     return rows
+
+
+def _bench_long(L, m, H, d, dtype, dev):
+    """Causal B=1 forward + backward at length L with the Triton op: time and peak memory (the
+    C++ op would hold several (H, L, m) fp32 feature tensors: 4 GiB each at L = 262144)."""
+    from panther.sketch import orthogonal_random_features
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(1, H, L, d, device=dev, dtype=dtype, generator=g).requires_grad_()
+               for _ in range(3))
+    W = orthogonal_random_features(m, d, device=dev, dtype=torch.float32)
+    go = torch.randn_like(q)
+    inputs_mb = 4 * q.numel() * q.element_size() / 2**20  # q, k, v, grad_out
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    grads = torch.autograd.grad(rf_attention_triton(q, k, v, W, "softmax", True), (q, k, v), go)
+    if cuda:
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    peak_mb = (peak - base) / 2**20
+    ok = all(bool(torch.isfinite(t).all()) for t in grads)
+    del grads
+    line = {"case": f"causal L={L} B=1 H={H} fwd+bwd (triton)",
+            "triton fwd+bwd ms": round(_time_ms(
+                lambda: torch.autograd.grad(rf_attention_triton(q, k, v, W, "softmax", True),
+                                            (q, k, v), go), iters=3), 3),
+            "peak MiB above inputs": round(peak_mb, 1), "inputs+grad_out MiB": round(inputs_mb, 1),
+            "max_memory_allocated MiB": round(peak / 2**20, 1),
+            "finite grads": ok}
+    print(line, flush=True)
+    return line
+
+
+def _sweep(q, k, v, W, name, causal, backward, fwd=True):
+    """Times the Triton forward / backward over launch parameters, to pick the defaults."""
+    B_, L_ = q.shape[0], q.shape[2]
+    if fwd:
+        for seg in (None, 256, 512, 1024):
+            for warps, stages in ((4, 1), (8, 1), (8, 2), (8, 3)) if causal else ((8, 2),):
+                for bn in (64,) if causal else (32, 64, 128):
+                    def run_cfg():
+                        return _forward(q, k, v, W, "softmax", causal, None, None, seg=seg,
+                                        block_n=bn, causal_warps=warps, causal_stages=stages)
+                    try:
+                        ms = round(_time_ms(run_cfg, iters=10), 3)
+                    except Exception as exc:  # noqa: BLE001 - report and go on
+                        ms = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
+                    print(f"  sweep fwd {name} L={L_} B={B_}: seg={seg} warps={warps} "
+                          f"stages={stages} block_n={bn}: {ms} ms", flush=True)
+    if not backward:
+        return
+    from inductor_ext.triton_attention_bwd import _backward, backward_params
+    go = torch.randn_like(q)
+    out, stats = torch.ops.panther.rf_attention_triton_train(q, k, v, W, "softmax", causal, None,
+                                                             None)
+    base = dict(backward_params)
+    configs = [dict(chunk=c, block_f=bf, q_warps=w, k_warps=w, stages=st)
+               for c, bf, w, st in ((64, 32, 8, 2), (64, 32, 8, 1), (64, 32, 4, 2), (64, 32, 4, 1),
+                                    (64, 64, 8, 2), (64, 64, 8, 1), (64, 64, 4, 2), (64, 64, 4, 1),
+                                    (32, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2), (32, 64, 4, 2))]
+    configs += [dict(seg=sg) for sg in (512, 1024, 2048, 4096)]
+    configs += [dict(tf32=True), dict(q_warps=8, k_warps=4), dict(q_warps=4, k_warps=8)]
+    for cfg in configs:
+        full = {**base, **cfg}
+
+        def run_bwd():
+            return _backward(go, q, k, v, W, "softmax", causal, None, None, out, stats, **full)
+        try:
+            ms = round(_time_ms(run_bwd, iters=5), 3)
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            ms = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
+        print(f"  sweep bwd {name} L={L_} B={B_}: {full}: {ms} ms", flush=True)
+
+
+# registers panther::rf_attention_triton_backward (imported last: it uses the kernels above)
+from inductor_ext import triton_attention_bwd  # noqa: E402,F401

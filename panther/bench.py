@@ -6,6 +6,7 @@ the factors once at the measured copy bandwidth) is printed beside the measured 
 from __future__ import annotations
 
 import statistics
+import textwrap
 import time
 
 import torch
@@ -119,7 +120,7 @@ def bench_attention(seq=4096, batch=16, heads=16, head_dim=64, num_features=256,
     sdpa = torch.nn.functional.scaled_dot_product_attention
     candidates = {
         "SDPA (exact)": lambda: sdpa(q, k, v, is_causal=causal),
-        "panther rf_attention": lambda: torch.ops.panther.rf_attention(q, k, v, proj, "softmax", causal, None, None),
+        "panther rf_attention": lambda: _attend(q)(q, k, v, proj, "softmax", causal, None, None),
     }
     if backward:
         def with_backward(fn):
@@ -134,6 +135,17 @@ def bench_attention(seq=4096, batch=16, heads=16, head_dim=64, num_features=256,
     ours = times["panther rf_attention"]
     return [[name, f"{ms:.3f}", f"{ms / ours:.2f}x"] for name, ms in times.items()], \
         ["implementation", "median ms", "time / panther"]
+
+
+def _attend(q):
+    """The attention kernel RandMultiHeadAttention runs for ``q``: the fused Triton op on CUDA (when
+    triton is present), the C++ op elsewhere."""
+    from .nn import attention as rmha
+
+    rmha._load_triton_attention()
+    if q.is_cuda and rmha._rf_attention_triton is not None:
+        return rmha._rf_attention_triton
+    return torch.ops.panther.rf_attention
 
 
 def _per_token_causal(q, k, v, proj):
@@ -255,7 +267,7 @@ def _attention_case(size, *, device, dtype, batch, heads=16, head_dim=64, num_fe
     return {
         "SDPA (exact)": (lambda: sdpa(q, k, v, is_causal=causal), _nbytes(q, k, v), out),
         f"panther rf_attention (m={num_features})": (
-            lambda: torch.ops.panther.rf_attention(q, k, v, proj, "softmax", causal, None, None),
+            lambda: _attend(q)(q, k, v, proj, "softmax", causal, None, None),
             _nbytes(q, k, v, proj), out),
     }
 
@@ -455,7 +467,8 @@ def plot_sweep(result, path, *, dpi=100):
     ax_t.set_ylabel("forward time per call (ms, median, log scale)")
     ax_t.set_title("speed", fontsize=10)
     ax_m.set_ylabel("peak memory (MiB, log scale)")
-    ax_m.set_title("memory — " + MEMORY_LABELS[result["memory"]].replace(": ", ":\n", 1), fontsize=8)
+    # wrapped: the label names how memory was measured and would overflow the panel on one line
+    ax_m.set_title(textwrap.fill("memory — " + MEMORY_LABELS[result["memory"]], 70), fontsize=8)
     dtype = str(result["dtype"]).replace("torch.", "")
     cfg = ", ".join(f"{k}={v}" for k, v in result["config"].items())
     fig.suptitle(f"panther {what}: dense vs sketched — {_device_name(result['device'])}, {dtype} ({cfg})",

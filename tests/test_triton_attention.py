@@ -3,8 +3,8 @@
 CPU CI: the kernels' arithmetic in Triton's interpreter (one subprocess, TRITON_INTERPRET=1), the
 triton_op's CPU branch through opcheck / gradcheck, argument validation.
 CUDA (the lent H200, ``pytest -m cuda``): the kernels against the float64 reference in bf16/fp32,
-causal or not, softmax/relu, masks, several segments; gradients (C++ backward) against the C++ op;
-torch.compile of the op.
+causal or not, softmax/relu, masks, several segments; gradients (the fused Triton backward, and the
+C++ one when the projection needs a gradient) against the C++ backward; torch.compile of the op.
 """
 import os
 import subprocess
@@ -59,6 +59,20 @@ def test_kernel_arithmetic_in_triton_interpreter():
         proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
+@pytest.mark.skipif(ta.triton is None, reason="needs triton")
+def test_backward_kernel_arithmetic_in_triton_interpreter():
+    """The fused backward: dq, dk, dv vs the C++ backward and autograd of the reference (float64);
+    causal (several segments, rising running max) and not, softmax/relu, masks, fp32/bf16/fp16,
+    and the op's autograd routing (Triton backward; C++ when the projection needs a gradient)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    script = ROOT / "tests" / "triton_attention_bwd_interpret_check.py"
+    proc = subprocess.run([sys.executable, str(script)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "all backward interpreter checks passed" in proc.stdout, \
+        proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
 # ------------------------------------------------------------------ CPU branch of the op
 @pytest.mark.parametrize("kernel_fn,causal,masked,scale", [
     ("softmax", False, False, None), ("softmax", True, True, 0.5), ("relu", False, True, None),
@@ -66,6 +80,40 @@ def test_kernel_arithmetic_in_triton_interpreter():
 def test_opcheck(kernel_fn, causal, masked, scale):
     q, k, v, W, mask = inputs(dtype=torch.float32, masked=masked, requires_grad=True)
     torch.library.opcheck(OP, (q, k, v, W, kernel_fn, causal, scale, mask))
+
+
+@pytest.mark.parametrize("kernel_fn,causal,masked",
+                         [("softmax", False, True), ("relu", True, False)])
+def test_backward_op_cpu_branch(kernel_fn, causal, masked):
+    """panther::rf_attention_triton_backward on CPU: opcheck and equality with the C++ backward."""
+    q, k, v, W, mask = inputs(dtype=torch.float32, masked=masked)
+    go = torch.randn(2, 2, 9, 6, generator=torch.Generator().manual_seed(1))
+    args = (go, q, k, v, W, kernel_fn, causal, None, mask)
+    torch.library.opcheck(torch.ops.panther.rf_attention_triton_backward.default, args)
+    got = torch.ops.panther.rf_attention_triton_backward(*args)
+    ref = torch.ops.panther.rf_attention_backward(*args, False)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="grad_out"):
+        torch.ops.panther.rf_attention_triton_backward(go[:, :, :3], *args[1:])
+
+
+@pytest.mark.parametrize("kernel_fn,causal,masked",
+                         [("softmax", True, True), ("relu", False, False)])
+def test_train_op_cpu_branch(kernel_fn, causal, masked):
+    """panther::rf_attention_triton_train (the op rf_attention_triton calls when a gradient is
+    needed): opcheck, its output and gradients equal the C++ op's on CPU."""
+    q, k, v, W, mask = inputs(dtype=torch.float32, masked=masked, requires_grad=True)
+    args = (q, k, v, W, kernel_fn, causal, 0.7, mask)
+    torch.library.opcheck(torch.ops.panther.rf_attention_triton_train.default, args)
+    out, stats = torch.ops.panther.rf_attention_triton_train(*args)
+    assert stats.numel() == 0 and not stats.requires_grad
+    ref = torch.ops.panther.rf_attention(*args)
+    assert torch.equal(out, ref)
+    go = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(ta.rf_attention_triton(*args), (q, k, v, W), go),
+                    torch.autograd.grad(ref, (q, k, v, W), go)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kernel_fn,causal", [("softmax", False), ("softmax", True), ("relu", True)])
@@ -155,6 +203,96 @@ def test_cuda_backward_matches_cpp_op(causal):
                                                             mask), (q, k, v, W), go)
     for a, b in zip(g1, g2):
         assert rel(a, b) < 1e-3
+
+
+# a Latin-square-like cover of dtype x kernel x causal x mask (each kernel variant compiles anew)
+_BWD_CASES = [
+    (torch.float32, "softmax", True, True), (torch.bfloat16, "softmax", True, True),
+    (torch.bfloat16, "relu", True, False), (torch.float16, "relu", True, True),
+    (torch.float16, "softmax", False, True), (torch.bfloat16, "relu", False, True),
+    (torch.float32, "relu", False, False), (torch.bfloat16, "softmax", False, False)]
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,kernel_fn,causal,masked", _BWD_CASES)
+def test_cuda_triton_backward_matches_reference(dtype, kernel_fn, causal, masked):
+    """The fused backward (projection without grad) vs the float64 C++ backward: odd sizes (tails
+    in L, d, dv, m), several segments, rising key norms (the running max moves across segments)."""
+    q, k, v, W, mask = inputs(B=2, H=3, L=1000, S=1000 if causal else 700, d=48, dv=40, m=100,
+                              dtype=torch.float64, device="cuda", masked=masked)
+    k = k * torch.linspace(0.2, 1.2, k.shape[2], device="cuda", dtype=torch.float64)[:, None]
+    go = torch.randn(2, 3, 1000, 40, device="cuda", dtype=torch.float64)
+    q, k, v, go = (t.to(dtype) for t in (q, k, v, go))
+    # the kernels use W in the inputs' dtype (forward and backward): so does the reference
+    ref = torch.ops.panther.rf_attention_backward(go.double(), q.double(), k.double(), v.double(),
+                                                  W.to(dtype).double(), kernel_fn, causal, None,
+                                                  mask, False)[:3]
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    out = ta.rf_attention_triton(qg, kg, vg, W.float(), kernel_fn, causal, None, mask)
+    got = torch.autograd.grad(out, (qg, kg, vg), go)
+    for name, a, b in zip(("dq", "dk", "dv"), got, ref):
+        assert a.dtype == dtype and torch.isfinite(a).all(), name
+        assert rel(a, b) < BWD_TOL[dtype], (name, rel(a, b))
+    # the recomputing backward (the plain op's autograd) and explicit launch parameters (small
+    # segments / feature blocks, tf32 products) give the same gradients
+    from inductor_ext import triton_attention_bwd as tb
+    out2 = torch.ops.panther.rf_attention_triton(qg, kg, vg, W.float(), kernel_fn, causal, None,
+                                                 mask)
+    got2 = torch.autograd.grad(out2, (qg, kg, vg), go)
+    checks = [got2]
+    if dtype == torch.bfloat16:
+        checks.append(tb._backward(go, q, k, v, W.float(), kernel_fn, causal, None, mask, seg=128,
+                                   block_f=64, q_warps=4, k_warps=4, stages=1, tf32=True,
+                                   chunk=32))
+    for got_ in checks:
+        for name, a, b in zip(("dq", "dk", "dv"), got_, ref):
+            assert rel(a, b) < BWD_TOL[dtype], (name, rel(a, b))
+
+
+BWD_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_cuda_triton_backward_full_size():
+    """The benchmark's head shape (d=64, m=256), bf16, many segments, masks: vs the fp32 C++."""
+    q, k, v, W, mask = inputs(B=1, H=4, L=8192, d=64, dv=64, m=256, dtype=torch.bfloat16,
+                              device="cuda", masked=True, shift=0.5)
+    go = torch.randn_like(q)
+    for causal in (False, True):
+        ref = torch.ops.panther.rf_attention_backward(go.float(), q.float(), k.float(), v.float(),
+                                                      W.bfloat16().float(), "softmax", causal, 0.5,
+                                                      mask, False)
+        got = torch.ops.panther.rf_attention_triton_backward(go, q, k, v, W.float(), "softmax",
+                                                             causal, 0.5, mask)
+        out, stats = torch.ops.panther.rf_attention_triton_train(q, k, v, W.float(), "softmax",
+                                                                 causal, 0.5, mask)
+        got2 = torch.ops.panther.rf_attention_triton_backward(go, q, k, v, W.float(), "softmax",
+                                                              causal, 0.5, mask, out, stats)
+        for name, a, a2, b in zip(("dq", "dk", "dv"), got, got2, ref):
+            assert torch.isfinite(a).all() and rel(a, b) < 5e-2, (causal, name, rel(a, b))
+            assert torch.isfinite(a2).all() and rel(a2, b) < 5e-2, (causal, name, rel(a2, b))
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_cuda_compile_backward():
+    """torch.compile of forward + backward through the fused backward (non-causal: causal calls take
+    the C++ backward unless opted in) matches eager."""
+    q, k, v, W, mask = inputs(B=1, H=2, L=256, d=64, dv=64, m=128, dtype=torch.bfloat16,
+                              device="cuda", masked=True)
+    W = W.float()
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+
+    def loss(q, k, v):
+        out = ta.rf_attention_triton(q, k, v, W, "softmax", False, None, mask)
+        return out.float().square().sum()
+
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(qg, kg, vg), (qg, kg, vg))
+    ref = torch.autograd.grad(loss(qg, kg, vg), (qg, kg, vg))
+    for a, b in zip(got, ref):
+        assert rel(a, b) < 1e-2
 
 
 @cuda_only

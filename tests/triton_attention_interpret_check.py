@@ -15,18 +15,14 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 import torch  # noqa: E402
 
 import panther  # noqa: E402,F401
-from interpret_common import check, rel  # noqa: E402  (tests/ is on sys.path: run as a script)
+# tests/ is on sys.path: run as a script
+from interpret_common import (ATTENTION_TOL as TOL, check, padding_mask, rel,  # noqa: E402
+                              seeded_generators)
 from inductor_ext import triton_attention as ta  # noqa: E402
 from panther.ops.attention import rf_attention_reference
 from panther.sketch import orthogonal_random_features  # noqa: E402
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
-_seed = [0]
-
-
-def gen():
-    _seed[0] += 1
-    return torch.Generator().manual_seed(_seed[0])
+gen = seeded_generators(0)
 
 
 def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0, bf=16):
@@ -35,12 +31,7 @@ def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shi
     k = torch.randn(B, H, S, d, generator=g, dtype=torch.float64) + shift
     v = torch.randn(B, H, S, dv, generator=g, dtype=torch.float64)
     W = orthogonal_random_features(m, d, generator=g, dtype=torch.float64)
-    mask = None
-    if masked:
-        mask = torch.rand(B, S, generator=g) < 0.3
-        mask[0, : min(S, 5)] = True  # a masked prefix: early queries see no key at all
-        if B > 1:
-            mask[1] = True          # a fully masked row: output 0
+    mask = padding_mask(B, S, g) if masked else None
     q, k, v, W = q.to(dtype), k.to(dtype), v.to(dtype), W.to(dtype)
     ref = rf_attention_reference(q.double(), k.double(), v.double(), W.double(), kernel_fn,
                                  causal, scale, mask)

@@ -1,0 +1,168 @@
+"""Checks the fused random-feature attention BACKWARD kernels' arithmetic in Triton's interpreter.
+
+Run by tests/test_triton_attention.py in ONE subprocess with ``TRITON_INTERPRET=1`` (set before
+triton is imported). Each case runs ``inductor_ext.triton_attention_bwd._backward`` with small
+segments and feature blocks (several segments, chunk tails, padded feature blocks), with the
+forward's saved statistics (the training path) or recomputing them, and compares
+dq, dk, dv with the C++ ``panther::rf_attention_backward`` and with autograd through
+``rf_attention_reference``, both in float64 on the same (rounded) inputs. Prints one line per
+gradient and exits non-zero on the first failure.
+"""
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+
+import panther  # noqa: E402,F401
+# tests/ is on sys.path: run as a script
+from interpret_common import (ATTENTION_TOL as TOL, check, padding_mask, rel,  # noqa: E402
+                              seeded_generators)
+from inductor_ext import triton_attention as ta  # noqa: E402
+from inductor_ext import triton_attention_bwd as tb  # noqa: E402
+from panther.ops.attention import rf_attention_reference  # noqa: E402
+from panther.sketch import orthogonal_random_features  # noqa: E402
+
+gen = seeded_generators(100)
+
+
+def make(B, H, L, S, d, dv, m, masked, dtype, shift=0.0, ramp=False):
+    g = gen()
+    q = torch.randn(B, H, L, d, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, S, d, generator=g, dtype=torch.float64) + shift
+    if ramp:  # key norms grow along the sequence: the running max M rises segment after segment
+        k = k * torch.linspace(0.05, 1.2, S, dtype=torch.float64)[:, None]
+    v = torch.randn(B, H, S, dv, generator=g, dtype=torch.float64)
+    go = torch.randn(B, H, L, dv, generator=g, dtype=torch.float64)
+    W = orthogonal_random_features(m, d, generator=g, dtype=torch.float64)
+    mask = padding_mask(B, S, g) if masked else None
+    return [t.to(dtype) for t in (q, k, v, go, W)] + [mask]
+
+
+def references(q, k, v, go, W, kernel_fn, causal, scale, mask):
+    q, k, v, go, W = (t.double() for t in (q, k, v, go, W))
+    cpp = torch.ops.panther.rf_attention_backward(go, q, k, v, W, kernel_fn, causal, scale, mask,
+                                                  False)[:3]
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    out = rf_attention_reference(qr, kr, vr, W, kernel_fn, causal, scale, mask)
+    auto = torch.autograd.grad(out, (qr, kr, vr), go)
+    return cpp, auto
+
+
+def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0, bf=16,
+         ramp=False, stats=True, chunk=64):
+    """stats: the training path (the forward saves out and per-row den / shifts, the backward
+    reuses them); else the backward recomputes them."""
+    q, k, v, go, W, mask = make(B, H, L, S, d, dv, m, masked, dtype, shift, ramp)
+    cpp, auto = references(q, k, v, go, W, kernel_fn, causal, scale, mask)
+    out = st = None
+    if stats:
+        st = torch.full((B * H, 3, L), float("nan"))
+        if kernel_fn == "relu" or not causal:
+            st.zero_()  # rows the forward leaves unwritten (as rf_attention_triton_train does)
+        out = ta._forward(q, k, v, W, kernel_fn, causal, scale, mask, seg=seg, block_n=16,
+                          block_m=16, block_f=bf, stats=st)
+    got = tb._backward(go, q, k, v, W, kernel_fn, causal, scale, mask, out, st, seg=seg,
+                       block_f=bf, chunk=chunk)
+    name = (f"{kernel_fn} causal={causal} B{B} H{H} L{L} S{S} d{d} dv{dv} m{m} scale={scale} "
+            f"mask={masked} {str(dtype)[6:]} seg={seg} shift={shift} block_f={bf} ramp={ramp} "
+            f"stats={stats} chunk={chunk}")
+    for gname, x, ref_c, ref_a in zip(("dq", "dk", "dv"), got, cpp, auto):
+        assert x.dtype == dtype and x.shape == ref_c.shape, (gname, x.dtype, x.shape)
+        assert torch.isfinite(x).all(), f"{name}: non-finite {gname} (unwritten or overflow)"
+        check(f"{name} {gname} vs C++", rel(x, ref_c), TOL[dtype])
+        check(f"{name} {gname} vs autograd(reference)", rel(x, ref_a), TOL[dtype])
+    if masked:
+        # masked keys get exactly zero dk, dv (their features are 0)
+        mk = mask[:, None, :, None].expand(B, H, S, 1)
+        assert (got[1].masked_select(mk) == 0).all(), "masked keys' dk != 0"
+        assert (got[2].masked_select(mk) == 0).all(), "masked keys' dv != 0"
+
+
+def op_level():
+    """Autograd of the Triton op (through rf_attention_triton: the training variant with saved
+    statistics; and the plain op): the Triton backward without a projection gradient, the C++
+    backward (with dW) when the projection requires grad."""
+    g = gen()
+    q, k, v = (torch.randn(1, 2, 70, 16, generator=g, requires_grad=True) for _ in range(3))
+    W = orthogonal_random_features(32, 16, generator=g)
+    go = torch.randn(1, 2, 70, 16, generator=g)
+    mask = torch.rand(1, 70, generator=g) < 0.2
+    calls = []
+    fused = tb._backward
+    tb._backward = lambda *a, **kw: calls.append(1) or fused(*a, **kw)  # count fused backwards
+    default_causal = tb.backward_params["causal"]
+    tb.backward_params["causal"] = True  # the causal fused backward is opt-in: exercise it here
+    for causal in (False, True):
+        got = torch.autograd.grad(ta.rf_attention_triton(q, k, v, W, "softmax", causal, None, mask),
+                                  (q, k, v), go)
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = torch.autograd.grad(rf_attention_reference(qd, kd, vd, W.double(), "softmax", causal,
+                                                         None, mask), (qd, kd, vd), go.double())
+        for gname, a, b in zip(("dq", "dk", "dv"), got, ref):
+            check(f"op autograd causal={causal} {gname}", rel(a, b), 1e-4)
+        # the plain op's autograd (saves only its inputs: the backward recomputes num / den)
+        got = torch.autograd.grad(torch.ops.panther.rf_attention_triton(
+            q, k, v, W, "softmax", causal, None, mask), (q, k, v), go)
+        for gname, a, b in zip(("dq", "dk", "dv"), got, ref):
+            check(f"plain op autograd causal={causal} {gname}", rel(a, b), 1e-4)
+        # the backward op itself, and its fallback when the projection needs a gradient
+        bwd = torch.ops.panther.rf_attention_triton_backward(
+            go, q.detach(), k.detach(), v.detach(), W, "softmax", causal, None, mask)
+        for gname, a, b in zip(("dq", "dk", "dv"), bwd, ref):
+            check(f"op rf_attention_triton_backward causal={causal} {gname}", rel(a, b), 1e-4)
+    assert len(calls) == 6, f"the fused backward ran {len(calls)} times, expected 6"
+    Wg = W.clone().requires_grad_()
+    got = torch.autograd.grad(ta.rf_attention_triton(q, k, v, Wg, "relu", True, None, mask),
+                              (q, k, v, Wg), go)
+    ref = torch.ops.panther.rf_attention_backward(go, q.detach(), k.detach(), v.detach(), W, "relu",
+                                                  True, None, mask, True)
+    for gname, a, b in zip(("dq", "dk", "dv", "dW"), got, ref):
+        check(f"op autograd with projection grad (C++ path) {gname}", rel(a, b), 1e-5)
+    assert len(calls) == 6, "a projection gradient must take the C++ backward"
+    tb.backward_params["causal"] = False  # the default: causal autograd takes the C++ backward
+    got = torch.autograd.grad(ta.rf_attention_triton(q, k, v, W, "softmax", True, None, mask), (q, k, v), go)
+    assert len(calls) == 6, "causal calls must take the C++ backward unless backward_params['causal']"
+    tb.backward_params["causal"] = default_causal
+    tb._backward = fused
+
+
+def main():
+    f32, bf, f16 = torch.float32, torch.bfloat16, torch.float16
+    # causal: several segments (seg 64 = one chunk each), chunk tails, masks with a fully masked
+    # row and a masked prefix, large logits (shifted keys, big scale), relu, L < C
+    case(1, 2, 70, 70, 16, 8, 32, "softmax", True, None, False, f32, seg=64)
+    case(2, 1, 100, 100, 16, 8, 32, "softmax", True, 0.5, True, f32, seg=64, ramp=True)
+    case(1, 1, 131, 131, 16, 8, 32, "softmax", True, 0.5, False, f32, seg=64, ramp=True)
+    case(1, 1, 131, 131, 16, 8, 32, "softmax", True, 0.5, False, f32, seg=64, ramp=True,
+         stats=False)
+    case(1, 1, 131, 131, 16, 8, 32, "softmax", True, 2.0, True, f32, seg=128, shift=1.5,
+         stats=False)
+    case(2, 1, 100, 100, 16, 8, 32, "relu", True, None, True, f32, seg=64)
+    case(1, 1, 70, 70, 16, 8, 32, "relu", True, None, True, f32, seg=64, stats=False)
+    case(1, 1, 30, 30, 16, 8, 32, "relu", True, None, False, f32, seg=64)
+    # the backward's own chunk length (32; the forward walks chunks of 64)
+    case(1, 1, 100, 100, 16, 8, 32, "softmax", True, 0.5, True, f32, seg=64, ramp=True, chunk=32)
+    case(1, 1, 50, 70, 16, 8, 32, "softmax", False, None, True, f32, seg=64, chunk=32)
+    # one padded feature block (m = 40 < block_f = 64) / two blocks, the second padded (m = 100)
+    case(1, 1, 70, 70, 16, 8, 40, "softmax", True, None, True, f32, seg=64, shift=1.0, bf=64)
+    # non-causal: several query segments, Lq != S, masks, large logits, relu
+    case(2, 1, 100, 53, 16, 8, 32, "softmax", False, None, True, f32, seg=64)
+    case(1, 1, 70, 40, 16, 8, 32, "softmax", False, None, True, f32, seg=64, stats=False)
+    case(1, 1, 40, 70, 16, 8, 32, "softmax", False, 2.0, False, f32, seg=64, shift=1.5)
+    case(2, 1, 70, 45, 16, 8, 32, "relu", False, None, True, f32, seg=64)
+    case(1, 1, 40, 30, 16, 8, 32, "relu", False, None, False, f32, seg=64, stats=False)
+    case(1, 1, 20, 40, 16, 8, 100, "softmax", False, None, True, f32, seg=64, bf=64)
+    # half inputs (the interpreter upcasts the products; the GPU uses bf16 tensor cores)
+    case(1, 1, 100, 100, 16, 8, 32, "softmax", True, None, True, bf, seg=64)
+    case(1, 1, 70, 70, 16, 8, 32, "softmax", True, None, True, bf, seg=64, stats=False)
+    case(1, 1, 60, 33, 16, 8, 32, "relu", False, None, True, bf, seg=64)
+    case(1, 1, 70, 70, 16, 8, 32, "softmax", True, None, False, f16, seg=64)
+    op_level()
+    print("all backward interpreter checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
