@@ -29,7 +29,9 @@ workload, against 0.1 GB from HBM). The "rowtap" kernel (unit column stride) cut
 a program owns a strip of whole output rows, loads each row tap's input strip once and
 multiplies it by all kw column taps in a wider GEMM (N = kw·R_PAD, as two power-of-two parts),
 then folds the column taps with a shifted gather of the fp32 accumulators. Which one serves the op is ``ALGO``;
-``python -m inductor_ext.triton_conv_bench --sweep`` times both.
+``python -m inductor_ext.triton_conv_bench --sweep`` times both. Before either, the op takes the
+"tap-GEMM" path (``triton_conv_tap``: one cuBLAS GEMM to kh·kw·R columns, then one gather-sum-mix
+kernel) for the calls ``triton_conv_tap.TAP_GEMM`` names (default: stride 1, channels_last).
 
 Registered as ``torch.library.triton_op("panther::sketched_conv2d_triton")`` with the arguments of
 ``panther::sketched_conv2d``; the autograd is that op's (``panther/ops/conv.py``: cuDNN
@@ -704,12 +706,20 @@ def kernel_ok(x, S1s, U1s, bias, stride, padding, dilation):
 # --------------------------------------------------------------------------------------------
 # The op
 # --------------------------------------------------------------------------------------------
+# The tap-GEMM path (cuBLAS GEMM + one epilogue kernel) builds on this module's helpers, so it is
+# imported here, once they exist.
+from . import triton_conv_tap as _tap  # noqa: E402
+
+
 # The schema is inferred from the annotations: that of panther::sketched_conv2d with SymInt[]
 # for its SymInt[2] (triton_op ignores an explicit schema); the wrapper below always passes pairs.
 @torch.library.triton_op("panther::sketched_conv2d_triton", mutates_args=())
 def sketched_conv2d_triton_op(x: Tensor, S1s: Tensor, U1s: Tensor, bias: Optional[Tensor],
                               stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
-    """``panther::sketched_conv2d`` computed by the fused Triton kernel on CUDA."""
+    """``panther::sketched_conv2d`` computed on CUDA by the tap-GEMM path where ``triton_conv_tap.TAP_GEMM``
+    says so, else by a fused Triton kernel."""
+    if _tap.use_tap(x, S1s, U1s, bias, list(stride), list(padding), list(dilation)):
+        return _tap.tap_forward(x, S1s, U1s, bias, stride, padding, dilation)
     if kernel_ok(x, S1s, U1s, bias, list(stride), list(padding), list(dilation)):
         if x.dim() == 3:
             return conv_forward(x.unsqueeze(0), S1s, U1s, bias, stride, padding, dilation).squeeze(0)
