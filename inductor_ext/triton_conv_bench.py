@@ -2,6 +2,8 @@
 
     python -m inductor_ext.triton_conv_bench            # issue [D]'s workload, bf16 channels_last
     python -m inductor_ext.triton_conv_bench --sweep    # + each launch config of both kernels
+    python -m inductor_ext.triton_conv_bench --tapgemm  # tap-GEMM vs the rest on three workloads
+    TRITON_INTERPRET=1 python -m inductor_ext.triton_conv_bench --tapgemm --smoke   # CPU smoke run
 
 Workload (defaults): 3×3 conv, C_in = C_out = 512, 56×56, batch 32, L = 1, k = 16, padding 1,
 bf16, channels_last. Every time is a median of CUDA-event timings (``triton.testing.do_bench``,
@@ -11,6 +13,14 @@ relative Frobenius errors against the C++ op run in fp32 on the same (bf16-value
 The sweep prints each config's time as it goes (slowest to compile first is fine: a time budget
 stops it before the 10-minute command limit) and ends with the best configs in ``_CANDIDATES``'s
 tuple form, ready to paste into ``inductor_ext/triton_conv.py``.
+
+``--tapgemm`` compares, for issue [D]'s workload and C = 256 at 56×56, C = 1024 at 28×28 (batch 32, bf16,
+channels_last, 3×3, pad 1, L = 1, k = 16): dense cuDNN, the C++ op, the fused kernels (autotuned), the
+tap-GEMM path (``triton_conv_tap``) with each stage-2 config of a grid, its two stages and its total with
+the best one, the op as routed, and dense / C++ op again under ``cudnn.benchmark``. Times there are
+medians of single-call CUDA-event timings (L2 flushed before each); the floor is x read once plus out
+written once at 4.8 TB/s. Each row is printed as soon as it is measured; a failing variant prints its
+error and the run goes on.
 """
 from __future__ import annotations
 
@@ -23,8 +33,9 @@ import torch.nn.functional as F
 import panther  # noqa: F401  (loads the C++ op)
 
 from . import triton_conv as tc
+from . import triton_conv_tap as tap
 
-__all__ = ["bench_triton_conv", "sweep_configs", "main"]
+__all__ = ["bench_triton_conv", "bench_tap_gemm", "sweep_configs", "main"]
 
 
 def sweep_configs(r_pad, elem_size, kw=3, rowtap=True):
@@ -113,6 +124,11 @@ def _config_dict(c):
                 X_CA=c[7])
 
 
+def _tap_config_dict(c):
+    """A ``(BLOCK_P, BLOCK_N, num_warps, num_stages)`` stage-2 config as launch arguments."""
+    return dict(BLOCK_P=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
+
+
 def _precompile_worker(spec, configs):
     """Run each config once in this (spawned) process: the compiled kernels land in Triton's
     on-disk cache, so the timing process only loads them. Returns the configs that failed."""
@@ -121,7 +137,10 @@ def _precompile_worker(spec, configs):
     with torch.no_grad():
         for c in configs:
             try:
-                tc.conv_forward(x, S1s, U1s, bias, *conv, algo=c[0], config=_config_dict(c))
+                if c[0] == "tap":  # a stage-2 config of the tap-GEMM path
+                    tap.tap_forward(x, S1s, U1s, bias, *conv, config=_tap_config_dict(c[1:]))
+                else:
+                    tc.conv_forward(x, S1s, U1s, bias, *conv, algo=c[0], config=_config_dict(c))
             except Exception as exc:  # noqa: BLE001 - reported by the timing pass
                 failed.append((c, f"{type(exc).__name__}: {str(exc)[:100]}"))
     if x.is_cuda:
@@ -289,6 +308,157 @@ def bench_triton_conv(batch=32, channels=512, out_channels=None, size=56, kernel
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------
+# tap-GEMM comparison
+
+HBM_TB_S = 4.8  # H200 HBM bandwidth for the memory floor, TB/s
+TAP_WORKLOADS = ((32, 512, 56), (32, 256, 56), (32, 1024, 28))  # (batch, C_in = C_out, H = W)
+SMOKE_WORKLOADS = ((1, 24, 4), (1, 144, 3))  # tiny (the second takes the tap path in the op): CPU smoke run
+
+_FLUSH = {}
+
+
+def _median_ms(fn, device, reps=30, warmup=5):
+    """Median of ``reps`` single-call times after ``warmup`` calls: CUDA events around each call, L2
+    flushed before each (a 256 MB buffer written, outside the events); wall clock on the CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        if device not in _FLUSH:
+            _FLUSH[device] = torch.empty(64 << 20, dtype=torch.int32, device=device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            _FLUSH[device].zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _bench_tap_workload(batch, channels, size, kernel, num_terms, low_rank, dtype, seed, device, smoke, jobs,
+                        reps, warmup):
+    spec = dict(batch=batch, channels=channels, out_channels=None, size=size, kernel=kernel, num_terms=num_terms,
+                low_rank=low_rank, stride=1, dtype=dtype, seed=seed, device=device)
+    x, W, S1s, U1s, bias, conv = _workload(**spec)
+    dev = x.device
+    pad, (R, C_in, kh, kw), C_out = conv[1][0], S1s.shape, U1s.shape[-1]
+    r_pad, elem = tc._rank_pad(R), x.element_size()
+    print(f"\nworkload: x ({batch}, {C_in}, {size}, {size}) {str(dtype)[6:]} channels_last, {kh}x{kw} pad {pad}, "
+          f"C_out {C_out}, L={num_terms}, k={low_rank} (rank {R}); U is ({batch * size * size}, {kh * kw * R})", flush=True)
+    grid_cfgs = tap.tap_configs(r_pad, elem, grid=True)
+    if smoke:
+        grid_cfgs = grid_cfgs[:2]
+    algos = tc.ALGOS if tc.rowtap_ok(kw, 1, 1, r_pad) else ("direct",)
+    if dev.type == "cuda":  # compile everything this workload launches in parallel first
+        fused = [(algo, c.kwargs["BLOCK_P"], c.kwargs["BLOCK_C"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+                  c.kwargs["TAPS_INNER"], c.kwargs["X_CA"])
+                 for algo in algos for c in tc.kernel_configs(r_pad, elem, algo, kw)]
+        taps = [("tap", *c) for c in dict.fromkeys(grid_cfgs + tap.tap_configs(r_pad, elem))]
+        _precompile(spec, fused + taps, jobs)
+    rows = []
+    with torch.no_grad():
+        exact = torch.ops.panther.sketched_conv2d(x.float(), S1s.float(), U1s.float(), bias.float(), *conv)
+        aten = torch.ops.panther.sketched_conv2d(x, S1s, U1s, bias, *conv)
+        floor = (x.numel() + aten.numel()) * elem / (HBM_TB_S * 1e9)  # bytes / (bytes per ms)
+        ref = {}
+
+        def row(name, fn, check=True):
+            """Time ``fn``, print one line (ratios, errors of its output when ``check``); None on failure."""
+            try:
+                err = ""
+                if check:
+                    out = fn()
+                    err = f"err vs C++ op {_rel(out, aten):.1e} (fp32 C++ op {_rel(out, exact):.1e})"
+                ms = _median_ms(fn, dev, reps, warmup)
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                print(f"  {name:60s} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                return None
+            ref.setdefault("dense", ms)
+            print(f"  {name:60s} {ms:8.4f} ms  dense/this {ref['dense'] / ms:5.2f}x  this/floor {ms / floor:5.2f}x  "
+                  f"{err}", flush=True)
+            rows.append(dict(workload=(batch, C_in, size), name=name, ms=ms))
+            return ms
+
+        row("dense cuDNN conv (F.conv2d)", lambda: F.conv2d(x, W, bias, 1, pad), check=False)
+        row("C++ op panther::sketched_conv2d (cuDNN conv + GEMM)",
+            lambda: torch.ops.panther.sketched_conv2d(x, S1s, U1s, bias, *conv))
+        for algo in algos:
+            row(f"tconv fused {algo} kernel (autotuned)",
+                lambda algo=algo: tc.conv_forward(x, S1s, U1s, bias, *conv, algo=algo))
+        try:
+            U = tap.tap_stage1(x, S1s)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  tap-GEMM stage 1 failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            return rows
+        print(f"  stage-2 configs (BLOCK_P, BLOCK_N, num_warps, num_stages): {len(grid_cfgs)}", flush=True)
+        best = None
+        for c in grid_cfgs:
+            ms = row(f"  tap stage 2 {c}", lambda c=c: tap.tap_stage2(U, x, U1s, bias, *conv, kh, kw,
+                                                                       config=_tap_config_dict(c)))
+            if ms is not None and (best is None or ms < best[0]):
+                best = (ms, c)
+        row("tap-GEMM stage 1 (A_all + cuBLAS GEMM)", lambda: tap.tap_stage1(x, S1s), check=False)
+        if best is not None:
+            cfg = _tap_config_dict(best[1])
+            row(f"tap-GEMM stage 2, best config {best[1]}",
+                lambda: tap.tap_stage2(U, x, U1s, bias, *conv, kh, kw, config=cfg))
+            row(f"tap-GEMM total, best stage-2 config {best[1]}",
+                lambda: tap.tap_forward(x, S1s, U1s, bias, *conv, config=cfg))
+        taken = tap.use_tap(x, S1s, U1s, bias, *conv)
+        row(f"op panther::sketched_conv2d_triton ({'tap-GEMM' if taken else 'fused ' + tc.ALGO}, autotuned)",
+            lambda: torch.ops.panther.sketched_conv2d_triton(x, S1s, U1s, bias, *conv))
+        for key, c in tap.tuned_tap_configs().items():
+            if c is not None:
+                print(f"  autotuned tap stage 2 (rank pad {key[0]}, {key[1]}-byte): "
+                      f"{(c.kwargs['BLOCK_P'], c.kwargs['BLOCK_N'], c.num_warps, c.num_stages)}", flush=True)
+        prev = torch.backends.cudnn.benchmark
+        try:
+            torch.backends.cudnn.benchmark = True
+            row("dense cuDNN conv, cudnn.benchmark=True", lambda: F.conv2d(x, W, bias, 1, pad), check=False)
+            row("C++ op, cudnn.benchmark=True", lambda: torch.ops.panther.sketched_conv2d(x, S1s, U1s, bias, *conv))
+        finally:
+            torch.backends.cudnn.benchmark = prev
+        print(f"  {'memory floor (x read + out written once at %.1f TB/s)' % HBM_TB_S:60s} {floor:8.4f} ms  "
+              f"dense/floor {ref.get('dense', float('nan')) / floor:5.2f}x", flush=True)
+    return rows
+
+
+def bench_tap_gemm(workloads=TAP_WORKLOADS, kernel=3, num_terms=1, low_rank=16, dtype=torch.bfloat16, smoke=False,
+                   jobs=8, reps=30, warmup=5, seed=0):
+    """The tap-GEMM comparison (see the module docstring) for each ``(batch, channels, size)``. On CUDA; on
+    the CPU only under ``TRITON_INTERPRET=1`` (the smoke run: tiny shapes, few configs and reps)."""
+    if tc.triton is None:
+        print("triton_conv_bench: triton is not installed")
+        return []
+    if torch.cuda.is_available():
+        device = "cuda"
+    elif tc._INTERPRET:
+        device = "cpu"
+    else:
+        print("triton_conv_bench: CUDA is not available; nothing to time (TRITON_INTERPRET=1 for a CPU smoke run)")
+        return []
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
+    print(f"tap-GEMM comparison on {where}, torch {torch.__version__}, triton {tc.triton.__version__}; "
+          f"TAP_GEMM={tap.TAP_GEMM!r}, fused ALGO={tc.ALGO!r}; median of {reps} after {warmup} warmup calls",
+          flush=True)
+    rows = []
+    for batch, channels, size in workloads:
+        try:
+            rows += _bench_tap_workload(batch, channels, size, kernel, num_terms, low_rank, dtype, seed, device,
+                                        smoke, jobs, reps, warmup)
+        except Exception as exc:  # noqa: BLE001 - the next workload still runs
+            print(f"workload ({batch}, {channels}, {size}) failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m inductor_ext.triton_conv_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true", help="also time every launch config of the sweep list")
@@ -303,7 +473,16 @@ def main(argv=None):
     ap.add_argument("--num-terms", type=int, default=1)
     ap.add_argument("--low-rank", type=int, default=16)
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    ap.add_argument("--tapgemm", action="store_true",
+                    help="compare the tap-GEMM path with the rest on three workloads (ignores the shape options "
+                         "but --kernel/--num-terms/--low-rank/--dtype)")
+    ap.add_argument("--smoke", action="store_true", help="with --tapgemm: tiny shapes, few configs (CPU interpreter)")
     a = ap.parse_args(argv)
+    if a.tapgemm:
+        smoke = dict(workloads=SMOKE_WORKLOADS, reps=1, warmup=0, jobs=0) if a.smoke else {}
+        bench_tap_gemm(kernel=a.kernel, num_terms=a.num_terms, low_rank=a.low_rank, dtype=getattr(torch, a.dtype),
+                       smoke=a.smoke, **smoke)
+        return 0
     bench_triton_conv(batch=a.batch, channels=a.channels, size=a.size, kernel=a.kernel, stride=a.stride,
                       num_terms=a.num_terms, low_rank=a.low_rank, dtype=getattr(torch, a.dtype), sweep=a.sweep,
                       backward=a.backward, budget_s=a.budget, jobs=a.jobs)
