@@ -352,7 +352,8 @@ def _bench_tap_workload(batch, channels, size, kernel, num_terms, low_rank, dtyp
     pad, (R, C_in, kh, kw), C_out = conv[1][0], S1s.shape, U1s.shape[-1]
     r_pad, elem = tc._rank_pad(R), x.element_size()
     print(f"\nworkload: x ({batch}, {C_in}, {size}, {size}) {str(dtype)[6:]} channels_last, {kh}x{kw} pad {pad}, "
-          f"C_out {C_out}, L={num_terms}, k={low_rank} (rank {R}); U is ({batch * size * size}, {kh * kw * R})", flush=True)
+          f"C_out {C_out}, L={num_terms}, k={low_rank} (rank {R}); U is ({batch * size * size}, {kh * kw * R})",
+          flush=True)
     grid_cfgs = tap.tap_configs(r_pad, elem, grid=True)
     if smoke:
         grid_cfgs = grid_cfgs[:2]
