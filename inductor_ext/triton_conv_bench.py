@@ -381,8 +381,9 @@ def _bench_tap_workload(batch, channels, size, kernel, num_terms, low_rank, dtyp
                 ms = _median_ms(fn, dev, reps, warmup)
             except Exception as exc:  # noqa: BLE001 - report and go on
                 print(f"  {name:60s} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                ref.setdefault("dense", float("nan"))
                 return None
-            ref.setdefault("dense", ms)
+            ref.setdefault("dense", ms)  # the first row is dense cuDNN (nan below if it failed)
             print(f"  {name:60s} {ms:8.4f} ms  dense/this {ref['dense'] / ms:5.2f}x  this/floor {ms / floor:5.2f}x  "
                   f"{err}", flush=True)
             rows.append(dict(workload=(batch, C_in, size), name=name, ms=ms))
