@@ -13,22 +13,28 @@ so it cancels exactly (there is no epsilon); ``1/sqrt(m)`` cancels the same way 
       kappa over keys <= t (never a future key), so every weight is <= 1. States carry their
       reference (the running max at their last key) and are rescaled when it grows.
 
-Kernels (all fp32 accumulation; q, k, v, W read in their own dtype, W cast to q's dtype for the
-tensor cores when q is half precision):
-    ``_kv_state_kernel``   grid (feature blocks of 64, B·H, key splits): per key range and feature
-                           block, the state ``phi(K)^T V`` and ``z = phi(K)^T 1`` at the block's own
-                           running-max reference (online rescaling, FlashAttention-style).
+Kernels (all fp32 accumulation; exponents in log2 units inside the kernels; q, k, v read in their
+own dtype; the projection as the tensor cores' operand: fp32 for fp32 inputs, q's dtype for fp16,
+and for bf16 a sum of two bf16 parts, since rounding W to bf16 alone was the bf16 path's largest
+error, see ``_projection_operands``):
+    ``_kv_state_kernel``   grid (feature blocks, B·H, key splits): per key range and feature block,
+                           the state ``phi(K)^T V`` and ``z = phi(K)^T 1`` at the block's max,
+                           laid out as FlashAttention's forward with the features as the queries
+                           (per-feature online max). Causal: also each key's shift per feature
+                           block (KAP).
     ``_merge_kernel``      grid (B·H, feature blocks): walks the splits in order, rescaling to the
                            running max of kappa: the exclusive prefix per split, written in place
                            (causal), or the total (non-causal; bf16 for half inputs).
-    ``_query_kernel``      non-causal, grid (B·H, query blocks): ``phi(q)·S / phi(q)·z``.
-    ``_causal_kernel``     causal, grid (B·H, segments): each program walks its segment in chunks
-                           of C = 64 from the segment's prefix state: intra-chunk masked product plus
-                           inter-chunk ``phi(Q)·S``. The (m × dv) state lives in the program's own
-                           slice of the prefix buffer (L2) and is streamed per feature block, which
-                           keeps the registers for the (C × 64) feature tiles.
-The causal op is thus a three-launch chunked scan (segment states, scan over segments, chunk walk)
-whose parallelism is B·H·segments, not B·H. Non-causal is three launches as well.
+    ``_query_kernel``      non-causal, grid (B·H, query blocks): ``phi(q)·S / phi(q)·z``,
+                           FlashAttention-style over the feature blocks (online row max).
+    ``_causal_state_kernel`` causal, grid (feature blocks, B·H, segments): walks the segment's
+                           chunks of C = 64 from its prefix state and writes the state at every
+                           chunk start (bf16 for half inputs, as the product takes it).
+    ``_causal_out_kernel`` causal, grid (chunks, B·H), every chunk independent: intra-chunk masked
+                           product plus the inter-chunk ``phi(Q)·state``.
+Causal is thus key pass, scan over segments, chunk states, chunk outputs (as flash-linear-
+attention's chunked form, with the segment level added so the state walk runs on every SM);
+non-causal is key pass, merge, query pass.
 
 Registered as ``torch.library.triton_op("panther::rf_attention_triton")``. A device branch sends CPU
 tensors, float64 and shapes the kernels do not cover (head dim > 128, m > 256, dv > 128, empty) to
@@ -69,6 +75,7 @@ MAX_FEATURES = 256    # m (padded to a power of two) the kernels hold in registe
 MAX_HEAD_DIM = 128    # d and dv limits
 _LOWEST = -3.0e38     # finite "minus infinity": differences of shifts never give inf - inf
 _KERNEL_ID = {"softmax": 0, "relu": 1}
+SPLIT_PROJECTION = True  # bf16: the projection as hi + lo bf16 parts (see _projection_operands)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -324,9 +331,92 @@ if triton is not None:
                 tl.store(s_base + L + rows64, tl.zeros_like(den), mask=row_ok)
 
     @triton.jit
-    def _causal_kernel(
-        Q, K, V, W, W_LO, MASK, P, Z, RP, KAP, O, STATS,
-        H, L, M, D, DV, SEG,
+    def _causal_state_kernel(
+        K, V, W, W_LO, MASK, P, Z, RP, KAP, HS, HZ, HR,
+        H, L, M, D, DV, SEG, NCHUNK,
+        skb, skh, sks, skd,
+        svb, svh, svs, svd,
+        swm, swd,
+        smb, sms,
+        alpha,
+        KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
+        NF_KAP: tl.constexpr, C: tl.constexpr, SPLIT_W: tl.constexpr,
+    ):
+        """Chunked causal, step 1: one feature block of one segment walks its chunks from the
+        segment's prefix state (P, Z at RP) and writes the state at every chunk start
+        (HS in the state dtype, HZ fp32, the reference HR in log2 units). Grid (feature blocks,
+        B·H, segments). Each chunk's keys enter at the chunk's end reference (the max of the
+        keys' shifts, from KAP), so no weight exceeds 1."""
+        fb = tl.program_id(0)
+        bh = tl.program_id(1)
+        sg = tl.program_id(2)
+        nsg = tl.num_programs(2)
+        b = bh // H
+        hh = bh % H
+        offs_c = tl.arange(0, C)
+        offs_d = tl.arange(0, D_PAD)
+        offs_f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
+        offs_v = tl.arange(0, DV_PAD)
+        offs_kf = tl.arange(0, NF_KAP)
+        feat_ok = offs_f < M
+        w_off = offs_f[:, None] * swm + offs_d[None, :] * swd
+        w_ok = feat_ok[:, None] & (offs_d[None, :] < D)
+        w = tl.load(W + w_off, mask=w_ok, other=0.0)
+        if SPLIT_W:
+            w_lo = tl.load(W_LO + w_off, mask=w_ok, other=0.0)
+        base = bh.to(tl.int64) * nsg + sg
+        st = tl.load(P + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :])
+        zf = tl.load(Z + base * M_PAD + offs_f)
+        run = tl.maximum(tl.load(RP + base), -2.0e38) * _LOG2E
+        scale2 = alpha * _LOG2E
+        k_base = K + b.to(tl.int64) * skb + hh.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + hh.to(tl.int64) * svh
+        kap_base = KAP + bh.to(tl.int64) * (NF_KAP * L)
+        start = sg * SEG
+        for t0 in range(start, start + SEG, C):
+            ch = bh.to(tl.int64) * NCHUNK + t0 // C
+            live = (t0 + 0 * offs_f) < L      # the segment's last chunks may lie past L
+            tl.store(HS + ch * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :],
+                     st.to(HS.dtype.element_ty), mask=live[:, None])
+            tl.store(HZ + ch * M_PAD + offs_f, zf, mask=live)
+            if fb == 0:
+                tl.store(HR + ch, run, mask=t0 < L)
+            rows = t0 + offs_c
+            key_ok = rows < L
+            rows64 = rows.to(tl.int64)
+            if HAS_MASK:
+                mk = tl.load(MASK + b.to(tl.int64) * smb + rows64 * sms, mask=key_ok, other=1)
+                key_ok = key_ok & (mk == 0)
+            kt = tl.load(k_base + rows64[:, None] * sks + offs_d[None, :] * skd,
+                         mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            vt = tl.load(v_base + rows64[:, None] * svs + offs_v[None, :] * svd,
+                         mask=key_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
+            s = _mm(w, tl.trans(kt), UPCAST)                   # (features, keys)
+            if SPLIT_W:
+                s += _mm(w_lo, tl.trans(kt), UPCAST)
+            if KERNEL == 0:
+                kap = tl.load(kap_base + offs_kf[None, :] * L + rows64[:, None],
+                              mask=key_ok[:, None], other=_LOWEST_C)
+                kk = tl.where(key_ok, tl.max(kap, axis=1), -2.0e38) * _LOG2E
+                new = tl.maximum(run, tl.max(kk, axis=0))
+                kf = kt.to(tl.float32)
+                hk = (tl.sum(kf * kf, axis=1) * (0.5 * alpha * scale2)).to(tl.float32)
+                e = (s * scale2).to(tl.float32) - hk[None, :]
+                p = tl.where(feat_ok[:, None] & key_ok[None, :], tl.exp2(e - new), 0.0)
+                r = tl.exp2(run - new)
+                st = st * r
+                zf = zf * r
+                run = new
+            else:
+                p = tl.where(feat_ok[:, None] & key_ok[None, :], tl.maximum(s, 0.0), 0.0)
+            st += _mm(p.to(vt.dtype), vt, UPCAST)
+            zf += tl.sum(p, axis=1)
+
+    @triton.jit
+    def _causal_out_kernel(
+        Q, K, V, W, W_LO, MASK, HS, HZ, HR, KAP, O, STATS,
+        H, L, M, D, DV, NCHUNK,
         sqb, sqh, sql, sqd,
         skb, skh, sks, skd,
         svb, svh, svs, svd,
@@ -336,23 +426,17 @@ if triton is not None:
         alpha,
         KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
-        NF_KAP: tl.constexpr, C: tl.constexpr, HALF_STATE: tl.constexpr,
-        SAVE_STATS: tl.constexpr, IN_REGS: tl.constexpr, SPLIT_W: tl.constexpr,
+        NF_KAP: tl.constexpr, C: tl.constexpr, SAVE_STATS: tl.constexpr,
+        SPLIT_W: tl.constexpr,
     ):
-        """One segment of one (b, h): chunk walk from the segment's prefix state (P, Z at RP).
-        SAVE_STATS: per row den, the query shift and the key running max M into STATS
-        (B·H, 3, L) for the backward.
-
-        One pass over the feature blocks per chunk. The keys' shifts come ready from the key
-        pass (KAP: each key's max exponent per feature block of that pass), so the running max
-        M_t is known before any feature is formed; the query's shift is an online row max over
-        the feature blocks (the accumulators are rescaled when it grows; -|q|^2/2 cancels).
-        BLOCK_F == M_PAD: the (m × dv) state is carried in registers across the chunks; else it
-        lives in this program's own slice of P (L2-resident) and is streamed per feature block.
-        Exponents are in log2 units (exp2)."""
-        bh = tl.program_id(0)
-        sg = tl.program_id(1)
-        nsg = tl.num_programs(1)
+        """Chunked causal, step 2: one chunk of one (b, h), independent of every other chunk:
+        the intra-chunk masked product plus the inter-chunk phi(Q)·HS (the state at the chunk's
+        start). Grid (chunks, B·H). The query's shift is an online row max over the feature
+        blocks (-|q|^2/2 cancels); key s enters at M_s, the running max of the key shifts up
+        to s, and the (t, s) weight gains exp(M_s - M_t) <= 1.
+        SAVE_STATS: per row den, the query shift and M into STATS (B·H, 3, L)."""
+        c = tl.program_id(0)
+        bh = tl.program_id(1)
         b = bh // H
         hh = bh % H
         offs_c = tl.arange(0, C)
@@ -361,134 +445,95 @@ if triton is not None:
         offs_v = tl.arange(0, DV_PAD)
         offs_kf = tl.arange(0, NF_KAP)
         tril = offs_c[None, :] <= offs_c[:, None]          # [t, s]: key s visible to query t
-        base = bh.to(tl.int64) * nsg + sg
-        p_base = P + base * (M_PAD * DV_PAD)
-        z_base = Z + base * M_PAD
+        ch = bh.to(tl.int64) * NCHUNK + c
+        rows = c * C + offs_c
+        in_seq = rows < L
+        rows64 = rows.to(tl.int64)
+        key_ok = in_seq
+        if HAS_MASK:
+            mk = tl.load(MASK + b.to(tl.int64) * smb + rows64 * sms, mask=in_seq, other=1)
+            key_ok = key_ok & (mk == 0)
+        qt = tl.load(Q + b.to(tl.int64) * sqb + hh.to(tl.int64) * sqh + rows64[:, None] * sql
+                     + offs_d[None, :] * sqd, mask=in_seq[:, None] & (offs_d[None, :] < D),
+                     other=0.0)
+        kt = tl.load(K + b.to(tl.int64) * skb + hh.to(tl.int64) * skh + rows64[:, None] * sks
+                     + offs_d[None, :] * skd, mask=key_ok[:, None] & (offs_d[None, :] < D),
+                     other=0.0)
+        vt = tl.load(V + b.to(tl.int64) * svb + hh.to(tl.int64) * svh + rows64[:, None] * svs
+                     + offs_v[None, :] * svd, mask=key_ok[:, None] & (offs_v[None, :] < DV),
+                     other=0.0)
         scale2 = alpha * _LOG2E
-        run = tl.maximum(tl.load(RP + base), -2.0e38) * _LOG2E   # stays finite in log2 units
-        q_base = Q + b.to(tl.int64) * sqb + hh.to(tl.int64) * sqh
-        k_base = K + b.to(tl.int64) * skb + hh.to(tl.int64) * skh
-        v_base = V + b.to(tl.int64) * svb + hh.to(tl.int64) * svh
-        o_base = O + b.to(tl.int64) * sob + hh.to(tl.int64) * soh
-        kap_base = KAP + bh.to(tl.int64) * (NF_KAP * L)
-        if IN_REGS:
-            st_r = tl.load(p_base + offs_fb[:, None] * DV_PAD + offs_v[None, :])
-            z_r = tl.load(z_base + offs_fb)
-        start = sg * SEG
-        for t0 in range(start, start + SEG, C):
-            rows = t0 + offs_c
-            in_seq = rows < L
-            rows64 = rows.to(tl.int64)
-            key_ok = in_seq
-            if HAS_MASK:
-                mk = tl.load(MASK + b.to(tl.int64) * smb + rows64 * sms, mask=in_seq, other=1)
-                key_ok = key_ok & (mk == 0)
-            qt = tl.load(q_base + rows64[:, None] * sql + offs_d[None, :] * sqd,
-                         mask=in_seq[:, None] & (offs_d[None, :] < D), other=0.0)
-            kt = tl.load(k_base + rows64[:, None] * sks + offs_d[None, :] * skd,
-                         mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            vt = tl.load(v_base + rows64[:, None] * svs + offs_v[None, :] * svd,
-                         mask=key_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
+        if KERNEL == 0:
+            run = tl.load(HR + ch)
+            kap = tl.load(KAP + bh.to(tl.int64) * (NF_KAP * L) + offs_kf[None, :] * L
+                          + rows64[:, None], mask=key_ok[:, None], other=_LOWEST_C)
+            kk = tl.where(key_ok, tl.max(kap, axis=1), -2.0e38) * _LOG2E
+            mt = tl.maximum(tl.max(tl.where(tril, kk[None, :], _LOWEST_C), axis=1), run)
+            fac = tl.exp2(run - mt)                       # chunk-start state -> M_t
+            kf = kt.to(tl.float32)
+            hk = (tl.sum(kf * kf, axis=1) * (0.5 * alpha * scale2)).to(tl.float32)
+        mq = tl.full((C,), _LOWEST_C, tl.float32)
+        a = tl.zeros((C, C), dtype=tl.float32)
+        inter = tl.zeros((C, DV_PAD), dtype=tl.float32)
+        iden = tl.zeros((C,), dtype=tl.float32)
+        hs_base = HS + ch * (M_PAD * DV_PAD)
+        for f0 in range(0, M_PAD, BLOCK_F):
+            offs_f = f0 + offs_fb
+            feat_ok = offs_f < M
+            w_off = offs_f[None, :] * swm + offs_d[:, None] * swd
+            w_ok = feat_ok[None, :] & (offs_d[:, None] < D)
+            w_t = tl.load(W + w_off, mask=w_ok, other=0.0)
+            sq = _mm(qt, w_t, UPCAST)
+            sk = _mm(kt, w_t, UPCAST)
+            if SPLIT_W:
+                w_lo = tl.load(W_LO + w_off, mask=w_ok, other=0.0)
+                sq += _mm(qt, w_lo, UPCAST)
+                sk += _mm(kt, w_lo, UPCAST)
+            st = tl.load(hs_base + offs_f[:, None] * DV_PAD + offs_v[None, :])
+            zf = tl.load(HZ + ch * M_PAD + offs_f)
             if KERNEL == 0:
-                kap = tl.load(kap_base + offs_kf[None, :] * L + rows64[:, None],
-                              mask=key_ok[:, None], other=_LOWEST_C)
-                kk = tl.where(key_ok, tl.max(kap, axis=1), -2.0e38) * _LOG2E
-                # running max over keys <= t (within the chunk, then against the carried one)
-                mt = tl.max(tl.where(tril, kk[None, :], _LOWEST_C), axis=1)
-                mt = tl.maximum(mt, run)
-                new = tl.maximum(run, tl.max(kk, axis=0))
-                fac = tl.exp2(run - mt)          # carried state (reference run) -> M_t
-                r = tl.exp2(run - new)           # carried state -> this chunk's end
-                kscale = tl.exp2(mt - new)       # key s at M_s -> chunk end
-                kf = kt.to(tl.float32)
-                hk = (tl.sum(kf * kf, axis=1) * (0.5 * alpha * scale2)).to(tl.float32)
-            mq = tl.full((C,), _LOWEST_C, tl.float32)
-            a = tl.zeros((C, C), dtype=tl.float32)
-            inter = tl.zeros((C, DV_PAD), dtype=tl.float32)
-            iden = tl.zeros((C,), dtype=tl.float32)
-            for f0 in range(0, M_PAD, BLOCK_F):
-                offs_f = f0 + offs_fb
-                feat_ok = offs_f < M
-                w_off = offs_f[None, :] * swm + offs_d[:, None] * swd
-                w_ok = feat_ok[None, :] & (offs_d[:, None] < D)
-                w_t = tl.load(W + w_off, mask=w_ok, other=0.0)
-                sq = _mm(qt, w_t, UPCAST)
-                sk = _mm(kt, w_t, UPCAST)
-                if SPLIT_W:
-                    w_lo = tl.load(W_LO + w_off, mask=w_ok, other=0.0)
-                    sq += _mm(qt, w_lo, UPCAST)
-                    sk += _mm(kt, w_lo, UPCAST)
-                if IN_REGS:
-                    st = st_r
-                    zf = z_r
-                else:
-                    s_ptr = p_base + offs_f[:, None] * DV_PAD + offs_v[None, :]
-                    st = tl.load(s_ptr)
-                    zf = tl.load(z_base + offs_f)
-                if KERNEL == 0:
-                    eq = tl.where(feat_ok[None, :], (sq * scale2).to(tl.float32), _LOWEST_C)
-                    nq = tl.maximum(mq, tl.max(eq, axis=1))
-                    resc = tl.exp2(mq - nq)
-                    a = a * resc[:, None]
-                    inter = inter * resc[:, None]
-                    iden = iden * resc
-                    mq = nq
-                    phq = tl.exp2(eq - mq[:, None])
-                    # key s at its own reference M_s (<= 1); the (t, s) weight adds exp(M_s - M_t)
-                    ek = (sk * scale2).to(tl.float32) - hk[:, None]
-                    phk = tl.where(feat_ok[None, :] & key_ok[:, None],
-                                   tl.exp2(ek - mt[:, None]), 0.0)
-                else:
-                    phq = tl.where(feat_ok[None, :], tl.maximum(sq, 0.0), 0.0)
-                    phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.maximum(sk, 0.0), 0.0)
-                a += _mm(phq.to(vt.dtype), tl.trans(phk.to(vt.dtype)), UPCAST)
-                # the state can exceed fp16's range: half inputs multiply it in bf16
-                if HALF_STATE:
-                    inter += _mm(phq.to(tl.bfloat16), st.to(tl.bfloat16), UPCAST)
-                else:
-                    inter += _mm(phq, st, UPCAST)
-                iden += tl.sum(phq * zf[None, :], axis=1)
-                if KERNEL == 0:
-                    phk = phk * kscale[:, None]
-                    st = st * r
-                    zf = zf * r
-                st += _mm(tl.trans(phk.to(vt.dtype)), vt, UPCAST)
-                zf += tl.sum(phk, axis=0)
-                if IN_REGS:
-                    st_r = st
-                    z_r = zf
-                else:
-                    tl.store(s_ptr, st)
-                    tl.store(z_base + offs_f, zf)
-            if KERNEL == 0:
-                # the (t, s) weight's exp(M_s - M_t); clamped above the diagonal (discarded there)
-                a = tl.where(tril, a * tl.exp2(tl.minimum(mt[None, :] - mt[:, None], 0.0)), 0.0)
+                eq = tl.where(feat_ok[None, :], (sq * scale2).to(tl.float32), _LOWEST_C)
+                nq = tl.maximum(mq, tl.max(eq, axis=1))
+                resc = tl.exp2(mq - nq)
+                a = a * resc[:, None]
+                inter = inter * resc[:, None]
+                iden = iden * resc
+                mq = nq
+                phq = tl.exp2(eq - mq[:, None])
+                ek = (sk * scale2).to(tl.float32) - hk[:, None]
+                phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.exp2(ek - mt[:, None]), 0.0)
             else:
-                a = tl.where(tril, a, 0.0)
-            num = _mm(a.to(vt.dtype), vt, UPCAST)
-            den = tl.sum(a, axis=1)
+                phq = tl.where(feat_ok[None, :], tl.maximum(sq, 0.0), 0.0)
+                phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.maximum(sk, 0.0), 0.0)
+            a += _mm(phq.to(vt.dtype), tl.trans(phk.to(vt.dtype)), UPCAST)
+            inter += _mm(phq.to(st.dtype), st, UPCAST)
+            iden += tl.sum(phq * zf[None, :], axis=1)
+        if KERNEL == 0:
+            # the (t, s) weight's exp(M_s - M_t); clamped above the diagonal (discarded there)
+            a = tl.where(tril, a * tl.exp2(tl.minimum(mt[None, :] - mt[:, None], 0.0)), 0.0)
+        else:
+            a = tl.where(tril, a, 0.0)
+        num = _mm(a.to(vt.dtype), vt, UPCAST)
+        den = tl.sum(a, axis=1)
+        if KERNEL == 0:
+            num += inter * fac[:, None]
+            den += iden * fac
+        else:
+            num += inter
+            den += iden
+        out = num / tl.where(den == 0.0, 1.0, den)[:, None]
+        out = tl.where((den == 0.0)[:, None], 0.0, out)
+        tl.store(O + b.to(tl.int64) * sob + hh.to(tl.int64) * soh + rows64[:, None] * sol
+                 + offs_v[None, :] * sod, out.to(O.dtype.element_ty),
+                 mask=in_seq[:, None] & (offs_v[None, :] < DV))
+        if SAVE_STATS:
+            s_base = STATS + bh.to(tl.int64) * (3 * L)
+            tl.store(s_base + rows64, den, mask=in_seq)
             if KERNEL == 0:
-                num += inter * fac[:, None]
-                den += iden * fac
-                run = new
-            else:
-                num += inter
-                den += iden
-            out = num / tl.where(den == 0.0, 1.0, den)[:, None]
-            out = tl.where((den == 0.0)[:, None], 0.0, out)
-            tl.store(o_base + rows64[:, None] * sol + offs_v[None, :] * sod,
-                     out.to(O.dtype.element_ty), mask=in_seq[:, None] & (offs_v[None, :] < DV))
-            if SAVE_STATS:
-                s_base = STATS + bh.to(tl.int64) * (3 * L)
-                tl.store(s_base + rows64, den, mask=in_seq)
-                if KERNEL == 0:
-                    qf = qt.to(tl.float32)
-                    hq = tl.sum(qf * qf, axis=1) * (0.5 * alpha * alpha)
-                    tl.store(s_base + L + rows64, mq * _LN2 - hq, mask=in_seq)
-                    tl.store(s_base + 2 * L + rows64, mt * _LN2, mask=in_seq)
-            if not IN_REGS:
-                # the state slice is re-read by other threads in the next chunk
-                tl.debug_barrier()
+                qf = qt.to(tl.float32)
+                hq = tl.sum(qf * qf, axis=1) * (0.5 * alpha * alpha)
+                tl.store(s_base + L + rows64, mq * _LN2 - hq, mask=in_seq)
+                tl.store(s_base + 2 * L + rows64, mt * _LN2, mask=in_seq)
 
 # --------------------------------------------------------------------------------------------
 # Launch helpers
@@ -527,31 +572,35 @@ def _projection_operands(projection, dtype):
     if dtype == torch.float32:
         return projection.float(), None
     hi = projection.to(dtype)
-    if dtype != torch.bfloat16:
+    if dtype != torch.bfloat16 or not SPLIT_PROJECTION:
         return hi, None
     return hi, (projection.float() - hi.float()).to(dtype)
 
 
-def _splits(bh, length, block, device, min_len):
-    """Split `length` into ranges (multiples of `block`) so that about 4 programs run per SM."""
-    want = max(1, (4 * _num_sms(device)) // max(bh, 1))
+def _splits(bh, length, block, device, min_len, per_sm=4):
+    """Split `length` into ranges (multiples of `block`) so that about `per_sm` programs run per
+    SM."""
+    want = max(1, (per_sm * _num_sms(device)) // max(bh, 1))
     seg = max(min_len, -(-length // want))
     seg = -(-seg // block) * block
     return seg, -(-length // seg)
 
 
 def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *, seg=None,
-             block_n=128, block_m=128, kv_block_f=128, q_block_f=128, kv_warps=4, q_warps=8,
+             block_n=64, block_m=128, kv_block_f=128, q_block_f=64, kv_warps=8, q_warps=8,
              kv_stages=3, q_stages=3,
-             causal_warps=4, causal_stages=2, block_f=None, chunk=CHUNK, stats=None):
+             causal_warps=4, causal_stages=2, block_f=None, chunk=CHUNK,
+             state_block_f=64, state_warps=4, state_stages=2, stats=None):
     """The output; ``stats`` (a (B·H, 3, Lq) fp32 buffer) also receives per row den, the query
     shift and (causal) the key running max, which the fused backward reuses.
-    Launch parameters: ``seg`` keys per split / segment (None: about 4 programs per SM);
-    key pass: ``kv_block_f`` features per program, ``block_n`` keys per step, ``kv_warps``,
+    Launch parameters (defaults: the fastest measured on the H200 at 65,536 tokens × 16 heads,
+    d = 64, m = 256, bf16, by per-kernel profiles; see docs/benchmarks.md): ``seg`` keys per
+    split / segment (None: about one program per SM in the key pass); key pass: ``kv_block_f``
+    features per program, ``block_n`` keys per step (causal: ``chunk``), ``kv_warps``,
     ``kv_stages``; non-causal query pass: ``block_m`` queries per program, ``q_block_f``
-    features per step, ``q_warps``, ``q_stages``; causal walk: ``chunk`` rows per step (a power of two >= 16), ``block_f``
-    features per block (``block_f == m`` padded: the state stays in registers),
-    ``causal_warps``, ``causal_stages``."""
+    features per step, ``q_warps``, ``q_stages``; causal: ``chunk`` rows per chunk (a power of
+    two >= 16), chunk states ``state_block_f`` / ``state_warps`` / ``state_stages``, chunk
+    outputs ``block_f`` / ``causal_warps`` / ``causal_stages``."""
     B, H, Lq, d = q.shape
     S, dv, m = k.shape[2], v.shape[3], projection.shape[0]
     dev = q.device
@@ -570,18 +619,16 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     mask = key_padding_mask.to(torch.uint8) if has_mask else q.new_empty((1, 1), dtype=torch.uint8)
     BH = B * H
     f32 = torch.float32
-    # feature block: tiles of (rows, block_f) on chip. Defaults measured on the H200 (65,536 tokens,
-    # 16 heads, d=64, m=256, bf16): the causal walk holds more tiles per feature block, so smaller
-    block_f = min(M_PAD, block_f or 32)
+    block_f = min(M_PAD, block_f or 64)
     kv_block_f = min(M_PAD, kv_block_f)
     q_block_f = min(M_PAD, q_block_f)
     NF = M_PAD // kv_block_f
     if causal:
         block_n = chunk
     if seg is None:
-        # causal: the chunk walk's parallelism is B·H·segments; non-causal: the key pass's is
-        # feature blocks·B·H·splits
-        seg, nsplit = _splits(BH if causal else BH * NF, S, block_n, dev, 4 * block_n)
+        # the key pass runs feature blocks·B·H·splits programs; fewer, longer splits measured
+        # faster than several per SM (the merge walks the splits in order)
+        seg, nsplit = _splits(BH * NF, S, block_n, dev, 4 * block_n, per_sm=1)
     else:
         seg = -(-seg // block_n) * block_n
         nsplit = -(-S // seg)
@@ -604,15 +651,31 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     if causal:
         RP = torch.empty((BH, nsplit), device=dev, dtype=f32)
         _launcher(_merge_kernel)[(BH, NF)](P, Z, MX, RP, P, Z, nsplit, PREFIX=True, **merge_meta)
-        _launcher(_causal_kernel)[(BH, nsplit)](
-            q, k, v, W, W_lo, mask, P, Z, RP, KAP, out, stats if stats is not None else RP,
-            H, Lq, m, d, dv, seg,
-            *q.stride(), *k.stride(), *v.stride(), *W.stride(), *mask.stride(), *out.stride(),
+        nchunk = triton.cdiv(Lq, chunk)
+        # the state at every chunk start: bf16 for half inputs (the product takes it so)
+        HS = torch.empty((BH, nchunk, M_PAD, DV_PAD), device=dev,
+                         dtype=f32 if q.dtype == torch.float32 else torch.bfloat16)
+        HZ = torch.empty((BH, nchunk, M_PAD), device=dev, dtype=f32)
+        HR = torch.empty((BH, nchunk), device=dev, dtype=f32)
+        st_block_f = min(M_PAD, state_block_f)
+        _launcher(_causal_state_kernel)[(M_PAD // st_block_f, BH, nsplit)](
+            k, v, W, W_lo, mask, P, Z, RP, KAP, HS, HZ, HR,
+            H, S, m, d, dv, seg, nchunk,
+            *k.stride(), *v.stride(), *W.stride(), *mask.stride(),
+            alpha,
+            KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
+            M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=st_block_f, NF_KAP=NF, C=chunk,
+            SPLIT_W=split_w, num_warps=state_warps, num_stages=state_stages)
+        _launcher(_causal_out_kernel)[(nchunk, BH)](
+            q, k, v, W, W_lo, mask, HS, HZ, HR, KAP, out,
+            stats if stats is not None else HR,
+            H, Lq, m, d, dv, nchunk,
+            *q.stride(), *k.stride(), *v.stride(), *W.stride(), *mask.stride(),
+            *out.stride(),
             alpha,
             KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
             M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, NF_KAP=NF, C=chunk,
-            HALF_STATE=q.dtype != torch.float32, SAVE_STATS=stats is not None,
-            IN_REGS=block_f == M_PAD, SPLIT_W=split_w,
+            SAVE_STATS=stats is not None, SPLIT_W=split_w,
             num_warps=causal_warps, num_stages=causal_stages)
         return out
     # the state is read by every query block: bf16 for half inputs (fp16 could overflow: it sums

@@ -115,7 +115,7 @@ def test_backend_sdpa_rewrite_inlines_the_triton_attention_kernels():
         with torch.no_grad():
             outs[compiler], code = run_and_get_code(compiled, q, k, v)
     src = "\n".join(code)
-    assert "_causal_kernel" in src and "torch.ops.panther.rf_attention." not in src
+    assert "_causal_out_kernel" in src and "torch.ops.panther.rf_attention." not in src
     assert all([r for r in rep.rows if r.kind == "attention"][0].replaced for rep in reports)
     ref = outs["aot_eager"]
     assert ((outs["inductor"] - ref).norm() / ref.norm()).item() < 1e-3
