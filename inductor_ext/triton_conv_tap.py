@@ -212,26 +212,35 @@ def _autotuned(r_pad, elem_size):
 
 # Stage 2a (_tap_sum_kernel): (BLOCK_P, num_warps). Its only sizable state is the fp32 (BLOCK_P, R_PAD)
 # sum, so a config is named by its sum elements per thread (BLOCK_P·R_PAD / (32·num_warps)): few per
-# thread leave registers for many taps' loads in flight. Best guess first (not yet measured).
+# thread leave registers for many taps' loads in flight. Best guess first (not yet measured on a GPU;
+# offline sm_90 compiles, bf16 3x3 rank 32: 128-bit loads and stores, 71 registers at 32 per thread,
+# 54 at 16, 187 at 64).
 _SUM_CANDIDATES = ((32, 8), (16, 4), (32, 4), (16, 8), (64, 8), (8, 4))  # (elements per thread, warps)
-_SUM_GRID_BLOCKS = (32, 64, 128, 256, 512, 1024)
-_SUM_GRID_WARPS = (2, 4, 8, 16)
+_SUM_GRID_BLOCKS = (64, 128, 256, 512, 1024)
+_SUM_GRID_WARPS = (4, 8, 16)
 _MAX_SUM_CONFIGS = 4
 _SUM_KEY = ["P_BUCKET", "KH", "KW", "R", "stride_h", "stride_w"]
 _INTERPRET_SUM_CONFIG = {"BLOCK_P": 16}
 
 
+def _sum_fits(block_p, num_warps, r_pad, lo=0):
+    """Sum elements per thread within [lo, 128], and at most 32 with 16 warps (whose register cap is
+    128 per thread: offline sm_90 compiles (bf16, 3x3, rank 32) spill at 64 there, not at 64 with 8)."""
+    per_thread = block_p * r_pad // (32 * num_warps)
+    return lo <= per_thread <= (32 if num_warps >= 16 else 128)
+
+
 def tap_sum_configs(r_pad, grid=False, limit=None):
     """Stage-2a configs as ``(BLOCK_P, num_warps)`` tuples: the production candidates (first ``limit``),
-    or with ``grid`` the bench's grid (BLOCK_P 32..1024 × 2/4/8/16 warps, 4 to 128 sum elements per
-    thread). BLOCK_P is at least 16 and a power of two."""
+    or with ``grid`` the bench's grid (BLOCK_P 64..1024 × 4/8/16 warps, 8 to 128 sum elements per
+    thread, ``_sum_fits``). BLOCK_P is at least 16 and a power of two."""
     if grid:
-        cands = [(bp, w) for bp in _SUM_GRID_BLOCKS for w in _SUM_GRID_WARPS if 4 <= bp * r_pad // (32 * w) <= 128]
+        cands = [(bp, w) for bp in _SUM_GRID_BLOCKS for w in _SUM_GRID_WARPS if _sum_fits(bp, w, r_pad, lo=8)]
         return cands or [(16, 4)]
     out = []
     for per_thread, w in _SUM_CANDIDATES:
         bp = max(16, per_thread * 32 * w // r_pad)
-        if bp * r_pad // (32 * w) <= 128 and (bp, w) not in out:
+        if _sum_fits(bp, w, r_pad) and (bp, w) not in out:
             out.append((bp, w))
     return out[:limit or _MAX_SUM_CONFIGS] or [(16, 4)]
 
