@@ -18,9 +18,9 @@ tuple form, ready to paste into ``inductor_ext/triton_conv.py``.
 channels_last, 3×3, pad 1, L = 1, k = 16): dense cuDNN, the C++ op, the fused kernels (autotuned), the
 tap-GEMM path (``triton_conv_tap``) with each fused stage-2 config of a grid, its two stages and its total
 with the best one, then the split stage 2 (2a tap-sum kernel for each config of a small grid, 2a best,
-2b addmm alone and without bias, 2a + 2b, the split total), the op as routed (``TAP_STAGE2``), and dense / C++ op again under ``cudnn.benchmark``. Times there are
-medians of single-call CUDA-event timings (L2 flushed before each); the floor is x read once plus out
-written once at 4.8 TB/s. Each row is printed as soon as it is measured; a failing variant prints its
+2b addmm alone and without bias, 2a + 2b, the split total), the op as routed (``TAP_STAGE2``), and
+dense / C++ op again under ``cudnn.benchmark``. Times there are medians of single-call CUDA-event
+timings (L2 flushed before each); the floor is x read once plus out written once at 4.8 TB/s. Each row is printed as soon as it is measured; a failing variant prints its
 error and the run goes on.
 """
 from __future__ import annotations

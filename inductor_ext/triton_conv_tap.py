@@ -16,15 +16,16 @@ U holds every input pixel's contribution to every tap, so any stride / padding /
 (reads kh·kw·R elements per output pixel, mostly L2 hits, writes R); stage 2b is a K = R GEMM
 bound by writing out. ``TAP_STAGE2`` = "fused" instead runs both in one Triton kernel
 (``_tap_sum_mix_kernel``, sharing the fused conv kernels' epilogue ``triton_conv._mix_store``),
-kept for comparison: measured slower on the H200 (bf16, issue [D]'s workload: 0.200 ms). In both,
-T is rounded once to the input dtype before the mix, as in the fused conv kernels. U is stored in the input dtype
-(rounded per tap, summed in fp32), so half-precision results differ from the fused kernels' in
-the last bits.
+kept for comparison: measured slow on the H200 (bf16, issue [D]'s workload: 0.200 ms for stage 2).
+In both, T is rounded once to the input dtype before the mix, as in the fused conv kernels. U is
+stored in the input dtype (rounded per tap, summed in fp32), so half-precision results differ from
+the fused kernels' in the last bits.
 
 Which calls take it: ``TAP_GEMM`` (read by ``panther::sketched_conv2d_triton``, hence by
 ``SKConv2d`` and the backend's kernel routing): "stride1" (default) for stride-1 channels_last
 calls whose U is at most ``TAP_MAX_GROWTH`` times x's size, "always" for every channels_last call
-``tap_ok`` accepts, "never"; ``TAP_STAGE2`` ("split" default, "fused") picks stage 2. The backward is the op's (cuDNN ``convolution_backward``).
+``tap_ok`` accepts, "never". ``TAP_STAGE2`` ("split" default, "fused") picks stage 2. The backward
+is the op's (cuDNN ``convolution_backward``).
 ``tap_forward_torch`` is the same algorithm in plain torch (the CPU check of the tap bookkeeping).
 """
 from __future__ import annotations
