@@ -293,7 +293,7 @@ def tap_sum(U, x4, R, stride, padding, dilation, kh, kw, *, config=None):
     N, _, H, W = x4.shape
     (sh, sw), (ph, pw), (dh, dw) = ([int(v) for v in a] for a in (stride, padding, dilation))
     Ho, Wo = tc._out_size(H, kh, sh, ph, dh), tc._out_size(W, kw, sw, pw, dw)
-    P = N * Ho * Wo
+    P, R = N * Ho * Wo, int(R)  # R is a constexpr of the kernel
     T = U.new_empty((P, R))
     if P == 0:
         return T
@@ -320,7 +320,7 @@ def tap_mix(T, U1s, bias, x4, Ho, Wo, *, out=None):
     is the channels_last output (a view, no copy); an NCHW output (x not channels_last) is a copy.
     ``out`` given and channels_last: written in place (``addmm(out=)`` on its row view)."""
     two_l, k, C_out = U1s.shape
-    N = x4.shape[0]
+    two_l, N = int(two_l), x4.shape[0]  # a plain float alpha
     mix = U1s.reshape(two_l * k, C_out)
     # beta = 0 ignores the (scalar zero) input, so no bias means no extra pass over out
     src, beta = (bias, 1) if bias is not None else (T.new_zeros(()), 0)
