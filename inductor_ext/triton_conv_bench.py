@@ -16,11 +16,10 @@ tuple form, ready to paste into ``inductor_ext/triton_conv.py``.
 
 ``--tapgemm`` compares, for issue [D]'s workload and C = 256 at 56×56, C = 1024 at 28×28 (batch 32, bf16,
 channels_last, 3×3, pad 1, L = 1, k = 16): dense cuDNN, the C++ op, the fused kernels (autotuned), the
-tap-GEMM path (``triton_conv_tap``) with each fused stage-2 config of a grid, its two stages and its total
-with the best one, then the split stage 2 (2a tap-sum kernel for each config of a small grid, 2a best,
-2b addmm alone and without bias, 2a + 2b, the split total), the op as routed (``TAP_STAGE2``), and
-dense / C++ op again under ``cudnn.benchmark``. Times there are medians of single-call CUDA-event
-timings (L2 flushed before each); the floor is x read once plus out written once at 4.8 TB/s. Each row is printed as soon as it is measured; a failing variant prints its
+tap-GEMM path (``triton_conv_tap``) with each stage-2 config of a grid, its two stages and its total with
+the best one, the op as routed, and dense / C++ op again under ``cudnn.benchmark``. Times there are
+medians of single-call CUDA-event timings (L2 flushed before each); the floor is x read once plus out
+written once at 4.8 TB/s. Each row is printed as soon as it is measured; a failing variant prints its
 error and the run goes on.
 """
 from __future__ import annotations
@@ -130,11 +129,6 @@ def _tap_config_dict(c):
     return dict(BLOCK_P=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
 
 
-def _sum_config_dict(c):
-    """A ``(BLOCK_P, num_warps)`` stage-2a config as launch arguments."""
-    return dict(BLOCK_P=c[0], num_warps=c[1])
-
-
 def _precompile_worker(spec, configs):
     """Run each config once in this (spawned) process: the compiled kernels land in Triton's
     on-disk cache, so the timing process only loads them. Returns the configs that failed."""
@@ -143,10 +137,8 @@ def _precompile_worker(spec, configs):
     with torch.no_grad():
         for c in configs:
             try:
-                if c[0] == "tap":  # a fused stage-2 config of the tap-GEMM path
-                    tap.tap_forward(x, S1s, U1s, bias, *conv, stage2="fused", config=_tap_config_dict(c[1:]))
-                elif c[0] == "tapsum":  # a stage-2a config of the split tap-GEMM path
-                    tap.tap_forward(x, S1s, U1s, bias, *conv, stage2="split", config=_sum_config_dict(c[1:]))
+                if c[0] == "tap":  # a stage-2 config of the tap-GEMM path
+                    tap.tap_forward(x, S1s, U1s, bias, *conv, config=_tap_config_dict(c[1:]))
                 else:
                     tc.conv_forward(x, S1s, U1s, bias, *conv, algo=c[0], config=_config_dict(c))
             except Exception as exc:  # noqa: BLE001 - reported by the timing pass
@@ -363,17 +355,15 @@ def _bench_tap_workload(batch, channels, size, kernel, num_terms, low_rank, dtyp
           f"C_out {C_out}, L={num_terms}, k={low_rank} (rank {R}); U is ({batch * size * size}, {kh * kw * R})",
           flush=True)
     grid_cfgs = tap.tap_configs(r_pad, elem, grid=True)
-    sum_cfgs = tap.tap_sum_configs(r_pad, grid=True)
     if smoke:
-        grid_cfgs, sum_cfgs = grid_cfgs[:2], sum_cfgs[:2]
+        grid_cfgs = grid_cfgs[:2]
     algos = tc.ALGOS if tc.rowtap_ok(kw, 1, 1, r_pad) else ("direct",)
     if dev.type == "cuda":  # compile everything this workload launches in parallel first
         fused = [(algo, c.kwargs["BLOCK_P"], c.kwargs["BLOCK_C"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
                   c.kwargs["TAPS_INNER"], c.kwargs["X_CA"])
                  for algo in algos for c in tc.kernel_configs(r_pad, elem, algo, kw)]
         taps = [("tap", *c) for c in dict.fromkeys(grid_cfgs + tap.tap_configs(r_pad, elem))]
-        sums = [("tapsum", *c) for c in dict.fromkeys(sum_cfgs + tap.tap_sum_configs(r_pad))]
-        _precompile(spec, fused + taps + sums, jobs)
+        _precompile(spec, fused + taps, jobs)
     rows = []
     with torch.no_grad():
         exact = torch.ops.panther.sketched_conv2d(x.float(), S1s.float(), U1s.float(), bias.float(), *conv)
@@ -410,10 +400,10 @@ def _bench_tap_workload(batch, channels, size, kernel, num_terms, low_rank, dtyp
         except Exception as exc:  # noqa: BLE001
             print(f"  tap-GEMM stage 1 failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             return rows
-        print(f"  fused stage-2 configs (BLOCK_P, BLOCK_N, num_warps, num_stages): {len(grid_cfgs)}", flush=True)
+        print(f"  stage-2 configs (BLOCK_P, BLOCK_N, num_warps, num_stages): {len(grid_cfgs)}", flush=True)
         best = None
         for c in grid_cfgs:
-            ms = row(f"  tap stage 2 {c}", lambda c=c: tap.tap_stage2(U, x, U1s, bias, *conv, kh, kw, stage2="fused",
+            ms = row(f"  tap stage 2 {c}", lambda c=c: tap.tap_stage2(U, x, U1s, bias, *conv, kh, kw,
                                                                        config=_tap_config_dict(c)))
             if ms is not None and (best is None or ms < best[0]):
                 best = (ms, c)
@@ -421,22 +411,15 @@ def _bench_tap_workload(batch, channels, size, kernel, num_terms, low_rank, dtyp
         if best is not None:
             cfg = _tap_config_dict(best[1])
             row(f"tap-GEMM stage 2, best config {best[1]}",
-                lambda: tap.tap_stage2(U, x, U1s, bias, *conv, kh, kw, stage2="fused", config=cfg))
+                lambda: tap.tap_stage2(U, x, U1s, bias, *conv, kh, kw, config=cfg))
             row(f"tap-GEMM total, best stage-2 config {best[1]}",
-                lambda: tap.tap_forward(x, S1s, U1s, bias, *conv, stage2="fused", config=cfg))
-        _bench_split(row, x, S1s, U1s, bias, conv, U, sum_cfgs)
+                lambda: tap.tap_forward(x, S1s, U1s, bias, *conv, config=cfg))
         taken = tap.use_tap(x, S1s, U1s, bias, *conv)
-        how = f"tap-GEMM, TAP_STAGE2={tap.TAP_STAGE2!r}" if taken else "fused " + tc.ALGO
-        row(f"op panther::sketched_conv2d_triton ({how}, autotuned)",
+        row(f"op panther::sketched_conv2d_triton ({'tap-GEMM' if taken else 'fused ' + tc.ALGO}, autotuned)",
             lambda: torch.ops.panther.sketched_conv2d_triton(x, S1s, U1s, bias, *conv))
         for key, c in tap.tuned_tap_configs().items():
-            if c is None:
-                continue
-            if key[0] == "sum":
-                print(f"  autotuned tap stage 2a (rank pad {key[1]}, {key[2]}-byte): "
-                      f"{(c.kwargs['BLOCK_P'], c.num_warps)}", flush=True)
-            else:
-                print(f"  autotuned fused tap stage 2 (rank pad {key[0]}, {key[1]}-byte): "
+            if c is not None:
+                print(f"  autotuned tap stage 2 (rank pad {key[0]}, {key[1]}-byte): "
                       f"{(c.kwargs['BLOCK_P'], c.kwargs['BLOCK_N'], c.num_warps, c.num_stages)}", flush=True)
         prev = torch.backends.cudnn.benchmark
         try:
@@ -448,39 +431,6 @@ def _bench_tap_workload(batch, channels, size, kernel, num_terms, low_rank, dtyp
         print(f"  {'memory floor (x read + out written once at %.1f TB/s)' % HBM_TB_S:60s} {floor:8.4f} ms  "
               f"dense/floor {ref.get('dense', float('nan')) / floor:5.2f}x", flush=True)
     return rows
-
-
-def _bench_split(row, x, S1s, U1s, bias, conv, U, sum_cfgs):
-    """The split stage 2's rows: 2a (tap sum) for each config, 2a best, 2b (addmm; mm without bias),
-    2a + 2b, and the whole split path with the best 2a config. Each row survives its own failure."""
-    R, _, kh, kw = S1s.shape
-    N, _, H, W = x.shape
-    Ho, Wo = (tc._out_size(s, kk, st, p, d) for s, kk, st, p, d in
-              ((H, kh, conv[0][0], conv[1][0], conv[2][0]), (W, kw, conv[0][1], conv[1][1], conv[2][1])))
-    print(f"  split stage 2: 2a tap-sum configs (BLOCK_P, num_warps): {len(sum_cfgs)}; T is ({N * Ho * Wo}, {R})",
-          flush=True)
-    best = None
-    for c in sum_cfgs:
-        ms = row(f"  tap 2a tap-sum {c}", lambda c=c: tap.tap_sum(U, x, R, *conv, kh, kw,
-                                                                    config=_sum_config_dict(c)), check=False)
-        if ms is not None and (best is None or ms < best[0]):
-            best = (ms, c)
-    cfg = _sum_config_dict(best[1]) if best is not None else None  # None: the autotuner
-    label = f"best 2a config {best[1]}" if best is not None else "2a autotuned"
-    try:
-        T = tap.tap_sum(U, x, R, *conv, kh, kw, config=cfg)
-    except Exception as exc:  # noqa: BLE001
-        print(f"  tap-GEMM 2a failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-        return
-    if best is not None:
-        row(f"tap-GEMM 2a, best config {best[1]}", lambda: tap.tap_sum(U, x, R, *conv, kh, kw, config=cfg),
-            check=False)
-    row("tap-GEMM 2b addmm (T · Mix / 2L + bias, channels_last out)", lambda: tap.tap_mix(T, U1s, bias, x, Ho, Wo))
-    row("tap-GEMM 2b mm without bias (beta = 0)", lambda: tap.tap_mix(T, U1s, None, x, Ho, Wo), check=False)
-    row(f"tap-GEMM split stage 2 (2a + 2b), {label}",
-        lambda: tap.tap_stage2(U, x, U1s, bias, *conv, kh, kw, stage2="split", config=cfg))
-    row(f"tap-GEMM split total (stage 1 + 2a + 2b), {label}",
-        lambda: tap.tap_forward(x, S1s, U1s, bias, *conv, stage2="split", config=cfg))
 
 
 def bench_tap_gemm(workloads=TAP_WORKLOADS, kernel=3, num_terms=1, low_rank=16, dtype=torch.bfloat16, smoke=False,

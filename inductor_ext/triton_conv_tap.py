@@ -1,4 +1,4 @@
-"""The "tap-GEMM" forward of ``panther::sketched_conv2d``: one wide dense GEMM, a tap sum, a narrow GEMM.
+"""The "tap-GEMM" forward of ``panther::sketched_conv2d``: one wide dense GEMM, then one fused epilogue.
 
 A conv to only R = 2·L·k channels is a poor GEMM (K = C_in·kh·kw long, N = R narrow). Here the
 taps move from the GEMM's K dimension to its N dimension:
@@ -6,26 +6,20 @@ taps move from the GEMM's K dimension to its N dimension:
     stage 1 (cuBLAS):  U = X · A_all          X = x as (B·H·W, C_in) rows (a view of channels_last x),
                                               A_all (C_in, kh·kw·R), tap t = (i, j) in columns
                                               [t·R, (t+1)·R): A_all[:, t·R + r] = S1s[r, :, i, j]
-    stage 2a (Triton): T[p] = Σ_t U[input pixel of p under tap t, tap t's R columns]   (fp32 sum,
-                                              stored (B·Ho·Wo, R) in the input dtype)
-    stage 2b (cuBLAS): out[p] = T[p] · Mix / (2L) + bias,   Mix = U1s as (R, C_out)   (one addmm whose
-                                              row-major result is the channels_last output)
+    stage 2 (Triton):  T[p] = Σ_t U[input pixel of p under tap t, tap t's R columns]   (fp32)
+                       out[p] = T[p] · Mix / (2L) + bias,   Mix = U1s as (R, C_out)
 
 U holds every input pixel's contribution to every tap, so any stride / padding / dilation works
-(taps landing in the zero padding contribute nothing and are masked). Stage 2a only moves bytes
-(reads kh·kw·R elements per output pixel, mostly L2 hits, writes R); stage 2b is a K = R GEMM
-bound by writing out. ``TAP_STAGE2`` = "fused" instead runs both in one Triton kernel
-(``_tap_sum_mix_kernel``, sharing the fused conv kernels' epilogue ``triton_conv._mix_store``),
-kept for comparison: measured slow on the H200 (bf16, issue [D]'s workload: 0.200 ms for stage 2).
-In both, T is rounded once to the input dtype before the mix, as in the fused conv kernels. U is
-stored in the input dtype (rounded per tap, summed in fp32), so half-precision results differ from
-the fused kernels' in the last bits.
+(taps landing in the zero padding contribute nothing and are masked). Stage 2 reads U once and
+writes out once; it shares the channel-mix epilogue (``triton_conv._mix_store``) with the fused
+kernels, T rounded once to the input dtype before it as there. U is stored in the input dtype
+(rounded per tap, summed in fp32), so half-precision results differ from the fused kernels' in
+the last bits.
 
 Which calls take it: ``TAP_GEMM`` (read by ``panther::sketched_conv2d_triton``, hence by
 ``SKConv2d`` and the backend's kernel routing): "stride1" (default) for stride-1 channels_last
 calls whose U is at most ``TAP_MAX_GROWTH`` times x's size, "always" for every channels_last call
-``tap_ok`` accepts, "never". ``TAP_STAGE2`` ("split" default, "fused") picks stage 2. The backward
-is the op's (cuDNN ``convolution_backward``).
+``tap_ok`` accepts, "never". The backward is the op's (cuDNN ``convolution_backward``).
 ``tap_forward_torch`` is the same algorithm in plain torch (the CPU check of the tap bookkeeping).
 """
 from __future__ import annotations
@@ -35,18 +29,14 @@ import torch.nn.functional as F
 
 from . import triton_conv as tc
 
-__all__ = ["tap_weight", "tap_stage1", "tap_stage2", "tap_sum", "tap_mix", "tap_forward", "tap_forward_torch",
-           "tap_ok", "use_tap", "tap_configs", "tap_sum_configs", "tuned_tap_configs", "TAP_GEMM",
-           "TAP_GEMM_CHOICES", "TAP_MAX_GROWTH", "TAP_STAGE2", "TAP_STAGE2_CHOICES"]
+__all__ = ["tap_weight", "tap_stage1", "tap_stage2", "tap_forward", "tap_forward_torch", "tap_ok",
+           "use_tap", "tap_configs", "tuned_tap_configs", "TAP_GEMM", "TAP_GEMM_CHOICES", "TAP_MAX_GROWTH"]
 
 TAP_GEMM = "stride1"
 TAP_GEMM_CHOICES = ("never", "stride1", "always")
 # U is kh·kw·R / C_in times x's size; past this the extra traffic (write U, read it back) is
 # unlikely to beat the fused kernels (a guess, not measured).
 TAP_MAX_GROWTH = 2
-# Stage 2: "split" = tap-sum kernel + cuBLAS addmm, "fused" = one Triton kernel for both.
-TAP_STAGE2 = "split"
-TAP_STAGE2_CHOICES = ("split", "fused")
 
 triton, tl = tc.triton, (tc.tl if tc.triton is not None else None)
 
@@ -105,55 +95,6 @@ if triton is not None:
         _mix_store(z, MIX, BIAS, OUT, o_row, mask_p, C_OUT, smr, smn, soc, 1.0 / TWO_L, pid_g,
                       R_PAD, HAS_BIAS, DOT_MIX, BLOCK_P, BLOCK_N)
 
-    @triton.jit
-    def _tap_sum_kernel(
-        U, T,
-        P, H, W, HO, WO,
-        sur,
-        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-        P_BUCKET,
-        KH: tl.constexpr,
-        KW: tl.constexpr,
-        R: tl.constexpr,
-        R_PAD: tl.constexpr,
-        BLOCK_P: tl.constexpr,
-    ):
-        """T[p, :] = Σ_t U[row(p, t), t·R:(t+1)·R] (fp32 sum, stored in T's dtype).
-
-        U (N·H·W, KH·KW·R) with unit column stride and row stride ``sur``; T (P, R) contiguous. Each
-        program owns BLOCK_P output pixels; every tap's tile is BLOCK_P rows of R contiguous elements.
-        """
-        pid = tl.program_id(0)
-        offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
-        hw = HO * WO
-        n = offs_p // hw
-        rem = offs_p - n * hw
-        ho = rem // WO
-        wo = rem - ho * WO
-        h0 = ho * stride_h - pad_h
-        w0 = wo * stride_w - pad_w
-        n64 = n.to(tl.int64)
-        offs_r = tl.arange(0, R_PAD)
-        acc = tl.zeros((BLOCK_P, R_PAD), dtype=tl.float32)
-        # unrolled: the taps' loads are independent, so they can all be in flight at once
-        for t in tl.static_range(KH * KW):
-            hi = h0 + (t // KW) * dil_h
-            wi = w0 + (t % KW) * dil_w
-            ok = mask_p & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)  # off-image taps: zero padding
-            row = (n64 * H + hi) * W + wi  # int64: U can pass 2**31 elements
-            ptrs = U + row[:, None] * sur + (t * R + offs_r[None, :])
-            if R == R_PAD:  # no column mask: the row mask alone keeps the loads vectorised
-                u = tl.load(ptrs, mask=ok[:, None], other=0.0)
-            else:
-                u = tl.load(ptrs, mask=ok[:, None] & (offs_r[None, :] < R), other=0.0)
-            acc += u.to(tl.float32)
-        t_ptrs = T + offs_p.to(tl.int64)[:, None] * R + offs_r[None, :]
-        if R == R_PAD:
-            tl.store(t_ptrs, acc.to(T.dtype.element_ty), mask=mask_p[:, None])
-        else:
-            tl.store(t_ptrs, acc.to(T.dtype.element_ty), mask=mask_p[:, None] & (offs_r[None, :] < R))
-
 
 # --------------------------------------------------------------------------------------------
 # Launch configurations
@@ -211,56 +152,8 @@ def _autotuned(r_pad, elem_size):
     return _AUTOTUNERS[key]
 
 
-# Stage 2a (_tap_sum_kernel): (BLOCK_P, num_warps). Its only sizable state is the fp32 (BLOCK_P, R_PAD)
-# sum, so a config is named by its sum elements per thread (BLOCK_P·R_PAD / (32·num_warps)): few per
-# thread leave registers for many taps' loads in flight. Best guess first (not yet measured on a GPU;
-# offline sm_90 compiles, bf16 3x3 rank 32: 128-bit loads and stores, 71 registers at 32 per thread,
-# 54 at 16, 187 at 64).
-_SUM_CANDIDATES = ((32, 8), (16, 4), (32, 4), (16, 8), (64, 8), (8, 4))  # (elements per thread, warps)
-_SUM_GRID_BLOCKS = (64, 128, 256, 512, 1024)
-_SUM_GRID_WARPS = (4, 8, 16)
-_MAX_SUM_CONFIGS = 4
-_SUM_KEY = ["P_BUCKET", "KH", "KW", "R", "stride_h", "stride_w"]
-_INTERPRET_SUM_CONFIG = {"BLOCK_P": 16}
-
-
-def _sum_fits(block_p, num_warps, r_pad, lo=0):
-    """Sum elements per thread within [lo, 128], and at most 32 with 16 warps (whose register cap is
-    128 per thread: offline sm_90 compiles (bf16, 3x3, rank 32) spill at 64 there, not at 64 with 8)."""
-    per_thread = block_p * r_pad // (32 * num_warps)
-    return lo <= per_thread <= (32 if num_warps >= 16 else 128)
-
-
-def tap_sum_configs(r_pad, grid=False, limit=None):
-    """Stage-2a configs as ``(BLOCK_P, num_warps)`` tuples: the production candidates (first ``limit``),
-    or with ``grid`` the bench's grid (BLOCK_P 64..1024 × 4/8/16 warps, 8 to 128 sum elements per
-    thread, ``_sum_fits``). BLOCK_P is at least 16 and a power of two."""
-    if grid:
-        cands = [(bp, w) for bp in _SUM_GRID_BLOCKS for w in _SUM_GRID_WARPS if _sum_fits(bp, w, r_pad, lo=8)]
-        return cands or [(16, 4)]
-    out = []
-    for per_thread, w in _SUM_CANDIDATES:
-        bp = max(16, per_thread * 32 * w // r_pad)
-        if _sum_fits(bp, w, r_pad) and (bp, w) not in out:
-            out.append((bp, w))
-    return out[:limit or _MAX_SUM_CONFIGS] or [(16, 4)]
-
-
-def _autotuned_sum(r_pad, elem_size):
-    """One Autotuner per (rank padded, element size) for stage 2a (a stable kernel object)."""
-    key = ("sum", r_pad, elem_size)
-    if key not in _AUTOTUNERS:
-        if tc._INTERPRET:
-            configs = [triton.Config(dict(_INTERPRET_SUM_CONFIG), num_warps=4, num_stages=1)]
-        else:
-            configs = [triton.Config({"BLOCK_P": bp}, num_warps=w, num_stages=1) for bp, w in tap_sum_configs(r_pad)]
-        _AUTOTUNERS[key] = triton.autotune(configs=configs, key=_SUM_KEY)(_tap_sum_kernel)
-    return _AUTOTUNERS[key]
-
-
 def tuned_tap_configs():
-    """``{(rank padded, element size): best fused stage-2 config}`` and ``{("sum", rank padded, element
-    size): best stage-2a config}`` chosen so far by autotuning."""
+    """``{(rank padded, element size): best stage-2 config}`` chosen so far by autotuning."""
     return {k: getattr(v, "best_config", None) for k, v in _AUTOTUNERS.items() if v is not None}
 
 
@@ -287,75 +180,18 @@ def _out_tensor(x4, N, C_out, Ho, Wo):
     return x4.new_empty((N, C_out, Ho, Wo))
 
 
-def tap_sum(U, x4, R, stride, padding, dilation, kh, kw, *, config=None):
-    """Stage 2a: T (N·Ho·Wo, R) in U's dtype, output pixels in (n, ho, wo) order. ``config`` (dict:
-    BLOCK_P, optionally num_warps) bypasses the autotuner."""
-    N, _, H, W = x4.shape
-    (sh, sw), (ph, pw), (dh, dw) = ([int(v) for v in a] for a in (stride, padding, dilation))
-    Ho, Wo = tc._out_size(H, kh, sh, ph, dh), tc._out_size(W, kw, sw, pw, dw)
-    P, R = N * Ho * Wo, int(R)  # R is a constexpr of the kernel
-    T = U.new_empty((P, R))
-    if P == 0:
-        return T
-    if U.stride(1) != 1:
-        U = U.contiguous()
-    r_pad = tc._rank_pad(R)
-    args = (U, T, P, H, W, Ho, Wo, U.stride(0), sh, sw, ph, pw, dh, dw, tc._p_bucket(P))
-    consts = dict(KH=kh, KW=kw, R=R, R_PAD=r_pad)
-
-    def grid(meta):
-        return (triton.cdiv(P, meta["BLOCK_P"]),)
-
-    if config is not None:
-        meta = dict(config)
-        launch = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
-        tc._launcher(_tap_sum_kernel)[grid](*args, **consts, **meta, **launch)
-    else:
-        tc._launcher(_autotuned_sum(r_pad, U.element_size()))[grid](*args, **consts)
-    return T
-
-
-def tap_mix(T, U1s, bias, x4, Ho, Wo, *, out=None):
-    """Stage 2b: out = T · Mix / (2L) + bias as one cuBLAS addmm. Its (N·Ho·Wo, C_out) row-major result
-    is the channels_last output (a view, no copy); an NCHW output (x not channels_last) is a copy.
-    ``out`` given and channels_last: written in place (``addmm(out=)`` on its row view)."""
-    two_l, k, C_out = U1s.shape
-    two_l, N = int(two_l), x4.shape[0]  # a plain float alpha
-    mix = U1s.reshape(two_l * k, C_out)
-    # beta = 0 ignores the (scalar zero) input, so no bias means no extra pass over out
-    src, beta = (bias, 1) if bias is not None else (T.new_zeros(()), 0)
-    if out is not None:
-        rows = out.permute(0, 2, 3, 1)
-        if rows.is_contiguous():
-            torch.addmm(src, T, mix, beta=beta, alpha=1.0 / two_l, out=rows.view(-1, C_out))
-        else:
-            out.copy_(tap_mix(T, U1s, bias, x4, Ho, Wo))
-        return out
-    y = torch.addmm(src, T, mix, beta=beta, alpha=1.0 / two_l).view(N, Ho, Wo, C_out).permute(0, 3, 1, 2)
-    return y if tc._wants_channels_last(x4) else y.contiguous()
-
-
-def tap_stage2(U, x4, U1s, bias, stride, padding, dilation, kh, kw, *, stage2=None, config=None, col_groups=None,
-               out=None):
-    """Stage 2 on U (from ``tap_stage1(x4, ...)``; ``x4`` gives the geometry and the output layout):
-    ``stage2`` "split" (2a + 2b) or "fused" (default ``TAP_STAGE2``). ``config`` bypasses the autotuner
-    (split: the 2a kernel's BLOCK_P, optionally num_warps; fused: BLOCK_P, BLOCK_N, optionally
-    num_warps / num_stages); ``col_groups`` (fused only) overrides the column-group heuristic; ``out``
-    is written into."""
-    stage2 = TAP_STAGE2 if stage2 is None else stage2
-    if stage2 not in TAP_STAGE2_CHOICES:
-        raise ValueError(f"tap_stage2: stage2 must be one of {TAP_STAGE2_CHOICES}, got {stage2!r}")
+def tap_stage2(U, x4, U1s, bias, stride, padding, dilation, kh, kw, *, config=None, col_groups=None, out=None):
+    """Launch the stage-2 kernel on U (from ``tap_stage1(x4, ...)``; ``x4`` gives the geometry and the
+    output layout). ``config`` (dict: BLOCK_P, BLOCK_N, optionally num_warps / num_stages) bypasses
+    the autotuner; ``col_groups`` overrides the column-group heuristic; ``out`` is written into."""
     N, _, H, W = x4.shape
     two_l, k, C_out = U1s.shape
     R = two_l * k
     (sh, sw), (ph, pw), (dh, dw) = ([int(v) for v in a] for a in (stride, padding, dilation))
     Ho, Wo = tc._out_size(H, kh, sh, ph, dh), tc._out_size(W, kw, sw, pw, dw)
-    P = N * Ho * Wo
-    if stage2 == "split" and P > 0 and C_out > 0:
-        T = tap_sum(U, x4, R, stride, padding, dilation, kh, kw, config=config)
-        return tap_mix(T, U1s, bias, x4, Ho, Wo, out=out)
     if out is None:
         out = _out_tensor(x4, N, C_out, Ho, Wo)
+    P = N * Ho * Wo
     if P == 0 or C_out == 0:
         return out
     r_pad = tc._rank_pad(R)
@@ -380,11 +216,10 @@ def tap_stage2(U, x4, U1s, bias, stride, padding, dilation, kh, kw, *, stage2=No
     return out
 
 
-def tap_forward(x4, S1s, U1s, bias, stride, padding, dilation, *, stage2=None, config=None, col_groups=None,
-                out=None):
+def tap_forward(x4, S1s, U1s, bias, stride, padding, dilation, *, config=None, col_groups=None, out=None):
     """Both stages on a 4-D x (stage 1 copies x into rows unless it is channels_last)."""
     return tap_stage2(tap_stage1(x4, S1s), x4, U1s, bias, stride, padding, dilation, *S1s.shape[2:],
-                      stage2=stage2, config=config, col_groups=col_groups, out=out)
+                      config=config, col_groups=col_groups, out=out)
 
 
 def tap_forward_torch(x, S1s, U1s, bias=None, stride=1, padding=0, dilation=1):
@@ -414,7 +249,7 @@ def tap_ok(x, S1s, U1s, bias, stride, padding, dilation):
     dtype, device or interpreter, rank, arguments) with a channels_last batch (X a free view)."""
     return (tc.kernel_ok(x, S1s, U1s, bias, stride, padding, dilation) and x.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last)
-            and (TAP_STAGE2 == "split" or _autotuned(tc._rank_pad(S1s.shape[0]), x.element_size()) is not None))
+            and _autotuned(tc._rank_pad(S1s.shape[0]), x.element_size()) is not None)
 
 
 def use_tap(x, S1s, U1s, bias, stride, padding, dilation):

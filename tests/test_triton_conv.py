@@ -21,8 +21,7 @@ from panther.ops.conv import sketched_conv2d_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 OP = torch.ops.panther.sketched_conv2d_triton.default
-KERNEL_NAMES = ("_sketched_conv2d_kernel", "_sketched_conv2d_rowtap_kernel", "_tap_sum_mix_kernel",
-                "_tap_sum_kernel")
+KERNEL_NAMES = ("_sketched_conv2d_kernel", "_sketched_conv2d_rowtap_kernel", "_tap_sum_mix_kernel")
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 needs_triton = pytest.mark.skipif(tc.triton is None, reason="needs triton")
 

@@ -1,9 +1,8 @@
 """The tap-GEMM forward of panther::sketched_conv2d (inductor_ext/triton_conv_tap.py).
 
-CPU CI: both stage-2 variants (fused kernel; split: tap-sum kernel + addmm) in Triton's interpreter (one
-subprocess, TRITON_INTERPRET=1, which also runs the bench's smoke mode), the plain-torch tap algorithm
-against the reference, routing, the stage-2 configs' budgets. CUDA (``pytest -m cuda``): odd shapes
-against float64, every production config launching.
+CPU CI: the stage-2 kernel in Triton's interpreter (one subprocess, TRITON_INTERPRET=1, which also runs the
+bench's smoke mode), the plain-torch tap algorithm against the reference, routing, the stage-2 configs'
+budget. CUDA (``pytest -m cuda``): odd shapes against float64, every production config launching.
 """
 import os
 import subprocess
@@ -106,23 +105,11 @@ def test_stage2_configs_fit_hopper(r_pad, elem_size):
         assert min(bp, bn) >= 16
 
 
+@pytest.mark.slow
 @needs_triton
-@pytest.mark.parametrize("r_pad", [16, 32, 64, 128, 256])
-def test_stage2a_configs(r_pad):
-    prod, grid = tap.tap_sum_configs(r_pad), tap.tap_sum_configs(r_pad, grid=True)
-    assert prod and grid and len(prod) <= tap._MAX_SUM_CONFIGS
-    for bp, warps in prod + grid:
-        assert bp >= 16 and bp & (bp - 1) == 0 and warps in (2, 4, 8, 16)
-        per_thread = bp * r_pad // (32 * warps)
-        assert per_thread <= (32 if warps >= 16 else 128), (bp, warps)
-
-
-def test_stage2_choice():
-    assert tap.TAP_STAGE2 == "split" and tap.TAP_STAGE2 in tap.TAP_STAGE2_CHOICES
-
-
-def _compile_sm90(kern, consts, pointers, unit, div16, warps, stages):
-    """(SASS resource usage, SASS, compiled kernel) of ``kern`` for sm_90 (bf16 pointers), or a skip."""
+def test_stage2_kernel_compiles_for_hopper():
+    """No GPU needed: the first bf16 production config compiles for sm_90 with wgmma (HGMMA) for the mix,
+    no local-memory spills, shared memory within the estimate."""
     import tempfile
 
     import triton
@@ -132,9 +119,14 @@ def _compile_sm90(kern, consts, pointers, unit, div16, warps, stages):
         from triton.compiler import ASTSource
     except ImportError as e:  # triton API drift
         pytest.skip(f"cannot compile for sm_90 offline with this triton: {e!r}")
-    sig, attrs, consts = {}, {}, dict(consts)
+    bp, bn, warps, stages = tap.tap_configs(32, 2)[0]
+    kern = tap._tap_sum_mix_kernel
+    consts = dict(KH=3, KW=3, R_PAD=32, HAS_BIAS=True, DOT_MIX=0, BLOCK_P=bp, BLOCK_N=bn)
+    unit = {"suc", "smn", "soc", "stride_h", "stride_w", "dil_h", "dil_w"}  # the JIT specialises 1s
+    div16 = {"C_OUT", "R", "sur", "smr", "son", "soh", "sow"}  # ... and multiples of 16 (issue [D]'s shapes)
+    sig, attrs = {}, {}
     for i, n in enumerate(kern.arg_names):
-        if n in pointers:
+        if n in ("U", "MIX", "BIAS", "OUT"):
             sig[n], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
         elif n in consts or n in unit:
             sig[n] = "constexpr"
@@ -154,34 +146,6 @@ def _compile_sm90(kern, consts, pointers, unit, div16, warps, stages):
         f.flush()
         usage, sass = (subprocess.run([str(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
                        for flag in ("--dump-resource-usage", "--dump-sass"))
-    return usage, sass, ck
-
-
-@pytest.mark.slow
-@needs_triton
-def test_stage2a_kernel_compiles_for_hopper():
-    """No GPU needed: the first bf16 rank-32 production config of the tap-sum kernel compiles for sm_90
-    without spills, its U loads and T stores 128 bits wide (a U row's R = 32 columns are contiguous)."""
-    bp, warps = tap.tap_sum_configs(32)[0]
-    usage, sass, _ = _compile_sm90(tap._tap_sum_kernel, dict(KH=3, KW=3, R=32, R_PAD=32, BLOCK_P=bp), ("U", "T"),
-                                   {"stride_h", "stride_w", "dil_h", "dil_w"}, {"sur", "P"}, warps, 1)
-    loads = [ln for ln in sass.splitlines() if "LDG" in ln]
-    stores = [ln for ln in sass.splitlines() if "STG" in ln]
-    assert "STACK:0" in usage.replace(" ", "")
-    assert loads and all(".128" in ln for ln in loads) and stores and all(".128" in ln for ln in stores)
-
-
-@pytest.mark.slow
-@needs_triton
-def test_stage2_kernel_compiles_for_hopper():
-    """No GPU needed: the first bf16 production config compiles for sm_90 with wgmma (HGMMA) for the mix,
-    no local-memory spills, shared memory within the estimate."""
-    bp, bn, warps, stages = tap.tap_configs(32, 2)[0]
-    consts = dict(KH=3, KW=3, R_PAD=32, HAS_BIAS=True, DOT_MIX=0, BLOCK_P=bp, BLOCK_N=bn)
-    unit = {"suc", "smn", "soc", "stride_h", "stride_w", "dil_h", "dil_w"}  # the JIT specialises 1s
-    div16 = {"C_OUT", "R", "sur", "smr", "son", "soh", "sow"}  # ... and multiples of 16 (issue [D]'s shapes)
-    usage, sass, ck = _compile_sm90(tap._tap_sum_mix_kernel, consts, ("U", "MIX", "BIAS", "OUT"), unit, div16,
-                                    warps, stages)
     assert "STACK:0" in usage.replace(" ", "") and "HGMMA" in sass
     assert 0 < ck.metadata.shared <= tc.smem_bytes(bp, 16, bn, stages, 32, 2, 32) <= tc.SMEM_LIMIT
 
@@ -195,14 +159,13 @@ def test_cuda_tap_against_float64(dtype, tol):
     for conv in (((1, 1), (1, 1), (1, 1)), ((2, 1), (0, 2), (1, 2))):
         ref = sketched_conv2d_reference(x.double(), S1s.double(), U1s.double(), b.double(), *conv)
         prev = torch.backends.cuda.matmul.allow_tf32
-        for stage2 in tap.TAP_STAGE2_CHOICES:
-            try:
-                torch.backends.cuda.matmul.allow_tf32 = False
-                out = tap.tap_forward(x, S1s, U1s, b, *conv, stage2=stage2)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = prev
-            assert out.is_contiguous(memory_format=torch.channels_last)
-            assert rel(out, ref) < tol, stage2
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            out = tap.tap_forward(x, S1s, U1s, b, *conv)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert rel(out, ref) < tol
 
 
 @pytest.mark.cuda
@@ -213,21 +176,16 @@ def test_cuda_every_stage2_config_launches():
     for bp, bn, warps, stages in tap.tap_configs(32, 2):
         for groups in (1, 3):
             out = torch.full_like(ref, float("nan"), dtype=x.dtype).contiguous(memory_format=torch.channels_last)
-            tap.tap_forward(x, S1s, U1s, b, 1, 1, 1, out=out, col_groups=groups, stage2="fused",
+            tap.tap_forward(x, S1s, U1s, b, 1, 1, 1, out=out, col_groups=groups,
                             config=dict(BLOCK_P=bp, BLOCK_N=bn, num_warps=warps, num_stages=stages))
             assert rel(out, ref) < 2e-2, (bp, bn, warps, stages, groups)
-    for bp, warps in dict.fromkeys(tap.tap_sum_configs(32) + tap.tap_sum_configs(32, grid=True)):
-        out = torch.full_like(ref, float("nan"), dtype=x.dtype).contiguous(memory_format=torch.channels_last)
-        tap.tap_forward(x, S1s, U1s, b, 1, 1, 1, out=out, stage2="split", config=dict(BLOCK_P=bp, num_warps=warps))
-        assert rel(out, ref) < 2e-2, (bp, warps)
 
 
 @pytest.mark.cuda
 @cuda_only
 def test_cuda_skconv2d_and_inductor_take_the_tap_path():
     """A stride-1 channels_last layer whose U is small (9·32 columns <= 2·160 channels): eager SKConv2d
-    launches the (default, split) stage-2a kernel, and Inductor inlines it (the op's GEMMs and kernel, no
-    opaque call)."""
+    launches the stage-2 kernel, and Inductor inlines it (the op's GEMM and kernel, no opaque call)."""
     from torch._inductor.utils import run_and_get_code
 
     from panther.nn import SKConv2d
@@ -238,11 +196,11 @@ def test_cuda_skconv2d_and_inductor_take_the_tap_path():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         out = layer(x)
         torch.cuda.synchronize()
-    assert any("_tap_sum_kernel" in e.name for e in prof.events())
+    assert any("_tap_sum_mix_kernel" in e.name for e in prof.events())
     assert out.is_contiguous(memory_format=torch.channels_last) and rel(out, ref) < 2e-2
     torch._dynamo.reset()
     with torch.no_grad():
         out, code = run_and_get_code(torch.compile(layer), x)
     src = "\n".join(code)
-    assert "_tap_sum_kernel" in src and "torch.ops.panther.sketched_conv2d_triton" not in src
+    assert "_tap_sum_mix_kernel" in src and "torch.ops.panther.sketched_conv2d_triton" not in src
     assert rel(out, ref) < 2e-2

@@ -1,14 +1,12 @@
-"""Checks the tap-GEMM path's stage 2 (inductor_ext/triton_conv_tap.py) in Triton's CPU interpreter.
+"""Checks the tap-GEMM path's stage-2 kernel (inductor_ext/triton_conv_tap.py) in Triton's CPU interpreter.
 
 Run by tests/test_triton_conv_tap.py in ONE subprocess with ``TRITON_INTERPRET=1`` (set before triton is
 imported). Each case runs ``tap_forward`` (stage 1 in torch, stage 2 in the interpreter) with explicit
-small tiles on a NaN-poisoned output, with both stage-2 variants (the fused kernel; the split one:
-tap-sum kernel + addmm, its T also checked against a plain-torch gather), and compares it with
-``sketched_conv2d_reference`` in float64 and with ``torch.ops.panther.sketched_conv2d``: R not a power
-of two, C_out not a multiple of 16, pixel tails, stride 2, padding 0/1, dilation 2, 1x1 / 3x3 / 5x3
-kernels, with and without bias, column groups. Then the op's routing to the path (each ``TAP_STAGE2``)
-and its backward, and the bench's smoke run. Prints one line per case and exits non-zero on the first
-failure.
+small tiles on a NaN-poisoned output and compares it with ``sketched_conv2d_reference`` in float64 and
+with ``torch.ops.panther.sketched_conv2d``: R not a power of two, C_out not a multiple of 16, pixel
+tails, stride 2, padding 0/1, dilation 2, 1x1 / 3x3 / 5x3 kernels, with and without bias, column
+groups. Then the op's routing to the path and its backward, and the bench's smoke run. Prints one line
+per case and exits non-zero on the first failure.
 """
 import contextlib
 import io
@@ -48,47 +46,14 @@ def case(N=2, C_in=3, C_out=5, H=7, W=9, kh=3, kw=3, L=1, k=3, stride=(1, 1), pa
     ref = sketched_conv2d_reference(x.double(), S1s.double(), U1s.double(), b.double() if bias else None, *conv)
     layout = torch.channels_last if tc._wants_channels_last(x) else torch.contiguous_format
     poisoned = torch.full(ref.shape, float("nan"), dtype=dtype).contiguous(memory_format=layout)
-    out = tap.tap_forward(x, S1s, U1s, b, *conv, stage2="fused", config=config, col_groups=groups, out=poisoned)
+    out = tap.tap_forward(x, S1s, U1s, b, *conv, config=config, col_groups=groups, out=poisoned)
     assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous(memory_format=layout)
     assert torch.isfinite(out).all(), "an output element was not written"
     name = (f"N{N} Cin{C_in} Cout{C_out} {H}x{W} k{kh}x{kw} R{2 * L * k} s{stride} p{padding} d{dilation} "
-            f"bias={bias} {str(dtype)[6:]} cl={channels_last}")
-    check(f"{name} fused {config} groups={groups} [{time.perf_counter() - t0:.1f}s]", rel(out, ref), TOL[dtype])
+            f"bias={bias} {str(dtype)[6:]} cl={channels_last} {config} groups={groups}")
+    check(f"{name} [{time.perf_counter() - t0:.1f}s]", rel(out, ref), TOL[dtype])
     cpp = torch.ops.panther.sketched_conv2d(x, S1s, U1s, b, *[list(a) for a in conv])
     check("  vs the C++ op", rel(out, cpp), TOL[dtype])
-    # the split stage 2 (tap-sum kernel + addmm): into a poisoned output, and into a fresh one
-    t0 = time.perf_counter()
-    sum_cfg = dict(BLOCK_P=config["BLOCK_P"])
-    poisoned = torch.full(ref.shape, float("nan"), dtype=dtype).contiguous(memory_format=layout)
-    split = tap.tap_forward(x, S1s, U1s, b, *conv, stage2="split", config=sum_cfg, out=poisoned)
-    assert split is poisoned and torch.isfinite(split).all(), "an output element was not written"
-    check(f"  split {sum_cfg} [{time.perf_counter() - t0:.1f}s]", rel(split, ref), TOL[dtype])
-    fresh = tap.tap_forward(x, S1s, U1s, b, *conv, stage2="split")
-    assert fresh.dtype == dtype and fresh.shape == ref.shape and fresh.is_contiguous(memory_format=layout)
-    check("  split, fresh output, autotuner", rel(fresh, ref), TOL[dtype])
-    U = tap.tap_stage1(x, S1s)
-    T = tap.tap_sum(U, x, 2 * L * k, *conv, kh, kw, config=sum_cfg)
-    check("  split stage 2a (T) vs plain torch", rel(T, _tap_sum_torch(U, x, 2 * L * k, *conv, kh, kw)),
-          TOL[dtype] / 4)
-
-
-def _tap_sum_torch(U, x, R, stride, padding, dilation, kh, kw):
-    """T in plain torch: each output pixel's kh·kw input rows gathered by index (independent of
-    tap_forward_torch's padded slices), summed in float64."""
-    N, _, H, W = x.shape
-    Ho, Wo = (tc._out_size(s, kk, st, p, d) for s, kk, st, p, d in
-              ((H, kh, stride[0], padding[0], dilation[0]), (W, kw, stride[1], padding[1], dilation[1])))
-    T = torch.zeros(N * Ho * Wo, R, dtype=torch.float64)
-    n, ho, wo = (a.reshape(-1) for a in torch.meshgrid(torch.arange(N), torch.arange(Ho), torch.arange(Wo),
-                                                        indexing="ij"))
-    for i in range(kh):
-        for j in range(kw):
-            hi, wi = ho * stride[0] - padding[0] + i * dilation[0], wo * stride[1] - padding[1] + j * dilation[1]
-            ok = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            rows = (n * H + hi.clamp(0, H - 1)) * W + wi.clamp(0, W - 1)
-            t = i * kw + j
-            T += U[rows, t * R:(t + 1) * R].double() * ok[:, None]
-    return T
 
 
 def main():
@@ -113,11 +78,6 @@ def main():
     assert not tap.use_tap(xc, S1s, U1s, b, [2, 2], one, one)              # stride 2: the fused kernel
     assert not tap.use_tap(xc.double(), S1s.double(), U1s.double(), b.double(), one, one, one)  # float64
     assert not tap.use_tap(xc[:, :4], S1s[:, :4], U1s, b, one, one, one)  # U (54 columns) > 2 x (4 channels)
-    try:
-        tap.tap_stage2(None, xc, U1s, b, one, one, one, 3, 3, stage2="both")
-        raise AssertionError("a bad stage2 was accepted")
-    except ValueError as e:
-        assert "stage2" in str(e) and "split" in str(e)
     saved = tap.TAP_GEMM
     try:
         tap.TAP_GEMM = "always"
@@ -144,20 +104,6 @@ def main():
     want = torch.autograd.grad(ref, ref_leaves, gy)
     for name, a, w in zip(("dx", "dS1s", "dU1s", "db"), got, want):
         check(f"op (tap-GEMM path) backward {name}", rel(a, w), 1e-5)
-    # the op with each stage 2 (the default is "split"), bias or not
-    assert tap.TAP_STAGE2 == "split"
-    saved = tap.TAP_STAGE2
-    try:
-        for variant in tap.TAP_STAGE2_CHOICES:
-            tap.TAP_STAGE2 = variant
-            for bb in (b, None):
-                y = tc.sketched_conv2d_triton(xc, S1s, U1s, bb, 1, 1)
-                want = sketched_conv2d_reference(xc.double(), S1s.double(), U1s.double(),
-                                                 None if bb is None else bb.double(), 1, 1)
-                assert y.is_contiguous(memory_format=torch.channels_last)
-                check(f"op with TAP_STAGE2={variant!r}, bias={bb is not None}", rel(y, want), 1e-5)
-    finally:
-        tap.TAP_STAGE2 = saved
 
     # the bench's smoke run: every variant and config row measured, none failing
     from inductor_ext import triton_conv_bench
@@ -170,8 +116,6 @@ def main():
     assert "failed" not in text, "a bench variant failed"
     for want_row in ("dense cuDNN conv (F.conv2d)", "tconv fused direct", "tap stage 2 (", "tap-GEMM stage 1",
                      "tap-GEMM stage 2, best", "tap-GEMM total", "op panther::sketched_conv2d_triton (tap-GEMM",
-                     "tap 2a tap-sum (", "tap-GEMM 2a, best", "tap-GEMM 2b addmm", "tap-GEMM 2b mm",
-                     "tap-GEMM split stage 2", "tap-GEMM split total",
                      "cudnn.benchmark=True", "memory floor"):
         assert want_row in text, f"bench row missing: {want_row}"
     print("all interpreter checks passed")
