@@ -15,23 +15,6 @@ from ._checks import make_generator, positive_int
 
 __all__ = ["SKConv2d"]
 
-# The Triton op's wrapper once loaded, False when triton is unavailable, None before the first CUDA
-# forward: importing it registers a triton_op, which loads torch._inductor, so neither `import panther`
-# nor CPU use pays for it.
-_TRITON_CONV = None
-
-
-def _triton_conv():
-    global _TRITON_CONV
-    if _TRITON_CONV is None and not torch.compiler.is_compiling():  # no imports inside a Dynamo trace
-        try:
-            from inductor_ext import triton_conv
-        except ImportError:
-            _TRITON_CONV = False
-        else:
-            _TRITON_CONV = triton_conv.sketched_conv2d_triton if triton_conv.triton is not None else False
-    return _TRITON_CONV or None
-
 
 def _positive_int(value, name):
     try:
@@ -103,9 +86,7 @@ class SKConv2d(nn.Module):
     Shape:
         input ``(B, C_in, H, W)`` or unbatched ``(C_in, H, W)``; output ``(B, C_out, H_out, W_out)`` (or
         ``(C_out, H_out, W_out)``) with ``nn.Conv2d``'s output size. channels_last inputs give
-        channels_last outputs. On CUDA, channels_last inputs run one fused Triton kernel
-        (``panther::sketched_conv2d_triton``: same math and backward, the ``2·L·k``-channel intermediate
-        never written to memory) when triton is installed; other inputs run ``panther::sketched_conv2d``.
+        channels_last outputs.
     """
 
     __constants__ = ["in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
@@ -272,8 +253,7 @@ class SKConv2d(nn.Module):
 
     def forward(self, x):
         """Apply the layer: ``torch.ops.panther.sketched_conv2d`` (one convolution to ``2·L·k`` channels and
-        one channel mix), or on CUDA ``torch.ops.panther.sketched_conv2d_triton`` (both in one kernel for
-        channels_last inputs).
+        one channel mix).
 
         Args:
             x: ``(B, C_in, H, W)`` or unbatched ``(C_in, H, W)``.
@@ -295,14 +275,8 @@ class SKConv2d(nn.Module):
         padding, pad = self._explicit_padding()
         if pad is not None:
             x = F.pad(x, pad)
-        args = (x, self.S1s, self.U1s, self.bias, list(self.stride), list(padding), list(self.dilation))
-        if x.is_cuda:
-            fused = _triton_conv()
-            if fused is not None:
-                # panther::sketched_conv2d_triton: one fused kernel for channels_last inputs (never
-                # writes the (B, 2Lk, H, W) intermediate); other CUDA inputs go to the C++ op there.
-                return fused(*args)
-        return torch.ops.panther.sketched_conv2d(*args)
+        return torch.ops.panther.sketched_conv2d(x, self.S1s, self.U1s, self.bias, list(self.stride),
+                                                 list(padding), list(self.dilation))
 
     def effective_weight(self):
         """The dense (C_out, C_in, kh, kw) kernel this layer applies: ``Σ_{i,r} U1s[i,r,o]·S1s[i·k+r] / (2L)``
