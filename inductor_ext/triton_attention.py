@@ -98,10 +98,28 @@ if triton is not None:
         return r
 
     @triton.jit
-    def _features(x, w_t, feat_ok, row_ok, alpha, KERNEL: tl.constexpr, UPCAST: tl.constexpr):
+    def _load_w_t(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W: tl.constexpr):
+        """The (d, features) block of the projection, transposed, and its low bf16 part
+        (SPLIT_W; else the block again, unused)."""
+        off = offs_f[None, :] * swm + offs_d[:, None] * swd
+        ok = feat_ok[None, :] & (offs_d[:, None] < D)
+        w_t = tl.load(W + off, mask=ok, other=0.0)
+        if SPLIT_W:
+            w_lo = tl.load(W_LO + off, mask=ok, other=0.0)
+        else:
+            w_lo = w_t
+        return w_t, w_lo
+
+    @triton.jit
+    def _features(x, w_t, w_lo, feat_ok, row_ok, alpha, KERNEL: tl.constexpr,
+                  UPCAST: tl.constexpr, SPLIT_W: tl.constexpr):
         """(rows, M_PAD) exponents e = x'W^T - |x'|^2/2 (softmax; padded features/rows LOWEST) or
-        relu(xW^T) (relu). Returns (e, kappa) with kappa the row max (softmax) / 0 (relu)."""
+        relu(xW^T) (relu). Returns (e, kappa) with kappa the row max (softmax) / 0 (relu).
+        SPLIT_W: W = w_t + w_lo (the forward's bf16 operands, so the backward's features are
+        the forward's)."""
         u = _mm(x, w_t, UPCAST)
+        if SPLIT_W:
+            u += _mm(x, w_lo, UPCAST)
         if KERNEL == 0:
             # Inductor passes Python floats as fp64 scalars: cast back so the accumulators stay fp32
             xf = x.to(tl.float32)

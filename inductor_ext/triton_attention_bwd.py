@@ -55,14 +55,16 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from inductor_ext.triton_attention import (CHUNK, _INTERPRET, _KERNEL_ID, _launcher, _pow2, _splits,
+from inductor_ext.triton_attention import (CHUNK, _INTERPRET, _KERNEL_ID, _launcher, _pow2,
+                                           _projection_operands, _splits,
                                            kernel_ok, triton)
 from panther.ops.attention import _check_rf
 
 if triton is not None:
     import triton.language as tl
 
-    from inductor_ext.triton_attention import _features, _kv_state_kernel, _merge_kernel, _mm
+    from inductor_ext.triton_attention import (_features, _kv_state_kernel, _load_w_t,
+                                               _merge_kernel, _mm)
 
 __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op", "backward_params",
            "fused_backward_enabled"]
@@ -105,7 +107,7 @@ if triton is not None:
 
     @triton.jit
     def _bwd_q_kernel(
-        Q, K, V, GO, W, MASK, ST, ZT, RP, PI, PZ, ROWS, DQ, OUT, STATS,
+        Q, K, V, GO, W, W_LO, MASK, ST, ZT, RP, PI, PZ, ROWS, DQ, OUT, STATS,
         H, L, M, D, DV, SEG, LROW, ST_BH, ST_SG,
         sqb, sqh, sql, sqd,
         skb, skh, sks, skd,
@@ -117,6 +119,7 @@ if triton is not None:
         sob, soh, sol, sod,
         alpha,
         KERNEL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+        SPLIT_W: tl.constexpr,
         TF32: tl.constexpr, HAS_STATS: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
         C: tl.constexpr,
@@ -199,12 +202,13 @@ if triton is not None:
                 for f0 in range(0, M, BLOCK_F):
                     offs_f = f0 + offs_fb
                     feat_ok = offs_f < M
-                    w_t = tl.load(W + offs_f[None, :] * swm + offs_d[:, None] * swd,
-                                  mask=feat_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-                    _e, kq_f = _features(qt, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
+                    w_t, w_lo = _load_w_t(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W)
+                    _e, kq_f = _features(qt, w_t, w_lo, feat_ok, in_seq, alpha, KERNEL, UPCAST,
+                                          SPLIT_W)
                     kq = tl.maximum(kq, kq_f)
                     if CAUSAL:
-                        _e, kk_f = _features(kt, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
+                        _e, kk_f = _features(kt, w_t, w_lo, feat_ok, key_ok, alpha, KERNEL, UPCAST,
+                                          SPLIT_W)
                         kk = tl.maximum(kk, kk_f)
             if KERNEL == 0:
                 if CAUSAL:
@@ -230,15 +234,16 @@ if triton is not None:
                 for f0 in range(0, M, BLOCK_F):
                     offs_f = f0 + offs_fb
                     feat_ok = offs_f < M
-                    w_t = tl.load(W + offs_f[None, :] * swm + offs_d[:, None] * swd,
-                                  mask=feat_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-                    eq, _kq = _features(qt, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
+                    w_t, w_lo = _load_w_t(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W)
+                    eq, _kq = _features(qt, w_t, w_lo, feat_ok, in_seq, alpha, KERNEL, UPCAST,
+                                          SPLIT_W)
                     if KERNEL == 0:
                         phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
                     else:
                         phq = eq
                     if CAUSAL:
-                        ek, _kk = _features(kt, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
+                        ek, _kk = _features(kt, w_t, w_lo, feat_ok, key_ok, alpha, KERNEL, UPCAST,
+                                          SPLIT_W)
                         if KERNEL == 0:
                             phk = tl.where(feat_ok[None, :] & key_ok[:, None],
                                            tl.exp(ek - mt[:, None]), 0.0)
@@ -286,9 +291,9 @@ if triton is not None:
             for f0 in range(0, M, BLOCK_F):
                 offs_f = f0 + offs_fb
                 feat_ok = offs_f < M
-                w_t = tl.load(W + offs_f[None, :] * swm + offs_d[:, None] * swd,
-                              mask=feat_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-                eq, _kq = _features(qt, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
+                w_t, w_lo = _load_w_t(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W)
+                eq, _kq = _features(qt, w_t, w_lo, feat_ok, in_seq, alpha, KERNEL, UPCAST,
+                                          SPLIT_W)
                 if KERNEL == 0:
                     phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
                 else:
@@ -298,7 +303,8 @@ if triton is not None:
                 zf = tl.load(z_base + offs_f)
                 dphq = _dot(gv, tl.trans(st), UPCAST, TF32) - gdo[:, None] * zf[None, :]
                 if CAUSAL:
-                    ek, _kk = _features(kt, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
+                    ek, _kk = _features(kt, w_t, w_lo, feat_ok, key_ok, alpha, KERNEL, UPCAST,
+                                          SPLIT_W)
                     if KERNEL == 0:
                         phk = tl.where(feat_ok[None, :] & key_ok[:, None],
                                        tl.exp(ek - mt[:, None]), 0.0)
@@ -372,7 +378,7 @@ if triton is not None:
 
     @triton.jit
     def _bwd_k_kernel(
-        Q, K, V, GO, W, MASK, PS, PSZ, MK, ROWS, DK, DVO,
+        Q, K, V, GO, W, W_LO, MASK, PS, PSZ, MK, ROWS, DK, DVO,
         H, L, M, D, DV, SEG, LROW, PS_BH, PS_SG,
         sqb, sqh, sql, sqd,
         skb, skh, sks, skd,
@@ -384,6 +390,7 @@ if triton is not None:
         sdvb, sdvh, sdvl, sdvd,
         alpha,
         KERNEL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+        SPLIT_W: tl.constexpr,
         TF32: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
         C: tl.constexpr,
@@ -469,9 +476,9 @@ if triton is not None:
             for f0 in range(0, M, BLOCK_F):
                 offs_f = f0 + offs_fb
                 feat_ok = offs_f < M
-                w_t = tl.load(W + offs_f[None, :] * swm + offs_d[:, None] * swd,
-                              mask=feat_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-                ek, _kk = _features(kt, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
+                w_t, w_lo = _load_w_t(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W)
+                ek, _kk = _features(kt, w_t, w_lo, feat_ok, key_ok, alpha, KERNEL, UPCAST,
+                                          SPLIT_W)
                 if KERNEL == 0:
                     phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.exp(ek - mt[:, None]),
                                    0.0)
@@ -484,7 +491,8 @@ if triton is not None:
                 dphk = _dot(vt, tl.trans(pv), UPCAST, TF32) + pz[None, :]
                 dvi += _dot(phk, pv, UPCAST, TF32)
                 if CAUSAL:
-                    eq, _kq = _features(qt, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
+                    eq, _kq = _features(qt, w_t, w_lo, feat_ok, in_seq, alpha, KERNEL, UPCAST,
+                                          SPLIT_W)
                     if KERNEL == 0:
                         phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
                     else:
@@ -557,7 +565,10 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     kid = _KERNEL_ID[kernel_fn]
     alpha = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(d))
     upcast = _INTERPRET or q.dtype == torch.float32
-    W = projection.to(q.dtype) if q.dtype != torch.float32 else projection.float()
+    # the forward's operands: its statistics (shifts, den) were computed with them
+    W, W_lo = _projection_operands(projection, q.dtype)
+    split_w = W_lo is not None
+    W_lo = W if W_lo is None else W_lo
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
     block_f = min(M_PAD, block_f)
     NF = M_PAD // block_f
@@ -571,8 +582,8 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     if _INTERPRET:
         for t in (dq, dk, dvo):
             t.fill_(float("nan"))  # an element the kernels fail to write fails the checks
-    meta = dict(KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast, TF32=bool(tf32), M_PAD=M_PAD,
-                D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, C=C, num_stages=stages)
+    meta = dict(KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast, SPLIT_W=split_w, TF32=bool(tf32),
+                M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, C=C, num_stages=stages)
     # ---- the forward's key states: prefix states at segment starts (causal) / total (non-causal)
     kblock = C if causal else 64
     if causal and seg is not None:
@@ -584,13 +595,13 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     Z = torch.empty((BH, nk, M_PAD), device=dev, dtype=f32)
     MX = torch.empty((BH, nk, NF), device=dev, dtype=f32)
     _launcher(_kv_state_kernel)[(NF, BH, nk)](
-        k, v, W, W, mask, P, Z, MX, MX,
+        k, v, W, W_lo, mask, P, Z, MX, MX,
         H, S, m, d, dv, kseg,
         *k.stride(), *v.stride(), *W.stride(), *mask.stride(),
         alpha,
         KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
         M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, BLOCK_N=kblock,
-        SAVE_KAPPA=False, SPLIT_W=False, num_warps=4)
+        SAVE_KAPPA=False, SPLIT_W=split_w, num_warps=4)
     merge_meta = dict(M_PAD=M_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, NF=NF, NF_PAD=_pow2(NF, 2),
                       num_warps=4)
     RP = torch.empty((BH, nk), device=dev, dtype=f32)
@@ -617,7 +628,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     if not has_stats:
         out, stats = go, RP  # never read (read-only stand-ins: nothing aliases an output)
     _launcher(_bwd_q_kernel)[(BH, nq)](
-        q, k, v, go, W, mask, ST, ZT, RP, PI, PZ, ROWS, dq, out, stats,
+        q, k, v, go, W, W_lo, mask, ST, ZT, RP, PI, PZ, ROWS, dq, out, stats,
         H, Lq, m, d, dv, qseg, LROW, st_bh, st_sg,
         *q.stride(), *k.stride(), *v.stride(), *go.stride(), *W.stride(), *mask.stride(),
         *dq.stride(), *out.stride(),
@@ -635,7 +646,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
         # keys at the reference of the merged total state: the max over all splits and blocks
         MK = MX.reshape(BH, -1).amax(1).contiguous()
     _launcher(_bwd_k_kernel)[(BH, nk2)](
-        q, k, v, go, W, mask, PS, PSZ, MK, ROWS, dk, dvo,
+        q, k, v, go, W, W_lo, mask, PS, PSZ, MK, ROWS, dk, dvo,
         H, S, m, d, dv, kseg2, LROW, ps_bh, ps_sg,
         *q.stride(), *k.stride(), *v.stride(), *go.stride(), *W.stride(), *mask.stride(),
         *dk.stride(), *dvo.stride(),
