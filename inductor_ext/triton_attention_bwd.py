@@ -19,7 +19,7 @@ phi(q), phi(k) are recomputed on chip from q, k and W and never written to HBM; 
 
 Causal (chunks of C = 64 as in the forward by default, parallel over B·H·segments):
     1. ``_kv_state_kernel`` + ``_merge_kernel`` (the forward's): prefix states at segment starts.
-    2. ``_bwd_q_kernel`` grid (B·H, segments): the forward chunk walk again (row maxima, num/den;
+    2. ``_bwd_q_kernel`` grid (B·H, segments): a chunk walk (row maxima, num/den;
        or, on the training path, the forward's saved out and per-row den / shifts instead),
        then per chunk ``dq`` from the intra-chunk ``dA phi_k`` and the inter-chunk ``G S^T``.
        It writes per row ``1/den``, ``(g.o)/den``, the query shift and the key running max
