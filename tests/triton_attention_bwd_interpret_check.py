@@ -27,7 +27,7 @@ from panther.sketch import orthogonal_random_features  # noqa: E402
 gen = seeded_generators(100)
 
 
-def make(B, H, L, S, d, dv, m, masked, dtype, shift=0.0, ramp=False):
+def make(B, H, L, S, d, dv, m, masked, dtype, shift=0.0, ramp=False, w_f32=False):
     g = gen()
     q = torch.randn(B, H, L, d, generator=g, dtype=torch.float64)
     k = torch.randn(B, H, S, d, generator=g, dtype=torch.float64) + shift
@@ -37,7 +37,9 @@ def make(B, H, L, S, d, dv, m, masked, dtype, shift=0.0, ramp=False):
     go = torch.randn(B, H, L, dv, generator=g, dtype=torch.float64)
     W = orthogonal_random_features(m, d, generator=g, dtype=torch.float64)
     mask = padding_mask(B, S, g) if masked else None
-    return [t.to(dtype) for t in (q, k, v, go, W)] + [mask]
+    # w_f32: an fp32 projection with half inputs (the forward then multiplies by W as bf16 hi + lo
+    # parts, the backward by W rounded once)
+    return [t.to(dtype) for t in (q, k, v, go)] + [W.to(torch.float32 if w_f32 else dtype), mask]
 
 
 def references(q, k, v, go, W, kernel_fn, causal, scale, mask):
@@ -51,10 +53,10 @@ def references(q, k, v, go, W, kernel_fn, causal, scale, mask):
 
 
 def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0, bf=16,
-         ramp=False, stats=True, chunk=64):
+         ramp=False, stats=True, chunk=64, w_f32=False):
     """stats: the training path (the forward saves out and per-row den / shifts, the backward
     reuses them); else the backward recomputes them."""
-    q, k, v, go, W, mask = make(B, H, L, S, d, dv, m, masked, dtype, shift, ramp)
+    q, k, v, go, W, mask = make(B, H, L, S, d, dv, m, masked, dtype, shift, ramp, w_f32)
     cpp, auto = references(q, k, v, go, W, kernel_fn, causal, scale, mask)
     out = st = None
     if stats:
@@ -67,7 +69,7 @@ def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shi
                        block_f=bf, chunk=chunk)
     name = (f"{kernel_fn} causal={causal} B{B} H{H} L{L} S{S} d{d} dv{dv} m{m} scale={scale} "
             f"mask={masked} {str(dtype)[6:]} seg={seg} shift={shift} block_f={bf} ramp={ramp} "
-            f"stats={stats} chunk={chunk}")
+            f"stats={stats} chunk={chunk} w_f32={w_f32}")
     for gname, x, ref_c, ref_a in zip(("dq", "dk", "dv"), got, cpp, auto):
         assert x.dtype == dtype and x.shape == ref_c.shape, (gname, x.dtype, x.shape)
         assert torch.isfinite(x).all(), f"{name}: non-finite {gname} (unwritten or overflow)"
@@ -142,6 +144,8 @@ def main():
     case(2, 1, 100, 100, 16, 8, 32, "relu", True, None, True, f32, seg=64)
     case(1, 1, 70, 70, 16, 8, 32, "relu", True, None, True, f32, seg=64, stats=False)
     case(1, 1, 30, 30, 16, 8, 32, "relu", True, None, False, f32, seg=64)
+    # long segments: 16 chunks per program (the H200 walks 32), a second segment with a tail
+    case(1, 1, 1100, 1100, 16, 8, 32, "softmax", True, None, False, f32, seg=1024, ramp=True)
     # the backward's own chunk length (32; the forward walks chunks of 64)
     case(1, 1, 100, 100, 16, 8, 32, "softmax", True, 0.5, True, f32, seg=64, ramp=True, chunk=32)
     case(1, 1, 50, 70, 16, 8, 32, "softmax", False, None, True, f32, seg=64, chunk=32)
@@ -159,6 +163,9 @@ def main():
     case(1, 1, 70, 70, 16, 8, 32, "softmax", True, None, True, bf, seg=64, stats=False)
     case(1, 1, 60, 33, 16, 8, 32, "relu", False, None, True, bf, seg=64)
     case(1, 1, 70, 70, 16, 8, 32, "softmax", True, None, False, f16, seg=64)
+    # an fp32 projection with bf16 inputs (the forward's W hi + lo, the backward's W in bf16),
+    # d = 64 and 8 chunks per program
+    case(1, 1, 600, 600, 64, 16, 64, "softmax", True, None, False, bf, seg=512, w_f32=True)
     op_level()
     print("all backward interpreter checks passed")
     return 0

@@ -1,0 +1,105 @@
+"""A/B runs of the fused CAUSAL attention backward at the size that fails on the H200 (manual tool,
+not run by CI). Each variant runs in its own process (a fault poisons the CUDA context) with its own
+Triton cache, and prints the relative errors of the forward output and of dq, dk, dv against the C++
+ops in fp32, plus where the bad rows of dq lie (segment / chunk within the segment).
+
+    PYTHONPATH=$PWD python tests/triton_attention_bwd_gpu_ab.py            # all variants
+    PYTHONPATH=$PWD python tests/triton_attention_bwd_gpu_ab.py --one V    # one, in-process
+    TRITON_INTERPRET=1 PYTHONPATH=$PWD python tests/triton_attention_bwd_gpu_ab.py --one s4 --cpu
+
+Reading (the Triton interpreter gives right gradients at these segment lengths, so a wrong
+answer here is something the GPU build does):
+    * s4 wrong, r4 right: the training path's inputs (the forward's out / stats) -> gdo; check
+      "fwd out" on the same line.
+    * s4 / r4 wrong, v2 right: the wgmma (MMAv3) code of these kernels (DISABLE_MMA_V3=1 makes
+      Triton emit mma.sync instead); s8 faults and v2w8 passes: the same for the 8-warp fault.
+    * f64 / st1 right: the BLOCK_F = 32 products / the software pipelining.
+dv uses 1/den, the row shifts and the phi_q^T G suffix state but not gdo = (g.o)/den, dA or the
+z columns of the states, which dq and dk both use: dv right with dq, dk wrong points there.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+VARIANTS = {  # name: (backward kwargs, uses forward stats, extra env)
+    "s4": (dict(q_warps=4, k_warps=4), True, {}),
+    "r4": (dict(q_warps=4, k_warps=4), False, {}),
+    "v2": (dict(q_warps=4, k_warps=4), True, {"DISABLE_MMA_V3": "1"}),
+    "v2w8": (dict(), True, {"DISABLE_MMA_V3": "1"}),
+    "f64": (dict(q_warps=4, k_warps=4, block_f=64), True, {}),
+    "st1": (dict(q_warps=4, k_warps=4, stages=1), True, {}),
+    "s8": (dict(), True, {}),
+}
+
+
+def run_one(name, cpu):
+    import torch
+    import panther  # noqa: F401
+    from inductor_ext import triton_attention as ta
+    from inductor_ext import triton_attention_bwd as tb
+    from panther.sketch import orthogonal_random_features
+
+    kwargs, use_stats, _ = VARIANTS[name]
+    dev = torch.device("cpu" if cpu else "cuda")
+    H, L, seg = (1, 256, 128) if cpu else (16, 65536, None)
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v, go = (torch.randn(1, H, L, 64, device=dev, generator=g).bfloat16() for _ in range(4))
+    W = orthogonal_random_features(256, 64, device=dev, dtype=torch.float32)
+    sync = (lambda: None) if cpu else torch.cuda.synchronize
+    t = time.time()
+    out, stats = torch.ops.panther.rf_attention_triton_train(q, k, v, W, "softmax", True, None, None)
+    sync()
+    dq, dk, dv = tb._backward(go, q, k, v, W, "softmax", True, None, None,
+                              out if use_stats else None, stats if use_stats else None,
+                              seg=seg, **kwargs)
+    sync()
+    el = time.time() - t
+    f = [x.float() for x in (q, k, v, go)]
+    Wb = W.bfloat16().float()  # the backward's operand (the forward uses W as hi + lo parts)
+    ref_out = torch.ops.panther.rf_attention(f[0], f[1], f[2], W, "softmax", True, None, None)
+    ref = torch.ops.panther.rf_attention_backward(f[3], f[0], f[1], f[2], Wb, "softmax", True,
+                                                  None, None, False)[:3]
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+    print(f"{name}: {kwargs} stats={use_stats} env={VARIANTS[name][2]}  ({el:.1f} s)\n"
+          f"   fwd out {rel(out, ref_out):.2e}  dq {rel(dq, ref[0]):.2e}  dk {rel(dk, ref[1]):.2e}"
+          f"  dv {rel(dv, ref[2]):.2e}", flush=True)
+    # where dq goes wrong: rows whose error exceeds 10% of the median row norm
+    rn = ref[0].norm(dim=-1)
+    err = (dq.float() - ref[0]).norm(dim=-1) / rn.flatten().median().clamp_min(1e-30)
+    bad = (err > 0.1).flatten(0, 1)
+    qseg = seg or ta._splits(H, L, 64, dev, 256)[0]
+    if bad.any():
+        rows = bad.nonzero()[:, 1]
+        print(f"   bad dq rows: {int(bad.sum())} of {bad.numel()}, first {int(rows.min())}; "
+              f"by chunk-in-segment: {torch.bincount((rows % qseg) // 64).tolist()[:40]}; "
+              f"by segment: {torch.bincount(rows // qseg).tolist()[:40]}; "
+              f"max row err {err.max().item():.2e}", flush=True)
+    else:
+        print("   no bad dq rows", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one")
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    a = ap.parse_args()
+    if a.one:
+        return run_one(a.one, a.cpu)
+    for name in a.variants.split(","):
+        env = {**os.environ, **VARIANTS[name][2], "TRITON_CACHE_DIR": tempfile.mkdtemp()}
+        p = subprocess.run([sys.executable, __file__, "--one", name], env=env, capture_output=True,
+                           text=True, timeout=300)
+        text = (p.stdout + p.stderr).strip().splitlines()
+        keep = [ln for ln in text if not ln.lstrip().startswith(("warn", "/"))]
+        print("\n".join(keep if p.returncode == 0 else keep[-6:]), flush=True)
+        if p.returncode:
+            print(f"{name}: rc={p.returncode}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
