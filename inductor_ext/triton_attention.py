@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -132,6 +132,31 @@ if triton is not None:
             e = tl.where(feat_ok[None, :] & row_ok[:, None], e, 0.0)
             kappa = tl.zeros_like(tl.max(e, axis=1))
         return e, kappa
+
+    @triton.jit
+    def _store_rows(O, STATS, num, den, qt, shift, mt, b, hh, bh, rows64, row_ok, offs_v,
+                    sob, soh, sol, sod, L, DV, alpha,
+                    KERNEL: tl.constexpr, CAUSAL: tl.constexpr, SAVE_STATS: tl.constexpr):
+        """out = num / den into O (0 where den == 0). SAVE_STATS: the rows' statistics the fused
+        backward reads, STATS (B·H, 3, L): den, the query shift in natural units (shift is the
+        kernels' log2 row max without -|q|^2/2, added back here; 0 for relu) and, causal
+        softmax, the key running max M (mt, log2 units)."""
+        out = num / tl.where(den == 0.0, 1.0, den)[:, None]
+        out = tl.where((den == 0.0)[:, None], 0.0, out)
+        tl.store(O + b.to(tl.int64) * sob + hh.to(tl.int64) * soh + rows64[:, None] * sol
+                 + offs_v[None, :] * sod, out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_v[None, :] < DV))
+        if SAVE_STATS:
+            s_base = STATS + bh.to(tl.int64) * (3 * L)
+            tl.store(s_base + rows64, den, mask=row_ok)
+            if KERNEL == 0:
+                qf = qt.to(tl.float32)
+                hq = tl.sum(qf * qf, axis=1) * (0.5 * alpha * alpha)
+                tl.store(s_base + L + rows64, shift * _LN2 - hq, mask=row_ok)
+                if CAUSAL:
+                    tl.store(s_base + 2 * L + rows64, mt * _LN2, mask=row_ok)
+            else:
+                tl.store(s_base + L + rows64, tl.zeros_like(den), mask=row_ok)
 
     @triton.jit
     def _kv_state_kernel(
@@ -333,20 +358,8 @@ if triton is not None:
                 p = tl.where(feat_ok[None, :], tl.maximum(s, 0.0), 0.0)
             acc += _mm(p.to(st.dtype), st, UPCAST)
             den += tl.sum(p * zt[None, :], axis=1)
-        out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
-        out = tl.where((den == 0.0)[:, None], 0.0, out)
-        tl.store(O + b.to(tl.int64) * sob + hh.to(tl.int64) * soh + rows64[:, None] * sol
-                 + offs_v[None, :] * sod, out.to(O.dtype.element_ty),
-                 mask=row_ok[:, None] & (offs_v[None, :] < DV))
-        if SAVE_STATS:
-            s_base = STATS + bh.to(tl.int64) * (3 * L)
-            tl.store(s_base + rows64, den, mask=row_ok)
-            if KERNEL == 0:
-                qf = qt.to(tl.float32)
-                hq = tl.sum(qf * qf, axis=1) * (0.5 * alpha * alpha)
-                tl.store(s_base + L + rows64, run * _LN2 - hq, mask=row_ok)
-            else:
-                tl.store(s_base + L + rows64, tl.zeros_like(den), mask=row_ok)
+        _store_rows(O, STATS, acc, den, qt, run, run, b, hh, bh, rows64, row_ok, offs_v,
+                    sob, soh, sol, sod, L, DV, alpha, KERNEL, False, SAVE_STATS)
 
     @triton.jit
     def _causal_state_kernel(
@@ -481,6 +494,7 @@ if triton is not None:
                      + offs_v[None, :] * svd, mask=key_ok[:, None] & (offs_v[None, :] < DV),
                      other=0.0)
         scale2 = alpha * _LOG2E
+        mt = tl.zeros((C,), dtype=tl.float32)   # the key running max (softmax only)
         if KERNEL == 0:
             run = tl.load(HR + ch)
             kap = tl.load(KAP + bh.to(tl.int64) * (NF_KAP * L) + offs_kf[None, :] * L
@@ -539,19 +553,8 @@ if triton is not None:
         else:
             num += inter
             den += iden
-        out = num / tl.where(den == 0.0, 1.0, den)[:, None]
-        out = tl.where((den == 0.0)[:, None], 0.0, out)
-        tl.store(O + b.to(tl.int64) * sob + hh.to(tl.int64) * soh + rows64[:, None] * sol
-                 + offs_v[None, :] * sod, out.to(O.dtype.element_ty),
-                 mask=in_seq[:, None] & (offs_v[None, :] < DV))
-        if SAVE_STATS:
-            s_base = STATS + bh.to(tl.int64) * (3 * L)
-            tl.store(s_base + rows64, den, mask=in_seq)
-            if KERNEL == 0:
-                qf = qt.to(tl.float32)
-                hq = tl.sum(qf * qf, axis=1) * (0.5 * alpha * alpha)
-                tl.store(s_base + L + rows64, mq * _LN2 - hq, mask=in_seq)
-                tl.store(s_base + 2 * L + rows64, mt * _LN2, mask=in_seq)
+        _store_rows(O, STATS, num, den, qt, mq, mt, b, hh, bh, rows64, in_seq, offs_v,
+                    sob, soh, sol, sod, L, DV, alpha, KERNEL, True, SAVE_STATS)
 
 # --------------------------------------------------------------------------------------------
 # Launch helpers
@@ -595,6 +598,30 @@ def _projection_operands(projection, dtype):
     return hi, (projection.float() - hi.float()).to(dtype)
 
 
+class _Operands(NamedTuple):
+    """What every launch of the forward and backward kernels shares."""
+    kid: int           # _KERNEL_ID of the feature map
+    alpha: float       # sqrt of the logit scale (applied to q and k)
+    upcast: bool       # products in true fp32 (fp32 inputs, the interpreter)
+    W: Tensor          # the projection operand (hi part for bf16)
+    W_lo: Tensor       # its low bf16 part (split_w), else W again (unused)
+    split_w: bool
+    has_mask: bool
+    mask: Tensor       # uint8 key padding mask, or a (1, 1) stand-in
+
+
+def _operands(q, projection, kernel_fn, scale, key_padding_mask):
+    d = q.shape[-1]
+    alpha = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(d))
+    # fp32 inputs (and the interpreter) multiply in true fp32; half inputs use the tensor cores
+    upcast = _INTERPRET or q.dtype == torch.float32
+    W, W_lo = _projection_operands(projection, q.dtype)
+    has_mask = key_padding_mask is not None
+    mask = key_padding_mask.to(torch.uint8) if has_mask else q.new_empty((1, 1), dtype=torch.uint8)
+    return _Operands(_KERNEL_ID[kernel_fn], alpha, upcast, W, W if W_lo is None else W_lo,
+                     W_lo is not None, has_mask, mask)
+
+
 def _splits(bh, length, block, device, min_len, per_sm=4):
     """Split `length` into ranges (multiples of `block`) so that about `per_sm` programs run per
     SM."""
@@ -622,19 +649,12 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     B, H, Lq, d = q.shape
     S, dv, m = k.shape[2], v.shape[3], projection.shape[0]
     dev = q.device
-    kid = _KERNEL_ID[kernel_fn]
-    alpha = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(d))
-    # fp32 inputs (and the interpreter) multiply in true fp32; half inputs use the tensor cores
-    upcast = _INTERPRET or q.dtype == torch.float32
-    W, W_lo = _projection_operands(projection, q.dtype)
-    split_w = W_lo is not None
-    W_lo = W if W_lo is None else W_lo
+    kid, alpha, upcast, W, W_lo, split_w, has_mask, mask = _operands(q, projection, kernel_fn,
+                                                                     scale, key_padding_mask)
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
     out = torch.empty((B, H, Lq, dv), device=dev, dtype=q.dtype)
     if _INTERPRET:
         out.fill_(float("nan"))  # an element the kernels fail to write fails the checks
-    has_mask = key_padding_mask is not None
-    mask = key_padding_mask.to(torch.uint8) if has_mask else q.new_empty((1, 1), dtype=torch.uint8)
     BH = B * H
     f32 = torch.float32
     block_f = min(M_PAD, block_f or 64)
@@ -892,22 +912,56 @@ def _bench_long(L, m, H, d, dtype, dev):
     return line
 
 
+def _kernel_ms(fn, iters=10):
+    """Per-kernel device time of one call of ``fn`` in ms (``torch.profiler``), by kernel name.
+    Off CUDA (the interpreter smoke test): one call and an empty table."""
+    if not torch.cuda.is_available():
+        fn()
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+    _time_ms(fn, iters=2)  # compile and warm up
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    table = {}
+    for e in prof.key_averages():
+        if e.key.startswith("_"):  # the Triton kernels (``_name_0d1d...``); not ATen fills
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            table[e.key.split("_0d")[0]] = table.get(e.key.split("_0d")[0], 0.0) + t / iters / 1e3
+    return table
+
+
+# the forward's launch parameters the sweep varies, one group at a time from the defaults
+_FWD_SWEEP = {
+    False: [dict(kv_block_f=bf, block_n=bn, kv_warps=w, kv_stages=st)
+            for bf, bn, w, st in ((128, 128, 8, 3), (128, 64, 4, 3), (256, 64, 8, 3), (64, 128, 8, 3))]
+    + [dict(block_m=bm, q_block_f=qf, q_warps=w, q_stages=st)
+       for bm, qf, w, st in ((128, 128, 8, 3), (64, 64, 4, 2), (128, 64, 4, 3))]
+    + [dict(seg=sg) for sg in (2048, 8192, 16384)],
+    True: [dict(chunk=c, block_f=bf, causal_warps=w, causal_stages=st)
+           for c, bf, w, st in ((64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2), (32, 64, 4, 2))]
+    + [dict(state_block_f=bf, state_warps=w, state_stages=st)
+       for bf, w, st in ((64, 8, 3), (128, 8, 2), (32, 4, 2))]
+    + [dict(kv_block_f=bf, kv_warps=w) for bf, w in ((64, 4), (256, 8))]
+    + [dict(seg=sg) for sg in (1024, 4096, 8192)],
+}
+
+
 def _sweep(q, k, v, W, name, causal, backward, fwd=True):
-    """Times the Triton forward / backward over launch parameters, to pick the defaults."""
+    """Per-kernel times of the Triton forward over launch parameters (how the defaults were
+    picked), and times of the backward over its parameters."""
     B_, L_ = q.shape[0], q.shape[2]
     if fwd:
-        for seg in (None, 256, 512, 1024):
-            for warps, stages in ((4, 1), (8, 1), (8, 2), (8, 3)) if causal else ((8, 2),):
-                for bn in (64,) if causal else (32, 64, 128):
-                    def run_cfg():
-                        return _forward(q, k, v, W, "softmax", causal, None, None, seg=seg,
-                                        block_n=bn, causal_warps=warps, causal_stages=stages)
-                    try:
-                        ms = round(_time_ms(run_cfg, iters=10), 3)
-                    except Exception as exc:  # noqa: BLE001 - report and go on
-                        ms = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
-                    print(f"  sweep fwd {name} L={L_} B={B_}: seg={seg} warps={warps} "
-                          f"stages={stages} block_n={bn}: {ms} ms", flush=True)
+        for cfg in [{}] + _FWD_SWEEP[causal]:
+            try:
+                table = _kernel_ms(lambda: _forward(q, k, v, W, "softmax", causal, None, None,
+                                                    **cfg))
+                ms = f"total {sum(table.values()):.3f} ms | " + " ".join(
+                    f"{key}={t:.3f}" for key, t in sorted(table.items()))
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                ms = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
+            print(f"  sweep fwd {name} L={L_} B={B_}: {cfg or 'defaults'}: {ms}", flush=True)
     if not backward:
         return
     from inductor_ext.triton_attention_bwd import _backward, backward_params

@@ -49,15 +49,13 @@ dk/dv walk 8, key states 2; features are recomputed twice (four times when recom
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from inductor_ext.triton_attention import (CHUNK, _INTERPRET, _KERNEL_ID, _launcher, _pow2,
-                                           _projection_operands, _splits,
-                                           kernel_ok, triton)
+from inductor_ext.triton_attention import (CHUNK, _INTERPRET, _launcher, _operands, _pow2,
+                                           _splits, kernel_ok, triton)
 from panther.ops.attention import _check_rf
 
 if triton is not None:
@@ -562,20 +560,14 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     B, H, Lq, d = q.shape
     S, dv, m = k.shape[2], v.shape[3], projection.shape[0]
     dev = q.device
-    kid = _KERNEL_ID[kernel_fn]
-    alpha = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(d))
-    upcast = _INTERPRET or q.dtype == torch.float32
-    # the forward's operands: its statistics (shifts, den) were computed with them
-    W, W_lo = _projection_operands(projection, q.dtype)
-    split_w = W_lo is not None
-    W_lo = W if W_lo is None else W_lo
+    # the forward's operands (bf16: W as hi + lo): its statistics were computed with them
+    kid, alpha, upcast, W, W_lo, split_w, has_mask, mask = _operands(q, projection, kernel_fn,
+                                                                     scale, key_padding_mask)
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
     block_f = min(M_PAD, block_f)
     NF = M_PAD // block_f
     BH = B * H
     f32 = torch.float32
-    has_mask = key_padding_mask is not None
-    mask = key_padding_mask.to(torch.uint8) if has_mask else q.new_empty((1, 1), dtype=torch.uint8)
     dq = torch.empty((B, H, Lq, d), device=dev, dtype=q.dtype)
     dk = torch.empty((B, H, S, d), device=dev, dtype=k.dtype)
     dvo = torch.empty((B, H, S, dv), device=dev, dtype=v.dtype)
