@@ -85,6 +85,18 @@ def main():
         ref = rf_attention_reference(q.double(), k.double(), v.double(), W.double(), "softmax",
                                      causal)
         check(f"op causal={causal}", rel(out, ref), 1e-4)
+    # the benchmark's launch-parameter sweep (tiny, untimed): every config it names launches
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        ta.bench_triton_attention(cases=[("non-causal", 40, 1, False), ("causal", 70, 1, True)],
+                                  m=16, H=1, d=16, dtype=torch.float32, backward=False,
+                                  sweep=True, long_len=0, device="cpu")
+    lines = [ln for ln in buf.getvalue().splitlines() if "sweep fwd" in ln]
+    n_want = 2 + len(ta._FWD_SWEEP[False]) + len(ta._FWD_SWEEP[True])
+    assert len(lines) == n_want and not any("failed" in ln for ln in lines), buf.getvalue()
+    print(f"ok   bench sweep: {len(lines)} forward configs launch")
     print("all interpreter checks passed")
     return 0
 
