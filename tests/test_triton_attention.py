@@ -177,10 +177,12 @@ def test_cuda_matches_reference(dtype, kernel_fn, causal, masked):
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_bf16_within_half_percent_of_fp32(causal):
     """Issue [E]'s accuracy bar: bf16 inputs within 0.5% of the fp32 path at equal random
-    features (the C++ op on the same values in fp32), at the benchmark's head shape."""
-    q, k, v, W, _ = inputs(B=1, H=4, L=8192, d=64, dv=64, m=256, dtype=torch.bfloat16,
+    features (the C++ op on the same values in fp32), at the benchmark's head shape. The
+    projection is fp32, as a module holds it: rounding it to bf16 alone would cost about 0.5%."""
+    q, k, v, W, _ = inputs(B=1, H=4, L=8192, d=64, dv=64, m=256, dtype=torch.float32,
                            device="cuda", masked=False)
-    out = ta.rf_attention_triton(q, k, v, W.float(), "softmax", causal)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    out = ta.rf_attention_triton(q, k, v, W, "softmax", causal)
     ref = torch.ops.panther.rf_attention(q.float(), k.float(), v.float(), W.float(), "softmax",
                                          causal, None, None)
     assert rel(out, ref) < 5e-3
