@@ -938,13 +938,13 @@ _FWD_SWEEP = {
             for bf, bn, w, st in ((128, 128, 8, 3), (128, 64, 4, 3), (256, 64, 8, 3), (64, 128, 8, 3))]
     + [dict(block_m=bm, q_block_f=qf, q_warps=w, q_stages=st)
        for bm, qf, w, st in ((128, 128, 8, 3), (64, 64, 4, 2), (128, 64, 4, 3))]
-    + [dict(seg=sg) for sg in (2048, 8192, 16384)],
+    + [dict(seg=sg) for sg in (2048, 8192, 16384)] + [dict(split_projection=False)],
     True: [dict(chunk=c, block_f=bf, causal_warps=w, causal_stages=st)
            for c, bf, w, st in ((64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2), (32, 64, 4, 2))]
     + [dict(state_block_f=bf, state_warps=w, state_stages=st)
        for bf, w, st in ((64, 8, 3), (128, 8, 2), (32, 4, 2))]
     + [dict(kv_block_f=bf, kv_warps=w) for bf, w in ((64, 4), (256, 8))]
-    + [dict(seg=sg) for sg in (1024, 4096, 8192)],
+    + [dict(seg=sg) for sg in (1024, 4096, 8192)] + [dict(split_projection=False)],
 }
 
 
@@ -953,14 +953,20 @@ def _sweep(q, k, v, W, name, causal, backward, fwd=True):
     picked), and times of the backward over its parameters."""
     B_, L_ = q.shape[0], q.shape[2]
     if fwd:
+        global SPLIT_PROJECTION
+        split = SPLIT_PROJECTION
         for cfg in [{}] + _FWD_SWEEP[causal]:
+            params = {key: val for key, val in cfg.items() if key != "split_projection"}
+            SPLIT_PROJECTION = cfg.get("split_projection", split)  # the cost of the hi+lo operand
             try:
                 table = _kernel_ms(lambda: _forward(q, k, v, W, "softmax", causal, None, None,
-                                                    **cfg))
+                                                    **params))
                 ms = f"total {sum(table.values()):.3f} ms | " + " ".join(
                     f"{key}={t:.3f}" for key, t in sorted(table.items()))
             except Exception as exc:  # noqa: BLE001 - report and go on
                 ms = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
+            finally:
+                SPLIT_PROJECTION = split
             print(f"  sweep fwd {name} L={L_} B={B_}: {cfg or 'defaults'}: {ms}", flush=True)
     if not backward:
         return
