@@ -631,6 +631,76 @@ def _splits(bh, length, block, device, min_len, per_sm=4):
     return seg, -(-length // seg)
 
 
+def _key_pass(k, v, ops, m, causal, seg, block_n, kv_block_f, kv_warps, kv_stages):
+    """The key pass: per key split and feature block, the state at the block's max (P, Z, MX);
+    causal softmax also each key's shift per feature block (KAP). Returns
+    (P, Z, MX, KAP, seg, nsplit, NF, kv_block_f)."""
+    kid, alpha, upcast, W, W_lo, split_w, has_mask, mask = ops
+    B, H, S, d = k.shape
+    dv = v.shape[3]
+    M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
+    BH, dev, f32 = B * H, k.device, torch.float32
+    kv_block_f = min(M_PAD, kv_block_f)
+    NF = M_PAD // kv_block_f
+    if seg is None:
+        # the key pass runs feature blocks·B·H·splits programs; fewer, longer splits measured
+        # faster than several per SM (the merge walks the splits in order)
+        seg, nsplit = _splits(BH * NF, S, block_n, dev, 4 * block_n, per_sm=1)
+    else:
+        seg = -(-seg // block_n) * block_n
+        nsplit = -(-S // seg)
+    P = torch.empty((BH, nsplit, M_PAD, DV_PAD), device=dev, dtype=f32)
+    Z = torch.empty((BH, nsplit, M_PAD), device=dev, dtype=f32)
+    MX = torch.empty((BH, nsplit, NF), device=dev, dtype=f32)
+    save_kap = causal and kid == 0
+    KAP = torch.empty((BH, NF, S) if save_kap else (1, NF), device=dev, dtype=f32)
+    _launcher(_kv_state_kernel)[(NF, BH, nsplit)](
+        k, v, W, W_lo, mask, P, Z, MX, KAP,
+        H, S, m, d, dv, seg,
+        *k.stride(), *v.stride(), *W.stride(), *mask.stride(),
+        alpha,
+        KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
+        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=kv_block_f, BLOCK_N=block_n,
+        SAVE_KAPPA=save_kap, SPLIT_W=split_w, num_warps=kv_warps, num_stages=kv_stages)
+    return P, Z, MX, KAP, seg, nsplit, NF, kv_block_f
+
+
+def causal_chunk_states(q, k, v, ops, m, *, seg=None, kv_block_f=128, kv_warps=8, kv_stages=3,
+                        chunk=CHUNK, state_block_f=64, state_warps=4, state_stages=2):
+    """The causal prefix state at every chunk start: key pass, prefix merge over the splits, then
+    the chunk walk of every split. Returns (HS, HZ, HR, KAP): HS (B·H, chunks, M_PAD, DV_PAD)
+    (bf16 for half inputs, as the products take it), HZ fp32, HR the references (log2 units),
+    KAP (B·H, NF, L) each key's shift per key-pass feature block (softmax; a (1, NF) stand-in for
+    relu). The forward
+    and the fused backward's dq share it."""
+    kid, alpha, upcast, W, W_lo, split_w, has_mask, mask = ops
+    B, H, L, d = k.shape
+    dv = v.shape[3]
+    M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
+    BH, dev, f32 = B * H, k.device, torch.float32
+    P, Z, MX, KAP, seg, nsplit, NF, kv_block_f = _key_pass(k, v, ops, m, True, seg, chunk,
+                                                           kv_block_f, kv_warps, kv_stages)
+    RP = torch.empty((BH, nsplit), device=dev, dtype=f32)
+    _launcher(_merge_kernel)[(BH, NF)](P, Z, MX, RP, P, Z, nsplit, PREFIX=True, M_PAD=M_PAD,
+                                       DV_PAD=DV_PAD, BLOCK_F=kv_block_f, NF=NF,
+                                       NF_PAD=_pow2(NF, 2), num_warps=4)
+    nchunk = triton.cdiv(L, chunk)
+    HS = torch.empty((BH, nchunk, M_PAD, DV_PAD), device=dev,
+                     dtype=f32 if q.dtype == torch.float32 else torch.bfloat16)
+    HZ = torch.empty((BH, nchunk, M_PAD), device=dev, dtype=f32)
+    HR = torch.empty((BH, nchunk), device=dev, dtype=f32)
+    st_block_f = min(M_PAD, state_block_f)
+    _launcher(_causal_state_kernel)[(M_PAD // st_block_f, BH, nsplit)](
+        k, v, W, W_lo, mask, P, Z, RP, KAP, HS, HZ, HR,
+        H, L, m, d, dv, seg, nchunk,
+        *k.stride(), *v.stride(), *W.stride(), *mask.stride(),
+        alpha,
+        KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
+        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=st_block_f, NF_KAP=NF, C=chunk,
+        SPLIT_W=split_w, num_warps=state_warps, num_stages=state_stages)
+    return HS, HZ, HR, KAP
+
+
 def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *, seg=None,
              block_n=64, block_m=128, kv_block_f=128, q_block_f=64, kv_warps=8, q_warps=8,
              kv_stages=3, q_stages=3,
@@ -649,8 +719,8 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     B, H, Lq, d = q.shape
     S, dv, m = k.shape[2], v.shape[3], projection.shape[0]
     dev = q.device
-    kid, alpha, upcast, W, W_lo, split_w, has_mask, mask = _operands(q, projection, kernel_fn,
-                                                                     scale, key_padding_mask)
+    ops = _operands(q, projection, kernel_fn, scale, key_padding_mask)
+    kid, alpha, upcast, W, W_lo, split_w, has_mask, mask = ops
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
     out = torch.empty((B, H, Lq, dv), device=dev, dtype=q.dtype)
     if _INTERPRET:
@@ -658,52 +728,12 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     BH = B * H
     f32 = torch.float32
     block_f = min(M_PAD, block_f or 64)
-    kv_block_f = min(M_PAD, kv_block_f)
-    q_block_f = min(M_PAD, q_block_f)
-    NF = M_PAD // kv_block_f
     if causal:
-        block_n = chunk
-    if seg is None:
-        # the key pass runs feature blocks·B·H·splits programs; fewer, longer splits measured
-        # faster than several per SM (the merge walks the splits in order)
-        seg, nsplit = _splits(BH * NF, S, block_n, dev, 4 * block_n, per_sm=1)
-    else:
-        seg = -(-seg // block_n) * block_n
-        nsplit = -(-S // seg)
-    P = torch.empty((BH, nsplit, M_PAD, DV_PAD), device=dev, dtype=f32)
-    Z = torch.empty((BH, nsplit, M_PAD), device=dev, dtype=f32)
-    MX = torch.empty((BH, nsplit, NF), device=dev, dtype=f32)
-    # causal softmax: the key pass also leaves each key's shift for the walk
-    save_kap = causal and kid == 0
-    KAP = torch.empty((BH, NF, S) if save_kap else (1,), device=dev, dtype=f32)
-    _launcher(_kv_state_kernel)[(NF, BH, nsplit)](
-        k, v, W, W_lo, mask, P, Z, MX, KAP,
-        H, S, m, d, dv, seg,
-        *k.stride(), *v.stride(), *W.stride(), *mask.stride(),
-        alpha,
-        KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
-        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=kv_block_f, BLOCK_N=block_n,
-        SAVE_KAPPA=save_kap, SPLIT_W=split_w, num_warps=kv_warps, num_stages=kv_stages)
-    merge_meta = dict(M_PAD=M_PAD, DV_PAD=DV_PAD, BLOCK_F=kv_block_f, NF=NF, NF_PAD=_pow2(NF, 2),
-                      num_warps=4)
-    if causal:
-        RP = torch.empty((BH, nsplit), device=dev, dtype=f32)
-        _launcher(_merge_kernel)[(BH, NF)](P, Z, MX, RP, P, Z, nsplit, PREFIX=True, **merge_meta)
-        nchunk = triton.cdiv(Lq, chunk)
-        # the state at every chunk start: bf16 for half inputs (the product takes it so)
-        HS = torch.empty((BH, nchunk, M_PAD, DV_PAD), device=dev,
-                         dtype=f32 if q.dtype == torch.float32 else torch.bfloat16)
-        HZ = torch.empty((BH, nchunk, M_PAD), device=dev, dtype=f32)
-        HR = torch.empty((BH, nchunk), device=dev, dtype=f32)
-        st_block_f = min(M_PAD, state_block_f)
-        _launcher(_causal_state_kernel)[(M_PAD // st_block_f, BH, nsplit)](
-            k, v, W, W_lo, mask, P, Z, RP, KAP, HS, HZ, HR,
-            H, S, m, d, dv, seg, nchunk,
-            *k.stride(), *v.stride(), *W.stride(), *mask.stride(),
-            alpha,
-            KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
-            M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=st_block_f, NF_KAP=NF, C=chunk,
-            SPLIT_W=split_w, num_warps=state_warps, num_stages=state_stages)
+        HS, HZ, HR, KAP = causal_chunk_states(
+            q, k, v, ops, m, seg=seg, kv_block_f=kv_block_f, kv_warps=kv_warps,
+            kv_stages=kv_stages, chunk=chunk, state_block_f=state_block_f,
+            state_warps=state_warps, state_stages=state_stages)
+        nchunk = HS.shape[1]
         _launcher(_causal_out_kernel)[(nchunk, BH)](
             q, k, v, W, W_lo, mask, HS, HZ, HR, KAP, out,
             stats if stats is not None else HR,
@@ -712,10 +742,15 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
             *out.stride(),
             alpha,
             KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
-            M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, NF_KAP=NF, C=chunk,
-            SAVE_STATS=stats is not None, SPLIT_W=split_w,
+            M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, NF_KAP=KAP.shape[1],
+            C=chunk, SAVE_STATS=stats is not None, SPLIT_W=split_w,
             num_warps=causal_warps, num_stages=causal_stages)
         return out
+    q_block_f = min(M_PAD, q_block_f)
+    P, Z, MX, _, _, nsplit, NF, kv_block_f = _key_pass(k, v, ops, m, False, seg, block_n,
+                                                       kv_block_f, kv_warps, kv_stages)
+    merge_meta = dict(M_PAD=M_PAD, DV_PAD=DV_PAD, BLOCK_F=kv_block_f, NF=NF, NF_PAD=_pow2(NF, 2),
+                      num_warps=4)
     # the state is read by every query block: bf16 for half inputs (fp16 could overflow: it sums
     # up to S values of phi·v), fp32 for fp32 inputs
     ST = torch.empty((BH, M_PAD, DV_PAD), device=dev,
@@ -860,11 +895,15 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
                     _time_ms(lambda: torch.autograd.grad(fn(), (qg, kg, vg), go), iters=5), 3)
             from .triton_attention_bwd import fused_backward_enabled
             if fused_backward_enabled(causal):
+                # with the forward's output and statistics, as autograd calls it
+                out, stats = torch.ops.panther.rf_attention_triton_train(
+                    q, k, v, W, "softmax", causal, None, None)
                 line["triton bwd ms"] = round(_time_ms(
                     lambda: torch.ops.panther.rf_attention_triton_backward(
-                        go, q, k, v, W, "softmax", causal, None, None), iters=10), 3)
+                        go, q, k, v, W, "softmax", causal, None, None, out, stats), iters=10), 3)
+                del out, stats
             else:
-                line["triton bwd"] = "C++ backward (the fused causal backward is opt-in)"
+                line["triton bwd"] = "C++ backward (backward_params['causal'] is off)"
         print(line, flush=True)
         rows.append(line)
         if sweep:
@@ -970,27 +1009,26 @@ def _sweep(q, k, v, W, name, causal, backward, fwd=True):
             print(f"  sweep fwd {name} L={L_} B={B_}: {cfg or 'defaults'}: {ms}", flush=True)
     if not backward:
         return
-    from inductor_ext.triton_attention_bwd import _backward, backward_params
+    from inductor_ext.triton_attention_bwd import _backward
     go = torch.randn_like(q)
     out, stats = torch.ops.panther.rf_attention_triton_train(q, k, v, W, "softmax", causal, None,
                                                              None)
-    base = dict(backward_params)
-    configs = [dict(chunk=c, block_f=bf, q_warps=w, k_warps=w, stages=st)
-               for c, bf, w, st in ((64, 32, 8, 2), (64, 32, 8, 1), (64, 32, 4, 2), (64, 32, 4, 1),
-                                    (64, 64, 8, 2), (64, 64, 8, 1), (64, 64, 4, 2), (64, 64, 4, 1),
-                                    (32, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2), (32, 64, 4, 2))]
-    configs += [dict(seg=sg) for sg in (512, 1024, 2048, 4096)]
-    configs += [dict(tf32=True), dict(q_warps=8, k_warps=4), dict(q_warps=4, k_warps=8)]
-    for cfg in configs:
-        full = {**base, **cfg}
-
-        def run_bwd():
-            return _backward(go, q, k, v, W, "softmax", causal, None, None, out, stats, **full)
+    # (block_f, warps of both kernels, stages); causal: the chunk kernels, else the segment walks
+    tiles = ((64, 8, 2), (64, 8, 1), (64, 4, 2), (32, 8, 2), (32, 4, 2)) if causal else \
+        ((32, 8, 2), (32, 8, 1), (32, 4, 2), (64, 8, 2), (64, 4, 2))
+    configs = [dict(block_f=bf, q_warps=w, k_warps=w, stages=st) for bf, w, st in tiles]
+    configs += [dict(seg=sg) for sg in (1024, 2048, 4096, 8192)]
+    configs += [dict(chunk=32), dict(tf32=True), dict(q_warps=8, k_warps=4),
+                dict(q_warps=4, k_warps=8)]
+    for cfg in [{}] + configs:
         try:
-            ms = round(_time_ms(run_bwd, iters=5), 3)
+            table = _kernel_ms(lambda: _backward(go, q, k, v, W, "softmax", causal, None, None,
+                                                 out, stats, **cfg))
+            ms = f"total {sum(table.values()):.3f} ms | " + " ".join(
+                f"{key}={t:.3f}" for key, t in sorted(table.items()))
         except Exception as exc:  # noqa: BLE001 - report and go on
             ms = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
-        print(f"  sweep bwd {name} L={L_} B={B_}: {full}: {ms} ms", flush=True)
+        print(f"  sweep bwd {name} L={L_} B={B_}: {cfg or 'defaults'}: {ms}", flush=True)
 
 
 # registers panther::rf_attention_triton_backward (imported last: it uses the kernels above)

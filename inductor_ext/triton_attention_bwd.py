@@ -61,20 +61,21 @@ from panther.ops.attention import _check_rf
 if triton is not None:
     import triton.language as tl
 
-    from inductor_ext.triton_attention import (_features, _kv_state_kernel, _load_w_t,
+    from inductor_ext.triton_attention import (_LN2, _features, _kv_state_kernel, _load_w_t,
                                                _merge_kernel, _mm)
 
 __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op", "backward_params",
            "fused_backward_enabled"]
 
 # launch parameters of the backward (a sweep can change them: see bench_triton_attention)
-# (block_f 32: ptxas reports about a third of the register spills of 64 for the two walks at
-# d = dv = 64, m = 256, 8 warps, bf16 on sm_90; not yet timed on the GPU)
-# "causal": whether causal calls take the fused backward (else the C++ one). Off by default: at
-# 65,536 tokens × 16 heads the causal walk faulted on the H200 (illegal memory access) while every
-# smaller CUDA test passed; non-causal calls are unaffected.
+# non-causal: block_f features per streamed block (32: ptxas reports about a third of the register
+# spills of 64 at d = dv = 64, m = 256, 8 warps, bf16 on sm_90), q_warps / k_warps, seg;
+# causal: causal_block_f / causal_warps for the per-chunk dq and dk-dv kernels (64 / 8: no
+# spills in dq, few in dk-dv, same check), seg the key side's segments;
+# "causal": whether causal calls take the fused backward (else the C++ one).
 backward_params = {"seg": None, "block_f": 32, "q_warps": 8, "k_warps": 8, "stages": 2,
-                   "tf32": False, "chunk": CHUNK, "causal": False}
+                   "tf32": False, "chunk": CHUNK, "causal": True,
+                   "causal_block_f": 64, "causal_warps": 8}
 
 
 if triton is not None:
@@ -535,6 +536,385 @@ if triton is not None:
             tl.debug_barrier()
 
 
+    # ---- causal: every chunk independent (as the forward's chunk outputs), two short scans ----
+    @triton.jit
+    def _chunk_tiles(Q, K, V, GO, MASK, STATS, b, hh, bh, rows, L, D, DV,
+                     sqb, sqh, sql, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                     sgb, sgh, sgl, sgd, smb, sms,
+                     KERNEL: tl.constexpr, HAS_MASK: tl.constexpr,
+                     D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+        """One chunk's q, k, v, g tiles (keys masked), and per row the forward's query shift kq
+        and key running max M (natural units; 0 for relu)."""
+        offs_d = tl.arange(0, D_PAD)
+        offs_v = tl.arange(0, DV_PAD)
+        in_seq = rows < L
+        rows64 = rows.to(tl.int64)
+        key_ok = in_seq
+        if HAS_MASK:
+            mk = tl.load(MASK + b.to(tl.int64) * smb + rows64 * sms, mask=in_seq, other=1)
+            key_ok = key_ok & (mk == 0)
+        dmask = offs_d[None, :] < D
+        vmask = offs_v[None, :] < DV
+        qt = tl.load(Q + b.to(tl.int64) * sqb + hh.to(tl.int64) * sqh + rows64[:, None] * sql
+                     + offs_d[None, :] * sqd, mask=in_seq[:, None] & dmask, other=0.0)
+        kt = tl.load(K + b.to(tl.int64) * skb + hh.to(tl.int64) * skh + rows64[:, None] * sks
+                     + offs_d[None, :] * skd, mask=key_ok[:, None] & dmask, other=0.0)
+        vt = tl.load(V + b.to(tl.int64) * svb + hh.to(tl.int64) * svh + rows64[:, None] * svs
+                     + offs_v[None, :] * svd, mask=key_ok[:, None] & vmask, other=0.0)
+        go = tl.load(GO + b.to(tl.int64) * sgb + hh.to(tl.int64) * sgh + rows64[:, None] * sgl
+                     + offs_v[None, :] * sgd, mask=in_seq[:, None] & vmask, other=0.0)
+        x_base = STATS + bh.to(tl.int64) * (3 * L)
+        kq = tl.load(x_base + L + rows64, mask=in_seq, other=0.0)
+        mt = tl.load(x_base + 2 * L + rows64, mask=in_seq, other=0.0)
+        if KERNEL != 0:
+            mt = tl.zeros_like(mt)
+        return qt, kt, vt, go.to(tl.float32), kq, mt, in_seq, key_ok, rows64
+
+    @triton.jit
+    def _chunk_da(gv, gdo, vt, mt, KERNEL: tl.constexpr, UPCAST: tl.constexpr,
+                  TF32: tl.constexpr, C: tl.constexpr):
+        """dA[t, s] = (G_t . [v_s, 1]) exp(M_s - M_t) for keys s <= t of the chunk (else 0), and
+        the decay exp(M_s - M_t) itself."""
+        offs_c = tl.arange(0, C)
+        tril = offs_c[None, :] <= offs_c[:, None]
+        decay = tl.exp(tl.minimum(mt[None, :] - mt[:, None], 0.0))
+        if KERNEL != 0:
+            decay = tl.full((C, C), 1.0, tl.float32)
+        decay = tl.where(tril, decay, 0.0)
+        da = (_dot(gv, tl.trans(vt), UPCAST, TF32) - gdo[:, None]) * decay
+        return da, decay
+
+    @triton.jit
+    def _dq_chunk_kernel(
+        Q, K, V, GO, OUT, W, W_LO, MASK, STATS, HS, HZ, HR, ROWS, DQ,
+        H, L, M, D, DV, NCHUNK,
+        sqb, sqh, sql, sqd,
+        skb, skh, sks, skd,
+        svb, svh, svs, svd,
+        sgb, sgh, sgl, sgd,
+        sob, soh, sol, sod,
+        swm, swd,
+        smb, sms,
+        sdb, sdh, sdl, sdd,
+        alpha,
+        KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+        SPLIT_W: tl.constexpr, TF32: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
+        C: tl.constexpr,
+    ):
+        """Causal dq of one chunk, grid (chunks, B·H): the intra-chunk dA phi_k plus the
+        inter-chunk G S^T from the forward's state at the chunk start (HS, HZ at HR, log2).
+        Also writes per row 1/den and (g.o)/den into ROWS (B·H, 2, L) for the key side."""
+        c = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        hh = bh % H
+        offs_d = tl.arange(0, D_PAD)
+        offs_fb = tl.arange(0, BLOCK_F)
+        offs_v = tl.arange(0, DV_PAD)
+        rows = c * C + tl.arange(0, C)
+        qt, kt, vt, go, kq, mt, in_seq, key_ok, rows64 = _chunk_tiles(
+            Q, K, V, GO, MASK, STATS, b, hh, bh, rows, L, D, DV,
+            sqb, sqh, sql, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+            sgb, sgh, sgl, sgd, smb, sms, KERNEL, HAS_MASK, D_PAD, DV_PAD)
+        den = tl.load(STATS + bh.to(tl.int64) * (3 * L) + rows64, mask=in_seq, other=0.0)
+        ot = tl.load(OUT + b.to(tl.int64) * sob + hh.to(tl.int64) * soh + rows64[:, None] * sol
+                     + offs_v[None, :] * sod, mask=in_seq[:, None] & (offs_v[None, :] < DV),
+                     other=0.0)
+        inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
+        gv = go * inv[:, None]
+        gdo = tl.sum(gv * ot.to(tl.float32), axis=1)
+        r_base = ROWS + bh.to(tl.int64) * (2 * L)
+        tl.store(r_base + rows64, inv, mask=in_seq)
+        tl.store(r_base + L + rows64, gdo, mask=in_seq)
+        ch = bh.to(tl.int64) * NCHUNK + c
+        fac = tl.full((C,), 1.0, tl.float32)
+        if KERNEL == 0:
+            # chunk-start state -> M_t (rows past L: 0, never stored)
+            fac = tl.where(in_seq, tl.exp(tl.minimum(tl.load(HR + ch) * _LN2 - mt, 0.0)), 0.0)
+        da, _decay = _chunk_da(gv, gdo, vt, mt, KERNEL, UPCAST, TF32, C)
+        da = _operand(da, UPCAST, TF32)
+        gv = _operand(gv, UPCAST, TF32)
+        dqa = tl.zeros((C, D_PAD), dtype=tl.float32)
+        rs = tl.zeros((C,), dtype=tl.float32)
+        hs_base = HS + ch * (M_PAD * DV_PAD)
+        for f0 in range(0, M, BLOCK_F):
+            offs_f = f0 + offs_fb
+            feat_ok = offs_f < M
+            w_t, w_lo = _load_w_t(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W)
+            eq, _kq = _features(qt, w_t, w_lo, feat_ok, in_seq, alpha, KERNEL, UPCAST, SPLIT_W)
+            ek, _kk = _features(kt, w_t, w_lo, feat_ok, key_ok, alpha, KERNEL, UPCAST, SPLIT_W)
+            if KERNEL == 0:
+                phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
+                phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.exp(ek - mt[:, None]), 0.0)
+            else:
+                phq = eq
+                phk = ek
+            st = tl.load(hs_base + offs_f[:, None] * DV_PAD + offs_v[None, :])
+            zf = tl.load(HZ + ch * M_PAD + offs_f)
+            dphq = (_dot(gv, tl.trans(st), UPCAST, TF32) - gdo[:, None] * zf[None, :]) \
+                * fac[:, None] + _dot(da, phk, UPCAST, TF32)
+            if KERNEL == 0:
+                du = dphq * phq
+            else:
+                du = tl.where(eq > 0.0, dphq, 0.0)
+            dqa += _dot(du, tl.trans(w_t), UPCAST, TF32)
+            rs += tl.sum(du, axis=1)
+        _store_dx(DQ, dqa, rs, qt, b, hh, rows64, in_seq, sdb, sdh, sdl, sdd, D, alpha,
+                  KERNEL, D_PAD)
+
+    @triton.jit
+    def _store_dx(DX, dxa, rs, xt, b, hh, rows64, row_ok, sxb, sxh, sxl, sxd, D, alpha,
+                  KERNEL: tl.constexpr, D_PAD: tl.constexpr):
+        """dx from du W (dxa) and sum_j du_j (rs): softmax e = a x.w - a^2 |x|^2 / 2 gives
+        dx = a du W - a^2 (sum_j du_j) x; relu dx = du W."""
+        offs_d = tl.arange(0, D_PAD)
+        if KERNEL == 0:
+            # Inductor may pass alpha as an fp64 scalar: keep the tiles fp32
+            dx = (alpha * dxa).to(tl.float32) \
+                - ((alpha * alpha) * rs).to(tl.float32)[:, None] * xt.to(tl.float32)
+        else:
+            dx = dxa
+        tl.store(DX + b.to(tl.int64) * sxb + hh.to(tl.int64) * sxh + rows64[:, None] * sxl
+                 + offs_d[None, :] * sxd, dx.to(DX.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+    @triton.jit
+    def _query_g_tile(Q, GO, STATS, ROWS, w, w_lo, b, hh, bh, rows, ref, L, D, DV,
+                      sqb, sqh, sql, sqd, sgb, sgh, sgl, sgd, alpha,
+                      KERNEL: tl.constexpr, UPCAST: tl.constexpr, SPLIT_W: tl.constexpr,
+                      D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr):
+        """For a block of queries and one feature block: p[f, t] = phi_q[t, f] exp(ref - M_t)
+        (features as rows; every factor <= 1 for ref <= M_t), g = 1/den_t g_t and
+        gdo = (g.o)/den_t: the pieces of sum_t p[:, t] [g_t, -gdo_t]."""
+        offs_d = tl.arange(0, D_PAD)
+        offs_v = tl.arange(0, DV_PAD)
+        in_seq = rows < L
+        rows64 = rows.to(tl.int64)
+        qt = tl.load(Q + b.to(tl.int64) * sqb + hh.to(tl.int64) * sqh + rows64[:, None] * sql
+                     + offs_d[None, :] * sqd, mask=in_seq[:, None] & (offs_d[None, :] < D),
+                     other=0.0)
+        go = tl.load(GO + b.to(tl.int64) * sgb + hh.to(tl.int64) * sgh + rows64[:, None] * sgl
+                     + offs_v[None, :] * sgd, mask=in_seq[:, None] & (offs_v[None, :] < DV),
+                     other=0.0)
+        r_base = ROWS + bh.to(tl.int64) * (2 * L)
+        inv = tl.load(r_base + rows64, mask=in_seq, other=0.0)
+        gdo = tl.load(r_base + L + rows64, mask=in_seq, other=0.0)
+        s = _mm(w, tl.trans(qt), UPCAST)                   # (features, queries)
+        if SPLIT_W:
+            s += _mm(w_lo, tl.trans(qt), UPCAST)
+        if KERNEL == 0:
+            x_base = STATS + bh.to(tl.int64) * (3 * L)
+            kq = tl.load(x_base + L + rows64, mask=in_seq, other=0.0)
+            mt = tl.load(x_base + 2 * L + rows64, mask=in_seq, other=0.0)
+            qf = qt.to(tl.float32)
+            hq = tl.sum(qf * qf, axis=1) * (0.5 * alpha * alpha)
+            # phi_q = exp(a q.w - |q|^2 a^2/2 - kq), times exp(ref - M_t); rows past L: 0
+            off = tl.where(in_seq, hq + kq + mt - ref, 3.0e38).to(tl.float32)
+            p = tl.exp(tl.minimum((s * alpha).to(tl.float32) - off[None, :], 0.0))
+        else:
+            p = tl.maximum(s, 0.0)
+        p = tl.where(in_seq[None, :], p, 0.0)
+        return p, go.to(tl.float32) * inv[:, None], gdo
+
+    @triton.jit
+    def _q_increment_kernel(
+        Q, GO, W, W_LO, STATS, ROWS, RPB, PI, PZ,
+        H, L, M, D, DV, SEG,
+        sqb, sqh, sql, sqd,
+        sgb, sgh, sgl, sgd,
+        swm, swd,
+        alpha,
+        KERNEL: tl.constexpr, UPCAST: tl.constexpr, SPLIT_W: tl.constexpr, TF32: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
+        C: tl.constexpr,
+    ):
+        """Causal, key side step 1, grid (feature blocks, B·H, segments): each segment's
+        sum_t phi_q[t]^T [g_t, -gdo_t] / den_t at the segment's start reference RPB (the key
+        running max before it), into PI (fp32), PZ."""
+        fb = tl.program_id(0)
+        bh = tl.program_id(1)
+        sg = tl.program_id(2)
+        nsg = tl.num_programs(2)
+        b = bh // H
+        hh = bh % H
+        offs_f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
+        offs_d = tl.arange(0, D_PAD)
+        offs_v = tl.arange(0, DV_PAD)
+        feat_ok = offs_f < M
+        w_off = offs_f[:, None] * swm + offs_d[None, :] * swd
+        w_ok = feat_ok[:, None] & (offs_d[None, :] < D)
+        w = tl.load(W + w_off, mask=w_ok, other=0.0)
+        w_lo = w
+        if SPLIT_W:
+            w_lo = tl.load(W_LO + w_off, mask=w_ok, other=0.0)
+        base = bh.to(tl.int64) * nsg + sg
+        ref = tl.load(RPB + base)
+        acc = tl.zeros((BLOCK_F, DV_PAD), dtype=tl.float32)
+        z = tl.zeros((BLOCK_F,), dtype=tl.float32)
+        start = sg * SEG
+        for t0 in range(start, start + SEG, C):
+            rows = t0 + tl.arange(0, C)
+            p, gv, gdo = _query_g_tile(Q, GO, STATS, ROWS, w, w_lo, b, hh, bh, rows, ref,
+                                       L, D, DV, sqb, sqh, sql, sqd, sgb, sgh, sgl, sgd, alpha,
+                                       KERNEL, UPCAST, SPLIT_W, D_PAD, DV_PAD, BLOCK_F)
+            acc += _dot(p, gv, UPCAST, TF32)
+            z -= tl.sum(p * gdo[None, :], axis=1)
+        acc = tl.where(feat_ok[:, None], acc, 0.0)
+        z = tl.where(feat_ok, z, 0.0)
+        tl.store(PI + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :], acc)
+        tl.store(PZ + base * M_PAD + offs_f, z)
+
+    @triton.jit
+    def _suffix_state_kernel(
+        Q, GO, W, W_LO, STATS, ROWS, PI, PZ, HP, HPZ, HPR,
+        H, L, M, D, DV, SEG, NCHUNK,
+        sqb, sqh, sql, sqd,
+        sgb, sgh, sgl, sgd,
+        swm, swd,
+        alpha,
+        KERNEL: tl.constexpr, UPCAST: tl.constexpr, SPLIT_W: tl.constexpr, TF32: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
+        C: tl.constexpr,
+    ):
+        """Causal, key side step 3, grid (feature blocks, B·H, segments): walks the segment's
+        chunks last first from the suffix state after the segment (PI, PZ, from the segment
+        scan) and writes, per chunk, the suffix state of the queries after it (HP in the state
+        dtype, HPZ fp32) at the reference HPR = M at the chunk's last row (natural units)."""
+        fb = tl.program_id(0)
+        bh = tl.program_id(1)
+        sg = tl.program_id(2)
+        nsg = tl.num_programs(2)
+        b = bh // H
+        hh = bh % H
+        offs_f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
+        offs_d = tl.arange(0, D_PAD)
+        offs_v = tl.arange(0, DV_PAD)
+        feat_ok = offs_f < M
+        w_off = offs_f[:, None] * swm + offs_d[None, :] * swd
+        w_ok = feat_ok[:, None] & (offs_d[None, :] < D)
+        w = tl.load(W + w_off, mask=w_ok, other=0.0)
+        w_lo = w
+        if SPLIT_W:
+            w_lo = tl.load(W_LO + w_off, mask=w_ok, other=0.0)
+        base = bh.to(tl.int64) * nsg + sg
+        acc = tl.load(PI + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :])
+        z = tl.load(PZ + base * M_PAD + offs_f)
+        m_base = STATS + bh.to(tl.int64) * (3 * L) + 2 * L
+        start = sg * SEG
+        end = tl.minimum(start + SEG, L)
+        cur = 0.0
+        if KERNEL == 0:
+            cur = tl.load(m_base + end - 1)
+        nch = (end - start + C - 1) // C
+        for i in range(0, nch):
+            t0 = start + (nch - 1 - i) * C
+            ch = bh.to(tl.int64) * NCHUNK + t0 // C
+            tl.store(HP + ch * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :],
+                     acc.to(HP.dtype.element_ty))
+            tl.store(HPZ + ch * M_PAD + offs_f, z)
+            if fb == 0:
+                tl.store(HPR + ch, cur)
+            prev = 0.0
+            if KERNEL == 0:
+                # the reference before this chunk: M at its row t0 - 1 (none before row 0)
+                prev = tl.load(m_base + tl.maximum(t0 - 1, 0))
+                prev = tl.where(t0 == 0, -2.0e38, prev)
+            p, gv, gdo = _query_g_tile(Q, GO, STATS, ROWS, w, w_lo, b, hh, bh,
+                                       t0 + tl.arange(0, C), prev, L, D, DV,
+                                       sqb, sqh, sql, sqd, sgb, sgh, sgl, sgd, alpha,
+                                       KERNEL, UPCAST, SPLIT_W, D_PAD, DV_PAD, BLOCK_F)
+            if KERNEL == 0:
+                r = tl.exp(prev - cur)
+                acc = acc * r
+                z = z * r
+                cur = prev
+            acc += _dot(p, gv, UPCAST, TF32)
+            z -= tl.sum(p * gdo[None, :], axis=1)
+            acc = tl.where(feat_ok[:, None], acc, 0.0)
+            z = tl.where(feat_ok, z, 0.0)
+
+    @triton.jit
+    def _dkdv_chunk_kernel(
+        Q, K, V, GO, W, W_LO, MASK, STATS, ROWS, HP, HPZ, HPR, DK, DVO,
+        H, L, M, D, DV, NCHUNK,
+        sqb, sqh, sql, sqd,
+        skb, skh, sks, skd,
+        svb, svh, svs, svd,
+        sgb, sgh, sgl, sgd,
+        swm, swd,
+        smb, sms,
+        sdkb, sdkh, sdkl, sdkd,
+        sdvb, sdvh, sdvl, sdvd,
+        alpha,
+        KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+        SPLIT_W: tl.constexpr, TF32: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
+        C: tl.constexpr,
+    ):
+        """Causal dk, dv of one chunk, grid (chunks, B·H): the intra-chunk dA^T phi_q, A^T G plus
+        the inter-chunk P [v_s, 1], phi_k P from the suffix state after the chunk (HP, HPZ at
+        HPR)."""
+        c = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        hh = bh % H
+        offs_d = tl.arange(0, D_PAD)
+        offs_fb = tl.arange(0, BLOCK_F)
+        offs_v = tl.arange(0, DV_PAD)
+        rows = c * C + tl.arange(0, C)
+        qt, kt, vt, go, kq, mt, in_seq, key_ok, rows64 = _chunk_tiles(
+            Q, K, V, GO, MASK, STATS, b, hh, bh, rows, L, D, DV,
+            sqb, sqh, sql, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+            sgb, sgh, sgl, sgd, smb, sms, KERNEL, HAS_MASK, D_PAD, DV_PAD)
+        r_base = ROWS + bh.to(tl.int64) * (2 * L)
+        gv = go * tl.load(r_base + rows64, mask=in_seq, other=0.0)[:, None]
+        gdo = tl.load(r_base + L + rows64, mask=in_seq, other=0.0)
+        ch = bh.to(tl.int64) * NCHUNK + c
+        eks = tl.full((C,), 1.0, tl.float32)
+        if KERNEL == 0:
+            # key s at M_s -> the suffix's reference (rows past L: 0, never stored)
+            eks = tl.where(in_seq, tl.exp(tl.minimum(mt - tl.load(HPR + ch), 0.0)), 0.0)
+        da, decay = _chunk_da(gv, gdo, vt, mt, KERNEL, UPCAST, TF32, C)
+        da = _operand(da, UPCAST, TF32)
+        a = tl.zeros((C, C), dtype=tl.float32)
+        dvi = tl.zeros((C, DV_PAD), dtype=tl.float32)
+        dka = tl.zeros((C, D_PAD), dtype=tl.float32)
+        rs = tl.zeros((C,), dtype=tl.float32)
+        hp_base = HP + ch * (M_PAD * DV_PAD)
+        for f0 in range(0, M, BLOCK_F):
+            offs_f = f0 + offs_fb
+            feat_ok = offs_f < M
+            w_t, w_lo = _load_w_t(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W)
+            eq, _kq = _features(qt, w_t, w_lo, feat_ok, in_seq, alpha, KERNEL, UPCAST, SPLIT_W)
+            ek, _kk = _features(kt, w_t, w_lo, feat_ok, key_ok, alpha, KERNEL, UPCAST, SPLIT_W)
+            if KERNEL == 0:
+                phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
+                phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.exp(ek - mt[:, None]), 0.0)
+            else:
+                phq = eq
+                phk = ek
+            pv = tl.load(hp_base + offs_f[:, None] * DV_PAD + offs_v[None, :])
+            pz = tl.load(HPZ + ch * M_PAD + offs_f)
+            dphk = (_dot(vt, tl.trans(pv), UPCAST, TF32) + pz[None, :]) * eks[:, None] \
+                + _dot(tl.trans(da), phq, UPCAST, TF32)
+            dvi += _dot(phk, pv, UPCAST, TF32)
+            a += _mm(phq.to(qt.dtype), tl.trans(phk.to(qt.dtype)), UPCAST)
+            if KERNEL == 0:
+                du = dphk * phk
+            else:
+                du = tl.where(ek > 0.0, dphk, 0.0)
+            dka += _dot(du, tl.trans(w_t), UPCAST, TF32)
+            rs += tl.sum(du, axis=1)
+        a = _operand(a * decay, UPCAST, TF32)
+        dvv = _dot(tl.trans(a), _operand(gv, UPCAST, TF32), UPCAST, TF32) + dvi * eks[:, None]
+        tl.store(DVO + b.to(tl.int64) * sdvb + hh.to(tl.int64) * sdvh + rows64[:, None] * sdvl
+                 + offs_v[None, :] * sdvd, dvv.to(DVO.dtype.element_ty),
+                 mask=in_seq[:, None] & (offs_v[None, :] < DV))
+        _store_dx(DK, dka, rs, kt, b, hh, rows64, in_seq, sdkb, sdkh, sdkl, sdkd, D, alpha,
+                  KERNEL, D_PAD)
+
+
 # --------------------------------------------------------------------------------------------
 # Launch
 # --------------------------------------------------------------------------------------------
@@ -553,10 +933,20 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     tf32 = p["tf32"] if tf32 is None else tf32
     C = chunk or p["chunk"]
     seg = p["seg"] if seg is None else seg
-    block_f = block_f or p["block_f"]
-    q_warps = q_warps or p["q_warps"]
-    k_warps = k_warps or p["k_warps"]
+    q_warps = q_warps or p["causal_warps" if causal else "q_warps"]
+    k_warps = k_warps or p["causal_warps" if causal else "k_warps"]
     stages = stages or p["stages"]
+    if causal:
+        if stats is None:
+            B, H, Lq = q.shape[:3]
+            stats = torch.zeros((B * H, 3, Lq), device=q.device, dtype=torch.float32)
+            out = _ta()._forward(q, k, v, projection, kernel_fn, True, scale, key_padding_mask,
+                                 stats=stats, chunk=C)
+        return _causal_backward(go, q, k, v, projection, kernel_fn, scale, key_padding_mask,
+                                out, stats, seg=seg, block_f=min(_pow2(projection.shape[0]),
+                                                                 block_f or p["causal_block_f"]),
+                                q_warps=q_warps, k_warps=k_warps, stages=stages, tf32=tf32,
+                                chunk=C)
     B, H, Lq, d = q.shape
     S, dv, m = k.shape[2], v.shape[3], projection.shape[0]
     dev = q.device
@@ -564,7 +954,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     kid, alpha, upcast, W, W_lo, split_w, has_mask, mask = _operands(q, projection, kernel_fn,
                                                                      scale, key_padding_mask)
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
-    block_f = min(M_PAD, block_f)
+    block_f = min(M_PAD, block_f or p["block_f"])
     NF = M_PAD // block_f
     BH = B * H
     f32 = torch.float32
@@ -643,6 +1033,76 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
         *q.stride(), *k.stride(), *v.stride(), *go.stride(), *W.stride(), *mask.stride(),
         *dk.stride(), *dvo.stride(),
         alpha, CAUSAL=causal, num_warps=k_warps, **meta)
+    return dq, dk, dvo
+
+
+def _causal_backward(go, q, k, v, projection, kernel_fn, scale, key_padding_mask, out, stats, *,
+                     seg, block_f, q_warps, k_warps, stages, tf32, chunk):
+    """Causal (dq, dk, dv), every chunk independent (as the forward's chunk outputs):
+        dq:     the forward's chunk-start states (recomputed: ``causal_chunk_states``), then
+                ``_dq_chunk_kernel`` per chunk (also writes 1/den and (g.o)/den per row);
+        dk, dv: per segment sum_t phi_q^T G (``_q_increment_kernel``), a reverse scan over the
+                segments (``_suffix_kernel``), a reverse chunk walk per segment writing the
+                suffix state after every chunk (``_suffix_state_kernel``), then
+                ``_dkdv_chunk_kernel`` per chunk.
+    ``out`` and ``stats`` are the forward's (``_forward(stats=...)``)."""
+    ta = _ta()
+    B, H, L, d = q.shape
+    dv, m = v.shape[3], projection.shape[0]
+    dev, BH, f32 = q.device, B * H, torch.float32
+    ops = _operands(q, projection, kernel_fn, scale, key_padding_mask)
+    kid, alpha, upcast, W, W_lo, split_w, has_mask, mask = ops
+    M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
+    HS, HZ, HR, _kap = ta.causal_chunk_states(q, k, v, ops, m, chunk=chunk)
+    nchunk = HS.shape[1]
+    dq = torch.empty((B, H, L, d), device=dev, dtype=q.dtype)
+    dk = torch.empty((B, H, L, d), device=dev, dtype=k.dtype)
+    dvo = torch.empty((B, H, L, dv), device=dev, dtype=v.dtype)
+    if _INTERPRET:
+        for t in (dq, dk, dvo):
+            t.fill_(float("nan"))  # an element the kernels fail to write fails the checks
+    ROWS = torch.empty((BH, 2, L), device=dev, dtype=f32)
+    meta = dict(KERNEL=kid, UPCAST=upcast, SPLIT_W=split_w, TF32=bool(tf32), M_PAD=M_PAD,
+                D_PAD=D_PAD, DV_PAD=DV_PAD, C=chunk)
+    chunk_meta = dict(meta, HAS_MASK=has_mask, BLOCK_F=block_f, num_stages=stages)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *go.stride())
+    _launcher(_dq_chunk_kernel)[(nchunk, BH)](
+        q, k, v, go, out, W, W_lo, mask, stats, HS, HZ, HR, ROWS, dq,
+        H, L, m, d, dv, nchunk, *strides, *out.stride(), *W.stride(), *mask.stride(),
+        *dq.stride(), alpha, num_warps=q_warps, **chunk_meta)
+    del HS, HZ, HR, _kap
+    # ---- the key side's suffix states: per segment, scan, per chunk
+    sblock_f = min(M_PAD, 64)
+    NFS = M_PAD // sblock_f
+    if seg is None:
+        seg, nseg = _splits(BH * NFS, L, chunk, dev, 4 * chunk, per_sm=4)
+    else:
+        seg = -(-seg // chunk) * chunk
+        nseg = -(-L // seg)
+    # segment g's reference: the key running max before it (M at row g·seg - 1)
+    RPB = torch.full((BH, nseg), -2.0e38 if kid == 0 else 0.0, device=dev, dtype=f32)
+    if kid == 0 and nseg > 1:
+        RPB[:, 1:] = stats[:, 2, seg - 1:(nseg - 1) * seg:seg]
+    PI = torch.empty((BH, nseg, M_PAD, DV_PAD), device=dev, dtype=f32)
+    PZ = torch.empty((BH, nseg, M_PAD), device=dev, dtype=f32)
+    side = (q, go, W, W_lo, stats, ROWS)
+    side_strides = (*q.stride(), *go.stride(), *W.stride())
+    _launcher(_q_increment_kernel)[(NFS, BH, nseg)](
+        *side, RPB, PI, PZ, H, L, m, d, dv, seg, *side_strides, alpha,
+        BLOCK_F=sblock_f, num_warps=4, **meta)
+    _launcher(_suffix_kernel)[(BH, NFS)](PI, PZ, RPB, nseg, M_PAD=M_PAD, DV_PAD=DV_PAD,
+                                         BLOCK_F=sblock_f, num_warps=4)
+    HP = torch.empty((BH, nchunk, M_PAD, DV_PAD), device=dev,
+                     dtype=f32 if q.dtype == torch.float32 else torch.bfloat16)
+    HPZ = torch.empty((BH, nchunk, M_PAD), device=dev, dtype=f32)
+    HPR = torch.empty((BH, nchunk), device=dev, dtype=f32)
+    _launcher(_suffix_state_kernel)[(NFS, BH, nseg)](
+        *side, PI, PZ, HP, HPZ, HPR, H, L, m, d, dv, seg, nchunk, *side_strides, alpha,
+        BLOCK_F=sblock_f, num_warps=4, **meta)
+    _launcher(_dkdv_chunk_kernel)[(nchunk, BH)](
+        q, k, v, go, W, W_lo, mask, stats, ROWS, HP, HPZ, HPR, dk, dvo,
+        H, L, m, d, dv, nchunk, *strides, *W.stride(), *mask.stride(), *dk.stride(),
+        *dvo.stride(), alpha, num_warps=k_warps, **chunk_meta)
     return dq, dk, dvo
 
 

@@ -1,21 +1,17 @@
-"""A/B runs of the fused CAUSAL attention backward at the size that fails on the H200 (manual tool,
-not run by CI). Each variant runs in its own process (a fault poisons the CUDA context) with its own
-Triton cache, and prints the relative errors of the forward output and of dq, dk, dv against the C++
-ops in fp32, plus where the bad rows of dq lie (segment / chunk within the segment).
+"""A/B runs of the fused CAUSAL attention backward at the benchmark's size (65,536 tokens x 16
+heads, d = 64, m = 256, bf16; a manual GPU tool, not run by CI). Each variant runs in its own
+process (a fault poisons the CUDA context) with its own Triton cache, and prints the relative
+errors of the forward output and of dq, dk, dv against the C++ ops in fp32, where the bad rows of
+dq lie (segment / chunk within the segment), and the backward's time.
 
     PYTHONPATH=$PWD python tests/triton_attention_bwd_gpu_ab.py            # all variants
     PYTHONPATH=$PWD python tests/triton_attention_bwd_gpu_ab.py --one V    # one, in-process
-    TRITON_INTERPRET=1 PYTHONPATH=$PWD python tests/triton_attention_bwd_gpu_ab.py --one s4 --cpu
+    TRITON_INTERPRET=1 PYTHONPATH=$PWD python tests/triton_attention_bwd_gpu_ab.py --one w4 --cpu
 
-Reading (the Triton interpreter gives right gradients at these segment lengths, so a wrong
-answer here is something the GPU build does):
-    * s4 wrong, r4 right: the training path's inputs (the forward's out / stats) -> gdo; check
-      "fwd out" on the same line.
-    * s4 / r4 wrong, v2 right: the wgmma (MMAv3) code of these kernels (DISABLE_MMA_V3=1 makes
-      Triton emit mma.sync instead); s8 faults and v2w8 passes: the same for the 8-warp fault.
-    * f64 / st1 right: the BLOCK_F = 32 products / the software pipelining.
-dv uses 1/den, the row shifts and the phi_q^T G suffix state but not gdo = (g.o)/den, dA or the
-z columns of the states, which dq and dk both use: dv right with dq, dk wrong points there.
+History: the earlier causal backward (a chunk walk per segment, its state updated in place in
+global memory) gave wrong dq, dk at this size on the H200 with Triton 3.6 unless DISABLE_MMA_V3=1
+(no wgmma), and faulted with 8 warps; the interpreter was right. ``nomma3`` keeps that
+comparison for the per-chunk kernels that replaced it.
 """
 import argparse
 import os
@@ -25,13 +21,11 @@ import tempfile
 import time
 
 VARIANTS = {  # name: (backward kwargs, uses forward stats, extra env)
-    "s4": (dict(q_warps=4, k_warps=4), True, {}),
-    "r4": (dict(q_warps=4, k_warps=4), False, {}),
-    "v2": (dict(q_warps=4, k_warps=4), True, {"DISABLE_MMA_V3": "1"}),
-    "v2w8": (dict(), True, {"DISABLE_MMA_V3": "1"}),
-    "f64": (dict(q_warps=4, k_warps=4, block_f=64), True, {}),
-    "st1": (dict(q_warps=4, k_warps=4, stages=1), True, {}),
-    "s8": (dict(), True, {}),
+    "default": (dict(), True, {}),
+    "recompute": (dict(), False, {}),
+    "w4": (dict(q_warps=4, k_warps=4), True, {}),
+    "bf32": (dict(block_f=32), True, {}),
+    "nomma3": (dict(), True, {"DISABLE_MMA_V3": "1"}),
 }
 
 
@@ -43,8 +37,10 @@ def run_one(name, cpu):
     from panther.sketch import orthogonal_random_features
 
     kwargs, use_stats, _ = VARIANTS[name]
+    kwargs = dict(kwargs)
     dev = torch.device("cpu" if cpu else "cuda")
     H, L, seg = (1, 256, 128) if cpu else (16, 65536, None)
+    seg = kwargs.pop("seg", seg)
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v, go = (torch.randn(1, H, L, 64, device=dev, generator=g).bfloat16() for _ in range(4))
     W = orthogonal_random_features(256, 64, device=dev, dtype=torch.float32)
@@ -57,6 +53,17 @@ def run_one(name, cpu):
                               seg=seg, **kwargs)
     sync()
     el = time.time() - t
+    if not cpu:  # the backward alone, compiled: median of 5
+        times = []
+        for _ in range(5):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            tb._backward(go, q, k, v, W, "softmax", True, None, None, out if use_stats else None,
+                         stats if use_stats else None, seg=seg, **kwargs)
+            e1.record()
+            torch.cuda.synchronize()
+            times.append(e0.elapsed_time(e1))
+        print(f"{name}: backward {sorted(times)[2]:.2f} ms", flush=True)
     f = [x.float() for x in (q, k, v, go)]
     Wb = W.bfloat16().float()  # the backward's operand (the forward uses W as hi + lo parts)
     ref_out = torch.ops.panther.rf_attention(f[0], f[1], f[2], W, "softmax", True, None, None)

@@ -130,6 +130,22 @@ def op_level():
     tb._backward = fused
 
 
+def bench_sweep():
+    """The benchmark's backward sweep (tiny, untimed): every launch configuration it names runs."""
+    import contextlib
+    import io
+    g = gen()
+    for causal in (True, False):
+        q, k, v = (torch.randn(1, 1, 70, 16, generator=g) for _ in range(3))
+        W = orthogonal_random_features(16, 16, generator=g)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            ta._sweep(q, k, v, W, "smoke", causal, True, fwd=False)
+        lines = [ln for ln in buf.getvalue().splitlines() if "sweep bwd" in ln]
+        assert len(lines) > 10 and not any("failed" in ln for ln in lines), buf.getvalue()
+        print(f"ok   bench sweep causal={causal}: {len(lines)} backward configs launch")
+
+
 def main():
     f32, bf, f16 = torch.float32, torch.bfloat16, torch.float16
     # causal: several segments (seg 64 = one chunk each), chunk tails, masks with a fully masked
@@ -167,6 +183,7 @@ def main():
     # d = 64 and 8 chunks per program
     case(1, 1, 600, 600, 64, 16, 64, "softmax", True, None, False, bf, seg=512, w_f32=True)
     op_level()
+    bench_sweep()
     print("all backward interpreter checks passed")
     return 0
 
