@@ -665,6 +665,24 @@ def _key_pass(k, v, ops, m, causal, seg, block_n, kv_block_f, kv_warps, kv_stage
     return P, Z, MX, KAP, seg, nsplit, NF, kv_block_f
 
 
+def total_key_state(k, v, ops, m, state_dtype, *, seg=None, block_n=64, kv_block_f=128,
+                    kv_warps=8, kv_stages=3):
+    """Non-causal: the state of all keys, (ST (B·H, M_PAD, DV_PAD) in ``state_dtype``, ZT fp32,
+    MX): key pass, then the merge of the splits at the overall max of the per-split references MX
+    (whose value cancels in the output; the backward's keys need it). The forward and the fused
+    backward's dq share it."""
+    B, H = k.shape[:2]
+    M_PAD, DV_PAD = _pow2(m), _pow2(v.shape[3])
+    P, Z, MX, _, _, nsplit, NF, kv_block_f = _key_pass(k, v, ops, m, False, seg, block_n,
+                                                       kv_block_f, kv_warps, kv_stages)
+    ST = torch.empty((B * H, M_PAD, DV_PAD), device=k.device, dtype=state_dtype)
+    ZT = torch.empty((B * H, M_PAD), device=k.device, dtype=torch.float32)
+    _launcher(_merge_kernel)[(B * H, NF)](P, Z, MX, MX, ST, ZT, nsplit, PREFIX=False, M_PAD=M_PAD,
+                                          DV_PAD=DV_PAD, BLOCK_F=kv_block_f, NF=NF,
+                                          NF_PAD=_pow2(NF, 2), num_warps=4)
+    return ST, ZT, MX
+
+
 def causal_chunk_states(q, k, v, ops, m, *, seg=None, kv_block_f=128, kv_warps=8, kv_stages=3,
                         chunk=CHUNK, state_block_f=64, state_warps=4, state_stages=2):
     """The causal prefix state at every chunk start: key pass, prefix merge over the splits, then
@@ -717,7 +735,7 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     two >= 16), chunk states ``state_block_f`` / ``state_warps`` / ``state_stages``, chunk
     outputs ``block_f`` / ``causal_warps`` / ``causal_stages``."""
     B, H, Lq, d = q.shape
-    S, dv, m = k.shape[2], v.shape[3], projection.shape[0]
+    dv, m = v.shape[3], projection.shape[0]
     dev = q.device
     ops = _operands(q, projection, kernel_fn, scale, key_padding_mask)
     kid, alpha, upcast, W, W_lo, split_w, has_mask, mask = ops
@@ -747,16 +765,11 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
             num_warps=causal_warps, num_stages=causal_stages)
         return out
     q_block_f = min(M_PAD, q_block_f)
-    P, Z, MX, _, _, nsplit, NF, kv_block_f = _key_pass(k, v, ops, m, False, seg, block_n,
-                                                       kv_block_f, kv_warps, kv_stages)
-    merge_meta = dict(M_PAD=M_PAD, DV_PAD=DV_PAD, BLOCK_F=kv_block_f, NF=NF, NF_PAD=_pow2(NF, 2),
-                      num_warps=4)
     # the state is read by every query block: bf16 for half inputs (fp16 could overflow: it sums
     # up to S values of phi·v), fp32 for fp32 inputs
-    ST = torch.empty((BH, M_PAD, DV_PAD), device=dev,
-                     dtype=torch.bfloat16 if q.dtype != torch.float32 else f32)
-    ZT = torch.empty((BH, M_PAD), device=dev, dtype=f32)
-    _launcher(_merge_kernel)[(BH, NF)](P, Z, MX, MX, ST, ZT, nsplit, PREFIX=False, **merge_meta)
+    ST, ZT, _ = total_key_state(k, v, ops, m, torch.bfloat16 if q.dtype != f32 else f32,
+                                seg=seg, block_n=block_n, kv_block_f=kv_block_f,
+                                kv_warps=kv_warps, kv_stages=kv_stages)
     _launcher(_query_kernel)[(BH, triton.cdiv(Lq, block_m))](
         q, W, W_lo, ST, ZT, out, stats if stats is not None else ZT,
         H, Lq, m, d, dv,

@@ -6,7 +6,8 @@ The layer is two chained GEMMs through a thin rank ``R = 2·L·k``:
     y  = xA·Bm + bias,   Bm = [U1cat; S2cat] / (2L)      (R, d_out)
 
 For small R the whole chain is memory bound: the floor is reading x once and writing y once.
-One kernel does exactly that. Each program owns BLOCK_M rows of x, accumulates their
+One kernel does exactly that (on a GPU for R <= ``CUDA_FUSED_MAX_RANK``; above it two cuBLAS
+GEMMs measured faster). Each program owns BLOCK_M rows of x, accumulates their
 (BLOCK_M × R) ``xA`` tile in fp32 registers while streaming x through in BLOCK_K chunks, stores
 that small tile (the backward needs it), then streams y out in BLOCK_N chunks of ``xA·Bm + bias``.
 The backward's ``dx`` is the same chain with the factors' roles swapped
@@ -51,6 +52,7 @@ __all__ = [
     "smem_bytes",
     "tuned_configs",
     "MAX_RANK",
+    "CUDA_FUSED_MAX_RANK",
     "SMEM_LIMIT",
 ]
 
@@ -59,6 +61,11 @@ SMEM_LIMIT = 227 * 1024
 # Largest 2·L·k the fused kernel takes (each half padded to a power of two ≤ 128); above it the
 # fp32 xA tile no longer fits the registers and the op falls back to two cuBLAS GEMMs.
 MAX_RANK = 256
+# Largest 2·L·k the fused kernel takes on a GPU: above it cuBLAS's two GEMMs measured faster on the
+# H200 (bf16, batch 16384, 8192 -> 8192; CUDA-graph medians, python -m inductor_ext.triton_linear_bench):
+# 2Lk = 32: fused 0.151 ms, two GEMMs 0.164; 2Lk = 64: 0.175 vs 0.166; 2Lk = 128 (16384 -> 16384):
+# 0.443 vs 0.349. The interpreter (CPU CI) keeps checking the kernel up to MAX_RANK.
+CUDA_FUSED_MAX_RANK = 32
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -393,7 +400,9 @@ def _kernel_ok(t, rank):
         return False
     if _autotuned(_half_pad(rank // 2), t.element_size()) is None:
         return False
-    return t.device.type == "cuda" or (_INTERPRET and t.device.type == "cpu")
+    if t.device.type == "cuda":
+        return rank <= CUDA_FUSED_MAX_RANK
+    return _INTERPRET and t.device.type == "cpu"
 
 
 def _with_last(t, lead, last):

@@ -295,16 +295,16 @@ def test_cuda_triton_backward_full_size():
 
 @cuda_only
 @pytest.mark.cuda
-def test_cuda_compile_backward():
-    """torch.compile of forward + backward through the fused backward (non-causal: causal calls take
-    the C++ backward unless opted in) matches eager."""
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_compile_backward(causal):
+    """torch.compile of forward + backward through the fused backward matches eager."""
     q, k, v, W, mask = inputs(B=1, H=2, L=256, d=64, dv=64, m=128, dtype=torch.bfloat16,
                               device="cuda", masked=True)
     W = W.float()
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
 
     def loss(q, k, v):
-        out = ta.rf_attention_triton(q, k, v, W, "softmax", False, None, mask)
+        out = ta.rf_attention_triton(q, k, v, W, "softmax", causal, None, mask)
         return out.float().square().sum()
 
     got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(qg, kg, vg), (qg, kg, vg))

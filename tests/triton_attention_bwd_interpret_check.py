@@ -95,7 +95,7 @@ def op_level():
     fused = tb._backward
     tb._backward = lambda *a, **kw: calls.append(1) or fused(*a, **kw)  # count fused backwards
     default_causal = tb.backward_params["causal"]
-    tb.backward_params["causal"] = True  # the causal fused backward is opt-in: exercise it here
+    tb.backward_params["causal"] = True
     for causal in (False, True):
         got = torch.autograd.grad(ta.rf_attention_triton(q, k, v, W, "softmax", causal, None, mask),
                                   (q, k, v), go)
@@ -123,7 +123,7 @@ def op_level():
     for gname, a, b in zip(("dq", "dk", "dv", "dW"), got, ref):
         check(f"op autograd with projection grad (C++ path) {gname}", rel(a, b), 1e-5)
     assert len(calls) == 6, "a projection gradient must take the C++ backward"
-    tb.backward_params["causal"] = False  # the default: causal autograd takes the C++ backward
+    tb.backward_params["causal"] = False  # the switch: causal autograd takes the C++ backward
     got = torch.autograd.grad(ta.rf_attention_triton(q, k, v, W, "softmax", True, None, mask), (q, k, v), go)
     assert len(calls) == 6, "causal calls must take the C++ backward unless backward_params['causal']"
     tb.backward_params["causal"] = default_causal
