@@ -150,6 +150,58 @@ def test_kernel_ok_routing():
     assert not ta.kernel_ok(q.to("meta"), k.to("meta"), v.to("meta"), big.to("meta"))
 
 
+# inputs no kernel may write (STATS: the forward's statistics, which the backward only reads)
+_READ_ONLY = {"Q", "K", "V", "GO", "OUT", "W", "W_LO", "MASK"}
+
+
+@pytest.mark.skipif(ta.triton is None, reason="needs triton")
+def test_inductor_sees_only_the_outputs_written(monkeypatch):
+    """torch.compile inlines the kernels through triton_op; Inductor's analysis of which arguments a
+    kernel writes then decides what it may reuse. An input it believes written breaks compiled
+    training (AOT autograd: 'a leaf Variable that requires grad is being used in an in-place
+    operation'), so every launch of the forward and the backward is analysed here, for an sm_90
+    target, without a GPU: the written arguments must be outputs only."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from inductor_ext import triton_attention_bwd as tb
+    tkw = pytest.importorskip("torch._higher_order_ops.triton_kernel_wrap")
+    identify = getattr(tkw, "identify_accessed_tensors", None)
+    if identify is None:
+        pytest.skip("this torch has no identify_accessed_tensors")
+
+    class Hopper:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+    monkeypatch.setattr(type(triton.runtime.driver), "active", property(lambda self: Hopper()))
+    launches = []
+
+    class Record:  # _launcher(kernel)[grid](*args, **meta), recorded instead of run
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((self.kernel, args, kw))
+    for mod in (ta, tb):
+        monkeypatch.setattr(mod, "_launcher", Record)
+    q, k, v, go = (torch.randn(1, 2, 200, 64, dtype=torch.bfloat16) for _ in range(4))
+    W = torch.randn(256, 64)
+    mask = torch.zeros(1, 200, dtype=torch.bool)
+    for causal in (False, True):
+        stats = torch.zeros(2, 3, 200)
+        ta._forward(q, k, v, W, "softmax", causal, None, mask, stats=stats)
+        tb._backward(go, q, k, v, W, "softmax", causal, None, mask, torch.zeros_like(q), stats)
+    seen = set()
+    for kernel, args, kw in launches:
+        kwargs = {**dict(zip(kernel.arg_names, args)),
+                  **{key: val for key, val in kw.items() if key not in ("num_warps", "num_stages")}}
+        written = {dep.name for dep in identify(kernel, kwargs, {}).read_writes.writes}
+        read_only = _READ_ONLY | ({"STATS"} if kernel.fn.__module__ == tb.__name__ else set())
+        assert written and not written & read_only, (kernel.fn.__name__, sorted(written))
+        seen.add(kernel.fn.__name__)
+    assert {"_kv_state_kernel", "_query_kernel", "_causal_out_kernel", "_dq_chunk_kernel",
+            "_suffix_state_kernel", "_dkdv_chunk_kernel"} <= seen
+
+
 # ------------------------------------------------------------------ CUDA (lent H200)
 TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
