@@ -25,10 +25,11 @@ Every chunk of C = 64 rows is independent, as in the forward's chunk outputs; on
            merged total of ``total_key_state``), plus, causal, the intra-chunk ``dA phi_k``. It
            writes per row 1/den and (g.o)/den (from the forward's output and den) for the key
            side.
-    P      ``_q_increment_kernel`` grid (feature blocks, B·H, segments): each query segment's
+    P      ``_query_state_kernel`` grid (feature blocks, B·H, segments): each query segment's
            ``sum_t phi_q[t]^T G_t``. Non-causal: their sum is P. Causal: ``_suffix_kernel``
-           scans the segments in reverse, then ``_suffix_state_kernel`` walks each segment's
-           chunks last first and writes the suffix state after every chunk.
+           scans the segments in reverse, then ``_query_state_kernel`` (PER_CHUNK) walks each
+           segment's chunks last first from there and writes the suffix state after every
+           chunk.
     dk, dv ``_dkdv_chunk_kernel`` grid (chunks, B·H): ``P [v_s, 1]``, ``phi_k P`` plus, causal,
            the intra-chunk ``dA^T phi_q``, ``A^T G``.
 The forward's output and per-row statistics (den, query shift, key running max; the training
@@ -73,9 +74,10 @@ __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op", "b
            "fused_backward_enabled"]
 
 # launch parameters of the backward (``bench --sweep`` times others): block_f / q_warps / k_warps /
-# stages of the per-chunk dq and dk-dv kernels (64 / 4 / 4 / 2: the fastest of the sweep on the
-# H200 at 65,536 tokens × 16 heads, causal; ptxas reports no spills for dq and few for dk-dv),
-# seg the key side's query segments, chunk rows per chunk;
+# stages of the per-chunk dq and dk-dv kernels. 64 / 4 / 4 / 2 measured fastest on the H200 at
+# 65,536 tokens × 16 heads (causal bwd 5.1 ms against 7.9 with 8 warps) although ptxas reports
+# spills at 4 warps for causal calls (dq about 26 words, dk-dv about 110) and none at 8; seg: the
+# key side's query segments; chunk: rows per chunk;
 # "causal": whether causal calls take the fused backward (else the C++ one).
 backward_params = {"seg": None, "block_f": 64, "q_warps": 4, "k_warps": 4, "stages": 2,
                    "tf32": False, "chunk": CHUNK, "causal": True}
@@ -342,76 +344,27 @@ if triton is not None:
         return p, go.to(tl.float32) * inv[:, None], gdo
 
     @triton.jit
-    def _w_block(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W: tl.constexpr):
-        """The (features, d) block of the projection and its low bf16 part (else the block)."""
-        w_off = offs_f[:, None] * swm + offs_d[None, :] * swd
-        w_ok = feat_ok[:, None] & (offs_d[None, :] < D)
-        w = tl.load(W + w_off, mask=w_ok, other=0.0)
-        w_lo = w
-        if SPLIT_W:
-            w_lo = tl.load(W_LO + w_off, mask=w_ok, other=0.0)
-        return w, w_lo
-
-    @triton.jit
-    def _q_increment_kernel(
-        Q, GO, W, W_LO, STATS, ROWS, RPB, PI, PZ,
-        H, L, M, D, DV, SEG,
-        sqb, sqh, sql, sqd,
-        sgb, sgh, sgl, sgd,
-        swm, swd,
-        alpha,
-        KERNEL: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-        SPLIT_W: tl.constexpr, TF32: tl.constexpr,
-        M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
-        C: tl.constexpr,
-    ):
-        """Key side step 1, grid (feature blocks, B·H, segments): each query segment's
-        sum_t phi_q[t]^T [g_t, -gdo_t] / den_t into PI (fp32), PZ; causal at the segment's
-        start reference RPB (the key running max before it)."""
-        fb = tl.program_id(0)
-        bh = tl.program_id(1)
-        sg = tl.program_id(2)
-        nsg = tl.num_programs(2)
-        b = bh // H
-        hh = bh % H
-        offs_f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
-        offs_d = tl.arange(0, D_PAD)
-        offs_v = tl.arange(0, DV_PAD)
-        feat_ok = offs_f < M
-        w, w_lo = _w_block(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W)
-        base = bh.to(tl.int64) * nsg + sg
-        ref = tl.load(RPB + base)
-        acc = tl.zeros((BLOCK_F, DV_PAD), dtype=tl.float32)
-        z = tl.zeros((BLOCK_F,), dtype=tl.float32)
-        start = sg * SEG
-        for t0 in range(start, start + SEG, C):
-            p, gv, gdo = _query_g_tile(Q, GO, STATS, ROWS, w, w_lo, b, hh, bh,
-                                       t0 + tl.arange(0, C), ref, L, D, DV,
-                                       sqb, sqh, sql, sqd, sgb, sgh, sgl, sgd, alpha,
-                                       KERNEL, CAUSAL, UPCAST, SPLIT_W, D_PAD, DV_PAD)
-            acc += _dot(p, gv, UPCAST, TF32)
-            z -= tl.sum(p * gdo[None, :], axis=1)
-        acc = tl.where(feat_ok[:, None], acc, 0.0)
-        z = tl.where(feat_ok, z, 0.0)
-        tl.store(PI + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :], acc)
-        tl.store(PZ + base * M_PAD + offs_f, z)
-
-    @triton.jit
-    def _suffix_state_kernel(
+    def _query_state_kernel(
         Q, GO, W, W_LO, STATS, ROWS, PI, PZ, HP, HPZ, HPR,
         H, L, M, D, DV, SEG, NCHUNK,
         sqb, sqh, sql, sqd,
         sgb, sgh, sgl, sgd,
         swm, swd,
         alpha,
-        KERNEL: tl.constexpr, UPCAST: tl.constexpr, SPLIT_W: tl.constexpr, TF32: tl.constexpr,
+        KERNEL: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+        SPLIT_W: tl.constexpr, TF32: tl.constexpr, PER_CHUNK: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
         C: tl.constexpr,
     ):
-        """Causal, key side step 3, grid (feature blocks, B·H, segments): walks the segment's
-        chunks last first from the suffix state after the segment (PI, PZ, from the segment
-        scan) and writes, per chunk, the suffix state of the queries after it (HP in the state
-        dtype, HPZ fp32) at the reference HPR = M at the chunk's last row (natural units)."""
+        """The queries' state sum_t phi_q[t]^T [g_t, -gdo_t] / den_t over one query segment, grid
+        (feature blocks, B·H, segments), walking its chunks last first. Causal softmax: the state
+        is kept at the key running max M of the row before the chunk it last took in (so every
+        factor is <= 1), and rescaled as it moves back.
+        PER_CHUNK (causal): starts from the state of the queries after the segment (slot
+        [bh, segment] of PI, PZ, from the segment scan) and writes the state after every chunk
+        (HP in the state dtype, HPZ fp32, the reference HPR = M at the chunk's last row, natural
+        units). Else: starts from zero and writes the segment's own state into PI, PZ (causal:
+        at M of the row before the segment)."""
         fb = tl.program_id(0)
         bh = tl.program_id(1)
         sg = tl.program_id(2)
@@ -422,43 +375,57 @@ if triton is not None:
         offs_d = tl.arange(0, D_PAD)
         offs_v = tl.arange(0, DV_PAD)
         feat_ok = offs_f < M
-        w, w_lo = _w_block(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W)
-        base = bh.to(tl.int64) * nsg + sg
-        acc = tl.load(PI + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :])
-        z = tl.load(PZ + base * M_PAD + offs_f)
+        w_off = offs_f[:, None] * swm + offs_d[None, :] * swd
+        w_ok = feat_ok[:, None] & (offs_d[None, :] < D)
+        w = tl.load(W + w_off, mask=w_ok, other=0.0)
+        w_lo = w
+        if SPLIT_W:
+            w_lo = tl.load(W_LO + w_off, mask=w_ok, other=0.0)
+        slot = bh.to(tl.int64) * nsg + sg
+        pi_ptr = PI + slot * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :]
+        if PER_CHUNK:
+            acc = tl.load(pi_ptr)
+            z = tl.load(PZ + slot * M_PAD + offs_f)
+        else:
+            acc = tl.zeros((BLOCK_F, DV_PAD), dtype=tl.float32)
+            z = tl.zeros((BLOCK_F,), dtype=tl.float32)
         m_base = STATS + bh.to(tl.int64) * (3 * L) + 2 * L
         start = sg * SEG
         end = tl.minimum(start + SEG, L)
+        rescale: tl.constexpr = CAUSAL and KERNEL == 0
         cur = 0.0
-        if KERNEL == 0:
+        if rescale:
             cur = tl.load(m_base + end - 1)
         nch = (end - start + C - 1) // C
         for i in range(0, nch):
             t0 = start + (nch - 1 - i) * C
-            ch = bh.to(tl.int64) * NCHUNK + t0 // C
-            tl.store(HP + ch * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :],
-                     acc.to(HP.dtype.element_ty))
-            tl.store(HPZ + ch * M_PAD + offs_f, z)
-            if fb == 0:
-                tl.store(HPR + ch, cur)
+            if PER_CHUNK:
+                ch = bh.to(tl.int64) * NCHUNK + t0 // C
+                tl.store(HP + ch * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :],
+                         acc.to(HP.dtype.element_ty))
+                tl.store(HPZ + ch * M_PAD + offs_f, z)
+                if fb == 0:
+                    tl.store(HPR + ch, cur)
             prev = 0.0
-            if KERNEL == 0:
+            if rescale:
                 # the reference before this chunk: M at its row t0 - 1 (none before row 0)
                 prev = tl.load(m_base + tl.maximum(t0 - 1, 0))
                 prev = tl.where(t0 == 0, -2.0e38, prev)
             p, gv, gdo = _query_g_tile(Q, GO, STATS, ROWS, w, w_lo, b, hh, bh,
                                        t0 + tl.arange(0, C), prev, L, D, DV,
                                        sqb, sqh, sql, sqd, sgb, sgh, sgl, sgd, alpha,
-                                       KERNEL, True, UPCAST, SPLIT_W, D_PAD, DV_PAD)
-            if KERNEL == 0:
+                                       KERNEL, CAUSAL, UPCAST, SPLIT_W, D_PAD, DV_PAD)
+            p = tl.where(feat_ok[:, None], p, 0.0)
+            if rescale:
                 r = tl.exp(prev - cur)
                 acc = acc * r
                 z = z * r
                 cur = prev
             acc += _dot(p, gv, UPCAST, TF32)
             z -= tl.sum(p * gdo[None, :], axis=1)
-            acc = tl.where(feat_ok[:, None], acc, 0.0)
-            z = tl.where(feat_ok, z, 0.0)
+        if not PER_CHUNK:
+            tl.store(pi_ptr, acc)
+            tl.store(PZ + slot * M_PAD + offs_f, z)
 
     @triton.jit
     def _dkdv_chunk_kernel(
@@ -572,10 +539,10 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     dq:     the keys' state (causal: the forward's state at every chunk start, recomputed by
             ``causal_chunk_states``; else the merged total), then ``_dq_chunk_kernel`` per chunk
             (which also writes 1/den and (g.o)/den per row);
-    dk, dv: per query segment sum_t phi_q^T G (``_q_increment_kernel``); causal: a reverse scan
-            over the segments (``_suffix_kernel``) and a reverse chunk walk per segment writing
-            the suffix state after every chunk (``_suffix_state_kernel``); else their sum; then
-            ``_dkdv_chunk_kernel`` per chunk."""
+    dk, dv: per query segment sum_t phi_q^T G (``_query_state_kernel``); causal: a reverse
+            scan over the segments (``_suffix_kernel``) and a reverse chunk walk per segment
+            writing the suffix state after every chunk (``_query_state_kernel``, PER_CHUNK); else
+            their sum; then ``_dkdv_chunk_kernel`` per chunk."""
     p = backward_params
     tf32 = p["tf32"] if tf32 is None else tf32
     C = chunk or p["chunk"]
@@ -630,29 +597,29 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     else:
         seg = -(-seg // C) * C
         nseg = -(-Lq // seg)
-    # causal: segment g at the key running max before it (M at row g·seg - 1)
-    RPB = torch.full((BH, nseg), -2.0e38 if causal and kid == 0 else 0.0, device=dev, dtype=f32)
-    if causal and kid == 0 and nseg > 1:
-        RPB[:, 1:] = stats[:, 2, seg - 1:(nseg - 1) * seg:seg]
     PI = torch.empty((BH, nseg, M_PAD, DV_PAD), device=dev, dtype=f32)
     PZ = torch.empty((BH, nseg, M_PAD), device=dev, dtype=f32)
-    side = (q, go, W, W_lo, stats, ROWS)
-    side_strides = (*q.stride(), *go.stride(), *W.stride())
-    side_meta = dict(meta, BLOCK_F=sblock_f, num_warps=4)
-    _launcher(_q_increment_kernel)[(NFS, BH, nseg)](
-        *side, RPB, PI, PZ, H, Lq, m, d, dv, seg, *side_strides, alpha, **side_meta)
+    nchunk = triton.cdiv(Lq, C)
+    HP = torch.empty((BH, nchunk, M_PAD, DV_PAD) if causal else (1, 1, 1), device=dev,
+                     dtype=half_state)
+    HPZ = torch.empty((BH, nchunk, M_PAD) if causal else (1, 1), device=dev, dtype=f32)
+    HPR = torch.empty((BH, nchunk) if causal else (1, 1), device=dev, dtype=f32)
+
+    def query_states(per_chunk):
+        _launcher(_query_state_kernel)[(NFS, BH, nseg)](
+            q, go, W, W_lo, stats, ROWS, PI, PZ, HP, HPZ, HPR, H, Lq, m, d, dv, seg, nchunk,
+            *q.stride(), *go.stride(), *W.stride(), alpha, PER_CHUNK=per_chunk,
+            BLOCK_F=sblock_f, num_warps=4, **meta)
+    query_states(False)                  # each segment's own state
     if causal:
+        # segment g's own state is at the key running max before it (M at row g·seg - 1)
+        RPB = torch.full((BH, nseg), -2.0e38 if kid == 0 else 0.0, device=dev, dtype=f32)
+        if kid == 0 and nseg > 1:
+            RPB[:, 1:] = stats[:, 2, seg - 1:(nseg - 1) * seg:seg]
         _launcher(_suffix_kernel)[(BH, NFS)](PI, PZ, RPB, nseg, M_PAD=M_PAD, DV_PAD=DV_PAD,
                                              BLOCK_F=sblock_f, num_warps=4)
-        nchunk = triton.cdiv(Lq, C)
-        HP = torch.empty((BH, nchunk, M_PAD, DV_PAD), device=dev, dtype=half_state)
-        HPZ = torch.empty((BH, nchunk, M_PAD), device=dev, dtype=f32)
-        MK = torch.empty((BH, nchunk), device=dev, dtype=f32)
-        side_meta.pop("CAUSAL")
-        _launcher(_suffix_state_kernel)[(NFS, BH, nseg)](
-            *side, PI, PZ, HP, HPZ, MK, H, Lq, m, d, dv, seg, nchunk, *side_strides, alpha,
-            **side_meta)
-        hp_i = (nchunk, 1)
+        query_states(True)               # the state after every chunk
+        MK, hp_i = HPR, (nchunk, 1)
     else:
         HP, HPZ = PI.sum(1), PZ.sum(1)   # queries carry no reference here: a plain sum
         hp_i = (1, 0)

@@ -199,7 +199,7 @@ def test_inductor_sees_only_the_outputs_written(monkeypatch):
         assert written and not written & read_only, (kernel.fn.__name__, sorted(written))
         seen.add(kernel.fn.__name__)
     assert {"_kv_state_kernel", "_query_kernel", "_causal_out_kernel", "_dq_chunk_kernel",
-            "_suffix_state_kernel", "_dkdv_chunk_kernel"} <= seen
+            "_query_state_kernel", "_dkdv_chunk_kernel"} <= seen
 
 
 # ------------------------------------------------------------------ CUDA (lent H200)
