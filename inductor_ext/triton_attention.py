@@ -98,6 +98,19 @@ if triton is not None:
         return r
 
     @triton.jit
+    def _load_w(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W: tl.constexpr):
+        """The (features, d) block of the projection and its low bf16 part (SPLIT_W; else the
+        block again, unused)."""
+        off = offs_f[:, None] * swm + offs_d[None, :] * swd
+        ok = feat_ok[:, None] & (offs_d[None, :] < D)
+        w = tl.load(W + off, mask=ok, other=0.0)
+        if SPLIT_W:
+            w_lo = tl.load(W_LO + off, mask=ok, other=0.0)
+        else:
+            w_lo = w
+        return w, w_lo
+
+    @triton.jit
     def _load_w_t(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W: tl.constexpr):
         """The (d, features) block of the projection, transposed, and its low bf16 part
         (SPLIT_W; else the block again, unused)."""
@@ -196,11 +209,7 @@ if triton is not None:
         offs_f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
         offs_v = tl.arange(0, DV_PAD)
         feat_ok = offs_f < M
-        w_off = offs_f[:, None] * swm + offs_d[None, :] * swd
-        w_ok = feat_ok[:, None] & (offs_d[None, :] < D)
-        w = tl.load(W + w_off, mask=w_ok, other=0.0)
-        if SPLIT_W:
-            w_lo = tl.load(W_LO + w_off, mask=w_ok, other=0.0)
+        w, w_lo = _load_w(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W)
         k_base = K + b.to(tl.int64) * skb + hh.to(tl.int64) * skh
         v_base = V + b.to(tl.int64) * svb + hh.to(tl.int64) * svh
         acc = tl.zeros((BLOCK_F, DV_PAD), dtype=tl.float32)
@@ -338,6 +347,8 @@ if triton is not None:
         for f0 in range(0, M_PAD, BLOCK_F):
             offs_f = f0 + tl.arange(0, BLOCK_F)
             feat_ok = offs_f < M
+            # (the low part is loaded after the state block, as timed on the H200: loading both
+            # parts first compiles to a different kernel, more shared memory on sm_90, not timed)
             w_off = offs_f[None, :] * swm + offs_d[:, None] * swd
             w_ok = feat_ok[None, :] & (offs_d[:, None] < D)
             w_t = tl.load(W + w_off, mask=w_ok, other=0.0)
@@ -391,11 +402,7 @@ if triton is not None:
         offs_v = tl.arange(0, DV_PAD)
         offs_kf = tl.arange(0, NF_KAP)
         feat_ok = offs_f < M
-        w_off = offs_f[:, None] * swm + offs_d[None, :] * swd
-        w_ok = feat_ok[:, None] & (offs_d[None, :] < D)
-        w = tl.load(W + w_off, mask=w_ok, other=0.0)
-        if SPLIT_W:
-            w_lo = tl.load(W_LO + w_off, mask=w_ok, other=0.0)
+        w, w_lo = _load_w(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W)
         base = bh.to(tl.int64) * nsg + sg
         st = tl.load(P + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :])
         zf = tl.load(Z + base * M_PAD + offs_f)
@@ -512,6 +519,8 @@ if triton is not None:
         for f0 in range(0, M_PAD, BLOCK_F):
             offs_f = f0 + offs_fb
             feat_ok = offs_f < M
+            # (the low part is loaded where it is used, as timed on the H200: loading it first
+            # compiles to more register spills on sm_90)
             w_off = offs_f[None, :] * swm + offs_d[:, None] * swd
             w_ok = feat_ok[None, :] & (offs_d[:, None] < D)
             w_t = tl.load(W + w_off, mask=w_ok, other=0.0)
@@ -622,9 +631,12 @@ def _operands(q, projection, kernel_fn, scale, key_padding_mask):
                      W_lo is not None, has_mask, mask)
 
 
-def _splits(bh, length, block, device, min_len, per_sm=4):
+def _splits(bh, length, block, device, min_len, per_sm=4, seg=None):
     """Split `length` into ranges (multiples of `block`) so that about `per_sm` programs run per
-    SM."""
+    SM, or of about `seg` each when given. Returns (range length, number of ranges)."""
+    if seg is not None:
+        seg = -(-seg // block) * block
+        return seg, -(-length // seg)
     want = max(1, (per_sm * _num_sms(device)) // max(bh, 1))
     seg = max(min_len, -(-length // want))
     seg = -(-seg // block) * block
@@ -642,13 +654,9 @@ def _key_pass(k, v, ops, m, causal, seg, block_n, kv_block_f, kv_warps, kv_stage
     BH, dev, f32 = B * H, k.device, torch.float32
     kv_block_f = min(M_PAD, kv_block_f)
     NF = M_PAD // kv_block_f
-    if seg is None:
-        # the key pass runs feature blocks·B·H·splits programs; fewer, longer splits measured
-        # faster than several per SM (the merge walks the splits in order)
-        seg, nsplit = _splits(BH * NF, S, block_n, dev, 4 * block_n, per_sm=1)
-    else:
-        seg = -(-seg // block_n) * block_n
-        nsplit = -(-S // seg)
+    # the key pass runs feature blocks·B·H·splits programs; fewer, longer splits measured faster
+    # than several per SM (the merge walks the splits in order)
+    seg, nsplit = _splits(BH * NF, S, block_n, dev, 4 * block_n, per_sm=1, seg=seg)
     P = torch.empty((BH, nsplit, M_PAD, DV_PAD), device=dev, dtype=f32)
     Z = torch.empty((BH, nsplit, M_PAD), device=dev, dtype=f32)
     MX = torch.empty((BH, nsplit, NF), device=dev, dtype=f32)

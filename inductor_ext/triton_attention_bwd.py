@@ -68,7 +68,7 @@ from panther.ops.attention import _check_rf
 if triton is not None:
     import triton.language as tl
 
-    from inductor_ext.triton_attention import _LN2, _features, _load_w_t, _mm
+    from inductor_ext.triton_attention import _LN2, _features, _load_w, _load_w_t, _mm
 
 __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op", "backward_params",
            "fused_backward_enabled"]
@@ -375,12 +375,7 @@ if triton is not None:
         offs_d = tl.arange(0, D_PAD)
         offs_v = tl.arange(0, DV_PAD)
         feat_ok = offs_f < M
-        w_off = offs_f[:, None] * swm + offs_d[None, :] * swd
-        w_ok = feat_ok[:, None] & (offs_d[None, :] < D)
-        w = tl.load(W + w_off, mask=w_ok, other=0.0)
-        w_lo = w
-        if SPLIT_W:
-            w_lo = tl.load(W_LO + w_off, mask=w_ok, other=0.0)
+        w, w_lo = _load_w(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W)
         slot = bh.to(tl.int64) * nsg + sg
         pi_ptr = PI + slot * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :]
         if PER_CHUNK:
@@ -592,11 +587,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     # ---- the queries' state: per segment, then (causal) scanned and walked per chunk
     sblock_f = min(M_PAD, 64)
     NFS = M_PAD // sblock_f
-    if seg is None:
-        seg, nseg = _splits(BH * NFS, Lq, C, dev, 4 * C, per_sm=4)
-    else:
-        seg = -(-seg // C) * C
-        nseg = -(-Lq // seg)
+    seg, nseg = _splits(BH * NFS, Lq, C, dev, 4 * C, per_sm=4, seg=seg)
     PI = torch.empty((BH, nseg, M_PAD, DV_PAD), device=dev, dtype=f32)
     PZ = torch.empty((BH, nseg, M_PAD), device=dev, dtype=f32)
     nchunk = triton.cdiv(Lq, C)
