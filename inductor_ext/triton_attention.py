@@ -76,6 +76,7 @@ MAX_HEAD_DIM = 128    # d and dv limits
 _LOWEST = -3.0e38     # finite "minus infinity": differences of shifts never give inf - inf
 _KERNEL_ID = {"softmax": 0, "relu": 1}
 SPLIT_PROJECTION = True  # bf16: the projection as hi + lo bf16 parts (see _projection_operands)
+_MAX_GRID_Y = 65535      # CUDA's limit on a launch grid's second (and third) dimension
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -590,7 +591,8 @@ def kernel_ok(q, k, v, projection, key_padding_mask=None):
     S, dv, m = k.shape[2], v.shape[3], projection.shape[0]
     if B * H * Lq * dv == 0 or S == 0:
         return False
-    return d <= MAX_HEAD_DIM and dv <= MAX_HEAD_DIM and m <= MAX_FEATURES
+    # B·H is a grid's second dimension in several launches (CUDA allows 65,535 there)
+    return d <= MAX_HEAD_DIM and dv <= MAX_HEAD_DIM and m <= MAX_FEATURES and B * H <= _MAX_GRID_Y
 
 
 def _projection_operands(projection, dtype):

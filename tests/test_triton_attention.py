@@ -148,6 +148,12 @@ def test_kernel_ok_routing():
     assert not ta.kernel_ok(q, k, v, W)            # CPU without the interpreter: the C++ op
     big = torch.randn(ta.MAX_FEATURES + 1, q.shape[-1])
     assert not ta.kernel_ok(q.to("meta"), k.to("meta"), v.to("meta"), big.to("meta"))
+    if ta.triton is not None:
+        # more (batch, head) pairs than a CUDA grid's second dimension holds: the C++ op
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ta, "_INTERPRET", True)  # CPU tensors count as served, as in the interpreter
+            assert ta.kernel_ok(*(torch.empty(4095, 16, 2, 8) for _ in range(3)), W)
+            assert not ta.kernel_ok(*(torch.empty(4096, 16, 2, 8) for _ in range(3)), W)
 
 
 # inputs no kernel may write (STATS: the forward's statistics, which the backward only reads)
