@@ -1,6 +1,7 @@
 """Timing of the fused Triton sketched-linear kernels against cuBLAS and the C++ op, in one run.
 
     python -m inductor_ext.triton_linear_bench            # the two H200 workloads of issue [D]
+    python -m inductor_ext.triton_linear_bench --markdown docs/benchmarks.md   # and write the tables there
 
 Every row is a median of CUDA-event timings (``triton.testing.do_bench``, L2 flushed between runs)
 taken in the same process, once as eager calls (Python and launch overhead included) and once
@@ -85,12 +86,15 @@ def bench_triton_linear(in_features=8192, out_features=8192, batch=16384, num_te
         row(name, _ms(fn), floor_ms, _graph_ms(fn))
 
     fwd_floor = (x.numel() + N * d_out) * esize / bw + factor_bytes / bw
+    # what sketched_linear_triton runs at this rank: the fused kernel or (2Lk above
+    # CUDA_FUSED_MAX_RANK) two cuBLAS GEMMs
+    path = "fused kernel" if tlin._kernel_ok(x, 2 * L * k) else "two cuBLAS GEMMs"
     with torch.no_grad():
         # the C++ op's math with factors concatenated ahead of time (its best case)
         timed("fwd: cuBLAS two-GEMM (x@A, addmm; A, Bm prebuilt)", lambda: torch.addmm(bias, x @ A, Bm), fwd_floor)
         timed("fwd: C++ op panther::sketched_linear", lambda: torch.ops.panther.sketched_linear(x, *fac, bias),
               fwd_floor)
-        timed("fwd: Triton fused (sketched_linear_triton)", lambda: tlin.sketched_linear_triton(x, *fac, bias),
+        timed(f"fwd: sketched_linear_triton ({path})", lambda: tlin.sketched_linear_triton(x, *fac, bias),
               fwd_floor)
     row("fwd memory floor (x + y + factors once)", fwd_floor)
 
@@ -108,10 +112,10 @@ def bench_triton_linear(in_features=8192, out_features=8192, batch=16384, num_te
             return step
 
         timed("fwd+bwd: C++ op", fwd_bwd(torch.ops.panther.sketched_linear), bwd_floor)
-        timed("fwd+bwd: Triton", fwd_bwd(tlin.sketched_linear_triton), bwd_floor)
+        timed(f"fwd+bwd: sketched_linear_triton ({path})", fwd_bwd(tlin.sketched_linear_triton), bwd_floor)
         with torch.no_grad():
             _, xA = torch.ops.panther.sketched_linear_triton_fwd(x, *fac, bias)
-            timed("  part: Triton bwd kernel (dx, dxA)",
+            timed(f"  part: dx, dxA ({path})",
                   lambda: torch.ops.panther.sketched_linear_triton_bwd(gy, None, *fac))
             _, dxA = torch.ops.panther.sketched_linear_triton_bwd(gy, None, *fac)
             H = L * k
@@ -136,6 +140,8 @@ def main(argv=None):
     p.add_argument("--low-rank", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--markdown", metavar="FILE", default=None,
+                   help="also write each table into this markdown file (e.g. docs/benchmarks.md)")
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     if a.in_features is None and a.low_rank is None:
@@ -157,6 +163,15 @@ def main(argv=None):
         print(tabulate(rows, headers=headers))
         if target:
             print(target)
+        if a.markdown:
+            import sys
+
+            from panther.bench import command_line, write_markdown
+            cmd = command_line("python -m inductor_ext.triton_linear_bench",
+                               sys.argv[1:] if argv is None else argv)
+            write_markdown(a.markdown, f"{cmd} [{w['in_features']}->{w['out_features']}, k={w['low_rank']}]",
+                           f"sketched linear: {cfg}, {dtype}" + (f"; {target}" if target else ""),
+                           rows, headers, device="cuda")
         for (h_pad, esize), c in tlin.tuned_configs().items():
             print(f"autotuned (half width {h_pad}, {esize}-byte elements): {c}")
 

@@ -16,7 +16,7 @@ from .nn import SKConv2d, SKLinear
 from .ops.linear import concat_factors
 
 __all__ = ["time_fn", "bench_linear", "bench_conv2d", "bench_attention", "per_term_bmm", "sweep", "sweep_table",
-           "plot_sweep", "DEFAULT_SWEEPS"]
+           "plot_sweep", "write_markdown", "DEFAULT_SWEEPS"]
 
 
 def time_fn(fn, *, repeats=20, warmup=3, device="cpu"):
@@ -477,6 +477,50 @@ def plot_sweep(result, path, *, dpi=100):
     return save_figure(fig, path)
 
 
+def write_markdown(path, command, title, rows, headers="keys", *, device="cpu"):
+    """Put one benchmark table into the markdown file ``path`` (e.g. docs/benchmarks.md): a section
+    that names its command, the machine, the software and the date, so every number on the page has
+    a source. The section sits between ``<!-- bench: command -->`` markers: running the same command
+    again replaces it in place; a new command appends its own section. Returns the section's text."""
+    import datetime
+    from pathlib import Path
+
+    dev = torch.device(device)
+    machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+    try:
+        import triton
+        software = f"torch {torch.__version__}, triton {triton.__version__}"
+    except ImportError:
+        software = f"torch {torch.__version__}"
+    start, end = f"<!-- bench: {command} -->", f"<!-- /bench: {command} -->"
+    section = "\n".join([start, f"#### {title}", "",
+                         f"`{command}` ({machine}, {software}, {datetime.date.today().isoformat()})", "",
+                         tabulate(rows, headers=headers, tablefmt="github"), end])
+    target = Path(path)
+    text = target.read_text() if target.exists() else "# Benchmarks\n"
+    if start in text and end in text[text.index(start):]:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    target.write_text(text)
+    return section
+
+
+def command_line(prog, argv):
+    """The command as a user types it, without its --markdown option (the section's key)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--markdown":
+            skip = True
+        elif not arg.startswith("--markdown="):
+            out.append(arg)
+    return " ".join([prog, *out])
+
+
 def _with_backward(fn, x, dense, layer):
     def step():
         with torch.enable_grad():
@@ -509,6 +553,9 @@ def main(argv=None):
     p.add_argument("--plot", metavar="FILE", default=None,
                    help="linear/conv2d/attention: sweep over sizes, dense vs sketched, and draw time and memory "
                         "against size to FILE (.png, .svg, .pdf; needs matplotlib: pip install 'panther[plot]')")
+    p.add_argument("--markdown", metavar="FILE", default=None,
+                   help="also write the table into this markdown file (e.g. docs/benchmarks.md) in a section "
+                        "named by the command, replaced when the same command runs again")
     p.add_argument("--sizes", default=None, type=_int_list,
                    help="with --plot: comma-separated sizes to sweep (linear: features, conv2d: channels, "
                         "attention: sequence length), e.g. --sizes 64,128; default: a sweep per device")
@@ -528,7 +575,7 @@ def main(argv=None):
         require_matplotlib()  # fail before the sweep, not after it
     tuned = a.device == "cpu" and not a.no_malloc_tuning and reuse_freed_memory()
     if a.plot is not None:
-        return _plot_main(a, tuned)
+        return _plot_main(a, tuned, argv)
     a.repeats = a.repeats or 20
     cuda = a.device == "cuda"
     d = 8192 if cuda else 4096
@@ -551,9 +598,11 @@ def main(argv=None):
     else:
         rows, headers = bench_linear(**cfg, device=a.device, dtype=dtype, repeats=a.repeats, backward=a.backward)
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"sketched {a.what} {'forward+backward' if a.backward else 'forward'}: "
-          + ", ".join(f"{k}={v}" for k, v in cfg.items()) + f", {dtype}, {where}, torch {torch.__version__}")
+    title = (f"sketched {a.what} {'forward+backward' if a.backward else 'forward'}: "
+             + ", ".join(f"{k}={v}" for k, v in cfg.items()) + f", {dtype}")
+    print(f"{title}, {where}, torch {torch.__version__}")
     print(tabulate(rows, headers=headers))
+    _markdown(a, argv, title, rows, headers)
     if tuned:
         print("(glibc set to reuse freed memory, see panther.bench.reuse_freed_memory; --no-malloc-tuning to skip)")
 
@@ -570,7 +619,7 @@ def _int_list(text):
     return sizes
 
 
-def _plot_main(a, tuned):
+def _plot_main(a, tuned, argv=None):
     cuda = a.device == "cuda"
     dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
     result = sweep(a.what, a.sizes, device=a.device, dtype=dtype, repeats=a.repeats or 5, batch=a.batch,
@@ -583,4 +632,13 @@ def _plot_main(a, tuned):
     if tuned:
         print("(glibc set to reuse freed memory, see panther.bench.reuse_freed_memory; --no-malloc-tuning to skip)")
     print(f"figure written to {plot_sweep(result, a.plot)}")
+    _markdown(a, argv, f"sketched {a.what} forward sweep: {cfg}, {dtype}", rows, headers)
     return 0
+
+
+def _markdown(a, argv, title, rows, headers):
+    if a.markdown:
+        import sys
+        write_markdown(a.markdown, command_line("python -m panther bench", sys.argv[1:] if argv is None else argv),
+                       title, rows, headers, device=a.device)
+        print(f"(table written to {a.markdown})")

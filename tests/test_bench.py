@@ -30,6 +30,30 @@ def test_subcommands_run(capsys):
     assert out.count("panther SKLinear") == 2 and "panther rf_attention" in out
 
 
+def test_markdown_sections_are_written_and_replaced(tmp_path, capsys):
+    """--markdown FILE puts the table into FILE under its command: the same command again replaces
+    its section, another command adds its own, and the rest of the page is kept."""
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# Benchmarks\n\nhand-written text\n")
+    tiny = ["linear", "--in-features", "32", "--out-features", "16", "--low-rank", "2", "--repeats", "1",
+            "--batch", "2", "--no-malloc-tuning"]
+    bench.main([*tiny, "--markdown", str(page)])
+    first = page.read_text()
+    bench.main([*tiny, "--markdown", str(page)])
+    bench.main(["attention", "--seq", "16", "--repeats", "1", "--batch", "2", "--no-malloc-tuning",
+                "--markdown", str(page)])
+    text = page.read_text()
+    cmd = "python -m panther bench " + " ".join(tiny)
+    assert text.startswith("# Benchmarks\n\nhand-written text\n")
+    assert text.count(f"<!-- bench: {cmd} -->") == 1 and text.count("<!-- bench: ") == 2
+    assert text.count("| panther SKLinear") == 1 and "| panther rf_attention" in text
+    assert f"`{cmd}` (CPU" in first and "--markdown" not in text
+    # rows as dicts (what the Triton benchmarks return), into a new file
+    section = bench.write_markdown(tmp_path / "new.md", "cmd", "title", [{"case": "a", "ms": 1.5}])
+    assert "| case" in section and "| a" in section and (tmp_path / "new.md").read_text().endswith(
+        "<!-- /bench: cmd -->\n")
+
+
 def test_train_bench_batches_are_the_same_global_batch_for_any_world_size():
     from panther.train_bench import batch
 
