@@ -323,9 +323,9 @@ class ErrorBudgetPolicy:
 
     @staticmethod
     def _rank(kind, spec):
-        # conv svd keeps 2Lk left singular directions; linear svd keeps the rank-Lk truncation
-        # (panther.sketch.factors); the sketch init has 2L branches of rank k either way.
-        if kind == "conv2d" and spec.init == "svd":
+        # svd keeps the rank-2Lk truncation (linear) / 2Lk left singular directions (conv)
+        # (panther.sketch.factors); the sketch init's error is counted per L·k (_sketch_sq_error).
+        if spec.init == "svd":
             return 2 * spec.num_terms * spec.low_rank
         return spec.num_terms * spec.low_rank
 
@@ -405,7 +405,7 @@ class ErrorBudgetPolicy:
             return self._spec(name, init, k) if k <= k_max else None
         if init == "svd_act":
             sq = self._weighted_sq(name)
-        step = 2 if kind == "conv2d" else 1  # rank kept per unit of k
+        step = 2  # rank kept per unit of k (num_terms=1: two branches of rank k)
         r_full = sq.numel() - 1
         ok = (sq <= target).nonzero()
         if ok.numel() == 0:

@@ -93,9 +93,10 @@ class LayerInfo:
 class SketchSpec:
     """How to sketch one layer.
 
-    * linear / conv2d: ``num_terms`` (L) and ``low_rank`` (k); the layer keeps rank ``L*k``. ``init``:
-      ``"sketch"`` (random, unbiased; the library's training init) or ``"svd"`` (best approximation of
-      that rank; exact truncated SVD for a linear layer with ``num_terms=1``).
+    * linear / conv2d: ``num_terms`` (L) and ``low_rank`` (k); the layer has 2L branches of rank k.
+      ``init``: ``"sketch"`` (random, unbiased; the library's training init) or ``"svd"`` (the best
+      approximation of rank ``2*L*k``: the truncated SVD of a linear layer's weight, the top
+      singular directions of a conv's reshaped kernel).
     * attention: ``num_random_features`` (m) and ``kernel_fn`` (``"softmax"`` or ``"relu"``);
       ``causal`` is only read by ``panther.convert`` for nn.MultiheadAttention (the compile backend takes
       causality from the graph).

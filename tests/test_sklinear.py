@@ -139,12 +139,14 @@ def test_svd_init_full_rank_reproduces_linear_and_from_linear_copies_bias():
 
 
 def test_svd_init_is_truncated_svd():
+    """Each of the 2L branches holds its own block of k singular triplets: rank 2·L·k."""
     W = torch.randn(16, 24, dtype=torch.float64)
-    layer = SKLinear(24, 16, 1, 5, W_init=W, bias=False, init="svd")
     U, S, Vh = torch.linalg.svd(W)
-    W5 = (U[:, :5] * S[:5]) @ Vh[:5]
     x = torch.randn(3, 24, dtype=torch.float64)
-    torch.testing.assert_close(layer(x), x @ W5.T)
+    for L, k in ((1, 5), (2, 3)):
+        layer = SKLinear(24, 16, L, k, W_init=W, bias=False, init="svd")
+        r = 2 * L * k
+        torch.testing.assert_close(layer(x), x @ ((U[:, :r] * S[:r]) @ Vh[:r]).T)
 
 
 def test_w_init_layout_follows_nn_linear():

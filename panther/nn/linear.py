@@ -35,7 +35,7 @@ class SKLinear(nn.Module):
         generator: a ``torch.Generator`` to draw from. With neither ``seed`` nor ``generator``, torch's
             global RNG is used (so ``torch.manual_seed`` makes construction reproducible); it is never
             reseeded.
-        init: ``"sketch"`` (random signs, unbiased) or ``"svd"`` (best rank-``L·k`` approximation of W).
+        init: ``"sketch"`` (random signs, unbiased) or ``"svd"`` (best rank-``2·L·k`` approximation of W).
 
     Raises:
         TypeError: a size that is not an int, ``bias`` not a bool, ``W_init`` not a floating-point tensor,
@@ -122,7 +122,7 @@ class SKLinear(nn.Module):
             num_terms: ``L``, as in the constructor.
             low_rank: ``k``, as in the constructor.
             init: ``"sketch"`` (unbiased random sketch, for training) or ``"svd"`` (the best approximation
-                of rank ``num_terms·low_rank``; exactly the truncated SVD for ``num_terms=1``).
+                of rank ``2·num_terms·low_rank``: the truncated SVD of that rank).
             seed: private generator seed, as in the constructor.
             generator: generator to draw from, as in the constructor.
 

@@ -9,8 +9,9 @@ Two initialisations:
   ±1/sqrt(k) sign sketches and the learnable factors are the weight projected onto them, so that
   E[layer(x)] = dense(x) over the draw.
 * ``"svd"`` — the ``U`` factors hold singular vectors of the weight, which makes the layer the best
-  approximation its rank allows (for a linear layer with ``num_terms=1`` it is exactly the truncated
-  SVD of rank ``low_rank``; in general the rank-``num_terms*low_rank`` truncation).
+  approximation its rank allows: the truncation to rank ``2*num_terms*low_rank`` (each of the 2L
+  branches holds its own block of ``low_rank`` singular triplets; a conv keeps that many left
+  singular directions of its reshaped kernel).
 
   With ``act_gram=G`` (the Gram matrix ``XᵀX`` of calibration inputs, d_in × d_in; for a conv, of the
   unfolded patches) the singular vectors are those of ``W·G^{1/2}`` instead: the layer becomes
@@ -99,23 +100,27 @@ def linear_factors(W, num_terms, low_rank, *, init="sketch", generator=None, act
         S1s = Wt @ U1s.mT  # (L, d_in, k)
         S2s = U2s.mT @ Wt  # (L, k, d_out)
         return S1s.contiguous(), S2s.contiguous(), U1s.contiguous(), U2s
-    # "svd": term i holds singular triplets [i*k, (i+1)*k); with S scaled by L the 2L branch halves
-    # average to Σ_i (rank-k block i) = the rank-Lk truncation of W.
+    # "svd": the 2L branches hold the 2L blocks of k singular triplets of the rank-2Lk truncation
+    # (term i: branch 1 block 2i, branch 2 block 2i+1), scaled by 2L against the layer's 1/(2L).
+    r = 2 * L * k
+    W64 = W.detach().to(torch.float64)
     if act_gram is not None:
-        # Ŵ = Σ_i U_i U_iᵀ W with U from W·G^{1/2}; branch 1 holds (Wᵀ U_i, U_iᵀ), branch 2 the same map
-        # with an orthonormal first factor: Wᵀ U_i = Q_i R_i.
-        U = _act_weighted_left(W, L * k, act_gram)
-        U_blocks = U.mT.reshape(L, k, d_out)  # U_iᵀ
-        WtU = W.detach().to(torch.float64).mT @ U_blocks.mT  # (L, d_in, k)
-        Q, R = torch.linalg.qr(WtU)
-        S1s, U1s = L * WtU, U_blocks
-        U2s, S2s = Q, L * (R @ U_blocks)
-        return tuple(t.to(dtype=W.dtype, device=W.device).contiguous() for t in (S1s, S2s, U1s, U2s))
-    U, S, V = _top_singular(W, L * k)  # W ≈ U diag(S) Vᵀ
-    U1s = U.mT.reshape(L, k, d_out)  # rows: left singular vectors
-    U2s = V.reshape(d_in, L, k).permute(1, 0, 2)  # columns: right singular vectors
-    S1s = L * (V * S).reshape(d_in, L, k).permute(1, 0, 2)  # Wᵀ U1ᵢᵀ = V_i S_i
-    S2s = L * (S[:, None] * U.mT).reshape(L, k, d_out)  # U2ᵢᵀ Wᵀ = S_i U_iᵀ
+        # Ŵ = P W with P the projection on the top-2Lk left singular vectors of W·G^{1/2}: a block b
+        # (columns U_b) is the map x -> x Wᵀ U_b U_bᵀ; branch 2 takes it as (x Q_b)(R_b U_bᵀ) with
+        # Wᵀ U_b = Q_b R_b, so its fixed factor is orthonormal.
+        blocks = _act_weighted_left(W, r, act_gram).mT.reshape(L, 2, k, d_out)  # U_bᵀ
+        U1s, U2t = blocks[:, 0], blocks[:, 1]
+        S1s = 2 * L * (W64.mT @ U1s.mT)                                        # (L, d_in, k)
+        U2s, R = torch.linalg.qr(W64.mT @ U2t.mT)
+        S2s = 2 * L * (R @ U2t)                                                # (L, k, d_out)
+    else:
+        U, S, V = _top_singular(W, r)  # W ≈ U diag(S) Vᵀ, so x Wᵀ = Σ_b x V_b S_b U_bᵀ
+        Ub = U.mT.reshape(L, 2, k, d_out)           # U_bᵀ: rows are left singular vectors
+        Vb = V.reshape(d_in, L, 2, k).permute(1, 2, 0, 3)  # V_b (d_in, k) columns
+        Sb = S.reshape(L, 2, k)
+        U1s, U2s = Ub[:, 0], Vb[:, 1]
+        S1s = 2 * L * Vb[:, 0] * Sb[:, 0, None, :]  # V_b S_b
+        S2s = 2 * L * Sb[:, 1, :, None] * Ub[:, 1]  # S_b U_bᵀ
     return tuple(t.to(dtype=W.dtype, device=W.device).contiguous() for t in (S1s, S2s, U1s, U2s))
 
 
