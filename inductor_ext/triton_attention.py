@@ -77,6 +77,10 @@ _LOWEST = -3.0e38     # finite "minus infinity": differences of shifts never giv
 _KERNEL_ID = {"softmax": 0, "relu": 1}
 SPLIT_PROJECTION = True  # bf16: the projection as hi + lo bf16 parts (see _projection_operands)
 _MAX_GRID_Y = 65535      # CUDA's limit on a launch grid's second (and third) dimension
+# launch defaults of the key pass and of the causal chunk states, shared by the forward and the
+# fused backward (the fastest measured on the H200: see _forward)
+_KV = dict(kv_block_f=128, kv_warps=8, kv_stages=3)
+_STATES = dict(state_block_f=64, state_warps=4, state_stages=2)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -675,8 +679,14 @@ def _key_pass(k, v, ops, m, causal, seg, block_n, kv_block_f, kv_warps, kv_stage
     return P, Z, MX, KAP, seg, nsplit, NF, kv_block_f
 
 
-def total_key_state(k, v, ops, m, state_dtype, *, seg=None, block_n=64, kv_block_f=128,
-                    kv_warps=8, kv_stages=3):
+def state_dtype(dtype):
+    """The dtype of stored key / query states: bf16 for half inputs (the products take them so; fp16
+    could overflow, a state sums up to S values of phi·v), fp32 for fp32 inputs."""
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+
+
+def total_key_state(k, v, ops, m, *, seg=None, block_n=64, kv_block_f=_KV["kv_block_f"],
+                    kv_warps=_KV["kv_warps"], kv_stages=_KV["kv_stages"]):
     """Non-causal: the state of all keys, (ST (B·H, M_PAD, DV_PAD) in ``state_dtype``, ZT fp32,
     MX): key pass, then the merge of the splits at the overall max of the per-split references MX
     (whose value cancels in the output; the backward's keys need it). The forward and the fused
@@ -685,7 +695,7 @@ def total_key_state(k, v, ops, m, state_dtype, *, seg=None, block_n=64, kv_block
     M_PAD, DV_PAD = _pow2(m), _pow2(v.shape[3])
     P, Z, MX, _, _, nsplit, NF, kv_block_f = _key_pass(k, v, ops, m, False, seg, block_n,
                                                        kv_block_f, kv_warps, kv_stages)
-    ST = torch.empty((B * H, M_PAD, DV_PAD), device=k.device, dtype=state_dtype)
+    ST = torch.empty((B * H, M_PAD, DV_PAD), device=k.device, dtype=state_dtype(k.dtype))
     ZT = torch.empty((B * H, M_PAD), device=k.device, dtype=torch.float32)
     _launcher(_merge_kernel)[(B * H, NF)](P, Z, MX, MX, ST, ZT, nsplit, PREFIX=False, M_PAD=M_PAD,
                                           DV_PAD=DV_PAD, BLOCK_F=kv_block_f, NF=NF,
@@ -693,14 +703,15 @@ def total_key_state(k, v, ops, m, state_dtype, *, seg=None, block_n=64, kv_block
     return ST, ZT, MX
 
 
-def causal_chunk_states(q, k, v, ops, m, *, seg=None, kv_block_f=128, kv_warps=8, kv_stages=3,
-                        chunk=CHUNK, state_block_f=64, state_warps=4, state_stages=2):
+def causal_chunk_states(q, k, v, ops, m, *, seg=None, kv_block_f=_KV["kv_block_f"],
+                        kv_warps=_KV["kv_warps"], kv_stages=_KV["kv_stages"], chunk=CHUNK,
+                        state_block_f=_STATES["state_block_f"],
+                        state_warps=_STATES["state_warps"], state_stages=_STATES["state_stages"]):
     """The causal prefix state at every chunk start: key pass, prefix merge over the splits, then
-    the chunk walk of every split. Returns (HS, HZ, HR, KAP): HS (B·H, chunks, M_PAD, DV_PAD)
-    (bf16 for half inputs, as the products take it), HZ fp32, HR the references (log2 units),
-    KAP (B·H, NF, L) each key's shift per key-pass feature block (softmax; a (1, NF) stand-in for
-    relu). The forward
-    and the fused backward's dq share it."""
+    the chunk walk of every split. Returns (HS, HZ, HR, KAP): HS (B·H, chunks, M_PAD, DV_PAD) in
+    ``state_dtype``, HZ fp32, HR the references (log2 units), KAP (B·H, NF, L) each key's shift
+    per key-pass feature block (softmax; a (1, NF) stand-in for relu). The forward and the fused
+    backward's dq share it."""
     kid, alpha, upcast, W, W_lo, split_w, has_mask, mask = ops
     B, H, L, d = k.shape
     dv = v.shape[3]
@@ -713,8 +724,7 @@ def causal_chunk_states(q, k, v, ops, m, *, seg=None, kv_block_f=128, kv_warps=8
                                        DV_PAD=DV_PAD, BLOCK_F=kv_block_f, NF=NF,
                                        NF_PAD=_pow2(NF, 2), num_warps=4)
     nchunk = triton.cdiv(L, chunk)
-    HS = torch.empty((BH, nchunk, M_PAD, DV_PAD), device=dev,
-                     dtype=f32 if q.dtype == torch.float32 else torch.bfloat16)
+    HS = torch.empty((BH, nchunk, M_PAD, DV_PAD), device=dev, dtype=state_dtype(q.dtype))
     HZ = torch.empty((BH, nchunk, M_PAD), device=dev, dtype=f32)
     HR = torch.empty((BH, nchunk), device=dev, dtype=f32)
     st_block_f = min(M_PAD, state_block_f)
@@ -730,10 +740,11 @@ def causal_chunk_states(q, k, v, ops, m, *, seg=None, kv_block_f=128, kv_warps=8
 
 
 def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *, seg=None,
-             block_n=64, block_m=128, kv_block_f=128, q_block_f=64, kv_warps=8, q_warps=8,
-             kv_stages=3, q_stages=3,
+             block_n=64, block_m=128, kv_block_f=_KV["kv_block_f"], q_block_f=64,
+             kv_warps=_KV["kv_warps"], q_warps=8, kv_stages=_KV["kv_stages"], q_stages=3,
              causal_warps=4, causal_stages=2, block_f=None, chunk=CHUNK,
-             state_block_f=64, state_warps=4, state_stages=2, stats=None):
+             state_block_f=_STATES["state_block_f"], state_warps=_STATES["state_warps"],
+             state_stages=_STATES["state_stages"], stats=None):
     """The output; ``stats`` (a (B·H, 3, Lq) fp32 buffer) also receives per row den, the query
     shift and (causal) the key running max, which the fused backward reuses.
     Launch parameters (defaults: the fastest measured on the H200 at 65,536 tokens × 16 heads,
@@ -754,7 +765,6 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     if _INTERPRET:
         out.fill_(float("nan"))  # an element the kernels fail to write fails the checks
     BH = B * H
-    f32 = torch.float32
     block_f = min(M_PAD, block_f or 64)
     if causal:
         HS, HZ, HR, KAP = causal_chunk_states(
@@ -775,10 +785,7 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
             num_warps=causal_warps, num_stages=causal_stages)
         return out
     q_block_f = min(M_PAD, q_block_f)
-    # the state is read by every query block: bf16 for half inputs (fp16 could overflow: it sums
-    # up to S values of phi·v), fp32 for fp32 inputs
-    ST, ZT, _ = total_key_state(k, v, ops, m, torch.bfloat16 if q.dtype != f32 else f32,
-                                seg=seg, block_n=block_n, kv_block_f=kv_block_f,
+    ST, ZT, _ = total_key_state(k, v, ops, m, seg=seg, block_n=block_n, kv_block_f=kv_block_f,
                                 kv_warps=kv_warps, kv_stages=kv_stages)
     _launcher(_query_kernel)[(BH, triton.cdiv(Lq, block_m))](
         q, W, W_lo, ST, ZT, out, stats if stats is not None else ZT,

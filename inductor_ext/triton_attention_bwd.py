@@ -557,7 +557,6 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     kid, alpha, upcast, W, W_lo, split_w, has_mask, mask = ops
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
     block_f = min(M_PAD, block_f or p["block_f"])
-    half_state = torch.bfloat16 if q.dtype != f32 else f32  # as the products take the states
     dq = torch.empty((B, H, Lq, d), device=dev, dtype=q.dtype)
     dk = torch.empty((B, H, S, d), device=dev, dtype=k.dtype)
     dvo = torch.empty((B, H, S, dv), device=dev, dtype=v.dtype)
@@ -573,17 +572,17 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
         HS, HZ, HR, _ = ta.causal_chunk_states(q, k, v, ops, m, chunk=C)
         hs_i = (HS.shape[1], 1)          # a state per chunk
     else:
-        HS, HZ, MX = ta.total_key_state(k, v, ops, m, half_state)
+        HS, HZ, MX = ta.total_key_state(k, v, ops, m)
+        HR = HZ  # a stand-in: non-causal dq reads no reference
         # keys enter dk, dv at the merged state's reference: the max over all splits and blocks
-        HR = MX.reshape(BH, -1).amax(1).contiguous()
+        key_ref = MX.reshape(BH, -1).amax(1).contiguous()
         hs_i = (1, 0)                    # one state per (b, h)
     ROWS = torch.empty((BH, 2, Lq), device=dev, dtype=f32)
     _launcher(_dq_chunk_kernel)[(triton.cdiv(Lq, C), BH)](
         q, k, v, go, out, W, W_lo, mask, stats, HS, HZ, HR, ROWS, dq,
         H, Lq, m, d, dv, *hs_i, *strides, *out.stride(), *W.stride(), *mask.stride(),
         *dq.stride(), alpha, num_warps=q_warps, **chunk_meta)
-    MK = HR
-    del HS, HZ
+    del HS, HZ, HR
     # ---- the queries' state: per segment, then (causal) scanned and walked per chunk
     sblock_f = min(M_PAD, 64)
     NFS = M_PAD // sblock_f
@@ -592,7 +591,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     PZ = torch.empty((BH, nseg, M_PAD), device=dev, dtype=f32)
     nchunk = triton.cdiv(Lq, C)
     HP = torch.empty((BH, nchunk, M_PAD, DV_PAD) if causal else (1, 1, 1), device=dev,
-                     dtype=half_state)
+                     dtype=ta.state_dtype(q.dtype))
     HPZ = torch.empty((BH, nchunk, M_PAD) if causal else (1, 1), device=dev, dtype=f32)
     HPR = torch.empty((BH, nchunk) if causal else (1, 1), device=dev, dtype=f32)
 
@@ -610,13 +609,13 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
         _launcher(_suffix_kernel)[(BH, NFS)](PI, PZ, RPB, nseg, M_PAD=M_PAD, DV_PAD=DV_PAD,
                                              BLOCK_F=sblock_f, num_warps=4)
         query_states(True)               # the state after every chunk
-        MK, hp_i = HPR, (nchunk, 1)
+        key_ref, hp_i = HPR, (nchunk, 1)  # keys at their running max, against each chunk's HPR
     else:
         HP, HPZ = PI.sum(1), PZ.sum(1)   # queries carry no reference here: a plain sum
         hp_i = (1, 0)
     del PI, PZ
     _launcher(_dkdv_chunk_kernel)[(triton.cdiv(S, C), BH)](
-        q, k, v, go, W, W_lo, mask, stats, ROWS, HP, HPZ, MK, dk, dvo,
+        q, k, v, go, W, W_lo, mask, stats, ROWS, HP, HPZ, key_ref, dk, dvo,
         H, S, Lq, m, d, dv, *hp_i, *strides, *W.stride(), *mask.stride(), *dk.stride(),
         *dvo.stride(), alpha, num_warps=k_warps, **chunk_meta)
     return dq, dk, dvo
