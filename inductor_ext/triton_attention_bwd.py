@@ -51,8 +51,8 @@ it when compiled); a device branch sends what ``kernel_ok`` rejects to the C++ b
 ``panther::rf_attention_triton_train`` (the forward that also returns the per-row statistics) and
 its autograd. Under ``TRITON_INTERPRET=1`` CPU tensors run the kernels in Triton's interpreter.
 
-Products per chunk and feature block of 64 (about 64x64x64 each, bf16 W as hi + lo parts):
-causal dq 7, dk-dv 9, the query-side walks 3 each; non-causal dq 3, dk-dv 5.
+Products per chunk and feature block of 64 (about 64x64x64 each): causal dq 5, dk-dv 7, the
+query-side walks 2 each; non-causal dq 3, dk-dv 4.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ from panther.ops.attention import _check_rf
 if triton is not None:
     import triton.language as tl
 
-    from inductor_ext.triton_attention import _LN2, _features, _load_w, _load_w_t, _mm
+    from inductor_ext.triton_attention import _LN2, _features, _load_w, _load_w_t, _mm, _to_w
 
 __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op", "backward_params",
            "fused_backward_enabled"]
@@ -216,7 +216,7 @@ if triton is not None:
 
     @triton.jit
     def _dq_chunk_kernel(
-        Q, K, V, GO, OUT, W, W_LO, MASK, STATS, HS, HZ, HR, ROWS, DQ,
+        Q, K, V, GO, OUT, W, MASK, STATS, HS, HZ, HR, ROWS, DQ,
         H, L, M, D, DV, HS_BH, HS_C,
         sqb, sqh, sql, sqd,
         skb, skh, sks, skd,
@@ -228,7 +228,7 @@ if triton is not None:
         sdb, sdh, sdl, sdd,
         alpha,
         KERNEL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-        UPCAST: tl.constexpr, SPLIT_W: tl.constexpr, TF32: tl.constexpr,
+        UPCAST: tl.constexpr, TF32: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
         C: tl.constexpr,
     ):
@@ -277,8 +277,8 @@ if triton is not None:
         for f0 in range(0, M, BLOCK_F):
             offs_f = f0 + offs_fb
             feat_ok = offs_f < M
-            w_t, w_lo = _load_w_t(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W)
-            eq, _kq = _features(qt, w_t, w_lo, feat_ok, in_seq, alpha, KERNEL, UPCAST, SPLIT_W)
+            w_t = _load_w_t(W, offs_f, offs_d, swm, swd, feat_ok, D)
+            eq, _kq = _features(qt, W, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
             if KERNEL == 0:
                 phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
             else:
@@ -287,8 +287,7 @@ if triton is not None:
             zf = tl.load(HZ + st_i * M_PAD + offs_f)
             dphq = _dot(gv, tl.trans(st), UPCAST, TF32) - gdo[:, None] * zf[None, :]
             if CAUSAL:
-                ek, _kk = _features(kt, w_t, w_lo, feat_ok, key_ok, alpha, KERNEL, UPCAST,
-                                    SPLIT_W)
+                ek, _kk = _features(kt, W, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
                 if KERNEL == 0:
                     phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.exp(ek - mt[:, None]),
                                    0.0)
@@ -305,10 +304,10 @@ if triton is not None:
                   KERNEL, D_PAD)
 
     @triton.jit
-    def _query_g_tile(Q, GO, STATS, ROWS, w, w_lo, b, hh, bh, rows, ref, L, D, DV,
+    def _query_g_tile(Q, GO, STATS, ROWS, W, w, b, hh, bh, rows, ref, L, D, DV,
                       sqb, sqh, sql, sqd, sgb, sgh, sgl, sgd, alpha,
                       KERNEL: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                      SPLIT_W: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+                      D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
         """For a block of queries and one feature block: p[f, t] = phi_q[t, f], causal times
         exp(ref - M_t) (features as rows; every factor <= 1 for ref <= M_t), g = g_t / den_t and
         gdo = (g.o)/den_t: the pieces of sum_t p[:, t] [g_t, -gdo_t]."""
@@ -325,9 +324,7 @@ if triton is not None:
         r_base = ROWS + bh.to(tl.int64) * (2 * L)
         inv = tl.load(r_base + rows64, mask=in_seq, other=0.0)
         gdo = tl.load(r_base + L + rows64, mask=in_seq, other=0.0)
-        s = _mm(w, tl.trans(qt), UPCAST)                   # (features, queries)
-        if SPLIT_W:
-            s += _mm(w_lo, tl.trans(qt), UPCAST)
+        s = _mm(w, tl.trans(_to_w(qt, W)), UPCAST)         # (features, queries)
         if KERNEL == 0:
             x_base = STATS + bh.to(tl.int64) * (3 * L)
             off = tl.load(x_base + L + rows64, mask=in_seq, other=0.0)
@@ -345,14 +342,14 @@ if triton is not None:
 
     @triton.jit
     def _query_state_kernel(
-        Q, GO, W, W_LO, STATS, ROWS, PI, PZ, HP, HPZ, HPR,
+        Q, GO, W, STATS, ROWS, PI, PZ, HP, HPZ, HPR,
         H, L, M, D, DV, SEG, NCHUNK,
         sqb, sqh, sql, sqd,
         sgb, sgh, sgl, sgd,
         swm, swd,
         alpha,
         KERNEL: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-        SPLIT_W: tl.constexpr, TF32: tl.constexpr, PER_CHUNK: tl.constexpr,
+        TF32: tl.constexpr, PER_CHUNK: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
         C: tl.constexpr,
     ):
@@ -375,7 +372,7 @@ if triton is not None:
         offs_d = tl.arange(0, D_PAD)
         offs_v = tl.arange(0, DV_PAD)
         feat_ok = offs_f < M
-        w, w_lo = _load_w(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W)
+        w = _load_w(W, offs_f, offs_d, swm, swd, feat_ok, D)
         slot = bh.to(tl.int64) * nsg + sg
         pi_ptr = PI + slot * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :]
         if PER_CHUNK:
@@ -406,10 +403,10 @@ if triton is not None:
                 # the reference before this chunk: M at its row t0 - 1 (none before row 0)
                 prev = tl.load(m_base + tl.maximum(t0 - 1, 0))
                 prev = tl.where(t0 == 0, -2.0e38, prev)
-            p, gv, gdo = _query_g_tile(Q, GO, STATS, ROWS, w, w_lo, b, hh, bh,
+            p, gv, gdo = _query_g_tile(Q, GO, STATS, ROWS, W, w, b, hh, bh,
                                        t0 + tl.arange(0, C), prev, L, D, DV,
                                        sqb, sqh, sql, sqd, sgb, sgh, sgl, sgd, alpha,
-                                       KERNEL, CAUSAL, UPCAST, SPLIT_W, D_PAD, DV_PAD)
+                                       KERNEL, CAUSAL, UPCAST, D_PAD, DV_PAD)
             p = tl.where(feat_ok[:, None], p, 0.0)
             if rescale:
                 r = tl.exp(prev - cur)
@@ -424,7 +421,7 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_chunk_kernel(
-        Q, K, V, GO, W, W_LO, MASK, STATS, ROWS, HP, HPZ, HPR, DK, DVO,
+        Q, K, V, GO, W, MASK, STATS, ROWS, HP, HPZ, HPR, DK, DVO,
         H, L, LQ, M, D, DV, HP_BH, HP_C,
         sqb, sqh, sql, sqd,
         skb, skh, sks, skd,
@@ -436,7 +433,7 @@ if triton is not None:
         sdvb, sdvh, sdvl, sdvd,
         alpha,
         KERNEL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-        UPCAST: tl.constexpr, SPLIT_W: tl.constexpr, TF32: tl.constexpr,
+        UPCAST: tl.constexpr, TF32: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
         C: tl.constexpr,
     ):
@@ -481,8 +478,8 @@ if triton is not None:
         for f0 in range(0, M, BLOCK_F):
             offs_f = f0 + offs_fb
             feat_ok = offs_f < M
-            w_t, w_lo = _load_w_t(W, W_LO, offs_f, offs_d, swm, swd, feat_ok, D, SPLIT_W)
-            ek, _kk = _features(kt, w_t, w_lo, feat_ok, key_ok, alpha, KERNEL, UPCAST, SPLIT_W)
+            w_t = _load_w_t(W, offs_f, offs_d, swm, swd, feat_ok, D)
+            ek, _kk = _features(kt, W, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
             if KERNEL == 0:
                 phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.exp(ek - mt[:, None]), 0.0)
             else:
@@ -492,8 +489,7 @@ if triton is not None:
             dphk = _dot(vt, tl.trans(pv), UPCAST, TF32) + pz[None, :]
             dvi += _dot(phk, pv, UPCAST, TF32)
             if CAUSAL:
-                eq, _kq = _features(qt, w_t, w_lo, feat_ok, in_seq, alpha, KERNEL, UPCAST,
-                                    SPLIT_W)
+                eq, _kq = _features(qt, W, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
                 if KERNEL == 0:
                     phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
                 else:
@@ -554,7 +550,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
         out = ta._forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask,
                           stats=stats, chunk=C)
     ops = _operands(q, projection, kernel_fn, scale, key_padding_mask)
-    kid, alpha, upcast, W, W_lo, split_w, has_mask, mask = ops
+    kid, alpha, upcast, W, has_mask, mask = ops
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
     block_f = min(M_PAD, block_f or p["block_f"])
     dq = torch.empty((B, H, Lq, d), device=dev, dtype=q.dtype)
@@ -563,7 +559,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     if _INTERPRET:
         for t in (dq, dk, dvo):
             t.fill_(float("nan"))  # an element the kernels fail to write fails the checks
-    meta = dict(KERNEL=kid, CAUSAL=causal, UPCAST=upcast, SPLIT_W=split_w, TF32=bool(tf32),
+    meta = dict(KERNEL=kid, CAUSAL=causal, UPCAST=upcast, TF32=bool(tf32),
                 M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, C=C)
     chunk_meta = dict(meta, HAS_MASK=has_mask, BLOCK_F=block_f, num_stages=stages)
     strides = (*q.stride(), *k.stride(), *v.stride(), *go.stride())
@@ -579,7 +575,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
         hs_i = (1, 0)                    # one state per (b, h)
     ROWS = torch.empty((BH, 2, Lq), device=dev, dtype=f32)
     _launcher(_dq_chunk_kernel)[(triton.cdiv(Lq, C), BH)](
-        q, k, v, go, out, W, W_lo, mask, stats, HS, HZ, HR, ROWS, dq,
+        q, k, v, go, out, W, mask, stats, HS, HZ, HR, ROWS, dq,
         H, Lq, m, d, dv, *hs_i, *strides, *out.stride(), *W.stride(), *mask.stride(),
         *dq.stride(), alpha, num_warps=q_warps, **chunk_meta)
     del HS, HZ, HR
@@ -597,7 +593,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
 
     def query_states(per_chunk):
         _launcher(_query_state_kernel)[(NFS, BH, nseg)](
-            q, go, W, W_lo, stats, ROWS, PI, PZ, HP, HPZ, HPR, H, Lq, m, d, dv, seg, nchunk,
+            q, go, W, stats, ROWS, PI, PZ, HP, HPZ, HPR, H, Lq, m, d, dv, seg, nchunk,
             *q.stride(), *go.stride(), *W.stride(), alpha, PER_CHUNK=per_chunk,
             BLOCK_F=sblock_f, num_warps=4, **meta)
     query_states(False)                  # each segment's own state
@@ -615,7 +611,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
         hp_i = (1, 0)
     del PI, PZ
     _launcher(_dkdv_chunk_kernel)[(triton.cdiv(S, C), BH)](
-        q, k, v, go, W, W_lo, mask, stats, ROWS, HP, HPZ, key_ref, dk, dvo,
+        q, k, v, go, W, mask, stats, ROWS, HP, HPZ, key_ref, dk, dvo,
         H, S, Lq, m, d, dv, *hp_i, *strides, *W.stride(), *mask.stride(), *dk.stride(),
         *dvo.stride(), alpha, num_warps=k_warps, **chunk_meta)
     return dq, dk, dvo

@@ -65,7 +65,7 @@ def run_one(name, cpu):
             times.append(e0.elapsed_time(e1))
         print(f"{name}: backward {sorted(times)[2]:.2f} ms", flush=True)
     f = [x.float() for x in (q, k, v, go)]
-    Wb = W.bfloat16().float()  # the backward's operand (the forward uses W as hi + lo parts)
+    Wb = W.bfloat16().float()  # the backward's operand (the features use W in fp16)
     ref_out = torch.ops.panther.rf_attention(f[0], f[1], f[2], W, "softmax", True, None, None)
     ref = torch.ops.panther.rf_attention_backward(f[3], f[0], f[1], f[2], Wb, "softmax", True,
                                                   None, None, False)[:3]

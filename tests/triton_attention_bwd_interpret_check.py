@@ -37,8 +37,8 @@ def make(B, H, L, S, d, dv, m, masked, dtype, shift=0.0, ramp=False, w_f32=False
     go = torch.randn(B, H, L, dv, generator=g, dtype=torch.float64)
     W = orthogonal_random_features(m, d, generator=g, dtype=torch.float64)
     mask = padding_mask(B, S, g) if masked else None
-    # w_f32: an fp32 projection with half inputs (the forward then multiplies by W as bf16 hi + lo
-    # parts, the backward by W rounded once)
+    # w_f32: an fp32 projection with half inputs (the kernels' feature products take it in fp16,
+    # the backward's gradient products in bf16)
     return [t.to(dtype) for t in (q, k, v, go)] + [W.to(torch.float32 if w_f32 else dtype), mask]
 
 
@@ -179,7 +179,7 @@ def main():
     case(1, 1, 70, 70, 16, 8, 32, "softmax", True, None, True, bf, seg=64, stats=False)
     case(1, 1, 60, 33, 16, 8, 32, "relu", False, None, True, bf, seg=64)
     case(1, 1, 70, 70, 16, 8, 32, "softmax", True, None, False, f16, seg=64)
-    # an fp32 projection with bf16 inputs (the forward's W hi + lo, the backward's W in bf16),
+    # an fp32 projection with bf16 inputs (features by W in fp16, gradients by W in bf16),
     # d = 64 and 8 chunks per program
     case(1, 1, 600, 600, 64, 16, 64, "softmax", True, None, False, bf, seg=512, w_f32=True)
     op_level()

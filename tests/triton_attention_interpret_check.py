@@ -26,10 +26,12 @@ gen = seeded_generators(0)
 
 
 def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0, bf=16,
-         chunk=ta.CHUNK):
+         chunk=ta.CHUNK, huge=False):
     g = gen()
     q = torch.randn(B, H, L, d, generator=g, dtype=torch.float64)
     k = torch.randn(B, H, S, d, generator=g, dtype=torch.float64) + shift
+    if huge:  # components beyond fp16's range (the feature products take bf16 tiles as fp16)
+        q[:, :, 3, 0], k[:, :, 5, 1] = 1.0e5, -1.0e5
     v = torch.randn(B, H, S, dv, generator=g, dtype=torch.float64)
     W = orthogonal_random_features(m, d, generator=g, dtype=torch.float64)
     mask = padding_mask(B, S, g) if masked else None
@@ -42,7 +44,8 @@ def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shi
     assert out.dtype == dtype and out.shape == ref.shape
     assert torch.isfinite(out).all(), "non-finite output"
     name = (f"{kernel_fn} causal={causal} B{B} H{H} L{L} S{S} d{d} dv{dv} m{m} scale={scale} "
-            f"mask={masked} {str(dtype)[6:]} seg={seg} shift={shift} block_f={bf} chunk={chunk}")
+            f"mask={masked} {str(dtype)[6:]} seg={seg} shift={shift} block_f={bf} chunk={chunk}"
+            + (" huge" if huge else ""))
     check(name, rel(out, ref), TOL[dtype])
 
 
@@ -74,6 +77,8 @@ def main():
     # bf16 inputs (the kernels' tensor-core path, upcast in the interpreter)
     case(1, 2, 33, 45, 16, 16, 32, "softmax", False, None, True, bf, seg=16)
     case(2, 1, 100, 100, 16, 16, 32, "softmax", True, None, True, bf, seg=64)
+    case(1, 2, 33, 45, 16, 16, 32, "softmax", False, None, False, bf, seg=16, huge=True)
+    case(1, 1, 100, 100, 16, 16, 32, "softmax", True, None, False, bf, seg=64, huge=True)
     case(1, 1, 80, 80, 16, 16, 32, "relu", True, None, False, torch.float16, seg=64)
     case(1, 1, 20, 50, 16, 16, 32, "softmax", False, None, False, torch.float16, seg=16)
     # the op itself (device branch picks the kernels under the interpreter)
