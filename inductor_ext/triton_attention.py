@@ -76,9 +76,9 @@ MAX_HEAD_DIM = 128    # d and dv limits
 _LOWEST = -3.0e38     # finite "minus infinity": differences of shifts never give inf - inf
 _KERNEL_ID = {"softmax": 0, "relu": 1}
 _MAX_GRID_Y = 65535      # CUDA's limit on a launch grid's second (and third) dimension
-# launch defaults of the key pass and of the causal chunk states, shared by the forward and the
-# fused backward (the fastest measured on the H200: see _forward)
-_KV = dict(kv_block_f=128, kv_warps=8, kv_stages=3)
+# launch defaults of the non-causal key pass and of the causal chunk states, shared by the forward
+# and the fused backward (the fastest measured on the H200: see _forward)
+_KV = dict(kv_block_f=128, kv_warps=4, kv_stages=3)
 _STATES = dict(state_block_f=64, state_warps=4, state_stages=2)
 
 
@@ -170,7 +170,7 @@ if triton is not None:
 
     @triton.jit
     def _kv_state_kernel(
-        K, V, W, MASK, P, Z, MX, KAP,
+        K, V, W, MASK, P, Z, MX,
         H, S, M, D, DV, SEG,
         skb, skh, sks, skd,
         svb, svh, svs, svd,
@@ -179,12 +179,10 @@ if triton is not None:
         alpha,
         KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
-        BLOCK_N: tl.constexpr, SAVE_KAPPA: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
-        """One feature block of one key split: P[bh, i, f] = sum_s exp(e_sf - R) v_s^T, Z likewise,
-        MX[bh, i, fb] = R, the max of e over the split's keys and the block's features.
-        SAVE_KAPPA (softmax): KAP[bh, fb, s] = max of e_s over the block's features (the causal
-        walk's key shifts).
+        """Non-causal: one feature block of one key split: P[bh, i, f] = sum_s exp(e_sf - R) v_s^T,
+        Z likewise, MX[bh, i, fb] = R, the max of e over the split's keys and the block's features.
         Grid (feature blocks, B·H, splits): the feature blocks of one key range run side by side
         and share its k / v tiles through L2.
 
@@ -232,9 +230,6 @@ if triton is not None:
                 hk = (tl.sum(kf * kf, axis=1) * (0.5 * alpha * scale2)).to(tl.float32)
                 hk = tl.where(row_ok, hk, 1.0e38)
                 e = (s * scale2).to(tl.float32) - hk[None, :]
-                if SAVE_KAPPA:
-                    kap = tl.max(tl.where(feat_ok[:, None], e, _LOWEST_C), axis=0) * _LN2
-                    tl.store(KAP + (bh.to(tl.int64) * nfb + fb) * S + rows64, kap, mask=row_ok)
                 new = tl.maximum(run, tl.max(e, axis=1))
                 r = tl.exp2(run - new)
                 p = tl.where(row_ok[None, :], tl.exp2(e - new[:, None]), 0.0)
@@ -263,14 +258,13 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(
-        P, Z, MX, RP, ST, ZT, NSPLIT,
-        PREFIX: tl.constexpr, M_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
+        P, Z, MX, ST, ZT, NSPLIT,
+        M_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
         NF: tl.constexpr, NF_PAD: tl.constexpr,
     ):
-        """Walk the splits of one (b, h) in order, keeping the running sum at the running max of
-        the per-split maxima over all feature blocks (= the running max of kappa over the keys).
-        PREFIX: P[bh, i] <- exclusive prefix (reference RP[bh, i]); else ST/ZT <- total (reference
-        is the overall max, whose value is never needed: it cancels)."""
+        """Non-causal: ST, ZT <- the total over the splits of one (b, h), rescaled to the running
+        max of the per-split maxima over all feature blocks (the overall max, whose value is never
+        needed: it cancels)."""
         bh = tl.program_id(0)
         fb = tl.program_id(1)
         offs_f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -281,26 +275,19 @@ if triton is not None:
         run = tl.max(tl.full((BLOCK_F,), -3.0e38, tl.float32), axis=0)
         for i in range(0, NSPLIT):
             base = bh.to(tl.int64) * NSPLIT + i
-            p_ptr = P + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :]
-            pi = tl.load(p_ptr)
+            pi = tl.load(P + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :])
             zi = tl.load(Z + base * M_PAD + offs_f)
             mi = tl.load(MX + base * NF + fb)
             mg = tl.max(tl.load(MX + base * NF + offs_nf, mask=offs_nf < NF, other=-3.0e38), axis=0)
-            if PREFIX:
-                tl.store(p_ptr, acc)
-                tl.store(Z + base * M_PAD + offs_f, z)
-                if fb == 0:
-                    tl.store(RP + base, run)
             new = tl.maximum(run, mg)
             r_old = tl.exp(run - new)
             r_new = tl.exp(mi - new)
             acc = acc * r_old + pi * r_new
             z = z * r_old + zi * r_new
             run = new
-        if not PREFIX:
-            tl.store(ST + bh.to(tl.int64) * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD
-                     + offs_v[None, :], acc.to(ST.dtype.element_ty))
-            tl.store(ZT + bh.to(tl.int64) * M_PAD + offs_f, z)
+        tl.store(ST + bh.to(tl.int64) * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD
+                 + offs_v[None, :], acc.to(ST.dtype.element_ty))
+        tl.store(ZT + bh.to(tl.int64) * M_PAD + offs_f, z)
 
     @triton.jit
     def _query_kernel(
@@ -364,7 +351,7 @@ if triton is not None:
 
     @triton.jit
     def _causal_state_kernel(
-        K, V, W, MASK, P, Z, RP, KAP, HS, HZ, HR,
+        K, V, W, MASK, HS, HZ, HR, KAP, P, Z, R,
         H, L, M, D, DV, SEG, NCHUNK,
         skb, skh, sks, skd,
         svb, svh, svs, svd,
@@ -373,16 +360,21 @@ if triton is not None:
         alpha,
         KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
-        NF_KAP: tl.constexpr, C: tl.constexpr,
+        C: tl.constexpr,
     ):
-        """Chunked causal, step 1: one feature block of one segment walks its chunks from the
-        segment's prefix state (P, Z at RP) and writes the state at every chunk start
-        (HS in the state dtype, HZ fp32, the reference HR in log2 units). Grid (feature blocks,
-        B·H, segments). Each chunk's keys enter at the chunk's end reference (the max of the
-        keys' shifts, from KAP), so no weight exceeds 1."""
+        """Chunked causal, step 1: one feature block of one segment walks the segment's chunks from
+        zero. Before every chunk it writes the state of the segment's keys so far (HS in the state
+        dtype, HZ fp32) at the block's reference HR[bh, chunk, fb] (log2 units: the max exponent
+        of the block's features over those keys); per key of the chunk, its shift over the block's
+        features (KAP[bh, fb, s], natural units; softmax), from which the chunk kernels build the
+        running max M. At the end: the segment's total (P, Z at R[bh, segment, fb]), which
+        ``_segment_prefix_kernel`` turns into the state of the earlier segments. Grid (feature
+        blocks, B·H, segments). No pass over the keys runs before it: the chunk kernels add the
+        two parts (``_chunk_factors``). relu: references 0."""
         fb = tl.program_id(0)
         bh = tl.program_id(1)
         sg = tl.program_id(2)
+        nfb = tl.num_programs(0)
         nsg = tl.num_programs(2)
         b = bh // H
         hh = bh % H
@@ -390,17 +382,17 @@ if triton is not None:
         offs_d = tl.arange(0, D_PAD)
         offs_f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
         offs_v = tl.arange(0, DV_PAD)
-        offs_kf = tl.arange(0, NF_KAP)
         feat_ok = offs_f < M
         w = _load_w(W, offs_f, offs_d, swm, swd, feat_ok, D)
-        base = bh.to(tl.int64) * nsg + sg
-        st = tl.load(P + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :])
-        zf = tl.load(Z + base * M_PAD + offs_f)
-        run = tl.maximum(tl.load(RP + base), -2.0e38) * _LOG2E
+        st = tl.zeros((BLOCK_F, DV_PAD), dtype=tl.float32)
+        zf = tl.zeros((BLOCK_F,), dtype=tl.float32)
+        run = tl.max(tl.zeros((BLOCK_F,), dtype=tl.float32), axis=0)
+        if KERNEL == 0:
+            run += _LOWEST_C
         scale2 = alpha * _LOG2E
         k_base = K + b.to(tl.int64) * skb + hh.to(tl.int64) * skh
         v_base = V + b.to(tl.int64) * svb + hh.to(tl.int64) * svh
-        kap_base = KAP + bh.to(tl.int64) * (NF_KAP * L)
+        kap_base = KAP + (bh.to(tl.int64) * nfb + fb) * L
         start = sg * SEG
         for t0 in range(start, start + SEG, C):
             ch = bh.to(tl.int64) * NCHUNK + t0 // C
@@ -408,8 +400,7 @@ if triton is not None:
             tl.store(HS + ch * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :],
                      st.to(HS.dtype.element_ty), mask=live[:, None])
             tl.store(HZ + ch * M_PAD + offs_f, zf, mask=live)
-            if fb == 0:
-                tl.store(HR + ch, run, mask=t0 < L)
+            tl.store(HR + ch * nfb + fb, run, mask=t0 < L)
             rows = t0 + offs_c
             key_ok = rows < L
             rows64 = rows.to(tl.int64)
@@ -421,28 +412,85 @@ if triton is not None:
             vt = tl.load(v_base + rows64[:, None] * svs + offs_v[None, :] * svd,
                          mask=key_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
             s = _mm(w, tl.trans(_to_w(kt, W)), UPCAST)         # (features, keys)
+            ok = feat_ok[:, None] & key_ok[None, :]
             if KERNEL == 0:
-                kap = tl.load(kap_base + offs_kf[None, :] * L + rows64[:, None],
-                              mask=key_ok[:, None], other=_LOWEST_C)
-                kk = tl.where(key_ok, tl.max(kap, axis=1), -2.0e38) * _LOG2E
-                new = tl.maximum(run, tl.max(kk, axis=0))
                 kf = kt.to(tl.float32)
                 hk = (tl.sum(kf * kf, axis=1) * (0.5 * alpha * scale2)).to(tl.float32)
-                e = (s * scale2).to(tl.float32) - hk[None, :]
-                p = tl.where(feat_ok[:, None] & key_ok[None, :], tl.exp2(e - new), 0.0)
+                e = tl.where(ok, (s * scale2).to(tl.float32) - hk[None, :], _LOWEST_C)
+                kap = tl.max(e, axis=0)
+                tl.store(kap_base + rows64, kap * _LN2, mask=rows < L)
+                new = tl.maximum(run, tl.max(kap, axis=0))
+                p = tl.where(ok, tl.exp2(e - new), 0.0)
                 r = tl.exp2(run - new)
                 st = st * r
                 zf = zf * r
                 run = new
             else:
-                p = tl.where(feat_ok[:, None] & key_ok[None, :], tl.maximum(s, 0.0), 0.0)
+                p = tl.where(ok, tl.maximum(s, 0.0), 0.0)
             st += _mm(p.to(vt.dtype), vt, UPCAST)
             zf += tl.sum(p, axis=1)
+        base = bh.to(tl.int64) * nsg + sg
+        tl.store(P + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :], st)
+        tl.store(Z + base * M_PAD + offs_f, zf)
+        tl.store(R + base * nfb + fb, run)
+
+    @triton.jit
+    def _segment_prefix_kernel(P, Z, R, PP, PZ, PR, NSEG, NFB,
+                               M_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
+                               SUB_F: tl.constexpr):
+        """Causal: slot i of PP, PZ, PR <- the state of the segments before i (from their totals
+        P, Z at R), at the running max of their references: features [SUB_F·j, SUB_F·(j + 1))
+        of the walk's block of BLOCK_F (its reference). Grid (B·H, M_PAD / SUB_F)."""
+        bh = tl.program_id(0)
+        sub = tl.program_id(1)
+        fb = (sub * SUB_F) // BLOCK_F
+        offs_f = sub * SUB_F + tl.arange(0, SUB_F)
+        offs_v = tl.arange(0, DV_PAD)
+        acc = tl.zeros((SUB_F, DV_PAD), dtype=tl.float32)
+        z = tl.zeros((SUB_F,), dtype=tl.float32)
+        run = tl.max(tl.full((SUB_F,), _LOWEST_C, tl.float32), axis=0)
+        for i in range(0, NSEG):
+            base = bh.to(tl.int64) * NSEG + i
+            tile = base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :]
+            tl.store(PP + tile, acc.to(PP.dtype.element_ty))
+            tl.store(PZ + base * M_PAD + offs_f, z)
+            if sub * SUB_F % BLOCK_F == 0:
+                tl.store(PR + base * NFB + fb, run)
+            ri = tl.load(R + base * NFB + fb)
+            new = tl.maximum(run, ri)
+            a = tl.exp2(run - new)
+            c = tl.exp2(ri - new)
+            acc = acc * a + tl.load(P + tile) * c
+            z = z * a + tl.load(Z + base * M_PAD + offs_f) * c
+            run = new
+
+    @triton.jit
+    def _chunk_ref(HR, PR, ch, sg, NFB: tl.constexpr, HAS_PREFIX: tl.constexpr):
+        """The reference of the state before a chunk (log2 units): the max of its parts' block
+        references, i.e. the running max M of the keys before the chunk (ch: the chunk's slot
+        in HR, sg: its segment's in PR; 0 for relu)."""
+        offs = tl.arange(0, NFB)
+        ref = tl.load(HR + ch * NFB + offs)
+        if HAS_PREFIX:
+            ref = tl.maximum(ref, tl.load(PR + sg * NFB + offs))
+        return tl.max(ref, axis=0)
+
+    @triton.jit
+    def _chunk_factors(HR, PR, ch, sg, fb, ref, NFB: tl.constexpr, HAS_PREFIX: tl.constexpr):
+        """The factors (each <= 1) that bring feature block fb of the two parts of the state
+        before a chunk to reference ref: the segment's keys so far (HS, HZ of slot ch) and the
+        earlier segments' (PP, PZ of slot sg; 0 without a prefix). The chunk kernels apply them
+        to the parts' products, so the stored states feed the tensor cores as they are."""
+        a = tl.exp2(tl.load(HR + ch * NFB + fb) - ref)
+        c = 0.0
+        if HAS_PREFIX:
+            c = tl.exp2(tl.load(PR + sg * NFB + fb) - ref)
+        return a, c
 
     @triton.jit
     def _causal_out_kernel(
-        Q, K, V, W, MASK, HS, HZ, HR, KAP, O, STATS,
-        H, L, M, D, DV, NCHUNK,
+        Q, K, V, W, MASK, HS, HZ, HR, PP, PZ, PR, KAP, O, STATS,
+        H, L, M, D, DV, NCHUNK, NSEG, SEG_CHUNKS,
         sqb, sqh, sql, sqd,
         skb, skh, sks, skd,
         svb, svh, svs, svd,
@@ -452,11 +500,13 @@ if triton is not None:
         alpha,
         KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
-        NF_KAP: tl.constexpr, C: tl.constexpr, SAVE_STATS: tl.constexpr,
+        C: tl.constexpr, SAVE_STATS: tl.constexpr, HAS_PREFIX: tl.constexpr,
     ):
         """Chunked causal, step 2: one chunk of one (b, h), independent of every other chunk:
-        the intra-chunk masked product plus the inter-chunk phi(Q)·HS (the state at the chunk's
-        start). Grid (chunks, B·H). The query's shift is an online row max over the feature
+        the intra-chunk masked product plus the inter-chunk phi(Q)·S, S the state of the keys
+        before the chunk in two parts (``ChunkStates``: its segment's keys so far, HS, HZ, and,
+        HAS_PREFIX, the earlier segments', PP, PZ; SEG_CHUNKS chunks per segment), each product
+        scaled by ``_chunk_factors``. BLOCK_F is the walk's feature block. Grid (chunks, B·H). The query's shift is an online row max over the feature
         blocks (-|q|^2/2 cancels); key s enters at M_s, the running max of the key shifts up
         to s, and the (t, s) weight gains exp(M_s - M_t) <= 1.
         SAVE_STATS: per row den, the query shift and M into STATS (B·H, 3, L)."""
@@ -468,9 +518,11 @@ if triton is not None:
         offs_d = tl.arange(0, D_PAD)
         offs_fb = tl.arange(0, BLOCK_F)
         offs_v = tl.arange(0, DV_PAD)
-        offs_kf = tl.arange(0, NF_KAP)
+        NFB: tl.constexpr = M_PAD // BLOCK_F
+        offs_kf = tl.arange(0, NFB)
         tril = offs_c[None, :] <= offs_c[:, None]          # [t, s]: key s visible to query t
         ch = bh.to(tl.int64) * NCHUNK + c
+        sg = bh.to(tl.int64) * NSEG + c // SEG_CHUNKS
         rows = c * C + offs_c
         in_seq = rows < L
         rows64 = rows.to(tl.int64)
@@ -489,9 +541,9 @@ if triton is not None:
                      other=0.0)
         scale2 = alpha * _LOG2E
         mt = tl.zeros((C,), dtype=tl.float32)   # the key running max (softmax only)
+        run = _chunk_ref(HR, PR, ch, sg, NFB, HAS_PREFIX)   # 0 for relu
         if KERNEL == 0:
-            run = tl.load(HR + ch)
-            kap = tl.load(KAP + bh.to(tl.int64) * (NF_KAP * L) + offs_kf[None, :] * L
+            kap = tl.load(KAP + bh.to(tl.int64) * (NFB * L) + offs_kf[None, :] * L
                           + rows64[:, None], mask=key_ok[:, None], other=_LOWEST_C)
             kk = tl.where(key_ok, tl.max(kap, axis=1), -2.0e38) * _LOG2E
             mt = tl.maximum(tl.max(tl.where(tril, kk[None, :], _LOWEST_C), axis=1), run)
@@ -504,15 +556,15 @@ if triton is not None:
         a = tl.zeros((C, C), dtype=tl.float32)
         inter = tl.zeros((C, DV_PAD), dtype=tl.float32)
         iden = tl.zeros((C,), dtype=tl.float32)
-        hs_base = HS + ch * (M_PAD * DV_PAD)
         for f0 in range(0, M_PAD, BLOCK_F):
             offs_f = f0 + offs_fb
             feat_ok = offs_f < M
             w_t = _load_w_t(W, offs_f, offs_d, swm, swd, feat_ok, D)
             sq = _mm(qw, w_t, UPCAST)
             sk = _mm(kw, w_t, UPCAST)
-            st = tl.load(hs_base + offs_f[:, None] * DV_PAD + offs_v[None, :])
-            zf = tl.load(HZ + ch * M_PAD + offs_f)
+            fa, fc = _chunk_factors(HR, PR, ch, sg, f0 // BLOCK_F, run, NFB, HAS_PREFIX)
+            st = tl.load(HS + ch * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :])
+            zf = tl.load(HZ + ch * M_PAD + offs_f) * fa
             if KERNEL == 0:
                 eq = tl.where(feat_ok[None, :], (sq * scale2).to(tl.float32), _LOWEST_C)
                 nq = tl.maximum(mq, tl.max(eq, axis=1))
@@ -528,7 +580,12 @@ if triton is not None:
                 phq = tl.where(feat_ok[None, :], tl.maximum(sq, 0.0), 0.0)
                 phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.maximum(sk, 0.0), 0.0)
             a += _mm(phq.to(vt.dtype), tl.trans(phk.to(vt.dtype)), UPCAST)
-            inter += _mm(phq.to(st.dtype), st, UPCAST)
+            inter += _mm(phq.to(st.dtype), st, UPCAST) * fa
+            if HAS_PREFIX:
+                pt = tl.load(PP + sg * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD
+                             + offs_v[None, :])
+                inter += _mm(phq.to(pt.dtype), pt, UPCAST) * fc
+                zf += tl.load(PZ + sg * M_PAD + offs_f) * fc
             iden += tl.sum(phq * zf[None, :], axis=1)
         if KERNEL == 0:
             # the (t, s) weight's exp(M_s - M_t); clamped above the diagonal (discarded there)
@@ -617,10 +674,9 @@ def _splits(bh, length, block, device, min_len, per_sm=4, seg=None):
     return seg, -(-length // seg)
 
 
-def _key_pass(k, v, ops, m, causal, seg, block_n, kv_block_f, kv_warps, kv_stages):
-    """The key pass: per key split and feature block, the state at the block's max (P, Z, MX);
-    causal softmax also each key's shift per feature block (KAP). Returns
-    (P, Z, MX, KAP, seg, nsplit, NF, kv_block_f)."""
+def _key_pass(k, v, ops, m, seg, block_n, kv_block_f, kv_warps, kv_stages):
+    """Non-causal key pass: per key split and feature block, the state at the block's max (P, Z,
+    MX). Returns (P, Z, MX, nsplit, NF, kv_block_f)."""
     kid, alpha, upcast, W, has_mask, mask = ops
     B, H, S, d = k.shape
     dv = v.shape[3]
@@ -628,25 +684,21 @@ def _key_pass(k, v, ops, m, causal, seg, block_n, kv_block_f, kv_warps, kv_stage
     BH, dev, f32 = B * H, k.device, torch.float32
     kv_block_f = min(M_PAD, kv_block_f)
     NF = M_PAD // kv_block_f
-    # the key pass runs feature blocks·B·H·splits programs: about 2 per SM measured fastest
-    # non-causal, 4 causal, where the splits are also the chunk walk's segments (H200, 65,536
-    # tokens × 16 heads: non-causal 0.59 ms against 0.65 at 1 per SM, causal 1.80 against 2.00)
-    per_sm = 4 if causal else 2
-    seg, nsplit = _splits(BH * NF, S, block_n, dev, 4 * block_n, per_sm=per_sm, seg=seg)
+    # feature blocks·B·H·splits programs: about 2 per SM measured fastest (H200, 65,536 tokens ×
+    # 16 heads: 0.59 ms forward against 0.65 at 1 per SM)
+    seg, nsplit = _splits(BH * NF, S, block_n, dev, 4 * block_n, per_sm=2, seg=seg)
     P = torch.empty((BH, nsplit, M_PAD, DV_PAD), device=dev, dtype=f32)
     Z = torch.empty((BH, nsplit, M_PAD), device=dev, dtype=f32)
     MX = torch.empty((BH, nsplit, NF), device=dev, dtype=f32)
-    save_kap = causal and kid == 0
-    KAP = torch.empty((BH, NF, S) if save_kap else (1, NF), device=dev, dtype=f32)
     _launcher(_kv_state_kernel)[(NF, BH, nsplit)](
-        k, v, W, mask, P, Z, MX, KAP,
+        k, v, W, mask, P, Z, MX,
         H, S, m, d, dv, seg,
         *k.stride(), *v.stride(), *W.stride(), *mask.stride(),
         alpha,
         KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
         M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=kv_block_f, BLOCK_N=block_n,
-        SAVE_KAPPA=save_kap, num_warps=kv_warps, num_stages=kv_stages)
-    return P, Z, MX, KAP, seg, nsplit, NF, kv_block_f
+        num_warps=kv_warps, num_stages=kv_stages)
+    return P, Z, MX, nsplit, NF, kv_block_f
 
 
 def state_dtype(dtype):
@@ -663,68 +715,95 @@ def total_key_state(k, v, ops, m, *, seg=None, block_n=64, kv_block_f=_KV["kv_bl
     backward's dq share it."""
     B, H = k.shape[:2]
     M_PAD, DV_PAD = _pow2(m), _pow2(v.shape[3])
-    P, Z, MX, _, _, nsplit, NF, kv_block_f = _key_pass(k, v, ops, m, False, seg, block_n,
-                                                       kv_block_f, kv_warps, kv_stages)
+    P, Z, MX, nsplit, NF, kv_block_f = _key_pass(k, v, ops, m, seg, block_n, kv_block_f,
+                                                 kv_warps, kv_stages)
     ST = torch.empty((B * H, M_PAD, DV_PAD), device=k.device, dtype=state_dtype(k.dtype))
     ZT = torch.empty((B * H, M_PAD), device=k.device, dtype=torch.float32)
-    _launcher(_merge_kernel)[(B * H, NF)](P, Z, MX, MX, ST, ZT, nsplit, PREFIX=False, M_PAD=M_PAD,
-                                          DV_PAD=DV_PAD, BLOCK_F=kv_block_f, NF=NF,
-                                          NF_PAD=_pow2(NF, 2), num_warps=4)
+    _launcher(_merge_kernel)[(B * H, NF)](P, Z, MX, ST, ZT, nsplit, M_PAD=M_PAD, DV_PAD=DV_PAD,
+                                          BLOCK_F=kv_block_f, NF=NF, NF_PAD=_pow2(NF, 2),
+                                          num_warps=4)
     return ST, ZT, MX
 
 
-def causal_chunk_states(q, k, v, ops, m, *, seg=None, kv_block_f=_KV["kv_block_f"],
-                        kv_warps=_KV["kv_warps"], kv_stages=_KV["kv_stages"], chunk=CHUNK,
+class ChunkStates(NamedTuple):
+    """The causal state of the keys before every chunk, in two parts that the chunk kernels add
+    (``_chunk_factors``): the chunk's segment's keys so far, and the earlier segments'. States in
+    ``state_dtype``, z fp32, references fp32 in log2 units, one per feature block of ``block_f``
+    (the chunk kernels' feature block)."""
+    HS: Tensor         # (B·H, chunks, M_PAD, DV_PAD): the segment's keys before the chunk
+    HZ: Tensor         # (B·H, chunks, M_PAD)
+    HR: Tensor         # (B·H, chunks, NF)
+    PP: Tensor         # (B·H, segments, M_PAD, DV_PAD): the earlier segments' keys
+    PZ: Tensor         # (B·H, segments, M_PAD)
+    PR: Tensor         # (B·H, segments, NF)
+    KAP: Tensor        # (B·H, NF, L): each key's shift per block (softmax; else a stand-in)
+    seg_chunks: int    # chunks per segment
+    has_prefix: bool   # more than one segment (else PP, PZ, PR are never read)
+    block_f: int
+
+
+def causal_chunk_states(k, v, ops, m, *, seg=None, chunk=CHUNK,
                         state_block_f=_STATES["state_block_f"],
                         state_warps=_STATES["state_warps"], state_stages=_STATES["state_stages"]):
-    """The causal prefix state at every chunk start: key pass, prefix merge over the splits, then
-    the chunk walk of every split. Returns (HS, HZ, HR, KAP): HS (B·H, chunks, M_PAD, DV_PAD) in
-    ``state_dtype``, HZ fp32, HR the references (log2 units), KAP (B·H, NF, L) each key's shift
-    per key-pass feature block (softmax; a (1, NF) stand-in for relu). The forward and the fused
-    backward's dq share it."""
+    """The causal state before every chunk (a ``ChunkStates``): every segment walks its chunks
+    from zero (``_causal_state_kernel``), then the segments' totals become the states of the
+    earlier segments (``_segment_prefix_kernel``). No pass over the keys runs first. The forward
+    and the fused backward's dq share it. ``seg``: keys per segment (None: about 8 walk programs
+    per SM)."""
     kid, alpha, upcast, W, has_mask, mask = ops
     B, H, L, d = k.shape
     dv = v.shape[3]
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
     BH, dev, f32 = B * H, k.device, torch.float32
-    P, Z, MX, KAP, seg, nsplit, NF, kv_block_f = _key_pass(k, v, ops, m, True, seg, chunk,
-                                                           kv_block_f, kv_warps, kv_stages)
-    RP = torch.empty((BH, nsplit), device=dev, dtype=f32)
-    _launcher(_merge_kernel)[(BH, NF)](P, Z, MX, RP, P, Z, nsplit, PREFIX=True, M_PAD=M_PAD,
-                                       DV_PAD=DV_PAD, BLOCK_F=kv_block_f, NF=NF,
-                                       NF_PAD=_pow2(NF, 2), num_warps=4)
+    block_f = min(M_PAD, state_block_f)
+    NF = M_PAD // block_f
+    seg, nseg = _splits(BH * NF, L, chunk, dev, 4 * chunk, per_sm=8, seg=seg)
     nchunk = triton.cdiv(L, chunk)
-    HS = torch.empty((BH, nchunk, M_PAD, DV_PAD), device=dev, dtype=state_dtype(q.dtype))
+    sdt = state_dtype(k.dtype)
+    HS = torch.empty((BH, nchunk, M_PAD, DV_PAD), device=dev, dtype=sdt)
     HZ = torch.empty((BH, nchunk, M_PAD), device=dev, dtype=f32)
-    HR = torch.empty((BH, nchunk), device=dev, dtype=f32)
-    st_block_f = min(M_PAD, state_block_f)
-    _launcher(_causal_state_kernel)[(M_PAD // st_block_f, BH, nsplit)](
-        k, v, W, mask, P, Z, RP, KAP, HS, HZ, HR,
+    HR = torch.empty((BH, nchunk, NF), device=dev, dtype=f32)
+    P = torch.empty((BH, nseg, M_PAD, DV_PAD), device=dev, dtype=f32)
+    Z = torch.empty((BH, nseg, M_PAD), device=dev, dtype=f32)
+    R = torch.empty((BH, nseg, NF), device=dev, dtype=f32)
+    KAP = torch.empty((BH, NF, L) if kid == 0 else (1, NF), device=dev, dtype=f32)
+    _launcher(_causal_state_kernel)[(NF, BH, nseg)](
+        k, v, W, mask, HS, HZ, HR, KAP, P, Z, R,
         H, L, m, d, dv, seg, nchunk,
         *k.stride(), *v.stride(), *W.stride(), *mask.stride(),
         alpha,
         KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
-        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=st_block_f, NF_KAP=NF, C=chunk,
+        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, C=chunk,
         num_warps=state_warps, num_stages=state_stages)
-    return HS, HZ, HR, KAP
+    if nseg > 1:
+        PP = torch.empty((BH, nseg, M_PAD, DV_PAD), device=dev, dtype=sdt)
+        PZ, PR = torch.empty_like(Z), torch.empty_like(R)
+        sub_f = min(block_f, 16)   # more programs for a short sequential walk
+        _launcher(_segment_prefix_kernel)[(BH, M_PAD // sub_f)](
+            P, Z, R, PP, PZ, PR, nseg, NF, M_PAD=M_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f,
+            SUB_F=sub_f, num_warps=4)
+    else:
+        PP, PZ, PR = HS, HZ, HR    # stand-ins, never read
+    return ChunkStates(HS, HZ, HR, PP, PZ, PR, KAP, seg // chunk, nseg > 1, block_f)
 
 
 def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *, seg=None,
-             block_n=64, block_m=128, kv_block_f=_KV["kv_block_f"], q_block_f=64,
-             kv_warps=_KV["kv_warps"], q_warps=8, kv_stages=_KV["kv_stages"], q_stages=3,
-             causal_warps=4, causal_stages=2, block_f=None, chunk=CHUNK,
+             block_n=64, block_m=64, kv_block_f=_KV["kv_block_f"], q_block_f=64,
+             kv_warps=_KV["kv_warps"], q_warps=4, kv_stages=_KV["kv_stages"], q_stages=2,
+             causal_warps=4, causal_stages=2, chunk=CHUNK,
              state_block_f=_STATES["state_block_f"], state_warps=_STATES["state_warps"],
              state_stages=_STATES["state_stages"], stats=None):
     """The output; ``stats`` (a (B·H, 3, Lq) fp32 buffer) also receives per row den, the query
     shift and (causal) the key running max, which the fused backward reuses.
     Launch parameters (defaults: the fastest measured on the H200 at 65,536 tokens × 16 heads,
     d = 64, m = 256, bf16, by per-kernel profiles; see docs/benchmarks.md): ``seg`` keys per
-    split / segment (None: about one program per SM in the key pass); key pass: ``kv_block_f``
-    features per program, ``block_n`` keys per step (causal: ``chunk``), ``kv_warps``,
-    ``kv_stages``; non-causal query pass: ``block_m`` queries per program, ``q_block_f``
-    features per step, ``q_warps``, ``q_stages``; causal: ``chunk`` rows per chunk (a power of
-    two >= 16), chunk states ``state_block_f`` / ``state_warps`` / ``state_stages``, chunk
-    outputs ``block_f`` / ``causal_warps`` / ``causal_stages``."""
+    split (non-causal key pass) or segment (causal walk); None: a few programs per SM.
+    Non-causal: key pass ``kv_block_f`` features per program, ``block_n`` keys per step,
+    ``kv_warps``, ``kv_stages``; query pass ``block_m`` queries per program, ``q_block_f``
+    features per step, ``q_warps``, ``q_stages``. Causal: ``chunk`` rows per chunk (a power of
+    two >= 16), ``state_block_f`` features per block (the chunk walk's and the chunk outputs'),
+    chunk walk ``state_warps`` / ``state_stages``, chunk outputs ``causal_warps`` /
+    ``causal_stages``."""
     B, H, Lq, d = q.shape
     dv, m = v.shape[3], projection.shape[0]
     dev = q.device
@@ -735,23 +814,20 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     if _INTERPRET:
         out.fill_(float("nan"))  # an element the kernels fail to write fails the checks
     BH = B * H
-    block_f = min(M_PAD, block_f or 64)
     if causal:
-        HS, HZ, HR, KAP = causal_chunk_states(
-            q, k, v, ops, m, seg=seg, kv_block_f=kv_block_f, kv_warps=kv_warps,
-            kv_stages=kv_stages, chunk=chunk, state_block_f=state_block_f,
-            state_warps=state_warps, state_stages=state_stages)
-        nchunk = HS.shape[1]
+        cs = causal_chunk_states(k, v, ops, m, seg=seg, chunk=chunk,
+                                 state_block_f=state_block_f, state_warps=state_warps,
+                                 state_stages=state_stages)
+        nchunk = cs.HS.shape[1]
         _launcher(_causal_out_kernel)[(nchunk, BH)](
-            q, k, v, W, mask, HS, HZ, HR, KAP, out,
-            stats if stats is not None else HR,
-            H, Lq, m, d, dv, nchunk,
+            q, k, v, W, mask, *cs[:7], out, stats if stats is not None else cs.HZ,
+            H, Lq, m, d, dv, nchunk, cs.PP.shape[1], cs.seg_chunks,
             *q.stride(), *k.stride(), *v.stride(), *W.stride(), *mask.stride(),
             *out.stride(),
             alpha,
             KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
-            M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, NF_KAP=KAP.shape[1],
-            C=chunk, SAVE_STATS=stats is not None,
+            M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=cs.block_f,
+            C=chunk, SAVE_STATS=stats is not None, HAS_PREFIX=cs.has_prefix,
             num_warps=causal_warps, num_stages=causal_stages)
         return out
     q_block_f = min(M_PAD, q_block_f)
@@ -974,16 +1050,16 @@ def _kernel_ms(fn, iters=10):
 # the forward's launch parameters the sweep varies, one group at a time from the defaults
 _FWD_SWEEP = {
     False: [dict(kv_block_f=bf, block_n=bn, kv_warps=w, kv_stages=st)
-            for bf, bn, w, st in ((128, 128, 8, 3), (128, 64, 4, 3), (256, 64, 8, 3), (64, 128, 8, 3))]
+            for bf, bn, w, st in ((128, 64, 8, 3), (128, 128, 4, 3), (256, 64, 4, 3),
+                                  (128, 64, 4, 2), (64, 64, 4, 3))]
     + [dict(block_m=bm, q_block_f=qf, q_warps=w, q_stages=st)
-       for bm, qf, w, st in ((128, 128, 8, 3), (64, 64, 4, 2), (128, 64, 4, 3))]
-    + [dict(seg=sg) for sg in (2048, 8192, 16384)],
-    True: [dict(chunk=c, block_f=bf, causal_warps=w, causal_stages=st)
-           for c, bf, w, st in ((64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2), (32, 64, 4, 2))]
+       for bm, qf, w, st in ((128, 64, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2))]
+    + [dict(seg=sg) for sg in (4096, 16384)],
+    True: [dict(chunk=c, causal_warps=w, causal_stages=st)
+           for c, w, st in ((64, 8, 2), (64, 4, 3), (64, 4, 1), (32, 4, 2))]
     + [dict(state_block_f=bf, state_warps=w, state_stages=st)
-       for bf, w, st in ((64, 8, 3), (128, 8, 2), (32, 4, 2))]
-    + [dict(kv_block_f=bf, kv_warps=w) for bf, w in ((64, 4), (256, 8))]
-    + [dict(seg=sg) for sg in (1024, 4096, 8192)],
+       for bf, w, st in ((64, 8, 2), (128, 8, 2), (32, 4, 2), (64, 4, 3))]
+    + [dict(seg=sg) for sg in (2048, 8192, 16384)],
 }
 
 

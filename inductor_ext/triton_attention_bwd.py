@@ -68,7 +68,8 @@ from panther.ops.attention import _check_rf
 if triton is not None:
     import triton.language as tl
 
-    from inductor_ext.triton_attention import _LN2, _features, _load_w, _load_w_t, _mm, _to_w
+    from inductor_ext.triton_attention import (_LN2, _chunk_factors, _chunk_ref, _features,
+                                               _load_w, _load_w_t, _mm, _to_w)
 
 __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op", "backward_params",
            "fused_backward_enabled"]
@@ -216,8 +217,8 @@ if triton is not None:
 
     @triton.jit
     def _dq_chunk_kernel(
-        Q, K, V, GO, OUT, W, MASK, STATS, HS, HZ, HR, ROWS, DQ,
-        H, L, M, D, DV, HS_BH, HS_C,
+        Q, K, V, GO, OUT, W, MASK, STATS, HS, HZ, HR, PP, PZ, PR, ROWS, DQ,
+        H, L, M, D, DV, HS_BH, HS_C, NSEG, SEG_CHUNKS,
         sqb, sqh, sql, sqd,
         skb, skh, sks, skd,
         svb, svh, svs, svd,
@@ -230,13 +231,15 @@ if triton is not None:
         KERNEL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
         UPCAST: tl.constexpr, TF32: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
-        C: tl.constexpr,
+        C: tl.constexpr, HAS_PREFIX: tl.constexpr,
     ):
         """dq of one chunk of queries, grid (chunks, B·H): G S^T from the keys' state (HS, HZ;
         state i of (b, h) at bh·HS_BH + chunk·HS_C), plus, causal, the intra-chunk dA phi_k.
-        Causal: the forward's state at the chunk start, at reference HR (log2 units); else the
-        total, at the reference the forward's den has. Also writes per row 1/den and
-        (g.o)/den into ROWS (B·H, 2, L) for the key side."""
+        Causal: the state of the keys before the chunk, in the two parts of ``ChunkStates`` (HS,
+        HZ, HR; PP, PZ, PR with HAS_PREFIX), each product scaled by ``_chunk_factors``; else the
+        total (HS, HZ; the rest unused), at the reference the forward's den has. Also writes per row 1/den and (g.o)/den into ROWS
+        (B·H, 2, L) for the key side."""
+        NFB: tl.constexpr = M_PAD // BLOCK_F
         c = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -262,18 +265,19 @@ if triton is not None:
         tl.store(r_base + rows64, inv, mask=in_seq)
         tl.store(r_base + L + rows64, gdo, mask=in_seq)
         st_i = bh.to(tl.int64) * HS_BH + c * HS_C
+        sg = bh.to(tl.int64) * NSEG + c // SEG_CHUNKS
         fac = tl.full((C,), 1.0, tl.float32)
+        run = 0.0
         if CAUSAL:
+            run = _chunk_ref(HR, PR, st_i, sg, NFB, HAS_PREFIX)   # 0 for relu
             if KERNEL == 0:
                 # chunk-start state -> M_t (rows past L: 0, never stored)
-                fac = tl.where(in_seq, tl.exp(tl.minimum(tl.load(HR + st_i) * _LN2 - mt, 0.0)),
-                               0.0)
+                fac = tl.where(in_seq, tl.exp(tl.minimum(run * _LN2 - mt, 0.0)), 0.0)
             da, _decay = _chunk_da(gv, gdo, vt, mt, KERNEL, UPCAST, TF32, C)
             da = _operand(da, UPCAST, TF32)
         gv = _operand(gv, UPCAST, TF32)
         dqa = tl.zeros((C, D_PAD), dtype=tl.float32)
         rs = tl.zeros((C,), dtype=tl.float32)
-        hs_base = HS + st_i * (M_PAD * DV_PAD)
         for f0 in range(0, M, BLOCK_F):
             offs_f = f0 + offs_fb
             feat_ok = offs_f < M
@@ -283,9 +287,20 @@ if triton is not None:
                 phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
             else:
                 phq = eq
-            st = tl.load(hs_base + offs_f[:, None] * DV_PAD + offs_v[None, :])
+            st = tl.load(HS + st_i * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD
+                         + offs_v[None, :])
             zf = tl.load(HZ + st_i * M_PAD + offs_f)
-            dphq = _dot(gv, tl.trans(st), UPCAST, TF32) - gdo[:, None] * zf[None, :]
+            dphq = _dot(gv, tl.trans(st), UPCAST, TF32)
+            if CAUSAL:
+                fa, fc = _chunk_factors(HR, PR, st_i, sg, f0 // BLOCK_F, run, NFB, HAS_PREFIX)
+                dphq = dphq * fa
+                zf = zf * fa
+                if HAS_PREFIX:
+                    pt = tl.load(PP + sg * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD
+                                 + offs_v[None, :])
+                    dphq += _dot(gv, tl.trans(pt), UPCAST, TF32) * fc
+                    zf += tl.load(PZ + sg * M_PAD + offs_f) * fc
+            dphq = dphq - gdo[:, None] * zf[None, :]
             if CAUSAL:
                 ek, _kk = _features(kt, W, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
                 if KERNEL == 0:
@@ -565,20 +580,25 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     strides = (*q.stride(), *k.stride(), *v.stride(), *go.stride())
     # ---- the keys' state and dq
     if causal:
-        HS, HZ, HR, _ = ta.causal_chunk_states(q, k, v, ops, m, chunk=C)
-        hs_i = (HS.shape[1], 1)          # a state per chunk
+        # (the walk's feature block is the dq kernel's)
+        cs = ta.causal_chunk_states(k, v, ops, m, chunk=C, state_block_f=block_f)
+        hs_i = (cs.HS.shape[1], 1, cs.PP.shape[1], cs.seg_chunks)   # a state per chunk
+        states, has_prefix = cs[:6], cs.has_prefix
+        del cs
     else:
-        HS, HZ, MX = ta.total_key_state(k, v, ops, m)
-        HR = HZ  # a stand-in: non-causal dq reads no reference
+        ST, ZT, MX = ta.total_key_state(k, v, ops, m)
+        states = (ST, ZT) + (ZT,) * 4    # HR, PP, PZ, PR: stand-ins, unread
+        del ST, ZT
+        has_prefix = False
         # keys enter dk, dv at the merged state's reference: the max over all splits and blocks
         key_ref = MX.reshape(BH, -1).amax(1).contiguous()
-        hs_i = (1, 0)                    # one state per (b, h)
+        hs_i = (1, 0, 1, 1)              # one state per (b, h)
     ROWS = torch.empty((BH, 2, Lq), device=dev, dtype=f32)
     _launcher(_dq_chunk_kernel)[(triton.cdiv(Lq, C), BH)](
-        q, k, v, go, out, W, mask, stats, HS, HZ, HR, ROWS, dq,
+        q, k, v, go, out, W, mask, stats, *states, ROWS, dq,
         H, Lq, m, d, dv, *hs_i, *strides, *out.stride(), *W.stride(), *mask.stride(),
-        *dq.stride(), alpha, num_warps=q_warps, **chunk_meta)
-    del HS, HZ, HR
+        *dq.stride(), alpha, HAS_PREFIX=has_prefix, num_warps=q_warps, **chunk_meta)
+    del states
     # ---- the queries' state: per segment, then (causal) scanned and walked per chunk
     sblock_f = min(M_PAD, 64)
     NFS = M_PAD // sblock_f

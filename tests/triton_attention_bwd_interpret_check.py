@@ -64,7 +64,7 @@ def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shi
         if kernel_fn == "relu" or not causal:
             st.zero_()  # rows the forward leaves unwritten (as rf_attention_triton_train does)
         out = ta._forward(q, k, v, W, kernel_fn, causal, scale, mask, seg=seg, block_n=16,
-                          block_m=16, block_f=bf, stats=st)
+                          block_m=16, state_block_f=bf, stats=st)
     got = tb._backward(go, q, k, v, W, kernel_fn, causal, scale, mask, out, st, seg=seg,
                        block_f=bf, chunk=chunk)
     name = (f"{kernel_fn} causal={causal} B{B} H{H} L{L} S{S} d{d} dv{dv} m{m} scale={scale} "

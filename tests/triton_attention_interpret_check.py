@@ -39,7 +39,7 @@ def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shi
     ref = rf_attention_reference(q.double(), k.double(), v.double(), W.double(), kernel_fn,
                                  causal, scale, mask)
     out = ta._forward(q, k, v, W, kernel_fn, causal, scale, mask, seg=seg, block_n=16,
-                      block_m=16, block_f=bf, kv_block_f=bf, q_block_f=bf, chunk=chunk,
+                      block_m=16, kv_block_f=bf, q_block_f=bf, chunk=chunk,
                       state_block_f=bf)
     assert out.dtype == dtype and out.shape == ref.shape
     assert torch.isfinite(out).all(), "non-finite output"
