@@ -79,7 +79,7 @@ _MAX_GRID_Y = 65535      # CUDA's limit on a launch grid's second (and third) di
 # launch defaults of the non-causal key pass and of the causal chunk states, shared by the forward
 # and the fused backward (the fastest measured on the H200: see _forward)
 _KV = dict(kv_block_f=128, kv_warps=4, kv_stages=3)
-_STATES = dict(state_block_f=64, state_warps=4, state_stages=2)
+_STATES = dict(state_block_f=64, state_warps=4, state_stages=3)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -125,23 +125,26 @@ if triton is not None:
         return r
 
     @triton.jit
-    def _features(x, W, w_t, feat_ok, row_ok, alpha, KERNEL: tl.constexpr, UPCAST: tl.constexpr):
-        """(rows, M_PAD) exponents e = x'W^T - |x'|^2/2 (softmax; padded features/rows LOWEST) or
-        relu(xW^T) (relu). Returns (e, kappa) with kappa the row max (softmax) / 0 (relu).
-        w_t: the (d, features) block of W."""
-        u = _mm(_to_w(x, W), w_t, UPCAST)
+    def _feature_operands(x, W, alpha):
+        """A q / k tile's loop invariants for ``_features``: the tile as the product operand
+        (``_to_w``) and its rows' a^2 |x|^2 / 2."""
+        xf = x.to(tl.float32)
+        # Inductor passes Python floats as fp64 scalars: cast back so the tiles stay fp32
+        return _to_w(x, W), (tl.sum(xf * xf, axis=1) * (0.5 * alpha * alpha)).to(tl.float32)
+
+    @triton.jit
+    def _features(xw, hx, w_t, feat_ok, row_ok, alpha, KERNEL: tl.constexpr,
+                  UPCAST: tl.constexpr):
+        """(rows, features) exponents e = x'W^T - |x'|^2/2 (softmax; padded features / rows
+        LOWEST) or relu(xW^T) (relu), from ``_feature_operands`` (xw, hx) and the (d, features)
+        block w_t of W."""
+        u = _mm(xw, w_t, UPCAST)
         if KERNEL == 0:
-            # Inductor passes Python floats as fp64 scalars: cast back so the accumulators stay fp32
-            xf = x.to(tl.float32)
-            h = (tl.sum(xf * xf, axis=1) * (0.5 * alpha * alpha)).to(tl.float32)
-            e = (u * alpha).to(tl.float32) - h[:, None]
+            e = (u * alpha).to(tl.float32) - hx[:, None]
             e = tl.where(feat_ok[None, :] & row_ok[:, None], e, -3.0e38)
-            kappa = tl.max(e, axis=1)
         else:
-            e = tl.maximum(u, 0.0)
-            e = tl.where(feat_ok[None, :] & row_ok[:, None], e, 0.0)
-            kappa = tl.zeros_like(tl.max(e, axis=1))
-        return e, kappa
+            e = tl.where(feat_ok[None, :] & row_ok[:, None], tl.maximum(u, 0.0), 0.0)
+        return e
 
     @triton.jit
     def _store_rows(O, STATS, num, den, qt, shift, mt, b, hh, bh, rows64, row_ok, offs_v,
@@ -790,7 +793,7 @@ def causal_chunk_states(k, v, ops, m, *, seg=None, chunk=CHUNK,
 def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *, seg=None,
              block_n=64, block_m=64, kv_block_f=_KV["kv_block_f"], q_block_f=64,
              kv_warps=_KV["kv_warps"], q_warps=4, kv_stages=_KV["kv_stages"], q_stages=2,
-             causal_warps=4, causal_stages=2, chunk=CHUNK,
+             causal_warps=4, causal_stages=3, chunk=CHUNK,
              state_block_f=_STATES["state_block_f"], state_warps=_STATES["state_warps"],
              state_stages=_STATES["state_stages"], stats=None):
     """The output; ``stats`` (a (B·H, 3, Lq) fp32 buffer) also receives per row den, the query
@@ -1056,9 +1059,9 @@ _FWD_SWEEP = {
        for bm, qf, w, st in ((128, 64, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2))]
     + [dict(seg=sg) for sg in (4096, 16384)],
     True: [dict(chunk=c, causal_warps=w, causal_stages=st)
-           for c, w, st in ((64, 8, 2), (64, 4, 3), (64, 4, 1), (32, 4, 2))]
+           for c, w, st in ((64, 8, 3), (64, 4, 2), (64, 4, 4), (32, 4, 3))]
     + [dict(state_block_f=bf, state_warps=w, state_stages=st)
-       for bf, w, st in ((64, 8, 2), (128, 8, 2), (32, 4, 2), (64, 4, 3))]
+       for bf, w, st in ((64, 8, 3), (128, 8, 2), (32, 4, 3), (64, 4, 2), (64, 4, 4))]
     + [dict(seg=sg) for sg in (2048, 8192, 16384)],
 }
 

@@ -68,8 +68,9 @@ from panther.ops.attention import _check_rf
 if triton is not None:
     import triton.language as tl
 
-    from inductor_ext.triton_attention import (_LN2, _chunk_factors, _chunk_ref, _features,
-                                               _load_w, _load_w_t, _mm, _to_w)
+    from inductor_ext.triton_attention import (_LN2, _chunk_factors, _chunk_ref,
+                                               _feature_operands, _features, _load_w,
+                                               _load_w_t, _mm, _to_w)
 
 __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op", "backward_params",
            "fused_backward_enabled"]
@@ -217,7 +218,7 @@ if triton is not None:
 
     @triton.jit
     def _dq_chunk_kernel(
-        Q, K, V, GO, OUT, W, MASK, STATS, HS, HZ, HR, PP, PZ, PR, ROWS, DQ,
+        Q, K, V, GO, OUT, W, WG, MASK, STATS, HS, HZ, HR, PP, PZ, PR, ROWS, DQ,
         H, L, M, D, DV, HS_BH, HS_C, NSEG, SEG_CHUNKS,
         sqb, sqh, sql, sqd,
         skb, skh, sks, skd,
@@ -276,13 +277,17 @@ if triton is not None:
             da, _decay = _chunk_da(gv, gdo, vt, mt, KERNEL, UPCAST, TF32, C)
             da = _operand(da, UPCAST, TF32)
         gv = _operand(gv, UPCAST, TF32)
+        qw, hq = _feature_operands(qt, W, alpha)
+        kw, hk = qw, hq
+        if CAUSAL:
+            kw, hk = _feature_operands(kt, W, alpha)
         dqa = tl.zeros((C, D_PAD), dtype=tl.float32)
         rs = tl.zeros((C,), dtype=tl.float32)
         for f0 in range(0, M, BLOCK_F):
             offs_f = f0 + offs_fb
             feat_ok = offs_f < M
             w_t = _load_w_t(W, offs_f, offs_d, swm, swd, feat_ok, D)
-            eq, _kq = _features(qt, W, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
+            eq = _features(qw, hq, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
             if KERNEL == 0:
                 phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
             else:
@@ -302,7 +307,7 @@ if triton is not None:
                     zf += tl.load(PZ + sg * M_PAD + offs_f) * fc
             dphq = dphq - gdo[:, None] * zf[None, :]
             if CAUSAL:
-                ek, _kk = _features(kt, W, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
+                ek = _features(kw, hk, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
                 if KERNEL == 0:
                     phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.exp(ek - mt[:, None]),
                                    0.0)
@@ -313,7 +318,8 @@ if triton is not None:
                 du = dphq * phq
             else:
                 du = tl.where(eq > 0.0, dphq, 0.0)
-            dqa += _dot(du, tl.trans(w_t), UPCAST, TF32)
+            dqa += _dot(du, tl.trans(_load_w_t(WG, offs_f, offs_d, swm, swd, feat_ok, D)), UPCAST,
+                        TF32)
             rs += tl.sum(du, axis=1)
         _store_dx(DQ, dqa, rs, qt, b, hh, rows64, in_seq, sdb, sdh, sdl, sdd, D, alpha,
                   KERNEL, D_PAD)
@@ -436,7 +442,7 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_chunk_kernel(
-        Q, K, V, GO, W, MASK, STATS, ROWS, HP, HPZ, HPR, DK, DVO,
+        Q, K, V, GO, W, WG, MASK, STATS, ROWS, HP, HPZ, HPR, DK, DVO,
         H, L, LQ, M, D, DV, HP_BH, HP_C,
         sqb, sqh, sql, sqd,
         skb, skh, sks, skd,
@@ -486,6 +492,10 @@ if triton is not None:
             da, decay = _chunk_da(gv, gdo, vt, mt, KERNEL, UPCAST, TF32, C)
             da = _operand(da, UPCAST, TF32)
             a = tl.zeros((C, C), dtype=tl.float32)
+        kw, hk = _feature_operands(kt, W, alpha)
+        qw, hq = kw, hk
+        if CAUSAL:
+            qw, hq = _feature_operands(qt, W, alpha)
         dvi = tl.zeros((C, DV_PAD), dtype=tl.float32)
         dka = tl.zeros((C, D_PAD), dtype=tl.float32)
         rs = tl.zeros((C,), dtype=tl.float32)
@@ -494,7 +504,7 @@ if triton is not None:
             offs_f = f0 + offs_fb
             feat_ok = offs_f < M
             w_t = _load_w_t(W, offs_f, offs_d, swm, swd, feat_ok, D)
-            ek, _kk = _features(kt, W, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
+            ek = _features(kw, hk, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
             if KERNEL == 0:
                 phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.exp(ek - mt[:, None]), 0.0)
             else:
@@ -504,7 +514,7 @@ if triton is not None:
             dphk = _dot(vt, tl.trans(pv), UPCAST, TF32) + pz[None, :]
             dvi += _dot(phk, pv, UPCAST, TF32)
             if CAUSAL:
-                eq, _kq = _features(qt, W, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
+                eq = _features(qw, hq, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
                 if KERNEL == 0:
                     phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
                 else:
@@ -515,7 +525,8 @@ if triton is not None:
                 du = dphk * phk
             else:
                 du = tl.where(ek > 0.0, dphk, 0.0)
-            dka += _dot(du, tl.trans(w_t), UPCAST, TF32)
+            dka += _dot(du, tl.trans(_load_w_t(WG, offs_f, offs_d, swm, swd, feat_ok, D)), UPCAST,
+                        TF32)
             rs += tl.sum(du, axis=1)
         dvv = dvi * eks[:, None]
         if CAUSAL:
@@ -531,6 +542,15 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 # Launch
 # --------------------------------------------------------------------------------------------
+def _grad_projection(projection, W):
+    """The projection as the gradient products' operand (dx = a du W - ...): what ``_dot`` feeds
+    the tensor cores, fp32 for fp32 inputs (W itself), else bf16, a copy with W's strides (so the
+    fp16 feature operand W is not converted on chip at every feature block)."""
+    if W.dtype == torch.float32:
+        return W
+    return torch.empty_like(W, dtype=torch.bfloat16).copy_(projection)
+
+
 def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, out=None,
               stats=None, *, seg=None, block_f=None, q_warps=None, k_warps=None, stages=None,
               tf32=None, chunk=None):
@@ -566,6 +586,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
                           stats=stats, chunk=C)
     ops = _operands(q, projection, kernel_fn, scale, key_padding_mask)
     kid, alpha, upcast, W, has_mask, mask = ops
+    WG = _grad_projection(projection, W)
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
     block_f = min(M_PAD, block_f or p["block_f"])
     dq = torch.empty((B, H, Lq, d), device=dev, dtype=q.dtype)
@@ -595,7 +616,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
         hs_i = (1, 0, 1, 1)              # one state per (b, h)
     ROWS = torch.empty((BH, 2, Lq), device=dev, dtype=f32)
     _launcher(_dq_chunk_kernel)[(triton.cdiv(Lq, C), BH)](
-        q, k, v, go, out, W, mask, stats, *states, ROWS, dq,
+        q, k, v, go, out, W, WG, mask, stats, *states, ROWS, dq,
         H, Lq, m, d, dv, *hs_i, *strides, *out.stride(), *W.stride(), *mask.stride(),
         *dq.stride(), alpha, HAS_PREFIX=has_prefix, num_warps=q_warps, **chunk_meta)
     del states
@@ -631,7 +652,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
         hp_i = (1, 0)
     del PI, PZ
     _launcher(_dkdv_chunk_kernel)[(triton.cdiv(S, C), BH)](
-        q, k, v, go, W, mask, stats, ROWS, HP, HPZ, key_ref, dk, dvo,
+        q, k, v, go, W, WG, mask, stats, ROWS, HP, HPZ, key_ref, dk, dvo,
         H, S, Lq, m, d, dv, *hp_i, *strides, *W.stride(), *mask.stride(), *dk.stride(),
         *dvo.stride(), alpha, num_warps=k_warps, **chunk_meta)
     return dq, dk, dvo

@@ -157,7 +157,7 @@ def test_kernel_ok_routing():
 
 
 # inputs no kernel may write (STATS: the forward's statistics, which the backward only reads)
-_READ_ONLY = {"Q", "K", "V", "GO", "OUT", "W", "MASK"}
+_READ_ONLY = {"Q", "K", "V", "GO", "OUT", "W", "WG", "MASK"}
 
 
 @pytest.mark.skipif(ta.triton is None, reason="needs triton")
