@@ -17,24 +17,29 @@ Kernels (all fp32 accumulation; exponents in log2 units inside the kernels; q, k
 own dtype; the feature products x·W on the tensor cores in fp32 for fp32 inputs, else in fp16
 (bf16 q, k tiles are converted on chip: rounding W to bf16 would be the bf16 path's largest error,
 see ``_projection_operand``):
-    ``_kv_state_kernel``   grid (feature blocks, B·H, key splits): per key range and feature block,
-                           the state ``phi(K)^T V`` and ``z = phi(K)^T 1`` at the block's max,
-                           laid out as FlashAttention's forward with the features as the queries
-                           (per-feature online max). Causal: also each key's shift per feature
-                           block (KAP).
-    ``_merge_kernel``      grid (B·H, feature blocks): walks the splits in order, rescaling to the
-                           running max of kappa: the exclusive prefix per split, written in place
-                           (causal), or the total (non-causal; bf16 for half inputs).
+    ``_kv_state_kernel``   non-causal, grid (feature blocks, B·H, key splits): per key range and
+                           feature block, the state ``phi(K)^T V`` and ``z = phi(K)^T 1`` at the
+                           block's max, laid out as FlashAttention's forward with the features as
+                           the queries (per-feature online max).
+    ``_merge_kernel``      non-causal, grid (B·H, feature blocks): the total over the splits,
+                           rescaled to the running max of kappa (bf16 for half inputs).
     ``_query_kernel``      non-causal, grid (B·H, query blocks): ``phi(q)·S / phi(q)·z``,
                            FlashAttention-style over the feature blocks (online row max).
     ``_causal_state_kernel`` causal, grid (feature blocks, B·H, segments): walks the segment's
-                           chunks of C = 64 from its prefix state and writes the state at every
-                           chunk start (bf16 for half inputs, as the product takes it).
+                           chunks of C = 64 from zero and writes the state of the segment's keys
+                           before every chunk (bf16 for half inputs, as the product takes it) at
+                           the block's reference, each key's shift per block (KAP), and the
+                           segment's total.
+    ``_segment_prefix_kernel`` causal, grid (B·H, feature sub-blocks): the state of the segments
+                           before each segment, from their totals.
     ``_causal_out_kernel`` causal, grid (chunks, B·H), every chunk independent: intra-chunk masked
-                           product plus the inter-chunk ``phi(Q)·state``.
-Causal is thus key pass, scan over segments, chunk states, chunk outputs (as flash-linear-
-attention's chunked form, with the segment level added so the state walk runs on every SM);
-non-causal is key pass, merge, query pass.
+                           product plus the inter-chunk ``phi(Q)·state``, the state in two parts
+                           (the segment's keys so far, the earlier segments') whose products are
+                           scaled to the chunk's reference (``_chunk_factors``).
+Causal is thus chunk walk, segment prefix, chunk outputs (as flash-linear-attention's chunked
+form, with the segment level added so the state walk runs on every SM; no pass over the keys runs
+before the walk, the chunk outputs add the earlier segments); non-causal is key pass, merge,
+query pass.
 
 Registered as ``torch.library.triton_op("panther::rf_attention_triton")``. A device branch sends CPU
 tensors, float64 and shapes the kernels do not cover (head dim > 128, m > 256, dv > 128, empty) to
