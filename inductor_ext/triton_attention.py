@@ -927,15 +927,16 @@ def _rel(a, b):
 
 
 def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, backward=True,
-                           sweep=False, long_len=262144, device="cuda"):
+                           sweep=False, long_len=262144, device="cuda", profile=False):
     """Prints SDPA vs the C++ op vs the Triton op (forward, and forward+backward) on CUDA.
 
     fwd+bwd of the Triton op uses the fused Triton backward (the projection needs no gradient);
     "triton bwd ms" times that backward alone, "bwd_vs_c++" is the largest relative error of its
     dq, dk, dv against the C++ backward. ``long_len`` adds a causal B=1 forward+backward at that
     length (Triton only) with its peak memory. ``sweep`` also times launch parameters of the
-    forward and of the backward. (``device="cpu"`` under TRITON_INTERPRET=1 only smoke-tests
-    this code on tiny cases: no timings.)"""
+    forward and of the backward; ``profile`` only prints the per-kernel times of the defaults.
+    (``device="cpu"`` under TRITON_INTERPRET=1 only smoke-tests this code on tiny cases: no
+    timings.)"""
     import torch.nn.functional as F
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -990,8 +991,8 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
                 line["triton bwd"] = "C++ backward (backward_params['causal'] is off)"
         print(line, flush=True)
         rows.append(line)
-        if sweep:
-            _sweep(q, k, v, W, name, causal, backward)
+        if sweep or profile:
+            _sweep(q, k, v, W, name, causal, backward, defaults_only=not sweep)
         del q, k, v, fns
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -1071,12 +1072,13 @@ _FWD_SWEEP = {
 }
 
 
-def _sweep(q, k, v, W, name, causal, backward, fwd=True):
+def _sweep(q, k, v, W, name, causal, backward, fwd=True, defaults_only=False):
     """Per-kernel times of the Triton forward over launch parameters (how the defaults were
-    picked), and times of the backward over its parameters."""
+    picked), and times of the backward over its parameters (``defaults_only``: the defaults'
+    per-kernel profile alone)."""
     B_, L_ = q.shape[0], q.shape[2]
     if fwd:
-        for cfg in [{}] + _FWD_SWEEP[causal]:
+        for cfg in [{}] + ([] if defaults_only else _FWD_SWEEP[causal]):
             try:
                 table = _kernel_ms(lambda: _forward(q, k, v, W, "softmax", causal, None, None,
                                                     **cfg))
@@ -1098,7 +1100,7 @@ def _sweep(q, k, v, W, name, causal, backward, fwd=True):
     configs += [dict(seg=sg) for sg in (1024, 2048, 4096, 8192)]
     configs += [dict(chunk=32), dict(tf32=True), dict(q_warps=8, k_warps=4),
                 dict(q_warps=4, k_warps=8)]
-    for cfg in [{}] + configs:
+    for cfg in [{}] + ([] if defaults_only else configs):
         try:
             table = _kernel_ms(lambda: _backward(go, q, k, v, W, "softmax", causal, None, None,
                                                  out, stats, **cfg))

@@ -1,11 +1,12 @@
-"""``python -m inductor_ext.triton_attention_bench [--no-backward] [--sweep] [--no-long] [--markdown FILE]``:
+"""``python -m inductor_ext.triton_attention_bench [--no-backward] [--sweep | --profile] [--no-long] [--markdown FILE]``:
 SDPA vs the C++ rf_attention op vs the Triton op on CUDA (bf16, H=16, d=64, m=256): non-causal
 L=65536 B=1, causal L=65536 B=1, causal L=4096 B=16; forward and forward+backward times in ms (the
 Triton op's backward is the fused Triton backward), the Triton backward alone, the Triton-vs-C++
 relative errors of the output and of the gradients; then a causal L=262144 B=1 H=16
 forward+backward of the Triton op with its peak memory (``--no-long`` skips it). ``--sweep`` also
 prints the Triton forward's per-kernel times (torch.profiler) over launch parameters, and the
-backward's over its own. ``--markdown FILE`` also writes the tables into FILE (e.g.
+backward's over its own; ``--profile`` prints only the default launch parameters' per-kernel
+times, forward and backward. ``--markdown FILE`` also writes the tables into FILE (e.g.
 docs/benchmarks.md), in sections named by the command."""
 import argparse
 import sys
@@ -18,10 +19,11 @@ def main(argv=None):
                                 description=__doc__)
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--profile", action="store_true")
     p.add_argument("--no-long", action="store_true")
     p.add_argument("--markdown", metavar="FILE", default=None)
     a = p.parse_args(argv)
-    rows = bench_triton_attention(backward=not a.no_backward, sweep=a.sweep,
+    rows = bench_triton_attention(backward=not a.no_backward, sweep=a.sweep, profile=a.profile,
                                   long_len=0 if a.no_long else 262144)
     if a.markdown and rows:
         from panther.bench import command_line, write_markdown

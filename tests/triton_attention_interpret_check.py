@@ -102,6 +102,14 @@ def main():
     n_want = 2 + len(ta._FWD_SWEEP[False]) + len(ta._FWD_SWEEP[True])
     assert len(lines) == n_want and not any("failed" in ln for ln in lines), buf.getvalue()
     print(f"ok   bench sweep: {len(lines)} forward configs launch")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):   # --profile: the defaults alone
+        ta.bench_triton_attention(cases=[("non-causal", 40, 1, False), ("causal", 70, 1, True)],
+                                  m=16, H=1, d=16, dtype=torch.float32, backward=False,
+                                  profile=True, long_len=0, device="cpu")
+    lines = [ln for ln in buf.getvalue().splitlines() if "sweep fwd" in ln]
+    assert len(lines) == 2 and all("defaults" in ln for ln in lines), buf.getvalue()
+    print("ok   bench profile: the defaults' lines")
     print("all interpreter checks passed")
     return 0
 
