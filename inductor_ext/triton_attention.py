@@ -130,12 +130,18 @@ if triton is not None:
         return r
 
     @triton.jit
+    def _half_sq_norm(x, alpha, scale):
+        """Per row of a q / k tile, a·scale·|x|^2 / 2: the softmax exponents' a^2 |x|^2 / 2 for
+        scale = a (natural units) or scale = a·log2(e) (the kernels' log2 units)."""
+        xf = x.to(tl.float32)
+        # Inductor passes Python floats as fp64 scalars: cast back so the tiles stay fp32
+        return (tl.sum(xf * xf, axis=1) * (0.5 * alpha * scale)).to(tl.float32)
+
+    @triton.jit
     def _feature_operands(x, W, alpha):
         """A q / k tile's loop invariants for ``_features``: the tile as the product operand
         (``_to_w``) and its rows' a^2 |x|^2 / 2."""
-        xf = x.to(tl.float32)
-        # Inductor passes Python floats as fp64 scalars: cast back so the tiles stay fp32
-        return _to_w(x, W), (tl.sum(xf * xf, axis=1) * (0.5 * alpha * alpha)).to(tl.float32)
+        return _to_w(x, W), _half_sq_norm(x, alpha, alpha)
 
     @triton.jit
     def _features(xw, hx, w_t, feat_ok, row_ok, alpha, KERNEL: tl.constexpr,
@@ -168,8 +174,7 @@ if triton is not None:
             s_base = STATS + bh.to(tl.int64) * (3 * L)
             tl.store(s_base + rows64, den, mask=row_ok)
             if KERNEL == 0:
-                qf = qt.to(tl.float32)
-                hq = tl.sum(qf * qf, axis=1) * (0.5 * alpha * alpha)
+                hq = _half_sq_norm(qt, alpha, alpha)
                 tl.store(s_base + L + rows64, shift * _LN2 - hq, mask=row_ok)
                 if CAUSAL:
                     tl.store(s_base + 2 * L + rows64, mt * _LN2, mask=row_ok)
@@ -233,9 +238,8 @@ if triton is not None:
                          mask=row_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
             s = _mm(w, tl.trans(_to_w(kt, W)), UPCAST)        # (features, keys)
             if KERNEL == 0:
-                kf = kt.to(tl.float32)
                 # |k|^2 a^2 / 2 in log2 units; an invalid key gets a huge one (out of the max)
-                hk = (tl.sum(kf * kf, axis=1) * (0.5 * alpha * scale2)).to(tl.float32)
+                hk = _half_sq_norm(kt, alpha, scale2)
                 hk = tl.where(row_ok, hk, 1.0e38)
                 e = (s * scale2).to(tl.float32) - hk[None, :]
                 new = tl.maximum(run, tl.max(e, axis=1))
@@ -422,8 +426,7 @@ if triton is not None:
             s = _mm(w, tl.trans(_to_w(kt, W)), UPCAST)         # (features, keys)
             ok = feat_ok[:, None] & key_ok[None, :]
             if KERNEL == 0:
-                kf = kt.to(tl.float32)
-                hk = (tl.sum(kf * kf, axis=1) * (0.5 * alpha * scale2)).to(tl.float32)
+                hk = _half_sq_norm(kt, alpha, scale2)
                 e = tl.where(ok, (s * scale2).to(tl.float32) - hk[None, :], _LOWEST_C)
                 kap = tl.max(e, axis=0)
                 tl.store(kap_base + rows64, kap * _LN2, mask=rows < L)
@@ -556,8 +559,7 @@ if triton is not None:
             kk = tl.where(key_ok, tl.max(kap, axis=1), -2.0e38) * _LOG2E
             mt = tl.maximum(tl.max(tl.where(tril, kk[None, :], _LOWEST_C), axis=1), run)
             fac = tl.exp2(run - mt)                       # chunk-start state -> M_t
-            kf = kt.to(tl.float32)
-            hk = (tl.sum(kf * kf, axis=1) * (0.5 * alpha * scale2)).to(tl.float32)
+            hk = _half_sq_norm(kt, alpha, scale2)
         qw = _to_w(qt, W)
         kw = _to_w(kt, W)
         mq = tl.full((C,), _LOWEST_C, tl.float32)

@@ -69,8 +69,8 @@ if triton is not None:
     import triton.language as tl
 
     from inductor_ext.triton_attention import (_LN2, _chunk_factors, _chunk_ref,
-                                               _feature_operands, _features, _load_w,
-                                               _load_w_t, _mm, _to_w)
+                                               _feature_operands, _features, _half_sq_norm,
+                                               _load_w, _load_w_t, _mm, _to_w)
 
 __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op", "backward_params",
            "fused_backward_enabled"]
@@ -351,8 +351,7 @@ if triton is not None:
             off = tl.load(x_base + L + rows64, mask=in_seq, other=0.0)
             if CAUSAL:
                 off += tl.load(x_base + 2 * L + rows64, mask=in_seq, other=0.0) - ref
-            qf = qt.to(tl.float32)
-            off += tl.sum(qf * qf, axis=1) * (0.5 * alpha * alpha)
+            off += _half_sq_norm(qt, alpha, alpha)
             # phi_q = exp(a q.w - |q|^2 a^2/2 - kq) (times exp(ref - M_t)); rows past L: 0
             off = tl.where(in_seq, off, 3.0e38).to(tl.float32)
             p = tl.exp(tl.minimum((s * alpha).to(tl.float32) - off[None, :], 0.0))
