@@ -113,12 +113,13 @@ if triton is not None:
 
     @triton.jit
     def _suffix_kernel(
-        PI, PZ, RP, NSEG,
+        PI, PZ, RP, SI, SZ, NSEG,
         M_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
     ):
-        """Causal: reverse scan over the segments of one (b, h): slot i <- the suffix state of
-        segments > i at reference RP[i + 1], from the increments (slot i at reference RP[i]);
-        each step rescales by exp(RP[i] - RP[i + 1]) <= 1."""
+        """Causal: reverse scan over the segments of one (b, h): slot i of SI, SZ <- the suffix
+        state of segments > i at reference RP[i + 1], from the segments' own states PI, PZ (slot
+        i at reference RP[i]); each step rescales by exp(RP[i] - RP[i + 1]) <= 1. Out of place:
+        in place, a warp could overwrite a slot another warp has yet to read."""
         bh = tl.program_id(0)
         fb = tl.program_id(1)
         offs_f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -128,11 +129,11 @@ if triton is not None:
         nxt = tl.load(RP + bh.to(tl.int64) * NSEG + NSEG - 1)
         for i in range(0, NSEG):
             base = bh.to(tl.int64) * NSEG + (NSEG - 1 - i)
-            p_ptr = PI + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :]
-            pi = tl.load(p_ptr)
+            tile = base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :]
+            pi = tl.load(PI + tile)
             zi = tl.load(PZ + base * M_PAD + offs_f)
-            tl.store(p_ptr, acc)
-            tl.store(PZ + base * M_PAD + offs_f, z)
+            tl.store(SI + tile, acc)
+            tl.store(SZ + base * M_PAD + offs_f, z)
             rp = tl.load(RP + base)
             f = tl.exp(rp - nxt)
             acc = acc * f + pi
@@ -631,20 +632,22 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     HPZ = torch.empty((BH, nchunk, M_PAD) if causal else (1, 1), device=dev, dtype=f32)
     HPR = torch.empty((BH, nchunk) if causal else (1, 1), device=dev, dtype=f32)
 
-    def query_states(per_chunk):
+    def query_states(per_chunk, seg_i, seg_z):
         _launcher(_query_state_kernel)[(NFS, BH, nseg)](
-            q, go, W, stats, ROWS, PI, PZ, HP, HPZ, HPR, H, Lq, m, d, dv, seg, nchunk,
+            q, go, W, stats, ROWS, seg_i, seg_z, HP, HPZ, HPR, H, Lq, m, d, dv, seg, nchunk,
             *q.stride(), *go.stride(), *W.stride(), alpha, PER_CHUNK=per_chunk,
             BLOCK_F=sblock_f, num_warps=4, **meta)
-    query_states(False)                  # each segment's own state
+    query_states(False, PI, PZ)          # each segment's own state
     if causal:
         # segment g's own state is at the key running max before it (M at row g·seg - 1)
         RPB = torch.full((BH, nseg), -2.0e38 if kid == 0 else 0.0, device=dev, dtype=f32)
         if kid == 0 and nseg > 1:
             RPB[:, 1:] = stats[:, 2, seg - 1:(nseg - 1) * seg:seg]
-        _launcher(_suffix_kernel)[(BH, NFS)](PI, PZ, RPB, nseg, M_PAD=M_PAD, DV_PAD=DV_PAD,
-                                             BLOCK_F=sblock_f, num_warps=4)
-        query_states(True)               # the state after every chunk
+        SI, SZ = torch.empty_like(PI), torch.empty_like(PZ)
+        _launcher(_suffix_kernel)[(BH, NFS)](PI, PZ, RPB, SI, SZ, nseg, M_PAD=M_PAD,
+                                             DV_PAD=DV_PAD, BLOCK_F=sblock_f, num_warps=4)
+        query_states(True, SI, SZ)       # the state after every chunk
+        del SI, SZ
         key_ref, hp_i = HPR, (nchunk, 1)  # keys at their running max, against each chunk's HPR
     else:
         HP, HPZ = PI.sum(1), PZ.sum(1)   # queries carry no reference here: a plain sum
