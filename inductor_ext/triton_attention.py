@@ -80,6 +80,7 @@ MAX_FEATURES = 256    # m (padded to a power of two) the kernels hold in registe
 MAX_HEAD_DIM = 128    # d and dv limits
 _LOWEST = -3.0e38     # finite "minus infinity": differences of shifts never give inf - inf
 _KERNEL_ID = {"softmax": 0, "relu": 1}
+_LOG2E_F = 1.4426950408889634   # exp(x) = exp2(x·log2(e)): the kernels' exponents are in log2 units
 _MAX_GRID_Y = 65535      # CUDA's limit on a launch grid's second (and third) dimension
 # launch defaults of the non-causal key pass and of the causal chunk states, shared by the forward
 # and the fused backward (the fastest measured on the H200: see _forward)
@@ -94,7 +95,8 @@ def _pow2(n: int, lo: int = 16) -> int:
 if triton is not None:
     # kernel constants (globals a kernel reads must be constexpr)
     _LOWEST_C = tl.constexpr(_LOWEST)
-    _LOG2E = tl.constexpr(1.4426950408889634)   # exp(x) = exp2(x * log2(e))
+    _ZW = tl.constexpr(16)              # width of the sum products' operand (tl.dot's minimum)
+    _LOG2E = tl.constexpr(_LOG2E_F)
     _LN2 = tl.constexpr(0.6931471805599453)
 
     @triton.jit
@@ -136,6 +138,13 @@ if triton is not None:
         xf = x.to(tl.float32)
         # Inductor passes Python floats as fp64 scalars: cast back so the tiles stay fp32
         return (tl.sum(xf * xf, axis=1) * (0.5 * alpha * scale)).to(tl.float32)
+
+    @triton.jit
+    def _column0(rows: tl.constexpr, dtype):
+        """A (rows, _ZW) operand with ones in column 0: x·it sums x's rows on the tensor cores
+        (into column 0 of the product), with no elementwise work per x element."""
+        col = tl.arange(0, _ZW)[None, :] + tl.zeros((rows, 1), tl.int32)
+        return tl.where(col == 0, 1.0, 0.0).to(dtype)
 
     @triton.jit
     def _feature_operands(x, W, alpha):
@@ -221,7 +230,8 @@ if triton is not None:
         k_base = K + b.to(tl.int64) * skb + hh.to(tl.int64) * skh
         v_base = V + b.to(tl.int64) * svb + hh.to(tl.int64) * svh
         acc = tl.zeros((BLOCK_F, DV_PAD), dtype=tl.float32)
-        z = tl.zeros((BLOCK_F,), dtype=tl.float32)
+        zacc = tl.zeros((BLOCK_F, _ZW), dtype=tl.float32)   # z in column 0
+        ones = _column0(BLOCK_N, V.dtype.element_ty)
         run = tl.full((BLOCK_F,), _LOWEST_C, tl.float32)   # per feature, log2 units
         scale2 = alpha * _LOG2E
         start = sp * SEG
@@ -238,20 +248,21 @@ if triton is not None:
                          mask=row_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
             s = _mm(w, tl.trans(_to_w(kt, W)), UPCAST)        # (features, keys)
             if KERNEL == 0:
-                # |k|^2 a^2 / 2 in log2 units; an invalid key gets a huge one (out of the max)
-                hk = _half_sq_norm(kt, alpha, scale2)
-                hk = tl.where(row_ok, hk, 1.0e38)
-                e = (s * scale2).to(tl.float32) - hk[None, :]
+                # |k|^2 a^2 / 2 in log2 units (W is: see _Operands.WL); an invalid key gets +inf
+                hk = tl.where(row_ok, _half_sq_norm(kt, alpha, scale2), float("inf"))
+                e = s - hk[None, :]
                 new = tl.maximum(run, tl.max(e, axis=1))
                 r = tl.exp2(run - new)
-                p = tl.where(row_ok[None, :], tl.exp2(e - new[:, None]), 0.0)
+                p = tl.exp2(e - new[:, None])
                 acc = acc * r[:, None]
-                z = z * r
+                zacc = zacc * r[:, None]
                 run = new
             else:
-                p = tl.where(row_ok[None, :], tl.maximum(s, 0.0), 0.0)
-            acc += _mm(p.to(vt.dtype), vt, UPCAST)
-            z += tl.sum(p, axis=1)
+                p = tl.maximum(s, 0.0)     # an invalid key's row of k was loaded as 0
+            pv = p.to(vt.dtype)
+            acc += _mm(pv, vt, UPCAST)
+            zacc += _mm(pv, ones, UPCAST)
+        z = tl.sum(zacc, axis=1)
         if KERNEL == 0:
             # one reference for the block: the max over its (real) features, in natural units
             ref = tl.max(tl.where(feat_ok, run, _LOWEST_C), axis=0)
@@ -311,7 +322,7 @@ if triton is not None:
         alpha,
         KERNEL: tl.constexpr, UPCAST: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_F: tl.constexpr, SAVE_STATS: tl.constexpr,
+        BLOCK_F: tl.constexpr, SAVE_STATS: tl.constexpr, EVEN_F: tl.constexpr,
     ):
         """out = phi(q)·S / phi(q)·z for one query block (0 where the denominator is 0).
         SAVE_STATS: per row den and the query shift into STATS (B·H, 3, L) for the backward.
@@ -335,7 +346,6 @@ if triton is not None:
         qw = _to_w(qt, W)
         st_base = ST + bh.to(tl.int64) * (M_PAD * DV_PAD)
         zt_base = ZT + bh.to(tl.int64) * M_PAD
-        scale2 = alpha * _LOG2E
         run = tl.full((BLOCK_M,), _LOWEST_C, tl.float32)
         acc = tl.zeros((BLOCK_M, DV_PAD), dtype=tl.float32)
         den = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -345,9 +355,11 @@ if triton is not None:
             w_t = _load_w_t(W, offs_f, offs_d, swm, swd, feat_ok, D)
             st = tl.load(st_base + offs_f[:, None] * DV_PAD + offs_v[None, :])
             zt = tl.load(zt_base + offs_f)
-            s = _mm(qw, w_t, UPCAST)
+            s = _mm(qw, w_t, UPCAST)       # softmax: log2 units (_Operands.WL)
             if KERNEL == 0:
-                e = tl.where(feat_ok[None, :], (s * scale2).to(tl.float32), _LOWEST_C)
+                e = s
+                if not EVEN_F:             # padded features (W rows 0) out of the max
+                    e = tl.where(feat_ok[None, :], e, -float("inf"))
                 new = tl.maximum(run, tl.max(e, axis=1))
                 r = tl.exp2(run - new)
                 p = tl.exp2(e - new[:, None])
@@ -355,7 +367,7 @@ if triton is not None:
                 den = den * r
                 run = new
             else:
-                p = tl.where(feat_ok[None, :], tl.maximum(s, 0.0), 0.0)
+                p = tl.maximum(s, 0.0)     # padded features: W rows 0
             acc += _mm(p.to(st.dtype), st, UPCAST)
             den += tl.sum(p * zt[None, :], axis=1)
         _store_rows(O, STATS, acc, den, qt, run, run, b, hh, bh, rows64, row_ok, offs_v,
@@ -372,7 +384,7 @@ if triton is not None:
         alpha,
         KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
-        C: tl.constexpr,
+        C: tl.constexpr, EVEN_F: tl.constexpr,
     ):
         """Chunked causal, step 1: one feature block of one segment walks the segment's chunks from
         zero. Before every chunk it writes the state of the segment's keys so far (HS in the state
@@ -424,20 +436,22 @@ if triton is not None:
             vt = tl.load(v_base + rows64[:, None] * svs + offs_v[None, :] * svd,
                          mask=key_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
             s = _mm(w, tl.trans(_to_w(kt, W)), UPCAST)         # (features, keys)
-            ok = feat_ok[:, None] & key_ok[None, :]
             if KERNEL == 0:
-                hk = _half_sq_norm(kt, alpha, scale2)
-                e = tl.where(ok, (s * scale2).to(tl.float32) - hk[None, :], _LOWEST_C)
+                # log2 units (_Operands.WL); an invalid key's exponents (and a padded
+                # feature's) are -inf: out of every max, exp2 gives 0
+                e = s - tl.where(key_ok, _half_sq_norm(kt, alpha, scale2), float("inf"))[None, :]
+                if not EVEN_F:
+                    e = tl.where(feat_ok[:, None], e, -float("inf"))
                 kap = tl.max(e, axis=0)
-                tl.store(kap_base + rows64, kap * _LN2, mask=rows < L)
+                tl.store(kap_base + rows64, tl.maximum(kap, _LOWEST_C) * _LN2, mask=rows < L)
                 new = tl.maximum(run, tl.max(kap, axis=0))
-                p = tl.where(ok, tl.exp2(e - new), 0.0)
+                p = tl.exp2(e - new)
                 r = tl.exp2(run - new)
                 st = st * r
                 zf = zf * r
                 run = new
             else:
-                p = tl.where(ok, tl.maximum(s, 0.0), 0.0)
+                p = tl.maximum(s, 0.0)     # invalid keys (rows of k loaded as 0), padded features
             st += _mm(p.to(vt.dtype), vt, UPCAST)
             zf += tl.sum(p, axis=1)
         base = bh.to(tl.int64) * nsg + sg
@@ -512,6 +526,7 @@ if triton is not None:
         KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
         C: tl.constexpr, SAVE_STATS: tl.constexpr, HAS_PREFIX: tl.constexpr,
+        EVEN_F: tl.constexpr,
     ):
         """Chunked causal, step 2: one chunk of one (b, h), independent of every other chunk:
         the intra-chunk masked product plus the inter-chunk phi(Q)·S, S the state of the keys
@@ -559,7 +574,8 @@ if triton is not None:
             kk = tl.where(key_ok, tl.max(kap, axis=1), -2.0e38) * _LOG2E
             mt = tl.maximum(tl.max(tl.where(tril, kk[None, :], _LOWEST_C), axis=1), run)
             fac = tl.exp2(run - mt)                       # chunk-start state -> M_t
-            hk = _half_sq_norm(kt, alpha, scale2)
+            # an invalid key's exponents are -inf (exp2 gives 0)
+            hk = tl.where(key_ok, _half_sq_norm(kt, alpha, scale2), float("inf"))
         qw = _to_w(qt, W)
         kw = _to_w(kt, W)
         mq = tl.full((C,), _LOWEST_C, tl.float32)
@@ -576,7 +592,12 @@ if triton is not None:
             st = tl.load(HS + ch * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :])
             zf = tl.load(HZ + ch * M_PAD + offs_f) * fa
             if KERNEL == 0:
-                eq = tl.where(feat_ok[None, :], (sq * scale2).to(tl.float32), _LOWEST_C)
+                # log2 units (_Operands.WL); padded features (W rows 0) -inf
+                eq = sq
+                ek = sk - hk[:, None]
+                if not EVEN_F:
+                    eq = tl.where(feat_ok[None, :], eq, -float("inf"))
+                    ek = tl.where(feat_ok[None, :], ek, -float("inf"))
                 nq = tl.maximum(mq, tl.max(eq, axis=1))
                 resc = tl.exp2(mq - nq)
                 a = a * resc[:, None]
@@ -584,11 +605,11 @@ if triton is not None:
                 iden = iden * resc
                 mq = nq
                 phq = tl.exp2(eq - mq[:, None])
-                ek = (sk * scale2).to(tl.float32) - hk[:, None]
-                phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.exp2(ek - mt[:, None]), 0.0)
+                phk = tl.exp2(ek - mt[:, None])
             else:
-                phq = tl.where(feat_ok[None, :], tl.maximum(sq, 0.0), 0.0)
-                phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.maximum(sk, 0.0), 0.0)
+                # padded features (W rows 0) and invalid keys (rows of k loaded as 0) give 0
+                phq = tl.maximum(sq, 0.0)
+                phk = tl.maximum(sk, 0.0)
             a += _mm(phq.to(vt.dtype), tl.trans(phk.to(vt.dtype)), UPCAST)
             inter += _mm(phq.to(st.dtype), st, UPCAST) * fa
             if HAS_PREFIX:
@@ -659,6 +680,9 @@ class _Operands(NamedTuple):
     W: Tensor          # the projection operand (_projection_operand)
     has_mask: bool
     mask: Tensor       # uint8 key padding mask, or a (1, 1) stand-in
+    # the forward kernels' projection operand: softmax's exponents come out of the product in the
+    # kernels' log2 units (W·a·log2(e), rounded once), sparing a multiply per feature; relu's W
+    WL: Tensor
 
 
 def _operands(q, projection, kernel_fn, scale, key_padding_mask):
@@ -669,7 +693,9 @@ def _operands(q, projection, kernel_fn, scale, key_padding_mask):
     W = _projection_operand(projection, q.dtype)
     has_mask = key_padding_mask is not None
     mask = key_padding_mask.to(torch.uint8) if has_mask else q.new_empty((1, 1), dtype=torch.uint8)
-    return _Operands(_KERNEL_ID[kernel_fn], alpha, upcast, W, has_mask, mask)
+    kid = _KERNEL_ID[kernel_fn]
+    WL = _projection_operand(projection.float() * (alpha * _LOG2E_F), q.dtype) if kid == 0 else W
+    return _Operands(kid, alpha, upcast, W, has_mask, mask, WL)
 
 
 def _splits(bh, length, block, device, min_len, per_sm=4, seg=None):
@@ -687,7 +713,7 @@ def _splits(bh, length, block, device, min_len, per_sm=4, seg=None):
 def _key_pass(k, v, ops, m, seg, block_n, kv_block_f, kv_warps, kv_stages):
     """Non-causal key pass: per key split and feature block, the state at the block's max (P, Z,
     MX). Returns (P, Z, MX, nsplit, NF, kv_block_f)."""
-    kid, alpha, upcast, W, has_mask, mask = ops
+    kid, alpha, upcast, W, has_mask, mask, WL = ops
     B, H, S, d = k.shape
     dv = v.shape[3]
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
@@ -701,9 +727,9 @@ def _key_pass(k, v, ops, m, seg, block_n, kv_block_f, kv_warps, kv_stages):
     Z = torch.empty((BH, nsplit, M_PAD), device=dev, dtype=f32)
     MX = torch.empty((BH, nsplit, NF), device=dev, dtype=f32)
     _launcher(_kv_state_kernel)[(NF, BH, nsplit)](
-        k, v, W, mask, P, Z, MX,
+        k, v, WL, mask, P, Z, MX,
         H, S, m, d, dv, seg,
-        *k.stride(), *v.stride(), *W.stride(), *mask.stride(),
+        *k.stride(), *v.stride(), *WL.stride(), *mask.stride(),
         alpha,
         KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
         M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=kv_block_f, BLOCK_N=block_n,
@@ -729,9 +755,9 @@ def total_key_state(k, v, ops, m, *, seg=None, block_n=64, kv_block_f=_KV["kv_bl
                                                  kv_warps, kv_stages)
     ST = torch.empty((B * H, M_PAD, DV_PAD), device=k.device, dtype=state_dtype(k.dtype))
     ZT = torch.empty((B * H, M_PAD), device=k.device, dtype=torch.float32)
-    _launcher(_merge_kernel)[(B * H, NF)](P, Z, MX, ST, ZT, nsplit, M_PAD=M_PAD, DV_PAD=DV_PAD,
-                                          BLOCK_F=kv_block_f, NF=NF, NF_PAD=_pow2(NF, 2),
-                                          num_warps=4)
+    _launcher(_merge_kernel)[(B * H, NF)](P, Z, MX, ST, ZT, nsplit, M_PAD=M_PAD,
+                                          DV_PAD=DV_PAD, BLOCK_F=kv_block_f, NF=NF,
+                                          NF_PAD=_pow2(NF, 2), num_warps=4)
     return ST, ZT, MX
 
 
@@ -760,7 +786,7 @@ def causal_chunk_states(k, v, ops, m, *, seg=None, chunk=CHUNK,
     earlier segments (``_segment_prefix_kernel``). No pass over the keys runs first. The forward
     and the fused backward's dq share it. ``seg``: keys per segment (None: about 8 walk programs
     per SM)."""
-    kid, alpha, upcast, W, has_mask, mask = ops
+    kid, alpha, upcast, W, has_mask, mask, WL = ops
     B, H, L, d = k.shape
     dv = v.shape[3]
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
@@ -781,12 +807,12 @@ def causal_chunk_states(k, v, ops, m, *, seg=None, chunk=CHUNK,
     R = torch.empty((BH, nseg, NF), device=dev, dtype=f32)
     KAP = torch.empty((BH, NF, L) if kid == 0 else (1, NF), device=dev, dtype=f32)
     _launcher(_causal_state_kernel)[(NF, BH, nseg)](
-        k, v, W, mask, HS, HZ, HR, KAP, P, Z, R,
+        k, v, WL, mask, HS, HZ, HR, KAP, P, Z, R,
         H, L, m, d, dv, seg, nchunk,
-        *k.stride(), *v.stride(), *W.stride(), *mask.stride(),
+        *k.stride(), *v.stride(), *WL.stride(), *mask.stride(),
         alpha,
         KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
-        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, C=chunk,
+        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, C=chunk, EVEN_F=m == M_PAD,
         num_warps=state_warps, num_stages=state_stages)
     if nseg > 1:
         PP = torch.empty((BH, nseg, M_PAD, DV_PAD), device=dev, dtype=sdt)
@@ -821,7 +847,7 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     dv, m = v.shape[3], projection.shape[0]
     dev = q.device
     ops = _operands(q, projection, kernel_fn, scale, key_padding_mask)
-    kid, alpha, upcast, W, has_mask, mask = ops
+    kid, alpha, upcast, W, has_mask, mask, WL = ops
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
     out = torch.empty((B, H, Lq, dv), device=dev, dtype=q.dtype)
     if _INTERPRET:
@@ -833,27 +859,29 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
                                  state_stages=state_stages)
         nchunk = cs.HS.shape[1]
         _launcher(_causal_out_kernel)[(nchunk, BH)](
-            q, k, v, W, mask, *cs[:7], out, stats if stats is not None else cs.HZ,
+            q, k, v, WL, mask, *cs[:7], out, stats if stats is not None else cs.HZ,
             H, Lq, m, d, dv, nchunk, cs.PP.shape[1], cs.seg_chunks,
-            *q.stride(), *k.stride(), *v.stride(), *W.stride(), *mask.stride(),
+            *q.stride(), *k.stride(), *v.stride(), *WL.stride(), *mask.stride(),
             *out.stride(),
             alpha,
             KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
             M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=cs.block_f,
-            C=chunk, SAVE_STATS=stats is not None, HAS_PREFIX=cs.has_prefix,
+            C=chunk, SAVE_STATS=stats is not None, HAS_PREFIX=cs.has_prefix, EVEN_F=m == M_PAD,
             num_warps=causal_warps, num_stages=causal_stages)
         return out
     q_block_f = min(M_PAD, q_block_f)
-    ST, ZT, _ = total_key_state(k, v, ops, m, seg=seg, block_n=block_n, kv_block_f=kv_block_f,
-                                kv_warps=kv_warps, kv_stages=kv_stages)
+    ST, ZT, _ = total_key_state(k, v, ops, m, seg=seg, block_n=block_n,
+                                    kv_block_f=kv_block_f, kv_warps=kv_warps,
+                                    kv_stages=kv_stages)
     _launcher(_query_kernel)[(BH, triton.cdiv(Lq, block_m))](
-        q, W, ST, ZT, out, stats if stats is not None else ZT,
+        q, WL, ST, ZT, out, stats if stats is not None else ZT,
         H, Lq, m, d, dv,
-        *q.stride(), *W.stride(), *out.stride(),
+        *q.stride(), *WL.stride(), *out.stride(),
         alpha,
         KERNEL=kid, UPCAST=upcast,
         M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_M=block_m, BLOCK_F=q_block_f,
-        SAVE_STATS=stats is not None, num_warps=q_warps, num_stages=q_stages)
+        SAVE_STATS=stats is not None, EVEN_F=m == M_PAD, num_warps=q_warps,
+        num_stages=q_stages)
     return out
 
 

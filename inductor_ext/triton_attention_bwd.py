@@ -585,7 +585,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
         out = ta._forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask,
                           stats=stats, chunk=C)
     ops = _operands(q, projection, kernel_fn, scale, key_padding_mask)
-    kid, alpha, upcast, W, has_mask, mask = ops
+    kid, alpha, upcast, W, has_mask, mask, _ = ops
     WG = _grad_projection(projection, W)
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
     block_f = min(M_PAD, block_f or p["block_f"])
