@@ -1132,7 +1132,7 @@ def _sweep(q, k, v, W, name, causal, backward, fwd=True, defaults_only=False):
     configs = [dict(block_f=bf, q_warps=w, k_warps=w, stages=st) for bf, w, st in tiles]
     configs += [dict(seg=sg) for sg in (1024, 2048, 4096, 8192)]
     configs += [dict(chunk=32), dict(tf32=True), dict(q_warps=8, k_warps=4),
-                dict(q_warps=4, k_warps=8)]
+                dict(q_warps=4, k_warps=8), dict(k_block_f=32), dict(k_block_f=64)]
     for cfg in [{}] + ([] if defaults_only else configs):
         try:
             table = _kernel_ms(lambda: _backward(go, q, k, v, W, "softmax", causal, None, None,
