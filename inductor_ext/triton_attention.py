@@ -662,13 +662,16 @@ def kernel_ok(q, k, v, projection, key_padding_mask=None):
     return d <= MAX_HEAD_DIM and dv <= MAX_HEAD_DIM and m <= MAX_FEATURES and B * H <= _MAX_GRID_Y
 
 
-def _projection_operand(projection, dtype):
+def _projection_operand(projection, dtype, scale=1.0):
     """The projection as the feature products' operand: fp32 for fp32 inputs, else fp16, which the
     kernels meet with q, k tiles converted to fp16 (``_to_w``; exact for bf16 values within fp16's
     range). Rounding W to bf16 instead shifts every exponent by up to |a x| 2^-9: the output moved
     by 0.53% relative against 0.069% for fp16, in a float64 emulation (the C++ op with the rounded
-    W, d = 64, m = 256, 4096 tokens × 4 heads), while the issue's bar for bf16 is 0.5% in all."""
-    return projection.float() if dtype == torch.float32 else projection.to(torch.float16)
+    W, d = 64, m = 256, 4096 tokens × 4 heads), while the issue's bar for bf16 is 0.5% in all.
+    ``scale`` multiplies W before its one rounding (one kernel)."""
+    out = torch.empty_like(projection, dtype=torch.float32 if dtype == torch.float32 else
+                           torch.float16)
+    return torch.mul(projection, scale, out=out)
 
 
 class _Operands(NamedTuple):
@@ -676,7 +679,7 @@ class _Operands(NamedTuple):
     kid: int           # _KERNEL_ID of the feature map
     alpha: float       # sqrt of the logit scale (applied to q and k)
     upcast: bool       # products in true fp32 (fp32 inputs, the interpreter)
-    W: Tensor          # the projection operand (_projection_operand)
+    W: Optional[Tensor]  # the projection operand (_projection_operand; None: forward only)
     has_mask: bool
     mask: Tensor       # uint8 key padding mask, or a (1, 1) stand-in
     # the forward kernels' projection operand: softmax's exponents come out of the product in the
@@ -684,16 +687,17 @@ class _Operands(NamedTuple):
     WL: Tensor
 
 
-def _operands(q, projection, kernel_fn, scale, key_padding_mask):
+def _operands(q, projection, kernel_fn, scale, key_padding_mask, natural=True):
+    """The launches' shared operands; ``natural=False``: only the forward kernels' (no W)."""
     d = q.shape[-1]
     alpha = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(d))
     # fp32 inputs (and the interpreter) multiply in true fp32; half inputs use the tensor cores
     upcast = _INTERPRET or q.dtype == torch.float32
-    W = _projection_operand(projection, q.dtype)
     has_mask = key_padding_mask is not None
     mask = key_padding_mask.to(torch.uint8) if has_mask else q.new_empty((1, 1), dtype=torch.uint8)
     kid = _KERNEL_ID[kernel_fn]
-    WL = _projection_operand(projection.float() * (alpha * _LOG2E_F), q.dtype) if kid == 0 else W
+    W = _projection_operand(projection, q.dtype) if natural or kid != 0 else None
+    WL = _projection_operand(projection, q.dtype, alpha * _LOG2E_F) if kid == 0 else W
     return _Operands(kid, alpha, upcast, W, has_mask, mask, WL)
 
 
@@ -712,7 +716,7 @@ def _splits(bh, length, block, device, min_len, per_sm=4, seg=None):
 def _key_pass(k, v, ops, m, seg, block_n, kv_block_f, kv_warps, kv_stages):
     """Non-causal key pass: per key split and feature block, the state at the block's max (P, Z,
     MX). Returns (P, Z, MX, nsplit, NF, kv_block_f)."""
-    kid, alpha, upcast, W, has_mask, mask, WL = ops
+    kid, alpha, upcast, _, has_mask, mask, WL = ops
     B, H, S, d = k.shape
     dv = v.shape[3]
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
@@ -785,7 +789,7 @@ def causal_chunk_states(k, v, ops, m, *, seg=None, chunk=CHUNK,
     earlier segments (``_segment_prefix_kernel``). No pass over the keys runs first. The forward
     and the fused backward's dq share it. ``seg``: keys per segment (None: about 8 walk programs
     per SM)."""
-    kid, alpha, upcast, W, has_mask, mask, WL = ops
+    kid, alpha, upcast, _, has_mask, mask, WL = ops
     B, H, L, d = k.shape
     dv = v.shape[3]
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
@@ -845,8 +849,8 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     B, H, Lq, d = q.shape
     dv, m = v.shape[3], projection.shape[0]
     dev = q.device
-    ops = _operands(q, projection, kernel_fn, scale, key_padding_mask)
-    kid, alpha, upcast, W, has_mask, mask, WL = ops
+    ops = _operands(q, projection, kernel_fn, scale, key_padding_mask, natural=False)
+    kid, alpha, upcast, _, has_mask, mask, WL = ops
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
     out = torch.empty((B, H, Lq, dv), device=dev, dtype=q.dtype)
     if _INTERPRET:
