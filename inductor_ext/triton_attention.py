@@ -13,10 +13,10 @@ so it cancels exactly (there is no epsilon); ``1/sqrt(m)`` cancels the same way 
       kappa over keys <= t (never a future key), so every weight is <= 1. States carry their
       reference (the running max at their last key) and are rescaled when it grows.
 
-Kernels (all fp32 accumulation; exponents in log2 units inside the kernels; q, k, v read in their
-own dtype; the feature products x·W on the tensor cores in fp32 for fp32 inputs, else in fp16
-(bf16 q, k tiles are converted on chip: rounding W to bf16 would be the bf16 path's largest error,
-see ``_projection_operand``):
+Kernels (all fp32 accumulation; exponents in log2 units inside the kernels, where the softmax
+projection comes pre-scaled, ``_Operands.WL``; q, k, v read in their own dtype; the feature products
+x·W on the tensor cores in fp32 for fp32 inputs, else in fp16 (bf16 q, k tiles are converted on
+chip: rounding W to bf16 would be the bf16 path's largest error, see ``_projection_operand``):
     ``_kv_state_kernel``   non-causal, grid (feature blocks, B·H, key splits): per key range and
                            feature block, the state ``phi(K)^T V`` and ``z = phi(K)^T 1`` at the
                            block's max, laid out as FlashAttention's forward with the features as
