@@ -123,8 +123,9 @@ if triton is not None:
     @triton.jit
     def _to_w(x, W):
         """A q / k tile as the projection's product operand (W: the projection's pointer). bf16
-        tiles meet the fp16 projection (``_projection_operand``): every bf16 value within fp16's
-        range converts exactly; beyond +-65504 it is clamped."""
+        tiles meet the fp16 projection (``_projection_operand``): bf16 values of magnitude
+        2^-17 to 65504 convert exactly (smaller ones lose at most 2^-25); beyond +-65504 they are
+        clamped."""
         if x.dtype == W.dtype.element_ty:
             r = x
         else:
@@ -161,7 +162,7 @@ if triton is not None:
         u = _mm(xw, w_t, UPCAST)
         if KERNEL == 0:
             e = (u * alpha).to(tl.float32) - hx[:, None]
-            e = tl.where(feat_ok[None, :] & row_ok[:, None], e, -3.0e38)
+            e = tl.where(feat_ok[None, :] & row_ok[:, None], e, _LOWEST_C)
         else:
             e = tl.where(feat_ok[None, :] & row_ok[:, None], tl.maximum(u, 0.0), 0.0)
         return e
@@ -299,13 +300,14 @@ if triton is not None:
         offs_nf = tl.arange(0, NF_PAD)
         acc = tl.zeros((BLOCK_F, DV_PAD), dtype=tl.float32)
         z = tl.zeros((BLOCK_F,), dtype=tl.float32)
-        run = tl.max(tl.full((BLOCK_F,), -3.0e38, tl.float32), axis=0)
+        run = tl.max(tl.full((BLOCK_F,), _LOWEST_C, tl.float32), axis=0)
         for i in range(0, NSPLIT):
             base = bh.to(tl.int64) * NSPLIT + i
             pi = tl.load(P + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :])
             zi = tl.load(Z + base * M_PAD + offs_f)
             mi = tl.load(MX + base * NF + fb)
-            mg = tl.max(tl.load(MX + base * NF + offs_nf, mask=offs_nf < NF, other=-3.0e38), axis=0)
+            mg = tl.max(tl.load(MX + base * NF + offs_nf, mask=offs_nf < NF, other=_LOWEST_C),
+                        axis=0)
             new = tl.maximum(run, mg)
             r_old = tl.exp(run - new)
             r_new = tl.exp(mi - new)
@@ -541,9 +543,10 @@ if triton is not None:
         the intra-chunk masked product plus the inter-chunk phi(Q)·S, S the state of the keys
         before the chunk in two parts (``ChunkStates``: its segment's keys so far, HS, HZ, and,
         HAS_PREFIX, the earlier segments', PP, PZ; SEG_CHUNKS chunks per segment), each product
-        scaled by ``_chunk_factors``. BLOCK_F is the walk's feature block. Grid (chunks, B·H). The query's shift is an online row max over the feature
-        blocks (-|q|^2/2 cancels); key s enters at M_s, the running max of the key shifts up
-        to s, and the (t, s) weight gains exp(M_s - M_t) <= 1.
+        scaled by ``_chunk_factors``. BLOCK_F is the walk's feature block. Grid (chunks, B·H).
+        The query's shift is an online row max over the feature blocks (-|q|^2/2 cancels); key s
+        enters at M_s, the running max of the key shifts up to s, and the (t, s) weight gains
+        exp(M_s - M_t) <= 1.
         SAVE_STATS: per row den, the query shift and M into STATS (B·H, 3, L)."""
         c = tl.program_id(0)
         bh = tl.program_id(1)
@@ -675,9 +678,9 @@ def kernel_ok(q, k, v, projection, key_padding_mask=None):
 
 def _projection_operand(projection, dtype, scale=1.0):
     """The projection as the feature products' operand: fp32 for fp32 inputs, else fp16, which the
-    kernels meet with q, k tiles converted to fp16 (``_to_w``; exact for bf16 values within fp16's
-    range). Rounding W to bf16 instead shifts every exponent by up to |a x| 2^-9: the output moved
-    by 0.53% relative against 0.069% for fp16, in a float64 emulation (the C++ op with the rounded
+    kernels meet with q, k tiles converted to fp16 (``_to_w``; exact for bf16 magnitudes from
+    2^-17 to fp16's 65504). Rounding W to bf16 instead shifts every exponent by up to |a x| 2^-9:
+    the output moved by 0.53% relative against 0.069% for fp16, in a float64 emulation (the C++ op with the rounded
     W, d = 64, m = 256, 4096 tokens × 4 heads), while the issue's bar for bf16 is 0.5% in all.
     ``scale`` multiplies W before its one rounding (one kernel)."""
     out = torch.empty_like(projection, dtype=torch.float32 if dtype == torch.float32 else
@@ -884,9 +887,8 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
             num_warps=causal_warps, num_stages=causal_stages)
         return out
     q_block_f = min(M_PAD, q_block_f)
-    ST, ZT, _ = total_key_state(k, v, ops, m, seg=seg, block_n=block_n,
-                                    kv_block_f=kv_block_f, kv_warps=kv_warps,
-                                    kv_stages=kv_stages)
+    ST, ZT, _ = total_key_state(k, v, ops, m, seg=seg, block_n=block_n, kv_block_f=kv_block_f,
+                                kv_warps=kv_warps, kv_stages=kv_stages)
     _launcher(_query_kernel)[(BH, triton.cdiv(Lq, block_m))](
         q, WL, ST, ZT, out, stats if stats is not None else ZT,
         H, Lq, m, d, dv,

@@ -82,7 +82,8 @@ __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op", "b
 # key side's query segments; chunk: rows per chunk;
 # k_block_f: the dk-dv kernel's own feature block, by causal (it reads the queries' states, which
 # carry one reference per chunk, so it need not match the keys' walk): causal dk-dv took 1.54 ms
-# at 32 against 1.89 at 64, non-causal 0.76 against 0.72 (H200, 65,536 tokens × 16 heads);
+# at 32 against 1.89 at 64, non-causal 0.76 against 0.72 (H200, 65,536 tokens × 16 heads; the
+# backward lines of ``python -m inductor_ext.triton_attention_bench --sweep`` compare them);
 # "causal": whether causal calls take the fused backward (else the C++ one).
 backward_params = {"seg": None, "block_f": 64, "k_block_f": {True: 32, False: 64}, "q_warps": 4,
                    "k_warps": 4, "stages": 2, "tf32": False, "chunk": CHUNK, "causal": True}
@@ -242,8 +243,8 @@ if triton is not None:
         state i of (b, h) at bh·HS_BH + chunk·HS_C), plus, causal, the intra-chunk dA phi_k.
         Causal: the state of the keys before the chunk, in the two parts of ``ChunkStates`` (HS,
         HZ, HR; PP, PZ, PR with HAS_PREFIX), each product scaled by ``_chunk_factors``; else the
-        total (HS, HZ; the rest unused), at the reference the forward's den has. Also writes per row 1/den and (g.o)/den into ROWS
-        (B·H, 2, L) for the key side."""
+        total (HS, HZ; the rest unused), at the reference the forward's den has. Also writes per
+        row 1/den and (g.o)/den into ROWS (B·H, 2, L) for the key side."""
         NFB: tl.constexpr = M_PAD // BLOCK_F
         c = tl.program_id(0)
         bh = tl.program_id(1)
