@@ -64,6 +64,8 @@ from torch import Tensor
 import panther  # noqa: F401  (loads the native ops)
 from panther.ops.attention import _check_rf, _rf_setup_context
 
+from ._autocast import autocast_call
+
 try:  # Triton is optional: without it every call takes the C++ op.
     import triton
     import triton.language as tl
@@ -943,12 +945,7 @@ def rf_attention_triton(q, k, v, projection, kernel_fn="softmax", causal=False, 
                         key_padding_mask=None):
     """Drop-in for ``panther.ops.rf_attention`` that runs the fused Triton kernels on CUDA
     (forward and backward)."""
-    if isinstance(q, Tensor) and torch.is_autocast_enabled(q.device.type):
-        dt = torch.get_autocast_dtype(q.device.type)
-        with torch.autocast(q.device.type, enabled=False):
-            return _attend(q.to(dt), k.to(dt), v.to(dt), projection.to(dt), kernel_fn, causal,
-                           scale, key_padding_mask)
-    return _attend(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
+    return autocast_call(_attend, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from panther.ops.linear import concat_factors
 
+from ._autocast import autocast_call
+
 try:  # Triton is optional: without it every call takes the torch path.
     import triton
     import triton.language as tl
@@ -556,10 +558,9 @@ def _check_args(x, S1s, S2s, U1s, U2s, bias):
 def sketched_linear_triton(x, S1s, S2s, U1s, U2s, bias=None):
     """``y = 1/(2L) Σ_i [(x S1_i) U1_i + (x U2_i) S2_i] + bias``, like ``torch.ops.panther.sketched_linear``
     (any leading shape, autocast honoured), through the fused Triton kernel on CUDA."""
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        cast = lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
-        with torch.autocast(x.device.type, enabled=False):
-            return sketched_linear_triton(*(cast(t) for t in (x, S1s, S2s, U1s, U2s, bias)))
+    return autocast_call(_checked_forward, x, S1s, S2s, U1s, U2s, bias)
+
+
+def _checked_forward(x, S1s, S2s, U1s, U2s, bias):
     _check_args(x, S1s, S2s, U1s, U2s, bias)
     return torch.ops.panther.sketched_linear_triton_fwd(x, S1s, S2s, U1s, U2s, bias)[0]

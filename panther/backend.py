@@ -109,9 +109,10 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
     ``decompose`` (default ``True``)
         Inductor only. Give Inductor panther's decompositions of its ops (the sketched linear as
         ``mm``/``addmm`` calls, the sketched conv as a convolution plus a channel-mix GEMM) so that it
-        fuses bias, activations and residual adds around them, and run CUDA attention through the fused
-        Triton kernels (``inductor_ext.kernel_routing``), which Inductor inlines. ``False`` keeps the ops
-        opaque (their C++ kernels).
+        fuses bias, activations and residual adds around them, and run CUDA attention, and the CUDA
+        sketched convs the tap GEMM serves, through panther's Triton kernels
+        (``inductor_ext.kernel_routing``), which Inductor inlines. ``False`` keeps the ops opaque (their
+        C++ kernels).
 
     Weight-bearing rewrites (linear, conv2d) happen only with grad disabled; with grad enabled those
     layers stay dense with the reason ``"training: use panther.convert"``. Attention rewrites are applied
@@ -168,7 +169,7 @@ def _compile(gm, example_inputs, opts):
         from inductor_ext import inductor_decompositions
         from inductor_ext.kernel_routing import use_triton_kernels
 
-        use_triton_kernels(gm)  # CUDA attention -> the fused Triton op, which Inductor inlines
+        use_triton_kernels(gm)  # CUDA attention, conv -> the Triton ops, which Inductor inlines
 
         # Inductor-scoped: {**select_decomp_table(), **panther's}, pickled by a stable key so that
         # Inductor's FX graph cache still works.

@@ -15,7 +15,7 @@ from tabulate import tabulate
 from .nn import SKConv2d, SKLinear
 from .ops.linear import concat_factors
 
-__all__ = ["time_fn", "bench_linear", "bench_conv2d", "bench_attention", "per_term_bmm", "sweep", "sweep_table",
+__all__ = ["time_fn", "graph_time_fn", "bench_linear", "bench_conv2d", "bench_attention", "per_term_bmm", "sweep", "sweep_table",
            "plot_sweep", "write_markdown", "DEFAULT_SWEEPS"]
 
 
@@ -93,18 +93,51 @@ def bench_linear(in_features=4096, out_features=4096, batch=2048, num_terms=1, l
 @torch.no_grad()
 def bench_conv2d(channels=512, size=56, batch=32, num_terms=1, low_rank=16, kernel_size=3, *, device="cpu",
                  dtype=torch.float32, repeats=20, channels_last=True):
-    """Dense conv (cuDNN/oneDNN) vs SKConv2d on the same input; returns (rows, headers) for tabulate."""
+    """Dense conv (cuDNN/oneDNN) vs SKConv2d on the same input; returns (rows, headers) for tabulate.
+
+    On CUDA also the C++ op (one convolution to 2Lk channels, then the channel mix) and the memory floor
+    (x read, the output written), and a second timing of every row: one replay of the call captured in a
+    CUDA graph, i.e. GPU time without Python's per-call dispatch and launch overhead (what a model's
+    layer costs once the CPU runs ahead of the GPU)."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dense = torch.nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, device=device, dtype=dtype)
     layer = SKConv2d.from_conv2d(dense, num_terms, low_rank, seed=0)
     dense, layer = dense.to(memory_format=fmt), layer.to(memory_format=fmt)
     x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).to(memory_format=fmt)
-    times = {"nn.Conv2d (dense)": time_fn(lambda: dense(x), repeats=repeats, device=device),
-             "panther SKConv2d": time_fn(lambda: layer(x), repeats=repeats, device=device)}
+    candidates = {"nn.Conv2d (dense)": lambda: dense(x), "panther SKConv2d": lambda: layer(x)}
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        pad = [kernel_size // 2] * 2
+        candidates["C++ op (conv to 2Lk channels + GEMM)"] = lambda: torch.ops.panther.sketched_conv2d(
+            x, layer.S1s, layer.U1s, layer.bias, [1, 1], pad, [1, 1])
+    times = {name: time_fn(fn, repeats=repeats, device=device) for name, fn in candidates.items()}
     ours = times["panther SKConv2d"]
-    return [[name, f"{ms:.3f}", f"{ms / ours:.2f}x"] for name, ms in times.items()], \
-        ["implementation", "median ms", "time / panther"]
+    headers = ["implementation", "median ms", "time / panther"]
+    if not cuda:
+        return [[name, f"{ms:.3f}", f"{ms / ours:.2f}x"] for name, ms in times.items()], headers
+    graphed = {name: graph_time_fn(fn, repeats=repeats) for name, fn in candidates.items()}
+    floor = 2 * x.numel() * x.element_size() / _copy_bandwidth(device, dtype, x.numel(), repeats)
+    times["memory floor (read x, write the output)"] = graphed["memory floor (read x, write the output)"] = floor
+    g_ours = graphed["panther SKConv2d"]
+    rows = [[name, f"{ms:.3f}", f"{ms / ours:.2f}x", f"{graphed[name]:.3f}", f"{graphed[name] / g_ours:.2f}x"]
+            for name, ms in times.items()]
+    return rows, headers + ["CUDA-graph ms", "time / panther (graph)"]
+
+
+def graph_time_fn(fn, *, repeats=20, warmup=3):
+    """Median time in ms of one replay of ``fn`` captured in a CUDA graph: the GPU time of the call without
+    Python's dispatch and launch overhead. ``fn`` must be capturable (no host synchronisation)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compile, autotune, allocate) off the capture
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_fn(graph.replay, repeats=repeats, warmup=warmup, device="cuda")
 
 
 @torch.no_grad()

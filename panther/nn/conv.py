@@ -253,7 +253,8 @@ class SKConv2d(nn.Module):
 
     def forward(self, x):
         """Apply the layer: ``torch.ops.panther.sketched_conv2d`` (one convolution to ``2·L·k`` channels and
-        one channel mix).
+        one channel mix); on CUDA ``panther::sketched_conv2d_triton`` (``inductor_ext.triton_conv``), which
+        takes the tap GEMM for the calls it serves and is the same op otherwise.
 
         Args:
             x: ``(B, C_in, H, W)`` or unbatched ``(C_in, H, W)``.
@@ -275,8 +276,13 @@ class SKConv2d(nn.Module):
         padding, pad = self._explicit_padding()
         if pad is not None:
             x = F.pad(x, pad)
-        return torch.ops.panther.sketched_conv2d(x, self.S1s, self.U1s, self.bias, list(self.stride),
-                                                 list(padding), list(self.dilation))
+        args = (x, self.S1s, self.U1s, self.bias, list(self.stride), list(padding), list(self.dilation))
+        if x.is_cuda:
+            # the Triton tap GEMM where it serves the call, else the same C++ op; imported here
+            # because registering its triton_op loads torch._inductor
+            from inductor_ext.triton_conv import sketched_conv2d_triton
+            return sketched_conv2d_triton(*args)
+        return torch.ops.panther.sketched_conv2d(*args)
 
     def effective_weight(self):
         """The dense (C_out, C_in, kh, kw) kernel this layer applies: ``Σ_{i,r} U1s[i,r,o]·S1s[i·k+r] / (2L)``

@@ -1,0 +1,66 @@
+"""Checks the tap-GEMM conv kernel's arithmetic in Triton's CPU interpreter.
+
+Run by tests/test_triton_conv.py in ONE subprocess with ``TRITON_INTERPRET=1`` (the variable must be set
+before triton is imported). Every case compares against the float64 plain-torch reference (the 2L
+per-term convolutions); outputs start NaN, so an element the kernel does not write fails. The script
+prints one line per case and exits non-zero on the first failure.
+"""
+import os
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+
+import panther  # noqa: E402,F401
+from interpret_common import check, rel, seeded_generators  # noqa: E402  (tests/ is on sys.path)
+from inductor_ext import triton_conv as tconv  # noqa: E402
+from panther.ops.conv import sketched_conv2d_reference  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+gen = seeded_generators(0)
+
+# (B, C_in, H, W, L, k, C_out, (kh, kw), stride, padding, dilation, bias)
+CASES = [
+    (2, 20, 7, 9, 1, 5, 13, (3, 3), (1, 1), (1, 1), (1, 1), True),      # odd channels, R = 10 (padded to 16)
+    (1, 33, 6, 5, 2, 4, 40, (3, 2), (1, 1), (2, 0), (2, 1), False),     # 16 = R, C_out 40: a column tail
+    (3, 16, 5, 4, 1, 1, 17, (1, 1), (1, 1), (0, 0), (1, 1), True),      # k = 1, a 1x1 conv
+    (1, 24, 9, 8, 1, 8, 32, (3, 3), (2, 2), (1, 1), (1, 1), True),      # stride 2 (the kernel; tap_ok declines)
+    (2, 12, 11, 6, 3, 3, 8, (5, 3), (2, 1), (3, 0), (1, 2), True),      # L = 3, asymmetric everything
+]
+
+
+def case(B, C, H, W, L, k, CO, ks, stride, padding, dilation, bias, dtype):
+    g = gen()
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    S1s = torch.randn(2 * L * k, C, *ks, generator=g, dtype=torch.float64)
+    U1s = torch.randn(2 * L, k, CO, generator=g, dtype=torch.float64)
+    b = torch.randn(CO, generator=g, dtype=torch.float64) if bias else None
+    low = [t.to(dtype) if t is not None else None for t in (x, S1s, U1s, b)]
+    low[0] = low[0].contiguous(memory_format=torch.channels_last)
+    # the reference on the rounded inputs, so only the kernel's own rounding is measured
+    ref = sketched_conv2d_reference(*(t.double() if t is not None else None for t in low), stride, padding,
+                                    dilation)
+    out = tconv.tap_conv(*low, stride, padding, dilation)
+    assert out.shape == ref.shape and out.dtype == dtype, (out.shape, ref.shape, out.dtype)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    name = f"B={B} C={C} {H}x{W} L={L} k={k} C_out={CO} {ks} s={stride} p={padding} d={dilation} bias={bias} {dtype}"
+    check(name, rel(out, ref), TOL[dtype])
+
+
+for c in CASES:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        case(*c, dtype)
+tconv._INT32_LIMIT = 0   # the int64-offset variant of the kernel (huge U or outputs)
+for c in CASES[:2]:
+    case(*c, torch.float32)
+tconv._INT32_LIMIT = 2**31
+
+# the op routes channels_last stride-1 calls here and everything else to the C++ op
+x = torch.randn(1, 32, 6, 6).contiguous(memory_format=torch.channels_last)
+S1s, U1s = torch.randn(2, 32, 3, 3), torch.randn(2, 1, 5)   # U: 9·2 / 32 = 0.56x x
+assert tconv.tap_ok(x, S1s, [1, 1]) and not tconv.tap_ok(x, S1s, [2, 1])
+assert not tconv.tap_ok(x.contiguous(), S1s, [1, 1])
+out = torch.ops.panther.sketched_conv2d_triton(x, S1s, U1s, None, [1, 1], [1, 1], [1, 1])
+ref = torch.ops.panther.sketched_conv2d(x, S1s, U1s, None, [1, 1], [1, 1], [1, 1])
+check("op (tap GEMM) vs the C++ op", rel(out, ref), 1e-5)
+print("ALL OK")
