@@ -15,9 +15,9 @@ to the input dtype before the mix, as the C++ op's convolution output is; U is s
 dtype, so half-precision results differ from the C++ op's in the last bits (each tap is rounded
 before the sum).
 
-Which calls take it (``tap_ok``): CUDA, 4-D channels_last input, fp16 / bf16 / fp32, stride 1, and U
-at most ``TAP_MAX_GROWTH`` times x's size. Everything else, and the backward (cuDNN's
-``convolution_backward``, ``panther.ops.conv``), is the C++ op's. Registered as
+Which calls take it (``tap_ok``): CUDA, 4-D channels_last input, fp16 / bf16 / fp32, stride 1,
+R <= ``TAP_MAX_RANK`` and U at most ``TAP_MAX_GROWTH`` times x's size. Everything else, and the
+backward (cuDNN's ``convolution_backward``, ``panther.ops.conv``), is the C++ op's. Registered as
 ``torch.library.triton_op("panther::sketched_conv2d_triton")``, same schema and autograd formula as
 ``panther::sketched_conv2d``, so Inductor inlines the kernel. Under ``TRITON_INTERPRET=1`` (set before
 triton is imported) CPU tensors run the kernel in Triton's interpreter, eager only: that is how CPU CI
@@ -42,14 +42,17 @@ if triton is not None:
 
     from .triton_linear import _mma  # a plain global name, as the JIT wants it
 
-__all__ = ["sketched_conv2d_triton", "sketched_conv2d_triton_op", "tap_conv", "tap_ok", "tap_weight",
-           "TAP_MAX_GROWTH"]
+__all__ = ["sketched_conv2d_triton", "sketched_conv2d_triton_op", "tap_conv", "tap_ok", "tap_suits", "tap_weight",
+           "TAP_MAX_GROWTH", "TAP_MAX_RANK"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# U is kh·kw·R / C_in times x's size. Past this the extra traffic (U written, then read back) loses
-# to the C++ op's cuDNN convolution; see docs/benchmarks.md for the sweep that set it.
-TAP_MAX_GROWTH = 1.0
+# Where the tap GEMM measured faster than the C++ op on the H200 (bf16, 3×3, 56×56, batch 32, CUDA
+# graphs; the sweep in docs/benchmarks.md): every R <= 32 tried, from 64 channels (U 4.5x x's size)
+# to 1024; at R = 64 and 128 the C++ op wins (stage 2 reads kh·kw·R per pixel, the mix is K = R).
+TAP_MAX_RANK = 32
+# U is kh·kw·R / C_in times x's size, held until stage 2 is done: the largest growth measured.
+TAP_MAX_GROWTH = 4.5
 # (BLOCK_P output pixels, BLOCK_N output channels per step, warps, stages): the fastest of 8 measured
 # on the H200 (bf16, 56×56, batch 32, R = 32, 512 channels: 0.061 ms, 0.10 at (128, 128, 8, 1));
 # the interpreter takes small tiles.
@@ -133,17 +136,23 @@ def _out_size(size, k, stride, pad, dil):
 
 
 def tap_ok(x, S1s, stride) -> bool:
-    """Whether the tap GEMM serves this call (else the C++ op): see the module docstring."""
-    if triton is None or not isinstance(x, Tensor) or x.dim() != 4 or x.numel() == 0:
+    """Whether the tap GEMM serves this call (else the C++ op): a device whose kernel runs (CUDA, or
+    the CPU under the interpreter) and ``tap_suits``."""
+    if triton is None or not isinstance(x, Tensor):
         return False
-    if x.dtype not in _DTYPES or S1s.dtype != x.dtype or list(stride) != [1, 1]:
+    return (x.device.type == "cuda" or (_INTERPRET and x.device.type == "cpu")) and tap_suits(x, S1s, stride)
+
+
+def tap_suits(x, S1s, stride) -> bool:
+    """The shapes, layout and dtypes the tap GEMM takes (see the module docstring), on any device."""
+    if x.dim() != 4 or x.numel() == 0 or list(stride) != [1, 1]:
         return False
-    if not (x.device.type == "cuda" or (_INTERPRET and x.device.type == "cpu")):
+    if x.dtype not in _DTYPES or S1s.dtype != x.dtype:
         return False
     if not x.is_contiguous(memory_format=torch.channels_last):
         return False
     rank, c_in, kh, kw = S1s.shape
-    return kh * kw * rank <= TAP_MAX_GROWTH * c_in
+    return rank <= TAP_MAX_RANK and kh * kw * rank <= TAP_MAX_GROWTH * c_in
 
 
 def tap_weight(S1s: Tensor) -> Tensor:

@@ -78,16 +78,20 @@ def test_autocast_cpu_bfloat16():
     assert rel(out, sketched_conv2d_reference(x, S1s, U1s, b, 1, 1, 1)) < 3e-2
 
 
-def test_tap_ok_rule():
-    """The tap GEMM takes CUDA (or interpreted) 4-D channels_last stride-1 calls whose U stays small."""
-    x, S1s, _, _ = conv_args(C=48, k=2, dtype=torch.float32)        # U: 9·4 / 48 = 0.75x x
-    interp = tconv._INTERPRET
-    assert tconv.tap_ok(x, S1s, [1, 1]) == interp                   # CPU: only in the interpreter
-    assert not tconv.tap_ok(x.contiguous(), S1s, [1, 1])            # NCHW
-    assert not tconv.tap_ok(x, S1s, [2, 2])                         # strided
-    assert not tconv.tap_ok(x, torch.randn(8, 48, 3, 3), [1, 1])    # U 1.5x x
-    assert not tconv.tap_ok(x[0], S1s, [1, 1])                      # unbatched
-    assert not tconv.tap_ok(x.double(), S1s.double(), [1, 1])       # float64: the C++ op
+def test_tap_rule():
+    """The tap GEMM takes 4-D channels_last stride-1 half/fp32 calls with R <= 32 and U <= 4.5x x, on CUDA
+    (or interpreted)."""
+    x, S1s, _, _ = conv_args(C=48, k=2, dtype=torch.float32)          # R = 4, U: 9·4 / 48 = 0.75x x
+    assert tconv.tap_suits(x, S1s, [1, 1])
+    assert tconv.tap_ok(x, S1s, [1, 1]) == tconv._INTERPRET           # CPU: only in the interpreter
+    assert tconv.tap_suits(x, torch.randn(24, 48, 3, 3), [1, 1])      # R = 24, U 4.5x x
+    assert not tconv.tap_suits(x, torch.randn(40, 48, 3, 3), [1, 1])  # R = 40 > 32
+    assert not tconv.tap_suits(x, torch.randn(8, 48, 5, 7), [1, 1])   # U 5.8x x
+    assert not tconv.tap_suits(x.contiguous(), S1s, [1, 1])           # NCHW
+    assert not tconv.tap_suits(x, S1s, [2, 2])                        # strided
+    assert not tconv.tap_suits(x[0], S1s, [1, 1])                     # unbatched
+    assert not tconv.tap_suits(x.double(), S1s.double(), [1, 1])      # float64: the C++ op
+    assert not tconv.tap_suits(x.half(), S1s, [1, 1])                 # mixed dtypes
 
 
 def test_tap_weight_columns():
