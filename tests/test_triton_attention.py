@@ -384,6 +384,19 @@ def test_cuda_compile_inlines_op():
     assert rel(out, ref) < 1e-2
 
 
+def test_autocast_cpu_casts_floating_inputs_not_the_mask():
+    """The wrapper's autocast (``inductor_ext._autocast``): q, k, v and the projection in the autocast dtype,
+    the bool mask untouched; the CPU branch then runs in bf16."""
+    q, k, v, W, _ = inputs(B=2, H=2, L=40, d=16, dv=16, m=32, dtype=torch.float32, device="cpu")
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[1, :7] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ta.rf_attention_triton(q, k, v, W, key_padding_mask=mask)
+    assert out.dtype == torch.bfloat16
+    ref = rf_attention_reference(q.double(), k.double(), v.double(), W.double(), key_padding_mask=mask)
+    assert rel(out, ref) < 3e-2
+
+
 @cuda_only
 @pytest.mark.cuda
 def test_cuda_autocast():

@@ -139,12 +139,15 @@ def test_cuda_against_float64(dtype, tol, shape):
 def test_cuda_gradients_match_cpp_op():
     args = conv_args(B=2, C=96, H=9, W=9, k=4, CO=48, dtype=torch.float32, device="cuda", requires_grad=True)
     assert tconv.tap_ok(args[0], args[1], [1, 1])
-    out = OP(*args, [1, 1], [1, 1], [1, 1])
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, args, g)
-    want = torch.autograd.grad(torch.ops.panther.sketched_conv2d(*args, [1, 1], [1, 1], [1, 1]), args, g)
-    for a, b in zip(got, want):
-        assert rel(a, b) < 1e-3
+    want = None
+    for fn in (lambda: OP(*args, [1, 1], [1, 1], [1, 1]),                                # the op (compiled path)
+               lambda: tconv.sketched_conv2d_triton(*args, (1, 1), (1, 1), (1, 1))):     # the eager wrapper
+        out = fn()
+        if want is None:
+            g = torch.randn_like(out)
+            want = torch.autograd.grad(torch.ops.panther.sketched_conv2d(*args, [1, 1], [1, 1], [1, 1]), args, g)
+        for a, b in zip(torch.autograd.grad(out, args, g), want):
+            assert rel(a, b) < 1e-3
 
 
 @pytest.mark.cuda
