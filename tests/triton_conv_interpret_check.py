@@ -73,4 +73,11 @@ want = torch.autograd.grad(ref, (x, S1s, U1s, b), g)
 check("eager wrapper forward vs the C++ op", rel(out, ref), 1e-5)
 for name, a, w in zip(("dx", "dS1s", "dU1s", "dbias"), got, want):
     check(f"eager wrapper {name} vs the C++ op", rel(a, w), 1e-5)
+# the sweep's bookkeeping (inductor_ext.triton_conv_bench; its timings need CUDA graphs: a stand-in timer)
+from inductor_ext import triton_conv_bench  # noqa: E402
+
+rows, headers = triton_conv_bench.sweep(cases=((32, 2),), size=5, batch=1, dtype=torch.float32, device="cpu",
+                                        timer=lambda fn: (fn(), 1.0)[1])
+assert len(rows) == 1 and len(rows[0]) == len(headers) and rows[0][-1] is True, rows
+print("ok   triton_conv_bench.sweep on the CPU")
 print("ALL OK")
