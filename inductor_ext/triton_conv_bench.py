@@ -38,9 +38,6 @@ def sweep(cases=CASES, size=56, batch=32, dtype=torch.bfloat16, *, device="cuda"
         t_tap = timer(lambda: tconv.tap_conv(*args, in_op=False))
         rows.append([c, k, 2 * k, f"{9 * 2 * k / c:.2f}", f"{t_dense:.3f}", f"{t_cpp:.3f}", f"{t_tap:.3f}",
                      f"{t_cpp / t_tap:.2f}x", f"{t_dense / t_tap:.2f}x", tconv.tap_ok(x, layer.S1s, [1, 1])])
-        del dense, layer, x
-        if device == "cuda":
-            torch.cuda.empty_cache()
     headers = ["channels", "k", "R", "U / x", "dense ms", "C++ op ms", "tap GEMM ms", "C++ op / tap",
                "dense / tap", "tap_ok"]
     return rows, headers
