@@ -527,18 +527,33 @@ def write_markdown(path, command, title, rows, headers="keys", *, device="cpu"):
     except ImportError:
         software = f"torch {torch.__version__}"
     start, end = f"<!-- bench: {command} -->", f"<!-- /bench: {command} -->"
-    section = "\n".join([start, f"#### {title}", "",
-                         f"`{command}` ({machine}, {software}, {datetime.date.today().isoformat()})", "",
-                         tabulate(rows, headers=headers, tablefmt="github"), end])
     target = Path(path)
     text = target.read_text() if target.exists() else "# Benchmarks\n"
-    if start in text and end in text[text.index(start):]:
-        head, rest = text.split(start, 1)
-        text = head + section + rest.split(end, 1)[1]
+    replace = start in text and end in text[text.index(start):]
+    head = text.split(start, 1)[0] if replace else text
+    # the title one level below the heading it lands under (a skipped level breaks the docs build)
+    section = "\n".join([start, "#" * _level_below(head) + f" {title}", "",
+                         f"`{command}` ({machine}, {software}, {datetime.date.today().isoformat()})", "",
+                         tabulate(rows, headers=headers, tablefmt="github"), end])
+    if replace:
+        text = head + section + text.split(start, 1)[1].split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     target.write_text(text)
     return section
+
+
+def _level_below(markdown):
+    """One more than the level of the last heading of ``markdown`` outside code fences (at most 6)."""
+    level, fenced = 1, False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            hashes = len(line) - len(line.lstrip("#"))
+            if hashes <= 6 and line[hashes:hashes + 1] == " ":
+                level = hashes
+    return min(level + 1, 6)
 
 
 def command_line(prog, argv):

@@ -52,6 +52,14 @@ def test_markdown_sections_are_written_and_replaced(tmp_path, capsys):
     section = bench.write_markdown(tmp_path / "new.md", "cmd", "title", [{"case": "a", "ms": 1.5}])
     assert "| case" in section and "| a" in section and (tmp_path / "new.md").read_text().endswith(
         "<!-- /bench: cmd -->\n")
+    # the title nests one level below the heading it lands under (code fences are not headings)
+    assert "\n## title\n" in section
+    nested = tmp_path / "nested.md"
+    nested.write_text("# B\n\n## GPU\n\n### Conv\n\n```bash\n# a comment, not a heading\n```\n")
+    assert "\n#### t\n" in bench.write_markdown(nested, "c1", "t", [{"a": 1}])
+    nested.write_text(nested.read_text() + "\n## CPU\n")
+    assert "\n### u\n" in bench.write_markdown(nested, "c2", "u", [{"a": 1}])   # appended after the H2
+    assert "\n#### t\n" in bench.write_markdown(nested, "c1", "t", [{"a": 2}])  # replaced in place
 
 
 def test_train_bench_batches_are_the_same_global_batch_for_any_world_size():
