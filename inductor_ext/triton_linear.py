@@ -80,9 +80,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _half_pad(h: int) -> int:
-    """Register width of one half (L·k columns): a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, _next_pow2(h))
+def _dot_width(n: int) -> int:
+    """Register width of n columns as a tl.dot operand (here: one half's L·k): a power of two, at least
+    16 (tl.dot's minimum)."""
+    return max(16, _next_pow2(n))
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,7 +349,7 @@ def lowrank_chain(X, FL, FH, GL, GH, bias=None, E=None, alpha_p=1.0, alpha_y=1.0
     Y, P = out if out is not None else (X.new_empty((M, D_OUT)), X.new_empty((M, 2 * H)))
     if M == 0:
         return Y, P
-    h_pad = _half_pad(H)
+    h_pad = _dot_width(H)
     groups = col_groups if col_groups is not None else _column_groups(M, D_OUT, X.device)
     args = (X, FL, FH, GL, GH, bias if bias is not None else X, E if E is not None else X, Y, P,
             M, D_IN, D_OUT, H,
@@ -400,7 +401,7 @@ def _kernel_ok(t, rank):
     """Whether the fused kernel serves this call (else: the two-GEMM torch math)."""
     if triton is None or rank > MAX_RANK or t.dtype not in _DTYPES:
         return False
-    if _autotuned(_half_pad(rank // 2), t.element_size()) is None:
+    if _autotuned(_dot_width(rank // 2), t.element_size()) is None:
         return False
     if t.device.type == "cuda":
         return rank <= CUDA_FUSED_MAX_RANK
