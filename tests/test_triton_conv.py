@@ -62,8 +62,11 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda *a: OP(*a, [1, 1], [1, 0], [1, 1]), (x, S1s, U1s, b))
 
 
-def test_cpu_matches_cpp_op_and_reference():
+def test_cpu_branch_is_the_cpp_op():
+    """Off CUDA (outside the interpreter) the wrapper and the op are the C++ op: same numbers, same layout,
+    and the reference's."""
     x, S1s, U1s, b = conv_args()
+    assert not tconv.tap_ok(x, S1s, [1, 1]) or tconv._INTERPRET
     out = tconv.sketched_conv2d_triton(x, S1s, U1s, b, (1, 1), (1, 1), (1, 1))
     assert out.is_contiguous(memory_format=CL)
     torch.testing.assert_close(out, torch.ops.panther.sketched_conv2d(x, S1s, U1s, b, [1, 1], [1, 1], [1, 1]))
@@ -123,11 +126,12 @@ def test_compile_cpu_branch():
 def test_cuda_against_float64(dtype, tol, shape):
     x, S1s, U1s, b = conv_args(dtype=dtype, device="cuda", **shape)
     assert tconv.tap_ok(x, S1s, [1, 1])
-    ref = sketched_conv2d_reference(*(t.double() for t in (x, S1s, U1s, b)), 1, (1, 0) if "ks" in shape else 1, 1)
+    pad = [1, 0] if "ks" in shape else [1, 1]   # the 3x1 kernel keeps the size with (1, 0)
+    ref = sketched_conv2d_reference(*(t.double() for t in (x, S1s, U1s, b)), 1, pad, 1)
     prev = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32: ieee GEMM and dots, so 1e-5 is meaningful
-        out = OP(x, S1s, U1s, b, [1, 1], [1, 0] if "ks" in shape else [1, 1], [1, 1])
+        out = OP(x, S1s, U1s, b, [1, 1], pad, [1, 1])
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous(memory_format=CL)
