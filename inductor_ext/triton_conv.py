@@ -37,6 +37,7 @@ import panther  # noqa: F401  (loads the native ops)
 from panther.ops.conv import _backward, _setup_context
 
 from ._autocast import autocast_call
+from ._eager import direct_launch_ok
 from .triton_linear import _dot_mode, _dot_width, _launcher, triton
 
 if triton is not None:
@@ -179,7 +180,7 @@ def tap_conv(x: Tensor, S1s: Tensor, U1s: Tensor, bias: Optional[Tensor], stride
     P = B * ho * wo
     block_p, block_n, warps, stages = _INTERPRET_CONFIG if _INTERPRET else _CONFIG
     block_n = min(block_n, _dot_width(c_out))
-    (_launcher(_tap_mix_kernel) if in_op else _tap_mix_kernel)[(triton.cdiv(P, block_p),)](
+    _launcher(_tap_mix_kernel, in_op)[(triton.cdiv(P, block_p),)](
         U, U1s.reshape(rank, c_out), bias if bias is not None else U, out,
         P, H, W, ho, wo, c_out, rank,
         *stride, *padding, *dilation,
@@ -218,7 +219,7 @@ class _EagerTapConv(torch.autograd.Function):
 
 
 def _conv(x, S1s, U1s, bias, stride, padding, dilation):
-    if not torch.compiler.is_compiling() and tap_ok(x, S1s, stride):
+    if direct_launch_ok() and tap_ok(x, S1s, stride):
         return _EagerTapConv.apply(x, S1s, U1s, bias, stride, padding, dilation)
     return torch.ops.panther.sketched_conv2d_triton(x, S1s, U1s, bias, stride, padding, dilation)
 

@@ -116,6 +116,26 @@ def grad_cases():
                 assert a.shape == b.shape, (name, a.shape, b.shape)
                 check(f"grad {name} L={L} d_in={d_in} k={k} d_out={d_out} lead={lead} {dtype}", rel(a, b),
                       4 * TOL[dtype])
+    # Eager calls take the autograd.Function around the kernels (no custom-op dispatch); it must give the
+    # op's gradients, also when only some inputs need one. Under a dispatch mode the op is kept.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for needs in ((True,) * 6, (False, True, True, False, False, True), (True, False, False, False, False, False)):
+        args = [a.requires_grad_(n) for a, n in zip(layer(1, 30, 4, 22, (11,), torch.float32), needs)]
+        y = tlin.sketched_linear_triton(*args)
+        assert type(y.grad_fn).__name__ == "_EagerChainBackward", type(y.grad_fn).__name__
+        y_op = torch.ops.panther.sketched_linear_triton_fwd(*args)[0]
+        check(f"eager Function forward = op (needs {needs})", rel(y, y_op.double()), 1e-6)
+        gy = rand(*y.shape, dtype=torch.float32)
+        inputs = [a for a in args if a.requires_grad]
+        names = [n for n, a in zip("x S1s S2s U1s U2s bias".split(), args) if a.requires_grad]
+        for name, a, b in zip(names, torch.autograd.grad(y, inputs, gy),
+                              torch.autograd.grad(y_op, inputs, gy)):
+            check(f"   grad {name} eager Function = op", rel(a, b.double()), 1e-6)
+    with FlopCounterMode(display=False):
+        y = tlin.sketched_linear_triton(*layer(1, 30, 4, 22, (3,), torch.float32))
+    assert "_EagerChain" not in type(y.grad_fn).__name__, "a dispatch mode must see the op"
+
     # the backward op with an incoming grad for xA
     L, d_in, k, d_out = 2, 21, 3, 19
     _, S1s, S2s, U1s, U2s, _ = layer(L, d_in, k, d_out, (), torch.float32)
