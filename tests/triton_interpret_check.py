@@ -135,6 +135,9 @@ def grad_cases():
     with FlopCounterMode(display=False):
         y = tlin.sketched_linear_triton(*layer(1, 30, 4, 22, (3,), torch.float32))
     assert "_EagerChain" not in type(y.grad_fn).__name__, "a dispatch mode must see the op"
+    args = layer(1, 12, 3, 7, (4,), torch.float32)   # vmap keeps the op (its per-sample fallback)
+    y = torch.func.vmap(lambda row: tlin.sketched_linear_triton(row, *args[1:]))(args[0])
+    check("vmap over rows = batched call", rel(y, tlin.sketched_linear_triton(*args).double()), 1e-6)
 
     # the backward op with an incoming grad for xA
     L, d_in, k, d_out = 2, 21, 3, 19
