@@ -56,8 +56,9 @@ CASES = {"linear": _linear, "conv": _conv, "attention": _attention(False), "caus
 
 # Spills the default launches have today (bytes per thread, the most of triton 3.6, the H200's, and
 # 3.9; measured 2026-11-30): the causal chunk kernels run at 255 registers. Lower-pressure launches
-# compile without any (e.g. dk-dv with 8 warps, dq with 32-feature blocks); whether they are faster is
-# for a GPU to say. Anything above these numbers, or a spill anywhere else, fails.
+# compile without any (dk-dv with 8 warps, dq with 32-feature blocks); the attention bench's sweeps,
+# which picked these defaults, include such launches. Anything above these numbers, or a spill
+# anywhere else, fails.
 KNOWN_SPILLS = {("causal attention", "_causal_out_kernel"): 128, ("causal attention", "_dq_chunk_kernel"): 112,
                 ("causal attention", "_dkdv_chunk_kernel"): 168, ("attention", "_dkdv_chunk_kernel"): 8}
 
