@@ -20,10 +20,11 @@ launch with no preparatory copies.
 
 Registered as ``torch.library.triton_op`` (``panther::sketched_linear_triton_fwd`` / ``_bwd``), so
 Inductor inlines the kernel on CUDA. Plain eager calls skip the ops' Python dispatch: an
-``autograd.Function`` (``_EagerChain``) launches the same kernels with the same backward. Inside the op body a device branch sends CPU tensors (and
-shapes the kernel does not cover) to the plain two-GEMM torch math, so CPU graphs, ``opcheck`` and
-``gradcheck`` work. Under ``TRITON_INTERPRET=1`` (set before triton is imported) CPU tensors run the
-kernel in Triton's interpreter instead, eager only: that is how CPU CI checks its arithmetic.
+``autograd.Function`` (``_EagerChain``) launches the same kernels with the same backward. Inside the
+op body a device branch sends CPU tensors (and shapes the kernel does not cover) to the plain
+two-GEMM torch math, so CPU graphs, ``opcheck`` and ``gradcheck`` work. Under ``TRITON_INTERPRET=1``
+(set before triton is imported) CPU tensors run the kernel in Triton's interpreter instead, eager
+only: that is how CPU CI checks its arithmetic.
 """
 from __future__ import annotations
 
