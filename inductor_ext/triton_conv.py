@@ -27,7 +27,6 @@ checks its arithmetic.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -38,7 +37,7 @@ from panther.ops.conv import _backward, _setup_context
 
 from ._autocast import autocast_call
 from ._eager import direct_launch_ok
-from .triton_linear import _dot_mode, _dot_width, _launcher, triton
+from .triton_linear import _DTYPES, _INTERPRET, _dot_mode, _dot_width, _launcher, triton
 
 if triton is not None:
     import triton.language as tl
@@ -48,8 +47,6 @@ if triton is not None:
 __all__ = ["sketched_conv2d_triton", "sketched_conv2d_triton_op", "tap_conv", "tap_ok", "tap_suits", "tap_weight",
            "TAP_MAX_GROWTH", "TAP_MAX_RANK"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Where the tap GEMM measured faster than the C++ op on the H200 (bf16, 3×3, 56×56, batch 32, CUDA
 # graphs; the sweep in docs/benchmarks.md): every R <= 32 tried, from 64 channels (U 4.5x x's size)
 # to 1024; at R = 64 and 128 the C++ op wins (stage 2 reads kh·kw·R per pixel, the mix is K = R).
@@ -165,7 +162,7 @@ def tap_conv(x: Tensor, S1s: Tensor, U1s: Tensor, bias: Optional[Tensor], stride
     """The tap GEMM itself, for any stride, padding and dilation (``tap_ok`` picks the calls it
     serves best): ``panther::sketched_conv2d``'s result, channels_last. ``in_op``: called from the
     triton_op's body (the kernel launched through ``wrap_triton``), else eagerly outside any op (a
-    plain launch: ``wrap_triton`` there costs ~0.2 ms of CPU per call)."""
+    plain launch: ``wrap_triton`` is for launches inside an op)."""
     B, c_in, H, W = x.shape
     rank, _, kh, kw = S1s.shape
     two_l, _, c_out = U1s.shape

@@ -66,6 +66,7 @@ check("op (tap GEMM) vs the C++ op", rel(out, ref), 1e-5)
 # the eager wrapper (SKConv2d's CUDA path): an autograd.Function around the same kernel, the op's backward
 x, S1s, U1s, b = (t.requires_grad_(True) for t in (x, S1s, U1s, torch.randn(5)))
 out = tconv.sketched_conv2d_triton(x, S1s, U1s, b, (1, 1), (1, 1), (1, 1))
+assert type(out.grad_fn).__name__ == "_EagerTapConvBackward", type(out.grad_fn).__name__
 g = torch.randn_like(out)
 got = torch.autograd.grad(out, (x, S1s, U1s, b), g)
 ref = torch.ops.panther.sketched_conv2d(x, S1s, U1s, b, [1, 1], [1, 1], [1, 1])

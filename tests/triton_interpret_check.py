@@ -132,9 +132,11 @@ def grad_cases():
         for name, a, b in zip(names, torch.autograd.grad(y, inputs, gy),
                               torch.autograd.grad(y_op, inputs, gy)):
             check(f"   grad {name} eager Function = op", rel(a, b.double()), 1e-6)
-    with FlopCounterMode(display=False):
-        y = tlin.sketched_linear_triton(*layer(1, 30, 4, 22, (3,), torch.float32))
-    assert "_EagerChain" not in type(y.grad_fn).__name__, "a dispatch mode must see the op"
+    args = [a.requires_grad_(True) for a in layer(1, 30, 4, 22, (3,), torch.float32)]
+    with FlopCounterMode(display=False) as counter:
+        y = tlin.sketched_linear_triton(*args)
+    assert y.grad_fn is not None and "_EagerChain" not in type(y.grad_fn).__name__, type(y.grad_fn).__name__
+    assert counter.get_total_flops() == 2 * 3 * 8 * (30 + 22), "the dispatch mode must see the op"
     args = layer(1, 12, 3, 7, (4,), torch.float32)   # vmap keeps the op (its per-sample fallback)
     y = torch.func.vmap(lambda row: tlin.sketched_linear_triton(row, *args[1:]))(args[0])
     check("vmap over rows = batched call", rel(y, tlin.sketched_linear_triton(*args).double()), 1e-6)
