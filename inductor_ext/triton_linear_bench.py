@@ -99,9 +99,9 @@ def bench_triton_linear(in_features=8192, out_features=8192, batch=16384, num_te
     row("fwd memory floor (x + y + factors once)", fwd_floor)
 
     if backward:
-        # floor: x, y, g, dx once each; the current design also re-reads x (dS1s) and g (dS2s, db)
+        # floor: x, y, g, dx once each; the current design also re-reads x (dS1s)
         bwd_floor = (2 * x.numel() + 2 * N * d_out) * esize / bw + 2 * factor_bytes / bw
-        reread_floor = bwd_floor + (x.numel() + N * d_out) * esize / bw
+        reread_floor = bwd_floor + x.numel() * esize / bw
         leaves = [t.detach().requires_grad_(True) for t in (x, S1s, S2s, bias)]
         xs, S1g, S2g, bg = leaves
 
@@ -115,16 +115,22 @@ def bench_triton_linear(in_features=8192, out_features=8192, batch=16384, num_te
         timed(f"fwd+bwd: sketched_linear_triton ({path})", fwd_bwd(tlin.sketched_linear_triton), bwd_floor)
         with torch.no_grad():
             _, xA = torch.ops.panther.sketched_linear_triton_fwd(x, *fac, bias)
-            timed(f"  part: dx, dxA ({path})",
-                  lambda: torch.ops.panther.sketched_linear_triton_bwd(gy, None, *fac))
-            _, dxA = torch.ops.panther.sketched_linear_triton_bwd(gy, None, *fac)
             H = L * k
-            lhs = torch.ones(N, (H + 1 + 7) // 8 * 8, device=device, dtype=dtype)[:, :H + 1]
-            lhs[:, :H] = xA[:, H:]
+            grads = torch.ops.panther.sketched_linear_triton_grads
+            timed(f"  part: one pass over g: dx, dxA, dS2s, db ({path})",
+                  lambda: grads(gy, None, xA, *fac, True, False, True, True))
+            if tlin._kernel_ok(x, 2 * H):
+                parts, _, _ = tlin.grad_pass(gy, xA[:, H:], tlin._half_out(U1s).mT, tlin._half_out(S2s).mT)
+                timed("    of which: grad_pass (g read once, partials)",
+                      lambda: tlin.grad_pass(gy, xA[:, H:], tlin._half_out(U1s).mT, tlin._half_out(S2s).mT))
+                timed("    of which: dx from the partials",
+                      lambda: tlin.chain_from_partials(parts, tlin._half_in(S1s).mT, tlin._half_in(U2s).mT,
+                                                       None, 1.0 / (2 * L), dtype=dtype))
+            _, dxA, _, _ = grads(gy, None, xA, *fac, True, False, True, True)
             timed("  part: dS1s GEMM x^T dxA", lambda: x.mT @ dxA[:, :H])
-            timed("  part: dS2s+db GEMM [xA|1]^T g", lambda: lhs.mT @ gy)
+            timed("  (before: dx, dxA kernel)", lambda: torch.ops.panther.sketched_linear_triton_bwd(gy, None, *fac))
         row("fwd+bwd memory floor (x, y, g, dx once)", bwd_floor)
-        row("fwd+bwd floor with x, g re-read for dS1s, dS2s", reread_floor)
+        row("fwd+bwd floor with x re-read for dS1s", reread_floor)
     headers = ["what", "median ms", "CUDA-graph ms", "best / floor", "floor ms"]
     return rows, headers
 
