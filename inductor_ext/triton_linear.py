@@ -229,7 +229,7 @@ if triton is not None:
 
     @triton.jit
     def _grad_pass_kernel(
-        G, XA, BL, BH, DXA_PART, DB_PART, DBIAS_PART,
+        G, XA, BL, BH, DXA_PART, DB_PART,
         M, D_OUT, H, R, ROWS_PER_PROG,
         sgm, sgn, sxam, sxar, sbl_n, sbl_h, sbh_n, sbh_h,
         spj, spm, sdbs, sdbr, sdbn,
@@ -237,10 +237,10 @@ if triton is not None:
         DOT_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """The backward's one pass over g: program (column group j of BLOCK_N columns, row range s)
-        writes, for its rows, the partial dxA_j = g[:, j]·[BL | BH][j] (fp32, slot j of DXA_PART
-        (J, M, 2H)), and for its columns the partials over its rows of XAᵀ·g (HAS_DB; DB_PART
-        (S, R, D_OUT); XA: the R columns of xA that need it) and of Σ_rows g (HAS_DBIAS; DBIAS_PART
-        (S, D_OUT)), fp32. g is read once; the partials are small (J·M·2H and S·R·D_OUT).
+        writes, for its rows, the partial dxA_j = g[:, j]·[BL | BH][j] (slot j of DXA_PART (J, M, 2H)),
+        and for its columns the partial over its rows of [XA | 1]ᵀ·g (DB_PART (S, R + HAS_DBIAS,
+        D_OUT), fp32; XA: the R columns of xA that need it; the ones column, HAS_DBIAS, gives Σ_rows g
+        on the tensor cores). g is read once; the partials are small (J·M·2H and S·(R + 1)·D_OUT).
         BL, BH: (D_OUT, H) views (Bmᵀ's halves, unscaled)."""
         pid_j = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -250,11 +250,11 @@ if triton is not None:
         mask_h = offs_h < H
         offs_r = tl.arange(0, R_PAD)
         mask_r = offs_r < R
+        n_db: tl.constexpr = HAS_DB or HAS_DBIAS
         b_mask = mask_n[:, None] & mask_h[None, :]
         bl = tl.load(BL + cols[:, None] * sbl_n + offs_h[None, :] * sbl_h, mask=b_mask, other=0.0)
         bh = tl.load(BH + cols[:, None] * sbh_n + offs_h[None, :] * sbh_h, mask=b_mask, other=0.0)
         db = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
-        dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
         row0 = pid_s * ROWS_PER_PROG
         row_end = tl.minimum(row0 + ROWS_PER_PROG, M)
         offs_bm = tl.arange(0, BLOCK_M)
@@ -271,17 +271,15 @@ if triton is not None:
             p_mask = mask_m[:, None] & mask_h[None, :]
             tl.store(p_ptrs, d_l, mask=p_mask)
             tl.store(p_ptrs + H, d_h, mask=p_mask)
-            if HAS_DB:
+            if n_db:
                 xa = tl.load(XA + rows64[:, None] * sxam + offs_r[None, :] * sxar,
                              mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                if HAS_DBIAS:
+                    xa = tl.where(offs_r[None, :] == R, 1.0, xa).to(XA.dtype.element_ty)
                 db = _mma(tl.trans(xa), g, db, DOT_MODE)
-            if HAS_DBIAS:
-                dbias += tl.sum(g.to(tl.float32), axis=0)
-        if HAS_DB:
+        if n_db:
             out = DB_PART + pid_s.to(tl.int64) * sdbs + offs_r[:, None] * sdbr + cols[None, :] * sdbn
-            tl.store(out, db, mask=mask_r[:, None] & mask_n[None, :])
-        if HAS_DBIAS:
-            tl.store(DBIAS_PART + pid_s.to(tl.int64) * D_OUT + cols, dbias, mask=mask_n)
+            tl.store(out, db, mask=(offs_r[:, None] < R + HAS_DBIAS) & mask_n[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,19 +482,19 @@ def grad_pass(g, xA, BL, BH, *, need_dbias=True, config=None, row_splits=None, p
     S = triton.cdiv(M, rows_per) if M else 1
     f32 = torch.float32
     parts = g.new_empty((J, M, 2 * H), dtype=part_dtype)   # bf16 halves their traffic (to be measured)
-    db_part = g.new_zeros((S, R, D_OUT), dtype=f32)
-    dbias_part = g.new_zeros((S, D_OUT if need_dbias else 0), dtype=f32)
+    db_part = (g.new_empty if M else g.new_zeros)((S, R + int(need_dbias), D_OUT), dtype=f32)
     if M:
         _launcher(_grad_pass_kernel, in_op)[(J, S)](
-            g, xA, BL, BH, parts, db_part, dbias_part,
+            g, xA if R else g, BL, BH, parts, db_part,
             M, D_OUT, H, R, rows_per,
             g.stride(0), g.stride(1), xA.stride(0), xA.stride(1),
             BL.stride(0), BL.stride(1), BH.stride(0), BH.stride(1),
             parts.stride(0), parts.stride(1), db_part.stride(0), db_part.stride(1), db_part.stride(2),
-            H_PAD=_dot_width(H), R_PAD=_dot_width(max(R, 1)), HAS_DB=R > 0, HAS_DBIAS=need_dbias,
+            H_PAD=_dot_width(H), R_PAD=_dot_width(R + int(need_dbias)), HAS_DB=R > 0, HAS_DBIAS=need_dbias,
             DOT_MODE=_dot_mode(g.dtype),
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    return parts, db_part.sum(0), dbias_part.sum(0)
+    db = db_part.sum(0) if S > 1 else db_part[0]
+    return parts, db[:R], db[R] if need_dbias else db.new_empty((0,))
 
 
 def chain_from_partials(parts, GL, GH, E=None, alpha_p=1.0, *, dtype, config=None, in_op=True):

@@ -18,7 +18,7 @@ from panther.ops.linear import concat_factors
 
 from . import triton_linear as tlin
 
-__all__ = ["bench_triton_linear", "main"]
+__all__ = ["bench_triton_linear", "sweep_grad_pass", "main"]
 
 
 def _ms(fn, reps=200):
@@ -135,6 +135,45 @@ def bench_triton_linear(in_features=8192, out_features=8192, batch=16384, num_te
     return rows, headers
 
 
+def sweep_grad_pass(in_features=8192, out_features=8192, batch=16384, num_terms=1, low_rank=16, *,
+                    dtype=torch.bfloat16, device="cuda", seed=0):
+    """CUDA-graph ms of the backward's pass over g and of the dx launch over its partials, for launch
+    configurations, partial dtypes and row splits: the data behind ``_GRAD_PASS_CONFIG``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    L, k, N = num_terms, low_rank, batch
+    H = L * k
+
+    def mk(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+    gy, xA = mk(N, out_features), mk(N, 2 * H)
+    BL, BH = mk(H, out_features).mT, mk(H, out_features).mT
+    GL, GH = mk(H, in_features), mk(H, in_features)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 2
+    rows = []
+    for cfg in ((64, 256, 8, 3), (64, 128, 4, 4), (128, 128, 8, 4), (32, 512, 8, 3), (64, 256, 8, 4),
+                (128, 256, 8, 3)):
+        J = -(-out_features // cfg[1])
+        for part_dtype in (torch.float32, torch.bfloat16):
+            for splits in sorted({max(1, -(-sms // J)), max(1, -(-2 * sms // J)), max(1, -(-4 * sms // J))}):
+                def pass_():
+                    return tlin.grad_pass(gy, xA[:, H:], BL, BH, config=cfg, row_splits=splits,
+                                          part_dtype=part_dtype)
+                try:
+                    parts = pass_()[0]
+                    t1 = _graph_ms(pass_)
+                    t2 = _graph_ms(lambda: tlin.chain_from_partials(parts, GL, GH, None, 0.5, dtype=dtype))
+                    t12 = _graph_ms(lambda: tlin.chain_from_partials(pass_()[0], GL, GH, None, 0.5, dtype=dtype))
+                    rows.append([str(cfg), str(part_dtype).split(".")[-1], splits, J * splits,
+                                 f"{t1:.4f}", f"{t2:.4f}", f"{t12:.4f}"])
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                    rows.append([str(cfg), str(part_dtype).split(".")[-1], splits, J * splits,
+                                 f"{type(exc).__name__}", "", ""])
+                print(rows[-1], flush=True)
+    return rows, ["config (BM, BN, warps, stages)", "partials", "row splits", "programs", "grad pass ms",
+                  "dx from partials ms", "both ms"]
+
+
 def main(argv=None):
     import argparse
 
@@ -146,10 +185,17 @@ def main(argv=None):
     p.add_argument("--low-rank", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--sweep-grad-pass", action="store_true",
+                   help="time the backward's grad-pass launches over configs, partial dtypes and row splits")
     p.add_argument("--markdown", metavar="FILE", default=None,
                    help="also write each table into this markdown file (e.g. docs/benchmarks.md)")
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
+    if a.sweep_grad_pass:
+        rows, headers = sweep_grad_pass(a.in_features or 8192, a.out_features or a.in_features or 8192, a.batch,
+                                        a.num_terms, a.low_rank or 16, dtype=dtype)
+        print(tabulate(rows, headers=headers))
+        return
     if a.in_features is None and a.low_rank is None:
         # issue [D]'s workloads: targets fwd <= 0.146 ms, fwd+bwd <= 0.40 ms; k=64 at 16384^2 fwd <= 0.29 ms
         workloads = [dict(in_features=8192, out_features=8192, low_rank=16, backward=not a.no_backward),

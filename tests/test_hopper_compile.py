@@ -32,9 +32,11 @@ def _linear():
     S1s, U2s, S2s, U1s = _randn(1, 512, 16), _randn(1, 512, 16), _randn(1, 16, 384), _randn(1, 16, 384)
     tlin.lowrank_chain(x, tlin._half_in(S1s), tlin._half_in(U2s), tlin._half_out(U1s), tlin._half_out(S2s),
                        bias=_randn(384), alpha_y=0.5)
-    # the backward's chain: g in, the factors' transposed views, an incoming grad for xA
-    tlin.lowrank_chain(g, tlin._half_out(U1s).mT, tlin._half_out(S2s).mT, tlin._half_in(S1s).mT,
-                       tlin._half_in(U2s).mT, E=_randn(256, 32), alpha_p=0.5)
+    # the backward: one pass over g (the S2 rows and the bias), then dx from its partials
+    xA = _randn(256, 32)
+    parts, _, _ = tlin.grad_pass(g, xA[:, 16:], tlin._half_out(U1s).mT, tlin._half_out(S2s).mT)
+    tlin.chain_from_partials(parts, tlin._half_in(S1s).mT, tlin._half_in(U2s).mT, _randn(256, 32), 0.5,
+                             dtype=bf16)
 
 
 def _conv():
