@@ -441,7 +441,9 @@ def lowrank_chain(X, FL, FH, GL, GH, bias=None, E=None, alpha_p=1.0, alpha_y=1.0
             P.stride(0), P.stride(1),
             float(alpha_p), float(alpha_y),
             _m_bucket(M))
-    consts = dict(H_PAD=h_pad, HAS_BIAS=bias is not None, HAS_E=E is not None, DOT_MODE=_dot_mode(X.dtype))
+    # every constexpr is passed: Inductor's wrap_triton expects the full signature (defaults too)
+    consts = dict(H_PAD=h_pad, HAS_BIAS=bias is not None, HAS_E=E is not None, DOT_MODE=_dot_mode(X.dtype),
+                  NPART=0)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), groups)
@@ -457,19 +459,23 @@ def lowrank_chain(X, FL, FH, GL, GH, bias=None, E=None, alpha_p=1.0, alpha_y=1.0
     return Y, P
 
 
-# The backward's pass over g and the dx launch that sums its partials (branch bwd-gpass: launch
-# parameters not yet tuned on a GPU). (BLOCK_M, BLOCK_N, num_warps, num_stages)
-_GRAD_PASS_CONFIG = (64, 256, 8, 3)
-_PARTIALS_CONFIG = (64, 128, 4, 3)     # (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dx launch
+# The backward's pass over g and the dx launch that sums its partials, (BLOCK_M, BLOCK_N, num_warps,
+# num_stages): the fastest pair of ``triton_linear_bench --sweep-grad-pass`` on the H200 (8192 -> 8192,
+# 16,384 rows, k = 16, bf16; docs/benchmarks.md), with about four programs per SM for the pass.
+_GRAD_PASS_CONFIG = (128, 256, 8, 3)
+_PARTIALS_CONFIG = (64, 256, 4, 3)
+_GRAD_PASS_PROGRAMS_PER_SM = 4
 _INTERPRET_GRAD_CONFIG = (16, 32, 4, 1)
 
 
-def grad_pass(g, xA, BL, BH, *, need_dbias=True, config=None, row_splits=None, part_dtype=torch.float32,
+def grad_pass(g, xA, BL, BH, *, need_dbias=True, config=None, row_splits=None, part_dtype=None,
               in_op=True):
-    """One pass over g (M, D_OUT): ``(parts, dB, dbias)`` with ``parts`` (J, M, 2H) fp32 partial
+    """One pass over g (M, D_OUT): ``(parts, dB, dbias)`` with ``parts`` (J, M, 2H) partial
     products g·[BL | BH] over J column groups (their sum is g·Bmᵀ without the 1/(2L)), ``dB``
     (R, D_OUT) = xAᵀ·g for the R columns of ``xA`` given (none: R = 0) and ``dbias`` (D_OUT,) = Σ_rows g
-    (``need_dbias``, else empty), both fp32 (summed here over the row splits)."""
+    (``need_dbias``, else empty), both fp32 (summed here over the row splits). ``part_dtype``: the
+    partials' dtype; None: bf16 for bf16 g (half the traffic; dxA is rounded to bf16 anyway), else
+    fp32 (fp16's range is too small for unscaled partial sums)."""
     M, D_OUT = g.shape
     H = BL.shape[1]
     R = xA.shape[1]
@@ -477,11 +483,13 @@ def grad_pass(g, xA, BL, BH, *, need_dbias=True, config=None, row_splits=None, p
     J = triton.cdiv(D_OUT, bn)
     if row_splits is None:
         sms = _num_sms(g.device.index or 0) if g.device.type == "cuda" else 2
-        row_splits = max(1, min(triton.cdiv(2 * sms, J), triton.cdiv(M, bm)))
+        row_splits = max(1, min(triton.cdiv(_GRAD_PASS_PROGRAMS_PER_SM * sms, J), triton.cdiv(M, bm)))
     rows_per = triton.cdiv(triton.cdiv(M, row_splits), bm) * bm
     S = triton.cdiv(M, rows_per) if M else 1
     f32 = torch.float32
-    parts = g.new_empty((J, M, 2 * H), dtype=part_dtype)   # bf16 halves their traffic (to be measured)
+    if part_dtype is None:
+        part_dtype = torch.bfloat16 if g.dtype == torch.bfloat16 else f32
+    parts = g.new_empty((J, M, 2 * H), dtype=part_dtype)
     db_part = (g.new_empty if M else g.new_zeros)((S, R + int(need_dbias), D_OUT), dtype=f32)
     if M:
         _launcher(_grad_pass_kernel, in_op)[(J, S)](
@@ -640,7 +648,7 @@ def _chain_grads(grad_y, grad_xA, xA, S1s, S2s, U1s, U2s, need_dx, need_U1, need
             dx2, dxA2 = chain_from_partials(parts, _half_in(S1s).mT, _half_in(U2s).mT, e, scale,
                                             dtype=grad_y.dtype, in_op=in_op)
         else:
-            dxA2 = parts.sum(0) * scale
+            dxA2 = parts.sum(0, dtype=torch.float32) * scale
             dxA2 = (dxA2 + e if e is not None else dxA2).to(grad_y.dtype)
         dB = dB * scale
     else:
