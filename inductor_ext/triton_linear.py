@@ -460,10 +460,12 @@ def lowrank_chain(X, FL, FH, GL, GH, bias=None, E=None, alpha_p=1.0, alpha_y=1.0
 
 
 # The backward's pass over g and the dx launch that sums its partials, (BLOCK_M, BLOCK_N, num_warps,
-# num_stages): the fastest pair of ``triton_linear_bench --sweep-grad-pass`` on the H200 (8192 -> 8192,
-# 16,384 rows, k = 16, bf16; docs/benchmarks.md), with about four programs per SM for the pass.
-_GRAD_PASS_CONFIG = (128, 256, 8, 3)
-_PARTIALS_CONFIG = (64, 256, 4, 3)
+# num_stages), by element size. 2 bytes: the fastest pair of ``triton_linear_bench --sweep-grad-pass``
+# on the H200 (8192 -> 8192, 16,384 rows, k = 16, bf16; docs/benchmarks.md), with about four programs
+# per SM for the pass. 4 bytes: tiles small enough for shared memory and, in fp32's FMA dot (no tf32),
+# for the registers (no spills for sm_90; tests/test_hopper_compile.py).
+_GRAD_PASS_CONFIG = {2: (128, 256, 8, 3), 4: (64, 64, 8, 2)}
+_PARTIALS_CONFIG = {2: (64, 256, 4, 3), 4: (64, 128, 4, 3)}
 _GRAD_PASS_PROGRAMS_PER_SM = 4
 _INTERPRET_GRAD_CONFIG = (16, 32, 4, 1)
 
@@ -479,7 +481,8 @@ def grad_pass(g, xA, BL, BH, *, need_dbias=True, config=None, row_splits=None, p
     M, D_OUT = g.shape
     H = BL.shape[1]
     R = xA.shape[1]
-    bm, bn, warps, stages = config or (_INTERPRET_GRAD_CONFIG if _INTERPRET else _GRAD_PASS_CONFIG)
+    bm, bn, warps, stages = config or (_INTERPRET_GRAD_CONFIG if _INTERPRET else
+                                       _GRAD_PASS_CONFIG[g.element_size()])
     J = triton.cdiv(D_OUT, bn)
     if row_splits is None:
         sms = _num_sms(g.device.index or 0) if g.device.type == "cuda" else 2
@@ -514,7 +517,8 @@ def chain_from_partials(parts, GL, GH, E=None, alpha_p=1.0, *, dtype, config=Non
     Y, P = parts.new_empty((M, D_OUT), dtype=dtype), parts.new_empty((M, R), dtype=dtype)
     if M == 0:
         return Y, P
-    bm, bn, warps, stages = config or (_INTERPRET_GRAD_CONFIG if _INTERPRET else _PARTIALS_CONFIG)
+    bm, bn, warps, stages = config or (_INTERPRET_GRAD_CONFIG if _INTERPRET else
+                                       _PARTIALS_CONFIG[dtype.itemsize])
     _launcher(_sketched_linear_chain_kernel, in_op)[(triton.cdiv(M, bm), 1)](
         parts, GL, GH, GL, GH, Y, E if E is not None else Y, Y, P,
         M, 0, D_OUT, H,
