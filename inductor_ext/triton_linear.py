@@ -10,8 +10,12 @@ One kernel does exactly that (on a GPU for R <= ``CUDA_FUSED_MAX_RANK``; above i
 GEMMs measured faster). Each program owns BLOCK_M rows of x, accumulates their
 (BLOCK_M × R) ``xA`` tile in fp32 registers while streaming x through in BLOCK_K chunks, stores
 that small tile (the backward needs it), then streams y out in BLOCK_N chunks of ``xA·Bm + bias``.
-The backward's ``dx`` is the same chain with the factors' roles swapped
-(``dxA = g·Bmᵀ (+ grad_xA)``, ``dx = dxA·Aᵀ``), so one kernel serves both directions.
+The backward reads g once (``_grad_pass_kernel``): program (column group, row range) writes the
+partial products of its columns for ``dxA = g·Bmᵀ`` and accumulates ``xA_selᵀ·g`` and ``Σ g`` for
+its columns over its rows (the B-side and bias gradients). The chain kernel's second phase then
+sums the partials (+ grad_xA) into ``dxA`` and streams ``dx = dxA·Aᵀ`` out; ``xᵀ·dxA`` (the A side)
+is one cuBLAS GEMM. (The earlier backward, kept as ``sketched_linear_triton_bwd``, ran the chain with
+the factors' roles swapped and re-read g for the B side.)
 
 The concatenation is never materialised: each half of A (``S1cat``, ``U2cat``) and of Bm
 (``U1cat``, ``S2cat``) is passed as its own strided 2-D view (a free view when L == 1) and gets its
@@ -126,6 +130,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        NPART: tl.constexpr = 0,
     ):
         """P = alpha_p·X·[FL | FH] (+ E);  Y = alpha_y·(P_L·GL + P_H·GH) (+ bias).
 
@@ -133,6 +138,8 @@ if triton is not None:
         Grid: (row blocks, column groups). Column group g writes a contiguous range of Y's column
         tiles; every group recomputes its rows' P (only group 0 stores it). One group is the
         memory-floor layout (x read once); more groups only help when there are few row blocks.
+        NPART > 0: no X·F; P = alpha_p·(the sum of NPART fp32 partial products stacked in X, each
+        (M, 2H) with strides (sxd: between partials, sxm: rows, unit columns)) (+ E).
         """
         pid_m = tl.program_id(0)
         pid_g = tl.program_id(1)
@@ -141,29 +148,19 @@ if triton is not None:
         rows = offs_m.to(tl.int64)  # row offsets can pass 2**31 elements
         offs_h = tl.arange(0, H_PAD)
         mask_h = offs_h < H
-        offs_k = tl.arange(0, BLOCK_K)
-
-        # ---- phase 1: the (BLOCK_M, 2H) tile of X·F, x streamed once --------------------------
-        x_ptrs = X + rows[:, None] * sxm + offs_k[None, :] * sxd
-        fl_ptrs = FL + offs_k[:, None] * sfl_d + offs_h[None, :] * sfl_h
-        fh_ptrs = FH + offs_k[:, None] * sfh_d + offs_h[None, :] * sfh_h
-        acc_l = tl.zeros((BLOCK_M, H_PAD), dtype=tl.float32)
-        acc_h = tl.zeros((BLOCK_M, H_PAD), dtype=tl.float32)
-        for d0 in range(0, D_IN, BLOCK_K):
-            mask_k = (d0 + offs_k) < D_IN
-            xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            f_mask = mask_k[:, None] & mask_h[None, :]
-            fl = tl.load(fl_ptrs, mask=f_mask, other=0.0)
-            fh = tl.load(fh_ptrs, mask=f_mask, other=0.0)
-            acc_l = _mma(xt, fl, acc_l, DOT_MODE)
-            acc_h = _mma(xt, fh, acc_h, DOT_MODE)
-            x_ptrs += BLOCK_K * sxd
-            fl_ptrs += BLOCK_K * sfl_d
-            fh_ptrs += BLOCK_K * sfh_d
-
+        ph_mask = mask_m[:, None] & mask_h[None, :]
+        if NPART == 0:
+            acc_l, acc_h = _chain_xf(X, FL, FH, rows, mask_m, offs_h, mask_h, D_IN, sxm, sxd,
+                                     sfl_d, sfl_h, sfh_d, sfh_h, H_PAD, DOT_MODE, BLOCK_M, BLOCK_K)
+        else:
+            acc_l = tl.zeros((BLOCK_M, H_PAD), dtype=tl.float32)
+            acc_h = tl.zeros((BLOCK_M, H_PAD), dtype=tl.float32)
+            part = X + rows[:, None] * sxm + offs_h[None, :]
+            for j in range(0, NPART):
+                acc_l += tl.load(part + j * sxd, mask=ph_mask, other=0.0)
+                acc_h += tl.load(part + j * sxd + H, mask=ph_mask, other=0.0)
         acc_l = acc_l * alpha_p
         acc_h = acc_h * alpha_p
-        ph_mask = mask_m[:, None] & mask_h[None, :]
         if HAS_E:
             e_ptrs = E + rows[:, None] * sem + offs_h[None, :] * seh
             acc_l += tl.load(e_ptrs, mask=ph_mask, other=0.0).to(tl.float32)
@@ -205,6 +202,84 @@ if triton is not None:
                 acc += bias_tile.to(tl.float32)[None, :]
             y_ptrs = Y + rows[:, None] * sym + cols[None, :] * syn
             tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _chain_xf(X, FL, FH, rows, mask_m, offs_h, mask_h, D_IN, sxm, sxd, sfl_d, sfl_h, sfh_d, sfh_h,
+                  H_PAD: tl.constexpr, DOT_MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+        """Phase 1: the row block's (BLOCK_M, 2H) tile of X·[FL | FH] in fp32, x streamed once."""
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = X + rows[:, None] * sxm + offs_k[None, :] * sxd
+        fl_ptrs = FL + offs_k[:, None] * sfl_d + offs_h[None, :] * sfl_h
+        fh_ptrs = FH + offs_k[:, None] * sfh_d + offs_h[None, :] * sfh_h
+        acc_l = tl.zeros((BLOCK_M, H_PAD), dtype=tl.float32)
+        acc_h = tl.zeros((BLOCK_M, H_PAD), dtype=tl.float32)
+        for d0 in range(0, D_IN, BLOCK_K):
+            mask_k = (d0 + offs_k) < D_IN
+            xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            f_mask = mask_k[:, None] & mask_h[None, :]
+            fl = tl.load(fl_ptrs, mask=f_mask, other=0.0)
+            fh = tl.load(fh_ptrs, mask=f_mask, other=0.0)
+            acc_l = _mma(xt, fl, acc_l, DOT_MODE)
+            acc_h = _mma(xt, fh, acc_h, DOT_MODE)
+            x_ptrs += BLOCK_K * sxd
+            fl_ptrs += BLOCK_K * sfl_d
+            fh_ptrs += BLOCK_K * sfh_d
+        return acc_l, acc_h
+
+    @triton.jit
+    def _grad_pass_kernel(
+        G, XA, BL, BH, DXA_PART, DB_PART,
+        M, D_OUT, H, R, ROWS_PER_PROG,
+        sgm, sgn, sxam, sxar, sbl_n, sbl_h, sbh_n, sbh_h,
+        spj, spm, sdbs, sdbr, sdbn,
+        H_PAD: tl.constexpr, R_PAD: tl.constexpr, HAS_DB: tl.constexpr, HAS_DBIAS: tl.constexpr,
+        DOT_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """The backward's one pass over g: program (column group j of BLOCK_N columns, row range s)
+        writes, for its rows, the partial dxA_j = g[:, j]·[BL | BH][j] (slot j of DXA_PART (J, M, 2H)),
+        and for its columns the partial over its rows of [XA | 1]ᵀ·g (DB_PART (S, R + HAS_DBIAS,
+        D_OUT), fp32; XA: the R columns of xA that need it; the ones column, HAS_DBIAS, gives Σ_rows g
+        on the tensor cores). g is read once; the partials are small (J·M·2H and S·(R + 1)·D_OUT).
+        BL, BH: (D_OUT, H) views (Bmᵀ's halves, unscaled)."""
+        pid_j = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        cols = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = cols < D_OUT
+        offs_h = tl.arange(0, H_PAD)
+        mask_h = offs_h < H
+        offs_r = tl.arange(0, R_PAD)
+        mask_r = offs_r < R
+        n_db: tl.constexpr = HAS_DB or HAS_DBIAS
+        b_mask = mask_n[:, None] & mask_h[None, :]
+        bl = tl.load(BL + cols[:, None] * sbl_n + offs_h[None, :] * sbl_h, mask=b_mask, other=0.0)
+        bh = tl.load(BH + cols[:, None] * sbh_n + offs_h[None, :] * sbh_h, mask=b_mask, other=0.0)
+        db = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
+        row0 = pid_s * ROWS_PER_PROG
+        row_end = tl.minimum(row0 + ROWS_PER_PROG, M)
+        offs_bm = tl.arange(0, BLOCK_M)
+        part = DXA_PART + pid_j.to(tl.int64) * spj
+        for m0 in range(row0, row_end, BLOCK_M):
+            rows = m0 + offs_bm
+            mask_m = rows < row_end
+            rows64 = rows.to(tl.int64)
+            g = tl.load(G + rows64[:, None] * sgm + cols[None, :] * sgn,
+                        mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            d_l = _mma(g, bl, tl.zeros((BLOCK_M, H_PAD), dtype=tl.float32), DOT_MODE)
+            d_h = _mma(g, bh, tl.zeros((BLOCK_M, H_PAD), dtype=tl.float32), DOT_MODE)
+            p_ptrs = part + rows64[:, None] * spm + offs_h[None, :]
+            p_mask = mask_m[:, None] & mask_h[None, :]
+            tl.store(p_ptrs, d_l, mask=p_mask)
+            tl.store(p_ptrs + H, d_h, mask=p_mask)
+            if n_db:
+                xa = tl.load(XA + rows64[:, None] * sxam + offs_r[None, :] * sxar,
+                             mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                if HAS_DBIAS:
+                    xa = tl.where(offs_r[None, :] == R, 1.0, xa).to(XA.dtype.element_ty)
+                db = _mma(tl.trans(xa), g, db, DOT_MODE)
+        if n_db:
+            out = DB_PART + pid_s.to(tl.int64) * sdbs + offs_r[:, None] * sdbr + cols[None, :] * sdbn
+            tl.store(out, db, mask=(offs_r[:, None] < R + HAS_DBIAS) & mask_n[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,7 +441,9 @@ def lowrank_chain(X, FL, FH, GL, GH, bias=None, E=None, alpha_p=1.0, alpha_y=1.0
             P.stride(0), P.stride(1),
             float(alpha_p), float(alpha_y),
             _m_bucket(M))
-    consts = dict(H_PAD=h_pad, HAS_BIAS=bias is not None, HAS_E=E is not None, DOT_MODE=_dot_mode(X.dtype))
+    # every constexpr is passed: Inductor's wrap_triton expects the full signature (defaults too)
+    consts = dict(H_PAD=h_pad, HAS_BIAS=bias is not None, HAS_E=E is not None, DOT_MODE=_dot_mode(X.dtype),
+                  NPART=0)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), groups)
@@ -379,6 +456,82 @@ def lowrank_chain(X, FL, FH, GL, GH, bias=None, E=None, alpha_p=1.0, alpha_y=1.0
     else:
         kernel = _autotuned(h_pad, X.element_size())
         _launcher(kernel, in_op)[grid](*args, **consts)
+    return Y, P
+
+
+# The backward's pass over g and the dx launch that sums its partials, (BLOCK_M, BLOCK_N, num_warps,
+# num_stages), by element size. 2 bytes: the fastest pair of ``triton_linear_bench --sweep-grad-pass``
+# on the H200 (8192 -> 8192, 16,384 rows, k = 16, bf16; docs/benchmarks.md), with about four programs
+# per SM for the pass. 4 bytes: tiles small enough for shared memory and, in fp32's FMA dot (no tf32),
+# for the registers (no spills for sm_90; tests/test_hopper_compile.py).
+_GRAD_PASS_CONFIG = {2: (128, 256, 8, 3), 4: (64, 64, 8, 2)}
+_PARTIALS_CONFIG = {2: (64, 256, 4, 3), 4: (64, 128, 4, 3)}
+_GRAD_PASS_PROGRAMS_PER_SM = 4
+_INTERPRET_GRAD_CONFIG = (16, 32, 4, 1)
+
+
+def grad_pass(g, xA, BL, BH, *, need_dbias=True, config=None, row_splits=None, part_dtype=None,
+              in_op=True):
+    """One pass over g (M, D_OUT): ``(parts, dB, dbias)`` with ``parts`` (J, M, 2H) partial
+    products g·[BL | BH] over J column groups (their sum is g·Bmᵀ without the 1/(2L)), ``dB``
+    (R, D_OUT) = xAᵀ·g for the R columns of ``xA`` given (none: R = 0) and ``dbias`` (D_OUT,) = Σ_rows g
+    (``need_dbias``, else empty), both fp32 (summed here over the row splits). ``part_dtype``: the
+    partials' dtype; None: bf16 for bf16 g (half the traffic; dxA is rounded to bf16 anyway), else
+    fp32 (fp16's range is too small for unscaled partial sums)."""
+    M, D_OUT = g.shape
+    H = BL.shape[1]
+    R = xA.shape[1]
+    bm, bn, warps, stages = config or (_INTERPRET_GRAD_CONFIG if _INTERPRET else
+                                       _GRAD_PASS_CONFIG[g.element_size()])
+    J = triton.cdiv(D_OUT, bn)
+    if row_splits is None:
+        sms = _num_sms(g.device.index or 0) if g.device.type == "cuda" else 2
+        row_splits = max(1, min(triton.cdiv(_GRAD_PASS_PROGRAMS_PER_SM * sms, J), triton.cdiv(M, bm)))
+    rows_per = triton.cdiv(triton.cdiv(M, row_splits), bm) * bm
+    S = triton.cdiv(M, rows_per) if M else 1
+    f32 = torch.float32
+    if part_dtype is None:
+        part_dtype = torch.bfloat16 if g.dtype == torch.bfloat16 else f32
+    parts = g.new_empty((J, M, 2 * H), dtype=part_dtype)
+    db_part = (g.new_empty if M else g.new_zeros)((S, R + int(need_dbias), D_OUT), dtype=f32)
+    if M:
+        _launcher(_grad_pass_kernel, in_op)[(J, S)](
+            g, xA if R else g, BL, BH, parts, db_part,
+            M, D_OUT, H, R, rows_per,
+            g.stride(0), g.stride(1), xA.stride(0), xA.stride(1),
+            BL.stride(0), BL.stride(1), BH.stride(0), BH.stride(1),
+            parts.stride(0), parts.stride(1), db_part.stride(0), db_part.stride(1), db_part.stride(2),
+            H_PAD=_dot_width(H), R_PAD=_dot_width(R + int(need_dbias)), HAS_DB=R > 0, HAS_DBIAS=need_dbias,
+            DOT_MODE=_dot_mode(g.dtype),
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    db = db_part.sum(0) if S > 1 else db_part[0]
+    return parts, db[:R], db[R] if need_dbias else db.new_empty((0,))
+
+
+def chain_from_partials(parts, GL, GH, E=None, alpha_p=1.0, *, dtype, config=None, in_op=True):
+    """``(Y, P)``: ``P = alpha_p·Σ_j parts[j] (+ E)`` rounded to ``dtype`` and ``Y = P_L·GL + P_H·GH``:
+    the chain kernel's second phase over the partials of ``grad_pass``."""
+    J, M, R = parts.shape
+    H = R // 2
+    D_OUT = GL.shape[1]
+    Y, P = parts.new_empty((M, D_OUT), dtype=dtype), parts.new_empty((M, R), dtype=dtype)
+    if M == 0:
+        return Y, P
+    bm, bn, warps, stages = config or (_INTERPRET_GRAD_CONFIG if _INTERPRET else
+                                       _PARTIALS_CONFIG[dtype.itemsize])
+    _launcher(_sketched_linear_chain_kernel, in_op)[(triton.cdiv(M, bm), 1)](
+        parts, GL, GH, GL, GH, Y, E if E is not None else Y, Y, P,
+        M, 0, D_OUT, H,
+        parts.stride(1), parts.stride(0),
+        0, 0, 0, 0,
+        GL.stride(0), GL.stride(1), GH.stride(0), GH.stride(1),
+        E.stride(0) if E is not None else 0, E.stride(1) if E is not None else 0,
+        Y.stride(0), Y.stride(1),
+        P.stride(0), P.stride(1),
+        float(alpha_p), 1.0,
+        0,
+        H_PAD=_dot_width(H), HAS_BIAS=False, HAS_E=E is not None, DOT_MODE=_dot_mode(dtype),
+        BLOCK_M=bm, BLOCK_K=16, BLOCK_N=bn, NPART=J, num_warps=warps, num_stages=stages)
     return Y, P
 
 
@@ -476,66 +629,86 @@ def sketched_linear_triton_bwd(grad_y: Tensor, grad_xA: Optional[Tensor], S1s: T
     return _chain_backward(grad_y, grad_xA, S1s, S2s, U1s, U2s)
 
 
+def _chain_grads(grad_y, grad_xA, xA, S1s, S2s, U1s, U2s, need_dx, need_U1, need_S2, need_db, in_op=True):
+    """``(dx, dxA, dB, db)`` for the backward, g read once: ``dxA = grad_y·Bmᵀ (+ grad_xA)``,
+    ``dx = dxA·Aᵀ`` (empty unless ``need_dx``), ``dB = xA_selᵀ·grad_y / (2L)`` (the U1 rows if
+    ``need_U1``, then the S2 rows if ``need_S2``) and ``db = Σ_rows grad_y`` (empty unless
+    ``need_db``); dB, db in fp32 (float64 for float64). The kernels where ``_kernel_ok``
+    (``grad_pass``, then ``chain_from_partials`` for dx), else the torch math."""
+    L, d_in, k = S1s.shape
+    d_out = S2s.shape[-1]
+    H = L * k
+    scale = 1.0 / (2 * L)
+    lead = grad_y.shape[:-1]
+    g = grad_y.reshape(-1, d_out)
+    xA2 = xA.reshape(-1, 2 * H)
+    e = grad_xA.reshape(-1, 2 * H) if grad_xA is not None else None
+    # the columns of xA whose product with g is needed: [xA_U1 | xA_S2] (contiguous either way)
+    xA_sel = xA2[:, (0 if need_U1 else H):(2 * H if need_S2 else H)]
+    if _kernel_ok(grad_y, 2 * H):
+        parts, dB, db = grad_pass(g, xA_sel, _half_out(U1s).mT, _half_out(S2s).mT, need_dbias=need_db,
+                                  in_op=in_op)
+        if need_dx:
+            dx2, dxA2 = chain_from_partials(parts, _half_in(S1s).mT, _half_in(U2s).mT, e, scale,
+                                            dtype=grad_y.dtype, in_op=in_op)
+        else:
+            dxA2 = parts.sum(0, dtype=torch.float32) * scale
+            dxA2 = (dxA2 + e if e is not None else dxA2).to(grad_y.dtype)
+        dB = dB * scale
+    else:
+        A, Bm = concat_factors(S1s, S2s, U1s, U2s)
+        dxA2 = g @ Bm.mT
+        if e is not None:
+            dxA2 = dxA2 + e
+        dx2 = dxA2 @ A.mT if need_dx else None
+        acc = torch.promote_types(g.dtype, torch.float32)   # float64 stays float64
+        dB = (xA_sel.mT.to(acc) @ g.to(acc)) * scale
+        db = g.to(acc).sum(0) if need_db else g.new_empty((0,), dtype=acc)
+    dx = _with_last(dx2, lead, d_in) if need_dx else grad_y.new_empty((0,))
+    return dx, _with_last(dxA2, lead, 2 * H), dB, db
+
+
+@torch.library.triton_op("panther::sketched_linear_triton_grads", mutates_args=())
+def sketched_linear_triton_grads(grad_y: Tensor, grad_xA: Optional[Tensor], xA: Tensor, S1s: Tensor,
+                                 S2s: Tensor, U1s: Tensor, U2s: Tensor, need_dx: bool, need_U1: bool,
+                                 need_S2: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward's pass over grad_y: ``(dx, dxA, dB, db)`` as ``_chain_grads``."""
+    return _chain_grads(grad_y, grad_xA, xA, S1s, S2s, U1s, U2s, need_dx, need_U1, need_S2, need_db)
+
+
 def _setup_context(ctx, inputs, output):
     x, S1s, S2s, U1s, U2s, bias = inputs
     ctx.save_for_backward(x, output[1], S1s, S2s, U1s, U2s)
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad_y, grad_xA, chain_backward=None):
-    """6·N·L·k·(d_in+d_out) FLOPs for dx, dS1s, dS2s: dx and dxA from the fused kernel, the weight
-    gradients as GEMMs over the small (N, 2Lk) results; db rides in the dS2 GEMM as a ones column.
-    ``chain_backward``: what computes (dx, dxA); by default the custom op."""
+def _backward(ctx, grad_y, grad_xA, grads=None):
+    """6·N·L·k·(d_in+d_out) FLOPs for dx, dS1s, dS2s: one pass over g gives dx, dxA and the B-side
+    gradients (``_chain_grads``), then dS1s, dU2s = xᵀ·dxA (x read once for both).
+    ``grads``: what computes ``_chain_grads``; by default the custom op."""
     x, xA, S1s, S2s, U1s, U2s = ctx.saved_tensors
     need_x, need_S1, need_S2, need_U1, need_U2, need_b = ctx.needs_input_grad
     need_b = need_b and ctx.has_bias
     L, d_in, k = S1s.shape
     d_out = S2s.shape[-1]
     H = L * k
-    scale = 1.0 / (2 * L)
-    g = grad_y.reshape(-1, d_out)
     x2 = x.reshape(-1, d_in)
-    xA2 = xA.reshape(-1, 2 * H)
-
-    dx = dS1s = dS2s = dU1s = dU2s = db = None
-    if need_x or need_S1 or need_U2:
-        if need_x:
-            chain_backward = chain_backward or torch.ops.panther.sketched_linear_triton_bwd
-            dx, dxA = chain_backward(grad_y, grad_xA, S1s, S2s, U1s, U2s)
-            dxA = dxA.reshape(-1, 2 * H)
-        else:
-            _, Bm = concat_factors(S1s, S2s, U1s, U2s)
-            dxA = g @ Bm.mT
-            if grad_xA is not None:
-                dxA = dxA + grad_xA.reshape(-1, 2 * H)
+    grads = grads or torch.ops.panther.sketched_linear_triton_grads
+    dx, dxA, dB, db = grads(grad_y, grad_xA, xA, S1s, S2s, U1s, U2s, need_x, need_U1, need_S2, need_b)
+    dx = dx if need_x else None
+    dxA = dxA.reshape(-1, 2 * H)
+    dS1s = dU2s = None
+    if need_S1 or need_U2:
         # x read once for both A-side factors when both need a gradient.
         cols = slice(0, 2 * H) if (need_S1 and need_U2) else slice(0, H) if need_S1 else slice(H, 2 * H)
-        if need_S1 or need_U2:
-            dA = (x2.mT @ dxA[:, cols]).reshape(d_in, -1, k).permute(1, 0, 2)
-            if need_S1:
-                dS1s = dA[:L]
-            if need_U2:
-                dU2s = dA[-L:]
-    if need_U1 or need_S2 or need_b:
-        # g read once for U1, S2 and bias: [xA_sel | 1]ᵀ·g, the ones row giving db = Σ_rows g.
-        parts = ([xA2[:, :H]] if need_U1 else []) + ([xA2[:, H:]] if need_S2 else [])
-        width = sum(p.shape[1] for p in parts) + (1 if need_b else 0)
-        lhs = xA2.new_empty((xA2.shape[0], (width + 7) // 8 * 8))[:, :width]  # aligned rows for cuBLAS
-        col = 0
-        for part in parts:
-            lhs[:, col:col + H].copy_(part)
-            col += H
-        if need_b:
-            lhs[:, col].fill_(1)
-        dB = lhs.mT @ g
-        i = 0
-        if need_U1:
-            dU1s = (dB[:H] * scale).reshape(L, k, d_out)
-            i = H
-        if need_S2:
-            dS2s = (dB[i:i + H] * scale).reshape(L, k, d_out)
-        if need_b:
-            db = dB[-1]
+        dA = (x2.mT @ dxA[:, cols]).reshape(d_in, -1, k).permute(1, 0, 2)
+        if need_S1:
+            dS1s = dA[:L]
+        if need_U2:
+            dU2s = dA[-L:]
+    dU1s = dB[:H].to(U1s.dtype).reshape(L, k, d_out) if need_U1 else None
+    dS2s = dB[-H:].to(S2s.dtype).reshape(L, k, d_out) if need_S2 else None
+    db = db.to(grad_y.dtype) if need_b else None
     return dx, dS1s, dS2s, dU1s, dU2s, db
 
 
@@ -556,7 +729,7 @@ class _EagerChain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _backward(ctx, grad_y, None, functools.partial(_chain_backward, in_op=False))
+        return _backward(ctx, grad_y, None, functools.partial(_chain_grads, in_op=False))
 
 
 # FlopCounterMode sees the ops, not their kernels: both run two GEMMs through the rank 2·L·k.
@@ -564,6 +737,15 @@ class _EagerChain(torch.autograd.Function):
 def _chain_flops(a_shape, grad_xA_or_S1s_shape, *shapes, out_shape=None, **kwargs):
     (first, p), n = out_shape, math.prod(a_shape[:-1])  # (y or dx, xA or dxA)
     return 2 * n * p[-1] * (a_shape[-1] + first[-1])
+
+
+@register_flop_formula(torch.ops.panther.sketched_linear_triton_grads)
+def _grads_flops(g_shape, *shapes, out_shape=None, **kwargs):
+    # dxA = g·Bmᵀ, dx = dxA·Aᵀ, dB = xA_selᵀ·g, db as the ones column of that product
+    dx, dxA, dB, db = out_shape
+    n, d_out, r = math.prod(g_shape[:-1]), g_shape[-1], dxA[-1]
+    d_in = dx[-1] if len(dx) > 1 else 0
+    return 2 * n * r * (d_out + d_in) + 2 * n * (dB[0] + (1 if db[0] else 0)) * d_out
 
 
 def _check_args(x, S1s, S2s, U1s, U2s, bias):

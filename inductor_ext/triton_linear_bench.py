@@ -18,7 +18,7 @@ from panther.ops.linear import concat_factors
 
 from . import triton_linear as tlin
 
-__all__ = ["bench_triton_linear", "main"]
+__all__ = ["bench_triton_linear", "sweep_grad_pass", "main"]
 
 
 def _ms(fn, reps=200):
@@ -99,9 +99,9 @@ def bench_triton_linear(in_features=8192, out_features=8192, batch=16384, num_te
     row("fwd memory floor (x + y + factors once)", fwd_floor)
 
     if backward:
-        # floor: x, y, g, dx once each; the current design also re-reads x (dS1s) and g (dS2s, db)
+        # floor: x, y, g, dx once each; the current design also re-reads x (dS1s)
         bwd_floor = (2 * x.numel() + 2 * N * d_out) * esize / bw + 2 * factor_bytes / bw
-        reread_floor = bwd_floor + (x.numel() + N * d_out) * esize / bw
+        reread_floor = bwd_floor + x.numel() * esize / bw
         leaves = [t.detach().requires_grad_(True) for t in (x, S1s, S2s, bias)]
         xs, S1g, S2g, bg = leaves
 
@@ -115,18 +115,63 @@ def bench_triton_linear(in_features=8192, out_features=8192, batch=16384, num_te
         timed(f"fwd+bwd: sketched_linear_triton ({path})", fwd_bwd(tlin.sketched_linear_triton), bwd_floor)
         with torch.no_grad():
             _, xA = torch.ops.panther.sketched_linear_triton_fwd(x, *fac, bias)
-            timed(f"  part: dx, dxA ({path})",
-                  lambda: torch.ops.panther.sketched_linear_triton_bwd(gy, None, *fac))
-            _, dxA = torch.ops.panther.sketched_linear_triton_bwd(gy, None, *fac)
             H = L * k
-            lhs = torch.ones(N, (H + 1 + 7) // 8 * 8, device=device, dtype=dtype)[:, :H + 1]
-            lhs[:, :H] = xA[:, H:]
+            grads = torch.ops.panther.sketched_linear_triton_grads
+            timed(f"  part: one pass over g: dx, dxA, dS2s, db ({path})",
+                  lambda: grads(gy, None, xA, *fac, True, False, True, True))
+            if tlin._kernel_ok(x, 2 * H):
+                parts, _, _ = tlin.grad_pass(gy, xA[:, H:], tlin._half_out(U1s).mT, tlin._half_out(S2s).mT)
+                timed("    of which: grad_pass (g read once, partials)",
+                      lambda: tlin.grad_pass(gy, xA[:, H:], tlin._half_out(U1s).mT, tlin._half_out(S2s).mT))
+                timed("    of which: dx from the partials",
+                      lambda: tlin.chain_from_partials(parts, tlin._half_in(S1s).mT, tlin._half_in(U2s).mT,
+                                                       None, 1.0 / (2 * L), dtype=dtype))
+            _, dxA, _, _ = grads(gy, None, xA, *fac, True, False, True, True)
             timed("  part: dS1s GEMM x^T dxA", lambda: x.mT @ dxA[:, :H])
-            timed("  part: dS2s+db GEMM [xA|1]^T g", lambda: lhs.mT @ gy)
+            timed("  (before: dx, dxA kernel)", lambda: torch.ops.panther.sketched_linear_triton_bwd(gy, None, *fac))
         row("fwd+bwd memory floor (x, y, g, dx once)", bwd_floor)
-        row("fwd+bwd floor with x, g re-read for dS1s, dS2s", reread_floor)
+        row("fwd+bwd floor with x re-read for dS1s", reread_floor)
     headers = ["what", "median ms", "CUDA-graph ms", "best / floor", "floor ms"]
     return rows, headers
+
+
+def sweep_grad_pass(in_features=8192, out_features=8192, batch=16384, num_terms=1, low_rank=16, *,
+                    dtype=torch.bfloat16, device="cuda", seed=0):
+    """CUDA-graph ms of the backward's pass over g and of the dx launch over its partials, for launch
+    configurations, partial dtypes and row splits: the data behind ``_GRAD_PASS_CONFIG``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    L, k, N = num_terms, low_rank, batch
+    H = L * k
+
+    def mk(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+    gy, xA = mk(N, out_features), mk(N, 2 * H)
+    BL, BH = mk(H, out_features).mT, mk(H, out_features).mT
+    GL, GH = mk(H, in_features), mk(H, in_features)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 2
+    rows = []
+    for cfg in ((64, 256, 8, 3), (64, 128, 4, 4), (128, 128, 8, 4), (32, 512, 8, 3), (64, 256, 8, 4),
+                (128, 256, 8, 3)):
+        J = -(-out_features // cfg[1])
+        for part_dtype in (torch.float32, torch.bfloat16):
+            for splits in sorted({max(1, -(-sms // J)), max(1, -(-2 * sms // J)), max(1, -(-4 * sms // J))}):
+                def pass_():
+                    return tlin.grad_pass(gy, xA[:, H:], BL, BH, config=cfg, row_splits=splits,
+                                          part_dtype=part_dtype)
+                try:
+                    parts = pass_()[0]
+                    t1 = _graph_ms(pass_)
+                    t2 = _graph_ms(lambda: tlin.chain_from_partials(parts, GL, GH, None, 0.5, dtype=dtype))
+                    t12 = _graph_ms(lambda: tlin.chain_from_partials(pass_()[0], GL, GH, None, 0.5, dtype=dtype))
+                    rows.append([str(cfg), str(part_dtype).split(".")[-1], splits, J * splits,
+                                 f"{t1:.4f}", f"{t2:.4f}", f"{t12:.4f}"])
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                    rows.append([str(cfg), str(part_dtype).split(".")[-1], splits, J * splits,
+                                 f"{type(exc).__name__}", "", ""])
+                print(rows[-1], flush=True)
+    return rows, ["config (BM, BN, warps, stages)", "partials", "row splits", "programs", "grad pass ms",
+                  "dx from partials ms", "both ms"]
 
 
 def main(argv=None):
@@ -140,10 +185,17 @@ def main(argv=None):
     p.add_argument("--low-rank", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--sweep-grad-pass", action="store_true",
+                   help="time the backward's grad-pass launches over configs, partial dtypes and row splits")
     p.add_argument("--markdown", metavar="FILE", default=None,
                    help="also write each table into this markdown file (e.g. docs/benchmarks.md)")
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
+    if a.sweep_grad_pass:
+        rows, headers = sweep_grad_pass(a.in_features or 8192, a.out_features or a.in_features or 8192, a.batch,
+                                        a.num_terms, a.low_rank or 16, dtype=dtype)
+        print(tabulate(rows, headers=headers))
+        return
     if a.in_features is None and a.low_rank is None:
         # issue [D]'s workloads: targets fwd <= 0.146 ms, fwd+bwd <= 0.40 ms; k=64 at 16384^2 fwd <= 0.29 ms
         workloads = [dict(in_features=8192, out_features=8192, low_rank=16, backward=not a.no_backward),

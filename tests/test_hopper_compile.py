@@ -32,9 +32,13 @@ def _linear():
     S1s, U2s, S2s, U1s = _randn(1, 512, 16), _randn(1, 512, 16), _randn(1, 16, 384), _randn(1, 16, 384)
     tlin.lowrank_chain(x, tlin._half_in(S1s), tlin._half_in(U2s), tlin._half_out(U1s), tlin._half_out(S2s),
                        bias=_randn(384), alpha_y=0.5)
-    # the backward's chain: g in, the factors' transposed views, an incoming grad for xA
-    tlin.lowrank_chain(g, tlin._half_out(U1s).mT, tlin._half_out(S2s).mT, tlin._half_in(S1s).mT,
-                       tlin._half_in(U2s).mT, E=_randn(256, 32), alpha_p=0.5)
+    # the backward: one pass over g (the S2 rows and the bias), then dx from its partials; fp32 has
+    # its own tiles (shared memory, and registers for its FMA dot)
+    for dt in (bf16, torch.float32):
+        gd, xA = g.to(dt), _randn(256, 32, dtype=dt)
+        U1d, S2d, S1d, U2d = (t.to(dt) for t in (U1s, S2s, S1s, U2s))
+        parts, _, _ = tlin.grad_pass(gd, xA[:, 16:], tlin._half_out(U1d).mT, tlin._half_out(S2d).mT)
+        tlin.chain_from_partials(parts, tlin._half_in(S1d).mT, tlin._half_in(U2d).mT, xA, 0.5, dtype=dt)
 
 
 def _conv():

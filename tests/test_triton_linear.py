@@ -64,6 +64,18 @@ def test_opcheck_bwd(with_grad_xA):
     torch.library.opcheck(BWD, (g, gxa, S1s, S2s, U1s, U2s))
 
 
+@pytest.mark.parametrize("needs", [(True, True, True, True), (False, False, True, True), (True, True, False, False)],
+                         ids=["all", "S2-db", "dx-U1"])
+def test_opcheck_grads(needs):
+    _, S1s, S2s, U1s, U2s, _ = factors(2, 6, 3, 5, dtype=torch.float32)
+    g, gxa, xA = torch.randn(2, 3, 5), torch.randn(2, 3, 12), torch.randn(2, 3, 12)
+    torch.library.opcheck(torch.ops.panther.sketched_linear_triton_grads, (g, gxa, xA, S1s, S2s, U1s, U2s, *needs))
+    dx, dxA, dB, db = torch.ops.panther.sketched_linear_triton_grads(g, None, xA, S1s, S2s, U1s, U2s, *needs)
+    rows = (6 if needs[1] else 0) + (6 if needs[2] else 0)
+    assert dx.shape == ((2, 3, 6) if needs[0] else (0,)) and dxA.shape == (2, 3, 12)
+    assert dB.shape == (rows, 5) and db.shape == ((5,) if needs[3] else (0,))
+
+
 @pytest.mark.parametrize("lead,bias", [((5,), True), ((2, 3), False), ((), True)], ids=["2d-bias", "3d", "1d-bias"])
 def test_gradcheck_float64(bias, lead):
     args = factors(2, 6, 3, 5, lead=lead, bias=bias, requires_grad=True, u_grad=True)

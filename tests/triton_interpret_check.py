@@ -152,8 +152,44 @@ def grad_cases():
     check("bwd op dx with grad_xA", rel(dx, dxA_ref @ A.T), TOL[torch.float32])
 
 
+def grad_pass_cases():
+    """The backward's pass over g (grad_pass) and the dx launch over its partials (chain_from_partials):
+    tails, several row splits and column groups, the optional products, E."""
+    cases = [  # (M, D_OUT, H, D_IN, sel columns of xA, config, row_splits)
+        (37, 70, 5, 45, (0, 10), (16, 32, 4, 1), 3),
+        (64, 96, 16, 40, (16, 32), (16, 32, 4, 1), 2),    # S2 rows only
+        (5, 33, 1, 17, (0, 1), (16, 16, 4, 1), 1),         # U1 rows only, H = 1
+        (20, 48, 4, 24, (0, 0), (16, 16, 4, 1), 2),        # no dB
+    ]
+    for M, D_OUT, H, D_IN, (c0, c1), cfg, splits in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            g, xA, BLt, BHt = rand(M, D_OUT), rand(M, 2 * H), rand(H, D_OUT), rand(H, D_OUT)
+            GL, GH, E = rand(H, D_IN), rand(H, D_IN), rand(M, 2 * H)
+            low = [t.to(dtype) for t in (g, xA, BLt, BHt, GL, GH, E)]
+            parts, dB, dbias = tlin.grad_pass(low[0], low[1][:, c0:c1], low[2].mT, low[3].mT, config=cfg,
+                                              row_splits=splits, need_dbias=c1 > 0)
+            gd = low[0].double()
+            tag = f"grad_pass M={M} D_OUT={D_OUT} H={H} cols {c0}:{c1} splits={splits} {dtype}"
+            dxa = gd @ torch.cat([low[2], low[3]]).double().T
+            # bf16 g: bf16 partials by default (half the traffic), else fp32
+            assert parts.dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+            check(tag + " dxA partials", rel(parts.sum(0, dtype=torch.float64), dxa), TOL[parts.dtype])
+            assert dB.shape == (c1 - c0, D_OUT) and dbias.shape == ((D_OUT,) if c1 else (0,))
+            if c1 > c0:
+                check(tag + " dB", rel(dB, low[1][:, c0:c1].double().T @ gd), TOL[torch.float32])
+            if c1:
+                check(tag + " dbias", rel(dbias, gd.sum(0)), TOL[torch.float32])
+            Y = torch.full((M, D_IN), float("nan"), dtype=dtype)
+            Y, P = tlin.chain_from_partials(parts, low[4], low[5], low[6], 0.25, dtype=dtype,
+                                            config=(cfg[0], 16, 4, 1))
+            P_ref = 0.25 * dxa + low[6].double()
+            check(tag + " P", rel(P, P_ref), TOL[dtype])
+            check(tag + " Y", rel(Y, P_ref.to(dtype).double() @ torch.cat([low[4], low[5]]).double()), TOL[dtype])
+
+
 if __name__ == "__main__":
     chain_cases()
+    grad_pass_cases()
     op_cases()
     grad_cases()
     print("ALL OK")
