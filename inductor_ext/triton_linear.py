@@ -22,7 +22,7 @@ The concatenation is never materialised: each half of A (``S1cat``, ``U2cat``) a
 own ``tl.dot``; ``1/(2L)`` is a scalar applied to the fp32 accumulator. So the forward is one
 launch with no preparatory copies.
 
-Registered as ``torch.library.triton_op`` (``panther::sketched_linear_triton_fwd`` / ``_bwd``), so
+Registered as ``torch.library.triton_op`` (``panther::sketched_linear_triton_fwd`` / ``_grads``), so
 Inductor inlines the kernel on CUDA. Plain eager calls skip the ops' Python dispatch: an
 ``autograd.Function`` (``_EagerChain``) launches the same kernels with the same backward. Inside the
 op body a device branch sends CPU tensors (and shapes the kernel does not cover) to the plain

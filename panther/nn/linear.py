@@ -169,9 +169,10 @@ class SKLinear(nn.Module):
 class SKLinear_triton(SKLinear):
     """SKLinear whose CUDA forward and backward are panther's fused Triton kernels.
 
-    ``panther::sketched_linear_triton_fwd/_bwd`` (``inductor_ext/triton_linear.py``) read x once and
-    write y once, keeping the rank-2Lk intermediate on chip; they are ``triton_op`` kernels, so Inductor
-    inlines them under ``torch.compile``. CPU tensors take the same ops' two-GEMM torch branch, so results
+    ``panther::sketched_linear_triton_fwd`` (``inductor_ext/triton_linear.py``) reads x once and writes
+    y once, keeping the rank-2Lk intermediate on chip; the backward's
+    ``panther::sketched_linear_triton_grads`` reads the upstream gradient once. They are ``triton_op``
+    kernels, so Inductor inlines them under ``torch.compile``. CPU tensors take the same ops' two-GEMM torch branch, so results
     match SKLinear's. Unlike the public library's version, ``U2s`` has the same ±1/sqrt(k) scale as
     SKLinear's, so the init is unbiased. Same constructor arguments as :class:`SKLinear`; needs ``triton``.
     """
