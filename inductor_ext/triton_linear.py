@@ -370,8 +370,13 @@ def tuned_configs():
     return {k: getattr(v, "best_config", None) for k, v in _AUTOTUNERS.items() if v is not None}
 
 
+def _num_sms(device):
+    """Streaming multiprocessors of a CUDA device (no index: the current device)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.lru_cache(maxsize=None)
-def _num_sms(device_index):
+def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -380,7 +385,7 @@ def _column_groups(m, d_out, device):
     every group (from L2). With many rows, one group: x is read exactly once."""
     if device.type != "cuda":
         return 1
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _num_sms(device)
     row_blocks = (m + 63) // 64
     if row_blocks >= sms:
         return 1
@@ -485,7 +490,7 @@ def grad_pass(g, xA, BL, BH, *, need_dbias=True, config=None, row_splits=None, p
                                        _GRAD_PASS_CONFIG[g.element_size()])
     J = triton.cdiv(D_OUT, bn)
     if row_splits is None:
-        sms = _num_sms(g.device.index or 0) if g.device.type == "cuda" else 2
+        sms = _num_sms(g.device) if g.device.type == "cuda" else 2
         row_splits = max(1, min(triton.cdiv(_GRAD_PASS_PROGRAMS_PER_SM * sms, J), triton.cdiv(M, bm)))
     rows_per = triton.cdiv(triton.cdiv(M, row_splits), bm) * bm
     S = triton.cdiv(M, rows_per) if M else 1
@@ -591,6 +596,16 @@ def _chain_forward(x, S1s, S2s, U1s, U2s, bias, in_op=True):
     return _with_last(y2, lead, d_out), _with_last(xA2, lead, 2 * H)
 
 
+def _torch_dx_dxA(g, e, S1s, S2s, U1s, U2s, need_dx=True):
+    """The two-GEMM torch math of the backward's chain: ``dxA = g·Bmᵀ (+ e)`` and ``dx = dxA·Aᵀ``
+    (None unless ``need_dx``), for g (N, d_out) and e (N, 2H) or None."""
+    A, Bm = concat_factors(S1s, S2s, U1s, U2s)
+    dxA = g @ Bm.mT
+    if e is not None:
+        dxA = dxA + e
+    return (dxA @ A.mT if need_dx else None), dxA
+
+
 def _chain_backward(grad_y, grad_xA, S1s, S2s, U1s, U2s, in_op=True):
     """``(dx, dxA)`` with ``dxA = grad_y·Bmᵀ (+ grad_xA)`` and ``dx = dxA·Aᵀ``: g read once, dx
     written once."""
@@ -605,11 +620,7 @@ def _chain_backward(grad_y, grad_xA, S1s, S2s, U1s, U2s, in_op=True):
         dx2, dxA2 = lowrank_chain(g, _half_out(U1s).mT, _half_out(S2s).mT, _half_in(S1s).mT,
                                   _half_in(U2s).mT, E=e, alpha_p=1.0 / (2 * L), in_op=in_op)
     else:
-        A, Bm = concat_factors(S1s, S2s, U1s, U2s)
-        dxA2 = g @ Bm.mT
-        if e is not None:
-            dxA2 = dxA2 + e
-        dx2 = dxA2 @ A.mT
+        dx2, dxA2 = _torch_dx_dxA(g, e, S1s, S2s, U1s, U2s)
     return _with_last(dx2, lead, d_in), _with_last(dxA2, lead, 2 * H)
 
 
@@ -656,11 +667,7 @@ def _chain_grads(grad_y, grad_xA, xA, S1s, S2s, U1s, U2s, need_dx, need_U1, need
             dxA2 = (dxA2 + e if e is not None else dxA2).to(grad_y.dtype)
         dB = dB * scale
     else:
-        A, Bm = concat_factors(S1s, S2s, U1s, U2s)
-        dxA2 = g @ Bm.mT
-        if e is not None:
-            dxA2 = dxA2 + e
-        dx2 = dxA2 @ A.mT if need_dx else None
+        dx2, dxA2 = _torch_dx_dxA(g, e, S1s, S2s, U1s, U2s, need_dx)
         acc = torch.promote_types(g.dtype, torch.float32)   # float64 stays float64
         dB = (xA_sel.mT.to(acc) @ g.to(acc)) * scale
         db = g.to(acc).sum(0) if need_db else g.new_empty((0,), dtype=acc)
