@@ -220,6 +220,7 @@ if triton is not None:
         (``_column0``), and an invalid key needs no select per weight. At 65,536 tokens × 16
         heads on the H200 this measured 0.245 ms, against 0.258 with the selects and the
         elementwise z, and 0.28 with the selects alone."""
+        alpha = tl.cast(alpha, tl.float32)   # Inductor passes a float argument as fp64
         fb = tl.program_id(0)
         bh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -339,6 +340,7 @@ if triton is not None:
         in the place of the values: feature blocks of BLOCK_F with an online row max, so the
         (rows × m) feature tile is never held whole. The query's -|q|^2/2 is a per-row constant
         and cancels; it is only added back to the saved shift."""
+        alpha = tl.cast(alpha, tl.float32)   # Inductor passes a float argument as fp64
         bh = tl.program_id(0)
         pm = tl.program_id(1)
         b = bh // H
@@ -403,6 +405,7 @@ if triton is not None:
         ``_segment_prefix_kernel`` turns into the state of the earlier segments. Grid (feature
         blocks, B·H, segments). No pass over the keys runs before it: the chunk kernels add the
         two parts (``_chunk_factors``). relu: references 0."""
+        alpha = tl.cast(alpha, tl.float32)   # Inductor passes a float argument as fp64
         fb = tl.program_id(0)
         bh = tl.program_id(1)
         sg = tl.program_id(2)
@@ -550,6 +553,7 @@ if triton is not None:
         enters at M_s, the running max of the key shifts up to s, and the (t, s) weight gains
         exp(M_s - M_t) <= 1.
         SAVE_STATS: per row den, the query shift and M into STATS (B·H, 3, L)."""
+        alpha = tl.cast(alpha, tl.float32)   # Inductor passes a float argument as fp64
         c = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H

@@ -245,6 +245,7 @@ if triton is not None:
         HZ, HR; PP, PZ, PR with HAS_PREFIX), each product scaled by ``_chunk_factors``; else the
         total (HS, HZ; the rest unused), at the reference the forward's den has. Also writes per
         row 1/den and (g.o)/den into ROWS (B·H, 2, L) for the key side."""
+        alpha = tl.cast(alpha, tl.float32)   # Inductor passes a float argument as fp64
         NFB: tl.constexpr = M_PAD // BLOCK_F
         c = tl.program_id(0)
         bh = tl.program_id(1)
@@ -387,6 +388,7 @@ if triton is not None:
         (HP in the state dtype, HPZ fp32, the reference HPR = M at the chunk's last row, natural
         units). Else: starts from zero and writes the segment's own state into PI, PZ (causal:
         at M of the row before the segment)."""
+        alpha = tl.cast(alpha, tl.float32)   # Inductor passes a float argument as fp64
         fb = tl.program_id(0)
         bh = tl.program_id(1)
         sg = tl.program_id(2)
@@ -467,6 +469,7 @@ if triton is not None:
         intra-chunk dA^T phi_q, A^T G. Causal: the suffix state after the chunk, at HPR (natural
         units), keys at their running max M; else the total, keys at HPR[bh] (the reference of
         the forward's merged key state)."""
+        alpha = tl.cast(alpha, tl.float32)   # Inductor passes a float argument as fp64
         c = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H

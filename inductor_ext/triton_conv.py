@@ -80,6 +80,7 @@ if triton is not None:
         BLOCK_P output pixels: it sums their taps (every tap's loads independent, so all in flight
         at once), then streams their output rows out BLOCK_N channels at a time."""
         pid = tl.program_id(0)
+        scale = tl.cast(scale, tl.float32)   # Inductor passes a float argument as fp64
         offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
         n = offs_p // (HO * WO)

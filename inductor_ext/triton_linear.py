@@ -143,6 +143,10 @@ if triton is not None:
         """
         pid_m = tl.program_id(0)
         pid_g = tl.program_id(1)
+        # Inductor passes float arguments as fp64: in fp64 the scalings ran every tile through the fp64
+        # units (0.206 ms against 0.150 for the 8192 -> 8192 forward inlined by Inductor, H200)
+        alpha_p = tl.cast(alpha_p, tl.float32)
+        alpha_y = tl.cast(alpha_y, tl.float32)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         rows = offs_m.to(tl.int64)  # row offsets can pass 2**31 elements

@@ -4,7 +4,7 @@
 every ``_launcher(kernel)[grid](*args, **kwargs)`` is kept instead of launched (CPU tensors stand in
 for the GPU's). ``compile_sm90(launch)`` then specialises the kernel on those arguments the way
 Triton's JIT does on a GPU (pointers 16-byte aligned, integers divisible by 16 marked so, integers
-equal to 1 made constants) and compiles it with the ptxas that ships with triton. CI has no GPU;
+equal to 1 made constants; floats typed fp64, as Inductor types them when it inlines the kernel) and compiles it with the ptxas that ships with triton. CI has no GPU;
 this is how it still sees register spills, shared memory and the instructions the H200 would run.
 """
 from __future__ import annotations
@@ -76,7 +76,9 @@ def _signature(jit, values):
                 if v % 16 == 0:
                     attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
-            sig[name] = "fp32"
+            # fp64, as Inductor types a float argument of a kernel it inlines (the JIT says fp32): a
+            # kernel must bring such a scalar to fp32 itself, or its tiles are computed in fp64
+            sig[name] = "fp64"
         elif v is None:
             sig[name], consts[name] = "constexpr", None
         else:

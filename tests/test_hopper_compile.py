@@ -4,9 +4,11 @@ Each case runs a CPU call whose launches are recorded instead of run (``hopper_c
 compiles each distinct launch (every autotune config) as Triton would specialise it on the GPU. The
 checks are the ones that broke these kernels before: register spills (local memory), shared memory
 past Hopper's 227 KiB, products that never reach the tensor cores' wgmma, pipelined loops without
-asynchronous copies. The triton installed here may be newer than a GPU
+asynchronous copies, fp64 arithmetic from a float argument (Inductor passes floats as fp64). The triton installed here may be newer than a GPU
 box's, so this is a proxy for that box's compile (the GPU tests are the real one).
 """
+import re
+
 import pytest
 import torch
 
@@ -93,6 +95,8 @@ def test_launches_compile_for_hopper(case):
         assert c.spill_bytes <= allowed, (f"{c.name} spills {c.spill_bytes} bytes per thread ({c.registers} "
                                           f"registers; known: {allowed})")
         assert c.shared <= SMEM_LIMIT, f"{c.name}: {c.shared} bytes of shared memory"
+        # float arguments come in as fp64 when Inductor inlines a kernel: no tile may be computed in fp64
+        assert not re.search(r"\bD(ADD|MUL|FMA)\b", c.sass), f"{c.name}: fp64 arithmetic (a float argument not cast)"
         if any(f in launch.kernel.src for f in ("tl.dot(", "_mm(", "_mma(")):
             wgmma[c.name] = wgmma.get(c.name, False) or "HGMMA" in c.sass
             if launch.kwargs.get("num_stages", 3) >= 2:  # software-pipelined: asynchronous copies
