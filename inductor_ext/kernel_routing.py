@@ -1,13 +1,19 @@
 """Inductor-scoped kernel choice: route panther ops to their Triton twins where those kernels serve the call.
 
-``panther::rf_attention`` / ``panther::sketched_conv2d`` (C++/ATen kernels) and
-``panther::rf_attention_triton`` / ``panther::sketched_conv2d_triton`` (Triton kernels, registered with
-``triton_op`` so Inductor inlines them) compute the same functions and share their autograd formulas.
-Inductor cannot take a decomposition that applies on some devices only (an op it falls back on must have
-none), so the choice is made on the graph before it is compiled, from each node's example values: CUDA
-inputs the Triton kernels cover go to the Triton op, anything else keeps the C++ op.
+``panther::rf_attention`` / ``panther::sketched_conv2d`` / ``panther::sketched_linear`` (C++/ATen kernels)
+and ``panther::rf_attention_triton`` / ``panther::sketched_conv2d_triton`` /
+``panther::sketched_linear_triton_fwd`` (Triton kernels, registered with ``triton_op`` so Inductor inlines
+them) compute the same functions with the same autograd formulas. Inductor cannot take a decomposition
+that applies on some devices only (an op it falls back on must have none), so the choice is made on the
+graph before it is compiled, from each node's example values: CUDA inputs the Triton kernels cover go to
+the Triton op, anything else keeps the C++ op (and, for the linear, panther's GEMM decomposition).
+
+Graphs that run under autocast keep the C++ ops: those have autocast kernels (the inputs cast to the
+autocast dtype), the Triton twins have none, so routing them would change the precision the model runs in.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -42,24 +48,68 @@ def _conv_ok(gm, n):
         and tap_ok(x, S1s, n.args[4])
 
 
-# C++ op -> (its Triton twin, whether a node's example inputs are served by the twin's kernels)
-_ROUTES = {"rf_attention": ("rf_attention_triton", _attention_ok),
-           "sketched_conv2d": ("sketched_conv2d_triton", _conv_ok)}
+def _linear_args(n):
+    """``(x, S1s, S2s, U1s, U2s, bias)`` of a ``panther.sketched_linear`` node, bias given or not."""
+    args = list(n.args) + [n.kwargs.get("bias")] * (len(n.args) == 5)
+    return tuple(args)
+
+
+def _linear_ok(gm, n):
+    from .triton_linear import _kernel_ok
+
+    x, S1s, S2s, U1s, U2s, bias = (_example(gm, a) for a in _linear_args(n))
+    tensors = [t for t in (x, S1s, S2s, U1s, U2s, bias) if t is not None]
+    if not all(isinstance(t, torch.Tensor) for t in tensors) or x.device.type != "cuda":
+        return False
+    if any(t.device != x.device or t.dtype != x.dtype for t in tensors):
+        return False
+    return _kernel_ok(x, 2 * S1s.shape[0] * S1s.shape[2])
+
+
+def _to_linear_twin(gm, n):
+    """``sketched_linear(...)`` -> ``sketched_linear_triton_fwd(...)[0]`` (the twin also returns xA, which
+    its backward reuses as the C++ op's does)."""
+    graph = gm.graph
+    with graph.inserting_before(n):
+        fused = graph.call_function(torch.ops.panther.sketched_linear_triton_fwd.default, _linear_args(n))
+        y = graph.call_function(operator.getitem, (fused, 0))
+    y.meta.update(n.meta)
+    n.replace_all_uses_with(y)
+    graph.erase_node(n)
+
+
+def _retarget(twin):
+    def move(gm, n):
+        n.target = getattr(torch.ops.panther, twin).default
+    return move
+
+
+# C++ op -> (whether a node's example inputs are served by its Triton twin's kernels, the rewrite)
+_ROUTES = {"rf_attention": (_attention_ok, _retarget("rf_attention_triton")),
+           "sketched_conv2d": (_conv_ok, _retarget("sketched_conv2d_triton")),
+           "sketched_linear": (_linear_ok, _to_linear_twin)}
+
+
+def _under_autocast(gm):
+    if any(torch.is_autocast_enabled(d) for d in ("cuda", "cpu")):
+        return True
+    enter = getattr(torch.amp.autocast_mode, "_enter_autocast", None)
+    return any(n.op == "call_function" and n.target is enter for n in gm.graph.nodes)
 
 
 def use_triton_kernels(gm: torch.fx.GraphModule) -> int:
-    """Retarget the ``panther.rf_attention`` and ``panther.sketched_conv2d`` nodes of ``gm`` whose inputs
-    the Triton kernels serve to their Triton twins. Returns how many nodes were retargeted (0 without
-    CUDA or Triton)."""
-    if not torch.cuda.is_available():
+    """Retarget the ``panther.rf_attention``, ``panther.sketched_conv2d`` and ``panther.sketched_linear``
+    nodes of ``gm`` whose inputs the Triton kernels serve to their Triton twins. Returns how many nodes
+    were retargeted (0 without CUDA or Triton, and under autocast)."""
+    if not torch.cuda.is_available() or _under_autocast(gm):
         return 0
     moved = 0
-    for name, (twin, serves) in _ROUTES.items():
-        op = getattr(getattr(torch.ops.panther, name, None), "default", None)
-        nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op] if op else []
-        for n in nodes:
+    for name, (serves, move) in _ROUTES.items():
+        packet = getattr(torch.ops.panther, name, None)
+        targets = (packet, packet.default) if packet is not None else ()
+        for n in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]:
             if serves(gm, n):
-                n.target = getattr(torch.ops.panther, twin).default
+                move(gm, n)
                 moved += 1
     if moved:
         gm.recompile()

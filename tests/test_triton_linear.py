@@ -167,6 +167,16 @@ def test_every_config_fits_hopper_shared_memory(h_pad, elem_size):
         assert min(kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_N"]) >= 16  # tl.dot's minimum
 
 
+@pytest.mark.skipif(tlin.triton is None, reason="needs triton")
+def test_measured_best_configs_are_candidates_that_fit():
+    """A bucket with a measured best config tunes over that one config, which must be one of the
+    candidates and fit the shared-memory and register budgets like them."""
+    for (h_pad, elem_size), (bm, bk, bn, warps, stages) in tlin._MEASURED_BEST.items():
+        assert (bm, bk, bn, warps, stages) in tlin._CANDIDATES
+        assert any((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                   == (bm, bk, bn, warps, stages) for c in tlin.kernel_configs(h_pad, elem_size))
+
+
 # ------------------------------------------------------------------ CUDA (the lent H200)
 @pytest.mark.cuda
 @cuda_only
@@ -256,3 +266,87 @@ def test_inductor_inlines_the_triton_kernel():
     _, code_bwd = run_and_get_code(lambda: y.sum().backward())
     assert sum("_sketched_linear_chain_kernel" in c for c in code + code_bwd) >= 2
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ------------------------------------------------------------------ the backend's kernel routing
+def _routed(fn, *args, serves=lambda gm, n: True):
+    """The FX graph of ``fn`` after ``use_triton_kernels`` (CUDA reported present; ``serves`` in place of
+    the linear route's CUDA-only check)."""
+    from unittest import mock
+
+    from inductor_ext import kernel_routing
+
+    gm = torch.fx.symbolic_trace(fn)
+    route = kernel_routing._ROUTES["sketched_linear"]
+    with mock.patch.object(torch.cuda, "is_available", lambda: True), \
+            mock.patch.dict(kernel_routing._ROUTES, {"sketched_linear": (serves, route[1])}):
+        moved = kernel_routing.use_triton_kernels(gm)
+    return gm, moved
+
+
+@pytest.mark.parametrize("bias_as", ["positional", "keyword"])
+def test_backend_routes_sketched_linear_to_the_triton_twin(bias_as):
+    """A ``panther.sketched_linear`` node becomes ``sketched_linear_triton_fwd(...)[0]``, bias passed
+    either way; the rewritten graph computes the same (the twin's CPU branch)."""
+    x, S1s, S2s, U1s, U2s, b = factors(2, 9, 3, 7, dtype=torch.float32)
+
+    def fn(x, S1s, S2s, U1s, U2s, b):
+        op = torch.ops.panther.sketched_linear
+        if bias_as == "positional":
+            return torch.relu(op(x, S1s, S2s, U1s, U2s, b))
+        return torch.relu(op(x, S1s, S2s, U1s, U2s, bias=b))
+
+    gm, moved = _routed(fn, x, S1s, S2s, U1s, U2s, b)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert moved == 1 and FWD in targets
+    assert torch.ops.panther.sketched_linear not in targets
+    args = (x, S1s, S2s, U1s, U2s, b)
+    torch.testing.assert_close(gm(*args), fn(*args), rtol=1e-6, atol=1e-6)
+
+
+def test_backend_keeps_the_cpp_linear_where_the_kernels_do_not_serve():
+    """On CPU tensors the route's check declines (the kernels serve CUDA, or the interpreter), and under
+    autocast nothing is routed: the twins have no autocast kernel."""
+    from unittest import mock
+
+    from inductor_ext import kernel_routing
+
+    x, S1s, S2s, U1s, U2s, b = factors(1, 9, 3, 7, dtype=torch.float32)
+    gm = torch.fx.symbolic_trace(lambda x, S1s, S2s, U1s, U2s, b: torch.ops.panther.sketched_linear(x, S1s, S2s, U1s, U2s, b))
+    for n in gm.graph.nodes:   # the example values Dynamo records
+        if n.op == "placeholder":
+            n.meta["example_value"] = dict(zip(["x", "S1s", "S2s", "U1s", "U2s", "b"], (x, S1s, S2s, U1s, U2s, b)))[n.target]
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    assert not kernel_routing._linear_ok(gm, node)   # CPU tensors
+    with mock.patch.object(torch.cuda, "is_available", lambda: True), \
+            mock.patch.object(kernel_routing, "_linear_ok", lambda gm, n: True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert kernel_routing.use_triton_kernels(gm) == 0
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_backend_routes_sklinear_to_the_fused_kernel():
+    """``backend="panther"`` on CUDA: SKLinear (rank 2k <= 32) runs the fused kernel, forward and backward,
+    with the C++ op's results; a rank the kernel does not serve on a GPU (2k = 128) keeps the GEMMs."""
+    from torch._inductor.utils import run_and_get_code
+
+    from panther.backend import panther_backend
+    from panther.nn import SKLinear
+
+    for k, fused in ((16, True), (64, False)):
+        torch.manual_seed(0)
+        layer = SKLinear(512, 384, num_terms=1, low_rank=k, seed=0).cuda().bfloat16()
+        x = torch.randn(3, 70, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        torch._dynamo.reset()
+        net = torch.compile(layer, backend=panther_backend)
+        (y,), code = run_and_get_code(lambda: (net(x),))
+        _, code_bwd = run_and_get_code(lambda: y.float().square().sum().backward())
+        src = "\n".join(code + code_bwd)
+        assert ("_sketched_linear_chain_kernel" in src) is fused, k
+        assert ("_grad_pass_kernel" in src) is fused, k
+        x2 = x.detach().clone().requires_grad_()
+        y_ref = layer(x2)
+        y_ref.float().square().sum().backward()
+        assert rel(y, y_ref) < 1e-2
+        assert rel(x.grad, x2.grad) < 2e-2
