@@ -162,6 +162,7 @@ def _compile(gm, example_inputs, opts):
 
         return aot_eager(gm, example_inputs)
 
+    import torch
     from torch._inductor.compile_fx import compile_fx
 
     decompositions = None
@@ -169,15 +170,18 @@ def _compile(gm, example_inputs, opts):
         from inductor_ext import inductor_decompositions
         from inductor_ext.kernel_routing import use_triton_kernels
 
-        use_triton_kernels(gm)  # CUDA attention, conv -> the Triton ops, which Inductor inlines
+        use_triton_kernels(gm)  # CUDA attention, conv, linear -> the Triton ops, which Inductor inlines
 
         # Inductor-scoped: {**select_decomp_table(), **panther's}, pickled by a stable key so that
         # Inductor's FX graph cache still works.
         decompositions = inductor_decompositions()
     patches = {}
     if opts["mode"] not in (None, "default"):
-        import torch
-
         patches.update(torch._inductor.list_mode_options(opts["mode"]))
     patches.update(opts["inductor_config"] or {})
-    return compile_fx(gm, example_inputs, config_patches=patches or None, decompositions=decompositions)
+    # AOTAutograd's cache keys a graph without its decomposition table: it handed graphs decomposed with
+    # panther's table to compiles without it (decompose=False) and back, and would keep the
+    # decompositions of an older panther. It is off for panther's compiles; Inductor's FX graph cache,
+    # keyed on the decomposed graph, stays on.
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches=patches or None, decompositions=decompositions)

@@ -64,3 +64,26 @@ def test_conv_decomposition_matches_op(stride, padding, dilation, bias):
     ref = torch.ops.panther.sketched_conv2d(x, S1s, U1s, b, stride, padding, dilation)
     torch.testing.assert_close(sketched_conv2d_decomposition(x, S1s, U1s, b, stride, padding, dilation), ref)
     assert torch.ops.panther.sketched_conv2d.default in panther_decompositions()
+
+
+def test_decompose_option_is_honoured_with_warm_caches():
+    """AOTAutograd's cache does not key on the decomposition table: a graph compiled once with panther's
+    decompositions and once without must still get its own code (the backend keeps that cache off for
+    panther's compiles)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from panther.backend import panther_backend
+    from panther.nn import SKLinear
+
+    layer = SKLinear(64, 48, 1, 4, seed=0)
+    x = torch.randn(8, 64)
+    seen = []
+    with torch._inductor.config.patch(fx_graph_cache=True), \
+            torch._functorch.config.patch(enable_autograd_cache=True), torch.no_grad():
+        for options in ({"decompose": False}, {}, {"decompose": False}):
+            torch._dynamo.reset()
+            net = torch.compile(layer, backend=panther_backend, options=options)
+            y, (code,) = run_and_get_code(net, x)
+            torch.testing.assert_close(y, layer(x))
+            seen.append("torch.ops.panther.sketched_linear" in code)
+    assert seen == [True, False, True]   # opaque op, decomposed GEMMs, opaque op
