@@ -18,24 +18,45 @@ import torch
 __all__ = ["panther_decompositions", "inductor_decompositions", "DecompositionTable", "sketched_linear_fwd_decomposition", "sketched_conv2d_decomposition"]
 
 
+def _term_major(F):
+    """(L, r, c) factors -> (r, L*c) with term-major columns (a view when L == 1)."""
+    L, r, c = F.shape
+    return F.permute(1, 0, 2).reshape(r, L * c) if L > 1 else F[0]
+
+
 def sketched_linear_fwd_decomposition(x, S1s, S2s, U1s, U2s, bias=None):
-    """``panther::sketched_linear_fwd`` -> (y, xA) as the op's own two GEMMs over the concatenated factors.
+    """``panther::sketched_linear_fwd`` -> (y, xA) as GEMMs, chosen by device.
 
-    ``xA = x·A`` and ``y = xA·Bm + bias`` (one ``mm``, one ``addmm``), with ``A, Bm = concat_factors(...)``:
-    x is read once and y written once, as by the C++ kernel. Concatenating the factors costs a copy of
-    (d_in + d_out)·2Lk elements, small next to x and y; splitting the GEMMs per factor instead (to avoid
-    it) reads x twice and writes y twice, which measured 3.4x slower on the H200 (8192 -> 8192, 16,384
-    rows, k = 16, bf16: 0.590 ms against 0.173 for the op; docs/benchmarks.md).
+    CUDA: the op's own two GEMMs over the concatenated factors, ``xA = x·A`` and ``y = xA·Bm + bias``
+    (``A, Bm = concat_factors(...)``): x read once and y written once, as by the C++ kernel. Four GEMMs
+    on the separate factors read x twice and write y twice: 3.4x slower on the H200 (8192 -> 8192, 16,384
+    rows, k = 16, bf16: 0.590 ms against 0.167; docs/benchmarks.md).
+
+    CPU: those four GEMMs (``h1 = x S1cat``, ``h2 = x U2cat``, ``y = (h1 U1cat + h2 S2cat) / (2L) + bias``
+    through two addmm's whose ``alpha`` carries the 1/(2L)), which copy no factor: the concatenation is a
+    generated kernel per layer shape, and compiling those took the demo's compile from under a second to
+    14.6 s on the 2-core CI machine. In inference ``xA = [h1 | h2]`` is dead code.
     """
-    from panther.ops.linear import concat_factors
-
-    d_in = S1s.shape[1]
+    L, d_in, k = S1s.shape
     d_out = S2s.shape[-1]
-    A, Bm = concat_factors(S1s, S2s, U1s, U2s)
-    xA = torch.mm(x.reshape(-1, d_in), A)
-    y = torch.addmm(bias, xA, Bm) if bias is not None else torch.mm(xA, Bm)
+    x2 = x.reshape(-1, d_in)
     lead = x.shape[:-1]
-    return y.reshape(*lead, d_out), xA.reshape(*lead, A.shape[1])
+    if x.device.type == "cuda":
+        from panther.ops.linear import concat_factors
+
+        A, Bm = concat_factors(S1s, S2s, U1s, U2s)
+        xA = torch.mm(x2, A)
+        y = torch.addmm(bias, xA, Bm) if bias is not None else torch.mm(xA, Bm)
+        return y.reshape(*lead, d_out), xA.reshape(*lead, 2 * L * k)
+    s = 1.0 / (2 * L)
+    h1 = torch.mm(x2, _term_major(S1s))  # (N, Lk)
+    h2 = torch.mm(x2, _term_major(U2s))  # (N, Lk)
+    U1cat, S2cat = U1s.reshape(L * k, d_out), S2s.reshape(L * k, d_out)
+    if bias is None:
+        y = torch.addmm(torch.mm(h1, U1cat), h2, S2cat, beta=s, alpha=s)
+    else:
+        y = torch.addmm(torch.addmm(bias, h1, U1cat, alpha=s), h2, S2cat, alpha=s)
+    return y.reshape(*lead, d_out), torch.cat([h1, h2], dim=1).reshape(*lead, 2 * L * k)
 
 
 def sketched_conv2d_decomposition(x, S1s, U1s, bias, stride, padding, dilation):

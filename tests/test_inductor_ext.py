@@ -87,3 +87,21 @@ def test_decompose_option_is_honoured_with_warm_caches():
             torch.testing.assert_close(y, layer(x))
             seen.append("torch.ops.panther.sketched_linear" in code)
     assert seen == [True, False, True]   # opaque op, decomposed GEMMs, opaque op
+
+
+@pytest.mark.parametrize("device, gemms", [("cuda", 2), ("cpu", 4)])
+def test_linear_decomposition_gemms_by_device(device, gemms):
+    """On CUDA the decomposition is the op's two GEMMs over the concatenated factors (x read once, y
+    written once); on CPU four GEMMs on the separate factors (no concatenation kernel to compile).
+    Traced with fake tensors, so the CUDA branch is checked without a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    L, d_in, k, d_out = 2, 7, 3, 5
+    with FakeTensorMode():
+        args = [torch.empty(4, d_in, device=device), torch.empty(L, d_in, k, device=device),
+                torch.empty(L, k, d_out, device=device), torch.empty(L, k, d_out, device=device),
+                torch.empty(L, d_in, k, device=device), torch.empty(d_out, device=device)]
+        gm = make_fx(sketched_linear_fwd_decomposition)(*args)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert sum(t in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) for t in targets) == gemms
