@@ -106,7 +106,15 @@ class DecompositionTable(dict):
     """
 
     def __reduce__(self):
-        return (_rebuild_table, (_table_key(tuple(sorted(str(k) for k in self if _is_panther(k)))),))
+        return (_rebuild_table, (self._key(),))
+
+    def cache_tag(self) -> str:
+        """The table's identity as text, for ``torch.compiler.config.cache_key_tag``: AOTAutograd's cache
+        key leaves the decomposition table out, so the backend adds it there."""
+        return "panther-decompositions:" + ":".join(map(str, self._key()))
+
+    def _key(self):
+        return _table_key(tuple(sorted(str(k) for k in self if _is_panther(k))))
 
 
 def _is_panther(op) -> bool:

@@ -179,9 +179,10 @@ def _compile(gm, example_inputs, opts):
     if opts["mode"] not in (None, "default"):
         patches.update(torch._inductor.list_mode_options(opts["mode"]))
     patches.update(opts["inductor_config"] or {})
-    # AOTAutograd's cache keys a graph without its decomposition table: it handed graphs decomposed with
-    # panther's table to compiles without it (decompose=False) and back, and would keep the
-    # decompositions of an older panther. It is off for panther's compiles; Inductor's FX graph cache,
-    # keyed on the decomposed graph, stays on.
-    with torch._functorch.config.patch(enable_autograd_cache=False):
+    # AOTAutograd's cache key leaves out the decomposition table: it handed graphs decomposed with
+    # panther's table to compiles without it (decompose=False) and back, and would keep an older panther's
+    # decompositions. Which table a compile used goes into its cache-key tag instead.
+    own = decompositions.cache_tag() if decompositions is not None else "panther-decompositions:none"
+    tag = torch.compiler.config.cache_key_tag
+    with torch.compiler.config.patch(cache_key_tag=f"{tag}|{own}" if tag else own):
         return compile_fx(gm, example_inputs, config_patches=patches or None, decompositions=decompositions)

@@ -66,15 +66,17 @@ def test_conv_decomposition_matches_op(stride, padding, dilation, bias):
     assert torch.ops.panther.sketched_conv2d.default in panther_decompositions()
 
 
-def test_decompose_option_is_honoured_with_warm_caches():
+def test_decompose_option_is_honoured_with_warm_caches(tmp_path, monkeypatch):
     """AOTAutograd's cache does not key on the decomposition table: a graph compiled once with panther's
-    decompositions and once without must still get its own code (the backend keeps that cache off for
-    panther's compiles)."""
+    decompositions and once without must still get its own code (the backend tags each compile's cache
+    key with the table it used). A fresh cache directory: entries an older panther wrote are not this
+    test's subject."""
     from torch._inductor.utils import run_and_get_code
 
     from panther.backend import panther_backend
     from panther.nn import SKLinear
 
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     layer = SKLinear(64, 48, 1, 4, seed=0)
     x = torch.randn(8, 64)
     seen = []
