@@ -678,12 +678,10 @@ def _chain_grads(grad_y, grad_xA, xA, S1s, S2s, U1s, U2s, need_dx, need_U1, need
     if _kernel_ok(grad_y, 2 * H):
         parts, dB, db = grad_pass(g, xA_sel, _half_out(U1s).mT, _half_out(S2s).mT, need_dbias=need_db,
                                   in_op=in_op)
-        if need_dx:
-            dx2, dxA2 = chain_from_partials(parts, _half_in(S1s).mT, _half_in(U2s).mT, e, scale,
-                                            dtype=grad_y.dtype, in_op=in_op)
-        else:
-            dxA2 = parts.sum(0, dtype=torch.float32) * scale
-            dxA2 = (dxA2 + e if e is not None else dxA2).to(grad_y.dtype)
+        GL, GH = _half_in(S1s).mT, _half_in(U2s).mT
+        if not need_dx:   # dxA alone: the same launch with no dx columns
+            GL, GH = GL[:, :0], GH[:, :0]
+        dx2, dxA2 = chain_from_partials(parts, GL, GH, e, scale, dtype=grad_y.dtype, in_op=in_op)
         dB = dB * scale
     else:
         dx2, dxA2 = _torch_dx_dxA(g, e, S1s, S2s, U1s, U2s, need_dx)

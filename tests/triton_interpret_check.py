@@ -129,9 +129,13 @@ def grad_cases():
         gy = rand(*y.shape, dtype=torch.float32)
         inputs = [a for a in args if a.requires_grad]
         names = [n for n, a in zip("x S1s S2s U1s U2s bias".split(), args) if a.requires_grad]
-        for name, a, b in zip(names, torch.autograd.grad(y, inputs, gy),
-                              torch.autograd.grad(y_op, inputs, gy)):
+        ref_args = [a.detach().double().requires_grad_(a.requires_grad) for a in args]
+        want = torch.autograd.grad(sketched_linear_reference(*ref_args), [a for a in ref_args if a.requires_grad],
+                                   gy.double())
+        for name, a, b, c in zip(names, torch.autograd.grad(y, inputs, gy),
+                                 torch.autograd.grad(y_op, inputs, gy), want):
             check(f"   grad {name} eager Function = op", rel(a, b.double()), 1e-6)
+            check(f"   grad {name} (needs {needs}) against float64", rel(a, c), 4 * TOL[torch.float32])
     args = [a.requires_grad_(True) for a in layer(1, 30, 4, 22, (3,), torch.float32)]
     with FlopCounterMode(display=False) as counter:
         y = tlin.sketched_linear_triton(*args)
