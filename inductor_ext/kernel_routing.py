@@ -17,7 +17,7 @@ import operator
 
 import torch
 
-__all__ = ["use_triton_kernels"]
+__all__ = ["use_triton_kernels", "linear_routed"]
 
 
 def _example(gm, arg):
@@ -49,23 +49,28 @@ def _conv_ok(gm, n):
 
 
 def _linear_args(n):
-    """``(x, S1s, S2s, U1s, U2s, bias)`` of a ``panther.sketched_linear`` node, bias given or not."""
-    args = list(n.args) + [n.kwargs.get("bias")] * (len(n.args) == 5)
-    return tuple(args)
+    """``(x, S1s, S2s, U1s, U2s, bias)`` of a ``panther.sketched_linear`` node, bias positional or keyword."""
+    return tuple(n.args) + (n.kwargs.get("bias"),) * (len(n.args) == 5)
 
 
-def _linear_ok(gm, n):
+def linear_routed(x, S1s, S2s, U1s, U2s, bias=None) -> bool:
+    """Whether the backend sends a ``panther.sketched_linear`` call with these (example) arguments to the
+    fused Triton op: CUDA, half precision (where it was measured faster than the GEMMs), one device and
+    dtype for all, a rank the kernel serves on a GPU."""
     from .triton_linear import _kernel_ok
 
-    x, S1s, S2s, U1s, U2s, bias = (_example(gm, a) for a in _linear_args(n))
     tensors = [t for t in (x, S1s, S2s, U1s, U2s, bias) if t is not None]
     if not all(isinstance(t, torch.Tensor) for t in tensors) or x.device.type != "cuda":
         return False
-    if x.dtype not in (torch.bfloat16, torch.float16):   # measured faster in half precision only
+    if x.dtype not in (torch.bfloat16, torch.float16):
         return False
     if any(t.device != x.device or t.dtype != x.dtype for t in tensors):
         return False
     return _kernel_ok(x, 2 * S1s.shape[0] * S1s.shape[2])
+
+
+def _linear_ok(gm, n):
+    return linear_routed(*(_example(gm, a) for a in _linear_args(n)))
 
 
 def _to_linear_twin(gm, n):

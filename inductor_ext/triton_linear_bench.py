@@ -96,7 +96,7 @@ def bench_triton_linear(in_features=8192, out_features=8192, batch=16384, num_te
               fwd_floor)
         timed(f"fwd: sketched_linear_triton ({path})", lambda: tlin.sketched_linear_triton(x, *fac, bias),
               fwd_floor)
-        timed(f"fwd: the C++ op compiled, backend=panther ({_compiled_path(x, L, k)})",
+        timed(f"fwd: the C++ op compiled, backend=panther ({_compiled_path(x, *fac, bias)})",
               _compiled(lambda x: torch.ops.panther.sketched_linear(x, *fac, bias), x), fwd_floor)
     row("fwd memory floor (x + y + factors once)", fwd_floor)
 
@@ -116,7 +116,7 @@ def bench_triton_linear(in_features=8192, out_features=8192, batch=16384, num_te
         timed("fwd+bwd: C++ op", fwd_bwd(torch.ops.panther.sketched_linear), bwd_floor)
         timed(f"fwd+bwd: sketched_linear_triton ({path})", fwd_bwd(tlin.sketched_linear_triton), bwd_floor)
         compiled_op = torch.compile(lambda *args: torch.ops.panther.sketched_linear(*args), backend=_panther_backend())
-        timed(f"fwd+bwd: the C++ op compiled, backend=panther ({_compiled_path(x, L, k)})", fwd_bwd(compiled_op),
+        timed(f"fwd+bwd: the C++ op compiled, backend=panther ({_compiled_path(x, *fac, bias)})", fwd_bwd(compiled_op),
               bwd_floor)
         with torch.no_grad():
             _, xA = torch.ops.panther.sketched_linear_triton_fwd(x, *fac, bias)
@@ -153,10 +153,10 @@ def _compiled(fn, x):
     return lambda: compiled(x)
 
 
-def _compiled_path(x, L, k):
-    # what the backend's kernel routing picks for the C++ op's node (inductor_ext.kernel_routing)
-    routed = tlin._kernel_ok(x, 2 * L * k) and x.dtype in (torch.bfloat16, torch.float16)
-    return "routed to the fused kernel" if routed else "two GEMMs"
+def _compiled_path(x, *fac):
+    from .kernel_routing import linear_routed
+
+    return "routed to the fused kernel" if linear_routed(x, *fac) else "two GEMMs"
 
 
 def sweep_grad_pass(in_features=8192, out_features=8192, batch=16384, num_terms=1, low_rank=16, *,

@@ -269,19 +269,17 @@ def test_inductor_inlines_the_triton_kernel():
 
 
 # ------------------------------------------------------------------ the backend's kernel routing
-def _routed(fn, *args, serves=lambda gm, n: True):
-    """The FX graph of ``fn`` after ``use_triton_kernels`` (CUDA reported present; ``serves`` in place of
-    the linear route's CUDA-only check)."""
+def _routed(gm, serves):
+    """``use_triton_kernels(gm)`` with CUDA reported present and ``serves`` in place of the linear route's
+    check (its CUDA-only conditions); returns how many nodes moved."""
     from unittest import mock
 
     from inductor_ext import kernel_routing
 
-    gm = torch.fx.symbolic_trace(fn)
     route = kernel_routing._ROUTES["sketched_linear"]
     with mock.patch.object(torch.cuda, "is_available", lambda: True), \
             mock.patch.dict(kernel_routing._ROUTES, {"sketched_linear": (serves, route[1])}):
-        moved = kernel_routing.use_triton_kernels(gm)
-    return gm, moved
+        return kernel_routing.use_triton_kernels(gm)
 
 
 @pytest.mark.parametrize("bias_as", ["positional", "keyword"])
@@ -296,7 +294,8 @@ def test_backend_routes_sketched_linear_to_the_triton_twin(bias_as):
             return torch.relu(op(x, S1s, S2s, U1s, U2s, b))
         return torch.relu(op(x, S1s, S2s, U1s, U2s, bias=b))
 
-    gm, moved = _routed(fn, x, S1s, S2s, U1s, U2s, b)
+    gm = torch.fx.symbolic_trace(fn)
+    moved = _routed(gm, lambda gm, n: True)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert moved == 1 and FWD in targets
     assert torch.ops.panther.sketched_linear not in targets
@@ -305,23 +304,36 @@ def test_backend_routes_sketched_linear_to_the_triton_twin(bias_as):
 
 
 def test_backend_keeps_the_cpp_linear_where_the_kernels_do_not_serve():
-    """On CPU tensors the route's check declines (the kernels serve CUDA, or the interpreter), and under
-    autocast nothing is routed: the twins have no autocast kernel."""
-    from unittest import mock
-
-    from inductor_ext import kernel_routing
+    """The route's check declines CPU tensors, float32 and a rank above the GPU kernel's; under autocast
+    nothing is routed (the twins have no autocast kernel), while the same graph is routed without it."""
+    from inductor_ext.kernel_routing import _linear_ok, linear_routed
 
     x, S1s, S2s, U1s, U2s, b = factors(1, 9, 3, 7, dtype=torch.float32)
-    gm = torch.fx.symbolic_trace(lambda x, S1s, S2s, U1s, U2s, b: torch.ops.panther.sketched_linear(x, S1s, S2s, U1s, U2s, b))
+    assert not linear_routed(x, S1s, S2s, U1s, U2s, b)   # CPU tensors
+    with torch._subclasses.fake_tensor.FakeTensorMode():   # CUDA example values, no GPU needed
+        def cuda(dtype, k=3, d_in=9, d_out=7):
+            mk = lambda *shape: torch.empty(*shape, device="cuda", dtype=dtype)  # noqa: E731
+            return [mk(4, d_in), mk(1, d_in, k), mk(1, k, d_out), mk(1, k, d_out), mk(1, d_in, k), mk(d_out)]
+        # the fused kernel itself serves all three (its CPU checks run in the interpreter), but the route
+        # sends half precision only, at 2Lk <= CUDA_FUSED_MAX_RANK
+        assert linear_routed(*cuda(torch.bfloat16)) and linear_routed(*cuda(torch.float16))
+        assert not linear_routed(*cuda(torch.float32))
+        assert not linear_routed(*cuda(torch.bfloat16, k=tlin.CUDA_FUSED_MAX_RANK))
+        mixed = cuda(torch.bfloat16)
+        mixed[-1] = mixed[-1].float()
+        assert not linear_routed(*mixed)
+
+    def fn(x, S1s, S2s, U1s, U2s, b):
+        return torch.ops.panther.sketched_linear(x, S1s, S2s, U1s, U2s, b)
+
+    gm = torch.fx.symbolic_trace(fn)
     for n in gm.graph.nodes:   # the example values Dynamo records
         if n.op == "placeholder":
             n.meta["example_value"] = dict(zip(["x", "S1s", "S2s", "U1s", "U2s", "b"], (x, S1s, S2s, U1s, U2s, b)))[n.target]
-    node = next(n for n in gm.graph.nodes if n.op == "call_function")
-    assert not kernel_routing._linear_ok(gm, node)   # CPU tensors
-    with mock.patch.object(torch.cuda, "is_available", lambda: True), \
-            mock.patch.object(kernel_routing, "_linear_ok", lambda gm, n: True):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert kernel_routing.use_triton_kernels(gm) == 0
+    assert _routed(gm, _linear_ok) == 0   # the real check: CPU example values
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _routed(gm, lambda gm, n: True) == 0
+    assert _routed(gm, lambda gm, n: True) == 1   # the same graph, routed without autocast
 
 
 @pytest.mark.cuda
