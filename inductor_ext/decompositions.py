@@ -29,7 +29,7 @@ def sketched_linear_fwd_decomposition(x, S1s, S2s, U1s, U2s, bias=None):
 
     CUDA: the op's own two GEMMs over the concatenated factors, ``xA = x·A`` and ``y = xA·Bm + bias``
     (``A, Bm = concat_factors(...)``): x read once and y written once, as by the C++ kernel. Four GEMMs
-    on the separate factors read x twice and write y twice: 3.4x slower on the H200 (8192 -> 8192, 16,384
+    on the separate factors read x twice and write y twice: 3.5x slower on the H200 (8192 -> 8192, 16,384
     rows, k = 16, bf16: 0.590 ms against 0.167; docs/benchmarks.md).
 
     CPU: those four GEMMs (``h1 = x S1cat``, ``h2 = x U2cat``, ``y = (h1 U1cat + h2 S2cat) / (2L) + bias``

@@ -4,8 +4,9 @@
 every ``_launcher(kernel)[grid](*args, **kwargs)`` is kept instead of launched (CPU tensors stand in
 for the GPU's). ``compile_sm90(launch)`` then specialises the kernel on those arguments the way
 Triton's JIT does on a GPU (pointers 16-byte aligned, integers divisible by 16 marked so, integers
-equal to 1 made constants; floats typed fp64, as Inductor types them when it inlines the kernel) and compiles it with the ptxas that ships with triton. CI has no GPU;
-this is how it still sees register spills, shared memory and the instructions the H200 would run.
+equal to 1 made constants; floats typed fp64, as Inductor types them when it inlines the kernel) and
+compiles it with the ptxas that ships with triton. CI has no GPU; this is how it still sees register
+spills, shared memory and the instructions the H200 would run.
 """
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ Each case runs a CPU call whose launches are recorded instead of run (``hopper_c
 compiles each distinct launch (every autotune config) as Triton would specialise it on the GPU. The
 checks are the ones that broke these kernels before: register spills (local memory), shared memory
 past Hopper's 227 KiB, products that never reach the tensor cores' wgmma, pipelined loops without
-asynchronous copies, fp64 arithmetic from a float argument (Inductor passes floats as fp64). The triton installed here may be newer than a GPU
-box's, so this is a proxy for that box's compile (the GPU tests are the real one).
+asynchronous copies, fp64 arithmetic from a float argument (Inductor passes floats as fp64). The
+triton installed here may be newer than a GPU box's, so this is a proxy for that box's compile (the GPU
+tests are the real one).
 """
 import re
 
