@@ -26,10 +26,11 @@ Every chunk of C = 64 rows is independent, as in the forward's chunk outputs; on
            writes per row 1/den and (g.o)/den (from the forward's output and den) for the key
            side.
     P      ``_query_state_kernel`` grid (feature blocks, B·H, segments): each query segment's
-           ``sum_t phi_q[t]^T G_t``. Non-causal: their sum is P. Causal: ``_suffix_kernel``
-           scans the segments in reverse, then ``_query_state_kernel`` (PER_CHUNK) walks each
-           segment's chunks last first from there and writes the suffix state after every
-           chunk.
+           ``sum_t phi_q[t]^T G_t``. Non-causal: their sum is P. Causal: the same walk (chunks
+           last first, from zero) also writes the state of the segment's queries after every
+           chunk, and ``_suffix_kernel`` scans the segments' own states in reverse into the
+           state of the later segments; the dk-dv kernel adds the two parts (as the forward's
+           chunk kernels add the earlier segments' keys), so one walk over the queries runs.
     dk, dv ``_dkdv_chunk_kernel`` grid (chunks, B·H): ``P [v_s, 1]``, ``phi_k P`` plus, causal,
            the intra-chunk ``dA^T phi_q``, ``A^T G``.
 The forward's output and per-row statistics (den, query shift, key running max; the training
@@ -51,8 +52,8 @@ it when compiled); a device branch sends what ``kernel_ok`` rejects to the C++ b
 ``panther::rf_attention_triton_train`` (the forward that also returns the per-row statistics) and
 its autograd. Under ``TRITON_INTERPRET=1`` CPU tensors run the kernels in Triton's interpreter.
 
-Products per chunk and feature block of 64 (about 64x64x64 each): causal dq 5, dk-dv 7, the
-query-side walks 2 each; non-causal dq 3, dk-dv 4.
+Products per chunk and feature block of 64 (about 64x64x64 each): causal dq 5, dk-dv 7 (9 where
+later query segments add theirs), the query-side walk 2; non-causal dq 3, dk-dv 4.
 """
 from __future__ import annotations
 
@@ -380,14 +381,14 @@ if triton is not None:
         C: tl.constexpr,
     ):
         """The queries' state sum_t phi_q[t]^T [g_t, -gdo_t] / den_t over one query segment, grid
-        (feature blocks, B·H, segments), walking its chunks last first. Causal softmax: the state
-        is kept at the key running max M of the row before the chunk it last took in (so every
-        factor is <= 1), and rescaled as it moves back.
-        PER_CHUNK (causal): starts from the state of the queries after the segment (slot
-        [bh, segment] of PI, PZ, from the segment scan) and writes the state after every chunk
-        (HP in the state dtype, HPZ fp32, the reference HPR = M at the chunk's last row, natural
-        units). Else: starts from zero and writes the segment's own state into PI, PZ (causal:
-        at M of the row before the segment)."""
+        (feature blocks, B·H, segments), walking its chunks last first from zero, and writing the
+        segment's own state into PI, PZ (causal: at M of the row before the segment). Causal
+        softmax: the state is kept at the key running max M of the row before the chunk it last
+        took in (so every factor is <= 1), and rescaled as it moves back.
+        PER_CHUNK (causal): also the state of the segment's queries after every chunk (HP in the
+        state dtype, HPZ fp32, the reference HPR = M at the chunk's last row, natural units); the
+        dk-dv kernel adds the later segments' (``_suffix_kernel``), as the forward's chunk kernels
+        add the earlier segments' keys."""
         alpha = tl.cast(alpha, tl.float32)   # Inductor passes a float argument as fp64
         fb = tl.program_id(0)
         bh = tl.program_id(1)
@@ -401,13 +402,8 @@ if triton is not None:
         feat_ok = offs_f < M
         w = _load_w(W, offs_f, offs_d, swm, swd, feat_ok, D)
         slot = bh.to(tl.int64) * nsg + sg
-        pi_ptr = PI + slot * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :]
-        if PER_CHUNK:
-            acc = tl.load(pi_ptr)
-            z = tl.load(PZ + slot * M_PAD + offs_f)
-        else:
-            acc = tl.zeros((BLOCK_F, DV_PAD), dtype=tl.float32)
-            z = tl.zeros((BLOCK_F,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_F, DV_PAD), dtype=tl.float32)
+        z = tl.zeros((BLOCK_F,), dtype=tl.float32)
         m_base = STATS + bh.to(tl.int64) * (3 * L) + 2 * L
         start = sg * SEG
         end = tl.minimum(start + SEG, L)
@@ -442,14 +438,13 @@ if triton is not None:
                 cur = prev
             acc += _dot(p, gv, UPCAST, TF32)
             z -= tl.sum(p * gdo[None, :], axis=1)
-        if not PER_CHUNK:
-            tl.store(pi_ptr, acc)
-            tl.store(PZ + slot * M_PAD + offs_f, z)
+        tl.store(PI + slot * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :], acc)
+        tl.store(PZ + slot * M_PAD + offs_f, z)
 
     @triton.jit
     def _dkdv_chunk_kernel(
-        Q, K, V, GO, W, WG, MASK, STATS, ROWS, HP, HPZ, HPR, DK, DVO,
-        H, L, LQ, M, D, DV, HP_BH, HP_C,
+        Q, K, V, GO, W, WG, MASK, STATS, ROWS, HP, HPZ, HPR, SI, SZ, SR, DK, DVO,
+        H, L, LQ, M, D, DV, HP_BH, HP_C, NSEG, SEG_CHUNKS,
         sqb, sqh, sql, sqd,
         skb, skh, sks, skd,
         svb, svh, svs, svd,
@@ -460,15 +455,17 @@ if triton is not None:
         sdvb, sdvh, sdvl, sdvd,
         alpha,
         KERNEL: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-        UPCAST: tl.constexpr, TF32: tl.constexpr,
+        UPCAST: tl.constexpr, TF32: tl.constexpr, HAS_SUFFIX: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
         C: tl.constexpr,
     ):
         """dk, dv of one chunk of keys, grid (chunks, B·H): P [v_s, 1] and phi_k P from the
         queries' state (HP, HPZ; state i of (b, h) at bh·HP_BH + chunk·HP_C) plus, causal, the
-        intra-chunk dA^T phi_q, A^T G. Causal: the suffix state after the chunk, at HPR (natural
-        units), keys at their running max M; else the total, keys at HPR[bh] (the reference of
-        the forward's merged key state)."""
+        intra-chunk dA^T phi_q, A^T G. Causal: the state of the chunk's segment's queries after
+        the chunk, at HPR (natural units), keys at their running max M; HAS_SUFFIX: plus the
+        later segments' (SI, SZ of slot [bh, chunk // SEG_CHUNKS], at SR, which is >= HPR), each
+        tile brought to HPR before the products. Else: the total, keys at HPR[bh] (the reference
+        of the forward's merged key state)."""
         alpha = tl.cast(alpha, tl.float32)   # Inductor passes a float argument as fp64
         c = tl.program_id(0)
         bh = tl.program_id(1)
@@ -485,11 +482,16 @@ if triton is not None:
             sqb, sqh, sql, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
             sgb, sgh, sgl, sgd, smb, sms, KERNEL, HAS_MASK, CAUSAL, True, C, D_PAD, DV_PAD)
         st_i = bh.to(tl.int64) * HP_BH + c * HP_C
+        sg = bh.to(tl.int64) * NSEG + c // SEG_CHUNKS
         eks = tl.full((C,), 1.0, tl.float32)
+        fs = 1.0    # the later segments' state -> HPR (relu: no references)
         if KERNEL == 0:
             if CAUSAL:
                 # key s at M_s -> the suffix's reference (rows past L: 0, never stored)
-                eks = tl.where(in_seq, tl.exp(tl.minimum(mt - tl.load(HPR + st_i), 0.0)), 0.0)
+                hpr = tl.load(HPR + st_i)
+                eks = tl.where(in_seq, tl.exp(tl.minimum(mt - hpr, 0.0)), 0.0)
+                if HAS_SUFFIX:
+                    fs = tl.exp(tl.minimum(hpr - tl.load(SR + sg), 0.0))
             else:
                 mt = mt + tl.load(HPR + bh)
         if CAUSAL:
@@ -518,7 +520,17 @@ if triton is not None:
                 phk = ek
             pv = tl.load(hp_base + offs_f[:, None] * DV_PAD + offs_v[None, :])
             pz = tl.load(HPZ + st_i * M_PAD + offs_f)
-            dphk = _dot(vt, tl.trans(pv), UPCAST, TF32) + pz[None, :]
+            dphk = _dot(vt, tl.trans(pv), UPCAST, TF32)
+            if HAS_SUFFIX:
+                # the later segments' part in products of its own. (Adding the two states on
+                # chip for one product gave wrong dk on the H200 at 32-feature blocks, triton
+                # 3.6, although the interpreter agreed.)
+                sv = tl.load(SI + sg * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD
+                             + offs_v[None, :])
+                pz += fs * tl.load(SZ + sg * M_PAD + offs_f)
+                dphk += fs * _dot(vt, tl.trans(sv), UPCAST, TF32)
+                dvi += fs * _dot(phk, sv, UPCAST, TF32)
+            dphk += pz[None, :]
             dvi += _dot(phk, pv, UPCAST, TF32)
             if CAUSAL:
                 eq = _features(qw, hq, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
@@ -572,10 +584,10 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     dq:     the keys' state (causal: the forward's state at every chunk start, recomputed by
             ``causal_chunk_states``; else the merged total), then ``_dq_chunk_kernel`` per chunk
             (which also writes 1/den and (g.o)/den per row);
-    dk, dv: per query segment sum_t phi_q^T G (``_query_state_kernel``); causal: a reverse
-            scan over the segments (``_suffix_kernel``) and a reverse chunk walk per segment
-            writing the suffix state after every chunk (``_query_state_kernel``, PER_CHUNK); else
-            their sum; then ``_dkdv_chunk_kernel`` per chunk."""
+    dk, dv: per query segment sum_t phi_q^T G (``_query_state_kernel``; causal: a reverse
+            chunk walk from zero that also writes the segment's state after every chunk); causal:
+            a reverse scan over the segments' own states gives the later segments'
+            (``_suffix_kernel``), which ``_dkdv_chunk_kernel`` adds per chunk; else their sum."""
     p = backward_params
     tf32 = p["tf32"] if tf32 is None else tf32
     C = chunk or p["chunk"]
@@ -628,7 +640,8 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
         H, Lq, m, d, dv, *hs_i, *strides, *out.stride(), *W.stride(), *mask.stride(),
         *dq.stride(), alpha, HAS_PREFIX=has_prefix, num_warps=q_warps, **chunk_meta)
     del states
-    # ---- the queries' state: per segment, then (causal) scanned and walked per chunk
+    # ---- the queries' state: per segment (causal: and per chunk within it), then (causal) the
+    # later segments' by a reverse scan over the segments' own states
     sblock_f = min(M_PAD, 64)
     NFS = M_PAD // sblock_f
     seg, nseg = _splits(BH * NFS, Lq, C, dev, 4 * C, per_sm=4, seg=seg)
@@ -640,31 +653,34 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     HPZ = torch.empty((BH, nchunk, M_PAD) if causal else (1, 1), device=dev, dtype=f32)
     HPR = torch.empty((BH, nchunk) if causal else (1, 1), device=dev, dtype=f32)
 
-    def query_states(per_chunk, seg_i, seg_z):
-        _launcher(_query_state_kernel)[(NFS, BH, nseg)](
-            q, go, W, stats, ROWS, seg_i, seg_z, HP, HPZ, HPR, H, Lq, m, d, dv, seg, nchunk,
-            *q.stride(), *go.stride(), *W.stride(), alpha, PER_CHUNK=per_chunk,
-            BLOCK_F=sblock_f, num_warps=4, **meta)
-    query_states(False, PI, PZ)          # each segment's own state
-    if causal:
+    # each segment's own state (causal: and its queries' state after every chunk)
+    _launcher(_query_state_kernel)[(NFS, BH, nseg)](
+        q, go, W, stats, ROWS, PI, PZ, HP, HPZ, HPR, H, Lq, m, d, dv, seg, nchunk,
+        *q.stride(), *go.stride(), *W.stride(), alpha, PER_CHUNK=causal,
+        BLOCK_F=sblock_f, num_warps=4, **meta)
+    has_suffix = causal and nseg > 1
+    if has_suffix:
         # segment g's own state is at the key running max before it (M at row g·seg - 1)
         RPB = torch.full((BH, nseg), -2.0e38 if kid == 0 else 0.0, device=dev, dtype=f32)
-        if kid == 0 and nseg > 1:
+        if kid == 0:
             RPB[:, 1:] = stats[:, 2, seg - 1:(nseg - 1) * seg:seg]
-        SI, SZ = torch.empty_like(PI), torch.empty_like(PZ)
+        SI, SZ = torch.empty_like(PI, dtype=HP.dtype), torch.empty_like(PZ)
         _launcher(_suffix_kernel)[(BH, NFS)](PI, PZ, RPB, SI, SZ, nseg, M_PAD=M_PAD,
                                              DV_PAD=DV_PAD, BLOCK_F=sblock_f, num_warps=4)
-        query_states(True, SI, SZ)       # the state after every chunk
-        del SI, SZ
+        # SI's slot g is at RPB[g + 1]; the last slot holds zeros (its reference is never used)
+        SR = torch.cat([RPB[:, 1:], RPB[:, -1:]], dim=1)
+    else:
+        SI, SZ, SR = PI, PZ, PZ          # stand-ins, never read
+    if causal:
         key_ref, hp_i = HPR, (nchunk, 1)  # keys at their running max, against each chunk's HPR
     else:
         HP, HPZ = PI.sum(1), PZ.sum(1)   # queries carry no reference here: a plain sum
         hp_i = (1, 0)
-    del PI, PZ
     _launcher(_dkdv_chunk_kernel)[(triton.cdiv(S, C), BH)](
-        q, k, v, go, W, WG, mask, stats, ROWS, HP, HPZ, key_ref, dk, dvo,
-        H, S, Lq, m, d, dv, *hp_i, *strides, *W.stride(), *mask.stride(), *dk.stride(),
-        *dvo.stride(), alpha, num_warps=k_warps, **dict(chunk_meta, BLOCK_F=k_block_f))
+        q, k, v, go, W, WG, mask, stats, ROWS, HP, HPZ, key_ref, SI, SZ, SR, dk, dvo,
+        H, S, Lq, m, d, dv, *hp_i, nseg, seg // C, *strides, *W.stride(), *mask.stride(),
+        *dk.stride(), *dvo.stride(), alpha, HAS_SUFFIX=has_suffix, num_warps=k_warps,
+        **dict(chunk_meta, BLOCK_F=k_block_f))
     return dq, dk, dvo
 
 

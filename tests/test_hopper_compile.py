@@ -64,10 +64,12 @@ CASES = {"linear": _linear, "conv": _conv, "attention": _attention(False), "caus
 # Spills the default launches have today (bytes per thread, the most of triton 3.6, the H200's, and
 # 3.9; measured 2026-11-30): the causal chunk kernels run at 255 registers. Lower-pressure launches
 # compile without any (dk-dv with 8 warps, dq with 32-feature blocks); the attention bench's sweeps,
-# which picked these defaults, include such launches. Anything above these numbers, or a spill
-# anywhere else, fails.
+# which picked these defaults, include such launches. The causal dk-dv's products with the later
+# query segments' state took it from 160 / 168 to 208 / 256 (3.6 / 3.9); on the H200 the 8-warp
+# launch without spills measured 3.66 ms against 1.94 (docs/benchmarks.md). Anything above these
+# numbers, or a spill anywhere else, fails.
 KNOWN_SPILLS = {("causal attention", "_causal_out_kernel"): 128, ("causal attention", "_dq_chunk_kernel"): 112,
-                ("causal attention", "_dkdv_chunk_kernel"): 168, ("attention", "_dkdv_chunk_kernel"): 8}
+                ("causal attention", "_dkdv_chunk_kernel"): 256, ("attention", "_dkdv_chunk_kernel"): 8}
 
 
 def _distinct(launches):
