@@ -925,7 +925,7 @@ def rf_attention_triton_op(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, 
 def _rf_triton_backward(ctx, grad):
     # the fused backward (inductor_ext/triton_attention_bwd.py) where the kernels serve the call
     # and the projection needs no gradient; else the C++ backward, as for panther::rf_attention
-    from inductor_ext import triton_attention_bwd
+    # (triton_attention_bwd is imported at the end of this module)
     return triton_attention_bwd.autograd_backward(ctx, grad)
 
 
@@ -1043,7 +1043,7 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
         rows.append(line)
         if sweep or profile:
             _sweep(q, k, v, W, name, causal, backward, defaults_only=not sweep)
-        del q, k, v, fns
+        q = k = v = fns = None   # free the case's tensors before the next one's
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     if backward and long_len:
