@@ -977,7 +977,7 @@ def _rel(a, b):
 
 
 def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, backward=True,
-                           sweep=False, long_len=262144, device="cuda", profile=False):
+                           sweep=False, long_len=262144, device="cuda", profile=False, peers=False):
     """Prints SDPA vs the C++ op vs the Triton op (forward, and forward+backward) on CUDA.
 
     fwd+bwd of the Triton op uses the fused Triton backward (the projection needs no gradient);
@@ -985,6 +985,8 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
     dq, dk, dv against the C++ backward. ``long_len`` adds a causal B=1 forward+backward at that
     length (Triton only) with its peak memory. ``sweep`` also times launch parameters of the
     forward and of the backward; ``profile`` only prints the per-kernel times of the defaults.
+    ``peers``: also rows (with a "peer" key) timing other libraries on the same inputs beside the
+    Triton op (``_peer_rows``).
     (``device="cpu"`` under TRITON_INTERPRET=1 only smoke-tests this code on tiny cases: no
     timings.)"""
     import torch.nn.functional as F
@@ -1041,6 +1043,10 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
                 line["triton bwd"] = "C++ backward (backward_params['causal'] is off)"
         print(line, flush=True)
         rows.append(line)
+        if peers:
+            for row in _peer_rows(line, q, k, v, W, causal, backward):
+                print(row, flush=True)
+                rows.append(row)
         if sweep or profile:
             _sweep(q, k, v, W, name, causal, backward, defaults_only=not sweep)
         q = k = v = fns = None   # free the case's tensors before the next one's
@@ -1048,6 +1054,67 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
             torch.cuda.empty_cache()
     if backward and long_len:
         rows.append(_bench_long(long_len, m, H, d, dtype, dev))
+    return rows
+
+
+def _peer_rows(line, q, k, v, W, causal, backward):
+    """The Triton op's row of ``line`` and, where installed, the peers on the same q, k, v (B, H, L,
+    d) that a user would otherwise reach for. Causal: flash-linear-attention's chunked kernel
+    (``fla.ops.linear_attn.chunk_linear_attn``, normalised) fed with ``rf_feature_maps`` of the same
+    random features, timed with the feature maps (the glued pipeline, features and kernel under
+    autograd for fwd+bwd) and alone (the features already in its (B, L, H, m) layout). Non-causal:
+    performer-pytorch's ``FastAttention`` (its own m random features, so no error column). A peer
+    that is missing or fails gives the reason in its "note"."""
+    from panther.ops.attention import rf_feature_maps
+    case, m = line["case"], W.shape[0]
+    rows = [{"case": case, "peer": "panther rf_attention_triton", "fwd ms": line["triton fwd ms"],
+             "fwd+bwd ms": line.get("triton fwd+bwd ms", "-"), "rel err vs panther": "-"}]
+    with torch.no_grad():
+        ours = rf_attention_triton(q, k, v, W, "softmax", causal)
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    go = torch.randn_like(v)
+
+    def timed(name, fwd, train=None, out=None):
+        row = {"case": case, "peer": name}
+        try:
+            with torch.no_grad():
+                row["fwd ms"] = round(_time_ms(fwd), 3)
+            row["fwd+bwd ms"] = round(_time_ms(train, iters=5), 3) if backward and train else "-"
+            row["rel err vs panther"] = f"{_rel(out(), ours):.2e}" if out else "-"
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            row["note"] = f"failed: {type(exc).__name__}: {str(exc)[:100]}"
+        rows.append(row)
+
+    def grads(fn):
+        return lambda: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), go)
+
+    if causal:
+        try:
+            from fla.ops.linear_attn import chunk_linear_attn
+        except ImportError as exc:
+            return rows + [{"case": case, "peer": "flash-linear-attention",
+                            "note": f"not installed ({exc})"}]
+
+        def glued(q_, k_, v_):
+            fq, fk = rf_feature_maps(q_, k_, W, "softmax")
+            o, _ = chunk_linear_attn(fq.transpose(1, 2), fk.transpose(1, 2), v_.transpose(1, 2),
+                                     scale=1.0, normalize=True)
+            return o.transpose(1, 2)
+
+        timed("fla chunk_linear_attn + torch feature maps", lambda: glued(q, k, v), grads(glued),
+              lambda: glued(q, k, v))
+        fq, fk = (t.transpose(1, 2).contiguous() for t in rf_feature_maps(q, k, W, "softmax"))
+        vt = v.transpose(1, 2).contiguous()
+        timed("fla chunk_linear_attn alone (features given)",
+              lambda: chunk_linear_attn(fq, fk, vt, scale=1.0, normalize=True))
+    else:
+        try:
+            from performer_pytorch import FastAttention
+        except ImportError as exc:
+            return rows + [{"case": case, "peer": "performer-pytorch", "note": f"not installed ({exc})"}]
+        fast = FastAttention(dim_heads=q.shape[-1], nb_features=m, causal=False).to(q.device)
+        timed("performer-pytorch FastAttention", lambda: fast(q, k, v),
+              grads(lambda q_, k_, v_: fast(q_, k_, v_)))
     return rows
 
 

@@ -1,4 +1,4 @@
-"""``python -m inductor_ext.triton_attention_bench [--no-backward] [--sweep | --profile] [--no-long] [--markdown FILE]``:
+"""``python -m inductor_ext.triton_attention_bench [--no-backward] [--sweep | --profile] [--no-long] [--peers] [--markdown FILE]``:
 SDPA vs the C++ rf_attention op vs the Triton op on CUDA (bf16, H=16, d=64, m=256): non-causal
 L=65536 B=1, causal L=65536 B=1, causal L=4096 B=16; forward and forward+backward times in ms (the
 Triton op's backward is the fused Triton backward), the Triton backward alone, the Triton-vs-C++
@@ -6,8 +6,10 @@ relative errors of the output and of the gradients; then a causal L=262144 B=1 H
 forward+backward of the Triton op with its peak memory (``--no-long`` skips it). ``--sweep`` also
 prints the Triton forward's per-kernel times (torch.profiler) over launch parameters, and the
 backward's over its own; ``--profile`` prints only the default launch parameters' per-kernel
-times, forward and backward. ``--markdown FILE`` also writes the tables into FILE (e.g.
-docs/benchmarks.md), in sections named by the command."""
+times, forward and backward. ``--peers`` adds a table of the peers on the same inputs, where
+installed: flash-linear-attention's chunked causal kernel with torch feature maps of the same random
+features, and performer-pytorch non-causal. ``--markdown FILE`` also writes the tables into FILE
+(e.g. docs/benchmarks.md), in sections named by the command."""
 import argparse
 import sys
 
@@ -21,18 +23,23 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--no-long", action="store_true")
+    p.add_argument("--peers", action="store_true")
     p.add_argument("--markdown", metavar="FILE", default=None)
     a = p.parse_args(argv)
     rows = bench_triton_attention(backward=not a.no_backward, sweep=a.sweep, profile=a.profile,
-                                  long_len=0 if a.no_long else 262144)
+                                  long_len=0 if a.no_long else 262144, peers=a.peers)
     if a.markdown and rows:
         from panther.bench import command_line, write_markdown
         cmd = command_line("python -m inductor_ext.triton_attention_bench",
                            sys.argv[1:] if argv is None else argv)
         title = "random-feature attention, bf16, H=16, d_head=64, m=256 (times in ms)"
         cases = [r for r in rows if "sdpa fwd ms" in r]
-        long = [r for r in rows if "sdpa fwd ms" not in r]
+        peers = [r for r in rows if "peer" in r]
+        long = [r for r in rows if "sdpa fwd ms" not in r and "peer" not in r]
         write_markdown(a.markdown, cmd, title, cases, device="cuda")
+        if peers:
+            write_markdown(a.markdown, f"{cmd} [peers]", "peers on the same inputs (times in ms)",
+                           peers, device="cuda")
         if long:
             write_markdown(a.markdown, f"{cmd} [long]", "causal forward+backward at length 262,144",
                            long, device="cuda")

@@ -143,6 +143,47 @@ def test_validation_errors():
         ta.rf_attention_triton(q, k, v, W, "softmax", False, None, torch.zeros(2, 9))
 
 
+def _stand_in_fla(monkeypatch):
+    """A stand-in ``fla.ops.linear_attn.chunk_linear_attn``: flash-linear-attention's contract
+    ((B, T, H, K) layout, ``scale``, ``normalize``) written as the explicit causal formula."""
+    import types
+
+    def chunk_linear_attn(q, k, v, scale=None, normalize=True, **_):
+        a = torch.einsum("bthk,bshk->bhts", q * scale, k).tril()
+        o = torch.einsum("bhts,bshv->bthv", a, v)
+        return (o / a.sum(-1).transpose(1, 2)[..., None] if normalize else o), None
+
+    mod = types.ModuleType("fla.ops.linear_attn")
+    mod.chunk_linear_attn = chunk_linear_attn
+    for name in ("fla", "fla.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "fla.ops.linear_attn", mod)
+
+
+def test_bench_peers_feed_fla_the_same_features(monkeypatch):
+    # ``triton_attention_bench --peers`` glues torch feature maps to flash-linear-attention's
+    # kernel: with a stand-in that computes fla's documented contract exactly, the glued output
+    # must be panther's (layouts, scale and normalisation agree), and every peer row must be timed.
+    _stand_in_fla(monkeypatch)
+    rows = ta.bench_triton_attention(cases=[("causal", 40, 2, True)], m=32, H=2, d=16,
+                                     dtype=torch.float32, device="cpu", long_len=0, peers=True)
+    peers = {r["peer"]: r for r in rows if "peer" in r}
+    assert set(peers) == {"panther rf_attention_triton", "fla chunk_linear_attn + torch feature maps",
+                          "fla chunk_linear_attn alone (features given)"}
+    assert not any("note" in r for r in peers.values()), peers
+    assert float(peers["fla chunk_linear_attn + torch feature maps"]["rel err vs panther"]) < 1e-5
+
+
+def test_bench_peers_missing_are_reported(monkeypatch):
+    monkeypatch.setitem(sys.modules, "performer_pytorch", None)   # import fails
+    rows = ta.bench_triton_attention(cases=[("non-causal", 24, 1, False)], m=16, H=1, d=8,
+                                     dtype=torch.float32, backward=False, device="cpu",
+                                     long_len=0, peers=True)
+    peers = [r for r in rows if "peer" in r]
+    assert [r["peer"] for r in peers] == ["panther rf_attention_triton", "performer-pytorch"]
+    assert "not installed" in peers[1]["note"]
+
+
 def test_kernel_ok_routing():
     q, k, v, W, _ = inputs(dtype=torch.float32)
     assert not ta.kernel_ok(q, k, v, W)            # CPU without the interpreter: the C++ op

@@ -16,6 +16,9 @@ op                                     Python wrapper           plain-torch refe
 ``torch.ops.panther.srpe_filter``      :func:`srpe_filter`      :func:`srpe_filter_reference`
 =====================================  =======================  ===================================
 
+:func:`rf_feature_maps` gives the reference's random-feature maps phi(q), phi(k) as tensors (for
+gluing them to other linear-attention kernels, as ``triton_attention_bench --peers`` does).
+
 Every op runs on CPU and CUDA (ATen kernels), under autocast, and has a fake kernel and an autograd
 formula, so it works under ``torch.compile`` and ``torch.export``.
 """

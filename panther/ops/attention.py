@@ -32,6 +32,7 @@ from torch import Tensor
 __all__ = [
     "rf_attention",
     "rf_attention_reference",
+    "rf_feature_maps",
     "srpe_filter",
     "srpe_filter_reference",
 ]
@@ -202,6 +203,42 @@ torch.library.register_autograd("panther::srpe_filter", _srpe_backward,
 # ------------------------------------------------------------------------------------------
 # plain-torch references (test oracles: explicit quadratic attention over the same features)
 
+def rf_feature_maps(q, k, projection, kernel_fn="softmax", scale=None, key_padding_mask=None):
+    """``(phi(q), phi(k))`` of :func:`rf_attention` as tensors, ``(B, H, L, m)`` in q's dtype, for q, k
+    ``(B, H, L, d)``: the feature maps written out in torch ops (``1/sqrt(m)`` included; masked keys'
+    features 0).
+
+    Softmax shifts: each query's by its largest exponent, the keys' of one (b, h) by one shared
+    constant (their largest visible exponent); both cancel in the normalised output."""
+    m, d = projection.shape
+    W = projection.to(q.dtype)
+    if kernel_fn == "relu":
+        return torch.relu(q @ W.T) / math.sqrt(m), _masked(torch.relu(k @ W.T) / math.sqrt(m),
+                                                          key_padding_mask)
+    a = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(d))
+
+    def exponent(x):
+        xs = x * a
+        return xs @ W.T - (xs * xs).sum(-1, keepdim=True) / 2
+
+    uq, uk = exponent(q), exponent(k)
+    # shifts are constants that cancel in the normalisation; they only keep exp() in range
+    fq = torch.exp(uq - uq.amax(-1, keepdim=True).detach()) / math.sqrt(m)
+    visible = uk
+    if key_padding_mask is not None:
+        visible = uk.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
+    kshift = visible.detach().amax(dim=(-2, -1), keepdim=True) if uk.shape[2] else 0.0
+    if torch.is_tensor(kshift):
+        kshift = torch.nan_to_num(kshift, neginf=0.0)
+    return fq, _masked(torch.exp(uk - kshift) / math.sqrt(m), key_padding_mask)
+
+
+def _masked(fk, key_padding_mask):
+    if key_padding_mask is None:
+        return fk
+    return fk.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+
+
 def rf_attention_reference(q, k, v, projection, kernel_fn="softmax", causal=False, scale=None,
                            key_padding_mask=None):
     """Explicit ``(phi(Q) phi(K)^T ⊙ M) V / rowsum`` with the op's feature maps, O(Lq·S) memory.
@@ -211,30 +248,8 @@ def rf_attention_reference(q, k, v, projection, kernel_fn="softmax", causal=Fals
     _check_rf(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
     out_dtype = q.dtype
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q, k, v, W = q.to(ct), k.to(ct), v.to(ct), projection.to(ct)
-    m, d = W.shape
-    if kernel_fn == "relu":
-        fq = torch.relu(q @ W.T) / math.sqrt(m)
-        fk = torch.relu(k @ W.T) / math.sqrt(m)
-    else:
-        a = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(d))
-
-        def exponent(x):
-            xs = x * a
-            return xs @ W.T - (xs * xs).sum(-1, keepdim=True) / 2
-
-        uq, uk = exponent(q), exponent(k)
-        # shifts are constants that cancel in the normalisation; they only keep exp() in range
-        fq = torch.exp(uq - uq.amax(-1, keepdim=True).detach()) / math.sqrt(m)
-        visible = uk
-        if key_padding_mask is not None:
-            visible = uk.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
-        kshift = visible.detach().amax(dim=(-2, -1), keepdim=True) if uk.shape[2] else 0.0
-        if torch.is_tensor(kshift):
-            kshift = torch.nan_to_num(kshift, neginf=0.0)
-        fk = torch.exp(uk - kshift) / math.sqrt(m)
-    if key_padding_mask is not None:
-        fk = fk.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+    q, k, v = q.to(ct), k.to(ct), v.to(ct)
+    fq, fk = rf_feature_maps(q, k, projection, kernel_fn, scale, key_padding_mask)
     A = fq @ fk.transpose(-2, -1)
     if causal:
         L = q.shape[2]
