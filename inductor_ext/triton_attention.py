@@ -1008,7 +1008,8 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
             "triton": lambda: rf_attention_triton(q, k, v, W, "softmax", causal),
         }
         ref = fns["c++"]().float()
-        err = _rel(fns["triton"](), ref)
+        tri = fns["triton"]()
+        err = _rel(tri, ref)
         line = {"case": f"{name} L={L} B={B}", "triton_vs_c++_rel_err": f"{err:.2e}"}
         with torch.no_grad():
             for key, fn in fns.items():
@@ -1044,12 +1045,12 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
         print(line, flush=True)
         rows.append(line)
         if peers:
-            for row in _peer_rows(line, q, k, v, W, causal, backward):
+            for row in _peer_rows(line, tri, q, k, v, W, causal, backward):
                 print(row, flush=True)
                 rows.append(row)
         if sweep or profile:
             _sweep(q, k, v, W, name, causal, backward, defaults_only=not sweep)
-        q = k = v = fns = None   # free the case's tensors before the next one's
+        q = k = v = fns = tri = None   # free the case's tensors before the next one's
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     if backward and long_len:
@@ -1057,9 +1058,9 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
     return rows
 
 
-def _peer_rows(line, q, k, v, W, causal, backward):
-    """The Triton op's row of ``line`` and, where installed, the peers on the same q, k, v (B, H, L,
-    d) that a user would otherwise reach for. Causal: flash-linear-attention's chunked kernel
+def _peer_rows(line, ours, q, k, v, W, causal, backward):
+    """The Triton op's row of ``line`` (its output ``ours``) and, where installed, the peers on the
+    same q, k, v (B, H, L, d) that a user would otherwise reach for. Causal: flash-linear-attention's chunked kernel
     (``fla.ops.linear_attn.chunk_linear_attn``, normalised) fed with ``rf_feature_maps`` of the same
     random features, timed with the feature maps (the glued pipeline, features and kernel under
     autograd for fwd+bwd) and alone (the features already in its (B, L, H, m) layout). Non-causal:
@@ -1069,8 +1070,6 @@ def _peer_rows(line, q, k, v, W, causal, backward):
     case, m = line["case"], W.shape[0]
     rows = [{"case": case, "peer": "panther rf_attention_triton", "fwd ms": line["triton fwd ms"],
              "fwd+bwd ms": line.get("triton fwd+bwd ms", "-"), "rel err vs panther": "-"}]
-    with torch.no_grad():
-        ours = rf_attention_triton(q, k, v, W, "softmax", causal)
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     go = torch.randn_like(v)
 

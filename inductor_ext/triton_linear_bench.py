@@ -115,9 +115,10 @@ def bench_triton_linear(in_features=8192, out_features=8192, batch=16384, num_te
 
         timed("fwd+bwd: C++ op", fwd_bwd(torch.ops.panther.sketched_linear), bwd_floor)
         timed(f"fwd+bwd: sketched_linear_triton ({path})", fwd_bwd(tlin.sketched_linear_triton), bwd_floor)
-        compiled_op = torch.compile(lambda *args: torch.ops.panther.sketched_linear(*args), backend=_panther_backend())
-        timed(f"fwd+bwd: the C++ op compiled, backend=panther ({_compiled_path(x, *fac, bias)})", fwd_bwd(compiled_op),
-              bwd_floor)
+        compiled_op = torch.compile(lambda *args: torch.ops.panther.sketched_linear(*args),
+                                    backend=_panther_backend())
+        timed(f"fwd+bwd: the C++ op compiled, backend=panther ({_compiled_path(x, *fac, bias)})",
+              fwd_bwd(compiled_op), bwd_floor)
         with torch.no_grad():
             _, xA = torch.ops.panther.sketched_linear_triton_fwd(x, *fac, bias)
             H = L * k

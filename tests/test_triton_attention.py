@@ -175,13 +175,17 @@ def test_bench_peers_feed_fla_the_same_features(monkeypatch):
 
 
 def test_bench_peers_missing_are_reported(monkeypatch):
-    monkeypatch.setitem(sys.modules, "performer_pytorch", None)   # import fails
-    rows = ta.bench_triton_attention(cases=[("non-causal", 24, 1, False)], m=16, H=1, d=8,
-                                     dtype=torch.float32, backward=False, device="cpu",
-                                     long_len=0, peers=True)
-    peers = [r for r in rows if "peer" in r]
-    assert [r["peer"] for r in peers] == ["panther rf_attention_triton", "performer-pytorch"]
-    assert "not installed" in peers[1]["note"]
+    for name in ("performer_pytorch", "fla"):
+        monkeypatch.setitem(sys.modules, name, None)   # their imports fail
+    rows = ta.bench_triton_attention(cases=[("non-causal", 24, 1, False), ("causal", 24, 1, True)],
+                                     m=16, H=1, d=8, dtype=torch.float32, backward=False,
+                                     device="cpu", long_len=0, peers=True)
+    peers = [(r["case"], r["peer"], r.get("note", "")) for r in rows if "peer" in r]
+    assert [p[:2] for p in peers] == [("non-causal L=24 B=1", "panther rf_attention_triton"),
+                                      ("non-causal L=24 B=1", "performer-pytorch"),
+                                      ("causal L=24 B=1", "panther rf_attention_triton"),
+                                      ("causal L=24 B=1", "flash-linear-attention")]
+    assert all("not installed" in note for _, peer, note in peers if not peer.startswith("panther"))
 
 
 def test_kernel_ok_routing():

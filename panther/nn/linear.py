@@ -172,8 +172,8 @@ class SKLinear_triton(SKLinear):
     ``panther::sketched_linear_triton_fwd`` (``inductor_ext/triton_linear.py``) reads x once and writes
     y once, keeping the rank-2Lk intermediate on chip; the backward's
     ``panther::sketched_linear_triton_grads`` reads the upstream gradient once. They are ``triton_op``
-    kernels, so Inductor inlines them under ``torch.compile``. CPU tensors take the same ops' two-GEMM torch branch, so results
-    match SKLinear's. Unlike the public library's version, ``U2s`` has the same ±1/sqrt(k) scale as
+    kernels, so Inductor inlines them under ``torch.compile``. CPU tensors take the same ops' two-GEMM
+    torch branch, so results match SKLinear's. Unlike the public library's version, ``U2s`` has the same ±1/sqrt(k) scale as
     SKLinear's, so the init is unbiased. Same constructor arguments as :class:`SKLinear`; needs ``triton``.
     """
 
