@@ -505,6 +505,10 @@ if triton is not None:
         qw, hq = kw, hk
         if CAUSAL:
             qw, hq = _feature_operands(qt, W, alpha)
+        if HAS_SUFFIX:
+            # the later segments' factor scales the operands, once per chunk here and per block
+            # for phk, so their products accumulate in place (no temporary accumulators)
+            vts = _operand(vt.to(tl.float32) * fs, UPCAST, TF32)
         dvi = tl.zeros((C, DV_PAD), dtype=tl.float32)
         dka = tl.zeros((C, D_PAD), dtype=tl.float32)
         rs = tl.zeros((C,), dtype=tl.float32)
@@ -528,8 +532,8 @@ if triton is not None:
                 sv = tl.load(SI + sg * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD
                              + offs_v[None, :])
                 pz += fs * tl.load(SZ + sg * M_PAD + offs_f)
-                dphk += fs * _dot(vt, tl.trans(sv), UPCAST, TF32)
-                dvi += fs * _dot(phk, sv, UPCAST, TF32)
+                dphk += _dot(vts, tl.trans(sv), UPCAST, TF32)
+                dvi += _dot(phk * fs, sv, UPCAST, TF32)
             dphk += pz[None, :]
             dvi += _dot(phk, pv, UPCAST, TF32)
             if CAUSAL:

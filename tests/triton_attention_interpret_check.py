@@ -26,7 +26,7 @@ gen = seeded_generators(0)
 
 
 def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0, bf=16,
-         chunk=ta.CHUNK, huge=False):
+         chunk=ta.CHUNK, huge=False, ramp=False):
     g = gen()
     q = torch.randn(B, H, L, d, generator=g, dtype=torch.float64)
     k = torch.randn(B, H, S, d, generator=g, dtype=torch.float64) + shift
@@ -34,6 +34,10 @@ def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shi
         q[:, :, 3, 0], k[:, :, 5, 1] = 1.0e5, -1.0e5
     v = torch.randn(B, H, S, dv, generator=g, dtype=torch.float64)
     W = orthogonal_random_features(m, d, generator=g, dtype=torch.float64)
+    if ramp:  # exponents grow block after block (features, keys)
+        W = W * torch.linspace(0.2, 2.5, m, dtype=torch.float64)[:, None]
+        k = k * torch.linspace(0.2, 1.5, S, dtype=torch.float64)[:, None]
+        q = q * 2.0
     mask = padding_mask(B, S, g) if masked else None
     q, k, v, W = q.to(dtype), k.to(dtype), v.to(dtype), W.to(dtype)
     ref = rf_attention_reference(q.double(), k.double(), v.double(), W.double(), kernel_fn,
@@ -81,6 +85,10 @@ def main():
     case(1, 1, 100, 100, 16, 16, 32, "softmax", True, None, False, bf, seg=64, huge=True)
     case(1, 1, 80, 80, 16, 16, 32, "relu", True, None, False, torch.float16, seg=64)
     case(1, 1, 20, 50, 16, 16, 32, "softmax", False, None, False, torch.float16, seg=16)
+    # exponents that rise block after block (features, keys): the online maxima rescale
+    # accumulators already filled
+    case(1, 2, 40, 70, 16, 8, 64, "softmax", False, 2.0, True, f32, seg=64, ramp=True)
+    case(1, 1, 130, 130, 16, 8, 64, "softmax", True, 2.0, True, f32, seg=64, ramp=True)
     # the op itself (device branch picks the kernels under the interpreter)
     g = gen()
     q, k, v = (torch.randn(1, 2, 20, 16, generator=g) for _ in range(3))
