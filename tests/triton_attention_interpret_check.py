@@ -6,7 +6,6 @@ must be set before triton is imported). Every case compares the kernels (called 
 and chunk tails are exercised) against ``rf_attention_reference`` in float64; prints one line per
 case and exits non-zero on the first failure.
 """
-import math
 import os
 import sys
 
