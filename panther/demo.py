@@ -162,16 +162,24 @@ def main(argv=None):
 
     reports = []
     y_dense = model(x)
-    # One-time start-up costs (imports, Dynamo's first trace of these modules' code, Inductor's worker pool)
-    # would otherwise land on whichever backend compiles first.
+    # One-time start-up costs (imports, Dynamo's first trace of these modules' code) would otherwise land on
+    # whichever backend compiles first.
     _compile(model, x, backend="eager")
-    _compile(lambda t: t * 2 + 1, torch.ones(8), backend="inductor")
-    # panther compiles first, so kernels both graphs share are compiled on panther's clock (when the code
-    # cache is cold, this order favours inductor).
-    c_pan, y_pan, pan_compile = _compile(
-        model, x, backend=_panther_backend(), options={"policy": policy, "overrides": overrides, "report": reports.append}
-    )
-    c_ind, y_ind, ind_compile = _compile(model, x, backend="inductor")
+    # Compile times are taken with Inductor's graph caches off, so that both compiles do the work (with them
+    # on, a machine that ran the demo before times two cache look-ups). An untimed Inductor compile of the
+    # same model first takes Inductor's own warm-up (about 3 s on a 2-core machine, spread over its lowering
+    # and scheduling code), which would otherwise land on whichever backend compiles first.
+    # Each backend's time is the best of two compiles (panther, inductor, then inductor, panther): one
+    # compile on a busy 2-core machine varies by a third.
+    pan_kwargs = dict(backend=_panther_backend(),
+                      options={"policy": policy, "overrides": overrides, "report": reports.append})
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        _compile(model, x, backend="inductor")
+        c_pan, y_pan, pan_compile = _compile(model, x, **pan_kwargs)
+        c_ind, y_ind, ind_compile = _compile(model, x, backend="inductor")
+        ind_compile = min(ind_compile, _compile(model, x, backend="inductor")[2])
+        pan_compile = min(pan_compile, _compile(model, x, **pan_kwargs)[2])
     ms = _interleaved_ms({"eager": model, "inductor": c_ind, "panther": c_pan}, x, args.repeats)
     eager_ms, ind_ms, pan_ms = ms["eager"], ms["inductor"], ms["panther"]
 
@@ -185,13 +193,13 @@ def main(argv=None):
         ["inductor", f"{ind_compile:.1f}", f"{ind_ms:.1f}", f"{eager_ms / ind_ms:.2f}x"],
         ["panther", f"{pan_compile:.1f}", f"{pan_ms:.1f}", f"{eager_ms / pan_ms:.2f}x"],
     ]
-    print(tabulate(rows, headers=["backend", "compile s (first call)", "ms / call", "speed-up vs eager"]))
+    print(tabulate(rows, headers=["backend", "compile s (best of 2)", "ms / call", "speed-up vs eager"]))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"(median of {args.repeats} round-robin calls each; 1-min load average {load:.1f} on "
           f"{os.cpu_count()} CPUs: on a busy machine CPU timings are noisy)")
     ratio = pan_compile / ind_compile
-    print(f"\npanther compile time / inductor compile time = {ratio:.2f} (target <= 1.5; panther compiled first, "
-          "so with a cold code cache it also paid for the kernels both graphs share)")
+    print(f"\npanther compile time / inductor compile time = {ratio:.2f} (target <= 1.5; each the best of two "
+          "compiles with Inductor's graph caches off, after an untimed Inductor compile of the same model)")
     _error_budget_part(model, x, args.budget)
     return 0
 
