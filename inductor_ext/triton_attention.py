@@ -1063,12 +1063,12 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
 
 def _peer_rows(line, ours, q, k, v, W, causal, backward):
     """The Triton op's row of ``line`` (its output ``ours``) and, where installed, the peers on the
-    same q, k, v (B, H, L, d) that a user would otherwise reach for. Causal: flash-linear-attention's chunked kernel
-    (``fla.ops.linear_attn.chunk_linear_attn``, normalised) fed with ``rf_feature_maps`` of the same
-    random features, timed with the feature maps (the glued pipeline, features and kernel under
-    autograd for fwd+bwd) and alone (the features already in its (B, L, H, m) layout). Non-causal:
-    performer-pytorch's ``FastAttention`` (its own m random features, so no error column). A peer
-    that is missing or fails gives the reason in its "note"."""
+    same q, k, v (B, H, L, d) that a user would otherwise reach for. Causal:
+    flash-linear-attention's chunked kernel (``fla.ops.linear_attn.chunk_linear_attn``, normalised)
+    fed with ``rf_feature_maps`` of the same random features, timed with the feature maps (the glued
+    pipeline, features and kernel under autograd for fwd+bwd) and alone (the features already in its
+    (B, L, H, m) layout). Non-causal: performer-pytorch's ``FastAttention`` (its own m random
+    features, so no error column). A peer that is missing or fails gives the reason in its "note"."""
     from panther.ops.attention import rf_feature_maps
     case, m = line["case"], W.shape[0]
     rows = [{"case": case, "peer": "panther rf_attention_triton", "fwd ms": line["triton fwd ms"],

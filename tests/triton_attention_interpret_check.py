@@ -84,8 +84,8 @@ def main():
     case(1, 1, 100, 100, 16, 16, 32, "softmax", True, None, False, bf, seg=64, huge=True)
     case(1, 1, 80, 80, 16, 16, 32, "relu", True, None, False, torch.float16, seg=64)
     case(1, 1, 20, 50, 16, 16, 32, "softmax", False, None, False, torch.float16, seg=16)
-    # exponents that rise block after block (features, keys): the online maxima rescale
-    # accumulators already filled
+    # exponents that rise by several units block after block (features, keys): rescale factors
+    # far below 1 on accumulators already filled
     case(1, 2, 40, 70, 16, 8, 64, "softmax", False, 2.0, True, f32, seg=64, ramp=True)
     case(1, 1, 130, 130, 16, 8, 64, "softmax", True, 2.0, True, f32, seg=64, ramp=True)
     # the op itself (device branch picks the kernels under the interpreter)

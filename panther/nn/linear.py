@@ -173,8 +173,9 @@ class SKLinear_triton(SKLinear):
     y once, keeping the rank-2Lk intermediate on chip; the backward's
     ``panther::sketched_linear_triton_grads`` reads the upstream gradient once. They are ``triton_op``
     kernels, so Inductor inlines them under ``torch.compile``. CPU tensors take the same ops' two-GEMM
-    torch branch, so results match SKLinear's. Unlike the public library's version, ``U2s`` has the same ±1/sqrt(k) scale as
-    SKLinear's, so the init is unbiased. Same constructor arguments as :class:`SKLinear`; needs ``triton``.
+    torch branch, so results match SKLinear's. Unlike the public library's version, ``U2s`` has the
+    same ±1/sqrt(k) scale as SKLinear's, so the init is unbiased. Same constructor arguments as
+    :class:`SKLinear`; needs ``triton``.
     """
 
     def __init__(self, in_features, out_features, num_terms, low_rank, W_init=None, bias=True, dtype=None,
