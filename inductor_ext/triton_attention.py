@@ -152,18 +152,19 @@ if triton is not None:
     @triton.jit
     def _feature_operands(x, W, alpha):
         """A q / k tile's loop invariants for ``_features``: the tile as the product operand
-        (``_to_w``) and its rows' a^2 |x|^2 / 2."""
-        return _to_w(x, W), _half_sq_norm(x, alpha, alpha)
+        (``_to_w``) and its rows' a^2 |x|^2 / 2 in log2 units (as the products of the
+        projection operand ``_Operands.WL``)."""
+        return _to_w(x, W), _half_sq_norm(x, alpha, alpha * _LOG2E)
 
     @triton.jit
-    def _features(xw, hx, w_t, feat_ok, row_ok, alpha, KERNEL: tl.constexpr,
-                  UPCAST: tl.constexpr):
-        """(rows, features) exponents e = x'W^T - |x'|^2/2 (softmax; padded features / rows
-        LOWEST) or relu(xW^T) (relu), from ``_feature_operands`` (xw, hx) and the (d, features)
-        block w_t of W."""
+    def _features(xw, hx, w_t, feat_ok, row_ok, KERNEL: tl.constexpr, UPCAST: tl.constexpr):
+        """(rows, features) exponents e = x'W^T - |x'|^2/2 in log2 units (softmax, from blocks of
+        ``_Operands.WL``; padded features / rows LOWEST) or relu(xW^T) (relu), from
+        ``_feature_operands`` (xw, hx) and the (d, features) block w_t of the projection
+        operand."""
         u = _mm(xw, w_t, UPCAST)
         if KERNEL == 0:
-            e = (u * alpha).to(tl.float32) - hx[:, None]
+            e = u.to(tl.float32) - hx[:, None]
             e = tl.where(feat_ok[None, :] & row_ok[:, None], e, _LOWEST_C)
         else:
             e = tl.where(feat_ok[None, :] & row_ok[:, None], tl.maximum(u, 0.0), 0.0)
@@ -702,16 +703,16 @@ class _Operands(NamedTuple):
     kid: int           # _KERNEL_ID of the feature map
     alpha: float       # sqrt of the logit scale (applied to q and k)
     upcast: bool       # products in true fp32 (fp32 inputs, the interpreter)
-    W: Optional[Tensor]  # the projection operand (_projection_operand; None: forward only)
     has_mask: bool
     mask: Tensor       # uint8 key padding mask, or a (1, 1) stand-in
-    # the forward kernels' projection operand: softmax's exponents come out of the product in the
-    # kernels' log2 units (W·a·log2(e), rounded once), sparing a multiply per feature; relu's W
+    # the feature products' projection operand (forward and backward): softmax's exponents come
+    # out of the product in the kernels' log2 units (W·a·log2(e), rounded once), sparing a
+    # multiply per feature; relu's W
     WL: Tensor
 
 
-def _operands(q, projection, kernel_fn, scale, key_padding_mask, natural=True):
-    """The launches' shared operands; ``natural=False``: only the forward kernels' (no W)."""
+def _operands(q, projection, kernel_fn, scale, key_padding_mask):
+    """The launches' shared operands."""
     d = q.shape[-1]
     alpha = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(d))
     # fp32 inputs (and the interpreter) multiply in true fp32; half inputs use the tensor cores
@@ -719,9 +720,8 @@ def _operands(q, projection, kernel_fn, scale, key_padding_mask, natural=True):
     has_mask = key_padding_mask is not None
     mask = key_padding_mask.to(torch.uint8) if has_mask else q.new_empty((1, 1), dtype=torch.uint8)
     kid = _KERNEL_ID[kernel_fn]
-    W = _projection_operand(projection, q.dtype) if natural or kid != 0 else None
-    WL = _projection_operand(projection, q.dtype, alpha * _LOG2E_F) if kid == 0 else W
-    return _Operands(kid, alpha, upcast, W, has_mask, mask, WL)
+    WL = _projection_operand(projection, q.dtype, alpha * _LOG2E_F if kid == 0 else 1.0)
+    return _Operands(kid, alpha, upcast, has_mask, mask, WL)
 
 
 def _splits(bh, length, block, device, min_len, per_sm=4, seg=None):
@@ -739,7 +739,7 @@ def _splits(bh, length, block, device, min_len, per_sm=4, seg=None):
 def _key_pass(k, v, ops, m, seg, block_n, kv_block_f, kv_warps, kv_stages):
     """Non-causal key pass: per key split and feature block, the state at the block's max (P, Z,
     MX). Returns (P, Z, MX, nsplit, NF, kv_block_f)."""
-    kid, alpha, upcast, _, has_mask, mask, WL = ops
+    kid, alpha, upcast, has_mask, mask, WL = ops
     B, H, S, d = k.shape
     dv = v.shape[3]
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
@@ -812,7 +812,7 @@ def causal_chunk_states(k, v, ops, m, *, seg=None, chunk=CHUNK,
     earlier segments (``_segment_prefix_kernel``). No pass over the keys runs first. The forward
     and the fused backward's dq share it. ``seg``: keys per segment (None: about 8 walk programs
     per SM)."""
-    kid, alpha, upcast, _, has_mask, mask, WL = ops
+    kid, alpha, upcast, has_mask, mask, WL = ops
     B, H, L, d = k.shape
     dv = v.shape[3]
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
@@ -872,8 +872,8 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     B, H, Lq, d = q.shape
     dv, m = v.shape[3], projection.shape[0]
     dev = q.device
-    ops = _operands(q, projection, kernel_fn, scale, key_padding_mask, natural=False)
-    kid, alpha, upcast, _, has_mask, mask, WL = ops
+    ops = _operands(q, projection, kernel_fn, scale, key_padding_mask)
+    kid, alpha, upcast, has_mask, mask, WL = ops
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
     out = torch.empty((B, H, Lq, dv), device=dev, dtype=q.dtype)
     if _INTERPRET:

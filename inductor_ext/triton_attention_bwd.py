@@ -69,7 +69,7 @@ from panther.ops.attention import _check_rf
 if triton is not None:
     import triton.language as tl
 
-    from inductor_ext.triton_attention import (_LN2, _chunk_factors, _chunk_ref,
+    from inductor_ext.triton_attention import (_LN2, _LOG2E, _chunk_factors, _chunk_ref,
                                                _feature_operands, _features, _half_sq_norm,
                                                _load_w, _load_w_t, _mm, _to_w)
 
@@ -199,7 +199,8 @@ if triton is not None:
         0), and the weights' factor exp(M_s - M_t) (0 above the diagonal)."""
         offs_c = tl.arange(0, C)
         tril = offs_c[None, :] <= offs_c[:, None]
-        decay = tl.exp(tl.minimum(mt[None, :] - mt[:, None], 0.0))
+        m2 = mt * _LOG2E
+        decay = tl.exp2(tl.minimum(m2[None, :] - m2[:, None], 0.0))
         if KERNEL != 0:
             decay = tl.full((C, C), 1.0, tl.float32)
         decay = tl.where(tril, decay, 0.0)
@@ -288,15 +289,18 @@ if triton is not None:
         kw, hk = qw, hq
         if CAUSAL:
             kw, hk = _feature_operands(kt, W, alpha)
+        # the features' exponents come in log2 units (W is _Operands.WL): so do their shifts
+        kq2 = kq * _LOG2E
+        mt2 = mt * _LOG2E
         dqa = tl.zeros((C, D_PAD), dtype=tl.float32)
         rs = tl.zeros((C,), dtype=tl.float32)
         for f0 in range(0, M, BLOCK_F):
             offs_f = f0 + offs_fb
             feat_ok = offs_f < M
             w_t = _load_w_t(W, offs_f, offs_d, swm, swd, feat_ok, D)
-            eq = _features(qw, hq, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
+            eq = _features(qw, hq, w_t, feat_ok, in_seq, KERNEL, UPCAST)
             if KERNEL == 0:
-                phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
+                phq = tl.where(feat_ok[None, :], tl.exp2(eq - kq2[:, None]), 0.0)
             else:
                 phq = eq
             st = tl.load(HS + st_i * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD
@@ -314,9 +318,9 @@ if triton is not None:
                     zf += tl.load(PZ + sg * M_PAD + offs_f) * fc
             dphq = dphq - gdo[:, None] * zf[None, :]
             if CAUSAL:
-                ek = _features(kw, hk, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
+                ek = _features(kw, hk, w_t, feat_ok, key_ok, KERNEL, UPCAST)
                 if KERNEL == 0:
-                    phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.exp(ek - mt[:, None]),
+                    phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.exp2(ek - mt2[:, None]),
                                    0.0)
                 else:
                     phk = ek
@@ -360,8 +364,9 @@ if triton is not None:
                 off += tl.load(x_base + 2 * L + rows64, mask=in_seq, other=0.0) - ref
             off += _half_sq_norm(qt, alpha, alpha)
             # phi_q = exp(a q.w - |q|^2 a^2/2 - kq) (times exp(ref - M_t)); rows past L: 0
-            off = tl.where(in_seq, off, 3.0e38).to(tl.float32)
-            p = tl.exp(tl.minimum((s * alpha).to(tl.float32) - off[None, :], 0.0))
+            off = tl.where(in_seq, off, 1.0e38).to(tl.float32)
+            # s in log2 units (W is _Operands.WL)
+            p = tl.exp2(tl.minimum(s.to(tl.float32) - (off * _LOG2E)[None, :], 0.0))
         else:
             p = tl.maximum(s, 0.0)
         p = tl.where(in_seq[None, :], p, 0.0)
@@ -505,6 +510,9 @@ if triton is not None:
         qw, hq = kw, hk
         if CAUSAL:
             qw, hq = _feature_operands(qt, W, alpha)
+        # the features' exponents come in log2 units (W is _Operands.WL): so do their shifts
+        kq2 = kq * _LOG2E
+        mt2 = mt * _LOG2E
         if HAS_SUFFIX:
             # the later segments' factor scales the operands, once per chunk here and per block
             # for phk, so their products accumulate in place (no temporary accumulators)
@@ -517,9 +525,10 @@ if triton is not None:
             offs_f = f0 + offs_fb
             feat_ok = offs_f < M
             w_t = _load_w_t(W, offs_f, offs_d, swm, swd, feat_ok, D)
-            ek = _features(kw, hk, w_t, feat_ok, key_ok, alpha, KERNEL, UPCAST)
+            ek = _features(kw, hk, w_t, feat_ok, key_ok, KERNEL, UPCAST)
             if KERNEL == 0:
-                phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.exp(ek - mt[:, None]), 0.0)
+                phk = tl.where(feat_ok[None, :] & key_ok[:, None], tl.exp2(ek - mt2[:, None]),
+                               0.0)
             else:
                 phk = ek
             pv = tl.load(hp_base + offs_f[:, None] * DV_PAD + offs_v[None, :])
@@ -537,9 +546,9 @@ if triton is not None:
             dphk += pz[None, :]
             dvi += _dot(phk, pv, UPCAST, TF32)
             if CAUSAL:
-                eq = _features(qw, hq, w_t, feat_ok, in_seq, alpha, KERNEL, UPCAST)
+                eq = _features(qw, hq, w_t, feat_ok, in_seq, KERNEL, UPCAST)
                 if KERNEL == 0:
-                    phq = tl.where(feat_ok[None, :], tl.exp(eq - kq[:, None]), 0.0)
+                    phq = tl.where(feat_ok[None, :], tl.exp2(eq - kq2[:, None]), 0.0)
                 else:
                     phq = eq
                 dphk = dphk * eks[:, None] + _dot(tl.trans(da), phq, UPCAST, TF32)
@@ -565,13 +574,12 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 # Launch
 # --------------------------------------------------------------------------------------------
-def _grad_projection(projection, W):
-    """The projection as the gradient products' operand (dx = a du W - ...): what ``_dot`` feeds
-    the tensor cores, fp32 for fp32 inputs (W itself), else bf16, a copy with W's strides (so the
-    fp16 feature operand W is not converted on chip at every feature block)."""
-    if W.dtype == torch.float32:
-        return W
-    return torch.empty_like(W, dtype=torch.bfloat16).copy_(projection)
+def _grad_projection(projection, dtype):
+    """The projection as the gradient products' operand (dx = a du W - ...), in natural units:
+    what ``_dot`` feeds the tensor cores, fp32 for fp32 inputs, else bf16 (so the fp16 feature
+    operand is not converted on chip at every feature block)."""
+    return torch.empty_like(projection, dtype=torch.float32 if dtype == torch.float32 else
+                            torch.bfloat16).copy_(projection)
 
 
 def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, out=None,
@@ -607,9 +615,11 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
         stats = torch.zeros((BH, 3, Lq), device=dev, dtype=f32)
         out = ta._forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask,
                           stats=stats, chunk=C)
+    # the feature products take the forward's operand (softmax: W·a·log2(e), so exponents come
+    # out in exp2's units, as in the forward kernels); the gradient products the natural W
     ops = _operands(q, projection, kernel_fn, scale, key_padding_mask)
-    kid, alpha, upcast, W, has_mask, mask, _ = ops
-    WG = _grad_projection(projection, W)
+    kid, alpha, upcast, has_mask, mask, W = ops
+    WG = _grad_projection(projection, q.dtype)
     M_PAD, D_PAD, DV_PAD = _pow2(m), _pow2(d), _pow2(dv)
     block_f = min(M_PAD, block_f or p["block_f"])
     k_block_f = min(M_PAD, k_block_f or p["k_block_f"][bool(causal)])

@@ -68,9 +68,10 @@ CASES = {"linear": _linear, "conv": _conv, "attention": _attention(False), "caus
 # query segments' state took it from 160 / 168 to 208 / 256 (3.6 / 3.9); on the H200 the 8-warp
 # launch without spills measured 3.66 ms against 1.94 (docs/benchmarks.md). Scaling the operands
 # instead of the products (no temporary accumulators) brought the chunk outputs from 128 / 120 to
-# 32 / 104 and dk-dv to 176 / 216. Anything above these numbers, or a spill anywhere else, fails.
-KNOWN_SPILLS = {("causal attention", "_causal_out_kernel"): 104, ("causal attention", "_dq_chunk_kernel"): 112,
-                ("causal attention", "_dkdv_chunk_kernel"): 216, ("attention", "_dkdv_chunk_kernel"): 8}
+# 32 / 104 and dk-dv to 176 / 216. The backward's feature products in log2 units took dq to
+# 48 / 136 and dk-dv to 176 / 224. Anything above these numbers, or a spill anywhere else, fails.
+KNOWN_SPILLS = {("causal attention", "_causal_out_kernel"): 104, ("causal attention", "_dq_chunk_kernel"): 136,
+                ("causal attention", "_dkdv_chunk_kernel"): 224, ("attention", "_dkdv_chunk_kernel"): 8}
 
 
 def _distinct(launches):
