@@ -25,6 +25,9 @@ chip: rounding W to bf16 would be the bf16 path's largest error, see ``_projecti
                            rescaled to the running max of kappa (bf16 for half inputs).
     ``_query_kernel``      non-causal, grid (B·H, query blocks): ``phi(q)·S / phi(q)·z``,
                            FlashAttention-style over the feature blocks (online row max).
+    ``_query_persistent_kernel`` the same for half inputs with d <= 64, grid (B·H, a few
+                           programs per head): the projection and the head's state loaded once
+                           per program, every query's features whole (``persistent_queries``).
     ``_causal_state_kernel`` causal, grid (feature blocks, B·H, segments): walks the segment's
                            chunks of C = 64 from zero and writes the state of the segment's keys
                            before every chunk (bf16 for half inputs, as the product takes it) at
@@ -903,12 +906,23 @@ def causal_chunk_states(k, v, ops, m, *, seg=None, chunk=CHUNK,
     return ChunkStates(HS, HZ, HR, PP, PZ, PR, KAP, seg // chunk, nseg > 1, block_f)
 
 
+def persistent_queries(dtype, d):
+    """Whether the non-causal queries take ``_query_persistent_kernel``: half inputs with
+    d <= 64. It holds a (64 × m) fp32 feature tile and the (d × m) projection and (m × dv) state
+    operands per program: at 65,536 tokens × 16 heads (d = 64, m = 256, bf16, H200) it measured
+    0.230–0.235 ms against 0.251–0.255 for the feature-blocked ``_query_kernel``, at 4 warps
+    (8 warps: 0.44) although ptxas spills 248 bytes per thread. fp32 operands do not fit its
+    shared memory, and at d = 128 it spills 664 bytes (unmeasured): those keep the blocked
+    kernel."""
+    return dtype in (torch.bfloat16, torch.float16) and _pow2(d) <= 64
+
+
 def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *, seg=None,
              block_n=64, block_m=64, kv_block_f=_KV["kv_block_f"], q_block_f=64,
              kv_warps=_KV["kv_warps"], q_warps=4, kv_stages=_KV["kv_stages"], q_stages=2,
              causal_warps=4, causal_stages=3, chunk=CHUNK,
              state_block_f=_STATES["state_block_f"], state_warps=_STATES["state_warps"],
-             state_stages=_STATES["state_stages"], stats=None, q_persist=False, q_per_sm=2):
+             state_stages=_STATES["state_stages"], stats=None, q_persist=None, q_per_sm=2):
     """The output; ``stats`` (a (B·H, 3, Lq) fp32 buffer) also receives per row den, the query
     shift and (causal) the key running max, which the fused backward reuses.
     Launch parameters (defaults: the fastest measured on the H200 at 65,536 tokens × 16 heads,
@@ -919,7 +933,9 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     features per step, ``q_warps``, ``q_stages``. Causal: ``chunk`` rows per chunk (a power of
     two >= 16), ``state_block_f`` features per block (the chunk walk's and the chunk outputs'),
     chunk walk ``state_warps`` / ``state_stages``, chunk outputs ``causal_warps`` /
-    ``causal_stages``."""
+    ``causal_stages``. ``q_persist``: the non-causal queries by ``_query_persistent_kernel``
+    (``q_per_sm`` programs per SM, ``block_m`` rows per step, ``q_warps``, ``q_stages``; None:
+    where ``persistent_queries`` says)."""
     B, H, Lq, d = q.shape
     dv, m = v.shape[3], projection.shape[0]
     dev = q.device
@@ -949,6 +965,8 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
     q_block_f = min(M_PAD, q_block_f)
     ST, ZT, _ = total_key_state(k, v, ops, m, seg=seg, block_n=block_n, kv_block_f=kv_block_f,
                                 kv_warps=kv_warps, kv_stages=kv_stages)
+    if q_persist is None:
+        q_persist = persistent_queries(q.dtype, d)
     if q_persist:
         nblk = triton.cdiv(Lq, block_m)
         nprog = max(1, min(nblk, (q_per_sm * _num_sms(dev)) // BH))
@@ -1244,8 +1262,10 @@ _FWD_SWEEP = {
     False: [dict(kv_block_f=bf, block_n=bn, kv_warps=w, kv_stages=st)
             for bf, bn, w, st in ((128, 64, 8, 3), (128, 128, 4, 3), (256, 64, 4, 3),
                                   (128, 64, 4, 2), (64, 64, 4, 3))]
-    + [dict(block_m=bm, q_block_f=qf, q_warps=w, q_stages=st)
-       for bm, qf, w, st in ((128, 64, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2))]
+    + [dict(block_m=bm, q_warps=w, q_stages=st, q_per_sm=ps)
+       for bm, w, st, ps in ((64, 4, 2, 4), (64, 4, 3, 2), (64, 8, 3, 2), (128, 8, 2, 1))]
+    + [dict(q_persist=False, block_m=bm, q_block_f=qf, q_warps=w, q_stages=st)
+       for bm, qf, w, st in ((64, 64, 4, 2), (128, 64, 8, 3), (64, 128, 4, 2))]
     + [dict(seg=sg) for sg in (4096, 16384)],
     True: [dict(chunk=c, causal_warps=w, causal_stages=st)
            for c, w, st in ((64, 8, 3), (64, 4, 2), (64, 4, 4), (32, 4, 3))]
