@@ -240,6 +240,8 @@ def test_inductor_sees_only_the_outputs_written(monkeypatch):
     for causal in (False, True):
         stats = torch.zeros(2, 3, 200)
         ta._forward(q, k, v, W, "softmax", causal, None, mask, stats=stats)
+        if not causal:   # the feature-blocked query kernel too (bf16 takes the persistent one)
+            ta._forward(q, k, v, W, "softmax", causal, None, mask, stats=stats, q_persist=False)
         tb._backward(go, q, k, v, W, "softmax", causal, None, mask, torch.zeros_like(q), stats)
     seen = set()
     for kernel, args, kw in launches:
@@ -249,7 +251,8 @@ def test_inductor_sees_only_the_outputs_written(monkeypatch):
         read_only = _READ_ONLY | ({"STATS"} if kernel.fn.__module__ == tb.__name__ else set())
         assert written and not written & read_only, (kernel.fn.__name__, sorted(written))
         seen.add(kernel.fn.__name__)
-    assert {"_kv_state_kernel", "_query_kernel", "_causal_out_kernel", "_dq_chunk_kernel",
+    assert {"_kv_state_kernel", "_query_kernel", "_query_persistent_kernel", "_causal_out_kernel",
+            "_dq_chunk_kernel",
             "_query_state_kernel", "_dkdv_chunk_kernel"} <= seen
 
 

@@ -25,7 +25,7 @@ gen = seeded_generators(0)
 
 
 def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0, bf=16,
-         chunk=ta.CHUNK, huge=False, ramp=False):
+         chunk=ta.CHUNK, huge=False, ramp=False, q_persist=None):
     g = gen()
     q = torch.randn(B, H, L, d, generator=g, dtype=torch.float64)
     k = torch.randn(B, H, S, d, generator=g, dtype=torch.float64) + shift
@@ -43,12 +43,12 @@ def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shi
                                  causal, scale, mask)
     out = ta._forward(q, k, v, W, kernel_fn, causal, scale, mask, seg=seg, block_n=16,
                       block_m=16, kv_block_f=bf, q_block_f=bf, chunk=chunk,
-                      state_block_f=bf)
+                      state_block_f=bf, q_persist=q_persist)
     assert out.dtype == dtype and out.shape == ref.shape
     assert torch.isfinite(out).all(), "non-finite output"
     name = (f"{kernel_fn} causal={causal} B{B} H{H} L{L} S{S} d{d} dv{dv} m{m} scale={scale} "
             f"mask={masked} {str(dtype)[6:]} seg={seg} shift={shift} block_f={bf} chunk={chunk}"
-            + (" huge" if huge else ""))
+            + (" huge" if huge else "") + (f" q_persist={q_persist}" if q_persist is not None else ""))
     check(name, rel(out, ref), TOL[dtype])
 
 
@@ -62,6 +62,14 @@ def main():
     case(2, 2, 9, 30, 16, 16, 32, "relu", False, None, True, f32, seg=16)
     # keys far from the queries: large logits exercise the online max / merge rescaling
     case(1, 2, 13, 50, 16, 8, 16, "softmax", False, 2.0, False, f32, seg=16, shift=1.5)
+    # the persistent query kernel (taken by half inputs) in fp32, and the blocked one in bf16
+    case(2, 2, 37, 53, 20, 12, 24, "softmax", False, None, False, f32, seg=16, q_persist=True)
+    case(3, 2, 17, 29, 12, 7, 20, "softmax", False, None, True, f32, seg=16, q_persist=True)
+    case(2, 2, 9, 30, 16, 16, 32, "relu", False, None, True, f32, seg=16, q_persist=True)
+    case(1, 2, 13, 50, 16, 8, 16, "softmax", False, 2.0, False, f32, seg=16, shift=1.5,
+         q_persist=True)
+    case(1, 2, 33, 45, 16, 16, 32, "softmax", False, None, True, torch.bfloat16, seg=16,
+         q_persist=False)
     # causal: one and several segments, chunk tails (C = 64), masks, relu
     case(1, 2, 70, 70, 16, 8, 32, "softmax", True, None, False, f32, seg=64)
     case(2, 1, 150, 150, 12, 9, 20, "softmax", True, 0.5, False, f32, seg=64)
