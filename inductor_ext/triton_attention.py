@@ -545,19 +545,29 @@ if triton is not None:
         acc = tl.zeros((SUB_F, DV_PAD), dtype=tl.float32)
         z = tl.zeros((SUB_F,), dtype=tl.float32)
         run = tl.max(tl.full((SUB_F,), _LOWEST_C, tl.float32), axis=0)
+        first = bh.to(tl.int64) * NSEG
+        in_tile = offs_f[:, None] * DV_PAD + offs_v[None, :]
+        # each segment's total is loaded one step ahead (the last step reloads the last slot),
+        # so a step waits on no memory round trip but its stores'
+        p_next = tl.load(P + first * (M_PAD * DV_PAD) + in_tile)
+        z_next = tl.load(Z + first * M_PAD + offs_f)
+        r_next = tl.load(R + first * NFB + fb)
         for i in range(0, NSEG):
-            base = bh.to(tl.int64) * NSEG + i
-            tile = base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :]
-            tl.store(PP + tile, acc.to(PP.dtype.element_ty))
+            base = first + i
+            pi, zi, ri = p_next, z_next, r_next
+            ahead = first + tl.minimum(i + 1, NSEG - 1)
+            p_next = tl.load(P + ahead * (M_PAD * DV_PAD) + in_tile)
+            z_next = tl.load(Z + ahead * M_PAD + offs_f)
+            r_next = tl.load(R + ahead * NFB + fb)
+            tl.store(PP + base * (M_PAD * DV_PAD) + in_tile, acc.to(PP.dtype.element_ty))
             tl.store(PZ + base * M_PAD + offs_f, z)
             if sub * SUB_F % BLOCK_F == 0:
                 tl.store(PR + base * NFB + fb, run)
-            ri = tl.load(R + base * NFB + fb)
             new = tl.maximum(run, ri)
             a = tl.exp2(run - new)
             c = tl.exp2(ri - new)
-            acc = acc * a + tl.load(P + tile) * c
-            z = z * a + tl.load(Z + base * M_PAD + offs_f) * c
+            acc = acc * a + pi * c
+            z = z * a + zi * c
             run = new
 
     @triton.jit
