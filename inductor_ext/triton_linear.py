@@ -20,7 +20,7 @@ the factors' roles swapped and re-read g for the B side.)
 The concatenation is never materialised: each half of A (``S1cat``, ``U2cat``) and of Bm
 (``U1cat``, ``S2cat``) is passed as its own strided 2-D view (a free view when L == 1) and gets its
 own ``tl.dot``; ``1/(2L)`` is a scalar applied to the fp32 accumulator. So the forward is one
-launch with no preparatory copies.
+launch with no preparatory copies (inside the op, large outputs take two: ``split_chain``).
 
 Registered as ``torch.library.triton_op`` (``panther::sketched_linear_triton_fwd`` / ``_grads``), so
 Inductor inlines the kernel on CUDA. Plain eager calls skip the ops' Python dispatch: an
@@ -532,9 +532,11 @@ def grad_pass(g, xA, BL, BH, *, need_dbias=True, config=None, row_splits=None, p
     return parts, db[:R], db[R] if need_dbias else db.new_empty((0,))
 
 
-def chain_from_partials(parts, GL, GH, E=None, alpha_p=1.0, *, dtype, config=None, in_op=True):
-    """``(Y, P)``: ``P = alpha_p·Σ_j parts[j] (+ E)`` rounded to ``dtype`` and ``Y = P_L·GL + P_H·GH``:
-    the chain kernel's second phase over the partials of ``grad_pass``."""
+def chain_from_partials(parts, GL, GH, E=None, alpha_p=1.0, *, dtype, bias=None, alpha_y=1.0,
+                        config=None, col_groups=1, in_op=True):
+    """``(Y, P)``: ``P = alpha_p·Σ_j parts[j] (+ E)`` rounded to ``dtype`` and ``Y = alpha_y·(P_L·GL
+    + P_H·GH) (+ bias)``: the chain kernel's second phase over the partials of ``grad_pass`` (or
+    over the forward's stored P, ``split_chain``), in ``col_groups`` column groups."""
     J, M, R = parts.shape
     H = R // 2
     D_OUT = GL.shape[1]
@@ -543,8 +545,8 @@ def chain_from_partials(parts, GL, GH, E=None, alpha_p=1.0, *, dtype, config=Non
         return Y, P
     bm, bn, warps, stages = config or (_INTERPRET_GRAD_CONFIG if _INTERPRET else
                                        _PARTIALS_CONFIG[dtype.itemsize])
-    _launcher(_sketched_linear_chain_kernel, in_op)[(triton.cdiv(M, bm), 1)](
-        parts, GL, GH, GL, GH, Y, E if E is not None else Y, Y, P,
+    _launcher(_sketched_linear_chain_kernel, in_op)[(triton.cdiv(M, bm), col_groups)](
+        parts, GL, GH, GL, GH, bias if bias is not None else Y, E if E is not None else Y, Y, P,
         M, 0, D_OUT, H,
         parts.stride(1), parts.stride(0),
         0, 0, 0, 0,
@@ -552,10 +554,34 @@ def chain_from_partials(parts, GL, GH, E=None, alpha_p=1.0, *, dtype, config=Non
         E.stride(0) if E is not None else 0, E.stride(1) if E is not None else 0,
         Y.stride(0), Y.stride(1),
         P.stride(0), P.stride(1),
-        float(alpha_p), 1.0,
+        float(alpha_p), float(alpha_y),
         0,
-        H_PAD=_dot_width(H), HAS_BIAS=False, HAS_E=E is not None, DOT_MODE=_dot_mode(dtype),
-        BLOCK_M=bm, BLOCK_K=16, BLOCK_N=bn, NPART=J, num_warps=warps, num_stages=stages)
+        H_PAD=_dot_width(H), HAS_BIAS=bias is not None, HAS_E=E is not None,
+        DOT_MODE=_dot_mode(dtype), BLOCK_M=bm, BLOCK_K=16, BLOCK_N=bn, NPART=J, num_warps=warps,
+        num_stages=stages)
+    return Y, P
+
+
+# The op's forward in two launches above this many output elements (``split_chain``): its second
+# launch takes its own tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) and two column groups.
+SPLIT_MIN_OUTPUT = 1 << 26
+_SPLIT_CONFIG = (64, 128, 4, 3)
+
+
+def split_chain(X, FL, FH, GL, GH, bias=None, alpha_y=1.0, *, config=None, col_groups=2,
+                in_op=True):
+    """``lowrank_chain``'s ``(Y, P)`` in two launches: P from the chain kernel with no output
+    columns, then Y from the stored P (``chain_from_partials``, one partial). For large outputs:
+    the y-writing phase then runs with tiles and column groups of its own instead of the fused
+    kernel's (the fused kernel's extra groups would re-read x). H200, 16,384 × 8192 → 8192,
+    k = 16, bf16, CUDA-graph medians: 0.1442–0.1447 ms against 0.1486–0.1500 fused; but a plain
+    eager call's median went 0.150 → 0.229 ms (the second launch's Python cost made it CPU-bound),
+    so only the op's calls (compiled graphs) take it."""
+    P = X.new_empty((X.shape[0], 2 * FL.shape[1]))
+    lowrank_chain(X, FL, FH, GL[:, :0], GH[:, :0], out=(P[:, :0], P), in_op=in_op)  # no null Y
+    Y, _ = chain_from_partials(P[None], GL, GH, dtype=X.dtype, bias=bias, alpha_y=alpha_y,
+                               config=config or (None if _INTERPRET else _SPLIT_CONFIG),
+                               col_groups=col_groups, in_op=in_op)
     return Y, P
 
 
@@ -606,8 +632,12 @@ def _chain_forward(x, S1s, S2s, U1s, U2s, bias, in_op=True):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)
     if _kernel_ok(x, 2 * H):
-        y2, xA2 = lowrank_chain(x2, _half_in(S1s), _half_in(U2s), _half_out(U1s), _half_out(S2s),
-                                bias=bias, alpha_y=1.0 / (2 * L), in_op=in_op)
+        # two launches only inside the op (compiled graphs, where a launch costs little): a plain
+        # eager call's extra launch made it CPU-bound (split_chain)
+        split = in_op and x2.shape[0] * d_out >= SPLIT_MIN_OUTPUT
+        chain = split_chain if split else lowrank_chain
+        y2, xA2 = chain(x2, _half_in(S1s), _half_in(U2s), _half_out(U1s), _half_out(S2s),
+                        bias=bias, alpha_y=1.0 / (2 * L), in_op=in_op)
     else:
         A, Bm = concat_factors(S1s, S2s, U1s, U2s)
         xA2 = x2 @ A

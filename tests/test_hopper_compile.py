@@ -35,6 +35,9 @@ def _linear():
     S1s, U2s, S2s, U1s = _randn(1, 512, 16), _randn(1, 512, 16), _randn(1, 16, 384), _randn(1, 16, 384)
     tlin.lowrank_chain(x, tlin._half_in(S1s), tlin._half_in(U2s), tlin._half_out(U1s), tlin._half_out(S2s),
                        bias=_randn(384), alpha_y=0.5)
+    # large outputs: the same chain in two launches
+    tlin.split_chain(x, tlin._half_in(S1s), tlin._half_in(U2s), tlin._half_out(U1s), tlin._half_out(S2s),
+                     bias=_randn(384), alpha_y=0.5)
     # the backward: one pass over g (the S2 rows and the bias), then dx from its partials; fp32 has
     # its own tiles (shared memory, and registers for its FMA dot)
     for dt in (bf16, torch.float32):

@@ -183,8 +183,11 @@ def test_measured_best_configs_are_candidates_that_fit():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1.5e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("shape", [(1, 1000, 5, 333, (37,)), (2, 1000, 5, 333, (3, 1001)), (1, 257, 64, 129, (515,))],
                          ids=["N37", "L2_3d", "k64"])
-def test_cuda_odd_shapes_against_float64(dtype, tol, shape):
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+def test_cuda_odd_shapes_against_float64(dtype, tol, shape, split, monkeypatch):
     L, d_in, k, d_out, lead = shape
+    if split:   # every output above the threshold: the forward in two launches (split_chain)
+        monkeypatch.setattr(tlin, "SPLIT_MIN_OUTPUT", 0)
     args = factors(L, d_in, k, d_out, lead=lead, dtype=dtype, device="cuda")
     ref = sketched_linear_reference(*[a.double() if a is not None else None for a in args])
     prev = torch.backends.cuda.matmul.allow_tf32

@@ -67,6 +67,13 @@ def chain_cases():
             Y2, P2 = tlin.lowrank_chain(low[0], low[1], low[2], low[3], low[4], config=cfg, col_groups=groups)
             P2_ref = X @ torch.cat([FL, FH], 1)
             check(tag + " no bias/E", rel(Y2, P2_ref.to(dtype).double() @ torch.cat([GL, GH], 0)), TOL[dtype])
+            # the same chain in two launches (large outputs), with its own tiles and column groups
+            Y3, P3 = tlin.split_chain(low[0], FLt, low[2], low[3], GHt, bias=low[5], alpha_y=ay,
+                                      config=(16, 16, 4, 1), col_groups=groups)
+            P3_ref = X @ torch.cat([FL, FH], 1)
+            Y3_ref = ay * P3_ref.to(dtype).double() @ torch.cat([GL, GH], 0) + bias
+            check(tag + " split P", rel(P3, P3_ref), TOL[dtype])
+            check(tag + " split Y", rel(Y3, Y3_ref), TOL[dtype])
 
 
 def op_cases():
@@ -195,4 +202,9 @@ if __name__ == "__main__":
     grad_pass_cases()
     op_cases()
     grad_cases()
+    # again with every output above the split threshold: the forward in two launches
+    tlin.SPLIT_MIN_OUTPUT, threshold = 0, tlin.SPLIT_MIN_OUTPUT
+    op_cases()
+    grad_cases()
+    tlin.SPLIT_MIN_OUTPUT = threshold
     print("ALL OK")
