@@ -1,7 +1,6 @@
 """Pictures of graph diff reports (GraphDiffReport.to_png / to_svg): what is drawn and that it is drawn.
 
 One small aot_eager compile (no Inductor) and one panther.convert, shared by the tests."""
-import copy
 import sys
 
 import pytest
