@@ -578,8 +578,7 @@ def _grad_projection(projection, dtype):
     """The projection as the gradient products' operand (dx = a du W - ...), in natural units:
     what ``_dot`` feeds the tensor cores, fp32 for fp32 inputs, else bf16 (so the fp16 feature
     operand is not converted on chip at every feature block)."""
-    return torch.empty_like(projection, dtype=torch.float32 if dtype == torch.float32 else
-                            torch.bfloat16).copy_(projection)
+    return projection.to(torch.float32 if dtype == torch.float32 else torch.bfloat16)
 
 
 def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, out=None,

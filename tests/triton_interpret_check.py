@@ -94,6 +94,7 @@ def op_cases():
             check(f"op L={L} d_in={d_in} k={k} d_out={d_out} lead={lead} bias={bias} {dtype}", rel(y, ref),
                   TOL[dtype])
             y_fwd, xA = torch.ops.panther.sketched_linear_triton_fwd(*args)
+            check("   op's y", rel(y_fwd, ref), TOL[dtype])
             A, _ = concat_factors(*[a.double() for a in args[1:5]])
             check("   xA output", rel(xA, args[0].double() @ A), TOL[dtype])
     # non-contiguous input
@@ -202,9 +203,9 @@ if __name__ == "__main__":
     grad_pass_cases()
     op_cases()
     grad_cases()
-    # again with every output above the split threshold: the forward in two launches
+    # again with every output above the split threshold: the op's forward in two launches (plain
+    # eager calls, and so grad_cases, keep the fused kernel)
     tlin.SPLIT_MIN_OUTPUT, threshold = 0, tlin.SPLIT_MIN_OUTPUT
     op_cases()
-    grad_cases()
     tlin.SPLIT_MIN_OUTPUT = threshold
     print("ALL OK")
