@@ -544,12 +544,15 @@ def write_markdown(path, command, title, rows, headers="keys", *, device="cpu"):
 
 
 def _level_below(markdown):
-    """One more than the level of the last heading of ``markdown`` outside code fences (at most 6)."""
-    level, fenced = 1, False
+    """One more than the level of the last heading of ``markdown`` outside code fences and outside
+    other bench sections (a section's title is its neighbour's sibling, not its parent; at most 6)."""
+    level, fenced, in_bench = 1, False, False
     for line in markdown.splitlines():
-        if line.lstrip().startswith("```"):
+        if line.startswith("<!-- bench: ") or line.startswith("<!-- /bench: "):
+            in_bench = line.startswith("<!-- bench: ")
+        elif line.lstrip().startswith("```"):
             fenced = not fenced
-        elif not fenced and line.startswith("#"):
+        elif not fenced and not in_bench and line.startswith("#"):
             hashes = len(line) - len(line.lstrip("#"))
             if hashes <= 6 and line[hashes:hashes + 1] == " ":
                 level = hashes

@@ -60,6 +60,12 @@ def test_markdown_sections_are_written_and_replaced(tmp_path, capsys):
     nested.write_text(nested.read_text() + "\n## CPU\n")
     assert "\n### u\n" in bench.write_markdown(nested, "c2", "u", [{"a": 1}])   # appended after the H2
     assert "\n#### t\n" in bench.write_markdown(nested, "c1", "t", [{"a": 2}])  # replaced in place
+    # a section right after another one is its sibling, also when it is replaced
+    sib = tmp_path / "siblings.md"
+    sib.write_text("# B\n\n### Attention\n")
+    for _ in range(2):
+        assert "\n#### t\n" in bench.write_markdown(sib, "c1", "t", [{"a": 1}])
+        assert "\n#### v\n" in bench.write_markdown(sib, "c3", "v", [{"a": 1}])
 
 
 def test_train_bench_batches_are_the_same_global_batch_for_any_world_size():
