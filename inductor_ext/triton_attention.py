@@ -1050,20 +1050,18 @@ def rf_attention_triton(q, k, v, projection, kernel_fn="softmax", causal=False, 
 # --------------------------------------------------------------------------------------------
 # Benchmark (CUDA)
 # --------------------------------------------------------------------------------------------
-def _time_ms(fn, iters=20):
-    if not torch.cuda.is_available():  # the interpreter smoke test of the bench code
+def _time_ms(fn, graph=False):
+    """Median ms of one call (``_timing``: do_bench's, as the issue's reference numbers were taken),
+    eager or (``graph``) replayed from a CUDA graph ("-" where it cannot be captured). Off CUDA
+    (the interpreter smoke test of the bench code): one call, no timing."""
+    if not torch.cuda.is_available():
         fn()
         return 0.0
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    from ._timing import graph_median_ms, median_ms
+    if not graph:
+        return round(median_ms(fn, rep=100), 3)
+    ms = graph_median_ms(fn, rep=100)
+    return "-" if ms is None else round(ms, 3)
 
 
 def _rel(a, b):
@@ -1108,7 +1106,8 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
         line = {"case": f"{name} L={L} B={B}", "triton_vs_c++_rel_err": f"{err:.2e}"}
         with torch.no_grad():
             for key, fn in fns.items():
-                line[f"{key} fwd ms"] = round(_time_ms(fn), 3)
+                line[f"{key} fwd ms"] = _time_ms(fn)
+            line["triton fwd ms (CUDA graph)"] = _time_ms(fns["triton"], graph=True)
         if backward:
             qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
             go = torch.randn_like(q)
@@ -1124,16 +1123,17 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
             line["bwd_vs_c++_rel_err"] = f"{max(_rel(a, b) for a, b in zip(gtri, gref)):.2e}"
             del gref, gtri
             for key, fn in bw.items():
-                line[f"{key} fwd+bwd ms"] = round(
-                    _time_ms(lambda: torch.autograd.grad(fn(), (qg, kg, vg), go), iters=5), 3)
+                line[f"{key} fwd+bwd ms"] = _time_ms(lambda: torch.autograd.grad(fn(), (qg, kg, vg), go))
+            line["triton fwd+bwd ms (CUDA graph)"] = _time_ms(
+                lambda: torch.autograd.grad(bw["triton"](), (qg, kg, vg), go), graph=True)
             from .triton_attention_bwd import fused_backward_enabled
             if fused_backward_enabled(causal):
                 # with the forward's output and statistics, as autograd calls it
                 out, stats = torch.ops.panther.rf_attention_triton_train(
                     q, k, v, W, "softmax", causal, None, None)
-                line["triton bwd ms"] = round(_time_ms(
+                line["triton bwd ms"] = _time_ms(
                     lambda: torch.ops.panther.rf_attention_triton_backward(
-                        go, q, k, v, W, "softmax", causal, None, None, out, stats), iters=10), 3)
+                        go, q, k, v, W, "softmax", causal, None, None, out, stats))
                 del out, stats
             else:
                 line["triton bwd"] = "C++ backward (backward_params['causal'] is off)"
@@ -1172,8 +1172,8 @@ def _peer_rows(line, ours, q, k, v, W, causal, backward):
         row = {"case": case, "peer": name}
         try:
             with torch.no_grad():
-                row["fwd ms"] = round(_time_ms(fwd), 3)
-            row["fwd+bwd ms"] = round(_time_ms(train, iters=5), 3) if backward and train else "-"
+                row["fwd ms"] = _time_ms(fwd)
+            row["fwd+bwd ms"] = _time_ms(train) if backward and train else "-"
             row["rel err vs panther"] = f"{_rel(out(), ours):.2e}" if out else "-"
         except Exception as exc:  # noqa: BLE001 - report and go on
             row["note"] = f"failed: {type(exc).__name__}: {str(exc)[:100]}"
@@ -1237,9 +1237,9 @@ def _bench_long(L, m, H, d, dtype, dev):
     ok = all(bool(torch.isfinite(t).all()) for t in grads)
     del grads
     line = {"case": f"causal L={L} B=1 H={H} fwd+bwd (triton)",
-            "triton fwd+bwd ms": round(_time_ms(
+            "triton fwd+bwd ms": _time_ms(
                 lambda: torch.autograd.grad(rf_attention_triton(q, k, v, W, "softmax", True),
-                                            (q, k, v), go), iters=3), 3),
+                                            (q, k, v), go)),
             "peak MiB above inputs": round(peak_mb, 1), "inputs+grad_out MiB": round(inputs_mb, 1),
             "max_memory_allocated MiB": round(peak / 2**20, 1),
             "finite grads": ok}
@@ -1254,7 +1254,8 @@ def _kernel_ms(fn, iters=10):
         fn()
         return {}
     from torch.profiler import ProfilerActivity, profile
-    _time_ms(fn, iters=2)  # compile and warm up
+    for _ in range(2):  # compile and warm up
+        fn()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             fn()

@@ -17,29 +17,10 @@ import panther  # noqa: F401  (loads the C++ op)
 from panther.ops.linear import concat_factors
 
 from . import triton_linear as tlin
+from ._timing import graph_median_ms as _graph_ms
+from ._timing import median_ms as _ms
 
 __all__ = ["bench_triton_linear", "sweep_grad_pass", "main"]
-
-
-def _ms(fn, reps=200):
-    from triton.testing import do_bench
-
-    fn()  # compile / autotune outside the timing
-    torch.cuda.synchronize()
-    return do_bench(fn, warmup=25, rep=reps, return_mode="median")
-
-
-def _graph_ms(fn, reps=200):
-    """The same call replayed from a CUDA graph: GPU time without Python/launch overhead (what
-    ``torch.compile(mode="reduce-overhead")`` gives). None where the call cannot be captured."""
-    from triton.testing import do_bench_cudagraph
-
-    fn()
-    torch.cuda.synchronize()
-    try:
-        return do_bench_cudagraph(fn, rep=reps, return_mode="median")
-    except Exception:  # noqa: BLE001 - e.g. autograd calls that allocate outside the graph pool
-        return None
 
 
 def _copy_bandwidth(numel, dtype, device):
