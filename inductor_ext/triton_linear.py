@@ -285,6 +285,29 @@ if triton is not None:
             out = DB_PART + pid_s.to(tl.int64) * sdbs + offs_r[:, None] * sdbr + cols[None, :] * sdbn
             tl.store(out, db, mask=(offs_r[:, None] < R + HAS_DBIAS) & mask_n[None, :])
 
+    @triton.jit
+    def _grad_finish_kernel(DB_PART, DB, DBIAS, S, R, D_OUT, scale,
+                            sdbs, sdbr, sdbn, sdr, sdn,
+                            S_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The grad pass's row splits summed in one launch (not a sum, a scale and two casts):
+        program (column block, row r) writes DB[r] = scale·Σ_s DB_PART[s, r] for r < R, else
+        DBIAS = Σ_s DB_PART[s, R]; fp32 sums rounded once to the outputs' dtype. The splits are
+        loaded S_BLOCK at a time (one load for the usual S <= S_BLOCK), not one after another."""
+        r = tl.program_id(1)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = cols < D_OUT
+        offs_s = tl.arange(0, S_BLOCK)
+        ptrs = DB_PART + offs_s[:, None] * sdbs + r * sdbr + cols[None, :] * sdbn
+        acc = tl.zeros((S_BLOCK, BLOCK_N), dtype=tl.float32)
+        for s0 in range(0, S, S_BLOCK):
+            acc += tl.load(ptrs + s0 * sdbs, mask=((s0 + offs_s)[:, None] < S) & mask_n[None, :], other=0.0)
+        total = tl.sum(acc, axis=0)
+        if r < R:   # scale cast: a Python float arrives as fp64
+            tl.store(DB + r * sdr + cols * sdn, (total * tl.cast(scale, tl.float32)).to(DB.dtype.element_ty),
+                     mask=mask_n)
+        else:
+            tl.store(DBIAS + cols, total.to(DBIAS.dtype.element_ty), mask=mask_n)
+
 
 # --------------------------------------------------------------------------------------------
 # Autotune configs: a few tile shapes, each checked against the shared-memory and register budget
@@ -487,21 +510,32 @@ def lowrank_chain(X, FL, FH, GL, GH, bias=None, E=None, alpha_p=1.0, alpha_y=1.0
 # num_stages), by element size. 2 bytes: the fastest pair of ``triton_linear_bench --sweep-grad-pass``
 # on the H200 (8192 -> 8192, 16,384 rows, k = 16, bf16; docs/benchmarks.md), with about four programs
 # per SM for the pass. 4 bytes: tiles small enough for shared memory and, in fp32's FMA dot (no tf32),
-# for the registers (no spills for sm_90; tests/test_hopper_compile.py).
+# for the registers (no spills for sm_90; tests/test_hopper_compile.py). The launch over the
+# partials (and over the forward's P, ``split_chain``) writes a large output: for 2-byte elements
+# in two column groups of 128-column tiles, which balance its waves (dx: H200, CUDA-graph
+# forward+backward 0.4110 ms against 0.4118 with one group of 256-column tiles).
 _GRAD_PASS_CONFIG = {2: (128, 256, 8, 3), 4: (64, 64, 8, 2)}
-_PARTIALS_CONFIG = {2: (64, 256, 4, 3), 4: (64, 128, 4, 3)}
+_PARTIALS_CONFIG = {2: (64, 128, 4, 3), 4: (64, 128, 4, 3)}
+_PARTIALS_COL_GROUPS = {2: 2, 4: 1}
 _GRAD_PASS_PROGRAMS_PER_SM = 4
+# The sum of its row splits (S_BLOCK splits per load, BLOCK_N columns, num_warps): on the H200 the
+# CUDA-graph forward+backward took 0.3975-0.3979 ms with it, 0.3972-0.4003 with (32, 128, 4) and
+# 0.4034-0.4042 with torch's sum, scale and casts (docs/benchmarks.md). The interpreter takes two
+# splits per load, so that its cases cover the loop.
+_FINISH_CONFIG = (32, 32, 1)
+_INTERPRET_FINISH_CONFIG = (2, 16, 4)
 _INTERPRET_GRAD_CONFIG = (16, 32, 4, 1)
 
 
-def grad_pass(g, xA, BL, BH, *, need_dbias=True, config=None, row_splits=None, part_dtype=None,
-              in_op=True):
+def grad_pass(g, xA, BL, BH, *, need_dbias=True, scale=1.0, out_dtype=torch.float32, config=None,
+              row_splits=None, part_dtype=None, in_op=True):
     """One pass over g (M, D_OUT): ``(parts, dB, dbias)`` with ``parts`` (J, M, 2H) partial
     products g·[BL | BH] over J column groups (their sum is g·Bmᵀ without the 1/(2L)), ``dB``
-    (R, D_OUT) = xAᵀ·g for the R columns of ``xA`` given (none: R = 0) and ``dbias`` (D_OUT,) = Σ_rows g
-    (``need_dbias``, else empty), both fp32 (summed here over the row splits). ``part_dtype``: the
-    partials' dtype; None: bf16 for bf16 g (half the traffic; dxA is rounded to bf16 anyway), else
-    fp32 (fp16's range is too small for unscaled partial sums)."""
+    (R, D_OUT) = scale·xAᵀ·g for the R columns of ``xA`` given (none: R = 0) and ``dbias`` (D_OUT,)
+    = Σ_rows g (``need_dbias``, else empty), both summed in fp32 over the row splits and rounded
+    once to ``out_dtype`` (``_grad_finish_kernel``). ``part_dtype``: the partials' dtype; None:
+    bf16 for bf16 g (half the traffic; dxA is rounded to bf16 anyway), else fp32 (fp16's range is
+    too small for unscaled partial sums)."""
     M, D_OUT = g.shape
     H = BL.shape[1]
     R = xA.shape[1]
@@ -517,26 +551,36 @@ def grad_pass(g, xA, BL, BH, *, need_dbias=True, config=None, row_splits=None, p
     if part_dtype is None:
         part_dtype = torch.bfloat16 if g.dtype == torch.bfloat16 else f32
     parts = g.new_empty((J, M, 2 * H), dtype=part_dtype)
-    db_part = (g.new_empty if M else g.new_zeros)((S, R + int(need_dbias), D_OUT), dtype=f32)
-    if M:
-        _launcher(_grad_pass_kernel, in_op)[(J, S)](
-            g, xA if R else g, BL, BH, parts, db_part,
-            M, D_OUT, H, R, rows_per,
-            g.stride(0), g.stride(1), xA.stride(0), xA.stride(1),
-            BL.stride(0), BL.stride(1), BH.stride(0), BH.stride(1),
-            parts.stride(0), parts.stride(1), db_part.stride(0), db_part.stride(1), db_part.stride(2),
-            H_PAD=_dot_width(H), R_PAD=_dot_width(R + int(need_dbias)), HAS_DB=R > 0, HAS_DBIAS=need_dbias,
-            DOT_MODE=_dot_mode(g.dtype),
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    db = db_part.sum(0) if S > 1 else db_part[0]
-    return parts, db[:R], db[R] if need_dbias else db.new_empty((0,))
+    dB = g.new_empty((R, D_OUT), dtype=out_dtype)
+    dbias = g.new_empty((D_OUT,) if need_dbias else (0,), dtype=out_dtype)
+    if M == 0:
+        return parts, dB.zero_(), dbias.zero_()
+    rows_db = R + int(need_dbias)
+    db_part = g.new_empty((S, rows_db, D_OUT), dtype=f32)
+    _launcher(_grad_pass_kernel, in_op)[(J, S)](
+        g, xA if R else g, BL, BH, parts, db_part,
+        M, D_OUT, H, R, rows_per,
+        g.stride(0), g.stride(1), xA.stride(0), xA.stride(1),
+        BL.stride(0), BL.stride(1), BH.stride(0), BH.stride(1),
+        parts.stride(0), parts.stride(1), db_part.stride(0), db_part.stride(1), db_part.stride(2),
+        H_PAD=_dot_width(H), R_PAD=_dot_width(rows_db), HAS_DB=R > 0, HAS_DBIAS=need_dbias,
+        DOT_MODE=_dot_mode(g.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    if rows_db:
+        s_block, fin_n, fin_warps = _INTERPRET_FINISH_CONFIG if _INTERPRET else _FINISH_CONFIG
+        _launcher(_grad_finish_kernel, in_op)[(triton.cdiv(D_OUT, fin_n), rows_db)](
+            db_part, dB if R else db_part, dbias if need_dbias else db_part, S, R, D_OUT, float(scale),
+            db_part.stride(0), db_part.stride(1), db_part.stride(2), dB.stride(0), dB.stride(1),
+            S_BLOCK=s_block, BLOCK_N=fin_n, num_warps=fin_warps)
+    return parts, dB, dbias
 
 
 def chain_from_partials(parts, GL, GH, E=None, alpha_p=1.0, *, dtype, bias=None, alpha_y=1.0,
-                        config=None, col_groups=1, in_op=True):
+                        config=None, col_groups=None, in_op=True):
     """``(Y, P)``: ``P = alpha_p·Σ_j parts[j] (+ E)`` rounded to ``dtype`` and ``Y = alpha_y·(P_L·GL
     + P_H·GH) (+ bias)``: the chain kernel's second phase over the partials of ``grad_pass`` (or
-    over the forward's stored P, ``split_chain``), in ``col_groups`` column groups."""
+    over the forward's stored P, ``split_chain``), in ``col_groups`` column groups (None:
+    ``_PARTIALS_COL_GROUPS``)."""
     J, M, R = parts.shape
     H = R // 2
     D_OUT = GL.shape[1]
@@ -545,6 +589,7 @@ def chain_from_partials(parts, GL, GH, E=None, alpha_p=1.0, *, dtype, bias=None,
         return Y, P
     bm, bn, warps, stages = config or (_INTERPRET_GRAD_CONFIG if _INTERPRET else
                                        _PARTIALS_CONFIG[dtype.itemsize])
+    col_groups = col_groups or _PARTIALS_COL_GROUPS[dtype.itemsize]
     _launcher(_sketched_linear_chain_kernel, in_op)[(triton.cdiv(M, bm), col_groups)](
         parts, GL, GH, GL, GH, bias if bias is not None else Y, E if E is not None else Y, Y, P,
         M, 0, D_OUT, H,
@@ -562,26 +607,23 @@ def chain_from_partials(parts, GL, GH, E=None, alpha_p=1.0, *, dtype, bias=None,
     return Y, P
 
 
-# The op's forward in two launches above this many output elements (``split_chain``): its second
-# launch takes its own tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) and two column groups.
+# The op's forward in two launches above this many output elements (``split_chain``).
 SPLIT_MIN_OUTPUT = 1 << 26
-_SPLIT_CONFIG = (64, 128, 4, 3)
 
 
-def split_chain(X, FL, FH, GL, GH, bias=None, alpha_y=1.0, *, config=None, col_groups=2,
+def split_chain(X, FL, FH, GL, GH, bias=None, alpha_y=1.0, *, config=None, col_groups=None,
                 in_op=True):
     """``lowrank_chain``'s ``(Y, P)`` in two launches: P from the chain kernel with no output
     columns, then Y from the stored P (``chain_from_partials``, one partial). For large outputs:
-    the y-writing phase then runs with tiles and column groups of its own instead of the fused
-    kernel's (the fused kernel's extra groups would re-read x). H200, 16,384 × 8192 → 8192,
-    k = 16, bf16, CUDA-graph medians: 0.1442–0.1447 ms against 0.1486–0.1500 fused; but a plain
-    eager call's median went 0.150 → 0.229 ms (the second launch's Python cost made it CPU-bound),
-    so only the op's calls (compiled graphs) take it."""
+    the y-writing phase then runs with the tiles and column groups of the launch over partials
+    instead of the fused kernel's (the fused kernel's extra groups would re-read x). H200,
+    16,384 × 8192 → 8192, k = 16, bf16, CUDA-graph medians: 0.1442–0.1447 ms against 0.1486–0.1500
+    fused; but a plain eager call's median went 0.150 → 0.229 ms (the second launch's Python cost
+    made it CPU-bound), so only calls where a launch is cheap take it (``_chain_forward``)."""
     P = X.new_empty((X.shape[0], 2 * FL.shape[1]))
     lowrank_chain(X, FL, FH, GL[:, :0], GH[:, :0], out=(P[:, :0], P), in_op=in_op)  # no null Y
     Y, _ = chain_from_partials(P[None], GL, GH, dtype=X.dtype, bias=bias, alpha_y=alpha_y,
-                               config=config or (None if _INTERPRET else _SPLIT_CONFIG),
-                               col_groups=col_groups, in_op=in_op)
+                               config=config, col_groups=col_groups, in_op=in_op)
     return Y, P
 
 
@@ -632,9 +674,10 @@ def _chain_forward(x, S1s, S2s, U1s, U2s, bias, in_op=True):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)
     if _kernel_ok(x, 2 * H):
-        # two launches only inside the op (compiled graphs, where a launch costs little): a plain
-        # eager call's extra launch made it CPU-bound (split_chain)
-        split = in_op and x2.shape[0] * d_out >= SPLIT_MIN_OUTPUT
+        # two launches only where a launch costs little: inside the op (compiled graphs) and under
+        # CUDA-graph capture; a plain eager call's extra launch made it CPU-bound (split_chain)
+        split = x2.shape[0] * d_out >= SPLIT_MIN_OUTPUT and (
+            in_op or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
         chain = split_chain if split else lowrank_chain
         y2, xA2 = chain(x2, _half_in(S1s), _half_in(U2s), _half_out(U1s), _half_out(S2s),
                         bias=bias, alpha_y=1.0 / (2 * L), in_op=in_op)
@@ -693,7 +736,8 @@ def _chain_grads(grad_y, grad_xA, xA, S1s, S2s, U1s, U2s, need_dx, need_U1, need
     """``(dx, dxA, dB, db)`` for the backward, g read once: ``dxA = grad_y·Bmᵀ (+ grad_xA)``,
     ``dx = dxA·Aᵀ`` (empty unless ``need_dx``), ``dB = xA_selᵀ·grad_y / (2L)`` (the U1 rows if
     ``need_U1``, then the S2 rows if ``need_S2``) and ``db = Σ_rows grad_y`` (empty unless
-    ``need_db``); dB, db in fp32 (float64 for float64). The kernels where ``_kernel_ok``
+    ``need_db``); dB, db summed in fp32 (float64 for float64), rounded once to grad_y's dtype
+    (the factors' and the bias's, which ``_check_args`` makes equal). The kernels where ``_kernel_ok``
     (``grad_pass``, then ``chain_from_partials`` for dx), else the torch math."""
     L, d_in, k = S1s.shape
     d_out = S2s.shape[-1]
@@ -707,17 +751,16 @@ def _chain_grads(grad_y, grad_xA, xA, S1s, S2s, U1s, U2s, need_dx, need_U1, need
     xA_sel = xA2[:, (0 if need_U1 else H):(2 * H if need_S2 else H)]
     if _kernel_ok(grad_y, 2 * H):
         parts, dB, db = grad_pass(g, xA_sel, _half_out(U1s).mT, _half_out(S2s).mT, need_dbias=need_db,
-                                  in_op=in_op)
+                                  scale=scale, out_dtype=g.dtype, in_op=in_op)
         GL, GH = _half_in(S1s).mT, _half_in(U2s).mT
         if not need_dx:   # dxA alone: the same launch with no dx columns
             GL, GH = GL[:, :0], GH[:, :0]
         dx2, dxA2 = chain_from_partials(parts, GL, GH, e, scale, dtype=grad_y.dtype, in_op=in_op)
-        dB = dB * scale
     else:
         dx2, dxA2 = _torch_dx_dxA(g, e, S1s, S2s, U1s, U2s, need_dx)
         acc = torch.promote_types(g.dtype, torch.float32)   # float64 stays float64
-        dB = (xA_sel.mT.to(acc) @ g.to(acc)) * scale
-        db = g.to(acc).sum(0) if need_db else g.new_empty((0,), dtype=acc)
+        dB = ((xA_sel.mT.to(acc) @ g.to(acc)) * scale).to(g.dtype)
+        db = g.to(acc).sum(0).to(g.dtype) if need_db else g.new_empty((0,))
     dx = _with_last(dx2, lead, d_in) if need_dx else grad_y.new_empty((0,))
     return dx, _with_last(dxA2, lead, 2 * H), dB, db
 
