@@ -5,7 +5,6 @@ be set before triton is imported). Every case compares against the float64 plain
 the script prints one line per case and exits non-zero on the first failure.
 """
 import os
-import sys
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
