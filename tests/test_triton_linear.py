@@ -205,6 +205,30 @@ def test_cuda_odd_shapes_against_float64(dtype, tol, shape, split, monkeypatch):
 
 @pytest.mark.cuda
 @cuda_only
+def test_cuda_eager_call_captured_in_a_cuda_graph_takes_the_split(monkeypatch):
+    """A replayed graph pays no Python per launch, so an eager call under capture takes the two-launch
+    forward (a plain eager call keeps one launch); the replay gives the eager call's output."""
+    monkeypatch.setattr(tlin, "SPLIT_MIN_OUTPUT", 0)
+    splits = []
+    split_chain = tlin.split_chain
+    monkeypatch.setattr(tlin, "split_chain", lambda *a, **kw: splits.append(1) or split_chain(*a, **kw))
+    args = factors(1, 1000, 5, 333, lead=(37,), dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        y_eager = tlin.sketched_linear_triton(*args)
+        assert not splits
+        FWD(*args)   # compiles the split's kernels outside the capture
+        splits.clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph = tlin.sketched_linear_triton(*args)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert splits
+    assert rel(y_graph, y_eager) < 1e-2
+
+
+@pytest.mark.cuda
+@cuda_only
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_cuda_gradients_against_float64(dtype, tol):
     args = factors(2, 1000, 5, 333, lead=(37,), dtype=dtype, device="cuda", requires_grad=True, u_grad=True)
