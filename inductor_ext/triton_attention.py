@@ -51,7 +51,9 @@ tensors, float64 and shapes the kernels do not cover (head dim > 128, m > 256, d
 where the kernels serve the call and the projection needs no gradient, else the C++
 ``panther::rf_attention_backward``. ``rf_attention_triton`` calls the variant
 ``panther::rf_attention_triton_train`` when a gradient is needed: the same output plus per-row
-den and shifts (``SAVE_STATS`` below), which spare the backward's dq walk two of its three passes.
+den and shifts (``SAVE_STATS`` below), which spare the backward's dq walk two of its three passes,
+and the keys' states (causal: the state before every chunk), which spare the backward its own
+pass over the keys (``backward_params["save_states"]``).
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) CPU tensors run the kernels in Triton's
 interpreter (eager only): that is how CPU CI checks the arithmetic.
 """
@@ -867,6 +869,43 @@ class ChunkStates(NamedTuple):
     has_prefix: bool   # more than one segment (else PP, PZ, PR are never read)
     block_f: int
 
+    def saved(self):
+        """The six states the fused backward's dq reads (HS, HZ, HR, PP, PZ, PR), as the training
+        op returns them: outputs may not alias, so PP, PZ, PR are empty without a prefix."""
+        if self.has_prefix:
+            return (self.HS, self.HZ, self.HR, self.PP, self.PZ, self.PR)
+        return (self.HS, self.HZ, self.HR, *empties(self.HZ, 3))
+
+    @classmethod
+    def restore(cls, saved, length, chunk, block_f):
+        """The ``ChunkStates`` of ``saved()`` (KAP, which only the forward reads, left empty), or
+        None where they do not match a walk of ``chunk`` rows and ``block_f`` features with the
+        default segments (``walk_segments``): the caller recomputes them then."""
+        HS, HZ, HR, PP, PZ, PR = saved
+        BH, nchunk, M_PAD = HS.shape[:3]
+        nf = M_PAD // block_f
+        seg, nseg = walk_segments(BH * nf, length, chunk, HS.device)
+        has_prefix = PP.numel() > 0
+        if (nchunk != -(-length // chunk) or tuple(HR.shape) != (BH, nchunk, nf)
+                or has_prefix != (nseg > 1) or (has_prefix and tuple(PR.shape) != (BH, nseg, nf))):
+            return None
+        if not has_prefix:
+            PP, PZ, PR = HS, HZ, HR      # stand-ins, never read
+        return cls(HS, HZ, HR, PP, PZ, PR, HZ.new_empty((0,)), seg // chunk, has_prefix, block_f)
+
+
+def empties(like, n):
+    """n distinct empty tensors like ``like``: an op's outputs may not alias one another."""
+    return tuple(like.new_empty((0,)) for _ in range(n))
+
+
+def walk_segments(blocks, length, chunk, device, seg=None):
+    """(keys per segment, segments) of the causal chunk walk for ``blocks`` = B·H·feature blocks
+    programs per segment. About 8 walk programs per SM: 4,096-key segments at 65,536 tokens × 16
+    heads, where the causal forward measured 1.44 ms against 1.45 / 1.52 / 1.51 at 2,048 / 8,192 /
+    16,384 (H200, one --sweep run)."""
+    return _splits(blocks, length, chunk, device, 4 * chunk, per_sm=8, seg=seg)
+
 
 def causal_chunk_states(k, v, ops, m, *, seg=None, chunk=CHUNK,
                         state_block_f=_STATES["state_block_f"],
@@ -883,10 +922,7 @@ def causal_chunk_states(k, v, ops, m, *, seg=None, chunk=CHUNK,
     BH, dev, f32 = B * H, k.device, torch.float32
     block_f = min(M_PAD, state_block_f)
     NF = M_PAD // block_f
-    # about 8 walk programs per SM: 4,096-key segments at 65,536 tokens × 16 heads, where the causal
-    # forward measured 1.44 ms against 1.45 / 1.52 / 1.51 at 2,048 / 8,192 / 16,384 (H200, one
-    # --sweep run)
-    seg, nseg = _splits(BH * NF, L, chunk, dev, 4 * chunk, per_sm=8, seg=seg)
+    seg, nseg = walk_segments(BH * NF, L, chunk, dev, seg)
     nchunk = triton.cdiv(L, chunk)
     sdt = state_dtype(k.dtype)
     HS = torch.empty((BH, nchunk, M_PAD, DV_PAD), device=dev, dtype=sdt)
@@ -927,14 +963,24 @@ def persistent_queries(dtype, d):
     return dtype in (torch.bfloat16, torch.float16) and _pow2(d) <= 64
 
 
-def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *, seg=None,
-             block_n=64, block_m=64, kv_block_f=_KV["kv_block_f"], q_block_f=64,
-             kv_warps=_KV["kv_warps"], q_warps=4, kv_stages=_KV["kv_stages"], q_stages=2,
-             causal_warps=4, causal_stages=3, chunk=CHUNK,
-             state_block_f=_STATES["state_block_f"], state_warps=_STATES["state_warps"],
-             state_stages=_STATES["state_stages"], stats=None, q_persist=None, q_per_sm=2):
-    """The output; ``stats`` (a (B·H, 3, Lq) fp32 buffer) also receives per row den, the query
-    shift and (causal) the key running max, which the fused backward reuses.
+def _forward(*args, **kwargs):
+    """The output (``_forward_and_states``'s, without the states)."""
+    return _forward_and_states(*args, **kwargs)[0]
+
+
+def _forward_and_states(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
+                        seg=None, block_n=64, block_m=64, kv_block_f=_KV["kv_block_f"],
+                        q_block_f=64, kv_warps=_KV["kv_warps"], q_warps=4,
+                        kv_stages=_KV["kv_stages"], q_stages=2, causal_warps=4, causal_stages=3,
+                        chunk=CHUNK, state_block_f=_STATES["state_block_f"],
+                        state_warps=_STATES["state_warps"], state_stages=_STATES["state_stages"],
+                        stats=None, q_persist=None, q_per_sm=2):
+    """``(out, states)``: the output and the keys' states, six tensors, which the fused backward
+    reuses in place of its own pass over the keys: causal, ``ChunkStates.saved()`` (None when
+    ``seg`` made segments other than the default); else the merged total ``(ST, ZT, MX)`` of
+    ``total_key_state`` and three empty tensors. ``stats`` (a
+    (B·H, 3, Lq) fp32 buffer) also receives per row den, the query shift and (causal) the key
+    running max, which the fused backward reuses too.
     Launch parameters (defaults: the fastest measured on the H200 at 65,536 tokens × 16 heads,
     d = 64, m = 256, bf16, by per-kernel profiles; see docs/benchmarks.md): ``seg`` keys per
     split (non-causal key pass) or segment (causal walk); None: a few programs per SM.
@@ -971,10 +1017,13 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
             M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=cs.block_f,
             C=chunk, SAVE_STATS=stats is not None, HAS_PREFIX=cs.has_prefix, EVEN_F=m == M_PAD,
             num_warps=causal_warps, num_stages=causal_stages)
-        return out
+        # the backward restores states of the default segments only (ChunkStates.restore)
+        default_seg = walk_segments(BH * (M_PAD // cs.block_f), k.shape[2], chunk, dev)[0]
+        return out, (cs.saved() if cs.seg_chunks * chunk == default_seg else None)
     q_block_f = min(M_PAD, q_block_f)
-    ST, ZT, _ = total_key_state(k, v, ops, m, seg=seg, block_n=block_n, kv_block_f=kv_block_f,
-                                kv_warps=kv_warps, kv_stages=kv_stages)
+    ST, ZT, MX = total_key_state(k, v, ops, m, seg=seg, block_n=block_n, kv_block_f=kv_block_f,
+                                 kv_warps=kv_warps, kv_stages=kv_stages)
+    states = (ST, ZT, MX, *empties(ZT, 3))
     if q_persist is None:
         q_persist = persistent_queries(q.dtype, d)
     if q_persist:
@@ -989,7 +1038,7 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
             M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_M=block_m,
             SAVE_STATS=stats is not None, EVEN_F=m == M_PAD, num_warps=q_warps,
             num_stages=q_stages)
-        return out
+        return out, states
     _launcher(_query_kernel)[(BH, triton.cdiv(Lq, block_m))](
         q, WL, ST, ZT, out, stats if stats is not None else ZT,
         H, Lq, m, d, dv,
@@ -999,7 +1048,7 @@ def _forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, *,
         M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_M=block_m, BLOCK_F=q_block_f,
         SAVE_STATS=stats is not None, EVEN_F=m == M_PAD, num_warps=q_warps,
         num_stages=q_stages)
-    return out
+    return out, states
 
 
 # --------------------------------------------------------------------------------------------
@@ -1129,12 +1178,12 @@ def bench_triton_attention(cases=None, m=256, H=16, d=64, dtype=torch.bfloat16, 
             from .triton_attention_bwd import fused_backward_enabled
             if fused_backward_enabled(causal):
                 # with the forward's output and statistics, as autograd calls it
-                out, stats = torch.ops.panther.rf_attention_triton_train(
+                out, stats, *states = torch.ops.panther.rf_attention_triton_train(
                     q, k, v, W, "softmax", causal, None, None)
                 line["triton bwd ms"] = _time_ms(
-                    lambda: torch.ops.panther.rf_attention_triton_backward(
-                        go, q, k, v, W, "softmax", causal, None, None, out, stats))
-                del out, stats
+                    lambda: torch.ops.panther.rf_attention_triton_train_backward(
+                        go, q, k, v, W, "softmax", causal, None, None, out, stats, states))
+                del out, stats, states
             else:
                 line["triton bwd"] = "C++ backward (backward_params['causal'] is off)"
         print(line, flush=True)
@@ -1305,8 +1354,8 @@ def _sweep(q, k, v, W, name, causal, backward, fwd=True, defaults_only=False):
         return
     from inductor_ext.triton_attention_bwd import _backward
     go = torch.randn_like(q)
-    out, stats = torch.ops.panther.rf_attention_triton_train(q, k, v, W, "softmax", causal, None,
-                                                             None)
+    out, stats, *states = torch.ops.panther.rf_attention_triton_train(q, k, v, W, "softmax",
+                                                                      causal, None, None)
     # (block_f, warps of both kernels, stages); causal: the chunk kernels, else the segment walks
     tiles = ((64, 8, 2), (64, 8, 1), (64, 4, 2), (32, 8, 2), (32, 4, 2)) if causal else \
         ((32, 8, 2), (32, 8, 1), (32, 4, 2), (64, 8, 2), (64, 4, 2))
@@ -1316,8 +1365,9 @@ def _sweep(q, k, v, W, name, causal, backward, fwd=True, defaults_only=False):
                 dict(q_warps=4, k_warps=8), dict(k_block_f=32), dict(k_block_f=64)]
     for cfg in [{}] + ([] if defaults_only else configs):
         try:
+            # the forward's key states where the launch matches theirs (the defaults)
             table = _kernel_ms(lambda: _backward(go, q, k, v, W, "softmax", causal, None, None,
-                                                 out, stats, **cfg))
+                                                 out, stats, states, **cfg))
             ms = f"total {sum(table.values()):.3f} ms | " + " ".join(
                 f"{key}={t:.3f}" for key, t in sorted(table.items()))
         except Exception as exc:  # noqa: BLE001 - report and go on

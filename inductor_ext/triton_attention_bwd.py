@@ -57,7 +57,7 @@ later query segments add theirs), the query-side walk 2; non-causal dq 3, dk-dv 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -73,8 +73,8 @@ if triton is not None:
                                                _feature_operands, _features, _half_sq_norm,
                                                _load_w, _load_w_t, _mm, _to_w)
 
-__all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op", "backward_params",
-           "fused_backward_enabled"]
+__all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op",
+           "rf_attention_triton_train_backward_op", "backward_params", "fused_backward_enabled"]
 
 # launch parameters of the backward (``bench --sweep`` times others): block_f / q_warps / k_warps /
 # stages of the per-chunk dq and dk-dv kernels. 64 / 4 / 4 / 2 measured fastest on the H200 at
@@ -85,9 +85,14 @@ __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op", "b
 # carry one reference per chunk, so it need not match the keys' walk): causal dk-dv took 1.54 ms
 # at 32 against 1.89 at 64, non-causal 0.76 against 0.72 (H200, 65,536 tokens × 16 heads; the
 # backward lines of ``python -m inductor_ext.triton_attention_bench --sweep`` compare them);
-# "causal": whether causal calls take the fused backward (else the C++ one).
+# "causal": whether causal calls take the fused backward (else the C++ one);
+# "save_states": whether the training op keeps the forward's key states for the backward (causal:
+# the state before every chunk, about four times q's size, sparing the backward its chunk walk;
+# non-causal: one state per head, sparing the key pass); False recomputes them, for memory.
 backward_params = {"seg": None, "block_f": 64, "k_block_f": {True: 32, False: 64}, "q_warps": 4,
-                   "k_warps": 4, "stages": 2, "tf32": False, "chunk": CHUNK, "causal": True}
+                   "k_warps": 4, "stages": 2, "tf32": False, "chunk": CHUNK, "causal": True,
+                   "save_states": True}
+_N_STATES = 6   # the training op's key states: ChunkStates.saved() or (ST, ZT, MX, -, -, -)
 
 
 if triton is not None:
@@ -582,18 +587,21 @@ def _grad_projection(projection, dtype):
 
 
 def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, out=None,
-              stats=None, *, seg=None, block_f=None, k_block_f=None, q_warps=None, k_warps=None,
+              stats=None, states=None, *, seg=None, block_f=None, k_block_f=None, q_warps=None, k_warps=None,
               stages=None, tf32=None, chunk=None):
     """(dq, dk, dv) of ``panther::rf_attention`` by the fused kernels (no projection gradient).
     ``out`` and ``stats`` are the forward's output and per-row statistics (``_forward(stats=...)``);
-    without them the forward runs first. Launch parameters default to ``backward_params``:
+    without them the forward runs first. ``states``: the forward's key states
+    (``_forward_and_states``), used where they match this backward's launch, else recomputed.
+    Launch parameters default to ``backward_params``:
     ``block_f`` features per streamed block of the chunk kernels (``k_block_f``: dk-dv's own),
     ``q_warps`` / ``k_warps`` their warps (dq / dk-dv), ``stages`` software-pipelining depth,
     ``chunk`` rows per chunk (a power of two >= 16), ``seg`` queries per segment of the key side
     (None: about four programs per SM), ``tf32`` tf32 instead of bf16 operands for half inputs.
 
-    dq:     the keys' state (causal: the forward's state at every chunk start, recomputed by
-            ``causal_chunk_states``; else the merged total), then ``_dq_chunk_kernel`` per chunk
+    dq:     the keys' state (causal: the forward's state at every chunk start, saved by the
+            forward or recomputed by ``causal_chunk_states``; else the merged total), then
+            ``_dq_chunk_kernel`` per chunk
             (which also writes 1/den and (g.o)/den per row);
     dk, dv: per query segment sum_t phi_q^T G (``_query_state_kernel``; causal: a reverse
             chunk walk from zero that also writes the segment's state after every chunk); causal:
@@ -612,8 +620,8 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     dev, BH, f32 = q.device, B * H, torch.float32
     if stats is None:
         stats = torch.zeros((BH, 3, Lq), device=dev, dtype=f32)
-        out = ta._forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask,
-                          stats=stats, chunk=C)
+        out, states = ta._forward_and_states(q, k, v, projection, kernel_fn, causal, scale,
+                                             key_padding_mask, stats=stats, chunk=C)
     # the feature products take the forward's operand (softmax: W·a·log2(e), so exponents come
     # out in exp2's units, as in the forward kernels); the gradient products the natural W
     ops = _operands(q, projection, kernel_fn, scale, key_padding_mask)
@@ -635,12 +643,17 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     # ---- the keys' state and dq
     if causal:
         # (the walk's feature block is the dq kernel's)
-        cs = ta.causal_chunk_states(k, v, ops, m, chunk=C, state_block_f=block_f)
+        cs = None if states is None else ta.ChunkStates.restore(states, S, C, block_f)
+        if cs is None:
+            cs = ta.causal_chunk_states(k, v, ops, m, chunk=C, state_block_f=block_f)
         hs_i = (cs.HS.shape[1], 1, cs.PP.shape[1], cs.seg_chunks)   # a state per chunk
         states, has_prefix = cs[:6], cs.has_prefix
         del cs
     else:
-        ST, ZT, MX = ta.total_key_state(k, v, ops, m)
+        if states is not None and _total_ok(states, BH, M_PAD, DV_PAD):
+            ST, ZT, MX = states[:3]
+        else:
+            ST, ZT, MX = ta.total_key_state(k, v, ops, m)
         states = (ST, ZT) + (ZT,) * 4    # HR, PP, PZ, PR: stand-ins, unread
         del ST, ZT
         has_prefix = False
@@ -701,6 +714,35 @@ def _stats_ok(stats, q):
     return stats is not None and tuple(stats.shape) == (q.shape[0] * q.shape[1], 3, q.shape[2])
 
 
+def _total_ok(states, BH, M_PAD, DV_PAD):
+    """Whether ``states`` hold a non-causal forward's merged key state (ST, ZT, MX)."""
+    ST, ZT, MX = states[:3]
+    return (tuple(ST.shape) == (BH, M_PAD, DV_PAD) and tuple(ZT.shape) == (BH, M_PAD)
+            and MX.dim() == 3 and MX.shape[0] == BH)
+
+
+def _backward_op(grad_out, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, out,
+                 stats, states):
+    """The body of both backward ops: the fused kernels where they serve the call, reusing what
+    the forward kept where it fits; else the C++ backward."""
+    _check_rf(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
+    if tuple(grad_out.shape) != (q.shape[0], q.shape[1], q.shape[2], v.shape[3]):
+        raise ValueError("rf_attention_triton_backward: grad_out must have shape (B, H, Lq, dv)")
+    if states is not None and len(states) != _N_STATES:
+        raise ValueError(f"rf_attention_triton_train_backward: states must be the {_N_STATES} key "
+                         f"states rf_attention_triton_train returns, got {len(states)} tensors")
+    if _fused_serves(q, k, v, projection, key_padding_mask, causal):
+        if not (_stats_ok(stats, q) and out is not None and out.shape == grad_out.shape):
+            out = stats = states = None
+        if states is not None and states[0].numel() == 0:
+            states = None   # the forward kept none (backward_params["save_states"] off)
+        return _backward(grad_out, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask,
+                         out, stats, states)
+    dq, dk, dv, _ = torch.ops.panther.rf_attention_backward(
+        grad_out, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, False)
+    return dq, dk, dv
+
+
 @torch.library.triton_op("panther::rf_attention_triton_backward", mutates_args=())
 def rf_attention_triton_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                                     projection: Tensor, kernel_fn: str, causal: bool,
@@ -709,20 +751,25 @@ def rf_attention_triton_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: T
                                     ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``panther::rf_attention`` (no projection gradient): the fused Triton kernels
     where ``kernel_ok`` holds (causal calls only when ``backward_params["causal"]``), else the C++
-    ``panther::rf_attention_backward``. ``out`` and
-    ``stats`` are the forward's output and per-row statistics (``rf_attention_triton_train``);
-    without them the kernels recompute what they need."""
-    _check_rf(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
-    if tuple(grad_out.shape) != (q.shape[0], q.shape[1], q.shape[2], v.shape[3]):
-        raise ValueError("rf_attention_triton_backward: grad_out must have shape (B, H, Lq, dv)")
-    if _fused_serves(q, k, v, projection, key_padding_mask, causal):
-        if not (_stats_ok(stats, q) and out is not None and out.shape == grad_out.shape):
-            out = stats = None
-        return _backward(grad_out, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask,
-                         out, stats)
-    dq, dk, dv, _ = torch.ops.panther.rf_attention_backward(
-        grad_out, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, False)
-    return dq, dk, dv
+    ``panther::rf_attention_backward``. ``out`` and ``stats`` are the forward's output and per-row
+    statistics (``rf_attention_triton_train``); without them the kernels recompute what they
+    need."""
+    return _backward_op(grad_out, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask,
+                        out, stats, None)
+
+
+@torch.library.triton_op("panther::rf_attention_triton_train_backward", mutates_args=())
+def rf_attention_triton_train_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                                          projection: Tensor, kernel_fn: str, causal: bool,
+                                          scale: Optional[float],
+                                          key_padding_mask: Optional[Tensor], out: Tensor,
+                                          stats: Tensor, states: List[Tensor]
+                                          ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``rf_attention_triton_backward`` given all that ``rf_attention_triton_train`` returned:
+    its output, statistics and the keys' states, which spare the backward its own pass over the
+    keys (causal: the chunk walk)."""
+    return _backward_op(grad_out, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask,
+                        out, stats, states)
 
 
 def fused_backward_enabled(causal: bool) -> bool:
@@ -735,7 +782,8 @@ def _fused_serves(q, k, v, projection, key_padding_mask, causal):
     return kernel_ok(q, k, v, projection, key_padding_mask) and fused_backward_enabled(causal)
 
 
-def _fused_or_cpp(ctx, grad, q, k, v, projection, key_padding_mask, out=None, stats=None):
+def _fused_or_cpp(ctx, grad, q, k, v, projection, key_padding_mask, out=None, stats=None,
+                  states=None):
     need = ctx.needs_input_grad
     if not any(need[:4]):
         return (None,) * 8
@@ -744,6 +792,11 @@ def _fused_or_cpp(ctx, grad, q, k, v, projection, key_padding_mask, out=None, st
         dq, dk, dv, dp = torch.ops.panther.rf_attention_backward(
             grad.contiguous(), q, k, v, projection, ctx.kernel_fn, ctx.causal, ctx.scale,
             key_padding_mask, bool(need[3]))
+    elif states is not None:
+        dq, dk, dv = torch.ops.panther.rf_attention_triton_train_backward(
+            grad, q, k, v, projection, ctx.kernel_fn, ctx.causal, ctx.scale, key_padding_mask,
+            out, stats, states)
+        dp = None
     else:
         dq, dk, dv = torch.ops.panther.rf_attention_triton_backward(
             grad, q, k, v, projection, ctx.kernel_fn, ctx.causal, ctx.scale, key_padding_mask,
@@ -764,23 +817,28 @@ def autograd_backward(ctx, grad):
 @torch.library.triton_op("panther::rf_attention_triton_train", mutates_args=())
 def rf_attention_triton_train_op(q: Tensor, k: Tensor, v: Tensor, projection: Tensor,
                                  kernel_fn: str, causal: bool, scale: Optional[float],
-                                 key_padding_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """``panther::rf_attention_triton`` plus the per-row statistics its fused backward reuses:
-    ``(out, stats)`` with ``stats`` (B·H, 3, Lq) fp32 = den, query shift, key running max, or
-    empty where the C++ op serves the call. ``rf_attention_triton`` calls this when a gradient
-    is needed."""
+                                 key_padding_mask: Optional[Tensor]
+                                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                            Tensor]:
+    """``panther::rf_attention_triton`` plus what its fused backward reuses: ``(out, stats, *states)``
+    with ``stats`` (B·H, 3, Lq) fp32 = den, query shift, key running max, and ``states`` the six
+    key states of ``_forward_and_states`` (empty when ``backward_params["save_states"]`` is off).
+    Where the C++ op serves the call, stats and states are empty. ``rf_attention_triton`` calls
+    this when a gradient is needed."""
     _check_rf(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
     if kernel_ok(q, k, v, projection, key_padding_mask):
         B, H, Lq = q.shape[:3]
         stats = torch.empty((B * H, 3, Lq), device=q.device, dtype=torch.float32)
         if kernel_fn == "relu" or not causal:
             stats.zero_()  # rows the kernels leave unwritten (relu shifts, non-causal M)
-        out = _ta()._forward(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask,
-                             stats=stats)
-        return out, stats
+        out, states = _ta()._forward_and_states(q, k, v, projection, kernel_fn, causal, scale,
+                                                key_padding_mask, stats=stats)
+        if states is None or not backward_params["save_states"]:
+            states = _ta().empties(stats, _N_STATES)
+        return (out, stats, *states)
     out = torch.ops.panther.rf_attention(q, k, v, projection, kernel_fn, causal, scale,
                                          key_padding_mask)
-    return out, q.new_empty((0,), dtype=torch.float32)
+    return (out, *_ta().empties(q.new_empty((0,), dtype=torch.float32), 1 + _N_STATES))
 
 
 def _ta():
@@ -790,19 +848,19 @@ def _ta():
 
 def _train_setup_context(ctx, inputs, output):
     q, k, v, projection, kernel_fn, causal, scale, key_padding_mask = inputs
-    out, stats = output
-    ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(q, k, v, projection, key_padding_mask, out, stats)
+    out, stats, *states = output
+    ctx.mark_non_differentiable(stats, *states)
+    ctx.save_for_backward(q, k, v, projection, key_padding_mask, out, stats, *states)
     ctx.kernel_fn, ctx.causal, ctx.scale = kernel_fn, causal, scale
 
 
-def _train_backward(ctx, grad, _grad_stats):
-    q, k, v, projection, key_padding_mask, out, stats = ctx.saved_tensors
+def _train_backward(ctx, grad, *_grad_stats_states):
+    q, k, v, projection, key_padding_mask, out, stats, *states = ctx.saved_tensors
     if grad is None:
         return (None,) * 8
     if not _stats_ok(stats, q):
-        out = stats = None
-    return _fused_or_cpp(ctx, grad, q, k, v, projection, key_padding_mask, out, stats)
+        out = stats = states = None
+    return _fused_or_cpp(ctx, grad, q, k, v, projection, key_padding_mask, out, stats, states)
 
 
 torch.library.register_autograd("panther::rf_attention_triton_train", _train_backward,

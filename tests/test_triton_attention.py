@@ -96,6 +96,15 @@ def test_backward_op_cpu_branch(kernel_fn, causal, masked):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="grad_out"):
         torch.ops.panther.rf_attention_triton_backward(go[:, :, :3], *args[1:])
+    # the training op's backward, given what the training op returned (on CPU: the C++ path's
+    # empty statistics and states)
+    out, stats, *states = torch.ops.panther.rf_attention_triton_train(*args[1:])
+    train_args = args + (out, stats, states)
+    torch.library.opcheck(torch.ops.panther.rf_attention_triton_train_backward.default, train_args)
+    for a, b in zip(torch.ops.panther.rf_attention_triton_train_backward(*train_args), ref):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="states must be the 6 key states"):
+        torch.ops.panther.rf_attention_triton_train_backward(*args, out, stats, states[:2])
 
 
 @pytest.mark.parametrize("kernel_fn,causal,masked",
@@ -106,8 +115,10 @@ def test_train_op_cpu_branch(kernel_fn, causal, masked):
     q, k, v, W, mask = inputs(dtype=torch.float32, masked=masked, requires_grad=True)
     args = (q, k, v, W, kernel_fn, causal, 0.7, mask)
     torch.library.opcheck(torch.ops.panther.rf_attention_triton_train.default, args)
-    out, stats = torch.ops.panther.rf_attention_triton_train(*args)
-    assert stats.numel() == 0 and not stats.requires_grad
+    out, stats, *states = torch.ops.panther.rf_attention_triton_train(*args)
+    assert len(states) == 6
+    for t in (stats, *states):
+        assert t.numel() == 0 and not t.requires_grad
     ref = torch.ops.panther.rf_attention(*args)
     assert torch.equal(out, ref)
     go = torch.randn_like(out)
@@ -390,13 +401,18 @@ def test_cuda_triton_backward_full_size():
                                                       mask, False)
         got = torch.ops.panther.rf_attention_triton_backward(go, q, k, v, W.float(), "softmax",
                                                              causal, 0.5, mask)
-        out, stats = torch.ops.panther.rf_attention_triton_train(q, k, v, W.float(), "softmax",
-                                                                 causal, 0.5, mask)
+        out, stats, *states = torch.ops.panther.rf_attention_triton_train(
+            q, k, v, W.float(), "softmax", causal, 0.5, mask)
+        assert states[0].numel() > 0   # the forward's key states are kept
         got2 = torch.ops.panther.rf_attention_triton_backward(go, q, k, v, W.float(), "softmax",
                                                               causal, 0.5, mask, out, stats)
-        for name, a, a2, b in zip(("dq", "dk", "dv"), got, got2, ref):
+        got3 = torch.ops.panther.rf_attention_triton_train_backward(
+            go, q, k, v, W.float(), "softmax", causal, 0.5, mask, out, stats, states)
+        for name, a, a2, a3, b in zip(("dq", "dk", "dv"), got, got2, got3, ref):
             assert torch.isfinite(a).all() and rel(a, b) < 5e-2, (causal, name, rel(a, b))
             assert torch.isfinite(a2).all() and rel(a2, b) < 5e-2, (causal, name, rel(a2, b))
+            # the saved states are the ones the backward would recompute, bit for bit
+            assert torch.equal(a3, a2), (causal, name, rel(a3, a2))
 
 
 @cuda_only

@@ -53,19 +53,24 @@ def references(q, k, v, go, W, kernel_fn, causal, scale, mask):
 
 
 def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0, bf=16,
-         ramp=False, stats=True, chunk=64, w_f32=False):
-    """stats: the training path (the forward saves out and per-row den / shifts, the backward
-    reuses them); else the backward recomputes them."""
+         ramp=False, stats=True, chunk=64, w_f32=False, fwd_seg="seg"):
+    """stats: the training path (the forward saves out, per-row den / shifts and its key states,
+    the backward reuses them); else the backward recomputes them. fwd_seg: the forward's segments
+    (default ``seg``; None: the default segments, whose causal states the backward restores)."""
     q, k, v, go, W, mask = make(B, H, L, S, d, dv, m, masked, dtype, shift, ramp, w_f32)
     cpp, auto = references(q, k, v, go, W, kernel_fn, causal, scale, mask)
-    out = st = None
+    out = st = states = None
+    fwd_seg = seg if fwd_seg == "seg" else fwd_seg
     if stats:
         st = torch.full((B * H, 3, L), float("nan"))
         if kernel_fn == "relu" or not causal:
             st.zero_()  # rows the forward leaves unwritten (as rf_attention_triton_train does)
-        out = ta._forward(q, k, v, W, kernel_fn, causal, scale, mask, seg=seg, block_n=16,
-                          block_m=16, state_block_f=bf, stats=st)
-    got = tb._backward(go, q, k, v, W, kernel_fn, causal, scale, mask, out, st, seg=seg,
+        out, states = ta._forward_and_states(q, k, v, W, kernel_fn, causal, scale, mask,
+                                             seg=fwd_seg, block_n=16, block_m=16,
+                                             state_block_f=bf, stats=st, chunk=chunk)
+        if causal and fwd_seg is None:
+            assert ta.ChunkStates.restore(states, S, chunk, bf) is not None, "states not restored"
+    got = tb._backward(go, q, k, v, W, kernel_fn, causal, scale, mask, out, st, states, seg=seg,
                        block_f=bf, chunk=chunk)
     name = (f"{kernel_fn} causal={causal} B{B} H{H} L{L} S{S} d{d} dv{dv} m{m} scale={scale} "
             f"mask={masked} {str(dtype)[6:]} seg={seg} shift={shift} block_f={bf} ramp={ramp} "
@@ -160,6 +165,10 @@ def main():
     case(2, 1, 100, 100, 16, 8, 32, "relu", True, None, True, f32, seg=64)
     case(1, 1, 70, 70, 16, 8, 32, "relu", True, None, True, f32, seg=64, stats=False)
     case(1, 1, 30, 30, 16, 8, 32, "relu", True, None, False, f32, seg=64)
+    # the forward's chunk states restored: three default segments (the earlier segments' part)
+    case(1, 1, 600, 600, 16, 8, 32, "softmax", True, 0.5, True, f32, seg=64, ramp=True,
+         fwd_seg=None)
+    case(1, 1, 600, 600, 16, 8, 32, "relu", True, None, False, f32, seg=128, fwd_seg=None)
     # long segments: 16 chunks per program (the H200 walks 32), a second segment with a tail
     case(1, 1, 1100, 1100, 16, 8, 32, "softmax", True, None, False, f32, seg=1024, ramp=True)
     # the backward's own chunk length (32; the forward walks chunks of 64)
