@@ -74,10 +74,12 @@ CASES = {"linear": _linear, "conv": _conv, "attention": _attention(False), "caus
 # 32 / 104 and dk-dv to 176 / 216. The backward's feature products in log2 units took dq to
 # 48 / 136 and dk-dv to 176 / 224. The persistent non-causal query kernel holds a (64 × 256) fp32
 # feature tile at 4 warps: 248 / 264, and measured 8% faster than the spill-free blocked kernel.
-# Anything above these numbers, or a spill anywhere else, fails.
-KNOWN_SPILLS = {("causal attention", "_causal_out_kernel"): 104, ("causal attention", "_dq_chunk_kernel"): 136,
+# Taking the saved statistics' |q|^2 term when q is loaded (the forward with statistics, which these
+# cases compile) brought the chunk outputs to 56 and the persistent queries to 232 on 3.9 (from 104 /
+# 264). Anything above these numbers, or a spill anywhere else, fails.
+KNOWN_SPILLS = {("causal attention", "_causal_out_kernel"): 56, ("causal attention", "_dq_chunk_kernel"): 136,
                 ("causal attention", "_dkdv_chunk_kernel"): 224, ("attention", "_dkdv_chunk_kernel"): 8,
-                ("attention", "_query_persistent_kernel"): 264}
+                ("attention", "_query_persistent_kernel"): 232}
 
 
 def _distinct(launches):

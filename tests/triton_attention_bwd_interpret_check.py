@@ -109,6 +109,13 @@ def op_level():
                                                          None, mask), (qd, kd, vd), go.double())
         for gname, a, b in zip(("dq", "dk", "dv"), got, ref):
             check(f"op autograd causal={causal} {gname}", rel(a, b), 1e-4)
+        # the training op keeping no key states (the backward recomputes them)
+        tb.backward_params["save_states"] = False
+        got = torch.autograd.grad(ta.rf_attention_triton(q, k, v, W, "softmax", causal, None, mask),
+                                  (q, k, v), go)
+        tb.backward_params["save_states"] = True
+        for gname, a, b in zip(("dq", "dk", "dv"), got, ref):
+            check(f"op autograd without saved states causal={causal} {gname}", rel(a, b), 1e-4)
         # the plain op's autograd (saves only its inputs: the backward recomputes num / den)
         got = torch.autograd.grad(torch.ops.panther.rf_attention_triton(
             q, k, v, W, "softmax", causal, None, mask), (q, k, v), go)
@@ -119,7 +126,7 @@ def op_level():
             go, q.detach(), k.detach(), v.detach(), W, "softmax", causal, None, mask)
         for gname, a, b in zip(("dq", "dk", "dv"), bwd, ref):
             check(f"op rf_attention_triton_backward causal={causal} {gname}", rel(a, b), 1e-4)
-    assert len(calls) == 6, f"the fused backward ran {len(calls)} times, expected 6"
+    assert len(calls) == 8, f"the fused backward ran {len(calls)} times, expected 8"
     Wg = W.clone().requires_grad_()
     got = torch.autograd.grad(ta.rf_attention_triton(q, k, v, Wg, "relu", True, None, mask),
                               (q, k, v, Wg), go)
@@ -127,11 +134,20 @@ def op_level():
                                                   True, None, mask, True)
     for gname, a, b in zip(("dq", "dk", "dv", "dW"), got, ref):
         check(f"op autograd with projection grad (C++ path) {gname}", rel(a, b), 1e-5)
-    assert len(calls) == 6, "a projection gradient must take the C++ backward"
+    assert len(calls) == 8, "a projection gradient must take the C++ backward"
     tb.backward_params["causal"] = False  # the switch: causal autograd takes the C++ backward
     got = torch.autograd.grad(ta.rf_attention_triton(q, k, v, W, "softmax", True, None, mask), (q, k, v), go)
-    assert len(calls) == 6, "causal calls must take the C++ backward unless backward_params['causal']"
+    assert len(calls) == 8, "causal calls must take the C++ backward unless backward_params['causal']"
     tb.backward_params["causal"] = default_causal
+    # causal training walks the keys once: the backward reuses the forward's chunk states
+    walks = []
+    walk = ta.causal_chunk_states
+    ta.causal_chunk_states = lambda *a, **kw: walks.append(1) or walk(*a, **kw)
+    torch.autograd.grad(ta.rf_attention_triton(q, k, v, W, "softmax", True, None, mask), (q, k, v),
+                        go)
+    ta.causal_chunk_states = walk
+    assert len(walks) == 1, f"causal forward+backward walked the keys {len(walks)} times"
+    print("ok   causal forward+backward walks the keys once")
     tb._backward = fused
 
 
