@@ -176,24 +176,21 @@ if triton is not None:
         return e
 
     @triton.jit
-    def _saved_half_norm(qt, alpha, KERNEL: tl.constexpr, SAVE_STATS: tl.constexpr):
-        """The rows' a^2 |q|^2 / 2 (natural units) that ``_store_rows`` adds back to the saved
-        shift, taken when the q tile is loaded, so the tile need not stay live to the end."""
-        if SAVE_STATS and KERNEL == 0:
-            r = _half_sq_norm(qt, alpha, alpha)
-        else:
-            r = tl.zeros((qt.shape[0],), dtype=tl.float32)
-        return r
+    def _query_operands(x, W):
+        """A query tile's ``_feature_operands`` in the backward: the saved query shift leaves out
+        the row's -|q|^2/2 (``_store_rows``), so the exponents leave it out too (zeros)."""
+        return _to_w(x, W), tl.zeros((x.shape[0],), dtype=tl.float32)
 
     @triton.jit
-    def _store_rows(O, STATS, num, den, hq, shift, mt, b, hh, bh, rows64, row_ok, offs_v,
+    def _store_rows(O, STATS, num, den, shift, mt, b, hh, bh, rows64, row_ok, offs_v,
                     sob, soh, sol, sod, L, DV,
                     KERNEL: tl.constexpr, CAUSAL: tl.constexpr, SAVE_STATS: tl.constexpr):
         """out = num / den into O (0 where den == 0). SAVE_STATS: the rows' statistics the fused
         backward reads, STATS (B·H, 3, L): den, the query shift in natural units (shift is the
-        kernels' log2 row max without -|q|^2/2, which comes back here as ``hq``, from
-        ``_saved_half_norm``; 0 for relu) and, causal softmax, the key running max M (mt, log2
-        units)."""
+        kernels' log2 row max of q·w, without the row's -|q|^2/2, which cancels: the backward's
+        query exponents leave it out too, ``_query_operands``; 0 for relu) and, causal softmax,
+        the key running max M (mt, log2 units). (The |q|^2 term kept the q tile live to the end:
+        the causal chunk outputs spilled 104 bytes against 32 without statistics.)"""
         out = num / tl.where(den == 0.0, 1.0, den)[:, None]
         out = tl.where((den == 0.0)[:, None], 0.0, out)
         tl.store(O + b.to(tl.int64) * sob + hh.to(tl.int64) * soh + rows64[:, None] * sol
@@ -203,7 +200,7 @@ if triton is not None:
             s_base = STATS + bh.to(tl.int64) * (3 * L)
             tl.store(s_base + rows64, den, mask=row_ok)
             if KERNEL == 0:
-                tl.store(s_base + L + rows64, shift * _LN2 - hq, mask=row_ok)
+                tl.store(s_base + L + rows64, shift * _LN2, mask=row_ok)
                 if CAUSAL:
                     tl.store(s_base + 2 * L + rows64, mt * _LN2, mask=row_ok)
             else:
@@ -369,7 +366,6 @@ if triton is not None:
         qt = tl.load(Q + b.to(tl.int64) * sqb + hh.to(tl.int64) * sqh + rows64[:, None] * sql
                      + offs_d[None, :] * sqd,
                      mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        hq = _saved_half_norm(qt, alpha, KERNEL, SAVE_STATS)
         qw = _to_w(qt, W)
         st_base = ST + bh.to(tl.int64) * (M_PAD * DV_PAD)
         zt_base = ZT + bh.to(tl.int64) * M_PAD
@@ -397,7 +393,7 @@ if triton is not None:
                 p = tl.maximum(s, 0.0)     # padded features: W rows 0
             acc += _mm(p.to(st.dtype), st, UPCAST)
             den += tl.sum(p * zt[None, :], axis=1)
-        _store_rows(O, STATS, acc, den, hq, run, run, b, hh, bh, rows64, row_ok, offs_v,
+        _store_rows(O, STATS, acc, den, run, run, b, hh, bh, rows64, row_ok, offs_v,
                     sob, soh, sol, sod, L, DV, KERNEL, False, SAVE_STATS)
 
     @triton.jit
@@ -436,7 +432,6 @@ if triton is not None:
             rows64 = offs_m.to(tl.int64)
             qt = tl.load(q_base + rows64[:, None] * sql + offs_d[None, :] * sqd,
                          mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            hq = _saved_half_norm(qt, alpha, KERNEL, SAVE_STATS)
             s = _mm(_to_w(qt, W), w_t, UPCAST)       # softmax: log2 units (_Operands.WL)
             if KERNEL == 0:
                 e = s
@@ -449,7 +444,7 @@ if triton is not None:
                 p = tl.maximum(s, 0.0)     # padded features: W rows 0
             acc = _mm(p.to(st.dtype), st, UPCAST)
             den = tl.sum(p * zt[None, :], axis=1)
-            _store_rows(O, STATS, acc, den, hq, run, run, b, hh, bh, rows64, row_ok, offs_v,
+            _store_rows(O, STATS, acc, den, run, run, b, hh, bh, rows64, row_ok, offs_v,
                         sob, soh, sol, sod, L, DV, KERNEL, False, SAVE_STATS)
 
     @triton.jit
@@ -656,7 +651,6 @@ if triton is not None:
         qt = tl.load(Q + b.to(tl.int64) * sqb + hh.to(tl.int64) * sqh + rows64[:, None] * sql
                      + offs_d[None, :] * sqd, mask=in_seq[:, None] & (offs_d[None, :] < D),
                      other=0.0)
-        hq = _saved_half_norm(qt, alpha, KERNEL, SAVE_STATS)
         kt = tl.load(K + b.to(tl.int64) * skb + hh.to(tl.int64) * skh + rows64[:, None] * sks
                      + offs_d[None, :] * skd, mask=key_ok[:, None] & (offs_d[None, :] < D),
                      other=0.0)
@@ -733,7 +727,7 @@ if triton is not None:
         else:
             num += inter
             den += iden
-        _store_rows(O, STATS, num, den, hq, mq, mt, b, hh, bh, rows64, in_seq, offs_v,
+        _store_rows(O, STATS, num, den, mq, mt, b, hh, bh, rows64, in_seq, offs_v,
                     sob, soh, sol, sod, L, DV, KERNEL, True, SAVE_STATS)
 
 # --------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ if triton is not None:
 
     from inductor_ext.triton_attention import (_LN2, _LOG2E, _chunk_factors, _chunk_ref,
                                                _feature_operands, _features, _half_sq_norm,
-                                               _load_w, _load_w_t, _mm, _to_w)
+                                               _load_w, _load_w_t, _mm, _query_operands, _to_w)
 
 __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op",
            "rf_attention_triton_train_backward_op", "backward_params", "fused_backward_enabled"]
@@ -198,6 +198,18 @@ if triton is not None:
         return qt, kt, vt, go, kq, mt, key_ok
 
     @triton.jit
+    def _causal_query_operands(qt, W, kq, alpha):
+        """The causal chunk kernels' query operands: ``_feature_operands``, with the row's |q|^2/2
+        taken out of the saved shift kq as well (equal to ``_query_operands`` in exact
+        arithmetic). These kernels run at 255 registers and the form moves ptxas's allocation
+        (H200, triton 3.6, bf16, 16 heads; causal forward+backward, ms): this one 4.72 at 65,536
+        tokens and 4.54 at 4096 × 16; ``_query_operands`` 5.11 and 4.51; the subtraction at the
+        load of kq instead of here 4.80 and 4.34 (its dq: 0.97 ms at both sizes, against 0.94 and
+        1.20 here). The 65,536-token case, the one with earlier key segments, decided."""
+        qw, hq = _feature_operands(qt, W, alpha)
+        return qw, hq, kq - _half_sq_norm(qt, alpha, alpha)
+
+    @triton.jit
     def _chunk_da(gv, gdo, vt, mt, KERNEL: tl.constexpr, UPCAST: tl.constexpr,
                   TF32: tl.constexpr, C: tl.constexpr):
         """Causal: dA[t, s] = (G_t . [v_s, 1]) exp(M_s - M_t) for keys s <= t of the chunk (else
@@ -290,10 +302,12 @@ if triton is not None:
             da, _decay = _chunk_da(gv, gdo, vt, mt, KERNEL, UPCAST, TF32, C)
             da = _operand(da, UPCAST, TF32)
         gv = _operand(gv, UPCAST, TF32)
-        qw, hq = _feature_operands(qt, W, alpha)
-        kw, hk = qw, hq
         if CAUSAL:
+            qw, hq, kq = _causal_query_operands(qt, W, kq, alpha)
             kw, hk = _feature_operands(kt, W, alpha)
+        else:
+            qw, hq = _query_operands(qt, W)
+            kw, hk = qw, hq
         # the features' exponents come in log2 units (W is _Operands.WL): so do their shifts
         kq2 = kq * _LOG2E
         mt2 = mt * _LOG2E
@@ -342,7 +356,7 @@ if triton is not None:
 
     @triton.jit
     def _query_g_tile(Q, GO, STATS, ROWS, W, w, b, hh, bh, rows, ref, L, D, DV,
-                      sqb, sqh, sql, sqd, sgb, sgh, sgl, sgd, alpha,
+                      sqb, sqh, sql, sqd, sgb, sgh, sgl, sgd,
                       KERNEL: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                       D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
         """For a block of queries and one feature block: p[f, t] = phi_q[t, f], causal times
@@ -367,8 +381,8 @@ if triton is not None:
             off = tl.load(x_base + L + rows64, mask=in_seq, other=0.0)
             if CAUSAL:
                 off += tl.load(x_base + 2 * L + rows64, mask=in_seq, other=0.0) - ref
-            off += _half_sq_norm(qt, alpha, alpha)
-            # phi_q = exp(a q.w - |q|^2 a^2/2 - kq) (times exp(ref - M_t)); rows past L: 0
+            # phi_q = exp(a q.w - kq), kq the saved shift (both without -|q|^2 a^2/2, which
+            # cancels), times exp(ref - M_t); rows past L: 0
             off = tl.where(in_seq, off, 1.0e38).to(tl.float32)
             # s in log2 units (W is _Operands.WL)
             p = tl.exp2(tl.minimum(s.to(tl.float32) - (off * _LOG2E)[None, :], 0.0))
@@ -384,7 +398,6 @@ if triton is not None:
         sqb, sqh, sql, sqd,
         sgb, sgh, sgl, sgd,
         swm, swd,
-        alpha,
         KERNEL: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
         TF32: tl.constexpr, PER_CHUNK: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
@@ -399,7 +412,6 @@ if triton is not None:
         state dtype, HPZ fp32, the reference HPR = M at the chunk's last row, natural units); the
         dk-dv kernel adds the later segments' (``_suffix_kernel``), as the forward's chunk kernels
         add the earlier segments' keys."""
-        alpha = tl.cast(alpha, tl.float32)   # Inductor passes a float argument as fp64
         fb = tl.program_id(0)
         bh = tl.program_id(1)
         sg = tl.program_id(2)
@@ -438,7 +450,7 @@ if triton is not None:
                 prev = tl.where(t0 == 0, -2.0e38, prev)
             p, gv, gdo = _query_g_tile(Q, GO, STATS, ROWS, W, w, b, hh, bh,
                                        t0 + tl.arange(0, C), prev, L, D, DV,
-                                       sqb, sqh, sql, sqd, sgb, sgh, sgl, sgd, alpha,
+                                       sqb, sqh, sql, sqd, sgb, sgh, sgl, sgd,
                                        KERNEL, CAUSAL, UPCAST, D_PAD, DV_PAD)
             p = tl.where(feat_ok[:, None], p, 0.0)
             if rescale:
@@ -514,7 +526,7 @@ if triton is not None:
         kw, hk = _feature_operands(kt, W, alpha)
         qw, hq = kw, hk
         if CAUSAL:
-            qw, hq = _feature_operands(qt, W, alpha)
+            qw, hq, kq = _causal_query_operands(qt, W, kq, alpha)
         # the features' exponents come in log2 units (W is _Operands.WL): so do their shifts
         kq2 = kq * _LOG2E
         mt2 = mt * _LOG2E
@@ -682,7 +694,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     # each segment's own state (causal: and its queries' state after every chunk)
     _launcher(_query_state_kernel)[(NFS, BH, nseg)](
         q, go, W, stats, ROWS, PI, PZ, HP, HPZ, HPR, H, Lq, m, d, dv, seg, nchunk,
-        *q.stride(), *go.stride(), *W.stride(), alpha, PER_CHUNK=causal,
+        *q.stride(), *go.stride(), *W.stride(), PER_CHUNK=causal,
         BLOCK_F=sblock_f, num_warps=4, **meta)
     has_suffix = causal and nseg > 1
     if has_suffix:
