@@ -21,8 +21,9 @@ accumulators, stored per chunk in the products' dtype (bf16 for half inputs).
 Every chunk of C = 64 rows is independent, as in the forward's chunk outputs; only two short walks
 (over segments, then over a segment's chunks) are sequential:
     dq     ``_dq_chunk_kernel`` grid (chunks, B·H): G S^T from the keys' state (causal: the
-           forward's state at the chunk start, recomputed by ``causal_chunk_states``; else the
-           merged total of ``total_key_state``), plus, causal, the intra-chunk ``dA phi_k``. It
+           forward's state at the chunk start, which the training forward keeps, else recomputed
+           by ``causal_chunk_states``; non-causal: the merged total of ``total_key_state``, kept
+           or recomputed the same way), plus, causal, the intra-chunk ``dA phi_k``. It
            writes per row 1/den and (g.o)/den (from the forward's output and den) for the key
            side.
     P      ``_query_state_kernel`` grid (feature blocks, B·H, segments): each query segment's
@@ -33,8 +34,9 @@ Every chunk of C = 64 rows is independent, as in the forward's chunk outputs; on
            chunk kernels add the earlier segments' keys), so one walk over the queries runs.
     dk, dv ``_dkdv_chunk_kernel`` grid (chunks, B·H): ``P [v_s, 1]``, ``phi_k P`` plus, causal,
            the intra-chunk ``dA^T phi_q``, ``A^T G``.
-The forward's output and per-row statistics (den, query shift, key running max; the training
-op ``rf_attention_triton_train`` saves them) are inputs; without them the forward runs first.
+The forward's output and per-row statistics (den, query shift without the row's |q|^2 term, key
+running max; the training op ``rf_attention_triton_train`` saves them, with the keys' states) are
+inputs; without them the forward runs first.
 
 Softmax references (as in the forward): query t at its own max feature; causal keys at the running
 max ``M`` of their prefix, so the (t, s) weight is ``exp(M_s - M_t) <= 1``; a prefix state is at
@@ -49,8 +51,8 @@ disabled, and faulted with 8 warps; these per-chunk kernels replaced it. The one
 
 Registered as ``torch.library.triton_op("panther::rf_attention_triton_backward")`` (Inductor inlines
 it when compiled); a device branch sends what ``kernel_ok`` rejects to the C++ backward. Also here:
-``panther::rf_attention_triton_train`` (the forward that also returns the per-row statistics) and
-its autograd. Under ``TRITON_INTERPRET=1`` CPU tensors run the kernels in Triton's interpreter.
+``panther::rf_attention_triton_train`` (the forward that also returns the per-row statistics and
+the keys' states), its backward ``panther::rf_attention_triton_train_backward``, and their autograd. Under ``TRITON_INTERPRET=1`` CPU tensors run the kernels in Triton's interpreter.
 
 Products per chunk and feature block of 64 (about 64x64x64 each): causal dq 5, dk-dv 7 (9 where
 later query segments add theirs), the query-side walk 2; non-causal dq 3, dk-dv 4.
