@@ -480,3 +480,26 @@ def test_cuda_opcheck(causal, masked):
     q, k, v, W, mask = inputs(B=1, H=2, L=130, d=32, dv=16, m=40, dtype=torch.float32,
                               device="cuda", masked=masked, requires_grad=True)
     torch.library.opcheck(OP, (q, k, v, W, "softmax", causal, None, mask))
+
+
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_opcheck_training_ops(causal):
+    """The training op's Triton branch (its key states included: 600 causal tokens make three walk
+    segments) and its backward through fake tensors / AOT dispatch; the backward given the states
+    equals the one that recomputes them. (Written after the session's last GPU call: first run
+    pending.)"""
+    q, k, v, W, mask = inputs(B=1, H=2, L=600, d=32, dv=16, m=40, dtype=torch.float32,
+                              device="cuda", masked=True)
+    args = (q, k, v, W, "softmax", causal, None, mask)
+    torch.library.opcheck(torch.ops.panther.rf_attention_triton_train.default, args)
+    out, stats, *states = torch.ops.panther.rf_attention_triton_train(*args)
+    assert states[0].numel() > 0
+    go = torch.randn_like(out)
+    train_args = (go, *args, out, stats, states)
+    torch.library.opcheck(torch.ops.panther.rf_attention_triton_train_backward.default, train_args)
+    got = torch.ops.panther.rf_attention_triton_train_backward(*train_args)
+    ref = torch.ops.panther.rf_attention_triton_backward(go, *args, out, stats)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
