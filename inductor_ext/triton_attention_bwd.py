@@ -52,7 +52,8 @@ disabled, and faulted with 8 warps; these per-chunk kernels replaced it. The one
 Registered as ``torch.library.triton_op("panther::rf_attention_triton_backward")`` (Inductor inlines
 it when compiled); a device branch sends what ``kernel_ok`` rejects to the C++ backward. Also here:
 ``panther::rf_attention_triton_train`` (the forward that also returns the per-row statistics and
-the keys' states), its backward ``panther::rf_attention_triton_train_backward``, and their autograd. Under ``TRITON_INTERPRET=1`` CPU tensors run the kernels in Triton's interpreter.
+the keys' states), its backward ``panther::rf_attention_triton_train_backward``, and their
+autograd. Under ``TRITON_INTERPRET=1`` CPU tensors run the kernels in Triton's interpreter.
 
 Products per chunk and feature block of 64 (about 64x64x64 each): causal dq 5, dk-dv 7 (9 where
 later query segments add theirs), the query-side walk 2; non-causal dq 3, dk-dv 4.
@@ -601,8 +602,8 @@ def _grad_projection(projection, dtype):
 
 
 def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, out=None,
-              stats=None, states=None, *, seg=None, block_f=None, k_block_f=None, q_warps=None, k_warps=None,
-              stages=None, tf32=None, chunk=None):
+              stats=None, states=None, *, seg=None, block_f=None, k_block_f=None, q_warps=None,
+              k_warps=None, stages=None, tf32=None, chunk=None):
     """(dq, dk, dv) of ``panther::rf_attention`` by the fused kernels (no projection gradient).
     ``out`` and ``stats`` are the forward's output and per-row statistics (``_forward(stats=...)``);
     without them the forward runs first. ``states``: the forward's key states
@@ -834,9 +835,10 @@ def rf_attention_triton_train_op(q: Tensor, k: Tensor, v: Tensor, projection: Te
                                  key_padding_mask: Optional[Tensor]
                                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                             Tensor]:
-    """``panther::rf_attention_triton`` plus what its fused backward reuses: ``(out, stats, *states)``
-    with ``stats`` (B·H, 3, Lq) fp32 = den, query shift, key running max, and ``states`` the six
-    key states of ``_forward_and_states`` (empty when ``backward_params["save_states"]`` is off).
+    """``panther::rf_attention_triton`` plus what its fused backward reuses,
+    ``(out, stats, *states)``: ``stats`` (B·H, 3, Lq) fp32 = den, query shift, key running max;
+    ``states`` the six key states of ``_forward_and_states`` (empty when
+    ``backward_params["save_states"]`` is off).
     Where the C++ op serves the call, stats and states are empty. ``rf_attention_triton`` calls
     this when a gradient is needed."""
     _check_rf(q, k, v, projection, kernel_fn, causal, scale, key_padding_mask)
