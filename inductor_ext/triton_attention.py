@@ -107,6 +107,11 @@ if triton is not None:
     _LN2 = tl.constexpr(0.6931471805599453)
 
     @triton.jit
+    def _max2(a, b):
+        # the combine of a running-max scan (tl.associative_scan)
+        return tl.maximum(a, b)
+
+    @triton.jit
     def _mm(a, b, UPCAST: tl.constexpr):
         # Triton's CPU interpreter multiplies bf16 bit patterns wrongly; fp32 is exact there.
         if UPCAST:
@@ -659,12 +664,18 @@ if triton is not None:
                      other=0.0)
         scale2 = alpha * _LOG2E
         mt = tl.zeros((C,), dtype=tl.float32)   # the key running max (softmax only)
+        m_store = mt
         run = _chunk_ref(HR, PR, ch, sg, NFB, HAS_PREFIX)   # 0 for relu
         if KERNEL == 0:
             kap = tl.load(KAP + bh.to(tl.int64) * (NFB * L) + offs_kf[None, :] * L
                           + rows64[:, None], mask=key_ok[:, None], other=_LOWEST_C)
             kk = tl.where(key_ok, tl.max(kap, axis=1), -2.0e38) * _LOG2E
             mt = tl.maximum(tl.max(tl.where(tril, kk[None, :], _LOWEST_C), axis=1), run)
+            # M again, as a 1-D scan, for the statistics only: storing mt itself made Triton
+            # compute it in the store's layout and convert it back, 3104 SASS instructions per
+            # program against 2424 without statistics (triton 3.6, sm_90 compiled offline);
+            # 2512 this way. Equal to mt bit for bit (max is exact).
+            m_store = tl.maximum(tl.associative_scan(kk, 0, _max2), run)
             fac = tl.exp2(run - mt)                       # chunk-start state -> M_t
             # an invalid key's exponents are -inf (exp2 gives 0). (Folding M_s into this
             # per-key term, one subtraction less per weight, measured 0.89 ms against 0.82.)
@@ -727,7 +738,7 @@ if triton is not None:
         else:
             num += inter
             den += iden
-        _store_rows(O, STATS, num, den, mq, mt, b, hh, bh, rows64, in_seq, offs_v,
+        _store_rows(O, STATS, num, den, mq, m_store, b, hh, bh, rows64, in_seq, offs_v,
                     sob, soh, sol, sod, L, DV, KERNEL, True, SAVE_STATS)
 
 # --------------------------------------------------------------------------------------------
