@@ -195,7 +195,7 @@ if triton is not None:
         kernels' log2 row max of q·w, without the row's -|q|^2/2, which cancels: the backward's
         query exponents leave it out too, ``_query_operands``; 0 for relu) and, causal softmax,
         the key running max M (mt, log2 units). (The |q|^2 term kept the q tile live to the end:
-        the causal chunk outputs spilled 104 bytes against 32 without statistics.)"""
+        the causal chunk outputs spilled 104 bytes against 32 without statistics, triton 3.9.)"""
         out = num / tl.where(den == 0.0, 1.0, den)[:, None]
         out = tl.where((den == 0.0)[:, None], 0.0, out)
         tl.store(O + b.to(tl.int64) * sob + hh.to(tl.int64) * soh + rows64[:, None] * sol
@@ -671,11 +671,12 @@ if triton is not None:
                           + rows64[:, None], mask=key_ok[:, None], other=_LOWEST_C)
             kk = tl.where(key_ok, tl.max(kap, axis=1), -2.0e38) * _LOG2E
             mt = tl.maximum(tl.max(tl.where(tril, kk[None, :], _LOWEST_C), axis=1), run)
-            # M again, as a 1-D scan, for the statistics only: storing mt itself made Triton
-            # compute it in the store's layout and convert it back, 3104 SASS instructions per
-            # program against 2424 without statistics (triton 3.6, sm_90 compiled offline);
-            # 2512 this way. Equal to mt bit for bit (max is exact).
-            m_store = tl.maximum(tl.associative_scan(kk, 0, _max2), run)
+            if SAVE_STATS:
+                # M again, as a 1-D scan, for the statistics only: storing mt itself made Triton
+                # compute it in the store's layout and convert it back, 3104 SASS instructions
+                # per program against 2424 without statistics (triton 3.6, sm_90 compiled
+                # offline); 2512 this way. Equal to mt bit for bit (max is exact).
+                m_store = tl.maximum(tl.associative_scan(kk, 0, _max2), run)
             fac = tl.exp2(run - mt)                       # chunk-start state -> M_t
             # an invalid key's exponents are -inf (exp2 gives 0). (Folding M_s into this
             # per-key term, one subtraction less per weight, measured 0.89 ms against 0.82.)

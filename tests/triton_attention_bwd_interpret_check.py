@@ -53,14 +53,14 @@ def references(q, k, v, go, W, kernel_fn, causal, scale, mask):
 
 
 def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0, bf=16,
-         ramp=False, stats=True, chunk=64, w_f32=False, fwd_seg="seg"):
+         ramp=False, stats=True, chunk=64, w_f32=False, default_walk=False):
     """stats: the training path (the forward saves out, per-row den / shifts and its key states,
-    the backward reuses them); else the backward recomputes them. fwd_seg: the forward's segments
-    (default ``seg``; None: the default segments, whose causal states the backward restores)."""
+    the backward reuses them); else the backward recomputes them. default_walk: the forward walks
+    the default segments (else ``seg``), whose causal states the backward restores."""
     q, k, v, go, W, mask = make(B, H, L, S, d, dv, m, masked, dtype, shift, ramp, w_f32)
     cpp, auto = references(q, k, v, go, W, kernel_fn, causal, scale, mask)
     out = st = states = None
-    fwd_seg = seg if fwd_seg == "seg" else fwd_seg
+    fwd_seg = None if default_walk else seg
     if stats:
         st = torch.full((B * H, 3, L), float("nan"))
         if kernel_fn == "relu" or not causal:
@@ -68,7 +68,7 @@ def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shi
         out, states = ta._forward_and_states(q, k, v, W, kernel_fn, causal, scale, mask,
                                              seg=fwd_seg, block_n=16, block_m=16,
                                              state_block_f=bf, stats=st, chunk=chunk)
-        if causal and fwd_seg is None:
+        if causal and default_walk:
             assert ta.ChunkStates.restore(states, S, chunk, bf) is not None, "states not restored"
     got = tb._backward(go, q, k, v, W, kernel_fn, causal, scale, mask, out, st, states, seg=seg,
                        block_f=bf, chunk=chunk)
@@ -183,8 +183,8 @@ def main():
     case(1, 1, 30, 30, 16, 8, 32, "relu", True, None, False, f32, seg=64)
     # the forward's chunk states restored: three default segments (the earlier segments' part)
     case(1, 1, 600, 600, 16, 8, 32, "softmax", True, 0.5, True, f32, seg=64, ramp=True,
-         fwd_seg=None)
-    case(1, 1, 600, 600, 16, 8, 32, "relu", True, None, False, f32, seg=128, fwd_seg=None)
+         default_walk=True)
+    case(1, 1, 600, 600, 16, 8, 32, "relu", True, None, False, f32, seg=128, default_walk=True)
     # long segments: 16 chunks per program (the H200 walks 32), a second segment with a tail
     case(1, 1, 1100, 1100, 16, 8, 32, "softmax", True, None, False, f32, seg=1024, ramp=True)
     # the backward's own chunk length (32; the forward walks chunks of 64)
