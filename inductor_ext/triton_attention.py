@@ -904,9 +904,11 @@ class ChunkStates(NamedTuple):
         BH, nchunk, M_PAD = HS.shape[:3]
         nf = M_PAD // block_f
         seg, nseg = walk_segments(BH * nf, length, chunk, HS.device)
-        has_prefix = PP.numel() > 0
+        # bool(): under dynamic shapes these are SymBools, which cannot be compared with `!=`
+        has_prefix = bool(PP.numel() > 0)
         if (nchunk != -(-length // chunk) or tuple(HR.shape) != (BH, nchunk, nf)
-                or has_prefix != (nseg > 1) or (has_prefix and tuple(PR.shape) != (BH, nseg, nf))):
+                or has_prefix != bool(nseg > 1)
+                or (has_prefix and tuple(PR.shape) != (BH, nseg, nf))):
             return None
         if not has_prefix:
             PP, PZ, PR = HS, HZ, HR      # stand-ins, never read

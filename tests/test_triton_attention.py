@@ -212,6 +212,29 @@ def test_kernel_ok_routing():
             assert not ta.kernel_ok(*(torch.empty(4096, 16, 2, 8) for _ in range(3)), W)
 
 
+@pytest.mark.skipif(ta.triton is None, reason="needs triton")
+@pytest.mark.parametrize("nseg", [1, 4])
+def test_kept_states_restore_under_symbolic_shapes(nseg):
+    """The training backward restores the kept causal states under dynamic shapes (opcheck's
+    aot_dispatch_dynamic traces it so): a SymBool compared with a bool once raised there."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    BH, nchunk, M, DV, nf = 2, 512, 256, 64, 4
+    states = (torch.zeros(BH, nchunk, M, DV), torch.zeros(BH, nchunk, M), torch.zeros(BH, nchunk, nf),
+              *((torch.zeros(BH, nseg, M, DV), torch.zeros(BH, nseg, M), torch.zeros(BH, nseg, nf))
+                if nseg > 1 else (torch.empty(0),) * 3))
+
+    def restored(*saved):
+        cs = ta.ChunkStates.restore(saved, saved[0].shape[1] * ta.CHUNK, ta.CHUNK, M // nf)
+        return saved[0].new_zeros(()) if cs is None else cs.HS.sum() + 1
+
+    walk_nseg = ta.walk_segments(BH * nf, nchunk * ta.CHUNK, ta.CHUNK, torch.device("cpu"))[1]
+    expect = 1.0 if (walk_nseg > 1) == (nseg > 1) else 0.0
+    assert restored(*states).item() == expect
+    traced = make_fx(restored, tracing_mode="symbolic")(*states)
+    assert traced(*states).item() == expect
+
+
 # inputs no kernel may write (STATS: the forward's statistics, which the backward only reads)
 _READ_ONLY = {"Q", "K", "V", "GO", "OUT", "W", "WG", "MASK"}
 
