@@ -208,7 +208,9 @@ if triton is not None:
         (H200, triton 3.6, bf16, 16 heads; causal forward+backward, ms): this one 4.72 at 65,536
         tokens and 4.54 at 4096 × 16; ``_query_operands`` 5.11 and 4.51; the subtraction at the
         load of kq instead of here 4.80 and 4.34 (its dq: 0.97 ms at both sizes, against 0.94 and
-        1.20 here). The 65,536-token case, the one with earlier key segments, decided."""
+        1.20 here). dk-dv and, where earlier key segments exist, dq take this form; dq without
+        them subtracts at the load (4096 × 16: dq 0.98 against 1.20, forward+backward 4.27
+        against 4.51; docs/benchmarks.md, twelfth session)."""
         qw, hq = _feature_operands(qt, W, alpha)
         return qw, hq, kq - _half_sq_norm(qt, alpha, alpha)
 
@@ -283,6 +285,10 @@ if triton is not None:
             Q, K, V, GO, MASK, STATS, b, hh, bh, rows64, in_seq, L, D, DV,
             sqb, sqh, sql, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
             sgb, sgh, sgl, sgd, smb, sms, KERNEL, HAS_MASK, True, CAUSAL, C, D_PAD, DV_PAD)
+        if CAUSAL and not HAS_PREFIX:
+            # without earlier segments, the |q|^2 term comes out of the saved shift as soon as it
+            # is loaded (see _causal_query_operands)
+            kq = kq - _half_sq_norm(qt, alpha, alpha)
         den = tl.load(STATS + bh.to(tl.int64) * (3 * L) + rows64, mask=in_seq, other=0.0)
         ot = tl.load(OUT + b.to(tl.int64) * sob + hh.to(tl.int64) * soh + rows64[:, None] * sol
                      + offs_v[None, :] * sod, mask=in_seq[:, None] & (offs_v[None, :] < DV),
@@ -305,11 +311,15 @@ if triton is not None:
             da, _decay = _chunk_da(gv, gdo, vt, mt, KERNEL, UPCAST, TF32, C)
             da = _operand(da, UPCAST, TF32)
         gv = _operand(gv, UPCAST, TF32)
-        if CAUSAL:
+        if CAUSAL and HAS_PREFIX:
             qw, hq, kq = _causal_query_operands(qt, W, kq, alpha)
-            kw, hk = _feature_operands(kt, W, alpha)
+        elif CAUSAL:
+            qw, hq = _feature_operands(qt, W, alpha)
         else:
             qw, hq = _query_operands(qt, W)
+        if CAUSAL:
+            kw, hk = _feature_operands(kt, W, alpha)
+        else:
             kw, hk = qw, hq
         # the features' exponents come in log2 units (W is _Operands.WL): so do their shifts
         kq2 = kq * _LOG2E
