@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from ..sketch import orthogonal_random_features
 from ._checks import make_generator
+from ._triton_ops import triton_op_or_none
 from .srpe import sinSRPE
 
 __all__ = ["RandMultiHeadAttention"]
@@ -17,14 +18,10 @@ _rf_attention_triton = None  # the Triton op, loaded when a layer is built on a 
 
 
 def _load_triton_attention():
-    """Registering the triton_op loads torch._inductor: done at construction, only where CUDA exists."""
     global _rf_attention_triton
-    if _rf_attention_triton is None and torch.cuda.is_available():
-        try:
-            from inductor_ext.triton_attention import rf_attention_triton
-        except ImportError:  # no triton: the C++ op serves CUDA too
-            return
-        _rf_attention_triton = rf_attention_triton
+    if _rf_attention_triton is None:
+        _rf_attention_triton = triton_op_or_none("inductor_ext.triton_attention", "rf_attention_triton")
+
 
 _KERNELS = ("softmax", "relu")
 

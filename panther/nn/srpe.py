@@ -24,9 +24,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..ops.attention import sine_bases
 from ._checks import make_generator, positive_int
+from ._triton_ops import triton_op_or_none
 
 __all__ = ["sinSRPE"]
+
+_srpe_filter_sines = None  # the Triton op, loaded when a module is built on a machine with CUDA
+
+
+def _load_triton_srpe():
+    global _srpe_filter_sines
+    if _srpe_filter_sines is None:
+        _srpe_filter_sines = triton_op_or_none("inductor_ext.triton_srpe", "srpe_filter_sines")
 
 
 class sinSRPE(nn.Module):
@@ -82,6 +92,7 @@ class sinSRPE(nn.Module):
         self.phases = nn.Parameter(phases.to(**factory))
         self.scales = nn.Parameter(scales.to(**factory))
         self.register_buffer("z", z.to(**factory))
+        _load_triton_srpe()
 
     def extra_repr(self):
         return (f"num_heads={self.num_heads}, perHead_in={self.perHead_in}, sines={self.sines}, "
@@ -91,14 +102,16 @@ class sinSRPE(nn.Module):
         """Sine bases ``(Omega_q, Omega_k)``, each ``(length, H, d, 2S)``."""
         if isinstance(length, bool) or not isinstance(length, int) or length < 0:
             raise ValueError(f"length must be a non-negative int, got {length!r}")
-        # angles in at least fp32: fp16 positions stop being exact integers past 2048
-        wt = torch.float64 if self.freqs.dtype == torch.float64 else torch.float32
-        n = torch.arange(length, device=self.freqs.device, dtype=wt).view(length, 1, 1, 1)
-        ang = (2 * math.pi) * (torch.sigmoid(self.freqs.to(wt)) / 2) * n
-        angq = ang + self.phases.to(wt)
-        omega_q = torch.cat([torch.cos(angq), torch.sin(angq)], dim=-1)
-        omega_k = torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1)
+        theta, phase = self.angles()
+        omega_q = sine_bases(theta, phase, length)
+        omega_k = sine_bases(theta, None, length)
         return omega_q.to(self.freqs.dtype), omega_k.to(self.freqs.dtype)
+
+    def angles(self):
+        """``(theta, phase)``, each ``(H, d, S)``: the sines' angular frequencies ``2 pi f`` and
+        phases, in at least fp32 (fp16 positions stop being exact integers past 2048)."""
+        wt = torch.float64 if self.freqs.dtype == torch.float64 else torch.float32
+        return (2 * math.pi) * (torch.sigmoid(self.freqs.to(wt)) / 2), self.phases.to(wt)
 
     def mixing(self):
         """``s ⊙ z / (R d)^{1/4}``, ``(H, d, 2S, R)``: the codes are ``Omega @ mixing``."""
@@ -129,10 +142,14 @@ class sinSRPE(nn.Module):
             if t.dim() != 4 or t.shape[2] != self.num_heads or t.shape[3] != self.perHead_in:
                 raise ValueError(f"sinSRPE.filter: {name} must be (B, L, {self.num_heads}, "
                                  f"{self.perHead_in}), got {tuple(t.shape)}")
+        dt = q.dtype
+        w = self.mixing().to(dt)
+        if q.is_cuda and _srpe_filter_sines is not None:
+            # CUDA: the bases built on chip, never materialised ((L, H, d, 2S) per queries and keys)
+            theta, phase = self.angles()
+            return _srpe_filter_sines(q, theta, phase, w), _srpe_filter_sines(k, theta, None, w)
         length = max(q.shape[1], k.shape[1])
         omega_q, omega_k = self.omegas(length)
-        w = self.mixing()
-        dt = q.dtype
-        qhat = torch.ops.panther.srpe_filter(q, omega_q[: q.shape[1]].to(dt), w.to(dt))
-        khat = torch.ops.panther.srpe_filter(k, omega_k[: k.shape[1]].to(dt), w.to(dt))
+        qhat = torch.ops.panther.srpe_filter(q, omega_q[: q.shape[1]].to(dt), w)
+        khat = torch.ops.panther.srpe_filter(k, omega_k[: k.shape[1]].to(dt), w)
         return qhat, khat

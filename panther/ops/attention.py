@@ -33,6 +33,7 @@ __all__ = [
     "rf_attention",
     "rf_attention_reference",
     "rf_feature_maps",
+    "sine_bases",
     "srpe_filter",
     "srpe_filter_reference",
 ]
@@ -68,6 +69,24 @@ def rf_attention(q, k, v, projection, kernel_fn="softmax", causal=False, scale=N
     """
     return torch.ops.panther.rf_attention(q, k, v, projection, kernel_fn, causal, scale,
                                           key_padding_mask)
+
+
+def sine_bases(theta, phase, length):
+    """The sine-SRPE bases ``omega[n, h, i, :] = [cos(theta n + phase), sin(theta n + phase)]``.
+
+    Args:
+        theta: angular frequencies ``(H, d, S)`` (radians per position).
+        phase: phases ``(H, d, S)``, or None (keys: no phase).
+        length: number of positions ``n = 0 .. length - 1``.
+
+    Returns:
+        ``(length, H, d, 2S)`` in theta's dtype: the ``S`` cosines, then the ``S`` sines.
+    """
+    n = torch.arange(length, device=theta.device, dtype=theta.dtype).view(length, 1, 1, 1)
+    ang = theta * n
+    if phase is not None:
+        ang = ang + phase
+    return torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1)
 
 
 def srpe_filter(x, omega, weight):

@@ -1,0 +1,122 @@
+"""panther::srpe_filter_sines: the sine-SRPE contraction with its bases built on chip.
+
+CPU CI: the kernel's arithmetic in Triton's interpreter (one subprocess, TRITON_INTERPRET=1); the op's
+CPU branch against a float64 einsum, opcheck and float64 gradcheck of its backward. On a GPU machine:
+the kernel against the reference and opcheck of the CUDA branch, and sinSRPE.filter taking it.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import panther  # noqa: F401
+from inductor_ext import triton_srpe as ts
+from panther.nn import sinSRPE
+from panther.ops.attention import sine_bases
+
+ROOT = Path(__file__).resolve().parents[1]
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def inputs(B=2, L=9, H=2, d=3, S=2, R=5, dtype=torch.float64, device="cpu", phase=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    adt = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def randn(*shape, dt):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dt)
+    x = randn(B, L, H, d, dt=dtype)
+    theta = (torch.rand(H, d, S, generator=g, dtype=torch.float64) * 0.5).to(device=device, dtype=adt)
+    ph = randn(H, d, S, dt=adt) if phase else None
+    w = randn(H, d, 2 * S, R, dt=dtype)
+    return x, theta, ph, w
+
+
+def einsum_reference(x, theta, phase, w):
+    omega = sine_bases(theta.double(), None if phase is None else phase.double(), x.shape[1])
+    return torch.einsum("blhi,lhij,hijr->blhr", x.double(), omega, w.double())
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.skipif(ts.triton is None, reason="needs triton")
+def test_kernel_arithmetic_in_triton_interpreter():
+    """Tails in positions, features, sines and outputs; one sine; no phase; fp32 / bf16 / fp16."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_srpe_interpret_check.py")],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "all srpe interpreter checks passed" in proc.stdout, \
+        proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("phase", [True, False])
+def test_cpu_branch_matches_einsum(phase):
+    x, theta, ph, w = inputs(phase=phase)
+    assert not ts.kernel_ok(x, theta, w)           # CPU without the interpreter: the C++ op
+    torch.testing.assert_close(ts.srpe_filter_sines(x, theta, ph, w), einsum_reference(x, theta, ph, w))
+
+
+@pytest.mark.parametrize("phase", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype, phase):
+    torch.library.opcheck(torch.ops.panther.srpe_filter_sines.default,
+                          inputs(dtype=dtype, phase=phase))
+
+
+@pytest.mark.parametrize("phase", [True, False])
+def test_gradcheck_float64(phase):
+    args = [t.requires_grad_() if t is not None else None for t in inputs(L=6, phase=phase)]
+    assert torch.autograd.gradcheck(ts.srpe_filter_sines, args)
+
+
+def test_module_gradients_reach_frequencies_and_phases():
+    """sinSRPE's learnable sines get gradients through the op (theta = 2 pi sigmoid(freqs) / 2)."""
+    pe = sinSRPE(2, 3, 2, num_realizations=4, seed=0, dtype=torch.float64)
+    x = torch.randn(1, 7, 2, 3, dtype=torch.float64)
+    theta, phase = pe.angles()
+    ts.srpe_filter_sines(x, theta, phase, pe.mixing()).square().sum().backward()
+    assert pe.freqs.grad.abs().sum() > 0 and pe.phases.grad.abs().sum() > 0 and pe.scales.grad is not None
+
+
+def test_validation_errors():
+    x, theta, ph, w = inputs()
+    with pytest.raises(ValueError, match="theta"):
+        ts.srpe_filter_sines(x, theta[:, :, :1], ph, w)
+    with pytest.raises(ValueError, match="phase"):
+        ts.srpe_filter_sines(x, theta, ph[:1], w)
+    with pytest.raises(ValueError, match="expected x"):
+        ts.srpe_filter_sines(x[0], theta, ph, w)
+    with pytest.raises(TypeError, match="x and weight"):
+        ts.srpe_filter_sines(x, theta, ph, w.float())
+
+
+# ------------------------------------------------------------------ GPU
+@cuda_only
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_cuda_matches_reference(dtype, tol):
+    x, theta, ph, w = inputs(B=2, L=300, H=3, d=64, S=8, R=256, dtype=dtype, device="cuda")
+    assert ts.kernel_ok(x, theta, w)
+    assert rel(ts.srpe_filter_sines(x, theta, ph, w), einsum_reference(x, theta, ph, w)) < tol
+
+
+@cuda_only
+def test_cuda_opcheck():
+    torch.library.opcheck(torch.ops.panther.srpe_filter_sines.default,
+                          inputs(L=70, d=16, S=3, R=24, dtype=torch.float32, device="cuda"))
+
+
+@cuda_only
+def test_cuda_filter_takes_the_fused_op():
+    from panther.nn import srpe
+    pe = sinSRPE(2, 16, 4, num_realizations=32, seed=0)
+    assert srpe._srpe_filter_sines is not None
+    q, k = torch.randn(2, 50, 2, 16), torch.randn(2, 40, 2, 16)
+    q_cpu, k_cpu = pe.filter(q, k)
+    q_gpu, k_gpu = pe.cuda().filter(q.cuda(), k.cuda())
+    torch.testing.assert_close(q_gpu.cpu(), q_cpu, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(k_gpu.cpu(), k_cpu, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,46 @@
+"""Checks the sine-SRPE Triton kernel's arithmetic in Triton's CPU interpreter.
+
+Run by tests/test_triton_srpe.py in ONE subprocess with ``TRITON_INTERPRET=1`` (the variable must be
+set before triton is imported). Every case calls the op on CPU tensors (the interpreter serves them)
+and compares it with the contraction written as one float64 einsum over the bases of
+``sine_bases``; prints one line per case and exits non-zero on the first failure.
+"""
+import os
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+
+import panther  # noqa: E402,F401
+# tests/ is on sys.path: run as a script
+from interpret_common import check, rel, seeded_generators  # noqa: E402
+from inductor_ext import triton_srpe as ts  # noqa: E402
+from panther.ops.attention import sine_bases  # noqa: E402
+
+gen = seeded_generators(0)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def case(B, L, H, d, S, R, dtype, phase, big_positions=False):
+    g = gen()
+    x = torch.randn(B, L, H, d, generator=g).to(dtype)
+    # slow sines, as sinSRPE draws them; big_positions: angles far past 2 pi (sin / cos reduction)
+    theta = torch.rand(H, d, S, generator=g) * (3.0 if big_positions else 0.1)
+    ph = torch.randn(H, d, S, generator=g) if phase else None
+    w = (torch.randn(H, d, 2 * S, R, generator=g) / (d * S) ** 0.5).to(dtype)
+    assert ts.kernel_ok(x, theta, w)
+    out = ts.srpe_filter_sines(x, theta, ph, w)
+    omega = sine_bases(theta.double(), None if ph is None else ph.double(), L)
+    ref = torch.einsum("blhi,lhij,hijr->blhr", x.double(), omega, w.double())
+    assert out.dtype == dtype and out.shape == (B, L, H, R)
+    check(f"B={B} L={L} H={H} d={d} S={S} R={R} {dtype} phase={phase}", rel(out, ref), TOL[dtype])
+
+
+case(2, 70, 3, 5, 3, 7, torch.float32, True)       # tails everywhere: positions, features, sines, R
+case(1, 64, 2, 16, 8, 40, torch.float32, False)    # keys: no phase
+case(1, 130, 1, 64, 8, 256, torch.float32, True)   # two output blocks, several feature blocks
+case(2, 33, 2, 8, 1, 16, torch.float32, True)      # one sine
+case(1, 40, 2, 12, 4, 24, torch.bfloat16, True)
+case(1, 40, 2, 12, 4, 24, torch.float16, False)
+case(1, 50, 1, 4, 2, 8, torch.float32, True, big_positions=True)
+print("all srpe interpreter checks passed")
