@@ -1,4 +1,4 @@
-"""``python -m inductor_ext.triton_attention_bench [--no-backward] [--sweep | --profile] [--no-long] [--peers] [--markdown FILE]``:
+"""``python -m inductor_ext.triton_attention_bench [--no-backward] [--sweep | --profile] [--no-long] [--peers] [--srpe] [--markdown FILE]``:
 SDPA vs the C++ rf_attention op vs the Triton op on CUDA (bf16, H=16, d=64, m=256): non-causal
 L=65536 B=1, causal L=65536 B=1, causal L=4096 B=16; forward and forward+backward times in ms (the
 Triton op's backward is the fused Triton backward; medians of ``triton.testing.do_bench``, as the
@@ -10,8 +10,11 @@ prints the Triton forward's per-kernel times (torch.profiler) over launch parame
 backward's over its own; ``--profile`` prints only the default launch parameters' per-kernel
 times, forward and backward. ``--peers`` adds a table of the peers on the same inputs, where
 installed: flash-linear-attention's chunked causal kernel with torch feature maps of the same random
-features, and performer-pytorch non-causal. ``--markdown FILE`` also writes the tables into FILE
-(e.g. docs/benchmarks.md), in sections named by the command."""
+features, and performer-pytorch non-causal. ``--srpe`` adds the sine-SRPE contraction of the
+queries (16 heads, d = 64, 8 sines, 64 realisations) with its bases built on chip against the bases
+materialised (the CPU path's method), forward and forward+backward, with peak memory.
+``--markdown FILE`` also writes the tables into FILE (e.g. docs/benchmarks.md), in sections named by
+the command."""
 import argparse
 import sys
 
@@ -26,10 +29,15 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true")
     p.add_argument("--no-long", action="store_true")
     p.add_argument("--peers", action="store_true")
+    p.add_argument("--srpe", action="store_true")
     p.add_argument("--markdown", metavar="FILE", default=None)
     a = p.parse_args(argv)
     rows = bench_triton_attention(backward=not a.no_backward, sweep=a.sweep, profile=a.profile,
                                   long_len=0 if a.no_long else 262144, peers=a.peers)
+    srpe = []
+    if a.srpe:
+        from inductor_ext.triton_srpe import bench_srpe
+        srpe = bench_srpe()
     if a.markdown and rows:
         from panther.bench import command_line, write_markdown
         cmd = command_line("python -m inductor_ext.triton_attention_bench",
@@ -45,6 +53,9 @@ def main(argv=None):
         if long:
             write_markdown(a.markdown, f"{cmd} [long]", "causal forward+backward at length 262,144",
                            long, device="cuda")
+        if srpe:
+            write_markdown(a.markdown, f"{cmd} [srpe]", "sine-SRPE contraction of the queries: bases "
+                           "on chip vs materialised (bf16, times in ms)", srpe, device="cuda")
 
 
 if __name__ == "__main__":

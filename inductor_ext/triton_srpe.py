@@ -215,3 +215,54 @@ def srpe_filter_sines(x, theta, phase, weight):
         TypeError: mismatched dtypes.
     """
     return torch.ops.panther.srpe_filter_sines(x, theta, phase, weight)
+
+
+def _peak_mib(fn, dev):
+    """Peak memory (MiB) allocated during one call above what was allocated before it (CUDA)."""
+    if dev.type != "cuda":
+        fn()
+        return 0.0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1)
+
+
+def bench_srpe(cases=None, H=16, d=64, sines=8, R=64, dtype=torch.bfloat16, device="cuda"):
+    """Rows timing ``sinSRPE.filter``'s contraction of the queries (phases on) both ways: the fused
+    op (bases on chip) against the bases materialised by ``sine_bases`` and contracted by the C++
+    ``panther::srpe_filter`` (``srpe_filter_sines_reference``, the CPU path): forward, forward +
+    backward (x, theta, phase and the weights all take gradients), each call's peak memory, and the
+    forward's relative error between the two. ``cases``: (L, B) pairs. Off CUDA (the interpreter smoke
+    test of this code) nothing is timed."""
+    from .triton_attention import _rel, _time_ms
+    dev = torch.device(device)
+    rows = []
+    for L, B in cases or [(65536, 1), (4096, 16)]:
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(B, L, H, d, device=dev, dtype=dtype, generator=g)
+        theta = torch.rand(H, d, sines, device=dev, generator=g) * 0.05
+        phase = torch.randn(H, d, sines, device=dev, generator=g)
+        w = (torch.randn(H, d, 2 * sines, R, device=dev, generator=g) / (d * sines) ** 0.5).to(dtype)
+        ways = {"fused": srpe_filter_sines, "materialised": srpe_filter_sines_reference}
+        err = _rel(ways["fused"](x, theta, phase, w), ways["materialised"](x, theta, phase, w))
+        line = {"case": f"L={L} B={B} H={H} d={d} sines={sines} R={R}",
+                "fused vs materialised rel err": f"{err:.2e}"}
+        args = [t.detach().requires_grad_() for t in (x, theta, phase, w)]
+        go = torch.randn(B, L, H, R, device=dev, dtype=dtype, generator=g)
+        for name, fn in ways.items():
+            with torch.no_grad():
+                line[f"{name} fwd ms"] = _time_ms(lambda: fn(x, theta, phase, w))
+                line[f"{name} fwd peak MiB"] = _peak_mib(lambda: fn(x, theta, phase, w), dev)
+
+            def train(fn=fn):
+                return torch.autograd.grad(fn(*args), args, go)
+            line[f"{name} fwd+bwd ms"] = _time_ms(train)
+            line[f"{name} fwd+bwd peak MiB"] = _peak_mib(train, dev)
+        print(line, flush=True)
+        rows.append(line)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows

@@ -43,4 +43,7 @@ case(2, 33, 2, 8, 1, 16, torch.float32, True)      # one sine
 case(1, 40, 2, 12, 4, 24, torch.bfloat16, True)
 case(1, 40, 2, 12, 4, 24, torch.float16, False)
 case(1, 50, 1, 4, 2, 8, torch.float32, True, big_positions=True)
+# the bench's code path (python -m inductor_ext.triton_attention_bench --srpe), untimed here
+row, = ts.bench_srpe(cases=[(40, 2)], H=2, d=8, sines=3, R=16, dtype=torch.float32, device="cpu")
+check("bench_srpe: fused vs materialised", float(row["fused vs materialised rel err"]), 1e-5)
 print("all srpe interpreter checks passed")
