@@ -1,6 +1,10 @@
-"""Helpers shared by the TRITON_INTERPRET checker scripts (run as subprocesses by the tests)."""
+"""Helpers shared by the TRITON_INTERPRET checker scripts (run as subprocesses by the tests), and the
+tests' runner of those scripts."""
 import itertools
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -35,3 +39,14 @@ def padding_mask(B, S, generator):
     if B > 1:
         mask[1] = True
     return mask
+
+
+def run_interpreter_check(script, marker):
+    """Run ``tests/<script>`` in a subprocess with ``TRITON_INTERPRET=1`` (it must be set before triton
+    is imported) and fail, with the end of its output, unless it exits 0 having printed ``marker``."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(root / "tests" / script)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and marker in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -6,10 +6,7 @@ CUDA (the lent H200, ``pytest -m cuda``): the kernels against the float64 refere
 causal or not, softmax/relu, masks, several segments; gradients (the fused Triton backward, and the
 C++ one when the projection needs a gradient) against the C++ backward; torch.compile of the op.
 """
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +15,8 @@ import panther  # noqa: F401
 from inductor_ext import triton_attention as ta
 from panther.ops.attention import rf_attention_reference
 from panther.sketch import orthogonal_random_features
+from interpret_common import run_interpreter_check  # tests/ is on sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
 OP = torch.ops.panther.rf_attention_triton.default
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -51,12 +48,7 @@ def rel(a, b):
 def test_kernel_arithmetic_in_triton_interpreter():
     """Non-causal (several key splits) and causal (several segments, chunk tails), softmax/relu,
     masks with fully masked rows and masked prefixes, odd d/dv/m, fp32 and bf16: vs float64."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_attention_interpret_check.py")],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "all interpreter checks passed" in proc.stdout, \
-        proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_interpreter_check("triton_attention_interpret_check.py", "all interpreter checks passed")
 
 
 @pytest.mark.skipif(ta.triton is None, reason="needs triton")
@@ -64,13 +56,7 @@ def test_backward_kernel_arithmetic_in_triton_interpreter():
     """The fused backward: dq, dk, dv vs the C++ backward and autograd of the reference (float64);
     causal (several segments, rising running max) and not, softmax/relu, masks, fp32/bf16/fp16,
     and the op's autograd routing (Triton backward; C++ when the projection needs a gradient)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    script = ROOT / "tests" / "triton_attention_bwd_interpret_check.py"
-    proc = subprocess.run([sys.executable, str(script)],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "all backward interpreter checks passed" in proc.stdout, \
-        proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_interpreter_check("triton_attention_bwd_interpret_check.py", "all backward interpreter checks passed")
 
 
 # ------------------------------------------------------------------ CPU branch of the op

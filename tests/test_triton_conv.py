@@ -5,10 +5,6 @@ C++ branch through opcheck / gradcheck, the routing rule and SKConv2d's CPU path
 ``pytest -m cuda``): odd shapes in fp16/bf16/fp32 against float64, gradients, autocast, SKConv2d taking
 the tap GEMM, and Inductor inlining the kernel (through the backend's routing too).
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +14,8 @@ from inductor_ext import triton_conv as tconv
 from panther.nn import SKConv2d
 from panther.ops.conv import sketched_conv2d_reference
 from panther.policy import SketchSpec
+from interpret_common import run_interpreter_check  # tests/ is on sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
 OP = torch.ops.panther.sketched_conv2d_triton.default
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CL = torch.channels_last
@@ -43,11 +39,7 @@ def rel(a, b):
 def test_kernel_arithmetic_in_triton_interpreter():
     """Odd channels, rank not a power of two, k=1, L=3, 1x1 and 5x3 kernels, padding, dilation, strides, bias
     or not, fp32/bf16/fp16: all against float64, outputs NaN-poisoned so unwritten elements fail."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_conv_interpret_check.py")], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "ALL OK" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_interpreter_check("triton_conv_interpret_check.py", "ALL OK")
 
 
 # ------------------------------------------------------------------ the op's C++ branch (CPU)

@@ -5,10 +5,6 @@ triton_ops' CPU branch through opcheck / gradcheck, and the autotune configs' sh
 CUDA (the lent H200, ``pytest -m cuda``): odd shapes in fp16/bf16/fp32 against float64, every
 autotune config launching, and Inductor inlining the kernel.
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import panther  # noqa: F401
 from inductor_ext import triton_linear as tlin
 from panther.ops import sketched_linear_reference
+from interpret_common import run_interpreter_check  # tests/ is on sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
 FWD = torch.ops.panther.sketched_linear_triton_fwd.default
 BWD = torch.ops.panther.sketched_linear_triton_bwd.default
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -42,11 +38,7 @@ def rel(a, b):
 def test_kernel_arithmetic_in_triton_interpreter():
     """Tails in every dimension, k=1, L=2/3, bias or not, fp32/bf16/fp16, 1-D/3-D input, forward and
     backward kernels: all against float64, outputs NaN-poisoned so unwritten elements fail."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_interpret_check.py")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "ALL OK" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_interpreter_check("triton_interpret_check.py", "ALL OK")
 
 
 # ------------------------------------------------------------------ CPU branch of the ops

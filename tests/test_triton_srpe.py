@@ -4,10 +4,6 @@ CPU CI: the kernel's arithmetic in Triton's interpreter (one subprocess, TRITON_
 CPU branch against a float64 einsum, opcheck and float64 gradcheck of its backward. On a GPU machine:
 the kernel against the reference and opcheck of the CUDA branch, and sinSRPE.filter taking it.
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +12,8 @@ import panther  # noqa: F401
 from inductor_ext import triton_srpe as ts
 from panther.nn import sinSRPE
 from panther.ops.attention import sine_bases
+from interpret_common import run_interpreter_check  # tests/ is on sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -46,12 +42,7 @@ def rel(a, b):
 @pytest.mark.skipif(ts.triton is None, reason="needs triton")
 def test_kernel_arithmetic_in_triton_interpreter():
     """Tails in positions, features, sines and outputs; one sine; no phase; fp32 / bf16 / fp16."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_srpe_interpret_check.py")],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "all srpe interpreter checks passed" in proc.stdout, \
-        proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_interpreter_check("triton_srpe_interpret_check.py", "all srpe interpreter checks passed")
 
 
 @pytest.mark.parametrize("phase", [True, False])
