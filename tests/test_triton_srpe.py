@@ -5,6 +5,8 @@ CPU branch against a float64 einsum, opcheck and float64 gradcheck of its backwa
 the kernel against the reference and opcheck of the CUDA branch, and sinSRPE.filter taking it.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -103,11 +105,18 @@ def test_cuda_opcheck():
 
 @cuda_only
 def test_cuda_filter_takes_the_fused_op():
+    """sinSRPE.filter on CUDA (the fused op) against the CPU path, outputs and the gradients of the
+    sines, the scales and the inputs."""
     from panther.nn import srpe
     pe = sinSRPE(2, 16, 4, num_realizations=32, seed=0)
     assert srpe._srpe_filter_sines is not None
     q, k = torch.randn(2, 50, 2, 16), torch.randn(2, 40, 2, 16)
-    q_cpu, k_cpu = pe.filter(q, k)
-    q_gpu, k_gpu = pe.cuda().filter(q.cuda(), k.cuda())
-    torch.testing.assert_close(q_gpu.cpu(), q_cpu, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(k_gpu.cpu(), k_cpu, rtol=1e-4, atol=1e-5)
+    grads = []
+    for module, dev in ((pe, "cpu"), (copy.deepcopy(pe).cuda(), "cuda")):
+        qd, kd = q.to(dev).requires_grad_(), k.to(dev).requires_grad_()
+        qh, kh = module.filter(qd, kd)
+        (qh.square().sum() + kh.sum()).backward()
+        grads.append([t.detach().cpu() for t in (qh, kh, qd.grad, kd.grad, module.freqs.grad,
+                                                 module.phases.grad, module.scales.grad)])
+    for cpu, gpu in zip(*grads):
+        torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)

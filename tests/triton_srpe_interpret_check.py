@@ -5,6 +5,7 @@ set before triton is imported). Every case calls the op on CPU tensors (the inte
 and compares it with the contraction written as one float64 einsum over the bases of
 ``sine_bases``; prints one line per case and exits non-zero on the first failure.
 """
+import copy
 import os
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
@@ -15,6 +16,7 @@ import panther  # noqa: E402,F401
 # tests/ is on sys.path: run as a script
 from interpret_common import check, rel, seeded_generators  # noqa: E402
 from inductor_ext import triton_srpe as ts  # noqa: E402
+from panther.nn import sinSRPE  # noqa: E402
 from panther.ops.attention import sine_bases  # noqa: E402
 
 gen = seeded_generators(0)
@@ -43,6 +45,24 @@ case(2, 33, 2, 8, 1, 16, torch.float32, True)      # one sine
 case(1, 40, 2, 12, 4, 24, torch.bfloat16, True)
 case(1, 40, 2, 12, 4, 24, torch.float16, False)
 case(1, 50, 1, 4, 2, 8, torch.float32, True, big_positions=True)
+# sinSRPE's filter through the kernel (as on CUDA) against its CPU path: outputs and every gradient
+pe = sinSRPE(2, 16, 4, num_realizations=32, seed=0)
+q, k = torch.randn(2, 50, 2, 16, generator=gen()), torch.randn(2, 40, 2, 16, generator=gen())
+results = []
+for fused in (False, True):
+    m = copy.deepcopy(pe)
+    qd, kd = q.clone().requires_grad_(), k.clone().requires_grad_()
+    if fused:
+        theta, phase = m.angles()
+        qh, kh = (ts.srpe_filter_sines(qd, theta, phase, m.mixing()),
+                  ts.srpe_filter_sines(kd, theta, None, m.mixing()))
+    else:
+        qh, kh = m.filter(qd, kd)
+    (qh.square().sum() + kh.sum()).backward()
+    results.append((qh, kh, qd.grad, kd.grad, m.freqs.grad, m.phases.grad, m.scales.grad))
+for name, cpu_path, kernel in zip(("qhat", "khat", "dq", "dk", "dfreqs", "dphases", "dscales"), *results):
+    check(f"sinSRPE through the kernel: {name}", rel(kernel, cpu_path), 1e-5)
+
 # the bench's code path (python -m inductor_ext.triton_attention_bench --srpe), untimed here
 row, = ts.bench_srpe(cases=[(40, 2)], H=2, d=8, sines=3, R=16, dtype=torch.float32, device="cpu")
 check("bench_srpe: fused vs materialised", float(row["fused vs materialised rel err"]), 1e-5)
