@@ -120,3 +120,17 @@ def test_cuda_filter_takes_the_fused_op():
                                                  module.phases.grad, module.scales.grad)])
     for cpu, gpu in zip(*grads):
         torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+@cuda_only
+def test_cuda_compile_inlines_the_kernel():
+    """torch.compile of sinSRPE.filter on CUDA: Inductor's code launches the SRPE kernel itself."""
+    from torch._inductor.utils import run_and_get_code
+    pe = sinSRPE(2, 16, 4, num_realizations=32, seed=0).cuda()
+    q, k = torch.randn(2, 50, 2, 16, device="cuda"), torch.randn(2, 40, 2, 16, device="cuda")
+    torch._dynamo.reset()
+    (qh, kh), code = run_and_get_code(torch.compile(pe.filter, fullgraph=True), q, k)
+    ref_q, ref_k = pe.filter(q, k)
+    torch.testing.assert_close(qh, ref_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kh, ref_k, rtol=1e-5, atol=1e-5)
+    assert "_srpe_sines_kernel" in "\n".join(code)
