@@ -10,8 +10,9 @@ matching rows of ``weight``; nothing of size ``L·d·S`` reaches HBM.
 
 Registered as ``torch.library.triton_op``: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``)
 take the kernel; other calls build the bases and call ``panther::srpe_filter``. The backward builds
-the bases (in ``x``'s dtype, as the forward of ``sinSRPE.filter`` did before this op) and calls
-``panther::srpe_filter_backward``, then carries d omega to theta and the phases.
+the bases of a few thousand positions at a time (in ``x``'s dtype, as the forward of
+``sinSRPE.filter`` did before this op), calls ``panther::srpe_filter_backward`` on them and carries
+d omega to theta and the phases.
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ _MAX_GRID = 65535      # CUDA's limit on a launch grid's second dimension (B·H)
 _ROWS_PER_PRODUCT = 32
 _BLOCK_R = 128
 _WARPS = 4
+# the backward builds the bases of this many bytes of positions at a time: 4096 positions at 16
+# heads, d = 64, 8 sines (fp32)
+_BACKWARD_CHUNK_BYTES = 256 * 2 ** 20
 
 
 def _pow2(n: int) -> int:
@@ -175,23 +179,39 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    """The C++ backward on the bases of ``_BACKWARD_CHUNK_BYTES`` worth of positions at a time, so
+    that no step holds the bases of the whole sequence; d omega goes on to theta and the phases."""
     x, theta, phase, weight = ctx.saved_tensors
     if not ctx.has_phase:
         phase = None
     need = [ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:3]), ctx.needs_input_grad[3]]
-    omega = sine_bases(theta, phase, x.shape[1])
-    dx, dom, dw = torch.ops.panther.srpe_filter_backward(grad.contiguous(), x, omega.to(x.dtype),
-                                                         weight, need)
-    dtheta = dphase = None
-    if need[1]:
-        # omega = [cos(a), sin(a)] with a = theta n + phase: d a = -sin(a) d cos + cos(a) d sin
-        S = theta.shape[2]
-        dom = dom.to(theta.dtype)
-        dang = -omega[..., S:] * dom[..., :S] + omega[..., :S] * dom[..., S:]
-        n = torch.arange(x.shape[1], device=x.device, dtype=theta.dtype).view(-1, 1, 1, 1)
-        dtheta = (dang * n).sum(0) if ctx.needs_input_grad[1] else None
-        dphase = dang.sum(0) if ctx.has_phase and ctx.needs_input_grad[2] else None
-    return (dx if need[0] else None), dtheta, dphase, (dw if need[2] else None)
+    B, L, H, d = x.shape
+    S = theta.shape[2]
+    step = max(1, _BACKWARD_CHUNK_BYTES // (H * d * 2 * S * theta.element_size()))
+    dx = torch.empty_like(x) if need[0] else None
+    acc = torch.promote_types(weight.dtype, torch.float32)   # the weights' chunk sums: fp32 at least
+    dw = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need[2] else None
+    dtheta = torch.zeros_like(theta) if ctx.needs_input_grad[1] else None
+    dphase = torch.zeros_like(theta) if ctx.has_phase and ctx.needs_input_grad[2] else None
+    for n0 in range(0, L, step):
+        n1 = min(L, n0 + step)
+        omega = sine_bases(theta, phase, n1 - n0, start=n0)
+        dxc, dom, dwc = torch.ops.panther.srpe_filter_backward(
+            grad[:, n0:n1].contiguous(), x[:, n0:n1], omega.to(x.dtype), weight, need)
+        if dx is not None:
+            dx[:, n0:n1] = dxc
+        if dw is not None:
+            dw += dwc
+        if need[1]:
+            # omega = [cos(a), sin(a)] with a = theta n + phase: d a = -sin(a) d cos + cos(a) d sin
+            dom = dom.to(theta.dtype)
+            dang = -omega[..., S:] * dom[..., :S] + omega[..., :S] * dom[..., S:]
+            if dtheta is not None:
+                n = torch.arange(n0, n1, device=x.device, dtype=theta.dtype).view(-1, 1, 1, 1)
+                dtheta += (dang * n).sum(0)
+            if dphase is not None:
+                dphase += dang.sum(0)
+    return dx, dtheta, dphase, (dw.to(weight.dtype) if dw is not None else None)
 
 
 srpe_filter_sines_op.register_autograd(_backward, setup_context=_setup_context)

@@ -71,18 +71,19 @@ def rf_attention(q, k, v, projection, kernel_fn="softmax", causal=False, scale=N
                                           key_padding_mask)
 
 
-def sine_bases(theta, phase, length):
+def sine_bases(theta, phase, length, start=0):
     """The sine-SRPE bases ``omega[n, h, i, :] = [cos(theta n + phase), sin(theta n + phase)]``.
 
     Args:
         theta: angular frequencies ``(H, d, S)`` (radians per position).
         phase: phases ``(H, d, S)``, or None (keys: no phase).
-        length: number of positions ``n = 0 .. length - 1``.
+        length: number of positions ``n = start .. start + length - 1``.
+        start: the first position.
 
     Returns:
         ``(length, H, d, 2S)`` in theta's dtype: the ``S`` cosines, then the ``S`` sines.
     """
-    n = torch.arange(length, device=theta.device, dtype=theta.dtype).view(length, 1, 1, 1)
+    n = torch.arange(start, start + length, device=theta.device, dtype=theta.dtype).view(length, 1, 1, 1)
     ang = theta * n
     if phase is not None:
         ang = ang + phase
