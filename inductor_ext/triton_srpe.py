@@ -47,10 +47,6 @@ _WARPS = 4
 _BACKWARD_CHUNK_BYTES = 256 * 2 ** 20
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
 if triton is not None:
     @triton.jit
     def _srpe_sines_kernel(X, THETA, PHASE, W, OUT, L, H, D, S, R,
@@ -145,9 +141,9 @@ def _launch(x, theta, phase, weight):
     upcast = _INTERPRET or x.dtype == torch.float32
     # the products' operand: fp32 for fp32 inputs, else fp16 (x·omega is within |x|, W small)
     w = weight.contiguous().to(torch.float32 if upcast else torch.float16)
-    S_PAD = _pow2(S)
+    S_PAD = triton.next_power_of_2(S)
     BLOCK_I = max(1, _ROWS_PER_PRODUCT // S_PAD)   # rows of W per product: at least 16 (tl.dot)
-    BLOCK_R = min(max(_pow2(R), 16), _BLOCK_R)
+    BLOCK_R = min(max(triton.next_power_of_2(R), 16), _BLOCK_R)
     BLOCK_N = 64
     grid = (triton.cdiv(L, BLOCK_N), B * H, triton.cdiv(R, BLOCK_R))
     _launcher(_srpe_sines_kernel)[grid](x, theta.contiguous(), phase.contiguous() if phase is not None else theta, w,
