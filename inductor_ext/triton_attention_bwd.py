@@ -209,8 +209,9 @@ if triton is not None:
         tokens and 4.54 at 4096 × 16; ``_query_operands`` 5.11 and 4.51; the subtraction at the
         load of kq instead of here 4.80 and 4.34 (its dq: 0.97 ms at both sizes, against 0.94 and
         1.20 here). dk-dv and, where earlier key segments exist, dq take this form; dq without
-        them subtracts at the load (4096 × 16: dq 0.98 against 1.20, forward+backward 4.27
-        against 4.51; docs/benchmarks.md, twelfth session)."""
+        them subtracts at the load (4096 × 16, against this form in the same GPU call: dq 0.964
+        against 1.196 ms, forward+backward 4.218 against 4.452; docs/benchmarks.md, twelfth
+        session, ``triton_attention_bench --profile --no-long``)."""
         qw, hq = _feature_operands(qt, W, alpha)
         return qw, hq, kq - _half_sq_norm(qt, alpha, alpha)
 

@@ -497,8 +497,7 @@ def test_cuda_opcheck(causal, masked):
 def test_cuda_opcheck_training_ops(causal):
     """The training op's Triton branch (its key states included: 600 causal tokens make three walk
     segments) and its backward through fake tensors / AOT dispatch; the backward given the states
-    equals the one that recomputes them. (Written after the session's last GPU call: first run
-    pending.)"""
+    equals the one that recomputes them."""
     q, k, v, W, mask = inputs(B=1, H=2, L=600, d=32, dv=16, m=40, dtype=torch.float32,
                               device="cuda", masked=True)
     args = (q, k, v, W, "softmax", causal, None, mask)

@@ -1,7 +1,7 @@
 """panther::srpe_filter_sines: the sine-SRPE contraction with its bases built on chip.
 
 CPU CI: the kernel's arithmetic in Triton's interpreter (one subprocess, TRITON_INTERPRET=1); the op's
-CPU branch against a float64 einsum, opcheck and float64 gradcheck of its backward. On a GPU machine:
+CPU branch against the float64 reference, opcheck and float64 gradcheck of its backward. On a GPU machine:
 the kernel against the reference and opcheck of the CUDA branch, and sinSRPE.filter taking it.
 """
 
@@ -13,7 +13,7 @@ import torch
 import panther  # noqa: F401
 from inductor_ext import triton_srpe as ts
 from panther.nn import sinSRPE
-from panther.ops.attention import sine_bases
+from panther.ops.attention import sine_bases, srpe_filter_reference
 from interpret_common import run_interpreter_check  # tests/ is on sys.path
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -32,9 +32,10 @@ def inputs(B=2, L=9, H=2, d=3, S=2, R=5, dtype=torch.float64, device="cpu", phas
     return x, theta, ph, w
 
 
-def einsum_reference(x, theta, phase, w):
+def float64_reference(x, theta, phase, w):
+    """The bases of ``sine_bases`` in float64 into the project's oracle, ``srpe_filter_reference``."""
     omega = sine_bases(theta.double(), None if phase is None else phase.double(), x.shape[1])
-    return torch.einsum("blhi,lhij,hijr->blhr", x.double(), omega, w.double())
+    return srpe_filter_reference(x.double(), omega, w.double())
 
 
 def rel(a, b):
@@ -48,10 +49,10 @@ def test_kernel_arithmetic_in_triton_interpreter():
 
 
 @pytest.mark.parametrize("phase", [True, False])
-def test_cpu_branch_matches_einsum(phase):
+def test_cpu_branch_matches_float64_reference(phase):
     x, theta, ph, w = inputs(phase=phase)
     assert not ts.kernel_ok(x, theta, w)           # CPU without the interpreter: the C++ op
-    torch.testing.assert_close(ts.srpe_filter_sines(x, theta, ph, w), einsum_reference(x, theta, ph, w))
+    torch.testing.assert_close(ts.srpe_filter_sines(x, theta, ph, w), float64_reference(x, theta, ph, w))
 
 
 @pytest.mark.parametrize("phase", [True, False])
@@ -109,7 +110,7 @@ def test_validation_errors():
 def test_cuda_matches_reference(dtype, tol):
     x, theta, ph, w = inputs(B=2, L=300, H=3, d=64, S=8, R=256, dtype=dtype, device="cuda")
     assert ts.kernel_ok(x, theta, w)
-    assert rel(ts.srpe_filter_sines(x, theta, ph, w), einsum_reference(x, theta, ph, w)) < tol
+    assert rel(ts.srpe_filter_sines(x, theta, ph, w), float64_reference(x, theta, ph, w)) < tol
 
 
 @cuda_only

@@ -2,7 +2,7 @@
 
 Run by tests/test_triton_srpe.py in ONE subprocess with ``TRITON_INTERPRET=1`` (the variable must be
 set before triton is imported). Every case calls the op on CPU tensors (the interpreter serves them)
-and compares it with the contraction written as one float64 einsum over the bases of
+and compares it with ``srpe_filter_reference`` in float64 over the bases of
 ``sine_bases``; prints one line per case and exits non-zero on the first failure.
 """
 import copy
@@ -17,7 +17,7 @@ import panther  # noqa: E402,F401
 from interpret_common import check, rel, seeded_generators  # noqa: E402
 from inductor_ext import triton_srpe as ts  # noqa: E402
 from panther.nn import sinSRPE  # noqa: E402
-from panther.ops.attention import sine_bases  # noqa: E402
+from panther.ops.attention import sine_bases, srpe_filter_reference  # noqa: E402
 
 gen = seeded_generators(0)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -33,7 +33,7 @@ def case(B, L, H, d, S, R, dtype, phase, big_positions=False):
     assert ts.kernel_ok(x, theta, w)
     out = ts.srpe_filter_sines(x, theta, ph, w)
     omega = sine_bases(theta.double(), None if ph is None else ph.double(), L)
-    ref = torch.einsum("blhi,lhij,hijr->blhr", x.double(), omega, w.double())
+    ref = srpe_filter_reference(x.double(), omega, w.double())
     assert out.dtype == dtype and out.shape == (B, L, H, R)
     check(f"B={B} L={L} H={H} d={d} S={S} R={R} {dtype} phase={phase}", rel(out, ref), TOL[dtype])
 
