@@ -1,4 +1,4 @@
-"""``python -m inductor_ext.triton_attention_bench [--no-backward] [--sweep | --profile] [--no-long] [--peers] [--srpe] [--markdown FILE]``:
+"""``python -m inductor_ext.triton_attention_bench [--no-backward] [--sweep | --profile] [--no-long] [--peers] [--srpe | --srpe-only] [--markdown FILE]``:
 SDPA vs the C++ rf_attention op vs the Triton op on CUDA (bf16, H=16, d=64, m=256): non-causal
 L=65536 B=1, causal L=65536 B=1, causal L=4096 B=16; forward and forward+backward times in ms (the
 Triton op's backward is the fused Triton backward; medians of ``triton.testing.do_bench``, as the
@@ -12,7 +12,8 @@ times, forward and backward. ``--peers`` adds a table of the peers on the same i
 installed: flash-linear-attention's chunked causal kernel with torch feature maps of the same random
 features, and performer-pytorch non-causal. ``--srpe`` adds the sine-SRPE contraction of the
 queries (16 heads, d = 64, 8 sines, 64 realisations) with its bases built on chip against the bases
-materialised (the CPU path's method), forward and forward+backward, with peak memory.
+materialised (the CPU path's method), forward and forward+backward, with peak memory;
+``--srpe-only`` runs that table alone.
 ``--markdown FILE`` also writes the tables into FILE (e.g. docs/benchmarks.md), in sections named by
 the command."""
 import argparse
@@ -30,15 +31,17 @@ def main(argv=None):
     p.add_argument("--no-long", action="store_true")
     p.add_argument("--peers", action="store_true")
     p.add_argument("--srpe", action="store_true")
+    p.add_argument("--srpe-only", action="store_true")
     p.add_argument("--markdown", metavar="FILE", default=None)
     a = p.parse_args(argv)
-    rows = bench_triton_attention(backward=not a.no_backward, sweep=a.sweep, profile=a.profile,
-                                  long_len=0 if a.no_long else 262144, peers=a.peers)
+    rows = [] if a.srpe_only else bench_triton_attention(
+        backward=not a.no_backward, sweep=a.sweep, profile=a.profile,
+        long_len=0 if a.no_long else 262144, peers=a.peers)
     srpe = []
-    if a.srpe:
+    if a.srpe or a.srpe_only:
         from inductor_ext.triton_srpe import bench_srpe
         srpe = bench_srpe()
-    if a.markdown and rows:
+    if a.markdown and (rows or srpe):
         from panther.bench import command_line, write_markdown
         cmd = command_line("python -m inductor_ext.triton_attention_bench",
                            sys.argv[1:] if argv is None else argv)
@@ -46,7 +49,8 @@ def main(argv=None):
         cases = [r for r in rows if "sdpa fwd ms" in r]
         peers = [r for r in rows if "peer" in r]
         long = [r for r in rows if "sdpa fwd ms" not in r and "peer" not in r]
-        write_markdown(a.markdown, cmd, title, cases, device="cuda")
+        if cases:
+            write_markdown(a.markdown, cmd, title, cases, device="cuda")
         if peers:
             write_markdown(a.markdown, f"{cmd} [peers]", "peers on the same inputs (times in ms)",
                            peers, device="cuda")

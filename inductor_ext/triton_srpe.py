@@ -8,16 +8,21 @@ bf16, per queries and keys). The Triton kernel builds each (positions × feature
 ``x · omega`` in registers from theta and the phases and feeds it to the tensor cores against the
 matching rows of ``weight``; nothing of size ``L·d·S`` reaches HBM.
 
+The backward kernel rebuilds the same blocks on chip: with ``z = x · omega``, ``dW = z^T g`` and
+``dz = g W^T``, whence ``dx = sum_j dz omega`` and the angles' gradient ``x (cos dz_sin - sin dz_cos)``
+(times the position for theta). cos and sin come from the SFU after a reduction to [-pi, pi]
+(``_cos_sin``): libdevice's accurate ones made the forward 4.9 times slower on the H200.
+
 Registered as ``torch.library.triton_op``: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``)
-take the kernel; other calls build the bases and call ``panther::srpe_filter``. The backward builds
-the bases of a few thousand positions at a time (in ``x``'s dtype, as the forward of
-``sinSRPE.filter`` did before this op), calls ``panther::srpe_filter_backward`` on them and carries
-d omega to theta and the phases.
+take the kernels; other calls (CPU, float64) build the bases and call ``panther::srpe_filter``, and
+their backward builds the bases of a few thousand positions at a time and calls
+``panther::srpe_filter_backward`` on them (``_backward_in_chunks``).
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -36,23 +41,77 @@ __all__ = ["srpe_filter_sines", "srpe_filter_sines_reference"]
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GRID = 65535      # CUDA's limit on a launch grid's second dimension (B·H)
-# launch: rows of W per product (features·sines; tl.dot needs 16), outputs per program, warps.
-# Compiled offline for sm_90 (bf16, 8 sines, R = 256): 208 registers, 54 KB of shared memory; not
-# yet timed on a GPU.
-_ROWS_PER_PRODUCT = 32
-_BLOCK_R = 128
-_WARPS = 4
-# the backward builds the bases of this many bytes of positions at a time: 4096 positions at 16
-# heads, d = 64, 8 sines (fp32)
+
+
+class Launch(NamedTuple):
+    """A kernel launch's tiles: positions per step, rows of W per product (features · padded sines;
+    tl.dot needs 16), outputs per program (at most), warps."""
+    block_n: int
+    rows: int
+    block_r: int
+    warps: int
+
+
+# Best of 9 forward and 24 backward launches on the H200 (bf16, 65,536 positions, 16 heads, d = 64,
+# 8 sines, R = 64 and 256; docs/benchmarks.md).
+FORWARD = Launch(block_n=64, rows=32, block_r=128, warps=4)
+BACKWARD = Launch(block_n=64, rows=32, block_r=64, warps=4)
+# fp32 products run on the FMA units: the bf16 tiles spill thousands of bytes there, and this is
+# the one of six smaller launches without spills on both triton 3.6 and 3.9 (sm_90; not timed)
+BACKWARD_FP32 = Launch(block_n=32, rows=16, block_r=32, warps=8)
+_BACKWARD_PER_SM = 4   # the backward splits the rows until about this many programs per SM run
+# the backward's CPU / float64 path (no kernel) builds the bases of this many bytes of positions at
+# a time: 4096 positions at 16 heads, d = 64, 8 sines (fp32)
 _BACKWARD_CHUNK_BYTES = 256 * 2 ** 20
 
 
 if triton is not None:
+    from triton.language.extra.cuda import libdevice
+
+    # 2 pi split in two: _TWO_PI_HI has 8 significant bits, so k * _TWO_PI_HI is exact for |k| < 2^16
+    # (angles below 4e5 rad; beyond, an fp32 angle is off by more than 0.03 rad anyway)
+    _INV_TWO_PI = tl.constexpr(1.0 / (2.0 * math.pi))
+    _TWO_PI_HI = tl.constexpr(6.28125)
+    _TWO_PI_LO = tl.constexpr(2.0 * math.pi - 6.28125)
+
+    @triton.jit
+    def _cos_sin(ang, FAST: tl.constexpr):
+        """cos and sin of fp32 angles, reduced to [-pi, pi] first (Cody-Waite, two constants). FAST
+        (GPU): the SFU's approximations, absolute error below 1e-6 on [-pi, pi], two instructions
+        where libdevice's accurate cos and sin take dozens; else tl.cos and tl.sin (interpreter)."""
+        k = tl.floor(ang * _INV_TWO_PI + 0.5)
+        r = tl.fma(-k, _TWO_PI_HI, ang)
+        r = tl.fma(-k, _TWO_PI_LO, r)
+        if FAST:
+            return libdevice.fast_cosf(r), libdevice.fast_sinf(r)
+        else:
+            return tl.cos(r), tl.sin(r)
+
+    @triton.jit
+    def _sine_rows(h, offs_i, i_ok, offs_s, s_ok, D, S):
+        """For a block of features (I, S_PAD) of head h: the sines' offsets in theta and the phases
+        ``(H, D, S)``, the rows of W ``(H, D, 2S, R)`` that hold their cosines (sines: + S), and the
+        mask of real features and sines. (Kept apart from the loads: Inductor's mutation analysis
+        counts a helper's pointer arguments as written when a store address comes out of it.)"""
+        hi = (h * D + offs_i)[:, None]
+        return hi * S + offs_s[None, :], hi * (2 * S) + offs_s[None, :], i_ok[:, None] & s_ok[None, :]
+
+    @triton.jit
+    def _load_sines(THETA, PHASE, idx, ok, HAS_PHASE: tl.constexpr):
+        """Angular frequencies and phases at ``idx`` (0 where masked or without phases)."""
+        th = tl.load(THETA + idx, mask=ok, other=0.0)
+        if HAS_PHASE:
+            ph = tl.load(PHASE + idx, mask=ok, other=0.0)
+        else:
+            ph = tl.zeros(th.shape, dtype=th.dtype)
+        return th, ph
+
     @triton.jit
     def _srpe_sines_kernel(X, THETA, PHASE, W, OUT, L, H, D, S, R,
                            sxb, sxl, sxh, sxd, sob, sol, soh, sor,
-                           HAS_PHASE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_I: tl.constexpr, S_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+                           HAS_PHASE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, S_PAD: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
         """One block of positions of one (b, h), BLOCK_R outputs: per block of BLOCK_I features,
         the (positions × features·sines) products x·cos and x·sin on chip, each against its rows
         of W (H, D, 2S, R contiguous). Grid (position blocks, B·H, output blocks)."""
@@ -75,16 +134,13 @@ if triton is not None:
             i_ok = offs_i < D
             xt = tl.load(x_base + offs_i[None, :] * sxd, mask=row_ok[:, None] & i_ok[None, :],
                          other=0.0).to(tl.float32)                          # (N, I)
-            hi = (h * D + offs_i)[:, None]
-            is_ok = i_ok[:, None] & s_ok[None, :]
-            th = tl.load(THETA + hi * S + offs_s[None, :], mask=is_ok, other=0.0)   # (I, S)
-            ang = pos[:, None, None] * th[None, :, :]                          # as sine_bases
-            if HAS_PHASE:
-                ang += tl.load(PHASE + hi * S + offs_s[None, :], mask=is_ok, other=0.0)[None, :, :]
-            xc = tl.reshape(xt[:, :, None] * tl.cos(ang), (BLOCK_N, BLOCK_I * S_PAD))
-            xs = tl.reshape(xt[:, :, None] * tl.sin(ang), (BLOCK_N, BLOCK_I * S_PAD))
+            idx, w_cos, is_ok = _sine_rows(h, offs_i, i_ok, offs_s, s_ok, D, S)
+            th, ph = _load_sines(THETA, PHASE, idx, is_ok, HAS_PHASE)
+            c, s = _cos_sin(pos[:, None, None] * th[None, :, :] + ph[None, :, :], FAST)  # as sine_bases
+            xc = tl.reshape(xt[:, :, None] * c, (BLOCK_N, BLOCK_I * S_PAD))
+            xs = tl.reshape(xt[:, :, None] * s, (BLOCK_N, BLOCK_I * S_PAD))
             # rows (i, j) of W: cosines j = s, sines j = S + s (padded sines and features: 0)
-            w_row = tl.reshape(hi * (2 * S) + offs_s[None, :], (BLOCK_I * S_PAD,))
+            w_row = tl.reshape(w_cos, (BLOCK_I * S_PAD,))
             w_ok = tl.reshape(is_ok, (BLOCK_I * S_PAD,))[:, None] & r_ok[None, :]
             wc = tl.load(W + w_row.to(tl.int64)[:, None] * R + offs_r[None, :], mask=w_ok, other=0.0)
             ws = tl.load(W + (w_row + S).to(tl.int64)[:, None] * R + offs_r[None, :], mask=w_ok,
@@ -98,6 +154,99 @@ if triton is not None:
         tl.store(OUT + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows.to(tl.int64)[:, None] * sol
                  + offs_r[None, :] * sor, acc.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
+    def _srpe_sines_bwd_kernel(X, THETA, PHASE, W, G, DX, DW, DTH, DPH, L, H, D, S, R, ROWS,
+                               ROWS_PER_SPLIT, sxb, sxl, sxh, sxd, sgb, sgl, sgh, sgr,
+                               HAS_PHASE: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DW: tl.constexpr,
+                               ATOMIC_DX: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, S_PAD: tl.constexpr,
+                               BLOCK_R: tl.constexpr):
+        """The backward of ``_srpe_sines_kernel``, bases on chip again. Grid (feature blocks ·
+        output blocks, H, splits of the B·L rows). A program owns features [i0, i0 + BLOCK_I) of
+        head h and outputs [r0, r0 + BLOCK_R), holds their rows of W, and walks its split's rows:
+            dW[h, (i, j), r] += sum_rows z[row, (i, j)] g[row, r],  z = x · omega (partial per split);
+            dz = g W^T over its outputs; dx[row, i] = sum_j dz omega (added over output blocks);
+            d angle = x (cos dz_sin - sin dz_cos), summed times the position into dtheta and
+            as is into dphase (partials per split and output block)."""
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.program_id(2)
+        n_iblocks = tl.cdiv(D, BLOCK_I)
+        offs_i = (pid % n_iblocks) * BLOCK_I + tl.arange(0, BLOCK_I)
+        i_ok = offs_i < D
+        rb = pid // n_iblocks
+        offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        offs_s = tl.arange(0, S_PAD)
+        s_ok = offs_s < S
+        idx, w_cos, is_ok = _sine_rows(h, offs_i, i_ok, offs_s, s_ok, D, S)
+        th, ph = _load_sines(THETA, PHASE, idx, is_ok, HAS_PHASE)
+        IS: tl.constexpr = BLOCK_I * S_PAD
+        w_row = tl.reshape(w_cos, (IS,)).to(tl.int64)
+        w_ok = tl.reshape(is_ok, (IS,))[:, None] & r_ok[None, :]
+        wc = tl.load(W + w_row[:, None] * R + offs_r[None, :], mask=w_ok, other=0.0)   # (IS, R)
+        ws = tl.load(W + (w_row + S)[:, None] * R + offs_r[None, :], mask=w_ok, other=0.0)
+        if UPCAST:
+            wc = wc.to(tl.float32)
+            ws = ws.to(tl.float32)
+        acc_wc = tl.zeros((IS, BLOCK_R), dtype=tl.float32)
+        acc_ws = tl.zeros((IS, BLOCK_R), dtype=tl.float32)
+        acc_th = tl.zeros((BLOCK_I, S_PAD), dtype=tl.float32)
+        acc_ph = tl.zeros((BLOCK_I, S_PAD), dtype=tl.float32)
+        row_end = tl.minimum(ROWS, (sp + 1) * ROWS_PER_SPLIT)
+        for t0 in range(sp * ROWS_PER_SPLIT, row_end, BLOCK_N):
+            rows = t0 + tl.arange(0, BLOCK_N)
+            row_ok = rows < row_end
+            bb = rows // L
+            n = rows - bb * L
+            x_rows = bb.to(tl.int64) * sxb + n.to(tl.int64) * sxl + h.to(tl.int64) * sxh
+            x_ok = row_ok[:, None] & i_ok[None, :]
+            xt = tl.load(X + x_rows[:, None] + offs_i[None, :] * sxd, mask=x_ok, other=0.0).to(tl.float32)
+            g = tl.load(G + bb.to(tl.int64)[:, None] * sgb + n.to(tl.int64)[:, None] * sgl
+                        + h.to(tl.int64) * sgh + offs_r[None, :] * sgr,
+                        mask=row_ok[:, None] & r_ok[None, :], other=0.0)            # (N, R)
+            if UPCAST:
+                g = g.to(tl.float32)
+            pos = n.to(tl.float32)[:, None, None]
+            c, s = _cos_sin(pos * th[None, :, :] + ph[None, :, :], FAST)          # (N, I, S)
+            if NEED_DW:
+                zc = tl.reshape(xt[:, :, None] * c, (BLOCK_N, IS)).to(g.dtype)
+                zs = tl.reshape(xt[:, :, None] * s, (BLOCK_N, IS)).to(g.dtype)
+                if UPCAST:
+                    acc_wc += tl.dot(tl.trans(zc), g, input_precision="ieee")
+                    acc_ws += tl.dot(tl.trans(zs), g, input_precision="ieee")
+                else:
+                    acc_wc += tl.dot(tl.trans(zc), g)
+                    acc_ws += tl.dot(tl.trans(zs), g)
+            if NEED_DZ:
+                if UPCAST:
+                    dzc = tl.dot(g, tl.trans(wc), input_precision="ieee")
+                    dzs = tl.dot(g, tl.trans(ws), input_precision="ieee")
+                else:
+                    dzc = tl.dot(g, tl.trans(wc))
+                    dzs = tl.dot(g, tl.trans(ws))
+                dzc = tl.reshape(dzc, (BLOCK_N, BLOCK_I, S_PAD))
+                dzs = tl.reshape(dzs, (BLOCK_N, BLOCK_I, S_PAD))
+                dx = tl.sum(dzc * c + dzs * s, axis=2)                                # (N, I)
+                dx_ptr = DX + (bb.to(tl.int64) * L + n)[:, None] * (H * D) + h * D + offs_i[None, :]
+                if ATOMIC_DX:
+                    tl.atomic_add(dx_ptr, dx, mask=x_ok)
+                else:
+                    tl.store(dx_ptr, dx.to(DX.dtype.element_ty), mask=x_ok)
+                dang = xt[:, :, None] * (c * dzs - s * dzc)
+                acc_ph += tl.sum(dang, axis=0)
+                acc_th += tl.sum(dang * pos, axis=0)
+        if NEED_DW:
+            # partial sums of this split: DW (splits, H, D, 2S, R), rows (i, j) as in W
+            dw_ptr = DW + sp.to(tl.int64) * (H * D * 2 * S * R) + w_row[:, None] * R + offs_r[None, :]
+            tl.store(dw_ptr, acc_wc, mask=w_ok)
+            tl.store(dw_ptr + S * R, acc_ws, mask=w_ok)
+        if NEED_DZ:
+            # partial sums of this split and output block: (splits, output blocks, H, D, S)
+            part = (sp * (tl.num_programs(0) // n_iblocks) + rb).to(tl.int64) * (H * D * S)
+            tl.store(DTH + part + idx, acc_th, mask=is_ok)
+            tl.store(DPH + part + idx, acc_ph, mask=is_ok)
 
 
 def _check(x, theta, phase, weight):
@@ -134,23 +283,77 @@ def _launcher(kernel):
     return kernel if _INTERPRET else torch.library.wrap_triton(kernel)
 
 
-def _launch(x, theta, phase, weight):
+def _tiles(cfg, S, R):
+    """(S_PAD, BLOCK_I, BLOCK_R) of a launch for S sines and R outputs."""
+    S_PAD = triton.next_power_of_2(S)
+    return S_PAD, max(1, cfg.rows // S_PAD), min(max(triton.next_power_of_2(R), 16), cfg.block_r)
+
+
+def _upcast(x):
+    # the products' operands in fp32 for fp32 inputs (and in the interpreter, which has no fp16 dot)
+    return _INTERPRET or x.dtype == torch.float32
+
+
+def _launch(x, theta, phase, weight, cfg=FORWARD):
     B, L, H, d = x.shape
     S, R = theta.shape[2], weight.shape[3]
     out = torch.empty((B, L, H, R), device=x.device, dtype=x.dtype)
-    upcast = _INTERPRET or x.dtype == torch.float32
+    upcast = _upcast(x)
     # the products' operand: fp32 for fp32 inputs, else fp16 (x·omega is within |x|, W small)
     w = weight.contiguous().to(torch.float32 if upcast else torch.float16)
-    S_PAD = triton.next_power_of_2(S)
-    BLOCK_I = max(1, _ROWS_PER_PRODUCT // S_PAD)   # rows of W per product: at least 16 (tl.dot)
-    BLOCK_R = min(max(triton.next_power_of_2(R), 16), _BLOCK_R)
-    BLOCK_N = 64
-    grid = (triton.cdiv(L, BLOCK_N), B * H, triton.cdiv(R, BLOCK_R))
-    _launcher(_srpe_sines_kernel)[grid](x, theta.contiguous(), phase.contiguous() if phase is not None else theta, w,
-                   out, L, H, d, S, R, *x.stride(), *out.stride(),
-                   HAS_PHASE=phase is not None, UPCAST=upcast, BLOCK_N=BLOCK_N, BLOCK_I=BLOCK_I,
-                   S_PAD=S_PAD, BLOCK_R=BLOCK_R, num_warps=_WARPS)
+    S_PAD, BLOCK_I, BLOCK_R = _tiles(cfg, S, R)
+    grid = (triton.cdiv(L, cfg.block_n), B * H, triton.cdiv(R, BLOCK_R))
+    theta = theta.contiguous()
+    _launcher(_srpe_sines_kernel)[grid](
+        x, theta, phase.contiguous() if phase is not None else theta, w, out, L, H, d, S, R,
+        *x.stride(), *out.stride(), HAS_PHASE=phase is not None, UPCAST=upcast, FAST=not _INTERPRET,
+        BLOCK_N=cfg.block_n, BLOCK_I=BLOCK_I, S_PAD=S_PAD, BLOCK_R=BLOCK_R, num_warps=cfg.warps)
     return out
+
+
+def _launch_backward(grad, x, theta, phase, weight, need_dz, need_dw, cfg=None, splits=None):
+    """The kernel's gradients ``(dx, dtheta, dphase, dweight)`` (None where not needed: need_dz
+    covers dx, dtheta and dphase). ``splits``: how many row ranges (default: enough programs to keep
+    every SM busy)."""
+    B, L, H, d = x.shape
+    S, R = theta.shape[2], weight.shape[3]
+    upcast = _upcast(x)
+    cfg = cfg or (BACKWARD_FP32 if upcast else BACKWARD)
+    S_PAD, BLOCK_I, BLOCK_R = _tiles(cfg, S, R)
+    blocks = triton.cdiv(d, BLOCK_I) * triton.cdiv(R, BLOCK_R)
+    rows = B * L
+    if splits is None:
+        from .triton_attention import _num_sms
+        splits = max(1, _BACKWARD_PER_SM * _num_sms(x.device) // (blocks * H))
+    per_split = triton.cdiv(triton.cdiv(rows, min(splits, triton.cdiv(rows, cfg.block_n))),
+                            cfg.block_n) * cfg.block_n
+    splits = triton.cdiv(rows, per_split)
+    r_blocks = blocks // triton.cdiv(d, BLOCK_I)
+    atomic = r_blocks > 1   # dx: a sum over the output blocks
+    dev, f32 = x.device, torch.float32
+    dx = dangles = dw = None
+    if need_dz:
+        dx = torch.zeros(x.shape, device=dev, dtype=f32 if atomic else x.dtype)   # contiguous
+        # the angles' partial sums per row range and output block: theta's, then the phases'
+        dangles = torch.empty((2, splits * r_blocks, H, d, S), device=dev, dtype=f32)
+    if need_dw:
+        dw = torch.empty((splits, H, d, 2 * S, R), device=dev, dtype=f32)
+    theta = theta.contiguous()
+    unused = x   # stands in for outputs not asked for: their stores are compiled out
+    _launcher(_srpe_sines_bwd_kernel)[(blocks, H, splits)](
+        x, theta, phase.contiguous() if phase is not None else theta,
+        weight.contiguous().to(f32 if upcast else x.dtype), grad,
+        unused if dx is None else dx, unused if dw is None else dw,
+        unused if dangles is None else dangles[0], unused if dangles is None else dangles[1],
+        L, H, d, S, R, rows, per_split, *x.stride(), *grad.stride(),
+        HAS_PHASE=phase is not None, NEED_DZ=need_dz, NEED_DW=need_dw, ATOMIC_DX=atomic,
+        UPCAST=upcast, FAST=not _INTERPRET, BLOCK_N=cfg.block_n, BLOCK_I=BLOCK_I, S_PAD=S_PAD,
+        BLOCK_R=BLOCK_R, num_warps=cfg.warps)
+    dw = None if dw is None else dw.sum(0).to(weight.dtype)
+    if dx is None:
+        return None, None, None, dw
+    dtheta, dphase = dangles.sum(1).to(theta.dtype).unbind(0)
+    return dx.to(x.dtype), dtheta, (dphase if phase is not None else None), dw
 
 
 def srpe_filter_sines_reference(x, theta, phase, weight):
@@ -175,20 +378,34 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    """The C++ backward on the bases of ``_BACKWARD_CHUNK_BYTES`` worth of positions at a time, so
-    that no step holds the bases of the whole sequence; d omega goes on to theta and the phases."""
+    """The kernel's backward where it serves the call (bases rebuilt on chip), else
+    ``_backward_in_chunks``."""
     x, theta, phase, weight = ctx.saved_tensors
     if not ctx.has_phase:
         phase = None
-    need = [ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:3]), ctx.needs_input_grad[3]]
+    need_x, need_theta, need_phase, need_w = ctx.needs_input_grad
+    need_dz = need_x or need_theta or need_phase
+    if kernel_ok(x, theta, weight):
+        dx, dtheta, dphase, dw = _launch_backward(grad, x, theta, phase, weight, need_dz, need_w)
+    else:
+        dx, dtheta, dphase, dw = _backward_in_chunks(grad, x, theta, phase, weight,
+                                                     [need_x, need_theta or need_phase, need_w])
+    return (dx if need_x else None, dtheta if need_theta else None, dphase if need_phase else None,
+            dw if need_w else None)
+
+
+def _backward_in_chunks(grad, x, theta, phase, weight, need):
+    """The C++ backward on the bases of ``_BACKWARD_CHUNK_BYTES`` worth of positions at a time, so
+    that no step holds the bases of the whole sequence; d omega goes on to theta and the phases.
+    ``need``: dx, the angles' gradients, dweight."""
     B, L, H, d = x.shape
     S = theta.shape[2]
     step = max(1, _BACKWARD_CHUNK_BYTES // (H * d * 2 * S * theta.element_size()))
     dx = torch.empty_like(x) if need[0] else None
     acc = torch.promote_types(weight.dtype, torch.float32)   # the weights' chunk sums: fp32 at least
     dw = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need[2] else None
-    dtheta = torch.zeros_like(theta) if ctx.needs_input_grad[1] else None
-    dphase = torch.zeros_like(theta) if ctx.has_phase and ctx.needs_input_grad[2] else None
+    dtheta = torch.zeros_like(theta) if need[1] else None
+    dphase = torch.zeros_like(theta) if need[1] and phase is not None else None
     for n0 in range(0, L, step):
         n1 = min(L, n0 + step)
         omega = sine_bases(theta, phase, n1 - n0, start=n0)
@@ -202,9 +419,8 @@ def _backward(ctx, grad):
             # omega = [cos(a), sin(a)] with a = theta n + phase: d a = -sin(a) d cos + cos(a) d sin
             dom = dom.to(theta.dtype)
             dang = -omega[..., S:] * dom[..., :S] + omega[..., :S] * dom[..., S:]
-            if dtheta is not None:
-                n = torch.arange(n0, n1, device=x.device, dtype=theta.dtype).view(-1, 1, 1, 1)
-                dtheta += (dang * n).sum(0)
+            n = torch.arange(n0, n1, device=x.device, dtype=theta.dtype).view(-1, 1, 1, 1)
+            dtheta += (dang * n).sum(0)
             if dphase is not None:
                 dphase += dang.sum(0)
     return dx, dtheta, dphase, (dw.to(weight.dtype) if dw is not None else None)

@@ -127,3 +127,30 @@ def compile_sm90(launch: Launch) -> Compiled:
         usage, sass = dump("--dump-resource-usage"), dump("--dump-sass")
     number = lambda key: int(re.search(key + r":(\d+)", usage).group(1))  # noqa: E731
     return Compiled(kernel.__name__, ck.metadata.shared, number("REG"), number("STACK"), sass)
+
+
+def written_arguments(launch: Launch) -> set:
+    """The names of the tensor arguments Inductor's mutation analysis (the one that decides which
+    tensors a ``wrap_triton`` launch writes, and so which inputs it must not alias) finds stored to,
+    on the TTIR of an sm_90 target. Its analysis is coarse: a pointer passed to a helper whose
+    result feeds a store address counts as written, and an input counted so makes the compiled
+    training graph fail ("a leaf Variable that requires grad is being used in an in-place
+    operation")."""
+    from unittest import mock
+
+    import triton
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+    from triton.backends.compiler import GPUTarget
+
+    kernel = launch.kernel
+    values = dict(zip(kernel.arg_names, launch.args)) | {
+        k: v for k, v in launch.kwargs.items() if k in kernel.arg_names}
+
+    class _Hopper:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    with mock.patch.object(type(triton.runtime.driver), "active", property(lambda _: _Hopper())):
+        if hasattr(tkw, "identify_accessed_tensors"):     # torch >= 2.12
+            return {d.name for d in tkw.identify_accessed_tensors(kernel, values, {}).read_writes.writes}
+        return set(tkw.identify_mutated_tensors(kernel, values, {}))

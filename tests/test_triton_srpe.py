@@ -106,6 +106,7 @@ def test_validation_errors():
 
 # ------------------------------------------------------------------ GPU
 @cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_cuda_matches_reference(dtype, tol):
     x, theta, ph, w = inputs(B=2, L=300, H=3, d=64, S=8, R=256, dtype=dtype, device="cuda")
@@ -114,12 +115,29 @@ def test_cuda_matches_reference(dtype, tol):
 
 
 @cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cuda_backward_matches_chunked_path(dtype, tol):
+    """The backward kernel (bases on chip, rows split, outputs in blocks) against the C++ backward on
+    materialised bases: every gradient, with 256 outputs (several output blocks: dx summed)."""
+    x, theta, ph, w = inputs(B=2, L=300, H=3, d=64, S=8, R=256, dtype=dtype, device="cuda")
+    go = torch.randn(2, 300, 3, 256, device="cuda").to(dtype)
+    fused = ts._launch_backward(go, x, theta, ph, w, True, True)
+    chunked = ts._backward_in_chunks(go.double(), x.double(), theta.double(), ph.double(), w.double(),
+                                     [True, True, True])
+    for name, a, b in zip(("dx", "dtheta", "dphase", "dweight"), fused, chunked):
+        assert rel(a, b) < tol, name
+
+
+@cuda_only
+@pytest.mark.cuda
 def test_cuda_opcheck():
     torch.library.opcheck(torch.ops.panther.srpe_filter_sines.default,
                           inputs(L=70, d=16, S=3, R=24, dtype=torch.float32, device="cuda"))
 
 
 @cuda_only
+@pytest.mark.cuda
 def test_cuda_filter_takes_the_fused_op():
     """sinSRPE.filter on CUDA (the fused op) against the CPU path, outputs and the gradients of the
     sines, the scales and the inputs."""
@@ -129,7 +147,7 @@ def test_cuda_filter_takes_the_fused_op():
     q, k = torch.randn(2, 50, 2, 16), torch.randn(2, 40, 2, 16)
     grads = []
     for module, dev in ((pe, "cpu"), (copy.deepcopy(pe).cuda(), "cuda")):
-        qd, kd = q.to(dev).requires_grad_(), k.to(dev).requires_grad_()
+        qd, kd = q.to(dev).detach().requires_grad_(), k.to(dev).detach().requires_grad_()
         qh, kh = module.filter(qd, kd)
         (qh.square().sum() + kh.sum()).backward()
         grads.append([t.detach().cpu() for t in (qh, kh, qd.grad, kd.grad, module.freqs.grad,
@@ -139,6 +157,7 @@ def test_cuda_filter_takes_the_fused_op():
 
 
 @cuda_only
+@pytest.mark.cuda
 def test_cuda_compile_inlines_the_kernel():
     """torch.compile of sinSRPE.filter on CUDA: Inductor's code launches the SRPE kernel itself."""
     from torch._inductor.utils import run_and_get_code
@@ -150,3 +169,41 @@ def test_cuda_compile_inlines_the_kernel():
     torch.testing.assert_close(qh, ref_q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kh, ref_k, rtol=1e-5, atol=1e-5)
     assert "_srpe_sines_kernel" in "\n".join(code)
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_cuda_compile_inlines_the_backward_kernel():
+    """A compiled training step through sinSRPE.filter: Inductor's backward launches the SRPE backward
+    kernel itself, with the eager gradients."""
+    from torch._inductor.utils import run_and_get_code
+    pe = sinSRPE(2, 16, 4, num_realizations=32, seed=0).cuda()
+    q, k = torch.randn(2, 50, 2, 16, device="cuda"), torch.randn(2, 40, 2, 16, device="cuda")
+    compiled = torch.compile(pe.filter, fullgraph=True)
+    torch._dynamo.reset()
+
+    def step(filter_fn):
+        pe.zero_grad()
+        qd, kd = q.clone().requires_grad_(), k.clone().requires_grad_()
+        qh, kh = filter_fn(qd, kd)
+        (qh.square().sum() + kh.sum()).backward()
+        return [t.clone() for t in (qd.grad, kd.grad, pe.freqs.grad, pe.phases.grad, pe.scales.grad)]
+    grads, code = run_and_get_code(step, compiled)
+    # relative to each gradient's norm: Inductor's own sigmoid and softplus around the op move single
+    # elements of d freqs, a sum over positions with cancellation, by up to 6e-4 of their value
+    for name, got, want in zip(("dq", "dk", "dfreqs", "dphases", "dscales"), grads, step(pe.filter)):
+        assert rel(got, want) < 1e-4, name
+    assert "_srpe_sines_bwd_kernel" in "\n".join(code)
+
+
+@pytest.mark.skipif(ts.triton is None, reason="needs triton")
+def test_kernels_write_only_their_outputs():
+    """Inductor's mutation analysis of both kernels names only their output buffers as written. It
+    once counted theta and the phases as written too (a helper that loaded them also gave the store
+    addresses), which made every compiled training step through the backward fail on the GPU."""
+    from hopper_compile import record_launches, written_arguments
+    x, theta, ph, w = inputs(L=40, d=16, S=3, R=24, dtype=torch.float32)
+    launches = record_launches(lambda: (ts._launch(x, theta, ph, w), ts._launch_backward(
+        torch.randn(2, 40, 2, 24), x, theta, ph, w, True, True)), ts)
+    written = {la.kernel.__name__: written_arguments(la) for la in launches}
+    assert written == {"_srpe_sines_kernel": {"OUT"}, "_srpe_sines_bwd_kernel": {"DX", "DW", "DTH", "DPH"}}

@@ -45,6 +45,50 @@ case(2, 33, 2, 8, 1, 16, torch.float32, True)      # one sine
 case(1, 40, 2, 12, 4, 24, torch.bfloat16, True)
 case(1, 40, 2, 12, 4, 24, torch.float16, False)
 case(1, 50, 1, 4, 2, 8, torch.float32, True, big_positions=True)
+
+
+def backward_case(B, L, H, d, S, R, dtype, phase, cfg=None, splits=None, need_dz=True,
+                  need_dw=True, tol=None, strided=False):
+    """The backward kernel against the float64 autograd of ``srpe_filter_reference``: every
+    gradient, with the rows in ``splits`` ranges and the outputs in blocks of ``cfg.block_r``.
+    ``strided``: x and the output gradient are (B, H, L, .) tensors seen as (B, L, H, .)."""
+    g = gen()
+    x = torch.randn(B, L, H, d, generator=g).to(dtype)
+    if strided:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    theta = torch.rand(H, d, S, generator=g) * 0.1
+    ph = torch.randn(H, d, S, generator=g) if phase else None
+    w = (torch.randn(H, d, 2 * S, R, generator=g) / (d * S) ** 0.5).to(dtype)
+    go = torch.randn(B, L, H, R, generator=g).to(dtype)
+    if strided:
+        go = go.transpose(1, 2).contiguous().transpose(1, 2)
+    got = ts._launch_backward(go, x, theta, ph, w, need_dz, need_dw, cfg=cfg, splits=splits)
+    leaves = [t.double().requires_grad_() if t is not None else None for t in (x, theta, ph, w)]
+    omega = sine_bases(leaves[1], leaves[2], L)
+    ref = torch.autograd.grad(srpe_filter_reference(leaves[0], omega, leaves[3]),
+                              [t for t in leaves if t is not None], go.double())
+    ref = list(ref[:2]) + ([ref[2]] if phase else [None]) + [ref[-1]]
+    name = f"backward B={B} L={L} H={H} d={d} S={S} R={R} {dtype} phase={phase} splits={splits}"
+    wanted = (need_dz, need_dz, need_dz and phase, need_dw)
+    for grad_name, want, a, b in zip(("dx", "dtheta", "dphase", "dweight"), wanted, got, ref):
+        if want:
+            assert a.dtype == (dtype if grad_name in ("dx", "dweight") else torch.float32), grad_name
+            assert a.shape == b.shape, grad_name
+            check(f"{name}: {grad_name}", rel(a, b), tol or TOL[dtype])
+        else:
+            assert a is None, grad_name
+
+
+backward_case(2, 70, 3, 5, 3, 7, torch.float32, True)                      # tails everywhere
+backward_case(2, 70, 2, 6, 3, 40, torch.float32, True, splits=3,          # row ranges across the batch
+              cfg=ts.Launch(block_n=16, rows=16, block_r=16, warps=4))    # and dx over 3 output blocks
+backward_case(1, 64, 2, 16, 8, 24, torch.float32, False, splits=2)         # keys: no phase
+backward_case(2, 30, 3, 8, 2, 16, torch.float32, True, strided=True)      # head-major x and gradient
+backward_case(1, 33, 2, 8, 1, 16, torch.float32, True)                     # one sine
+backward_case(1, 40, 2, 12, 4, 24, torch.float32, True, need_dw=False)
+backward_case(1, 40, 2, 12, 4, 24, torch.float32, True, need_dz=False)
+backward_case(1, 40, 2, 12, 4, 24, torch.bfloat16, True, tol=2e-2)
+backward_case(1, 40, 2, 12, 4, 24, torch.float16, False)
 # sinSRPE's filter through the kernel (as on CUDA) against its CPU path: outputs and every gradient
 pe = sinSRPE(2, 16, 4, num_realizations=32, seed=0)
 q, k = torch.randn(2, 50, 2, 16, generator=gen()), torch.randn(2, 40, 2, 16, generator=gen())
