@@ -77,8 +77,9 @@ if triton is not None:
     @triton.jit
     def _cos_sin(ang, FAST: tl.constexpr):
         """cos and sin of fp32 angles, reduced to [-pi, pi] first (Cody-Waite, two constants). FAST
-        (GPU): the SFU's approximations, absolute error below 1e-6 on [-pi, pi], two instructions
-        where libdevice's accurate cos and sin take dozens; else tl.cos and tl.sin (interpreter)."""
+        (GPU): the SFU's approximations (CUDA's __cosf / __sinf: absolute error below 1e-6 on
+        [-pi, pi]), one instruction each where libdevice's accurate ones take dozens; else tl.cos
+        and tl.sin (the interpreter, which thus checks the reduction)."""
         k = tl.floor(ang * _INV_TWO_PI + 0.5)
         r = tl.fma(-k, _TWO_PI_HI, ang)
         r = tl.fma(-k, _TWO_PI_LO, r)
@@ -320,7 +321,8 @@ def _launch_backward(grad, x, theta, phase, weight, need_dz, need_dw, cfg=None, 
     upcast = _upcast(x)
     cfg = cfg or (BACKWARD_FP32 if upcast else BACKWARD)
     S_PAD, BLOCK_I, BLOCK_R = _tiles(cfg, S, R)
-    blocks = triton.cdiv(d, BLOCK_I) * triton.cdiv(R, BLOCK_R)
+    r_blocks = triton.cdiv(R, BLOCK_R)
+    blocks = triton.cdiv(d, BLOCK_I) * r_blocks
     rows = B * L
     if splits is None:
         from .triton_attention import _num_sms
@@ -328,7 +330,6 @@ def _launch_backward(grad, x, theta, phase, weight, need_dz, need_dw, cfg=None, 
     per_split = triton.cdiv(triton.cdiv(rows, min(splits, triton.cdiv(rows, cfg.block_n))),
                             cfg.block_n) * cfg.block_n
     splits = triton.cdiv(rows, per_split)
-    r_blocks = blocks // triton.cdiv(d, BLOCK_I)
     atomic = r_blocks > 1   # dx: a sum over the output blocks
     dev, f32 = x.device, torch.float32
     dx = dangles = dw = None
