@@ -422,8 +422,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rf_attention_backward_impl(
 }
 
 // SRPE filter: out[b,n,h,r] = sum_{i,j} x[b,n,h,i] * omega[n,h,i,j] * weight[h,i,j,r].
-// Chunked over positions so that the (P, H, d, R) positional codes of one block are the
-// largest intermediate (never (B, L, H, d, R), never the full (L, H, d, R)).
+// Two routes to it, both chunked over positions (never (B, L, H, d, R), never the full (L, H, d, R)):
+//   codes:  the positional codes omega·W of a block, (P, H, d, R), built once for the whole batch,
+//           then one (B × d)·(d × R) product per position and head;
+//   direct: z = x ⊙ omega of a block, (B, P, H, d, J), then one (B·P × d·J)·(d·J × R) GEMM per head.
+// direct holds B·J values per (position, feature) where codes hold R, and it multiplies in large
+// GEMMs instead of one small product per position: it serves B·J <= R (e.g. one long sequence).
 void check_srpe(const Tensor& x, const Tensor& omega, const Tensor& weight) {
   TORCH_CHECK_VALUE(x.dim() == 4 && omega.dim() == 4 && weight.dim() == 4,
                     "srpe_filter: expected x (B, L, H, d), omega (L, H, d, J), weight (H, d, J, R);"
@@ -438,9 +442,21 @@ void check_srpe(const Tensor& x, const Tensor& omega, const Tensor& weight) {
                    "srpe_filter: x, omega, weight must share one floating dtype");
 }
 
+bool srpe_direct(const Tensor& x, const Tensor& weight) {
+  return x.size(0) * weight.size(2) <= weight.size(3);
+}
+
+// positions per block: the block's largest intermediate (codes or z) within kSrpeBudget elements
 int64_t srpe_block(const Tensor& x, const Tensor& weight) {
-  const int64_t per_pos = std::max<int64_t>(1, x.size(2) * x.size(3) * weight.size(3));
+  const int64_t per_feature = srpe_direct(x, weight) ? x.size(0) * weight.size(2) : weight.size(3);
+  const int64_t per_pos = std::max<int64_t>(1, x.size(2) * x.size(3) * per_feature);
   return std::max<int64_t>(1, std::min<int64_t>(x.size(1), kSrpeBudget / per_pos));
+}
+
+// z = x ⊙ omega of a block as (H, B*P, d*J): x (B, P, H, d), om (P, H, d, J)
+Tensor srpe_products(const Tensor& xb, const Tensor& om) {
+  const int64_t B = xb.size(0), P = xb.size(1), H = xb.size(2), d = xb.size(3), J = om.size(3);
+  return (xb.unsqueeze(-1) * om.unsqueeze(0)).permute({2, 0, 1, 3, 4}).reshape({H, B * P, d * J});
 }
 
 // positional codes of positions [n0, n0+P): (P*H, d, R)
@@ -460,9 +476,16 @@ Tensor srpe_filter_impl(const Tensor& x, const Tensor& omega, const Tensor& weig
     return out.zero_().to(x.scalar_type());
   }
   const Tensor xc = x.to(ct), oc = omega.to(ct), wc = weight.to(ct);
-  const int64_t Pb = srpe_block(x, weight), d = x.size(3);
+  const int64_t Pb = srpe_block(x, weight), d = x.size(3), J = omega.size(3);
+  const bool direct = srpe_direct(x, weight);
   for (int64_t n0 = 0; n0 < L; n0 += Pb) {
     const int64_t P = std::min(Pb, L - n0);
+    if (direct) {
+      Tensor z = srpe_products(xc.narrow(1, n0, P), oc.narrow(0, n0, P));   // (H, B*P, d*J)
+      Tensor ob = at::bmm(z, wc.reshape({H, d * J, R}));                     // (H, B*P, R)
+      out.narrow(1, n0, P).copy_(ob.view({H, B, P, R}).permute({1, 2, 0, 3}));
+      continue;
+    }
     Tensor bar = srpe_codes(oc.narrow(0, n0, P), wc);                        // (P*H, d, R)
     Tensor xb = xc.narrow(1, n0, P).permute({1, 2, 0, 3}).reshape({P * H, B, d});
     Tensor ob = at::bmm(xb, bar);                                            // (P*H, B, R)
@@ -490,9 +513,28 @@ std::tuple<Tensor, Tensor, Tensor> srpe_filter_backward_impl(const Tensor& grad_
     const Tensor xc = x.to(ct), oc = omega.to(ct), wc = weight.to(ct), g = grad_out.to(ct);
     const Tensor w3 = wc.reshape({H * d, J, R});
     const int64_t Pb = srpe_block(x, weight);
+    const bool direct = srpe_direct(x, weight);
     for (int64_t n0 = 0; n0 < L; n0 += Pb) {
       const int64_t P = std::min(Pb, L - n0);
       Tensor om = oc.narrow(0, n0, P);
+      if (direct) {
+        Tensor xb = xc.narrow(1, n0, P);                                     // (B, P, H, d)
+        Tensor gh = g.narrow(1, n0, P).permute({2, 0, 1, 3}).reshape({H, B * P, R});
+        if (output_mask[0] || output_mask[1]) {
+          Tensor dz = at::bmm(gh, wc.reshape({H, d * J, R}).transpose(1, 2))  // (H, B*P, d*J)
+                          .view({H, B, P, d, J}).permute({1, 2, 0, 3, 4});    // (B, P, H, d, J)
+          if (output_mask[0]) {
+            dx.narrow(1, n0, P).copy_((dz * om.unsqueeze(0)).sum(-1));
+          }
+          if (output_mask[1]) {
+            dom.narrow(0, n0, P).copy_((dz * xb.unsqueeze(-1)).sum(0));
+          }
+        }
+        if (output_mask[2]) {
+          dw.view({H, d * J, R}).add_(at::bmm(srpe_products(xb, om).transpose(1, 2), gh));
+        }
+        continue;
+      }
       Tensor gb = g.narrow(1, n0, P).permute({1, 2, 0, 3}).reshape({P * H, B, R});
       if (output_mask[0]) {
         Tensor bar = srpe_codes(om, wc);                                     // (P*H, d, R)
