@@ -144,19 +144,15 @@ def test_filter_matches_reference_and_grads(route):
 @pytest.mark.parametrize("route", ["codes", "direct"])
 def test_filter_multiple_position_blocks(route):
     # 2^19 values per position (codes: H·d·R; direct: B·H·d·J): the op works on 2 positions at a
-    # time (3 blocks for L=5)
+    # time (3 blocks for L=5); d·J = 4 keeps every sum short, so fp32 matches elementwise
     shape = dict(B=3, R=4) if route == "codes" else dict(B=2, R=8)
-    x, om, w = make(**shape, L=5, H=1, d=1 << 17, J=2, dtype=torch.float32, requires_grad=True)
+    x, om, w = make(**shape, L=5, H=1 << 16, d=2, J=2, dtype=torch.float32, requires_grad=True)
     out = FILTER(x, om, w)
-    # the float64 oracle, compared by norm: each output sums 2^18 fp32 products of size ~1 (measured
-    # 7e-6 for codes, 1.2e-5 for direct); a wrong index gives an error of order 1
-    leaves = [t.detach().double().requires_grad_() for t in (x, om, w)]
-    ref = srpe_filter_reference(*leaves)
-    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
-    assert rel(out, ref) < 1e-4
+    ref = srpe_filter_reference(x, om, w)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (x, om, w), g), torch.autograd.grad(ref, leaves, g.double())):
-        assert rel(a, b) < 1e-4
+    for a, b in zip(torch.autograd.grad(out, (x, om, w), g), torch.autograd.grad(ref, (x, om, w), g)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
 def test_filter_opcheck_and_gradcheck():
