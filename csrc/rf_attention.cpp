@@ -31,7 +31,10 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kChunk = 64;                 // causal chunk length
-constexpr int64_t kSrpeBudget = int64_t{1} << 20;  // elements of one SRPE (P, H, d, R) block
+// Elements of one SRPE block's largest intermediate. A GPU takes a larger block: each block costs
+// a few launches, and at 65,536 positions 2^20 elements meant about a thousand of them.
+constexpr int64_t kSrpeBudget = int64_t{1} << 20;
+constexpr int64_t kSrpeBudgetCuda = int64_t{1} << 24;
 // "Minus infinity" that stays finite, so that differences of shifts never produce inf - inf.
 constexpr double kLowest = -3.0e38;
 
@@ -450,7 +453,8 @@ bool srpe_direct(const Tensor& x, const Tensor& weight) {
 int64_t srpe_block(const Tensor& x, const Tensor& weight) {
   const int64_t per_feature = srpe_direct(x, weight) ? x.size(0) * weight.size(2) : weight.size(3);
   const int64_t per_pos = std::max<int64_t>(1, x.size(2) * x.size(3) * per_feature);
-  return std::max<int64_t>(1, std::min<int64_t>(x.size(1), kSrpeBudget / per_pos));
+  const int64_t budget = x.is_cuda() ? kSrpeBudgetCuda : kSrpeBudget;
+  return std::max<int64_t>(1, std::min<int64_t>(x.size(1), budget / per_pos));
 }
 
 // z = x ⊙ omega of a block as (H, B*P, d*J): x (B, P, H, d), om (P, H, d, J)

@@ -155,6 +155,25 @@ def test_filter_multiple_position_blocks(route):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("route", ["codes", "direct"])
+@pytest.mark.parametrize("length", [5, 70])
+def test_cuda_filter_matches_reference_and_grads(route, length):
+    # length 70 with 2^19 values per position: 3 position blocks of a GPU's 2^24-element budget
+    shape = dict(B=3, R=4) if route == "codes" else dict(B=2, R=8)
+    x, om, w = make(**shape, L=length, H=1 << 16, d=2, J=2, dtype=torch.float32,
+                    requires_grad=True)
+    dev = [t.detach().cuda().requires_grad_() for t in (x, om, w)]
+    out = FILTER(*dev)
+    ref = srpe_filter_reference(x, om, w)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, dev, g.cuda())
+    for a, b in zip(got, torch.autograd.grad(ref, (x, om, w), g)):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3)
+
+
 def test_filter_opcheck_and_gradcheck():
     x, om, w = make(dtype=torch.float32, requires_grad=True)
     torch.library.opcheck(FILTER, (x, om, w))
