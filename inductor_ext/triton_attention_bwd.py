@@ -570,7 +570,8 @@ if triton is not None:
                 # for one product gave wrong dk on the H200 (triton 3.6), though the interpreter
                 # agreed: at 32-feature blocks (eleventh session); for dphk alone, fp16 relu
                 # (dk 54% off) although bf16 softmax passed and took dk-dv 1.69 -> 1.50 ms; for
-                # dvi too, an illegal memory access (docs/benchmarks.md, fourteenth session).
+                # dvi too, an illegal memory access. Transposed (the sum as the register operand)
+                # it passed the backward reference tests: docs/benchmarks.md, fourteenth session.
                 sv = tl.load(SI + sg * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD
                              + offs_v[None, :])
                 pz += fs * tl.load(SZ + sg * M_PAD + offs_f)
