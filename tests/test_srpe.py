@@ -141,35 +141,25 @@ def test_filter_matches_reference_and_grads(route):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("route", ["codes", "direct"])
-def test_filter_multiple_position_blocks(route):
-    # 2^19 values per position (codes: H·d·R; direct: B·H·d·J): the op works on 2 positions at a
-    # time (3 blocks for L=5); d·J = 4 keeps every sum short, so fp32 matches elementwise
-    shape = dict(B=3, R=4) if route == "codes" else dict(B=2, R=8)
-    x, om, w = make(**shape, L=5, H=1 << 16, d=2, J=2, dtype=torch.float32, requires_grad=True)
-    out = FILTER(x, om, w)
-    ref = srpe_filter_reference(x, om, w)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (x, om, w), g), torch.autograd.grad(ref, (x, om, w), g)):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+# (device, positions): 2^19 values per position (codes: H·d·R; direct: B·H·d·J) make 2 positions
+# per block on the CPU (2^20-element budget) and 32 on a GPU (2^24): 3 blocks either way
+_BLOCKS = [("cpu", 5), pytest.param("cuda", 70, marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("route", ["codes", "direct"])
-@pytest.mark.parametrize("length", [5, 70])
-def test_cuda_filter_matches_reference_and_grads(route, length):
-    # length 70 with 2^19 values per position: 3 position blocks of a GPU's 2^24-element budget
+@pytest.mark.parametrize("device,length", _BLOCKS)
+def test_filter_multiple_position_blocks(route, device, length):
+    # d·J = 4 keeps every sum short, so fp32 matches elementwise
     shape = dict(B=3, R=4) if route == "codes" else dict(B=2, R=8)
     x, om, w = make(**shape, L=length, H=1 << 16, d=2, J=2, dtype=torch.float32,
                     requires_grad=True)
-    dev = [t.detach().cuda().requires_grad_() for t in (x, om, w)]
+    dev = [t.detach().to(device).requires_grad_() for t in (x, om, w)]
     out = FILTER(*dev)
     ref = srpe_filter_reference(x, om, w)
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
     g = torch.randn_like(ref)
-    got = torch.autograd.grad(out, dev, g.cuda())
+    got = torch.autograd.grad(out, dev, g.to(device))
     for a, b in zip(got, torch.autograd.grad(ref, (x, om, w), g)):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3)
 
