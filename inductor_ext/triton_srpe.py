@@ -21,7 +21,6 @@ their backward builds the bases of a few thousand positions at a time and calls
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -29,6 +28,8 @@ from torch import Tensor
 
 import panther  # noqa: F401  (loads the native ops)
 from panther.ops.attention import sine_bases
+
+from .triton_attention import _DTYPES, _INTERPRET, _launcher, _num_sms, _rel, _time_ms
 
 try:  # Triton is optional: without it every call takes the C++ op.
     import triton
@@ -38,8 +39,6 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["srpe_filter_sines", "srpe_filter_sines_reference"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GRID = 65535      # CUDA's limit on a launch grid's second dimension (B·H)
 
 
@@ -279,11 +278,6 @@ def kernel_ok(x, theta, weight):
             and theta.shape[2] > 0 and weight.shape[3] > 0)
 
 
-def _launcher(kernel):
-    # Eager interpreter runs call the kernel directly (wrap_triton rejects CPU tensors there).
-    return kernel if _INTERPRET else torch.library.wrap_triton(kernel)
-
-
 def _tiles(cfg, S, R):
     """(S_PAD, BLOCK_I, BLOCK_R) of a launch for S sines and R outputs."""
     S_PAD = triton.next_power_of_2(S)
@@ -325,7 +319,6 @@ def _launch_backward(grad, x, theta, phase, weight, need_dz, need_dw, cfg=None, 
     blocks = triton.cdiv(d, BLOCK_I) * r_blocks
     rows = B * L
     if splits is None:
-        from .triton_attention import _num_sms
         splits = max(1, _BACKWARD_PER_SM * _num_sms(x.device) // (blocks * H))
     per_split = triton.cdiv(triton.cdiv(rows, min(splits, triton.cdiv(rows, cfg.block_n))),
                             cfg.block_n) * cfg.block_n
@@ -470,7 +463,6 @@ def bench_srpe(cases=None, H=16, d=64, sines=8, R=64, dtype=torch.bfloat16, devi
     backward (x, theta, phase and the weights all take gradients), each call's peak memory, and the
     forward's relative error between the two. ``cases``: (L, B) pairs. Off CUDA (the interpreter smoke
     test of this code) nothing is timed."""
-    from .triton_attention import _rel, _time_ms
     dev = torch.device(device)
     rows = []
     for L, B in cases or [(65536, 1), (4096, 16)]:
