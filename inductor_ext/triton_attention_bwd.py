@@ -544,10 +544,6 @@ if triton is not None:
         # the features' exponents come in log2 units (W is _Operands.WL): so do their shifts
         kq2 = kq * _LOG2E
         mt2 = mt * _LOG2E
-        if HAS_SUFFIX:
-            # the later segments' factor scales the operands, once per chunk here and per block
-            # for phk, so their products accumulate in place (no temporary accumulators)
-            vts = _operand(vt.to(tl.float32) * fs, UPCAST, TF32)
         dvi = tl.zeros((C, DV_PAD), dtype=tl.float32)
         dka = tl.zeros((C, D_PAD), dtype=tl.float32)
         rs = tl.zeros((C,), dtype=tl.float32)
@@ -564,19 +560,20 @@ if triton is not None:
                 phk = ek
             pv = tl.load(hp_base + offs_f[:, None] * DV_PAD + offs_v[None, :])
             pz = tl.load(HPZ + st_i * M_PAD + offs_f)
-            dphk = _dot(vt, tl.trans(pv), UPCAST, TF32)
             if HAS_SUFFIX:
-                # the later segments' part in products of its own. Adding the two states on chip
-                # for one product gave wrong dk on the H200 (triton 3.6), though the interpreter
-                # agreed: at 32-feature blocks (eleventh session); for dphk alone, fp16 relu
-                # (dk 54% off) although bf16 softmax passed and took dk-dv 1.69 -> 1.50 ms; for
-                # dvi too, an illegal memory access. Transposed (the sum as the register operand)
-                # it passed the backward reference tests: docs/benchmarks.md, fourteenth session.
+                # the later segments' state joins the segment's own on chip, for one product
+                # (dk-dv 1.66 -> 1.52 ms at 65,536 tokens × 16 heads, H200). Transposed, the sum
+                # is the product's register operand: as the stored operand (v·pvkᵀ) triton 3.6
+                # miscompiled it (dk 54% off for fp16 relu), and dvi's sum gave an illegal
+                # memory access, so dvi keeps a product of its own (docs/benchmarks.md, 14th)
                 sv = tl.load(SI + sg * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD
                              + offs_v[None, :])
+                pvk = (pv.to(tl.float32) + sv.to(tl.float32) * fs).to(pv.dtype)
+                dphk = tl.trans(_dot(pvk, tl.trans(vt), UPCAST, TF32))
                 pz += fs * tl.load(SZ + sg * M_PAD + offs_f)
-                dphk += _dot(vts, tl.trans(sv), UPCAST, TF32)
                 dvi += _dot(phk * fs, sv, UPCAST, TF32)
+            else:
+                dphk = _dot(vt, tl.trans(pv), UPCAST, TF32)
             dphk += pz[None, :]
             dvi += _dot(phk, pv, UPCAST, TF32)
             if CAUSAL:
@@ -880,6 +877,9 @@ def _train_setup_context(ctx, inputs, output):
     q, k, v, projection, kernel_fn, causal, scale, key_padding_mask = inputs
     out, stats, *states = output
     ctx.mark_non_differentiable(stats, *states)
+    # their gradients stay None: zero-filling the states (about 0.5 GB at 65,536 tokens × 16
+    # heads) took 0.16 ms of the 4.6 ms causal forward+backward on the H200
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, projection, key_padding_mask, out, stats, *states)
     ctx.kernel_fn, ctx.causal, ctx.scale = kernel_fn, causal, scale
 
