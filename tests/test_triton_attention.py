@@ -6,6 +6,7 @@ CUDA (the lent H200, ``pytest -m cuda``): the kernels against the float64 refere
 causal or not, softmax/relu, masks, several segments; gradients (the fused Triton backward, and the
 C++ one when the projection needs a gradient) against the C++ backward; torch.compile of the op.
 """
+import math
 import sys
 
 import pytest
@@ -422,6 +423,28 @@ def test_cuda_triton_backward_full_size():
             assert torch.isfinite(a2).all() and rel(a2, b) < 5e-2, (causal, name, rel(a2, b))
             # the saved states are the ones the backward would recompute, bit for bit
             assert torch.equal(a3, a2), (causal, name, rel(a3, a2))
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_cuda_backward_fills_no_gradient_for_the_kept_states():
+    """Autograd hands the training op's statistics and key states no zero-filled gradient (they
+    are not differentiable): no fill during the backward is as large as the states."""
+    q, k, v, W, _ = inputs(B=1, H=2, L=1024, d=64, dv=64, m=256, dtype=torch.bfloat16,
+                           device="cuda", requires_grad=True)
+    out, stats, *states = torch.ops.panther.rf_attention_triton_train(
+        q, k, v, W, "softmax", True, None, None)
+    state_numel = states[0].numel()
+    assert state_numel >= 4 * q.numel()
+    y = ta.rf_attention_triton(q, k, v, W, "softmax", True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        y.backward(torch.randn_like(y))
+    fills = [(e.name, e.input_shapes) for e in prof.events()
+             if e.name in ("aten::fill_", "aten::zero_") and e.input_shapes and e.input_shapes[0]
+             and math.prod(e.input_shapes[0]) >= state_numel]
+    assert not fills, fills
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
 @cuda_only
