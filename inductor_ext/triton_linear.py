@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from panther.ops.linear import concat_factors
+from panther.ops.linear import concat_factors, grad_y_or_zeros, setup_context
 
 from ._autocast import autocast_call
 from ._eager import direct_launch_ok
@@ -773,17 +773,12 @@ def sketched_linear_triton_grads(grad_y: Tensor, grad_xA: Optional[Tensor], xA: 
     return _chain_grads(grad_y, grad_xA, xA, S1s, S2s, U1s, U2s, need_dx, need_U1, need_S2, need_db)
 
 
-def _setup_context(ctx, inputs, output):
-    x, S1s, S2s, U1s, U2s, bias = inputs
-    ctx.save_for_backward(x, output[1], S1s, S2s, U1s, U2s)
-    ctx.has_bias = bias is not None
-
-
 def _backward(ctx, grad_y, grad_xA, grads=None):
     """6·N·L·k·(d_in+d_out) FLOPs for dx, dS1s, dS2s: one pass over g gives dx, dxA and the B-side
     gradients (``_chain_grads``), then dS1s, dU2s = xᵀ·dxA (x read once for both).
     ``grads``: what computes ``_chain_grads``; by default the custom op."""
     x, xA, S1s, S2s, U1s, U2s = ctx.saved_tensors
+    grad_y = grad_y_or_zeros(grad_y, x, S2s)
     need_x, need_S1, need_S2, need_U1, need_U2, need_b = ctx.needs_input_grad
     need_b = need_b and ctx.has_bias
     L, d_in, k = S1s.shape
@@ -809,7 +804,7 @@ def _backward(ctx, grad_y, grad_xA, grads=None):
     return dx, dS1s, dS2s, dU1s, dU2s, db
 
 
-torch.library.register_autograd("panther::sketched_linear_triton_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("panther::sketched_linear_triton_fwd", _backward, setup_context=setup_context)
 
 
 class _EagerChain(torch.autograd.Function):
@@ -821,7 +816,7 @@ class _EagerChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, S1s, S2s, U1s, U2s, bias):
         y, xA = _chain_forward(x, S1s, S2s, U1s, U2s, bias, in_op=False)
-        _setup_context(ctx, (x, S1s, S2s, U1s, U2s, bias), (y, xA))
+        setup_context(ctx, (x, S1s, S2s, U1s, U2s, bias), (y, xA))
         return y
 
     @staticmethod

@@ -96,3 +96,24 @@ def test_bad_factor_shapes_raise():
         torch.ops.panther.sketched_linear(x, S1s, S2s, U1s, U2s[:, :, :2], b)
     with pytest.raises(RuntimeError, match="in_features=6"):
         torch.ops.panther.sketched_linear(x[..., :5], S1s, S2s, U1s, U2s, b)
+
+
+@pytest.mark.parametrize("fwd", ["sketched_linear_fwd", "sketched_linear_triton_fwd"])
+def test_fwd_ops_fill_no_zero_gradient_for_xA(fwd):
+    """The two-output forward ops (y, xA): a loss on y fills no zero gradient for xA (autograd
+    hands None), and a loss on xA alone (y's gradient None) gives what explicit zeros for y give."""
+    import inductor_ext.triton_linear  # noqa: F401  (registers the Triton op; CPU runs its CPU branch)
+    op = getattr(torch.ops.panther, fwd)
+    args = factors(2, 48, 4, 40, dtype=torch.float32, requires_grad=True, u_grad=True, lead=(64,))
+    y, xA = op(*args)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        y.backward(torch.ones_like(y))
+    fills = [e.input_shapes for e in prof.events()
+             if e.name in ("aten::fill_", "aten::zero_") and e.input_shapes and list(e.input_shapes[0]) == list(xA.shape)]
+    assert not fills, fills
+    y, xA = op(*args)
+    got = torch.autograd.grad((xA * xA).sum(), args)
+    y, xA = op(*args)
+    want = torch.autograd.grad((xA * xA).sum() + (y * 0).sum(), args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

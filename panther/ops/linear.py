@@ -70,15 +70,25 @@ def _sketched_linear_fwd_fake(x, S1s, S2s, U1s, U2s, bias):
     return x.new_empty((*lead, d_out)), x.new_empty((*lead, 2 * L * k))
 
 
-def _setup_context(ctx, inputs, output):
+def setup_context(ctx, inputs, output):
+    """Autograd context of the sketched linear ops (this one and the Triton op's): saves x and
+    the forward's xA. xA is an output only for the backward's sake: its gradient, and y's when y
+    is unused, come as None instead of an (N, 2Lk) zero tensor filled per step."""
     x, S1s, S2s, U1s, U2s, bias = inputs
     ctx.save_for_backward(x, output[1], S1s, S2s, U1s, U2s)
     ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)
+
+
+def grad_y_or_zeros(grad_y, x, S2s):
+    """The output's gradient, zeros where autograd gave None (only xA's gradient flows)."""
+    return x.new_zeros((*x.shape[:-1], S2s.shape[-1])) if grad_y is None else grad_y
 
 
 def _backward(ctx, grad_y, grad_xA):
     """Reuses the forward's xA: dx, dS1s, dS2s together cost 6·N·L·k·(d_in+d_out) FLOPs."""
     x, xA, S1s, S2s, U1s, U2s = ctx.saved_tensors
+    grad_y = grad_y_or_zeros(grad_y, x, S2s)
     need_x, need_S1, need_S2, need_U1, need_U2, need_b = ctx.needs_input_grad
     L, d_in, k = S1s.shape
     d_out = S2s.shape[-1]
@@ -108,4 +118,4 @@ def _backward(ctx, grad_y, grad_xA):
     return dx, dS1s, dS2s, dU1s, dU2s, db
 
 
-torch.library.register_autograd("panther::sketched_linear_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("panther::sketched_linear_fwd", _backward, setup_context=setup_context)
