@@ -67,6 +67,8 @@ _BACKWARD_CHUNK_BYTES = 256 * 2 ** 20
 if triton is not None:
     from triton.language.extra.cuda import libdevice
 
+    from .triton_attention import _mm   # the products: ieee fp32 where UPCAST
+
     # 2 pi split in two: _TWO_PI_HI has 8 significant bits, so k * _TWO_PI_HI is exact for |k| < 2^16
     # (angles below 4e5 rad; beyond, an fp32 angle is off by more than 0.03 rad anyway)
     _INV_TWO_PI = tl.constexpr(1.0 / (2.0 * math.pi))
@@ -145,12 +147,8 @@ if triton is not None:
             wc = tl.load(W + w_row.to(tl.int64)[:, None] * R + offs_r[None, :], mask=w_ok, other=0.0)
             ws = tl.load(W + (w_row + S).to(tl.int64)[:, None] * R + offs_r[None, :], mask=w_ok,
                          other=0.0)
-            if UPCAST:
-                acc += tl.dot(xc, wc.to(tl.float32), input_precision="ieee")
-                acc += tl.dot(xs, ws.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(xc.to(wc.dtype), wc)
-                acc += tl.dot(xs.to(ws.dtype), ws)
+            acc += _mm(xc.to(wc.dtype), wc, UPCAST)
+            acc += _mm(xs.to(ws.dtype), ws, UPCAST)
         tl.store(OUT + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows.to(tl.int64)[:, None] * sol
                  + offs_r[None, :] * sor, acc.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & r_ok[None, :])
@@ -213,19 +211,11 @@ if triton is not None:
             if NEED_DW:
                 zc = tl.reshape(xt[:, :, None] * c, (BLOCK_N, IS)).to(g.dtype)
                 zs = tl.reshape(xt[:, :, None] * s, (BLOCK_N, IS)).to(g.dtype)
-                if UPCAST:
-                    acc_wc += tl.dot(tl.trans(zc), g, input_precision="ieee")
-                    acc_ws += tl.dot(tl.trans(zs), g, input_precision="ieee")
-                else:
-                    acc_wc += tl.dot(tl.trans(zc), g)
-                    acc_ws += tl.dot(tl.trans(zs), g)
+                acc_wc += _mm(tl.trans(zc), g, UPCAST)
+                acc_ws += _mm(tl.trans(zs), g, UPCAST)
             if NEED_DZ:
-                if UPCAST:
-                    dzc = tl.dot(g, tl.trans(wc), input_precision="ieee")
-                    dzs = tl.dot(g, tl.trans(ws), input_precision="ieee")
-                else:
-                    dzc = tl.dot(g, tl.trans(wc))
-                    dzs = tl.dot(g, tl.trans(ws))
+                dzc = _mm(g, tl.trans(wc), UPCAST)
+                dzs = _mm(g, tl.trans(ws), UPCAST)
                 dzc = tl.reshape(dzc, (BLOCK_N, BLOCK_I, S_PAD))
                 dzs = tl.reshape(dzs, (BLOCK_N, BLOCK_I, S_PAD))
                 dx = tl.sum(dzc * c + dzs * s, axis=2)                                # (N, I)
