@@ -80,7 +80,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # tl.dot flavours (a constexpr of the kernel).
-_DOT_NATIVE, _DOT_TF32, _DOT_IEEE, _DOT_UPCAST = 0, 1, 2, 3
+# fp32 without torch's tf32 takes tf32x3 (three tf32 products, about fp32's accuracy): "ieee" FMA
+# loops measured 4.20 ms for the H200's fp32 forward+backward at 8192 -> 8192, 16,384 rows, k = 16,
+# against 2.09 (relative error against float64 1.6e-6 against 2.8e-7; docs/benchmarks.md).
+_DOT_NATIVE, _DOT_TF32, _DOT_TF32X3, _DOT_UPCAST = 0, 1, 2, 3
 
 
 def _next_pow2(n: int) -> int:
@@ -106,7 +109,7 @@ if triton is not None:
         elif DOT_MODE == 1:
             out = tl.dot(a, b, acc, input_precision="tf32")
         elif DOT_MODE == 2:
-            out = tl.dot(a, b, acc, input_precision="ieee")
+            out = tl.dot(a, b, acc, input_precision="tf32x3")
         else:
             out = tl.dot(a, b, acc)
         return out
@@ -448,7 +451,7 @@ def _allow_tf32():
 
 def _dot_mode(dtype):
     if dtype == torch.float32:
-        return _DOT_TF32 if _allow_tf32() else _DOT_IEEE
+        return _DOT_TF32 if _allow_tf32() else _DOT_TF32X3
     if dtype == torch.bfloat16 and _INTERPRET:
         return _DOT_UPCAST
     return _DOT_NATIVE
@@ -509,8 +512,9 @@ def lowrank_chain(X, FL, FH, GL, GH, bias=None, E=None, alpha_p=1.0, alpha_y=1.0
 # The backward's pass over g and the dx launch that sums its partials, (BLOCK_M, BLOCK_N, num_warps,
 # num_stages), by element size. 2 bytes: the fastest pair of ``triton_linear_bench --sweep-grad-pass``
 # on the H200 (8192 -> 8192, 16,384 rows, k = 16, bf16; docs/benchmarks.md), with about four programs
-# per SM for the pass. 4 bytes: tiles small enough for shared memory and, in fp32's FMA dot (no tf32),
-# for the registers (no spills for sm_90; tests/test_hopper_compile.py). The launch over the
+# per SM for the pass. 4 bytes: tiles small enough for shared memory and for the registers of fp32's
+# FMA dot, for which they were chosen (tf32x3 now: 40 bytes spilled on triton 3.9, none on 3.6;
+# tests/test_hopper_compile.py). The launch over the
 # partials (and over the forward's P, ``split_chain``) writes a large output: for 2-byte elements
 # in two column groups of 128-column tiles, which balance its waves (dx: H200, CUDA-graph
 # forward+backward 0.4110 ms against 0.4118 with one group of 256-column tiles).

@@ -40,7 +40,7 @@ def _linear():
     tlin.split_chain(x, tlin._half_in(S1s), tlin._half_in(U2s), tlin._half_out(U1s), tlin._half_out(S2s),
                      bias=_randn(384), alpha_y=0.5)
     # the backward: one pass over g (the S2 rows and the bias), then dx from its partials; fp32 has
-    # its own tiles (shared memory, and registers for its FMA dot)
+    # its own tiles (shared memory, registers)
     for dt in (bf16, torch.float32):
         gd, xA = g.to(dt), _randn(256, 32, dtype=dt)
         U1d, S2d, S1d, U2d = (t.to(dt) for t in (U1s, S2s, S1s, U2s))
@@ -53,12 +53,12 @@ def _conv():
     tconv.tap_conv(x, _randn(32, 64, 3, 3), _randn(2, 16, 64), _randn(64), (1, 1), (1, 1), (1, 1))
 
 
-def _attention(causal):
+def _attention(causal, dtype=bf16):
     def run():
         # 1024 tokens: several causal segments, so the segment-prefix and suffix kernels launch too
-        q, k, v = _randn(1, 2, 1024, 64), _randn(1, 2, 1024, 64), _randn(1, 2, 1024, 64)
+        q, k, v = (_randn(1, 2, 1024, 64, dtype=dtype) for _ in range(3))
         W = torch.randn(256, 64)
-        tbwd._backward(_randn(1, 2, 1024, 64), q, k, v, W, "softmax", causal, None, None)
+        tbwd._backward(_randn(1, 2, 1024, 64, dtype=dtype), q, k, v, W, "softmax", causal, None, None)
     return run
 
 
@@ -72,8 +72,9 @@ def _srpe():
                                True, True)
 
 
+# fp32 attention: its products must stay on the tensor cores (tf32x3; wgmma is asserted below)
 CASES = {"linear": _linear, "conv": _conv, "attention": _attention(False), "causal attention": _attention(True),
-         "srpe": _srpe}
+         "fp32 causal attention": _attention(True, torch.float32), "srpe": _srpe}
 
 
 # Spills the default launches have today (bytes per thread, the most of triton 3.6, the H200's, and
@@ -91,8 +92,17 @@ CASES = {"linear": _linear, "conv": _conv, "attention": _attention(False), "caus
 # key segments) 136 -> 376 (these limits are 3.9's alone). The form of ``_causal_query_operands`` that
 # spills 80 bytes there (56 on 3.6) ran the H200's causal forward+backward at 65,536 tokens in 4.80 ms
 # against 4.72 for this one. The SRPE forward's fp32 launch (products on the FMA units) spills 8 bytes
-# on 3.9 at 128 registers, none on 3.6. Anything above these numbers, or a spill anywhere else, fails.
-KNOWN_SPILLS = {("causal attention", "_causal_out_kernel"): 32, ("causal attention", "_dq_chunk_kernel"): 376,
+# on 3.9 at 128 registers, none on 3.6. The fp32 causal kernels multiply as tf32x3 at 255 registers
+# and spill up to 2.3 KB; with "ieee" products five of them spilled 8-15 KB and the H200's fp32 causal
+# step at 16,384 tokens × 16 heads took 271 ms against 9.3 (docs/benchmarks.md).
+# The linear backward's fp32 pass over g spills 40 bytes on 3.9 (none on 3.6) since its products are
+# tf32x3 too (its tiles were chosen for the FMA dot). Anything above these numbers, or a spill anywhere
+# else, fails.
+_FP32 = "fp32 causal attention"
+KNOWN_SPILLS = {(_FP32, "_causal_state_kernel"): 56, (_FP32, "_causal_out_kernel"): 1112,
+                (_FP32, "_dq_chunk_kernel"): 1432, (_FP32, "_query_state_kernel"): 280,
+                (_FP32, "_dkdv_chunk_kernel"): 2328, ("linear", "_grad_pass_kernel"): 40,
+                ("causal attention", "_causal_out_kernel"): 32, ("causal attention", "_dq_chunk_kernel"): 376,
                 ("causal attention", "_dkdv_chunk_kernel"): 304, ("attention", "_query_persistent_kernel"): 120,
                 ("srpe", "_srpe_sines_kernel"): 8}
 
