@@ -1388,13 +1388,15 @@ def _sweep(q, k, v, W, name, causal, backward, fwd=True, defaults_only=False):
     go = torch.randn_like(q)
     out, stats, *states = torch.ops.panther.rf_attention_triton_train(q, k, v, W, "softmax",
                                                                       causal, None, None)
-    # (block_f, warps of both kernels, stages); causal: the chunk kernels, else the segment walks
+    # (block_f, warps of both kernels, dq's stages); causal: the chunk kernels, else the segment
+    # walks. (dk-dv at 1 stage: triton 3.6 compiles out-of-range shared-memory accesses.)
     tiles = ((64, 8, 2), (64, 8, 1), (64, 4, 2), (32, 8, 2), (32, 4, 2)) if causal else \
         ((32, 8, 2), (32, 8, 1), (32, 4, 2), (64, 8, 2), (64, 4, 2))
     configs = [dict(block_f=bf, q_warps=w, k_warps=w, stages=st) for bf, w, st in tiles]
     configs += [dict(seg=sg) for sg in (1024, 2048, 4096, 8192)]
     configs += [dict(chunk=32), dict(tf32=True), dict(q_warps=8, k_warps=4),
-                dict(q_warps=4, k_warps=8), dict(k_block_f=32), dict(k_block_f=64)]
+                dict(q_warps=4, k_warps=8), dict(k_block_f=32), dict(k_block_f=64),
+                dict(stages=2), dict(stages=3), dict(k_stages=2)]
     for cfg in [{}] + ([] if defaults_only else configs):
         try:
             # the forward's key states where the launch matches theirs (the defaults)

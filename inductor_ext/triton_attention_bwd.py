@@ -79,11 +79,17 @@ if triton is not None:
 __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op",
            "rf_attention_triton_train_backward_op", "backward_params", "fused_backward_enabled"]
 
-# launch parameters of the backward (``bench --sweep`` times others): block_f / q_warps / k_warps /
-# stages of the per-chunk dq and dk-dv kernels. 64 / 4 / 4 / 2 measured fastest on the H200 at
-# 65,536 tokens × 16 heads (causal bwd 5.1 ms against 7.9 with 8 warps) although ptxas reports
-# spills at 4 warps for causal calls (dq about 26 words, dk-dv about 110) and none at 8; seg: the
-# key side's query segments; chunk: rows per chunk;
+# launch parameters of the backward (``bench --sweep`` times others): block_f / q_warps / k_warps
+# of the per-chunk dq and dk-dv kernels. 64 / 4 / 4 measured fastest on the H200 at 65,536 tokens ×
+# 16 heads (causal bwd 5.1 ms against 7.9 with 8 warps) although ptxas reports spills at 4 warps
+# for causal calls (dq about 26 words, dk-dv about 110) and none at 8; seg: the key side's query
+# segments; chunk: rows per chunk;
+# stages: dq's software-pipelining depth, by whether it reads the earlier key segments' state
+# (HAS_PREFIX); k_stages: dk-dv's, by causal. H200, bf16, 16 heads, ms, 2 stages against 3: causal
+# dq with a prefix (65,536 × 1) 0.95 against 1.49, without (4096 × 16) 0.98 against 0.90,
+# non-causal 0.47 against 0.46; dk-dv causal 1.54 against 1.39 (65,536 × 1) and 1.38 against 1.16
+# (4096 × 16), non-causal 0.63 against 0.66. At 1 stage triton 3.6 compiles the causal dk-dv to
+# out-of-range shared-memory accesses (compute-sanitizer; docs/benchmarks.md);
 # k_block_f: the dk-dv kernel's own feature block, by causal (it reads the queries' states, which
 # carry one reference per chunk, so it need not match the keys' walk): causal dk-dv took 1.54 ms
 # at 32 against 1.89 at 64, non-causal 0.76 against 0.72 (H200, 65,536 tokens × 16 heads; the
@@ -93,8 +99,9 @@ __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op",
 # the state before every chunk, about four times q's size, sparing the backward its chunk walk;
 # non-causal: one state per head, sparing the key pass); False recomputes them, for memory.
 backward_params = {"seg": None, "block_f": 64, "k_block_f": {True: 32, False: 64}, "q_warps": 4,
-                   "k_warps": 4, "stages": 2, "tf32": False, "chunk": CHUNK, "causal": True,
-                   "save_states": True}
+                   "k_warps": 4, "stages": {True: 2, False: 3},
+                   "k_stages": {True: 3, False: 2}, "tf32": False,
+                   "chunk": CHUNK, "causal": True, "save_states": True}
 _N_STATES = 6   # the training op's key states: ChunkStates.saved() or (ST, ZT, MX, -, -, -)
 
 
@@ -614,14 +621,15 @@ def _grad_projection(projection, dtype):
 
 def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mask, out=None,
               stats=None, states=None, *, seg=None, block_f=None, k_block_f=None, q_warps=None,
-              k_warps=None, stages=None, tf32=None, chunk=None):
+              k_warps=None, stages=None, k_stages=None, tf32=None, chunk=None):
     """(dq, dk, dv) of ``panther::rf_attention`` by the fused kernels (no projection gradient).
     ``out`` and ``stats`` are the forward's output and per-row statistics (``_forward(stats=...)``);
     without them the forward runs first. ``states``: the forward's key states
     (``_forward_and_states``), used where they match this backward's launch, else recomputed.
     Launch parameters default to ``backward_params``:
     ``block_f`` features per streamed block of the chunk kernels (``k_block_f``: dk-dv's own),
-    ``q_warps`` / ``k_warps`` their warps (dq / dk-dv), ``stages`` software-pipelining depth,
+    ``q_warps`` / ``k_warps`` their warps (dq / dk-dv), ``stages`` / ``k_stages`` their
+    software-pipelining depths,
     ``chunk`` rows per chunk (a power of two >= 16), ``seg`` queries per segment of the key side
     (None: about four programs per SM), ``tf32`` tf32 instead of bf16 operands for half inputs.
 
@@ -639,7 +647,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     seg = p["seg"] if seg is None else seg
     q_warps = q_warps or p["q_warps"]
     k_warps = k_warps or p["k_warps"]
-    stages = stages or p["stages"]
+    k_stages = k_stages or p["k_stages"][bool(causal)]
     ta = _ta()
     B, H, Lq, d = q.shape
     S, dv, m = k.shape[2], v.shape[3], projection.shape[0]
@@ -664,7 +672,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
             t.fill_(float("nan"))  # an element the kernels fail to write fails the checks
     meta = dict(KERNEL=kid, CAUSAL=causal, UPCAST=upcast, TF32=bool(tf32),
                 M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, C=C)
-    chunk_meta = dict(meta, HAS_MASK=has_mask, BLOCK_F=block_f, num_stages=stages)
+    chunk_meta = dict(meta, HAS_MASK=has_mask, BLOCK_F=block_f)
     strides = (*q.stride(), *k.stride(), *v.stride(), *go.stride())
     # ---- the keys' state and dq
     if causal:
@@ -690,7 +698,8 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     _launcher(_dq_chunk_kernel)[(triton.cdiv(Lq, C), BH)](
         q, k, v, go, out, W, WG, mask, stats, *states, ROWS, dq,
         H, Lq, m, d, dv, *hs_i, *strides, *out.stride(), *W.stride(), *mask.stride(),
-        *dq.stride(), alpha, HAS_PREFIX=has_prefix, num_warps=q_warps, **chunk_meta)
+        *dq.stride(), alpha, HAS_PREFIX=has_prefix, num_warps=q_warps,
+        num_stages=stages or p["stages"][has_prefix], **chunk_meta)
     del states
     # ---- the queries' state: per segment (causal: and per chunk within it), then (causal) the
     # later segments' by a reverse scan over the segments' own states
@@ -732,7 +741,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
         q, k, v, go, W, WG, mask, stats, ROWS, HP, HPZ, key_ref, SI, SZ, SR, dk, dvo,
         H, S, Lq, m, d, dv, *hp_i, nseg, seg // C, *strides, *W.stride(), *mask.stride(),
         *dk.stride(), *dvo.stride(), alpha, HAS_SUFFIX=has_suffix, num_warps=k_warps,
-        **dict(chunk_meta, BLOCK_F=k_block_f))
+        num_stages=k_stages, **dict(chunk_meta, BLOCK_F=k_block_f))
     return dq, dk, dvo
 
 

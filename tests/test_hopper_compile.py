@@ -101,7 +101,7 @@ CASES = {"linear": _linear, "conv": _conv, "attention": _attention(False), "caus
 _FP32 = "fp32 causal attention"
 KNOWN_SPILLS = {(_FP32, "_causal_state_kernel"): 56, (_FP32, "_causal_out_kernel"): 1112,
                 (_FP32, "_dq_chunk_kernel"): 1432, (_FP32, "_query_state_kernel"): 280,
-                (_FP32, "_dkdv_chunk_kernel"): 2328, ("linear", "_grad_pass_kernel"): 40,
+                (_FP32, "_dkdv_chunk_kernel"): 2336, ("linear", "_grad_pass_kernel"): 40,
                 ("causal attention", "_causal_out_kernel"): 32, ("causal attention", "_dq_chunk_kernel"): 376,
                 ("causal attention", "_dkdv_chunk_kernel"): 304, ("attention", "_query_persistent_kernel"): 120,
                 ("srpe", "_srpe_sines_kernel"): 8}
