@@ -55,9 +55,6 @@ class Launch(NamedTuple):
 # 8 sines, R = 64 and 256; docs/benchmarks.md).
 FORWARD = Launch(block_n=64, rows=32, block_r=128, warps=4)
 BACKWARD = Launch(block_n=64, rows=32, block_r=64, warps=4)
-# fp32 products run on the FMA units: the bf16 tiles spill thousands of bytes there, and this is
-# the one of six smaller launches without spills on both triton 3.6 and 3.9 (sm_90; not timed)
-BACKWARD_FP32 = Launch(block_n=32, rows=16, block_r=32, warps=8)
 _BACKWARD_PER_SM = 4   # the backward splits the rows until about this many programs per SM run
 # the backward's CPU / float64 path (no kernel) builds the bases of this many bytes of positions at
 # a time: 4096 positions at 16 heads, d = 64, 8 sines (fp32)
@@ -67,11 +64,13 @@ _BACKWARD_CHUNK_BYTES = 256 * 2 ** 20
 if triton is not None:
     from triton.language.extra.cuda import libdevice
 
-    from .triton_attention import _mm_at
+    from .triton_attention import _TF32X3, _mm_at
 
-    # fp32 products as "ieee" here: tf32x3 measured slower for these short products (H200, 16,384
-    # positions × 16 heads, fp32: forward 1.05 ms against 0.88, same errors)
-    _FP32 = tl.constexpr("ieee")
+    # fp32 products (H200, 16,384 positions × 16 heads, 8 sines, R = 64, fp32; errors against float64
+    # the same both ways, 7e-6): the forward's as "ieee" (0.88 ms against 1.05 as tf32x3); the
+    # backward's as tf32x3, which lets fp32 take the bf16 tiles (BACKWARD) on wgmma: 2.53 ms against
+    # 18.4 with "ieee" FMA loops on the smaller tiles they needed to fit the registers
+    _FWD_FP32 = tl.constexpr("ieee")
 
     # 2 pi split in two: _TWO_PI_HI has 8 significant bits, so k * _TWO_PI_HI is exact for |k| < 2^16
     # (angles below 4e5 rad; beyond, an fp32 angle is off by more than 0.03 rad anyway)
@@ -151,8 +150,8 @@ if triton is not None:
             wc = tl.load(W + w_row.to(tl.int64)[:, None] * R + offs_r[None, :], mask=w_ok, other=0.0)
             ws = tl.load(W + (w_row + S).to(tl.int64)[:, None] * R + offs_r[None, :], mask=w_ok,
                          other=0.0)
-            acc += _mm_at(xc.to(wc.dtype), wc, UPCAST, _FP32)
-            acc += _mm_at(xs.to(ws.dtype), ws, UPCAST, _FP32)
+            acc += _mm_at(xc.to(wc.dtype), wc, UPCAST, _FWD_FP32)
+            acc += _mm_at(xs.to(ws.dtype), ws, UPCAST, _FWD_FP32)
         tl.store(OUT + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows.to(tl.int64)[:, None] * sol
                  + offs_r[None, :] * sor, acc.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & r_ok[None, :])
@@ -215,11 +214,11 @@ if triton is not None:
             if NEED_DW:
                 zc = tl.reshape(xt[:, :, None] * c, (BLOCK_N, IS)).to(g.dtype)
                 zs = tl.reshape(xt[:, :, None] * s, (BLOCK_N, IS)).to(g.dtype)
-                acc_wc += _mm_at(tl.trans(zc), g, UPCAST, _FP32)
-                acc_ws += _mm_at(tl.trans(zs), g, UPCAST, _FP32)
+                acc_wc += _mm_at(tl.trans(zc), g, UPCAST, _TF32X3)
+                acc_ws += _mm_at(tl.trans(zs), g, UPCAST, _TF32X3)
             if NEED_DZ:
-                dzc = _mm_at(g, tl.trans(wc), UPCAST, _FP32)
-                dzs = _mm_at(g, tl.trans(ws), UPCAST, _FP32)
+                dzc = _mm_at(g, tl.trans(wc), UPCAST, _TF32X3)
+                dzs = _mm_at(g, tl.trans(ws), UPCAST, _TF32X3)
                 dzc = tl.reshape(dzc, (BLOCK_N, BLOCK_I, S_PAD))
                 dzs = tl.reshape(dzs, (BLOCK_N, BLOCK_I, S_PAD))
                 dx = tl.sum(dzc * c + dzs * s, axis=2)                                # (N, I)
@@ -307,7 +306,7 @@ def _launch_backward(grad, x, theta, phase, weight, need_dz, need_dw, cfg=None, 
     B, L, H, d = x.shape
     S, R = theta.shape[2], weight.shape[3]
     upcast = _upcast(x)
-    cfg = cfg or (BACKWARD_FP32 if upcast else BACKWARD)
+    cfg = cfg or BACKWARD
     S_PAD, BLOCK_I, BLOCK_R = _tiles(cfg, S, R)
     r_blocks = triton.cdiv(R, BLOCK_R)
     blocks = triton.cdiv(d, BLOCK_I) * r_blocks
