@@ -115,8 +115,8 @@ if triton is not None:
     @triton.jit
     def _mm_at(a, b, UPCAST: tl.constexpr, FP32: tl.constexpr):
         # Triton's CPU interpreter multiplies bf16 bit patterns wrongly; fp32 is exact there.
-        # UPCAST: fp32 operands, multiplied at input precision FP32 (a tl.constexpr string:
-        # triton 3.6 takes no plain-str default for a jit function's argument)
+        # UPCAST: fp32 operands, multiplied at input precision FP32, a tl.constexpr string (callers
+        # pass a constexpr global: triton 3.6 takes no plain-str default for a jit argument)
         if UPCAST:
             r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=FP32)
         else:

@@ -109,12 +109,12 @@ if triton is not None:
 
     @triton.jit
     def _dot(a, b, UPCAST: tl.constexpr, TF32: tl.constexpr):
-        """Attention-side products, fp32 accumulation. Operands: fp32 (tf32x3, as ``_mm``) for
-        fp32 inputs and in the interpreter; else bf16 (fp16 could overflow: G ~ 1/den), or tf32
+        """Attention-side products, fp32 accumulation. Operands: fp32 (``_mm``'s tf32x3) for fp32
+        inputs and in the interpreter; else bf16 (fp16 could overflow: G ~ 1/den), or tf32
         when TF32 (8x finer rounding at half the tensor-core rate: about 4e-3 instead of 1.5e-2
         relative error in bf16 gradients, emulated)."""
         if UPCAST:
-            r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+            r = _mm(a, b, UPCAST)
         elif TF32:
             r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
         else:
