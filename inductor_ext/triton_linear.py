@@ -512,16 +512,19 @@ def lowrank_chain(X, FL, FH, GL, GH, bias=None, E=None, alpha_p=1.0, alpha_y=1.0
 # The backward's pass over g and the dx launch that sums its partials, (BLOCK_M, BLOCK_N, num_warps,
 # num_stages), by element size. 2 bytes: the fastest pair of ``triton_linear_bench --sweep-grad-pass``
 # on the H200 (8192 -> 8192, 16,384 rows, k = 16, bf16; docs/benchmarks.md), with about four programs
-# per SM for the pass. 4 bytes: tiles small enough for shared memory and for the registers of fp32's
-# FMA dot, for which they were chosen (tf32x3 now: 40 bytes spilled on triton 3.9, none on 3.6;
-# tests/test_hopper_compile.py). The launch over the
+# per SM for the pass. 4 bytes (tf32x3 or tf32 products): the fastest of 9 tiles of the fp32 sweep
+# there, no spills on triton 3.6 or 3.9 (tests/test_hopper_compile.py); 240 registers, so two programs
+# per SM: the pass took 0.457 ms at 256 programs against 0.98 for the (64, 64, 8, 2) tiles chosen for
+# "ieee" products, and 0.53-0.59 at 384 or 640 programs (a part wave).
+# The launch over the
 # partials (and over the forward's P, ``split_chain``) writes a large output: for 2-byte elements
 # in two column groups of 128-column tiles, which balance its waves (dx: H200, CUDA-graph
 # forward+backward 0.4110 ms against 0.4118 with one group of 256-column tiles).
-_GRAD_PASS_CONFIG = {2: (128, 256, 8, 3), 4: (64, 64, 8, 2)}
+_GRAD_PASS_CONFIG = {2: (128, 256, 8, 3), 4: (64, 64, 4, 2)}
 _PARTIALS_CONFIG = {2: (64, 128, 4, 3), 4: (64, 128, 4, 3)}
 _PARTIALS_COL_GROUPS = {2: 2, 4: 1}
-_GRAD_PASS_PROGRAMS_PER_SM = 4
+# programs per SM the pass's row splits aim at (the nearest whole number of splits), by element size
+_GRAD_PASS_PROGRAMS_PER_SM = {2: 4, 4: 2}
 # The sum of its row splits (S_BLOCK splits per load, BLOCK_N columns, num_warps): on the H200 the
 # CUDA-graph forward+backward took 0.3975-0.3979 ms with it, 0.3972-0.4003 with (32, 128, 4) and
 # 0.4034-0.4042 with torch's sum, scale and casts (docs/benchmarks.md). The interpreter takes two
@@ -548,7 +551,8 @@ def grad_pass(g, xA, BL, BH, *, need_dbias=True, scale=1.0, out_dtype=torch.floa
     J = triton.cdiv(D_OUT, bn)
     if row_splits is None:
         sms = _num_sms(g.device) if g.device.type == "cuda" else 2
-        row_splits = max(1, min(triton.cdiv(_GRAD_PASS_PROGRAMS_PER_SM * sms, J), triton.cdiv(M, bm)))
+        want = _GRAD_PASS_PROGRAMS_PER_SM[g.element_size()] * sms
+        row_splits = max(1, min(round(want / J), triton.cdiv(M, bm)))
     rows_per = triton.cdiv(triton.cdiv(M, row_splits), bm) * bm
     S = triton.cdiv(M, rows_per) if M else 1
     f32 = torch.float32

@@ -141,6 +141,16 @@ def _compiled_path(x, *fac):
     return "routed to the fused kernel" if linear_routed(x, *fac) else "two GEMMs"
 
 
+# --sweep-grad-pass's launch candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), by element size:
+# fp32's hold smaller tiles (its operands take twice the shared memory, tf32x3 three products)
+_GRAD_PASS_CANDIDATES = {
+    2: ((64, 256, 8, 3), (64, 128, 4, 4), (128, 128, 8, 4), (32, 512, 8, 3), (64, 256, 8, 4),
+        (128, 256, 8, 3)),
+    4: ((64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2),
+        (32, 128, 4, 3), (64, 128, 4, 3), (128, 128, 8, 2), (32, 64, 4, 3)),
+}
+
+
 def sweep_grad_pass(in_features=8192, out_features=8192, batch=16384, num_terms=1, low_rank=16, *,
                     dtype=torch.bfloat16, device="cuda", seed=0):
     """CUDA-graph ms of the backward's pass over g and of the dx launch over its partials, for launch
@@ -157,10 +167,10 @@ def sweep_grad_pass(in_features=8192, out_features=8192, batch=16384, num_terms=
     GL, GH = mk(H, in_features), mk(H, in_features)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 2
     rows = []
-    for cfg in ((64, 256, 8, 3), (64, 128, 4, 4), (128, 128, 8, 4), (32, 512, 8, 3), (64, 256, 8, 4),
-                (128, 256, 8, 3)):
+    for cfg in _GRAD_PASS_CANDIDATES[torch.empty((), dtype=dtype).element_size()]:
         J = -(-out_features // cfg[1])
-        for part_dtype in (torch.float32, torch.bfloat16):
+        # fp32 calls keep fp32 partials (bf16 ones would cost fp32's accuracy)
+        for part_dtype in (torch.float32,) if dtype == torch.float32 else (torch.float32, torch.bfloat16):
             for splits in sorted({max(1, -(-sms // J)), max(1, -(-2 * sms // J)), max(1, -(-4 * sms // J))}):
                 def pass_():
                     return tlin.grad_pass(gy, xA[:, H:], BL, BH, config=cfg, row_splits=splits,
