@@ -14,9 +14,9 @@ The backward kernel rebuilds the same blocks on chip: with ``z = x · omega``, `
 (``_cos_sin``): libdevice's accurate ones made the forward 4.9 times slower on the H200.
 
 Registered as ``torch.library.triton_op``: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``)
-take the kernels; other calls (CPU, float64) build the bases and call ``panther::srpe_filter``, and
-their backward builds the bases of a few thousand positions at a time and calls
-``panther::srpe_filter_backward`` on them (``_backward_in_chunks``).
+take the kernels; other calls (CPU, float64) build the bases a few thousand positions at a time and
+call ``panther::srpe_filter`` and ``panther::srpe_filter_backward`` on them
+(``panther.ops.attention.srpe_filter_sines_forward`` / ``_backward``).
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 import panther  # noqa: F401  (loads the native ops)
-from panther.ops.attention import sine_bases
+from panther.ops.attention import (sine_bases, srpe_filter_sines_backward,
+                                   srpe_filter_sines_forward)
 
 from .triton_attention import _DTYPES, _INTERPRET, _launcher, _num_sms, _rel, _time_ms
 
@@ -56,9 +57,6 @@ class Launch(NamedTuple):
 FORWARD = Launch(block_n=64, rows=32, block_r=128, warps=4)
 BACKWARD = Launch(block_n=64, rows=32, block_r=64, warps=4)
 _BACKWARD_PER_SM = 4   # the backward splits the rows until about this many programs per SM run
-# the backward's CPU / float64 path (no kernel) builds the bases of this many bytes of positions at
-# a time: 4096 positions at 16 heads, d = 64, 8 sines (fp32)
-_BACKWARD_CHUNK_BYTES = 256 * 2 ** 20
 
 
 if triton is not None:
@@ -344,7 +342,8 @@ def _launch_backward(grad, x, theta, phase, weight, need_dz, need_dw, cfg=None, 
 
 
 def srpe_filter_sines_reference(x, theta, phase, weight):
-    """Plain torch: the bases (``sine_bases``, in x's dtype) into ``panther::srpe_filter``."""
+    """Plain torch: the whole sequence's bases (``sine_bases``, in x's dtype) into
+    ``panther::srpe_filter``; the bench's "materialised" route."""
     omega = sine_bases(theta, phase, x.shape[1]).to(x.dtype)
     return torch.ops.panther.srpe_filter(x, omega, weight)
 
@@ -355,7 +354,7 @@ def srpe_filter_sines_op(x: Tensor, theta: Tensor, phase: Optional[Tensor], weig
     _check(x, theta, phase, weight)
     if kernel_ok(x, theta, weight):
         return _launch(x, theta, phase, weight)
-    return srpe_filter_sines_reference(x, theta, phase, weight)
+    return srpe_filter_sines_forward(x, theta, phase, weight)
 
 
 def _setup_context(ctx, inputs, output):
@@ -366,7 +365,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     """The kernel's backward where it serves the call (bases rebuilt on chip), else
-    ``_backward_in_chunks``."""
+    ``srpe_filter_sines_backward`` (bases rebuilt a block of positions at a time)."""
     x, theta, phase, weight = ctx.saved_tensors
     if not ctx.has_phase:
         phase = None
@@ -375,42 +374,10 @@ def _backward(ctx, grad):
     if kernel_ok(x, theta, weight):
         dx, dtheta, dphase, dw = _launch_backward(grad, x, theta, phase, weight, need_dz, need_w)
     else:
-        dx, dtheta, dphase, dw = _backward_in_chunks(grad, x, theta, phase, weight,
-                                                     [need_x, need_theta or need_phase, need_w])
+        dx, dtheta, dphase, dw = srpe_filter_sines_backward(grad, x, theta, phase, weight,
+                                                            [need_x, need_theta or need_phase, need_w])
     return (dx if need_x else None, dtheta if need_theta else None, dphase if need_phase else None,
             dw if need_w else None)
-
-
-def _backward_in_chunks(grad, x, theta, phase, weight, need):
-    """The C++ backward on the bases of ``_BACKWARD_CHUNK_BYTES`` worth of positions at a time, so
-    that no step holds the bases of the whole sequence; d omega goes on to theta and the phases.
-    ``need``: dx, the angles' gradients, dweight."""
-    B, L, H, d = x.shape
-    S = theta.shape[2]
-    step = max(1, _BACKWARD_CHUNK_BYTES // (H * d * 2 * S * theta.element_size()))
-    dx = torch.empty_like(x) if need[0] else None
-    acc = torch.promote_types(weight.dtype, torch.float32)   # the weights' chunk sums: fp32 at least
-    dw = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need[2] else None
-    dtheta = torch.zeros_like(theta) if need[1] else None
-    dphase = torch.zeros_like(theta) if need[1] and phase is not None else None
-    for n0 in range(0, L, step):
-        n1 = min(L, n0 + step)
-        omega = sine_bases(theta, phase, n1 - n0, start=n0)
-        dxc, dom, dwc = torch.ops.panther.srpe_filter_backward(
-            grad[:, n0:n1].contiguous(), x[:, n0:n1], omega.to(x.dtype), weight, need)
-        if dx is not None:
-            dx[:, n0:n1] = dxc
-        if dw is not None:
-            dw += dwc
-        if need[1]:
-            # omega = [cos(a), sin(a)] with a = theta n + phase: d a = -sin(a) d cos + cos(a) d sin
-            dom = dom.to(theta.dtype)
-            dang = -omega[..., S:] * dom[..., :S] + omega[..., :S] * dom[..., S:]
-            n = torch.arange(n0, n1, device=x.device, dtype=theta.dtype).view(-1, 1, 1, 1)
-            dtheta += (dang * n).sum(0)
-            if dphase is not None:
-                dphase += dang.sum(0)
-    return dx, dtheta, dphase, (dw.to(weight.dtype) if dw is not None else None)
 
 
 srpe_filter_sines_op.register_autograd(_backward, setup_context=_setup_context)
@@ -452,7 +419,7 @@ def _peak_mib(fn, dev):
 def bench_srpe(cases=None, H=16, d=64, sines=8, R=64, dtype=torch.bfloat16, device="cuda"):
     """Rows timing ``sinSRPE.filter``'s contraction of the queries (phases on) both ways: the fused
     op (bases on chip) against the bases materialised by ``sine_bases`` and contracted by the C++
-    ``panther::srpe_filter`` (``srpe_filter_sines_reference``, the CPU path): forward, forward +
+    ``panther::srpe_filter`` (``srpe_filter_sines_reference``): forward, forward +
     backward (x, theta, phase and the weights all take gradients), each call's peak memory, and the
     forward's relative error between the two. ``cases``: (L, B) pairs. Off CUDA (the interpreter smoke
     test of this code) nothing is timed."""

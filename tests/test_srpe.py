@@ -213,3 +213,58 @@ def test_attention_with_srpe_never_builds_batched_codes():
     assert biggest < B * L * H * (E // H) * R // 2  # codes of all positions: 1/B of it
     for p in (pe.freqs, pe.phases, pe.scales, layer.Wq):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- sinSRPE.filter off CUDA
+def test_filter_builds_bases_a_block_of_positions_at_a_time(monkeypatch):
+    """Off CUDA the filter never builds the whole sequence's bases, forward or backward: with blocks of
+    4 positions over 11 (a tail), every ``sine_bases`` call covers at most 4, and the outputs and every
+    gradient (q, k, freqs, phases, scales) equal the codes' formula (``forward``'s materialised
+    codes contracted by einsum)."""
+    import panther.ops.attention as pa
+
+    pe = sinSRPE(2, 3, 2, num_realizations=5, seed=0, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 11, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(2, 9, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    params = [q, k, pe.freqs, pe.phases, pe.scales]
+    go_q, go_k = torch.randn(2, 11, 2, 5, dtype=torch.float64), torch.randn(2, 9, 2, 5, dtype=torch.float64)
+
+    qbar, _ = pe(11)
+    _, kbar = pe(9)
+    ref = (torch.einsum("blhd,lhdr->blhr", q, qbar[0]), torch.einsum("blhd,lhdr->blhr", k, kbar[0]))
+    ref_grads = torch.autograd.grad(ref, params, (go_q, go_k))
+
+    lengths = []
+    bases = pa.sine_bases
+
+    def spy(theta, phase, length, start=0):
+        lengths.append(length)
+        return bases(theta, phase, length, start)
+
+    monkeypatch.setattr(pa, "sine_bases", spy)
+    monkeypatch.setattr(pa, "SRPE_CHUNK_BYTES", 4 * 2 * 3 * 2 * 2 * 8)   # 4 positions (H·d·2S fp64)
+    got = pe.filter(q, k)
+    n_forward = len(lengths)
+    grads = torch.autograd.grad(got, params, (go_q, go_k))
+    assert max(lengths) == 4 and n_forward == 3 + 3 and len(lengths) == 2 * n_forward
+    for a, b in zip(got + grads, ref + ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_chunked_sines_gradcheck_and_no_positions(monkeypatch):
+    """float64 gradcheck of the blockwise contraction across block tails, with and without phases and
+    with only some inputs needing gradients; an empty sequence gives an empty output."""
+    import panther.ops.attention as pa
+
+    monkeypatch.setattr(pa, "SRPE_CHUNK_BYTES", 2 * 2 * 2 * 2 * 2 * 8)   # 2 positions
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 2, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    theta = (torch.rand(2, 2, 2, dtype=torch.float64, generator=g) * 0.5).requires_grad_()
+    phase = torch.randn(2, 2, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(2, 2, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    fn = pa.srpe_filter_sines_chunked
+    assert torch.autograd.gradcheck(fn, (x, theta, phase, w))
+    assert torch.autograd.gradcheck(lambda t, ww: fn(x.detach(), t, None, ww), (theta, w))
+    assert torch.autograd.gradcheck(lambda xx: fn(xx, theta.detach(), phase.detach(), w.detach()), (x,))
+    assert fn(x[:, :0], theta, phase, w).shape == (2, 0, 2, 3)

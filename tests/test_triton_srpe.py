@@ -13,7 +13,7 @@ import torch
 import panther  # noqa: F401
 from inductor_ext import triton_srpe as ts
 from panther.nn import sinSRPE
-from panther.ops.attention import sine_bases, srpe_filter_reference
+from panther.ops.attention import sine_bases, srpe_filter_reference, srpe_filter_sines_backward
 from interpret_common import run_interpreter_check  # tests/ is on sys.path
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -69,16 +69,21 @@ def test_gradcheck_float64(phase):
 
 
 @pytest.mark.parametrize("phase", [True, False])
-def test_backward_in_chunks_of_positions(monkeypatch, phase):
-    """The backward builds the bases a few positions at a time: the same gradients as in one go, and
-    gradcheck holds with chunk tails (9 positions in chunks of 4)."""
+def test_cpu_branch_in_chunks_of_positions(monkeypatch, phase):
+    """The CPU branch builds the bases a few positions at a time, forward and backward: the same
+    output and gradients as in one go, and gradcheck holds with chunk tails (9 positions in chunks
+    of 4)."""
+    import panther.ops.attention as pa
+
     args = [t.requires_grad_() if t is not None else None for t in inputs(phase=phase)]
     go = torch.randn(2, 9, 2, 5, dtype=torch.float64)
-    whole = torch.autograd.grad(ts.srpe_filter_sines(*args), [a for a in args if a is not None], go)
+    out = ts.srpe_filter_sines(*args)
+    whole = torch.autograd.grad(out, [a for a in args if a is not None], go)
     H, d, S = args[1].shape
-    monkeypatch.setattr(ts, "_BACKWARD_CHUNK_BYTES", 4 * H * d * 2 * S * 8)   # 4 positions (fp64)
-    chunked = torch.autograd.grad(ts.srpe_filter_sines(*args), [a for a in args if a is not None], go)
-    for a, b in zip(chunked, whole):
+    monkeypatch.setattr(pa, "SRPE_CHUNK_BYTES", 4 * H * d * 2 * S * 8)   # 4 positions (fp64)
+    out_chunked = ts.srpe_filter_sines(*args)
+    chunked = torch.autograd.grad(out_chunked, [a for a in args if a is not None], go)
+    for a, b in zip((out_chunked, *chunked), (out, *whole)):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(ts.srpe_filter_sines, args)
 
@@ -123,8 +128,8 @@ def test_cuda_backward_matches_chunked_path(dtype, tol):
     x, theta, ph, w = inputs(B=2, L=300, H=3, d=64, S=8, R=256, dtype=dtype, device="cuda")
     go = torch.randn(2, 300, 3, 256, device="cuda").to(dtype)
     fused = ts._launch_backward(go, x, theta, ph, w, True, True)
-    chunked = ts._backward_in_chunks(go.double(), x.double(), theta.double(), ph.double(), w.double(),
-                                     [True, True, True])
+    chunked = srpe_filter_sines_backward(go.double(), x.double(), theta.double(), ph.double(),
+                                         w.double(), [True, True, True])
     for name, a, b in zip(("dx", "dtheta", "dphase", "dweight"), fused, chunked):
         assert rel(a, b) < tol, name
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops.attention import sine_bases
+from ..ops.attention import sine_bases, srpe_filter_sines_chunked
 from ._checks import make_generator, positive_int
 from ._triton_ops import triton_op_or_none
 
@@ -142,14 +142,10 @@ class sinSRPE(nn.Module):
             if t.dim() != 4 or t.shape[2] != self.num_heads or t.shape[3] != self.perHead_in:
                 raise ValueError(f"sinSRPE.filter: {name} must be (B, L, {self.num_heads}, "
                                  f"{self.perHead_in}), got {tuple(t.shape)}")
-        dt = q.dtype
-        w = self.mixing().to(dt)
-        if q.is_cuda and _srpe_filter_sines is not None:
-            # CUDA: the bases built on chip, never materialised ((L, H, d, 2S) per queries and keys)
-            theta, phase = self.angles()
-            return _srpe_filter_sines(q, theta, phase, w), _srpe_filter_sines(k, theta, None, w)
-        length = max(q.shape[1], k.shape[1])
-        omega_q, omega_k = self.omegas(length)
-        qhat = torch.ops.panther.srpe_filter(q, omega_q[: q.shape[1]].to(dt), w)
-        khat = torch.ops.panther.srpe_filter(k, omega_k[: k.shape[1]].to(dt), w)
-        return qhat, khat
+        w = self.mixing().to(q.dtype)
+        theta, phase = self.angles()
+        # the bases, (L, H, d, 2S) per queries and keys, are never built whole: on CUDA the fused
+        # op builds them on chip, elsewhere a block of positions at a time (forward and backward)
+        sines = _srpe_filter_sines if q.is_cuda and _srpe_filter_sines is not None \
+            else srpe_filter_sines_chunked
+        return sines(q, theta, phase, w), sines(k, theta, None, w)

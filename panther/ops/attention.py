@@ -27,7 +27,6 @@ import math
 
 import torch
 
-from torch import Tensor
 
 __all__ = [
     "rf_attention",
@@ -36,6 +35,7 @@ __all__ = [
     "sine_bases",
     "srpe_filter",
     "srpe_filter_reference",
+    "srpe_filter_sines_chunked",
 ]
 
 _KERNELS = ("softmax", "relu")
@@ -109,6 +109,99 @@ def srpe_filter(x, omega, weight):
         TypeError: arguments of different or non-floating dtypes.
     """
     return torch.ops.panther.srpe_filter(x, omega, weight)
+
+
+# The sine-SRPE contraction with its bases built a block of positions at a time (CPU, float64, and
+# what the Triton op does not serve): no step holds the bases of the whole sequence, (L, H, d, 2S)
+# per queries and keys (2 GiB in bf16 at 65,536 positions, 16 heads, d = 64, 8 sines). A block
+# holds this many bytes of bases: 4096 positions at 16 heads, d = 64, 8 sines (fp32).
+SRPE_CHUNK_BYTES = 256 * 2 ** 20
+
+
+def _srpe_blocks(theta, length):
+    """Position ranges ``(n0, n1)`` of at most ``SRPE_CHUNK_BYTES`` of bases each."""
+    H, d, S = theta.shape
+    step = max(1, SRPE_CHUNK_BYTES // (H * d * 2 * S * theta.element_size()))
+    return [(n0, min(length, n0 + step)) for n0 in range(0, length, step)]
+
+
+def srpe_filter_sines_forward(x, theta, phase, weight):
+    """``srpe_filter(x, sine_bases(theta, phase, L), weight)`` with the bases built block by block
+    (``SRPE_CHUNK_BYTES``), in x's dtype."""
+    outs = [torch.ops.panther.srpe_filter(x[:, n0:n1],
+                                          sine_bases(theta, phase, n1 - n0, start=n0).to(x.dtype),
+                                          weight)
+            for n0, n1 in _srpe_blocks(theta, x.shape[1])]
+    if len(outs) == 1:
+        return outs[0]
+    if not outs:   # no positions
+        return torch.ops.panther.srpe_filter(x, sine_bases(theta, phase, 0).to(x.dtype), weight)
+    return torch.cat(outs, dim=1)
+
+
+def srpe_filter_sines_backward(grad, x, theta, phase, weight, need):
+    """The gradients ``(dx, dtheta, dphase, dweight)`` of :func:`srpe_filter_sines_forward`, the
+    bases rebuilt block by block; ``need``: dx, the angles' gradients, dweight (None where not
+    needed; dphase also None without a phase)."""
+    S = theta.shape[2]
+    dx = torch.empty_like(x) if need[0] else None
+    acc = torch.promote_types(weight.dtype, torch.float32)   # the weights' block sums: fp32 at least
+    dw = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need[2] else None
+    dtheta = torch.zeros_like(theta) if need[1] else None
+    dphase = torch.zeros_like(theta) if need[1] and phase is not None else None
+    for n0, n1 in _srpe_blocks(theta, x.shape[1]):
+        omega = sine_bases(theta, phase, n1 - n0, start=n0)
+        dxc, dom, dwc = torch.ops.panther.srpe_filter_backward(
+            grad[:, n0:n1].contiguous(), x[:, n0:n1], omega.to(x.dtype), weight, need)
+        if dx is not None:
+            dx[:, n0:n1] = dxc
+        if dw is not None:
+            dw += dwc
+        if need[1]:
+            # omega = [cos(a), sin(a)] with a = theta n + phase: d a = -sin(a) d cos + cos(a) d sin
+            dom = dom.to(theta.dtype)
+            dang = -omega[..., S:] * dom[..., :S] + omega[..., :S] * dom[..., S:]
+            n = torch.arange(n0, n1, device=x.device, dtype=theta.dtype).view(-1, 1, 1, 1)
+            dtheta += (dang * n).sum(0)
+            if dphase is not None:
+                dphase += dang.sum(0)
+    return dx, dtheta, dphase, (dw.to(weight.dtype) if dw is not None else None)
+
+
+class _SrpeSinesBlocks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, theta, phase, weight):
+        ctx.save_for_backward(x, theta, phase, weight)
+        ctx.has_phase = phase is not None
+        return srpe_filter_sines_forward(x, theta, phase, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, theta, phase, weight = ctx.saved_tensors
+        need_x, need_theta, need_phase, need_w = ctx.needs_input_grad
+        dx, dtheta, dphase, dw = srpe_filter_sines_backward(
+            grad, x, theta, phase if ctx.has_phase else None, weight,
+            [need_x, need_theta or need_phase, need_w])
+        return (dx if need_x else None, dtheta if need_theta else None,
+                dphase if need_phase else None, dw if need_w else None)
+
+
+def srpe_filter_sines_chunked(x, theta, phase, weight):
+    """The sine-SRPE contraction ``srpe_filter(x, sine_bases(theta, phase, L), weight)`` with the
+    bases built a block of positions at a time, forward and backward, so that memory does not grow
+    with the bases of the whole sequence. :meth:`panther.nn.sinSRPE.filter` takes it where the
+    fused Triton op (bases built on chip) does not serve the call.
+
+    Args:
+        x: queries or keys ``(B, L, H, d)``.
+        theta: angular frequencies ``(H, d, S)``.
+        phase: phases ``(H, d, S)`` in theta's dtype, or None.
+        weight: mixing ``(H, d, 2S, R)`` in x's dtype.
+
+    Returns:
+        ``(B, L, H, R)`` in x's dtype.
+    """
+    return _SrpeSinesBlocks.apply(x, theta, phase, weight)
 
 
 # ------------------------------------------------------------------------------------------
