@@ -167,7 +167,7 @@ def sweep_grad_pass(in_features=8192, out_features=8192, batch=16384, num_terms=
     GL, GH = mk(H, in_features), mk(H, in_features)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 2
     rows = []
-    for cfg in _GRAD_PASS_CANDIDATES[torch.empty((), dtype=dtype).element_size()]:
+    for cfg in _GRAD_PASS_CANDIDATES[dtype.itemsize]:
         J = -(-out_features // cfg[1])
         # fp32 calls keep fp32 partials (bf16 ones would cost fp32's accuracy)
         for part_dtype in (torch.float32,) if dtype == torch.float32 else (torch.float32, torch.bfloat16):

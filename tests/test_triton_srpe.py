@@ -70,9 +70,9 @@ def test_gradcheck_float64(phase):
 
 @pytest.mark.parametrize("phase", [True, False])
 def test_cpu_branch_in_chunks_of_positions(monkeypatch, phase):
-    """The CPU branch builds the bases a few positions at a time, forward and backward: the same
-    output and gradients as in one go, and gradcheck holds with chunk tails (9 positions in chunks
-    of 4)."""
+    """The CPU branch builds the bases a few positions at a time, forward and backward (every
+    ``sine_bases`` call covers at most 4 of the 9 positions): the same output and gradients as in
+    one go, and gradcheck holds with chunk tails."""
     import panther.ops.attention as pa
 
     args = [t.requires_grad_() if t is not None else None for t in inputs(phase=phase)]
@@ -80,9 +80,12 @@ def test_cpu_branch_in_chunks_of_positions(monkeypatch, phase):
     out = ts.srpe_filter_sines(*args)
     whole = torch.autograd.grad(out, [a for a in args if a is not None], go)
     H, d, S = args[1].shape
+    lengths, bases = [], pa.sine_bases
+    monkeypatch.setattr(pa, "sine_bases", lambda *a, **kw: lengths.append(a[2]) or bases(*a, **kw))
     monkeypatch.setattr(pa, "SRPE_CHUNK_BYTES", 4 * H * d * 2 * S * 8)   # 4 positions (fp64)
     out_chunked = ts.srpe_filter_sines(*args)
     chunked = torch.autograd.grad(out_chunked, [a for a in args if a is not None], go)
+    assert lengths == [4, 4, 1] * 2            # forward, then backward
     for a, b in zip((out_chunked, *chunked), (out, *whole)):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(ts.srpe_filter_sines, args)

@@ -119,10 +119,11 @@ SRPE_CHUNK_BYTES = 256 * 2 ** 20
 
 
 def _srpe_blocks(theta, length):
-    """Position ranges ``(n0, n1)`` of at most ``SRPE_CHUNK_BYTES`` of bases each."""
+    """Position ranges ``(n0, n1)`` of at most ``SRPE_CHUNK_BYTES`` of bases each (no positions:
+    one empty range)."""
     H, d, S = theta.shape
     step = max(1, SRPE_CHUNK_BYTES // (H * d * 2 * S * theta.element_size()))
-    return [(n0, min(length, n0 + step)) for n0 in range(0, length, step)]
+    return [(n0, min(length, n0 + step)) for n0 in range(0, max(length, 1), step)]
 
 
 def srpe_filter_sines_forward(x, theta, phase, weight):
@@ -132,11 +133,7 @@ def srpe_filter_sines_forward(x, theta, phase, weight):
                                           sine_bases(theta, phase, n1 - n0, start=n0).to(x.dtype),
                                           weight)
             for n0, n1 in _srpe_blocks(theta, x.shape[1])]
-    if len(outs) == 1:
-        return outs[0]
-    if not outs:   # no positions
-        return torch.ops.panther.srpe_filter(x, sine_bases(theta, phase, 0).to(x.dtype), weight)
-    return torch.cat(outs, dim=1)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def srpe_filter_sines_backward(grad, x, theta, phase, weight, need):
