@@ -615,8 +615,13 @@ def chain_from_partials(parts, GL, GH, E=None, alpha_p=1.0, *, dtype, bias=None,
     return Y, P
 
 
-# The op's forward in two launches above this many output elements (``split_chain``).
+# The op's forward in two launches above this many output elements (``split_chain``), for inputs of
+# these element sizes. fp32 keeps one launch: its split measured slower (H200, 16,384 × 8192 → 8192,
+# k = 16: 0.721 ms replayed from a CUDA graph against the fused kernel's 0.585 eager), and with one
+# launch an eager call under CUDA-graph capture runs the config its warm-up call autotuned (the
+# split's first launch would autotune a new key, which capture forbids).
 SPLIT_MIN_OUTPUT = 1 << 26
+SPLIT_ELEMENT_SIZES = (2,)
 
 
 def split_chain(X, FL, FH, GL, GH, bias=None, alpha_y=1.0, *, config=None, col_groups=None,
@@ -684,8 +689,8 @@ def _chain_forward(x, S1s, S2s, U1s, U2s, bias, in_op=True):
     if _kernel_ok(x, 2 * H):
         # two launches only where a launch costs little: inside the op (compiled graphs) and under
         # CUDA-graph capture; a plain eager call's extra launch made it CPU-bound (split_chain)
-        split = x2.shape[0] * d_out >= SPLIT_MIN_OUTPUT and (
-            in_op or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+        split = (x.element_size() in SPLIT_ELEMENT_SIZES and x2.shape[0] * d_out >= SPLIT_MIN_OUTPUT
+                 and (in_op or (x.is_cuda and torch.cuda.is_current_stream_capturing())))
         chain = split_chain if split else lowrank_chain
         y2, xA2 = chain(x2, _half_in(S1s), _half_in(U2s), _half_out(U1s), _half_out(S2s),
                         bias=bias, alpha_y=1.0 / (2 * L), in_op=in_op)

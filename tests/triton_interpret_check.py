@@ -207,7 +207,8 @@ if __name__ == "__main__":
     grad_cases()
     # again with every output above the split threshold: the op's forward in two launches (plain
     # eager calls, and so grad_cases, keep the fused kernel)
-    tlin.SPLIT_MIN_OUTPUT, threshold = 0, tlin.SPLIT_MIN_OUTPUT
+    saved = tlin.SPLIT_MIN_OUTPUT, tlin.SPLIT_ELEMENT_SIZES
+    tlin.SPLIT_MIN_OUTPUT, tlin.SPLIT_ELEMENT_SIZES = 0, (2, 4)
     op_cases()
-    tlin.SPLIT_MIN_OUTPUT = threshold
+    tlin.SPLIT_MIN_OUTPUT, tlin.SPLIT_ELEMENT_SIZES = saved
     print("ALL OK")
