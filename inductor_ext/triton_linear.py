@@ -75,6 +75,12 @@ MAX_RANK = 256
 # 2Lk = 32: fused 0.151 ms, two GEMMs 0.164; 2Lk = 64: 0.175 vs 0.166; 2Lk = 128 (16384 -> 16384):
 # 0.443 vs 0.349. The interpreter (CPU CI) keeps checking the kernel up to MAX_RANK.
 CUDA_FUSED_MAX_RANK = 32
+# fp32 on a GPU: the fused kernel only from this many rows (x's leading dimensions together). Below it
+# cuBLAS's two GEMMs were faster at every width measured, forward and forward+backward; at 16,384 rows
+# the fused kernel was faster at every width (H200, k = 16, 768 to 8192 features, CUDA-graph medians;
+# e.g. forward 256 rows × 8192: 0.177 ms against 0.027, 16,384 rows: 0.586 against 0.688; table in
+# docs/benchmarks.md, eighteenth session). Half precision has no such bound.
+CUDA_FP32_FUSED_MIN_ROWS = 16384
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -667,7 +673,8 @@ def _kernel_ok(t, rank):
     if _autotuned(_dot_width(rank // 2), t.element_size()) is None:
         return False
     if t.device.type == "cuda":
-        return rank <= CUDA_FUSED_MAX_RANK
+        rows = t.numel() // max(t.shape[-1], 1)
+        return rank <= CUDA_FUSED_MAX_RANK and (t.dtype != torch.float32 or rows >= CUDA_FP32_FUSED_MIN_ROWS)
     return _INTERPRET and t.device.type == "cpu"
 
 

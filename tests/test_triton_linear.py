@@ -33,6 +33,16 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+_FP32_MIN_ROWS = tlin.CUDA_FP32_FUSED_MIN_ROWS
+
+
+@pytest.fixture(autouse=True)
+def _fp32_fused_at_any_rows(monkeypatch):
+    """The CUDA tests' small fp32 calls run the fused kernels too (production sends fp32 calls below
+    ``CUDA_FP32_FUSED_MIN_ROWS`` rows to cuBLAS: ``test_cuda_fp32_below_the_row_bound_takes_the_gemms``)."""
+    monkeypatch.setattr(tlin, "CUDA_FP32_FUSED_MIN_ROWS", 0)
+
+
 # ------------------------------------------------------------------ interpreter (CPU CI)
 @pytest.mark.skipif(tlin.triton is None, reason="needs triton")
 def test_kernel_arithmetic_in_triton_interpreter():
@@ -234,6 +244,29 @@ def test_cuda_gradients_against_float64(dtype, tol):
     want = torch.autograd.grad(sketched_linear_reference(*ref_in), ref_in, gy.double())
     for a, b in zip(got, want):
         assert rel(a, b) < tol
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_fp32_below_the_row_bound_takes_the_gemms(monkeypatch):
+    """fp32 on a GPU runs the fused kernels from ``CUDA_FP32_FUSED_MIN_ROWS`` rows (x's leading dimensions
+    together) and cuBLAS's GEMMs below, forward and backward; half precision runs them at any rows."""
+    monkeypatch.setattr(tlin, "CUDA_FP32_FUSED_MIN_ROWS", _FP32_MIN_ROWS)
+    launches = []
+    chain, grads = tlin.lowrank_chain, tlin.grad_pass
+    monkeypatch.setattr(tlin, "lowrank_chain", lambda *a, **kw: launches.append("fwd") or chain(*a, **kw))
+    monkeypatch.setattr(tlin, "grad_pass", lambda *a, **kw: launches.append("bwd") or grads(*a, **kw))
+    for lead, dtype, fused in [((_FP32_MIN_ROWS - 1,), torch.float32, False),
+                               ((2, _FP32_MIN_ROWS // 2), torch.float32, True),
+                               ((37,), torch.bfloat16, True)]:
+        args = factors(1, 64, 4, 48, lead=lead, dtype=dtype, device="cuda", requires_grad=True)
+        y = tlin.sketched_linear_triton(*args)
+        torch.autograd.grad(y, [a for a in args if a.requires_grad], torch.ones_like(y))
+        if fused:   # the forward's launch, then the backward's
+            assert launches[:1] == ["fwd"] and len(launches) >= 2, (lead, dtype, launches)
+        else:
+            assert not launches, (lead, dtype, launches)
+        launches.clear()
 
 
 @pytest.mark.cuda
