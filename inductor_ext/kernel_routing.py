@@ -55,14 +55,13 @@ def _linear_args(n):
 
 def linear_routed(x, S1s, S2s, U1s, U2s, bias=None) -> bool:
     """Whether the backend sends a ``panther.sketched_linear`` call with these (example) arguments to the
-    fused Triton op: CUDA, half precision (where it was measured faster than the GEMMs), one device and
-    dtype for all, a rank the kernel serves on a GPU."""
+    fused Triton op: CUDA, one device and dtype for all, where the fused kernel serves the call on a GPU
+    (``triton_linear._kernel_ok``: a rank up to ``CUDA_FUSED_MAX_RANK``, and for fp32 at least
+    ``CUDA_FP32_FUSED_MIN_ROWS`` rows, where it was measured faster than the GEMMs)."""
     from .triton_linear import _kernel_ok
 
     tensors = [t for t in (x, S1s, S2s, U1s, U2s, bias) if t is not None]
     if not all(isinstance(t, torch.Tensor) for t in tensors) or x.device.type != "cuda":
-        return False
-    if x.dtype not in (torch.bfloat16, torch.float16):
         return False
     if any(t.device != x.device or t.dtype != x.dtype for t in tensors):
         return False

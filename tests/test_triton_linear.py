@@ -358,21 +358,24 @@ def test_backend_routes_sketched_linear_to_the_triton_twin(bias_as):
     torch.testing.assert_close(gm(*args), fn(*args), rtol=1e-6, atol=1e-6)
 
 
-def test_backend_keeps_the_cpp_linear_where_the_kernels_do_not_serve():
-    """The route's check declines CPU tensors, float32 and a rank above the GPU kernel's; under autocast
-    nothing is routed (the twins have no autocast kernel), while the same graph is routed without it."""
+def test_backend_keeps_the_cpp_linear_where_the_kernels_do_not_serve(monkeypatch):
+    """The route's check declines CPU tensors, float32 below the GPU kernel's row bound and a rank above
+    its bound; under autocast nothing is routed (the twins have no autocast kernel), while the same graph
+    is routed without it."""
     from inductor_ext.kernel_routing import _linear_ok, linear_routed
 
+    monkeypatch.setattr(tlin, "CUDA_FP32_FUSED_MIN_ROWS", _FP32_MIN_ROWS)
     x, S1s, S2s, U1s, U2s, b = factors(1, 9, 3, 7, dtype=torch.float32)
     assert not linear_routed(x, S1s, S2s, U1s, U2s, b)   # CPU tensors
     with torch._subclasses.fake_tensor.FakeTensorMode():   # CUDA example values, no GPU needed
-        def cuda(dtype, k=3, d_in=9, d_out=7):
+        def cuda(dtype, k=3, d_in=9, d_out=7, rows=4):
             mk = lambda *shape: torch.empty(*shape, device="cuda", dtype=dtype)  # noqa: E731
-            return [mk(4, d_in), mk(1, d_in, k), mk(1, k, d_out), mk(1, k, d_out), mk(1, d_in, k), mk(d_out)]
-        # the fused kernel itself serves all three (its CPU checks run in the interpreter), but the route
-        # sends half precision only, at 2Lk <= CUDA_FUSED_MAX_RANK
+            return [mk(rows, d_in), mk(1, d_in, k), mk(1, k, d_out), mk(1, k, d_out), mk(1, d_in, k), mk(d_out)]
+        # the fused kernel itself serves all of them (its CPU checks run in the interpreter); the route
+        # sends half precision at 2Lk <= CUDA_FUSED_MAX_RANK, and fp32 from CUDA_FP32_FUSED_MIN_ROWS rows
         assert linear_routed(*cuda(torch.bfloat16)) and linear_routed(*cuda(torch.float16))
         assert not linear_routed(*cuda(torch.float32))
+        assert linear_routed(*cuda(torch.float32, rows=_FP32_MIN_ROWS))
         assert not linear_routed(*cuda(torch.bfloat16, k=tlin.CUDA_FUSED_MAX_RANK))
         mixed = cuda(torch.bfloat16)
         mixed[-1] = mixed[-1].float()
