@@ -76,8 +76,9 @@ MAX_RANK = 256
 # 0.443 vs 0.349. The interpreter (CPU CI) keeps checking the kernel up to MAX_RANK.
 CUDA_FUSED_MAX_RANK = 32
 # fp32 on a GPU: the fused kernel only from this many rows (x's leading dimensions together). Below it
-# cuBLAS's two GEMMs were faster at every width measured, forward and forward+backward; at 16,384 rows
-# the fused kernel was faster at every width (H200, k = 16, 768 to 8192 features, CUDA-graph medians;
+# (256 and 2048 rows) cuBLAS's two GEMMs were faster at every width measured in the forward, and in
+# forward+backward at all but one shape; at 16,384 rows the fused kernel was faster at every width
+# (H200, k = 16, 768 to 8192 features, CUDA-graph medians;
 # e.g. forward 256 rows × 8192: 0.177 ms against 0.027, 16,384 rows: 0.586 against 0.688; table in
 # docs/benchmarks.md, eighteenth session). Half precision has no such bound.
 CUDA_FP32_FUSED_MIN_ROWS = 16384
