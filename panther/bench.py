@@ -175,10 +175,8 @@ def _attend(q):
     triton is present), the C++ op elsewhere."""
     from .nn import attention as rmha
 
-    rmha._load_triton_attention()
-    if q.is_cuda and rmha._rf_attention_triton is not None:
-        return rmha._rf_attention_triton
-    return torch.ops.panther.rf_attention
+    rmha.triton_attention.load()
+    return rmha.triton_attention.for_input(q, torch.ops.panther.rf_attention)
 
 
 def _per_token_causal(q, k, v, proj):

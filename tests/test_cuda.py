@@ -80,7 +80,7 @@ def test_rand_mha_uses_the_triton_kernels_on_cuda():
     from panther.nn import RandMultiHeadAttention, attention
 
     layer = RandMultiHeadAttention(128, 4, 64, iscausal=True, seed=0).cuda()
-    assert attention._rf_attention_triton is not None
+    assert attention.triton_attention.op is not None
     x = torch.randn(2, 300, 128, device="cuda") * 0.5
     with torch.no_grad():
         out, _ = layer(x, x, x)

@@ -151,7 +151,7 @@ def test_cuda_filter_takes_the_fused_op():
     sines, the scales and the inputs."""
     from panther.nn import srpe
     pe = sinSRPE(2, 16, 4, num_realizations=32, seed=0)
-    assert srpe._srpe_filter_sines is not None
+    assert srpe.triton_srpe.op is not None
     q, k = torch.randn(2, 50, 2, 16), torch.randn(2, 40, 2, 16)
     grads = []
     for module, dev in ((pe, "cpu"), (copy.deepcopy(pe).cuda(), "cuda")):

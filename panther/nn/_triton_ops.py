@@ -18,3 +18,21 @@ def triton_op_or_none(module, name):
         return getattr(importlib.import_module(module), name)
     except ImportError:  # no triton: the C++ ops serve CUDA too
         return None
+
+
+class LazyTritonOp:
+    """One Triton op of ``inductor_ext`` for a layer: ``load()`` imports it (``triton_op_or_none``; the
+    layer calls it at construction), ``for_input`` picks it for CUDA inputs."""
+
+    def __init__(self, module, name):
+        self.module, self.name = module, name
+        self.op = None   # set by load() where CUDA and triton exist
+
+    def load(self):
+        if self.op is None:
+            self.op = triton_op_or_none(self.module, self.name)
+        return self.op
+
+    def for_input(self, x, otherwise):
+        """The Triton op for a CUDA tensor ``x`` once loaded, else ``otherwise``."""
+        return self.op if x.is_cuda and self.op is not None else otherwise

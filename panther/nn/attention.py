@@ -9,18 +9,12 @@ from torch.nn import functional as F
 
 from ..sketch import orthogonal_random_features
 from ._checks import make_generator
-from ._triton_ops import triton_op_or_none
+from ._triton_ops import LazyTritonOp
 from .srpe import sinSRPE
 
 __all__ = ["RandMultiHeadAttention"]
 
-_rf_attention_triton = None  # the Triton op, loaded when a layer is built on a machine with CUDA
-
-
-def _load_triton_attention():
-    global _rf_attention_triton
-    if _rf_attention_triton is None:
-        _rf_attention_triton = triton_op_or_none("inductor_ext.triton_attention", "rf_attention_triton")
+triton_attention = LazyTritonOp("inductor_ext.triton_attention", "rf_attention_triton")
 
 
 _KERNELS = ("softmax", "relu")
@@ -114,7 +108,7 @@ class RandMultiHeadAttention(nn.Module):
         _verify(embed_dim, num_heads, num_random_features, dropout, bias, kernel_fn, iscausal,
                 SRPE)
         super().__init__()
-        _load_triton_attention()
+        triton_attention.load()
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -219,8 +213,7 @@ class RandMultiHeadAttention(nn.Module):
             v = v * (keep.to(v.dtype) / (1.0 - self.dropout))
         # CUDA: the fused Triton kernels (feature maps never reach HBM); they route what they do not cover
         # (float64, wide heads, m > 256) to the C++ op themselves.
-        attend = _rf_attention_triton if (q.is_cuda and _rf_attention_triton is not None) else \
-            torch.ops.panther.rf_attention
+        attend = triton_attention.for_input(q, torch.ops.panther.rf_attention)
         out = attend(q, k, v, self.projection_matrix, self.kernel_fn, self.causal, None, attention_mask)
         out = out.transpose(1, 2).reshape(B, Lq, self.embed_dim)
         return F.linear(out, self.W0, self.b0), None

@@ -26,17 +26,11 @@ from torch.nn import functional as F
 
 from ..ops.attention import sine_bases, srpe_filter_sines_chunked
 from ._checks import make_generator, positive_int
-from ._triton_ops import triton_op_or_none
+from ._triton_ops import LazyTritonOp
 
 __all__ = ["sinSRPE"]
 
-_srpe_filter_sines = None  # the Triton op, loaded when a module is built on a machine with CUDA
-
-
-def _load_triton_srpe():
-    global _srpe_filter_sines
-    if _srpe_filter_sines is None:
-        _srpe_filter_sines = triton_op_or_none("inductor_ext.triton_srpe", "srpe_filter_sines")
+triton_srpe = LazyTritonOp("inductor_ext.triton_srpe", "srpe_filter_sines")
 
 
 class sinSRPE(nn.Module):
@@ -92,7 +86,7 @@ class sinSRPE(nn.Module):
         self.phases = nn.Parameter(phases.to(**factory))
         self.scales = nn.Parameter(scales.to(**factory))
         self.register_buffer("z", z.to(**factory))
-        _load_triton_srpe()
+        triton_srpe.load()
 
     def extra_repr(self):
         return (f"num_heads={self.num_heads}, perHead_in={self.perHead_in}, sines={self.sines}, "
@@ -146,6 +140,5 @@ class sinSRPE(nn.Module):
         theta, phase = self.angles()
         # the bases, (L, H, d, 2S) per queries and keys, are never built whole: on CUDA the fused
         # op builds them on chip, elsewhere a block of positions at a time (forward and backward)
-        sines = _srpe_filter_sines if q.is_cuda and _srpe_filter_sines is not None \
-            else srpe_filter_sines_chunked
+        sines = triton_srpe.for_input(q, srpe_filter_sines_chunked)
         return sines(q, theta, phase, w), sines(k, theta, None, w)
