@@ -674,8 +674,10 @@ def _kernel_ok(t, rank):
     if _autotuned(_dot_width(rank // 2), t.element_size()) is None:
         return False
     if t.device.type == "cuda":
-        rows = t.numel() // max(t.shape[-1], 1)
-        return rank <= CUDA_FUSED_MAX_RANK and (t.dtype != torch.float32 or rows >= CUDA_FP32_FUSED_MIN_ROWS)
+        rows = math.prod(t.shape[:-1])
+        # (a symbolic row count is guarded on: a compiled graph recompiles across the bound)
+        return rank <= CUDA_FUSED_MAX_RANK and (t.dtype != torch.float32
+                                                or bool(rows >= CUDA_FP32_FUSED_MIN_ROWS))
     return _INTERPRET and t.device.type == "cpu"
 
 

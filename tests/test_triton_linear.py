@@ -246,6 +246,26 @@ def test_cuda_gradients_against_float64(dtype, tol):
         assert rel(a, b) < tol
 
 
+@pytest.mark.parametrize("rows", [_FP32_MIN_ROWS - 1, _FP32_MIN_ROWS])
+def test_fp32_row_bound_on_symbolic_rows_is_a_guard(monkeypatch, rows):
+    """With a dynamic batch the fp32 row bound is decided by the row count's hint and recorded as a shape
+    guard (a compiled graph recompiles across it); half precision adds no guard."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    monkeypatch.setattr(tlin, "CUDA_FP32_FUSED_MIN_ROWS", _FP32_MIN_ROWS)
+    env = ShapeEnv()
+    with FakeTensorMode(shape_env=env):   # CUDA example values, no GPU needed
+        n = env.create_symintnode(env.create_symbol(rows, ConstantSource("n"), dynamic_dim=DimDynamic.DYNAMIC),
+                                  hint=rows)
+        assert tlin._kernel_ok(torch.empty(n, 9, device="cuda", dtype=torch.bfloat16), 6) is True
+        assert not env.guards
+        fused = tlin._kernel_ok(torch.empty(n, 9, device="cuda"), 6)
+    assert fused is (rows >= _FP32_MIN_ROWS)
+    assert len(env.guards) == 1
+
+
 @pytest.mark.cuda
 @cuda_only
 def test_cuda_fp32_below_the_row_bound_takes_the_gemms(monkeypatch):
