@@ -897,11 +897,17 @@ def sketched_linear_triton(x, S1s, S2s, U1s, U2s, bias=None):
 
 def _checked_forward(x, S1s, S2s, U1s, U2s, bias):
     _check_args(x, S1s, S2s, U1s, U2s, bias)
-    if direct_launch_ok() and _kernel_ok(x, 2 * S1s.shape[0] * S1s.shape[2]):
-        args = (x, S1s, S2s, U1s, U2s, bias)
+    args = (x, S1s, S2s, U1s, U2s, bias)
+    served = _kernel_ok(x, 2 * S1s.shape[0] * S1s.shape[2])
+    if x.device.type != "cpu" and not served:
+        # a GPU call the fused kernel does not serve: the op would run the C++ op's two GEMMs at three
+        # times its Python cost per call (tiny shapes, 2-core CPU host: forward 63 µs against 20,
+        # forward+backward 343 against 214). CPU calls keep the op: its CPU branch is the same math.
+        return torch.ops.panther.sketched_linear(*args)
+    if served and direct_launch_ok():
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
             return _EagerChain.apply(*args)
         # nothing to differentiate: the kernels without autograd.Function's cost (about 23 µs of
         # Python per call on the 2-core CI machine)
         return _chain_forward(*args, in_op=False)[0]
-    return torch.ops.panther.sketched_linear_triton_fwd(x, S1s, S2s, U1s, U2s, bias)[0]
+    return torch.ops.panther.sketched_linear_triton_fwd(*args)[0]

@@ -125,6 +125,31 @@ def test_backward_flops_are_six_nlk_plus_bias_column():
     assert counter.get_total_flops() == 6 * N * L * k * (d_in + d_out) + 2 * N * d_out
 
 
+@pytest.mark.parametrize("device,op", [("cuda", "sketched_linear_fwd"), ("cpu", "sketched_linear_triton_fwd")])
+def test_gpu_calls_the_kernels_do_not_serve_take_the_cpp_op(monkeypatch, device, op):
+    """A GPU call the fused kernel does not serve (here fp32 below the row bound) runs the C++ op itself:
+    the same GEMMs, less Python per call; a CPU call goes through the Triton op's CPU branch. Fake
+    tensors: no GPU needed (the served GPU calls: ``test_cuda_fp32_below_the_row_bound_takes_the_gemms``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func._opname)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(tlin, "CUDA_FP32_FUSED_MIN_ROWS", _FP32_MIN_ROWS)
+    seen = []
+    with FakeTensorMode():
+        args = [torch.empty(s, device=device) for s in
+                ((4, 40), (1, 40, 4), (1, 4, 24), (1, 4, 24), (1, 40, 4), (24,))]
+        with Ops():
+            y = tlin.sketched_linear_triton(*args)
+    assert y.shape == (4, 24) and y.device.type == device
+    # the C++ op reaches the dispatcher as its forward, panther::sketched_linear_fwd
+    assert op in seen and ({"sketched_linear_fwd", "sketched_linear_triton_fwd"} - {op}).isdisjoint(seen), seen
+
+
 def test_autocast_cpu_bfloat16():
     args = [a.float() if a is not None else None for a in factors(1, 32, 4, 16)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
