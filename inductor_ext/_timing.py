@@ -17,8 +17,11 @@ def median_ms(fn, rep=200):
 
 def graph_median_ms(fn, rep=200):
     """Median ms of ``fn`` replayed from a CUDA graph (``do_bench_cudagraph``): its GPU time without
-    Python and launch overhead, as ``torch.compile(mode="reduce-overhead")`` runs it. None where
-    the call cannot be captured (e.g. autograd calls that allocate outside the graph pool)."""
+    Python and launch overhead, as ``torch.compile(mode="reduce-overhead")`` runs it. None, with a
+    warning that says why, where the call cannot be captured (a silent blank once hid a capture bug:
+    docs/benchmarks.md, eighteenth session)."""
+    import warnings
+
     import torch
     from triton.testing import do_bench_cudagraph
 
@@ -26,5 +29,7 @@ def graph_median_ms(fn, rep=200):
     torch.cuda.synchronize()
     try:
         return do_bench_cudagraph(fn, rep=rep, return_mode="median")
-    except Exception:  # noqa: BLE001 - not capturable: the eager median stands alone
+    except Exception as e:  # noqa: BLE001 - not capturable: the eager median stands alone
+        warnings.warn(f"not timed from a CUDA graph: the capture failed with {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}", stacklevel=2)
         return None
