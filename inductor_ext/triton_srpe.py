@@ -369,13 +369,11 @@ def _backward(ctx, grad):
     x, theta, phase, weight = ctx.saved_tensors
     if not ctx.has_phase:
         phase = None
+    if not kernel_ok(x, theta, weight):
+        return srpe_filter_sines_backward(grad, x, theta, phase, weight, ctx.needs_input_grad)
     need_x, need_theta, need_phase, need_w = ctx.needs_input_grad
-    need_dz = need_x or need_theta or need_phase
-    if kernel_ok(x, theta, weight):
-        dx, dtheta, dphase, dw = _launch_backward(grad, x, theta, phase, weight, need_dz, need_w)
-    else:
-        dx, dtheta, dphase, dw = srpe_filter_sines_backward(grad, x, theta, phase, weight,
-                                                            [need_x, need_theta or need_phase, need_w])
+    dx, dtheta, dphase, dw = _launch_backward(grad, x, theta, phase, weight,
+                                              need_x or need_theta or need_phase, need_w)
     return (dx if need_x else None, dtheta if need_theta else None, dphase if need_phase else None,
             dw if need_w else None)
 

@@ -136,11 +136,12 @@ def srpe_filter_sines_forward(x, theta, phase, weight):
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
-def srpe_filter_sines_backward(grad, x, theta, phase, weight, need):
+def srpe_filter_sines_backward(grad, x, theta, phase, weight, needs):
     """The gradients ``(dx, dtheta, dphase, dweight)`` of :func:`srpe_filter_sines_forward`, the
-    bases rebuilt block by block; ``need``: dx, the angles' gradients, dweight (None where not
-    needed; dphase also None without a phase)."""
+    bases rebuilt block by block; ``needs``: which of the four an autograd backward wants
+    (``ctx.needs_input_grad``), the others None (dphase also None without a phase)."""
     S = theta.shape[2]
+    need = [needs[0], needs[1] or needs[2], needs[3]]   # the C++ backward's: dx, d omega, dweight
     dx = torch.empty_like(x) if need[0] else None
     acc = torch.promote_types(weight.dtype, torch.float32)   # the weights' block sums: fp32 at least
     dw = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need[2] else None
@@ -162,7 +163,8 @@ def srpe_filter_sines_backward(grad, x, theta, phase, weight, need):
             dtheta += (dang * n).sum(0)
             if dphase is not None:
                 dphase += dang.sum(0)
-    return dx, dtheta, dphase, (dw.to(weight.dtype) if dw is not None else None)
+    return (dx, dtheta if needs[1] else None, dphase if needs[2] else None,
+            dw.to(weight.dtype) if dw is not None else None)
 
 
 class _SrpeSinesBlocks(torch.autograd.Function):
@@ -175,12 +177,8 @@ class _SrpeSinesBlocks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, theta, phase, weight = ctx.saved_tensors
-        need_x, need_theta, need_phase, need_w = ctx.needs_input_grad
-        dx, dtheta, dphase, dw = srpe_filter_sines_backward(
-            grad, x, theta, phase if ctx.has_phase else None, weight,
-            [need_x, need_theta or need_phase, need_w])
-        return (dx if need_x else None, dtheta if need_theta else None,
-                dphase if need_phase else None, dw if need_w else None)
+        return srpe_filter_sines_backward(grad, x, theta, phase if ctx.has_phase else None, weight,
+                                          ctx.needs_input_grad)
 
 
 def srpe_filter_sines_chunked(x, theta, phase, weight):
