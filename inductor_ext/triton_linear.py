@@ -902,8 +902,8 @@ def _checked_forward(x, S1s, S2s, U1s, U2s, bias):
     if x.is_cuda and not served:
         # a GPU call the fused kernel does not serve: the op would run the C++ op's two GEMMs at three
         # times its Python cost per call (tiny shapes, 2-core CPU host: forward 63 µs against 20,
-        # forward+backward 343 against 214). Other devices keep the op: its torch branch is the same
-        # math (on CPU, the C++ op's too).
+        # forward+backward 343 against 214; the script is in docs/benchmarks.md, eighteenth session).
+        # Other devices keep the op: its torch branch is the same math (on CPU, the C++ op's too).
         return torch.ops.panther.sketched_linear(*args)
     if served and direct_launch_ok():
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
