@@ -124,7 +124,7 @@ if triton is not None:
     @triton.jit
     def _sketched_linear_chain_kernel(
         X, FL, FH, GL, GH, BIAS, E, Y, P,
-        M, D_IN, D_OUT, H,
+        M, D_IN, D_OUT, H, HF, HG,
         sxm, sxd,
         sfl_d, sfl_h, sfh_d, sfh_h,
         sgl_h, sgl_n, sgh_h, sgh_n,
@@ -144,7 +144,8 @@ if triton is not None:
     ):
         """P = alpha_p·X·[FL | FH] (+ E);  Y = alpha_y·(P_L·GL + P_H·GH) (+ bias).
 
-        X (M, D_IN); FL, FH (D_IN, H); GL, GH (H, D_OUT); E, P (M, 2H); Y (M, D_OUT); all strided.
+        X (M, D_IN); FL, FH (D_IN, HF); GL, GH (HG, D_OUT); E, P (M, 2H); Y (M, D_OUT); all strided.
+        HF, HG: H, or H_PAD for halves zero-padded to whole vectors (``_vector_halves``).
         Grid: (row blocks, column groups). Column group g writes a contiguous range of Y's column
         tiles; every group recomputes its rows' P (only group 0 stores it). One group is the
         memory-floor layout (x read once); more groups only help when there are few row blocks.
@@ -164,7 +165,7 @@ if triton is not None:
         mask_h = offs_h < H
         ph_mask = mask_m[:, None] & mask_h[None, :]
         if NPART == 0:
-            acc_l, acc_h = _chain_xf(X, FL, FH, rows, mask_m, offs_h, mask_h, D_IN, sxm, sxd,
+            acc_l, acc_h = _chain_xf(X, FL, FH, rows, mask_m, offs_h, offs_h < HF, D_IN, sxm, sxd,
                                      sfl_d, sfl_h, sfh_d, sfh_h, H_PAD, DOT_MODE, BLOCK_M, BLOCK_K)
         else:
             acc_l = tl.zeros((BLOCK_M, H_PAD), dtype=tl.float32)
@@ -205,7 +206,7 @@ if triton is not None:
             if HAS_BIAS:
                 bias_tile = bias_next
                 bias_next = tl.load(BIAS + cols + BLOCK_N, mask=(cols + BLOCK_N) < D_OUT, other=0.0)
-            g_mask = mask_h[:, None] & mask_n[None, :]
+            g_mask = (offs_h < HG)[:, None] & mask_n[None, :]
             gl = tl.load(GL + offs_h[:, None] * sgl_h + cols[None, :] * sgl_n, mask=g_mask, other=0.0)
             gh = tl.load(GH + offs_h[:, None] * sgh_h + cols[None, :] * sgh_n, mask=g_mask, other=0.0)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -487,9 +488,11 @@ def lowrank_chain(X, FL, FH, GL, GH, bias=None, E=None, alpha_p=1.0, alpha_y=1.0
     if M == 0:
         return Y, P
     h_pad = _dot_width(H)
+    (FL, FH), HF = _vector_halves(FL, FH, 1, h_pad)
+    (GL, GH), HG = _vector_halves(GL, GH, 0, h_pad)
     groups = col_groups if col_groups is not None else _column_groups(M, D_OUT, X.device)
     args = (X, FL, FH, GL, GH, bias if bias is not None else X, E if E is not None else X, Y, P,
-            M, D_IN, D_OUT, H,
+            M, D_IN, D_OUT, H, HF, HG,
             X.stride(0), X.stride(1),
             FL.stride(0), FL.stride(1), FH.stride(0), FH.stride(1),
             GL.stride(0), GL.stride(1), GH.stride(0), GH.stride(1),
@@ -605,9 +608,10 @@ def chain_from_partials(parts, GL, GH, E=None, alpha_p=1.0, *, dtype, bias=None,
     bm, bn, warps, stages = config or (_INTERPRET_GRAD_CONFIG if _INTERPRET else
                                        _PARTIALS_CONFIG[dtype.itemsize])
     col_groups = col_groups or _PARTIALS_COL_GROUPS[dtype.itemsize]
+    (GL, GH), HG = _vector_halves(GL, GH, 0, _dot_width(H))
     _launcher(_sketched_linear_chain_kernel, in_op)[(triton.cdiv(M, bm), col_groups)](
         parts, GL, GH, GL, GH, bias if bias is not None else Y, E if E is not None else Y, Y, P,
-        M, 0, D_OUT, H,
+        M, 0, D_OUT, H, H, HG,
         parts.stride(1), parts.stride(0),
         0, 0, 0, 0,
         GL.stride(0), GL.stride(1), GH.stride(0), GH.stride(1),
@@ -645,6 +649,23 @@ def split_chain(X, FL, FH, GL, GH, bias=None, alpha_y=1.0, *, config=None, col_g
     Y, _ = chain_from_partials(P[None], GL, GH, dtype=X.dtype, bias=bias, alpha_y=alpha_y,
                                config=config, col_groups=col_groups, in_op=in_op)
     return Y, P
+
+
+def _vector_halves(TL, TH, h_axis, h_pad):
+    """``((TL, TH), n)``: two factor halves with H entries along ``h_axis``, zero-padded to ``h_pad``
+    entries (n = h_pad) where that axis is their contiguous one and H < h_pad, else as given (n = H).
+    The kernel loads whole 16-byte vectors of a padded half. A view with, say, 8 contiguous entries per
+    row it loads element by element: neither its mask nor its row stride is a multiple of 16 it can
+    prove. The zeros add nothing to the products."""
+    H = TL.shape[h_axis]
+    if H >= h_pad or TL.numel() == 0 or all(T.stride(h_axis) != 1 for T in (TL, TH)):
+        return (TL, TH), H
+
+    def pad(T):
+        T = T if h_axis == 1 else T.mT
+        T = torch.nn.functional.pad(T, (0, h_pad - H))
+        return T if h_axis == 1 else T.mT
+    return (pad(TL), pad(TH)), h_pad
 
 
 def _launcher(kernel, in_op=True):

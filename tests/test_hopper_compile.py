@@ -177,3 +177,32 @@ def test_causal_outputs_with_statistics_compile_near_the_plain_kernel():
 
     plain, with_stats = sass_lines(None), sass_lines(torch.zeros(2, 3, 1024))
     assert with_stats <= 1.1 * plain, (with_stats, plain)
+
+
+@pytest.mark.slow
+def test_narrow_factor_halves_load_as_vectors():
+    """Factor halves of 8 bf16 columns (k = 8) are zero-padded to 16 before the chain kernel loads them
+    (``_vector_halves``). As 8-column views the kernel loaded them element by element: the forward's
+    loop had 34 two-byte loads where k = 16 has none, and the backward's dx launch lost its
+    asynchronous copies. On the H200 that made k = 8 slower than k = 16 (docs/benchmarks.md)."""
+    def chain_launches(k):
+        x, g = _randn(256, 512), _randn(256, 384)
+        S1s, U2s, S2s, U1s = _randn(1, 512, k), _randn(1, 512, k), _randn(1, k, 384), _randn(1, k, 384)
+        xA = _randn(256, 2 * k)
+
+        def run():
+            tlin.lowrank_chain(x, tlin._half_in(S1s), tlin._half_in(U2s), tlin._half_out(U1s),
+                               tlin._half_out(S2s), bias=_randn(384), alpha_y=0.5)
+            parts, _, _ = tlin.grad_pass(g, xA[:, k:], tlin._half_out(U1s).mT, tlin._half_out(S2s).mT)
+            tlin.chain_from_partials(parts, tlin._half_in(S1s).mT, tlin._half_in(U2s).mT, xA, 0.5, dtype=bf16)
+        fwd, _, _, dx = expand_autotuned(record_launches(run, tlin))
+        try:
+            return compile_sm90(fwd).sass, compile_sm90(dx).sass
+        except (ImportError, FileNotFoundError, AttributeError) as e:  # triton API drift / no ptxas
+            pytest.skip(f"cannot compile for sm_90 offline with this triton: {e!r}")
+
+    (fwd8, dx8), (fwd16, _) = chain_launches(8), chain_launches(16)
+    vectors = lambda sass: len(re.findall(r"\bLDGSTS\.E\.BYPASS\.128\b", sass))  # noqa: E731
+    assert vectors(fwd8) == vectors(fwd16) > 0
+    assert len(re.findall(r"\bLDG\.E\.U16\b", fwd8)) <= len(re.findall(r"\bLDG\.E\.U16\b", fwd16))
+    assert "LDGSTS" in dx8
