@@ -80,8 +80,20 @@ CUDA_FUSED_MAX_RANK = 32
 # forward+backward at all but one shape; at 16,384 rows the fused kernel was faster at every width
 # (H200, k = 16, 768 to 8192 features, CUDA-graph medians;
 # e.g. forward 256 rows × 8192: 0.177 ms against 0.027, 16,384 rows: 0.586 against 0.688; table in
-# docs/benchmarks.md, eighteenth session). Half precision has no such bound.
+# docs/benchmarks.md, eighteenth session).
 CUDA_FP32_FUSED_MIN_ROWS = 16384
+# Half precision on a GPU: the fused kernels from this many rows per feature of the layer's wider side
+# (in or out), for layers wider than CUDA_HALF_ANY_ROWS_MAX_WIDTH. With fewer rows they have too few
+# programs, each walking a whole side of the layer, and cuBLAS's GEMMs (split over it) win. Measured on
+# the H200 (bf16, k = 16, CUDA-graph medians; docs/benchmarks.md, nineteenth session): e.g. one row of
+# 16384 -> 16384, forward 0.051 ms against 0.012; from 8192 rows 0.167 against 0.179. The backward's
+# pass over g (split into column groups) catches up with cuBLAS at about half the forward's rows.
+CUDA_HALF_FUSED_MIN_ROWS_PER_FEATURE = {"forward": 0.5, "backward": 0.25}
+CUDA_HALF_ANY_ROWS_MAX_WIDTH = 2048
+# Ranks whose halves are zero-padded (``_vector_halves``; L·k < 16, e.g. k = 8) pay the copies in
+# every forward: there the fused forward only won from 8192 rows, at every width measured (2048 to
+# 16384; e.g. 2048 -> 2048 at 4096 rows 0.024 ms against 0.018, at 8192 rows 0.033 against 0.037).
+CUDA_PADDED_FORWARD_MIN_ROWS = 8192
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -688,18 +700,29 @@ def _half_out(T):
     return T.reshape(L * k, d)
 
 
-def _kernel_ok(t, rank):
-    """Whether the fused kernel serves this call (else: the two-GEMM torch math)."""
+def _kernel_ok(t, rank, widest=None, direction="forward"):
+    """Whether the fused kernels serve this call (else: the two-GEMM torch math). ``t``: x for the
+    forward, grad_y for the backward (``direction``), whose leading dimensions are the rows; ``widest``:
+    the layer's wider side, max(in, out) features (None: ``t``'s last dimension)."""
     if triton is None or rank > MAX_RANK or t.dtype not in _DTYPES:
         return False
     if _autotuned(_dot_width(rank // 2), t.element_size()) is None:
         return False
     if t.device.type == "cuda":
-        rows = math.prod(t.shape[:-1])
-        # (a symbolic row count is guarded on: a compiled graph recompiles across the bound)
-        return rank <= CUDA_FUSED_MAX_RANK and (t.dtype != torch.float32
-                                                or bool(rows >= CUDA_FP32_FUSED_MIN_ROWS))
+        return rank <= CUDA_FUSED_MAX_RANK and _enough_rows(t, rank, widest or t.shape[-1], direction)
     return _INTERPRET and t.device.type == "cpu"
+
+
+def _enough_rows(t, rank, widest, direction):
+    """Whether a GPU call has the rows from which the fused kernels beat cuBLAS's GEMMs (a symbolic row
+    count is guarded on: a compiled graph recompiles across the bound)."""
+    rows = math.prod(t.shape[:-1])
+    if t.dtype == torch.float32:
+        return bool(rows >= CUDA_FP32_FUSED_MIN_ROWS)
+    bound = 0 if widest <= CUDA_HALF_ANY_ROWS_MAX_WIDTH else widest * CUDA_HALF_FUSED_MIN_ROWS_PER_FEATURE[direction]
+    if direction == "forward" and rank // 2 < _dot_width(rank // 2):
+        bound = max(bound, CUDA_PADDED_FORWARD_MIN_ROWS)
+    return bool(rows >= bound) if bound else True
 
 
 def _with_last(t, lead, last):
@@ -717,7 +740,7 @@ def _chain_forward(x, S1s, S2s, U1s, U2s, bias, in_op=True):
     H = L * k
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)
-    if _kernel_ok(x, 2 * H):
+    if _kernel_ok(x, 2 * H, max(d_in, d_out)):
         # two launches only where a launch costs little: inside the op (compiled graphs) and under
         # CUDA-graph capture; a plain eager call's extra launch made it CPU-bound (split_chain)
         split = (x.element_size() in SPLIT_ELEMENT_SIZES and x2.shape[0] * d_out >= SPLIT_MIN_OUTPUT
@@ -751,7 +774,7 @@ def _chain_backward(grad_y, grad_xA, S1s, S2s, U1s, U2s, in_op=True):
     lead = grad_y.shape[:-1]
     g = grad_y.reshape(-1, d_out)
     e = grad_xA.reshape(-1, 2 * H) if grad_xA is not None else None
-    if _kernel_ok(grad_y, 2 * H):
+    if _kernel_ok(grad_y, 2 * H, max(d_in, d_out), "backward"):
         # The forward chain with roles swapped: F = Bmᵀ halves, G = Aᵀ halves (transposed views).
         dx2, dxA2 = lowrank_chain(g, _half_out(U1s).mT, _half_out(S2s).mT, _half_in(S1s).mT,
                                   _half_in(U2s).mT, E=e, alpha_p=1.0 / (2 * L), in_op=in_op)
@@ -793,7 +816,7 @@ def _chain_grads(grad_y, grad_xA, xA, S1s, S2s, U1s, U2s, need_dx, need_U1, need
     e = grad_xA.reshape(-1, 2 * H) if grad_xA is not None else None
     # the columns of xA whose product with g is needed: [xA_U1 | xA_S2] (contiguous either way)
     xA_sel = xA2[:, (0 if need_U1 else H):(2 * H if need_S2 else H)]
-    if _kernel_ok(grad_y, 2 * H):
+    if _kernel_ok(grad_y, 2 * H, max(d_in, d_out), "backward"):
         parts, dB, db = grad_pass(g, xA_sel, _half_out(U1s).mT, _half_out(S2s).mT, need_dbias=need_db,
                                   scale=scale, out_dtype=g.dtype, in_op=in_op)
         GL, GH = _half_in(S1s).mT, _half_in(U2s).mT
@@ -921,7 +944,7 @@ def sketched_linear_triton(x, S1s, S2s, U1s, U2s, bias=None):
 def _checked_forward(x, S1s, S2s, U1s, U2s, bias):
     _check_args(x, S1s, S2s, U1s, U2s, bias)
     args = (x, S1s, S2s, U1s, U2s, bias)
-    served = _kernel_ok(x, 2 * S1s.shape[0] * S1s.shape[2])
+    served = _kernel_ok(x, 2 * S1s.shape[0] * S1s.shape[2], max(S1s.shape[1], S2s.shape[2]))
     if x.is_cuda and not served:
         # a GPU call the fused kernel does not serve: the op would run the C++ op's two GEMMs at three
         # times its Python cost per call (tiny shapes, 2-core CPU host: forward 63 µs against 20,

@@ -34,13 +34,25 @@ def rel(a, b):
 
 
 _FP32_MIN_ROWS = tlin.CUDA_FP32_FUSED_MIN_ROWS
+_HALF_ANY_ROWS_WIDTH = tlin.CUDA_HALF_ANY_ROWS_MAX_WIDTH
+
+
+_PADDED_MIN_ROWS = tlin.CUDA_PADDED_FORWARD_MIN_ROWS
+
+
+def _real_row_bounds(monkeypatch):
+    monkeypatch.setattr(tlin, "CUDA_FP32_FUSED_MIN_ROWS", _FP32_MIN_ROWS)
+    monkeypatch.setattr(tlin, "CUDA_HALF_ANY_ROWS_MAX_WIDTH", _HALF_ANY_ROWS_WIDTH)
+    monkeypatch.setattr(tlin, "CUDA_PADDED_FORWARD_MIN_ROWS", _PADDED_MIN_ROWS)
 
 
 @pytest.fixture(autouse=True)
-def _fp32_fused_at_any_rows(monkeypatch):
-    """The CUDA tests' small fp32 calls run the fused kernels too (production sends fp32 calls below
-    ``CUDA_FP32_FUSED_MIN_ROWS`` rows to cuBLAS: ``test_cuda_fp32_below_the_row_bound_takes_the_gemms``)."""
+def _fused_at_any_rows(monkeypatch):
+    """The CUDA tests' small calls run the fused kernels at any row count (production sends calls below
+    its row bounds to cuBLAS: ``test_cuda_below_the_row_bounds_takes_the_gemms``)."""
     monkeypatch.setattr(tlin, "CUDA_FP32_FUSED_MIN_ROWS", 0)
+    monkeypatch.setattr(tlin, "CUDA_HALF_ANY_ROWS_MAX_WIDTH", 1 << 62)
+    monkeypatch.setattr(tlin, "CUDA_PADDED_FORWARD_MIN_ROWS", 0)
 
 
 # ------------------------------------------------------------------ interpreter (CPU CI)
@@ -129,7 +141,7 @@ def test_backward_flops_are_six_nlk_plus_bias_column():
 def test_gpu_calls_the_kernels_do_not_serve_take_the_cpp_op(monkeypatch, device, op):
     """A GPU call the fused kernel does not serve (here fp32 below the row bound) runs the C++ op itself:
     the same GEMMs, less Python per call; a CPU call goes through the Triton op's CPU branch. Fake
-    tensors: no GPU needed (the served GPU calls: ``test_cuda_fp32_below_the_row_bound_takes_the_gemms``)."""
+    tensors: no GPU needed (the served GPU calls: ``test_cuda_below_the_row_bounds_takes_the_gemms``)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -138,7 +150,7 @@ def test_gpu_calls_the_kernels_do_not_serve_take_the_cpp_op(monkeypatch, device,
             seen.append(func._opname)
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(tlin, "CUDA_FP32_FUSED_MIN_ROWS", _FP32_MIN_ROWS)
+    _real_row_bounds(monkeypatch)
     seen = []
     with FakeTensorMode():
         args = [torch.empty(s, device=device) for s in
@@ -271,40 +283,72 @@ def test_cuda_gradients_against_float64(dtype, tol):
         assert rel(a, b) < tol
 
 
-@pytest.mark.parametrize("rows", [_FP32_MIN_ROWS - 1, _FP32_MIN_ROWS])
-def test_fp32_row_bound_on_symbolic_rows_is_a_guard(monkeypatch, rows):
-    """With a dynamic batch the fp32 row bound is decided by the row count's hint and recorded as a shape
-    guard (a compiled graph recompiles across it); half precision adds no guard."""
+_WIDE = 2 * _HALF_ANY_ROWS_WIDTH   # a half-precision width with a row bound
+
+
+@pytest.mark.parametrize("dtype,width,rank,direction,bound", [
+    (torch.float32, 9, 6, "forward", _FP32_MIN_ROWS),
+    (torch.bfloat16, _WIDE, 32, "forward", _WIDE * tlin.CUDA_HALF_FUSED_MIN_ROWS_PER_FEATURE["forward"]),
+    (torch.float16, _WIDE, 32, "backward", _WIDE * tlin.CUDA_HALF_FUSED_MIN_ROWS_PER_FEATURE["backward"]),
+    (torch.bfloat16, 64, 6, "forward", _PADDED_MIN_ROWS)])
+@pytest.mark.parametrize("below", [True, False])
+def test_row_bound_on_symbolic_rows_is_a_guard(monkeypatch, dtype, width, rank, direction, bound, below):
+    """With a dynamic batch a row bound is decided by the row count's hint and recorded as a shape guard
+    (a compiled graph recompiles across it). Half precision with whole 16-column halves, at widths with
+    no bound, adds no guard."""
     from torch._dynamo.source import ConstantSource
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
-    monkeypatch.setattr(tlin, "CUDA_FP32_FUSED_MIN_ROWS", _FP32_MIN_ROWS)
+    _real_row_bounds(monkeypatch)
+    rows = int(bound) - 1 if below else int(bound)
     env = ShapeEnv()
     with FakeTensorMode(shape_env=env):   # CUDA example values, no GPU needed
         n = env.create_symintnode(env.create_symbol(rows, ConstantSource("n"), dynamic_dim=DimDynamic.DYNAMIC),
                                   hint=rows)
-        assert tlin._kernel_ok(torch.empty(n, 9, device="cuda", dtype=torch.bfloat16), 6) is True
+        narrow = torch.empty(n, _HALF_ANY_ROWS_WIDTH, device="cuda", dtype=torch.bfloat16)
+        assert tlin._kernel_ok(narrow, 32, direction=direction) is True
         assert not env.guards
-        fused = tlin._kernel_ok(torch.empty(n, 9, device="cuda"), 6)
-    assert fused is (rows >= _FP32_MIN_ROWS)
+        fused = tlin._kernel_ok(torch.empty(n, width, device="cuda", dtype=dtype), rank, direction=direction)
+    assert fused is (not below)
     assert len(env.guards) == 1
+
+
+def test_row_bound_takes_the_wider_side_of_the_layer(monkeypatch):
+    """A layer is as wide as its wider side: few rows into a narrow input of a wide layer, or g of a
+    narrow output, still take the GEMMs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _real_row_bounds(monkeypatch)
+    with FakeTensorMode():
+        few = torch.empty(8, 64, device="cuda", dtype=torch.bfloat16)
+        assert tlin._kernel_ok(few, 32)
+        assert not tlin._kernel_ok(few, 32, _WIDE)
+        assert not tlin._kernel_ok(few, 32, _WIDE, "backward")
 
 
 @pytest.mark.cuda
 @cuda_only
-def test_cuda_fp32_below_the_row_bound_takes_the_gemms(monkeypatch):
-    """fp32 on a GPU runs the fused kernels from ``CUDA_FP32_FUSED_MIN_ROWS`` rows (x's leading dimensions
-    together) and cuBLAS's GEMMs below, forward and backward; half precision runs them at any rows."""
-    monkeypatch.setattr(tlin, "CUDA_FP32_FUSED_MIN_ROWS", _FP32_MIN_ROWS)
+def test_cuda_below_the_row_bounds_takes_the_gemms(monkeypatch):
+    """On a GPU the fused kernels run from their row bounds (x's leading dimensions together) and
+    cuBLAS's GEMMs below, forward and backward: fp32 from ``CUDA_FP32_FUSED_MIN_ROWS`` rows; half
+    precision at any rows up to ``CUDA_HALF_ANY_ROWS_MAX_WIDTH`` features and from a number of rows per
+    feature above it, and narrow (padded) ranks from ``CUDA_PADDED_FORWARD_MIN_ROWS`` rows."""
+    _real_row_bounds(monkeypatch)
     launches = []
     chain, grads = tlin.lowrank_chain, tlin.grad_pass
     monkeypatch.setattr(tlin, "lowrank_chain", lambda *a, **kw: launches.append("fwd") or chain(*a, **kw))
     monkeypatch.setattr(tlin, "grad_pass", lambda *a, **kw: launches.append("bwd") or grads(*a, **kw))
-    for lead, dtype, fused in [((_FP32_MIN_ROWS - 1,), torch.float32, False),
-                               ((2, _FP32_MIN_ROWS // 2), torch.float32, True),
-                               ((37,), torch.bfloat16, True)]:
-        args = factors(1, 64, 4, 48, lead=lead, dtype=dtype, device="cuda", requires_grad=True)
+    wide_rows = int(_WIDE * tlin.CUDA_HALF_FUSED_MIN_ROWS_PER_FEATURE["forward"])
+    for lead, d_in, k, dtype, fused in [((_FP32_MIN_ROWS - 1,), 64, 4, torch.float32, False),
+                                        ((2, _FP32_MIN_ROWS // 2), 64, 4, torch.float32, True),
+                                        ((37,), 64, 16, torch.bfloat16, True),
+                                        ((37,), _WIDE, 16, torch.bfloat16, False),
+                                        ((wide_rows - 1,), _WIDE, 16, torch.float16, False),
+                                        ((2, wide_rows // 2), _WIDE, 16, torch.bfloat16, True),
+                                        ((_PADDED_MIN_ROWS - 1,), 64, 4, torch.bfloat16, False),
+                                        ((_PADDED_MIN_ROWS,), 64, 4, torch.bfloat16, True)]:
+        args = factors(1, d_in, k, 48, lead=lead, dtype=dtype, device="cuda", requires_grad=True)
         y = tlin.sketched_linear_triton(*args)
         torch.autograd.grad(y, [a for a in args if a.requires_grad], torch.ones_like(y))
         if fused:   # the forward's launch, then the backward's
@@ -409,11 +453,11 @@ def test_backend_keeps_the_cpp_linear_where_the_kernels_do_not_serve(monkeypatch
     is routed without it."""
     from inductor_ext.kernel_routing import _linear_ok, linear_routed
 
-    monkeypatch.setattr(tlin, "CUDA_FP32_FUSED_MIN_ROWS", _FP32_MIN_ROWS)
+    _real_row_bounds(monkeypatch)
     x, S1s, S2s, U1s, U2s, b = factors(1, 9, 3, 7, dtype=torch.float32)
     assert not linear_routed(x, S1s, S2s, U1s, U2s, b)   # CPU tensors
     with torch._subclasses.fake_tensor.FakeTensorMode():   # CUDA example values, no GPU needed
-        def cuda(dtype, k=3, d_in=9, d_out=7, rows=4):
+        def cuda(dtype, k=16, d_in=9, d_out=7, rows=4):
             mk = lambda *shape: torch.empty(*shape, device="cuda", dtype=dtype)  # noqa: E731
             return [mk(rows, d_in), mk(1, d_in, k), mk(1, k, d_out), mk(1, k, d_out), mk(1, d_in, k), mk(d_out)]
         # the fused kernel itself serves all of them (its CPU checks run in the interpreter); the route
@@ -421,6 +465,13 @@ def test_backend_keeps_the_cpp_linear_where_the_kernels_do_not_serve(monkeypatch
         assert linear_routed(*cuda(torch.bfloat16)) and linear_routed(*cuda(torch.float16))
         assert not linear_routed(*cuda(torch.float32))
         assert linear_routed(*cuda(torch.float32, rows=_FP32_MIN_ROWS))
+        # wide half-precision layers from their row bound
+        wide_rows = int(_WIDE * tlin.CUDA_HALF_FUSED_MIN_ROWS_PER_FEATURE["forward"])
+        assert not linear_routed(*cuda(torch.bfloat16, d_in=_WIDE, rows=wide_rows - 1))
+        assert linear_routed(*cuda(torch.bfloat16, d_in=_WIDE, rows=wide_rows))
+        # ranks with padded halves from their own bound
+        assert not linear_routed(*cuda(torch.bfloat16, k=3))
+        assert linear_routed(*cuda(torch.bfloat16, k=3, rows=_PADDED_MIN_ROWS))
         assert not linear_routed(*cuda(torch.bfloat16, k=tlin.CUDA_FUSED_MAX_RANK))
         mixed = cuda(torch.bfloat16)
         mixed[-1] = mixed[-1].float()
