@@ -709,7 +709,8 @@ def _kernel_ok(t, rank, widest=None, direction="forward"):
     if _autotuned(_dot_width(rank // 2), t.element_size()) is None:
         return False
     if t.device.type == "cuda":
-        return rank <= CUDA_FUSED_MAX_RANK and _enough_rows(t, rank, widest or t.shape[-1], direction)
+        widest = t.shape[-1] if widest is None else widest
+        return rank <= CUDA_FUSED_MAX_RANK and _enough_rows(t, rank, widest, direction)
     return _INTERPRET and t.device.type == "cpu"
 
 
@@ -719,8 +720,10 @@ def _enough_rows(t, rank, widest, direction):
     rows = math.prod(t.shape[:-1])
     if t.dtype == torch.float32:
         return bool(rows >= CUDA_FP32_FUSED_MIN_ROWS)
-    bound = 0 if widest <= CUDA_HALF_ANY_ROWS_MAX_WIDTH else widest * CUDA_HALF_FUSED_MIN_ROWS_PER_FEATURE[direction]
-    if direction == "forward" and rank // 2 < _dot_width(rank // 2):
+    bound = 0
+    if widest > CUDA_HALF_ANY_ROWS_MAX_WIDTH:
+        bound = widest * CUDA_HALF_FUSED_MIN_ROWS_PER_FEATURE[direction]
+    if direction == "forward" and rank // 2 < _dot_width(rank // 2):   # padded halves
         bound = max(bound, CUDA_PADDED_FORWARD_MIN_ROWS)
     return bool(rows >= bound) if bound else True
 
