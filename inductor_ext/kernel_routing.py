@@ -56,17 +56,17 @@ def _linear_args(n):
 def linear_routed(x, S1s, S2s, U1s, U2s, bias=None) -> bool:
     """Whether the backend sends a ``panther.sketched_linear`` call with these (example) arguments to the
     fused Triton op: CUDA, one device and dtype for all, where the fused kernel serves the call on a GPU
-    (``triton_linear._kernel_ok``: a rank up to ``CUDA_FUSED_MAX_RANK``, and the rows from which it was
+    (``triton_linear._served``: a rank up to ``CUDA_FUSED_MAX_RANK``, and the rows from which it was
     measured faster than the GEMMs: ``CUDA_FP32_FUSED_MIN_ROWS`` for fp32, a number per feature for
     wide half-precision layers)."""
-    from .triton_linear import _kernel_ok
+    from .triton_linear import _served
 
     tensors = [t for t in (x, S1s, S2s, U1s, U2s, bias) if t is not None]
     if not all(isinstance(t, torch.Tensor) for t in tensors) or x.device.type != "cuda":
         return False
     if any(t.device != x.device or t.dtype != x.dtype for t in tensors):
         return False
-    return _kernel_ok(x, 2 * S1s.shape[0] * S1s.shape[2], max(S1s.shape[1], S2s.shape[2]))
+    return _served(x, S1s, S2s)
 
 
 def _linear_ok(gm, n):

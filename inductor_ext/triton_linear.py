@@ -714,6 +714,12 @@ def _kernel_ok(t, rank, widest=None, direction="forward"):
     return _INTERPRET and t.device.type == "cpu"
 
 
+def _served(t, S1s, S2s, direction="forward"):
+    """``_kernel_ok`` for a call with these factors: rank 2·L·k, the layer's wider side max(in, out)."""
+    L, d_in, k = S1s.shape
+    return _kernel_ok(t, 2 * L * k, max(d_in, S2s.shape[-1]), direction)
+
+
 def _enough_rows(t, rank, widest, direction):
     """Whether a GPU call has the rows from which the fused kernels beat cuBLAS's GEMMs (a symbolic row
     count is guarded on: a compiled graph recompiles across the bound)."""
@@ -743,7 +749,7 @@ def _chain_forward(x, S1s, S2s, U1s, U2s, bias, in_op=True):
     H = L * k
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)
-    if _kernel_ok(x, 2 * H, max(d_in, d_out)):
+    if _served(x, S1s, S2s):
         # two launches only where a launch costs little: inside the op (compiled graphs) and under
         # CUDA-graph capture; a plain eager call's extra launch made it CPU-bound (split_chain)
         split = (x.element_size() in SPLIT_ELEMENT_SIZES and x2.shape[0] * d_out >= SPLIT_MIN_OUTPUT
@@ -777,7 +783,7 @@ def _chain_backward(grad_y, grad_xA, S1s, S2s, U1s, U2s, in_op=True):
     lead = grad_y.shape[:-1]
     g = grad_y.reshape(-1, d_out)
     e = grad_xA.reshape(-1, 2 * H) if grad_xA is not None else None
-    if _kernel_ok(grad_y, 2 * H, max(d_in, d_out), "backward"):
+    if _served(grad_y, S1s, S2s, "backward"):
         # The forward chain with roles swapped: F = Bmᵀ halves, G = Aᵀ halves (transposed views).
         dx2, dxA2 = lowrank_chain(g, _half_out(U1s).mT, _half_out(S2s).mT, _half_in(S1s).mT,
                                   _half_in(U2s).mT, E=e, alpha_p=1.0 / (2 * L), in_op=in_op)
@@ -819,7 +825,7 @@ def _chain_grads(grad_y, grad_xA, xA, S1s, S2s, U1s, U2s, need_dx, need_U1, need
     e = grad_xA.reshape(-1, 2 * H) if grad_xA is not None else None
     # the columns of xA whose product with g is needed: [xA_U1 | xA_S2] (contiguous either way)
     xA_sel = xA2[:, (0 if need_U1 else H):(2 * H if need_S2 else H)]
-    if _kernel_ok(grad_y, 2 * H, max(d_in, d_out), "backward"):
+    if _served(grad_y, S1s, S2s, "backward"):
         parts, dB, db = grad_pass(g, xA_sel, _half_out(U1s).mT, _half_out(S2s).mT, need_dbias=need_db,
                                   scale=scale, out_dtype=g.dtype, in_op=in_op)
         GL, GH = _half_in(S1s).mT, _half_in(U2s).mT
@@ -828,8 +834,9 @@ def _chain_grads(grad_y, grad_xA, xA, S1s, S2s, U1s, U2s, need_dx, need_U1, need
         dx2, dxA2 = chain_from_partials(parts, GL, GH, e, scale, dtype=grad_y.dtype, in_op=in_op)
     else:
         dx2, dxA2 = _torch_dx_dxA(g, e, S1s, S2s, U1s, U2s, need_dx)
-        # GEMMs accumulate in fp32 and apply alpha before their one rounding; no fp32 copy of g (such
-        # copies made this path 2.4x slower than the C++ op's backward on the H200, 16384 -> 16384)
+        # GEMMs accumulate in fp32 and apply alpha before their one rounding; no fp32 copy of g (with
+        # such copies the op's forward+backward took 0.471 ms against the C++ op's 0.195: H200, bf16,
+        # 2048 rows of 16384 -> 16384; docs/benchmarks.md, nineteenth session)
         dB = torch.addmm(g.new_empty((xA_sel.shape[1], d_out)), xA_sel.mT, g, beta=0, alpha=scale)
         acc = torch.promote_types(g.dtype, torch.float32)   # float64 stays float64
         db = g.sum(0, dtype=acc).to(g.dtype) if need_db else g.new_empty((0,))
@@ -947,7 +954,7 @@ def sketched_linear_triton(x, S1s, S2s, U1s, U2s, bias=None):
 def _checked_forward(x, S1s, S2s, U1s, U2s, bias):
     _check_args(x, S1s, S2s, U1s, U2s, bias)
     args = (x, S1s, S2s, U1s, U2s, bias)
-    served = _kernel_ok(x, 2 * S1s.shape[0] * S1s.shape[2], max(S1s.shape[1], S2s.shape[2]))
+    served = _served(x, S1s, S2s)
     if x.is_cuda and not served:
         # a GPU call the fused kernel does not serve: the op would run the C++ op's two GEMMs at three
         # times its Python cost per call (tiny shapes, 2-core CPU host: forward 63 µs against 20,

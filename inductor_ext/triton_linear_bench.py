@@ -69,7 +69,7 @@ def bench_triton_linear(in_features=8192, out_features=8192, batch=16384, num_te
     fwd_floor = (x.numel() + N * d_out) * esize / bw + factor_bytes / bw
     # what sketched_linear_triton runs at this rank: the fused kernel or (2Lk above
     # CUDA_FUSED_MAX_RANK) two cuBLAS GEMMs
-    path = "fused kernel" if tlin._kernel_ok(x, 2 * L * k, max(x.shape[-1], d_out)) else "two cuBLAS GEMMs"
+    path = "fused kernel" if tlin._served(x, S1s, S2s) else "two cuBLAS GEMMs"
     with torch.no_grad():
         # the C++ op's math with factors concatenated ahead of time (its best case)
         timed("fwd: cuBLAS two-GEMM (x@A, addmm; A, Bm prebuilt)", lambda: torch.addmm(bias, x @ A, Bm), fwd_floor)
@@ -106,7 +106,7 @@ def bench_triton_linear(in_features=8192, out_features=8192, batch=16384, num_te
             grads = torch.ops.panther.sketched_linear_triton_grads
             timed(f"  part: one pass over g: dx, dxA, dS2s, db ({path})",
                   lambda: grads(gy, None, xA, *fac, True, False, True, True))
-            if tlin._kernel_ok(gy, 2 * H, max(x.shape[-1], d_out), "backward"):
+            if tlin._served(gy, S1s, S2s, "backward"):
                 parts, _, _ = tlin.grad_pass(gy, xA[:, H:], tlin._half_out(U1s).mT, tlin._half_out(S2s).mT)
                 timed("    of which: grad_pass (g read once, partials)",
                       lambda: tlin.grad_pass(gy, xA[:, H:], tlin._half_out(U1s).mT, tlin._half_out(S2s).mT))

@@ -315,16 +315,23 @@ def test_row_bound_on_symbolic_rows_is_a_guard(monkeypatch, dtype, width, rank, 
 
 
 def test_row_bound_takes_the_wider_side_of_the_layer(monkeypatch):
-    """A layer is as wide as its wider side: few rows into a narrow input of a wide layer, or g of a
-    narrow output, still take the GEMMs."""
+    """A layer is as wide as its wider side: few rows of a narrow input into a wide output take the GEMMs,
+    forward (the backend's route and ``_served``) and backward, and enough rows take the kernels."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from inductor_ext.kernel_routing import linear_routed
+
     _real_row_bounds(monkeypatch)
+    wide_rows = int(_WIDE * tlin.CUDA_HALF_FUSED_MIN_ROWS_PER_FEATURE["forward"])
     with FakeTensorMode():
-        few = torch.empty(8, 64, device="cuda", dtype=torch.bfloat16)
-        assert tlin._kernel_ok(few, 32)
-        assert not tlin._kernel_ok(few, 32, _WIDE)
-        assert not tlin._kernel_ok(few, 32, _WIDE, "backward")
+        def layer(rows):   # 64 -> _WIDE, rank 32 (whole 16-column halves)
+            mk = lambda *shape: torch.empty(*shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+            return mk(rows, 64), mk(1, 64, 16), mk(1, 16, _WIDE), mk(1, 16, _WIDE), mk(1, 64, 16), mk(_WIDE)
+        x, S1s, S2s, U1s, U2s, b = layer(8)
+        assert tlin._kernel_ok(x, 32)   # by x's own width alone it would be served
+        assert not linear_routed(x, S1s, S2s, U1s, U2s, b)
+        assert not tlin._served(x.new_empty(8, _WIDE), S1s, S2s, "backward")
+        assert linear_routed(*layer(wide_rows))
 
 
 @pytest.mark.cuda
