@@ -32,7 +32,8 @@ chip: rounding W to bf16 would be the bf16 path's largest error, see ``_projecti
                            chunks of C = 64 from zero and writes the state of the segment's keys
                            before every chunk (bf16 for half inputs, as the product takes it) at
                            the block's reference, each key's shift per block (KAP), and the
-                           segment's total.
+                           segment's total; references and shifts per block of the chunk kernels
+                           (a walk block may span several: ``walk_block``).
     ``_segment_prefix_kernel`` causal, grid (B·H, feature sub-blocks): the state of the segments
                            before each segment, from their totals.
     ``_causal_out_kernel`` causal, grid (chunks, B·H), every chunk independent: intra-chunk masked
@@ -92,7 +93,9 @@ _MAX_GRID_Y = 65535      # CUDA's limit on a launch grid's second (and third) di
 # launch defaults of the non-causal key pass and of the causal chunk states, shared by the forward
 # and the fused backward (the fastest measured on the H200: see _forward)
 _KV = dict(kv_block_f=128, kv_warps=4, kv_stages=3)
-_STATES = dict(state_block_f=64, state_warps=4, state_stages=3)
+# walk_block_f: the causal chunk walk's features per program, by input precision (``walk_block``)
+_STATES = dict(state_block_f=64, walk_block_f={"half": 128, "fp32": 64}, state_warps=4,
+               state_stages=3)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -474,7 +477,7 @@ if triton is not None:
         alpha,
         KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
         M_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_F: tl.constexpr,
-        C: tl.constexpr, EVEN_F: tl.constexpr,
+        C: tl.constexpr, EVEN_F: tl.constexpr, REF_F: tl.constexpr,
     ):
         """Chunked causal, step 1: one feature block of one segment walks the segment's chunks from
         zero. Before every chunk it writes the state of the segment's keys so far (HS in the state
@@ -484,13 +487,18 @@ if triton is not None:
         running max M. At the end: the segment's total (P, Z at R[bh, segment, fb]), which
         ``_segment_prefix_kernel`` turns into the state of the earlier segments. Grid (feature
         blocks, B·H, segments). No pass over the keys runs before it: the chunk kernels add the
-        two parts (``_chunk_factors``). relu: references 0."""
+        two parts (``_chunk_factors``). relu: references 0.
+        References, shifts and totals are written per REF_F features (the chunk kernels' block,
+        a divisor of BLOCK_F): the walk's one reference goes into each of its REF_F blocks."""
         alpha = tl.cast(alpha, tl.float32)   # Inductor passes a float argument as fp64
         fb = tl.program_id(0)
         bh = tl.program_id(1)
         sg = tl.program_id(2)
-        nfb = tl.num_programs(0)
         nsg = tl.num_programs(2)
+        NFR: tl.constexpr = M_PAD // REF_F
+        RPW: tl.constexpr = BLOCK_F // REF_F      # reference slots per walk block
+        offs_r = fb * RPW + tl.arange(0, RPW)
+        ones_r = tl.full((RPW,), 1.0, tl.float32)
         b = bh // H
         hh = bh % H
         offs_c = tl.arange(0, C)
@@ -507,7 +515,7 @@ if triton is not None:
         scale2 = alpha * _LOG2E
         k_base = K + b.to(tl.int64) * skb + hh.to(tl.int64) * skh
         v_base = V + b.to(tl.int64) * svb + hh.to(tl.int64) * svh
-        kap_base = KAP + (bh.to(tl.int64) * nfb + fb) * L
+        kap_base = KAP + (bh.to(tl.int64) * NFR + offs_r) * L
         start = sg * SEG
         for t0 in range(start, start + SEG, C):
             ch = bh.to(tl.int64) * NCHUNK + t0 // C
@@ -515,7 +523,7 @@ if triton is not None:
             tl.store(HS + ch * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :],
                      st.to(HS.dtype.element_ty), mask=live[:, None])
             tl.store(HZ + ch * M_PAD + offs_f, zf, mask=live)
-            tl.store(HR + ch * nfb + fb, run, mask=t0 < L)
+            tl.store(HR + ch * NFR + offs_r, run * ones_r, mask=(t0 + 0 * offs_r) < L)
             rows = t0 + offs_c
             key_ok = rows < L
             rows64 = rows.to(tl.int64)
@@ -538,7 +546,9 @@ if triton is not None:
                 if not EVEN_F:
                     sm = tl.where(feat_ok[:, None], s, _LOWEST_C)
                 kap = tl.where(key_ok, tl.max(sm, axis=0) - hk, _LOWEST_C)
-                tl.store(kap_base + rows64, kap * _LN2, mask=rows < L)
+                tl.store(kap_base[:, None] + rows64[None, :],
+                         ones_r[:, None] * (kap * _LN2)[None, :],
+                         mask=(offs_r >= 0)[:, None] & (rows < L)[None, :])
                 new = tl.maximum(run, tl.max(kap, axis=0))
                 p = tl.where(feat_ok[:, None] & key_ok[None, :], tl.exp2(s - (hk + new)[None, :]),
                              0.0)
@@ -553,7 +563,7 @@ if triton is not None:
         base = bh.to(tl.int64) * nsg + sg
         tl.store(P + base * (M_PAD * DV_PAD) + offs_f[:, None] * DV_PAD + offs_v[None, :], st)
         tl.store(Z + base * M_PAD + offs_f, zf)
-        tl.store(R + base * nfb + fb, run)
+        tl.store(R + base * NFR + offs_r, run * ones_r)
 
     @triton.jit
     def _segment_prefix_kernel(P, Z, R, PP, PZ, PR, NSEG, NFB,
@@ -914,7 +924,7 @@ class ChunkStates(NamedTuple):
         HS, HZ, HR, PP, PZ, PR = saved
         BH, nchunk, M_PAD = HS.shape[:3]
         nf = M_PAD // block_f
-        seg, nseg = walk_segments(BH * nf, length, chunk, HS.device)
+        seg, nseg = walk_segments(BH, M_PAD, block_f, length, chunk, HS.device)
         # bool(): under dynamic shapes these are SymBools, which cannot be compared with `!=`
         has_prefix = bool(PP.numel() > 0)
         if (nchunk != -(-length // chunk) or tuple(HR.shape) != (BH, nchunk, nf)
@@ -931,16 +941,31 @@ def empties(like, n):
     return tuple(like.new_empty((0,)) for _ in range(n))
 
 
-def walk_segments(blocks, length, chunk, device, seg=None):
-    """(keys per segment, segments) of the causal chunk walk for ``blocks`` = B·H·feature blocks
-    programs per segment. About 8 walk programs per SM: 4,096-key segments at 65,536 tokens × 16
-    heads, where the causal forward measured 1.44 ms against 1.45 / 1.52 / 1.51 at 2,048 / 8,192 /
-    16,384 (H200, one --sweep run)."""
-    return _splits(blocks, length, chunk, device, 4 * chunk, per_sm=8, seg=seg)
+def walk_block(M_PAD, block_f, dtype, walk_block_f=None):
+    """The chunk walk's feature block: ``walk_block_f`` (default ``_STATES``, by precision), at
+    least the chunk kernels' ``block_f`` (whose references it writes) and at most M_PAD.
+    Half inputs walk 128 features per program: on the H200 (bf16, 16 heads, d = 64, m = 256) the
+    walk took 0.39 ms against 0.50 at 64, the causal forward 1.13 against 1.24 at 65,536 tokens
+    and 1.02 against 1.12 at 4096 × 16 (docs/benchmarks.md, twentieth session). fp32 keeps 64:
+    at 128 its tiles spill 872 bytes per thread (sm_90, triton 3.9)."""
+    if walk_block_f is None:
+        walk_block_f = _STATES["walk_block_f"]["fp32" if dtype == torch.float32 else "half"]
+    return max(block_f, min(M_PAD, walk_block_f))
+
+
+def walk_segments(BH, M_PAD, block_f, length, chunk, device, seg=None):
+    """(keys per segment, segments) of the causal chunk walk, counted in programs of the chunk
+    kernels' ``block_f`` features (B·H·M_PAD / block_f per segment), about 8 of them per SM:
+    4,096-key segments at 65,536 tokens × 16 heads, where the causal forward measured 1.44 ms
+    against 1.45 / 1.52 / 1.51 at 2,048 / 8,192 / 16,384 (H200, one --sweep run). The count
+    does not follow ``walk_block``: a wider walk block then runs fewer programs over the same
+    segments, and a head of 4,096 tokens stays one segment (more segments cost the chunk outputs
+    a second state product; see ``walk_block``)."""
+    return _splits(BH * (M_PAD // block_f), length, chunk, device, 4 * chunk, per_sm=8, seg=seg)
 
 
 def causal_chunk_states(k, v, ops, m, *, seg=None, chunk=CHUNK,
-                        state_block_f=_STATES["state_block_f"],
+                        state_block_f=_STATES["state_block_f"], walk_block_f=None,
                         state_warps=_STATES["state_warps"], state_stages=_STATES["state_stages"]):
     """The causal state before every chunk (a ``ChunkStates``): every segment walks its chunks
     from zero (``_causal_state_kernel``), then the segments' totals become the states of the
@@ -954,7 +979,8 @@ def causal_chunk_states(k, v, ops, m, *, seg=None, chunk=CHUNK,
     BH, dev, f32 = B * H, k.device, torch.float32
     block_f = min(M_PAD, state_block_f)
     NF = M_PAD // block_f
-    seg, nseg = walk_segments(BH * NF, L, chunk, dev, seg)
+    wblock = walk_block(M_PAD, block_f, k.dtype, walk_block_f)
+    seg, nseg = walk_segments(BH, M_PAD, block_f, L, chunk, dev, seg)
     nchunk = triton.cdiv(L, chunk)
     sdt = state_dtype(k.dtype)
     HS = torch.empty((BH, nchunk, M_PAD, DV_PAD), device=dev, dtype=sdt)
@@ -964,14 +990,14 @@ def causal_chunk_states(k, v, ops, m, *, seg=None, chunk=CHUNK,
     Z = torch.empty((BH, nseg, M_PAD), device=dev, dtype=f32)
     R = torch.empty((BH, nseg, NF), device=dev, dtype=f32)
     KAP = torch.empty((BH, NF, L) if kid == 0 else (1, NF), device=dev, dtype=f32)
-    _launcher(_causal_state_kernel)[(NF, BH, nseg)](
+    _launcher(_causal_state_kernel)[(M_PAD // wblock, BH, nseg)](
         k, v, WL, mask, HS, HZ, HR, KAP, P, Z, R,
         H, L, m, d, dv, seg, nchunk,
         *k.stride(), *v.stride(), *WL.stride(), *mask.stride(),
         alpha,
         KERNEL=kid, HAS_MASK=has_mask, UPCAST=upcast,
-        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=block_f, C=chunk, EVEN_F=m == M_PAD,
-        num_warps=state_warps, num_stages=state_stages)
+        M_PAD=M_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_F=wblock, C=chunk, EVEN_F=m == M_PAD,
+        REF_F=block_f, num_warps=state_warps, num_stages=state_stages)
     if nseg > 1:
         PP = torch.empty((BH, nseg, M_PAD, DV_PAD), device=dev, dtype=sdt)
         PZ, PR = torch.empty_like(Z), torch.empty_like(R)
@@ -1004,7 +1030,7 @@ def _forward_and_states(q, k, v, projection, kernel_fn, causal, scale, key_paddi
                         seg=None, block_n=64, block_m=64, kv_block_f=_KV["kv_block_f"],
                         q_block_f=64, kv_warps=_KV["kv_warps"], q_warps=4,
                         kv_stages=_KV["kv_stages"], q_stages=2, causal_warps=4, causal_stages=3,
-                        chunk=CHUNK, state_block_f=_STATES["state_block_f"],
+                        chunk=CHUNK, state_block_f=_STATES["state_block_f"], walk_block_f=None,
                         state_warps=_STATES["state_warps"], state_stages=_STATES["state_stages"],
                         stats=None, q_persist=None, q_per_sm=2):
     """``(out, states)``: the output and the keys' states, six tensors, which the fused backward
@@ -1036,8 +1062,8 @@ def _forward_and_states(q, k, v, projection, kernel_fn, causal, scale, key_paddi
     BH = B * H
     if causal:
         cs = causal_chunk_states(k, v, ops, m, seg=seg, chunk=chunk,
-                                 state_block_f=state_block_f, state_warps=state_warps,
-                                 state_stages=state_stages)
+                                 state_block_f=state_block_f, walk_block_f=walk_block_f,
+                                 state_warps=state_warps, state_stages=state_stages)
         nchunk = cs.HS.shape[1]
         _launcher(_causal_out_kernel)[(nchunk, BH)](
             q, k, v, WL, mask, *cs[:7], out, stats if stats is not None else cs.HZ,
@@ -1050,7 +1076,7 @@ def _forward_and_states(q, k, v, projection, kernel_fn, causal, scale, key_paddi
             C=chunk, SAVE_STATS=stats is not None, HAS_PREFIX=cs.has_prefix, EVEN_F=m == M_PAD,
             num_warps=causal_warps, num_stages=causal_stages)
         # the backward restores states of the default segments only (ChunkStates.restore)
-        default_seg = walk_segments(BH * (M_PAD // cs.block_f), k.shape[2], chunk, dev)[0]
+        default_seg = walk_segments(BH, M_PAD, cs.block_f, k.shape[2], chunk, dev)[0]
         return out, (cs.saved() if cs.seg_chunks * chunk == default_seg else None)
     q_block_f = min(M_PAD, q_block_f)
     ST, ZT, MX = total_key_state(k, v, ops, m, seg=seg, block_n=block_n, kv_block_f=kv_block_f,
@@ -1363,6 +1389,7 @@ _FWD_SWEEP = {
            for c, w, st in ((64, 8, 3), (64, 4, 2), (64, 4, 4), (32, 4, 3))]
     + [dict(state_block_f=bf, state_warps=w, state_stages=st)
        for bf, w, st in ((64, 8, 3), (128, 8, 2), (32, 4, 3), (64, 4, 2), (64, 4, 4))]
+    + [dict(walk_block_f=wb, state_warps=w) for wb, w in ((64, 4), (128, 8), (256, 8))]
     + [dict(seg=sg) for sg in (2048, 8192, 16384)],
 }
 

@@ -94,11 +94,17 @@ __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op",
 # carry one reference per chunk, so it need not match the keys' walk): causal dk-dv took 1.54 ms
 # at 32 against 1.89 at 64, non-causal 0.76 against 0.72 (H200, 65,536 tokens × 16 heads; the
 # backward lines of ``python -m inductor_ext.triton_attention_bench --sweep`` compare them);
+# walk: the query walk's (features per program, warps, stages), by input precision. Half inputs:
+# 256 / 8 / 2 (H200, bf16, 65,536 tokens × 16 heads, causal: the walk took 0.45 ms against 0.52 at
+# 3 stages, 0.60 at 4, 0.54 at 128 / 8 / 3 and 0.57 at 64 / 4 / 3; non-causal at 3 stages 0.28
+# against 0.44 at 64 / 4; its segments keep the count of 64-feature programs); fp32 keeps
+# 64 / 4 / 3 (docs/benchmarks.md, twentieth session);
 # "causal": whether causal calls take the fused backward (else the C++ one);
 # "save_states": whether the training op keeps the forward's key states for the backward (causal:
 # the state before every chunk, about four times q's size, sparing the backward its chunk walk;
 # non-causal: one state per head, sparing the key pass); False recomputes them, for memory.
-backward_params = {"seg": None, "block_f": 64, "k_block_f": {True: 32, False: 64}, "q_warps": 4,
+backward_params = {"seg": None, "block_f": 64, "k_block_f": {True: 32, False: 64},
+                   "walk": {"half": (256, 8, 2), "fp32": (64, 4, 3)}, "q_warps": 4,
                    "k_warps": 4, "stages": {True: 2, False: 3},
                    "k_stages": {True: 3, False: 2}, "tf32": False,
                    "chunk": CHUNK, "causal": True, "save_states": True}
@@ -703,9 +709,11 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     del states
     # ---- the queries' state: per segment (causal: and per chunk within it), then (causal) the
     # later segments' by a reverse scan over the segments' own states
-    sblock_f = min(M_PAD, 64)
+    sblock_f, walk_warps, walk_stages = p["walk"]["fp32" if q.dtype == f32 else "half"]
+    sblock_f = min(M_PAD, sblock_f)
     NFS = M_PAD // sblock_f
-    seg, nseg = _splits(BH * NFS, Lq, C, dev, 4 * C, per_sm=4, seg=seg)
+    # segments counted in 64-feature programs (about 4 per SM), whatever the walk's block
+    seg, nseg = _splits(BH * max(1, M_PAD // 64), Lq, C, dev, 4 * C, per_sm=4, seg=seg)
     PI = torch.empty((BH, nseg, M_PAD, DV_PAD), device=dev, dtype=f32)
     PZ = torch.empty((BH, nseg, M_PAD), device=dev, dtype=f32)
     nchunk = triton.cdiv(Lq, C)
@@ -718,7 +726,7 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     _launcher(_query_state_kernel)[(NFS, BH, nseg)](
         q, go, W, stats, ROWS, PI, PZ, HP, HPZ, HPR, H, Lq, m, d, dv, seg, nchunk,
         *q.stride(), *go.stride(), *W.stride(), PER_CHUNK=causal,
-        BLOCK_F=sblock_f, num_warps=4, **meta)
+        BLOCK_F=sblock_f, num_warps=walk_warps, num_stages=walk_stages, **meta)
     has_suffix = causal and nseg > 1
     if has_suffix:
         # segment g's own state is at the key running max before it (M at row g·seg - 1)
@@ -726,8 +734,9 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
         if kid == 0:
             RPB[:, 1:] = stats[:, 2, seg - 1:(nseg - 1) * seg:seg]
         SI, SZ = torch.empty_like(PI, dtype=HP.dtype), torch.empty_like(PZ)
-        _launcher(_suffix_kernel)[(BH, NFS)](PI, PZ, RPB, SI, SZ, nseg, M_PAD=M_PAD,
-                                             DV_PAD=DV_PAD, BLOCK_F=sblock_f, num_warps=4)
+        sub_f = min(M_PAD, 64)   # the scan's own feature block (its references are per segment)
+        _launcher(_suffix_kernel)[(BH, M_PAD // sub_f)](PI, PZ, RPB, SI, SZ, nseg, M_PAD=M_PAD,
+                                                        DV_PAD=DV_PAD, BLOCK_F=sub_f, num_warps=4)
         # SI's slot g is at RPB[g + 1]; the last slot holds zeros (its reference is never used)
         SR = torch.cat([RPB[:, 1:], RPB[:, -1:]], dim=1)
     else:

@@ -215,7 +215,8 @@ def test_kept_states_restore_under_symbolic_shapes(nseg):
         cs = ta.ChunkStates.restore(saved, saved[0].shape[1] * ta.CHUNK, ta.CHUNK, M // nf)
         return saved[0].new_zeros(()) if cs is None else cs.HS.sum() + 1
 
-    walk_nseg = ta.walk_segments(BH * nf, nchunk * ta.CHUNK, ta.CHUNK, torch.device("cpu"))[1]
+    walk_nseg = ta.walk_segments(BH, M, M // nf, nchunk * ta.CHUNK, ta.CHUNK,
+                                 torch.device("cpu"))[1]
     expect = 1.0 if (walk_nseg > 1) == (nseg > 1) else 0.0
     assert restored(*states).item() == expect
     traced = make_fx(restored, tracing_mode="symbolic")(*states)

@@ -25,7 +25,7 @@ gen = seeded_generators(0)
 
 
 def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shift=0.0, bf=16,
-         chunk=ta.CHUNK, huge=False, ramp=False, q_persist=None):
+         chunk=ta.CHUNK, huge=False, ramp=False, q_persist=None, wbf=None):
     g = gen()
     q = torch.randn(B, H, L, d, generator=g, dtype=torch.float64)
     k = torch.randn(B, H, S, d, generator=g, dtype=torch.float64) + shift
@@ -43,11 +43,12 @@ def case(B, H, L, S, d, dv, m, kernel_fn, causal, scale, masked, dtype, seg, shi
                                  causal, scale, mask)
     out = ta._forward(q, k, v, W, kernel_fn, causal, scale, mask, seg=seg, block_n=16,
                       block_m=16, kv_block_f=bf, q_block_f=bf, chunk=chunk,
-                      state_block_f=bf, q_persist=q_persist)
+                      state_block_f=bf, walk_block_f=wbf or bf, q_persist=q_persist)
     assert out.dtype == dtype and out.shape == ref.shape
     assert torch.isfinite(out).all(), "non-finite output"
     name = (f"{kernel_fn} causal={causal} B{B} H{H} L{L} S{S} d{d} dv{dv} m{m} scale={scale} "
             f"mask={masked} {str(dtype)[6:]} seg={seg} shift={shift} block_f={bf} chunk={chunk}"
+            + (f" walk_block_f={wbf}" if wbf else "")
             + (" huge" if huge else "") + (f" q_persist={q_persist}" if q_persist is not None else ""))
     check(name, rel(out, ref), TOL[dtype])
 
@@ -96,6 +97,12 @@ def main():
     # far below 1 on accumulators already filled
     case(1, 2, 40, 70, 16, 8, 64, "softmax", False, 2.0, True, f32, seg=64, ramp=True)
     case(1, 1, 130, 130, 16, 8, 64, "softmax", True, 2.0, True, f32, seg=64, ramp=True)
+    # causal walks over wider feature blocks than the chunk outputs' (one reference per walk
+    # block, written into each of its output blocks): several segments, tails, masks, relu
+    case(1, 1, 130, 130, 16, 8, 64, "softmax", True, 2.0, True, f32, seg=64, ramp=True, wbf=64)
+    case(2, 1, 150, 150, 12, 9, 40, "softmax", True, 0.5, True, f32, seg=64, bf=16, wbf=32)
+    case(1, 2, 90, 90, 8, 8, 24, "relu", True, None, False, f32, seg=64, wbf=32)
+    case(2, 1, 100, 100, 16, 16, 32, "softmax", True, None, True, bf, seg=64, wbf=32)
     # the op itself (device branch picks the kernels under the interpreter)
     g = gen()
     q, k, v = (torch.randn(1, 2, 20, 16, generator=g) for _ in range(3))
