@@ -223,6 +223,27 @@ def test_kept_states_restore_under_symbolic_shapes(nseg):
     assert traced(*states).item() == expect
 
 
+@pytest.mark.skipif(ta.triton is None, reason="needs triton")
+@pytest.mark.parametrize("dtype, walk, query_walk", [(torch.bfloat16, 128, (256, 8, 2)),
+                                                     (torch.float32, 64, (64, 4, 3))])
+def test_walks_take_their_feature_blocks(dtype, walk, query_walk):
+    """The causal walks' feature blocks as measured on the H200 (``walk_block``,
+    ``backward_params["walk"]``): half inputs walk wider blocks than the 64 features the chunk
+    kernels read, and the chunk walk writes its references per chunk-kernel block (REF_F); fp32
+    keeps 64 (wider blocks spill). The chunk kernels themselves keep their blocks."""
+    from hopper_compile import record_launches
+    from inductor_ext import triton_attention_bwd as tb
+    q, k, v, go = (torch.randn(1, 2, 300, 64, dtype=dtype) for _ in range(4))
+    W = torch.randn(256, 64)
+    launches = record_launches(
+        lambda: tb._backward(go, q, k, v, W, "softmax", True, None, None), ta, tb)
+    meta = {la.kernel.__name__: la.kwargs for la in launches}
+    assert (meta["_causal_state_kernel"]["BLOCK_F"], meta["_causal_state_kernel"]["REF_F"]) == (walk, 64)
+    qw = meta["_query_state_kernel"]
+    assert (qw["BLOCK_F"], qw["num_warps"], qw["num_stages"]) == query_walk
+    assert meta["_causal_out_kernel"]["BLOCK_F"] == meta["_dq_chunk_kernel"]["BLOCK_F"] == 64
+
+
 # inputs no kernel may write (STATS: the forward's statistics, which the backward only reads)
 _READ_ONLY = {"Q", "K", "V", "GO", "OUT", "W", "WG", "MASK"}
 
