@@ -950,7 +950,11 @@ def walk_block(M_PAD, block_f, dtype, walk_block_f=None):
     at 128 its tiles spill 872 bytes per thread (sm_90, triton 3.9)."""
     if walk_block_f is None:
         walk_block_f = _STATES["walk_block_f"]["fp32" if dtype == torch.float32 else "half"]
-    return max(block_f, min(M_PAD, walk_block_f))
+    wblock = max(block_f, min(M_PAD, walk_block_f))
+    if wblock & (wblock - 1) or wblock % block_f:
+        raise ValueError(f"walk_block_f must be a power of two, a multiple of the chunk kernels' "
+                         f"feature block ({block_f}); got {walk_block_f}")
+    return wblock
 
 
 def walk_segments(BH, M_PAD, block_f, length, chunk, device, seg=None):

@@ -244,6 +244,16 @@ def test_walks_take_their_feature_blocks(dtype, walk, query_walk):
     assert meta["_causal_out_kernel"]["BLOCK_F"] == meta["_dq_chunk_kernel"]["BLOCK_F"] == 64
 
 
+@pytest.mark.skipif(ta.triton is None, reason="needs triton")
+def test_walk_block_must_cover_whole_chunk_blocks():
+    """A walk block writes one reference into each chunk-kernel block it spans, so it must span
+    whole ones."""
+    assert ta.walk_block(256, 64, torch.bfloat16, 512) == 256      # clipped to the features
+    assert ta.walk_block(256, 64, torch.bfloat16, 32) == 64        # at least the chunk block
+    with pytest.raises(ValueError, match="walk_block_f"):
+        ta.walk_block(256, 64, torch.bfloat16, 96)
+
+
 # inputs no kernel may write (STATS: the forward's statistics, which the backward only reads)
 _READ_ONLY = {"Q", "K", "V", "GO", "OUT", "W", "WG", "MASK"}
 
