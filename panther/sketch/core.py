@@ -75,6 +75,26 @@ def _size(name, value, *, minimum=1):
     return value
 
 
+def _tensor_dim(x, x_name, dim, dim_name):
+    """``dim`` (negative allowed) as an int index of a dimension of the tensor ``x``; TypeError /
+    ValueError naming the arguments for a non-tensor, a 0-d tensor, a non-int or an out-of-range
+    ``dim``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{x_name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError(f"{x_name} must have at least one dimension, got a 0-d tensor")
+    if isinstance(dim, bool):
+        raise TypeError(f"{dim_name} must be an int, got bool")
+    try:
+        dim = operator.index(dim)
+    except TypeError:
+        raise TypeError(f"{dim_name} must be an int, got {type(dim).__name__}") from None
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{dim_name} must be in [{-x.dim()}, {x.dim() - 1}] for a {x.dim()}-d "
+                         f"{x_name}, got {dim}")
+    return dim
+
+
 def _float_dtype(dtype, name="dtype"):
     dtype = dtype or torch.get_default_dtype()
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -223,17 +243,7 @@ def sketch_tensor(input, axis, new_size, distribution=None, sketch_matrix=None, 
         raise ValueError("exactly one of distribution and sketch_matrix must be given "
                          f"(got distribution={distribution!r}, sketch_matrix="
                          f"{'None' if sketch_matrix is None else 'a tensor'})")
-    if input.dim() == 0:
-        raise ValueError("input must have at least one dimension, got a 0-d tensor")
-    if isinstance(axis, bool):
-        raise TypeError("axis must be an int, got bool")
-    try:
-        axis = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
-    if not -input.dim() <= axis < input.dim():
-        raise ValueError(f"axis must be in [{-input.dim()}, {input.dim() - 1}] for a {input.dim()}-d "
-                         f"input, got {axis}")
+    axis = _tensor_dim(input, "input", axis, "axis")
     axis %= input.dim()
     n = input.size(axis)
     new_size = _size("new_size", new_size)
@@ -461,18 +471,7 @@ def srht(x, m, *, dim=-1, generator=None, device=None, dtype=None):
         TypeError: ``x`` not a tensor, ``dim``/``m`` not ints, a complex ``x``.
         ValueError: a 0-d ``x``, ``dim`` out of range, ``x.size(dim) == 0``, ``m`` outside ``[1, N]``.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension, got a 0-d tensor")
-    if isinstance(dim, bool):
-        raise TypeError("dim must be an int, got bool")
-    try:
-        dim = operator.index(dim)
-    except TypeError:
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}") from None
-    if not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim must be in [{-x.dim()}, {x.dim() - 1}] for a {x.dim()}-d x, got {dim}")
+    dim = _tensor_dim(x, "x", dim, "dim")
     n = x.size(dim)
     if n == 0:
         raise ValueError(f"x.size(dim) must be >= 1, got 0 (dim={dim})")
