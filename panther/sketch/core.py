@@ -63,13 +63,18 @@ _SPARSE_LAYOUTS = (torch.strided, torch.sparse_coo, torch.sparse_csr, torch.spar
 # argument checking
 
 
-def _size(name, value, *, minimum=1):
+def _int(name, value):
+    """``value`` (an int, a numpy integer, ...; not a bool) as int, else TypeError naming ``name``."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got bool {value!r}")
     try:
-        value = operator.index(value)
+        return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def _size(name, value, *, minimum=1):
+    value = _int(name, value)
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
     return value
@@ -83,12 +88,7 @@ def _tensor_dim(x, x_name, dim, dim_name):
         raise TypeError(f"{x_name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
         raise ValueError(f"{x_name} must have at least one dimension, got a 0-d tensor")
-    if isinstance(dim, bool):
-        raise TypeError(f"{dim_name} must be an int, got bool")
-    try:
-        dim = operator.index(dim)
-    except TypeError:
-        raise TypeError(f"{dim_name} must be an int, got {type(dim).__name__}") from None
+    dim = _int(dim_name, dim)
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"{dim_name} must be in [{-x.dim()}, {x.dim() - 1}] for a {x.dim()}-d "
                          f"{x_name}, got {dim}")
