@@ -498,6 +498,8 @@ if triton is not None:
         NFR: tl.constexpr = M_PAD // REF_F
         RPW: tl.constexpr = BLOCK_F // REF_F      # reference slots per walk block
         offs_r = fb * RPW + tl.arange(0, RPW)
+        # one value into each of the RPW slots: (RPW,)-shaped values and masks. (Leaving the
+        # broadcast to tl.store compiles the bf16 softmax walk differently, untimed.)
         ones_r = tl.full((RPW,), 1.0, tl.float32)
         b = bh // H
         hh = bh % H

@@ -33,10 +33,9 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+# the production row bounds (the autouse fixture below lifts them; _real_row_bounds puts them back)
 _FP32_MIN_ROWS = tlin.CUDA_FP32_FUSED_MIN_ROWS
 _HALF_ANY_ROWS_WIDTH = tlin.CUDA_HALF_ANY_ROWS_MAX_WIDTH
-
-
 _PADDED_MIN_ROWS = tlin.CUDA_PADDED_FORWARD_MIN_ROWS
 
 
