@@ -94,17 +94,20 @@ __all__ = ["rf_attention_triton_backward_op", "rf_attention_triton_train_op",
 # carry one reference per chunk, so it need not match the keys' walk): causal dk-dv took 1.54 ms
 # at 32 against 1.89 at 64, non-causal 0.76 against 0.72 (H200, 65,536 tokens × 16 heads; the
 # backward lines of ``python -m inductor_ext.triton_attention_bench --sweep`` compare them);
-# walk: the query walk's (features per program, warps, stages), by input precision. Half inputs:
-# 256 / 8 / 2 (H200, bf16, 65,536 tokens × 16 heads, causal: the walk took 0.45 ms against 0.52 at
-# 3 stages, 0.60 at 4, 0.54 at 128 / 8 / 3 and 0.57 at 64 / 4 / 3; non-causal at 3 stages 0.28
-# against 0.44 at 64 / 4; its segments keep the count of 64-feature programs); fp32 keeps
-# 64 / 4 / 3 (docs/benchmarks.md, twentieth session);
+# walk: the query walk's (features per program, warps), by input precision, and walk_stages its
+# stages, by precision and causal. Half inputs: 256 / 8, at 2 stages causal and 3 not (H200, bf16,
+# 65,536 tokens × 16 heads: causal 0.45 ms against 0.52 at 3 stages, 0.60 at 4, 0.54 at 128 / 8 / 3
+# and 0.57 at 64 / 4 / 3; non-causal 0.29 at 3 stages against 0.33 at 2 and 0.44 at 64 / 4 / 3; its
+# segments keep the count of 64-feature programs); fp32 keeps 64 / 4 / 3 (docs/benchmarks.md,
+# twentieth and twenty-first sessions);
 # "causal": whether causal calls take the fused backward (else the C++ one);
 # "save_states": whether the training op keeps the forward's key states for the backward (causal:
 # the state before every chunk, about four times q's size, sparing the backward its chunk walk;
 # non-causal: one state per head, sparing the key pass); False recomputes them, for memory.
 backward_params = {"seg": None, "block_f": 64, "k_block_f": {True: 32, False: 64},
-                   "walk": {"half": (256, 8, 2), "fp32": (64, 4, 3)}, "q_warps": 4,
+                   "walk": {"half": (256, 8), "fp32": (64, 4)},
+                   "walk_stages": {"half": {True: 2, False: 3}, "fp32": {True: 3, False: 3}},
+                   "q_warps": 4,
                    "k_warps": 4, "stages": {True: 2, False: 3},
                    "k_stages": {True: 3, False: 2}, "tf32": False,
                    "chunk": CHUNK, "causal": True, "save_states": True}
@@ -709,7 +712,9 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     del states
     # ---- the queries' state: per segment (causal: and per chunk within it), then (causal) the
     # later segments' by a reverse scan over the segments' own states
-    sblock_f, walk_warps, walk_stages = p["walk"]["fp32" if q.dtype == f32 else "half"]
+    precision = "fp32" if q.dtype == f32 else "half"
+    sblock_f, walk_warps = p["walk"][precision]
+    walk_stages = p["walk_stages"][precision][bool(causal)]
     sblock_f = min(M_PAD, sblock_f)
     NFS = M_PAD // sblock_f
     # segments counted in 64-feature programs (about 4 per SM), whatever the walk's block

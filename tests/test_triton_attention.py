@@ -228,9 +228,9 @@ def test_kept_states_restore_under_symbolic_shapes(nseg):
                                                      (torch.float32, 64, (64, 4, 3))])
 def test_walks_take_their_feature_blocks(dtype, walk, query_walk):
     """The causal walks' feature blocks as measured on the H200 (``walk_block``,
-    ``backward_params["walk"]``): half inputs walk wider blocks than the 64 features the chunk
-    kernels read, and the chunk walk writes its references per chunk-kernel block (REF_F); fp32
-    keeps 64 (wider blocks spill). The chunk kernels themselves keep their blocks."""
+    ``backward_params["walk"]`` and ``["walk_stages"]``): half inputs walk wider blocks than the 64
+    features the chunk kernels read, and the chunk walk writes its references per chunk-kernel block
+    (REF_F); fp32 keeps 64 (wider blocks spill). The chunk kernels themselves keep their blocks."""
     from hopper_compile import record_launches
     from inductor_ext import triton_attention_bwd as tb
     q, k, v, go = (torch.randn(1, 2, 300, 64, dtype=dtype) for _ in range(4))
@@ -242,6 +242,11 @@ def test_walks_take_their_feature_blocks(dtype, walk, query_walk):
     qw = meta["_query_state_kernel"]
     assert (qw["BLOCK_F"], qw["num_warps"], qw["num_stages"]) == query_walk
     assert meta["_causal_out_kernel"]["BLOCK_F"] == meta["_dq_chunk_kernel"]["BLOCK_F"] == 64
+    # the non-causal query walk: the same block and warps; half inputs pipeline one stage deeper
+    launches = record_launches(
+        lambda: tb._backward(go, q, k, v, W, "softmax", False, None, None), ta, tb)
+    qw = {la.kernel.__name__: la.kwargs for la in launches}["_query_state_kernel"]
+    assert (qw["BLOCK_F"], qw["num_warps"], qw["num_stages"]) == query_walk[:2] + (3,)
 
 
 @pytest.mark.skipif(ta.triton is None, reason="needs triton")
