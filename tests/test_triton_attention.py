@@ -250,6 +250,23 @@ def test_walks_take_their_feature_blocks(dtype, walk, query_walk):
 
 
 @pytest.mark.skipif(ta.triton is None, reason="needs triton")
+@pytest.mark.parametrize("dtype, stages", [(torch.bfloat16, (4, 3)), (torch.float32, (3, 3))])
+def test_chunk_outputs_pipeline_by_launch(dtype, stages):
+    """The causal chunk outputs' pipelining depth as measured on the H200 (``_OUT_STAGES``): half
+    inputs pipeline one stage deeper for inference than for the training launch, which also stores
+    the statistics; fp32 keeps 3."""
+    from hopper_compile import record_launches
+    q, W = torch.randn(1, 2, 300, 64, dtype=dtype), torch.randn(256, 64)
+
+    def outputs_stages(stats):
+        launches = record_launches(
+            lambda: ta._forward(q, q, q, W, "softmax", True, None, None, stats=stats), ta)
+        return {la.kernel.__name__: la.kwargs for la in launches}["_causal_out_kernel"]["num_stages"]
+
+    assert (outputs_stages(None), outputs_stages(torch.zeros(2, 3, 300))) == stages
+
+
+@pytest.mark.skipif(ta.triton is None, reason="needs triton")
 def test_walk_block_must_cover_whole_chunk_blocks():
     """A walk block writes one reference into each chunk-kernel block it spans, so it must span
     whole ones."""
