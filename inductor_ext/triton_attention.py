@@ -99,7 +99,8 @@ _STATES = dict(state_block_f=64, walk_block_f={"half": 128, "fp32": 64}, state_w
 # the causal chunk outputs' pipelining depth, by input precision and by whether the launch also
 # stores the training statistics. H200, bf16, 65,536 tokens × 16 heads, ms at 4 stages against 3:
 # inference 0.72 against 0.74, training 0.765 against 0.74 (4096 × 16: 0.61 / 0.62, 0.66 / 0.615);
-# 2 stages 0.82-0.85; 8 warps 1.9-2.1. fp32 keeps 3 (unmeasured at 4).
+# 2 stages 0.82-0.85; 8 warps 1.9-2.1 (docs/benchmarks.md, twenty-first session, with the script).
+# fp32 keeps 3 (unmeasured at 4).
 _OUT_STAGES = {"half": {False: 4, True: 3}, "fp32": {False: 3, True: 3}}
 
 
@@ -710,7 +711,8 @@ if triton is not None:
             hk = tl.where(key_ok, _half_sq_norm(kt, alpha, scale2), float("inf"))
         # The chunk's queries (rows :C) and keys (rows C:, as kt: k again, from L2) as one
         # operand, so both feature products go out as one with one wait per feature block:
-        # training chunk outputs 0.74 ms against 0.79 (H200, bf16, 65,536 tokens × 16 heads).
+        # training chunk outputs 0.74 ms against 0.79 (H200, bf16, 65,536 tokens × 16 heads;
+        # docs/benchmarks.md, twenty-first session).
         # (Joining qt and kt with tl.join instead made Triton recompute M in the products'
         # layout: 540 more SASS instructions per program, sm_90 compiled offline.)
         is_q = tl.arange(0, 2 * C) < C
@@ -1417,7 +1419,7 @@ _FWD_SWEEP = {
        for bm, qf, w, st in ((64, 64, 4, 2), (128, 64, 8, 3), (64, 128, 4, 2))]
     + [dict(seg=sg) for sg in (4096, 16384)],
     True: [dict(chunk=c, causal_warps=w, causal_stages=st)
-           for c, w, st in ((64, 8, 3), (64, 4, 2), (64, 4, 4), (32, 4, 3))]
+           for c, w, st in ((64, 8, 3), (64, 4, 2), (64, 4, 3), (32, 4, 3))]
     + [dict(state_block_f=bf, state_warps=w, state_stages=st)
        for bf, w, st in ((64, 8, 3), (128, 8, 2), (32, 4, 3), (64, 4, 2), (64, 4, 4))]
     + [dict(walk_block_f=wb, state_warps=w) for wb, w in ((64, 4), (128, 8), (256, 8))]

@@ -712,8 +712,9 @@ def _backward(go, q, k, v, projection, kernel_fn, causal, scale, key_padding_mas
     del states
     # ---- the queries' state: per segment (causal: and per chunk within it), then (causal) the
     # later segments' by a reverse scan over the segments' own states
-    sblock_f, walk_warps = p["walk"][ta.precision(q.dtype)]
-    walk_stages = p["walk_stages"][ta.precision(q.dtype)][bool(causal)]
+    precision = ta.precision(q.dtype)
+    sblock_f, walk_warps = p["walk"][precision]
+    walk_stages = p["walk_stages"][precision][bool(causal)]
     sblock_f = min(M_PAD, sblock_f)
     NFS = M_PAD // sblock_f
     # segments counted in 64-feature programs (about 4 per SM), whatever the walk's block
