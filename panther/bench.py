@@ -15,7 +15,7 @@ from tabulate import tabulate
 from .nn import SKConv2d, SKLinear
 from .ops.linear import concat_factors
 
-__all__ = ["time_fn", "graph_time_fn", "bench_linear", "bench_conv2d", "bench_attention", "per_term_bmm", "sweep",
+__all__ = ["time_fn", "back_to_back_time_fn", "graph_time_fn", "bench_linear", "bench_conv2d", "bench_attention", "per_term_bmm", "sweep",
            "sweep_table", "plot_sweep", "write_markdown", "DEFAULT_SWEEPS"]
 
 
@@ -38,6 +38,58 @@ def time_fn(fn, *, repeats=20, warmup=3, device="cpu"):
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
+
+
+def back_to_back_time_fn(fn, *, calls=20, repeats=5, warmup=3, device="cpu"):
+    """Median over ``repeats`` batches of the time per call (ms) of ``calls`` calls of ``fn`` issued back
+    to back, with no synchronisation between them. On CUDA the CPU queues the next call while the GPU runs
+    the last one, so a call costs about max(its CPU time, its GPU time): what one layer of an eager model
+    costs. (``time_fn`` synchronises around every call, so its time adds the CPU's part to the GPU's.)"""
+    for _ in range(warmup):
+        fn()
+    cuda = torch.device(device).type == "cuda"
+    samples = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end) / calls)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples.append((time.perf_counter() - t0) * 1e3 / calls)
+    return statistics.median(samples)
+
+
+def _timed_table(candidates, ours, *, repeats, device, floor=None, graph=False):
+    """(rows, headers) of ``candidates`` ({name: fn}) timed side by side, each column with its ratio to the
+    row ``ours``: "median ms" (``time_fn``, one synchronised call); on CUDA also "back-to-back ms"
+    (``back_to_back_time_fn``) and, with ``graph``, "CUDA-graph ms" (``graph_time_fn``). ``floor``: a
+    ``(name, ms)`` row added to every column (the memory floor)."""
+    timers = {"median ms": lambda fn: time_fn(fn, repeats=repeats, device=device)}
+    if torch.device(device).type == "cuda":
+        timers["back-to-back ms"] = lambda fn: back_to_back_time_fn(fn, repeats=max(1, repeats // 4),
+                                                                    device=device)
+        if graph:
+            timers["CUDA-graph ms"] = lambda fn: graph_time_fn(fn, repeats=repeats)
+    columns = {col: {name: timer(fn) for name, fn in candidates.items()} for col, timer in timers.items()}
+    if floor is not None:
+        for times in columns.values():
+            times[floor[0]] = floor[1]
+    names = list(next(iter(columns.values())))
+    rows = [[name] for name in names]
+    headers = ["implementation"]
+    for col, times in columns.items():
+        headers += [col, "time / panther" + ("" if col == "median ms" else f" ({col.removesuffix(' ms')})")]
+        for row, name in zip(rows, names):
+            row += [f"{times[name]:.3f}", f"{times[name] / times[ours]:.2f}x"]
+    return rows, headers
 
 
 def per_term_bmm(x, S1s, S2s, U1s, U2s, bias):
@@ -79,15 +131,11 @@ def bench_linear(in_features=4096, out_features=4096, batch=2048, num_terms=1, l
     }
     if backward:
         candidates = {name: _with_backward(fn, x, dense, layer) for name, fn in candidates.items()}
-    times = {name: time_fn(fn, repeats=repeats, device=device) for name, fn in candidates.items()}
-    ours = times["panther SKLinear"]
-    rows = [[name, f"{ms:.3f}", f"{ms / ours:.2f}x"] for name, ms in times.items()]
-    headers = ["implementation", "median ms", "time / panther"]
+    floor = None
     if torch.device(device).type == "cuda":
         moved = (x.numel() + batch * out_features + sum(t.numel() for t in args)) * x.element_size()
-        floor = moved / _copy_bandwidth(device, dtype, x.numel(), repeats)
-        rows.append(["memory floor (read x, write y, factors)", f"{floor:.3f}", f"{floor / ours:.2f}x"])
-    return rows, headers
+        floor = ("memory floor (read x, write y, factors)", moved / _copy_bandwidth(device, dtype, x.numel(), repeats))
+    return _timed_table(candidates, "panther SKLinear", repeats=repeats, device=device, floor=floor)
 
 
 @torch.no_grad()
@@ -111,18 +159,11 @@ def bench_conv2d(channels=512, size=56, batch=32, num_terms=1, low_rank=16, kern
         pad = [kernel_size // 2] * 2
         candidates["C++ op (conv to 2Lk channels + GEMM)"] = lambda: torch.ops.panther.sketched_conv2d(
             x, layer.S1s, layer.U1s, layer.bias, [1, 1], pad, [1, 1])
-    times = {name: time_fn(fn, repeats=repeats, device=device) for name, fn in candidates.items()}
-    ours = times["panther SKConv2d"]
-    headers = ["implementation", "median ms", "time / panther"]
-    if not cuda:
-        return [[name, f"{ms:.3f}", f"{ms / ours:.2f}x"] for name, ms in times.items()], headers
-    graphed = {name: graph_time_fn(fn, repeats=repeats) for name, fn in candidates.items()}
-    floor = 2 * x.numel() * x.element_size() / _copy_bandwidth(device, dtype, x.numel(), repeats)
-    times["memory floor (read x, write the output)"] = graphed["memory floor (read x, write the output)"] = floor
-    g_ours = graphed["panther SKConv2d"]
-    rows = [[name, f"{ms:.3f}", f"{ms / ours:.2f}x", f"{graphed[name]:.3f}", f"{graphed[name] / g_ours:.2f}x"]
-            for name, ms in times.items()]
-    return rows, headers + ["CUDA-graph ms", "time / panther (graph)"]
+    floor = None
+    if cuda:
+        floor = ("memory floor (read x, write the output)",
+                 2 * x.numel() * x.element_size() / _copy_bandwidth(device, dtype, x.numel(), repeats))
+    return _timed_table(candidates, "panther SKConv2d", repeats=repeats, device=device, floor=floor, graph=True)
 
 
 def graph_time_fn(fn, *, repeats=20, warmup=3):
@@ -164,10 +205,7 @@ def bench_attention(seq=4096, batch=16, heads=16, head_dim=64, num_features=256,
                     fn().backward(torch.ones(batch, heads, seq, head_dim, device=device, dtype=dtype))
             return step
         candidates = {name: with_backward(fn) for name, fn in candidates.items()}
-    times = {name: time_fn(fn, repeats=repeats, device=device) for name, fn in candidates.items()}
-    ours = times["panther rf_attention"]
-    return [[name, f"{ms:.3f}", f"{ms / ours:.2f}x"] for name, ms in times.items()], \
-        ["implementation", "median ms", "time / panther"]
+    return _timed_table(candidates, "panther rf_attention", repeats=repeats, device=device)
 
 
 def _attend(q):

@@ -163,3 +163,36 @@ def test_graph_timer_says_why_a_call_was_not_captured(monkeypatch):
     with pytest.warns(UserWarning, match="RuntimeError: operation not permitted when stream is capturing$"):
         assert _timing.graph_median_ms(lambda: calls.append(1)) is None
     assert calls == [1]   # the warm-up call ran
+
+
+def test_back_to_back_timer_times_calls_in_a_row():
+    """Per call of a batch of back-to-back calls: warm-up, then ``repeats`` batches of ``calls``."""
+    import time
+
+    calls = []
+
+    def sleep_2ms():
+        calls.append(1)
+        time.sleep(0.002)
+
+    ms = bench.back_to_back_time_fn(sleep_2ms, calls=4, repeats=3, warmup=2)
+    assert len(calls) == 2 + 4 * 3
+    assert 2.0 <= ms < 20.0
+
+
+def test_timed_table_puts_each_timer_in_its_columns(monkeypatch):
+    """On CUDA every row gets three times, each with its ratio to panther's row in the same column, and
+    the floor row goes into every column (the CUDA timers are stubbed: each returns its own scale)."""
+    scale = {"median": 1.0, "back": 2.0, "graph": 4.0}
+    monkeypatch.setattr(bench, "time_fn", lambda fn, **kw: scale["median"] * fn())
+    monkeypatch.setattr(bench, "back_to_back_time_fn", lambda fn, **kw: scale["back"] * fn())
+    monkeypatch.setattr(bench, "graph_time_fn", lambda fn, **kw: scale["graph"] * fn())
+    rows, headers = bench._timed_table({"dense": lambda: 3.0, "ours": lambda: 0.5}, "ours", repeats=4,
+                                       device="cuda", floor=("floor", 0.25), graph=True)
+    assert headers == ["implementation", "median ms", "time / panther", "back-to-back ms",
+                       "time / panther (back-to-back)", "CUDA-graph ms", "time / panther (CUDA-graph)"]
+    assert rows == [["dense", "3.000", "6.00x", "6.000", "6.00x", "12.000", "6.00x"],
+                    ["ours", "0.500", "1.00x", "1.000", "1.00x", "2.000", "1.00x"],
+                    ["floor", "0.250", "0.50x", "0.250", "0.25x", "0.250", "0.12x"]]
+    rows, headers = bench._timed_table({"ours": lambda: 0.5}, "ours", repeats=4, device="cpu")
+    assert headers == ["implementation", "median ms", "time / panther"] and rows == [["ours", "0.500", "1.00x"]]
