@@ -218,7 +218,10 @@ class _EagerTapConv(torch.autograd.Function):
 
 def _conv(x, S1s, U1s, bias, stride, padding, dilation):
     if direct_launch_ok() and tap_ok(x, S1s, stride):
-        return _EagerTapConv.apply(x, S1s, U1s, bias, stride, padding, dilation)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, S1s, U1s, bias)):
+            return _EagerTapConv.apply(x, S1s, U1s, bias, stride, padding, dilation)
+        # nothing to differentiate: the launch without autograd.Function's cost, as the linear does
+        return tap_conv(x, S1s, U1s, bias, stride, padding, dilation, in_op=False)
     return torch.ops.panther.sketched_conv2d_triton(x, S1s, U1s, bias, stride, padding, dilation)
 
 

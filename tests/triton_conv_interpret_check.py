@@ -74,6 +74,20 @@ want = torch.autograd.grad(ref, (x, S1s, U1s, b), g)
 check("eager wrapper forward vs the C++ op", rel(out, ref), 1e-5)
 for name, a, w in zip(("dx", "dS1s", "dU1s", "dbias"), got, want):
     check(f"eager wrapper {name} vs the C++ op", rel(a, w), 1e-5)
+# with nothing to differentiate (no grad mode, or no input needing a gradient) the wrapper launches the
+# kernel without the autograd.Function: the same values, no graph
+def refuse(*args):
+    raise AssertionError("the autograd.Function ran for a call with nothing to differentiate")
+
+
+tconv._EagerTapConv.apply, function_apply = refuse, tconv._EagerTapConv.apply
+for mode, args in (("no_grad", (x, S1s, U1s, b)), ("inputs without grad", (x.detach(), S1s.detach(), U1s.detach(),
+                                                                           b.detach()))):
+    with torch.set_grad_enabled(mode != "no_grad"):
+        plain = tconv.sketched_conv2d_triton(*args, (1, 1), (1, 1), (1, 1))
+    assert plain.grad_fn is None and plain.is_contiguous(memory_format=torch.channels_last), mode
+    check(f"eager wrapper, {mode}, vs the C++ op", rel(plain, ref), 1e-5)
+tconv._EagerTapConv.apply = function_apply
 # the sweep's bookkeeping (inductor_ext.triton_conv_bench; its timings need CUDA graphs: a stand-in timer)
 from inductor_ext import triton_conv_bench  # noqa: E402
 
