@@ -93,14 +93,17 @@ _MAX_GRID_Y = 65535      # CUDA's limit on a launch grid's second (and third) di
 # launch defaults of the non-causal key pass and of the causal chunk states, shared by the forward
 # and the fused backward (the fastest measured on the H200: see _forward)
 _KV = dict(kv_block_f=128, kv_warps=4, kv_stages=3)
-# walk_block_f: the causal chunk walk's features per program, by input precision (``walk_block``)
+# walk_block_f: the causal chunk walk's features per program, by input precision (``walk_block``).
+# The bf16 walk holds 250 registers, 2 programs per SM; capped at 168-200 (3 per SM, spilling) it took
+# 0.50-1.02 ms against 0.39 (H200, docs/benchmarks.md, twenty-second session).
 _STATES = dict(state_block_f=64, walk_block_f={"half": 128, "fp32": 64}, state_warps=4,
                state_stages=3)
 # the causal chunk outputs' pipelining depth, by input precision and by whether the launch also
 # stores the training statistics. H200, bf16, 65,536 tokens × 16 heads, ms at 4 stages against 3:
 # inference 0.72 against 0.74, training 0.765 against 0.74 (4096 × 16: 0.61 / 0.62, 0.66 / 0.615);
 # 2 stages 0.82-0.85; 8 warps 1.9-2.1 (docs/benchmarks.md, twenty-first session, with the script).
-# fp32 keeps 3 (unmeasured at 4).
+# fp32 keeps 3: at 4, inference took 8.39 ms against 8.47-8.52 at 65,536 × 1 but 9.30 against
+# 6.12 at 4096 × 16 (twenty-second session).
 _OUT_STAGES = {"half": {False: 4, True: 3}, "fp32": {False: 3, True: 3}}
 
 
