@@ -12,3 +12,10 @@ def direct_launch_ok() -> bool:
     ``autograd.Function`` without a vmap rule lacks."""
     return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
             and not torch._C._are_functorch_transforms_active())
+
+
+def grad_needed(*tensors) -> bool:
+    """Whether autograd records a call on these arguments: grad mode on and some tensor among them
+    requiring a gradient (non-tensors, e.g. None, are skipped). Eager calls that need none launch
+    their kernels without an ``autograd.Function``, whose Python costs CPU time per call."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)

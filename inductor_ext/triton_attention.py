@@ -71,6 +71,7 @@ import panther  # noqa: F401  (loads the native ops)
 from panther.ops.attention import _check_rf, _rf_setup_context
 
 from ._autocast import autocast_call
+from ._eager import grad_needed
 
 try:  # Triton is optional: without it every call takes the C++ op.
     import triton
@@ -1177,8 +1178,7 @@ def _attend(*args):
     q, k, v = args[:3]
     causal = args[5]
     from .triton_attention_bwd import fused_backward_enabled
-    if fused_backward_enabled(causal) and torch.is_grad_enabled() and any(
-            isinstance(t, Tensor) and t.requires_grad for t in (q, k, v)):
+    if fused_backward_enabled(causal) and grad_needed(q, k, v):
         return torch.ops.panther.rf_attention_triton_train(*args)[0]
     return torch.ops.panther.rf_attention_triton(*args)
 

@@ -36,7 +36,7 @@ import panther  # noqa: F401  (loads the native ops)
 from panther.ops.conv import _backward, _setup_context
 
 from ._autocast import autocast_call
-from ._eager import direct_launch_ok
+from ._eager import direct_launch_ok, grad_needed
 from .triton_linear import _DTYPES, _INTERPRET, _dot_mode, _dot_width, _launcher, triton
 
 if triton is not None:
@@ -218,7 +218,7 @@ class _EagerTapConv(torch.autograd.Function):
 
 def _conv(x, S1s, U1s, bias, stride, padding, dilation):
     if direct_launch_ok() and tap_ok(x, S1s, stride):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, S1s, U1s, bias)):
+        if grad_needed(x, S1s, U1s, bias):
             return _EagerTapConv.apply(x, S1s, U1s, bias, stride, padding, dilation)
         # nothing to differentiate: the launch without autograd.Function's cost, as the linear does
         return tap_conv(x, S1s, U1s, bias, stride, padding, dilation, in_op=False)

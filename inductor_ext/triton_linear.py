@@ -44,7 +44,7 @@ from torch.utils.flop_counter import register_flop_formula
 from panther.ops.linear import concat_factors, grad_y_or_zeros, setup_context
 
 from ._autocast import autocast_call
-from ._eager import direct_launch_ok
+from ._eager import direct_launch_ok, grad_needed
 
 try:  # Triton is optional: without it every call takes the torch path.
     import triton
@@ -962,7 +962,7 @@ def _checked_forward(x, S1s, S2s, U1s, U2s, bias):
         # Other devices keep the op: its torch branch is the same math (on CPU, the C++ op's too).
         return torch.ops.panther.sketched_linear(*args)
     if served and direct_launch_ok():
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        if grad_needed(*args):
             return _EagerChain.apply(*args)
         # nothing to differentiate: the kernels without autograd.Function's cost (about 23 µs of
         # Python per call on the 2-core CI machine)

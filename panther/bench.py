@@ -15,8 +15,8 @@ from tabulate import tabulate
 from .nn import SKConv2d, SKLinear
 from .ops.linear import concat_factors
 
-__all__ = ["time_fn", "back_to_back_time_fn", "graph_time_fn", "bench_linear", "bench_conv2d", "bench_attention", "per_term_bmm", "sweep",
-           "sweep_table", "plot_sweep", "write_markdown", "DEFAULT_SWEEPS"]
+__all__ = ["time_fn", "back_to_back_time_fn", "graph_time_fn", "bench_linear", "bench_conv2d", "bench_attention",
+           "per_term_bmm", "sweep", "sweep_table", "plot_sweep", "write_markdown", "DEFAULT_SWEEPS"]
 
 
 def time_fn(fn, *, repeats=20, warmup=3, device="cpu"):
