@@ -1082,9 +1082,8 @@ def _forward_and_states(q, k, v, projection, kernel_fn, causal, scale, key_paddi
     two >= 16), ``state_block_f`` features per block (the chunk walk's and the chunk outputs'),
     chunk walk ``state_warps`` / ``state_stages``, chunk outputs ``causal_warps`` /
     ``causal_stages`` (None: ``_OUT_STAGES``). ``q_persist``: the non-causal queries by
-    ``_query_persistent_kernel``
-    (``q_per_sm`` programs per SM, ``block_m`` rows per step, ``q_warps``, ``q_stages``; None:
-    where ``persistent_queries`` says)."""
+    ``_query_persistent_kernel`` (``q_per_sm`` programs per SM, ``block_m`` rows per step,
+    ``q_warps``, ``q_stages``; None: where ``persistent_queries`` says)."""
     B, H, Lq, d = q.shape
     dv, m = v.shape[3], projection.shape[0]
     dev = q.device

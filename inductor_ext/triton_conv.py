@@ -202,9 +202,10 @@ torch.library.register_autograd("panther::sketched_conv2d_triton", _backward, se
 
 
 class _EagerTapConv(torch.autograd.Function):
-    """Eager calls the tap GEMM serves skip the custom op's Python dispatch (CPU per call on the H200
-    host, tiny input: 126 -> 101 µs without grad, 206 -> 139 µs with grad; docs/benchmarks.md); same
-    forward, same backward (``panther.ops.conv``'s formula)."""
+    """Eager calls the tap GEMM serves that need a gradient skip the custom op's Python dispatch (CPU
+    per call on the H200 host, tiny input: 206 -> 139 µs; docs/benchmarks.md); same forward, same
+    backward (``panther.ops.conv``'s formula). Calls with nothing to differentiate skip this Function
+    too (``_conv``)."""
 
     @staticmethod
     def forward(ctx, x, S1s, U1s, bias, stride, padding, dilation):
