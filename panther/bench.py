@@ -20,31 +20,16 @@ __all__ = ["time_fn", "back_to_back_time_fn", "graph_time_fn", "bench_linear", "
 
 
 def time_fn(fn, *, repeats=20, warmup=3, device="cpu"):
-    """Median wall time of ``fn()`` in milliseconds (CUDA: event timing, synchronised)."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    if torch.device(device).type == "cuda":
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+    """Median wall time of ``fn()`` in milliseconds (CUDA: event timing, synchronised around every call)."""
+    return back_to_back_time_fn(fn, calls=1, repeats=repeats, warmup=warmup, device=device)
 
 
 def back_to_back_time_fn(fn, *, calls=20, repeats=5, warmup=3, device="cpu"):
     """Median over ``repeats`` batches of the time per call (ms) of ``calls`` calls of ``fn`` issued back
     to back, with no synchronisation between them. On CUDA the CPU queues the next call while the GPU runs
     the last one, so a call costs about max(its CPU time, its GPU time): what one layer of an eager model
-    costs. (``time_fn`` synchronises around every call, so its time adds the CPU's part to the GPU's.)"""
+    costs. (``time_fn``, ``calls=1``, synchronises around every call, so its time adds the CPU's part
+    to the GPU's.)"""
     for _ in range(warmup):
         fn()
     cuda = torch.device(device).type == "cuda"
