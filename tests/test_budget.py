@@ -314,3 +314,26 @@ def test_bert_convert_and_backend(transformers_mod):
                                            max_position_embeddings=32)).eval()
     calib = list(torch.randint(0, 128, (32, 32), generator=torch.Generator().manual_seed(0)).split(8))
     _check_convert_and_compile(model, calib, calib[0], 0.45, out=lambda y: y.last_hidden_state)
+
+
+def test_demo_error_budget_part_times_the_converted_model(capsys):
+    """``make demo``'s part 4 prints the converted model's time per call beside the dense model's: three rows
+    (dense eager, converted eager, converted under Inductor), each with a time and a speed-up, and the
+    converted model's report and errors before them."""
+    from panther import demo
+
+    model = demo.build_model(blocks=1)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        demo._error_budget_part(model, x, 0.05, repeats=1)
+    out = capsys.readouterr().out
+    assert "linear/conv FLOPs removed" in out
+    rows = {}
+    for line in out.splitlines():
+        for name in ("dense, eager", "converted, eager", "converted, backend=inductor"):
+            if line.startswith(name + " "):
+                ms, speedup = line[len(name):].split()
+                rows[name] = (float(ms), float(speedup.rstrip("x")))
+    assert set(rows) == {"dense, eager", "converted, eager", "converted, backend=inductor"}
+    assert rows["dense, eager"][1] == 1.0
+    assert all(ms > 0 and speedup > 0 for ms, speedup in rows.values())
