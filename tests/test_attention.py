@@ -547,6 +547,17 @@ def test_forward_errors():
         layer(torch.randn(2, 4, 6), torch.randn(2, 4, 6), torch.randn(2, 4, 6))
 
 
+def test_forward_names_a_dtype_mismatch():
+    layer = RandMultiHeadAttention(8, 2, 4, seed=0)
+    q, kv = torch.randn(2, 4, 8), torch.randn(2, 7, 8)
+    with pytest.raises(TypeError, match=r"RandMultiHeadAttention: value has dtype torch.float64 .*torch.float32"):
+        layer(q, kv, kv.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(q.bfloat16(), kv.bfloat16(), kv.bfloat16())[0]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), layer(q, kv, kv)[0], atol=0.1, rtol=0.05)
+
+
 @pytest.mark.parametrize("kwargs,exc", [
     (dict(num_heads=0), ValueError), (dict(embed_dim=0), ValueError),
     (dict(embed_dim=10, num_heads=4), ValueError), (dict(dropout=1.0), ValueError),

@@ -357,6 +357,17 @@ def test_forward_errors():
         layer(torch.randn(8, 8))
 
 
+def test_forward_names_a_dtype_mismatch():
+    layer = SKConv2d(4, 8, 3, num_terms=1, low_rank=2, seed=0)
+    with pytest.raises(TypeError, match=r"SKConv2d: input has dtype torch.float64 .*torch.float32"):
+        layer(torch.randn(2, 4, 8, 8, dtype=torch.float64))
+    x = torch.randn(2, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x), atol=0.1, rtol=0.05)
+
+
 def test_parameter_count_warning():
     # break-even 2Lk(C_in·kh·kw + C_out) >= C_out·C_in·kh·kw: 2·1·8·(36+8)=704 >= 288 -> warn
     with pytest.warns(UserWarning, match="not cheaper"):

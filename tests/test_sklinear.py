@@ -184,6 +184,22 @@ def test_forward_errors():
         layer(torch.randn(3, 10, device="meta"))
 
 
+@pytest.mark.parametrize("cls", [SKLinear, SKLinear_triton])
+def test_forward_names_a_dtype_mismatch(cls):
+    layer = cls(10, 6, 1, 2, seed=0)
+    for bad in (torch.randn(3, 10, dtype=torch.float64), torch.ones(3, 10, dtype=torch.long)):
+        with pytest.raises(TypeError, match=rf"{cls.__name__}: input has dtype {bad.dtype} .*torch.float32"):
+            layer(bad)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        layer([0.0] * 10)
+    # autocast regions cast inputs themselves: a bf16 input reaches the fp32 layer there
+    x = torch.randn(3, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x), atol=0.1, rtol=0.05)
+
+
 def test_from_linear_rejects_other_modules():
     with pytest.raises(TypeError, match="nn.Linear"):
         SKLinear.from_linear(nn.Conv2d(1, 1, 1), 1, 1)

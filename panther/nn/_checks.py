@@ -43,3 +43,11 @@ def make_generator(seed, generator):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         return torch.Generator().manual_seed(as_int(seed))
     return None
+
+
+def input_dtype(layer, name, x, dtype):
+    """TypeError unless input ``x`` has the layer's parameter ``dtype`` (the ops would otherwise fail deep
+    inside with a RuntimeError). Autocast regions are exempt: there the ops cast their inputs themselves."""
+    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{layer}: {name} has dtype {x.dtype} but the layer's parameters are {dtype}; "
+                        f"cast the input (x.to({dtype})) or the layer (layer.to({x.dtype}))")

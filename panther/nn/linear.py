@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..sketch.factors import INITS, linear_factors
-from ._checks import make_generator, positive_int
+from ._checks import input_dtype, make_generator, positive_int
 
 __all__ = ["SKLinear", "SKLinear_triton"]
 
@@ -152,14 +152,22 @@ class SKLinear(nn.Module):
             Tensor of shape ``(..., out_features)``.
 
         Raises:
+            TypeError: ``x`` is not a tensor, or (outside autocast) its dtype is not the layer's.
             ValueError: the last dimension of ``x`` is not ``in_features``, or ``x`` is on another device.
         """
+        self._check_input(x)
+        return torch.ops.panther.sketched_linear(x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias)
+
+    def _check_input(self, x):
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
         if x.shape[-1:] != (self.in_features,):
-            raise ValueError(f"SKLinear expects input of shape (..., in_features={self.in_features}), "
+            raise ValueError(f"{name} expects input of shape (..., in_features={self.in_features}), "
                              f"got {tuple(x.shape)}")
         if x.device != self.S1s.device:
-            raise ValueError(f"input device {x.device} differs from the layer's device {self.S1s.device}")
-        return torch.ops.panther.sketched_linear(x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias)
+            raise ValueError(f"{name}: input device {x.device} differs from the layer's device {self.S1s.device}")
+        input_dtype(name, "input", x, self.S1s.dtype)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_terms={self.num_terms}, "
@@ -197,11 +205,10 @@ class SKLinear_triton(SKLinear):
             Tensor of shape ``(..., out_features)``.
 
         Raises:
-            ValueError: the last dimension of ``x`` is not ``in_features``.
+            TypeError: ``x`` is not a tensor, or (outside autocast) its dtype is not the layer's.
+            ValueError: the last dimension of ``x`` is not ``in_features``, or ``x`` is on another device.
         """
-        if x.shape[-1:] != (self.in_features,):
-            raise ValueError(f"SKLinear_triton expects input of shape (..., in_features={self.in_features}), "
-                             f"got {tuple(x.shape)}")
+        self._check_input(x)
         return _sketched_linear_triton(x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias)
 
 
