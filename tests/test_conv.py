@@ -368,6 +368,18 @@ def test_forward_names_a_dtype_mismatch():
     torch.testing.assert_close(y.float(), layer(x), atol=0.1, rtol=0.05)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_empty_batch_forward_and_backward(memory_format):
+    """An empty batch (the last, partial batch of some loaders) runs both ways, as in nn.Conv2d."""
+    layer = SKConv2d(4, 8, 3, stride=2, padding=1, num_terms=1, low_rank=2, seed=0)
+    x = torch.randn(0, 4, 9, 9).to(memory_format=memory_format).requires_grad_()
+    y = layer(x)
+    assert y.shape == nn.Conv2d(4, 8, 3, stride=2, padding=1)(x).shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert not layer.S1s.grad.any() and not layer.bias.grad.any()
+
+
 def test_parameter_count_warning():
     # break-even 2Lk(C_in·kh·kw + C_out) >= C_out·C_in·kh·kw: 2·1·8·(36+8)=704 >= 288 -> warn
     with pytest.warns(UserWarning, match="not cheaper"):

@@ -119,3 +119,33 @@ def test_backend_sdpa_rewrite_inlines_the_triton_attention_kernels():
     assert all([r for r in rep.rows if r.kind == "attention"][0].replaced for rep in reports)
     ref = outs["aot_eager"]
     assert ((outs["inductor"] - ref).norm() / ref.norm()).item() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_empty_batches_run_forward_and_backward_on_cuda(dtype):
+    """Zero rows through every GPU path (fused linear kernels, the tap GEMM, the attention kernels): the
+    outputs have the dense layers' shapes and the parameter gradients are zero."""
+    from panther.nn import RandMultiHeadAttention, SKConv2d, SKLinear, SKLinear_triton
+
+    kw = dict(seed=0, device="cuda", dtype=dtype)
+    cases = [(SKLinear(64, 32, 1, 8, **kw), (0, 64)), (SKLinear_triton(64, 32, 1, 8, **kw), (0, 64)),
+             (SKLinear_triton(64, 32, 1, 8, **kw), (3, 0, 64)),
+             (SKConv2d(16, 32, 3, padding=1, num_terms=1, low_rank=4, **kw), (0, 16, 8, 8)),
+             (SKConv2d(16, 32, 3, padding=1, num_terms=1, low_rank=4, **kw).to(memory_format=torch.channels_last),
+              (0, 16, 8, 8))]
+    for layer, shape in cases:
+        x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+        y = layer(x)
+        assert y.shape[:-1 if x.dim() < 4 else 1] == x.shape[:-1 if x.dim() < 4 else 1]
+        y.sum().backward()
+        assert x.grad.shape == x.shape and not any(p.grad.any() for p in layer.parameters())
+    for causal in (False, True):
+        layer = RandMultiHeadAttention(128, 2, 64, iscausal=causal, **kw)
+        for B, L in ((0, 40), (2, 0)):
+            x = torch.randn(B, L, 128, device="cuda", dtype=dtype, requires_grad=True)
+            out, _ = layer(x, x, x)
+            assert out.shape == x.shape
+            out.sum().backward()
+            assert x.grad.shape == x.shape
+            assert not any(p.grad.any() for p in layer.parameters() if p.grad is not None)
+            layer.zero_grad()

@@ -83,10 +83,11 @@ def _wants_channels_last(t4):
 def _channel_mix(t, mat):
     """``out[b, p] = sum_c mat[p, c] * t[b, c]`` over the channel dim of a 4-D tensor (layout kept)."""
     b, c, h, w = t.shape
+    p = mat.shape[0]  # not -1 in the views: an empty batch leaves it ambiguous
     if _wants_channels_last(t):
         rows = t.permute(0, 2, 3, 1).reshape(-1, c)
-        return (rows @ mat.t()).view(b, h, w, -1).permute(0, 3, 1, 2)
-    return torch.matmul(mat, t.reshape(b, c, h * w)).view(b, -1, h, w)
+        return (rows @ mat.t()).view(b, h, w, p).permute(0, 3, 1, 2)
+    return torch.matmul(mat, t.reshape(b, c, h * w)).view(b, p, h, w)
 
 
 def _pixel_contract(g, z):
