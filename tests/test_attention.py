@@ -547,11 +547,13 @@ def test_forward_errors():
         layer(torch.randn(2, 4, 6), torch.randn(2, 4, 6), torch.randn(2, 4, 6))
 
 
-def test_forward_names_a_dtype_mismatch():
+def test_forward_names_a_dtype_or_device_mismatch():
     layer = RandMultiHeadAttention(8, 2, 4, seed=0)
     q, kv = torch.randn(2, 4, 8), torch.randn(2, 7, 8)
     with pytest.raises(TypeError, match=r"RandMultiHeadAttention: value has dtype torch.float64 .*torch.float32"):
         layer(q, kv, kv.double())
+    with pytest.raises(ValueError, match="RandMultiHeadAttention: key is on device meta .* on device cpu"):
+        layer(q, kv.to("meta"), kv)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(q.bfloat16(), kv.bfloat16(), kv.bfloat16())[0]
     assert out.dtype == torch.bfloat16

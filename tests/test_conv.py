@@ -357,10 +357,12 @@ def test_forward_errors():
         layer(torch.randn(8, 8))
 
 
-def test_forward_names_a_dtype_mismatch():
+def test_forward_names_a_dtype_or_device_mismatch():
     layer = SKConv2d(4, 8, 3, num_terms=1, low_rank=2, seed=0)
     with pytest.raises(TypeError, match=r"SKConv2d: input has dtype torch.float64 .*torch.float32"):
         layer(torch.randn(2, 4, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="SKConv2d: input is on device meta but the layer's parameters are on device cpu"):
+        layer(torch.randn(2, 4, 8, 8, device="meta"))
     x = torch.randn(2, 4, 8, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x.bfloat16())

@@ -45,9 +45,14 @@ def make_generator(seed, generator):
     return None
 
 
-def input_dtype(layer, name, x, dtype):
-    """TypeError unless input ``x`` has the layer's parameter ``dtype`` (the ops would otherwise fail deep
-    inside with a RuntimeError). Autocast regions are exempt: there the ops cast their inputs themselves."""
-    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(f"{layer}: {name} has dtype {x.dtype} but the layer's parameters are {dtype}; "
-                        f"cast the input (x.to({dtype})) or the layer (layer.to({x.dtype}))")
+
+def input_matches(layer, name, x, param):
+    """ValueError unless input ``x`` is on ``param``'s device, TypeError unless it has ``param``'s dtype
+    (outside autocast: there the ops cast their inputs themselves). Without these checks the ops fail deep
+    inside with a RuntimeError, or, for a meta input, not at all."""
+    if x.device != param.device:
+        raise ValueError(f"{layer}: {name} is on device {x.device} but the layer's parameters are on device "
+                         f"{param.device}; move one to the other")
+    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{layer}: {name} has dtype {x.dtype} but the layer's parameters are {param.dtype}; "
+                        f"cast the input (x.to({param.dtype})) or the layer (layer.to({x.dtype}))")

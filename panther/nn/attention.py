@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..sketch import orthogonal_random_features
-from ._checks import input_dtype, make_generator
+from ._checks import input_matches, make_generator
 from ._triton_ops import LazyTritonOp
 from .srpe import sinSRPE
 
@@ -166,7 +166,7 @@ class RandMultiHeadAttention(nn.Module):
                 shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
                 raise ValueError(f"{name} must be a batch-first (B, L, {self.embed_dim}) tensor, "
                                  f"got {shape}")
-            input_dtype("RandMultiHeadAttention", name, t, self.Wq.dtype)
+            input_matches("RandMultiHeadAttention", name, t, self.Wq)
         B, Lq, S = query.shape[0], query.shape[1], key.shape[1]
         if key.shape[0] != B or value.shape[0] != B or value.shape[1] != S:
             raise ValueError(f"query, key, value must be (B, Lq, E), (B, S, E), (B, S, E); got "
@@ -199,7 +199,8 @@ class RandMultiHeadAttention(nn.Module):
         Raises:
             TypeError: (outside autocast) an input whose dtype is not the layer's.
             ValueError: inputs that are not ``(B, L, E)`` tensors with matching batch and key/value
-                lengths, ``Lq != S`` with ``iscausal``, or a mask of the wrong dtype or shape.
+                lengths, ``Lq != S`` with ``iscausal``, a mask of the wrong dtype or shape, or inputs on
+                another device.
         """
         self._check_forward(query, key, value, attention_mask)
         B, Lq, S = query.shape[0], query.shape[1], key.shape[1]

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..sketch.factors import INITS, conv2d_factors
 from ._checks import as_int as _as_int
-from ._checks import input_dtype, make_generator, positive_int
+from ._checks import input_matches, make_generator, positive_int
 
 __all__ = ["SKConv2d"]
 
@@ -263,7 +263,8 @@ class SKConv2d(nn.Module):
 
         Raises:
             TypeError: ``x`` is not a tensor, or (outside autocast) its dtype is not the layer's.
-            ValueError: ``x`` is not 3-D or 4-D, or its channel count is not ``in_channels``.
+            ValueError: ``x`` is not 3-D or 4-D, its channel count is not ``in_channels``, or it is on another
+                device.
         """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"SKConv2d: input must be a torch.Tensor, got {type(x).__name__}")
@@ -272,7 +273,7 @@ class SKConv2d(nn.Module):
         if x.shape[-3] != self.in_channels:
             raise ValueError(f"SKConv2d: input has {x.shape[-3]} channels (dim {x.dim() - 3}) but in_channels="
                              f"{self.in_channels}")
-        input_dtype("SKConv2d", "input", x, self.S1s.dtype)
+        input_matches("SKConv2d", "input", x, self.S1s)
         padding, pad = self._explicit_padding()
         if pad is not None:
             x = F.pad(x, pad)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..sketch.factors import INITS, linear_factors
-from ._checks import input_dtype, make_generator, positive_int
+from ._checks import input_matches, make_generator, positive_int
 
 __all__ = ["SKLinear", "SKLinear_triton"]
 
@@ -165,9 +165,7 @@ class SKLinear(nn.Module):
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"{name} expects input of shape (..., in_features={self.in_features}), "
                              f"got {tuple(x.shape)}")
-        if x.device != self.S1s.device:
-            raise ValueError(f"{name}: input device {x.device} differs from the layer's device {self.S1s.device}")
-        input_dtype(name, "input", x, self.S1s.dtype)
+        input_matches(name, "input", x, self.S1s)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_terms={self.num_terms}, "
