@@ -10,7 +10,8 @@ Call it **before** building the optimizer: an optimizer built earlier holds the 
 would never update the new factors.
 
 Nothing the policy did not ask for changes: other modules, their parameters (same objects), training
-flags and RNG-free state stay as they were. Without ``example_inputs`` nothing is run; with them, one
+flags and RNG-free state stay as they were. A layer registered under several names (one module used in
+several places) is swapped for one new module at all of them, so it stays shared. Without ``example_inputs`` nothing is run; with them, one
 forward under ``no_grad`` in eval mode records input shapes so that FLOPs (and the default policy's
 attention decisions) use real sizes; training flags are restored afterwards.
 
@@ -19,7 +20,7 @@ logs, pipes, CI or pytest; ``PANTHER_PROGRESS=0/1`` forces it off/on, see ``pant
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -68,6 +69,15 @@ def _candidates(model: nn.Module):
             out.append((name, m, "conv2d"))
         elif _is_plain(m, nn.MultiheadAttention):
             out.append((name, m, "attention"))
+    return out
+
+
+def _aliases(model: nn.Module) -> Dict[int, List[str]]:
+    """Every name each module is registered under: a module used in several places (weight sharing) is
+    swapped at all of them, so that it stays one shared module."""
+    out: Dict[int, List[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        out.setdefault(id(m), []).append(name)
     return out
 
 
@@ -325,6 +335,7 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
     if isinstance(model, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)):
         raise TypeError("convert() swaps submodules in place; wrap a bare layer in a container (e.g. nn.Sequential)")
     cands = _candidates(model)
+    aliases = _aliases(model)
     recorded = _record_shapes(model, cands, example_inputs) if example_inputs is not None else {}
     grad_enabled = torch.is_grad_enabled()
     rows = []
@@ -345,7 +356,8 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
         if getattr(spec, "act_gram", None) is not None:
             _apply_act_gram(name, m, new, spec)
         _match_grad_flags(new, m)
-        _set_submodule(model, name, new)
+        for alias in aliases[id(m)]:
+            _set_submodule(model, alias, new)
         params_after, flops_after = sketched_cost(info, spec)
         rows.append(ReportRow(name, kind, op_before, op_after, True, "", info.params, params_after, info.flops,
                               flops_after, spec=spec))

@@ -100,12 +100,19 @@ class GraphDiffReport:
 
     @property
     def totals(self) -> Dict[str, Optional[int]]:
-        """Sums over all rows (a FLOP total is ``None`` when some row's FLOPs are unknown)."""
+        """Sums over all rows (a FLOP total is ``None`` when some row's FLOPs are unknown). A layer called
+        several times (rows ``fc``, ``fc#1``...) holds its weights once, and its calls share their
+        factors, so its parameters count once per distinct outcome (kept dense / replaced)."""
+        before, after = {}, {}
+        for r in self.rows:
+            base = r.name.split("#", 1)[0]
+            before[base] = r.params_before
+            after[(base, r.replaced)] = r.params_after
         return {
             "layers": len(self.rows),
             "replaced": len(self.replaced),
-            "params_before": sum(r.params_before for r in self.rows),
-            "params_after": sum(r.params_after for r in self.rows),
+            "params_before": sum(before.values()),
+            "params_after": sum(after.values()),
             "flops_before": _sum(r.flops_before for r in self.rows),
             "flops_after": _sum(r.flops_after for r in self.rows),
         }

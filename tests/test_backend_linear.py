@@ -272,3 +272,6 @@ def test_module_called_twice_shares_its_factors():
         torch.testing.assert_close(compiled(x), m(x), rtol=1e-4, atol=1e-5)  # full rank: exact
     assert [(r.name, r.replaced) for r in reports[0].rows] == [("fc", True), ("fc#1", True)]
     assert len(dict(graphs[0].named_buffers())) == 4  # one set of factors for both calls
+    fc = reports[0].rows[0]  # and the totals count the layer's parameters once, before and after
+    assert reports[0].totals["params_before"] == fc.params_before == 16 * 16 + 16
+    assert reports[0].totals["params_after"] == fc.params_after

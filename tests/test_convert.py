@@ -61,6 +61,21 @@ def test_convert_seeded_spec_is_reproducible_and_per_layer():
     assert not torch.equal(a.fc2.U1s, b.fc1.U1s[:, :, :32])  # layers derive different seeds
 
 
+def test_convert_keeps_a_shared_layer_shared():
+    """One module used in two places (weight sharing) becomes one sketched module used in both, reported once."""
+    torch.manual_seed(0)
+    shared = nn.Linear(32, 32)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(32, 4))
+    _, report = panther.convert(model, {"*": SketchSpec(num_terms=1, low_rank=4, seed=0)},
+                                example_inputs=torch.randn(5, 32))
+    assert isinstance(model[0], panther.nn.SKLinear) and model[2] is model[0]
+    assert [r.name for r in report.rows] == ["0", "3"]
+    block = nn.Sequential(nn.Linear(32, 32))  # a shared parent: its child is swapped once, for both uses
+    nested = nn.Sequential(block, block)
+    panther.convert(nested, {"*": SketchSpec(num_terms=1, low_rank=4, seed=0)})
+    assert isinstance(nested[1][0], panther.nn.SKLinear) and nested[1][0] is nested[0][0]
+
+
 def test_convert_keeps_frozen_layers_frozen():
     model = fresh()
     model.fc1.requires_grad_(False)
