@@ -20,6 +20,7 @@ logs, pipes, CI or pytest; ``PANTHER_PROGRESS=0/1`` forces it off/on, see ``pant
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -79,6 +80,14 @@ def _aliases(model: nn.Module) -> Dict[int, List[str]]:
     for name, m in model.named_modules(remove_duplicate=False):
         out.setdefault(id(m), []).append(name)
     return out
+
+
+def _tied_to(model: nn.Module, m: nn.Module, names: List[str]) -> List[str]:
+    """The names under which another module holds one of ``m``'s parameters (a tied weight, e.g. a language
+    model head sharing the token embedding's): swapping ``m`` breaks that tie."""
+    own = {f"{a}.{p}" if a else p for a in names for p, _ in m.named_parameters(remove_duplicate=False)}
+    mine = {id(p) for p in m.parameters()}
+    return [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in mine and n not in own]
 
 
 def _record_shapes(model, cands, example_inputs) -> Dict[int, Any]:
@@ -356,10 +365,18 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
         if getattr(spec, "act_gram", None) is not None:
             _apply_act_gram(name, m, new, spec)
         _match_grad_flags(new, m)
+        tied = _tied_to(model, m, aliases[id(m)])
         for alias in aliases[id(m)]:
             _set_submodule(model, alias, new)
+        untied = ""
+        if tied:
+            untied = f"untied from {', '.join(tied)}"
+            warnings.warn(f"panther.convert: {name} shared a parameter with {', '.join(tied)}; its sketched "
+                          f"replacement has its own factors, so that tie is broken (the other module keeps the "
+                          f"dense tensor and no longer trains with {name}). Skip it with overrides={{{name!r}: "
+                          f"'skip'}} to keep the tie.", stacklevel=2)
         params_after, flops_after = sketched_cost(info, spec)
-        rows.append(ReportRow(name, kind, op_before, op_after, True, "", info.params, params_after, info.flops,
+        rows.append(ReportRow(name, kind, op_before, op_after, True, untied, info.params, params_after, info.flops,
                               flops_after, spec=spec))
     report = GraphDiffReport(rows=rows, source="convert", graph=_module_tree(model, cands, rows))
     _set_last(report)

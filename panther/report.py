@@ -20,7 +20,8 @@ class ReportRow:
     """One candidate layer (graph node or module).
 
     ``op_before``/``op_after`` name the op (or module class) before and after; they are equal when the
-    layer was left alone, and then ``reason`` says why. ``params_*`` count tensor elements the layer needs
+    layer was left alone, and then ``reason`` says why (on a replaced row it notes a side effect, e.g. a
+    broken weight tie). ``params_*`` count tensor elements the layer needs
     (weights, factors, fixed sketches, bias, random features); ``flops_*`` are FLOPs of one call at the
     traced shapes (``None`` when unknown). ``est_error`` is the relative Frobenius error of the sketched
     weight ‖W − Ŵ‖/‖W‖ where it is cheap to know (linear / conv2d), else ``None``.
@@ -132,7 +133,7 @@ class GraphDiffReport:
                     f"{_fmt_int(r.params_before)} -> {_fmt_int(r.params_after)}",
                     f"{_fmt_int(r.flops_before)} -> {_fmt_int(r.flops_after)}",
                     "-" if r.est_error is None else f"{r.est_error:.3g}",
-                    _spec_str(r.spec) if r.replaced else r.reason,
+                    "; ".join(filter(None, (_spec_str(r.spec), r.reason))) if r.replaced else r.reason,
                 )
             )
         t = self.totals

@@ -3,6 +3,7 @@ torch.export and state_dict round trips."""
 import copy
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -74,6 +75,32 @@ def test_convert_keeps_a_shared_layer_shared():
     nested = nn.Sequential(block, block)
     panther.convert(nested, {"*": SketchSpec(num_terms=1, low_rank=4, seed=0)})
     assert isinstance(nested[1][0], panther.nn.SKLinear) and nested[1][0] is nested[0][0]
+
+
+class TiedLM(nn.Module):
+    """A language model whose output head shares the token embedding's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.body, self.head = nn.Embedding(100, 32), nn.Linear(32, 32), nn.Linear(32, 100, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, t):
+        return self.head(torch.relu(self.body(self.emb(t))))
+
+
+def test_convert_says_when_it_breaks_a_weight_tie():
+    spec = SketchSpec(num_terms=1, low_rank=4, seed=0)
+    model = TiedLM()
+    with pytest.warns(UserWarning, match=r"head shared a parameter with emb.weight.*overrides=\{'head': 'skip'\}"):
+        _, report = panther.convert(model, {"*": spec})
+    assert report.row("head").replaced and report.row("head").reason == "untied from emb.weight"
+    assert "untied from emb.weight" in str(report) and report.row("body").reason == ""
+    kept = TiedLM()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the untied layer skipped, nothing to warn about
+        _, report = panther.convert(kept, {"*": spec}, overrides={"head": "skip"})
+    assert kept.head.weight is kept.emb.weight and report.row("body").replaced
 
 
 def test_convert_keeps_frozen_layers_frozen():
