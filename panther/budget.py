@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._progress import progress as _progress
-from .conversion import is_conv1d
+from .conversion import call_with, is_conv1d
 from .policy import LayerInfo, SketchSpec, _dims, sketched_cost
 
 __all__ = ["ErrorBudgetPolicy", "error_budget_policy", "LayerStats", "LayerChoice", "collect_stats",
@@ -86,20 +87,13 @@ class LayerChoice:
 # calibration
 
 
-def _call(model, batch):
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
 
 @torch.no_grad()
 def collect_stats(model: nn.Module, calibration, *, progress=None) -> Dict[str, LayerStats]:
     """Run ``calibration`` through ``model`` (eval mode, no grad) and return each layer's input statistics.
 
     ``calibration``: a tensor (one batch), an iterable of batches (tensor, tuple of positional args or
-    dict of keyword args), or a callable ``fn(model)`` that runs the model itself. Only the Gram matrix
+    mapping of keyword args), or a callable ``fn(model)`` that runs the model itself. Only the Gram matrix
     of each linear / conv2d layer's input is kept (``d_in²`` numbers per layer, accumulated in float64).
     """
     stats: Dict[str, LayerStats] = {}
@@ -131,7 +125,7 @@ def collect_stats(model: nn.Module, calibration, *, progress=None) -> Dict[str, 
     modes = {m: m.training for m in model.modules()}
     batches = None
     if not callable(calibration) or isinstance(calibration, nn.Module):
-        batches = [calibration] if isinstance(calibration, (torch.Tensor, dict)) else calibration
+        batches = [calibration] if isinstance(calibration, (torch.Tensor, Mapping)) else calibration
     bar = _progress(total=len(batches) if hasattr(batches, "__len__") else None, desc="panther calibration",
                     enabled=progress, unit="batch")
     try:
@@ -141,7 +135,7 @@ def collect_stats(model: nn.Module, calibration, *, progress=None) -> Dict[str, 
             bar.update()
         else:
             for batch in batches:
-                _call(model, batch)
+                call_with(model, batch)
                 bar.update()
     finally:
         bar.close()
@@ -212,8 +206,8 @@ class ErrorBudgetPolicy:
 
     Args:
         model: the dense model (not modified; run once on ``calibration`` in eval mode under no_grad).
-        calibration: a tensor, an iterable of batches (tensor / tuple of args / dict of kwargs), or a
-            callable ``fn(model)``; see :func:`collect_stats`.
+        calibration: a tensor, an iterable of batches (tensor / tuple of args / mapping of kwargs, e.g. a
+            tokenizer's output), or a callable ``fn(model)``; see :func:`collect_stats`.
         budget: allowed relative output error ``‖Ŷ − Y‖/‖Y‖`` of each layer (0 < budget < 1), or a dict
             of fnmatch patterns on layer names -> budget (last match wins; unmatched layers stay dense).
         init: ``"svd_act"`` (default: SVD of ``W·G^{1/2}``, the best rank-r layer for the calibration
@@ -476,9 +470,9 @@ def relative_output_errors(dense: nn.Module, sketched: nn.Module, inputs, names=
     try:
         dense.eval()
         sketched.eval()
-        batches = [inputs] if isinstance(inputs, (torch.Tensor, dict)) else inputs
+        batches = [inputs] if isinstance(inputs, (torch.Tensor, Mapping)) else inputs
         for b in batches:
-            _call(dense, b)
+            call_with(dense, b)
     finally:
         for h in hooks:
             h.remove()

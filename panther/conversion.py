@@ -21,6 +21,7 @@ logs, pipes, CI or pytest; ``PANTHER_PROGRESS=0/1`` forces it off/on, see ``pant
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -90,6 +91,16 @@ def _tied_to(model: nn.Module, m: nn.Module, names: List[str]) -> List[str]:
     return [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in mine and n not in own]
 
 
+def call_with(model: nn.Module, inputs):
+    """``model`` run on example or calibration inputs: a mapping is keyword arguments (e.g. a tokenizer's
+    output), a tuple or list positional arguments, anything else the one argument."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
 def _record_shapes(model, cands, example_inputs) -> Dict[int, Any]:
     """Run one eval-mode, no-grad forward and record each candidate's (args, kwargs, output) shapes."""
     seen: Dict[int, Any] = {}
@@ -107,9 +118,8 @@ def _record_shapes(model, cands, example_inputs) -> Dict[int, Any]:
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         with torch.no_grad():
-            model(*args)
+            call_with(model, example_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -321,7 +331,8 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
         model: any nn.Module (modified in place and returned).
         policy: None (the default policy), a callable ``LayerInfo -> SketchSpec | None`` or a dict of
             fnmatch patterns (layer name or kind) -> ``SketchSpec`` | ``"skip"`` (see ``panther.policy``).
-        example_inputs: optional input (or tuple of inputs) for one recording forward pass, so the report
+        example_inputs: optional input for one recording forward pass (a tensor, a tuple or list of positional
+            arguments, or a mapping of keyword arguments such as a tokenizer's output), so the report
             has FLOPs and policies see input shapes.
         overrides: per-layer dict consulted before ``policy``.
 

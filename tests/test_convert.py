@@ -4,6 +4,7 @@ import copy
 import subprocess
 import sys
 import warnings
+from collections import UserDict
 
 import pytest
 import torch
@@ -75,6 +76,21 @@ def test_convert_keeps_a_shared_layer_shared():
     nested = nn.Sequential(block, block)
     panther.convert(nested, {"*": SketchSpec(num_terms=1, low_rank=4, seed=0)})
     assert isinstance(nested[1][0], panther.nn.SKLinear) and nested[1][0] is nested[0][0]
+
+
+def test_convert_takes_keyword_example_inputs():
+    """A mapping of example inputs is keyword arguments, as a tokenizer's output (a UserDict) would be."""
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(24, 32)
+
+        def forward(self, input_ids, scale=1.0):
+            return self.fc(input_ids) * scale
+
+    inputs = UserDict(input_ids=torch.randn(5, 24), scale=2.0)
+    _, report = panther.convert(Keywords(), {"fc": SketchSpec(num_terms=1, low_rank=3)}, example_inputs=inputs)
+    assert report.row("fc").flops_before == 2 * 5 * 24 * 32
 
 
 class TiedLM(nn.Module):
