@@ -210,6 +210,8 @@ def main(argv=None):
     p.add_argument("--markdown", metavar="FILE", default=None,
                    help="also write each table into this markdown file (e.g. docs/benchmarks.md)")
     a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device")
     dtype = getattr(torch, a.dtype)
     if a.sweep_grad_pass:
         rows, headers = sweep_grad_pass(a.in_features or 8192, a.out_features or a.in_features or 8192, a.batch,

@@ -632,6 +632,8 @@ def main(argv=None):
                    help="with --plot: comma-separated sizes to sweep (linear: features, conv2d: channels, "
                         "attention: sequence length), e.g. --sizes 64,128; default: a sweep per device")
     a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available (torch.cuda.is_available() is False)")
     if a.sizes is not None and a.plot is None:
         p.error("--sizes needs --plot FILE")
     if a.plot is not None:
@@ -640,8 +642,6 @@ def main(argv=None):
         given = [f for f in ("seq", "in_features", "out_features") if getattr(a, f) is not None]
         if given or a.backward:
             p.error(f"--plot sweeps forward calls over --sizes; it does not take {given or ['--backward']}")
-        if a.device == "cuda" and not torch.cuda.is_available():
-            p.error("--device cuda: no CUDA device available")
         from ._plot import require_matplotlib
 
         require_matplotlib()  # fail before the sweep, not after it

@@ -142,6 +142,11 @@ def test_plot_errors(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bench.main(["linear", "--plot", str(tmp_path / "x.png"), "--sizes", "16,-2"])
     assert "--sizes needs --plot" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # a clear usage error, not a traceback from inside torch.cuda
+        for argv in (["linear", "--device", "cuda"], ["conv2d", "--device", "cuda", "--plot", str(tmp_path / "x.png")]):
+            with pytest.raises(SystemExit):
+                bench.main(argv)
+            assert "--device cuda: no CUDA device available" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install 'panther\[plot\]'"):
         bench.main(["linear", "--plot", str(tmp_path / "x.png"), "--sizes", "16"])
