@@ -87,7 +87,6 @@ class LayerChoice:
 # calibration
 
 
-
 @torch.no_grad()
 def collect_stats(model: nn.Module, calibration, *, progress=None) -> Dict[str, LayerStats]:
     """Run ``calibration`` through ``model`` (eval mode, no grad) and return each layer's input statistics.

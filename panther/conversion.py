@@ -11,9 +11,10 @@ would never update the new factors.
 
 Nothing the policy did not ask for changes: other modules, their parameters (same objects), training
 flags and RNG-free state stay as they were. A layer registered under several names (one module used in
-several places) is swapped for one new module at all of them, so it stays shared. Without ``example_inputs`` nothing is run; with them, one
-forward under ``no_grad`` in eval mode records input shapes so that FLOPs (and the default policy's
-attention decisions) use real sizes; training flags are restored afterwards.
+several places) is swapped for one new module at all of them, so it stays shared; swapping a layer whose
+weight is tied to another module's warns that the tie is broken. Without ``example_inputs`` nothing is
+run; with them, one forward under ``no_grad`` in eval mode records input shapes so that FLOPs (and the
+default policy's attention decisions) use real sizes; training flags are restored afterwards.
 
 When converting takes more than a second, a progress bar is shown on an interactive terminal (never in
 logs, pipes, CI or pytest; ``PANTHER_PROGRESS=0/1`` forces it off/on, see ``panther._progress``).

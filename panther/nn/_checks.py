@@ -45,7 +45,6 @@ def make_generator(seed, generator):
     return None
 
 
-
 def input_matches(layer, name, x, param):
     """ValueError unless input ``x`` is on ``param``'s device, TypeError unless it has ``param``'s dtype
     (outside autocast: there the ops cast their inputs themselves). Without these checks the ops fail deep
