@@ -48,15 +48,15 @@ at::Tensor sketched_conv2d_impl(const at::Tensor& x, const at::Tensor& S1s, cons
   const at::Tensor x4 = unbatched ? x.unsqueeze(0) : x;
   TORCH_CHECK_VALUE(x4.size(1) == S1s.size(1), "sketched_conv2d: x has ", x4.size(1),
                     " input channels but S1s expects ", S1s.size(1));
-  TORCH_CHECK(x.scalar_type() == S1s.scalar_type() && x.scalar_type() == U1s.scalar_type(),
-              "sketched_conv2d: x, S1s and U1s must have the same dtype, got ", x.scalar_type(), ", ",
-              S1s.scalar_type(), ", ", U1s.scalar_type());
+  TORCH_CHECK_TYPE(x.scalar_type() == S1s.scalar_type() && x.scalar_type() == U1s.scalar_type(),
+                   "sketched_conv2d: x, S1s and U1s must have the same dtype, got ", x.scalar_type(), ", ",
+                   S1s.scalar_type(), ", ", U1s.scalar_type());
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == c_out, "sketched_conv2d: bias must be (C_out,) = (",
                       c_out, ",), got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "sketched_conv2d: bias dtype ", bias->scalar_type(),
-                " differs from x dtype ", x.scalar_type());
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "sketched_conv2d: bias dtype ", bias->scalar_type(),
+                     " differs from x dtype ", x.scalar_type());
   }
 
   const bool cl = wants_channels_last(x4);

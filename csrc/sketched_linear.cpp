@@ -21,25 +21,29 @@ using at::Tensor;
 
 void check_factors(const Tensor& x, const Tensor& S1s, const Tensor& S2s, const Tensor& U1s,
                    const Tensor& U2s, const c10::optional<Tensor>& bias) {
-  TORCH_CHECK(S1s.dim() == 3 && S2s.dim() == 3 && U1s.dim() == 3 && U2s.dim() == 3,
-              "sketched_linear: S1s, S2s, U1s, U2s must be 3-D (L, ., .)");
+  TORCH_CHECK_VALUE(S1s.dim() == 3 && S2s.dim() == 3 && U1s.dim() == 3 && U2s.dim() == 3,
+                    "sketched_linear: S1s, S2s, U1s, U2s must be 3-D (L, ., .)");
   const auto L = S1s.size(0), d_in = S1s.size(1), k = S1s.size(2), d_out = S2s.size(2);
-  TORCH_CHECK(S2s.sizes() == at::IntArrayRef({L, k, d_out}), "sketched_linear: S2s must be (L, k, d_out) = (",
-              L, ", ", k, ", ", d_out, "), got ", S2s.sizes());
-  TORCH_CHECK(U1s.sizes() == at::IntArrayRef({L, k, d_out}), "sketched_linear: U1s must be (L, k, d_out) = (",
-              L, ", ", k, ", ", d_out, "), got ", U1s.sizes());
-  TORCH_CHECK(U2s.sizes() == at::IntArrayRef({L, d_in, k}), "sketched_linear: U2s must be (L, d_in, k) = (",
-              L, ", ", d_in, ", ", k, "), got ", U2s.sizes());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d_in, "sketched_linear: x must have last dimension in_features=",
-              d_in, ", got shape ", x.sizes());
+  TORCH_CHECK_VALUE(S2s.sizes() == at::IntArrayRef({L, k, d_out}), "sketched_linear: S2s must be (L, k, d_out) = (",
+                    L, ", ", k, ", ", d_out, "), got ", S2s.sizes());
+  TORCH_CHECK_VALUE(U1s.sizes() == at::IntArrayRef({L, k, d_out}), "sketched_linear: U1s must be (L, k, d_out) = (",
+                    L, ", ", k, ", ", d_out, "), got ", U1s.sizes());
+  TORCH_CHECK_VALUE(U2s.sizes() == at::IntArrayRef({L, d_in, k}), "sketched_linear: U2s must be (L, d_in, k) = (",
+                    L, ", ", d_in, ", ", k, "), got ", U2s.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == d_in, "sketched_linear: x must have last dimension in_features=",
+                    d_in, ", got shape ", x.sizes());
   for (const Tensor* t : {&S1s, &S2s, &U1s, &U2s}) {
-    TORCH_CHECK(t->device() == x.device(), "sketched_linear: all factors must be on x's device ", x.device(),
-                ", got ", t->device());
+    TORCH_CHECK_VALUE(t->device() == x.device(), "sketched_linear: all factors must be on x's device ", x.device(),
+                      ", got ", t->device());
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "sketched_linear: all factors must have x's dtype ",
+                     x.scalar_type(), ", got ", t->scalar_type());
   }
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d_out, "sketched_linear: bias must be (out_features,) = (",
-                d_out, ",), got ", bias->sizes());
-    TORCH_CHECK(bias->device() == x.device(), "sketched_linear: bias must be on x's device");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == d_out, "sketched_linear: bias must be (out_features,) = (",
+                      d_out, ",), got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->device() == x.device(), "sketched_linear: bias must be on x's device");
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "sketched_linear: bias must have x's dtype ",
+                     x.scalar_type(), ", got ", bias->scalar_type());
   }
 }
 

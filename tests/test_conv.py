@@ -208,7 +208,7 @@ def test_op_rejects_bad_factors():
         OP(x, s1, u1, b[:-1], [1, 1], [0, 0], [1, 1])
     with pytest.raises(ValueError, match="x must be"):
         OP(x[0, 0], s1, u1, b, [1, 1], [0, 0], [1, 1])
-    with pytest.raises(RuntimeError, match="same dtype"):
+    with pytest.raises(TypeError, match="same dtype"):
         OP(x.float(), s1, u1, b, [1, 1], [0, 0], [1, 1])
 
 

@@ -90,12 +90,16 @@ def test_backward_is_optimal_six_nlk():
     assert counter.get_total_flops() == 6 * N * L * k * (d_in + d_out)
 
 
-def test_bad_factor_shapes_raise():
+def test_bad_factors_raise_value_and_type_errors():
     x, S1s, S2s, U1s, U2s, b = factors(2, 6, 3, 5)
-    with pytest.raises(RuntimeError, match="U2s must be"):
+    with pytest.raises(ValueError, match="U2s must be"):
         torch.ops.panther.sketched_linear(x, S1s, S2s, U1s, U2s[:, :, :2], b)
-    with pytest.raises(RuntimeError, match="in_features=6"):
+    with pytest.raises(ValueError, match="in_features=6"):
         torch.ops.panther.sketched_linear(x[..., :5], S1s, S2s, U1s, U2s, b)
+    with pytest.raises(TypeError, match="factors must have x's dtype Double, got Float"):
+        torch.ops.panther.sketched_linear(x, S1s.float(), S2s, U1s, U2s, b)
+    with pytest.raises(TypeError, match="bias must have x's dtype Double, got Float"):
+        torch.ops.panther.sketched_linear(x, S1s, S2s, U1s, U2s, b.float())
 
 
 @pytest.mark.parametrize("fwd", ["sketched_linear_fwd", "sketched_linear_triton_fwd"])

@@ -45,7 +45,8 @@ def sketched_conv2d(x, S1s, U1s, bias=None, stride=1, padding=0, dilation=1):
         ``(B, C_out, H_out, W_out)`` (or unbatched), with ``F.conv2d``'s output size.
 
     Raises:
-        TypeError: ``stride``/``padding``/``dilation`` not an int or a pair of ints.
+        TypeError: ``stride``/``padding``/``dilation`` not an int or a pair of ints, or ``S1s``, ``U1s``
+            or ``bias`` of another dtype than ``x``.
         ValueError: inconsistent shapes (e.g. channel counts of ``x`` and ``S1s`` differ).
     """
     return torch.ops.panther.sketched_conv2d(

@@ -28,7 +28,8 @@ def sketched_linear(x: Tensor, S1s: Tensor, S2s: Tensor, U1s: Tensor, U2s: Tenso
         ``(..., d_out)``.
 
     Raises:
-        RuntimeError: inconsistent shapes (e.g. ``x`` not ending in ``d_in``).
+        ValueError: inconsistent shapes or devices (e.g. ``x`` not ending in ``d_in``).
+        TypeError: a factor or ``bias`` whose dtype is not ``x``'s.
     """
     return torch.ops.panther.sketched_linear(x, S1s, S2s, U1s, U2s, bias)
 
