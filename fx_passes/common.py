@@ -245,6 +245,7 @@ class PassContext:
         # node -> the real weight it was derived from (keys the cache of weight-free draws per model)
         self.owners: Dict[fx.Node, torch.Tensor] = {}
         self._registered: Dict[int, Tuple[torch.Tensor, str]] = {}
+        self._autocast: Optional[Dict[fx.Node, Tuple[Tuple[str, Any, bool], ...]]] = None
 
     # -- weights and names --------------------------------------------------------------------------
     def weight(self, node) -> Tuple[Optional[torch.Tensor], Optional[str], Optional[str]]:
@@ -276,6 +277,34 @@ class PassContext:
             return None
         path = list(stack.values())[-1][0]
         return source_to_fqn(path)
+
+    def dtype_mismatch(self, node: fx.Node, W: torch.Tensor, xv) -> Optional[str]:
+        """Why a weight of ``W``'s dtype cannot meet the input value ``xv`` at ``node``, or None. Inside an
+        autocast region (the one around the compiled call, or the graph's own ``torch.autocast`` blocks) an
+        input in the autocast dtype is fine: the sketched ops' autocast kernels cast the factors as ATen's
+        linear and conv cast the weight."""
+        if not isinstance(xv, torch.Tensor) or W.dtype == xv.dtype:
+            return None
+        if W.is_floating_point() and xv.dtype == self.autocast_dtype(node, xv.device.type):
+            return None
+        return f"weight dtype {W.dtype} differs from input dtype {xv.dtype}"
+
+    def autocast_dtype(self, node: fx.Node, device_type: str):
+        """The autocast dtype in force for ``device_type`` where ``node`` runs, or None (autocast off): the
+        innermost of the graph's ``_enter_autocast`` regions around it, else the state at compile time."""
+        if self._autocast is None:
+            self._autocast, stack, entered = {}, (), {}
+            for n in self.graph.nodes:
+                if n.target is torch.amp.autocast_mode._enter_autocast:
+                    entered[n] = stack
+                    stack = stack + ((n.args[0], n.args[1], bool(n.args[2])),)
+                elif n.target is torch.amp.autocast_mode._exit_autocast:
+                    stack = entered.get(n.args[0], stack)
+                self._autocast[n] = stack
+        for dev, dtype, enabled in reversed(self._autocast.get(node, ())):
+            if dev == device_type:
+                return (dtype or torch.get_autocast_dtype(dev)) if enabled else None
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
     def unique_layer_name(self, name: str) -> str:
         """Layer names are unique within one report (a module called twice gets ``#1``, ``#2``...)."""

@@ -97,8 +97,8 @@ def match(node, ctx: PassContext):
         cand.unsupported = f"grouped convolution (groups={groups}) is not supported by sketched_conv2d"
     elif pad is None:
         cand.unsupported = f"padding={padding!r} has no symmetric explicit form"
-    elif xv is not None and W.dtype != xv.dtype:
-        cand.unsupported = f"weight dtype {W.dtype} differs from input dtype {xv.dtype}"
+    elif mismatch := ctx.dtype_mismatch(node, W, xv):
+        cand.unsupported = mismatch
     elif not hasattr(torch.ops.panther, "sketched_conv2d"):
         cand.unsupported = "panther::sketched_conv2d is not available in this build"
     return cand

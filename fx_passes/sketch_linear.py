@@ -117,8 +117,8 @@ def match(node, ctx: PassContext):
         cand.unsupported = why
     elif bias_v is not None and tuple(bias_v.shape) != (d_out,):
         cand.unsupported = "bias is not (out_features,)"
-    elif (getattr(xv, "dtype", None) is not None and W.dtype != xv.dtype):
-        cand.unsupported = f"weight dtype {W.dtype} differs from input dtype {xv.dtype}"
+    elif mismatch := ctx.dtype_mismatch(node, W, xv):
+        cand.unsupported = mismatch
     return cand
 
 

@@ -99,6 +99,19 @@ def test_conv_full_rank_svd_reproduces_dense(conv_run):
     assert len(reports[0].replaced) == 3
 
 
+def test_conv_under_autocast_is_rewritten(conv_run):
+    """Under bf16 autocast c2 and c3 meet bf16 inputs with fp32 weights; the op's autocast kernel casts."""
+    model, _, x, _ = conv_run
+    torch._dynamo.reset()
+    full = {"c1": SketchSpec(low_rank=4, init="svd"), "c2": SketchSpec(low_rank=6, init="svd"),
+            "c3": SketchSpec(num_terms=3, low_rank=2, init="svd")}
+    compiled, reports = compile_panther(model, policy=full)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        y, ref = compiled(x), model(x)
+    assert [r.name for r in reports[-1].replaced] == ["c1", "c2", "c3"], str(reports[-1])
+    assert y.dtype == ref.dtype == torch.bfloat16 and rel(y.float(), ref.float()) < 3e-2
+
+
 # ---------------------------------------------------------------------------------------------------- SDPA
 
 

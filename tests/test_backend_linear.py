@@ -136,6 +136,35 @@ def test_full_rank_svd_reproduces_dense(mlp):
     assert rel(y, ref) <= 1e-5
 
 
+class AutocastInside(nn.Module):
+    """fc1 and fc2 run in the model's own bf16 autocast block, so fc2 meets a bf16 input with fp32 weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(32, 48), nn.Linear(48, 40), nn.Linear(40, 6)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.fc2(torch.relu(self.fc1(x)))
+        return self.head(h.float())
+
+
+@pytest.mark.parametrize("where", ["around the call", "inside the model"])
+def test_layers_under_autocast_are_rewritten(mlp, where):
+    """Under autocast a layer's input is in the autocast dtype while its weight is fp32. That is no dtype
+    mismatch: the sketched op's autocast kernel casts the factors as F.linear casts the weight."""
+    torch._dynamo.reset()
+    full = {"*": SketchSpec(low_rank=64, init="svd")}  # 2k >= min(in, out): exact up to bf16 rounding
+    model = mlp if where == "around the call" else AutocastInside().eval()
+    compiled, reports = compile_panther(model, policy=full)
+    x = torch.randn(3, 32)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=where == "around the call")
+    with amp, torch.no_grad():
+        y, ref = compiled(x), model(x)
+    assert [r.replaced for r in reports[-1].rows] == [True, True, True], str(reports[-1])
+    assert y.dtype == ref.dtype and rel(y.float(), ref.float()) < 2e-2
+
+
 def test_recompile_for_new_batch_size_reuses_factors(mlp, monkeypatch):
     torch._dynamo.reset()
     fx_passes.factor_cache.clear()
