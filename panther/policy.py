@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
@@ -268,7 +269,18 @@ def default_policy(info: LayerInfo) -> Optional[SketchSpec]:
     num_random_features). Layers whose FLOPs are unknown (``panther.convert`` without example inputs) are
     judged per output position for linear / conv2d and left alone for attention.
     """
-    return _default_decide(info)[0]
+    spec, reason = _default_decide(info)
+    # a callable policy that delegates here returns only the spec; its report row reads the reason back
+    _declined_by_default.info, _declined_by_default.reason = info, reason
+    return spec
+
+
+_declined_by_default = threading.local()
+
+
+def _default_reason_for(info: LayerInfo) -> Optional[str]:
+    """The default policy's reason for declining ``info`` if it was the last layer it judged (in this thread)."""
+    return getattr(_declined_by_default, "reason", None) if getattr(_declined_by_default, "info", None) is info else None
 
 
 def _default_decide(info: LayerInfo):
@@ -352,8 +364,10 @@ def resolve_policy(policy: Policy):
     if callable(policy):
         def decide(info):
             spec = policy(info)
-            if spec is None or spec == "skip":
-                return None, "policy returned None" if spec is None else "policy: 'skip'"
+            if spec is None:
+                return None, _default_reason_for(info) or "policy returned None"
+            if spec == "skip":
+                return None, "policy: 'skip'"
             if not isinstance(spec, SketchSpec):
                 raise TypeError(
                     f"policy returned {spec!r} for layer {info.name!r}; a policy must return a SketchSpec, None or 'skip'"

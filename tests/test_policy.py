@@ -90,6 +90,18 @@ def test_callable_policy_and_bad_return():
         resolve_policy(lambda info: 3)(linear_info("x", 4, 4))
 
 
+def test_callable_policy_delegating_to_the_default_keeps_its_reasons():
+    """A custom policy that hands some layers to default_policy reports the default's reason, not a bare None."""
+    d = resolve_policy(lambda info: SKETCH_A if info.kind == "attention" else default_policy(info))
+    assert "too small" in d(linear_info("tiny", 8, 8))[1]
+    assert d(linear_info("fc", 64, 64))[0] is not None
+    # a None the policy chose itself, after the default accepted this layer (or judged another), stays bare
+    picky = resolve_policy(lambda info: default_policy(info) and None)
+    assert picky(linear_info("fc", 64, 64))[1] == "policy returned None"
+    default_policy(linear_info("tiny", 8, 8))
+    assert resolve_policy(lambda info: None)(linear_info("other", 8, 8))[1] == "policy returned None"
+
+
 @pytest.mark.parametrize("bad", [3, "all", [SKETCH_A]])
 def test_bad_policy_types(bad):
     with pytest.raises(TypeError, match="policy"):
