@@ -84,12 +84,25 @@ def _aliases(model: nn.Module) -> Dict[int, List[str]]:
     return out
 
 
-def _tied_to(model: nn.Module, m: nn.Module, names: List[str]) -> List[str]:
-    """The names under which another module holds one of ``m``'s parameters (a tied weight, e.g. a language
-    model head sharing the token embedding's): swapping ``m`` breaks that tie."""
+def _parameter_holders(model: nn.Module) -> Dict[int, List[str]]:
+    """Every name each parameter is registered under (a tied weight has several)."""
+    out: Dict[int, List[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out.setdefault(id(p), []).append(name)
+    return out
+
+
+def _untie(m: nn.Module, names: List[str], holders: Dict[int, List[str]]) -> List[str]:
+    """Swapping ``m`` (registered under ``names``): drop its own names from ``holders`` and return the names
+    under which other modules still hold one of its parameters (a tie the swap breaks, e.g. a language
+    model head sharing the token embedding's weight)."""
     own = {f"{a}.{p}" if a else p for a in names for p, _ in m.named_parameters(remove_duplicate=False)}
-    mine = {id(p) for p in m.parameters()}
-    return [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in mine and n not in own]
+    tied = []
+    for p in m.parameters():
+        others = [n for n in holders.get(id(p), ()) if n not in own]
+        holders[id(p)] = others
+        tied += [n for n in others if n not in tied]
+    return tied
 
 
 def call_with(model: nn.Module, inputs):
@@ -356,7 +369,7 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
     if isinstance(model, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)):
         raise TypeError("convert() swaps submodules in place; wrap a bare layer in a container (e.g. nn.Sequential)")
     cands = _candidates(model)
-    aliases = _aliases(model)
+    aliases, holders = _aliases(model), _parameter_holders(model)
     recorded = _record_shapes(model, cands, example_inputs) if example_inputs is not None else {}
     grad_enabled = torch.is_grad_enabled()
     rows = []
@@ -377,7 +390,7 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
         if getattr(spec, "act_gram", None) is not None:
             _apply_act_gram(name, m, new, spec)
         _match_grad_flags(new, m)
-        tied = _tied_to(model, m, aliases[id(m)])
+        tied = _untie(m, aliases[id(m)], holders)
         for alias in aliases[id(m)]:
             _set_submodule(model, alias, new)
         untied = ""

@@ -117,6 +117,13 @@ def test_convert_says_when_it_breaks_a_weight_tie():
         warnings.simplefilter("error")  # the untied layer skipped, nothing to warn about
         _, report = panther.convert(kept, {"*": spec}, overrides={"head": "skip"})
     assert kept.head.weight is kept.emb.weight and report.row("body").replaced
+    # two swapped layers sharing a weight: one tie, one warning (the second swap breaks nothing more)
+    pair = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    pair[1].weight = pair[0].weight
+    with pytest.warns(UserWarning) as caught:
+        _, report = panther.convert(pair, {"*": spec})
+    assert [str(w.message).split(";")[0] for w in caught] == ["panther.convert: 0 shared a parameter with 1.weight"]
+    assert [r.reason for r in report.rows] == ["untied from 1.weight", ""]
 
 
 def test_convert_keeps_frozen_layers_frozen():
