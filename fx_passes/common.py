@@ -246,6 +246,7 @@ class PassContext:
         self.owners: Dict[fx.Node, torch.Tensor] = {}
         self._registered: Dict[int, Tuple[torch.Tensor, str]] = {}
         self._autocast: Optional[Dict[fx.Node, Tuple[Tuple[str, Any, bool], ...]]] = None
+        self._module_paths: Optional[Dict[str, str]] = None
 
     # -- weights and names --------------------------------------------------------------------------
     def weight(self, node) -> Tuple[Optional[torch.Tensor], Optional[str], Optional[str]]:
@@ -277,6 +278,33 @@ class PassContext:
             return None
         path = list(stack.values())[-1][0]
         return source_to_fqn(path)
+
+    def layer_name(self, node: fx.Node, fqn: Optional[str], is_layer: Callable[[type], bool]) -> str:
+        """The layer a weighted call belongs to: the calling module when it is such a layer (``is_layer`` of
+        its class), else the weight's owner (``blocks.0.fc`` for ``blocks.0.fc.weight``). The two differ for a
+        tied weight, e.g. GPT-2's ``lm_head`` applying ``transformer.wte.weight``: the caller is the module
+        ``panther.convert`` swaps, so policies, overrides and seeds see one name on both paths. A module
+        registered under several names is named by the first one the graph calls it by."""
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            key, (path, cls) = list(stack.items())[-1]
+            if isinstance(cls, type) and is_layer(cls):
+                caller = source_to_fqn(self._first_path(key, path))
+                if caller:
+                    return caller
+        if fqn is not None:
+            return fqn.rsplit(".", 1)[0] if fqn.endswith(".weight") and "." in fqn else fqn
+        return self.module_path(node) or node.name
+
+    def _first_path(self, key: str, path: str) -> str:
+        """The first path the graph calls a module by. Dynamo keys ``nn_module_stack`` by the module's
+        identity, with ``@n`` added for its n-th repeated call."""
+        if self._module_paths is None:
+            self._module_paths = {}
+            for n in self.graph.nodes:
+                for k, (p, _) in (n.meta.get("nn_module_stack") or {}).items():
+                    self._module_paths.setdefault(k.split("@")[0], p)
+        return self._module_paths.get(key.split("@")[0], path)
 
     def dtype_mismatch(self, node: fx.Node, W: torch.Tensor, xv) -> Optional[str]:
         """Why a weight of ``W``'s dtype cannot meet the input value ``xv`` at ``node``, or None. Inside an

@@ -57,10 +57,7 @@ def match(node, ctx: PassContext):
     wv = W if W is not None else (w.meta.get("example_value") if isinstance(w, torch.fx.Node) else None)
     xv = x.meta.get("example_value") if isinstance(x, torch.fx.Node) else None
     w_shape, x_shape, out_shape = shape_of(wv), shape_of(xv), shape_of(node.meta.get("example_value"))
-    if fqn is not None:
-        base_name = fqn.rsplit(".", 1)[0] if fqn.endswith(".weight") and "." in fqn else fqn
-    else:
-        base_name = ctx.module_path(node) or node.name
+    base_name = ctx.layer_name(node, fqn, lambda cls: issubclass(cls, torch.nn.Conv2d))
     name = ctx.unique_layer_name(base_name)
     node.meta["panther_layer"] = name
     op_before = "torch.conv2d"

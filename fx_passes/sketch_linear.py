@@ -88,11 +88,7 @@ def match(node, ctx: PassContext):
         if op_before.startswith(("matmul", "addmm")):
             return None
         return _unsupported(node, ctx, op_before, "input shape unknown")
-    if fqn is None:
-        name = ctx.module_path(node) or node.name
-    else:
-        name = fqn.rsplit(".", 1)[0] if fqn.endswith(".weight") and "." in fqn else fqn
-    base_name = name
+    base_name = name = ctx.layer_name(node, fqn, _is_linear_layer)
     name = ctx.unique_layer_name(name)
     n_rows = numel(x_shape) // d_in if d_in else 0
     bias_v = b.meta.get("example_value") if isinstance(b, torch.fx.Node) else None
@@ -120,6 +116,12 @@ def match(node, ctx: PassContext):
     elif mismatch := ctx.dtype_mismatch(node, W, xv):
         cand.unsupported = mismatch
     return cand
+
+
+def _is_linear_layer(cls: type) -> bool:
+    """A module class whose calls are linear layers: nn.Linear and Hugging Face's Conv1D (by name, as
+    ``panther.convert`` recognises it)."""
+    return issubclass(cls, torch.nn.Linear) or cls.__name__ == "Conv1D"
 
 
 def _unsupported(node, ctx, op_before, reason):

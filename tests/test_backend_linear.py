@@ -304,3 +304,46 @@ def test_module_called_twice_shares_its_factors():
     fc = reports[0].rows[0]  # and the totals count the layer's parameters once, before and after
     assert reports[0].totals["params_before"] == fc.params_before == 16 * 16 + 16
     assert reports[0].totals["params_after"] == fc.params_after
+
+
+class TiedHead(nn.Module):
+    """A language-model head tied to the embedding: the head applies ``emb.weight``. The same Linear is also
+    registered a second time (``alias``), as a shared module is."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 24)
+        self.body = nn.Linear(24, 24)
+        self.head = nn.Linear(24, 50, bias=False)
+        self.head.weight = self.emb.weight
+        self.alias = self.body
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.alias(self.body(self.emb(ids)))))
+
+
+@pytest.mark.parametrize("spec", ["skip", SketchSpec(low_rank=4, init="sketch", seed=3)])
+def test_tied_head_is_named_after_the_layer_that_applies_it(spec):
+    # The weight's owner is `emb`, but the layer is `head`, as convert names it: an override of "head" takes
+    # effect and a seeded spec draws the same numbers on both paths. A module registered twice keeps its
+    # first name ("body", "body#1"), not its alias.
+    torch.manual_seed(0)
+    m = TiedHead().eval()
+    policy = {"body": "skip", "head": spec}
+    torch._dynamo.reset()
+    compiled, reports = compile_panther(m, policy=policy)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        y = compiled(ids)
+    assert [r.name for r in reports[0].rows] == ["body", "body#1", "head"]
+    head = reports[0].row("head")
+    if spec == "skip":
+        assert not head.replaced and "skip" in head.reason
+        torch.testing.assert_close(y, m(ids))
+        return
+    assert head.replaced
+    with pytest.warns(UserWarning, match="tie is broken"):
+        converted, _ = panther.convert(copy.deepcopy(m), policy)
+    with torch.no_grad():
+        torch.testing.assert_close(y, converted(ids), rtol=1e-4, atol=1e-5)
+        assert rel(y, m(ids)) > 1e-3
