@@ -273,6 +273,17 @@ class MHACompatibleRandAttention(_RandMHA):
     """
 
     batch_first = True
+    _qkv_same_embed_dim = True  # nn.MultiheadAttention's attributes that torch's transformer layers read
+
+    @property
+    def in_proj_weight(self):
+        """The q, k, v projections packed as nn.MultiheadAttention's ``in_proj_weight`` (a new tensor)."""
+        return torch.cat([self.Wq, self.Wk, self.Wv])
+
+    @property
+    def in_proj_bias(self):
+        """The q, k, v biases packed as nn.MultiheadAttention's ``in_proj_bias``, or None without biases."""
+        return None if self.bq is None else torch.cat([self.bq, self.bk, self.bv])
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -283,12 +294,45 @@ class MHACompatibleRandAttention(_RandMHA):
             )
         if is_causal and not self.causal:
             raise ValueError("is_causal=True on a layer converted with SketchSpec(causal=False)")
+        if torch.is_tensor(key_padding_mask) and key_padding_mask.is_floating_point():
+            key_padding_mask = _padding_from_additive(key_padding_mask)
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         out, _ = super().forward(query, key, value, key_padding_mask)
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, None
+
+
+def _padding_from_additive(mask: torch.Tensor) -> torch.Tensor:
+    """A float key-padding mask in nn.MultiheadAttention's additive form (0 = keep, -inf = ignore; the
+    form nn.TransformerEncoder/Decoder hand their layers) as the bool mask random features can apply."""
+    ignore = torch.isneginf(mask)
+    if not torch.compiler.is_compiling() and not bool((ignore | (mask == 0)).all()):
+        raise ValueError("a float key_padding_mask must hold only 0 (keep) and -inf (ignore): random-feature "
+                         "attention cannot add other values to the attention scores")
+    return ignore
+
+
+def _fast_paths_off(model: nn.Module):
+    """Keep torch's fused transformer kernels away from sketched layers.
+
+    In eval mode ``nn.TransformerEncoderLayer`` runs one native kernel over its children's dense weights
+    (``torch._transformer_encoder_layer_fwd``), and ``nn.TransformerEncoder`` first packs padded batches
+    into nested tensors for it. Once a child is sketched, that kernel would read weights that no longer
+    exist; its ordinary forward calls the children, sketched ones included. ``activation_relu_or_gelu``
+    and ``use_nested_tensor`` are the flags torch consults to decide whether the kernel can compute the
+    layer; they are cleared only where a child was swapped.
+    """
+    def changed(layer) -> bool:
+        return not (_is_plain(layer.self_attn, nn.MultiheadAttention) and _is_plain(layer.linear1, nn.Linear)
+                    and _is_plain(layer.linear2, nn.Linear))
+
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and changed(m):
+            m.activation_relu_or_gelu = 0
+        elif isinstance(m, nn.TransformerEncoder) and any(changed(layer) for layer in m.layers):
+            m.use_nested_tensor = False
 
 
 def _apply_act_gram(name, m, new, spec: SketchSpec):
@@ -403,6 +447,7 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
         params_after, flops_after = sketched_cost(info, spec)
         rows.append(ReportRow(name, kind, op_before, op_after, True, untied, info.params, params_after, info.flops,
                               flops_after, spec=spec))
+    _fast_paths_off(model)
     report = GraphDiffReport(rows=rows, source="convert", graph=_module_tree(model, cands, rows))
     _set_last(report)
     return model, report

@@ -240,3 +240,66 @@ def test_convert_conv_and_attention_export_and_state_dict(tmp_path):
     other, _ = panther.convert(ConvAttn().eval(), CA_POLICY)
     other.load_state_dict(torch.load(tmp_path / "ca.pt"))
     torch.testing.assert_close(other(img), y, rtol=0, atol=0)
+
+
+def transformer_encoder():
+    torch.manual_seed(3)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+    return nn.TransformerEncoder(layer, 2)
+
+
+@pytest.mark.parametrize("policy", [
+    {"linear": SketchSpec(low_rank=16, init="svd")},  # full rank: the dense model, computed sketched
+    {"attention": SketchSpec(num_random_features=32, seed=0)},
+])
+def test_converted_transformer_encoder_runs_in_eval_mode(policy):
+    # In eval mode nn.TransformerEncoderLayer runs one fused native kernel over its children's dense
+    # weights (and the encoder packs padded batches into nested tensors for it): on sketched children it
+    # raised AttributeError. Converted layers take their ordinary forward, the one training mode runs.
+    enc = transformer_encoder()
+    x = torch.randn(2, 9, 32)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[0, 6:] = True
+    converted, report = panther.convert(copy.deepcopy(enc), policy)
+    assert len(report.replaced) == (4 if "linear" in policy else 2)
+    with torch.no_grad():
+        for kwargs in ({}, {"src_key_padding_mask": pad}):
+            evaluated = converted.eval()(x, **kwargs)
+            trained = converted.train()(x, **kwargs)
+            torch.testing.assert_close(evaluated, trained)
+            if "linear" in policy:
+                torch.testing.assert_close(evaluated, enc.train()(x, **kwargs), rtol=1e-4, atol=1e-4)
+            else:  # the padded keys are really ignored: changing them changes nothing else
+                x2 = x.clone()
+                x2[0, 6:] = 100.0
+                changed = converted.eval()(x2, **kwargs)
+                torch.testing.assert_close(changed[1], evaluated[1])
+                assert torch.allclose(changed[0, :6], evaluated[0, :6]) == ("src_key_padding_mask" in kwargs)
+
+
+def test_untouched_transformer_layers_keep_the_fused_kernel():
+    enc = transformer_encoder()
+    converted, _ = panther.convert(enc, {"layers.1.linear*": SketchSpec(low_rank=8)})
+    assert converted.layers[0].activation_relu_or_gelu and not converted.layers[1].activation_relu_or_gelu
+    assert not converted.use_nested_tensor
+    full = nn.Transformer(32, 4, 1, 1, 64, dropout=0.0, batch_first=True)
+    converted, _ = panther.convert(full, {"attention": SketchSpec(num_random_features=16)})
+    src, tgt = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert converted.eval()(src, tgt).shape == (2, 5, 32)
+
+
+def test_mha_compatible_attention_takes_additive_padding_masks():
+    # nn.TransformerEncoder/Decoder hand MultiheadAttention float masks (0 keep, -inf ignore)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    model, _ = panther.convert(nn.ModuleDict({"attn": mha}), {"attention": SketchSpec(num_random_features=8)})
+    attn = model["attn"]
+    x = torch.randn(2, 5, 16)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    additive = torch.zeros(2, 5).masked_fill(pad, float("-inf"))
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, x, x, key_padding_mask=additive)[0], attn(x, x, x, key_padding_mask=pad)[0])
+        with pytest.raises(ValueError, match="only 0 .keep. and -inf"):
+            attn(x, x, x, key_padding_mask=additive.masked_fill(pad, -0.5))
+    torch.testing.assert_close(attn.in_proj_weight, torch.cat([attn.Wq, attn.Wk, attn.Wv]))
+    assert attn.in_proj_bias.shape == (48,)
