@@ -6,6 +6,8 @@ One pass per file, each with its pattern and its replacement side by side:
 * :mod:`.sketch_conv2d` — ``conv2d`` -> ``panther::sketched_conv2d`` (weight factors)
 * :mod:`.sketch_sdpa` — ``scaled_dot_product_attention`` -> ``panther::rf_attention`` (weight-free)
 * :mod:`.sketch_mha` — ``F.multi_head_attention_forward`` -> projections + ``panther::rf_attention``
+* :mod:`.expand_encoder_layer` — first, nn.TransformerEncoderLayer's fused eval kernel -> the ops of its
+  ordinary forward, so the passes above see its layers; put back where none of them was rewritten
 
 :func:`run_passes` walks the graph once in order, lets each pass recognise its nodes, asks the policy,
 applies the accepted rewrites and returns a :class:`panther.report.GraphDiffReport` with one row per
@@ -26,7 +28,7 @@ from panther._progress import progress
 from panther.policy import Policy, decide, resolve_policy, sketched_cost
 from panther.report import GraphDiffReport, ReportRow
 
-from . import sketch_conv2d, sketch_linear, sketch_mha, sketch_sdpa
+from . import expand_encoder_layer, sketch_conv2d, sketch_linear, sketch_mha, sketch_sdpa
 from .common import FactorCache, PassContext, factor_cache
 from .graph_view import graph_view, mark_layers
 
@@ -54,6 +56,7 @@ def run_passes(
     Weight-free rewrites (attention) happen in both modes.
     """
     grad_enabled = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
+    expansions = expand_encoder_layer.expand(gm)  # fused nn.TransformerEncoderLayer calls -> their ops
     ctx = PassContext(gm, example_inputs, grad_enabled=grad_enabled, cache=cache or factor_cache)
     policy_fn = resolve_policy(policy)
     view = graph_view(gm, lambda n: ctx.weight(n)[1])  # before any rewrite: the graph the report describes
@@ -68,6 +71,9 @@ def run_passes(
                 continue
             changed |= _apply(p, cand, ctx, policy_fn)
             break
+    if expansions:
+        expand_encoder_layer.restore(gm, expansions)
+        changed = True
     if changed:
         gm.graph.lint()
         gm.recompile()

@@ -262,3 +262,83 @@ def test_mha_left_alone_with_reasons():
     assert not rep.replaced
     assert "bias_k" in rep.row("kv").reason
     assert "weights" in rep.row("w").reason
+
+
+def encoder(norm_first, activation):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0, norm_first=norm_first,
+                                       activation=activation)
+    return nn.TransformerEncoder(layer, 2).eval()
+
+
+def fused_calls(gm):
+    return sum(n.target is torch._transformer_encoder_layer_fwd for n in gm.graph.nodes)
+
+
+ENCODER_POLICIES = {
+    "full-rank linear": {"linear": SketchSpec(low_rank=16, init="svd")},
+    "seeded attention": {"attention": SketchSpec(num_random_features=16, seed=2)},
+    "nothing": {"*": "skip"},
+}
+
+
+@pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "gelu")])
+@pytest.mark.parametrize("policy", list(ENCODER_POLICIES))
+def test_fused_transformer_encoder_layers_are_seen(norm_first, activation, policy):
+    # In eval mode without gradients nn.TransformerEncoderLayer is one fused native call in Dynamo's graph;
+    # panther expands it into the layer's ordinary ops so its attention and linears are candidates, and
+    # puts the call back where nothing was rewritten.
+    enc = encoder(norm_first, activation)
+    spec = ENCODER_POLICIES[policy]
+    x = torch.randn(2, 9, 32)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[0, 6:] = True
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return panther_backend(gm, example_inputs, options={**FAST, "policy": spec})
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y = torch.compile(enc, backend=backend)(x, src_key_padding_mask=pad)
+        ordinary = enc.train()(x, src_key_padding_mask=pad)  # training mode: the unfused forward
+        enc.eval()
+    rep = panther.last_report()
+    names = [f"layers.{i}.{part}" for i in range(2) for part in ("self_attn", "linear1", "linear2")]
+    assert [r.name for r in rep.rows] == names
+    replaced = [r.name for r in rep.replaced]
+    keep = ~pad  # outputs at padded positions are undefined
+    if policy == "nothing":
+        assert replaced == [] and fused_calls(graphs[0]) == 2
+        torch.testing.assert_close(y[keep], ordinary[keep], rtol=1e-4, atol=1e-5)
+        return
+    assert fused_calls(graphs[0]) == 0
+    if policy == "full-rank linear":
+        assert replaced == [n for n in names if "linear" in n]
+        torch.testing.assert_close(y[keep], ordinary[keep], rtol=1e-4, atol=1e-4)
+    else:
+        assert replaced == [n for n in names if "self_attn" in n]
+        converted, _ = panther.convert(copy.deepcopy(enc), spec)
+        with torch.no_grad():
+            torch.testing.assert_close(y[keep], converted(x, src_key_padding_mask=pad)[keep], rtol=1e-4, atol=1e-4)
+        assert rel(y[keep], ordinary[keep]) > 1e-3
+
+
+def test_fused_encoder_layer_with_causal_mask_sketches_its_linears():
+    # The fused call drops is_causal and carries the mask itself: the attention stays exact (the report
+    # says why) and the linears are still sketched.
+    enc = encoder(False, "relu")
+    x = torch.randn(2, 9, 32)
+    mask = nn.Transformer.generate_square_subsequent_mask(9)
+    compiled, reports = compile_panther(enc, policy={"linear": SketchSpec(low_rank=16, init="svd"),
+                                                     "attention": SketchSpec(num_random_features=16)})
+    with torch.no_grad():
+        y = compiled(x, mask=mask, is_causal=True)
+        ordinary = enc.train()(x, mask=mask, is_causal=True)
+        enc.eval()
+    rep = reports[0]
+    assert [r.name for r in rep.replaced] == ["layers.0.linear1", "layers.0.linear2", "layers.1.linear1",
+                                              "layers.1.linear2"]
+    assert "attn_mask" in rep.row("layers.0.self_attn").reason
+    torch.testing.assert_close(y, ordinary, rtol=1e-4, atol=1e-4)
