@@ -404,6 +404,7 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or is a bare layer (wrap it in a container), a
             ``policy`` of an unsupported type, ``overrides`` not a dict.
+        ValueError: a lazy layer (``nn.LazyLinear``...) not yet initialised and no ``example_inputs``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -415,6 +416,10 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
     cands = _candidates(model)
     aliases, holders = _aliases(model), _parameter_holders(model)
     recorded = _record_shapes(model, cands, example_inputs) if example_inputs is not None else {}
+    for name, m, _ in cands:  # the recording forward above initialises lazy layers
+        if any(nn.parameter.is_lazy(p) for p in m.parameters(recurse=False)):
+            raise ValueError(f"{name} is a lazy layer whose parameters are not initialised yet: run one forward "
+                             f"pass first, or pass example_inputs= so that convert runs it")
     grad_enabled = torch.is_grad_enabled()
     rows = []
     # factorising many / large layers takes seconds: a bar on a terminal once it has taken more than 1 s

@@ -303,3 +303,12 @@ def test_mha_compatible_attention_takes_additive_padding_masks():
             attn(x, x, x, key_padding_mask=additive.masked_fill(pad, -0.5))
     torch.testing.assert_close(attn.in_proj_weight, torch.cat([attn.Wq, attn.Wk, attn.Wv]))
     assert attn.in_proj_bias.shape == (48,)
+
+
+def test_lazy_layers_need_a_forward_first():
+    policy = {"linear": SketchSpec(low_rank=4, init="svd")}
+    with pytest.raises(ValueError, match="0 is a lazy layer .* example_inputs="):
+        panther.convert(nn.Sequential(nn.LazyLinear(16), nn.ReLU()), policy)
+    model, report = panther.convert(nn.Sequential(nn.LazyLinear(16), nn.ReLU()), policy,
+                                    example_inputs=torch.randn(2, 8))
+    assert isinstance(model[0], panther.nn.SKLinear) and report.row("0").params_before == 8 * 16 + 16
