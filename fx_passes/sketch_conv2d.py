@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from panther.policy import LayerInfo, SketchSpec, seed_for
-from panther.sketch import conv2d_factors
+from panther.sketch import conv2d_factors, conv2d_weight, relative_error
 
 from .common import Candidate, PassContext, generator_for, single_threaded, shape_of, spec_key
 
@@ -106,11 +106,7 @@ def _factorise(W, spec: SketchSpec, base_name: str):
         gen = generator_for(seed_for(spec, base_name))
         S1s, U1s = conv2d_factors(W.detach(), spec.num_terms, spec.low_rank, init=spec.init, generator=gen,
                                    act_gram=spec.act_gram)
-        terms = U1s.shape[0]
-        # The equivalent dense weight: Ŵ = 1/(2L) Σ_i U1_iᵀ S1_i (channel mix folded into the conv).
-        What = (U1s.reshape(-1, U1s.shape[-1]).mT @ S1s.reshape(S1s.shape[0], -1)) / terms
-        ref = W.detach().reshape(W.shape[0], -1).to(What.dtype)
-        err = (torch.linalg.norm(What - ref) / torch.linalg.norm(ref).clamp_min(1e-30)).item()
+        err = relative_error(conv2d_weight(S1s, U1s), W)
     return (S1s, U1s), err
 
 

@@ -19,7 +19,7 @@ import operator
 import torch
 
 from panther.policy import LayerInfo, SketchSpec, seed_for
-from panther.sketch import linear_factors
+from panther.sketch import linear_factors, linear_weight, relative_error
 
 from .common import Candidate, PassContext, generator_for, single_threaded, numel, shape_of, spec_key
 
@@ -137,11 +137,7 @@ def _factorise(W_lin, spec: SketchSpec, base_name: str):
         gen = generator_for(seed_for(spec, base_name))
         S1s, S2s, U1s, U2s = linear_factors(W_lin, spec.num_terms, spec.low_rank, init=spec.init, generator=gen,
                                               act_gram=spec.act_gram)
-        L = S1s.shape[0]
-        # Ŵᵀ = [S1cat | U2cat] [U1cat; S2cat] / (2L), the map the layer applies (row-vector convention).
-        What_t = (S1s @ U1s + U2s @ S2s).sum(0) / (2 * L)
-        ref = W_lin.detach().mT.to(What_t.dtype)
-        err = (torch.linalg.norm(What_t - ref) / torch.linalg.norm(ref).clamp_min(1e-30)).item()
+        err = relative_error(linear_weight(S1s, S2s, U1s, U2s), W_lin)
     return (S1s, S2s, U1s, U2s), err
 
 

@@ -32,6 +32,7 @@ from .policy import LayerInfo, Policy, SketchSpec, decide, dense_attention_flops
     sketched_cost, with_overrides
 from .nn import RandMultiHeadAttention as _RandMHA
 from .nn import SKConv2d, SKLinear
+from .sketch import relative_error
 from ._progress import progress as _progress
 from .report import GraphDiffReport, ReportRow, _set_last
 
@@ -204,6 +205,14 @@ def _mha_info(name, m: nn.MultiheadAttention, rec, grad_enabled):
                      device=m.out_proj.weight.device, params=params, flops=flops,
                      has_bias=m.in_proj_bias is not None, grad_enabled=grad_enabled,
                      op="nn.MultiheadAttention", extra=extra)
+
+
+def _weight_error(old: nn.Module, new: nn.Module) -> Optional[float]:
+    """The report's ``err`` for a swapped linear or conv: how far the weight the sketched layer applies is
+    from the dense one (relative Frobenius norm), as the compile backend reports it."""
+    if not isinstance(new, (SKLinear, SKConv2d)) or old.weight.is_meta:
+        return None
+    return relative_error(new.effective_weight(), old.weight.mT if is_conv1d(old) else old.weight)
 
 
 def _match_grad_flags(new: nn.Module, old: nn.Module):
@@ -438,6 +447,7 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
         new, op_after = _SWAP[kind](name, m, spec)
         if getattr(spec, "act_gram", None) is not None:
             _apply_act_gram(name, m, new, spec)
+        err = _weight_error(m, new)
         _match_grad_flags(new, m)
         tied = _untie(m, aliases[id(m)], holders)
         for alias in aliases[id(m)]:
@@ -451,7 +461,7 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
                           f"'skip'}} to keep the tie.", stacklevel=2)
         params_after, flops_after = sketched_cost(info, spec)
         rows.append(ReportRow(name, kind, op_before, op_after, True, untied, info.params, params_after, info.flops,
-                              flops_after, spec=spec))
+                              flops_after, spec=spec, est_error=err))
     _fast_paths_off(model)
     report = GraphDiffReport(rows=rows, source="convert", graph=_module_tree(model, cands, rows))
     _set_last(report)

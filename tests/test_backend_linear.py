@@ -115,6 +115,9 @@ def test_svd_compile_equals_convert_eager(inference_run, mlp):
     _, _, x, y = inference_run
     converted, conv_report = panther.convert(copy.deepcopy(mlp), POLICY)
     assert [r.name for r in conv_report.replaced] == ["fc1", "fc2"]
+    for name in ("fc1", "fc2"):  # both reports state the same weight error
+        compiled_err = inference_run[1][0].row(name).est_error
+        assert 0.01 < compiled_err < 1 and conv_report.row(name).est_error == pytest.approx(compiled_err, rel=1e-4)
     assert isinstance(converted.fc1, panther.nn.SKLinear) and isinstance(converted.head, nn.Linear)
     with torch.no_grad():
         y_conv = converted(x)

@@ -149,6 +149,18 @@ def test_svd_init_is_truncated_svd():
         torch.testing.assert_close(layer(x), x @ ((U[:, :r] * S[:r]) @ Vh[:r]).T)
 
 
+@pytest.mark.parametrize("init", ["sketch", "svd"])
+def test_effective_weight_is_the_map_the_layer_applies(init):
+    torch.manual_seed(0)
+    layer = SKLinear(24, 16, 2, 3, W_init=torch.randn(16, 24, dtype=torch.float64), init=init)
+    with torch.no_grad():
+        layer.S1s.add_(torch.randn_like(layer.S1s))  # a trained layer: factors no longer from W_init
+    x = torch.randn(5, 24, dtype=torch.float64)
+    W = layer.effective_weight()
+    assert W.shape == (16, 24)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, W, layer.bias))
+
+
 def test_w_init_layout_follows_nn_linear():
     W = torch.randn(6, 10)
     layer = SKLinear(10, 6, 1, 6, W_init=W, init="svd", bias=False)

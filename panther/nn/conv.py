@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sketch.factors import INITS, conv2d_factors
+from ..sketch.factors import INITS, conv2d_factors, conv2d_weight
 from ._checks import as_int as _as_int
 from ._checks import input_matches, make_generator, positive_int
 
@@ -288,10 +288,7 @@ class SKConv2d(nn.Module):
     def effective_weight(self):
         """The dense (C_out, C_in, kh, kw) kernel this layer applies: ``Σ_{i,r} U1s[i,r,o]·S1s[i·k+r] / (2L)``
         (for inspection, or to fold the layer into one ``F.conv2d`` for inference)."""
-        rank = self.S1s.shape[0]
-        u = self.U1s.reshape(rank, self.out_channels)
-        return (u.t() @ self.S1s.reshape(rank, -1)).reshape(
-            self.out_channels, self.in_channels, *self.kernel_size) / (2 * self.num_terms)
+        return conv2d_weight(self.S1s, self.U1s)
 
     def extra_repr(self):
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

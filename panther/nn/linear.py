@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..sketch.factors import INITS, linear_factors
+from ..sketch.factors import INITS, linear_factors, linear_weight
 from ._checks import input_matches, make_generator, positive_int
 
 __all__ = ["SKLinear", "SKLinear_triton"]
@@ -166,6 +166,11 @@ class SKLinear(nn.Module):
             raise ValueError(f"{name} expects input of shape (..., in_features={self.in_features}), "
                              f"got {tuple(x.shape)}")
         input_matches(name, "input", x, self.S1s)
+
+    def effective_weight(self):
+        """The dense (out_features, in_features) weight this layer applies, in ``nn.Linear`` layout (for
+        inspection, or to fold the layer into one ``F.linear`` for inference)."""
+        return linear_weight(self.S1s, self.S2s, self.U1s, self.U2s)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_terms={self.num_terms}, "

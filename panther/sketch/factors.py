@@ -24,7 +24,7 @@ import torch
 
 from .core import scaled_sign_sketch
 
-__all__ = ["linear_factors", "conv2d_factors", "INITS"]
+__all__ = ["linear_factors", "conv2d_factors", "linear_weight", "conv2d_weight", "relative_error", "INITS"]
 
 INITS = ("sketch", "svd")
 
@@ -150,3 +150,25 @@ def conv2d_factors(W, num_terms, low_rank, *, init="sketch", generator=None, act
         S1 = terms * (U1s.to(torch.float64) @ W2.to(torch.float64))
     S1s = S1.reshape(terms * k, *W.shape[1:])
     return S1s.to(dtype=W.dtype, device=W.device).contiguous(), U1s.to(device=W.device).contiguous()
+
+
+def linear_weight(S1s, S2s, U1s, U2s):
+    """The dense (out_features, in_features) weight that an SKLinear layer with these factors applies:
+    ``Ŵᵀ = 1/(2L) Σ_i (S1_i U1_i + U2_i S2_i)``."""
+    return ((S1s @ U1s + U2s @ S2s).sum(0) / (2 * S1s.shape[0])).mT
+
+
+def conv2d_weight(S1s, U1s):
+    """The dense (C_out, C_in, kh, kw) kernel that an SKConv2d layer with these factors applies:
+    ``Ŵ = 1/(2L) Σ_{i,r} U1s[i, r]ᵀ S1s[i·k + r]`` (the channel mix folded into the conv)."""
+    terms, C_out = U1s.shape[0], U1s.shape[-1]
+    mixed = U1s.reshape(-1, C_out).mT @ S1s.reshape(S1s.shape[0], -1)
+    return mixed.reshape(C_out, *S1s.shape[1:]) / terms
+
+
+def relative_error(approx, W) -> float:
+    """``‖Ŵ − W‖_F / ‖W‖_F``, in the wider of the two dtypes (the report's ``err`` column)."""
+    with torch.no_grad():
+        dtype = torch.promote_types(approx.dtype, W.dtype)
+        approx, W = approx.detach().to(dtype), W.detach().to(dtype=dtype, device=approx.device)
+        return (torch.linalg.norm(approx - W) / torch.linalg.norm(W).clamp_min(1e-30)).item()
