@@ -384,7 +384,7 @@ class ErrorBudgetPolicy:
             return LayerChoice(info.name, info.kind, None, self._rank(info.kind, spec), err, saving,
                                f"error budget: the cheapest spec within {budget:g} ({_short(spec)}, err {err:.2g}) "
                                f"saves {saving:.0%} of FLOPs < min_saving {self.min_saving:.0%}")
-        note = f"pred err {err:.2g} <= {budget:g}, -{saving:.0%} FLOPs"
+        note = f"pred output err {err:.2g} <= {budget:g}, -{saving:.0%} FLOPs"
         spec = spec.replace(seed=self.seed, note=note)  # keeps act_gram
         return LayerChoice(info.name, info.kind, spec, self._rank(info.kind, spec), err, saving)
 

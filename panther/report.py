@@ -119,7 +119,7 @@ class GraphDiffReport:
         }
 
     # -- renderings ----------------------------------------------------------------------------------
-    _HEADERS = ("layer", "kind", "before", "after", "params", "FLOPs", "err", "note")
+    _HEADERS = ("layer", "kind", "before", "after", "params", "FLOPs", "weight err", "note")
 
     def _table_rows(self):
         out = []

@@ -156,7 +156,7 @@ def test_choice_is_the_cheapest_within_budget(mlp_case):
         assert pol.predicted_error(row.name, row.spec) <= 0.9 * budget
         if k > 1:
             assert pol.predicted_error(row.name, row.spec.replace(low_rank=k - 1)) > 0.9 * budget
-        assert "pred err" in str(report) and row.spec.act_gram is not None  # enough rows for svd_act
+        assert "pred output err" in str(report) and row.spec.act_gram is not None  # enough rows for svd_act
     json.dumps(report.as_dict())  # the Gram matrix does not leak into the plain-data report
     for row in report.skipped:
         assert row.reason.startswith("error budget:")
@@ -270,7 +270,7 @@ def _check_convert_and_compile(model, calib, x, budget, out=lambda y: y):
     by_layer = {pol._key(r.name): r for r in rep_b.rows}
     for row in rep_c.replaced:
         rb = by_layer[row.name]
-        assert rb.replaced and rb.spec.low_rank == row.spec.low_rank and "pred err" in str(rep_b)
+        assert rb.replaced and rb.spec.low_rank == row.spec.low_rank and "pred output err" in str(rep_b)
     with torch.no_grad():
         torch.testing.assert_close(out(y_pan), out(converted(x)), rtol=1e-4, atol=1e-5)
     errs = relative_output_errors(model, converted, calib)
