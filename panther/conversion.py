@@ -259,8 +259,6 @@ def _unsupported(kind, m) -> Optional[str]:
     if kind == "conv2d":
         if m.groups != 1:
             return f"grouped convolution (groups={m.groups}) is not supported by SKConv2d"
-        if m.padding_mode != "zeros":
-            return f"padding_mode={m.padding_mode!r} is not supported by SKConv2d"
     if kind == "attention":
         if not m._qkv_same_embed_dim:
             return "kdim/vdim different from embed_dim are not supported by RandMultiHeadAttention"

@@ -313,10 +313,21 @@ def test_w_init_and_from_conv2d():
 def test_from_conv2d_rejects():
     with pytest.raises(ValueError, match="groups"):
         SKConv2d.from_conv2d(nn.Conv2d(4, 8, 3, groups=2), 1, 2)
-    with pytest.raises(ValueError, match="padding_mode"):
-        SKConv2d.from_conv2d(nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"), 1, 2)
     with pytest.raises(TypeError, match="conv"):
         SKConv2d.from_conv2d(nn.Linear(4, 8), 1, 2)
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        SKConv2d(4, 8, 3, padding=1, padding_mode="mirror")
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("kernel, padding", [(3, 1), ((3, 5), (2, 1)), (4, "same"), (3, "valid")])
+def test_padding_modes_match_nn_conv2d(padding_mode, kernel, padding):
+    # full rank (2·L·k >= C_out) with init="svd" is the dense conv, so any difference is the padding
+    conv = nn.Conv2d(3, 4, kernel, padding=padding, padding_mode=padding_mode, dtype=F64)
+    layer = SKConv2d.from_conv2d(conv, num_terms=1, low_rank=2, init="svd")
+    assert layer.padding_mode == padding_mode and (padding_mode == "zeros") == ("padding_mode" not in repr(layer))
+    for x in (torch.randn(2, 3, 9, 8, dtype=F64), torch.randn(3, 9, 8, dtype=F64)):
+        torch.testing.assert_close(layer(x), conv(x), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("kwargs, exc, needle", [

@@ -312,3 +312,16 @@ def test_lazy_layers_need_a_forward_first():
     model, report = panther.convert(nn.Sequential(nn.LazyLinear(16), nn.ReLU()), policy,
                                     example_inputs=torch.randn(2, 8))
     assert isinstance(model[0], panther.nn.SKLinear) and report.row("0").params_before == 8 * 16 + 16
+
+
+def test_convert_takes_padded_convolutions():
+    # reflect/replicate/circular padding was refused by convert although the compile backend rewrote it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    converted, report = panther.convert(model, {"conv2d": SketchSpec(low_rank=2, init="svd")})
+    assert report.row("0").replaced and converted[0].padding_mode == "reflect"
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), ref, rtol=1e-4, atol=1e-5)

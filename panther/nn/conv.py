@@ -1,4 +1,4 @@
-"""SKConv2d: a sketched, cheaper drop-in for ``nn.Conv2d`` (groups=1, zero padding)."""
+"""SKConv2d: a sketched, cheaper drop-in for ``nn.Conv2d`` (groups=1)."""
 from __future__ import annotations
 
 import math
@@ -13,6 +13,9 @@ from ._checks import as_int as _as_int
 from ._checks import input_matches, make_generator, positive_int
 
 __all__ = ["SKConv2d"]
+
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def _positive_int(value, name):
@@ -58,7 +61,7 @@ class SKConv2d(nn.Module):
         kernel_size: int or pair ``(kh, kw)``.
         stride: int or pair (default 1).
         padding: int, pair, ``"valid"`` or ``"same"`` with ``nn.Conv2d``'s meaning (``"same"`` pads even
-            kernels asymmetrically, extra on the right/bottom, and needs ``stride=1``); zero padding only.
+            kernels asymmetrically, extra on the right/bottom, and needs ``stride=1``).
         bias: learnable bias (drawn like ``nn.Conv2d``'s unless copied by :meth:`from_conv2d`).
         num_terms: ``L``, the number of sketch terms.
         low_rank: ``k``, the rank of each term; the sketch convolves to ``2·L·k`` channels.
@@ -67,6 +70,8 @@ class SKConv2d(nn.Module):
         dtype: of the parameters and buffers (default: torch's default dtype).
         device: of the parameters and buffers (default: CPU).
         dilation: int or pair (default 1).
+        padding_mode: ``"zeros"`` (default), ``"reflect"``, ``"replicate"`` or ``"circular"``, as in
+            ``nn.Conv2d``.
         seed: an int that builds a private ``torch.Generator`` for the random draws.
         generator: a ``torch.Generator`` to draw from. With neither, torch's global RNG is used (never
             reseeded).
@@ -75,7 +80,8 @@ class SKConv2d(nn.Module):
 
     Raises:
         TypeError: a size that is not an int, ``bias`` not a bool, a non-floating ``dtype`` or ``W_init``.
-        ValueError: a size ``<= 0``, a bad ``padding`` string, ``padding="same"`` with a stride, ``W_init``
+        ValueError: a size ``<= 0``, a bad ``padding`` string or ``padding_mode``, ``padding="same"`` with a
+            stride, ``W_init``
             of the wrong shape, an unknown ``init``, both ``seed`` and ``generator``.
 
     Warns:
@@ -88,12 +94,12 @@ class SKConv2d(nn.Module):
         channels_last outputs.
     """
 
-    __constants__ = ["in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+    __constants__ = ["in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "padding_mode",
                      "num_terms", "low_rank"]
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, num_terms=1,
                  low_rank=64, W_init=None, dtype=None, device=None, *, dilation=1, seed=None, generator=None,
-                 init="sketch"):
+                 init="sketch", padding_mode="zeros"):
         super().__init__()
         self.in_channels = _positive_int(in_channels, "in_channels")
         self.out_channels = _positive_int(out_channels, "out_channels")
@@ -112,6 +118,9 @@ class SKConv2d(nn.Module):
             self.padding = padding
         else:
             self.padding = _int_pair(padding, "padding", 0)
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"SKConv2d: padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        self.padding_mode = padding_mode
         if not isinstance(bias, bool):
             raise TypeError(f"SKConv2d: bias must be a bool, got {bias!r}")
         try:
@@ -215,21 +224,18 @@ class SKConv2d(nn.Module):
 
         Raises:
             TypeError: ``conv`` is not an ``nn.Conv2d``.
-            ValueError: ``conv`` has ``groups != 1`` or a ``padding_mode`` other than ``"zeros"``.
+            ValueError: ``conv`` has ``groups != 1``.
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"SKConv2d.from_conv2d: conv must be an nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:
             raise ValueError(f"SKConv2d.from_conv2d: only groups=1 is supported, got groups={conv.groups}")
-        if conv.padding_mode != "zeros":
-            raise ValueError("SKConv2d.from_conv2d: only padding_mode='zeros' is supported, got "
-                             f"padding_mode={conv.padding_mode!r}")
         weight = conv.weight
         layer = cls(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), stride=tuple(conv.stride),
                     padding=conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
                     bias=conv.bias is not None, num_terms=num_terms, low_rank=low_rank, W_init=weight,
                     dtype=weight.dtype, device=weight.device, dilation=tuple(conv.dilation), seed=seed,
-                    generator=generator, init=init)
+                    generator=generator, init=init, padding_mode=conv.padding_mode)
         if conv.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(conv.bias.detach())
@@ -237,18 +243,21 @@ class SKConv2d(nn.Module):
 
     # ------------------------------------------------------------------------------------------------
     def _explicit_padding(self):
-        """(op padding pair, F.pad tuple or None) reproducing nn.Conv2d's padding semantics."""
+        """(op padding pair, F.pad tuple or None) reproducing nn.Conv2d's padding semantics: symmetric zero
+        padding goes to the op; asymmetric ('same' on even kernels) or non-zero modes to an F.pad first."""
         if self.padding == "valid":
             return (0, 0), None
-        if self.padding != "same":
-            return self.padding, None
-        # 'same': total = d*(k-1); PyTorch puts total//2 on the left and the rest on the right.
-        totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
-        lefts = [t // 2 for t in totals]
-        if all(t == 2 * left for t, left in zip(totals, lefts)):
-            return tuple(lefts), None
-        (th, tw), (lh, lw) = totals, lefts
-        return (0, 0), (lw, tw - lw, lh, th - lh)
+        if self.padding == "same":
+            # total = d*(k-1); PyTorch puts total//2 on the left and the rest on the right.
+            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            (th, tw), (lh, lw) = totals, [t // 2 for t in totals]
+            pad = (lw, tw - lw, lh, th - lh)
+        else:
+            (ph, pw) = self.padding
+            pad = (pw, pw, ph, ph)
+        if self.padding_mode == "zeros" and pad[0] == pad[1] and pad[2] == pad[3]:
+            return (pad[2], pad[0]), None
+        return (0, 0), pad
 
     def forward(self, x):
         """Apply the layer: ``torch.ops.panther.sketched_conv2d`` (one convolution to ``2·L·k`` channels and
@@ -276,7 +285,7 @@ class SKConv2d(nn.Module):
         input_matches("SKConv2d", "input", x, self.S1s)
         padding, pad = self._explicit_padding()
         if pad is not None:
-            x = F.pad(x, pad)
+            x = F.pad(x, pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
         args = (x, self.S1s, self.U1s, self.bias, list(self.stride), list(padding), list(self.dilation))
         if x.is_cuda:
             # the Triton tap GEMM where it serves the call, else the same C++ op; imported here
@@ -295,5 +304,7 @@ class SKConv2d(nn.Module):
              f"padding={self.padding!r}")
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
         return s + (f", num_terms={self.num_terms}, low_rank={self.low_rank}, bias={self.bias is not None}, "
                     f"init={self.init!r}")
