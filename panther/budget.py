@@ -103,6 +103,8 @@ def collect_stats(model: nn.Module, calibration, *, progress=None) -> Dict[str, 
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor):
                 return
+            if x.is_nested:  # nn.TransformerEncoder packs padded batches (eval mode): the real tokens only
+                x = torch.cat([t.reshape(-1, t.shape[-1]) for t in x.unbind()])
             if kind == "conv2d":
                 x = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
                 x = x.transpose(1, 2)  # (B, positions, C_in*kh*kw): channel-major, as weight.reshape(C_out, -1)

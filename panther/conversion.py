@@ -122,7 +122,8 @@ def _record_shapes(model, cands, example_inputs) -> Dict[int, Any]:
     hooks = []
 
     def shape(t):
-        return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+        # nested tensors (nn.TransformerEncoder packs padded batches in eval mode) have no one shape
+        return tuple(t.shape) if isinstance(t, torch.Tensor) and not t.is_nested else None
 
     for _, m, _ in cands:
         def hook(mod, args, kwargs, output, _id=id(m)):
@@ -131,11 +132,16 @@ def _record_shapes(model, cands, example_inputs) -> Dict[int, Any]:
 
         hooks.append(m.register_forward_hook(hook, with_kwargs=True))
     modes = {m: m.training for m in model.modules()}
+    # Without torch's fused transformer path, nn.TransformerEncoder keeps padded batches dense (not nested
+    # tensors), so every layer sees the (B, L, E) shapes its converted self will compute on.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         model.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad():
             call_with(model, example_inputs)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in hooks:
             h.remove()
         for m, t in modes.items():

@@ -62,6 +62,22 @@ def mlp_case():
     return model, calib
 
 
+def test_calibration_of_a_transformer_encoder_with_padding():
+    # In eval mode nn.TransformerEncoder packs a padded batch into nested tensors: the statistics take the
+    # real tokens only (the hooks failed on nested tensors before).
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0), 1)
+    x = torch.randn(3, 10, 16)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[:, 7:] = True
+    stats = collect_stats(enc, [{"src": x, "src_key_padding_mask": pad}])
+    assert {name: s.rows for name, s in stats.items()} == {"layers.0.linear1": 21, "layers.0.linear2": 21}
+    stats = collect_stats(enc, [x])
+    assert stats["layers.0.linear1"].rows == 30
+    first = enc.layers[0]
+    assert first.training  # modes restored
+
+
 @pytest.mark.parametrize("act", [False, True])
 def test_svd_prediction_equals_measured_error(mlp_case, act):
     model, calib = mlp_case

@@ -325,3 +325,16 @@ def test_convert_takes_padded_convolutions():
     assert report.row("0").replaced and converted[0].padding_mode == "reflect"
     with torch.no_grad():
         torch.testing.assert_close(converted(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_example_inputs_with_padding_give_transformer_flops():
+    # The recording forward keeps padded batches dense (no nested tensors), so FLOPs are known.
+    enc = transformer_encoder()
+    x = torch.randn(2, 9, 32)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, 5:] = True
+    _, report = panther.convert(enc, {"linear": SketchSpec(low_rank=4)},
+                                example_inputs={"src": x, "src_key_padding_mask": pad})
+    assert report.row("layers.0.linear1").flops_before == 2 * 2 * 9 * 32 * 64
+    assert report.row("layers.1.self_attn").flops_before is not None
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
