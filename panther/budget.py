@@ -87,6 +87,12 @@ class LayerChoice:
 # calibration
 
 
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """A nested tensor (nn.TransformerEncoder packs a padded batch so in eval mode) as the rows of its real
+    tokens; any other tensor as it is."""
+    return torch.cat([u.reshape(-1, u.shape[-1]) for u in t.unbind()]) if t.is_nested else t
+
+
 @torch.no_grad()
 def collect_stats(model: nn.Module, calibration, *, progress=None) -> Dict[str, LayerStats]:
     """Run ``calibration`` through ``model`` (eval mode, no grad) and return each layer's input statistics.
@@ -103,8 +109,7 @@ def collect_stats(model: nn.Module, calibration, *, progress=None) -> Dict[str, 
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor):
                 return
-            if x.is_nested:  # nn.TransformerEncoder packs padded batches (eval mode): the real tokens only
-                x = torch.cat([t.reshape(-1, t.shape[-1]) for t in x.unbind()])
+            x = _tokens(x)
             if kind == "conv2d":
                 x = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
                 x = x.transpose(1, 2)  # (B, positions, C_in*kh*kw): channel-major, as weight.reshape(C_out, -1)
@@ -462,6 +467,8 @@ def relative_output_errors(dense: nn.Module, sketched: nn.Module, inputs, names=
     hooks = []
     for n in names:
         def hook(mod, args, out, _n=n):
+            if args[0].is_nested:
+                args, out = (_tokens(args[0]),), _tokens(out)
             y_hat = smods[_n](*args)
             acc[_n][0] += float((y_hat.double() - out.double()).pow(2).sum())
             acc[_n][1] += float(out.double().pow(2).sum())

@@ -76,6 +76,9 @@ def test_calibration_of_a_transformer_encoder_with_padding():
     assert stats["layers.0.linear1"].rows == 30
     first = enc.layers[0]
     assert first.training  # modes restored
+    sketched, _ = panther.convert(copy.deepcopy(enc), {"linear": SketchSpec(low_rank=16, init="svd")})
+    errors = relative_output_errors(enc, sketched, [{"src": x, "src_key_padding_mask": pad}])
+    assert set(errors) == {"layers.0.linear1", "layers.0.linear2"} and max(errors.values()) < 1e-5  # full rank
 
 
 @pytest.mark.parametrize("act", [False, True])
