@@ -296,6 +296,17 @@ class PassContext:
             return fqn.rsplit(".", 1)[0] if fqn.endswith(".weight") and "." in fqn else fqn
         return self.module_path(node) or node.name
 
+    def panther_owner(self, node: fx.Node) -> Optional[str]:
+        """``panther.nn.RandMultiHeadAttention`` (say) when ``node`` runs inside a panther module: such a
+        module is already what a policy chose (``panther.convert`` made it), so its own weights, e.g. the
+        attention's projections, are not sketched again."""
+        stack = node.meta.get("nn_module_stack")
+        cls = list(stack.values())[-1][1] if stack else None
+        if not (isinstance(cls, type) and cls.__module__.split(".")[0] == "panther"):
+            return None
+        public = next((c for c in cls.__mro__ if c.__module__.startswith("panther.nn")), None)
+        return f"panther.nn.{public.__name__}" if public else f"{cls.__module__}.{cls.__qualname__}"
+
     def _first_path(self, key: str, path: str) -> str:
         """The first path the graph calls a module by. Dynamo keys ``nn_module_stack`` by the module's
         identity, with ``@n`` added for its n-th repeated call."""

@@ -109,7 +109,9 @@ def match(node, ctx: PassContext):
     cand = Candidate(node, info, op_before, needs_weights=True,
                      data={"x": x, "w": w, "b": b, "W": W, "transposed": transposed, "t_node": t_node,
                            "base_name": base_name})
-    if W is None:
+    if owner := ctx.panther_owner(node):
+        cand.unsupported = f"a weight of {owner}, panther's own layer: not sketched again"
+    elif W is None:
         cand.unsupported = why
     elif bias_v is not None and tuple(bias_v.shape) != (d_out,):
         cand.unsupported = "bias is not (out_features,)"

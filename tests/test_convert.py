@@ -338,3 +338,23 @@ def test_example_inputs_with_padding_give_transformer_flops():
     assert report.row("layers.0.linear1").flops_before == 2 * 2 * 9 * 32 * 64
     assert report.row("layers.1.self_attn").flops_before is not None
     assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+def test_compiling_a_converted_model_leaves_panther_layers_alone():
+    # The default policy would sketch any linear that halves its FLOPs, RandMultiHeadAttention's own
+    # projections included: after convert they belong to the attention the user chose, as in convert.
+    enc = transformer_encoder()
+    converted, _ = panther.convert(enc, {"attention": SketchSpec(num_random_features=16, seed=0)})
+    converted.eval()
+    x = torch.randn(2, 9, 32)
+    torch._dynamo.reset()
+    reports = []
+    with torch.no_grad():
+        y = torch.compile(converted, backend=panther_backend,
+                          options={"compiler": "aot_eager", "report": reports.append})(x)
+        torch.testing.assert_close(y, converted(x), rtol=1e-4, atol=1e-5)
+    rows = {r.name: r for r in reports[0].rows}
+    projections = [n for n in rows if ".self_attn." in n]
+    assert len(projections) == 8  # Wq, Wk, Wv, W0 of both layers
+    for name in projections:
+        assert not rows[name].replaced and "panther.nn.RandMultiHeadAttention" in rows[name].reason
