@@ -5,6 +5,7 @@ the factors once at the measured copy bandwidth) is printed beside the measured 
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import textwrap
 import time
@@ -16,6 +17,7 @@ from .nn import SKConv2d, SKLinear
 from .ops.linear import concat_factors
 
 __all__ = ["time_fn", "back_to_back_time_fn", "graph_time_fn", "bench_linear", "bench_conv2d", "bench_attention",
+           "bench_transformer",
            "per_term_bmm", "sweep", "sweep_table", "plot_sweep", "write_markdown", "DEFAULT_SWEEPS"]
 
 
@@ -102,10 +104,10 @@ def bench_linear(in_features=4096, out_features=4096, batch=2048, num_terms=1, l
     Dense ``nn.Linear``, the public library's per-term ``bmm``, the two-GEMM torch reference and panther's
     ``SKLinear``, each timed with :func:`time_fn` on the same input (plus the memory floor on CUDA).
     """
-    torch.manual_seed(0)
-    dense = torch.nn.Linear(in_features, out_features, device=device, dtype=dtype)
+    with _fixed_draws(device):
+        dense = torch.nn.Linear(in_features, out_features, device=device, dtype=dtype)
+        x = torch.randn(batch, in_features, device=device, dtype=dtype)
     layer = SKLinear(in_features, out_features, num_terms, low_rank, device=device, dtype=dtype, seed=0)
-    x = torch.randn(batch, in_features, device=device, dtype=dtype)
     args = (layer.S1s, layer.S2s, layer.U1s, layer.U2s, layer.bias)
     A, Bm = concat_factors(layer.S1s, layer.S2s, layer.U1s, layer.U2s)
     candidates = {
@@ -132,12 +134,12 @@ def bench_conv2d(channels=512, size=56, batch=32, num_terms=1, low_rank=16, kern
     (x read, the output written), and a second timing of every row: one replay of the call captured in a
     CUDA graph, i.e. GPU time without Python's per-call dispatch and launch overhead (what a model's
     layer costs once the CPU runs ahead of the GPU)."""
-    torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    dense = torch.nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, device=device, dtype=dtype)
+    with _fixed_draws(device):
+        dense = torch.nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, device=device, dtype=dtype)
+        x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).to(memory_format=fmt)
     layer = SKConv2d.from_conv2d(dense, num_terms, low_rank, seed=0)
     dense, layer = dense.to(memory_format=fmt), layer.to(memory_format=fmt)
-    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).to(memory_format=fmt)
     candidates = {"nn.Conv2d (dense)": lambda: dense(x), "panther SKConv2d": lambda: layer(x)}
     cuda = torch.device(device).type == "cuda"
     if cuda:
@@ -244,6 +246,45 @@ def bench_causal_scaling(lengths=(1024, 4096), batch=1, heads=8, head_dim=64, nu
     rows.append([f"per-token loop (public library scheme), L={lengths[-1]}", f"{loop_ms:.1f}",
                  f"{loop_ms / ms:.1f}x slower than panther"])
     return rows, ["implementation", "median ms", "note"]
+
+
+@torch.no_grad()
+def bench_transformer(d_model=1024, heads=16, layers=4, seq=8192, batch=2, low_rank=64, num_features=256, *,
+                      device="cpu", dtype=torch.float32, repeats=20, compiler="inductor"):
+    """Inference of PyTorch's own ``nn.TransformerEncoder`` (pre-norm, GELU, feed-forward ``4·d_model``,
+    eval mode, no grad), three ways on the same input: dense eager (torch's fused encoder kernel), dense
+    under ``torch.compile``, and ``backend="panther"`` with the feed-forward linears at rank ``2·low_rank``
+    (``init="svd"``) and random-feature attention with ``num_features`` features (the attention's own
+    projections stay dense). ``compiler`` is what both compiles end in (``"inductor"``; ``"aot_eager"`` for
+    a quick check).
+
+    Returns ``(rows, headers, report)``: the timings side by side, each with its output's relative error
+    against dense eager, and panther's graph diff report. The weights are random, whose flat spectrum
+    compresses far worse than a trained model's: the error column is a worst case for these ranks.
+    """
+    from .backend import panther_backend
+    from .policy import SketchSpec
+    from .report import last_report
+
+    with _fixed_draws(device):
+        layer = torch.nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, activation="gelu",
+                                                 batch_first=True, norm_first=True, device=device, dtype=dtype)
+        model = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+        x = torch.randn(batch, seq, d_model, device=device, dtype=dtype)
+    policy = {"linear": SketchSpec(num_terms=1, low_rank=low_rank, init="svd"),
+              "attention": SketchSpec(num_random_features=num_features, seed=0)}
+    torch._dynamo.reset()
+    dense_compiled = torch.compile(model, backend=compiler)
+    ours = torch.compile(model, backend=panther_backend, options={"policy": policy, "compiler": compiler})
+    candidates = {"dense, eager": lambda: model(x), f"dense, torch.compile ({compiler})": lambda: dense_compiled(x),
+                  'backend="panther"': lambda: ours(x)}
+    reference = model(x).float()
+    errors = {name: ((fn().float() - reference).norm() / reference.norm()).item() for name, fn in candidates.items()}
+    report = last_report()
+    rows, headers = _timed_table(candidates, 'backend="panther"', repeats=repeats, device=device)
+    for row in rows:
+        row.append(f"{errors[row[0]]:.3g}")
+    return rows, headers + ["rel. error vs dense eager"], report
 
 
 def reuse_freed_memory():
@@ -438,8 +479,7 @@ def sweep(what, sizes=None, *, device="cpu", dtype=torch.float32, repeats=5, bat
     resident = _ResidentPeak() if method == "resident" else None
     rows, impls = [], []
     for size in _progress(sizes, desc=f"panther bench {what}", enabled=progress, unit="size"):
-        with torch.random.fork_rng(devices=[_cuda_index(device)] if cuda else []):  # same draws, RNG untouched
-            torch.manual_seed(0)
+        with _fixed_draws(device):
             cases = _SWEEP_CASES[what](size, device=device, dtype=dtype, **cfg)
         for name, (fn, static, out_bytes) in cases.items():
             ms = time_fn(fn, repeats=repeats, warmup=2, device=device)
@@ -462,6 +502,15 @@ def sweep(what, sizes=None, *, device="cpu", dtype=torch.float32, repeats=5, bat
 def _cuda_index(device):
     index = torch.device(device).index
     return torch.cuda.current_device() if index is None else index
+
+
+@contextlib.contextmanager
+def _fixed_draws(device):
+    """The same random draws on every run, with the caller's RNG state as it was afterwards."""
+    cuda = torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[_cuda_index(device)] if cuda else []):
+        torch.manual_seed(0)
+        yield
 
 
 def sweep_table(result):
@@ -608,7 +657,7 @@ def main(argv=None):
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m panther bench", description=__doc__)
-    p.add_argument("what", choices=["linear", "conv2d", "attention", "causal-scaling"])
+    p.add_argument("what", choices=["linear", "conv2d", "attention", "causal-scaling", "transformer"])
     p.add_argument("--seq", type=int, default=None, help="attention: sequence length")
     p.add_argument("--causal", action="store_true", help="attention: causal")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -617,7 +666,7 @@ def main(argv=None):
     p.add_argument("--out-features", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--num-terms", type=int, default=1)
-    p.add_argument("--low-rank", type=int, default=16)
+    p.add_argument("--low-rank", type=int, default=None, help="k (default 16; transformer: 64 on CUDA)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 20; 5 with --plot)")
     p.add_argument("--backward", action="store_true", help="time forward+backward")
     p.add_argument("--no-malloc-tuning", action="store_true",
@@ -632,6 +681,8 @@ def main(argv=None):
                    help="with --plot: comma-separated sizes to sweep (linear: features, conv2d: channels, "
                         "attention: sequence length), e.g. --sizes 64,128; default: a sweep per device")
     a = p.parse_args(argv)
+    transformer_rank = a.low_rank or (64 if a.device == "cuda" else 16)
+    a.low_rank = a.low_rank or 16
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available (torch.cuda.is_available() is False)")
     if a.sizes is not None and a.plot is None:
@@ -654,7 +705,13 @@ def main(argv=None):
     dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
     cfg = dict(in_features=a.in_features or d, out_features=a.out_features or d,
                batch=a.batch or (16384 if cuda else 2048), num_terms=a.num_terms, low_rank=a.low_rank)
-    if a.what == "causal-scaling":
+    report = None
+    if a.what == "transformer":
+        cfg = dict(d_model=1024 if cuda else 256, heads=16 if cuda else 4, layers=4 if cuda else 2,
+                   seq=a.seq or (8192 if cuda else 1024), batch=a.batch or 2, low_rank=transformer_rank,
+                   num_features=256 if cuda else 64)
+        rows, headers, report = bench_transformer(**cfg, device=a.device, dtype=dtype, repeats=a.repeats)
+    elif a.what == "causal-scaling":
         cfg = dict(lengths=(1024, 4096), heads=8, head_dim=64, num_features=256)
         rows, headers = bench_causal_scaling(**cfg, device=a.device, dtype=dtype, repeats=min(a.repeats, 5))
     elif a.what == "attention":
@@ -670,10 +727,13 @@ def main(argv=None):
     else:
         rows, headers = bench_linear(**cfg, device=a.device, dtype=dtype, repeats=a.repeats, backward=a.backward)
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    title = (f"sketched {a.what} {'forward+backward' if a.backward else 'forward'}: "
+    kind = "nn.TransformerEncoder inference" if a.what == "transformer" else f"sketched {a.what}"
+    title = (f"{kind} {'forward+backward' if a.backward else 'forward'}: "
              + ", ".join(f"{k}={v}" for k, v in cfg.items()) + f", {dtype}")
     print(f"{title}, {where}, torch {torch.__version__}")
     print(tabulate(rows, headers=headers))
+    if report is not None:
+        print(report)
     _markdown(a, argv, title, rows, headers)
     if tuned:
         print("(glibc set to reuse freed memory, see panther.bench.reuse_freed_memory; --no-malloc-tuning to skip)")

@@ -201,3 +201,35 @@ def test_timed_table_puts_each_timer_in_its_columns(monkeypatch):
                     ["floor", "0.250", "0.50x", "0.250", "0.25x", "0.250", "0.12x"]]
     rows, headers = bench._timed_table({"ours": lambda: 0.5}, "ours", repeats=4, device="cpu")
     assert headers == ["implementation", "median ms", "time / panther"] and rows == [["ours", "0.500", "1.00x"]]
+
+
+def test_transformer_bench_rows_errors_and_report():
+    rng = torch.get_rng_state()
+    rows, headers, report = bench.bench_transformer(d_model=32, heads=2, layers=1, seq=64, batch=2, low_rank=4,
+                                                    num_features=16, repeats=1, compiler="aot_eager")
+    assert torch.equal(rng, torch.get_rng_state())  # fixed draws, the caller's RNG untouched
+    assert [r[0] for r in rows] == ["dense, eager", "dense, torch.compile (aot_eager)", 'backend="panther"']
+    assert headers[-1] == "rel. error vs dense eager"
+    errors = [float(r[-1]) for r in rows]
+    assert errors[0] == 0 and errors[1] < 1e-5 and 0.01 < errors[2] < 2  # rank 8 of 32 really approximates
+    assert [r.name for r in report.replaced] == ["layers.0.self_attn", "layers.0.linear1", "layers.0.linear2"]
+
+
+def test_layer_benches_leave_the_global_rng_alone():
+    rng = torch.get_rng_state()
+    bench.bench_linear(64, 64, batch=8, low_rank=4, repeats=1)
+    bench.bench_conv2d(channels=8, size=6, batch=1, low_rank=2, repeats=1)
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_transformer_subcommand_wiring(monkeypatch, capsys):
+    seen = {}
+
+    def fake(**cfg):
+        seen.update(cfg)
+        return [["dense, eager", "1.000", "2.00x", "0"]], ["implementation", "median ms", "ratio", "err"], None
+
+    monkeypatch.setattr(bench, "bench_transformer", fake)
+    bench.main(["transformer", "--seq", "128", "--repeats", "1", "--no-malloc-tuning"])
+    assert seen["seq"] == 128 and seen["low_rank"] == 16 and seen["device"] == "cpu"
+    assert "nn.TransformerEncoder inference forward: d_model=256" in capsys.readouterr().out
