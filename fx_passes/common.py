@@ -215,6 +215,30 @@ class Candidate:
     unsupported: Optional[str] = None  # reason the node cannot be rewritten at all
 
 
+def trace_into(graph: fx.Graph, before: fx.Node, fn: Callable, *args, meta: Optional[Dict[str, Any]] = None) -> fx.Node:
+    """Record ``fn(*args)`` in ``graph`` just before ``before`` as the torch calls it makes (FX proxies stand
+    for the graph values among ``args``), so one Python function is both a replacement's formula and its
+    graph. Every new node gets ``meta`` and the ``example_value`` that later passes and the kernel routing
+    read, computed in the graph's fake mode. Returns the node of the result."""
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+    known = set(graph.nodes)
+    with graph.inserting_before(before):
+        out = fn(*(fx.Proxy(a, tracer) if isinstance(a, fx.Node) else a for a in args))
+    values = [a.meta.get("example_value") for a in args if isinstance(a, fx.Node)]
+    fake_mode = next(v.fake_mode for v in values if hasattr(v, "fake_mode"))
+    for n in graph.nodes:
+        if n in known:
+            continue
+        vargs, vkwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: a.meta.get("example_value"))
+        with fake_mode:
+            if n.op == "call_method":
+                n.meta["example_value"] = getattr(vargs[0], n.target)(*vargs[1:], **vkwargs)
+            else:
+                n.meta["example_value"] = n.target(*vargs, **vkwargs)
+        n.meta.update(meta or {})
+    return out.node
+
+
 _SHAPE_ONLY_METHODS = {
     "view", "reshape", "transpose", "permute", "contiguous", "unflatten", "flatten", "split", "chunk",
     "unbind", "__getitem__", "to", "float", "half", "bfloat16", "type_as", "mul", "div", "unsqueeze",

@@ -15,13 +15,14 @@ left dense keeps its kernel and the compiled program is the one Dynamo captured.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+
+from .common import trace_into
 
 FUSED = torch._transformer_encoder_layer_fwd
 _ARGS = ("src", "embed_dim", "num_heads", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "use_gelu",
@@ -39,68 +40,38 @@ class Expansion:
     nodes: List[fx.Node]
 
 
-class _Emitter:
-    """Adds call_function nodes before ``anchor`` with the fused node's module stack and fake values, the
-    ``example_value`` metadata the passes read shapes and dtypes from."""
-
-    def __init__(self, graph: fx.Graph, anchor: fx.Node, fake_mode):
-        self.graph, self.anchor, self.fake_mode, self.nodes = graph, anchor, fake_mode, []
-
-    def __call__(self, target, *args, **kwargs) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            node = self.graph.call_function(target, args, kwargs)
-        vargs, vkwargs = fx.node.map_arg((args, kwargs), lambda n: n.meta["example_value"])
-        with self.fake_mode:
-            node.meta["example_value"] = target(*vargs, **vkwargs)
-        if "nn_module_stack" in self.anchor.meta:
-            node.meta["nn_module_stack"] = self.anchor.meta["nn_module_stack"]
-        self.nodes.append(node)
-        return node
-
-
-def _fake_mode(node: fx.Node):
-    value = node.meta.get("example_value")
-    return getattr(value, "fake_mode", None)
-
-
-def _expand_one(graph: fx.Graph, node: fx.Node, fake_mode) -> Expansion:
-    a = dict(zip(_ARGS, node.args))
-    a.update(node.kwargs)
-    a.setdefault("mask", None)
-    a.setdefault("mask_type", None)
-    emit = _Emitter(graph, node, fake_mode)
-    E, H = a["embed_dim"], a["num_heads"]
-    mask, mask_type = a["mask"], a["mask_type"]
+def encoder_layer(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, use_gelu, norm_first,
+                  eps, norm_weight_1, norm_bias_1, norm_weight_2, norm_bias_2, ffn_weight_1, ffn_bias_1, ffn_weight_2,
+                  ffn_bias_2, mask=None, mask_type=None):
+    """What ``torch._transformer_encoder_layer_fwd`` (same arguments) computes on a dense batch-first input:
+    nn.TransformerEncoderLayer's ordinary forward in eval mode. ``mask_type`` 1 is a key-padding mask
+    ``(B, L)``, 0 an attention mask ``(L, L)``, 2 a merged one ``(B, H, L, L)``."""
     key_padding_mask = attn_mask = None
     if mask is not None and mask_type == 1:
-        key_padding_mask = mask  # (B, L)
-    elif mask is not None:
-        # (L, L); mask_type 2 is (B, H, L, L), which F.multi_head_attention_forward takes as (B*H, L, L)
-        attn_mask = emit(torch.flatten, mask, 0, 1) if mask_type == 2 else mask
-
-    def norm(x, i):
-        return emit(F.layer_norm, x, (E,), a[f"norm_weight_{i}"], a[f"norm_bias_{i}"], a["eps"])
+        key_padding_mask = mask
+    elif mask is not None:  # F.multi_head_attention_forward takes a per-head mask as (B*H, L, L)
+        attn_mask = mask.flatten(0, 1) if mask_type == 2 else mask
 
     def self_attention(x):
-        t = emit(torch.transpose, x, 0, 1)
-        out = emit(F.multi_head_attention_forward, t, t, t, E, H, a["qkv_weight"], a["qkv_bias"], None, None, False,
-                   0.0, a["proj_weight"], a["proj_bias"], training=False, key_padding_mask=key_padding_mask,
-                   need_weights=False, attn_mask=attn_mask)
-        return emit(torch.transpose, emit(operator.getitem, out, 0), 0, 1)
+        t = x.transpose(0, 1)  # (L, B, E), the functional form's layout
+        out = F.multi_head_attention_forward(t, t, t, embed_dim, num_heads, qkv_weight, qkv_bias, None, None, False,
+                                             0.0, proj_weight, proj_bias, training=False,
+                                             key_padding_mask=key_padding_mask, need_weights=False,
+                                             attn_mask=attn_mask)
+        return out[0].transpose(0, 1)
 
     def feed_forward(x):
-        h = emit(F.linear, x, a["ffn_weight_1"], a["ffn_bias_1"])
-        h = emit(F.gelu if a["use_gelu"] else F.relu, h)
-        return emit(F.linear, h, a["ffn_weight_2"], a["ffn_bias_2"])
+        h = F.linear(x, ffn_weight_1, ffn_bias_1)
+        return F.linear(F.gelu(h) if use_gelu else F.relu(h), ffn_weight_2, ffn_bias_2)
 
-    x = a["src"]
-    if a["norm_first"]:
-        x = emit(operator.add, x, self_attention(norm(x, 1)))
-        x = emit(operator.add, x, feed_forward(norm(x, 2)))
-    else:
-        x = norm(emit(operator.add, x, self_attention(x)), 1)
-        x = norm(emit(operator.add, x, feed_forward(x)), 2)
-    return Expansion(node.args, dict(node.kwargs), dict(node.meta), emit.nodes)
+    def norm(x, weight, bias):
+        return F.layer_norm(x, (embed_dim,), weight, bias, eps)
+
+    if norm_first:
+        x = src + self_attention(norm(src, norm_weight_1, norm_bias_1))
+        return x + feed_forward(norm(x, norm_weight_2, norm_bias_2))
+    x = norm(src + self_attention(src), norm_weight_1, norm_bias_1)
+    return norm(x + feed_forward(x), norm_weight_2, norm_bias_2)
 
 
 def expand(gm: fx.GraphModule) -> List[Expansion]:
@@ -109,14 +80,16 @@ def expand(gm: fx.GraphModule) -> List[Expansion]:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not FUSED or not node.args:
             continue
-        src = node.args[0]
-        fake_mode = _fake_mode(src) if isinstance(src, fx.Node) else None
-        if fake_mode is None or src.meta["example_value"].is_nested:
+        src = node.args[0].meta.get("example_value") if isinstance(node.args[0], fx.Node) else None
+        if getattr(src, "fake_mode", None) is None or src.is_nested:
             continue
-        exp = _expand_one(gm.graph, node, fake_mode)
-        node.replace_all_uses_with(exp.nodes[-1])
-        gm.graph.erase_node(node)
-        done.append(exp)
+        a = dict(zip(_ARGS, node.args), **node.kwargs)
+        known = set(gm.graph.nodes)
+        out = trace_into(gm.graph, node, encoder_layer, *(a.get(k) for k in _ARGS),
+                         meta={k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
+        done.append(Expansion(node.args, dict(node.kwargs), dict(node.meta), [n for n in gm.graph.nodes if n not in known]))
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)  # (which clears its args: they were kept above)
     return done
 
 

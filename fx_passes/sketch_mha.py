@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
-from .common import Candidate, PassContext, shape_of
+from .common import Candidate, PassContext, shape_of, trace_into
 from .sketch_sdpa import projection_for
 
 KIND = "attention"
@@ -158,18 +158,12 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     P = projection_for(ctx, cand.data["owner"], base_name, spec, info.extra["head_dim"], info.dtype, info.device)
     p_node = ctx.add_constant(f"{base_name}_rf_projection", P, node)
     sep = bool(a["use_separate_proj_weight"])
-    with ctx.graph.inserting_before(node):
-        new = ctx.graph.call_function(
-            rf_multi_head_attention,
-            (a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"], a["in_proj_bias"],
-             a["out_proj_weight"], a["out_proj_bias"], p_node, spec.kernel_fn, bool(a["is_causal"]),
-             cand.data["kpm"], a["q_proj_weight"] if sep else None, a["k_proj_weight"] if sep else None,
-             a["v_proj_weight"] if sep else None),
-        )
-    out_val = node.meta.get("example_value")
-    new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
-    if isinstance(out_val, (tuple, list)) and out_val:
-        new.meta["example_value"] = out_val[0]
+    # Recorded as its torch calls, so that the panther.rf_attention node is visible to the kernel routing
+    new = trace_into(ctx.graph, node, rf_multi_head_attention, a["query"], a["key"], a["value"], a["num_heads"],
+                     a["in_proj_weight"], a["in_proj_bias"], a["out_proj_weight"], a["out_proj_bias"], p_node,
+                     spec.kernel_fn, bool(a["is_causal"]), cand.data["kpm"], a["q_proj_weight"] if sep else None,
+                     a["k_proj_weight"] if sep else None, a["v_proj_weight"] if sep else None,
+                     meta={k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
     for user in list(node.users):  # every user is out[0] (checked in match)
         user.replace_all_uses_with(new)
         ctx.graph.erase_node(user)

@@ -243,6 +243,26 @@ def test_mha_compile_equals_convert(batch_first):
     assert rel(y, dense) > 1e-3
 
 
+def test_mha_rewrite_shows_its_attention_op_to_the_kernel_routing():
+    # The rewrite is recorded as its torch calls: the panther.rf_attention node (which the CUDA routing
+    # retargets to the Triton kernels) is in the graph with the example values the routing reads.
+    torch.manual_seed(0)
+    model = MHABlock(True).eval()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return panther_backend(gm, example_inputs, options={**FAST, "policy": {"attention": ATT_SPEC}})
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(torch.randn(2, 10, 32), None)
+    (node,) = [n for n in graphs[0].graph.nodes if n.target in (torch.ops.panther.rf_attention,
+                                                                torch.ops.panther.rf_attention.default)]
+    q, projection = node.args[0].meta["example_value"], node.args[3].meta["example_value"]
+    assert q.shape == (2, 4, 10, 8) and projection.shape == (24, 8)
+
+
 def test_mha_left_alone_with_reasons():
     class M(nn.Module):
         def __init__(self):

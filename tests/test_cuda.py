@@ -92,30 +92,47 @@ def test_rand_mha_uses_the_triton_kernels_on_cuda():
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
 
 
-def test_backend_sdpa_rewrite_inlines_the_triton_attention_kernels():
+class _SDPABlock(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+
+def _attention_case(kind):
+    """(model, inputs, a kernel name of the Triton attention it should run) on CUDA."""
+    torch.manual_seed(0)
+    if kind == "sdpa":
+        return _SDPABlock(), [torch.randn(2, 4, 300, 32, device="cuda") * 0.5 for _ in range(3)], "_causal_out_kernel"
+    x = [torch.randn(2, 300, 128, device="cuda") * 0.5]
+    if kind == "mha":
+        mha = torch.nn.MultiheadAttention(128, 4, batch_first=True, device="cuda").eval()
+        return (lambda t: mha(t, t, t, need_weights=False)[0]), x, "_query"
+    # in eval mode without gradients one fused native call, which panther expands first
+    layer = torch.nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, batch_first=True, device="cuda")
+    return torch.nn.TransformerEncoder(layer, 1).eval(), x, "_query"
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "mha", "encoder_layer"])
+def test_backend_attention_rewrites_inline_the_triton_attention_kernels(kind):
     """backend="panther" with Inductor on CUDA: the rewritten attention runs panther's Triton kernels,
     inlined in the generated code (not the C++ op), and matches the same rewrite run by aot_eager
-    (which calls the C++ op with the same random features)."""
+    (which calls the C++ op with the same random features). nn.MultiheadAttention's rewrite once hid its
+    attention op inside one opaque call, which kept it on the slow C++ path."""
     from torch._inductor.utils import run_and_get_code
 
     from panther.backend import panther_backend
     from panther.policy import SketchSpec
 
-    class Block(torch.nn.Module):
-        def forward(self, q, k, v):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
-
-    q, k, v = (torch.randn(2, 4, 300, 32, device="cuda") * 0.5 for _ in range(3))
+    model, inputs, kernel = _attention_case(kind)
     outs, reports = {}, []
     for compiler in ("aot_eager", "inductor"):
         torch._dynamo.reset()
         options = {"policy": {"attention": SketchSpec(num_random_features=64, seed=1)},
                    "report": reports.append, "compiler": compiler}
-        compiled = torch.compile(Block(), backend=panther_backend, options=options)
+        compiled = torch.compile(model, backend=panther_backend, options=options)
         with torch.no_grad():
-            outs[compiler], code = run_and_get_code(compiled, q, k, v)
+            outs[compiler], code = run_and_get_code(compiled, *inputs)
     src = "\n".join(code)
-    assert "_causal_out_kernel" in src and "torch.ops.panther.rf_attention." not in src
+    assert kernel in src and "torch.ops.panther.rf_attention." not in src
     assert all([r for r in rep.rows if r.kind == "attention"][0].replaced for rep in reports)
     ref = outs["aot_eager"]
     assert ((outs["inductor"] - ref).norm() / ref.norm()).item() < 1e-3
