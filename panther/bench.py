@@ -688,7 +688,7 @@ def main(argv=None):
     if a.sizes is not None and a.plot is None:
         p.error("--sizes needs --plot FILE")
     if a.plot is not None:
-        if a.what == "causal-scaling":
+        if a.what in ("causal-scaling", "transformer"):
             p.error("--plot supports linear, conv2d and attention")
         given = [f for f in ("seq", "in_features", "out_features") if getattr(a, f) is not None]
         if given or a.backward:

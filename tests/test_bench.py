@@ -137,8 +137,9 @@ def test_plot_errors(tmp_path, monkeypatch, capsys):
 
     with pytest.raises(SystemExit):
         bench.main(["linear", "--sizes", "16"])  # --sizes needs --plot
-    with pytest.raises(SystemExit):
-        bench.main(["causal-scaling", "--plot", str(tmp_path / "x.png")])
+    for what in ("causal-scaling", "transformer"):
+        with pytest.raises(SystemExit):
+            bench.main([what, "--plot", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit):
         bench.main(["linear", "--plot", str(tmp_path / "x.png"), "--sizes", "16,-2"])
     assert "--sizes needs --plot" in capsys.readouterr().err
