@@ -225,17 +225,19 @@ def trace_into(graph: fx.Graph, before: fx.Node, fn: Callable, *args, meta: Opti
     with graph.inserting_before(before):
         out = fn(*(fx.Proxy(a, tracer) if isinstance(a, fx.Node) else a for a in args))
     values = [a.meta.get("example_value") for a in args if isinstance(a, fx.Node)]
-    fake_mode = next(v.fake_mode for v in values if hasattr(v, "fake_mode"))
+    fake_mode = next((v.fake_mode for v in values if hasattr(v, "fake_mode")), None)
     for n in graph.nodes:
         if n in known:
             continue
+        n.meta.update(meta or {})
+        if fake_mode is None:
+            continue  # no example values to start from (AOT re-traces the graph anyway)
         vargs, vkwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: a.meta.get("example_value"))
         with fake_mode:
             if n.op == "call_method":
                 n.meta["example_value"] = getattr(vargs[0], n.target)(*vargs[1:], **vkwargs)
             else:
                 n.meta["example_value"] = n.target(*vargs, **vkwargs)
-        n.meta.update(meta or {})
     return out.node
 
 
