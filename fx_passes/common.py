@@ -215,21 +215,23 @@ class Candidate:
     unsupported: Optional[str] = None  # reason the node cannot be rewritten at all
 
 
-def trace_into(graph: fx.Graph, before: fx.Node, fn: Callable, *args, meta: Optional[Dict[str, Any]] = None) -> fx.Node:
-    """Record ``fn(*args)`` in ``graph`` just before ``before`` as the torch calls it makes (FX proxies stand
-    for the graph values among ``args``), so one Python function is both a replacement's formula and its
-    graph. Every new node gets ``meta`` and the ``example_value`` that later passes and the kernel routing
-    read, computed in the graph's fake mode. Returns the node of the result."""
+def trace_into(graph: fx.Graph, before: fx.Node, fn: Callable, *args) -> fx.Node:
+    """Record ``fn(*args)`` in ``graph`` just before ``before``, the node it replaces, as the torch calls it
+    makes (FX proxies stand for the graph values among ``args``), so one Python function is both a
+    replacement's formula and its graph. Every new node gets ``before``'s module stack and source line, and
+    the ``example_value`` that later passes and the kernel routing read, computed in the graph's fake mode.
+    Returns the node of the result."""
     tracer = fx.proxy.GraphAppendingTracer(graph)
     known = set(graph.nodes)
     with graph.inserting_before(before):
         out = fn(*(fx.Proxy(a, tracer) if isinstance(a, fx.Node) else a for a in args))
     values = [a.meta.get("example_value") for a in args if isinstance(a, fx.Node)]
     fake_mode = next((v.fake_mode for v in values if hasattr(v, "fake_mode")), None)
+    meta = {k: before.meta[k] for k in ("nn_module_stack", "stack_trace") if k in before.meta}
     for n in graph.nodes:
         if n in known:
             continue
-        n.meta.update(meta or {})
+        n.meta.update(meta)
         if fake_mode is None:
             continue  # no example values to start from (AOT re-traces the graph anyway)
         vargs, vkwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: a.meta.get("example_value"))

@@ -85,18 +85,16 @@ def expand(gm: fx.GraphModule) -> List[Expansion]:
             continue
         a = dict(zip(_ARGS, node.args), **node.kwargs)
         known = set(gm.graph.nodes)
-        out = trace_into(gm.graph, node, encoder_layer, *(a.get(k) for k in _ARGS),
-                         meta={k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
+        out = trace_into(gm.graph, node, encoder_layer, *(a.get(k) for k in _ARGS))
         done.append(Expansion(node.args, dict(node.kwargs), dict(node.meta), [n for n in gm.graph.nodes if n not in known]))
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)  # (which clears its args: they were kept above)
     return done
 
 
-def restore(gm: fx.GraphModule, expansions: List[Expansion]) -> bool:
-    """Put the fused call back for each expansion no rewrite changed; True if any was put back."""
+def restore(gm: fx.GraphModule, expansions: List[Expansion]):
+    """Put the fused call back for each expansion no rewrite changed."""
     present = set(gm.graph.nodes)
-    restored = False
     # Last first: a later layer's saved arguments may name an earlier expansion's output, which putting the
     # earlier call back then redirects to it.
     for exp in reversed(expansions):
@@ -109,5 +107,3 @@ def restore(gm: fx.GraphModule, expansions: List[Expansion]) -> bool:
         out.replace_all_uses_with(fused)
         for n in reversed(exp.nodes):
             gm.graph.erase_node(n)
-        restored = True
-    return restored

@@ -5,7 +5,8 @@ Pattern (Dynamo torch IR: nn.MultiheadAttention is one opaque call, inputs alrea
                                          add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, ...)
     attn = out[0]                       # out[1] (attention weights) must be unused
 
-Replacement (one call, traced by AOTAutograd into aten ops around the custom op):
+Replacement, recorded in the graph as the torch calls it makes (so the CUDA kernel routing sees its
+``panther.rf_attention`` node):
     attn = rf_multi_head_attention(q, k, v, H, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
                                    P, kernel_fn, causal, key_padding_mask, q_w, k_w, v_w)
 which projects with the layer's own weights, runs random-feature attention per head with an (m, d_head)
@@ -158,12 +159,10 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     P = projection_for(ctx, cand.data["owner"], base_name, spec, info.extra["head_dim"], info.dtype, info.device)
     p_node = ctx.add_constant(f"{base_name}_rf_projection", P, node)
     sep = bool(a["use_separate_proj_weight"])
-    # Recorded as its torch calls, so that the panther.rf_attention node is visible to the kernel routing
     new = trace_into(ctx.graph, node, rf_multi_head_attention, a["query"], a["key"], a["value"], a["num_heads"],
                      a["in_proj_weight"], a["in_proj_bias"], a["out_proj_weight"], a["out_proj_bias"], p_node,
                      spec.kernel_fn, bool(a["is_causal"]), cand.data["kpm"], a["q_proj_weight"] if sep else None,
-                     a["k_proj_weight"] if sep else None, a["v_proj_weight"] if sep else None,
-                     meta={k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+                     a["k_proj_weight"] if sep else None, a["v_proj_weight"] if sep else None)
     for user in list(node.users):  # every user is out[0] (checked in match)
         user.replace_all_uses_with(new)
         ctx.graph.erase_node(user)
