@@ -81,8 +81,7 @@ class SKConv2d(nn.Module):
     Raises:
         TypeError: a size that is not an int, ``bias`` not a bool, a non-floating ``dtype`` or ``W_init``.
         ValueError: a size ``<= 0``, a bad ``padding`` string or ``padding_mode``, ``padding="same"`` with a
-            stride, ``W_init``
-            of the wrong shape, an unknown ``init``, both ``seed`` and ``generator``.
+            stride, ``W_init`` of the wrong shape, an unknown ``init``, both ``seed`` and ``generator``.
 
     Warns:
         UserWarning: when ``2·L·k·(C_in·kh·kw + C_out) >= C_out·C_in·kh·kw``, i.e. the sketch is not
