@@ -250,13 +250,14 @@ def bench_causal_scaling(lengths=(1024, 4096), batch=1, heads=8, head_dim=64, nu
 
 @torch.no_grad()
 def bench_transformer(d_model=1024, heads=16, layers=4, seq=8192, batch=2, low_rank=64, num_features=256, *,
-                      device="cpu", dtype=torch.float32, repeats=20, compiler="inductor"):
+                      device="cpu", dtype=torch.float32, repeats=20, compiler="inductor", default_policy=False):
     """Inference of PyTorch's own ``nn.TransformerEncoder`` (pre-norm, GELU, feed-forward ``4·d_model``,
     eval mode, no grad), three ways on the same input: dense eager (torch's fused encoder kernel), dense
     under ``torch.compile``, and ``backend="panther"`` with the feed-forward linears at rank ``2·low_rank``
     (``init="svd"``) and random-feature attention with ``num_features`` features (the attention's own
-    projections stay dense). ``compiler`` is what both compiles end in (``"inductor"``; ``"aot_eager"`` for
-    a quick check).
+    projections stay dense); with ``default_policy``, what panther's default policy picks instead (what
+    ``torch.compile(model, backend="panther")`` does unconfigured). ``compiler`` is what both compiles end
+    in (``"inductor"``; ``"aot_eager"`` for a quick check).
 
     Returns ``(rows, headers, report)``: the timings side by side, each with its output's relative error
     against dense eager, and panther's graph diff report. The weights are random, whose flat spectrum
@@ -271,8 +272,8 @@ def bench_transformer(d_model=1024, heads=16, layers=4, seq=8192, batch=2, low_r
                                                  batch_first=True, norm_first=True, device=device, dtype=dtype)
         model = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
         x = torch.randn(batch, seq, d_model, device=device, dtype=dtype)
-    policy = {"linear": SketchSpec(num_terms=1, low_rank=low_rank, init="svd"),
-              "attention": SketchSpec(num_random_features=num_features, seed=0)}
+    policy = None if default_policy else {"linear": SketchSpec(num_terms=1, low_rank=low_rank, init="svd"),
+                                          "attention": SketchSpec(num_random_features=num_features, seed=0)}
     torch._dynamo.reset()
     dense_compiled = torch.compile(model, backend=compiler)
     ours = torch.compile(model, backend=panther_backend, options={"policy": policy, "compiler": compiler})
@@ -669,6 +670,8 @@ def main(argv=None):
     p.add_argument("--low-rank", type=int, default=None, help="k (default 16; transformer: 64 on CUDA)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 20; 5 with --plot)")
     p.add_argument("--backward", action="store_true", help="time forward+backward")
+    p.add_argument("--default-policy", action="store_true",
+                   help="transformer: let panther's default policy choose ranks and features")
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="CPU: keep glibc's default of returning large freed blocks to the OS")
     p.add_argument("--plot", metavar="FILE", default=None,
@@ -710,6 +713,8 @@ def main(argv=None):
         cfg = dict(d_model=1024 if cuda else 256, heads=16 if cuda else 4, layers=4 if cuda else 2,
                    seq=a.seq or (8192 if cuda else 1024), batch=a.batch or 2, low_rank=transformer_rank,
                    num_features=256 if cuda else 64)
+        if a.default_policy:
+            cfg = {k: v for k, v in cfg.items() if k not in ("low_rank", "num_features")} | {"default_policy": True}
         rows, headers, report = bench_transformer(**cfg, device=a.device, dtype=dtype, repeats=a.repeats)
     elif a.what == "causal-scaling":
         cfg = dict(lengths=(1024, 4096), heads=8, head_dim=64, num_features=256)

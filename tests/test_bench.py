@@ -234,3 +234,7 @@ def test_transformer_subcommand_wiring(monkeypatch, capsys):
     bench.main(["transformer", "--seq", "128", "--repeats", "1", "--no-malloc-tuning"])
     assert seen["seq"] == 128 and seen["low_rank"] == 16 and seen["device"] == "cpu"
     assert "nn.TransformerEncoder inference forward: d_model=256" in capsys.readouterr().out
+    seen.clear()
+    bench.main(["transformer", "--default-policy", "--repeats", "1", "--no-malloc-tuning"])
+    assert seen["default_policy"] and "low_rank" not in seen and "num_features" not in seen
+    assert "default_policy=True" in capsys.readouterr().out
