@@ -8,8 +8,11 @@ that applies on some devices only (an op it falls back on must have none), so th
 graph before it is compiled, from each node's example values: CUDA inputs the Triton kernels cover go to
 the Triton op, anything else keeps the C++ op (and, for the linear, panther's GEMM decomposition).
 
-Graphs that run under autocast keep the C++ ops: those have autocast kernels (the inputs cast to the
-autocast dtype), the Triton twins have none, so routing them would change the precision the model runs in.
+Under autocast the C++ ops' autocast kernels cast every floating-point input to the autocast dtype; the
+Triton twins have no autocast kernel. For a graph compiled inside ``torch.autocast`` the routing writes
+those casts into the graph first (``x.to(dtype)``, what the autocast kernel would do), so the Triton
+kernels see the inputs the C++ op would compute on. Graphs that enter autocast themselves (a
+``torch.autocast`` block inside the model) keep the C++ ops.
 """
 from __future__ import annotations
 
@@ -97,24 +100,44 @@ _ROUTES = {"rf_attention": (_attention_ok, _retarget("rf_attention_triton")),
            "sketched_linear": (_linear_ok, _to_linear_twin)}
 
 
-def _under_autocast(gm):
-    if any(torch.is_autocast_enabled(d) for d in ("cuda", "cpu")):
-        return True
+def _enters_autocast(gm):
     enter = getattr(torch.amp.autocast_mode, "_enter_autocast", None)
     return any(n.op == "call_function" and n.target is enter for n in gm.graph.nodes)
+
+
+def _cast_as_autocast(gm, n):
+    """Cast ``n``'s floating-point CUDA tensor inputs to the autocast dtype in the graph, as the C++ op's
+    autocast kernel does when it runs (the Triton twin has none)."""
+    if not torch.is_autocast_enabled("cuda"):
+        return
+    dtype = torch.get_autocast_dtype("cuda")
+
+    def cast(arg):
+        value = _example(gm, arg)
+        if not (isinstance(arg, torch.fx.Node) and isinstance(value, torch.Tensor) and value.is_cuda
+                and value.is_floating_point() and value.dtype != dtype):
+            return arg
+        with gm.graph.inserting_before(n):
+            cast_node = gm.graph.call_method("to", (arg, dtype))
+        cast_node.meta["example_value"] = value.to(dtype)
+        return cast_node
+
+    n.args = tuple(cast(a) for a in n.args)
+    n.kwargs = {k: cast(v) for k, v in n.kwargs.items()}
 
 
 def use_triton_kernels(gm: torch.fx.GraphModule) -> int:
     """Retarget the ``panther.rf_attention``, ``panther.sketched_conv2d`` and ``panther.sketched_linear``
     nodes of ``gm`` whose inputs the Triton kernels serve to their Triton twins. Returns how many nodes
-    were retargeted (0 without CUDA or Triton, and under autocast)."""
-    if not torch.cuda.is_available() or _under_autocast(gm):
+    were retargeted (0 without CUDA or Triton, and in graphs that enter autocast themselves)."""
+    if not torch.cuda.is_available() or _enters_autocast(gm):
         return 0
     moved = 0
     for name, (serves, move) in _ROUTES.items():
         packet = getattr(torch.ops.panther, name, None)
         targets = (packet, packet.default) if packet is not None else ()
         for n in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]:
+            _cast_as_autocast(gm, n)
             if serves(gm, n):
                 move(gm, n)
                 moved += 1

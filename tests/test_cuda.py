@@ -166,3 +166,35 @@ def test_empty_batches_run_forward_and_backward_on_cuda(dtype):
             assert x.grad.shape == x.shape
             assert not any(p.grad.any() for p in layer.parameters() if p.grad is not None)
             layer.zero_grad()
+
+
+def test_backend_routes_to_the_triton_kernels_under_autocast():
+    """Compiled inside torch.autocast (bf16), the rewritten attention and sketched linear still run the
+    Triton kernels: the routing casts their inputs in the graph as the C++ ops' autocast kernels would (it
+    kept every C++ op before, the attention on its slow ATen path). The aot_eager run calls the C++ ops."""
+    from torch._inductor.utils import run_and_get_code
+
+    from panther.backend import panther_backend
+    from panther.policy import SketchSpec
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(128, 4, batch_first=True, device="cuda").eval()
+    head = torch.nn.Linear(128, 128, device="cuda").eval()
+
+    def model(t):
+        return head(mha(t, t, t, need_weights=False)[0])
+
+    x = torch.randn(2, 300, 128, device="cuda")
+    policy = {"attention": SketchSpec(num_random_features=64, seed=1), "linear": SketchSpec(low_rank=8, init="svd")}
+    outs = {}
+    for compiler in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=panther_backend, options={"policy": policy, "compiler": compiler})
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            outs[compiler], code = run_and_get_code(compiled, x)
+    src = "\n".join(code)
+    assert "_query" in src and "_sketched_linear_chain_kernel" in src
+    assert "torch.ops.panther.rf_attention." not in src
+    assert outs["inductor"].dtype == outs["aot_eager"].dtype == torch.bfloat16
+    ref = outs["aot_eager"].float()
+    assert ((outs["inductor"].float() - ref).norm() / ref.norm()).item() < 2e-2
