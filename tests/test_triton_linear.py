@@ -455,8 +455,9 @@ def test_backend_routes_sketched_linear_to_the_triton_twin(bias_as):
 
 def test_backend_keeps_the_cpp_linear_where_the_kernels_do_not_serve(monkeypatch):
     """The route's check declines CPU tensors, float32 below the GPU kernel's row bound and a rank above
-    its bound; under autocast nothing is routed (the twins have no autocast kernel), while the same graph
-    is routed without it."""
+    its bound. Under an ambient CUDA autocast the node's inputs are first cast in the graph, as the C++
+    op's autocast kernel would cast them (the twins have none), then routed; a graph that opens an autocast
+    block itself keeps the C++ op."""
     from inductor_ext.kernel_routing import _linear_ok, linear_routed
 
     _real_row_bounds(monkeypatch)
@@ -491,9 +492,27 @@ def test_backend_keeps_the_cpp_linear_where_the_kernels_do_not_serve(monkeypatch
         if n.op == "placeholder":
             n.meta["example_value"] = dict(zip(["x", "S1s", "S2s", "U1s", "U2s", "b"], (x, S1s, S2s, U1s, U2s, b)))[n.target]
     assert _routed(gm, _linear_ok) == 0   # the real check: CPU example values
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _routed(gm, lambda gm, n: True) == 0
-    assert _routed(gm, lambda gm, n: True) == 1   # the same graph, routed without autocast
+    enters = torch.fx.symbolic_trace(fn)
+    first = next(iter(enters.graph.nodes))
+    with enters.graph.inserting_after(first):
+        enters.graph.call_function(torch.amp.autocast_mode._enter_autocast, ("cpu", torch.bfloat16, True, None))
+    assert _routed(enters, lambda gm, n: True) == 0
+    assert _routed(gm, lambda gm, n: True) == 1   # the same graph, routed without the autocast block
+
+    # ambient CUDA autocast (reported on; no GPU needed): bf16 input, fp32 factors as the weights are
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        values = cuda(torch.float32)
+        values[0] = values[0].to(torch.bfloat16)
+    gm = torch.fx.symbolic_trace(fn)
+    for n, v in zip([n for n in gm.graph.nodes if n.op == "placeholder"], values):
+        n.meta["example_value"] = v
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device="cuda": device == "cuda")
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device: torch.bfloat16)
+    assert _routed(gm, _linear_ok) == 1
+    casts = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "to"]
+    assert len(casts) == 5 and all(c.args[1] is torch.bfloat16 for c in casts)  # the factors and bias
+    (fused,) = [n for n in gm.graph.nodes if n.target is FWD]
+    assert all(a.meta["example_value"].dtype == torch.bfloat16 for a in fused.args)
 
 
 @pytest.mark.cuda
