@@ -215,12 +215,12 @@ class Candidate:
     unsupported: Optional[str] = None  # reason the node cannot be rewritten at all
 
 
-def trace_into(graph: fx.Graph, before: fx.Node, fn: Callable, *args) -> fx.Node:
+def trace_into(graph: fx.Graph, before: fx.Node, fn: Callable, *args) -> List[fx.Node]:
     """Record ``fn(*args)`` in ``graph`` just before ``before``, the node it replaces, as the torch calls it
     makes (FX proxies stand for the graph values among ``args``), so one Python function is both a
     replacement's formula and its graph. Every new node gets ``before``'s module stack and source line, and
     the ``example_value`` that later passes and the kernel routing read, computed in the graph's fake mode.
-    Returns the node of the result."""
+    Returns the new nodes in graph order; the last is the result."""
     tracer = fx.proxy.GraphAppendingTracer(graph)
     known = set(graph.nodes)
     with graph.inserting_before(before):
@@ -228,9 +228,9 @@ def trace_into(graph: fx.Graph, before: fx.Node, fn: Callable, *args) -> fx.Node
     values = [a.meta.get("example_value") for a in args if isinstance(a, fx.Node)]
     fake_mode = next((v.fake_mode for v in values if hasattr(v, "fake_mode")), None)
     meta = {k: before.meta[k] for k in ("nn_module_stack", "stack_trace") if k in before.meta}
-    for n in graph.nodes:
-        if n in known:
-            continue
+    new = [n for n in graph.nodes if n not in known]
+    assert new[-1] is out.node  # created last, so placed last before ``before``
+    for n in new:
         n.meta.update(meta)
         if fake_mode is None:
             continue  # no example values to start from (AOT re-traces the graph anyway)
@@ -240,7 +240,7 @@ def trace_into(graph: fx.Graph, before: fx.Node, fn: Callable, *args) -> fx.Node
                 n.meta["example_value"] = getattr(vargs[0], n.target)(*vargs[1:], **vkwargs)
             else:
                 n.meta["example_value"] = n.target(*vargs, **vkwargs)
-    return out.node
+    return new
 
 
 _SHAPE_ONLY_METHODS = {

@@ -84,10 +84,9 @@ def expand(gm: fx.GraphModule) -> List[Expansion]:
         if getattr(src, "fake_mode", None) is None or src.is_nested:
             continue
         a = dict(zip(_ARGS, node.args), **node.kwargs)
-        known = set(gm.graph.nodes)
-        out = trace_into(gm.graph, node, encoder_layer, *(a.get(k) for k in _ARGS))
-        done.append(Expansion(node.args, dict(node.kwargs), dict(node.meta), [n for n in gm.graph.nodes if n not in known]))
-        node.replace_all_uses_with(out)
+        nodes = trace_into(gm.graph, node, encoder_layer, *(a.get(k) for k in _ARGS))
+        done.append(Expansion(node.args, dict(node.kwargs), dict(node.meta), nodes))
+        node.replace_all_uses_with(nodes[-1])
         gm.graph.erase_node(node)  # (which clears its args: they were kept above)
     return done
 

@@ -162,7 +162,7 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     new = trace_into(ctx.graph, node, rf_multi_head_attention, a["query"], a["key"], a["value"], a["num_heads"],
                      a["in_proj_weight"], a["in_proj_bias"], a["out_proj_weight"], a["out_proj_bias"], p_node,
                      spec.kernel_fn, bool(a["is_causal"]), cand.data["kpm"], a["q_proj_weight"] if sep else None,
-                     a["k_proj_weight"] if sep else None, a["v_proj_weight"] if sep else None)
+                     a["k_proj_weight"] if sep else None, a["v_proj_weight"] if sep else None)[-1]
     for user in list(node.users):  # every user is out[0] (checked in match)
         user.replace_all_uses_with(new)
         ctx.graph.erase_node(user)
