@@ -112,7 +112,8 @@ def _apply(p, cand, ctx: PassContext, policy_fn) -> bool:
     info = cand.info
     if "#" in info.name:  # a module called again: the policy judges the module path, the row keeps the suffix
         info = dataclasses.replace(info, name=info.name.split("#", 1)[0])
-    spec, reason = decide(policy_fn, info)
+    # a rewrite in a graph is never trained (see TRAINING_REASON), so the best approximation is the default
+    spec, reason = decide(policy_fn, info, default_init="svd")
     if spec is None:
         ctx.record(cand, _row(cand, replaced=False, reason=reason or "policy declined"))
         return False

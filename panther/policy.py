@@ -97,7 +97,8 @@ class SketchSpec:
     * linear / conv2d: ``num_terms`` (L) and ``low_rank`` (k); the layer has 2L branches of rank k.
       ``init``: ``"sketch"`` (random, unbiased; the library's training init) or ``"svd"`` (the best
       approximation of rank ``2*L*k``: the truncated SVD of a linear layer's weight, the top
-      singular directions of a conv's reshaped kernel).
+      singular directions of a conv's reshaped kernel). Left ``None``, it is ``"svd"`` in the compile
+      backend, whose rewrites serve inference only, and ``"sketch"`` in ``panther.convert``.
     * attention: ``num_random_features`` (m) and ``kernel_fn`` (``"softmax"`` or ``"relu"``);
       ``causal`` is only read by ``panther.convert`` for nn.MultiheadAttention (the compile backend takes
       causality from the graph).
@@ -117,7 +118,7 @@ class SketchSpec:
     low_rank: Optional[int] = None
     num_random_features: Optional[int] = None
     kernel_fn: str = "softmax"
-    init: str = "sketch"
+    init: Optional[str] = None
     causal: bool = False
     seed: Optional[int] = None
     #: free text the graph diff report prints after the spec (e.g. the error-budget policy's predicted
@@ -135,8 +136,8 @@ class SketchSpec:
                 raise TypeError(f"SketchSpec.{key} must be a positive int or None, got {v!r}")
             if v is not None and v < 1:
                 raise ValueError(f"SketchSpec.{key} must be a positive int or None, got {v!r}")
-        if self.init not in _INITS:
-            raise ValueError(f"SketchSpec.init must be one of {_INITS}, got {self.init!r}")
+        if self.init is not None and self.init not in _INITS:
+            raise ValueError(f"SketchSpec.init must be one of {_INITS} or None, got {self.init!r}")
         if self.kernel_fn not in _KERNEL_FNS:
             raise ValueError(f"SketchSpec.kernel_fn must be one of {_KERNEL_FNS}, got {self.kernel_fn!r}")
         if not isinstance(self.causal, bool):
@@ -247,13 +248,14 @@ def default_spec(info: LayerInfo) -> SketchSpec:
     raise ValueError(f"LayerInfo.kind must be one of {KINDS}, got {info.kind!r}")
 
 
-def spec_for_layer(info: LayerInfo, spec: SketchSpec) -> SketchSpec:
-    """``spec`` with its ``None`` fields filled from :func:`default_spec` for this layer."""
+def spec_for_layer(info: LayerInfo, spec: SketchSpec, default_init: str = "sketch") -> SketchSpec:
+    """``spec`` with its ``None`` fields filled from :func:`default_spec` for this layer, and ``init`` from
+    ``default_init``."""
     if info.kind in ("linear", "conv2d"):
-        if spec.num_terms is not None and spec.low_rank is not None:
-            return spec
-        d = default_spec(info)
-        return spec.replace(num_terms=spec.num_terms or d.num_terms, low_rank=spec.low_rank or d.low_rank)
+        if spec.num_terms is None or spec.low_rank is None:
+            d = default_spec(info)
+            spec = spec.replace(num_terms=spec.num_terms or d.num_terms, low_rank=spec.low_rank or d.low_rank)
+        return spec if spec.init is not None else spec.replace(init=default_init)
     if spec.num_random_features is not None:
         return spec
     return spec.replace(num_random_features=default_spec(info).num_random_features)
@@ -400,12 +402,13 @@ def _resolved(fn):
     return fn
 
 
-def decide(policy, info: LayerInfo):
-    """(spec filled for the layer | None, reason | None) for ``policy`` (any spelling, or a resolved one)."""
+def decide(policy, info: LayerInfo, default_init: str = "sketch"):
+    """(spec filled for the layer | None, reason | None) for ``policy`` (any spelling, or a resolved one);
+    an ``init`` left ``None`` becomes ``default_init``."""
     spec, reason = resolve_policy(policy)(info)
     if spec is None:
         return None, reason
-    return spec_for_layer(info, spec), None
+    return spec_for_layer(info, spec, default_init), None
 
 
 def seed_for(spec: SketchSpec, name: str) -> Optional[int]:

@@ -117,7 +117,7 @@ def test_bad_dict_entries(table, exc):
 def test_overrides_consulted_first():
     d = with_overrides(lambda info: SKETCH_A, {"head": "skip", "conv*": SKETCH_B})
     assert decide(d, linear_info("head", 64, 64))[0] is None
-    assert decide(d, linear_info("body", 64, 64))[0] == SKETCH_A
+    assert decide(d, linear_info("body", 64, 64))[0] == SKETCH_A.replace(init="sketch")
     assert decide(d, conv_info("conv1", 8, 8))[0] == SKETCH_B
 
 
@@ -127,6 +127,16 @@ def test_decide_fills_missing_fields():
     assert (spec.num_terms, spec.low_rank, spec.init) == (1, default_spec(info).low_rank, "svd")
     spec, _ = decide({"*": SketchSpec(kernel_fn="relu")}, attn_info("a", 64))
     assert spec.num_random_features == 4 * 16 and spec.kernel_fn == "relu"
+
+
+def test_init_left_none_follows_the_caller():
+    # convert trains its layers (the library's random init); the compile backend only serves inference (SVD)
+    info = linear_info("fc", 128, 128)
+    assert decide({"fc": SketchSpec(low_rank=4)}, info)[0].init == "sketch"
+    assert decide({"fc": SketchSpec(low_rank=4)}, info, default_init="svd")[0].init == "svd"
+    assert decide({"fc": SketchSpec(low_rank=4, init="sketch")}, info, default_init="svd")[0].init == "sketch"
+    with pytest.raises(ValueError, match="init"):
+        SketchSpec(init="random")
 
 
 def test_default_policy_threshold():
