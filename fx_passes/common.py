@@ -28,13 +28,14 @@ from panther.report import ReportRow
 __all__ = ["PassContext", "Candidate", "FactorCache", "factor_cache", "concrete", "shape_of"]
 
 _ACCESS = re.compile(r"""\._(?:modules|parameters|buffers)\[['"]([^'"]+)['"]\]|\.(\w+)|\[(\d+)\]""")
-_ROOT = re.compile(r"""^(?:[LG]\[['"][^'"]+['"]\]|[A-Za-z_]\w*)""")
+# a module passed through a wrapper's ``*args`` (Hugging Face's forward decorators) is ``L['args'][0]``
+_ROOT = re.compile(r"""^(?:[LG]\[['"]args['"]\]\[\d+\]|[LG]\[['"][^'"]+['"]\]|[A-Za-z_]\w*)""")
 
 
 def source_to_fqn(source_name: str) -> Optional[str]:
     """``L['self']._modules['blocks']._modules['0']._parameters['weight']`` -> ``blocks.0.weight``.
 
-    The root local (``L['self']``, ``L['fn']``, ``G['model']``...) is dropped; attribute and index
+    The root local (``L['self']``, ``L['fn']``, ``G['model']``, ``L['args'][0]``...) is dropped; attribute and index
     spellings (``L['self'].blocks[0].weight``) are understood too. ``None`` if nothing is left.
     """
     m = _ROOT.match(source_name)

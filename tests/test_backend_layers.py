@@ -199,6 +199,32 @@ def test_sdpa_rewrite_also_in_training(sdpa_model):
     sdpa_model.zero_grad()
 
 
+def test_hf_llama_layers_are_named_as_in_the_model():
+    """Hugging Face's forward decorators pass the model through ``*args`` (Dynamo's ``L['args'][0]``): the
+    report still names each layer by its path in the model, so exact-name policy entries match and the
+    compiled model equals the one ``panther.convert`` makes with the same policy."""
+    tf = pytest.importorskip("transformers")
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = tf.LlamaForCausalLM(cfg).eval()
+    policy = {"model.layers.0.mlp.up_proj": SketchSpec(num_terms=1, low_rank=4, init="svd"), "lm_head": "skip"}
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    compiled, reports = compile_panther(model, policy=policy)
+    with torch.no_grad():
+        y = compiled(ids).logits
+    names = dict(model.named_modules())
+    linears = {r.name: r for r in reports[0].rows if r.kind == "linear"}
+    assert set(linears) == {n for n, m in names.items() if isinstance(m, nn.Linear)}
+    assert [n for n, r in linears.items() if r.replaced] == ["model.layers.0.mlp.up_proj"]
+    assert linears["lm_head"].reason == "policy: 'skip' (entry 'lm_head')"
+    converted, _ = panther.convert(copy.deepcopy(model), policy)
+    with torch.no_grad():
+        torch.testing.assert_close(y, converted(ids).logits, rtol=1e-4, atol=1e-5)
+        assert rel(y, model(ids).logits) > 1e-4
+
+
 # ---------------------------------------------------------------------------------------------------- MHA
 
 
