@@ -6,12 +6,12 @@ Pattern (Dynamo torch IR; ``F.scaled_dot_product_attention`` is this builtin):
 
 Replacement:
     torch.ops.panther.rf_attention(q, k, v, P, kernel_fn, is_causal, scale, None)
-with ``P`` an (m, d) orthogonal random-feature matrix registered as a gm buffer. Nothing is derived from
+(under ``enable_gqa``, k and v are first repeated to the query heads, as SDPA does) with ``P`` an (m, d) orthogonal random-feature matrix registered as a gm buffer. Nothing is derived from
 weights, so the rewrite is valid with grad enabled too (gradients flow to q, k, v as usual). The draw is
 cached per layer, so recompiles keep the same features.
 
 Left alone: an explicit ``attn_mask`` (random features cannot apply an arbitrary additive mask),
-``dropout_p > 0``, grouped-query attention, non-4-D inputs, causal with different query/key lengths.
+``dropout_p > 0``, non-4-D inputs, causal with different query/key lengths.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops, seed_for
 
-from .common import Candidate, PassContext, common_prefix, generator_for, shape_of, spec_key
+from .common import Candidate, PassContext, common_prefix, generator_for, shape_of, spec_key, trace_into
 
 KIND = "attention"
 OP_AFTER = "panther.rf_attention"
@@ -79,16 +79,16 @@ def match(node, ctx: PassContext):
                      grad_enabled=ctx.grad_enabled, op="scaled_dot_product_attention", extra=extra)
     cand = Candidate(node, info, "scaled_dot_product_attention", needs_weights=False,
                      data={"q": q, "k": k, "v": v, "causal": causal, "scale": scale, "base_name": base_name,
-                           "owner": _owner(ctx, projections)})
+                           "owner": _owner(ctx, projections), "groups": 1})
     if not ok4:
         cand.unsupported = "query/key/value are not 4-D (B, H, L, d)"
     elif attn_mask is not None:
         cand.unsupported = "explicit attn_mask: random-feature attention supports only causal / key padding masks"
     elif not (isinstance(dropout_p, (int, float)) and dropout_p == 0):
         cand.unsupported = f"dropout_p={dropout_p!r}: random-feature attention has no attention dropout"
-    elif enable_gqa is not False and qs[1] != ks[1]:
-        cand.unsupported = "grouped-query attention (enable_gqa) is not supported"
-    elif qs[1] != ks[1] or ks[:3] != vs[:3] or qs[0] != ks[0]:
+    elif enable_gqa not in (False, True):
+        cand.unsupported = "enable_gqa is not a constant"
+    elif (qs[1] % ks[1] if enable_gqa else qs[1] != ks[1]) or ks[:3] != vs[:3] or qs[0] != ks[0]:
         cand.unsupported = "query/key/value batch or head counts differ"
     elif not isinstance(is_causal, bool):
         cand.unsupported = "is_causal is not a constant"
@@ -96,6 +96,8 @@ def match(node, ctx: PassContext):
         cand.unsupported = "causal attention with different query and key lengths"
     elif not hasattr(torch.ops.panther, "rf_attention"):
         cand.unsupported = "panther::rf_attention is not available in this build"
+    elif enable_gqa:
+        cand.data["groups"] = qs[1] // ks[1]
     return cand
 
 
@@ -127,12 +129,16 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     info = cand.info
     P = projection_for(ctx, d["owner"], d["base_name"], spec, info.extra["head_dim"], info.dtype, info.device)
     p_node = ctx.add_constant(f"{d['base_name']}_rf_projection", P, node)
-    with ctx.graph.inserting_before(node):
-        new = ctx.graph.call_function(
-            torch.ops.panther.rf_attention.default,
-            (d["q"], d["k"], d["v"], p_node, spec.kernel_fn, d["causal"], d["scale"], None),
-        )
+    new = trace_into(ctx.graph, node, rf_sdpa, d["q"], d["k"], d["v"], p_node, spec.kernel_fn, d["causal"],
+                     d["scale"], d["groups"])[-1]
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     ctx.graph.erase_node(node)
     return OP_AFTER, None
+
+
+def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int):
+    """SDPA's meaning in random features; ``groups`` query heads share each key/value head (``enable_gqa``)."""
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    return torch.ops.panther.rf_attention(q, k, v, P, kernel_fn, causal, scale, None)

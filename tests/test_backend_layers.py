@@ -199,13 +199,34 @@ def test_sdpa_rewrite_also_in_training(sdpa_model):
     sdpa_model.zero_grad()
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_grouped_query_sdpa_is_rewritten(causal):
+    """``enable_gqa=True``: each key/value head serves consecutive query heads, as in SDPA."""
+    class GQA(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 10, 8, generator=g) for h in (6, 2, 2))
+    spec = SketchSpec(num_random_features=16, seed=1)
+    compiled, reports = compile_panther(GQA(), policy={"attention": spec})
+    with torch.no_grad():
+        y = compiled(q, k, v)
+    (row,) = reports[0].rows
+    assert row.replaced and row.op_after == "panther.rf_attention"
+    P = orthogonal_random_features(16, 8, generator=torch.Generator().manual_seed(seed_for(spec, row.name)))
+    ref = torch.ops.panther.rf_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), P, "softmax",
+                                         causal, None, None)
+    torch.testing.assert_close(y, ref)
+
+
 def test_hf_llama_layers_are_named_as_in_the_model():
     """Hugging Face's forward decorators pass the model through ``*args`` (Dynamo's ``L['args'][0]``): the
     report still names each layer by its path in the model, so exact-name policy entries match and the
     compiled model equals the one ``panther.convert`` makes with the same policy."""
     tf = pytest.importorskip("transformers")
     cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = tf.LlamaForCausalLM(cfg).eval()
