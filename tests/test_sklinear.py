@@ -1,4 +1,5 @@
 """panther.nn.SKLinear: the seed API, its fixed bugs, validation and reproducibility."""
+import contextlib
 import math
 import warnings
 
@@ -199,9 +200,13 @@ def test_forward_errors():
 @pytest.mark.parametrize("cls", [SKLinear, SKLinear_triton])
 def test_forward_names_a_dtype_mismatch(cls):
     layer = cls(10, 6, 1, 2, seed=0)
-    for bad in (torch.randn(3, 10, dtype=torch.float64), torch.ones(3, 10, dtype=torch.long)):
-        with pytest.raises(TypeError, match=rf"{cls.__name__}: input has dtype {bad.dtype} .*torch.float32"):
-            layer(bad)
+    with pytest.raises(TypeError, match=rf"{cls.__name__}: input has dtype torch.float64 .*torch.float32"):
+        layer(torch.randn(3, 10, dtype=torch.float64))
+    # an integer input is never a dtype the layer could be cast to, also under autocast
+    for ctx in (contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16)):
+        with ctx, pytest.raises(TypeError, match=rf"{cls.__name__}: input must be a floating-point tensor, "
+                                                 r"got dtype torch.int64; cast it \(x.to\(torch.float32\)\)"):
+            layer(torch.ones(3, 10, dtype=torch.long))
     with pytest.raises(TypeError, match="torch.Tensor"):
         layer([0.0] * 10)
     # autocast regions cast inputs themselves: a bf16 input reaches the fp32 layer there

@@ -52,6 +52,9 @@ def input_matches(layer, name, x, param):
     if x.device != param.device:
         raise ValueError(f"{layer}: {name} is on device {x.device} but the layer's parameters are on device "
                          f"{param.device}; move one to the other")
+    if not x.is_floating_point():  # checked first: autocast leaves integer inputs alone
+        raise TypeError(f"{layer}: {name} must be a floating-point tensor, got dtype {x.dtype}; "
+                        f"cast it (x.to({param.dtype}))")
     if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"{layer}: {name} has dtype {x.dtype} but the layer's parameters are {param.dtype}; "
                         f"cast the input (x.to({param.dtype})) or the layer (layer.to({x.dtype}))")
