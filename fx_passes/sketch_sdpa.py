@@ -10,8 +10,10 @@ Replacement:
 weights, so the rewrite is valid with grad enabled too (gradients flow to q, k, v as usual). The draw is
 cached per layer, so recompiles keep the same features.
 
-Left alone: an explicit ``attn_mask`` (random features cannot apply an arbitrary additive mask),
-``dropout_p > 0``, non-4-D inputs, causal with different query/key lengths.
+A boolean ``attn_mask`` that is key padding and/or the causal triangle (as Hugging Face models build
+theirs; see ``sdpa_mask``) becomes rf_attention's ``key_padding_mask`` and ``causal``. Left alone: other
+masks (random features cannot apply an arbitrary one), ``dropout_p > 0``, non-4-D inputs, causal with
+different query/key lengths.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops, seed_for
 
 from .common import Candidate, PassContext, common_prefix, generator_for, shape_of, spec_key, trace_into
+from .sdpa_mask import key_padding_mask, padding_and_causal
 
 KIND = "attention"
 OP_AFTER = "panther.rf_attention"
@@ -67,23 +70,28 @@ def match(node, ctx: PassContext):
     qs, ks, vs = shapes["query"], shapes["key"], shapes["value"]
     ok4 = all(s is not None and len(s) == 4 for s in (qs, ks, vs))
     causal = is_causal is True
-    extra = {"head_dim": qs[-1] if qs else 1, "projections": proj_names, "causal": causal}
+    # a boolean mask that is key padding and/or the causal triangle: (padding nodes, causal), else a reason
+    masking = padding_and_causal(attn_mask, qv, k.meta.get("example_value")) if ok4 and attn_mask is not None \
+        else ([], causal)
+    extra = {"head_dim": qs[-1] if qs else 1, "projections": proj_names,
+             "causal": masking[1] if isinstance(masking, tuple) else causal}
     flops = None
     if ok4:
         B, H, Lq, d = qs
         Lk, dv = ks[2], vs[3]
         extra.update(batch_heads=B * H, num_heads=H, len_q=Lq, len_k=Lk, head_dim=d, head_dim_v=dv)
-        flops = dense_attention_flops(B * H, Lq, Lk, d, dv, causal)
+        flops = dense_attention_flops(B * H, Lq, Lk, d, dv, causal)  # what SDPA computes: masked, it skips nothing
     info = LayerInfo(name=name, kind=KIND, shapes=shapes, dtype=getattr(qv, "dtype", None),
                      device=getattr(qv, "device", None), params=0, flops=flops, has_bias=False,
                      grad_enabled=ctx.grad_enabled, op="scaled_dot_product_attention", extra=extra)
     cand = Candidate(node, info, "scaled_dot_product_attention", needs_weights=False,
-                     data={"q": q, "k": k, "v": v, "causal": causal, "scale": scale, "base_name": base_name,
-                           "owner": _owner(ctx, projections), "groups": 1})
+                     data={"q": q, "k": k, "v": v, "causal": extra["causal"], "scale": scale,
+                           "base_name": base_name, "owner": _owner(ctx, projections), "groups": 1,
+                           "padding": masking[0] if isinstance(masking, tuple) else []})
     if not ok4:
         cand.unsupported = "query/key/value are not 4-D (B, H, L, d)"
-    elif attn_mask is not None:
-        cand.unsupported = "explicit attn_mask: random-feature attention supports only causal / key padding masks"
+    elif isinstance(masking, str):
+        cand.unsupported = masking
     elif not (isinstance(dropout_p, (int, float)) and dropout_p == 0):
         cand.unsupported = f"dropout_p={dropout_p!r}: random-feature attention has no attention dropout"
     elif enable_gqa not in (False, True):
@@ -92,7 +100,7 @@ def match(node, ctx: PassContext):
         cand.unsupported = "query/key/value batch or head counts differ"
     elif not isinstance(is_causal, bool):
         cand.unsupported = "is_causal is not a constant"
-    elif causal and qs[2] != ks[2]:
+    elif extra["causal"] and qs[2] != ks[2]:
         cand.unsupported = "causal attention with different query and key lengths"
     elif not hasattr(torch.ops.panther, "rf_attention"):
         cand.unsupported = "panther::rf_attention is not available in this build"
@@ -130,15 +138,17 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     P = projection_for(ctx, d["owner"], d["base_name"], spec, info.extra["head_dim"], info.dtype, info.device)
     p_node = ctx.add_constant(f"{d['base_name']}_rf_projection", P, node)
     new = trace_into(ctx.graph, node, rf_sdpa, d["q"], d["k"], d["v"], p_node, spec.kernel_fn, d["causal"],
-                     d["scale"], d["groups"])[-1]
+                     d["scale"], d["groups"], info.shapes["query"][0], info.extra["len_k"], *d["padding"])[-1]
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     ctx.graph.erase_node(node)
     return OP_AFTER, None
 
 
-def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int):
-    """SDPA's meaning in random features; ``groups`` query heads share each key/value head (``enable_gqa``)."""
+def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int, batch: int, keys: int, *padding):
+    """SDPA's meaning in random features: ``groups`` query heads share each key/value head (``enable_gqa``);
+    ``padding`` are the mask's key padding factors (True = attend; see ``sdpa_mask``)."""
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
-    return torch.ops.panther.rf_attention(q, k, v, P, kernel_fn, causal, scale, None)
+    kpm = key_padding_mask(list(padding), batch, keys) if padding else None
+    return torch.ops.panther.rf_attention(q, k, v, P, kernel_fn, causal, scale, kpm)

@@ -220,6 +220,77 @@ def test_grouped_query_sdpa_is_rewritten(causal):
     torch.testing.assert_close(y, ref)
 
 
+class MaskedSDPA(nn.Module):
+    """SDPA under a boolean mask built in the model as Hugging Face builds it: the keys a sequence keeps,
+    AND a pattern of the query and key indices."""
+
+    def __init__(self, pattern):
+        super().__init__()
+        self.pattern = pattern
+
+    def forward(self, q, k, v, keep):
+        L = q.shape[2]
+        qi, ki = torch.arange(L)[None, None, :, None], torch.arange(L)[None, None, None, :]
+        index = {"none": qi >= 0, "causal": ki <= qi, "window": (ki <= qi) & (qi - ki < 3)}[self.pattern]
+        mask = (keep[:, None, None, :] & index).expand(q.shape[0], 1, L, L)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.fixture(scope="module")
+def masked_inputs():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=g) for _ in range(3))
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[1, 6:] = False  # the second sequence is padded
+    return q, k, v, keep
+
+
+@pytest.mark.parametrize("pattern", ["none", "causal"])
+def test_padding_and_causal_masks_become_rf_attention_arguments(pattern, masked_inputs):
+    q, k, v, keep = masked_inputs
+    spec = SketchSpec(num_random_features=16, seed=1)
+    compiled, reports = compile_panther(MaskedSDPA(pattern), policy={"attention": spec})
+    with torch.no_grad():
+        y = compiled(q, k, v, keep)
+    (row,) = reports[0].rows
+    assert row.replaced, row.reason
+    P = orthogonal_random_features(16, 8, generator=torch.Generator().manual_seed(seed_for(spec, row.name)))
+    ref = torch.ops.panther.rf_attention(q, k, v, P, "softmax", pattern == "causal", None, ~keep)
+    torch.testing.assert_close(y, ref)
+    # the mask mattered: without it the padded sequence's output differs
+    no_mask = torch.ops.panther.rf_attention(q, k, v, P, "softmax", pattern == "causal", None, None)
+    assert rel(y[1], no_mask[1]) > 1e-2
+
+
+def test_masks_random_features_cannot_apply_are_left_alone(masked_inputs):
+    q, k, v, keep = masked_inputs
+    policy = {"attention": SketchSpec(num_random_features=16)}
+    cases = [
+        (MaskedSDPA("window"), (q, k, v, keep), "neither causal nor key padding"),
+        # a per-query mask that is an input, and an additive float mask
+        (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+         (q, k, v, torch.rand(2, 1, 9, 9, generator=torch.Generator().manual_seed(1)) > 0.3), "varies per query"),
+        (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), (q, k, v, torch.zeros(2, 1, 9, 9)),
+         "not boolean"),
+    ]
+    for fn, args, reason in cases:
+        compiled, reports = compile_panther(fn, policy=policy)
+        with torch.no_grad():
+            y = compiled(*args)
+        (row,) = reports[0].rows
+        assert not row.replaced and reason in row.reason, row.reason
+        torch.testing.assert_close(y, fn(*args))
+    # under dynamic shapes the index pattern is only known at the traced length
+    torch._dynamo.reset()
+    reports = []
+    compiled = torch.compile(MaskedSDPA("causal"), backend=panther_backend, dynamic=True,
+                             options={**FAST, "report": reports.append, "policy": policy})
+    with torch.no_grad():
+        compiled(q, k, v, keep)
+    (row,) = reports[0].rows
+    assert not row.replaced and "dynamic shapes" in row.reason, row.reason
+
+
 def test_hf_llama_layers_are_named_as_in_the_model():
     """Hugging Face's forward decorators pass the model through ``*args`` (Dynamo's ``L['args'][0]``): the
     report still names each layer by its path in the model, so exact-name policy entries match and the
@@ -244,6 +315,41 @@ def test_hf_llama_layers_are_named_as_in_the_model():
     with torch.no_grad():
         torch.testing.assert_close(y, converted(ids).logits, rtol=1e-4, atol=1e-5)
         assert rel(y, model(ids).logits) > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_hf_padded_batches_get_random_feature_attention(arch):
+    """A padded batch (``attention_mask`` with zeros): Hugging Face's SDPA mask is read as key padding (and
+    causality for Llama), so attention is rewritten, and the padded tokens do not reach the others."""
+    tf = pytest.importorskip("transformers")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        if arch == "bert":
+            model = tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                               intermediate_size=64, vocab_size=64, max_position_embeddings=32))
+        else:
+            model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=1, num_attention_heads=4,
+                                                       num_key_value_heads=2, max_position_embeddings=32))
+    model.eval()
+    out = (lambda o: o.last_hidden_state) if arch == "bert" else (lambda o: o.logits)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    pad = slice(8, None) if arch == "bert" else slice(0, 4)  # a decoder's batch is padded on the left
+    valid = slice(0, 8) if arch == "bert" else slice(4, None)
+    mask[1, pad] = 0
+    compiled, reports = compile_panther(model, policy={"attention": SketchSpec(num_random_features=512, seed=0)})
+    with torch.no_grad():
+        y = out(compiled(ids, attention_mask=mask))
+        other = ids.clone()
+        other[1, pad] = (other[1, pad] + 1) % 64
+        y_other = out(compiled(other, attention_mask=mask))
+        dense = out(model(ids, attention_mask=mask))
+    (row,) = [r for r in reports[0].rows if r.kind == "attention"]
+    assert row.replaced, row.reason
+    torch.testing.assert_close(y_other[1, valid], y[1, valid])
+    assert rel(y_other[1, pad], y[1, pad]) > 1e-3  # the changed tokens themselves did change
+    assert rel(y[1, valid], dense[1, valid]) < 0.02 and rel(y[0], dense[0]) < 0.02
 
 
 # ---------------------------------------------------------------------------------------------------- MHA

@@ -1,0 +1,137 @@
+"""Reading an SDPA ``attn_mask`` as what random-feature attention can apply: key padding, and causality.
+
+Hugging Face models build their boolean masks in the graph as an AND of factors, e.g. BERT's
+``padding[:, None, None, :] & (q_idx >= 0)`` and Llama's ``padding[:, None, None, :] & (kv_idx <= q_idx)``,
+expanded to ``(B, 1, Lq, Lk)``. A factor is
+
+* a **key padding** factor when it is ``(B, 1, 1, Lk)`` (any values: it masks keys per sequence), or
+* an **index** factor when its value reads no graph input, only sizes and index ranges: it is then
+  evaluated once, here, and must be all True (no mask) or the causal triangle.
+
+Anything else (an additive float mask, a sliding window, a factor that reads the inputs per query, sizes
+that are symbolic so the index factor could differ at another length) is left to exact attention.
+"""
+from __future__ import annotations
+
+import operator
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import fx
+
+
+_AND_FUNCTIONS = {operator.and_, torch.logical_and, torch.bitwise_and}
+_AND_METHODS = {"__and__", "logical_and", "bitwise_and"}
+# methods whose result does not depend on the values of ``self`` (only its size, dtype and device)
+_SIZE_ONLY_METHODS = {"new_ones", "new_zeros", "new_full", "new_empty", "size", "dim"}
+
+
+def _value(n):
+    return n.meta.get("example_value") if isinstance(n, fx.Node) else None
+
+
+def _is_bool(n) -> bool:
+    v = _value(n)
+    return isinstance(v, torch.Tensor) and v.dtype == torch.bool
+
+
+def _factors(n: fx.Node) -> List[fx.Node]:
+    """Boolean nodes whose broadcast AND is ``n``, looking through ANDs, ``expand`` and casts to bool."""
+    if n.op == "call_function" and n.target in _AND_FUNCTIONS or n.op == "call_method" and n.target in _AND_METHODS:
+        a, b = n.args[:2]
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node) and _is_bool(a) and _is_bool(b):
+            return _factors(a) + _factors(b)
+    if n.op == "call_method" and n.target in ("expand", "expand_as", "to", "bool", "contiguous") and _is_bool(n.args[0]):
+        return _factors(n.args[0])
+    return [n]
+
+
+def _reads_no_input(n: fx.Node, seen=None) -> bool:
+    """Whether ``n``'s value is fixed by the graph: no placeholder (input, parameter or symbolic size) or
+    module attribute reaches it, except as ``self`` of a method that reads only sizes (``new_ones``...)."""
+    seen = set() if seen is None else seen
+    if n in seen:
+        return True
+    seen.add(n)
+    if n.op in ("placeholder", "get_attr"):
+        return False
+    args = (n.args[1:], n.kwargs) if n.op == "call_method" and n.target in _SIZE_ONLY_METHODS else (n.args, n.kwargs)
+    inputs: List[fx.Node] = []
+    fx.node.map_arg(args, inputs.append)
+    return all(_reads_no_input(a, seen) for a in inputs)
+
+
+def _evaluate(node: fx.Node) -> Optional[torch.Tensor]:
+    """The value of a node that reads no input (see :func:`_reads_no_input`), computed now. The ``self``
+    of a size-only method that does read inputs is stood in for by an uninitialised tensor of its size,
+    dtype and device."""
+    env = {}
+
+    def visit(n: fx.Node):
+        if n in env:
+            return
+        size_only = n.op == "call_method" and n.target in _SIZE_ONLY_METHODS
+        rest = (n.args[1:], n.kwargs) if size_only else (n.args, n.kwargs)
+        fx.node.map_arg(rest, visit)
+        args, kwargs = fx.node.map_arg(rest, env.__getitem__)
+        if not size_only:
+            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs) if n.op == "call_method" else n.target(*args, **kwargs)
+            return
+        this = n.args[0]
+        if _reads_no_input(this):
+            visit(this)
+            this = env[this]
+        else:
+            v = _value(this)
+            this = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        env[n] = getattr(this, n.target)(*args, **kwargs)
+
+    try:
+        visit(node)
+    except Exception:  # noqa: BLE001 - anything this cannot compute is simply not an index factor
+        return None
+    out = env[node]
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor) -> Union[Tuple[List[fx.Node], bool], str]:
+    """``(padding factors, causal)`` when ``mask`` (SDPA's boolean ``attn_mask``, True = attend; ``q``, ``k``
+    the example values of the queries and keys) is a key padding mask, the causal mask, both, or neither
+    (an all-True mask); else the reason it is not. Each padding factor is a ``(B or 1, 1, 1, Lk)``
+    boolean node; their AND is the keys to keep."""
+    if not isinstance(mask, fx.Node) or not _is_bool(mask):
+        return "explicit attn_mask that is not boolean: random-feature attention supports only causal / key padding masks"
+    B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
+    pads, index = [], None
+    for f in _factors(mask):
+        v = _value(f)
+        if not isinstance(v, torch.Tensor) or v.dim() > 4:
+            return "explicit attn_mask of more than 4 dimensions"
+        shape = (1,) * (4 - v.dim()) + tuple(v.shape)
+        if not all(isinstance(s, int) for s in shape + (B, Lq, Lk)):
+            return "attn_mask under dynamic shapes: its causal / padding pattern cannot be checked for every length"
+        if _reads_no_input(f):
+            value = _evaluate(f)
+            if value is None or shape[:2] != (1, 1):
+                return "attn_mask built from indices that do not reduce to a causal / padding pattern"
+            value = value.reshape(shape[2:]).expand(Lq, Lk).cpu()
+            index = value if index is None else index & value
+        elif shape[1:3] == (1, 1) and shape[0] in (1, B) and shape[3] == Lk:
+            pads.append(f)
+        else:
+            return "explicit attn_mask that varies per query with the inputs: random-feature attention supports " \
+                   "only causal / key padding masks"
+    if index is None or bool(index.all()):
+        return pads, False
+    if Lq == Lk and torch.equal(index, torch.ones(Lq, Lk, dtype=torch.bool).tril()):
+        return pads, True
+    return "attn_mask is neither causal nor key padding (e.g. a sliding window or a prefix pattern)"
+
+
+def key_padding_mask(pads: List[fx.Node], batch: int, keys: int):
+    """rf_attention's ``key_padding_mask`` (True = ignore) from padding factors (True = keep); traced by
+    ``trace_into``, so ``pads`` are proxies there."""
+    keep = pads[0]
+    for p in pads[1:]:
+        keep = keep & p
+    return keep.reshape(-1, keys).expand(batch, keys).logical_not()
