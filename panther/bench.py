@@ -15,9 +15,11 @@ from tabulate import tabulate
 
 from .nn import SKConv2d, SKLinear
 from .ops.linear import concat_factors
+from .policy import SketchSpec
 
 __all__ = ["time_fn", "back_to_back_time_fn", "graph_time_fn", "bench_linear", "bench_conv2d", "bench_attention",
            "bench_transformer",
+           "bench_llama",
            "per_term_bmm", "sweep", "sweep_table", "plot_sweep", "write_markdown", "DEFAULT_SWEEPS"]
 
 
@@ -263,10 +265,6 @@ def bench_transformer(d_model=1024, heads=16, layers=4, seq=8192, batch=2, low_r
     against dense eager, and panther's graph diff report. The weights are random, whose flat spectrum
     compresses far worse than a trained model's: the error column is a worst case for these ranks.
     """
-    from .backend import panther_backend
-    from .policy import SketchSpec
-    from .report import last_report
-
     with _fixed_draws(device):
         layer = torch.nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, activation="gelu",
                                                  batch_first=True, norm_first=True, device=device, dtype=dtype)
@@ -274,12 +272,50 @@ def bench_transformer(d_model=1024, heads=16, layers=4, seq=8192, batch=2, low_r
         x = torch.randn(batch, seq, d_model, device=device, dtype=dtype)
     policy = None if default_policy else {"linear": SketchSpec(num_terms=1, low_rank=low_rank, init="svd"),
                                           "attention": SketchSpec(num_random_features=num_features, seed=0)}
+    return _dense_against_panther(model, lambda m: m(x), policy, compiler=compiler, device=device, repeats=repeats)
+
+
+@torch.no_grad()
+def bench_llama(hidden=2048, heads=16, kv_heads=4, layers=4, seq=8192, batch=2, low_rank=64, num_features=256,
+                vocab=32000, padding=0.25, *, device="cpu", dtype=torch.float32, repeats=20, compiler="inductor",
+                default_policy=False):
+    """Inference of a Hugging Face ``LlamaForCausalLM`` built from a config (random weights; needs
+    ``transformers``): grouped-query attention (``kv_heads`` key/value heads), SwiGLU feed-forward of
+    ``2.75·hidden``, on a batch whose last sequence is left-padded over a ``padding`` fraction of its
+    tokens (``attention_mask``), as a decoder's batch is. Timed as in :func:`bench_transformer`: dense eager
+    (the model's SDPA attention), dense compiled, and ``backend="panther"`` with the attention and MLP
+    projections at rank ``2·low_rank`` (``init="svd"``; ``lm_head`` stays dense) and random-feature attention
+    with ``num_features`` features. The error is over the logits of the tokens that are not padding.
+    """
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(2.75 * hidden),
+                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   max_position_embeddings=seq)
+    with _fixed_draws(device):
+        model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+        ids = torch.randint(0, vocab, (batch, seq), device=device)
+    mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+    mask[-1, :int(padding * seq)] = 0
+    policy = None if default_policy else {"*proj": SketchSpec(num_terms=1, low_rank=low_rank, init="svd"),
+                                          "attention": SketchSpec(num_random_features=num_features, seed=0)}
+    return _dense_against_panther(model, lambda m: m(ids, attention_mask=mask).logits[mask.bool()], policy,
+                                  compiler=compiler, device=device, repeats=repeats)
+
+
+def _dense_against_panther(model, call, policy, *, compiler, device, repeats):
+    """``call(model)`` timed dense eager, dense compiled and compiled with ``backend="panther"`` under
+    ``policy``, side by side, each with its output's relative error against dense eager; and panther's report."""
+    from .backend import panther_backend
+    from .report import last_report
+
     torch._dynamo.reset()
     dense_compiled = torch.compile(model, backend=compiler)
     ours = torch.compile(model, backend=panther_backend, options={"policy": policy, "compiler": compiler})
-    candidates = {"dense, eager": lambda: model(x), f"dense, torch.compile ({compiler})": lambda: dense_compiled(x),
-                  'backend="panther"': lambda: ours(x)}
-    reference = model(x).float()
+    candidates = {"dense, eager": lambda: call(model),
+                  f"dense, torch.compile ({compiler})": lambda: call(dense_compiled),
+                  'backend="panther"': lambda: call(ours)}
+    reference = call(model).float()
     errors = {name: ((fn().float() - reference).norm() / reference.norm()).item() for name, fn in candidates.items()}
     report = last_report()
     rows, headers = _timed_table(candidates, 'backend="panther"', repeats=repeats, device=device)
@@ -658,7 +694,7 @@ def main(argv=None):
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m panther bench", description=__doc__)
-    p.add_argument("what", choices=["linear", "conv2d", "attention", "causal-scaling", "transformer"])
+    p.add_argument("what", choices=["linear", "conv2d", "attention", "causal-scaling", "transformer", "llama"])
     p.add_argument("--seq", type=int, default=None, help="attention: sequence length")
     p.add_argument("--causal", action="store_true", help="attention: causal")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -667,11 +703,11 @@ def main(argv=None):
     p.add_argument("--out-features", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--num-terms", type=int, default=1)
-    p.add_argument("--low-rank", type=int, default=None, help="k (default 16; transformer: 64 on CUDA)")
+    p.add_argument("--low-rank", type=int, default=None, help="k (default 16; transformer, llama: 64 on CUDA)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 20; 5 with --plot)")
     p.add_argument("--backward", action="store_true", help="time forward+backward")
     p.add_argument("--default-policy", action="store_true",
-                   help="transformer: let panther's default policy choose ranks and features")
+                   help="transformer, llama: let panther's default policy choose ranks and features")
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="CPU: keep glibc's default of returning large freed blocks to the OS")
     p.add_argument("--plot", metavar="FILE", default=None,
@@ -691,7 +727,7 @@ def main(argv=None):
     if a.sizes is not None and a.plot is None:
         p.error("--sizes needs --plot FILE")
     if a.plot is not None:
-        if a.what in ("causal-scaling", "transformer"):
+        if a.what in ("causal-scaling", "transformer", "llama"):
             p.error("--plot supports linear, conv2d and attention")
         given = [f for f in ("seq", "in_features", "out_features") if getattr(a, f) is not None]
         if given or a.backward:
@@ -716,6 +752,13 @@ def main(argv=None):
         if a.default_policy:
             cfg = {k: v for k, v in cfg.items() if k not in ("low_rank", "num_features")} | {"default_policy": True}
         rows, headers, report = bench_transformer(**cfg, device=a.device, dtype=dtype, repeats=a.repeats)
+    elif a.what == "llama":
+        cfg = dict(hidden=2048 if cuda else 256, heads=16 if cuda else 4, kv_heads=4 if cuda else 2,
+                   layers=4 if cuda else 2, seq=a.seq or (8192 if cuda else 512), batch=a.batch or 2,
+                   low_rank=transformer_rank, num_features=256 if cuda else 64, vocab=32000 if cuda else 1000)
+        if a.default_policy:
+            cfg = {k: v for k, v in cfg.items() if k not in ("low_rank", "num_features")} | {"default_policy": True}
+        rows, headers, report = bench_llama(**cfg, device=a.device, dtype=dtype, repeats=a.repeats)
     elif a.what == "causal-scaling":
         cfg = dict(lengths=(1024, 4096), heads=8, head_dim=64, num_features=256)
         rows, headers = bench_causal_scaling(**cfg, device=a.device, dtype=dtype, repeats=min(a.repeats, 5))
@@ -732,7 +775,8 @@ def main(argv=None):
     else:
         rows, headers = bench_linear(**cfg, device=a.device, dtype=dtype, repeats=a.repeats, backward=a.backward)
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    kind = "nn.TransformerEncoder inference" if a.what == "transformer" else f"sketched {a.what}"
+    kind = {"transformer": "nn.TransformerEncoder inference",
+            "llama": "Hugging Face LlamaForCausalLM inference, last sequence left-padded by 25%"}.get(a.what, f"sketched {a.what}")
     title = (f"{kind} {'forward+backward' if a.backward else 'forward'}: "
              + ", ".join(f"{k}={v}" for k, v in cfg.items()) + f", {dtype}")
     print(f"{title}, {where}, torch {torch.__version__}")

@@ -216,6 +216,22 @@ def test_transformer_bench_rows_errors_and_report():
     assert [r.name for r in report.replaced] == ["layers.0.self_attn", "layers.0.linear1", "layers.0.linear2"]
 
 
+def test_llama_bench_rows_errors_and_report():
+    pytest.importorskip("transformers")
+    rng = torch.get_rng_state()
+    rows, headers, report = bench.bench_llama(hidden=32, heads=4, kv_heads=2, layers=1, seq=32, batch=2, low_rank=4,
+                                              num_features=16, vocab=64, repeats=1, compiler="aot_eager")
+    assert torch.equal(rng, torch.get_rng_state())
+    assert [r[0] for r in rows] == ["dense, eager", "dense, torch.compile (aot_eager)", 'backend="panther"']
+    errors = [float(r[-1]) for r in rows]
+    assert errors[0] == 0 and errors[1] < 1e-5 and 0.01 < errors[2] < 2
+    # every projection and the (grouped-query, padded) attention; lm_head stays dense
+    assert {r.name for r in report.replaced} == {f"model.layers.0.{p}" for p in (
+        "self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert report.row("lm_head").reason == "no policy entry matches this layer"
+
+
 def test_layer_benches_leave_the_global_rng_alone():
     rng = torch.get_rng_state()
     bench.bench_linear(64, 64, batch=8, low_rank=4, repeats=1)
@@ -238,3 +254,9 @@ def test_transformer_subcommand_wiring(monkeypatch, capsys):
     bench.main(["transformer", "--default-policy", "--repeats", "1", "--no-malloc-tuning"])
     assert seen["default_policy"] and "low_rank" not in seen and "num_features" not in seen
     assert "default_policy=True" in capsys.readouterr().out
+    monkeypatch.setattr(bench, "bench_llama", fake)
+    seen.clear()
+    bench.main(["llama", "--seq", "64", "--repeats", "1", "--no-malloc-tuning"])
+    assert seen["seq"] == 64 and seen["kv_heads"] == 2 and seen["low_rank"] == 16
+    assert "Hugging Face LlamaForCausalLM inference, last sequence left-padded by 25% forward: hidden=256" \
+        in capsys.readouterr().out
