@@ -233,18 +233,24 @@ def _halving_rank(d_in: int, d_out: int) -> int:
     return k - k % 8 if k >= 8 else k
 
 
+#: the default policy's largest random-feature count: what panther's fused GPU attention kernels hold
+#: (``inductor_ext.triton_attention.MAX_FEATURES``); above it a call falls back on the far slower ATen path
+#: (a 4-layer Llama with head_dim 128 took 60 ms at 4·128 = 512 features against 38 ms dense on an H200)
+DEFAULT_MAX_FEATURES = 256
+
+
 def default_spec(info: LayerInfo) -> SketchSpec:
     """The spec :func:`default_policy` would use for ``info`` (ignoring its FLOP threshold).
 
     linear / conv2d: one term, ``init="svd"``, and the largest rank that halves the FLOPs
     (``k = d_in*d_out / (4(d_in+d_out))`` with d_in = C_in*kh*kw for conv, down to a multiple of 8).
-    attention: ``num_random_features = 4 * head_dim``, softmax kernel.
+    attention: ``num_random_features = min(4 * head_dim, DEFAULT_MAX_FEATURES)``, softmax kernel.
     """
     if info.kind in ("linear", "conv2d"):
         d_in, d_out = _dims(info)
         return SketchSpec(num_terms=1, low_rank=max(1, _halving_rank(d_in, d_out)), init="svd")
     if info.kind == "attention":
-        return SketchSpec(num_random_features=4 * info.extra["head_dim"], kernel_fn="softmax")
+        return SketchSpec(num_random_features=min(4 * info.extra["head_dim"], DEFAULT_MAX_FEATURES), kernel_fn="softmax")
     raise ValueError(f"LayerInfo.kind must be one of {KINDS}, got {info.kind!r}")
 
 
@@ -264,7 +270,7 @@ def spec_for_layer(info: LayerInfo, spec: SketchSpec, default_init: str = "sketc
 def default_policy(info: LayerInfo) -> Optional[SketchSpec]:
     """Rewrite a layer only where the sketch at least halves its FLOPs per call.
 
-    Uses :func:`default_spec` (rank-k SVD for linear/conv2d, 4*head_dim random features for attention)
+    Uses :func:`default_spec` (rank-k SVD for linear/conv2d, 4*head_dim random features, at most 256, for attention)
     and accepts it iff ``2 * flops_after <= flops_before``. Linear and conv2d layers pass when that rank is
     at least ``MIN_DEFAULT_RANK`` = 8 (a 64x64 linear gets rank 8, a 32x32 one stays dense); attention
     passes only for sequences long enough that random features pay off (roughly len >= 4 *

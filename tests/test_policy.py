@@ -129,6 +129,17 @@ def test_decide_fills_missing_fields():
     assert spec.num_random_features == 4 * 16 and spec.kernel_fn == "relu"
 
 
+def test_default_features_stay_within_the_fused_kernels():
+    """4·head_dim features, capped where panther's fused GPU attention kernels stop (head_dim 128 would ask
+    for 512, which only the slow ATen path serves)."""
+    from panther.policy import DEFAULT_MAX_FEATURES
+
+    triton_attention = pytest.importorskip("inductor_ext.triton_attention")
+    assert DEFAULT_MAX_FEATURES == triton_attention.MAX_FEATURES
+    assert default_spec(attn_info("a", 64, d=32)).num_random_features == 128
+    assert default_spec(attn_info("a", 64, d=128)).num_random_features == DEFAULT_MAX_FEATURES
+
+
 def test_init_left_none_follows_the_caller():
     # convert trains its layers (the library's random init); the compile backend only serves inference (SVD)
     info = linear_info("fc", 128, 128)
