@@ -152,7 +152,8 @@ def test_cuda_filter_takes_the_fused_op():
     from panther.nn import srpe
     pe = sinSRPE(2, 16, 4, num_realizations=32, seed=0)
     assert srpe.triton_srpe.op is not None
-    q, k = torch.randn(2, 50, 2, 16), torch.randn(2, 40, 2, 16)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 50, 2, 16, generator=g), torch.randn(2, 40, 2, 16, generator=g)
     grads = []
     for module, dev in ((pe, "cpu"), (copy.deepcopy(pe).cuda(), "cuda")):
         qd, kd = q.to(dev).detach().requires_grad_(), k.to(dev).detach().requires_grad_()
@@ -161,7 +162,8 @@ def test_cuda_filter_takes_the_fused_op():
         grads.append([t.detach().cpu() for t in (qh, kh, qd.grad, kd.grad, module.freqs.grad,
                                                  module.phases.grad, module.scales.grad)])
     for cpu, gpu in zip(*grads):
-        torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+        # the sines' gradients sum n·sin(θn) terms over positions: fp32 rounding scales with the largest
+        torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-5 * max(1.0, cpu.abs().max().item()))
 
 
 @cuda_only
