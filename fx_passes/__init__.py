@@ -28,7 +28,7 @@ from panther._progress import progress
 from panther.policy import Policy, decide, resolve_policy, sketched_cost
 from panther.report import GraphDiffReport, ReportRow
 
-from . import expand_encoder_layer, sketch_conv2d, sketch_linear, sketch_mha, sketch_sdpa
+from . import attention_sample, expand_encoder_layer, sketch_conv2d, sketch_linear, sketch_mha, sketch_sdpa
 from .common import FactorCache, PassContext, factor_cache
 from .graph_view import graph_view, mark_layers
 
@@ -58,6 +58,11 @@ def run_passes(
     grad_enabled = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
     expansions = expand_encoder_layer.expand(gm)  # fused nn.TransformerEncoderLayer calls -> their ops
     ctx = PassContext(gm, example_inputs, grad_enabled=grad_enabled, cache=cache or factor_cache)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if ctx.real and len(ctx.real) == len(placeholders):
+        ctx.attention_samples = attention_sample.sample_attention(
+            gm, [ctx.real[p] for p in placeholders], [n for n in gm.graph.nodes if sketch_sdpa.is_sdpa(n)],
+            sketch_sdpa.sample_args)
     policy_fn = resolve_policy(policy)
     view = graph_view(gm, lambda n: ctx.weight(n)[1])  # before any rewrite: the graph the report describes
     changed = False

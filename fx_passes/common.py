@@ -276,6 +276,8 @@ class PassContext:
         self._registered: Dict[int, Tuple[torch.Tensor, str]] = {}
         self._autocast: Optional[Dict[fx.Node, Tuple[Tuple[str, Any, bool], ...]]] = None
         self._module_paths: Optional[Dict[str, str]] = None
+        # SDPA node -> a sample of its inputs on the real example (fx_passes.attention_sample), if taken
+        self.attention_samples: Dict[fx.Node, Any] = {}
 
     # -- weights and names --------------------------------------------------------------------------
     def weight(self, node) -> Tuple[Optional[torch.Tensor], Optional[str], Optional[str]]:

@@ -22,6 +22,7 @@ import torch
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops, seed_for
 
 from .common import Candidate, PassContext, common_prefix, generator_for, shape_of, spec_key, trace_into
+from .attention_sample import sample_error
 from .sdpa_mask import key_padding_mask, padding_and_causal
 
 KIND = "attention"
@@ -48,14 +49,30 @@ def is_projection(n) -> bool:
     return sk is not None and n.target is sk.default
 
 
-def match(node, ctx: PassContext):
-    if node.op != "call_function" or node.target is not _SDPA:
-        return None
-    vals = list(node.args) + list(_DEFAULTS[len(node.args):])
+def is_sdpa(node) -> bool:
+    return node.op == "call_function" and node.target is _SDPA
+
+
+def sdpa_args(args, kwargs) -> tuple:
+    """SDPA's ``(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)`` from a call's
+    positional and keyword arguments (nodes, or their values)."""
+    vals = list(args) + list(_DEFAULTS[len(args):])
     for i, k in enumerate(_ARGS):
-        if k in node.kwargs:
-            vals[i] = node.kwargs[k]
-    q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa = vals
+        if k in kwargs:
+            vals[i] = kwargs[k]
+    return tuple(vals)
+
+
+def sample_args(node, args, kwargs) -> tuple:
+    """``(q, k, v, attn_mask, is_causal, scale, enable_gqa)`` of an SDPA call's values, for ``attention_sample``."""
+    q, k, v, attn_mask, _, is_causal, scale, enable_gqa = sdpa_args(args, kwargs)
+    return q, k, v, attn_mask, is_causal, scale, enable_gqa
+
+
+def match(node, ctx: PassContext):
+    if not is_sdpa(node):
+        return None
+    q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa = sdpa_args(node.args, node.kwargs)
     shapes = {r: shape_of(t.meta.get("example_value")) if isinstance(t, torch.fx.Node) else None
               for r, t in (("query", q), ("key", k), ("value", v))}
     qv = q.meta.get("example_value") if isinstance(q, torch.fx.Node) else None
@@ -75,6 +92,11 @@ def match(node, ctx: PassContext):
         else ([], causal)
     extra = {"head_dim": qs[-1] if qs else 1, "projections": proj_names,
              "causal": masking[1] if isinstance(masking, tuple) else causal}
+    sample = ctx.attention_samples.get(node)
+    if sample is not None and isinstance(masking, tuple):
+        # what the policy may weigh: the error random features would make here (fixed draw, global RNG untouched)
+        extra["output_error"] = lambda m, kernel_fn="softmax": sample_error(
+            sample, draw_projection(m, qs[-1], generator=torch.Generator().manual_seed(0)), kernel_fn, extra["causal"])
     flops = None
     if ok4:
         B, H, Lq, d = qs
@@ -86,7 +108,7 @@ def match(node, ctx: PassContext):
                      grad_enabled=ctx.grad_enabled, op="scaled_dot_product_attention", extra=extra)
     cand = Candidate(node, info, "scaled_dot_product_attention", needs_weights=False,
                      data={"q": q, "k": k, "v": v, "causal": extra["causal"], "scale": scale,
-                           "base_name": base_name, "owner": _owner(ctx, projections), "groups": 1,
+                           "base_name": base_name, "owner": _owner(ctx, projections), "groups": 1, "sample": sample,
                            "padding": masking[0] if isinstance(masking, tuple) else []})
     if not ok4:
         cand.unsupported = "query/key/value are not 4-D (B, H, L, d)"
@@ -142,7 +164,8 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     ctx.graph.erase_node(node)
-    return OP_AFTER, None
+    err = None if d["sample"] is None else sample_error(d["sample"], P, spec.kernel_fn, d["causal"])
+    return OP_AFTER, err
 
 
 def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int, batch: int, keys: int, *padding):

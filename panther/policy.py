@@ -68,7 +68,10 @@ class LayerInfo:
     FLOPs (2 per MAC) of one call at the traced shapes, or ``None`` when no input shape is known
     (``panther.convert`` without ``example_inputs``). ``extra`` holds kind-specific facts, e.g.
     ``in_features``/``out_features``, ``kernel_size``/``stride``/``groups``, ``num_heads``/``head_dim``/
-    ``causal``.
+    ``causal``. For an SDPA call the compile backend could run on its example input, ``output_error(m,
+    kernel_fn="softmax")`` is the relative error random-feature attention with ``m`` features makes on a
+    sample of that input (the default policy leaves attention exact above
+    :data:`DEFAULT_MAX_ATTENTION_ERROR`).
 
     ``name`` is the module path (``"blocks.0.mlp.fc1"``; a module called again appears in compile reports
     as ``name#1``), ``kind`` one of :data:`KINDS`, ``dtype``/``device`` those of the weight, ``has_bias``
@@ -237,6 +240,9 @@ def _halving_rank(d_in: int, d_out: int) -> int:
 #: (``inductor_ext.triton_attention.MAX_FEATURES``); above it a call falls back on the far slower ATen path
 #: (a 4-layer Llama with head_dim 128 took 60 ms at 4·128 = 512 features against 38 ms dense on an H200)
 DEFAULT_MAX_FEATURES = 256
+#: the default policy leaves attention exact where random features, measured on a sample of the example
+#: input (``LayerInfo.extra["output_error"]``), miss its output by more than this (relative)
+DEFAULT_MAX_ATTENTION_ERROR = 0.25
 
 
 def default_spec(info: LayerInfo) -> SketchSpec:
@@ -304,6 +310,11 @@ def _default_decide(info: LayerInfo):
     _, after = sketched_cost(info, spec)
     if after is None or 2 * after > info.flops:
         return None, f"default policy: would not halve the FLOPs ({_human(info.flops)} -> {_human(after)})"
+    if info.kind == "attention" and "output_error" in info.extra:
+        err = info.extra["output_error"](spec.num_random_features, spec.kernel_fn)
+        if err > DEFAULT_MAX_ATTENTION_ERROR:
+            return None, (f"default policy: random features are inaccurate here (output err {err:.2g} > "
+                          f"{DEFAULT_MAX_ATTENTION_ERROR} on the example input: query/key norms too large)")
     return spec, None
 
 

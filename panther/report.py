@@ -24,7 +24,9 @@ class ReportRow:
     broken weight tie). ``params_*`` count tensor elements the layer needs
     (weights, factors, fixed sketches, bias, random features); ``flops_*`` are FLOPs of one call at the
     traced shapes (``None`` when unknown). ``est_error`` is the relative Frobenius error of the sketched
-    weight ‖W − Ŵ‖/‖W‖ where it is cheap to know (linear / conv2d), else ``None``.
+    weight ‖W − Ŵ‖/‖W‖ where it is cheap to know (linear / conv2d), and for attention that of its output
+    on a sample of the example input (compile reports, where the graph could be run; shown in the note),
+    else ``None``.
     """
 
     name: str
@@ -63,6 +65,10 @@ def _sum(values):
     if any(v is None for v in vals):
         return None
     return sum(vals)
+
+
+def _output_error(row) -> str:
+    return f"output err {row.est_error:.3g} on the example" if row.kind == "attention" and row.est_error is not None else ""
 
 
 @dataclass
@@ -132,8 +138,8 @@ class GraphDiffReport:
                     r.op_after if r.replaced else "(unchanged)",
                     f"{_fmt_int(r.params_before)} -> {_fmt_int(r.params_after)}",
                     f"{_fmt_int(r.flops_before)} -> {_fmt_int(r.flops_after)}",
-                    "-" if r.est_error is None else f"{r.est_error:.3g}",
-                    "; ".join(filter(None, (_spec_str(r.spec), r.reason))) if r.replaced else r.reason,
+                    "-" if r.est_error is None or r.kind == "attention" else f"{r.est_error:.3g}",
+                    "; ".join(filter(None, (_spec_str(r.spec), _output_error(r), r.reason))) if r.replaced else r.reason,
                 )
             )
         t = self.totals

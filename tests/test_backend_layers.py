@@ -291,6 +291,68 @@ def test_masks_random_features_cannot_apply_are_left_alone(masked_inputs):
     assert not row.replaced and "dynamic shapes" in row.reason, row.reason
 
 
+class ScaledSDPA(nn.Module):
+    """Causal SDPA whose queries and keys are ``gain`` times the inputs: the gain sets their norms."""
+
+    def __init__(self, gain):
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(self.gain * q, self.gain * k, v, is_causal=True)
+
+
+def test_attention_error_is_measured_on_the_example_and_guards_the_default_policy():
+    """Random features are accurate for small query/key norms and useless for large ones. The backend runs
+    the graph once on the example input and measures the error on a sample: the report shows it, and the
+    default policy keeps attention exact where it is too large. The global RNG is left as it was."""
+    from fx_passes.attention_sample import SAMPLE_QUERIES
+    from panther.policy import DEFAULT_MAX_ATTENTION_ERROR
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 512, 8, generator=g) for _ in range(3))
+    spec = SketchSpec(num_random_features=32, seed=2)
+    errors = {}
+    for gain in (0.3, 3.0):
+        rng = torch.get_rng_state()
+        compiled, reports = compile_panther(ScaledSDPA(gain), policy={"attention": spec})
+        with torch.no_grad():
+            compiled(q, k, v)
+        assert torch.equal(rng, torch.get_rng_state())
+        (row,) = reports[0].rows
+        assert row.replaced and f"output err {row.est_error:.3g} on the example" in str(reports[0])
+        # the same number from its definition: the first sequence, heads 0 and H/2, the last queries
+        P = orthogonal_random_features(32, 8, generator=torch.Generator().manual_seed(seed_for(spec, row.name)))
+        qs, ks, vs = gain * q[:1, [0, 2]], gain * k[:1, [0, 2]], v[:1, [0, 2]]
+        approx = torch.ops.panther.rf_attention(qs, ks, vs, P, "softmax", True, None, None)[:, :, -SAMPLE_QUERIES:]
+        exact = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[:, :, -SAMPLE_QUERIES:]
+        assert row.est_error == pytest.approx(rel(approx, exact), rel=1e-4)
+        errors[gain] = row.est_error
+        compiled, reports = compile_panther(ScaledSDPA(gain), policy=None)
+        with torch.no_grad():
+            compiled(q, k, v)
+        (row,) = reports[0].rows
+        assert row.replaced == (gain == 0.3), row.reason
+    assert errors[0.3] < DEFAULT_MAX_ATTENTION_ERROR < errors[3.0]
+    assert "random features are inaccurate here" in row.reason
+
+
+def test_graphs_that_mutate_their_inputs_are_not_run_to_measure():
+    class Accumulate(nn.Module):
+        def forward(self, q, k, v, total):
+            total.add_(1)
+            return F.scaled_dot_product_attention(q, k, v)
+
+    q = k = v = torch.randn(1, 2, 64, 8)
+    total = torch.zeros(())
+    compiled, reports = compile_panther(Accumulate(), policy={"attention": SketchSpec(num_random_features=16)})
+    with torch.no_grad():
+        compiled(q, k, v, total)
+    assert total.item() == 1  # once, by the call itself
+    (row,) = reports[0].rows
+    assert row.replaced and row.est_error is None
+
+
 def test_hf_llama_layers_are_named_as_in_the_model():
     """Hugging Face's forward decorators pass the model through ``*args`` (Dynamo's ``L['args'][0]``): the
     report still names each layer by its path in the model, so exact-name policy entries match and the
