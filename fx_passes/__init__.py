@@ -60,9 +60,8 @@ def run_passes(
     ctx = PassContext(gm, example_inputs, grad_enabled=grad_enabled, cache=cache or factor_cache)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if ctx.real and len(ctx.real) == len(placeholders):
-        ctx.attention_samples = attention_sample.sample_attention(
-            gm, [ctx.real[p] for p in placeholders], [n for n in gm.graph.nodes if sketch_sdpa.is_sdpa(n)],
-            sketch_sdpa.sample_args)
+        args_of = {n: p.sample_args for n in gm.graph.nodes for p in (sketch_sdpa, sketch_mha) if p.is_attention(n)}
+        ctx.attention_samples = attention_sample.sample_attention(gm, [ctx.real[p] for p in placeholders], args_of)
     policy_fn = resolve_policy(policy)
     view = graph_view(gm, lambda n: ctx.weight(n)[1])  # before any rewrite: the graph the report describes
     changed = False

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,17 +25,40 @@ SAMPLE_QUERIES = 256
 SAMPLE_HEADS = 2
 
 
-def _mutates(gm: fx.GraphModule) -> bool:
-    """Whether running ``gm`` changes anything outside it (an in-place op or item assignment)."""
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in (operator.setitem, operator.iadd, operator.isub, operator.imul,
-                                                     operator.itruediv, operator.iand, operator.ior):
+# ops whose result may share memory with their first argument
+_VIEWS = {"view", "reshape", "transpose", "permute", "t", "expand", "select", "narrow", "unsqueeze", "squeeze",
+          "flatten", "unflatten", "as_strided", "detach", "contiguous", "view_as", "expand_as", "unbind", "split",
+          "chunk", "getitem", "__getitem__", "to", "type_as", "float", "half", "bfloat16"}
+
+
+def _name(n: fx.Node) -> str:
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "") if n.op == "call_function" else ""
+    return name if isinstance(name, str) else ""
+
+
+def _state_behind(n) -> bool:
+    """Whether ``n`` is a graph input or module state, or may be a view of one."""
+    while isinstance(n, fx.Node):
+        if n.op in ("placeholder", "get_attr"):
             return True
-        if n.op == "call_function" and getattr(n.target, "__module__", None) == "_operator":
-            continue  # operator.and_ and the like are not in place
-        # torch's in-place spellings end in one underscore: x.add_(...), torch.relu_(...), aten.copy_
-        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "") if n.op == "call_function" else ""
-        if isinstance(name, str) and name.endswith("_") and not name.endswith("__"):
+        if _name(n) not in _VIEWS or not n.args:
+            return False
+        n = n.args[0]
+    return False
+
+
+def _mutates(gm: fx.GraphModule) -> bool:
+    """Whether running ``gm`` changes anything outside it: an in-place op (``x.add_(...)``, ``x[i] = ...``,
+    ``x += ...``) on a graph input or module state, or on what may be a view of one. In-place ops on the
+    graph's own temporaries (nn.MultiheadAttention's ``masked_fill_`` of a fresh mask) are harmless."""
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method") or not n.args:
+            continue
+        name = _name(n)
+        in_place = n.target in (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                                operator.iand, operator.ior) or (
+            getattr(n.target, "__module__", None) != "_operator" and name.endswith("_") and not name.endswith("__"))
+        if in_place and _state_behind(n.args[0]):
             return True
     return False
 
@@ -56,21 +79,21 @@ def _sample(q, k, v, attn_mask, is_causal, scale, enable_gqa) -> Dict:
             "mask": mask, "scale": scale}
 
 
-def sample_attention(gm: fx.GraphModule, real_inputs: Optional[list], nodes: Iterable[fx.Node],
-                     args_of) -> Dict[fx.Node, Dict]:
-    """One run of ``gm`` on ``real_inputs``; for each of ``nodes`` (SDPA calls), the sample of its inputs.
-    ``args_of(node, args, kwargs)`` gives ``(q, k, v, attn_mask, is_causal, scale, enable_gqa)`` from the
-    node's evaluated arguments. Empty when the graph cannot be run safely (or fails to)."""
-    wanted = set(nodes)
-    if not wanted or real_inputs is None or _mutates(gm):
+def sample_attention(gm: fx.GraphModule, real_inputs: Optional[list], args_of: Dict[fx.Node, Callable]
+                     ) -> Dict[fx.Node, Dict]:
+    """One run of ``gm`` on ``real_inputs``; for each attention call in ``args_of``, the sample of its
+    inputs. ``args_of[node](args, kwargs)`` gives ``(q, k, v, attn_mask, is_causal, scale, enable_gqa)`` in
+    SDPA's terms (``(B, H, L, d)``, a boolean mask) from the node's evaluated arguments. Empty when the
+    graph cannot be run safely (or fails to)."""
+    if not args_of or real_inputs is None or _mutates(gm):
         return {}
     samples: Dict[fx.Node, Dict] = {}
 
     class Sampler(fx.Interpreter):
         def run_node(self, n):
-            if n in wanted:
+            if n in args_of:
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
-                samples[n] = _sample(*args_of(n, args, kwargs))
+                samples[n] = _sample(*args_of[n](args, kwargs))
             return super().run_node(n)
 
     devices = sorted({t.device.index or 0 for t in real_inputs if isinstance(t, torch.Tensor) and t.is_cuda})
@@ -81,6 +104,18 @@ def sample_attention(gm: fx.GraphModule, real_inputs: Optional[list], nodes: Ite
         log.debug("panther: could not run the graph to sample attention inputs: %s", e)
         return {}
     return samples
+
+
+def error_of_features(sample: Dict, head_dim: int, causal: bool) -> Callable[..., float]:
+    """``LayerInfo.extra["output_error"]``: ``(m, kernel_fn) -> sample_error`` with ``m`` features of a
+    fixed draw (a local generator: the global RNG is not touched)."""
+    from panther.sketch import orthogonal_random_features
+
+    def output_error(m: int, kernel_fn: str = "softmax") -> float:
+        P = orthogonal_random_features(m, head_dim, generator=torch.Generator().manual_seed(0))
+        return sample_error(sample, P, kernel_fn, causal)
+
+    return output_error
 
 
 def sample_error(sample: Dict, projection: torch.Tensor, kernel_fn: str, causal: bool) -> float:

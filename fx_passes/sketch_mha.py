@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
+from .attention_sample import error_of_features, sample_error
 from .common import Candidate, PassContext, shape_of, trace_into
 from .sketch_sdpa import projection_for
 
@@ -47,21 +48,28 @@ def rf_multi_head_attention(query, key, value, num_heads, in_proj_weight, in_pro
                             q_proj_weight=None, k_proj_weight=None, v_proj_weight=None):
     """Multi-head attention with random-feature attention per head; inputs and output in (L, B, E)."""
     E = query.shape[-1]
+    q, k, v = _project_heads(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight,
+                             k_proj_weight, v_proj_weight)
+    o = torch.ops.panther.rf_attention(q, k, v, projection, kernel_fn, causal, None, key_padding_mask)
+    o = o.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], E)
+    return F.linear(o, out_proj_weight, out_proj_bias)
+
+
+def _project_heads(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight=None,
+                   k_proj_weight=None, v_proj_weight=None):
+    """MHA's q, k, v projections of (L, B, E) inputs, split into heads: (B, H, L, d) each."""
     if q_proj_weight is None:
         q_proj_weight, k_proj_weight, v_proj_weight = in_proj_weight.chunk(3)
     bq = bk = bv = None
     if in_proj_bias is not None:
         bq, bk, bv = in_proj_bias.chunk(3)
-    d = E // num_heads
+    d = query.shape[-1] // num_heads
 
     def heads(t, w, b):  # (L, B, E) -> (B, H, L, d)
         t = F.linear(t, w, b)
         return t.reshape(t.shape[0], t.shape[1], num_heads, d).permute(1, 2, 0, 3)
 
-    q, k, v = heads(query, q_proj_weight, bq), heads(key, k_proj_weight, bk), heads(value, v_proj_weight, bv)
-    o = torch.ops.panther.rf_attention(q, k, v, projection, kernel_fn, causal, None, key_padding_mask)
-    o = o.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], E)
-    return F.linear(o, out_proj_weight, out_proj_bias)
+    return heads(query, q_proj_weight, bq), heads(key, k_proj_weight, bk), heads(value, v_proj_weight, bv)
 
 
 def _is_bool(n) -> bool:
@@ -87,12 +95,37 @@ def bool_key_padding_mask(kpm):
     return None
 
 
-def match(node, ctx: PassContext):
-    if node.op != "call_function" or node.target is not F.multi_head_attention_forward:
-        return None
+def is_attention(node) -> bool:
+    return node.op == "call_function" and node.target is F.multi_head_attention_forward
+
+
+def _arguments(args, kwargs) -> dict:
     a = dict(_DEFAULTS)
-    a.update(zip(_ARGS, node.args))
-    a.update(node.kwargs)
+    a.update(zip(_ARGS, args))
+    a.update(kwargs)
+    return a
+
+
+def sample_args(args, kwargs) -> tuple:
+    """The call's values in SDPA's terms, ``(q, k, v, attn_mask, is_causal, scale, enable_gqa)``, for
+    ``attention_sample``: the heads projected, the key padding and causality as one boolean mask."""
+    a = _arguments(args, kwargs)
+    q, k, v = _project_heads(a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"],
+                             a["in_proj_bias"], *((a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"])
+                                                  if a["use_separate_proj_weight"] else (None,) * 3))
+    keep = torch.ones(q.shape[0], 1, 1, k.shape[2], dtype=torch.bool, device=q.device)
+    kpm = a["key_padding_mask"]
+    if kpm is not None:  # bool, or the additive form nn.MultiheadAttention makes of one (-inf = ignore)
+        keep = keep & ~(kpm if kpm.dtype == torch.bool else kpm == float("-inf"))[:, None, None, :]
+    if a["is_causal"]:
+        keep = keep & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    return q, k, v, keep, False, None, False
+
+
+def match(node, ctx: PassContext):
+    if not is_attention(node):
+        return None
+    a = _arguments(node.args, node.kwargs)
     q, k, v = a["query"], a["key"], a["value"]
     H = a["num_heads"]
     qs, ks, vs = (shape_of(t.meta.get("example_value")) if isinstance(t, torch.fx.Node) else None for t in (q, k, v))
@@ -125,7 +158,11 @@ def match(node, ctx: PassContext):
                      dtype=getattr(qv, "dtype", None), device=getattr(qv, "device", None), params=params,
                      flops=flops, has_bias=a["in_proj_bias"] is not None, grad_enabled=ctx.grad_enabled,
                      op=OP_BEFORE, extra=extra)
-    cand = Candidate(node, info, OP_BEFORE, needs_weights=False, data={"a": a, "base_name": base_name, "owner": W})
+    sample = ctx.attention_samples.get(node)
+    if sample is not None:  # what the policy may weigh
+        extra["output_error"] = error_of_features(sample, extra["head_dim"], extra["causal"])
+    cand = Candidate(node, info, OP_BEFORE, needs_weights=False,
+                     data={"a": a, "base_name": base_name, "owner": W, "sample": sample})
     kpm = a["key_padding_mask"]
     kpm_bool = bool_key_padding_mask(kpm)
     cand.data["kpm"] = kpm_bool
@@ -167,4 +204,5 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
         user.replace_all_uses_with(new)
         ctx.graph.erase_node(user)
     ctx.graph.erase_node(node)
-    return OP_AFTER, None
+    sample = cand.data["sample"]
+    return OP_AFTER, None if sample is None else sample_error(sample, P, spec.kernel_fn, bool(a["is_causal"]))

@@ -22,7 +22,7 @@ import torch
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops, seed_for
 
 from .common import Candidate, PassContext, common_prefix, generator_for, shape_of, spec_key, trace_into
-from .attention_sample import sample_error
+from .attention_sample import error_of_features, sample_error
 from .sdpa_mask import key_padding_mask, padding_and_causal
 
 KIND = "attention"
@@ -49,7 +49,7 @@ def is_projection(n) -> bool:
     return sk is not None and n.target is sk.default
 
 
-def is_sdpa(node) -> bool:
+def is_attention(node) -> bool:
     return node.op == "call_function" and node.target is _SDPA
 
 
@@ -63,14 +63,14 @@ def sdpa_args(args, kwargs) -> tuple:
     return tuple(vals)
 
 
-def sample_args(node, args, kwargs) -> tuple:
+def sample_args(args, kwargs) -> tuple:
     """``(q, k, v, attn_mask, is_causal, scale, enable_gqa)`` of an SDPA call's values, for ``attention_sample``."""
     q, k, v, attn_mask, _, is_causal, scale, enable_gqa = sdpa_args(args, kwargs)
     return q, k, v, attn_mask, is_causal, scale, enable_gqa
 
 
 def match(node, ctx: PassContext):
-    if not is_sdpa(node):
+    if not is_attention(node):
         return None
     q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa = sdpa_args(node.args, node.kwargs)
     shapes = {r: shape_of(t.meta.get("example_value")) if isinstance(t, torch.fx.Node) else None
@@ -93,10 +93,8 @@ def match(node, ctx: PassContext):
     extra = {"head_dim": qs[-1] if qs else 1, "projections": proj_names,
              "causal": masking[1] if isinstance(masking, tuple) else causal}
     sample = ctx.attention_samples.get(node)
-    if sample is not None and isinstance(masking, tuple):
-        # what the policy may weigh: the error random features would make here (fixed draw, global RNG untouched)
-        extra["output_error"] = lambda m, kernel_fn="softmax": sample_error(
-            sample, draw_projection(m, qs[-1], generator=torch.Generator().manual_seed(0)), kernel_fn, extra["causal"])
+    if sample is not None and isinstance(masking, tuple):  # what the policy may weigh
+        extra["output_error"] = error_of_features(sample, qs[-1], extra["causal"])
     flops = None
     if ok4:
         B, H, Lq, d = qs

@@ -437,11 +437,20 @@ def test_mha_compile_equals_convert(batch_first):
     compiled, reports = compile_panther(model, policy={"attention": spec})
     x = torch.randn(2, 10, 32) if batch_first else torch.randn(10, 2, 32)
     pad = torch.zeros(2, 10, dtype=torch.bool)
-    pad[1, 7:] = True
+    pad[0, 9:] = pad[1, 7:] = True
     with torch.no_grad():
         y = compiled(x, pad)
     rep = reports[0]
     r = rep.row("mha")
+    # the output error measured on the example: the first sequence, heads 0 and 2, its padding applied
+    x0 = (x[:1] if batch_first else x[:, :1]).reshape(10, 32)
+    q, k, v = (F.linear(x0, w, b).view(10, 4, 8).transpose(0, 1)[None, [0, 2]] for w, b in
+               zip(model.mha.in_proj_weight.chunk(3), model.mha.in_proj_bias.chunk(3)))
+    P = orthogonal_random_features(16, 8, generator=torch.Generator().manual_seed(seed_for(spec, "mha")))
+    with torch.no_grad():
+        approx = torch.ops.panther.rf_attention(q, k, v, P, "softmax", False, None, pad[:1])
+        exact = F.scaled_dot_product_attention(q, k, v, attn_mask=~pad[:1, None, None, :])
+    assert r.est_error == pytest.approx(rel(approx, exact), rel=1e-4)
     assert r.replaced and (r.op_before, r.op_after) == ("F.multi_head_attention_forward", "panther.rf_attention")
     E, B, L, H, d, m = 32, 2, 10, 4, 8, 16
     proj = 2 * B * 4 * L * E * E
