@@ -313,7 +313,7 @@ def _default_decide(info: LayerInfo):
     if info.kind == "attention" and "output_error" in info.extra:
         err = info.extra["output_error"](spec.num_random_features, spec.kernel_fn)
         if err > DEFAULT_MAX_ATTENTION_ERROR:
-            return None, (f"default policy: random features are inaccurate here (output err {err:.2g} > "
+            return None, (f"default policy: random features are inaccurate here (output err {err:.3g} > "
                           f"{DEFAULT_MAX_ATTENTION_ERROR} on the example input: query/key norms too large)")
     return spec, None
 
