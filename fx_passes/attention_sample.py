@@ -7,7 +7,8 @@ above 1 at m = 2048). Whether a layer is in the good regime is a property of its
 backend measures it: before rewriting, it runs the graph once on the real example inputs (no grad, the
 RNG state restored after) and keeps, for each SDPA call, a small sample (the first sequence, two heads,
 in fp32). :func:`sample_error` then compares random-feature attention with exact attention on the sample's
-last ``SAMPLE_QUERIES`` queries, which see the most keys. Graphs that mutate their inputs are not run.
+last ``SAMPLE_QUERIES`` queries, which see the most keys. Graphs that mutate their inputs or call
+collectives are not run.
 """
 from __future__ import annotations
 
@@ -63,6 +64,15 @@ def _mutates(gm: fx.GraphModule) -> bool:
     return False
 
 
+def _communicates(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` calls collectives (FSDP's all-gathers, say): a run that not every rank makes would hang."""
+    for n in gm.graph.nodes:
+        where = f"{getattr(n.target, '__module__', '')}.{getattr(n.target, '__name__', n.target)}"
+        if n.op == "call_function" and ("c10d" in where or "torch.distributed" in where):
+            return True
+    return False
+
+
 def _sample(q, k, v, attn_mask, is_causal, scale, enable_gqa) -> Dict:
     H, Hk, Lq = q.shape[1], k.shape[1], q.shape[2]
     heads = sorted({0, H // 2})[:SAMPLE_HEADS]
@@ -85,7 +95,7 @@ def sample_attention(gm: fx.GraphModule, real_inputs: Optional[list], args_of: D
     inputs. ``args_of[node](args, kwargs)`` gives ``(q, k, v, attn_mask, is_causal, scale, enable_gqa)`` in
     SDPA's terms (``(B, H, L, d)``, a boolean mask) from the node's evaluated arguments. Empty when the
     graph cannot be run safely (or fails to)."""
-    if not args_of or real_inputs is None or _mutates(gm):
+    if not args_of or real_inputs is None or _mutates(gm) or _communicates(gm):
         return {}
     samples: Dict[fx.Node, Dict] = {}
 

@@ -353,6 +353,21 @@ def test_graphs_that_mutate_their_inputs_are_not_run_to_measure():
     assert row.replaced and row.est_error is None
 
 
+def test_graphs_with_collectives_are_not_run_to_measure():
+    """A run that not every rank makes would hang on FSDP's all-gathers (built by hand: no process group)."""
+    from fx_passes.attention_sample import _communicates
+
+    def graph(gather):
+        g = torch.fx.Graph()
+        x = g.placeholder("x")
+        if gather:
+            x = g.call_function(torch.ops._c10d_functional.all_gather_into_tensor.default, (x, 2, "0"))
+        g.output(g.call_function(F.scaled_dot_product_attention, (x, x, x)))
+        return torch.fx.GraphModule({}, g)
+
+    assert _communicates(graph(True)) and not _communicates(graph(False))
+
+
 def test_hf_llama_layers_are_named_as_in_the_model():
     """Hugging Face's forward decorators pass the model through ``*args`` (Dynamo's ``L['args'][0]``): the
     report still names each layer by its path in the model, so exact-name policy entries match and the
