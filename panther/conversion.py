@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .policy import LayerInfo, Policy, SketchSpec, decide, dense_attention_flops, resolve_policy, seed_for, \
-    sketched_cost, with_overrides
+    sketched_cost, unmatched_entries, with_overrides
 from .nn import RandMultiHeadAttention as _RandMHA
 from .nn import SKConv2d, SKLinear
 from .sketch import relative_error
@@ -427,6 +427,12 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
     if isinstance(model, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)):
         raise TypeError("convert() swaps submodules in place; wrap a bare layer in a container (e.g. nn.Sequential)")
     cands = _candidates(model)
+    for table in (policy, overrides):
+        unmatched = unmatched_entries(table, [(name, kind) for name, _, kind in cands]) if isinstance(table, Mapping) else []
+        if unmatched and cands:
+            warnings.warn(f"panther.convert: policy entries that match no layer: {unmatched}; entries match a "
+                          f"layer's module path (e.g. {cands[0][0]!r}) or kind ('linear', 'conv2d', 'attention')",
+                          stacklevel=2)
     aliases, holders = _aliases(model), _parameter_holders(model)
     recorded = _record_shapes(model, cands, example_inputs) if example_inputs is not None else {}
     for name, m, _ in cands:  # the recording forward above initialises lazy layers

@@ -31,7 +31,7 @@ import dataclasses
 import fnmatch
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, List, Mapping, Optional, Tuple, Union
 
 __all__ = [
     "LayerInfo",
@@ -361,6 +361,13 @@ def _dict_policy(table: Mapping[str, Union[SketchSpec, str]]):
         return value, None
 
     return decide
+
+
+def unmatched_entries(table: Mapping[str, Any], layers) -> List[str]:
+    """The keys of a dict policy that match none of ``layers`` (``(name, kind)`` pairs) by the rules of
+    :func:`resolve_policy`: most likely a typo, which would otherwise leave layers silently dense."""
+    return [k for k in table
+            if not any(k == name or fnmatch.fnmatchcase(name, k) or fnmatch.fnmatchcase(kind, k) for name, kind in layers)]
 
 
 def resolve_policy(policy: Policy):

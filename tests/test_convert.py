@@ -1,6 +1,7 @@
 """panther.convert: the eager module swap (training path), its report, training under torch.compile,
 torch.export and state_dict round trips."""
 import copy
+import re
 import subprocess
 import sys
 import warnings
@@ -54,6 +55,16 @@ def test_convert_swaps_only_what_the_policy_asks():
     assert r.params_after == sum(t.numel() for t in list(model.fc1.parameters()) + list(model.fc1.buffers()))
     assert r.flops_before == 2 * 5 * 24 * 32 and r.flops_after == 4 * 5 * 2 * 3 * (24 + 32)
     assert report.row("out").reason == "no policy entry matches this layer"
+
+
+def test_convert_warns_about_policy_entries_that_match_no_layer():
+    with pytest.warns(UserWarning, match=re.escape("policy entries that match no layer: ['fc_*', 'drop']")):
+        _, report = panther.convert(fresh(), {"fc_*": SketchSpec(low_rank=2), "linear": "skip", "drop": "skip"},
+                                    overrides={"out": "skip"})
+    assert not report.replaced
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every entry matches: by path, glob or kind
+        panther.convert(fresh(), {"fc1": SketchSpec(low_rank=2), "fc*": "skip", "linear": "skip"})
 
 
 def test_convert_seeded_spec_is_reproducible_and_per_layer():
