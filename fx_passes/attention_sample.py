@@ -135,8 +135,9 @@ def sample_error(sample: Dict, projection: torch.Tensor, kernel_fn: str, causal:
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     kpm = None if mask is None else ~mask[:, 0].any(dim=-2)  # keys no sampled query sees: padding
-    approx = torch.ops.panther.rf_attention(q, k, v, projection.to(q), kernel_fn, causal, sample["scale"], kpm)
-    exact = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=mask, scale=sample["scale"])
+    with torch.autocast(q.device.type, enabled=False):  # the backend may run under the caller's autocast
+        approx = torch.ops.panther.rf_attention(q, k, v, projection.to(q), kernel_fn, causal, sample["scale"], kpm)
+        exact = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=mask, scale=sample["scale"])
     seen = slice(None) if mask is None else mask.any(-1)
     approx, exact = approx[:, :, rows][seen], exact[seen]
     return ((approx - exact).norm() / exact.norm().clamp_min(1e-30)).item()
