@@ -13,8 +13,8 @@ One pass per file, each with its pattern and its replacement side by side:
 applies the accepted rewrites and returns a :class:`panther.report.GraphDiffReport` with one row per
 candidate node, including the reason for every node left alone.
 
-Layering: this package imports ``panther.ops``, ``panther.policy``, ``panther.report`` and
-``panther.sketch`` only (graphs, never modules).
+Layering: this package imports ``panther.ops``, ``panther.policy``, ``panther.report``,
+``panther.sketch`` and ``panther.attention_error`` only (graphs, never modules).
 """
 from __future__ import annotations
 

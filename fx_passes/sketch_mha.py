@@ -24,9 +24,9 @@ import operator
 import torch
 import torch.nn.functional as F
 
+from panther.attention_error import error_of_features, mha_heads, mha_sample, sample_error
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
-from .attention_sample import error_of_features, sample_error
 from .common import Candidate, PassContext, shape_of, trace_into
 from .sketch_sdpa import projection_for
 
@@ -48,28 +48,11 @@ def rf_multi_head_attention(query, key, value, num_heads, in_proj_weight, in_pro
                             q_proj_weight=None, k_proj_weight=None, v_proj_weight=None):
     """Multi-head attention with random-feature attention per head; inputs and output in (L, B, E)."""
     E = query.shape[-1]
-    q, k, v = _project_heads(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight,
-                             k_proj_weight, v_proj_weight)
+    q, k, v = mha_heads(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight,
+                        k_proj_weight, v_proj_weight)
     o = torch.ops.panther.rf_attention(q, k, v, projection, kernel_fn, causal, None, key_padding_mask)
     o = o.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], E)
     return F.linear(o, out_proj_weight, out_proj_bias)
-
-
-def _project_heads(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight=None,
-                   k_proj_weight=None, v_proj_weight=None):
-    """MHA's q, k, v projections of (L, B, E) inputs, split into heads: (B, H, L, d) each."""
-    if q_proj_weight is None:
-        q_proj_weight, k_proj_weight, v_proj_weight = in_proj_weight.chunk(3)
-    bq = bk = bv = None
-    if in_proj_bias is not None:
-        bq, bk, bv = in_proj_bias.chunk(3)
-    d = query.shape[-1] // num_heads
-
-    def heads(t, w, b):  # (L, B, E) -> (B, H, L, d)
-        t = F.linear(t, w, b)
-        return t.reshape(t.shape[0], t.shape[1], num_heads, d).permute(1, 2, 0, 3)
-
-    return heads(query, q_proj_weight, bq), heads(key, k_proj_weight, bk), heads(value, v_proj_weight, bv)
 
 
 def _is_bool(n) -> bool:
@@ -106,20 +89,12 @@ def _arguments(args, kwargs) -> dict:
     return a
 
 
-def sample_args(args, kwargs) -> tuple:
-    """The call's values in SDPA's terms, ``(q, k, v, attn_mask, is_causal, scale, enable_gqa)``, for
-    ``attention_sample``: the heads projected, the key padding and causality as one boolean mask."""
+def sample_args(args, kwargs) -> dict:
+    """The ``panther.attention_error`` sample of an MHA call, from its argument values."""
     a = _arguments(args, kwargs)
-    q, k, v = _project_heads(a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"],
-                             a["in_proj_bias"], *((a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"])
-                                                  if a["use_separate_proj_weight"] else (None,) * 3))
-    keep = torch.ones(q.shape[0], 1, 1, k.shape[2], dtype=torch.bool, device=q.device)
-    kpm = a["key_padding_mask"]
-    if kpm is not None:  # bool, or the additive form nn.MultiheadAttention makes of one (-inf = ignore)
-        keep = keep & ~(kpm if kpm.dtype == torch.bool else kpm == float("-inf"))[:, None, None, :]
-    if a["is_causal"]:
-        keep = keep & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-    return q, k, v, keep, False, None, False
+    separate = (a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"]) if a["use_separate_proj_weight"] else ()
+    return mha_sample(a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"], a["in_proj_bias"],
+                      *separate, key_padding_mask=a["key_padding_mask"], is_causal=bool(a["is_causal"]))
 
 
 def match(node, ctx: PassContext):

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from panther.attention_error import error_of_features, sample, sample_error
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops, seed_for
 
 from .common import Candidate, PassContext, common_prefix, generator_for, shape_of, spec_key, trace_into
-from .attention_sample import error_of_features, sample_error
 from .sdpa_mask import key_padding_mask, padding_and_causal
 
 KIND = "attention"
@@ -63,10 +63,10 @@ def sdpa_args(args, kwargs) -> tuple:
     return tuple(vals)
 
 
-def sample_args(args, kwargs) -> tuple:
-    """``(q, k, v, attn_mask, is_causal, scale, enable_gqa)`` of an SDPA call's values, for ``attention_sample``."""
+def sample_args(args, kwargs) -> dict:
+    """The ``panther.attention_error`` sample of an SDPA call, from its argument values."""
     q, k, v, attn_mask, _, is_causal, scale, enable_gqa = sdpa_args(args, kwargs)
-    return q, k, v, attn_mask, is_causal, scale, enable_gqa
+    return sample(q, k, v, attn_mask, is_causal, scale, enable_gqa)
 
 
 def match(node, ctx: PassContext):

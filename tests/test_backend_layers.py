@@ -306,7 +306,7 @@ def test_attention_error_is_measured_on_the_example_and_guards_the_default_polic
     """Random features are accurate for small query/key norms and useless for large ones. The backend runs
     the graph once on the example input and measures the error on a sample: the report shows it, and the
     default policy keeps attention exact where it is too large. The global RNG is left as it was."""
-    from fx_passes.attention_sample import SAMPLE_QUERIES
+    from panther.attention_error import SAMPLE_QUERIES
     from panther.policy import DEFAULT_MAX_ATTENTION_ERROR
 
     g = torch.Generator().manual_seed(0)

@@ -1,0 +1,97 @@
+"""How far random features are from exact attention on a sample of real activations.
+
+Positive random features approximate ``exp(q·k/√d)`` with a variance that grows like ``exp(‖q + k‖²/√d)``
+(FAVOR+; ``../shared/notes``): with small query/key norms the error falls as ``m^-1/2``, with large ones
+no feature count helps (a randomly initialised Llama with head_dim 128 got a relative output error above 1
+at m = 2048). Whether a layer is in the good regime depends on its activations, so the compile backend
+(``fx_passes.attention_sample``) and ``panther.convert`` (with ``example_inputs``) take a :func:`sample` of
+each attention call's inputs on the example (the first sequence, two heads, fp32) and
+:func:`sample_error` compares random-feature with exact attention on its last ``SAMPLE_QUERIES``
+queries, which see the most keys.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+SAMPLE_QUERIES = 256
+SAMPLE_HEADS = 2
+
+
+def sample(q, k, v, attn_mask, is_causal, scale, enable_gqa) -> Dict:
+    """The part of an attention call's inputs (SDPA's terms: ``(B, H, L, d)``, a boolean ``attn_mask`` with
+    True = attend) that :func:`sample_error` reads."""
+    H, Hk, Lq = q.shape[1], k.shape[1], q.shape[2]
+    heads = sorted({0, H // 2})[:SAMPLE_HEADS]
+    groups = H // Hk if enable_gqa else 1
+    kv_heads = [h // groups for h in heads]
+    rows = torch.arange(max(0, Lq - SAMPLE_QUERIES), Lq, device=q.device)
+    if isinstance(attn_mask, torch.Tensor):
+        mask = attn_mask.expand(q.shape[0], H, Lq, k.shape[2])[:1, heads][:, :, rows]
+    elif is_causal:
+        mask = (torch.arange(k.shape[2], device=q.device) <= rows[:, None]).expand(1, len(heads), -1, -1)
+    else:
+        mask = None
+    return {"q": q[:1, heads].float(), "k": k[:1, kv_heads].float(), "v": v[:1, kv_heads].float(), "rows": rows,
+            "mask": mask, "scale": scale}
+
+
+def error_of_features(sample: Dict, head_dim: int, causal: bool) -> Callable[..., float]:
+    """``LayerInfo.extra["output_error"]``: ``(m, kernel_fn) -> sample_error`` with ``m`` features of a
+    fixed draw (a local generator: the global RNG is not touched)."""
+    from panther.sketch import orthogonal_random_features
+
+    def output_error(m: int, kernel_fn: str = "softmax") -> float:
+        P = orthogonal_random_features(m, head_dim, generator=torch.Generator().manual_seed(0))
+        return sample_error(sample, P, kernel_fn, causal)
+
+    return output_error
+
+
+def sample_error(sample: Dict, projection: torch.Tensor, kernel_fn: str, causal: bool) -> float:
+    """Relative Frobenius error of ``panther.rf_attention`` (``causal``, and the sample's key padding)
+    against exact attention, over the sample's queries that see at least one key."""
+    q, k, v, rows, mask = sample["q"], sample["k"], sample["v"], sample["rows"], sample["mask"]
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    kpm = None if mask is None else ~mask[:, 0].any(dim=-2)  # keys no sampled query sees: padding
+    with torch.autocast(q.device.type, enabled=False):  # the backend may run under the caller's autocast
+        approx = torch.ops.panther.rf_attention(q, k, v, projection.to(q), kernel_fn, causal, sample["scale"], kpm)
+        exact = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=mask, scale=sample["scale"])
+    seen = slice(None) if mask is None else mask.any(-1)
+    approx, exact = approx[:, :, rows][seen], exact[seen]
+    return ((approx - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+
+
+def mha_heads(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight=None,
+              k_proj_weight=None, v_proj_weight=None):
+    """nn.MultiheadAttention's q, k, v projections of (L, B, E) inputs, split into heads: (B, H, L, d) each."""
+    if q_proj_weight is None:
+        q_proj_weight, k_proj_weight, v_proj_weight = in_proj_weight.chunk(3)
+    bq = bk = bv = None
+    if in_proj_bias is not None:
+        bq, bk, bv = in_proj_bias.chunk(3)
+    d = query.shape[-1] // num_heads
+
+    def heads(t, w, b):  # (L, B, E) -> (B, H, L, d)
+        t = F.linear(t, w, b)
+        return t.reshape(t.shape[0], t.shape[1], num_heads, d).permute(1, 2, 0, 3)
+
+    return heads(query, q_proj_weight, bq), heads(key, k_proj_weight, bk), heads(value, v_proj_weight, bv)
+
+
+def mha_sample(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight=None, k_proj_weight=None,
+               v_proj_weight=None, key_padding_mask=None, is_causal=False) -> Dict:
+    """:func:`sample` of an nn.MultiheadAttention call, inputs (L, B, E): the heads projected, the key padding
+    (bool, True = ignore, or the additive form nn.MultiheadAttention makes of one) and causality as one mask."""
+    q, k, v = mha_heads(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight, k_proj_weight,
+                        v_proj_weight)
+    keep = torch.ones(q.shape[0], 1, 1, k.shape[2], dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask
+        keep = keep & ~(kpm if kpm.dtype == torch.bool else kpm == float("-inf"))[:, None, None, :]
+    if is_causal:
+        keep = keep & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    return sample(q, k, v, keep, False, None, False)
