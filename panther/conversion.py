@@ -30,6 +30,7 @@ from torch import nn
 
 from .policy import LayerInfo, Policy, SketchSpec, decide, dense_attention_flops, resolve_policy, seed_for, \
     sketched_cost, unmatched_entries, with_overrides
+from .attention_error import error_of_features, mha_sample, sample_error
 from .nn import RandMultiHeadAttention as _RandMHA
 from .nn import SKConv2d, SKLinear
 from .sketch import relative_error
@@ -125,10 +126,11 @@ def _record_shapes(model, cands, example_inputs) -> Dict[int, Any]:
         # nested tensors (nn.TransformerEncoder packs padded batches in eval mode) have no one shape
         return tuple(t.shape) if isinstance(t, torch.Tensor) and not t.is_nested else None
 
-    for _, m, _ in cands:
-        def hook(mod, args, kwargs, output, _id=id(m)):
+    for _, m, kind in cands:
+        def hook(mod, args, kwargs, output, _id=id(m), _kind=kind):
             out = output[0] if isinstance(output, tuple) else output
-            seen.setdefault(_id, ([shape(a) for a in args], {k: v for k, v in kwargs.items()}, shape(out)))
+            sample = _attention_sample(mod, args, kwargs) if _kind == "attention" else None
+            seen.setdefault(_id, ([shape(a) for a in args], {k: v for k, v in kwargs.items()}, shape(out), sample))
 
         hooks.append(m.register_forward_hook(hook, with_kwargs=True))
     modes = {m: m.training for m in model.modules()}
@@ -147,6 +149,25 @@ def _record_shapes(model, cands, example_inputs) -> Dict[int, Any]:
         for m, t in modes.items():
             m.training = t
     return seen
+
+
+def _attention_sample(m: nn.MultiheadAttention, args, kwargs):
+    """The ``panther.attention_error`` sample of one nn.MultiheadAttention call, or None where random
+    features could not express it (an attention mask other than causal, unbatched inputs)."""
+    import inspect
+
+    call = inspect.signature(nn.MultiheadAttention.forward).bind(m, *args, **kwargs)
+    call.apply_defaults()
+    a = call.arguments
+    q, k, v = a["query"], a["key"], a["value"]
+    if (a["attn_mask"] is not None and not a["is_causal"]) or not all(
+            isinstance(t, torch.Tensor) and t.dim() == 3 and not t.is_nested for t in (q, k, v)):
+        return None
+    if m.batch_first:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    separate = () if m._qkv_same_embed_dim else (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)
+    return mha_sample(q, k, v, m.num_heads, m.in_proj_weight, m.in_proj_bias, *separate,
+                      key_padding_mask=a["key_padding_mask"], is_causal=bool(a["is_causal"]))
 
 
 def _numel(*ts):
@@ -207,6 +228,8 @@ def _mha_info(name, m: nn.MultiheadAttention, rec, grad_enabled):
         flops = proj + dense_attention_flops(B * H, Lq, Lk, d, d, causal)
         extra.update(batch_heads=B * H, len_q=Lq, len_k=Lk, head_dim_v=d, projection_flops=proj, causal=causal)
         shapes = {"query": qs, "key": ks, "value": vs}
+        if rec[3] is not None:  # measured on example_inputs, as the compile backend measures it
+            extra["output_error"] = error_of_features(rec[3], d, causal)
     return LayerInfo(name=name, kind="attention", shapes=shapes, dtype=m.out_proj.weight.dtype,
                      device=m.out_proj.weight.device, params=params, flops=flops,
                      has_bias=m.in_proj_bias is not None, grad_enabled=grad_enabled,
@@ -219,6 +242,14 @@ def _weight_error(old: nn.Module, new: nn.Module) -> Optional[float]:
     if not isinstance(new, (SKLinear, SKConv2d)) or old.weight.is_meta:
         return None
     return relative_error(new.effective_weight(), old.weight.mT if is_conv1d(old) else old.weight)
+
+
+def _attention_error(new: _RandMHA, rec) -> Optional[float]:
+    """The report's error for a swapped attention: its output against exact attention on the sample of
+    ``example_inputs`` (None without one)."""
+    if not rec or rec[3] is None:
+        return None
+    return sample_error(rec[3], new.projection_matrix, new.kernel_fn, new.causal)
 
 
 def _match_grad_flags(new: nn.Module, old: nn.Module):
@@ -457,7 +488,7 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
         new, op_after = _SWAP[kind](name, m, spec)
         if getattr(spec, "act_gram", None) is not None:
             _apply_act_gram(name, m, new, spec)
-        err = _weight_error(m, new)
+        err = _weight_error(m, new) if kind != "attention" else _attention_error(new, recorded.get(id(m)))
         _match_grad_flags(new, m)
         tied = _untie(m, aliases[id(m)], holders)
         for alias in aliases[id(m)]:

@@ -472,8 +472,9 @@ def test_mha_compile_equals_convert(batch_first):
     assert r.params_before == 4 * E * E + 4 * E and r.params_after == r.params_before + m * d
     assert r.flops_before == proj + 4 * B * H * L * L * d
     assert r.flops_after == proj + 2 * B * H * 2 * L * d * m + 2 * 2 * B * H * L * m * (d + 1)
-    converted, crep = panther.convert(copy.deepcopy(model), {"attention": spec})
+    converted, crep = panther.convert(copy.deepcopy(model), {"attention": spec}, example_inputs=(x, pad))
     assert [x.name for x in crep.replaced] == ["mha"]
+    assert crep.row("mha").est_error == pytest.approx(r.est_error, rel=1e-4)  # measured alike on both paths
     assert isinstance(converted.mha, panther.nn.RandMultiHeadAttention)
     with torch.no_grad():
         y_conv = converted(x, pad)

@@ -67,6 +67,34 @@ def test_convert_warns_about_policy_entries_that_match_no_layer():
         panther.convert(fresh(), {"fc1": SketchSpec(low_rank=2), "fc*": "skip", "linear": "skip"})
 
 
+class SelfAttention(nn.Module):
+    def __init__(self, gain):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        with torch.no_grad():
+            self.attn.in_proj_weight.mul_(gain)  # the gain sets the query and key norms
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_convert_measures_attention_on_example_inputs():
+    """With example_inputs, convert measures random-feature attention's error as the compile backend does:
+    the report shows it, and the default policy keeps inaccurate attention exact."""
+    x = torch.randn(1, 512, 32, generator=torch.Generator().manual_seed(0))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        accurate, inaccurate = SelfAttention(0.1), SelfAttention(8.0)
+    _, report = panther.convert(accurate, None, example_inputs=x)
+    row = report.row("attn")
+    assert row.replaced and row.est_error < 0.25 and f"output err {row.est_error:.3g} on the example" in str(report)
+    _, report = panther.convert(inaccurate, None, example_inputs=x)
+    assert "random features are inaccurate here" in report.row("attn").reason
+    _, report = panther.convert(SelfAttention(8.0), {"attention": SketchSpec(num_random_features=32)},
+                                example_inputs=x)
+    assert report.row("attn").replaced and report.row("attn").est_error > 0.25  # asked for: done, and said
+
+
 def test_convert_seeded_spec_is_reproducible_and_per_layer():
     a, _ = panther.convert(fresh(), POLICY)
     b, _ = panther.convert(fresh(), POLICY)
