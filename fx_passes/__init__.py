@@ -48,18 +48,20 @@ def run_passes(
     policy: Policy = None,
     grad_enabled: Optional[bool] = None,
     cache: Optional[FactorCache] = None,
+    measure_attention: bool = True,
 ) -> GraphDiffReport:
     """Rewrite ``gm`` in place as ``policy`` decides; return the graph diff report.
 
     Weight-bearing rewrites (linear, conv2d) happen only when ``grad_enabled`` is False (default: the
     current grad mode); otherwise those nodes stay dense with the reason :data:`TRAINING_REASON`.
-    Weight-free rewrites (attention) happen in both modes.
+    Weight-free rewrites (attention) happen in both modes. With ``measure_attention``, the graph is first
+    run once on the example inputs to sample its attention calls (``attention_sample``).
     """
     grad_enabled = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
     expansions = expand_encoder_layer.expand(gm)  # fused nn.TransformerEncoderLayer calls -> their ops
     ctx = PassContext(gm, example_inputs, grad_enabled=grad_enabled, cache=cache or factor_cache)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if ctx.real and len(ctx.real) == len(placeholders):
+    if measure_attention and ctx.real and len(ctx.real) == len(placeholders):
         args_of = {n: p.sample_args for n in gm.graph.nodes for p in (sketch_sdpa, sketch_mha) if p.is_attention(n)}
         ctx.attention_samples = attention_sample.sample_attention(gm, [ctx.real[p] for p in placeholders], args_of)
     policy_fn = resolve_policy(policy)

@@ -31,7 +31,7 @@ COMPILERS = ("inductor", "aot_eager", "eager")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: The keys ``options=`` accepts (any other raises ``ValueError``); each is described on
 #: :func:`panther_backend`.
-OPTIONS = ("policy", "overrides", "report", "compiler", "mode", "inductor_config", "decompose")
+OPTIONS = ("policy", "overrides", "report", "compiler", "mode", "inductor_config", "decompose", "measure_attention")
 
 
 def _check_options(options, mode):
@@ -44,7 +44,7 @@ def _check_options(options, mode):
     if unknown:
         raise ValueError(f"panther backend: unknown option(s) {unknown}; allowed keys are {OPTIONS}")
     opts = {"policy": None, "overrides": None, "report": None, "compiler": "inductor", "mode": mode,
-            "inductor_config": None, "decompose": True}
+            "inductor_config": None, "decompose": True, "measure_attention": True}
     opts.update(options)
     if mode is not None and options.get("mode") not in (None, mode):
         raise ValueError(f"panther backend: mode given twice ({mode!r} and options['mode']={options['mode']!r})")
@@ -66,8 +66,9 @@ def _check_options(options, mode):
         raise TypeError(
             f"panther backend: options['inductor_config'] must be a dict, got {type(opts['inductor_config']).__name__}"
         )
-    if not isinstance(opts["decompose"], bool):
-        raise TypeError(f"panther backend: options['decompose'] must be a bool, got {type(opts['decompose']).__name__}")
+    for key in ("decompose", "measure_attention"):
+        if not isinstance(opts[key], bool):
+            raise TypeError(f"panther backend: options[{key!r}] must be a bool, got {type(opts[key]).__name__}")
     if opts["compiler"] != "inductor" and (opts["mode"] not in (None, "default") or opts["inductor_config"]):
         raise ValueError("panther backend: 'mode' and 'inductor_config' apply only with options['compiler']='inductor'")
     return opts
@@ -113,6 +114,11 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
         sketched convs the tap GEMM serves, through panther's Triton kernels
         (``inductor_ext.kernel_routing``), which Inductor inlines. ``False`` keeps the ops opaque (their
         C++ kernels).
+    ``measure_attention`` (default ``True``)
+        Before rewriting a graph with attention calls, run it once on the example inputs (no grad, RNG
+        restored) to measure how far random features are from exact attention there: the report shows
+        it, policies read ``info.extra["output_error"]``, and the default policy keeps attention exact
+        above ``DEFAULT_MAX_ATTENTION_ERROR``. ``False`` skips that run (no error; FLOPs alone decide).
 
     Weight-bearing rewrites (linear, conv2d) happen only with grad disabled; with grad enabled those
     layers stay dense with the reason ``"training: use panther.convert"``. Attention rewrites are applied
@@ -131,7 +137,8 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
         ValueError: an unknown option key, an unknown ``compiler`` or ``mode``, ``mode`` given twice with
             different values, or ``mode``/``inductor_config`` with a compiler other than Inductor.
         TypeError: an option of the wrong type (``policy`` not None/callable/dict, ``overrides`` or
-            ``inductor_config`` not a dict, ``report`` not callable, ``decompose`` not a bool).
+            ``inductor_config`` not a dict, ``report`` not callable, ``decompose`` or ``measure_attention``
+            not a bool).
     """
     opts = _check_options(options, mode)
 
@@ -144,7 +151,8 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
     policy = opts["policy"]
     if opts["overrides"]:
         policy = with_overrides(policy, opts["overrides"])
-    report = fx_passes.run_passes(gm, example_inputs, policy=policy, grad_enabled=torch.is_grad_enabled())
+    report = fx_passes.run_passes(gm, example_inputs, policy=policy, grad_enabled=torch.is_grad_enabled(),
+                                  measure_attention=opts["measure_attention"])
     _set_last(report)
     if log.isEnabledFor(logging.INFO):
         log.info("%s", report)

@@ -337,6 +337,16 @@ def test_attention_error_is_measured_on_the_example_and_guards_the_default_polic
     assert "random features are inaccurate here" in row.reason
 
 
+def test_measure_attention_false_skips_the_run():
+    q = k = v = torch.randn(1, 2, 64, 8)
+    compiled, reports = compile_panther(ScaledSDPA(1.0), policy={"attention": SketchSpec(num_random_features=16)},
+                                        measure_attention=False)
+    with torch.no_grad():
+        compiled(q, k, v)
+    (row,) = reports[0].rows
+    assert row.replaced and row.est_error is None and "output err" not in str(reports[0])
+
+
 def test_graphs_that_mutate_their_inputs_are_not_run_to_measure():
     class Accumulate(nn.Module):
         def forward(self, q, k, v, total):

@@ -238,6 +238,7 @@ def test_matmul_spelling():
         ({"report": 3}, TypeError, "report"),
         ({"policy": 3}, TypeError, "policy"),
         ({"decompose": "yes"}, TypeError, "decompose"),
+        ({"measure_attention": 1}, TypeError, "measure_attention"),
         ({"mode": "fastest"}, ValueError, "max-autotune"),
         ({"compiler": "eager", "mode": "max-autotune"}, ValueError, "inductor"),
     ],
