@@ -26,7 +26,7 @@ import torch
 
 from panther._progress import progress
 from panther.policy import Policy, decide, resolve_policy, sketched_cost
-from panther.report import GraphDiffReport, ReportRow
+from panther.report import GraphDiffReport, ReportRow, warn_inaccurate_attention
 
 from . import attention_sample, expand_encoder_layer, sketch_conv2d, sketch_linear, sketch_mha, sketch_sdpa
 from .common import FactorCache, PassContext, factor_cache
@@ -84,6 +84,7 @@ def run_passes(
         gm.graph.lint()
         gm.recompile()
     rows = [row for _, row in sorted(ctx.rows, key=lambda t: t[0])]
+    warn_inaccurate_attention(rows, "panther backend")
     mark_layers(view, ctx.row_nodes)
     return GraphDiffReport(rows=rows, source="compile", graph_id=_graph_id(gm), graph=view)
 

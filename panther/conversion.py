@@ -35,7 +35,7 @@ from .nn import RandMultiHeadAttention as _RandMHA
 from .nn import SKConv2d, SKLinear
 from .sketch import relative_error
 from ._progress import progress as _progress
-from .report import GraphDiffReport, ReportRow, _set_last
+from .report import GraphDiffReport, ReportRow, _set_last, warn_inaccurate_attention
 
 __all__ = ["convert", "MHACompatibleRandAttention", "is_conv1d"]
 
@@ -504,6 +504,7 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
         rows.append(ReportRow(name, kind, op_before, op_after, True, untied, info.params, params_after, info.flops,
                               flops_after, spec=spec, est_error=err))
     _fast_paths_off(model)
+    warn_inaccurate_attention(rows, "panther.convert")
     report = GraphDiffReport(rows=rows, source="convert", graph=_module_tree(model, cands, rows))
     _set_last(report)
     return model, report

@@ -9,6 +9,7 @@ table, ``report.as_dict()`` plain dicts and numbers for asserting in tests or du
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -65,6 +66,20 @@ def _sum(values):
     if any(v is None for v in vals):
         return None
     return sum(vals)
+
+
+def warn_inaccurate_attention(rows, where: str):
+    """Log a warning naming the rewritten attention layers whose measured output error exceeds the default
+    policy's limit: an explicit policy asked for them, and a user who does not read the report should know."""
+    from .policy import DEFAULT_MAX_ATTENTION_ERROR
+
+    bad = [f"{r.name} ({r.est_error:.3g})" for r in rows
+           if r.kind == "attention" and r.replaced and r.est_error is not None and r.est_error > DEFAULT_MAX_ATTENTION_ERROR]
+    if bad:
+        logging.getLogger("panther").warning(
+            "%s: random-feature attention misses exact attention by more than %s (relative output error on the "
+            "example input) in %s; the policy asked for it. Exact attention there, or more features, would be "
+            "more accurate (see the report).", where, DEFAULT_MAX_ATTENTION_ERROR, ", ".join(bad))
 
 
 def _output_error(row) -> str:

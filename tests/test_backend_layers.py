@@ -302,7 +302,7 @@ class ScaledSDPA(nn.Module):
         return F.scaled_dot_product_attention(self.gain * q, self.gain * k, v, is_causal=True)
 
 
-def test_attention_error_is_measured_on_the_example_and_guards_the_default_policy():
+def test_attention_error_is_measured_on_the_example_and_guards_the_default_policy(caplog):
     """Random features are accurate for small query/key norms and useless for large ones. The backend runs
     the graph once on the example input and measures the error on a sample: the report shows it, and the
     default policy keeps attention exact where it is too large. The global RNG is left as it was."""
@@ -316,9 +316,13 @@ def test_attention_error_is_measured_on_the_example_and_guards_the_default_polic
     for gain in (0.3, 3.0):
         rng = torch.get_rng_state()
         compiled, reports = compile_panther(ScaledSDPA(gain), policy={"attention": spec})
-        with torch.no_grad():
+        caplog.clear()
+        with torch.no_grad(), caplog.at_level("WARNING", logger="panther"):
             compiled(q, k, v)
         assert torch.equal(rng, torch.get_rng_state())
+        # asked for by the policy, so done; a warning when inaccurate, as the user may not read the report
+        warned = [r.getMessage() for r in caplog.records if "misses exact attention" in r.getMessage()]
+        assert len(warned) == (gain == 3.0)
         (row,) = reports[0].rows
         assert row.replaced and f"output err {row.est_error:.3g} on the example" in str(reports[0])
         # the same number from its definition: the first sequence, heads 0 and H/2, the last queries
