@@ -235,6 +235,10 @@ class ErrorBudgetPolicy:
     ``torch.compile(model, backend="panther", options={"policy": policy})``. ``policy.choices`` holds a
     :class:`LayerChoice` per calibrated layer; ``policy.curve(name)`` the relative error of every rank.
 
+    Attention layers get the fewest random features (:data:`ATTENTION_FEATURES`) whose output error,
+    measured on the example input where the compile backend (or ``convert`` with ``example_inputs``) ran
+    the model, is within ``headroom * budget``; they are not calibrated.
+
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: a budget outside ``(0, 1)``, an unknown ``init``, ``min_saving`` outside ``[0, 1)``,
@@ -354,6 +358,8 @@ class ErrorBudgetPolicy:
         def no(reason):
             return LayerChoice(info.name, info.kind, None, None, None, None, "error budget: " + reason)
 
+        if info.kind == "attention":
+            return self._choose_attention(info, name, no)
         if info.kind not in ("linear", "conv2d"):
             return no(f"{info.kind} layers are not calibrated")
         if name not in self.stats:
@@ -395,6 +401,31 @@ class ErrorBudgetPolicy:
         spec = spec.replace(seed=self.seed, note=note)  # keeps act_gram
         return LayerChoice(info.name, info.kind, spec, self._rank(info.kind, spec), err, saving)
 
+    def _choose_attention(self, info: LayerInfo, name: str, no) -> LayerChoice:
+        """The fewest random features (of :data:`ATTENTION_FEATURES`) whose output error, measured on the
+        example input (``info.extra["output_error"]``), is within the budget and which still save
+        ``min_saving`` of the layer's FLOPs."""
+        measure = info.extra.get("output_error")
+        if measure is None:
+            return no("attention is judged on the example input: compile with backend='panther', or convert "
+                      "with example_inputs")
+        budget = self._budget_for(name)
+        if budget is None:
+            return no("no budget entry matches this layer")
+        tried = ""
+        for m in ATTENTION_FEATURES:
+            spec = SketchSpec(num_random_features=m, seed=self.seed)
+            flops = sketched_cost(info, spec)[1]
+            saving = None if flops is None or not info.flops else 1 - flops / info.flops
+            if saving is None or saving < self.min_saving:
+                break  # more features only cost more
+            err = measure(m)
+            if err <= self.headroom * budget:
+                note = f"output err {err:.2g} <= {budget:g} on the example, -{saving:.0%} FLOPs"
+                return LayerChoice(info.name, info.kind, spec.replace(note=note), None, err, saving)
+            tried = f" (m={m}: err {err:.2g})"
+        return no(f"no feature count that saves {self.min_saving:.0%} of FLOPs meets budget {budget:g}{tried}")
+
     def _cheapest(self, name, kind, init, budget, d_in, d_out) -> Optional[SketchSpec]:
         """The smallest k (num_terms=1) whose predicted error is within budget, below FLOP break-even."""
         k_max = _k_max(d_in, d_out)
@@ -423,6 +454,9 @@ class ErrorBudgetPolicy:
 
 
 _POLICY_INITS = ("svd_act", "svd", "sketch", "auto")
+#: the random-feature counts the error-budget policy tries for attention, fewest first (up to what the
+#: fused GPU kernels hold, ``panther.policy.DEFAULT_MAX_FEATURES``)
+ATTENTION_FEATURES = (32, 64, 128, 256)
 
 
 def _k_max(d_in, d_out):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import panther
-from panther.budget import ErrorBudgetPolicy, collect_stats, relative_output_errors
+from panther.budget import ATTENTION_FEATURES, ErrorBudgetPolicy, collect_stats, relative_output_errors
 from panther.policy import SketchSpec
 from panther.sketch import conv2d_factors, linear_factors
 
@@ -276,6 +276,45 @@ def _compile_report(model, policy, x):
                                  options={"policy": policy, "report": reports.append, "compiler": "eager"})
         y = compiled(x)
     return y, reports[-1]
+
+
+class Attend(nn.Module):
+    """A projection and causal SDPA whose query/key norms scale with ``gain``."""
+
+    def __init__(self, gain):
+        super().__init__()
+        self.gain = gain
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(self.gain * q, self.gain * k, v, is_causal=True)
+
+
+def test_attention_gets_the_fewest_features_within_budget():
+    """Attention is judged on the example input: the fewest features within budget where the norms are
+    small, exact attention with the measured error where no feature count meets it."""
+    x = torch.randn(2, 2048, 16, generator=torch.Generator().manual_seed(0))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        small, large = Attend(0.5), Attend(3.0)
+    seen = {}
+
+    class Recording(ErrorBudgetPolicy):
+        def panther_decide(self, info):
+            seen[info.kind] = info
+            return super().panther_decide(info)
+
+    policy = Recording(small, [x], budget=0.1)
+    _, report = _compile_report(small, policy, x)
+    (row,) = [r for r in report.rows if r.kind == "attention"]
+    errors = [seen["attention"].extra["output_error"](m) for m in ATTENTION_FEATURES]
+    fewest = next(m for m, e in zip(ATTENTION_FEATURES, errors) if e <= 0.9 * 0.1)
+    assert row.replaced and row.spec.num_random_features == fewest and "on the example" in row.spec.note
+    assert errors[0] > 0.9 * 0.1  # the case exercises the search: the fewest features were not enough
+    _, report = _compile_report(large, Recording(large, [x], budget=0.1), x)
+    (row,) = [r for r in report.rows if r.kind == "attention"]
+    assert not row.replaced and "no feature count that saves" in row.reason
 
 
 def _check_convert_and_compile(model, calib, x, budget, out=lambda y: y):
