@@ -5,9 +5,9 @@ Positive random features approximate ``exp(q·k/√d)`` with a variance that gro
 no feature count helps (a randomly initialised Llama with head_dim 128 got a relative output error above 1
 at m = 2048). Whether a layer is in the good regime depends on its activations, so the compile backend
 (``fx_passes.attention_sample``) and ``panther.convert`` (with ``example_inputs``) take a :func:`sample` of
-each attention call's inputs on the example (the first sequence, two heads, fp32) and
-:func:`sample_error` compares random-feature with exact attention on its last ``SAMPLE_QUERIES``
-queries, which see the most keys.
+each attention call's inputs on the example (one sequence, two heads, the first ``SAMPLE_LENGTH``
+positions, fp32) and :func:`sample_error` compares random-feature with exact attention on its last
+``SAMPLE_QUERIES`` queries, which see the most keys.
 """
 from __future__ import annotations
 
@@ -18,23 +18,34 @@ import torch.nn.functional as F
 
 SAMPLE_QUERIES = 256
 SAMPLE_HEADS = 2
+SAMPLE_LENGTH = 4096
 
 
 def sample(q, k, v, attn_mask, is_causal, scale, enable_gqa) -> Dict:
     """The part of an attention call's inputs (SDPA's terms: ``(B, H, L, d)``, a boolean ``attn_mask`` with
-    True = attend) that :func:`sample_error` reads."""
-    H, Hk, Lq = q.shape[1], k.shape[1], q.shape[2]
+    True = attend) that :func:`sample_error` reads: one sequence (the first, or under a mask the one whose
+    sampled queries see the most keys), ``SAMPLE_HEADS`` heads, and the first ``SAMPLE_LENGTH`` positions,
+    whose last ``SAMPLE_QUERIES`` queries are compared (a prefix is exact causal attention; for a longer
+    non-causal call it stands for the whole). In fp32: a few MiB per call."""
+    B, H, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     heads = sorted({0, H // 2})[:SAMPLE_HEADS]
-    groups = H // Hk if enable_gqa else 1
+    groups = H // k.shape[1] if enable_gqa else 1
     kv_heads = [h // groups for h in heads]
-    rows = torch.arange(max(0, Lq - SAMPLE_QUERIES), Lq, device=q.device)
+    nq, nk = min(Lq, SAMPLE_LENGTH), min(Lk, SAMPLE_LENGTH)
+    rows = torch.arange(max(0, nq - SAMPLE_QUERIES), nq, device=q.device)
+    b = 0
     if isinstance(attn_mask, torch.Tensor):
-        mask = attn_mask.expand(q.shape[0], H, Lq, k.shape[2])[:1, heads][:, :, rows]
+        mask = attn_mask.expand(B, H, Lq, Lk)[:, heads][:, :, rows, :nk]
+        b = int(mask.flatten(1).sum(1).argmax())
+        mask = mask[b:b + 1]
     elif is_causal:
-        mask = (torch.arange(k.shape[2], device=q.device) <= rows[:, None]).expand(1, len(heads), -1, -1)
+        mask = (torch.arange(nk, device=q.device) <= rows[:, None]).expand(1, len(heads), -1, -1)
     else:
         mask = None
-    return {"q": q[:1, heads].float(), "k": k[:1, kv_heads].float(), "v": v[:1, kv_heads].float(), "rows": rows,
+    def pick(t, hs, n):
+        return t[b:b + 1, hs, :n].float()
+
+    return {"q": pick(q, heads, nq), "k": pick(k, kv_heads, nk), "v": pick(v, kv_heads, nk), "rows": rows,
             "mask": mask, "scale": scale}
 
 

@@ -341,6 +341,22 @@ def test_attention_error_is_measured_on_the_example_and_guards_the_default_polic
     assert "random features are inaccurate here" in row.reason
 
 
+def test_the_sample_is_a_prefix_of_the_sequence_that_sees_the_most_keys():
+    from panther.attention_error import SAMPLE_LENGTH, SAMPLE_QUERIES, sample
+
+    L = SAMPLE_LENGTH + 100
+    q = k = v = torch.randn(2, 4, L, 8)
+    s = sample(q, k, v, None, True, None, False)
+    assert s["q"].shape == s["k"].shape == (1, 2, SAMPLE_LENGTH, 8)  # heads 0 and 2, a causal prefix
+    assert s["rows"].tolist() == list(range(SAMPLE_LENGTH - SAMPLE_QUERIES, SAMPLE_LENGTH))
+    torch.testing.assert_close(s["q"], q[:1, [0, 2], :SAMPLE_LENGTH])
+    keep = torch.ones(2, 1, 1, L, dtype=torch.bool)
+    keep[0, ..., :SAMPLE_LENGTH] = False  # the first sequence's prefix is all padding
+    s = sample(q, k, v, keep, False, None, False)
+    torch.testing.assert_close(s["k"], k[1:, [0, 2], :SAMPLE_LENGTH])
+    assert s["mask"].shape == (1, 2, SAMPLE_QUERIES, SAMPLE_LENGTH) and s["mask"].all()
+
+
 def test_measure_attention_false_skips_the_run():
     q = k = v = torch.randn(1, 2, 64, 8)
     compiled, reports = compile_panther(ScaledSDPA(1.0), policy={"attention": SketchSpec(num_random_features=16)},
