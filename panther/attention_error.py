@@ -16,8 +16,14 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 
+__all__ = ["SAMPLE_QUERIES", "SAMPLE_HEADS", "SAMPLE_LENGTH", "sample", "sample_error", "error_of_features",
+           "mha_heads", "mha_sample"]
+
+#: how many queries of the sample are compared (the last ones of its prefix, which see the most keys)
 SAMPLE_QUERIES = 256
+#: how many heads the sample keeps (0 and H/2)
 SAMPLE_HEADS = 2
+#: the sample's positions: a prefix of the sequence this long
 SAMPLE_LENGTH = 4096
 
 

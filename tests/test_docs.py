@@ -28,6 +28,7 @@ DOCUMENTED = [
     "panther.sketch",
     "panther.ops",
     "panther.policy",
+    "panther.attention_error",
     "panther.report",
     "panther.conversion",
     "panther.budget",
