@@ -350,7 +350,7 @@ def _dict_policy(table: Mapping[str, Union[SketchSpec, str]]):
         if info.name in table:
             key, value = info.name, table[info.name]
         else:
-            hits = [(k, v) for k, v in items if fnmatch.fnmatchcase(info.name, k) or fnmatch.fnmatchcase(info.kind, k)]
+            hits = [(k, v) for k, v in items if _entry_matches(k, info.name, info.kind)]
             if not hits:
                 return None, "no policy entry matches this layer"
             key, value = hits[-1]
@@ -363,11 +363,15 @@ def _dict_policy(table: Mapping[str, Union[SketchSpec, str]]):
     return decide
 
 
+def _entry_matches(key: str, name: str, kind: str) -> bool:
+    """Whether a dict policy entry applies to a layer: its exact name, or an fnmatch pattern on its name or kind."""
+    return key == name or fnmatch.fnmatchcase(name, key) or fnmatch.fnmatchcase(kind, key)
+
+
 def unmatched_entries(table: Mapping[str, Any], layers) -> List[str]:
     """The keys of a dict policy that match none of ``layers`` (``(name, kind)`` pairs) by the rules of
     :func:`resolve_policy`: most likely a typo, which would otherwise leave layers silently dense."""
-    return [k for k in table
-            if not any(k == name or fnmatch.fnmatchcase(name, k) or fnmatch.fnmatchcase(kind, k) for name, kind in layers)]
+    return [k for k in table if not any(_entry_matches(k, name, kind) for name, kind in layers)]
 
 
 def resolve_policy(policy: Policy):
