@@ -60,10 +60,9 @@ def run_passes(
     grad_enabled = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
     expansions = expand_encoder_layer.expand(gm)  # fused nn.TransformerEncoderLayer calls -> their ops
     ctx = PassContext(gm, example_inputs, grad_enabled=grad_enabled, cache=cache or factor_cache)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if measure_attention and ctx.real and len(ctx.real) == len(placeholders):
+    if measure_attention and ctx.real:  # ctx.real holds every placeholder's example, in graph order, or nothing
         args_of = {n: p.sample_args for n in gm.graph.nodes for p in (sketch_sdpa, sketch_mha) if p.is_attention(n)}
-        ctx.attention_samples = attention_sample.sample_attention(gm, [ctx.real[p] for p in placeholders], args_of)
+        ctx.attention_samples = attention_sample.sample_attention(gm, list(ctx.real.values()), args_of)
     policy_fn = resolve_policy(policy)
     view = graph_view(gm, lambda n: ctx.weight(n)[1])  # before any rewrite: the graph the report describes
     changed = False

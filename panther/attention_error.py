@@ -48,6 +48,7 @@ def sample(q, k, v, attn_mask, is_causal, scale, enable_gqa) -> Dict:
         mask = (torch.arange(nk, device=q.device) <= rows[:, None]).expand(1, len(heads), -1, -1)
     else:
         mask = None
+
     def pick(t, hs, n):
         return t[b:b + 1, hs, :n].float()
 
@@ -75,10 +76,14 @@ def sample_error(sample: Dict, projection: torch.Tensor, kernel_fn: str, causal:
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     kpm = None if mask is None else ~mask[:, 0].any(dim=-2)  # keys no sampled query sees: padding
     with torch.autocast(q.device.type, enabled=False):  # the backend may run under the caller's autocast
-        approx = torch.ops.panther.rf_attention(q, k, v, projection.to(q), kernel_fn, causal, sample["scale"], kpm)
+        # causal: each compared query's output needs the whole prefix; otherwise the compared queries suffice
+        approx = torch.ops.panther.rf_attention(q if causal else q[:, :, rows], k, v, projection.to(q), kernel_fn,
+                                                causal, sample["scale"], kpm)
         exact = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=mask, scale=sample["scale"])
+    if causal:
+        approx = approx[:, :, rows]
     seen = slice(None) if mask is None else mask.any(-1)
-    approx, exact = approx[:, :, rows][seen], exact[seen]
+    approx, exact = approx[seen], exact[seen]
     return ((approx - exact).norm() / exact.norm().clamp_min(1e-30)).item()
 
 
