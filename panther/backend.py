@@ -52,7 +52,7 @@ def _check_options(options, mode):
     if pol is not None and not callable(pol) and not isinstance(pol, Mapping):
         raise TypeError(
             "panther backend: options['policy'] must be None, a callable LayerInfo -> SketchSpec | None, or a "
-            f"dict of fnmatch patterns -> SketchSpec | 'skip'; got {type(pol).__name__}"
+            f"dict of fnmatch patterns -> SketchSpec (or a dict of its fields) | 'skip'; got {type(pol).__name__}"
         )
     if opts["overrides"] is not None and not isinstance(opts["overrides"], Mapping):
         raise TypeError(f"panther backend: options['overrides'] must be a dict, got {type(opts['overrides']).__name__}")

@@ -453,7 +453,7 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if overrides is not None and not isinstance(overrides, dict):
-        raise TypeError(f"overrides must be a dict of name/kind patterns -> SketchSpec | 'skip', got {type(overrides).__name__}")
+        raise TypeError(f"overrides must be a dict of name/kind patterns -> SketchSpec (or a dict of its fields) | 'skip', got {type(overrides).__name__}")
     policy_fn = with_overrides(policy, overrides) if overrides else resolve_policy(policy)
     if isinstance(model, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)):
         raise TypeError("convert() swaps submodules in place; wrap a bare layer in a container (e.g. nn.Sequential)")

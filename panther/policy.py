@@ -7,7 +7,8 @@ wherever a policy is expected (``options={"policy": ...}`` of the backend, ``pan
 
 * ``None`` — :func:`default_policy`: rewrite a layer only where the sketch at least halves its FLOPs;
 * a callable ``LayerInfo -> SketchSpec | None``;
-* a dict from :mod:`fnmatch` patterns to a ``SketchSpec`` or ``"skip"``. A pattern matches a layer when it
+* a dict from :mod:`fnmatch` patterns to a ``SketchSpec`` (or a plain dict of its fields,
+  ``{"low_rank": 32}``) or ``"skip"``. A pattern matches a layer when it
   matches its name (the module path, e.g. ``"blocks.*.mlp.fc1"``) or its kind (``"linear"``, ``"conv2d"``,
   ``"attention"``). An exact name always wins; otherwise the *last* matching entry wins, so general
   entries go first and per-layer overrides after them::
@@ -156,9 +157,9 @@ class SketchSpec:
 
 
 #: The accepted spellings of a ``policy=`` argument are ``None`` (the default policy), a callable
-#: ``LayerInfo -> SketchSpec | None``, or a dict of fnmatch patterns to ``SketchSpec`` | ``"skip"`` |
+#: ``LayerInfo -> SketchSpec | None``, or a dict of fnmatch patterns to ``SketchSpec`` (or a dict of its fields, ``{"low_rank": 8}``) | ``"skip"`` |
 #: ``"default"`` (see the module docstring).
-Policy = Union[None, Callable[[LayerInfo], Optional[SketchSpec]], Mapping[str, Union[SketchSpec, str]]]
+Policy = Union[None, Callable[[LayerInfo], Optional[SketchSpec]], Mapping[str, Union[SketchSpec, Mapping[str, Any], str]]]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -331,19 +332,28 @@ def _human(v):
 # resolving the accepted spellings into one function
 
 
-def _check_spec_value(key, value):
-    if isinstance(value, SketchSpec) or value in ("skip", "default"):
-        return
+def _spec_value(key, value):
+    """A dict policy entry as used: a SketchSpec, 'skip' or 'default'; a plain dict of SketchSpec fields
+    (``{"low_rank": 8}``) is read as ``SketchSpec(**value)``."""
+    if isinstance(value, SketchSpec) or (isinstance(value, str) and value in ("skip", "default")):
+        return value
+    if isinstance(value, Mapping):
+        allowed = [f.name for f in dataclasses.fields(SketchSpec) if f.name != "act_gram"]
+        unknown = sorted(str(k) for k in value if k not in allowed)
+        if unknown:
+            raise TypeError(f"policy[{key!r}] has unknown SketchSpec field(s) {unknown}; allowed: {allowed}")
+        return SketchSpec(**value)
     raise TypeError(
-        f"policy[{key!r}] must be a SketchSpec, 'skip' or 'default', got {value!r} ({type(value).__name__})"
+        f"policy[{key!r}] must be a SketchSpec, a dict of its fields, 'skip' or 'default', got {value!r} "
+        f"({type(value).__name__})"
     )
 
 
-def _dict_policy(table: Mapping[str, Union[SketchSpec, str]]):
-    for key, value in table.items():
+def _dict_policy(table: Mapping[str, Union[SketchSpec, Mapping[str, Any], str]]):
+    for key in table:
         if not isinstance(key, str):
             raise TypeError(f"policy keys must be str fnmatch patterns on layer name or kind, got {key!r}")
-        _check_spec_value(key, value)
+    table = {key: _spec_value(key, value) for key, value in table.items()}
     items = list(table.items())
 
     def decide(info: LayerInfo):
@@ -407,7 +417,7 @@ def resolve_policy(policy: Policy):
         return _resolved(decide)
     raise TypeError(
         f"policy must be None (default policy), a callable LayerInfo -> SketchSpec | None, or a dict of "
-        f"fnmatch patterns to SketchSpec | 'skip'; got {type(policy).__name__}"
+        f"fnmatch patterns to SketchSpec (or a dict of its fields) | 'skip'; got {type(policy).__name__}"
     )
 
 

@@ -114,6 +114,16 @@ def test_bad_dict_entries(table, exc):
         resolve_policy(table)
 
 
+def test_dict_values_may_be_plain_dicts_of_spec_fields():
+    d = with_overrides({"linear": {"num_terms": 1, "low_rank": 4}}, {"head": {"num_terms": 2, "low_rank": 2, "init": "svd"}})
+    assert d(linear_info("body", 64, 64)) == (SKETCH_A, None)
+    assert d(linear_info("head", 64, 64)) == (SKETCH_B, None)
+    with pytest.raises(TypeError, match=r"policy\['fc'\] has unknown SketchSpec field\(s\) \['rank'\]; allowed: .*low_rank"):
+        resolve_policy({"fc": {"rank": 4}})
+    with pytest.raises(ValueError, match="low_rank"):  # the fields are validated as in SketchSpec
+        resolve_policy({"fc": {"low_rank": 0}})
+
+
 def test_overrides_consulted_first():
     d = with_overrides(lambda info: SKETCH_A, {"head": "skip", "conv*": SKETCH_B})
     assert decide(d, linear_info("head", 64, 64))[0] is None
