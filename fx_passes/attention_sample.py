@@ -14,6 +14,8 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import fx
 
+from .common import concrete
+
 
 log = logging.getLogger("panther")
 
@@ -81,6 +83,9 @@ def sample_attention(gm: fx.GraphModule, real_inputs: Optional[list], args_of: D
             return super().run_node(n)
 
     devices = sorted({t.device.index or 0 for t in real_inputs if isinstance(t, torch.Tensor) and t.is_cuda})
+    # a graph with dynamic shapes takes its sizes as SymInt placeholders: run it at their hints (the sizes
+    # of the real example tensors beside them)
+    real_inputs = [concrete(v) if isinstance(v, torch.SymInt) else v for v in real_inputs]
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             Sampler(gm).run(*real_inputs)

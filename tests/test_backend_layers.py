@@ -341,6 +341,24 @@ def test_attention_error_is_measured_on_the_example_and_guards_the_default_polic
     assert "random features are inaccurate here" in row.reason
 
 
+def test_a_graph_with_dynamic_shapes_is_measured_too():
+    """A dynamic-shape graph (dynamic=True, or Dynamo's recompile on a second shape) takes its sizes as SymInt
+    placeholders; the sample runs it at their hints, so the default policy's guard holds there as well."""
+    class SplitHeads(ScaledSDPA):
+        def forward(self, x):  # x: (B, L, 4 * 8), split with its (symbolic) sizes
+            q = x.view(x.shape[0], x.shape[1], 4, 8).transpose(1, 2)
+            return super().forward(q, q, q)
+
+    torch._dynamo.reset()
+    reports = []
+    compiled = torch.compile(SplitHeads(3.0), backend=panther_backend, dynamic=True,
+                             options={**FAST, "report": reports.append})
+    with torch.no_grad():
+        compiled(torch.randn(2, 512, 32, generator=torch.Generator().manual_seed(0)))
+    (row,) = reports[0].rows
+    assert not row.replaced and "random features are inaccurate here" in row.reason, row.reason
+
+
 def test_the_sample_is_a_prefix_of_the_sequence_that_sees_the_most_keys():
     from panther.attention_error import SAMPLE_LENGTH, SAMPLE_QUERIES, sample
 
