@@ -374,6 +374,25 @@ def test_bert_convert_and_backend(transformers_mod):
     _check_convert_and_compile(model, calib, calib[0], 0.45, out=lambda y: y.last_hidden_state)
 
 
+def test_clip_vision_reads_its_patch_embedding_weight(transformers_mod):
+    """CLIP's embeddings read ``patch_embedding.weight.dtype`` in their forward: the converted model runs,
+    eagerly and compiled."""
+    tf = transformers_mod
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = tf.CLIPVisionModel(tf.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                                       num_attention_heads=4, image_size=32, patch_size=8)).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    policy = {"conv2d": SketchSpec(num_terms=1, low_rank=48, init="svd")}  # 2·48 >= rank 64: nearly exact
+    with torch.no_grad():
+        ref = model(x).last_hidden_state
+        compiled = torch.compile(copy.deepcopy(model), backend="panther", options={"policy": policy})
+        torch.testing.assert_close(compiled(x).last_hidden_state, ref, rtol=1e-3, atol=1e-3)
+        converted, report = panther.convert(model, policy=policy)
+        assert [r.name for r in report.rows if r.replaced] == ["embeddings.patch_embedding"]
+        torch.testing.assert_close(converted(x).last_hidden_state, ref, rtol=1e-3, atol=1e-3)
+
+
 def test_demo_error_budget_part_times_the_converted_model(capsys):
     """``make demo``'s part 4 prints the converted model's time per call beside the dense model's: three rows
     (dense eager, converted eager, converted under Inductor), each with a time and a speed-up, and the

@@ -246,6 +246,7 @@ def test_module_equals_formula(cfg, layout):
     assert out.shape == ref.shape == torch_shape
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out, dense, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.weight, layer.effective_weight())  # as code written for nn.Conv2d reads it
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
 

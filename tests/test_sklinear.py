@@ -162,6 +162,20 @@ def test_effective_weight_is_the_map_the_layer_applies(init):
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, W, layer.bias))
 
 
+def test_weight_reads_like_nn_linear_weight():
+    """Code written for nn.Linear reads ``.weight`` (Hugging Face's T5 checks its dtype): it is the effective
+    weight, gradients flow to the factors, and it cannot be assigned."""
+    layer = SKLinear(24, 16, 2, 3, dtype=torch.float64, seed=0)
+    assert layer.weight.dtype == torch.float64 and layer.weight.shape == (16, 24)
+    torch.testing.assert_close(layer.weight, layer.effective_weight())
+    layer.weight.sum().backward()
+    assert layer.S1s.grad is not None and layer.S1s.grad.abs().sum() > 0
+    with pytest.raises(AttributeError, match="weight"):
+        layer.weight = torch.zeros(16, 24)
+    with pytest.raises(KeyError, match="weight"):  # nn.Module's refusal to register over an attribute
+        layer.weight = torch.nn.Parameter(torch.zeros(16, 24))
+
+
 def test_w_init_layout_follows_nn_linear():
     W = torch.randn(6, 10)
     layer = SKLinear(10, 6, 1, 6, W_init=W, init="svd", bias=False)

@@ -298,6 +298,13 @@ class SKConv2d(nn.Module):
         (for inspection, or to fold the layer into one ``F.conv2d`` for inference)."""
         return conv2d_weight(self.S1s, self.U1s)
 
+    @property
+    def weight(self):
+        """:meth:`effective_weight`, read-only, for code written for ``nn.Conv2d`` that reads
+        ``layer.weight`` (Hugging Face's CLIP, ViT-style patch embeddings read its dtype). Each read builds
+        the dense kernel; under ``torch.compile`` an unused one is dropped."""
+        return self.effective_weight()
+
     def extra_repr(self):
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
              f"padding={self.padding!r}")

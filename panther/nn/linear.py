@@ -172,6 +172,14 @@ class SKLinear(nn.Module):
         inspection, or to fold the layer into one ``F.linear`` for inference)."""
         return linear_weight(self.S1s, self.S2s, self.U1s, self.U2s)
 
+    @property
+    def weight(self):
+        """:meth:`effective_weight`, read-only: code written for ``nn.Linear`` reads ``layer.weight`` (often
+        only its dtype or device, as Hugging Face's T5 and vision embeddings do) and keeps working. Each
+        read builds the dense matrix (``2·L·k·in·out`` FLOPs, differentiable); under ``torch.compile`` an
+        unused product is dropped."""
+        return self.effective_weight()
+
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_terms={self.num_terms}, "
                 f"low_rank={self.low_rank}, bias={self.bias is not None}, init={self.init!r}")
