@@ -28,7 +28,7 @@ from panther.attention_error import error_of_features, mha_heads, mha_sample, sa
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
 from .common import Candidate, PassContext, shape_of, trace_into
-from .sketch_sdpa import projection_for
+from .sketch_sdpa import features_of, projection_for
 
 KIND = "attention"
 OP_AFTER = "panther.rf_attention"
@@ -135,7 +135,8 @@ def match(node, ctx: PassContext):
                      op=OP_BEFORE, extra=extra)
     sample = ctx.attention_samples.get(node)
     if sample is not None:  # what the policy may weigh
-        extra["output_error"] = error_of_features(sample, extra["head_dim"], extra["causal"])
+        draw = features_of(ctx, W, base_name, extra["head_dim"], info.dtype, info.device)
+        extra["output_error"] = error_of_features(sample, draw, extra["causal"])
     cand = Candidate(node, info, OP_BEFORE, needs_weights=False,
                      data={"a": a, "base_name": base_name, "owner": W, "sample": sample})
     kpm = a["key_padding_mask"]
@@ -168,7 +169,8 @@ def match(node, ctx: PassContext):
 def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     node, a, info = cand.node, cand.data["a"], cand.info
     base_name = cand.data["base_name"]
-    P = projection_for(ctx, cand.data["owner"], base_name, spec, info.extra["head_dim"], info.dtype, info.device)
+    P = projection_for(ctx, cand.data["owner"], base_name, spec.num_random_features, spec.seed,
+                       info.extra["head_dim"], info.dtype, info.device)
     p_node = ctx.add_constant(f"{base_name}_rf_projection", P, node)
     sep = bool(a["use_separate_proj_weight"])
     new = trace_into(ctx.graph, node, rf_multi_head_attention, a["query"], a["key"], a["value"], a["num_heads"],

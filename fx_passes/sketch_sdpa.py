@@ -17,12 +17,14 @@ different query/key lengths.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from panther.attention_error import error_of_features, sample, sample_error
-from panther.policy import LayerInfo, SketchSpec, dense_attention_flops, seed_for
+from panther.policy import LayerInfo, SketchSpec, dense_attention_flops, layer_seed
 
-from .common import Candidate, PassContext, common_prefix, generator_for, shape_of, spec_key, trace_into
+from .common import Candidate, PassContext, common_prefix, generator_for, shape_of, trace_into
 from .sdpa_mask import key_padding_mask, padding_and_causal
 
 KIND = "attention"
@@ -93,8 +95,10 @@ def match(node, ctx: PassContext):
     extra = {"head_dim": qs[-1] if qs else 1, "projections": proj_names,
              "causal": masking[1] if isinstance(masking, tuple) else causal}
     sample = ctx.attention_samples.get(node)
+    owner = _owner(ctx, projections)
     if sample is not None and isinstance(masking, tuple):  # what the policy may weigh
-        extra["output_error"] = error_of_features(sample, qs[-1], extra["causal"])
+        draw = features_of(ctx, owner, base_name, qs[-1], getattr(qv, "dtype", None), getattr(qv, "device", None))
+        extra["output_error"] = error_of_features(sample, draw, extra["causal"])
     flops = None
     if ok4:
         B, H, Lq, d = qs
@@ -106,7 +110,7 @@ def match(node, ctx: PassContext):
                      grad_enabled=ctx.grad_enabled, op="scaled_dot_product_attention", extra=extra)
     cand = Candidate(node, info, "scaled_dot_product_attention", needs_weights=False,
                      data={"q": q, "k": k, "v": v, "causal": extra["causal"], "scale": scale,
-                           "base_name": base_name, "owner": _owner(ctx, projections), "groups": 1, "sample": sample,
+                           "base_name": base_name, "owner": owner, "groups": 1, "sample": sample,
                            "padding": masking[0] if isinstance(masking, tuple) else []})
     if not ok4:
         cand.unsupported = "query/key/value are not 4-D (B, H, L, d)"
@@ -142,20 +146,28 @@ def _owner(ctx, projections):
     return None
 
 
-def projection_for(ctx: PassContext, owner, base_name: str, spec: SketchSpec, d: int, dtype, device):
-    key = ("rf_projection", base_name, spec_key(spec), d, dtype, str(device))
+def projection_for(ctx: PassContext, owner, base_name: str, m: int, seed: Optional[int], d: int, dtype, device):
+    """The ``m`` random features of the layer ``base_name`` for a spec's ``seed``, drawn once per model: the
+    accuracy guard's measurement (``features_of``) and the rewrite use the same draw."""
+    key = ("rf_projection", base_name, m, seed, d, dtype, str(device))
 
     def draw():
-        gen = generator_for(seed_for(spec, base_name))
-        return draw_projection(spec.num_random_features, d, generator=gen, dtype=dtype, device=device)
+        gen = generator_for(layer_seed(seed, base_name))
+        return draw_projection(m, d, generator=gen, dtype=dtype, device=device)
 
     return ctx.cache.get(owner, key, draw)
+
+
+def features_of(ctx: PassContext, owner, base_name: str, d: int, dtype, device):
+    """``draw(m, seed)`` for :func:`panther.attention_error.error_of_features`: :func:`projection_for`."""
+    return lambda m, seed: projection_for(ctx, owner, base_name, m, seed, d, dtype, device)
 
 
 def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     node, d = cand.node, cand.data
     info = cand.info
-    P = projection_for(ctx, d["owner"], d["base_name"], spec, info.extra["head_dim"], info.dtype, info.device)
+    P = projection_for(ctx, d["owner"], d["base_name"], spec.num_random_features, spec.seed, info.extra["head_dim"],
+                       info.dtype, info.device)
     p_node = ctx.add_constant(f"{d['base_name']}_rf_projection", P, node)
     new = trace_into(ctx.graph, node, rf_sdpa, d["q"], d["k"], d["v"], p_node, spec.kernel_fn, d["causal"],
                      d["scale"], d["groups"], info.shapes["query"][0], info.extra["len_k"], *d["padding"])[-1]

@@ -11,7 +11,7 @@ positions, fp32) and :func:`sample_error` compares random-feature with exact att
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,14 +56,15 @@ def sample(q, k, v, attn_mask, is_causal, scale, enable_gqa) -> Dict:
             "mask": mask, "scale": scale}
 
 
-def error_of_features(sample: Dict, head_dim: int, causal: bool) -> Callable[..., float]:
-    """``LayerInfo.extra["output_error"]``: ``(m, kernel_fn) -> sample_error`` with ``m`` features of a
-    fixed draw (a local generator: the global RNG is not touched)."""
-    from panther.sketch import orthogonal_random_features
+def error_of_features(sample: Dict, draw: Callable[[int, Optional[int]], torch.Tensor], causal: bool
+                      ) -> Callable[..., float]:
+    """``LayerInfo.extra["output_error"]``: ``(m, kernel_fn="softmax", seed=None) -> sample_error`` with the
+    random features ``draw(m, seed)`` gives: the ones the layer gets for ``m`` features and a spec's
+    ``seed``. The callers memoise ``draw`` and build the layer from the same draw, so what a policy weighs is
+    exactly the error the report then shows."""
 
-    def output_error(m: int, kernel_fn: str = "softmax") -> float:
-        P = orthogonal_random_features(m, head_dim, generator=torch.Generator().manual_seed(0))
-        return sample_error(sample, P, kernel_fn, causal)
+    def output_error(m: int, kernel_fn: str = "softmax", seed: Optional[int] = None) -> float:
+        return sample_error(sample, draw(m, seed), kernel_fn, causal)
 
     return output_error
 

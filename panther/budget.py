@@ -419,7 +419,7 @@ class ErrorBudgetPolicy:
             saving = None if flops is None or not info.flops else 1 - flops / info.flops
             if saving is None or saving < self.min_saving:
                 break  # more features only cost more
-            err = measure(m)
+            err = measure(m, spec.kernel_fn, spec.seed)
             if err <= self.headroom * budget:
                 note = f"output err {err:.2g} <= {budget:g} on the example, -{saving:.0%} FLOPs"
                 return LayerChoice(info.name, info.kind, spec.replace(note=note), None, err, saving)

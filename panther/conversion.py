@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from .policy import LayerInfo, Policy, SketchSpec, decide, dense_attention_flops, resolve_policy, seed_for, \
-    sketched_cost, unmatched_entries, with_overrides
+    layer_seed, sketched_cost, unmatched_entries, with_overrides
 from .attention_error import error_of_features, mha_sample, sample_error
 from .nn import RandMultiHeadAttention as _RandMHA
 from .nn import SKConv2d, SKLinear
-from .sketch import relative_error
+from .sketch import orthogonal_random_features, relative_error
 from ._progress import progress as _progress
 from .report import GraphDiffReport, ReportRow, _set_last, warn_inaccurate_attention
 
@@ -210,7 +210,9 @@ def _conv_info(name, m: nn.Conv2d, rec, grad_enabled):
     )
 
 
-def _mha_info(name, m: nn.MultiheadAttention, rec, grad_enabled):
+def _mha_info(name, m: nn.MultiheadAttention, rec, grad_enabled, drawn=None):
+    """``drawn``: a dict that keeps, by ``(m, seed)``, the random features the policy's accuracy measurement
+    drew, for :func:`_swap_mha` to build the layer with."""
     E, H = m.embed_dim, m.num_heads
     d = E // H
     params = sum(p.numel() for p in m.parameters())
@@ -229,7 +231,7 @@ def _mha_info(name, m: nn.MultiheadAttention, rec, grad_enabled):
         extra.update(batch_heads=B * H, len_q=Lq, len_k=Lk, head_dim_v=d, projection_flops=proj, causal=causal)
         shapes = {"query": qs, "key": ks, "value": vs}
         if rec[3] is not None:  # measured on example_inputs, as the compile backend measures it
-            extra["output_error"] = error_of_features(rec[3], d, causal)
+            extra["output_error"] = error_of_features(rec[3], _feature_draw(name, d, m.out_proj.weight, drawn), causal)
     return LayerInfo(name=name, kind="attention", shapes=shapes, dtype=m.out_proj.weight.dtype,
                      device=m.out_proj.weight.device, params=params, flops=flops,
                      has_bias=m.in_proj_bias is not None, grad_enabled=grad_enabled,
@@ -280,14 +282,33 @@ def _swap_conv(name, m, spec: SketchSpec):
     return new, "panther.nn.SKConv2d"
 
 
-def _swap_mha(name, m, spec: SketchSpec):
+def _feature_draw(name, head_dim, like: torch.Tensor, drawn: Optional[dict]):
+    """``draw(m, seed)``: the random features :func:`_swap_mha` gives the layer ``name`` (as the compile pass
+    draws them: the first draw of the per-layer seed, else of the global RNG), kept in ``drawn``."""
+    drawn = {} if drawn is None else drawn
+
+    def draw(m, seed):
+        if (m, seed) not in drawn:
+            s = layer_seed(seed, name)
+            drawn[m, seed] = orthogonal_random_features(m, head_dim, dtype=like.dtype, device=like.device,
+                                                        generator=None if s is None else torch.Generator().manual_seed(s))
+        return drawn[m, seed]
+
+    return draw
+
+
+def _swap_mha(name, m, spec: SketchSpec, drawn=None):
+    """``drawn``: the features :func:`_feature_draw` drew for the policy to measure, by ``(m, seed)``."""
     seed = seed_for(spec, name)
     new = MHACompatibleRandAttention.from_mha(m, spec.num_random_features, kernel_fn=spec.kernel_fn,
                                               iscausal=spec.causal, seed=seed)
+    P = (drawn or {}).get((spec.num_random_features, spec.seed))
+    if P is None and seed is not None:  # as the compile pass draws them
+        P = _feature_draw(name, new.head_dim, m.out_proj.weight, None)(spec.num_random_features, spec.seed)
+    if P is not None:
+        with torch.no_grad():
+            new.projection_matrix.copy_(P)
     new.batch_first = m.batch_first
-    if seed is not None:
-        # The random features the compile pass draws for this layer: the first draw of the per-layer seed.
-        new.redraw_features(generator=torch.Generator().manual_seed(seed))
     return new, "panther.nn.RandMultiHeadAttention"
 
 
@@ -474,7 +495,9 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
     rows = []
     # factorising many / large layers takes seconds: a bar on a terminal once it has taken more than 1 s
     for name, m, kind in _progress(cands, desc="panther convert", unit="layer", delay=1.0):
-        info = _INFO[kind](name, m, recorded.get(id(m)), grad_enabled)
+        drawn = {} if kind == "attention" else None  # its random features, by (m, seed), once measured
+        with_drawn = {} if drawn is None else {"drawn": drawn}
+        info = _INFO[kind](name, m, recorded.get(id(m)), grad_enabled, **with_drawn)
         spec, reason = decide(policy_fn, info)
         op_before = info.op
         if spec is not None:
@@ -485,7 +508,7 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
             rows.append(ReportRow(name, kind, op_before, op_before, False, reason or "policy declined",
                                   info.params, info.params, info.flops, info.flops))
             continue
-        new, op_after = _SWAP[kind](name, m, spec)
+        new, op_after = _SWAP[kind](name, m, spec, **with_drawn)
         if getattr(spec, "act_gram", None) is not None:
             _apply_act_gram(name, m, new, spec)
         err = _weight_error(m, new) if kind != "attention" else _attention_error(new, recorded.get(id(m)))

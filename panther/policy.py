@@ -47,6 +47,7 @@ __all__ = [
     "spec_for_layer",
     "decide",
     "seed_for",
+    "layer_seed",
     "MIN_DEFAULT_RANK",
 ]
 
@@ -70,8 +71,8 @@ class LayerInfo:
     (``panther.convert`` without ``example_inputs``). ``extra`` holds kind-specific facts, e.g.
     ``in_features``/``out_features``, ``kernel_size``/``stride``/``groups``, ``num_heads``/``head_dim``/
     ``causal``. For an SDPA call the compile backend could run on its example input, ``output_error(m,
-    kernel_fn="softmax")`` is the relative error random-feature attention with ``m`` features makes on a
-    sample of that input (the default policy leaves attention exact above
+    kernel_fn="softmax", seed=None)`` is the relative error random-feature attention with ``m`` features makes on a
+    sample of that input, with the features the layer gets for a spec of that ``m`` and ``seed`` (the default policy leaves attention exact above
     :data:`DEFAULT_MAX_ATTENTION_ERROR`).
 
     ``name`` is the module path (``"blocks.0.mlp.fc1"``; a module called again appears in compile reports
@@ -312,7 +313,7 @@ def _default_decide(info: LayerInfo):
     if after is None or 2 * after > info.flops:
         return None, f"default policy: would not halve the FLOPs ({_human(info.flops)} -> {_human(after)})"
     if info.kind == "attention" and "output_error" in info.extra:
-        err = info.extra["output_error"](spec.num_random_features, spec.kernel_fn)
+        err = info.extra["output_error"](spec.num_random_features, spec.kernel_fn, spec.seed)
         if err > DEFAULT_MAX_ATTENTION_ERROR:
             return None, (f"default policy: random features are inaccurate here (output err {err:.3g} > "
                           f"{DEFAULT_MAX_ATTENTION_ERROR} on the example input: query/key norms too large)")
@@ -451,11 +452,16 @@ def decide(policy, info: LayerInfo, default_init: str = "sketch"):
 
 def seed_for(spec: SketchSpec, name: str) -> Optional[int]:
     """Per-layer seed derived from ``spec.seed`` and the layer name (stable across processes)."""
-    if spec.seed is None:
+    return layer_seed(spec.seed, name)
+
+
+def layer_seed(seed: Optional[int], name: str) -> Optional[int]:
+    """:func:`seed_for` from a spec's ``seed`` alone."""
+    if seed is None:
         return None
     import zlib
 
-    return (spec.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
 

@@ -305,14 +305,16 @@ def test_attention_gets_the_fewest_features_within_budget():
             seen[info.kind] = info
             return super().panther_decide(info)
 
-    policy = Recording(small, [x], budget=0.1)
+    policy = Recording(small, [x], budget=0.1, seed=0)  # seeded draws: the same errors whatever ran before
     _, report = _compile_report(small, policy, x)
     (row,) = [r for r in report.rows if r.kind == "attention"]
-    errors = [seen["attention"].extra["output_error"](m) for m in ATTENTION_FEATURES]
+    # the errors the policy weighed, of the features the layer then gets
+    errors = [seen["attention"].extra["output_error"](m, "softmax", 0) for m in ATTENTION_FEATURES]
+    assert row.est_error == errors[ATTENTION_FEATURES.index(row.spec.num_random_features)]
     fewest = next(m for m, e in zip(ATTENTION_FEATURES, errors) if e <= 0.9 * 0.1)
     assert row.replaced and row.spec.num_random_features == fewest and "on the example" in row.spec.note
     assert errors[0] > 0.9 * 0.1  # the case exercises the search: the fewest features were not enough
-    _, report = _compile_report(large, Recording(large, [x], budget=0.1), x)
+    _, report = _compile_report(large, Recording(large, [x], budget=0.1, seed=0), x)
     (row,) = [r for r in report.rows if r.kind == "attention"]
     assert not row.replaced and "no feature count that saves" in row.reason
 

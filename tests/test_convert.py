@@ -78,6 +78,33 @@ class SelfAttention(nn.Module):
         return self.attn(x, x, x, need_weights=False)[0]
 
 
+@pytest.mark.parametrize("seed", [None, 3])
+def test_the_error_a_policy_weighs_is_the_error_of_the_layer_it_gets(seed):
+    """The accuracy measurement and the layer share one draw of random features (unseeded ones included), so the
+    policy's number, the report's and the built layer's agree, through convert and the compile backend."""
+    x = torch.randn(1, 512, 32, generator=torch.Generator().manual_seed(0))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = SelfAttention(1.0)
+    weighed = {}
+
+    def policy(info):
+        spec = SketchSpec(num_random_features=16, seed=seed)
+        weighed[info.name] = info.extra["output_error"](16, "softmax", seed)
+        return spec
+
+    converted, report = panther.convert(copy.deepcopy(model), policy, example_inputs=x)
+    assert report.row("attn").est_error == weighed["attn"]
+    torch._dynamo.reset()
+    reports = []
+    with torch.no_grad():
+        torch.compile(model, backend=panther_backend, options={"policy": policy, "report": reports.append})(x)
+    (row,) = reports[0].rows
+    assert row.est_error == weighed[row.name]
+    if seed is not None:  # seeded: the same features both ways
+        assert weighed[row.name] == weighed["attn"]
+
+
 def test_convert_measures_attention_on_example_inputs():
     """With example_inputs, convert measures random-feature attention's error as the compile backend does:
     the report shows it, and the default policy keeps inaccurate attention exact."""
