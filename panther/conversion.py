@@ -504,6 +504,8 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
             problem = _unsupported(kind, m)
             if problem:
                 spec, reason = None, problem
+            elif kind == "attention" and info.extra["causal"] and not spec.causal:
+                spec = spec.replace(causal=True)  # called causally on the example: a layer that accepts that
         if spec is None:
             rows.append(ReportRow(name, kind, op_before, op_before, False, reason or "policy declined",
                                   info.params, info.params, info.flops, info.flops))

@@ -106,7 +106,8 @@ class SketchSpec:
       backend, whose rewrites serve inference only, and ``"sketch"`` in ``panther.convert``.
     * attention: ``num_random_features`` (m) and ``kernel_fn`` (``"softmax"`` or ``"relu"``);
       ``causal`` is only read by ``panther.convert`` for nn.MultiheadAttention (the compile backend takes
-      causality from the graph).
+      causality from the graph; ``convert`` also makes a layer causal that ``example_inputs`` show called
+      with ``is_causal=True``).
 
     A field left ``None`` is filled by :func:`default_spec` for the layer. ``seed`` makes the random draws
     (sketch signs, random features) reproducible: each layer derives its own generator from ``seed`` and

@@ -105,6 +105,23 @@ def test_the_error_a_policy_weighs_is_the_error_of_the_layer_it_gets(seed):
         assert weighed[row.name] == weighed["attn"]
 
 
+def test_an_attention_called_causally_on_the_example_is_converted_causal():
+    """nn.TransformerDecoder calls its self-attention with a causal attn_mask and is_causal=True. Seen so on
+    example_inputs, the layer is converted causal (without SketchSpec(causal=True)), runs on the same call,
+    and matches the compile backend, which reads causality from the graph."""
+    torch.manual_seed(0)
+    model = nn.TransformerDecoder(nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0), num_layers=1).eval()
+    tgt, memory = torch.randn(12, 2, 32), torch.randn(9, 2, 32)
+    call = dict(tgt=tgt, memory=memory, tgt_mask=nn.Transformer.generate_square_subsequent_mask(12), tgt_is_causal=True)
+    policy = {"attention": SketchSpec(num_random_features=16, seed=1)}
+    with torch.no_grad():
+        torch._dynamo.reset()
+        compiled = torch.compile(copy.deepcopy(model), backend=panther_backend, options={"policy": policy})(**call)
+        converted, report = panther.convert(model, policy, example_inputs=call)
+        assert report.row("layers.0.self_attn").spec.causal and not report.row("layers.0.multihead_attn").spec.causal
+        torch.testing.assert_close(converted(**call), compiled, rtol=1e-5, atol=1e-5)
+
+
 def test_convert_measures_attention_on_example_inputs():
     """With example_inputs, convert measures random-feature attention's error as the compile backend does:
     the report shows it, and the default policy keeps inaccurate attention exact."""
