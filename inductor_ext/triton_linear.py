@@ -380,17 +380,22 @@ def _acc_registers(block_m, block_n, h_pad, num_warps):
 def kernel_configs(h_pad, elem_size):
     """The autotune candidates for one (half width, element size) bucket, all of them within
     ``SMEM_LIMIT`` and a register budget that leaves room for addresses."""
-    out = []
-    for bm, bk, bn, warps, stages in _CANDIDATES:
-        if smem_bytes(bm, bk, bn, stages, h_pad, elem_size) > SMEM_LIMIT:
-            continue
-        if _acc_registers(bm, bn, h_pad, warps) > 128:
-            continue
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn}, num_warps=warps,
-                                 num_stages=stages))
-        if len(out) == _MAX_CONFIGS:
-            break
-    return out
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+            for bm, bk, bn, warps, stages in _fitting_candidates(h_pad, elem_size)]
+
+
+def _fitting_candidates(h_pad, elem_size):
+    """:func:`kernel_configs` as plain tuples (BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages)."""
+    fits = [c for c in _CANDIDATES if smem_bytes(c[0], c[1], c[2], c[4], h_pad, elem_size) <= SMEM_LIMIT
+            and _acc_registers(c[0], c[2], h_pad, c[3]) <= 128]
+    return fits[:_MAX_CONFIGS]
+
+
+def _has_configs(h_pad, elem_size):
+    """Whether :func:`_autotuned` has a kernel for this bucket, without building its Autotuner: plain Python
+    that Dynamo traces when a compiled module routes a call (an Autotuner's constructor reads Triton's
+    environment knobs through a C extension, which Dynamo cannot trace)."""
+    return _INTERPRET or (h_pad, elem_size) in _MEASURED_BEST or bool(_fitting_candidates(h_pad, elem_size))
 
 
 # The interpreter cannot benchmark; it runs one small config (tails are exercised by the tests,
@@ -706,7 +711,7 @@ def _kernel_ok(t, rank, widest=None, direction="forward"):
     the layer's wider side, max(in, out) features (None: ``t``'s last dimension)."""
     if triton is None or rank > MAX_RANK or t.dtype not in _DTYPES:
         return False
-    if _autotuned(_dot_width(rank // 2), t.element_size()) is None:
+    if not _has_configs(_dot_width(rank // 2), t.element_size()):
         return False
     if t.device.type == "cuda":
         widest = t.shape[-1] if widest is None else widest

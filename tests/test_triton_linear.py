@@ -170,10 +170,15 @@ def test_autocast_cpu_bfloat16():
     assert rel(y, ref) < 3e-2
 
 
-def test_compile_cpu_branch():
-    """Inductor on CPU decomposes the triton_op's body: the torch branch, same numbers."""
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_cpu_branch(backend, monkeypatch):
+    """Inductor on CPU decomposes the triton_op's body: the torch branch, same numbers. Compiled in one graph
+    before any eager call: with no Autotuner built yet, routing the call must not build one while Dynamo
+    traces (its constructor reads Triton's knobs through a C extension Dynamo cannot trace)."""
+    monkeypatch.setattr(tlin, "_AUTOTUNERS", {})
     args = factors(2, 9, 3, 7, dtype=torch.float32, lead=(5,))
-    fn = torch.compile(tlin.sketched_linear_triton, backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    fn = torch.compile(tlin.sketched_linear_triton, backend=backend, fullgraph=True)
     torch.testing.assert_close(fn(*args), sketched_linear_reference(*args), rtol=1e-5, atol=1e-5)
 
 
@@ -389,8 +394,10 @@ def test_cuda_every_autotune_config_launches(h_pad, dtype):
 
 @pytest.mark.cuda
 @cuda_only
-def test_inductor_inlines_the_triton_kernel():
+def test_inductor_inlines_the_triton_kernel(monkeypatch):
     from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(tlin, "_AUTOTUNERS", {})  # compiled before any eager call has built an Autotuner
 
     class Net(torch.nn.Module):
         def __init__(self):
