@@ -21,12 +21,14 @@ logs, pipes, CI or pytest; ``PANTHER_PROGRESS=0/1`` forces it off/on, see ``pant
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .policy import LayerInfo, Policy, SketchSpec, decide, dense_attention_flops, resolve_policy, seed_for, \
     layer_seed, sketched_cost, unmatched_entries, with_overrides
@@ -49,9 +51,11 @@ def is_conv1d(m: nn.Module) -> bool:
     """Hugging Face ``Conv1D`` (GPT-2's projections): a linear layer whose weight is stored (in, out) and
     applied as ``addmm(bias, x, weight)``. Recognised by name and shape, so panther never imports
     transformers."""
+    if type(m).__name__ != "Conv1D":
+        return False  # before reading .weight: a parametrized weight would be computed (and may update state)
     w = getattr(m, "weight", None)
-    return (type(m).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
-            and getattr(m, "nf", None) == w.shape[1] and type(m).forward is not nn.Module.forward)
+    return (isinstance(w, torch.Tensor) and w.dim() == 2 and getattr(m, "nf", None) == w.shape[1]
+            and type(m).forward is not nn.Module.forward)
 
 
 def _candidates(model: nn.Module):
@@ -174,6 +178,15 @@ def _numel(*ts):
     return sum(t.numel() for t in ts if t is not None)
 
 
+def _weight_facts(m: nn.Module, shape):
+    """(dtype, device, parameter count) of a linear or conv layer whose weight has ``shape``, without computing
+    a parametrized weight (``weight_norm``, ``spectral_norm``: in training mode a read runs a power iteration)."""
+    if parametrize.is_parametrized(m, "weight"):
+        p = next(m.parameters())
+        return p.dtype, p.device, _numel(*m.parameters())
+    return m.weight.dtype, m.weight.device, math.prod(shape) + _numel(m.bias)
+
+
 def _linear_info(name, m: nn.Linear, rec, grad_enabled):
     conv1d = is_conv1d(m)
     d_in, d_out = m.weight.shape if conv1d else (m.in_features, m.out_features)
@@ -184,26 +197,28 @@ def _linear_info(name, m: nn.Linear, rec, grad_enabled):
         for s in x_shape[:-1]:
             n *= s
         flops = 2 * n * d_in * d_out
+    dtype, device, params = _weight_facts(m, (d_out, d_in))
     return LayerInfo(
         name=name, kind="linear",
         shapes={"input": x_shape, "weight": (d_out, d_in), "output": rec[2] if rec else None},
-        dtype=m.weight.dtype, device=m.weight.device, params=_numel(m.weight, m.bias), flops=flops,
+        dtype=dtype, device=device, params=params, flops=flops,
         has_bias=m.bias is not None, grad_enabled=grad_enabled, op="Conv1D" if conv1d else "nn.Linear",
         extra={"in_features": d_in, "out_features": d_out},
     )
 
 
 def _conv_info(name, m: nn.Conv2d, rec, grad_enabled):
-    C_out, C_in_g, kh, kw = m.weight.shape
+    C_out, C_in_g, (kh, kw) = m.out_channels, m.in_channels // m.groups, m.kernel_size
     out_shape = rec[2] if rec else None
     flops = None
     if out_shape is not None:
         positions = (out_shape[0] if len(out_shape) == 4 else 1) * out_shape[-2] * out_shape[-1]
         flops = 2 * positions * C_out * C_in_g * kh * kw
+    dtype, device, params = _weight_facts(m, (C_out, C_in_g, kh, kw))
     return LayerInfo(
         name=name, kind="conv2d",
-        shapes={"input": rec[0][0] if rec and rec[0] else None, "weight": tuple(m.weight.shape), "output": out_shape},
-        dtype=m.weight.dtype, device=m.weight.device, params=_numel(m.weight, m.bias), flops=flops,
+        shapes={"input": rec[0][0] if rec and rec[0] else None, "weight": (C_out, C_in_g, kh, kw), "output": out_shape},
+        dtype=dtype, device=device, params=params, flops=flops,
         has_bias=m.bias is not None, grad_enabled=grad_enabled, op="nn.Conv2d",
         extra={"in_channels": m.in_channels, "out_channels": C_out, "kernel_size": (kh, kw), "groups": m.groups,
                "stride": m.stride, "padding": m.padding, "dilation": m.dilation},
@@ -314,6 +329,10 @@ def _swap_mha(name, m, spec: SketchSpec, drawn=None):
 
 def _unsupported(kind, m) -> Optional[str]:
     """Why a module of a supported class still cannot be swapped (None if it can)."""
+    if kind in ("linear", "conv2d") and parametrize.is_parametrized(m, "weight"):
+        names = ", ".join(type(p).__name__ for p in m.parametrizations.weight)
+        return (f"its weight is parametrized ({names}, torch.nn.utils.parametrize): a sketched layer would "
+                f"drop the parametrization")
     if kind == "conv2d":
         if m.groups != 1:
             return f"grouped convolution (groups={m.groups}) is not supported by SKConv2d"

@@ -122,6 +122,25 @@ def test_an_attention_called_causally_on_the_example_is_converted_causal():
         torch.testing.assert_close(converted(**call), compiled, rtol=1e-5, atol=1e-5)
 
 
+def test_parametrized_weights_stay_and_are_not_computed():
+    """A weight under torch.nn.utils.parametrize (weight_norm, spectral_norm) is a training constraint the
+    sketched layer would drop: such layers stay, with the reason. Judging them does not compute the weight
+    (a spectral_norm read in training mode runs a power iteration and changes the layer's state)."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(32, 32)),
+                          parametrizations.spectral_norm(nn.Linear(32, 32)), nn.Linear(32, 32),
+                          parametrizations.spectral_norm(nn.Conv2d(4, 8, 3)))
+    state = copy.deepcopy(model.state_dict())
+    _, report = panther.convert(model, {"linear": SketchSpec(1, 4), "conv2d": SketchSpec(1, 2)})
+    assert [r.replaced for r in report.rows] == [False, False, True, False]
+    assert "_WeightNorm" in report.row("0").reason and "_SpectralNorm" in report.row("1").reason
+    assert report.row("0").params_before == 32 + 32 * 32 + 32  # weight_norm's g and v, and the bias
+    for key in ("1.parametrizations.weight.0._u", "3.parametrizations.weight.0._u"):
+        assert torch.equal(model.state_dict()[key], state[key])
+
+
 def test_convert_measures_attention_on_example_inputs():
     """With example_inputs, convert measures random-feature attention's error as the compile backend does:
     the report shows it, and the default policy keeps inaccurate attention exact."""
