@@ -35,6 +35,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._progress import progress as _progress
 from .conversion import call_with, is_conv1d
@@ -45,6 +46,8 @@ __all__ = ["ErrorBudgetPolicy", "error_budget_policy", "LayerStats", "LayerChoic
 
 
 def _layer_kind(m: nn.Module) -> Optional[str]:
+    if parametrize.is_parametrized(m, "weight"):
+        return None  # convert keeps such layers; reading the weight could even update them (spectral_norm)
     if isinstance(m, nn.Linear) or is_conv1d(m):
         return "linear"
     if isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros":

@@ -517,14 +517,11 @@ def convert(model: nn.Module, policy: Policy = None, *, example_inputs=None, ove
         drawn = {} if kind == "attention" else None  # its random features, by (m, seed), once measured
         with_drawn = {} if drawn is None else {"drawn": drawn}
         info = _INFO[kind](name, m, recorded.get(id(m)), grad_enabled, **with_drawn)
-        spec, reason = decide(policy_fn, info)
         op_before = info.op
-        if spec is not None:
-            problem = _unsupported(kind, m)
-            if problem:
-                spec, reason = None, problem
-            elif kind == "attention" and info.extra["causal"] and not spec.causal:
-                spec = spec.replace(causal=True)  # called causally on the example: a layer that accepts that
+        problem = _unsupported(kind, m)  # first, as the compile backend does: the policy never sees such layers
+        spec, reason = (None, problem) if problem else decide(policy_fn, info)
+        if spec is not None and kind == "attention" and info.extra["causal"] and not spec.causal:
+            spec = spec.replace(causal=True)  # called causally on the example: a layer that accepts that
         if spec is None:
             rows.append(ReportRow(name, kind, op_before, op_before, False, reason or "policy declined",
                                   info.params, info.params, info.flops, info.flops))

@@ -128,11 +128,15 @@ def test_parametrized_weights_stay_and_are_not_computed():
     (a spectral_norm read in training mode runs a power iteration and changes the layer's state)."""
     from torch.nn.utils import parametrizations
 
+    from panther.budget import ErrorBudgetPolicy
+
     torch.manual_seed(0)
     model = nn.Sequential(parametrizations.weight_norm(nn.Linear(32, 32)),
                           parametrizations.spectral_norm(nn.Linear(32, 32)), nn.Linear(32, 32),
                           parametrizations.spectral_norm(nn.Conv2d(4, 8, 3)))
     state = copy.deepcopy(model.state_dict())
+    budget = ErrorBudgetPolicy(model[:3], [torch.randn(16, 32)], budget=0.5)  # the error-budget policy skips them
+    assert set(budget.stats) == {"2"}
     _, report = panther.convert(model, {"linear": SketchSpec(1, 4), "conv2d": SketchSpec(1, 2)})
     assert [r.replaced for r in report.rows] == [False, False, True, False]
     assert "_WeightNorm" in report.row("0").reason and "_SpectralNorm" in report.row("1").reason
