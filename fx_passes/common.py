@@ -286,7 +286,7 @@ class PassContext:
         if not isinstance(node, fx.Node):
             return None, None, "weight is not a graph value"
         if node.op != "placeholder":
-            return None, None, f"weight is computed in the graph ({node.op} {node.name}), not a module parameter"
+            return None, None, self._computed_weight_reason(node)
         ga = node.meta.get("grapharg")
         src = getattr(getattr(ga, "source", None), "name", None)
         if callable(src):  # older torch: Source.name() is a method
@@ -301,6 +301,31 @@ class PassContext:
             return None, None, "weight is a graph input, not a module parameter"
         fqn = source_to_fqn(src) if isinstance(src, str) else None
         return real, fqn or node.name, None
+
+    def _computed_weight_reason(self, node: fx.Node) -> str:
+        """Why a weight computed in the graph is left alone, naming the parameters it is computed from (a
+        ``torch.nn.utils.parametrize`` weight, weight_norm or spectral_norm, reads ``parametrizations.weight``)."""
+        sources, seen, todo = [], {node}, [node]
+        while todo:
+            for n in todo.pop().all_input_nodes:
+                if n in seen:
+                    continue
+                seen.add(n)
+                if n.op == "placeholder":
+                    fqn = self.weight(n)[1]
+                    if fqn is not None:
+                        sources.append(fqn)
+                else:
+                    todo.append(n)
+        parametrized = sorted({s.split(".parametrizations.")[0] for s in sources if ".parametrizations." in s})
+        if parametrized:
+            return (f"weight is computed in the graph by a parametrization "
+                    f"({', '.join(p + '.parametrizations' for p in parametrized)}, torch.nn.utils.parametrize), "
+                    f"not a module parameter")
+        if not sources:
+            return f"weight is computed in the graph ({node.op} {node.name}), not a module parameter"
+        names = ", ".join(sorted(sources)[:3]) + (", ..." if len(sources) > 3 else "")
+        return f"weight is computed in the graph from {names}, not a module parameter"
 
     def module_path(self, node: fx.Node) -> Optional[str]:
         """Innermost module path of a call node from ``nn_module_stack`` (``None`` at the root)."""

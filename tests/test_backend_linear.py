@@ -230,6 +230,30 @@ def test_matmul_spelling():
         assert rel(y, m(x)) <= 1e-5  # full rank for both
 
 
+def test_a_weight_computed_in_the_graph_is_left_with_its_sources():
+    """A parametrized weight (weight_norm) and one computed from two parameters stay dense; the reason names
+    what they are computed from."""
+    from torch.nn.utils import parametrizations
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = parametrizations.weight_norm(nn.Linear(16, 16))
+            self.a, self.b = nn.Parameter(torch.randn(16, 16)), nn.Parameter(torch.randn(16, 16))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(self.norm(x), self.a + self.b)
+
+    torch._dynamo.reset()
+    compiled, reports = compile_panther(M(), policy={"*": SketchSpec(low_rank=4)})
+    with torch.no_grad():
+        compiled(torch.randn(3, 16))
+    rows = reports[0].rows
+    assert not any(r.replaced for r in rows)
+    assert "by a parametrization (norm.parametrizations, torch.nn.utils.parametrize)" in rows[0].reason
+    assert "computed in the graph from a, b, not a module parameter" in rows[1].reason
+
+
 @pytest.mark.parametrize(
     "options, exc, needle",
     [
