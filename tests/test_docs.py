@@ -39,6 +39,8 @@ DOCUMENTED = [
 # How-to pages whose python blocks run verbatim, in order, in one namespace (they say so). Blocks that call
 # torch.compile are left out to keep this file fast; tests/test_convert.py compiles converted models.
 RUNNABLE_PAGES = ["explicit-layers.md", "convert.md"]
+# Pages whose blocks all run, torch.compile included (small models), given what they need installed.
+COMPILED_PAGES = {"huggingface.md": "transformers"}
 
 
 @pytest.fixture(scope="module")
@@ -175,13 +177,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("page", RUNNABLE_PAGES)
+@pytest.mark.parametrize("page", RUNNABLE_PAGES + list(COMPILED_PAGES))
 def test_howto_examples_run(page, capsys, one_thread):
+    if page in COMPILED_PAGES:
+        pytest.importorskip(COMPILED_PAGES[page])
     blocks = _python_blocks(page)
     assert blocks, page
     namespace = {"__name__": f"docs_{page}"}
     for i, code in enumerate(blocks):
-        if "torch.compile(" in code:
+        if "torch.compile(" in code and page not in COMPILED_PAGES:
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -194,3 +198,6 @@ def test_howto_examples_run(page, capsys, one_thread):
                 assert f"torch.Size([{shape.group(1)}])" in out, (page, i, line, out)
             if re.match(r"\s*print\(.*\)\s+# True", line):
                 assert "True" in out and "False" not in out, (page, i, line, out)
+            word = re.match(r"\s*print\(.*\)\s+# ([A-Za-z_]\w*)$", line)
+            if word:
+                assert word.group(1) in out, (page, i, line, out)
