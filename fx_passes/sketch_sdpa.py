@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch
 
-from panther.attention_error import error_of_features, sample, sample_error
-from panther.policy import LayerInfo, SketchSpec, dense_attention_flops, layer_seed
+from panther.attention_error import error_of_features, layer_features, sample, sample_error
+from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
-from .common import Candidate, PassContext, common_prefix, generator_for, shape_of, trace_into
+from .common import Candidate, PassContext, common_prefix, shape_of, trace_into
 from .sdpa_mask import key_padding_mask, padding_and_causal
 
 KIND = "attention"
@@ -32,13 +32,6 @@ OP_AFTER = "panther.rf_attention"
 _SDPA = torch._C._nn.scaled_dot_product_attention
 _ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _DEFAULTS = (None, None, None, None, 0.0, False, None, False)
-
-
-def draw_projection(m: int, d: int, *, generator=None, dtype=None, device=None) -> torch.Tensor:
-    """(m, d) random features for ``rf_attention``: the draw ``RandMultiHeadAttention`` uses."""
-    from panther.sketch import orthogonal_random_features
-
-    return orthogonal_random_features(m, d, generator=generator, dtype=dtype, device=device)
 
 
 def is_projection(n) -> bool:
@@ -151,11 +144,7 @@ def projection_for(ctx: PassContext, owner, base_name: str, m: int, seed: Option
     accuracy guard's measurement (``features_of``) and the rewrite use the same draw."""
     key = ("rf_projection", base_name, m, seed, d, dtype, str(device))
 
-    def draw():
-        gen = generator_for(layer_seed(seed, base_name))
-        return draw_projection(m, d, generator=gen, dtype=dtype, device=device)
-
-    return ctx.cache.get(owner, key, draw)
+    return ctx.cache.get(owner, key, lambda: layer_features(base_name, m, d, seed, dtype=dtype, device=device))
 
 
 def features_of(ctx: PassContext, owner, base_name: str, d: int, dtype, device):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["SAMPLE_QUERIES", "SAMPLE_HEADS", "SAMPLE_LENGTH", "sample", "sample_error", "error_of_features",
-           "mha_heads", "mha_sample"]
+           "layer_features", "mha_heads", "mha_sample"]
 
 #: how many queries of the sample are compared (the last ones of its prefix, which see the most keys)
 SAMPLE_QUERIES = 256
@@ -54,6 +54,19 @@ def sample(q, k, v, attn_mask, is_causal, scale, enable_gqa) -> Dict:
 
     return {"q": pick(q, heads, nq), "k": pick(k, kv_heads, nk), "v": pick(v, kv_heads, nk), "rows": rows,
             "mask": mask, "scale": scale}
+
+
+def layer_features(name: str, m: int, head_dim: int, seed: Optional[int], *, dtype=None, device=None
+                   ) -> torch.Tensor:
+    """The ``(m, head_dim)`` random features the attention layer ``name`` gets for a spec's ``seed``: the first
+    draw of its per-layer seed (:func:`panther.policy.layer_seed`), else a draw of the global RNG. The compile
+    backend and ``panther.convert`` both draw them here, so a seeded layer gets the same features on both."""
+    from panther.policy import layer_seed
+    from panther.sketch import orthogonal_random_features
+
+    s = layer_seed(seed, name)
+    gen = None if s is None else torch.Generator().manual_seed(s)
+    return orthogonal_random_features(m, head_dim, generator=gen, dtype=dtype, device=device)
 
 
 def error_of_features(sample: Dict, draw: Callable[[int, Optional[int]], torch.Tensor], causal: bool

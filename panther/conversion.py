@@ -31,11 +31,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .policy import LayerInfo, Policy, SketchSpec, decide, dense_attention_flops, resolve_policy, seed_for, \
-    layer_seed, sketched_cost, unmatched_entries, with_overrides
-from .attention_error import error_of_features, mha_sample, sample_error
+    sketched_cost, unmatched_entries, with_overrides
+from .attention_error import error_of_features, layer_features, mha_sample, sample_error
 from .nn import RandMultiHeadAttention as _RandMHA
 from .nn import SKConv2d, SKLinear
-from .sketch import orthogonal_random_features, relative_error
+from .sketch import relative_error
 from ._progress import progress as _progress
 from .report import GraphDiffReport, ReportRow, _set_last, warn_inaccurate_attention
 
@@ -304,9 +304,7 @@ def _feature_draw(name, head_dim, like: torch.Tensor, drawn: Optional[dict]):
 
     def draw(m, seed):
         if (m, seed) not in drawn:
-            s = layer_seed(seed, name)
-            drawn[m, seed] = orthogonal_random_features(m, head_dim, dtype=like.dtype, device=like.device,
-                                                        generator=None if s is None else torch.Generator().manual_seed(s))
+            drawn[m, seed] = layer_features(name, m, head_dim, seed, dtype=like.dtype, device=like.device)
         return drawn[m, seed]
 
     return draw
