@@ -313,14 +313,14 @@ def _feature_draw(name, head_dim, like: torch.Tensor, drawn: Optional[dict]):
 def _swap_mha(name, m, spec: SketchSpec, drawn=None):
     """``drawn``: the features :func:`_feature_draw` drew for the policy to measure, by ``(m, seed)``."""
     seed = seed_for(spec, name)
+    # unseeded: the constructor draws from a throwaway generator (its draws are all replaced below), so the
+    # global RNG serves the features alone, once per layer, as in the compile pass
     new = MHACompatibleRandAttention.from_mha(m, spec.num_random_features, kernel_fn=spec.kernel_fn,
-                                              iscausal=spec.causal, seed=seed)
-    P = (drawn or {}).get((spec.num_random_features, spec.seed))
-    if P is None and seed is not None:  # as the compile pass draws them
-        P = _feature_draw(name, new.head_dim, m.out_proj.weight, None)(spec.num_random_features, spec.seed)
-    if P is not None:
-        with torch.no_grad():
-            new.projection_matrix.copy_(P)
+                                              iscausal=spec.causal, seed=seed,
+                                              generator=None if seed is not None else torch.Generator())
+    draw = _feature_draw(name, new.head_dim, m.out_proj.weight, drawn)
+    with torch.no_grad():
+        new.projection_matrix.copy_(draw(spec.num_random_features, spec.seed))
     new.batch_first = m.batch_first
     return new, "panther.nn.RandMultiHeadAttention"
 

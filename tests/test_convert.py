@@ -105,6 +105,21 @@ def test_the_error_a_policy_weighs_is_the_error_of_the_layer_it_gets(seed):
         assert weighed[row.name] == weighed["attn"]
 
 
+def test_unseeded_attention_features_are_the_global_rngs_next_draw():
+    """convert draws an unseeded layer's random features from the global RNG once (the rest of the new layer
+    is copied from the dense one), with or without a measurement on example_inputs."""
+    from panther.attention_error import layer_features
+
+    x = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(0))
+    for example in (None, x):
+        model = SelfAttention(1.0)
+        torch.manual_seed(5)
+        expected = layer_features("attn", 16, 8, None)
+        torch.manual_seed(5)
+        panther.convert(model, {"attention": SketchSpec(num_random_features=16)}, example_inputs=example)
+        torch.testing.assert_close(model.attn.projection_matrix, expected, rtol=0, atol=0)
+
+
 def test_an_attention_called_causally_on_the_example_is_converted_causal():
     """nn.TransformerDecoder calls its self-attention with a causal attn_mask and is_causal=True. Seen so on
     example_inputs, the layer is converted causal (without SketchSpec(causal=True)), runs on the same call,
