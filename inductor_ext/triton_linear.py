@@ -380,8 +380,7 @@ def _acc_registers(block_m, block_n, h_pad, num_warps):
 def kernel_configs(h_pad, elem_size):
     """The autotune candidates for one (half width, element size) bucket, all of them within
     ``SMEM_LIMIT`` and a register budget that leaves room for addresses."""
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-            for bm, bk, bn, warps, stages in _fitting_candidates(h_pad, elem_size)]
+    return [_config(c) for c in _fitting_candidates(h_pad, elem_size)]
 
 
 def _fitting_candidates(h_pad, elem_size):
@@ -391,16 +390,14 @@ def _fitting_candidates(h_pad, elem_size):
     return fits[:_MAX_CONFIGS]
 
 
-def _has_configs(h_pad, elem_size):
-    """Whether :func:`_autotuned` has a kernel for this bucket, without building its Autotuner: plain Python
-    that Dynamo traces when a compiled module routes a call (an Autotuner's constructor reads Triton's
-    environment knobs through a C extension, which Dynamo cannot trace)."""
-    return _INTERPRET or (h_pad, elem_size) in _MEASURED_BEST or bool(_fitting_candidates(h_pad, elem_size))
+def _config(c):
+    bm, bk, bn, warps, stages = c
+    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
 # The interpreter cannot benchmark; it runs one small config (tails are exercised by the tests,
 # which also pass explicit configs).
-_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 32}
+_INTERPRET_CONFIG = (32, 32, 32, 4, 1)
 
 
 _AUTOTUNERS: dict = {}
@@ -416,20 +413,24 @@ _AUTOTUNERS: dict = {}
 _MEASURED_BEST = {(16, 2): (64, 128, 128, 4, 4)}
 
 
+def _bucket_candidates(h_pad, elem_size):
+    """The configs (plain tuples) a bucket's Autotuner holds: the interpreter's one, a measured best, or the
+    fitting candidates; empty when none fits. Plain Python, so that routing a call can ask whether a kernel
+    exists while Dynamo traces it (an Autotuner's constructor reads Triton's environment knobs through a C
+    extension, which Dynamo cannot trace)."""
+    if _INTERPRET:
+        return [_INTERPRET_CONFIG]
+    if (h_pad, elem_size) in _MEASURED_BEST:
+        return [_MEASURED_BEST[h_pad, elem_size]]
+    return _fitting_candidates(h_pad, elem_size)
+
+
 def _autotuned(h_pad, elem_size):
-    """One Autotuner per bucket: its config list fits that bucket's shared-memory need (one config where
-    ``_MEASURED_BEST`` knows it). Kept so that the kernel object is stable (Inductor's kernel side table
-    keys on it)."""
+    """One Autotuner per bucket over :func:`_bucket_candidates` (None where there are none). Kept so that
+    the kernel object is stable (Inductor's kernel side table keys on it)."""
     key = (h_pad, elem_size)
     if key not in _AUTOTUNERS:
-        if _INTERPRET:
-            configs = [triton.Config(dict(_INTERPRET_CONFIG), num_warps=4, num_stages=1)]
-        elif key in _MEASURED_BEST:
-            bm, bk, bn, warps, stages = _MEASURED_BEST[key]
-            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn}, num_warps=warps,
-                                     num_stages=stages)]
-        else:
-            configs = kernel_configs(h_pad, elem_size)
+        configs = [_config(c) for c in _bucket_candidates(h_pad, elem_size)]
         _AUTOTUNERS[key] = triton.autotune(configs=configs, key=["M_BUCKET", "D_IN", "D_OUT", "H"])(
             _sketched_linear_chain_kernel) if configs else None
     return _AUTOTUNERS[key]
@@ -711,7 +712,7 @@ def _kernel_ok(t, rank, widest=None, direction="forward"):
     the layer's wider side, max(in, out) features (None: ``t``'s last dimension)."""
     if triton is None or rank > MAX_RANK or t.dtype not in _DTYPES:
         return False
-    if not _has_configs(_dot_width(rank // 2), t.element_size()):
+    if not _bucket_candidates(_dot_width(rank // 2), t.element_size()):
         return False
     if t.device.type == "cuda":
         widest = t.shape[-1] if widest is None else widest

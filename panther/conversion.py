@@ -21,7 +21,6 @@ logs, pipes, CI or pytest; ``PANTHER_PROGRESS=0/1`` forces it off/on, see ``pant
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
@@ -178,13 +177,13 @@ def _numel(*ts):
     return sum(t.numel() for t in ts if t is not None)
 
 
-def _weight_facts(m: nn.Module, shape):
-    """(dtype, device, parameter count) of a linear or conv layer whose weight has ``shape``, without computing
-    a parametrized weight (``weight_norm``, ``spectral_norm``: in training mode a read runs a power iteration)."""
+def _weight_facts(m: nn.Module):
+    """(dtype, device, parameter count) of a linear or conv layer, without computing a parametrized weight
+    (``weight_norm``, ``spectral_norm``: in training mode a read runs a power iteration)."""
     if parametrize.is_parametrized(m, "weight"):
         p = next(m.parameters())
         return p.dtype, p.device, _numel(*m.parameters())
-    return m.weight.dtype, m.weight.device, math.prod(shape) + _numel(m.bias)
+    return m.weight.dtype, m.weight.device, _numel(m.weight, m.bias)
 
 
 def _linear_info(name, m: nn.Linear, rec, grad_enabled):
@@ -197,7 +196,7 @@ def _linear_info(name, m: nn.Linear, rec, grad_enabled):
         for s in x_shape[:-1]:
             n *= s
         flops = 2 * n * d_in * d_out
-    dtype, device, params = _weight_facts(m, (d_out, d_in))
+    dtype, device, params = _weight_facts(m)
     return LayerInfo(
         name=name, kind="linear",
         shapes={"input": x_shape, "weight": (d_out, d_in), "output": rec[2] if rec else None},
@@ -214,7 +213,7 @@ def _conv_info(name, m: nn.Conv2d, rec, grad_enabled):
     if out_shape is not None:
         positions = (out_shape[0] if len(out_shape) == 4 else 1) * out_shape[-2] * out_shape[-1]
         flops = 2 * positions * C_out * C_in_g * kh * kw
-    dtype, device, params = _weight_facts(m, (C_out, C_in_g, kh, kw))
+    dtype, device, params = _weight_facts(m)
     return LayerInfo(
         name=name, kind="conv2d",
         shapes={"input": rec[0][0] if rec and rec[0] else None, "weight": (C_out, C_in_g, kh, kw), "output": out_shape},

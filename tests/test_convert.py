@@ -107,17 +107,26 @@ def test_the_error_a_policy_weighs_is_the_error_of_the_layer_it_gets(seed):
 
 def test_unseeded_attention_features_are_the_global_rngs_next_draw():
     """convert draws an unseeded layer's random features from the global RNG once (the rest of the new layer
-    is copied from the dense one), with or without a measurement on example_inputs."""
+    is copied from the dense one), whether or not the policy measured them on example_inputs first."""
     from panther.attention_error import layer_features
 
     x = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(0))
-    for example in (None, x):
+    measured = []
+
+    def measuring(info):
+        measured.append(info.extra["output_error"](16))  # draws the features the layer then gets
+        return SketchSpec(num_random_features=16)
+
+    for policy, example in (({"attention": SketchSpec(num_random_features=16)}, None), (measuring, x)):
         model = SelfAttention(1.0)
         torch.manual_seed(5)
         expected = layer_features("attn", 16, 8, None)
+        after = torch.rand(3)  # what the global RNG gives next
         torch.manual_seed(5)
-        panther.convert(model, {"attention": SketchSpec(num_random_features=16)}, example_inputs=example)
+        panther.convert(model, policy, example_inputs=example)
         torch.testing.assert_close(model.attn.projection_matrix, expected, rtol=0, atol=0)
+        torch.testing.assert_close(torch.rand(3), after, rtol=0, atol=0)  # one draw, not two
+    assert len(measured) == 1
 
 
 def test_an_attention_called_causally_on_the_example_is_converted_causal():

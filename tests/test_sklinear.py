@@ -176,6 +176,37 @@ def test_weight_reads_like_nn_linear_weight():
         layer.weight = torch.nn.Parameter(torch.zeros(16, 24))
 
 
+def test_an_unused_weight_read_is_dropped_under_compile():
+    """T5-style ``x.to(layer.weight.dtype)`` in a compiled forward leaves only the sketched op in the graph:
+    the dense product behind ``.weight`` is not computed."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = SKLinear(64, 64, 1, 8, seed=0)
+
+        def forward(self, x):
+            return self.lin(x.to(self.lin.weight.dtype))
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        def forward_compiler(g, _):
+            graphs.append(g)
+            return g.forward
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler)
+
+    torch._dynamo.reset()
+    model = M()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=capture)(x), model(x))
+    ops = [n.target for n in graphs[-1].graph.nodes if n.op == "call_function"]
+    assert torch.ops.panther.sketched_linear_fwd.default in ops
+    assert not any(getattr(op, "_opname", "") in ("mm", "bmm", "matmul", "einsum") for op in ops), ops
+
+
 def test_w_init_layout_follows_nn_linear():
     W = torch.randn(6, 10)
     layer = SKLinear(10, 6, 1, 6, W_init=W, init="svd", bias=False)
