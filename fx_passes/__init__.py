@@ -6,6 +6,7 @@ One pass per file, each with its pattern and its replacement side by side:
 * :mod:`.sketch_conv2d` — ``conv2d`` -> ``panther::sketched_conv2d`` (weight factors)
 * :mod:`.sketch_sdpa` — ``scaled_dot_product_attention`` -> ``panther::rf_attention`` (weight-free)
 * :mod:`.sketch_mha` — ``F.multi_head_attention_forward`` -> projections + ``panther::rf_attention``
+* :mod:`.sketch_softmax_attention` — ``softmax(q @ kᵀ · c + mask) @ v`` written out -> ``panther::rf_attention``
 * :mod:`.expand_encoder_layer` — first, nn.TransformerEncoderLayer's fused eval kernel -> the ops of its
   ordinary forward, so the passes above see its layers; put back where none of them was rewritten
 
@@ -28,7 +29,8 @@ from panther._progress import progress
 from panther.policy import Policy, decide, resolve_policy, sketched_cost
 from panther.report import GraphDiffReport, ReportRow, warn_inaccurate_attention
 
-from . import attention_sample, expand_encoder_layer, sketch_conv2d, sketch_linear, sketch_mha, sketch_sdpa
+from . import (attention_sample, expand_encoder_layer, sketch_conv2d, sketch_linear, sketch_mha, sketch_sdpa,
+               sketch_softmax_attention)
 from .common import FactorCache, PassContext, factor_cache
 from .graph_view import graph_view, mark_layers
 
@@ -36,7 +38,8 @@ __all__ = ["run_passes", "PASSES", "factor_cache", "TRAINING_REASON"]
 
 log = logging.getLogger("panther")
 
-PASSES = (sketch_linear, sketch_conv2d, sketch_sdpa, sketch_mha)
+PASSES = (sketch_linear, sketch_conv2d, sketch_sdpa, sketch_mha, sketch_softmax_attention)
+ATTENTION_PASSES = (sketch_sdpa, sketch_mha, sketch_softmax_attention)
 
 TRAINING_REASON = "training: use panther.convert"
 
@@ -61,14 +64,14 @@ def run_passes(
     expansions = expand_encoder_layer.expand(gm)  # fused nn.TransformerEncoderLayer calls -> their ops
     ctx = PassContext(gm, example_inputs, grad_enabled=grad_enabled, cache=cache or factor_cache)
     if measure_attention and ctx.real:  # ctx.real holds every placeholder's example, in graph order, or nothing
-        args_of = {n: p.sample_args for n in gm.graph.nodes for p in (sketch_sdpa, sketch_mha) if p.is_attention(n)}
-        ctx.attention_samples = attention_sample.sample_attention(gm, list(ctx.real.values()), args_of)
+        samplers = {n: s for n in gm.graph.nodes for p in ATTENTION_PASSES for s in [p.sampler(n)] if s is not None}
+        ctx.attention_samples = attention_sample.sample_attention(gm, list(ctx.real.values()), samplers)
     policy_fn = resolve_policy(policy)
     view = graph_view(gm, lambda n: ctx.weight(n)[1])  # before any rewrite: the graph the report describes
     changed = False
     # factorising the weights of many / large layers takes seconds: a bar on a terminal once past 1 s
     for node in progress(list(gm.graph.nodes), desc="panther: sketching graph", unit="node", delay=1.0):
-        if node.graph is not gm.graph or node.op != "call_function":
+        if node._erased or node.op != "call_function":
             continue  # already erased by an earlier rewrite
         for p in PASSES:
             cand = p.match(node, ctx)

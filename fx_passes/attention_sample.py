@@ -1,15 +1,16 @@
 """Running a graph once on its example inputs, to sample its attention calls (``panther.attention_error``).
 
 Before rewriting, the backend runs the graph on the real example inputs (no grad, the RNG state restored
-after) and keeps a sample of each SDPA and nn.MultiheadAttention call's inputs; policies and the report
-then see how far random features are from exact attention there. Graphs that mutate their inputs or call
-collectives are not run.
+after) and keeps a sample of each attention call's inputs (SDPA, nn.MultiheadAttention, softmax attention
+written out); policies and the report then see how far random features are from exact attention there.
+Graphs that mutate their inputs or call collectives are not run.
 """
 from __future__ import annotations
 
 import logging
 import operator
-from typing import Callable, Dict, Optional
+from collections import Counter
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx
@@ -66,21 +67,42 @@ def _communicates(gm: fx.GraphModule) -> bool:
     return False
 
 
-def sample_attention(gm: fx.GraphModule, real_inputs: Optional[list], args_of: Dict[fx.Node, Callable]
+#: how to sample one attention call: the nodes whose values it reads, and ``fn({node: value}) -> sample``
+Sampler = Tuple[Sequence[fx.Node], Callable[[Dict[fx.Node, object]], Dict]]
+
+
+def of_call(node: fx.Node, sample_args: Callable) -> Sampler:
+    """The :data:`Sampler` of a call whose own arguments are the attention's inputs (SDPA, MHA):
+    ``sample_args(args, kwargs)`` on their values."""
+    needed: List[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), needed.append)
+    return needed, lambda values: sample_args(*fx.node.map_arg((node.args, node.kwargs), values.__getitem__))
+
+
+def sample_attention(gm: fx.GraphModule, real_inputs: Optional[list], samplers: Dict[fx.Node, Sampler]
                      ) -> Dict[fx.Node, Dict]:
-    """One run of ``gm`` on ``real_inputs``; for each attention call in ``args_of``, the sample of its
-    inputs. ``args_of[node](args, kwargs)`` gives that sample (``panther.attention_error.sample``) from the
-    node's evaluated arguments. Empty when the graph cannot be run safely (or fails to)."""
-    if not args_of or real_inputs is None or _mutates(gm) or _communicates(gm):
+    """One run of ``gm`` on ``real_inputs``; for each attention call in ``samplers``, the sample of its
+    inputs (``panther.attention_error.sample``), taken once the call has run, from the values of the nodes
+    its sampler names (kept until then). Empty when the graph cannot be run safely (or fails to)."""
+    if not samplers or real_inputs is None or _mutates(gm) or _communicates(gm):
         return {}
     samples: Dict[fx.Node, Dict] = {}
+    readers = Counter(n for needed, _ in samplers.values() for n in needed)  # the samplers still to read n
+    kept: Dict[fx.Node, object] = {}
 
-    class Sampler(fx.Interpreter):
+    class Run(fx.Interpreter):
         def run_node(self, n):
-            if n in args_of:
-                args, kwargs = self.fetch_args_kwargs_from_env(n)
-                samples[n] = args_of[n](args, kwargs)
-            return super().run_node(n)
+            out = super().run_node(n)
+            if n in readers:
+                kept[n] = out
+            if n in samplers:
+                needed, fn = samplers[n]
+                samples[n] = fn({x: kept[x] for x in needed})
+                for x in needed:
+                    readers[x] -= 1
+                    if not readers[x]:
+                        kept.pop(x)
+            return out
 
     devices = sorted({t.device.index or 0 for t in real_inputs if isinstance(t, torch.Tensor) and t.is_cuda})
     # a graph with dynamic shapes takes its sizes as SymInt placeholders: run it at their hints (the sizes
@@ -88,7 +110,7 @@ def sample_attention(gm: fx.GraphModule, real_inputs: Optional[list], args_of: D
     real_inputs = [concrete(v) if isinstance(v, torch.SymInt) else v for v in real_inputs]
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            Sampler(gm).run(*real_inputs)
+            Run(gm).run(*real_inputs)
     except Exception as e:  # noqa: BLE001 - the rewrite does not depend on it; the report just has no error
         log.debug("panther: could not run the graph to sample attention inputs: %s", e)
         return {}

@@ -8,6 +8,10 @@ expanded to ``(B, 1, Lq, Lk)``. A factor is
 * an **index** factor when its value reads no graph input, only sizes and index ranges: it is then
   evaluated once, here, and must be all True (no mask) or the causal triangle.
 
+Attention written out as ``softmax(q @ kᵀ + M) @ v`` (``sketch_softmax_attention``) masks with the opposite
+sense, True = ignore (``scores.masked_fill(ignore, -inf)``, ``torch.where(ignore, -inf, 0)``): such a mask is
+read as an OR of factors, each one keys to ignore per sequence or an index pattern whose negation is kept.
+
 Anything else (an additive float mask, a sliding window, a factor that reads the inputs per query, sizes
 that are symbolic so the index factor could differ at another length) is left to exact attention.
 """
@@ -20,8 +24,10 @@ import torch
 from torch import fx
 
 
-_AND_FUNCTIONS = {operator.and_, torch.logical_and, torch.bitwise_and}
-_AND_METHODS = {"__and__", "logical_and", "bitwise_and"}
+# how a mask combines its factors: AND when True = attend, OR when True = ignore
+_COMBINE_FUNCTIONS = {False: {operator.and_, torch.logical_and, torch.bitwise_and},
+                      True: {operator.or_, torch.logical_or, torch.bitwise_or}}
+_COMBINE_METHODS = {False: {"__and__", "logical_and", "bitwise_and"}, True: {"__or__", "logical_or", "bitwise_or"}}
 # methods whose result does not depend on the values of ``self`` (only its size, dtype and device)
 _SIZE_ONLY_METHODS = {"new_ones", "new_zeros", "new_full", "new_empty", "size", "dim"}
 
@@ -35,18 +41,20 @@ def _is_bool(n) -> bool:
     return isinstance(v, torch.Tensor) and v.dtype == torch.bool
 
 
-def _factors(n: fx.Node) -> List[fx.Node]:
-    """Boolean nodes whose broadcast AND is ``n``, looking through ANDs, ``expand`` and casts to bool."""
-    if n.op == "call_function" and n.target in _AND_FUNCTIONS or n.op == "call_method" and n.target in _AND_METHODS:
+def _factors(n: fx.Node, ignore: bool = False) -> List[fx.Node]:
+    """Boolean nodes whose broadcast AND (OR, for an ``ignore`` mask) is ``n``, looking through those, ``expand``
+    and casts to bool."""
+    if n.op == "call_function" and n.target in _COMBINE_FUNCTIONS[ignore] or (
+            n.op == "call_method" and n.target in _COMBINE_METHODS[ignore]):
         a, b = n.args[:2]
         if isinstance(a, fx.Node) and isinstance(b, fx.Node) and _is_bool(a) and _is_bool(b):
-            return _factors(a) + _factors(b)
+            return _factors(a, ignore) + _factors(b, ignore)
     if n.op == "call_method" and n.target in ("expand", "expand_as", "to", "bool", "contiguous") and _is_bool(n.args[0]):
-        return _factors(n.args[0])
+        return _factors(n.args[0], ignore)
     return [n]
 
 
-def _reads_no_input(n: fx.Node, seen=None) -> bool:
+def reads_no_input(n: fx.Node, seen=None) -> bool:
     """Whether ``n``'s value is fixed by the graph: no placeholder (input, parameter or symbolic size) or
     module attribute reaches it, except as ``self`` of a method that reads only sizes (``new_ones``...)."""
     seen = set() if seen is None else seen
@@ -58,11 +66,11 @@ def _reads_no_input(n: fx.Node, seen=None) -> bool:
     args = (n.args[1:], n.kwargs) if n.op == "call_method" and n.target in _SIZE_ONLY_METHODS else (n.args, n.kwargs)
     inputs: List[fx.Node] = []
     fx.node.map_arg(args, inputs.append)
-    return all(_reads_no_input(a, seen) for a in inputs)
+    return all(reads_no_input(a, seen) for a in inputs)
 
 
-def _evaluate(node: fx.Node) -> Optional[torch.Tensor]:
-    """The value of a node that reads no input (see :func:`_reads_no_input`), computed now. The ``self``
+def evaluate(node: fx.Node) -> Optional[torch.Tensor]:
+    """The value of a node that reads no input (see :func:`reads_no_input`), computed now. The ``self``
     of a size-only method that does read inputs is stood in for by an uninitialised tensor of its size,
     dtype and device."""
     env = {}
@@ -78,7 +86,7 @@ def _evaluate(node: fx.Node) -> Optional[torch.Tensor]:
             env[n] = getattr(args[0], n.target)(*args[1:], **kwargs) if n.op == "call_method" else n.target(*args, **kwargs)
             return
         this = n.args[0]
-        if _reads_no_input(this):
+        if reads_no_input(this):
             visit(this)
             this = env[this]
         else:
@@ -94,27 +102,30 @@ def _evaluate(node: fx.Node) -> Optional[torch.Tensor]:
     return out if isinstance(out, torch.Tensor) else None
 
 
-def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor) -> Union[Tuple[List[fx.Node], bool], str]:
-    """``(padding factors, causal)`` when ``mask`` (SDPA's boolean ``attn_mask``, True = attend; ``q``, ``k``
-    the example values of the queries and keys) is a key padding mask, the causal mask, both, or neither
-    (an all-True mask); else the reason it is not. Each padding factor is a ``(B or 1, 1, 1, Lk)``
-    boolean node; their AND is the keys to keep."""
+def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor, ignore: bool = False
+                       ) -> Union[Tuple[List[fx.Node], bool], str]:
+    """``(padding factors, causal)`` when ``mask`` (SDPA's boolean ``attn_mask``, True = attend, or with
+    ``ignore`` True = ignore; ``q``, ``k`` the example values of the queries and keys) is a key padding mask,
+    the causal mask, both, or neither (an all-attend mask); else the reason it is not. Each padding factor is
+    a ``(B or 1, 1, 1, Lk)`` boolean node; their AND is the keys to keep (with ``ignore``: their OR, the keys
+    to ignore)."""
     if not isinstance(mask, fx.Node) or not _is_bool(mask):
         return "explicit attn_mask that is not boolean: random-feature attention supports only causal / key padding masks"
     B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
     pads, index = [], None
-    for f in _factors(mask):
+    for f in _factors(mask, ignore):
         v = _value(f)
         if not isinstance(v, torch.Tensor) or v.dim() > 4:
             return "explicit attn_mask of more than 4 dimensions"
         shape = (1,) * (4 - v.dim()) + tuple(v.shape)
         if not all(isinstance(s, int) for s in shape + (B, Lq, Lk)):
             return "attn_mask under dynamic shapes: its causal / padding pattern cannot be checked for every length"
-        if _reads_no_input(f):
-            value = _evaluate(f)
+        if reads_no_input(f):
+            value = evaluate(f)
             if value is None or shape[:2] != (1, 1):
                 return "attn_mask built from indices that do not reduce to a causal / padding pattern"
             value = value.reshape(shape[2:]).expand(Lq, Lk).cpu()
+            value = value.logical_not() if ignore else value
             index = value if index is None else index & value
         elif shape[1:3] == (1, 1) and shape[0] in (1, B) and shape[3] == Lk:
             pads.append(f)
@@ -128,10 +139,11 @@ def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor) -> Union[Tuple[Li
     return "attn_mask is neither causal nor key padding (e.g. a sliding window or a prefix pattern)"
 
 
-def key_padding_mask(pads: List[fx.Node], batch: int, keys: int):
-    """rf_attention's ``key_padding_mask`` (True = ignore) from padding factors (True = keep); traced by
-    ``trace_into``, so ``pads`` are proxies there."""
-    keep = pads[0]
+def key_padding_mask(pads: List[fx.Node], batch: int, keys: int, ignore: bool = False):
+    """rf_attention's ``key_padding_mask`` (True = ignore) from padding factors (True = keep, or with
+    ``ignore`` True = ignore); traced by ``trace_into``, so ``pads`` are proxies there."""
+    mask = pads[0]
     for p in pads[1:]:
-        keep = keep & p
-    return keep.reshape(-1, keys).expand(batch, keys).logical_not()
+        mask = mask | p if ignore else mask & p
+    mask = mask.reshape(-1, keys).expand(batch, keys)
+    return mask if ignore else mask.logical_not()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from panther.attention_error import error_of_features, mha_heads, mha_sample, sample_error
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
+from .attention_sample import of_call
 from .common import Candidate, PassContext, shape_of, trace_into
 from .sketch_sdpa import features_of, projection_for
 
@@ -95,6 +96,11 @@ def sample_args(args, kwargs) -> dict:
     separate = (a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"]) if a["use_separate_proj_weight"] else ()
     return mha_sample(a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"], a["in_proj_bias"],
                       *separate, key_padding_mask=a["key_padding_mask"], is_causal=bool(a["is_causal"]))
+
+
+def sampler(node):
+    """How ``attention_sample`` samples this node's attention, if it is an nn.MultiheadAttention call."""
+    return of_call(node, sample_args) if is_attention(node) else None
 
 
 def match(node, ctx: PassContext):

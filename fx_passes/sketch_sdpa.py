@@ -24,6 +24,7 @@ import torch
 from panther.attention_error import error_of_features, layer_features, sample, sample_error
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
+from .attention_sample import of_call
 from .common import Candidate, PassContext, common_prefix, shape_of, trace_into
 from .sdpa_mask import key_padding_mask, padding_and_causal
 
@@ -64,10 +65,22 @@ def sample_args(args, kwargs) -> dict:
     return sample(q, k, v, attn_mask, is_causal, scale, enable_gqa)
 
 
+def sampler(node):
+    """How ``attention_sample`` samples this node's attention, if it is an SDPA call."""
+    return of_call(node, sample_args) if is_attention(node) else None
+
+
 def match(node, ctx: PassContext):
     if not is_attention(node):
         return None
-    q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa = sdpa_args(node.args, node.kwargs)
+    return candidate(node, ctx, "scaled_dot_product_attention", *sdpa_args(node.args, node.kwargs))
+
+
+def candidate(node, ctx: PassContext, op_before: str, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+              *, mask_ignores: bool = False, unsupported: Optional[str] = None) -> Candidate:
+    """The candidate of an attention call with SDPA's arguments (nodes or constants) that ``rewrite`` turns
+    into ``panther::rf_attention``: its LayerInfo, and what stops the rewrite (``unsupported`` first, from the
+    caller's own pattern). ``attn_mask`` is boolean, True = attend (``mask_ignores``: True = ignore)."""
     shapes = {r: shape_of(t.meta.get("example_value")) if isinstance(t, torch.fx.Node) else None
               for r, t in (("query", q), ("key", k), ("value", v))}
     qv = q.meta.get("example_value") if isinstance(q, torch.fx.Node) else None
@@ -83,8 +96,8 @@ def match(node, ctx: PassContext):
     ok4 = all(s is not None and len(s) == 4 for s in (qs, ks, vs))
     causal = is_causal is True
     # a boolean mask that is key padding and/or the causal triangle: (padding nodes, causal), else a reason
-    masking = padding_and_causal(attn_mask, qv, k.meta.get("example_value")) if ok4 and attn_mask is not None \
-        else ([], causal)
+    masking = padding_and_causal(attn_mask, qv, k.meta.get("example_value"), mask_ignores) \
+        if ok4 and attn_mask is not None else ([], causal)
     extra = {"head_dim": qs[-1] if qs else 1, "projections": proj_names,
              "causal": masking[1] if isinstance(masking, tuple) else causal}
     sample = ctx.attention_samples.get(node)
@@ -100,12 +113,14 @@ def match(node, ctx: PassContext):
         flops = dense_attention_flops(B * H, Lq, Lk, d, dv, causal)  # what SDPA computes: masked, it skips nothing
     info = LayerInfo(name=name, kind=KIND, shapes=shapes, dtype=getattr(qv, "dtype", None),
                      device=getattr(qv, "device", None), params=0, flops=flops, has_bias=False,
-                     grad_enabled=ctx.grad_enabled, op="scaled_dot_product_attention", extra=extra)
-    cand = Candidate(node, info, "scaled_dot_product_attention", needs_weights=False,
+                     grad_enabled=ctx.grad_enabled, op=op_before, extra=extra)
+    cand = Candidate(node, info, op_before, needs_weights=False,
                      data={"q": q, "k": k, "v": v, "causal": extra["causal"], "scale": scale,
                            "base_name": base_name, "owner": owner, "groups": 1, "sample": sample,
-                           "padding": masking[0] if isinstance(masking, tuple) else []})
-    if not ok4:
+                           "padding": masking[0] if isinstance(masking, tuple) else [], "ignore": mask_ignores})
+    if unsupported:
+        cand.unsupported = unsupported
+    elif not ok4:
         cand.unsupported = "query/key/value are not 4-D (B, H, L, d)"
     elif isinstance(masking, str):
         cand.unsupported = masking
@@ -159,7 +174,8 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
                        info.dtype, info.device)
     p_node = ctx.add_constant(f"{d['base_name']}_rf_projection", P, node)
     new = trace_into(ctx.graph, node, rf_sdpa, d["q"], d["k"], d["v"], p_node, spec.kernel_fn, d["causal"],
-                     d["scale"], d["groups"], info.shapes["query"][0], info.extra["len_k"], *d["padding"])[-1]
+                     d["scale"], d["groups"], info.shapes["query"][0], info.extra["len_k"], d["ignore"],
+                     *d["padding"])[-1]
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     ctx.graph.erase_node(node)
@@ -167,10 +183,12 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     return OP_AFTER, err
 
 
-def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int, batch: int, keys: int, *padding):
+def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int, batch: int, keys: int, ignore: bool,
+            *padding):
     """SDPA's meaning in random features: ``groups`` query heads share each key/value head (``enable_gqa``);
-    ``padding`` are the mask's key padding factors (True = attend; see ``sdpa_mask``)."""
+    ``padding`` are the mask's key padding factors (True = attend, or with ``ignore`` True = ignore; see
+    ``sdpa_mask``)."""
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
-    kpm = key_padding_mask(list(padding), batch, keys) if padding else None
+    kpm = key_padding_mask(list(padding), batch, keys, ignore) if padding else None
     return torch.ops.panther.rf_attention(q, k, v, P, kernel_fn, causal, scale, kpm)

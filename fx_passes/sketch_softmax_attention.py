@@ -1,0 +1,287 @@
+"""Pass: attention written out, ``softmax(q @ kᵀ · c + mask) @ v`` -> ``panther::rf_attention``.
+
+Pattern (Dynamo torch IR), read backwards from the product with the values:
+    s = matmul(q, k.transpose(-2, -1))          # or transpose(2, 3), k.mT; q @ k.transpose(...)
+    s = s * c, s / c                            # constant factors: SDPA's ``scale`` is their product
+    s = s + where(keep, 0, -inf)                # Hugging Face's eager mask (or where(ignore, -inf, 0)), or
+    s = s.masked_fill(ignore, -inf)             # any fill of at most -1e4
+    p = softmax(s, dim=-1)                      # F.softmax / torch.softmax / .softmax, with dtype= or not
+    p = p.to(dtype), dropout(p, training=False) # casts and inactive dropout
+    o = matmul(p, v)
+with q, k, v of shape (B, H, L, d). This is how ``attn_implementation="eager"`` Hugging Face models, timm's
+unfused attention and many research codebases compute attention.
+
+Replacement: that of :mod:`.sketch_sdpa` (same candidate, report row, accuracy guard and features), then the
+scores and probabilities, now unused, are erased. Left alone, with the reason: scores or probabilities used
+elsewhere (a model returning its attention weights), active dropout, a scale that is not a constant, masks
+other than key padding / causal (see ``sdpa_mask``), mixed dtypes.
+"""
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import operator
+from dataclasses import dataclass, field
+from typing import List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from panther.attention_error import sample
+from panther.policy import SketchSpec
+
+from . import sketch_sdpa
+from .common import PassContext
+from .sdpa_mask import evaluate, reads_no_input
+
+KIND = sketch_sdpa.KIND
+OP_BEFORE = "softmax(q @ k^T) @ v"
+_MATMULS = {operator.matmul, torch.matmul}
+_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
+_DROPOUT = {F.dropout, torch.dropout}
+_CASTS = {"to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous"}
+#: elementwise maps of the scores that random features cannot follow (Gemma 2's tanh soft-capping): such a
+#: pattern is attention, left alone with the reason
+_UNFOLLOWED = {torch.tanh: "tanh", torch.clamp: "clamp", torch.clip: "clamp"}
+_MUL = {operator.mul, torch.mul}
+_DIV = {operator.truediv, torch.div}
+_ADD = {operator.add, torch.add}
+#: an additive mask value or fill at most this is "never attend" (finfo.min, -1e9, -inf; -1e4 in fp16 code)
+_MASKED = -1e4
+
+
+@dataclass
+class WrittenAttention:
+    """What :func:`parse` read: SDPA's arguments, the nodes to erase after a rewrite, and what stops one."""
+
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    scale: Optional[float] = 1.0  # None: not a constant
+    masks: List[tuple] = field(default_factory=list)  # (boolean node, ignores) or the reason one is unreadable
+    unfollowed: Optional[str] = None  # an elementwise map of the scores that random features cannot apply
+    dropout_p: object = 0.0
+    chain: List[fx.Node] = field(default_factory=list)  # consumers before producers
+    problem: Optional[str] = None
+
+
+def _call(n, functions=(), methods=()) -> bool:
+    return isinstance(n, fx.Node) and (n.op == "call_function" and n.target in functions
+                                       or n.op == "call_method" and n.target in methods)
+
+
+def _arg(n: fx.Node, i: int, name: str, default=None):
+    """Argument ``i`` / ``name`` of a call (a method's ``self`` is argument 0)."""
+    return n.kwargs[name] if name in n.kwargs else n.args[i] if len(n.args) > i else default
+
+
+def _ndim(n) -> Optional[int]:
+    v = n.meta.get("example_value") if isinstance(n, fx.Node) else None
+    return v.dim() if isinstance(v, torch.Tensor) else None
+
+
+def _untransposed(n) -> Optional[fx.Node]:
+    """``k`` when ``n`` is ``k`` with its last two dimensions swapped."""
+    if _call(n, (builtins.getattr,)) and n.args[1] == "mT":
+        return n.args[0]
+    nd = _ndim(n)
+    if nd is None:
+        return None
+    if _call(n, (torch.transpose,), ("transpose",)) and len(n.args) == 3:
+        dims = {d % nd for d in n.args[1:] if isinstance(d, int)}
+        return n.args[0] if dims == {nd - 2, nd - 1} else None
+    if _call(n, (torch.permute,), ("permute",)):
+        dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else n.args[1:]
+        expect = list(range(nd - 2)) + [nd - 1, nd - 2]
+        return n.args[0] if [d % nd for d in dims if isinstance(d, int)] == expect else None
+    return None
+
+
+def _constant(n, test) -> bool:
+    """Whether ``n`` is a number, or a node that reads no input, for which ``test`` holds everywhere."""
+    if isinstance(n, (int, float)) and not isinstance(n, bool):
+        return test(torch.tensor(float(n)))
+    if isinstance(n, fx.Node) and reads_no_input(n):
+        value = evaluate(n)
+        return value is not None and value.is_floating_point() and bool(test(value).all())
+    return False
+
+
+def _number(n) -> Optional[float]:
+    """The value of a constant scalar: a number, or a one-element node that reads no input (GPT-2's
+    ``torch.full([], √d)``)."""
+    if isinstance(n, (int, float)) and not isinstance(n, bool):
+        return float(n)
+    value = evaluate(n) if isinstance(n, fx.Node) and reads_no_input(n) else None
+    return float(value) if value is not None and value.numel() == 1 and value.is_floating_point() else None
+
+
+def _times(scale, factor):
+    """The scale times a constant factor; ``None`` once a factor is not a constant."""
+    return None if scale is None or factor is None else scale * factor
+
+
+def _is_zero(n) -> bool:
+    return _constant(n, lambda t: t == 0)
+
+
+def _is_masked(n) -> bool:
+    return _constant(n, lambda t: t <= _MASKED)
+
+
+def _additive_mask(term) -> Union[tuple, str]:
+    """``(boolean mask, ignores)`` of an additive mask ``where(keep, 0, -inf)`` / ``where(ignore, -inf, 0)``,
+    looking through casts, ``expand`` and slices that keep its shape; else the reason it cannot be read."""
+    while _call(term, (operator.getitem,), {"expand", "expand_as"} | _CASTS):
+        v, inner = term.meta.get("example_value"), term.args[0]
+        iv = inner.meta.get("example_value") if isinstance(inner, fx.Node) else None
+        if term.target is operator.getitem and not (isinstance(v, torch.Tensor) and isinstance(iv, torch.Tensor)
+                                                     and v.shape == iv.shape):
+            break  # a slice that cuts the mask
+        term = inner
+    if _call(term, (torch.where,)) and len(term.args) == 3:
+        cond, a, b = term.args
+        if _is_zero(a) and _is_masked(b):
+            return cond, False
+        if _is_masked(a) and _is_zero(b):
+            return cond, True
+    return "an additive attention mask that is not where(mask, 0, -inf): random-feature attention supports " \
+           "only causal / key padding masks"
+
+
+def _scores(s, found: WrittenAttention) -> bool:
+    """Read ``s = q @ kᵀ`` with constant factors and one mask into ``found``; False if it is not that."""
+    while True:
+        if not isinstance(s, fx.Node):
+            return False
+        found.chain.append(s)
+        if _call(s, (), _CASTS):
+            s = s.args[0]
+        elif _call(s, _MUL, ("mul",)) and len(s.args) == 2:
+            a, b = s.args
+            s, c = (b, a) if _number(a) is not None else (a, b)
+            found.scale = _times(found.scale, _number(c))
+        elif _call(s, _DIV, ("div",)) and len(s.args) == 2 and not s.kwargs:
+            s, c = s.args
+            c = _number(c)
+            found.scale = _times(found.scale, 1 / c if c else None)
+        elif _call(s, tuple(_UNFOLLOWED), tuple(_UNFOLLOWED.values())):
+            name = _UNFOLLOWED.get(s.target, s.target)
+            found.unfollowed = found.unfollowed or f"the scores pass through {name} before the softmax: random " \
+                                                   "features approximate exp(q·k) only"
+            s = s.args[0]
+        elif _call(s, _ADD, ("add",)) and len(s.args) == 2 and not s.kwargs:
+            for scores, term in (s.args, s.args[::-1]):
+                trial = dataclasses.replace(found, chain=list(found.chain), masks=list(found.masks))
+                if _scores(scores, trial):
+                    trial.masks.append(_additive_mask(term))
+                    found.__dict__.update(trial.__dict__)
+                    return True
+            return False
+        elif _call(s, (torch.masked_fill,), ("masked_fill",)) and len(s.args) == 3:
+            s, cond, fill = s.args
+            found.masks.append((cond, True) if _is_masked(fill) else
+                               f"masked_fill with {fill!r}: only fills of -inf (at most {_MASKED:g}) mask keys")
+        elif _call(s, _MATMULS) and len(s.args) == 2 and not s.kwargs:
+            q, kt = s.args
+            k = _untransposed(kt)
+            if k is None or not isinstance(q, fx.Node):
+                return False
+            found.q, found.k = q, k
+            found.chain.append(kt)
+            return True
+        else:
+            return False
+
+
+def parse(node) -> Optional[WrittenAttention]:
+    """The attention ``node`` computes, if it is the value product of attention written out."""
+    if not (_call(node, _MATMULS) and len(node.args) == 2 and not node.kwargs):
+        return None
+    p, v = node.args
+    chain, dropout_p = [], 0.0
+    while _call(p, _DROPOUT, _CASTS):
+        chain.append(p)
+        if p.target in _DROPOUT:
+            rate, training = _arg(p, 1, "p", 0.5), _arg(p, 2, "training" if p.target is F.dropout else "train", True)
+            if training is not False and rate != 0:
+                dropout_p = rate if training is True else f"{rate!r} with training={training!r}"
+        p = p.args[0]
+    nd = _ndim(p)
+    if not (_call(p, _SOFTMAX, ("softmax",)) and nd is not None and isinstance(_arg(p, 1, "dim"), int)
+            and _arg(p, 1, "dim") % nd == nd - 1):
+        return None
+    chain.append(p)
+    found = WrittenAttention(None, None, v, dropout_p=dropout_p, chain=chain)
+    if not _scores(_arg(p, 0, "input"), found):
+        return None
+    found.chain = [n for n in found.chain if isinstance(n, fx.Node)]
+    values = [n.meta.get("example_value") for n in (found.q, found.k, found.v, node)]
+    unreadable = [m for m in found.masks if isinstance(m, str)]
+    if any(len(n.users) > 1 for n in found.chain[:-1]):  # the last is kᵀ, which may serve other products too
+        found.problem = "the attention weights are used elsewhere (e.g. returned with output_attentions=True)"
+    elif found.unfollowed:
+        found.problem = found.unfollowed
+    elif unreadable or len(found.masks) > 1:
+        found.problem = unreadable[0] if unreadable else "more than one mask term"
+    elif found.scale is None:
+        found.problem = "the scores are scaled by a value that is not a constant (a tensor, or a size under dynamic shapes)"
+    elif len({getattr(t, "dtype", None) for t in values}) > 1:
+        found.problem = "queries, keys, values and output differ in dtype"
+    return found
+
+
+def _mask(w: WrittenAttention):
+    """``(boolean mask or None, ignores)`` of a pattern without problems."""
+    return w.masks[0] if w.masks else (None, False)
+
+
+def sampler(node):
+    """How ``attention_sample`` samples this node's attention, if it is attention written out."""
+    w = parse(node)
+    if w is None or w.problem:
+        return None
+    mask, ignores = _mask(w)
+    needed = [w.q, w.k, w.v] + ([mask] if mask is not None else [])
+
+    def take(values):
+        keep = values.get(mask)
+        if keep is not None and ignores:
+            keep = keep.logical_not()
+        return sample(values[w.q], values[w.k], values[w.v], keep, False, w.scale, False)
+
+    return needed, take
+
+
+def match(node, ctx: PassContext):
+    w = parse(node)
+    if w is None:
+        return None
+    mask, ignores = (None, False) if w.problem else _mask(w)
+    cand = sketch_sdpa.candidate(node, ctx, OP_BEFORE, w.q, w.k, w.v, mask, w.dropout_p, False, w.scale, False,
+                                 mask_ignores=ignores, unsupported=w.problem)
+    cand.data["chain"] = w.chain
+    return cand
+
+
+def rewrite(cand, spec: SketchSpec, ctx: PassContext):
+    chain = cand.data["chain"]
+    masks = [a for n in chain for a in n.all_input_nodes if a not in chain]  # what built the mask, say
+    op_after, err = sketch_sdpa.rewrite(cand, spec, ctx)
+    for n in chain + masks:
+        _erase_if_unused(ctx.graph, n)
+    return op_after, err
+
+
+def _erase_if_unused(graph: fx.Graph, n: fx.Node):
+    """Erase ``n`` and then its inputs while the rewrite has left them unused (pure calls only)."""
+    if n._erased or n.users or n.op not in ("call_function", "call_method") or (
+            n.op == "call_method" and n.target.endswith("_")):
+        return
+    inputs: List[fx.Node] = []
+    fx.node.map_arg((n.args, n.kwargs), inputs.append)
+    graph.erase_node(n)
+    for a in inputs:
+        _erase_if_unused(graph, a)
+

@@ -1,0 +1,198 @@
+"""backend="panther" on attention written out as ``softmax(q @ kᵀ) @ v`` (Hugging Face's eager attention,
+timm's unfused attention, research code): recognised, rewritten like SDPA, or left alone with the reason."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fx_passes import run_passes
+from panther.backend import panther_backend
+from panther.policy import SketchSpec, seed_for
+from panther.sketch import orthogonal_random_features
+
+FAST = {"compiler": "aot_eager"}
+SPEC = SketchSpec(num_random_features=16, seed=1)
+
+
+def compile_panther(model, **options):
+    torch._dynamo.reset()
+    reports = []
+    return torch.compile(model, backend=panther_backend, options={**FAST, "report": reports.append, **options}), reports
+
+
+def features(spec, name, d=8):
+    return orthogonal_random_features(spec.num_random_features, d,
+                                      generator=torch.Generator().manual_seed(seed_for(spec, name)))
+
+
+class Written(nn.Module):
+    """One attention call written out in one of the ways models write it."""
+
+    def __init__(self, style):
+        super().__init__()
+        self.style = style
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, q, k, v, pad):
+        d, L = q.shape[-1], q.shape[2]
+        if self.style == "timm":  # queries scaled first, nn.Dropout (inactive in eval)
+            a = (q * d ** -0.5) @ k.transpose(-2, -1)
+            return self.drop(a.softmax(dim=-1)) @ v
+        if self.style == "causal_fill":  # nanoGPT's masked_fill of the upper triangle; GPT-2's scale and cast
+            s = torch.matmul(q, k.transpose(2, 3)) / torch.full([], math.sqrt(d))
+            s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+            return torch.matmul(F.softmax(s, dim=-1).type(v.dtype), v)
+        if self.style == "padding_fill":  # key padding (True = pad), fp32 softmax cast back
+            s = q @ k.mT / math.sqrt(d)
+            s = s.masked_fill(pad[:, None, None, :], -1e9)
+            return torch.softmax(s.float(), -1).to(q.dtype) @ v
+        if self.style == "additive":  # Hugging Face's eager mask: where(keep, 0, min), padding and causal
+            keep = ~pad[:, None, None, :] & torch.ones(L, L, dtype=torch.bool).tril()
+            mask = torch.where(keep, torch.zeros(()), torch.finfo(q.dtype).min)
+            return F.softmax(mask + q @ k.transpose(-1, -2) * 0.25, dim=-1) @ v
+        raise AssertionError(self.style)
+
+
+@pytest.fixture(scope="module")
+def qkv():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=g) for _ in range(3))
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, 6:] = True  # the second sequence is padded
+    return q, k, v, pad
+
+
+# style: (scale rf_attention gets, causal, key padding)
+STYLES = {"timm": (None, False, False), "causal_fill": (8 ** -0.5, True, False),
+          "padding_fill": (8 ** -0.5, False, True), "additive": (0.25, True, True)}
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_written_out_attention_is_rf_attention(style, qkv):
+    q, k, v, pad = qkv
+    model = Written(style).eval()
+    compiled, reports = compile_panther(model, policy={"attention": SPEC})
+    with torch.no_grad():
+        y = compiled(q, k, v, pad)
+        dense = model(q, k, v, pad)
+    (row,) = reports[0].rows
+    assert row.replaced, row.reason
+    assert (row.kind, row.op_before, row.op_after) == ("attention", "softmax(q @ k^T) @ v", "panther.rf_attention")
+    assert row.est_error is not None and 0 < row.est_error < 1  # measured on the example
+    scale, causal, padded = STYLES[style]
+    q_in = q * 8 ** -0.5 if style == "timm" else q
+    ref = torch.ops.panther.rf_attention(q_in, k, v, features(SPEC, row.name), "softmax", causal,
+                                         1.0 if scale is None else scale, pad if padded else None)
+    torch.testing.assert_close(y, ref)
+    assert ((y - dense).norm() / dense.norm()) > 1e-3  # it is the approximation, not the exact attention
+
+
+def test_the_scores_and_probabilities_leave_the_graph(qkv):
+    q, k, v, pad = qkv
+    graphs = []
+
+    def backend(gm, example_inputs):
+        run_passes(gm, example_inputs, policy={"attention": SPEC}, grad_enabled=False)
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(Written("additive").eval(), backend=backend)(q, k, v, pad)
+    targets = [n.target for n in graphs[0].graph.nodes]
+    assert torch.ops.panther.rf_attention in targets
+    assert not {F.softmax, torch.where, torch.matmul, torch.zeros} & set(targets), targets
+
+
+class Unreadable(nn.Module):
+    def __init__(self, case):
+        super().__init__()
+        self.case = case
+
+    def forward(self, q, k, v, extra):
+        s = q @ k.transpose(-2, -1)
+        if self.case == "weights_returned":
+            p = s.softmax(-1)
+            return p @ v, p
+        if self.case == "dropout":
+            return F.dropout(s.softmax(-1), 0.1, training=True) @ v
+        if self.case == "bias":  # a float bias (ALiBi, relative positions): not a mask
+            return (s + extra).softmax(-1) @ v
+        if self.case == "softcap":  # Gemma 2
+            return (torch.tanh(s / 50.0) * 50.0).softmax(-1) @ v
+        if self.case == "tensor_scale":
+            return (s * extra).softmax(-1) @ v
+        if self.case == "window":
+            i = torch.arange(q.shape[2])
+            return s.masked_fill((i[None, :] > i[:, None]) | (i[:, None] - i[None, :] >= 3), float("-inf")).softmax(-1) @ v
+        if self.case == "two_masks":
+            s = s.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+            return (s + torch.where(extra > -3, 0.0, float("-inf"))).softmax(-1) @ v
+        raise AssertionError(self.case)
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("weights_returned", "attention weights are used elsewhere"),
+    ("dropout", "dropout_p=0.1"),
+    ("bias", "additive attention mask that is not where(mask, 0, -inf)"),
+    ("tensor_scale", "scaled by a value that is not a constant"),
+    ("softcap", "pass through tanh"),
+    ("window", "neither causal nor key padding"),
+    ("two_masks", "more than one mask"),
+])
+def test_written_out_attention_left_alone_with_the_reason(case, reason, qkv):
+    q, k, v, _ = qkv
+    extra = {"tensor_scale": torch.tensor(0.3)}.get(case, torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(2)))
+    model = Unreadable(case)
+    compiled, reports = compile_panther(model, policy={"attention": SPEC})
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(5)
+        y = compiled(q, k, v, extra)
+        torch.manual_seed(5)
+        ref = model(q, k, v, extra)
+    (row,) = reports[0].rows
+    assert not row.replaced and reason in row.reason, row.reason
+    torch.testing.assert_close(y, ref)
+
+
+def test_products_that_are_not_attention_are_not_rows(qkv):
+    q, k, v, _ = qkv
+    compiled, reports = compile_panther(lambda q, k, v: (q @ k.mT).sigmoid() @ v + (q @ k.mT).softmax(-2) @ v,
+                                        policy={"attention": SPEC})
+    with torch.no_grad():
+        compiled(q, k, v)
+    assert reports[0].rows == []
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_hf_eager_attention_is_rewritten_as_its_sdpa_twin(arch):
+    """``attn_implementation="eager"`` and ``"sdpa"`` compile to the same random-feature model: same rows,
+    same measured errors, same output (a padded batch; Llama's GQA repeats its key/value heads)."""
+    tf = pytest.importorskip("transformers")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    runs = {}
+    for impl in ("eager", "sdpa"):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            if arch == "bert":
+                model = tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                   intermediate_size=64, vocab_size=64, attn_implementation=impl))
+            else:
+                model = tf.LlamaForCausalLM(tf.LlamaConfig(
+                    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, attn_implementation=impl))
+        compiled, reports = compile_panther(model.eval(), policy={"attention": SketchSpec(num_random_features=64,
+                                                                                          seed=0)})
+        with torch.no_grad():
+            out = compiled(ids, attention_mask=mask)
+        rows = [(r.name, r.replaced, r.flops_before, r.flops_after, pytest.approx(r.est_error, rel=1e-5))
+                for r in reports[0].rows if r.kind == "attention"]
+        runs[impl] = (out.last_hidden_state if arch == "bert" else out.logits, rows)
+    (y_eager, rows_eager), (y_sdpa, rows_sdpa) = runs["eager"], runs["sdpa"]
+    assert len(rows_eager) == 2 and all(r[1] for r in rows_eager), rows_eager
+    assert rows_eager == rows_sdpa
+    torch.testing.assert_close(y_eager, y_sdpa, rtol=1e-4, atol=1e-5)
