@@ -287,13 +287,7 @@ class PassContext:
             return None, None, "weight is not a graph value"
         if node.op != "placeholder":
             return None, None, self._computed_weight_reason(node)
-        ga = node.meta.get("grapharg")
-        src = getattr(getattr(ga, "source", None), "name", None)
-        if callable(src):  # older torch: Source.name() is a method
-            src = src()
-        real = self.real.get(node)
-        if real is None and ga is not None:
-            real = getattr(ga, "example", None)
+        real, src = self._placeholder(node)
         is_state = isinstance(real, torch.nn.Parameter) or (
             isinstance(src, str) and ("_parameters[" in src or "_buffers[" in src)
         )
@@ -301,6 +295,26 @@ class PassContext:
             return None, None, "weight is a graph input, not a module parameter"
         fqn = source_to_fqn(src) if isinstance(src, str) else None
         return real, fqn or node.name, None
+
+    def _placeholder(self, node: fx.Node) -> Tuple[Any, Optional[str]]:
+        """A placeholder's real value and Dynamo source name (``..._buffers['bias']``, say)."""
+        ga = node.meta.get("grapharg")
+        src = getattr(getattr(ga, "source", None), "name", None)
+        if callable(src):  # older torch: Source.name() is a method
+            src = src()
+        real = self.real.get(node)
+        if real is None and ga is not None:
+            real = getattr(ga, "example", None)
+        return real, src
+
+    def buffer_value(self, node: fx.Node) -> Optional[torch.Tensor]:
+        """The value of a module buffer the graph reads (a causal triangle registered as ``bias``, say), read
+        now, as the weights of a rewrite are; ``None`` for anything else."""
+        if not isinstance(node, fx.Node) or node.op != "placeholder":
+            return None
+        real, src = self._placeholder(node)
+        is_buffer = isinstance(src, str) and "_buffers[" in src
+        return real if is_buffer and isinstance(real, torch.Tensor) and not real.is_meta else None
 
     def _computed_weight_reason(self, node: fx.Node) -> str:
         """Why a weight computed in the graph is left alone, naming the parameters it is computed from (a

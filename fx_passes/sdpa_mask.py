@@ -5,8 +5,9 @@ Hugging Face models build their boolean masks in the graph as an AND of factors,
 expanded to ``(B, 1, Lq, Lk)``. A factor is
 
 * a **key padding** factor when it is ``(B, 1, 1, Lk)`` (any values: it masks keys per sequence), or
-* an **index** factor when its value reads no graph input, only sizes and index ranges: it is then
-  evaluated once, here, and must be all True (no mask) or the causal triangle.
+* an **index** factor when its value reads no graph input, only sizes, index ranges and module buffers
+  (minGPT's causal triangle ``bias``): it is then evaluated once, here (buffers as they are now, as the
+  weights of a rewrite are read), and must be all True (no mask) or the causal triangle.
 
 Attention written out as ``softmax(q @ kᵀ + M) @ v`` (``sketch_softmax_attention``) masks with the opposite
 sense, True = ignore (``scores.masked_fill(ignore, -inf)``, ``torch.where(ignore, -inf, 0)``): such a mask is
@@ -18,12 +19,14 @@ that are symbolic so the index factor could differ at another length) is left to
 from __future__ import annotations
 
 import operator
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import fx
 
 
+#: the value of a module buffer placeholder, or None (``PassContext.buffer_value``)
+State = Optional[Callable[[fx.Node], Optional[torch.Tensor]]]
 # how a mask combines its factors: AND when True = attend, OR when True = ignore
 _COMBINE_FUNCTIONS = {False: {operator.and_, torch.logical_and, torch.bitwise_and},
                       True: {operator.or_, torch.logical_or, torch.bitwise_or}}
@@ -54,22 +57,23 @@ def _factors(n: fx.Node, ignore: bool = False) -> List[fx.Node]:
     return [n]
 
 
-def reads_no_input(n: fx.Node, seen=None) -> bool:
+def reads_no_input(n: fx.Node, state: State = None, seen=None) -> bool:
     """Whether ``n``'s value is fixed by the graph: no placeholder (input, parameter or symbolic size) or
-    module attribute reaches it, except as ``self`` of a method that reads only sizes (``new_ones``...)."""
+    module attribute reaches it, except module buffers ``state`` knows and the ``self`` of a method that reads
+    only sizes (``new_ones``...)."""
     seen = set() if seen is None else seen
     if n in seen:
         return True
     seen.add(n)
     if n.op in ("placeholder", "get_attr"):
-        return False
+        return state is not None and state(n) is not None
     args = (n.args[1:], n.kwargs) if n.op == "call_method" and n.target in _SIZE_ONLY_METHODS else (n.args, n.kwargs)
     inputs: List[fx.Node] = []
     fx.node.map_arg(args, inputs.append)
-    return all(reads_no_input(a, seen) for a in inputs)
+    return all(reads_no_input(a, state, seen) for a in inputs)
 
 
-def evaluate(node: fx.Node) -> Optional[torch.Tensor]:
+def evaluate(node: fx.Node, state: State = None) -> Optional[torch.Tensor]:
     """The value of a node that reads no input (see :func:`reads_no_input`), computed now. The ``self``
     of a size-only method that does read inputs is stood in for by an uninitialised tensor of its size,
     dtype and device."""
@@ -77,6 +81,9 @@ def evaluate(node: fx.Node) -> Optional[torch.Tensor]:
 
     def visit(n: fx.Node):
         if n in env:
+            return
+        if n.op in ("placeholder", "get_attr"):
+            env[n] = state(n)
             return
         size_only = n.op == "call_method" and n.target in _SIZE_ONLY_METHODS
         rest = (n.args[1:], n.kwargs) if size_only else (n.args, n.kwargs)
@@ -86,7 +93,7 @@ def evaluate(node: fx.Node) -> Optional[torch.Tensor]:
             env[n] = getattr(args[0], n.target)(*args[1:], **kwargs) if n.op == "call_method" else n.target(*args, **kwargs)
             return
         this = n.args[0]
-        if reads_no_input(this):
+        if reads_no_input(this, state):
             visit(this)
             this = env[this]
         else:
@@ -102,13 +109,13 @@ def evaluate(node: fx.Node) -> Optional[torch.Tensor]:
     return out if isinstance(out, torch.Tensor) else None
 
 
-def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor, ignore: bool = False
+def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor, ignore: bool = False, state: State = None
                        ) -> Union[Tuple[List[fx.Node], bool], str]:
     """``(padding factors, causal)`` when ``mask`` (SDPA's boolean ``attn_mask``, True = attend, or with
     ``ignore`` True = ignore; ``q``, ``k`` the example values of the queries and keys) is a key padding mask,
     the causal mask, both, or neither (an all-attend mask); else the reason it is not. Each padding factor is
     a ``(B or 1, 1, 1, Lk)`` boolean node; their AND is the keys to keep (with ``ignore``: their OR, the keys
-    to ignore)."""
+    to ignore). ``state`` gives the values of module buffers, which an index factor may read."""
     if not isinstance(mask, fx.Node) or not _is_bool(mask):
         return "explicit attn_mask that is not boolean: random-feature attention supports only causal / key padding masks"
     B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
@@ -120,8 +127,8 @@ def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor, ignore: bool = Fa
         shape = (1,) * (4 - v.dim()) + tuple(v.shape)
         if not all(isinstance(s, int) for s in shape + (B, Lq, Lk)):
             return "attn_mask under dynamic shapes: its causal / padding pattern cannot be checked for every length"
-        if reads_no_input(f):
-            value = evaluate(f)
+        if reads_no_input(f, state):
+            value = evaluate(f, state)
             if value is None or shape[:2] != (1, 1):
                 return "attn_mask built from indices that do not reduce to a causal / padding pattern"
             value = value.reshape(shape[2:]).expand(Lq, Lk).cpu()

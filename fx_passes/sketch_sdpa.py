@@ -96,7 +96,7 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, attn_mask, dropou
     ok4 = all(s is not None and len(s) == 4 for s in (qs, ks, vs))
     causal = is_causal is True
     # a boolean mask that is key padding and/or the causal triangle: (padding nodes, causal), else a reason
-    masking = padding_and_causal(attn_mask, qv, k.meta.get("example_value"), mask_ignores) \
+    masking = padding_and_causal(attn_mask, qv, k.meta.get("example_value"), mask_ignores, ctx.buffer_value) \
         if ok4 and attn_mask is not None else ([], causal)
     extra = {"head_dim": qs[-1] if qs else 1, "projections": proj_names,
              "causal": masking[1] if isinstance(masking, tuple) else causal}

@@ -226,7 +226,8 @@ def parse(node) -> Optional[WrittenAttention]:
     elif unreadable or len(found.masks) > 1:
         found.problem = unreadable[0] if unreadable else "more than one mask term"
     elif found.scale is None:
-        found.problem = "the scores are scaled by a value that is not a constant (a tensor, or a size under dynamic shapes)"
+        found.problem = "the scores are scaled by a value that is not a constant (a tensor, or a size under " \
+                        "dynamic shapes)"
     elif len({getattr(t, "dtype", None) for t in values}) > 1:
         found.problem = "queries, keys, values and output differ in dtype"
     return found

@@ -34,6 +34,7 @@ class Written(nn.Module):
         super().__init__()
         self.style = style
         self.drop = nn.Dropout(0.1)
+        self.register_buffer("bias", torch.ones(16, 16).tril().view(1, 1, 16, 16))  # minGPT's causal triangle
 
     def forward(self, q, k, v, pad):
         d, L = q.shape[-1], q.shape[2]
@@ -44,6 +45,10 @@ class Written(nn.Module):
             s = torch.matmul(q, k.transpose(2, 3)) / torch.full([], math.sqrt(d))
             s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
             return torch.matmul(F.softmax(s, dim=-1).type(v.dtype), v)
+        if self.style == "buffer_fill":  # minGPT: the triangle is a module buffer, read at compile time
+            s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d))
+            s = s.masked_fill(self.bias[:, :, :L, :L] == 0, float("-inf"))
+            return F.softmax(s, dim=-1) @ v
         if self.style == "padding_fill":  # key padding (True = pad), fp32 softmax cast back
             s = q @ k.mT / math.sqrt(d)
             s = s.masked_fill(pad[:, None, None, :], -1e9)
@@ -66,6 +71,7 @@ def qkv():
 
 # style: (scale rf_attention gets, causal, key padding)
 STYLES = {"timm": (None, False, False), "causal_fill": (8 ** -0.5, True, False),
+          "buffer_fill": (8 ** -0.5, True, False),
           "padding_fill": (8 ** -0.5, False, True), "additive": (0.25, True, True)}
 
 
@@ -126,7 +132,8 @@ class Unreadable(nn.Module):
             return (s * extra).softmax(-1) @ v
         if self.case == "window":
             i = torch.arange(q.shape[2])
-            return s.masked_fill((i[None, :] > i[:, None]) | (i[:, None] - i[None, :] >= 3), float("-inf")).softmax(-1) @ v
+            outside = (i[None, :] > i[:, None]) | (i[:, None] - i[None, :] >= 3)
+            return s.masked_fill(outside, float("-inf")).softmax(-1) @ v
         if self.case == "two_masks":
             s = s.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
             return (s + torch.where(extra > -3, 0.0, float("-inf"))).softmax(-1) @ v
@@ -144,7 +151,8 @@ class Unreadable(nn.Module):
 ])
 def test_written_out_attention_left_alone_with_the_reason(case, reason, qkv):
     q, k, v, _ = qkv
-    extra = {"tensor_scale": torch.tensor(0.3)}.get(case, torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(2)))
+    g = torch.Generator().manual_seed(2)
+    extra = torch.tensor(0.3) if case == "tensor_scale" else torch.randn(2, 3, 9, 9, generator=g)
     model = Unreadable(case)
     compiled, reports = compile_panther(model, policy={"attention": SPEC})
     with torch.no_grad(), torch.random.fork_rng():
