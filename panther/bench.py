@@ -277,8 +277,8 @@ def bench_transformer(d_model=1024, heads=16, layers=4, seq=8192, batch=2, low_r
 
 @torch.no_grad()
 def bench_llama(hidden=2048, heads=16, kv_heads=4, layers=4, seq=8192, batch=2, low_rank=64, num_features=256,
-                vocab=32000, padding=0.25, *, device="cpu", dtype=torch.float32, repeats=20, compiler="inductor",
-                default_policy=False):
+                vocab=32000, padding=0.25, *, attention="sdpa", device="cpu", dtype=torch.float32, repeats=20,
+                compiler="inductor", default_policy=False):
     """Inference of a Hugging Face ``LlamaForCausalLM`` built from a config (random weights; needs
     ``transformers``): grouped-query attention (``kv_heads`` key/value heads), SwiGLU feed-forward of
     ``2.75·hidden``, on a batch whose last sequence is left-padded over a ``padding`` fraction of its
@@ -286,12 +286,14 @@ def bench_llama(hidden=2048, heads=16, kv_heads=4, layers=4, seq=8192, batch=2, 
     (the model's SDPA attention), dense compiled, and ``backend="panther"`` with the attention and MLP
     projections at rank ``2·low_rank`` (``init="svd"``; ``lm_head`` stays dense) and random-feature attention
     with ``num_features`` features. The error is over the logits of the tokens that are not padding.
+    ``attention`` is the model's ``attn_implementation``: ``"sdpa"``, or ``"eager"`` (attention written out,
+    its scores materialised).
     """
     import transformers
 
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(2.75 * hidden),
                                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                   max_position_embeddings=seq)
+                                   max_position_embeddings=seq, attn_implementation=attention)
     with _fixed_draws(device):
         model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
         ids = torch.randint(0, vocab, (batch, seq), device=device)
@@ -706,6 +708,8 @@ def main(argv=None):
     p.add_argument("--low-rank", type=int, default=None, help="k (default 16; transformer, llama: 64 on CUDA)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 20; 5 with --plot)")
     p.add_argument("--backward", action="store_true", help="time forward+backward")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
+                   help="llama: the model's attn_implementation (eager: attention written out)")
     p.add_argument("--default-policy", action="store_true",
                    help="transformer, llama: let panther's default policy choose ranks and features")
     p.add_argument("--no-malloc-tuning", action="store_true",
@@ -755,7 +759,8 @@ def main(argv=None):
     elif a.what == "llama":
         cfg = dict(hidden=2048 if cuda else 256, heads=16 if cuda else 4, kv_heads=4 if cuda else 2,
                    layers=4 if cuda else 2, seq=a.seq or (8192 if cuda else 512), batch=a.batch or 2,
-                   low_rank=transformer_rank, num_features=256 if cuda else 64, vocab=32000 if cuda else 1000)
+                   low_rank=transformer_rank, num_features=256 if cuda else 64, vocab=32000 if cuda else 1000,
+                   attention=a.attention)
         if a.default_policy:
             cfg = {k: v for k, v in cfg.items() if k not in ("low_rank", "num_features")} | {"default_policy": True}
         rows, headers, report = bench_llama(**cfg, device=a.device, dtype=dtype, repeats=a.repeats)

@@ -216,11 +216,13 @@ def test_transformer_bench_rows_errors_and_report():
     assert [r.name for r in report.replaced] == ["layers.0.self_attn", "layers.0.linear1", "layers.0.linear2"]
 
 
-def test_llama_bench_rows_errors_and_report():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_llama_bench_rows_errors_and_report(attention):
     pytest.importorskip("transformers")
     rng = torch.get_rng_state()
     rows, headers, report = bench.bench_llama(hidden=32, heads=4, kv_heads=2, layers=1, seq=32, batch=2, low_rank=4,
-                                              num_features=16, vocab=64, repeats=1, compiler="aot_eager")
+                                              num_features=16, vocab=64, repeats=1, compiler="aot_eager",
+                                              attention=attention)
     assert torch.equal(rng, torch.get_rng_state())
     assert [r[0] for r in rows] == ["dense, eager", "dense, torch.compile (aot_eager)", 'backend="panther"']
     errors = [float(r[-1]) for r in rows]
@@ -257,6 +259,8 @@ def test_transformer_subcommand_wiring(monkeypatch, capsys):
     monkeypatch.setattr(bench, "bench_llama", fake)
     seen.clear()
     bench.main(["llama", "--seq", "64", "--repeats", "1", "--no-malloc-tuning"])
-    assert seen["seq"] == 64 and seen["kv_heads"] == 2 and seen["low_rank"] == 16
+    assert seen["seq"] == 64 and seen["kv_heads"] == 2 and seen["low_rank"] == 16 and seen["attention"] == "sdpa"
+    bench.main(["llama", "--attention", "eager", "--repeats", "1", "--no-malloc-tuning"])
+    assert seen["attention"] == "eager"
     assert "Hugging Face LlamaForCausalLM inference, last sequence left-padded by 25% forward: hidden=256" \
         in capsys.readouterr().out
