@@ -2,7 +2,7 @@
 
 Pattern (Dynamo torch IR), read backwards from the product with the values:
     s = matmul(q, k.transpose(-2, -1))          # or transpose(2, 3), k.mT; q @ k.transpose(...)
-    s = s * c, s / c                            # constant factors: SDPA's ``scale`` is their product
+    s = s * c, s / c                            # scalar factors: SDPA's ``scale`` is their product
     s = s + where(keep, 0, -inf)                # Hugging Face's eager mask (or where(ignore, -inf, 0)), or
     s = s.masked_fill(ignore, -inf)             # any fill of at most -1e4
     p = softmax(s, dim=-1)                      # F.softmax / torch.softmax / .softmax, with dtype= or not
@@ -13,7 +13,7 @@ unfused attention and many research codebases compute attention.
 
 Replacement: that of :mod:`.sketch_sdpa` (same candidate, report row, accuracy guard and features), then the
 scores and probabilities, now unused, are erased. Left alone, with the reason: scores or probabilities used
-elsewhere (a model returning its attention weights), active dropout, a scale that is not a constant, masks
+elsewhere (a model returning its attention weights), active dropout, scores scaled by a tensor, masks
 other than key padding / causal (see ``sdpa_mask``), mixed dtypes.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from panther.attention_error import sample
 from panther.policy import SketchSpec
 
 from . import sketch_sdpa
-from .common import PassContext
+from .common import PassContext, trace_into
 from .sdpa_mask import evaluate, reads_no_input
 
 KIND = sketch_sdpa.KIND
@@ -58,7 +58,10 @@ class WrittenAttention:
     q: fx.Node
     k: fx.Node
     v: fx.Node
-    scale: Optional[float] = 1.0  # None: not a constant
+    scale: Optional[float] = 1.0  # the constant factors' product; None once a factor is a tensor
+    # scalars of the graph among the factors (a float attribute under dynamic=True, √d of a symbolic size):
+    # (node, 1) multiplies, (node, -1) divides
+    symbolic: List[tuple] = field(default_factory=list)
     masks: List[tuple] = field(default_factory=list)  # (boolean node, ignores) or the reason one is unreadable
     unfollowed: Optional[str] = None  # an elementwise map of the scores that random features cannot apply
     dropout_p: object = 0.0
@@ -108,18 +111,33 @@ def _constant(n, test) -> bool:
     return False
 
 
-def _number(n) -> Optional[float]:
-    """The value of a constant scalar: a number, or a one-element node that reads no input (GPT-2's
-    ``torch.full([], √d)``)."""
+def _factor(n):
+    """A scalar factor of the scores: a number, a one-element node that reads no input (GPT-2's
+    ``torch.full([], √d)``), evaluated now, or a scalar node of the graph (a ``SymFloat``), kept; else None."""
     if isinstance(n, (int, float)) and not isinstance(n, bool):
         return float(n)
-    value = evaluate(n) if isinstance(n, fx.Node) and reads_no_input(n) else None
+    if not isinstance(n, fx.Node):
+        return None
+    if isinstance(n.meta.get("example_value"), (torch.SymInt, torch.SymFloat, int, float)):
+        return n
+    value = evaluate(n) if reads_no_input(n) else None
     return float(value) if value is not None and value.numel() == 1 and value.is_floating_point() else None
 
 
-def _times(scale, factor):
-    """The scale times a constant factor; ``None`` once a factor is not a constant."""
-    return None if scale is None or factor is None else scale * factor
+def _scale_by(found: "WrittenAttention", factor, power: int):
+    if isinstance(factor, fx.Node):
+        found.symbolic.append((factor, power))
+    elif factor is None or found.scale is None or factor == 0:
+        found.scale = None
+    else:
+        found.scale *= factor ** power
+
+
+def scale_of(number: float, powers: tuple, *scalars):
+    """The scale: ``number`` times each of ``scalars`` to its power (±1); traced by ``trace_into``."""
+    for x, p in zip(scalars, powers):
+        number = number * x if p > 0 else number / x
+    return number
 
 
 def _is_zero(n) -> bool:
@@ -160,12 +178,11 @@ def _scores(s, found: WrittenAttention) -> bool:
             s = s.args[0]
         elif _call(s, _MUL, ("mul",)) and len(s.args) == 2:
             a, b = s.args
-            s, c = (b, a) if _number(a) is not None else (a, b)
-            found.scale = _times(found.scale, _number(c))
+            s, c = (b, a) if _factor(a) is not None else (a, b)
+            _scale_by(found, _factor(c), 1)
         elif _call(s, _DIV, ("div",)) and len(s.args) == 2 and not s.kwargs:
             s, c = s.args
-            c = _number(c)
-            found.scale = _times(found.scale, 1 / c if c else None)
+            _scale_by(found, _factor(c), -1)
         elif _call(s, tuple(_UNFOLLOWED), tuple(_UNFOLLOWED.values())):
             name = _UNFOLLOWED.get(s.target, s.target)
             found.unfollowed = found.unfollowed or f"the scores pass through {name} before the softmax: random " \
@@ -226,8 +243,7 @@ def parse(node) -> Optional[WrittenAttention]:
     elif unreadable or len(found.masks) > 1:
         found.problem = unreadable[0] if unreadable else "more than one mask term"
     elif found.scale is None:
-        found.problem = "the scores are scaled by a value that is not a constant (a tensor, or a size under " \
-                        "dynamic shapes)"
+        found.problem = "the scores are scaled by a tensor: random-feature attention takes a scalar scale"
     elif len({getattr(t, "dtype", None) for t in values}) > 1:
         found.problem = "queries, keys, values and output differ in dtype"
     return found
@@ -244,13 +260,15 @@ def sampler(node):
     if w is None or w.problem:
         return None
     mask, ignores = _mask(w)
-    needed = [w.q, w.k, w.v] + ([mask] if mask is not None else [])
+    scalars = [n for n, _ in w.symbolic]
+    needed = [w.q, w.k, w.v] + ([mask] if mask is not None else []) + scalars
 
     def take(values):
         keep = values.get(mask)
         if keep is not None and ignores:
             keep = keep.logical_not()
-        return sample(values[w.q], values[w.k], values[w.v], keep, False, w.scale, False)
+        scale = scale_of(w.scale, tuple(p for _, p in w.symbolic), *(float(values[n]) for n in scalars))
+        return sample(values[w.q], values[w.k], values[w.v], keep, False, scale, False)
 
     return needed, take
 
@@ -262,13 +280,16 @@ def match(node, ctx: PassContext):
     mask, ignores = (None, False) if w.problem else _mask(w)
     cand = sketch_sdpa.candidate(node, ctx, OP_BEFORE, w.q, w.k, w.v, mask, w.dropout_p, False, w.scale, False,
                                  mask_ignores=ignores, unsupported=w.problem)
-    cand.data["chain"] = w.chain
+    cand.data.update(chain=w.chain, symbolic=w.symbolic)
     return cand
 
 
 def rewrite(cand, spec: SketchSpec, ctx: PassContext):
     chain = cand.data["chain"]
     masks = [a for n in chain for a in n.all_input_nodes if a not in chain]  # what built the mask, say
+    if cand.data["symbolic"]:  # the scale is computed in the graph, from its scalars
+        nodes, powers = zip(*cand.data["symbolic"])
+        cand.data["scale"] = trace_into(ctx.graph, cand.node, scale_of, cand.data["scale"], powers, *nodes)[-1]
     op_after, err = sketch_sdpa.rewrite(cand, spec, ctx)
     for n in chain + masks:
         _erase_if_unused(ctx.graph, n)

@@ -144,7 +144,7 @@ class Unreadable(nn.Module):
     ("weights_returned", "attention weights are used elsewhere"),
     ("dropout", "dropout_p=0.1"),
     ("bias", "additive attention mask that is not where(mask, 0, -inf)"),
-    ("tensor_scale", "scaled by a value that is not a constant"),
+    ("tensor_scale", "scaled by a tensor"),
     ("softcap", "pass through tanh"),
     ("window", "neither causal nor key padding"),
     ("two_masks", "more than one mask"),
@@ -204,3 +204,27 @@ def test_hf_eager_attention_is_rewritten_as_its_sdpa_twin(arch):
     assert len(rows_eager) == 2 and all(r[1] for r in rows_eager), rows_eager
     assert rows_eager == rows_sdpa
     torch.testing.assert_close(y_eager, y_sdpa, rtol=1e-4, atol=1e-5)
+
+
+def test_scales_that_are_graph_scalars_under_dynamic_shapes(qkv):
+    """With ``dynamic=True`` a float attribute and ``√d`` of a symbolic size are scalars of the graph: the
+    scale is computed there, and the attention rewritten as with constants."""
+    q, k, v, _ = qkv
+
+    class Scaled(nn.Module):
+        scaling = 0.7
+
+        def forward(self, q, k, v):
+            s = (q @ k.transpose(-2, -1)) * self.scaling / math.sqrt(k.size(-1))
+            return s.softmax(-1) @ v
+
+    torch._dynamo.reset()
+    reports = []
+    compiled = torch.compile(Scaled(), backend=panther_backend, dynamic=True,
+                             options={**FAST, "report": reports.append, "policy": {"attention": SPEC}})
+    with torch.no_grad():
+        y = compiled(q, k, v)
+    (row,) = reports[0].rows
+    assert row.replaced and row.est_error is not None, row.reason
+    ref = torch.ops.panther.rf_attention(q, k, v, features(SPEC, row.name), "softmax", False, 0.7 / math.sqrt(8), None)
+    torch.testing.assert_close(y, ref)
