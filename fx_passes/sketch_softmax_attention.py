@@ -1,13 +1,14 @@
 """Pass: attention written out, ``softmax(q @ kᵀ · c + mask) @ v`` -> ``panther::rf_attention``.
 
 Pattern (Dynamo torch IR), read backwards from the product with the values:
-    s = matmul(q, k.transpose(-2, -1))          # or transpose(2, 3), k.mT; q @ k.transpose(...)
+    s = matmul(q, k.transpose(-2, -1))          # or transpose(2, 3), k.mT; q @ k.transpose(...);
+                                                # einsum("bhid,bhjd->bhij", q, k)
     s = s * c, s / c                            # scalar factors: SDPA's ``scale`` is their product
     s = s + where(keep, 0, -inf)                # Hugging Face's eager mask (or where(ignore, -inf, 0)), or
     s = s.masked_fill(ignore, -inf)             # any fill of at most -1e4
     p = softmax(s, dim=-1)                      # F.softmax / torch.softmax / .softmax, with dtype= or not
     p = p.to(dtype), dropout(p, training=False) # casts and inactive dropout
-    o = matmul(p, v)
+    o = matmul(p, v)                            # or einsum("bhij,bhjd->bhid", p, v)
 with q, k, v of shape (B, H, L, d). This is how ``attn_implementation="eager"`` Hugging Face models, timm's
 unfused attention and many research codebases compute attention.
 
@@ -65,7 +66,8 @@ class WrittenAttention:
     masks: List[tuple] = field(default_factory=list)  # (boolean node, ignores) or the reason one is unreadable
     unfollowed: Optional[str] = None  # an elementwise map of the scores that random features cannot apply
     dropout_p: object = 0.0
-    chain: List[fx.Node] = field(default_factory=list)  # consumers before producers
+    chain: List[fx.Node] = field(default_factory=list)  # scores to probabilities, consumers before producers
+    kt: Optional[fx.Node] = None  # the transposed keys of ``q @ kᵀ`` (may serve other products too)
     problem: Optional[str] = None
 
 
@@ -109,6 +111,33 @@ def _constant(n, test) -> bool:
         value = evaluate(n)
         return value is not None and value.is_floating_point() and bool(test(value).all())
     return False
+
+
+def _einsum_operands(n, contracts_last: bool):
+    """``(a, b)`` when ``n`` is ``einsum`` of two operands that share their batch letters and contract
+    ``a``'s last letter with ``b``'s last (``"...id,...jd->...ij"``, ``contracts_last``) or second last
+    (``"...ij,...jd->...id"``) letter."""
+    if not _call(n, (torch.functional.einsum, torch.einsum)) or n.kwargs or len(n.args) < 2:
+        return None
+    operands = n.args[1:] if len(n.args) > 2 else n.args[1]
+    if not isinstance(n.args[0], str) or not isinstance(operands, (list, tuple)) or len(operands) != 2:
+        return None
+    inputs, _, out = n.args[0].replace(" ", "").partition("->")
+    a, _, b = inputs.partition(",")
+    if not (len(a) == len(b) == len(out) >= 3 and a[:-2] == b[:-2] == out[:-2] and len(set(a + b)) == len(a) + 1):
+        return None
+    (i, x), (y, z) = a[-2:], b[-2:]
+    shape_ok = (x == z and out[-2:] == i + y) if contracts_last else (x == y and out[-2:] == i + z)
+    return tuple(operands) if shape_ok else None
+
+
+def _product(n, with_transposed: bool):
+    """``(a, b)`` when ``n`` is the batched product ``a @ b``, or with ``with_transposed`` ``a @ bᵀ`` (b is
+    then the untransposed operand: the keys); matmul or einsum."""
+    if _call(n, _MATMULS) and len(n.args) == 2 and not n.kwargs:
+        a, b = n.args
+        return (a, _untransposed(b) if with_transposed else b) if isinstance(a, fx.Node) else None
+    return _einsum_operands(n, with_transposed)
 
 
 def _factor(n):
@@ -200,13 +229,12 @@ def _scores(s, found: WrittenAttention) -> bool:
             s, cond, fill = s.args
             found.masks.append((cond, True) if _is_masked(fill) else
                                f"masked_fill with {fill!r}: only fills of -inf (at most {_MASKED:g}) mask keys")
-        elif _call(s, _MATMULS) and len(s.args) == 2 and not s.kwargs:
-            q, kt = s.args
-            k = _untransposed(kt)
-            if k is None or not isinstance(q, fx.Node):
+        elif _product(s, with_transposed=True):
+            found.q, found.k = _product(s, with_transposed=True)
+            if found.k is None or not isinstance(found.q, fx.Node):
                 return False
-            found.q, found.k = q, k
-            found.chain.append(kt)
+            if _call(s, _MATMULS):
+                found.kt = s.args[1]
             return True
         else:
             return False
@@ -214,9 +242,9 @@ def _scores(s, found: WrittenAttention) -> bool:
 
 def parse(node) -> Optional[WrittenAttention]:
     """The attention ``node`` computes, if it is the value product of attention written out."""
-    if not (_call(node, _MATMULS) and len(node.args) == 2 and not node.kwargs):
+    if _product(node, with_transposed=False) is None:
         return None
-    p, v = node.args
+    p, v = _product(node, with_transposed=False)
     chain, dropout_p = [], 0.0
     while _call(p, _DROPOUT, _CASTS):
         chain.append(p)
@@ -236,7 +264,7 @@ def parse(node) -> Optional[WrittenAttention]:
     found.chain = [n for n in found.chain if isinstance(n, fx.Node)]
     values = [n.meta.get("example_value") for n in (found.q, found.k, found.v, node)]
     unreadable = [m for m in found.masks if isinstance(m, str)]
-    if any(len(n.users) > 1 for n in found.chain[:-1]):  # the last is kᵀ, which may serve other products too
+    if any(len(n.users) > 1 for n in found.chain):
         found.problem = "the attention weights are used elsewhere (e.g. returned with output_attentions=True)"
     elif found.unfollowed:
         found.problem = found.unfollowed
@@ -280,7 +308,7 @@ def match(node, ctx: PassContext):
     mask, ignores = (None, False) if w.problem else _mask(w)
     cand = sketch_sdpa.candidate(node, ctx, OP_BEFORE, w.q, w.k, w.v, mask, w.dropout_p, False, w.scale, False,
                                  mask_ignores=ignores, unsupported=w.problem)
-    cand.data.update(chain=w.chain, symbolic=w.symbolic)
+    cand.data.update(chain=w.chain + ([w.kt] if w.kt is not None else []), symbolic=w.symbolic)
     return cand
 
 

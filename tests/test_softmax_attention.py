@@ -45,6 +45,9 @@ class Written(nn.Module):
             s = torch.matmul(q, k.transpose(2, 3)) / torch.full([], math.sqrt(d))
             s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
             return torch.matmul(F.softmax(s, dim=-1).type(v.dtype), v)
+        if self.style == "einsum":  # lucidrains' style
+            s = torch.einsum("b h i d, b h j d -> b h i j", q, k) * d ** -0.5
+            return torch.einsum("bhij,bhjd->bhid", s.softmax(dim=-1), v)
         if self.style == "buffer_fill":  # minGPT: the triangle is a module buffer, read at compile time
             s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d))
             s = s.masked_fill(self.bias[:, :, :L, :L] == 0, float("-inf"))
@@ -71,7 +74,7 @@ def qkv():
 
 # style: (scale rf_attention gets, causal, key padding)
 STYLES = {"timm": (None, False, False), "causal_fill": (8 ** -0.5, True, False),
-          "buffer_fill": (8 ** -0.5, True, False),
+          "buffer_fill": (8 ** -0.5, True, False), "einsum": (8 ** -0.5, False, False),
           "padding_fill": (8 ** -0.5, False, True), "additive": (0.25, True, True)}
 
 
@@ -167,8 +170,11 @@ def test_written_out_attention_left_alone_with_the_reason(case, reason, qkv):
 
 def test_products_that_are_not_attention_are_not_rows(qkv):
     q, k, v, _ = qkv
-    compiled, reports = compile_panther(lambda q, k, v: (q @ k.mT).sigmoid() @ v + (q @ k.mT).softmax(-2) @ v,
-                                        policy={"attention": SPEC})
+    def not_attention(q, k, v):
+        return ((q @ k.mT).sigmoid() @ v + (q @ k.mT).softmax(-2) @ v  # not a softmax over keys
+                + torch.einsum("bhij,bhid->bhjd", torch.einsum("bhid,bhjd->bhij", q, k).softmax(-1), v))  # sums queries
+
+    compiled, reports = compile_panther(not_attention, policy={"attention": SPEC})
     with torch.no_grad():
         compiled(q, k, v)
     assert reports[0].rows == []
