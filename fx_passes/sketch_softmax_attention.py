@@ -5,7 +5,7 @@ Pattern (Dynamo torch IR), read backwards from the product with the values:
                                                 # einsum("bhid,bhjd->bhij", q, k)
     s = s * c, s / c                            # scalar factors: SDPA's ``scale`` is their product
     s = s + where(keep, 0, -inf)                # Hugging Face's eager mask (or where(ignore, -inf, 0)), or
-    s = s.masked_fill(ignore, -inf)             # any fill of at most -1e4
+    s = s.masked_fill(ignore, -inf)             # any fill of at most -1e4; or where(keep, s, -inf)
     p = softmax(s, dim=-1)                      # F.softmax / torch.softmax / .softmax, with dtype= or not
     p = p.to(dtype), dropout(p, training=False) # casts and inactive dropout
     o = matmul(p, v)                            # or einsum("bhij,bhjd->bhid", p, v)
@@ -225,10 +225,16 @@ def _scores(s, found: WrittenAttention) -> bool:
                     found.__dict__.update(trial.__dict__)
                     return True
             return False
-        elif _call(s, (torch.masked_fill,), ("masked_fill",)) and len(s.args) == 3:
-            s, cond, fill = s.args
+        elif _call(s, (torch.masked_fill,), ("masked_fill",)):
+            cond, fill = _arg(s, 1, "mask"), _arg(s, 2, "value")
+            s = _arg(s, 0, "input")
             found.masks.append((cond, True) if _is_masked(fill) else
                                f"masked_fill with {fill!r}: only fills of -inf (at most {_MASKED:g}) mask keys")
+        elif _call(s, (torch.where,)) and len(s.args) == 3 and (_is_masked(s.args[1]) or _is_masked(s.args[2])):
+            cond, a, b = s.args  # where(keep, s, -inf) / where(ignore, -inf, s)
+            ignores = _is_masked(a)
+            s = b if ignores else a
+            found.masks.append((cond, ignores))
         elif _product(s, with_transposed=True):
             found.q, found.k = _product(s, with_transposed=True)
             if found.k is None or not isinstance(found.q, fx.Node):

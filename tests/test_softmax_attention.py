@@ -45,8 +45,9 @@ class Written(nn.Module):
             s = torch.matmul(q, k.transpose(2, 3)) / torch.full([], math.sqrt(d))
             s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
             return torch.matmul(F.softmax(s, dim=-1).type(v.dtype), v)
-        if self.style == "einsum":  # lucidrains' style
+        if self.style == "einsum":  # lucidrains' style, where(keep, s, -inf)
             s = torch.einsum("b h i d, b h j d -> b h i j", q, k) * d ** -0.5
+            s = torch.where(torch.ones(L, L, dtype=torch.bool).tril(), s, -torch.finfo(s.dtype).max)
             return torch.einsum("bhij,bhjd->bhid", s.softmax(dim=-1), v)
         if self.style == "buffer_fill":  # minGPT: the triangle is a module buffer, read at compile time
             s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d))
@@ -54,7 +55,7 @@ class Written(nn.Module):
             return F.softmax(s, dim=-1) @ v
         if self.style == "padding_fill":  # key padding (True = pad), fp32 softmax cast back
             s = q @ k.mT / math.sqrt(d)
-            s = s.masked_fill(pad[:, None, None, :], -1e9)
+            s = s.masked_fill(mask=pad[:, None, None, :], value=-1e9)
             return torch.softmax(s.float(), -1).to(q.dtype) @ v
         if self.style == "additive":  # Hugging Face's eager mask: where(keep, 0, min), padding and causal
             keep = ~pad[:, None, None, :] & torch.ones(L, L, dtype=torch.bool).tril()
@@ -74,7 +75,7 @@ def qkv():
 
 # style: (scale rf_attention gets, causal, key padding)
 STYLES = {"timm": (None, False, False), "causal_fill": (8 ** -0.5, True, False),
-          "buffer_fill": (8 ** -0.5, True, False), "einsum": (8 ** -0.5, False, False),
+          "buffer_fill": (8 ** -0.5, True, False), "einsum": (8 ** -0.5, True, False),
           "padding_fill": (8 ** -0.5, False, True), "additive": (0.25, True, True)}
 
 
