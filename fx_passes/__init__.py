@@ -7,6 +7,7 @@ One pass per file, each with its pattern and its replacement side by side:
 * :mod:`.sketch_sdpa` — ``scaled_dot_product_attention`` -> ``panther::rf_attention`` (weight-free)
 * :mod:`.sketch_mha` — ``F.multi_head_attention_forward`` -> projections + ``panther::rf_attention``
 * :mod:`.sketch_softmax_attention` — ``softmax(q @ kᵀ · c + mask) @ v`` written out -> ``panther::rf_attention``
+* :mod:`.sketch_flex_attention` — ``flex_attention`` with a causal or no mask -> ``panther::rf_attention``
 * :mod:`.expand_encoder_layer` — first, nn.TransformerEncoderLayer's fused eval kernel -> the ops of its
   ordinary forward, so the passes above see its layers; put back where none of them was rewritten
 
@@ -29,8 +30,8 @@ from panther._progress import progress
 from panther.policy import Policy, decide, resolve_policy, sketched_cost
 from panther.report import GraphDiffReport, ReportRow, warn_inaccurate_attention
 
-from . import (attention_sample, expand_encoder_layer, sketch_conv2d, sketch_linear, sketch_mha, sketch_sdpa,
-               sketch_softmax_attention)
+from . import (attention_sample, expand_encoder_layer, sketch_conv2d, sketch_flex_attention, sketch_linear,
+               sketch_mha, sketch_sdpa, sketch_softmax_attention)
 from .common import FactorCache, PassContext, factor_cache
 from .graph_view import graph_view, mark_layers
 
@@ -38,8 +39,8 @@ __all__ = ["run_passes", "PASSES", "factor_cache", "TRAINING_REASON"]
 
 log = logging.getLogger("panther")
 
-PASSES = (sketch_linear, sketch_conv2d, sketch_sdpa, sketch_mha, sketch_softmax_attention)
-ATTENTION_PASSES = (sketch_sdpa, sketch_mha, sketch_softmax_attention)
+ATTENTION_PASSES = (sketch_sdpa, sketch_mha, sketch_softmax_attention, sketch_flex_attention)
+PASSES = (sketch_linear, sketch_conv2d) + ATTENTION_PASSES
 
 TRAINING_REASON = "training: use panther.convert"
 

@@ -168,6 +168,8 @@ def features_of(ctx: PassContext, owner, base_name: str, d: int, dtype, device):
 
 
 def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
+    """Replace the attention call by :func:`rf_sdpa`: the node's uses, or those of ``data["outputs"]``
+    (the ``[0]`` of a call that returns a tuple), which go too."""
     node, d = cand.node, cand.data
     info = cand.info
     P = projection_for(ctx, d["owner"], d["base_name"], spec.num_random_features, spec.seed, info.extra["head_dim"],
@@ -176,8 +178,11 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     new = trace_into(ctx.graph, node, rf_sdpa, d["q"], d["k"], d["v"], p_node, spec.kernel_fn, d["causal"],
                      d["scale"], d["groups"], info.shapes["query"][0], info.extra["len_k"], d["ignore"],
                      *d["padding"])[-1]
-    new.meta.update(node.meta)
-    node.replace_all_uses_with(new)
+    for out in d.get("outputs", [node]):
+        new.meta.update(out.meta)
+        out.replace_all_uses_with(new)
+        if out is not node:
+            ctx.graph.erase_node(out)
     ctx.graph.erase_node(node)
     err = None if d["sample"] is None else sample_error(d["sample"], P, spec.kernel_fn, d["causal"])
     return OP_AFTER, err

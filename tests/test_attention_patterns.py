@@ -1,5 +1,6 @@
-"""backend="panther" on attention written out as ``softmax(q @ kᵀ) @ v`` (Hugging Face's eager attention,
-timm's unfused attention, research code): recognised, rewritten like SDPA, or left alone with the reason."""
+"""backend="panther" on attention in the forms other than SDPA and nn.MultiheadAttention: written out as
+``softmax(q @ kᵀ) @ v`` (Hugging Face's eager attention, timm's unfused attention, research code), and
+``flex_attention``: recognised, rewritten like SDPA, or left alone with the reason."""
 import math
 
 import pytest
@@ -235,3 +236,89 @@ def test_scales_that_are_graph_scalars_under_dynamic_shapes(qkv):
     assert row.replaced and row.est_error is not None, row.reason
     ref = torch.ops.panther.rf_attention(q, k, v, features(SPEC, row.name), "softmax", False, 0.7 / math.sqrt(8), None)
     torch.testing.assert_close(y, ref)
+
+
+# ---------------------------------------------------------------------------------------------- flex_attention
+
+flex = pytest.importorskip("torch.nn.attention.flex_attention")
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def _window(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx < 4)
+
+
+@pytest.fixture(scope="module")
+def flex_inputs():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 128, 8, generator=g) for _ in range(3))
+    kg, vg = (torch.randn(2, 2, 128, 8, generator=g) for _ in range(2))
+    masks = {name: flex.create_block_mask(fn, None, None, 128, 128, device="cpu")
+             for name, fn in (("causal", _causal), ("window", _window))}
+    return q, k, v, kg, vg, masks
+
+
+@pytest.mark.parametrize("case", ["causal", "none", "gqa"])
+def test_flex_attention_with_a_causal_or_no_mask_is_rf_attention(case, flex_inputs, monkeypatch):
+    from fx_passes import sketch_flex_attention
+
+    monkeypatch.setattr(sketch_flex_attention, "_BLOCK", 1000)  # the mask is checked over several row blocks
+    q, k, v, kg, vg, masks = flex_inputs
+    kk, vv = (kg, vg) if case == "gqa" else (k, v)
+    call = {"causal": lambda q, k, v: flex.flex_attention(q, k, v, block_mask=masks["causal"]),
+            "none": lambda q, k, v: flex.flex_attention(q, k, v, scale=0.3),
+            "gqa": lambda q, k, v: flex.flex_attention(q, k, v, block_mask=masks["causal"], enable_gqa=True)}[case]
+    compiled, reports = compile_panther(call, policy={"attention": SPEC})
+    with torch.no_grad():
+        y = compiled(q, kk, vv)
+    (row,) = reports[0].rows
+    assert row.replaced and (row.op_before, row.op_after) == ("flex_attention", "panther.rf_attention"), row.reason
+    assert row.est_error is not None
+    if case == "gqa":
+        kk, vv = kk.repeat_interleave(2, 1), vv.repeat_interleave(2, 1)
+    ref = torch.ops.panther.rf_attention(q, kk, vv, features(SPEC, row.name), "softmax", case != "none",
+                                         0.3 if case == "none" else None, None)
+    torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("window", "neither causal nor full"),
+    ("bias", "a score_mod changes the scores"),
+    ("lse", "log-sum-exp output is used"),
+])
+def test_flex_attention_left_alone_with_the_reason(case, reason, flex_inputs):
+    q, k, v, _, _, masks = flex_inputs
+    call = {"window": lambda q, k, v: flex.flex_attention(q, k, v, block_mask=masks["window"]),
+            "bias": lambda q, k, v: flex.flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + (j - i) * 0.1),
+            "lse": lambda q, k, v: flex.flex_attention(q, k, v, return_lse=True)[1]}[case]
+    compiled, reports = compile_panther(call, policy={"attention": SPEC})
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y = compiled(q, k, v)
+        ref = torch.compile(call, backend="aot_eager")(q, k, v)
+    (row,) = reports[0].rows
+    assert not row.replaced and reason in row.reason, row.reason
+    torch.testing.assert_close(y, ref)
+
+
+def test_hf_flex_attention_unpadded_is_rewritten_and_padded_is_left_alone():
+    tf = pytest.importorskip("transformers")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                   attn_implementation="flex_attention")).eval()
+    ids = torch.randint(0, 64, (2, 128), generator=torch.Generator().manual_seed(0))
+    padded = torch.ones(2, 128, dtype=torch.long)
+    padded[1, :16] = 0
+    rows = {}
+    for name, mask in (("unpadded", torch.ones_like(padded)), ("padded", padded)):
+        compiled, reports = compile_panther(model, policy={"attention": SPEC})
+        with torch.no_grad():
+            compiled(ids, attention_mask=mask)
+        (rows[name],) = [r for rep in reports for r in rep.rows if r.kind == "attention"]
+    assert rows["unpadded"].replaced and rows["unpadded"].op_before == "flex_attention", rows["unpadded"].reason
+    assert not rows["padded"].replaced and "reads tensors" in rows["padded"].reason
