@@ -31,6 +31,7 @@ OP_BEFORE = "flex_attention"
 _FLEX = getattr(torch.ops.higher_order, "flex_attention", None)
 #: how many mask entries one evaluation covers (the grid is walked in blocks of query rows)
 _BLOCK = 1 << 22
+_PATTERNS: dict = {}  # (mask_mod code, sizes) -> mask_pattern
 
 
 def _is_flex(node) -> bool:
@@ -53,26 +54,40 @@ def _keeps_scores(score_mod) -> bool:
 
 def mask_pattern(mask_mod, B: int, H: int, Lq: int, Lk: int) -> Union[bool, str]:
     """``True`` when ``mask_mod(b, h, q_idx, kv_idx)`` is the causal triangle on this grid, ``False`` when it is
-    all True, else why random features cannot apply it. Evaluated on the CPU, a block of query rows at a time."""
+    all True, else why random features cannot apply it. Evaluated on the CPU on broadcast index grids, a
+    block of query rows at a time (a mask that reads only the indices costs ``Lq·Lk`` booleans in all)."""
     b = torch.arange(B, dtype=torch.int32).view(B, 1, 1, 1)
     h = torch.arange(H, dtype=torch.int32).view(1, H, 1, 1)
     kv = torch.arange(Lk, dtype=torch.int32).view(1, 1, 1, Lk)
     full = causal = True
-    rows = max(1, _BLOCK // max(1, B * H * Lk))
+    rows = max(1, _BLOCK // Lk)
     for start in range(0, Lq, rows):
         q = torch.arange(start, min(Lq, start + rows), dtype=torch.int32).view(1, 1, -1, 1)
         try:
             with torch.no_grad():
                 keep = torch.as_tensor(mask_mod(b, h, q, kv)).to("cpu", torch.bool)
-            keep = keep.expand(B, H, q.shape[2], Lk)
+            torch.broadcast_to(keep, (B, H, q.shape[2], Lk))
         except Exception:  # noqa: BLE001 - a mask_mod this cannot run on index grids is simply not read
             return "the block mask's mask_mod could not be evaluated on index grids"
         full = full and bool(keep.all())
-        causal = causal and torch.equal(keep, (kv <= q).expand_as(keep))
+        causal = causal and bool((keep == (kv <= q)).all())
         if not (full or causal):
             return "the block mask is neither causal nor full (a sliding window, say): random-feature attention " \
                    "supports only causal / key padding masks"
     return not full
+
+
+def _mask_pattern(mask_mod: fx.GraphModule, *sizes) -> Union[bool, str]:
+    """:func:`mask_pattern`, once per traced code and sizes (each layer's call carries its own copy of one
+    mask_mod); a mask_mod holding tensors of its own is evaluated each time."""
+    if any(n.op == "get_attr" for n in mask_mod.graph.nodes):
+        return mask_pattern(mask_mod, *sizes)
+    key = (mask_mod.code, sizes)
+    if key not in _PATTERNS:
+        if len(_PATTERNS) >= 256:  # bounded: one entry per mask and shape seen
+            _PATTERNS.clear()
+        _PATTERNS[key] = mask_pattern(mask_mod, *sizes)
+    return _PATTERNS[key]
 
 
 def parse(node) -> Optional[Tuple[tuple, Union[bool, str]]]:
@@ -98,7 +113,7 @@ def parse(node) -> Optional[Tuple[tuple, Union[bool, str]]]:
     (B, H, Lq, _), Lk = shapes[0], shapes[1][2]
     if not all(isinstance(s, int) for s in (B, H, Lq, Lk)):
         return found, "flex_attention under dynamic shapes: its mask cannot be checked for every length"
-    return found, mask_pattern(mask_mod, B, H, Lq, Lk)
+    return found, _mask_pattern(mask_mod, B, H, Lq, Lk)
 
 
 def sampler(node):

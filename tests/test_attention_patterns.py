@@ -266,6 +266,7 @@ def test_flex_attention_with_a_causal_or_no_mask_is_rf_attention(case, flex_inpu
     from fx_passes import sketch_flex_attention
 
     monkeypatch.setattr(sketch_flex_attention, "_BLOCK", 1000)  # the mask is checked over several row blocks
+    monkeypatch.setattr(sketch_flex_attention, "_PATTERNS", {})
     q, k, v, kg, vg, masks = flex_inputs
     kk, vv = (kg, vg) if case == "gqa" else (k, v)
     call = {"causal": lambda q, k, v: flex.flex_attention(q, k, v, block_mask=masks["causal"]),
