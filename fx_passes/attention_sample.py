@@ -79,20 +79,24 @@ def of_call(node: fx.Node, sample_args: Callable) -> Sampler:
     return needed, lambda values: sample_args(*fx.node.map_arg((node.args, node.kwargs), values.__getitem__))
 
 
-def sample_attention(gm: fx.GraphModule, real_inputs: Optional[list], samplers: Dict[fx.Node, Sampler]
-                     ) -> Dict[fx.Node, Dict]:
+def sample_attention(gm: fx.GraphModule, real_inputs: Optional[list], samplers: Dict[fx.Node, Sampler],
+                     stand_ins: Optional[Dict[fx.Node, Callable]] = None) -> Dict[fx.Node, Dict]:
     """One run of ``gm`` on ``real_inputs``; for each attention call in ``samplers``, the sample of its
     inputs (``panther.attention_error.sample``), taken once the call has run, from the values of the nodes
-    its sampler names (kept until then). Empty when the graph cannot be run safely (or fails to)."""
+    its sampler names (kept until then). ``stand_ins[node](args, kwargs)`` computes a node's value in this
+    run instead of the node itself (an SDPA call for a flex_attention call, whose eager form materialises
+    every score). Empty when the graph cannot be run safely (or fails to)."""
     if not samplers or real_inputs is None or _mutates(gm) or _communicates(gm):
         return {}
     samples: Dict[fx.Node, Dict] = {}
     readers = Counter(n for needed, _ in samplers.values() for n in needed)  # the samplers still to read n
     kept: Dict[fx.Node, object] = {}
 
+    stand_ins = stand_ins or {}
+
     class Run(fx.Interpreter):
         def run_node(self, n):
-            out = super().run_node(n)
+            out = stand_ins[n](*self.fetch_args_kwargs_from_env(n)) if n in stand_ins else super().run_node(n)
             if n in readers:
                 kept[n] = out
             if n in samplers:

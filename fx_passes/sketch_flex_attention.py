@@ -18,6 +18,7 @@ import operator
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from panther.attention_error import sample
@@ -123,6 +124,20 @@ def sampler(node):
         return None
     (q, k, v, scale, gqa), causal = parsed
     return [q, k, v], lambda values: sample(values[q], values[k], values[v], None, causal, scale, gqa)
+
+
+def stand_in(node):
+    """For ``attention_sample``'s run: the same attention through SDPA, as ``(out,)`` (only ``[0]`` is read).
+    flex_attention outside a compiled kernel computes every score, which at long sequences does not fit."""
+    parsed = parse(node)
+    if parsed is None or isinstance(parsed[1], str):
+        return None
+    (_, _, _, scale, gqa), causal = parsed
+
+    def run(args, kwargs):  # the call's first three arguments are q, k, v
+        return (F.scaled_dot_product_attention(*args[:3], is_causal=causal, scale=scale, enable_gqa=gqa),)
+
+    return run
 
 
 def match(node, ctx: PassContext):

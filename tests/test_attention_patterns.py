@@ -285,6 +285,32 @@ def test_flex_attention_with_a_causal_or_no_mask_is_rf_attention(case, flex_inpu
     torch.testing.assert_close(y, ref)
 
 
+def test_the_measuring_run_computes_flex_attention_through_sdpa(flex_inputs, monkeypatch):
+    """Outside a compiled kernel flex_attention computes every score; the run that samples the attention
+    inputs computes the calls it can rewrite through SDPA instead, with the same result."""
+    from fx_passes import attention_sample
+
+    q, k, v, kg, vg, masks = flex_inputs
+    seen = {}
+    sample_attention = attention_sample.sample_attention
+
+    def spy(gm, inputs, samplers, stand_ins=None):
+        seen.update(stand_ins or {})
+        return sample_attention(gm, inputs, samplers, stand_ins)
+
+    monkeypatch.setattr(attention_sample, "sample_attention", spy)
+    call = lambda q, k, v: flex.flex_attention(q, k, v, block_mask=masks["causal"], enable_gqa=True)  # noqa: E731
+    compiled, reports = compile_panther(call, policy={"attention": SPEC})
+    with torch.no_grad():
+        compiled(q, kg, vg)
+    (row,) = reports[0].rows
+    assert row.replaced and row.est_error is not None
+    (node, run), = seen.items()
+    assert node.target is torch.ops.higher_order.flex_attention
+    exact = torch.compile(call, backend="aot_eager")(q, kg, vg)
+    torch.testing.assert_close(run((q, kg, vg), {})[0], exact, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("case, reason", [
     ("window", "neither causal nor full"),
     ("bias", "a score_mod changes the scores"),
