@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -236,6 +237,68 @@ def test_scales_that_are_graph_scalars_under_dynamic_shapes(qkv):
     assert row.replaced and row.est_error is not None, row.reason
     ref = torch.ops.panther.rf_attention(q, k, v, features(SPEC, row.name), "softmax", False, 0.7 / math.sqrt(8), None)
     torch.testing.assert_close(y, ref)
+
+
+def _written(product, scale, mask, cast, escape):
+    """Attention written out from the given pieces (see the property test below)."""
+    def fn(q, k, v, pad, t):
+        L = q.shape[2]
+        if scale == "q":
+            q = q * 0.5
+        s = {"transpose": lambda: q @ k.transpose(-2, -1), "mT": lambda: torch.matmul(q, k.mT),
+             "einsum": lambda: torch.einsum("bhid,bhjd->bhij", q, k)}[product]()
+        if scale in ("mul", "div", "tensor"):
+            s = {"mul": lambda: s * 0.5, "div": lambda: s / 3.0, "tensor": lambda: s * t}[scale]()
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        i = torch.arange(L)
+        if mask == "causal_fill":
+            s = s.masked_fill(~causal, float("-inf"))
+        elif mask == "padding_fill":
+            s = s.masked_fill(pad[:, None, None, :], -1e9)
+        elif mask == "hf_add":
+            s = s + torch.where(~pad[:, None, None, :] & causal, torch.zeros(()), torch.finfo(s.dtype).min)
+        elif mask == "where_keep":
+            s = torch.where(causal, s, float("-inf"))
+        elif mask == "window":
+            s = s.masked_fill((i[None, :] > i[:, None]) | (i[:, None] - i[None, :] >= 3), float("-inf"))
+        elif mask == "bias":
+            s = s + (i[None, :] - i[:, None]).float() * 0.1
+        p = s.float().softmax(-1).to(q.dtype) if cast else F.softmax(s, dim=-1)
+        out = p @ v if product != "einsum" else torch.einsum("bhij,bhjd->bhid", p, v)
+        return (out, p) if escape else out
+    return fn
+
+
+@settings(max_examples=30, deadline=None)
+@given(product=st.sampled_from(["transpose", "mT", "einsum"]),
+       scale=st.sampled_from(["none", "q", "mul", "div", "tensor"]),
+       mask=st.sampled_from(["none", "causal_fill", "padding_fill", "hf_add", "where_keep", "window", "bias"]),
+       cast=st.booleans(), escape=st.booleans())
+def test_written_out_attention_is_rf_attention_or_left_exactly_alone(product, scale, mask, cast, escape):
+    """Any combination of the pieces: rewritten, and then exactly the random-feature attention of what it
+    means, or left alone, and then exactly the model's own output."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=g) for _ in range(3))
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, 6:] = True
+    t = torch.tensor(0.5)
+    fn = _written(product, scale, mask, cast, escape)
+    compiled, reports = compile_panther(fn, policy={"attention": SPEC})
+    with torch.no_grad():
+        y = compiled(q, k, v, pad, t)
+        ref = fn(q, k, v, pad, t)
+    (row,) = reports[0].rows
+    supported = scale != "tensor" and mask not in ("window", "bias") and not escape
+    assert row.replaced == supported, row.reason
+    if not supported:
+        torch.testing.assert_close(y, ref, equal_nan=True)
+        return
+    factor = {"none": 1.0, "q": 1.0, "mul": 0.5, "div": 1 / 3.0}[scale]
+    causal = mask in ("causal_fill", "hf_add", "where_keep")
+    kpm = pad if mask in ("padding_fill", "hf_add") else None
+    expect = torch.ops.panther.rf_attention(q * 0.5 if scale == "q" else q, k, v, features(SPEC, row.name),
+                                            "softmax", causal, factor, kpm)
+    torch.testing.assert_close(y, expect)
 
 
 # ---------------------------------------------------------------------------------------------- flex_attention
