@@ -1,8 +1,8 @@
 """Running a graph once on its example inputs, to sample its attention calls (``panther.attention_error``).
 
 Before rewriting, the backend runs the graph on the real example inputs (no grad, the RNG state restored
-after) and keeps a sample of each attention call's inputs (SDPA, nn.MultiheadAttention, softmax attention
-written out); policies and the report then see how far random features are from exact attention there.
+after) and keeps a sample of each attention call's inputs (SDPA, nn.MultiheadAttention, attention written
+out, flex_attention); policies and the report then see how far random features are from exact attention there.
 Graphs that mutate their inputs or call collectives are not run.
 """
 from __future__ import annotations
@@ -91,7 +91,6 @@ def sample_attention(gm: fx.GraphModule, real_inputs: Optional[list], samplers: 
     samples: Dict[fx.Node, Dict] = {}
     readers = Counter(n for needed, _ in samplers.values() for n in needed)  # the samplers still to read n
     kept: Dict[fx.Node, object] = {}
-
     stand_ins = stand_ins or {}
 
     class Run(fx.Interpreter):

@@ -6,9 +6,11 @@ Pattern (Dynamo torch IR; ``F.scaled_dot_product_attention`` is this builtin):
 
 Replacement:
     torch.ops.panther.rf_attention(q, k, v, P, kernel_fn, is_causal, scale, None)
-(under ``enable_gqa``, k and v are first repeated to the query heads, as SDPA does) with ``P`` an (m, d) orthogonal random-feature matrix registered as a gm buffer. Nothing is derived from
-weights, so the rewrite is valid with grad enabled too (gradients flow to q, k, v as usual). The draw is
-cached per layer, so recompiles keep the same features.
+(under ``enable_gqa``, k and v are first repeated to the query heads, as SDPA does) with ``P`` an (m, d)
+orthogonal random-feature matrix registered as a gm buffer. Nothing is derived from weights, so the
+rewrite is valid with grad enabled too (gradients flow to q, k, v as usual). The draw is cached per layer,
+so recompiles keep the same features. The other attention passes (written out, flex_attention) read their
+calls as SDPA's arguments and share :func:`candidate` and :func:`rewrite`.
 
 A boolean ``attn_mask`` that is key padding and/or the causal triangle (as Hugging Face models build
 theirs; see ``sdpa_mask``) becomes rf_attention's ``key_padding_mask`` and ``causal``. Left alone: other
