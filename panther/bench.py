@@ -172,8 +172,10 @@ def graph_time_fn(fn, *, repeats=20, warmup=3):
 
 @torch.no_grad()
 def bench_attention(seq=4096, batch=16, heads=16, head_dim=64, num_features=256, *, causal=False, device="cpu",
-                    dtype=torch.float32, repeats=20, backward=False):
-    """Exact SDPA vs panther's random-feature attention (feature map included) on the same q, k, v."""
+                    dtype=torch.float32, repeats=20, backward=False, flex=False):
+    """Exact SDPA vs panther's random-feature attention (feature map included) on the same q, k, v; with
+    ``flex``, also ``flex_attention`` (a causal block mask when ``causal``) compiled by Inductor and by
+    ``backend="panther"`` (which rewrites it to random features)."""
     from .sketch import orthogonal_random_features
 
     g = torch.Generator(device=device).manual_seed(0)
@@ -185,6 +187,8 @@ def bench_attention(seq=4096, batch=16, heads=16, head_dim=64, num_features=256,
         "SDPA (exact)": lambda: sdpa(q, k, v, is_causal=causal),
         "panther rf_attention": lambda: _attend(q)(q, k, v, proj, "softmax", causal, None, None),
     }
+    if flex:
+        candidates.update(_flex_candidates(q, k, v, causal, num_features))
     if backward:
         def with_backward(fn):
             def step():
@@ -195,6 +199,26 @@ def bench_attention(seq=4096, batch=16, heads=16, head_dim=64, num_features=256,
             return step
         candidates = {name: with_backward(fn) for name, fn in candidates.items()}
     return _timed_table(candidates, "panther rf_attention", repeats=repeats, device=device)
+
+
+def _flex_candidates(q, k, v, causal, num_features):
+    """``flex_attention`` on ``q, k, v`` compiled by Inductor, and by ``backend="panther"`` with
+    ``num_features`` random features (seed 0)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from .backend import panther_backend
+
+    L = q.shape[2]
+    mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, L, L, device=q.device) if causal else None
+
+    def call(q, k, v):
+        return flex_attention(q, k, v, block_mask=mask)
+
+    policy = {"attention": SketchSpec(num_random_features=num_features, seed=0)}
+    compiled = {"flex_attention, torch.compile": torch.compile(call),
+                'flex_attention, backend="panther"': torch.compile(call, backend=panther_backend,
+                                                                  options={"policy": policy})}
+    return {name: (lambda fn=fn: fn(q, k, v)) for name, fn in compiled.items()}
 
 
 def _attend(q):
@@ -708,6 +732,8 @@ def main(argv=None):
     p.add_argument("--low-rank", type=int, default=None, help="k (default 16; transformer, llama: 64 on CUDA)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 20; 5 with --plot)")
     p.add_argument("--backward", action="store_true", help="time forward+backward")
+    p.add_argument("--flex", action="store_true",
+                   help="attention: also flex_attention, compiled by Inductor and by backend=\"panther\"")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
                    help="llama: the model's attn_implementation (eager: attention written out)")
     p.add_argument("--default-policy", action="store_true",
@@ -772,7 +798,7 @@ def main(argv=None):
         cfg = dict(seq=seq, batch=a.batch or max(1, (65536 if cuda else 4096) // seq), heads=16, head_dim=64,
                    num_features=256, causal=a.causal)
         rows, headers = bench_attention(**cfg, device=a.device, dtype=dtype, repeats=a.repeats,
-                                        backward=a.backward)
+                                        backward=a.backward, flex=a.flex)
     elif a.what == "conv2d":
         cfg = dict(channels=512, size=56, batch=a.batch or (32 if cuda else 4), num_terms=a.num_terms,
                    low_rank=a.low_rank)

@@ -30,6 +30,19 @@ def test_subcommands_run(capsys):
     assert out.count("panther SKLinear") == 2 and "panther rf_attention" in out
 
 
+def test_attention_bench_times_flex_attention_beside_sdpa():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from panther.report import last_report
+
+    torch._dynamo.reset()
+    rows, _ = bench.bench_attention(seq=128, batch=1, heads=2, head_dim=16, num_features=16, causal=True,
+                                    repeats=1, flex=True)
+    assert [r[0] for r in rows] == ["SDPA (exact)", "panther rf_attention", "flex_attention, torch.compile",
+                                    'flex_attention, backend="panther"']
+    (row,) = last_report().rows
+    assert row.replaced and (row.op_before, row.op_after) == ("flex_attention", "panther.rf_attention")
+
+
 def test_markdown_sections_are_written_and_replaced(tmp_path, capsys):
     """--markdown FILE puts the table into FILE under its command: the same command again replaces
     its section, another command adds its own, and the rest of the page is kept."""
