@@ -43,8 +43,9 @@ _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 _DROPOUT = {F.dropout, torch.dropout}
 _CASTS = {"to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous"}
 #: elementwise maps of the scores that random features cannot follow (Gemma 2's tanh soft-capping): such a
-#: pattern is attention, left alone with the reason
-_UNFOLLOWED = {torch.tanh: "tanh", torch.clamp: "clamp", torch.clip: "clamp"}
+#: pattern is attention, left alone with the reason. Functions and method names, with the name it gives.
+_UNFOLLOWED = {torch.tanh: "tanh", torch.clamp: "clamp", torch.clip: "clamp", "tanh": "tanh", "clamp": "clamp",
+               "clip": "clamp"}
 _MUL = {operator.mul, torch.mul}
 _DIV = {operator.truediv, torch.div}
 _ADD = {operator.add, torch.add}
@@ -212,8 +213,8 @@ def _scores(s, found: WrittenAttention) -> bool:
         elif _call(s, _DIV, ("div",)) and len(s.args) == 2 and not s.kwargs:
             s, c = s.args
             _scale_by(found, _factor(c), -1)
-        elif _call(s, tuple(_UNFOLLOWED), tuple(_UNFOLLOWED.values())):
-            name = _UNFOLLOWED.get(s.target, s.target)
+        elif _call(s, _UNFOLLOWED, _UNFOLLOWED):
+            name = _UNFOLLOWED[s.target]
             found.unfollowed = found.unfollowed or f"the scores pass through {name} before the softmax: random " \
                                                    "features approximate exp(q·k) only"
             s = s.args[0]
