@@ -1,21 +1,24 @@
-"""Pass: ``flex_attention`` -> ``panther::rf_attention`` when its mask is causal or none and it keeps the scores.
+"""Pass: ``flex_attention`` -> ``panther::rf_attention`` when its mask is causal / key padding and it keeps
+the scores.
 
 Pattern (Dynamo torch IR of ``torch.nn.attention.flex_attention.flex_attention``):
     out = torch.ops.higher_order.flex_attention(q, k, v, score_mod, block_mask, scale, kernel_options,
                                                 score_mod_buffers, mask_mod_buffers)[0]
 with q, k, v of shape (B, H, L, d) (fewer key/value heads: ``enable_gqa``), ``score_mod`` the identity
-(``flex_attention(q, k, v)`` without one), and the block mask's ``mask_mod`` (its last element) reading only
-the indices: it is evaluated here on the query × key grid and must be all True or the causal triangle for
-every batch and head.
+(``flex_attention(q, k, v)`` without one), and the block mask's ``mask_mod`` (its last element) an AND of
+factors ``buffer[b, kv_idx]`` (key padding: Hugging Face's mask for a padded batch) and factors of the
+indices only, which are evaluated here on the query × key grid and must be all True or the causal triangle
+for every batch and head.
 
 Replacement: that of :mod:`.sketch_sdpa`, for the SDPA call with the same meaning. Left alone, with the
 reason: a ``score_mod`` that changes the scores (ALiBi, soft-capping), masks that are neither (a sliding
-window), masks that read tensors (document masks), the log-sum-exp output in use.
+window), masks that read tensors otherwise (document masks), the log-sum-exp output in use.
 """
 from __future__ import annotations
 
 import operator
-from typing import Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -78,12 +81,13 @@ def mask_pattern(mask_mod, B: int, H: int, Lq: int, Lk: int) -> Union[bool, str]
     return not full
 
 
-def _mask_pattern(mask_mod: fx.GraphModule, *sizes) -> Union[bool, str]:
+def _mask_pattern(mask_mod, *sizes) -> Union[bool, str]:
     """:func:`mask_pattern`, once per traced code and sizes (each layer's call carries its own copy of one
     mask_mod); a mask_mod holding tensors of its own is evaluated each time."""
-    if any(n.op == "get_attr" for n in mask_mod.graph.nodes):
+    code = getattr(mask_mod, "code", None)
+    if code is None or any(n.op == "get_attr" for n in mask_mod.graph.nodes):
         return mask_pattern(mask_mod, *sizes)
-    key = (mask_mod.code, sizes)
+    key = (code, sizes)
     if key not in _PATTERNS:
         if len(_PATTERNS) >= 256:  # bounded: one entry per mask and shape seen
             _PATTERNS.clear()
@@ -91,64 +95,149 @@ def _mask_pattern(mask_mod: fx.GraphModule, *sizes) -> Union[bool, str]:
     return _PATTERNS[key]
 
 
-def parse(node) -> Optional[Tuple[tuple, Union[bool, str]]]:
-    """``((q, k, v, scale, enable_gqa), causal or the reason it cannot be rewritten)`` of a flex_attention call."""
+_AND = {operator.and_, torch.logical_and, torch.bitwise_and, "__and__", "logical_and", "bitwise_and"}
+_PASS_THROUGH = {"to", "bool", "contiguous"}
+
+
+def _padding_buffers(mask_mod: fx.GraphModule, buffers, B: int, Lk: int) -> Union[list, str]:
+    """The graph nodes of ``buffers`` (the tensors ``mask_mod`` reads) when each enters it only as a factor
+    ``buffer[b, kv_idx]`` of its AND, a boolean ``(B or 1, Lk)`` tensor: the keys each sequence keeps, as
+    Hugging Face's flex_attention mask reads its padding; else the reason."""
+    reason = "the block mask's mask_mod reads tensors other than as key padding (a document mask, say)"
+    places = [n for n in mask_mod.graph.nodes if n.op == "placeholder"]
+    if len(places) != 4 + len(buffers):
+        return reason
+    b_idx, kv_idx, inner = places[0], places[3], places[4:]
+    out = next(n for n in mask_mod.graph.nodes if n.op == "output").args[0]
+    factors, todo = [], [out]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, fx.Node) and (n.op in ("call_function", "call_method")) and n.target in _AND:
+            todo += list(n.args[:2])
+        elif isinstance(n, fx.Node) and n.op == "call_method" and n.target in _PASS_THROUGH:
+            todo.append(n.args[0])
+        else:
+            factors.append(n)
+
+    def kv(n):  # kv_idx, or kv_idx + 0 (Hugging Face adds the key offset)
+        return n is kv_idx or (isinstance(n, fx.Node) and n.target is operator.add and n.args[0] is kv_idx
+                               and n.args[1] == 0)
+
+    read = {f.args[0] for f in factors if isinstance(f, fx.Node) and f.target is operator.getitem
+            and f.args[0] in inner and isinstance(f.args[1], tuple) and len(f.args[1]) == 2
+            and f.args[1][0] is b_idx and kv(f.args[1][1]) and len(f.args[0].users) == 1}
+    pads = [buffers[inner.index(p)] for p in inner if p in read]
+    values = [p.meta.get("example_value") if isinstance(p, fx.Node) else None for p in buffers]
+    if len(pads) != len(buffers) or not all(isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.dim() == 2
+                                            and v.shape[0] in (1, B) and v.shape[1] == Lk for v in values):
+        return reason
+    return pads
+
+
+@dataclass
+class FlexCall:
+    """What :func:`parse` read: SDPA's arguments, the key padding the mask carries, and what stops a rewrite."""
+
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    scale: object
+    gqa: bool
+    causal: bool = False
+    pads: List[fx.Node] = field(default_factory=list)  # (B or 1, Lk) booleans, True = keep
+    problem: Optional[str] = None
+
+    def keep(self, values) -> Optional[torch.Tensor]:
+        """The (B, 1, Lq, Lk) boolean mask, True = attend, from the padding's ``values`` (None: no padding)."""
+        if not self.pads:
+            return None
+        keep = values[self.pads[0]]
+        for p in self.pads[1:]:
+            keep = keep & values[p]
+        keep = keep[:, None, None, :]
+        if self.causal:
+            Lq, Lk = values[self.q].shape[2], keep.shape[-1]
+            keep = keep & torch.ones(Lq, Lk, dtype=torch.bool, device=keep.device).tril()
+        return keep
+
+
+def parse(node) -> Optional[FlexCall]:
+    """The attention a flex_attention call computes, if ``node`` is one."""
     if not _is_flex(node) or len(node.args) < 6:
         return None
     q, k, v, score_mod, block_mask, scale = node.args[:6]
     score_buffers, mask_buffers = (tuple(node.args[7:9]) + ((), ()))[:2]
     shapes = [t.meta.get("example_value").shape if isinstance(t, fx.Node) else None for t in (q, k, v)]
-    gqa = all(s is not None and len(s) == 4 for s in shapes) and shapes[0][1] != shapes[1][1]
-    found = (q, k, v, scale, gqa)
-    if not _keeps_scores(_submodule(node, score_mod)) or score_buffers:
-        return found, "a score_mod changes the scores (a bias or soft-capping): random features approximate exp(q·k) only"
-    if mask_buffers:
-        return found, "the block mask's mask_mod reads tensors (a document or padding mask)"
-    if any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
-        return found, "the log-sum-exp output is used"
-    if None in shapes or any(len(s) != 4 for s in shapes):
-        return found, False  # sketch_sdpa.candidate says why
+    four = all(s is not None and len(s) == 4 for s in shapes)
+    call = FlexCall(q, k, v, scale, gqa=four and shapes[0][1] != shapes[1][1])
     mask_mod = _submodule(node, block_mask[-1]) if isinstance(block_mask, (tuple, list)) and block_mask else None
-    if mask_mod is None:
-        return found, "no block mask's mask_mod in the call"
-    (B, H, Lq, _), Lk = shapes[0], shapes[1][2]
-    if not all(isinstance(s, int) for s in (B, H, Lq, Lk)):
-        return found, "flex_attention under dynamic shapes: its mask cannot be checked for every length"
-    return found, _mask_pattern(mask_mod, B, H, Lq, Lk)
+    if not _keeps_scores(_submodule(node, score_mod)) or score_buffers:
+        call.problem = "a score_mod changes the scores (a bias or soft-capping): random features approximate " \
+                       "exp(q·k) only"
+    elif any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
+        call.problem = "the log-sum-exp output is used"
+    elif not four:
+        pass  # sketch_sdpa.candidate says why
+    elif mask_mod is None:
+        call.problem = "no block mask's mask_mod in the call"
+    elif not all(isinstance(s, int) for s in (*shapes[0], shapes[1][2])):
+        call.problem = "flex_attention under dynamic shapes: its mask cannot be checked for every length"
+    else:
+        (B, H, Lq, _), Lk = shapes[0], shapes[1][2]
+        pads = _padding_buffers(mask_mod, mask_buffers, B, Lk) if mask_buffers else []
+        if isinstance(pads, str):
+            call.problem = pads
+            return call
+        call.pads = pads
+        # the padding factors set to True leave the mask's index pattern
+        ones = [torch.ones(p.meta["example_value"].shape, dtype=torch.bool) for p in pads]
+        pattern = _mask_pattern(mask_mod if not pads else lambda *idx: mask_mod(*idx, *ones), B, H, Lq, Lk)
+        call.causal, call.problem = (pattern, None) if isinstance(pattern, bool) else (False, pattern)
+    return call
 
 
 def sampler(node):
     """How ``attention_sample`` samples this node's attention, if it is a flex_attention call it can rewrite."""
-    parsed = parse(node)
-    if parsed is None or isinstance(parsed[1], str):
+    c = parse(node)
+    if c is None or c.problem:
         return None
-    (q, k, v, scale, gqa), causal = parsed
-    return [q, k, v], lambda values: sample(values[q], values[k], values[v], None, causal, scale, gqa)
+    return [c.q, c.k, c.v, *c.pads], lambda values: sample(values[c.q], values[c.k], values[c.v], c.keep(values),
+                                                            c.causal, c.scale, c.gqa)
+
+
+#: a padded call's stand-in materialises its (B, 1, Lq, Lk) mask up to this many booleans
+_STAND_IN_MASK = 1 << 30
 
 
 def stand_in(node):
     """For ``attention_sample``'s run: the same attention through SDPA, as ``(out,)`` (only ``[0]`` is read).
     flex_attention outside a compiled kernel computes every score, which at long sequences does not fit."""
-    parsed = parse(node)
-    if parsed is None or isinstance(parsed[1], str):
+    c = parse(node)
+    if c is None or c.problem:
         return None
-    (_, _, _, scale, gqa), causal = parsed
+    B, _, Lq, _ = c.q.meta["example_value"].shape
+    if c.pads and B * Lq * c.k.meta["example_value"].shape[2] > _STAND_IN_MASK:
+        return None
 
-    def run(args, kwargs):  # the call's first three arguments are q, k, v
-        return (F.scaled_dot_product_attention(*args[:3], is_causal=causal, scale=scale, enable_gqa=gqa),)
+    def run(args, kwargs):  # the call's first three arguments are q, k, v; its mask buffers come last
+        values = dict(zip(c.pads, args[8])) if c.pads else {}
+        values[c.q] = args[0]
+        keep = c.keep(values)
+        out = F.scaled_dot_product_attention(*args[:3], attn_mask=keep, is_causal=c.causal and keep is None,
+                                             scale=c.scale, enable_gqa=c.gqa)
+        # a query that sees no key: flex_attention gives 0 where SDPA gives NaN
+        return (out if keep is None else out.masked_fill(~keep.any(-1, keepdim=True), 0),)
 
     return run
 
 
 def match(node, ctx: PassContext):
-    parsed = parse(node)
-    if parsed is None:
+    c = parse(node)
+    if c is None:
         return None
-    (q, k, v, scale, gqa), causal = parsed
-    problem = causal if isinstance(causal, str) else None
-    cand = sketch_sdpa.candidate(node, ctx, OP_BEFORE, q, k, v, None, 0.0, causal is True, scale, gqa,
-                                 unsupported=problem)
-    cand.data["outputs"] = list(node.users)  # getitem(out, 0): what the result replaces
+    cand = sketch_sdpa.candidate(node, ctx, OP_BEFORE, c.q, c.k, c.v, None, 0.0, c.causal, c.scale, c.gqa,
+                                 unsupported=c.problem)
+    cand.data.update(outputs=list(node.users), padding=c.pads)  # outputs: getitem(out, 0), what the result replaces
     return cand
 
 

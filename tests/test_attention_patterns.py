@@ -314,17 +314,31 @@ def _window(b, h, q_idx, kv_idx):
     return (q_idx >= kv_idx) & (q_idx - kv_idx < 4)
 
 
+KEEP = torch.ones(2, 128, dtype=torch.bool)
+KEEP[1, 100:] = False  # the second sequence is padded
+DOCUMENT = torch.arange(128) // 32
+
+
+def _padded_causal(b, h, q_idx, kv_idx):
+    return KEEP[b, kv_idx] & (q_idx >= kv_idx)
+
+
+def _documents(b, h, q_idx, kv_idx):
+    return DOCUMENT[q_idx] == DOCUMENT[kv_idx]
+
+
 @pytest.fixture(scope="module")
 def flex_inputs():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 4, 128, 8, generator=g) for _ in range(3))
     kg, vg = (torch.randn(2, 2, 128, 8, generator=g) for _ in range(2))
-    masks = {name: flex.create_block_mask(fn, None, None, 128, 128, device="cpu")
-             for name, fn in (("causal", _causal), ("window", _window))}
+    masks = {name: flex.create_block_mask(fn, B, None, 128, 128, device="cpu")
+             for name, fn, B in (("causal", _causal, None), ("window", _window, None), ("padded", _padded_causal, 2),
+                                 ("documents", _documents, None))}
     return q, k, v, kg, vg, masks
 
 
-@pytest.mark.parametrize("case", ["causal", "none", "gqa"])
+@pytest.mark.parametrize("case", ["causal", "none", "gqa", "padded"])
 def test_flex_attention_with_a_causal_or_no_mask_is_rf_attention(case, flex_inputs, monkeypatch):
     from fx_passes import sketch_flex_attention
 
@@ -333,6 +347,7 @@ def test_flex_attention_with_a_causal_or_no_mask_is_rf_attention(case, flex_inpu
     q, k, v, kg, vg, masks = flex_inputs
     kk, vv = (kg, vg) if case == "gqa" else (k, v)
     call = {"causal": lambda q, k, v: flex.flex_attention(q, k, v, block_mask=masks["causal"]),
+            "padded": lambda q, k, v: flex.flex_attention(q, k, v, block_mask=masks["padded"]),
             "none": lambda q, k, v: flex.flex_attention(q, k, v, scale=0.3),
             "gqa": lambda q, k, v: flex.flex_attention(q, k, v, block_mask=masks["causal"], enable_gqa=True)}[case]
     compiled, reports = compile_panther(call, policy={"attention": SPEC})
@@ -344,7 +359,7 @@ def test_flex_attention_with_a_causal_or_no_mask_is_rf_attention(case, flex_inpu
     if case == "gqa":
         kk, vv = kk.repeat_interleave(2, 1), vv.repeat_interleave(2, 1)
     ref = torch.ops.panther.rf_attention(q, kk, vv, features(SPEC, row.name), "softmax", case != "none",
-                                         0.3 if case == "none" else None, None)
+                                         0.3 if case == "none" else None, ~KEEP if case == "padded" else None)
     torch.testing.assert_close(y, ref)
 
 
@@ -376,12 +391,14 @@ def test_the_measuring_run_computes_flex_attention_through_sdpa(flex_inputs, mon
 
 @pytest.mark.parametrize("case, reason", [
     ("window", "neither causal nor full"),
+    ("documents", "reads tensors other than as key padding"),
     ("bias", "a score_mod changes the scores"),
     ("lse", "log-sum-exp output is used"),
 ])
 def test_flex_attention_left_alone_with_the_reason(case, reason, flex_inputs):
     q, k, v, _, _, masks = flex_inputs
     call = {"window": lambda q, k, v: flex.flex_attention(q, k, v, block_mask=masks["window"]),
+            "documents": lambda q, k, v: flex.flex_attention(q, k, v, block_mask=masks["documents"]),
             "bias": lambda q, k, v: flex.flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + (j - i) * 0.1),
             "lse": lambda q, k, v: flex.flex_attention(q, k, v, return_lse=True)[1]}[case]
     compiled, reports = compile_panther(call, policy={"attention": SPEC})
@@ -394,7 +411,9 @@ def test_flex_attention_left_alone_with_the_reason(case, reason, flex_inputs):
     torch.testing.assert_close(y, ref)
 
 
-def test_hf_flex_attention_unpadded_is_rewritten_and_padded_is_left_alone():
+def test_hf_flex_attention_is_rewritten_with_its_padding():
+    """Hugging Face's flex_attention mask is ``padding[b, kv] & (kv <= q)``: the padding becomes rf_attention's
+    key padding, so the padded tokens reach no other token (and a batch without padding is causal only)."""
     tf = pytest.importorskip("transformers")
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -402,13 +421,16 @@ def test_hf_flex_attention_unpadded_is_rewritten_and_padded_is_left_alone():
                                                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                                    attn_implementation="flex_attention")).eval()
     ids = torch.randint(0, 64, (2, 128), generator=torch.Generator().manual_seed(0))
+    other = ids.clone()
+    other[1, :16] = (other[1, :16] + 1) % 64  # different tokens where the second sequence is padded
     padded = torch.ones(2, 128, dtype=torch.long)
     padded[1, :16] = 0
-    rows = {}
-    for name, mask in (("unpadded", torch.ones_like(padded)), ("padded", padded)):
-        compiled, reports = compile_panther(model, policy={"attention": SPEC})
-        with torch.no_grad():
-            compiled(ids, attention_mask=mask)
-        (rows[name],) = [r for rep in reports for r in rep.rows if r.kind == "attention"]
-    assert rows["unpadded"].replaced and rows["unpadded"].op_before == "flex_attention", rows["unpadded"].reason
-    assert not rows["padded"].replaced and "reads tensors" in rows["padded"].reason
+    compiled, reports = compile_panther(model, policy={"attention": SketchSpec(num_random_features=64, seed=0)})
+    with torch.no_grad():
+        y, y_other = compiled(ids, attention_mask=padded).logits, compiled(other, attention_mask=padded).logits
+        compiled(ids, attention_mask=torch.ones_like(padded))
+    rows = [r for rep in reports for r in rep.rows if r.kind == "attention"]
+    assert len(rows) == 2 and all(r.replaced and r.op_before == "flex_attention" for r in rows), rows
+    assert all(r.est_error is not None for r in rows)  # measured through the SDPA stand-in, padding included
+    torch.testing.assert_close(y_other[1, 16:], y[1, 16:])
+    assert ((y_other[1, :16] - y[1, :16]).norm() / y[1, :16].norm()) > 1e-3
