@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 
@@ -44,6 +46,24 @@ def source_to_fqn(source_name: str) -> Optional[str]:
     for mm in _ACCESS.finditer(rest):
         parts.append(next(g for g in mm.groups() if g is not None))
     return ".".join(parts) or None
+
+
+def compiled_root() -> Optional[torch.nn.Module]:
+    """The module ``torch.compile`` wrapped, found on the call stack while Dynamo compiles one of its frames
+    (the nearest ``OptimizedModule``), unwrapped from ``DistributedDataParallel`` / ``DataParallel`` (whose
+    ``module.`` prefix no policy names); None when a function was compiled."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    frame = sys._getframe()
+    while frame is not None:
+        this = frame.f_locals.get("self")
+        if isinstance(this, OptimizedModule):
+            root = this._orig_mod
+            while isinstance(root, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+                root = root.module
+            return root
+        frame = frame.f_back
+    return None
 
 
 def concrete(d) -> int:
@@ -276,6 +296,7 @@ class PassContext:
         self._registered: Dict[int, Tuple[torch.Tensor, str]] = {}
         self._autocast: Optional[Dict[fx.Node, Tuple[Tuple[str, Any, bool], ...]]] = None
         self._module_paths: Optional[Dict[str, str]] = None
+        self._prefixes: Optional[Dict[str, str]] = None
         # SDPA node -> a sample of its inputs on the real example (fx_passes.attention_sample), if taken
         self.attention_samples: Dict[fx.Node, Any] = {}
 
@@ -293,8 +314,41 @@ class PassContext:
         )
         if not isinstance(real, torch.Tensor) or not is_state:
             return None, None, "weight is a graph input, not a module parameter"
-        fqn = source_to_fqn(src) if isinstance(src, str) else None
+        fqn = self.fqn(src) if isinstance(src, str) else None
         return real, fqn or node.name, None
+
+    def fqn(self, source_name: str) -> Optional[str]:
+        """:func:`source_to_fqn`, in the module that was compiled. After a graph break inside a submodule's
+        call, Dynamo compiles that submodule's frame on its own, and its ``L['self']`` is the submodule: the
+        prefix its parameters have in the compiled module (``model.`` for a Hugging Face ``LlamaModel``
+        inside ``LlamaForCausalLM``) is put back, so names match those of an unbroken graph and of
+        ``panther.convert``."""
+        rel = source_to_fqn(source_name)
+        root = _ROOT.match(source_name)
+        prefix = self._source_prefixes().get(root.group(0), "") if root else ""
+        return (prefix + rel if rel else prefix[:-1]) or None
+
+    def _source_prefixes(self) -> Dict[str, str]:
+        """For each source root of the graph's parameters (``L['self']``), the prefix of their names in the
+        compiled module; empty when it is the compiled module or no module was compiled."""
+        if self._prefixes is None:
+            self._prefixes = {}
+            root = compiled_root()
+            if root is not None:
+                names: Dict[int, str] = {}
+                for name, t in [*root.named_parameters(remove_duplicate=False),
+                                *root.named_buffers(remove_duplicate=False)]:
+                    names.setdefault(id(t), name)
+                votes: Dict[str, Counter] = {}
+                for n in self.real:
+                    real, src = self._placeholder(n)
+                    rel = source_to_fqn(src) if isinstance(src, str) else None
+                    full = names.get(id(real))
+                    where = _ROOT.match(src) if rel else None
+                    if where and full and (full == rel or full.endswith("." + rel)):
+                        votes.setdefault(where.group(0), Counter())[full[:len(full) - len(rel)]] += 1
+                self._prefixes = {r: c.most_common(1)[0][0] for r, c in votes.items()}
+        return self._prefixes
 
     def _placeholder(self, node: fx.Node) -> Tuple[Any, Optional[str]]:
         """A placeholder's real value and Dynamo source name (``..._buffers['bias']``, say)."""
@@ -347,7 +401,7 @@ class PassContext:
         if not stack:
             return None
         path = list(stack.values())[-1][0]
-        return source_to_fqn(path)
+        return self.fqn(path)
 
     def layer_name(self, node: fx.Node, fqn: Optional[str], is_layer: Callable[[type], bool]) -> str:
         """The layer a weighted call belongs to: the calling module when it is such a layer (``is_layer`` of
@@ -359,7 +413,7 @@ class PassContext:
         if stack:
             key, (path, cls) = list(stack.items())[-1]
             if isinstance(cls, type) and is_layer(cls):
-                caller = source_to_fqn(self._first_path(key, path))
+                caller = self.fqn(self._first_path(key, path))
                 if caller:
                     return caller
         if fqn is not None:

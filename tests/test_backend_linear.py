@@ -376,3 +376,37 @@ def test_tied_head_is_named_after_the_layer_that_applies_it(spec):
     with torch.no_grad():
         torch.testing.assert_close(y, converted(ids), rtol=1e-4, atol=1e-5)
         assert rel(y, m(ids)) > 1e-3
+
+
+def test_layers_after_a_graph_break_inside_a_submodule_keep_their_full_names():
+    """A graph break inside ``inner``'s forward makes Dynamo compile ``inner``'s frame on its own, with
+    ``L['self']`` = ``inner``: the report still names its layers by their path in the compiled model, so an
+    exact-name policy entry matches them."""
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            x = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(x)
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre, self.inner = nn.Linear(16, 16), Inner()
+
+        def forward(self, x):
+            return self.inner(self.pre(x))
+
+    torch._dynamo.reset()
+    reports = []
+    policy = {"inner.b": SketchSpec(num_terms=1, low_rank=2, init="svd")}
+    model = torch.compile(Root().eval(), backend=panther_backend,
+                          options={"compiler": "aot_eager", "report": reports.append, "policy": policy})
+    with torch.no_grad():
+        model(torch.randn(4, 16))
+    rows = {r.name: r for rep in reports for r in rep.rows}
+    assert set(rows) == {"pre", "inner.a", "inner.b"}, rows
+    assert [n for n, r in rows.items() if r.replaced] == ["inner.b"]
