@@ -38,7 +38,7 @@ from .sdpa_mask import evaluate, reads_no_input
 
 KIND = sketch_sdpa.KIND
 OP_BEFORE = "softmax(q @ k^T) @ v"
-_MATMULS = {operator.matmul, torch.matmul}
+_MATMULS = {operator.matmul, torch.matmul, torch.bmm}  # bmm: 3-D attention, reported as such
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 _DROPOUT = {F.dropout, torch.dropout}
 _CASTS = {"to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous"}

@@ -171,6 +171,17 @@ def test_written_out_attention_left_alone_with_the_reason(case, reason, qkv):
     torch.testing.assert_close(y, ref)
 
 
+def test_three_dimensional_attention_is_a_row_with_its_reason(qkv):
+    q, k, v, _ = qkv
+    fn = lambda q, k, v: torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v)  # noqa: E731 - fairseq's layout
+    compiled, reports = compile_panther(fn, policy={"attention": SPEC})
+    flat = [t.flatten(0, 1) for t in (q, k, v)]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*flat), fn(*flat))
+    (row,) = reports[0].rows
+    assert row.kind == "attention" and not row.replaced and "not 4-D" in row.reason
+
+
 def test_products_that_are_not_attention_are_not_rows(qkv):
     q, k, v, _ = qkv
     def not_attention(q, k, v):
