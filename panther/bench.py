@@ -310,8 +310,8 @@ def bench_llama(hidden=2048, heads=16, kv_heads=4, layers=4, seq=8192, batch=2, 
     (the model's SDPA attention), dense compiled, and ``backend="panther"`` with the attention and MLP
     projections at rank ``2·low_rank`` (``init="svd"``; ``lm_head`` stays dense) and random-feature attention
     with ``num_features`` features. The error is over the logits of the tokens that are not padding.
-    ``attention`` is the model's ``attn_implementation``: ``"sdpa"``, or ``"eager"`` (attention written out,
-    its scores materialised).
+    ``attention`` is the model's ``attn_implementation``: ``"sdpa"``, ``"eager"`` (attention written out, its
+    scores materialised) or ``"flex_attention"``.
     """
     import transformers
 
@@ -734,7 +734,7 @@ def main(argv=None):
     p.add_argument("--backward", action="store_true", help="time forward+backward")
     p.add_argument("--flex", action="store_true",
                    help="attention: also flex_attention, compiled by Inductor and by backend=\"panther\"")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager", "flex_attention"],
                    help="llama: the model's attn_implementation (eager: attention written out)")
     p.add_argument("--default-policy", action="store_true",
                    help="transformer, llama: let panther's default policy choose ranks and features")
