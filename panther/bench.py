@@ -333,17 +333,20 @@ def _dense_against_panther(model, call, policy, *, compiler, device, repeats):
     """``call(model)`` timed dense eager, dense compiled and compiled with ``backend="panther"`` under
     ``policy``, side by side, each with its output's relative error against dense eager; and panther's report."""
     from .backend import panther_backend
-    from .report import last_report
+    from .report import GraphDiffReport
 
     torch._dynamo.reset()
     dense_compiled = torch.compile(model, backend=compiler)
-    ours = torch.compile(model, backend=panther_backend, options={"policy": policy, "compiler": compiler})
+    reports = []  # one per graph: a model with graph breaks (Hugging Face's flex_attention path) has several
+    ours = torch.compile(model, backend=panther_backend,
+                         options={"policy": policy, "compiler": compiler, "report": reports.append})
     candidates = {"dense, eager": lambda: call(model),
                   f"dense, torch.compile ({compiler})": lambda: call(dense_compiled),
                   'backend="panther"': lambda: call(ours)}
     reference = call(model).float()
     errors = {name: ((fn().float() - reference).norm() / reference.norm()).item() for name, fn in candidates.items()}
-    report = last_report()
+    report = GraphDiffReport(rows=[r for rep in reports for r in rep.rows], source="compile",
+                             graph_id=", ".join(rep.graph_id for rep in reports if rep.graph_id) or None)
     rows, headers = _timed_table(candidates, 'backend="panther"', repeats=repeats, device=device)
     for row in rows:
         row.append(f"{errors[row[0]]:.3g}")
