@@ -147,17 +147,17 @@ class FlexCall:
     pads: List[fx.Node] = field(default_factory=list)  # (B or 1, Lk) booleans, True = keep
     problem: Optional[str] = None
 
-    def keep(self, values) -> Optional[torch.Tensor]:
-        """The (B, 1, Lq, Lk) boolean mask, True = attend, from the padding's ``values`` (None: no padding)."""
+    def keep(self, values, lq: Optional[int] = None) -> Optional[torch.Tensor]:
+        """The boolean mask, True = attend, from the padding's ``values`` (None: no padding): the keys kept,
+        ``(B, 1, 1, Lk)``, or with ``lq`` queries and the causal triangle too, ``(B, 1, lq, Lk)``."""
         if not self.pads:
             return None
         keep = values[self.pads[0]]
         for p in self.pads[1:]:
             keep = keep & values[p]
         keep = keep[:, None, None, :]
-        if self.causal:
-            Lq, Lk = values[self.q].shape[2], keep.shape[-1]
-            keep = keep & torch.ones(Lq, Lk, dtype=torch.bool, device=keep.device).tril()
+        if self.causal and lq is not None:
+            keep = keep & torch.ones(lq, keep.shape[-1], dtype=torch.bool, device=keep.device).tril()
         return keep
 
 
@@ -202,7 +202,7 @@ def sampler(node):
     if c is None or c.problem:
         return None
     return [c.q, c.k, c.v, *c.pads], lambda values: sample(values[c.q], values[c.k], values[c.v], c.keep(values),
-                                                            c.causal, c.scale, c.gqa)
+                                                            c.causal, c.scale, c.gqa)  # padding and causal
 
 
 #: a padded call's stand-in materialises its (B, 1, Lq, Lk) mask up to this many booleans
@@ -220,9 +220,7 @@ def stand_in(node):
         return None
 
     def run(args, kwargs):  # the call's first three arguments are q, k, v; its mask buffers come last
-        values = dict(zip(c.pads, args[8])) if c.pads else {}
-        values[c.q] = args[0]
-        keep = c.keep(values)
+        keep = c.keep(dict(zip(c.pads, args[8])), lq=args[0].shape[2]) if c.pads else None
         out = F.scaled_dot_product_attention(*args[:3], attn_mask=keep, is_causal=c.causal and keep is None,
                                              scale=c.scale, enable_gqa=c.gqa)
         # a query that sees no key: flex_attention gives 0 where SDPA gives NaN

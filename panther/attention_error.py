@@ -29,7 +29,7 @@ SAMPLE_LENGTH = 4096
 
 def sample(q, k, v, attn_mask, is_causal, scale, enable_gqa) -> Dict:
     """The part of an attention call's inputs (SDPA's terms: ``(B, H, L, d)``, a boolean ``attn_mask`` with
-    True = attend) that :func:`sample_error` reads: one sequence (the first, or under a mask the one whose
+    True = attend, which may come with ``is_causal``) that :func:`sample_error` reads: one sequence (the first, or under a mask the one whose
     sampled queries see the most keys), ``SAMPLE_HEADS`` heads, and the first ``SAMPLE_LENGTH`` positions,
     whose last ``SAMPLE_QUERIES`` queries are compared (a prefix is exact causal attention; for a longer
     non-causal call it stands for the whole). In fp32: a few MiB per call."""
@@ -40,14 +40,14 @@ def sample(q, k, v, attn_mask, is_causal, scale, enable_gqa) -> Dict:
     nq, nk = min(Lq, SAMPLE_LENGTH), min(Lk, SAMPLE_LENGTH)
     rows = torch.arange(max(0, nq - SAMPLE_QUERIES), nq, device=q.device)
     b = 0
-    if isinstance(attn_mask, torch.Tensor):
+    causal = (torch.arange(nk, device=q.device) <= rows[:, None]) if is_causal else None
+    if isinstance(attn_mask, torch.Tensor):  # with is_causal too: both apply (key padding of a causal call)
         mask = attn_mask.expand(B, H, Lq, Lk)[:, heads][:, :, rows, :nk]
+        mask = mask if causal is None else mask & causal
         b = int(mask.flatten(1).sum(1).argmax())
         mask = mask[b:b + 1]
-    elif is_causal:
-        mask = (torch.arange(nk, device=q.device) <= rows[:, None]).expand(1, len(heads), -1, -1)
     else:
-        mask = None
+        mask = None if causal is None else causal.expand(1, len(heads), -1, -1)
 
     def pick(t, hs, n):
         return t[b:b + 1, hs, :n].float()
