@@ -66,7 +66,9 @@ def run_passes(
     ctx = PassContext(gm, example_inputs, grad_enabled=grad_enabled, cache=cache or factor_cache)
     if measure_attention and ctx.real:  # ctx.real holds every placeholder's example, in graph order, or nothing
         samplers = {n: s for n in gm.graph.nodes for p in ATTENTION_PASSES for s in [p.sampler(n)] if s is not None}
-        stand_ins = {n: s for n in samplers for s in [sketch_flex_attention.stand_in(n)] if s is not None}
+        # a pass may compute its calls another way in that run (flex_attention through SDPA)
+        stand_ins = {n: s for n in samplers for p in ATTENTION_PASSES if hasattr(p, "stand_in")
+                     for s in [p.stand_in(n)] if s is not None}
         ctx.attention_samples = attention_sample.sample_attention(gm, list(ctx.real.values()), samplers, stand_ins)
     policy_fn = resolve_policy(policy)
     view = graph_view(gm, lambda n: ctx.weight(n)[1])  # before any rewrite: the graph the report describes

@@ -44,16 +44,16 @@ def _is_bool(n) -> bool:
     return isinstance(v, torch.Tensor) and v.dtype == torch.bool
 
 
-def _factors(n: fx.Node, ignore: bool = False) -> List[fx.Node]:
+def factors(n: fx.Node, ignore: bool = False) -> List[fx.Node]:
     """Boolean nodes whose broadcast AND (OR, for an ``ignore`` mask) is ``n``, looking through those, ``expand``
     and casts to bool."""
     if n.op == "call_function" and n.target in _COMBINE_FUNCTIONS[ignore] or (
             n.op == "call_method" and n.target in _COMBINE_METHODS[ignore]):
         a, b = n.args[:2]
         if isinstance(a, fx.Node) and isinstance(b, fx.Node) and _is_bool(a) and _is_bool(b):
-            return _factors(a, ignore) + _factors(b, ignore)
+            return factors(a, ignore) + factors(b, ignore)
     if n.op == "call_method" and n.target in ("expand", "expand_as", "to", "bool", "contiguous") and _is_bool(n.args[0]):
-        return _factors(n.args[0], ignore)
+        return factors(n.args[0], ignore)
     return [n]
 
 
@@ -120,7 +120,7 @@ def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor, ignore: bool = Fa
         return "explicit attn_mask that is not boolean: random-feature attention supports only causal / key padding masks"
     B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
     pads, index = [], None
-    for f in _factors(mask, ignore):
+    for f in factors(mask, ignore):
         v = _value(f)
         if not isinstance(v, torch.Tensor) or v.dim() > 4:
             return "explicit attn_mask of more than 4 dimensions"

@@ -29,13 +29,14 @@ from panther.policy import SketchSpec
 
 from . import sketch_sdpa
 from .common import PassContext
+from .sdpa_mask import factors
 
 KIND = sketch_sdpa.KIND
 OP_BEFORE = "flex_attention"
 _FLEX = getattr(torch.ops.higher_order, "flex_attention", None)
 #: how many mask entries one evaluation covers (the grid is walked in blocks of query rows)
 _BLOCK = 1 << 22
-_PATTERNS: dict = {}  # (mask_mod code, sizes) -> mask_pattern
+_PATTERNS: dict = {}  # (mask_mod code, sizes, buffer shapes) -> mask_pattern
 
 
 def _is_flex(node) -> bool:
@@ -56,10 +57,10 @@ def _keeps_scores(score_mod) -> bool:
     return first.op == "placeholder" and out is first
 
 
-def mask_pattern(mask_mod, B: int, H: int, Lq: int, Lk: int) -> Union[bool, str]:
-    """``True`` when ``mask_mod(b, h, q_idx, kv_idx)`` is the causal triangle on this grid, ``False`` when it is
-    all True, else why random features cannot apply it. Evaluated on the CPU on broadcast index grids, a
-    block of query rows at a time (a mask that reads only the indices costs ``Lq·Lk`` booleans in all)."""
+def mask_pattern(mask_mod, B: int, H: int, Lq: int, Lk: int, buffers=()) -> Union[bool, str]:
+    """``True`` when ``mask_mod(b, h, q_idx, kv_idx, *buffers)`` is the causal triangle on this grid, ``False``
+    when it is all True, else why random features cannot apply it. Evaluated on the CPU on broadcast index
+    grids, a block of query rows at a time (a mask that reads only the indices costs ``Lq·Lk`` booleans)."""
     b = torch.arange(B, dtype=torch.int32).view(B, 1, 1, 1)
     h = torch.arange(H, dtype=torch.int32).view(1, H, 1, 1)
     kv = torch.arange(Lk, dtype=torch.int32).view(1, 1, 1, Lk)
@@ -69,7 +70,7 @@ def mask_pattern(mask_mod, B: int, H: int, Lq: int, Lk: int) -> Union[bool, str]
         q = torch.arange(start, min(Lq, start + rows), dtype=torch.int32).view(1, 1, -1, 1)
         try:
             with torch.no_grad():
-                keep = torch.as_tensor(mask_mod(b, h, q, kv)).to("cpu", torch.bool)
+                keep = torch.as_tensor(mask_mod(b, h, q, kv, *buffers)).to("cpu", torch.bool)
             torch.broadcast_to(keep, (B, H, q.shape[2], Lk))
         except Exception:  # noqa: BLE001 - a mask_mod this cannot run on index grids is simply not read
             return "the block mask's mask_mod could not be evaluated on index grids"
@@ -81,22 +82,17 @@ def mask_pattern(mask_mod, B: int, H: int, Lq: int, Lk: int) -> Union[bool, str]
     return not full
 
 
-def _mask_pattern(mask_mod, *sizes) -> Union[bool, str]:
-    """:func:`mask_pattern`, once per traced code and sizes (each layer's call carries its own copy of one
-    mask_mod); a mask_mod holding tensors of its own is evaluated each time."""
-    code = getattr(mask_mod, "code", None)
-    if code is None or any(n.op == "get_attr" for n in mask_mod.graph.nodes):
-        return mask_pattern(mask_mod, *sizes)
-    key = (code, sizes)
+def _mask_pattern(mask_mod: fx.GraphModule, sizes: tuple, buffers: tuple) -> Union[bool, str]:
+    """:func:`mask_pattern`, once per traced code, sizes and buffer shapes (each layer's call carries its own
+    copy of one mask_mod, and each pass asks); a mask_mod holding tensors of its own is evaluated each time."""
+    if any(n.op == "get_attr" for n in mask_mod.graph.nodes):
+        return mask_pattern(mask_mod, *sizes, buffers)
+    key = (mask_mod.code, sizes, tuple(b.shape for b in buffers))
     if key not in _PATTERNS:
         if len(_PATTERNS) >= 256:  # bounded: one entry per mask and shape seen
             _PATTERNS.clear()
-        _PATTERNS[key] = mask_pattern(mask_mod, *sizes)
+        _PATTERNS[key] = mask_pattern(mask_mod, *sizes, buffers)
     return _PATTERNS[key]
-
-
-_AND = {operator.and_, torch.logical_and, torch.bitwise_and, "__and__", "logical_and", "bitwise_and"}
-_PASS_THROUGH = {"to", "bool", "contiguous"}
 
 
 def _padding_buffers(mask_mod: fx.GraphModule, buffers, B: int, Lk: int) -> Union[list, str]:
@@ -109,23 +105,16 @@ def _padding_buffers(mask_mod: fx.GraphModule, buffers, B: int, Lk: int) -> Unio
         return reason
     b_idx, kv_idx, inner = places[0], places[3], places[4:]
     out = next(n for n in mask_mod.graph.nodes if n.op == "output").args[0]
-    factors, todo = [], [out]
-    while todo:
-        n = todo.pop()
-        if isinstance(n, fx.Node) and (n.op in ("call_function", "call_method")) and n.target in _AND:
-            todo += list(n.args[:2])
-        elif isinstance(n, fx.Node) and n.op == "call_method" and n.target in _PASS_THROUGH:
-            todo.append(n.args[0])
-        else:
-            factors.append(n)
+    out = out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
 
     def kv(n):  # kv_idx, or kv_idx + 0 (Hugging Face adds the key offset)
         return n is kv_idx or (isinstance(n, fx.Node) and n.target is operator.add and n.args[0] is kv_idx
                                and n.args[1] == 0)
 
-    read = {f.args[0] for f in factors if isinstance(f, fx.Node) and f.target is operator.getitem
-            and f.args[0] in inner and isinstance(f.args[1], tuple) and len(f.args[1]) == 2
-            and f.args[1][0] is b_idx and kv(f.args[1][1]) and len(f.args[0].users) == 1}
+    terms = factors(out) if isinstance(out, fx.Node) else []  # the AND's factors, as SDPA masks are read
+    read = {f.args[0] for f in terms if f.target is operator.getitem and f.args[0] in inner
+            and isinstance(f.args[1], tuple) and len(f.args[1]) == 2 and f.args[1][0] is b_idx
+            and kv(f.args[1][1]) and len(f.args[0].users) == 1}
     pads = [buffers[inner.index(p)] for p in inner if p in read]
     values = [p.meta.get("example_value") if isinstance(p, fx.Node) else None for p in buffers]
     if len(pads) != len(buffers) or not all(isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.dim() == 2
@@ -190,8 +179,8 @@ def parse(node) -> Optional[FlexCall]:
             return call
         call.pads = pads
         # the padding factors set to True leave the mask's index pattern
-        ones = [torch.ones(p.meta["example_value"].shape, dtype=torch.bool) for p in pads]
-        pattern = _mask_pattern(mask_mod if not pads else lambda *idx: mask_mod(*idx, *ones), B, H, Lq, Lk)
+        ones = tuple(torch.ones(p.meta["example_value"].shape, dtype=torch.bool) for p in pads)
+        pattern = _mask_pattern(mask_mod, (B, H, Lq, Lk), ones)
         call.causal, call.problem = (pattern, None) if isinstance(pattern, bool) else (False, pattern)
     return call
 

@@ -104,14 +104,18 @@ def _untransposed(n) -> Optional[fx.Node]:
     return None
 
 
-def _constant(n, test) -> bool:
-    """Whether ``n`` is a number, or a node that reads no input, for which ``test`` holds everywhere."""
+def _constant_value(n) -> Optional[torch.Tensor]:
+    """The floating value of a number, or of a node that reads no input, computed now; else None."""
     if isinstance(n, (int, float)) and not isinstance(n, bool):
-        return test(torch.tensor(float(n)))
-    if isinstance(n, fx.Node) and reads_no_input(n):
-        value = evaluate(n)
-        return value is not None and value.is_floating_point() and bool(test(value).all())
-    return False
+        return torch.tensor(float(n))
+    value = evaluate(n) if isinstance(n, fx.Node) and reads_no_input(n) else None
+    return value if value is not None and value.is_floating_point() else None
+
+
+def _constant(n, test) -> bool:
+    """Whether ``n`` is a constant (:func:`_constant_value`) for which ``test`` holds everywhere."""
+    value = _constant_value(n)
+    return value is not None and bool(test(value).all())
 
 
 def _einsum_operands(n, contracts_last: bool):
@@ -144,14 +148,10 @@ def _product(n, with_transposed: bool):
 def _factor(n):
     """A scalar factor of the scores: a number, a one-element node that reads no input (GPT-2's
     ``torch.full([], √d)``), evaluated now, or a scalar node of the graph (a ``SymFloat``), kept; else None."""
-    if isinstance(n, (int, float)) and not isinstance(n, bool):
-        return float(n)
-    if not isinstance(n, fx.Node):
-        return None
-    if isinstance(n.meta.get("example_value"), (torch.SymInt, torch.SymFloat, int, float)):
+    if isinstance(n, fx.Node) and isinstance(n.meta.get("example_value"), (torch.SymInt, torch.SymFloat, int, float)):
         return n
-    value = evaluate(n) if reads_no_input(n) else None
-    return float(value) if value is not None and value.numel() == 1 and value.is_floating_point() else None
+    value = _constant_value(n)
+    return float(value) if value is not None and value.numel() == 1 else None
 
 
 def _scale_by(found: "WrittenAttention", factor, power: int):
