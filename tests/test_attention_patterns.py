@@ -5,28 +5,17 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from fx_passes import run_passes
 from panther.backend import panther_backend
-from panther.policy import SketchSpec, seed_for
-from panther.sketch import orthogonal_random_features
+from panther.policy import SketchSpec
 
-FAST = {"compiler": "aot_eager"}
+from backend_common import FAST, compile_panther, features, padded_qkv  # tests/ is on sys.path
+
 SPEC = SketchSpec(num_random_features=16, seed=1)
-
-
-def compile_panther(model, **options):
-    torch._dynamo.reset()
-    reports = []
-    return torch.compile(model, backend=panther_backend, options={**FAST, "report": reports.append, **options}), reports
-
-
-def features(spec, name, d=8):
-    return orthogonal_random_features(spec.num_random_features, d,
-                                      generator=torch.Generator().manual_seed(seed_for(spec, name)))
 
 
 class Written(nn.Module):
@@ -68,11 +57,8 @@ class Written(nn.Module):
 
 @pytest.fixture(scope="module")
 def qkv():
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 9, 8, generator=g) for _ in range(3))
-    pad = torch.zeros(2, 9, dtype=torch.bool)
-    pad[1, 6:] = True  # the second sequence is padded
-    return q, k, v, pad
+    q, k, v, keep = padded_qkv()
+    return q, k, v, ~keep  # True = a padded key, as masked_fill takes it
 
 
 # style: (scale rf_attention gets, causal, key padding)

@@ -9,17 +9,9 @@ from torch import nn
 
 import panther
 from panther.backend import panther_backend
-from panther.sketch import orthogonal_random_features
-from panther.policy import SketchSpec, seed_for
+from panther.policy import SketchSpec
 
-FAST = {"compiler": "aot_eager"}
-
-
-def compile_panther(model, **options):
-    torch._dynamo.reset()
-    reports = []
-    return torch.compile(model, backend=panther_backend, options={**FAST, "report": reports.append, **options}), reports
-
+from backend_common import FAST, compile_panther, features, padded_qkv  # tests/ is on sys.path
 
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
@@ -147,8 +139,7 @@ ATT_SPEC = SketchSpec(num_random_features=24, seed=3)
 
 def rf_reference(block, x, spec, name):
     """The SDPA block computed eagerly with panther's op and the features a seeded layer ``name`` draws."""
-    P = orthogonal_random_features(spec.num_random_features, x.shape[-1] // block.heads,
-                                   generator=torch.Generator().manual_seed(seed_for(spec, name)))
+    P = features(spec, name, x.shape[-1] // block.heads)
     q, k, v = block.split(block.q(x)), block.split(block.k(x)), block.split(block.v(x))
     a = torch.ops.panther.rf_attention(q, k, v, P, spec.kernel_fn, block.causal, None, None)
     return block.o(a.transpose(1, 2).reshape(x.shape))
@@ -214,7 +205,7 @@ def test_grouped_query_sdpa_is_rewritten(causal):
         y = compiled(q, k, v)
     (row,) = reports[0].rows
     assert row.replaced and row.op_after == "panther.rf_attention"
-    P = orthogonal_random_features(16, 8, generator=torch.Generator().manual_seed(seed_for(spec, row.name)))
+    P = features(spec, row.name)
     ref = torch.ops.panther.rf_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), P, "softmax",
                                          causal, None, None)
     torch.testing.assert_close(y, ref)
@@ -238,11 +229,7 @@ class MaskedSDPA(nn.Module):
 
 @pytest.fixture(scope="module")
 def masked_inputs():
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 9, 8, generator=g) for _ in range(3))
-    keep = torch.ones(2, 9, dtype=torch.bool)
-    keep[1, 6:] = False  # the second sequence is padded
-    return q, k, v, keep
+    return padded_qkv()
 
 
 @pytest.mark.parametrize("pattern", ["none", "causal"])
@@ -254,7 +241,7 @@ def test_padding_and_causal_masks_become_rf_attention_arguments(pattern, masked_
         y = compiled(q, k, v, keep)
     (row,) = reports[0].rows
     assert row.replaced, row.reason
-    P = orthogonal_random_features(16, 8, generator=torch.Generator().manual_seed(seed_for(spec, row.name)))
+    P = features(spec, row.name)
     ref = torch.ops.panther.rf_attention(q, k, v, P, "softmax", pattern == "causal", None, ~keep)
     torch.testing.assert_close(y, ref)
     # the mask mattered: without it the padded sequence's output differs
@@ -326,7 +313,7 @@ def test_attention_error_is_measured_on_the_example_and_guards_the_default_polic
         (row,) = reports[0].rows
         assert row.replaced and f"output err {row.est_error:.3g} on the example" in str(reports[0])
         # the same number from its definition: the first sequence, heads 0 and H/2, the last queries
-        P = orthogonal_random_features(32, 8, generator=torch.Generator().manual_seed(seed_for(spec, row.name)))
+        P = features(spec, row.name)
         qs, ks, vs = gain * q[:1, [0, 2]], gain * k[:1, [0, 2]], v[:1, [0, 2]]
         approx = torch.ops.panther.rf_attention(qs, ks, vs, P, "softmax", True, None, None)[:, :, -SAMPLE_QUERIES:]
         exact = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[:, :, -SAMPLE_QUERIES:]
@@ -509,7 +496,7 @@ def test_mha_compile_equals_convert(batch_first):
     x0 = (x[:1] if batch_first else x[:, :1]).reshape(10, 32)
     q, k, v = (F.linear(x0, w, b).view(10, 4, 8).transpose(0, 1)[None, [0, 2]] for w, b in
                zip(model.mha.in_proj_weight.chunk(3), model.mha.in_proj_bias.chunk(3)))
-    P = orthogonal_random_features(16, 8, generator=torch.Generator().manual_seed(seed_for(spec, "mha")))
+    P = features(spec, "mha")
     with torch.no_grad():
         approx = torch.ops.panther.rf_attention(q, k, v, P, "softmax", False, None, pad[:1])
         exact = F.scaled_dot_product_attention(q, k, v, attn_mask=~pad[:1, None, None, :])
