@@ -7,7 +7,7 @@ One pass per file, each with its pattern and its replacement side by side:
 * :mod:`.sketch_sdpa` — ``scaled_dot_product_attention`` -> ``panther::rf_attention`` (weight-free)
 * :mod:`.sketch_mha` — ``F.multi_head_attention_forward`` -> projections + ``panther::rf_attention``
 * :mod:`.sketch_softmax_attention` — ``softmax(q @ kᵀ · c + mask) @ v`` written out -> ``panther::rf_attention``
-* :mod:`.sketch_flex_attention` — ``flex_attention`` with a causal or no mask -> ``panther::rf_attention``
+* :mod:`.sketch_flex_attention` — ``flex_attention`` with a causal / key padding mask -> ``panther::rf_attention``
 * :mod:`.expand_encoder_layer` — first, nn.TransformerEncoderLayer's fused eval kernel -> the ops of its
   ordinary forward, so the passes above see its layers; put back where none of them was rewritten
 
