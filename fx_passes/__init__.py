@@ -75,7 +75,7 @@ def run_passes(
     changed = False
     # factorising the weights of many / large layers takes seconds: a bar on a terminal once past 1 s
     for node in progress(list(gm.graph.nodes), desc="panther: sketching graph", unit="node", delay=1.0):
-        if node._erased or node.op != "call_function":
+        if node._erased or node.op not in ("call_function", "call_method"):
             continue  # already erased by an earlier rewrite
         for p in PASSES:
             cand = p.match(node, ctx)

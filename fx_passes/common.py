@@ -12,6 +12,7 @@ touched because Dynamo reads their meta again after the backend returns.
 from __future__ import annotations
 
 import contextlib
+import operator
 import re
 import sys
 import threading
@@ -222,6 +223,18 @@ factor_cache = FactorCache()
 
 
 # ------------------------------------------------------------------------------------------------------
+
+
+#: ``a @ b`` as Dynamo records it: the operator, ``torch.matmul`` or the method ``a.matmul(b)``; ``mm`` and
+#: ``bmm`` are its 2-D and 3-D forms. Pass both to :func:`is_call`.
+MATMUL_FUNCTIONS = frozenset({operator.matmul, torch.matmul, torch.mm, torch.bmm})
+MATMUL_METHODS = frozenset({"matmul", "mm", "bmm"})
+
+
+def is_call(n, functions=(), methods=()) -> bool:
+    """Whether ``n`` is a node calling one of ``functions`` or a method named in ``methods``."""
+    return isinstance(n, fx.Node) and (n.op == "call_function" and n.target in functions
+                                       or n.op == "call_method" and n.target in methods)
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 Pattern (Dynamo torch IR):
     torch._C._nn.linear(x, W, b?)                     # nn.Linear, F.linear
-    operator.matmul / torch.matmul(x, W.t())          # x @ W.t(), x @ W.T, x @ W.transpose(0, 1)
-    operator.matmul / torch.matmul(x, P)              # x @ P with a (d_in, d_out) parameter P
+    x @ W.t()                                         # also W.T, W.transpose(0, 1); torch.matmul, x.matmul, mm
+    x @ P                                             # with a (d_in, d_out) parameter P
     torch.addmm(b, x, P)                              # Hugging Face Conv1D (GPT-2): P is (d_in, d_out)
 where W / P is a module parameter (a placeholder whose source is ``..._parameters['...']``).
 
@@ -14,19 +14,18 @@ with ``(S1s, S2s, U1s, U2s) = panther.sketch.linear_factors(W, L, k, init=...)``
 from __future__ import annotations
 
 import builtins
-import operator
 
 import torch
 
 from panther.policy import LayerInfo, SketchSpec, seed_for
 from panther.sketch import linear_factors, linear_weight, relative_error
 
-from .common import Candidate, PassContext, generator_for, single_threaded, numel, shape_of, spec_key
+from .common import (MATMUL_FUNCTIONS, MATMUL_METHODS, Candidate, PassContext, generator_for, is_call, numel,
+                     shape_of, single_threaded, spec_key)
 
 KIND = "linear"
 OP_AFTER = "panther.sketched_linear"
 _LINEAR = torch._C._nn.linear
-_MATMULS = (operator.matmul, torch.matmul)
 
 
 def _transposed_weight(node):
@@ -49,20 +48,18 @@ def _transposed_weight(node):
 
 
 def match(node, ctx: PassContext):
-    if node.op != "call_function":
-        return None
-    if node.target is _LINEAR:
+    if is_call(node, (_LINEAR,)):
         args = list(node.args) + [None] * (3 - len(node.args))
         x = node.kwargs.get("input", args[0])
         w = node.kwargs.get("weight", args[1])
         b = node.kwargs.get("bias", args[2])
         transposed, op_before, t_node = False, "torch._C._nn.linear", None
-    elif (node.target is torch.addmm and len(node.args) == 3 and not node.kwargs
+    elif (is_call(node, (torch.addmm,)) and len(node.args) == 3 and not node.kwargs
           and isinstance(node.args[2], torch.fx.Node) and node.args[2].op == "placeholder"):
         # addmm(b, x, P) = x @ P + b with beta = alpha = 1 (no kwargs): Conv1D's forward.
         b, x, w = node.args
         transposed, op_before, t_node = True, "addmm(b, x, W)", None
-    elif node.target in _MATMULS and len(node.args) == 2 and not node.kwargs:
+    elif is_call(node, MATMUL_FUNCTIONS, MATMUL_METHODS) and len(node.args) == 2 and not node.kwargs:
         x, rhs = node.args
         b = None
         w = _transposed_weight(rhs)

@@ -1,21 +1,22 @@
 """Pass: attention written out, ``softmax(q @ kᵀ · c + mask) @ v`` -> ``panther::rf_attention``.
 
 Pattern (Dynamo torch IR), read backwards from the product with the values:
-    s = matmul(q, k.transpose(-2, -1))          # or transpose(2, 3), k.mT; q @ k.transpose(...);
+    s = matmul(q, k.transpose(-2, -1))          # or q.matmul(...), q @ ...; transpose(2, 3), k.mT;
                                                 # einsum("bhid,bhjd->bhij", q, k)
     s = s * c, s / c                            # scalar factors: SDPA's ``scale`` is their product
     s = s + where(keep, 0, -inf)                # Hugging Face's eager mask (or where(ignore, -inf, 0)), or
     s = s.masked_fill(ignore, -inf)             # any fill of at most -1e4; or where(keep, s, -inf)
     p = softmax(s, dim=-1)                      # F.softmax / torch.softmax / .softmax, with dtype= or not
     p = p.to(dtype), dropout(p, training=False) # casts and inactive dropout
-    o = matmul(p, v)                            # or einsum("bhij,bhjd->bhid", p, v)
+    o = matmul(p, v)                            # or p.matmul(v), p @ v, einsum("bhij,bhjd->bhid", p, v)
 with q, k, v of shape (B, H, L, d). This is how ``attn_implementation="eager"`` Hugging Face models, timm's
 unfused attention and many research codebases compute attention.
 
 Replacement: that of :mod:`.sketch_sdpa` (same candidate, report row, accuracy guard and features), then the
 scores and probabilities, now unused, are erased. Left alone, with the reason: scores or probabilities used
 elsewhere (a model returning its attention weights), active dropout, scores scaled by a tensor, masks
-other than key padding / causal (see ``sdpa_mask``), mixed dtypes.
+other than key padding / causal (see ``sdpa_mask``), float biases, other steps between ``q @ kᵀ`` and the
+softmax (tanh soft-capping, reshapes), mixed dtypes.
 """
 from __future__ import annotations
 
@@ -33,19 +34,17 @@ from panther.attention_error import sample
 from panther.policy import SketchSpec
 
 from . import sketch_sdpa
-from .common import PassContext, trace_into
+from .common import MATMUL_FUNCTIONS, MATMUL_METHODS, PassContext, is_call, trace_into
 from .sdpa_mask import evaluate, reads_no_input
 
 KIND = sketch_sdpa.KIND
 OP_BEFORE = "softmax(q @ k^T) @ v"
-_MATMULS = {operator.matmul, torch.matmul, torch.bmm}  # bmm: 3-D attention, reported as such
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 _DROPOUT = {F.dropout, torch.dropout}
 _CASTS = {"to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous"}
-#: elementwise maps of the scores that random features cannot follow (Gemma 2's tanh soft-capping): such a
-#: pattern is attention, left alone with the reason. Functions and method names, with the name it gives.
-_UNFOLLOWED = {torch.tanh: "tanh", torch.clamp: "clamp", torch.clip: "clamp", "tanh": "tanh", "clamp": "clamp",
-               "clip": "clamp"}
+#: how far back from the softmax an unfollowed step (Gemma 2's tanh soft-capping, Swin's reshapes around
+#: its window mask) may be from ``q @ kᵀ`` for the pattern to count as attention, left alone with the reason
+_UNFOLLOWED_DEPTH = 8
 _MUL = {operator.mul, torch.mul}
 _DIV = {operator.truediv, torch.div}
 _ADD = {operator.add, torch.add}
@@ -65,16 +64,11 @@ class WrittenAttention:
     # (node, 1) multiplies, (node, -1) divides
     symbolic: List[tuple] = field(default_factory=list)
     masks: List[tuple] = field(default_factory=list)  # (boolean node, ignores) or the reason one is unreadable
-    unfollowed: Optional[str] = None  # an elementwise map of the scores that random features cannot apply
+    unfollowed: Optional[str] = None  # a step between q @ kᵀ and the softmax that random features cannot take
     dropout_p: object = 0.0
     chain: List[fx.Node] = field(default_factory=list)  # scores to probabilities, consumers before producers
     kt: Optional[fx.Node] = None  # the transposed keys of ``q @ kᵀ`` (may serve other products too)
     problem: Optional[str] = None
-
-
-def _call(n, functions=(), methods=()) -> bool:
-    return isinstance(n, fx.Node) and (n.op == "call_function" and n.target in functions
-                                       or n.op == "call_method" and n.target in methods)
 
 
 def _arg(n: fx.Node, i: int, name: str, default=None):
@@ -89,15 +83,15 @@ def _ndim(n) -> Optional[int]:
 
 def _untransposed(n) -> Optional[fx.Node]:
     """``k`` when ``n`` is ``k`` with its last two dimensions swapped."""
-    if _call(n, (builtins.getattr,)) and n.args[1] == "mT":
+    if is_call(n, (builtins.getattr,)) and n.args[1] == "mT":
         return n.args[0]
     nd = _ndim(n)
     if nd is None:
         return None
-    if _call(n, (torch.transpose,), ("transpose",)) and len(n.args) == 3:
+    if is_call(n, (torch.transpose,), ("transpose",)) and len(n.args) == 3:
         dims = {d % nd for d in n.args[1:] if isinstance(d, int)}
         return n.args[0] if dims == {nd - 2, nd - 1} else None
-    if _call(n, (torch.permute,), ("permute",)):
+    if is_call(n, (torch.permute,), ("permute",)):
         dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else n.args[1:]
         expect = list(range(nd - 2)) + [nd - 1, nd - 2]
         return n.args[0] if [d % nd for d in dims if isinstance(d, int)] == expect else None
@@ -122,7 +116,7 @@ def _einsum_operands(n, contracts_last: bool):
     """``(a, b)`` when ``n`` is ``einsum`` of two operands that share their batch letters and contract
     ``a``'s last letter with ``b``'s last (``"...id,...jd->...ij"``, ``contracts_last``) or second last
     (``"...ij,...jd->...id"``) letter."""
-    if not _call(n, (torch.functional.einsum, torch.einsum)) or n.kwargs or len(n.args) < 2:
+    if not is_call(n, (torch.functional.einsum, torch.einsum)) or n.kwargs or len(n.args) < 2:
         return None
     operands = n.args[1:] if len(n.args) > 2 else n.args[1]
     if not isinstance(n.args[0], str) or not isinstance(operands, (list, tuple)) or len(operands) != 2:
@@ -139,7 +133,7 @@ def _einsum_operands(n, contracts_last: bool):
 def _product(n, with_transposed: bool):
     """``(a, b)`` when ``n`` is the batched product ``a @ b``, or with ``with_transposed`` ``a @ bᵀ`` (b is
     then the untransposed operand: the keys); matmul or einsum."""
-    if _call(n, _MATMULS) and len(n.args) == 2 and not n.kwargs:
+    if is_call(n, MATMUL_FUNCTIONS, MATMUL_METHODS) and len(n.args) == 2 and not n.kwargs:
         a, b = n.args
         return (a, _untransposed(b) if with_transposed else b) if isinstance(a, fx.Node) else None
     return _einsum_operands(n, with_transposed)
@@ -181,21 +175,21 @@ def _is_masked(n) -> bool:
 def _additive_mask(term) -> Union[tuple, str]:
     """``(boolean mask, ignores)`` of an additive mask ``where(keep, 0, -inf)`` / ``where(ignore, -inf, 0)``,
     looking through casts, ``expand`` and slices that keep its shape; else the reason it cannot be read."""
-    while _call(term, (operator.getitem,), {"expand", "expand_as"} | _CASTS):
+    while is_call(term, (operator.getitem,), {"expand", "expand_as"} | _CASTS):
         v, inner = term.meta.get("example_value"), term.args[0]
         iv = inner.meta.get("example_value") if isinstance(inner, fx.Node) else None
         if term.target is operator.getitem and not (isinstance(v, torch.Tensor) and isinstance(iv, torch.Tensor)
                                                      and v.shape == iv.shape):
             break  # a slice that cuts the mask
         term = inner
-    if _call(term, (torch.where,)) and len(term.args) == 3:
+    if is_call(term, (torch.where,)) and len(term.args) == 3:
         cond, a, b = term.args
         if _is_zero(a) and _is_masked(b):
             return cond, False
         if _is_masked(a) and _is_zero(b):
             return cond, True
-    return "an additive attention mask that is not where(mask, 0, -inf): random-feature attention supports " \
-           "only causal / key padding masks"
+    return "a float term is added to the scores (a position bias such as Swin's or ALiBi, or a mask not written " \
+           "as where(mask, 0, -inf)): random-feature attention supports only causal / key padding masks"
 
 
 def _scores(s, found: WrittenAttention) -> bool:
@@ -204,21 +198,16 @@ def _scores(s, found: WrittenAttention) -> bool:
         if not isinstance(s, fx.Node):
             return False
         found.chain.append(s)
-        if _call(s, (), _CASTS):
+        if is_call(s, (), _CASTS):
             s = s.args[0]
-        elif _call(s, _MUL, ("mul",)) and len(s.args) == 2:
+        elif is_call(s, _MUL, ("mul",)) and len(s.args) == 2:
             a, b = s.args
             s, c = (b, a) if _factor(a) is not None else (a, b)
             _scale_by(found, _factor(c), 1)
-        elif _call(s, _DIV, ("div",)) and len(s.args) == 2 and not s.kwargs:
+        elif is_call(s, _DIV, ("div",)) and len(s.args) == 2 and not s.kwargs:
             s, c = s.args
             _scale_by(found, _factor(c), -1)
-        elif _call(s, _UNFOLLOWED, _UNFOLLOWED):
-            name = _UNFOLLOWED[s.target]
-            found.unfollowed = found.unfollowed or f"the scores pass through {name} before the softmax: random " \
-                                                   "features approximate exp(q·k) only"
-            s = s.args[0]
-        elif _call(s, _ADD, ("add",)) and len(s.args) == 2 and not s.kwargs:
+        elif is_call(s, _ADD, ("add",)) and len(s.args) == 2 and not s.kwargs:
             for scores, term in (s.args, s.args[::-1]):
                 trial = dataclasses.replace(found, chain=list(found.chain), masks=list(found.masks))
                 if _scores(scores, trial):
@@ -226,12 +215,12 @@ def _scores(s, found: WrittenAttention) -> bool:
                     found.__dict__.update(trial.__dict__)
                     return True
             return False
-        elif _call(s, (torch.masked_fill,), ("masked_fill",)):
+        elif is_call(s, (torch.masked_fill,), ("masked_fill",)):
             cond, fill = _arg(s, 1, "mask"), _arg(s, 2, "value")
             s = _arg(s, 0, "input")
             found.masks.append((cond, True) if _is_masked(fill) else
                                f"masked_fill with {fill!r}: only fills of -inf (at most {_MASKED:g}) mask keys")
-        elif _call(s, (torch.where,)) and len(s.args) == 3 and (_is_masked(s.args[1]) or _is_masked(s.args[2])):
+        elif is_call(s, (torch.where,)) and len(s.args) == 3 and (_is_masked(s.args[1]) or _is_masked(s.args[2])):
             cond, a, b = s.args  # where(keep, s, -inf) / where(ignore, -inf, s)
             ignores = _is_masked(a)
             s = b if ignores else a
@@ -240,11 +229,25 @@ def _scores(s, found: WrittenAttention) -> bool:
             found.q, found.k = _product(s, with_transposed=True)
             if found.k is None or not isinstance(found.q, fx.Node):
                 return False
-            if _call(s, _MATMULS):
+            if is_call(s, MATMUL_FUNCTIONS, MATMUL_METHODS):
                 found.kt = s.args[1]
             return True
+        elif (inner := _towards_product(s, _UNFOLLOWED_DEPTH)) is not None:
+            name = s.target if isinstance(s.target, str) else getattr(s.target, "__name__", str(s.target))
+            found.unfollowed = found.unfollowed or f"the scores pass through {name} before the softmax: random " \
+                "features take only scalar factors, casts and one key padding / causal mask there"
+            s = inner
         else:
             return False
+
+
+def _towards_product(n: fx.Node, depth: int) -> Optional[fx.Node]:
+    """The input of ``n`` through which a product ``q @ kᵀ`` is at most ``depth`` steps back, if any."""
+    for a in n.all_input_nodes:
+        product = _product(a, with_transposed=True)
+        if product and product[1] is not None or depth > 1 and _towards_product(a, depth - 1) is not None:
+            return a
+    return None
 
 
 def parse(node) -> Optional[WrittenAttention]:
@@ -253,7 +256,7 @@ def parse(node) -> Optional[WrittenAttention]:
         return None
     p, v = _product(node, with_transposed=False)
     chain, dropout_p = [], 0.0
-    while _call(p, _DROPOUT, _CASTS):
+    while is_call(p, _DROPOUT, _CASTS):
         chain.append(p)
         if p.target in _DROPOUT:
             rate, training = _arg(p, 1, "p", 0.5), _arg(p, 2, "training" if p.target is F.dropout else "train", True)
@@ -261,7 +264,7 @@ def parse(node) -> Optional[WrittenAttention]:
                 dropout_p = rate if training is True else f"{rate!r} with training={training!r}"
         p = p.args[0]
     nd = _ndim(p)
-    if not (_call(p, _SOFTMAX, ("softmax",)) and nd is not None and isinstance(_arg(p, 1, "dim"), int)
+    if not (is_call(p, _SOFTMAX, ("softmax",)) and nd is not None and isinstance(_arg(p, 1, "dim"), int)
             and _arg(p, 1, "dim") % nd == nd - 1):
         return None
     chain.append(p)

@@ -32,6 +32,9 @@ class Written(nn.Module):
         if self.style == "timm":  # queries scaled first, nn.Dropout (inactive in eval)
             a = (q * d ** -0.5) @ k.transpose(-2, -1)
             return self.drop(a.softmax(dim=-1)) @ v
+        if self.style == "method":  # torchvision's Swin: the products as methods, F.dropout with p=0
+            a = (q * d ** -0.5).matmul(k.transpose(-2, -1))
+            return F.dropout(F.softmax(a, dim=-1), p=0.0, training=self.training).matmul(v)
         if self.style == "causal_fill":  # nanoGPT's masked_fill of the upper triangle; GPT-2's scale and cast
             s = torch.matmul(q, k.transpose(2, 3)) / torch.full([], math.sqrt(d))
             s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
@@ -62,7 +65,7 @@ def qkv():
 
 
 # style: (scale rf_attention gets, causal, key padding)
-STYLES = {"timm": (None, False, False), "causal_fill": (8 ** -0.5, True, False),
+STYLES = {"timm": (None, False, False), "method": (None, False, False), "causal_fill": (8 ** -0.5, True, False),
           "buffer_fill": (8 ** -0.5, True, False), "einsum": (8 ** -0.5, True, False),
           "padding_fill": (8 ** -0.5, False, True), "additive": (0.25, True, True)}
 
@@ -80,7 +83,7 @@ def test_written_out_attention_is_rf_attention(style, qkv):
     assert (row.kind, row.op_before, row.op_after) == ("attention", "softmax(q @ k^T) @ v", "panther.rf_attention")
     assert row.est_error is not None and 0 < row.est_error < 1  # measured on the example
     scale, causal, padded = STYLES[style]
-    q_in = q * 8 ** -0.5 if style == "timm" else q
+    q_in = q * 8 ** -0.5 if style in ("timm", "method") else q
     ref = torch.ops.panther.rf_attention(q_in, k, v, features(SPEC, row.name), "softmax", causal,
                                          1.0 if scale is None else scale, pad if padded else None)
     torch.testing.assert_close(y, ref)
@@ -120,6 +123,8 @@ class Unreadable(nn.Module):
             return (s + extra).softmax(-1) @ v
         if self.case == "softcap":  # Gemma 2
             return (torch.tanh(s / 50.0) * 50.0).softmax(-1) @ v
+        if self.case == "reshaped":  # Swin's shifted windows: a view to add a per-window mask, and back
+            return (s.view(2, 1, 3, 9, 9) + extra.view(2, 1, 3, 9, 9)).view(2, 3, 9, 9).softmax(-1) @ v
         if self.case == "tensor_scale":
             return (s * extra).softmax(-1) @ v
         if self.case == "window":
@@ -135,7 +140,8 @@ class Unreadable(nn.Module):
 @pytest.mark.parametrize("case, reason", [
     ("weights_returned", "attention weights are used elsewhere"),
     ("dropout", "dropout_p=0.1"),
-    ("bias", "additive attention mask that is not where(mask, 0, -inf)"),
+    ("bias", "a float term is added to the scores"),
+    ("reshaped", "the scores pass through view before the softmax"),
     ("tensor_scale", "scaled by a tensor"),
     ("softcap", "pass through tanh"),
     ("window", "neither causal nor key padding"),

@@ -206,7 +206,8 @@ def test_grad_enabled_compile_never_bakes_factors(mlp):
     assert torch.allclose(y, mlp(x), atol=1e-6)
 
 
-def test_matmul_spelling():
+@pytest.mark.parametrize("spelling", ["operator", "method", "mm"])
+def test_matmul_spelling(spelling):
     class M(nn.Module):
         def __init__(self):
             super().__init__()
@@ -214,6 +215,10 @@ def test_matmul_spelling():
             self.p = nn.Parameter(torch.randn(24, 12))  # (d_in, d_out), used as x @ p
 
         def forward(self, x):
+            if spelling == "method":  # Dynamo records x.matmul(w) as a method call, not torch.matmul
+                return x.matmul(self.w.T).matmul(self.p)
+            if spelling == "mm":
+                return torch.mm(x.mm(self.w.t()), self.p)
             return (x @ self.w.t()) @ self.p
 
     torch._dynamo.reset()
