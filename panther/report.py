@@ -154,7 +154,7 @@ class GraphDiffReport:
                     f"{_fmt_int(r.params_before)} -> {_fmt_int(r.params_after)}",
                     f"{_fmt_int(r.flops_before)} -> {_fmt_int(r.flops_after)}",
                     "-" if r.est_error is None or r.kind == "attention" else f"{r.est_error:.3g}",
-                    "; ".join(filter(None, (_spec_str(r.spec), _output_error(r), r.reason))) if r.replaced else r.reason,
+                    "; ".join(filter(None, (_spec_str(r.spec, r.kind), _output_error(r), r.reason))) if r.replaced else r.reason,
                 )
             )
         t = self.totals
@@ -219,10 +219,11 @@ class GraphDiffReport:
         }
 
 
-def _spec_str(spec) -> str:
+def _spec_str(spec, kind: str) -> str:
+    """The spec's fields that count for a layer of ``kind`` (attention takes m and the kernel only)."""
     if spec is None:
         return ""
-    if spec.num_random_features is not None and spec.low_rank is None:
+    if kind == "attention":
         text = f"m={spec.num_random_features}, {spec.kernel_fn}"
     else:
         act = "+act" if getattr(spec, "act_gram", None) is not None else ""

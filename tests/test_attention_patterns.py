@@ -82,6 +82,7 @@ def test_written_out_attention_is_rf_attention(style, qkv):
     assert row.replaced, row.reason
     assert (row.kind, row.op_before, row.op_after) == ("attention", "softmax(q @ k^T) @ v", "panther.rf_attention")
     assert row.est_error is not None and 0 < row.est_error < 1  # measured on the example
+    assert "m=16, softmax; output err" in str(reports[0])
     scale, causal, padded = STYLES[style]
     q_in = q * 8 ** -0.5 if style in ("timm", "method") else q
     ref = torch.ops.panther.rf_attention(q_in, k, v, features(SPEC, row.name), "softmax", causal,
@@ -435,3 +436,14 @@ def test_hf_flex_attention_is_rewritten_as_its_sdpa_twin():
     assert rows_flex[0][2] == rows_sdpa[0][2] // 2
     torch.testing.assert_close(y_flex[1, 16:], y_sdpa[1, 16:], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y_flex[0], y_sdpa[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_linear_style_spec_on_attention_reports_the_features_it_used(qkv):
+    """A catch-all policy entry gives attention a spec with L and k; the row names the m it gets (4·d)."""
+    q, k, v, pad = qkv
+    compiled, reports = compile_panther(Written("timm").eval(), policy={"*": SketchSpec(num_terms=1, low_rank=8)})
+    with torch.no_grad():
+        compiled(q, k, v, pad)
+    (row,) = reports[0].rows
+    assert row.replaced and row.spec.num_random_features == 4 * q.shape[-1]
+    assert f"m={4 * q.shape[-1]}, softmax; output err" in str(reports[0]) and "None" not in str(reports[0])
