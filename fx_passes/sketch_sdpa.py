@@ -14,8 +14,8 @@ calls as SDPA's arguments and share :func:`candidate` and :func:`rewrite`.
 
 A boolean ``attn_mask`` that is key padding and/or the causal triangle (as Hugging Face models build
 theirs; see ``sdpa_mask``) becomes rf_attention's ``key_padding_mask`` and ``causal``. Left alone: other
-masks (random features cannot apply an arbitrary one), ``dropout_p > 0``, non-4-D inputs, causal with
-different query/key lengths.
+masks (random features cannot apply an arbitrary one), ``dropout_p > 0``, masks of calls that are not 4-D
+(``(B, L, d)`` and ``(*batch, H, L, d)`` calls are folded to 4-D), causal with different query/key lengths.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from panther.attention_error import error_of_features, layer_features, sample, sample_error
+from panther.attention_error import error_of_features, fold_heads, layer_features, sample, sample_error
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
 from .attention_sample import of_call
@@ -94,8 +94,12 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, attn_mask, dropou
     base_name = ctx.module_path(node) or common_prefix([n.split("#")[0] for n in proj_names]) or node.name
     name = ctx.unique_layer_name(base_name)
     node.meta["panther_layer"] = name
-    qs, ks, vs = shapes["query"], shapes["key"], shapes["value"]
-    ok4 = all(s is not None and len(s) == 4 for s in (qs, ks, vs))
+    ranks = {len(s) if s is not None else 0 for s in shapes.values()}
+    ndim = ranks.pop() if len(ranks) == 1 and min(ranks) >= 3 else None  # q, k, v of one rank, 3 or more
+    # (B, H, L, d) as rf_attention takes them: 3-D and 5-D+ calls are folded (attention_error.fold_heads)
+    qs, ks, vs = (tuple(fold_heads(torch.empty(shapes[r], device="meta"), ndim).shape) if ndim else shapes[r]
+                  for r in ("query", "key", "value"))
+    ok4 = ndim == 4
     causal = is_causal is True
     # a boolean mask that is key padding and/or the causal triangle: (padding nodes, causal), else a reason
     masking = padding_and_causal(attn_mask, qv, k.meta.get("example_value"), mask_ignores, ctx.buffer_value) \
@@ -108,7 +112,7 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, attn_mask, dropou
         draw = features_of(ctx, owner, base_name, qs[-1], getattr(qv, "dtype", None), getattr(qv, "device", None))
         extra["output_error"] = error_of_features(sample, draw, extra["causal"])
     flops = None
-    if ok4:
+    if ndim:
         B, H, Lq, d = qs
         Lk, dv = ks[2], vs[3]
         extra.update(batch_heads=B * H, num_heads=H, len_q=Lq, len_k=Lk, head_dim=d, head_dim_v=dv)
@@ -117,20 +121,23 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, attn_mask, dropou
                      device=getattr(qv, "device", None), params=0, flops=flops, has_bias=False,
                      grad_enabled=ctx.grad_enabled, op=op_before, extra=extra)
     cand = Candidate(node, info, op_before, needs_weights=False,
-                     data={"q": q, "k": k, "v": v, "causal": extra["causal"], "scale": scale,
+                     data={"q": q, "k": k, "v": v, "ndim": ndim, "causal": extra["causal"], "scale": scale,
                            "base_name": base_name, "owner": owner, "groups": 1, "sample": sample,
                            "padding": masking[0] if isinstance(masking, tuple) else [], "ignore": mask_ignores})
     if unsupported:
         cand.unsupported = unsupported
-    elif not ok4:
-        cand.unsupported = "query/key/value are not 4-D (B, H, L, d)"
+    elif not ndim:
+        cand.unsupported = "query/key/value differ in rank or have fewer than 3 dimensions"
+    elif not ok4 and (attn_mask is not None or enable_gqa is not False):
+        cand.unsupported = "attn_mask or enable_gqa on attention that is not 4-D (B, H, L, d): only 4-D masks are read"
     elif isinstance(masking, str):
         cand.unsupported = masking
     elif not (isinstance(dropout_p, (int, float)) and dropout_p == 0):
         cand.unsupported = f"dropout_p={dropout_p!r}: random-feature attention has no attention dropout"
     elif enable_gqa not in (False, True):
         cand.unsupported = "enable_gqa is not a constant"
-    elif (qs[1] % ks[1] if enable_gqa else qs[1] != ks[1]) or ks[:3] != vs[:3] or qs[0] != ks[0]:
+    elif (qs[1] % ks[1] if enable_gqa else qs[1] != ks[1]) or ks[:3] != vs[:3] or \
+            shapes["query"][:-3] != shapes["key"][:-3]:
         cand.unsupported = "query/key/value batch or head counts differ"
     elif not isinstance(is_causal, bool):
         cand.unsupported = "is_causal is not a constant"
@@ -178,7 +185,7 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
                        info.dtype, info.device)
     p_node = ctx.add_constant(f"{d['base_name']}_rf_projection", P, node)
     new = trace_into(ctx.graph, node, rf_sdpa, d["q"], d["k"], d["v"], p_node, spec.kernel_fn, d["causal"],
-                     d["scale"], d["groups"], info.shapes["query"][0], info.extra["len_k"], d["ignore"],
+                     d["scale"], d["groups"], d["ndim"], info.shapes["query"][0], info.extra["len_k"], d["ignore"],
                      *d["padding"])[-1]
     for out in d.get("outputs", [node]):
         new.meta.update(out.meta)
@@ -190,12 +197,16 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     return OP_AFTER, err
 
 
-def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int, batch: int, keys: int, ignore: bool,
-            *padding):
-    """SDPA's meaning in random features: ``groups`` query heads share each key/value head (``enable_gqa``);
-    ``padding`` are the mask's key padding factors (True = attend, or with ``ignore`` True = ignore; see
-    ``sdpa_mask``)."""
+def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int, ndim: int, batch: int, keys: int,
+            ignore: bool, *padding):
+    """SDPA's meaning in random features, for q, k, v of rank ``ndim`` (3-D and 5-D+ folded to 4-D as
+    ``attention_error.fold_heads`` says, and back): ``groups`` query heads share each key/value head
+    (``enable_gqa``); ``padding`` are the mask's key padding factors (True = attend, or with ``ignore``
+    True = ignore; see ``sdpa_mask``)."""
+    unfolded = q
+    q, k, v = (fold_heads(t, ndim) for t in (q, k, v))
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
     kpm = key_padding_mask(list(padding), batch, keys, ignore) if padding else None
-    return torch.ops.panther.rf_attention(q, k, v, P, kernel_fn, causal, scale, kpm)
+    out = torch.ops.panther.rf_attention(q, k, v, P, kernel_fn, causal, scale, kpm)
+    return out.squeeze(1) if ndim == 3 else out.unflatten(0, unfolded.shape[:-3]) if ndim > 4 else out

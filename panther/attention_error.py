@@ -27,12 +27,22 @@ SAMPLE_HEADS = 2
 SAMPLE_LENGTH = 4096
 
 
+def fold_heads(t, ndim: int):
+    """Attention inputs of rank ``ndim`` as SDPA's 4-D ``(B, H, L, d)``: ``(B, L, d)`` is one head, and
+    ``(*batch, H, L, d)`` has its batch dimensions folded into one (SDPA batches over all of them)."""
+    return t.unsqueeze(1) if ndim == 3 else t.flatten(0, ndim - 4) if ndim > 4 else t
+
+
 def sample(q, k, v, attn_mask, is_causal, scale, enable_gqa) -> Dict:
     """The part of an attention call's inputs (SDPA's terms: ``(B, H, L, d)``, a boolean ``attn_mask`` with
     True = attend, which may come with ``is_causal``) that :func:`sample_error` reads: one sequence (the first, or under a mask the one whose
     sampled queries see the most keys), ``SAMPLE_HEADS`` heads, and the first ``SAMPLE_LENGTH`` positions,
     whose last ``SAMPLE_QUERIES`` queries are compared (a prefix is exact causal attention; for a longer
     non-causal call it stands for the whole). In fp32: a few MiB per call."""
+    if q.dim() != 4:  # without a mask, the only such calls the backend rewrites
+        if attn_mask is not None or enable_gqa:
+            raise ValueError("only 4-D attention is sampled with a mask or grouped-query heads")
+        q, k, v = (fold_heads(t, t.dim()) for t in (q, k, v))
     B, H, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     heads = sorted({0, H // 2})[:SAMPLE_HEADS]
     groups = H // k.shape[1] if enable_gqa else 1

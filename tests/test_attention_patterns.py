@@ -164,15 +164,48 @@ def test_written_out_attention_left_alone_with_the_reason(case, reason, qkv):
     torch.testing.assert_close(y, ref)
 
 
-def test_three_dimensional_attention_is_a_row_with_its_reason(qkv):
+@pytest.mark.parametrize("layout", ["bmm", "sdpa_3d", "sdpa_5d"])
+def test_attention_of_other_ranks_is_folded_to_four_dimensions(layout, qkv):
+    """fairseq's (B·H, L, d) products, single-head (B, L, d) SDPA and Twins' (B, groups, H, L, d) SDPA: the same
+    rf_attention on (B, H, L, d), unfolded after."""
     q, k, v, _ = qkv
-    fn = lambda q, k, v: torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v)  # noqa: E731 - fairseq's layout
+    if layout == "bmm":
+        fn = lambda q, k, v: torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v)  # noqa: E731
+        args = [t.flatten(0, 1) for t in (q, k, v)]
+        folded = [t.unsqueeze(1) for t in args]
+        scale = 1.0
+    else:
+        fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        args = [t.flatten(0, 1) for t in (q, k, v)] if layout == "sdpa_3d" else [t.view(2, 3, 1, 9, 8) for t in (q, k, v)]
+        folded = [t.unsqueeze(1) for t in args] if layout == "sdpa_3d" else [t.flatten(0, 1) for t in args]
+        scale = 8 ** -0.5
     compiled, reports = compile_panther(fn, policy={"attention": SPEC})
-    flat = [t.flatten(0, 1) for t in (q, k, v)]
     with torch.no_grad():
-        torch.testing.assert_close(compiled(*flat), fn(*flat))
+        y = compiled(*args)
     (row,) = reports[0].rows
-    assert row.kind == "attention" and not row.replaced and "not 4-D" in row.reason
+    assert row.replaced and row.est_error is not None, row.reason
+    assert row.flops_before == 2 * 2 * 3 * 9 * 9 * 8 * 2 / (2 if layout != "bmm" else 1)
+    ref = torch.ops.panther.rf_attention(*folded, features(SPEC, row.name), "softmax", layout != "bmm", scale, None)
+    torch.testing.assert_close(y, ref.view_as(args[0]))
+
+
+def test_a_mask_on_attention_of_another_rank_is_left_alone_and_the_rest_is_still_measured(qkv):
+    """A (B, groups, H, L, L) mask is not read (nor sampled: the sampler refuses it, and the 4-D call beside it
+    keeps its measured error)."""
+    q, k, v, keep = qkv
+    q5, k5, v5 = (t.view(2, 3, 1, 9, 8) for t in (q, k, v))
+    mask5 = keep[:, None, None, None, :].expand(2, 3, 1, 9, 9)
+
+    def fn(q, k, v, q5, k5, v5, mask5):
+        return F.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q5, k5, v5, attn_mask=mask5)
+
+    compiled, reports = compile_panther(fn, policy={"attention": SPEC})
+    with torch.no_grad():
+        y4, y5 = compiled(q, k, v, q5, k5, v5, mask5)
+    four, five = reports[0].rows
+    assert four.replaced and four.est_error is not None
+    assert not five.replaced and "not 4-D" in five.reason
+    torch.testing.assert_close(y5, F.scaled_dot_product_attention(q5, k5, v5, attn_mask=mask5))
 
 
 def test_products_that_are_not_attention_are_not_rows(qkv):
