@@ -13,8 +13,11 @@ Attention written out as ``softmax(q @ kᵀ + M) @ v`` (``sketch_softmax_attenti
 sense, True = ignore (``scores.masked_fill(ignore, -inf)``, ``torch.where(ignore, -inf, 0)``): such a mask is
 read as an OR of factors, each one keys to ignore per sequence or an index pattern whose negation is kept.
 
-Anything else (an additive float mask, a sliding window, a factor that reads the inputs per query, sizes
-that are symbolic so the index factor could differ at another length) is left to exact attention.
+A float mask added to the scores is read by :func:`additive_mask` when it is one of these written as
+``where(keep, 0, -inf)`` or BERT's ``(1 - keep) * min`` with ``keep`` 0 or 1.
+
+Anything else (a float bias, a sliding window, a factor that reads the inputs per query, sizes that are
+symbolic so the index factor could differ at another length) is left to exact attention.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from typing import Callable, List, Optional, Tuple, Union
 import torch
 from torch import fx
 
+from .common import is_call
 
 #: the value of a module buffer placeholder, or None (``PassContext.buffer_value``)
 State = Optional[Callable[[fx.Node], Optional[torch.Tensor]]]
@@ -31,6 +35,10 @@ State = Optional[Callable[[fx.Node], Optional[torch.Tensor]]]
 _COMBINE_FUNCTIONS = {False: {operator.and_, torch.logical_and, torch.bitwise_and},
                       True: {operator.or_, torch.logical_or, torch.bitwise_or}}
 _COMBINE_METHODS = {False: {"__and__", "logical_and", "bitwise_and"}, True: {"__or__", "logical_or", "bitwise_or"}}
+#: an additive mask value or fill at most this is "never attend" (finfo.min, -1e9, -inf; -1e4 in fp16 code)
+MASKED = -1e4
+#: methods that change a tensor's dtype or layout, not its values' meaning
+CASTS = {"to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous"}
 # methods whose result does not depend on the values of ``self`` (only its size, dtype and device)
 _SIZE_ONLY_METHODS = {"new_ones", "new_zeros", "new_full", "new_empty", "size", "dim"}
 
@@ -109,6 +117,64 @@ def evaluate(node: fx.Node, state: State = None) -> Optional[torch.Tensor]:
     return out if isinstance(out, torch.Tensor) else None
 
 
+def constant_value(n) -> Optional[torch.Tensor]:
+    """The floating value of a number, or of a node that reads no input, computed now; else None."""
+    if isinstance(n, (int, float)) and not isinstance(n, bool):
+        return torch.tensor(float(n))
+    value = evaluate(n) if isinstance(n, fx.Node) and reads_no_input(n) else None
+    return value if value is not None and value.is_floating_point() else None
+
+
+def _constant(n, test) -> bool:
+    """Whether ``n`` is a constant (:func:`constant_value`) for which ``test`` holds everywhere."""
+    value = constant_value(n)
+    return value is not None and bool(test(value).all())
+
+
+def is_masked(n) -> bool:
+    """Whether ``n`` is a constant that masks where it is added: at most :data:`MASKED` everywhere."""
+    return _constant(n, lambda t: t <= MASKED)
+
+
+def _through(n, methods):
+    """``n`` without the calls of ``methods`` on top (casts, say)."""
+    while isinstance(n, fx.Node) and n.op == "call_method" and n.target in methods:
+        n = n.args[0]
+    return n
+
+
+def additive_mask(term, state: State = None) -> Union[Tuple[fx.Node, bool], str]:
+    """``(mask, ignores)`` of a float mask added to attention scores, as models write it: ``where(keep, 0, -inf)``
+    / ``where(ignore, -inf, 0)`` (Hugging Face's eager masks), or ``(1 - keep) * c`` / ``ignore * c`` with a
+    constant ``c`` at most :data:`MASKED` (BERT's ``extended_attention_mask``) and ``keep`` / ``ignore`` 0 or 1:
+    boolean or integer, or a constant (:func:`padding_and_causal` checks its values). Looks through casts,
+    ``expand`` and slices that keep its shape; else the reason it cannot be read."""
+    while is_call(term, (operator.getitem,), {"expand", "expand_as"} | CASTS):
+        v, inner = _value(term), term.args[0]
+        iv = _value(inner)
+        if term.target is operator.getitem and not (isinstance(v, torch.Tensor) and isinstance(iv, torch.Tensor)
+                                                     and v.shape == iv.shape):
+            break  # a slice that cuts the mask
+        term = inner
+    if is_call(term, (torch.where,)) and len(term.args) == 3:
+        cond, a, b = term.args
+        if _constant(a, lambda t: t == 0) and is_masked(b):
+            return cond, False
+        if is_masked(a) and _constant(b, lambda t: t == 0):
+            return cond, True
+    if is_call(term, (operator.mul, torch.mul), ("mul",)) and len(term.args) == 2:
+        a, b = term.args
+        m = b if is_masked(a) else a if is_masked(b) else None
+        ignores = not (is_call(m, (operator.sub, torch.sub), ("sub",)) and _constant(m.args[0], lambda t: t == 1))
+        m = _through(m if ignores else m.args[1], CASTS)
+        v = _value(m)
+        if isinstance(v, torch.Tensor) and (not v.is_floating_point() or reads_no_input(m, state)):
+            return m, ignores
+    return "a float term is added to the scores (a position bias such as Swin's or ALiBi, or a mask not written " \
+           "as where(mask, 0, -inf) or (1 - mask) * min): random-feature attention supports only causal / key " \
+           "padding masks"
+
+
 def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor, ignore: bool = False, state: State = None
                        ) -> Union[Tuple[List[fx.Node], bool], str]:
     """``(padding factors, causal)`` when ``mask`` (SDPA's boolean ``attn_mask``, True = attend, or with
@@ -116,7 +182,8 @@ def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor, ignore: bool = Fa
     the causal mask, both, or neither (an all-attend mask); else the reason it is not. Each padding factor is
     a ``(B or 1, 1, 1, Lk)`` boolean node; their AND is the keys to keep (with ``ignore``: their OR, the keys
     to ignore). ``state`` gives the values of module buffers, which an index factor may read."""
-    if not isinstance(mask, fx.Node) or not _is_bool(mask):
+    if not isinstance(mask, fx.Node) or not isinstance(_value(mask), torch.Tensor) or (
+            _value(mask).is_floating_point() and not reads_no_input(mask, state)):
         return "explicit attn_mask that is not boolean: random-feature attention supports only causal / key padding masks"
     B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
     pads, index = [], None
@@ -131,7 +198,9 @@ def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor, ignore: bool = Fa
             value = evaluate(f, state)
             if value is None or shape[:2] != (1, 1):
                 return "attn_mask built from indices that do not reduce to a causal / padding pattern"
-            value = value.reshape(shape[2:]).expand(Lq, Lk).cpu()
+            if not bool(((value == 0) | (value == 1)).all()):  # a 0/1 mask (additive_mask) that is not
+                return "a numeric mask with values other than 0 and 1"
+            value = value.bool().reshape(shape[2:]).expand(Lq, Lk).cpu()
             value = value.logical_not() if ignore else value
             index = value if index is None else index & value
         elif shape[1:3] == (1, 1) and shape[0] in (1, B) and shape[3] == Lk:
@@ -149,7 +218,7 @@ def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor, ignore: bool = Fa
 def key_padding_mask(pads: List[fx.Node], batch: int, keys: int, ignore: bool = False):
     """rf_attention's ``key_padding_mask`` (True = ignore) from padding factors (True = keep, or with
     ``ignore`` True = ignore); traced by ``trace_into``, so ``pads`` are proxies there."""
-    mask = pads[0]
+    mask = pads[0].bool()  # a 0/1 integer mask (additive_mask) as well
     for p in pads[1:]:
         mask = mask | p if ignore else mask & p
     mask = mask.reshape(-1, keys).expand(batch, keys)

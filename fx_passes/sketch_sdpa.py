@@ -28,7 +28,7 @@ from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
 from .attention_sample import of_call
 from .common import Candidate, PassContext, common_prefix, shape_of, trace_into
-from .sdpa_mask import key_padding_mask, padding_and_causal
+from .sdpa_mask import MASKED, additive_mask, key_padding_mask, padding_and_causal
 
 KIND = "attention"
 OP_AFTER = "panther.rf_attention"
@@ -62,8 +62,11 @@ def sdpa_args(args, kwargs) -> tuple:
 
 
 def sample_args(args, kwargs) -> dict:
-    """The ``panther.attention_error`` sample of an SDPA call, from its argument values."""
+    """The ``panther.attention_error`` sample of an SDPA call, from its argument values (a float mask as the
+    keys it keeps: where it does not add at most ``MASKED``)."""
     q, k, v, attn_mask, _, is_causal, scale, enable_gqa = sdpa_args(args, kwargs)
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
+        attn_mask = attn_mask > MASKED
     return sample(q, k, v, attn_mask, is_causal, scale, enable_gqa)
 
 
@@ -75,14 +78,23 @@ def sampler(node):
 def match(node, ctx: PassContext):
     if not is_attention(node):
         return None
-    return candidate(node, ctx, "scaled_dot_product_attention", *sdpa_args(node.args, node.kwargs))
+    q, k, v, attn_mask, *rest = sdpa_args(node.args, node.kwargs)
+    value = attn_mask.meta.get("example_value") if isinstance(attn_mask, torch.fx.Node) else None
+    if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        return candidate(node, ctx, "scaled_dot_product_attention", q, k, v, attn_mask, *rest)
+    # a float mask, which SDPA adds to the scores, as the 0/1 mask it applies, or why it is not one
+    read = additive_mask(attn_mask, ctx.buffer_value)
+    mask, ignores = (None, False) if isinstance(read, str) else read
+    return candidate(node, ctx, "scaled_dot_product_attention", q, k, v, mask, *rest, mask_ignores=ignores,
+                     unsupported=read if isinstance(read, str) else None)
 
 
 def candidate(node, ctx: PassContext, op_before: str, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
               *, mask_ignores: bool = False, unsupported: Optional[str] = None) -> Candidate:
     """The candidate of an attention call with SDPA's arguments (nodes or constants) that ``rewrite`` turns
     into ``panther::rf_attention``: its LayerInfo, and what stops the rewrite (``unsupported`` first, from the
-    caller's own pattern). ``attn_mask`` is boolean, True = attend (``mask_ignores``: True = ignore)."""
+    caller's own pattern). ``attn_mask`` is boolean, True = attend (``mask_ignores``: True = ignore), or 0/1
+    valued (``sdpa_mask.additive_mask``)."""
     shapes = {r: shape_of(t.meta.get("example_value")) if isinstance(t, torch.fx.Node) else None
               for r, t in (("query", q), ("key", k), ("value", v))}
     qv = q.meta.get("example_value") if isinstance(q, torch.fx.Node) else None
@@ -101,7 +113,7 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, attn_mask, dropou
                   for r in ("query", "key", "value"))
     ok4 = ndim == 4
     causal = is_causal is True
-    # a boolean mask that is key padding and/or the causal triangle: (padding nodes, causal), else a reason
+    # a mask that is key padding and/or the causal triangle: (padding nodes, causal), else a reason
     masking = padding_and_causal(attn_mask, qv, k.meta.get("example_value"), mask_ignores, ctx.buffer_value) \
         if ok4 and attn_mask is not None else ([], causal)
     extra = {"head_dim": qs[-1] if qs else 1, "projections": proj_names,

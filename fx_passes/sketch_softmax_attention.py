@@ -24,7 +24,7 @@ import builtins
 import dataclasses
 import operator
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,21 +35,18 @@ from panther.policy import SketchSpec
 
 from . import sketch_sdpa
 from .common import MATMUL_FUNCTIONS, MATMUL_METHODS, PassContext, is_call, trace_into
-from .sdpa_mask import evaluate, reads_no_input
+from .sdpa_mask import CASTS, MASKED, additive_mask, constant_value, is_masked
 
 KIND = sketch_sdpa.KIND
 OP_BEFORE = "softmax(q @ k^T) @ v"
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 _DROPOUT = {F.dropout, torch.dropout}
-_CASTS = {"to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous"}
 #: how far back from the softmax an unfollowed step (Gemma 2's tanh soft-capping, Swin's reshapes around
 #: its window mask) may be from ``q @ kᵀ`` for the pattern to count as attention, left alone with the reason
 _UNFOLLOWED_DEPTH = 8
 _MUL = {operator.mul, torch.mul}
 _DIV = {operator.truediv, torch.div}
 _ADD = {operator.add, torch.add}
-#: an additive mask value or fill at most this is "never attend" (finfo.min, -1e9, -inf; -1e4 in fp16 code)
-_MASKED = -1e4
 
 
 @dataclass
@@ -98,20 +95,6 @@ def _untransposed(n) -> Optional[fx.Node]:
     return None
 
 
-def _constant_value(n) -> Optional[torch.Tensor]:
-    """The floating value of a number, or of a node that reads no input, computed now; else None."""
-    if isinstance(n, (int, float)) and not isinstance(n, bool):
-        return torch.tensor(float(n))
-    value = evaluate(n) if isinstance(n, fx.Node) and reads_no_input(n) else None
-    return value if value is not None and value.is_floating_point() else None
-
-
-def _constant(n, test) -> bool:
-    """Whether ``n`` is a constant (:func:`_constant_value`) for which ``test`` holds everywhere."""
-    value = _constant_value(n)
-    return value is not None and bool(test(value).all())
-
-
 def _einsum_operands(n, contracts_last: bool):
     """``(a, b)`` when ``n`` is ``einsum`` of two operands that share their batch letters and contract
     ``a``'s last letter with ``b``'s last (``"...id,...jd->...ij"``, ``contracts_last``) or second last
@@ -144,7 +127,7 @@ def _factor(n):
     ``torch.full([], √d)``), evaluated now, or a scalar node of the graph (a ``SymFloat``), kept; else None."""
     if isinstance(n, fx.Node) and isinstance(n.meta.get("example_value"), (torch.SymInt, torch.SymFloat, int, float)):
         return n
-    value = _constant_value(n)
+    value = constant_value(n)
     return float(value) if value is not None and value.numel() == 1 else None
 
 
@@ -164,41 +147,13 @@ def scale_of(number: float, powers: tuple, *scalars):
     return number
 
 
-def _is_zero(n) -> bool:
-    return _constant(n, lambda t: t == 0)
-
-
-def _is_masked(n) -> bool:
-    return _constant(n, lambda t: t <= _MASKED)
-
-
-def _additive_mask(term) -> Union[tuple, str]:
-    """``(boolean mask, ignores)`` of an additive mask ``where(keep, 0, -inf)`` / ``where(ignore, -inf, 0)``,
-    looking through casts, ``expand`` and slices that keep its shape; else the reason it cannot be read."""
-    while is_call(term, (operator.getitem,), {"expand", "expand_as"} | _CASTS):
-        v, inner = term.meta.get("example_value"), term.args[0]
-        iv = inner.meta.get("example_value") if isinstance(inner, fx.Node) else None
-        if term.target is operator.getitem and not (isinstance(v, torch.Tensor) and isinstance(iv, torch.Tensor)
-                                                     and v.shape == iv.shape):
-            break  # a slice that cuts the mask
-        term = inner
-    if is_call(term, (torch.where,)) and len(term.args) == 3:
-        cond, a, b = term.args
-        if _is_zero(a) and _is_masked(b):
-            return cond, False
-        if _is_masked(a) and _is_zero(b):
-            return cond, True
-    return "a float term is added to the scores (a position bias such as Swin's or ALiBi, or a mask not written " \
-           "as where(mask, 0, -inf)): random-feature attention supports only causal / key padding masks"
-
-
 def _scores(s, found: WrittenAttention) -> bool:
     """Read ``s = q @ kᵀ`` with constant factors and one mask into ``found``; False if it is not that."""
     while True:
         if not isinstance(s, fx.Node):
             return False
         found.chain.append(s)
-        if is_call(s, (), _CASTS):
+        if is_call(s, (), CASTS):
             s = s.args[0]
         elif is_call(s, _MUL, ("mul",)) and len(s.args) == 2:
             a, b = s.args
@@ -211,18 +166,18 @@ def _scores(s, found: WrittenAttention) -> bool:
             for scores, term in (s.args, s.args[::-1]):
                 trial = dataclasses.replace(found, chain=list(found.chain), masks=list(found.masks))
                 if _scores(scores, trial):
-                    trial.masks.append(_additive_mask(term))
+                    trial.masks.append(additive_mask(term))
                     found.__dict__.update(trial.__dict__)
                     return True
             return False
         elif is_call(s, (torch.masked_fill,), ("masked_fill",)):
             cond, fill = _arg(s, 1, "mask"), _arg(s, 2, "value")
             s = _arg(s, 0, "input")
-            found.masks.append((cond, True) if _is_masked(fill) else
-                               f"masked_fill with {fill!r}: only fills of -inf (at most {_MASKED:g}) mask keys")
-        elif is_call(s, (torch.where,)) and len(s.args) == 3 and (_is_masked(s.args[1]) or _is_masked(s.args[2])):
+            found.masks.append((cond, True) if is_masked(fill) else
+                               f"masked_fill with {fill!r}: only fills of -inf (at most {MASKED:g}) mask keys")
+        elif is_call(s, (torch.where,)) and len(s.args) == 3 and (is_masked(s.args[1]) or is_masked(s.args[2])):
             cond, a, b = s.args  # where(keep, s, -inf) / where(ignore, -inf, s)
-            ignores = _is_masked(a)
+            ignores = is_masked(a)
             s = b if ignores else a
             found.masks.append((cond, ignores))
         elif _product(s, with_transposed=True):
@@ -256,7 +211,7 @@ def parse(node) -> Optional[WrittenAttention]:
         return None
     p, v = _product(node, with_transposed=False)
     chain, dropout_p = [], 0.0
-    while is_call(p, _DROPOUT, _CASTS):
+    while is_call(p, _DROPOUT, CASTS):
         chain.append(p)
         if p.target in _DROPOUT:
             rate, training = _arg(p, 1, "p", 0.5), _arg(p, 2, "training" if p.target is F.dropout else "train", True)
@@ -303,8 +258,8 @@ def sampler(node):
 
     def take(values):
         keep = values.get(mask)
-        if keep is not None and ignores:
-            keep = keep.logical_not()
+        if keep is not None:  # boolean, or 0/1 integers (sdpa_mask.additive_mask)
+            keep = keep.logical_not() if ignores else keep.bool()
         scale = scale_of(w.scale, tuple(p for _, p in w.symbolic), *(float(values[n]) for n in scalars))
         return sample(values[w.q], values[w.k], values[w.v], keep, False, scale, False)
 

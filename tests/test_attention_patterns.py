@@ -55,6 +55,16 @@ class Written(nn.Module):
             keep = ~pad[:, None, None, :] & torch.ones(L, L, dtype=torch.bool).tril()
             mask = torch.where(keep, torch.zeros(()), torch.finfo(q.dtype).min)
             return F.softmax(mask + q @ k.transpose(-1, -2) * 0.25, dim=-1) @ v
+        if self.style == "legacy_additive":  # BERT before masking_utils, LayoutLM: (1 - attention_mask) * min
+            attention_mask = (~pad).long()[:, None, None, :]
+            s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
+            s = s + (1.0 - attention_mask.to(q.dtype)) * torch.finfo(q.dtype).min
+            return nn.functional.softmax(s, dim=-1) @ v
+        if self.style == "ignore_additive":  # True = pad, times a large negative number
+            return (q @ k.mT * d ** -0.5 + pad[:, None, None, :].float() * -1e9).softmax(-1) @ v
+        if self.style == "sdpa_additive":  # the same float mask given to SDPA, which adds it
+            extended = (1.0 - (~pad).long()[:, None, None, :].float()) * torch.finfo(q.dtype).min
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=extended)
         raise AssertionError(self.style)
 
 
@@ -67,7 +77,9 @@ def qkv():
 # style: (scale rf_attention gets, causal, key padding)
 STYLES = {"timm": (None, False, False), "method": (None, False, False), "causal_fill": (8 ** -0.5, True, False),
           "buffer_fill": (8 ** -0.5, True, False), "einsum": (8 ** -0.5, True, False),
-          "padding_fill": (8 ** -0.5, False, True), "additive": (0.25, True, True)}
+          "padding_fill": (8 ** -0.5, False, True), "additive": (0.25, True, True),
+          "legacy_additive": (8 ** -0.5, False, True), "ignore_additive": (8 ** -0.5, False, True),
+          "sdpa_additive": (8 ** -0.5, False, True)}
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -80,7 +92,8 @@ def test_written_out_attention_is_rf_attention(style, qkv):
         dense = model(q, k, v, pad)
     (row,) = reports[0].rows
     assert row.replaced, row.reason
-    assert (row.kind, row.op_before, row.op_after) == ("attention", "softmax(q @ k^T) @ v", "panther.rf_attention")
+    op_before = "scaled_dot_product_attention" if style.startswith("sdpa") else "softmax(q @ k^T) @ v"
+    assert (row.kind, row.op_before, row.op_after) == ("attention", op_before, "panther.rf_attention")
     assert row.est_error is not None and 0 < row.est_error < 1  # measured on the example
     assert "m=16, softmax; output err" in str(reports[0])
     scale, causal, padded = STYLES[style]
@@ -124,6 +137,10 @@ class Unreadable(nn.Module):
             return (s + extra).softmax(-1) @ v
         if self.case == "softcap":  # Gemma 2
             return (torch.tanh(s / 50.0) * 50.0).softmax(-1) @ v
+        if self.case == "float_keep":  # (1 - keep) * min with a float input keep: it might not be 0 or 1
+            return (s + (1.0 - extra) * -1e9).softmax(-1) @ v
+        if self.case == "half_keep":  # ... and a constant keep that is not
+            return (s + (1.0 - torch.full((9,), 0.5)) * -1e9).softmax(-1) @ v
         if self.case == "reshaped":  # Swin's shifted windows: a view to add a per-window mask, and back
             return (s.view(2, 1, 3, 9, 9) + extra.view(2, 1, 3, 9, 9)).view(2, 3, 9, 9).softmax(-1) @ v
         if self.case == "tensor_scale":
@@ -143,6 +160,8 @@ class Unreadable(nn.Module):
     ("dropout", "dropout_p=0.1"),
     ("bias", "a float term is added to the scores"),
     ("reshaped", "the scores pass through view before the softmax"),
+    ("float_keep", "a float term is added to the scores"),
+    ("half_keep", "values other than 0 and 1"),
     ("tensor_scale", "scaled by a tensor"),
     ("softcap", "pass through tanh"),
     ("window", "neither causal nor key padding"),
@@ -232,9 +251,10 @@ def compiled_twins(arch, impls, length, layers=2, padded=slice(0, 4)):
     for impl in impls:
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            if arch == "bert":
-                model = tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                                                   intermediate_size=64, vocab_size=64, attn_implementation=impl))
+            if arch in ("bert", "layoutlm"):  # LayoutLM still masks with (1 - attention_mask) * min
+                config, cls = (tf.BertConfig, tf.BertModel) if arch == "bert" else (tf.LayoutLMConfig, tf.LayoutLMModel)
+                model = cls(config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                                   intermediate_size=64, vocab_size=64, attn_implementation=impl))
             else:
                 model = tf.LlamaForCausalLM(tf.LlamaConfig(
                     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
@@ -245,11 +265,11 @@ def compiled_twins(arch, impls, length, layers=2, padded=slice(0, 4)):
             out = compiled(ids, attention_mask=mask)
         rows = [(r.name, r.replaced, r.flops_before, r.flops_after, pytest.approx(r.est_error, rel=1e-4))
                 for rep in reports for r in rep.rows if r.kind == "attention"]
-        runs[impl] = (out.last_hidden_state if arch == "bert" else out.logits, rows)
+        runs[impl] = (out.logits if arch == "llama" else out.last_hidden_state, rows)
     return runs
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("arch", ["bert", "llama", "layoutlm"])
 def test_hf_eager_attention_is_rewritten_as_its_sdpa_twin(arch):
     """``attn_implementation="eager"`` and ``"sdpa"`` compile to the same random-feature model: same rows,
     same measured errors, same output (a padded batch; Llama's GQA repeats its key/value heads)."""
@@ -291,7 +311,8 @@ def _written(product, scale, mask, cast, escape):
         if scale == "q":
             q = q * 0.5
         s = {"transpose": lambda: q @ k.transpose(-2, -1), "mT": lambda: torch.matmul(q, k.mT),
-             "einsum": lambda: torch.einsum("bhid,bhjd->bhij", q, k)}[product]()
+             "einsum": lambda: torch.einsum("bhid,bhjd->bhij", q, k), "method": lambda: q.matmul(k.transpose(2, 3))
+             }[product]()
         if scale in ("mul", "div", "tensor"):
             s = {"mul": lambda: s * 0.5, "div": lambda: s / 3.0, "tensor": lambda: s * t}[scale]()
         causal = torch.ones(L, L, dtype=torch.bool).tril()
@@ -302,6 +323,8 @@ def _written(product, scale, mask, cast, escape):
             s = s.masked_fill(pad[:, None, None, :], -1e9)
         elif mask == "hf_add":
             s = s + torch.where(~pad[:, None, None, :] & causal, torch.zeros(()), torch.finfo(s.dtype).min)
+        elif mask == "legacy_add":
+            s = s + (1.0 - (~pad).long()[:, None, None, :].to(s.dtype)) * torch.finfo(s.dtype).min
         elif mask == "where_keep":
             s = torch.where(causal, s, float("-inf"))
         elif mask == "window":
@@ -309,15 +332,17 @@ def _written(product, scale, mask, cast, escape):
         elif mask == "bias":
             s = s + (i[None, :] - i[:, None]).float() * 0.1
         p = s.float().softmax(-1).to(q.dtype) if cast else F.softmax(s, dim=-1)
-        out = p @ v if product != "einsum" else torch.einsum("bhij,bhjd->bhid", p, v)
+        out = {"einsum": lambda: torch.einsum("bhij,bhjd->bhid", p, v), "method": lambda: p.matmul(v)}.get(
+            product, lambda: p @ v)()
         return (out, p) if escape else out
     return fn
 
 
 @settings(max_examples=30, deadline=None)
-@given(product=st.sampled_from(["transpose", "mT", "einsum"]),
+@given(product=st.sampled_from(["transpose", "mT", "einsum", "method"]),
        scale=st.sampled_from(["none", "q", "mul", "div", "tensor"]),
-       mask=st.sampled_from(["none", "causal_fill", "padding_fill", "hf_add", "where_keep", "window", "bias"]),
+       mask=st.sampled_from(["none", "causal_fill", "padding_fill", "hf_add", "legacy_add", "where_keep", "window",
+                             "bias"]),
        cast=st.booleans(), escape=st.booleans())
 def test_written_out_attention_is_rf_attention_or_left_exactly_alone(product, scale, mask, cast, escape):
     """Any combination of the pieces: rewritten, and then exactly the random-feature attention of what it
@@ -340,7 +365,7 @@ def test_written_out_attention_is_rf_attention_or_left_exactly_alone(product, sc
         return
     factor = {"none": 1.0, "q": 1.0, "mul": 0.5, "div": 1 / 3.0}[scale]
     causal = mask in ("causal_fill", "hf_add", "where_keep")
-    kpm = pad if mask in ("padding_fill", "hf_add") else None
+    kpm = pad if mask in ("padding_fill", "hf_add", "legacy_add") else None
     expect = torch.ops.panther.rf_attention(q * 0.5 if scale == "q" else q, k, v, features(SPEC, row.name),
                                             "softmax", causal, factor, kpm)
     torch.testing.assert_close(y, expect)

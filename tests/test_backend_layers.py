@@ -258,7 +258,7 @@ def test_masks_random_features_cannot_apply_are_left_alone(masked_inputs):
         (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
          (q, k, v, torch.rand(2, 1, 9, 9, generator=torch.Generator().manual_seed(1)) > 0.3), "varies per query"),
         (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), (q, k, v, torch.zeros(2, 1, 9, 9)),
-         "not boolean"),
+         "a float term is added to the scores"),
     ]
     for fn, args, reason in cases:
         compiled, reports = compile_panther(fn, policy=policy)
