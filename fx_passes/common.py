@@ -30,7 +30,10 @@ from panther.report import ReportRow
 
 __all__ = ["PassContext", "Candidate", "FactorCache", "factor_cache", "concrete", "shape_of"]
 
-_ACCESS = re.compile(r"""\._(?:modules|parameters|buffers)\[['"]([^'"]+)['"]\]|\.(\w+)|\[(\d+)\]""")
+# ``._modules['x']``; ``.__dict__['_modules']['x']`` (modules whose class defines ``__getattr__``, as diffusers'
+# do) and ``.__dict__['x']``; ``.x``; ``[0]`` and ``['x']`` (ModuleList / ModuleDict items)
+_ACCESS = re.compile(r"""(?:\.__dict__\[['"])?\.?_(?:modules|parameters|buffers)(?:['"]\])?\[['"]([^'"]+)['"]\]"""
+                     r"""|\.__dict__\[['"]([^'"]+)['"]\]|\.(\w+)|\[(\d+)\]|\[['"]([^'"]+)['"]\]""")
 # a module passed through a wrapper's ``*args`` (Hugging Face's forward decorators) is ``L['args'][0]``
 _ROOT = re.compile(r"""^(?:[LG]\[['"]args['"]\]\[\d+\]|[LG]\[['"][^'"]+['"]\]|[A-Za-z_]\w*)""")
 

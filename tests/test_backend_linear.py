@@ -235,6 +235,28 @@ def test_matmul_spelling(spelling):
         assert rel(y, m(x)) <= 1e-5  # full rank for both
 
 
+def test_layer_names_of_a_model_whose_class_defines_getattr():
+    """diffusers' ModelMixin defines ``__getattr__``; Dynamo then reads its submodules as
+    ``L['self'].__dict__['_modules']['down']``: the names are still the module paths, distinct per layer."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = nn.ModuleList([nn.Linear(16, 16)])
+            self.up = nn.ModuleDict({"last": nn.Linear(16, 16)})
+
+        def __getattr__(self, name):
+            return super().__getattr__(name)
+
+        def forward(self, x):
+            return self.up["last"](self.down[0](x))
+
+    compiled, reports = compile_panther(Model(), policy={"down.*": SketchSpec(low_rank=4),
+                                                         "up.last": SketchSpec(low_rank=4)})
+    with torch.no_grad():
+        compiled(torch.randn(3, 16))
+    assert [(r.name, r.replaced) for r in reports[0].rows] == [("down.0", True), ("up.last", True)]
+
+
 def test_a_weight_computed_in_the_graph_is_left_with_its_sources():
     """A parametrized weight (weight_norm) and one computed from two parameters stay dense; the reason names
     what they are computed from."""
