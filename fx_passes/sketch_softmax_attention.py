@@ -2,6 +2,7 @@
 
 Pattern (Dynamo torch IR), read backwards from the product with the values:
     s = matmul(q, k.transpose(-2, -1))          # or q.matmul(...), q @ ...; transpose(2, 3), k.mT;
+                                                # baddbmm(x, q, kᵀ, beta=0, alpha=c) (diffusers);
                                                 # einsum("bhid,bhjd->bhij", q, k)
     s = s * c, s / c                            # scalar factors: SDPA's ``scale`` is their product
     s = s + where(keep, 0, -inf)                # Hugging Face's eager mask (or where(ignore, -inf, 0)), or
@@ -180,6 +181,14 @@ def _scores(s, found: WrittenAttention) -> bool:
             ignores = is_masked(a)
             s = b if ignores else a
             found.masks.append((cond, ignores))
+        elif is_call(s, (torch.baddbmm,), ("baddbmm",)) and len(s.args) == 3:
+            # beta·input + alpha·(q @ kᵀ): diffusers' classic processor, with beta 0 (input unread) or a mask
+            beta, alpha = s.kwargs.get("beta", 1), s.kwargs.get("alpha", 1)
+            _scale_by(found, _factor(alpha), 1)
+            if beta != 0:
+                found.masks.append(additive_mask(s.args[0]) if beta == 1 else f"baddbmm with beta={beta!r}")
+            found.q, found.k, found.kt = s.args[1], _untransposed(s.args[2]), s.args[2]
+            return found.k is not None and isinstance(found.q, fx.Node)
         elif _product(s, with_transposed=True):
             found.q, found.k = _product(s, with_transposed=True)
             if found.k is None or not isinstance(found.q, fx.Node):

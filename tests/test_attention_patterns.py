@@ -183,16 +183,23 @@ def test_written_out_attention_left_alone_with_the_reason(case, reason, qkv):
     torch.testing.assert_close(y, ref)
 
 
-@pytest.mark.parametrize("layout", ["bmm", "sdpa_3d", "sdpa_5d"])
+def _classic_diffusers(q, k, v):
+    """diffusers' AttnProcessor: scores by baddbmm, whose input beta=0 leaves unread."""
+    scores = torch.baddbmm(torch.empty(q.shape[0], q.shape[1], k.shape[1]), q, k.transpose(-1, -2), beta=0, alpha=0.3)
+    return torch.bmm(scores.softmax(dim=-1), v)
+
+
+@pytest.mark.parametrize("layout", ["bmm", "baddbmm", "sdpa_3d", "sdpa_5d"])
 def test_attention_of_other_ranks_is_folded_to_four_dimensions(layout, qkv):
-    """fairseq's (B·H, L, d) products, single-head (B, L, d) SDPA and Twins' (B, groups, H, L, d) SDPA: the same
-    rf_attention on (B, H, L, d), unfolded after."""
+    """fairseq's (B·H, L, d) products, diffusers' classic processor, single-head (B, L, d) SDPA and Twins'
+    (B, groups, H, L, d) SDPA: the same rf_attention on (B, H, L, d), unfolded after."""
     q, k, v, _ = qkv
-    if layout == "bmm":
-        fn = lambda q, k, v: torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v)  # noqa: E731
+    if layout in ("bmm", "baddbmm"):
+        fn = (lambda q, k, v: torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v)) if layout == "bmm" \
+            else _classic_diffusers
         args = [t.flatten(0, 1) for t in (q, k, v)]
         folded = [t.unsqueeze(1) for t in args]
-        scale = 1.0
+        scale = 1.0 if layout == "bmm" else 0.3
     else:
         fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
         args = [t.flatten(0, 1) for t in (q, k, v)] if layout == "sdpa_3d" else [t.view(2, 3, 1, 9, 8) for t in (q, k, v)]
@@ -203,8 +210,9 @@ def test_attention_of_other_ranks_is_folded_to_four_dimensions(layout, qkv):
         y = compiled(*args)
     (row,) = reports[0].rows
     assert row.replaced and row.est_error is not None, row.reason
-    assert row.flops_before == 2 * 2 * 3 * 9 * 9 * 8 * 2 / (2 if layout != "bmm" else 1)
-    ref = torch.ops.panther.rf_attention(*folded, features(SPEC, row.name), "softmax", layout != "bmm", scale, None)
+    causal = layout.startswith("sdpa")
+    assert row.flops_before == 2 * 2 * 3 * 9 * 9 * 8 * 2 / (2 if causal else 1)
+    ref = torch.ops.panther.rf_attention(*folded, features(SPEC, row.name), "softmax", causal, scale, None)
     torch.testing.assert_close(y, ref.view_as(args[0]))
 
 
