@@ -498,8 +498,17 @@ class PassContext:
         The same tensor object (a module called twice shares its cached factors) is registered once."""
         known = self._registered.get(id(tensor))
         if known is not None and known[0] is tensor:
-            with self.graph.inserting_before(before):
-                return self.graph.get_attr(known[1])
+            name = known[1]
+        else:
+            name = self._register(base, tensor)
+        with self.graph.inserting_before(before):
+            node = self.graph.get_attr(name)
+        fake = self._fake(tensor)
+        if fake is not None:
+            node.meta["example_value"] = fake
+        return node
+
+    def _register(self, base: str, tensor: torch.Tensor) -> str:
         stem = "_panther_" + re.sub(r"\W", "_", base).strip("_")
         name, i = stem, 0
         while name in self._used_names or hasattr(self.gm, name):
@@ -513,12 +522,7 @@ class PassContext:
             from torch._dynamo.source import ConstantSource
 
             sources[name] = ConstantSource(name)
-        with self.graph.inserting_before(before):
-            node = self.graph.get_attr(name)
-        fake = self._fake(tensor)
-        if fake is not None:
-            node.meta["example_value"] = fake
-        return node
+        return name
 
     def _fake(self, tensor):
         """A FakeTensor of ``tensor`` in the graph's fake mode (meta must never hold real tensors)."""

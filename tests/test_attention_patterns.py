@@ -513,3 +513,25 @@ def test_a_linear_style_spec_on_attention_reports_the_features_it_used(qkv):
     (row,) = reports[0].rows
     assert row.replaced and row.spec.num_random_features == 4 * q.shape[-1]
     assert f"m={4 * q.shape[-1]}, softmax; output err" in str(reports[0]) and "None" not in str(reports[0])
+
+
+def test_an_attention_layer_called_twice_shares_its_features(qkv):
+    """ALBERT applies one layer again and again: both calls get the layer's one draw of random features (one
+    buffer in the graph), and the second rewrite must still know that buffer's shape."""
+    q, k, v, _ = qkv
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Written("timm")
+
+        def forward(self, q, k, v, pad):
+            return self.attn(self.attn(q, k, v, pad), k, v, pad)
+
+    compiled, reports = compile_panther(Shared().eval(), policy={"attention": SPEC})
+    with torch.no_grad():
+        y = compiled(q, k, v, None)
+    assert [(r.name, r.replaced) for r in reports[0].rows] == [("attn", True), ("attn#1", True)]
+    P = features(SPEC, "attn")
+    once = torch.ops.panther.rf_attention(q * 8 ** -0.5, k, v, P, "softmax", False, 1.0, None)
+    torch.testing.assert_close(y, torch.ops.panther.rf_attention(once * 8 ** -0.5, k, v, P, "softmax", False, 1.0, None))
