@@ -131,6 +131,11 @@ def _constant(n, test) -> bool:
     return value is not None and bool(test(value).all())
 
 
+def is_zero(n) -> bool:
+    """Whether ``n`` is a constant that is 0 everywhere (T5's position bias of a layer without one)."""
+    return _constant(n, lambda t: t == 0)
+
+
 def is_masked(n) -> bool:
     """Whether ``n`` is a constant that masks where it is added: at most :data:`MASKED` everywhere."""
     return _constant(n, lambda t: t <= MASKED)
@@ -158,9 +163,9 @@ def additive_mask(term, state: State = None) -> Union[Tuple[fx.Node, bool], str]
         term = inner
     if is_call(term, (torch.where,)) and len(term.args) == 3:
         cond, a, b = term.args
-        if _constant(a, lambda t: t == 0) and is_masked(b):
+        if is_zero(a) and is_masked(b):
             return cond, False
-        if is_masked(a) and _constant(b, lambda t: t == 0):
+        if is_masked(a) and is_zero(b):
             return cond, True
     if is_call(term, (operator.mul, torch.mul), ("mul",)) and len(term.args) == 2:
         a, b = term.args

@@ -36,7 +36,7 @@ from panther.policy import SketchSpec
 
 from . import sketch_sdpa
 from .common import MATMUL_FUNCTIONS, MATMUL_METHODS, PassContext, is_call, trace_into
-from .sdpa_mask import CASTS, MASKED, additive_mask, constant_value, is_masked
+from .sdpa_mask import CASTS, MASKED, additive_mask, constant_value, is_masked, is_zero
 
 KIND = sketch_sdpa.KIND
 OP_BEFORE = "softmax(q @ k^T) @ v"
@@ -163,6 +163,8 @@ def _scores(s, found: WrittenAttention) -> bool:
         elif is_call(s, _DIV, ("div",)) and len(s.args) == 2 and not s.kwargs:
             s, c = s.args
             _scale_by(found, _factor(c), -1)
+        elif is_call(s, _ADD, ("add",)) and len(s.args) == 2 and not s.kwargs and any(map(is_zero, s.args)):
+            s = s.args[1] if is_zero(s.args[0]) else s.args[0]  # T5 adds a zero position bias where it has none
         elif is_call(s, _ADD, ("add",)) and len(s.args) == 2 and not s.kwargs:
             for scores, term in (s.args, s.args[::-1]):
                 trial = dataclasses.replace(found, chain=list(found.chain), masks=list(found.masks))

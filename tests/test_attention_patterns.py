@@ -259,7 +259,10 @@ def compiled_twins(arch, impls, length, layers=2, padded=slice(0, 4)):
     for impl in impls:
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            if arch in ("bert", "layoutlm"):  # LayoutLM still masks with (1 - attention_mask) * min
+            if arch == "t5":  # position biases stay exact; cross attention adds a zero one and the mask
+                model = tf.T5Model(tf.T5Config(d_model=32, d_kv=8, num_layers=layers, num_heads=4, d_ff=64,
+                                               vocab_size=64, attn_implementation=impl))
+            elif arch in ("bert", "layoutlm"):  # LayoutLM still masks with (1 - attention_mask) * min
                 config, cls = (tf.BertConfig, tf.BertModel) if arch == "bert" else (tf.LayoutLMConfig, tf.LayoutLMModel)
                 model = cls(config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                                    intermediate_size=64, vocab_size=64, attn_implementation=impl))
@@ -270,20 +273,22 @@ def compiled_twins(arch, impls, length, layers=2, padded=slice(0, 4)):
         compiled, reports = compile_panther(model.eval(), policy={"attention": SketchSpec(num_random_features=64,
                                                                                           seed=0)})
         with torch.no_grad():
-            out = compiled(ids, attention_mask=mask)
-        rows = [(r.name, r.replaced, r.flops_before, r.flops_after, pytest.approx(r.est_error, rel=1e-4))
+            out = compiled(ids, attention_mask=mask, **({"decoder_input_ids": ids} if arch == "t5" else {}))
+        rows = [(r.name, r.replaced, r.flops_before, r.flops_after,
+                 None if r.est_error is None else pytest.approx(r.est_error, rel=1e-4))
                 for rep in reports for r in rep.rows if r.kind == "attention"]
         runs[impl] = (out.logits if arch == "llama" else out.last_hidden_state, rows)
     return runs
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama", "layoutlm"])
+@pytest.mark.parametrize("arch", ["bert", "llama", "layoutlm", "t5"])
 def test_hf_eager_attention_is_rewritten_as_its_sdpa_twin(arch):
     """``attn_implementation="eager"`` and ``"sdpa"`` compile to the same random-feature model: same rows,
-    same measured errors, same output (a padded batch; Llama's GQA repeats its key/value heads)."""
+    same measured errors, same output (a padded batch; Llama's GQA repeats its key/value heads; T5's
+    self-attention has position biases, its two cross attentions are rewritten)."""
     runs = compiled_twins(arch, ("eager", "sdpa"), length=12)
     (y_eager, rows_eager), (y_sdpa, rows_sdpa) = runs["eager"], runs["sdpa"]
-    assert len(rows_eager) == 2 and all(r[1] for r in rows_eager), rows_eager
+    assert len(rows_eager) == (6 if arch == "t5" else 2) and sum(r[1] for r in rows_eager) == 2, rows_eager
     assert rows_eager == rows_sdpa
     torch.testing.assert_close(y_eager, y_sdpa, rtol=1e-4, atol=1e-5)
 
