@@ -148,7 +148,7 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, attn_mask, dropou
         cand.unsupported = f"dropout_p={dropout_p!r}: random-feature attention has no attention dropout"
     elif enable_gqa not in (False, True):
         cand.unsupported = "enable_gqa is not a constant"
-    elif (qs[1] % ks[1] if enable_gqa else qs[1] != ks[1]) or ks[:3] != vs[:3] or \
+    elif (qs[1] % ks[1] if enable_gqa or ks[1] == 1 else qs[1] != ks[1]) or ks[:3] != vs[:3] or \
             shapes["query"][:-3] != shapes["key"][:-3]:
         cand.unsupported = "query/key/value batch or head counts differ"
     elif not isinstance(is_causal, bool):
@@ -157,7 +157,7 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, attn_mask, dropou
         cand.unsupported = "causal attention with different query and key lengths"
     elif not hasattr(torch.ops.panther, "rf_attention"):
         cand.unsupported = "panther::rf_attention is not available in this build"
-    elif enable_gqa:
+    elif qs[1] != ks[1]:  # grouped-query heads, or one key/value head that broadcasts (Falcon's multi-query)
         cand.data["groups"] = qs[1] // ks[1]
     return cand
 

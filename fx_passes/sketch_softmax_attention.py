@@ -45,9 +45,10 @@ _DROPOUT = {F.dropout, torch.dropout}
 #: how far back from the softmax an unfollowed step (Gemma 2's tanh soft-capping, Swin's reshapes around
 #: its window mask) may be from ``q @ kᵀ`` for the pattern to count as attention, left alone with the reason
 _UNFOLLOWED_DEPTH = 8
-_MUL = {operator.mul, torch.mul}
-_DIV = {operator.truediv, torch.div}
-_ADD = {operator.add, torch.add}
+# in place too: Falcon's eager attention divides its scores with ``/=``
+_MUL = {operator.mul, torch.mul, operator.imul}
+_DIV = {operator.truediv, torch.div, operator.itruediv}
+_ADD = {operator.add, torch.add, operator.iadd}
 
 
 @dataclass

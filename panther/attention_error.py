@@ -45,7 +45,7 @@ def sample(q, k, v, attn_mask, is_causal, scale, enable_gqa) -> Dict:
         q, k, v = (fold_heads(t, t.dim()) for t in (q, k, v))
     B, H, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     heads = sorted({0, H // 2})[:SAMPLE_HEADS]
-    groups = H // k.shape[1] if enable_gqa else 1
+    groups = H // k.shape[1]  # grouped-query heads, or one key/value head that broadcasts
     kv_heads = [h // groups for h in heads]
     nq, nk = min(Lq, SAMPLE_LENGTH), min(Lk, SAMPLE_LENGTH)
     rows = torch.arange(max(0, nq - SAMPLE_QUERIES), nq, device=q.device)

@@ -62,6 +62,11 @@ class Written(nn.Module):
             return nn.functional.softmax(s, dim=-1) @ v
         if self.style == "ignore_additive":  # True = pad, times a large negative number
             return (q @ k.mT * d ** -0.5 + pad[:, None, None, :].float() * -1e9).softmax(-1) @ v
+        if self.style == "inplace":  # Falcon's eager attention: the scale and the mask applied in place
+            s = q @ k.transpose(-1, -2)
+            s /= math.sqrt(d)
+            s += torch.where(pad[:, None, None, :], float("-inf"), 0.0)
+            return torch.softmax(s, -1) @ v
         if self.style == "sdpa_additive":  # the same float mask given to SDPA, which adds it
             extended = (1.0 - (~pad).long()[:, None, None, :].float()) * torch.finfo(q.dtype).min
             return F.scaled_dot_product_attention(q, k, v, attn_mask=extended)
@@ -79,7 +84,7 @@ STYLES = {"timm": (None, False, False), "method": (None, False, False), "causal_
           "buffer_fill": (8 ** -0.5, True, False), "einsum": (8 ** -0.5, True, False),
           "padding_fill": (8 ** -0.5, False, True), "additive": (0.25, True, True),
           "legacy_additive": (8 ** -0.5, False, True), "ignore_additive": (8 ** -0.5, False, True),
-          "sdpa_additive": (8 ** -0.5, False, True)}
+          "inplace": (8 ** -0.5, False, True), "sdpa_additive": (8 ** -0.5, False, True)}
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -540,3 +545,21 @@ def test_an_attention_layer_called_twice_shares_its_features(qkv):
     P = features(SPEC, "attn")
     once = torch.ops.panther.rf_attention(q * 8 ** -0.5, k, v, P, "softmax", False, 1.0, None)
     torch.testing.assert_close(y, torch.ops.panther.rf_attention(once * 8 ** -0.5, k, v, P, "softmax", False, 1.0, None))
+
+
+@pytest.mark.parametrize("form", ["sdpa", "written"])
+def test_one_key_value_head_broadcast_to_the_query_heads(form, qkv):
+    """Multi-query attention (Falcon): one key/value head that SDPA and matmul broadcast to every query head is
+    rf_attention on the repeated head."""
+    q, k, v, _ = qkv
+    k1, v1 = k[:, :1], v[:, :1]
+    fn = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v)) if form == "sdpa" else \
+        (lambda q, k, v: (q @ k.transpose(-1, -2) * 8 ** -0.5).softmax(-1) @ v)
+    compiled, reports = compile_panther(fn, policy={"attention": SPEC})
+    with torch.no_grad():
+        y = compiled(q, k1, v1)
+    (row,) = reports[0].rows
+    assert row.replaced and row.est_error is not None, row.reason
+    ref = torch.ops.panther.rf_attention(q, k1.expand_as(q), v1.expand_as(q), features(SPEC, row.name), "softmax",
+                                         False, 8 ** -0.5, None)
+    torch.testing.assert_close(y, ref)
