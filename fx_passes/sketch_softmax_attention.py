@@ -208,6 +208,22 @@ def _scores(s, found: WrittenAttention) -> bool:
             return False
 
 
+def _unscaled(x: fx.Node, found: WrittenAttention) -> fx.Node:
+    """``x`` without positive constant factors (timm scales its queries before the product), which go into
+    ``found.scale``: random features split the scale evenly between queries and keys, and are more accurate
+    so than on queries that carry all of it. In-place products are kept: they change ``x`` itself."""
+    while found.scale is not None and isinstance(x, fx.Node) and len(x.args) == 2 and not x.kwargs and (
+            is_call(x, {operator.mul, torch.mul, operator.truediv, torch.div}, ("mul", "div"))):
+        divides = x.target in (operator.truediv, torch.div, "div")
+        a, b = x.args
+        inner, c = (b, _factor(a)) if not divides and isinstance(_factor(a), float) else (a, _factor(b))
+        if not (isinstance(c, float) and c > 0 and isinstance(inner, fx.Node)):
+            break
+        found.scale *= 1 / c if divides else c
+        x = inner
+    return x
+
+
 def _towards_product(n: fx.Node, depth: int) -> Optional[fx.Node]:
     """The input of ``n`` through which a product ``q @ kᵀ`` is at most ``depth`` steps back, if any."""
     for a in n.all_input_nodes:
@@ -239,6 +255,7 @@ def parse(node) -> Optional[WrittenAttention]:
     if not _scores(_arg(p, 0, "input"), found):
         return None
     found.chain = [n for n in found.chain if isinstance(n, fx.Node)]
+    found.q, found.k = _unscaled(found.q, found), _unscaled(found.k, found)
     values = [n.meta.get("example_value") for n in (found.q, found.k, found.v, node)]
     unreadable = [m for m in found.masks if isinstance(m, str)]
     if any(len(n.users) > 1 for n in found.chain):

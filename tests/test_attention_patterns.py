@@ -80,7 +80,7 @@ def qkv():
 
 
 # style: (scale rf_attention gets, causal, key padding)
-STYLES = {"timm": (None, False, False), "method": (None, False, False), "causal_fill": (8 ** -0.5, True, False),
+STYLES = {"timm": (8 ** -0.5, False, False), "method": (8 ** -0.5, False, False), "causal_fill": (8 ** -0.5, True, False),
           "buffer_fill": (8 ** -0.5, True, False), "einsum": (8 ** -0.5, True, False),
           "padding_fill": (8 ** -0.5, False, True), "additive": (0.25, True, True),
           "legacy_additive": (8 ** -0.5, False, True), "ignore_additive": (8 ** -0.5, False, True),
@@ -102,9 +102,9 @@ def test_written_out_attention_is_rf_attention(style, qkv):
     assert row.est_error is not None and 0 < row.est_error < 1  # measured on the example
     assert "m=16, softmax; output err" in str(reports[0])
     scale, causal, padded = STYLES[style]
-    q_in = q * 8 ** -0.5 if style in ("timm", "method") else q
-    ref = torch.ops.panther.rf_attention(q_in, k, v, features(SPEC, row.name), "softmax", causal,
-                                         1.0 if scale is None else scale, pad if padded else None)
+    # queries scaled first (timm) are read unscaled, the factor going into the scale
+    ref = torch.ops.panther.rf_attention(q, k, v, features(SPEC, row.name), "softmax", causal, scale,
+                                         pad if padded else None)
     torch.testing.assert_close(y, ref)
     assert ((y - dense).norm() / dense.norm()) > 1e-3  # it is the approximation, not the exact attention
 
@@ -381,11 +381,10 @@ def test_written_out_attention_is_rf_attention_or_left_exactly_alone(product, sc
     if not supported:
         torch.testing.assert_close(y, ref, equal_nan=True)
         return
-    factor = {"none": 1.0, "q": 1.0, "mul": 0.5, "div": 1 / 3.0}[scale]
+    factor = {"none": 1.0, "q": 0.5, "mul": 0.5, "div": 1 / 3.0}[scale]
     causal = mask in ("causal_fill", "hf_add", "where_keep")
     kpm = pad if mask in ("padding_fill", "hf_add", "legacy_add") else None
-    expect = torch.ops.panther.rf_attention(q * 0.5 if scale == "q" else q, k, v, features(SPEC, row.name),
-                                            "softmax", causal, factor, kpm)
+    expect = torch.ops.panther.rf_attention(q, k, v, features(SPEC, row.name), "softmax", causal, factor, kpm)
     torch.testing.assert_close(y, expect)
 
 
@@ -543,8 +542,8 @@ def test_an_attention_layer_called_twice_shares_its_features(qkv):
         y = compiled(q, k, v, None)
     assert [(r.name, r.replaced) for r in reports[0].rows] == [("attn", True), ("attn#1", True)]
     P = features(SPEC, "attn")
-    once = torch.ops.panther.rf_attention(q * 8 ** -0.5, k, v, P, "softmax", False, 1.0, None)
-    torch.testing.assert_close(y, torch.ops.panther.rf_attention(once * 8 ** -0.5, k, v, P, "softmax", False, 1.0, None))
+    once = torch.ops.panther.rf_attention(q, k, v, P, "softmax", False, 8 ** -0.5, None)
+    torch.testing.assert_close(y, torch.ops.panther.rf_attention(once, k, v, P, "softmax", False, 8 ** -0.5, None))
 
 
 @pytest.mark.parametrize("form", ["sdpa", "written"])
