@@ -1,6 +1,7 @@
 """backend="panther" on attention in the forms other than SDPA and nn.MultiheadAttention: written out as
 ``softmax(q @ kᵀ) @ v`` (Hugging Face's eager attention, timm's unfused attention, research code), and
 ``flex_attention``: recognised, rewritten like SDPA, or left alone with the reason."""
+import contextlib
 import math
 
 import pytest
@@ -252,6 +253,18 @@ def test_products_that_are_not_attention_are_not_rows(qkv):
     assert reports[0].rows == []
 
 
+@contextlib.contextmanager
+def _unsupported_implementation_skips():
+    """Skip where this transformers version has no such attention implementation for the model (LayoutLM got
+    SDPA only after 5.17)."""
+    try:
+        yield
+    except ValueError as e:
+        if "does not support an attention implementation" not in str(e):
+            raise
+        pytest.skip(str(e).split(".")[0])
+
+
 def compiled_twins(arch, impls, length, layers=2, padded=slice(0, 4)):
     """A small random Hugging Face ``arch`` model (the same weights) for each ``attn_implementation`` in
     ``impls``, compiled with one seeded attention policy and called on a batch whose second sequence is
@@ -262,7 +275,7 @@ def compiled_twins(arch, impls, length, layers=2, padded=slice(0, 4)):
     mask[1, padded] = 0
     runs = {}
     for impl in impls:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), _unsupported_implementation_skips():
             torch.manual_seed(0)
             if arch == "t5":  # position biases stay exact; cross attention adds a zero one and the mask
                 model = tf.T5Model(tf.T5Config(d_model=32, d_kv=8, num_layers=layers, num_heads=4, d_ff=64,
