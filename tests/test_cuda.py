@@ -198,3 +198,67 @@ def test_backend_routes_to_the_triton_kernels_under_autocast():
     assert outs["inductor"].dtype == outs["aot_eager"].dtype == torch.bfloat16
     ref = outs["aot_eager"].float()
     assert ((outs["inductor"].float() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def _bert_mask(pad, dtype):
+    """BERT's older additive mask, built in the graph from the keys to keep."""
+    return (1.0 - (~pad).long()[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+# name: (attention, its inputs from (q, k, v, pad), the rf_attention it means: (q, k, v, causal, scale, kpm))
+_FORMS = {
+    "sdpa_5d": (lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                lambda q, k, v, pad: [t.view(2, 2, 2, *t.shape[-2:]) for t in (q, k, v)],
+                lambda q, k, v, pad: (q, k, v, False, None, None)),
+    "bmm_3d": (lambda q, k, v: torch.bmm(torch.bmm(q * 0.125, k.transpose(1, 2)).softmax(-1), v),
+               lambda q, k, v, pad: [t.flatten(0, 1) for t in (q, k, v)],
+               lambda q, k, v, pad: (q, k, v, False, 0.125, None)),
+    "baddbmm_3d": (lambda q, k, v: torch.bmm(torch.baddbmm(
+        torch.empty(q.shape[0], q.shape[1], k.shape[1], device=q.device, dtype=q.dtype), q, k.transpose(-1, -2),
+        beta=0, alpha=0.125).softmax(-1), v),
+        lambda q, k, v, pad: [t.flatten(0, 1) for t in (q, k, v)],
+        lambda q, k, v, pad: (q, k, v, False, 0.125, None)),
+    "multi_query_causal": (lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                           lambda q, k, v, pad: [q, k[:, :1], v[:, :1]],
+                           lambda q, k, v, pad: (q, k[:, :1].expand_as(q), v[:, :1].expand_as(q), True, None, None)),
+    "bert_mask_sdpa": (lambda q, k, v, pad: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=_bert_mask(pad, q.dtype)),
+        lambda q, k, v, pad: [q, k, v, pad],
+        lambda q, k, v, pad: (q, k, v, False, None, pad)),
+    "bert_mask_written": (lambda q, k, v, pad: torch.softmax(
+        q.matmul(k.transpose(-1, -2)) / 8.0 + _bert_mask(pad, q.dtype), dim=-1).matmul(v),
+        lambda q, k, v, pad: [q, k, v, pad],
+        lambda q, k, v, pad: (q, k, v, False, 0.125, pad)),
+}
+
+
+@pytest.mark.parametrize("form", _FORMS)
+def test_backend_attention_forms_run_the_triton_kernels(form):
+    """The attention forms the CPU tests read (other ranks folded, multi-query heads, BERT's float mask,
+    baddbmm, method products) compile with Inductor on CUDA to panther's inlined Triton attention, in bf16,
+    within 1% of the C++ op on the same random features."""
+    from torch._inductor.utils import run_and_get_code
+
+    from panther.attention_error import layer_features
+    from panther.backend import panther_backend
+    from panther.policy import SketchSpec
+
+    fn, inputs, meaning = _FORMS[form]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 512, 64, device="cuda", dtype=torch.bfloat16, generator=g) * 0.35 for _ in range(3))
+    pad = torch.zeros(2, 512, dtype=torch.bool, device="cuda")
+    pad[1, 400:] = True
+    spec, reports = SketchSpec(num_random_features=128, seed=1), []
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=panther_backend, options={"policy": {"attention": spec},
+                                                                   "report": reports.append})
+    args = inputs(q, k, v, pad)
+    with torch.no_grad():
+        y, code = run_and_get_code(compiled, *args)
+    (row,) = reports[0].rows
+    assert row.replaced, row.reason
+    assert "torch.ops.panther.rf_attention." not in "\n".join(code)
+    qq, kk, vv, causal, scale, kpm = meaning(q, k, v, pad)
+    P = layer_features(row.name, 128, 64, 1, dtype=torch.bfloat16, device="cuda").float()  # as the backend drew it
+    ref = torch.ops.panther.rf_attention(qq.float(), kk.float(), vv.float(), P, "softmax", causal, scale, kpm)
+    assert ((y.float().reshape(ref.shape) - ref).norm() / ref.norm()).item() < 1e-2
