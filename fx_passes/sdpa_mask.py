@@ -167,9 +167,10 @@ def additive_mask(term, state: State = None) -> Union[Tuple[fx.Node, bool], str]
             return cond, False
         if is_masked(a) and is_zero(b):
             return cond, True
-    if is_call(term, (operator.mul, torch.mul), ("mul",)) and len(term.args) == 2:
-        a, b = term.args
-        m = b if is_masked(a) else a if is_masked(b) else None
+    factor = [a for a in term.args if not is_masked(a)] if is_call(term, (operator.mul, torch.mul), ("mul",)) \
+        and len(term.args) == 2 else []
+    if len(factor) == 1:  # (1 - keep) * c, or ignore * c
+        m = factor[0]
         ignores = not (is_call(m, (operator.sub, torch.sub), ("sub",)) and _constant(m.args[0], lambda t: t == 1))
         m = _through(m if ignores else m.args[1], CASTS)
         v = _value(m)

@@ -148,8 +148,8 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, attn_mask, dropou
         cand.unsupported = f"dropout_p={dropout_p!r}: random-feature attention has no attention dropout"
     elif enable_gqa not in (False, True):
         cand.unsupported = "enable_gqa is not a constant"
-    elif (qs[1] % ks[1] if enable_gqa or ks[1] == 1 else qs[1] != ks[1]) or ks[:3] != vs[:3] or \
-            shapes["query"][:-3] != shapes["key"][:-3]:
+    elif (qs[1] % ks[1] if enable_gqa or ks[1] == 1 else qs[1] != ks[1]) or ks[:3] != vs[:3] or qs[0] != ks[0] \
+            or shapes["query"][:-3] != shapes["key"][:-3]:
         cand.unsupported = "query/key/value batch or head counts differ"
     elif not isinstance(is_causal, bool):
         cand.unsupported = "is_causal is not a constant"

@@ -227,11 +227,12 @@ def _unscaled(x: fx.Node, found: WrittenAttention) -> fx.Node:
 def _towards_product(n: fx.Node, depth: int) -> Optional[fx.Node]:
     """The input of ``n`` through which a product ``q @ kᵀ`` is at most ``depth`` steps back, if any."""
     for a in n.all_input_nodes:
-        frontier, seen = [a], {a}
+        frontier, seen = {a}, {a}
         for _ in range(depth):
             if any((p := _product(x, with_transposed=True)) and p[1] is not None for x in frontier):
                 return a
-            frontier = [i for x in frontier for i in x.all_input_nodes if i not in seen and not seen.add(i)]
+            frontier = {i for x in frontier for i in x.all_input_nodes} - seen
+            seen |= frontier
     return None
 
 
