@@ -216,7 +216,8 @@ def _unscaled(x: fx.Node, found: WrittenAttention) -> fx.Node:
             is_call(x, {operator.mul, torch.mul, operator.truediv, torch.div}, ("mul", "div"))):
         divides = x.target in (operator.truediv, torch.div, "div")
         a, b = x.args
-        inner, c = (b, _factor(a)) if not divides and isinstance(_factor(a), float) else (a, _factor(b))
+        first = None if divides else _factor(a)
+        inner, c = (b, first) if isinstance(first, float) else (a, _factor(b))
         if not (isinstance(c, float) and c > 0 and isinstance(inner, fx.Node)):
             break
         found.scale *= 1 / c if divides else c

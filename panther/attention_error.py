@@ -35,7 +35,8 @@ def fold_heads(t, ndim: int):
 
 def sample(q, k, v, attn_mask, is_causal, scale, enable_gqa) -> Dict:
     """The part of an attention call's inputs (SDPA's terms: ``(B, H, L, d)``, a boolean ``attn_mask`` with
-    True = attend, which may come with ``is_causal``) that :func:`sample_error` reads: one sequence (the first, or under a mask the one whose
+    True = attend, which may come with ``is_causal``; other ranks without a mask are folded by
+    :func:`fold_heads`) that :func:`sample_error` reads: one sequence (the first, or under a mask the one whose
     sampled queries see the most keys), ``SAMPLE_HEADS`` heads, and the first ``SAMPLE_LENGTH`` positions,
     whose last ``SAMPLE_QUERIES`` queries are compared (a prefix is exact causal attention; for a longer
     non-causal call it stands for the whole). In fp32: a few MiB per call."""
