@@ -172,13 +172,17 @@ def additive_mask(term, state: State = None) -> Union[Tuple[fx.Node, bool], str]
     if len(factor) == 1:  # (1 - keep) * c, or ignore * c
         m = factor[0]
         ignores = not (is_call(m, (operator.sub, torch.sub), ("sub",)) and _constant(m.args[0], lambda t: t == 1))
-        m = _through(m if ignores else m.args[1], CASTS)
-        v = _value(m)
-        if isinstance(v, torch.Tensor) and (not v.is_floating_point() or reads_no_input(m, state)):
-            return m, ignores
-    return "a float term is added to the scores (a position bias such as Swin's or ALiBi, or a mask not written " \
-           "as where(mask, 0, -inf) or (1 - mask) * min): random-feature attention supports only causal / key " \
-           "padding masks"
+        return _through(m if ignores else m.args[1], CASTS), ignores
+    v = _value(term)
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return term, True  # the mask itself, nonzero where it ignores (Meta's Llama: triu(full(-inf), 1))
+    return FLOAT_TERM
+
+
+#: why a float term added to the scores stays exact attention
+FLOAT_TERM = "a float term is added to the scores (a position bias such as Swin's or ALiBi, or a mask not written " \
+             "as where(mask, 0, -inf), (1 - mask) * min or a constant of 0 and -inf): random-feature attention " \
+             "supports only causal / key padding masks"
 
 
 def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor, ignore: bool = False, state: State = None
@@ -188,9 +192,10 @@ def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor, ignore: bool = Fa
     the causal mask, both, or neither (an all-attend mask); else the reason it is not. Each padding factor is
     a ``(B or 1, 1, 1, Lk)`` boolean node; their AND is the keys to keep (with ``ignore``: their OR, the keys
     to ignore). ``state`` gives the values of module buffers, which an index factor may read."""
-    if not isinstance(mask, fx.Node) or not isinstance(_value(mask), torch.Tensor) or (
-            _value(mask).is_floating_point() and not reads_no_input(mask, state)):
-        return "explicit attn_mask that is not boolean: random-feature attention supports only causal / key padding masks"
+    if not isinstance(mask, fx.Node) or not isinstance(_value(mask), torch.Tensor):
+        return "explicit attn_mask that is not a tensor of the graph"
+    if _value(mask).is_floating_point() and not reads_no_input(mask, state):
+        return FLOAT_TERM  # its values could be other than 0 / 1 or 0 / -inf
     B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
     pads, index = [], None
     for f in factors(mask, ignore):
@@ -204,9 +209,12 @@ def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor, ignore: bool = Fa
             value = evaluate(f, state)
             if value is None or shape[:2] != (1, 1):
                 return "attn_mask built from indices that do not reduce to a causal / padding pattern"
-            if not bool(((value == 0) | (value == 1)).all()):  # a 0/1 mask (additive_mask) that is not
-                return "a numeric mask with values other than 0 and 1"
-            value = value.bool().reshape(shape[2:]).expand(Lq, Lk).cpu()
+            # numeric masks (additive_mask): 0 / 1, or where True = ignore also a constant added (0 / -inf)
+            binary, added = ((value == 0) | (value == 1)).all(), ((value == 0) | (value <= MASKED)).all()
+            if not (binary or ignore and added):
+                return "a constant mask or term added to the scores with values other than 0 / 1 or 0 / -inf " \
+                       "(a bias such as ALiBi): random-feature attention supports only causal / key padding masks"
+            value = (value != 0).reshape(shape[2:]).expand(Lq, Lk).cpu()
             value = value.logical_not() if ignore else value
             index = value if index is None else index & value
         elif shape[1:3] == (1, 1) and shape[0] in (1, B) and shape[3] == Lk:

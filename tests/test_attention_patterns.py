@@ -27,6 +27,7 @@ class Written(nn.Module):
         self.style = style
         self.drop = nn.Dropout(0.1)
         self.register_buffer("bias", torch.ones(16, 16).tril().view(1, 1, 16, 16))  # minGPT's causal triangle
+        self.register_buffer("mask", torch.empty(16, 16).fill_(float("-inf")).triu_(1))  # openai/whisper's
 
     def forward(self, q, k, v, pad):
         d, L = q.shape[-1], q.shape[2]
@@ -63,6 +64,12 @@ class Written(nn.Module):
             return nn.functional.softmax(s, dim=-1) @ v
         if self.style == "ignore_additive":  # True = pad, times a large negative number
             return (q @ k.mT * d ** -0.5 + pad[:, None, None, :].float() * -1e9).softmax(-1) @ v
+        if self.style == "meta_llama":  # Meta's reference Llama: a constant of 0 and -inf added to the scores
+            mask = torch.hstack([torch.zeros((L, 0)), torch.triu(torch.full((L, L), float("-inf")), diagonal=1)])
+            s = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(d) + mask.type_as(q)
+            return F.softmax(s.float(), dim=-1).type_as(q) @ v
+        if self.style == "buffer_additive":  # openai/whisper without SDPA: the same as a module buffer
+            return (q @ k.transpose(-1, -2) * d ** -0.5 + self.mask[:L, :L]).softmax(-1) @ v
         if self.style == "inplace":  # Falcon's eager attention: the scale and the mask applied in place
             s = q @ k.transpose(-1, -2)
             s /= math.sqrt(d)
@@ -85,7 +92,8 @@ STYLES = {"timm": (8 ** -0.5, False, False), "method": (8 ** -0.5, False, False)
           "buffer_fill": (8 ** -0.5, True, False), "einsum": (8 ** -0.5, True, False),
           "padding_fill": (8 ** -0.5, False, True), "additive": (0.25, True, True),
           "legacy_additive": (8 ** -0.5, False, True), "ignore_additive": (8 ** -0.5, False, True),
-          "inplace": (8 ** -0.5, False, True), "sdpa_additive": (8 ** -0.5, False, True)}
+          "inplace": (8 ** -0.5, False, True), "sdpa_additive": (8 ** -0.5, False, True),
+          "meta_llama": (8 ** -0.5, True, False), "buffer_additive": (8 ** -0.5, True, False)}
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -167,7 +175,7 @@ class Unreadable(nn.Module):
     ("bias", "a float term is added to the scores"),
     ("reshaped", "the scores pass through view before the softmax"),
     ("float_keep", "a float term is added to the scores"),
-    ("half_keep", "values other than 0 and 1"),
+    ("half_keep", "values other than 0 / 1 or 0 / -inf"),
     ("tensor_scale", "scaled by a tensor"),
     ("softcap", "pass through tanh"),
     ("window", "neither causal nor key padding"),
@@ -354,6 +362,8 @@ def _written(product, scale, mask, cast, escape):
             s = s.masked_fill(pad[:, None, None, :], -1e9)
         elif mask == "hf_add":
             s = s + torch.where(~pad[:, None, None, :] & causal, torch.zeros(()), torch.finfo(s.dtype).min)
+        elif mask == "const_add":
+            s = s + torch.triu(torch.full((L, L), float("-inf")), diagonal=1)
         elif mask == "legacy_add":
             s = s + (1.0 - (~pad).long()[:, None, None, :].to(s.dtype)) * torch.finfo(s.dtype).min
         elif mask == "where_keep":
@@ -372,8 +382,8 @@ def _written(product, scale, mask, cast, escape):
 @settings(max_examples=30, deadline=None)
 @given(product=st.sampled_from(["transpose", "mT", "einsum", "method"]),
        scale=st.sampled_from(["none", "q", "mul", "div", "tensor"]),
-       mask=st.sampled_from(["none", "causal_fill", "padding_fill", "hf_add", "legacy_add", "where_keep", "window",
-                             "bias"]),
+       mask=st.sampled_from(["none", "causal_fill", "padding_fill", "hf_add", "legacy_add", "const_add", "where_keep",
+                             "window", "bias"]),
        cast=st.booleans(), escape=st.booleans())
 def test_written_out_attention_is_rf_attention_or_left_exactly_alone(product, scale, mask, cast, escape):
     """Any combination of the pieces: rewritten, and then exactly the random-feature attention of what it
@@ -395,7 +405,7 @@ def test_written_out_attention_is_rf_attention_or_left_exactly_alone(product, sc
         torch.testing.assert_close(y, ref, equal_nan=True)
         return
     factor = {"none": 1.0, "q": 0.5, "mul": 0.5, "div": 1 / 3.0}[scale]
-    causal = mask in ("causal_fill", "hf_add", "where_keep")
+    causal = mask in ("causal_fill", "hf_add", "const_add", "where_keep")
     kpm = pad if mask in ("padding_fill", "hf_add", "legacy_add") else None
     expect = torch.ops.panther.rf_attention(q, k, v, features(SPEC, row.name), "softmax", causal, factor, kpm)
     torch.testing.assert_close(y, expect)
