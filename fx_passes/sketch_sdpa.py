@@ -90,13 +90,17 @@ def match(node, ctx: PassContext):
 
 
 def candidate(node, ctx: PassContext, op_before: str, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-              *, mask_ignores: bool = False, unsupported: Optional[str] = None) -> Candidate:
+              *, mask_ignores: bool = False, unsupported: Optional[str] = None,
+              keys_transposed: bool = False) -> Candidate:
     """The candidate of an attention call with SDPA's arguments (nodes or constants) that ``rewrite`` turns
     into ``panther::rf_attention``: its LayerInfo, and what stops the rewrite (``unsupported`` first, from the
     caller's own pattern). ``attn_mask`` is boolean, True = attend (``mask_ignores``: True = ignore), or 0/1
-    valued (``sdpa_mask.additive_mask``)."""
+    valued (``sdpa_mask.additive_mask``). ``keys_transposed``: ``k`` holds the keys with their last two
+    dimensions swapped (a model that stores them so)."""
     shapes = {r: shape_of(t.meta.get("example_value")) if isinstance(t, torch.fx.Node) else None
               for r, t in (("query", q), ("key", k), ("value", v))}
+    if keys_transposed and shapes["key"] is not None and len(shapes["key"]) >= 2:
+        shapes["key"] = shapes["key"][:-2] + shapes["key"][:-3:-1]
     qv = q.meta.get("example_value") if isinstance(q, torch.fx.Node) else None
     projections = []
     for t in (q, k, v):
@@ -114,7 +118,8 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, attn_mask, dropou
     ok4 = ndim == 4
     causal = is_causal is True
     # a mask that is key padding and/or the causal triangle: (padding nodes, causal), else a reason
-    masking = padding_and_causal(attn_mask, qv, k.meta.get("example_value"), mask_ignores, ctx.buffer_value) \
+    masking = padding_and_causal(attn_mask, qv, torch.empty(shapes["key"], device="meta"), mask_ignores,
+                                 ctx.buffer_value) \
         if ok4 and attn_mask is not None else ([], causal)
     extra = {"head_dim": qs[-1] if qs else 1, "projections": proj_names,
              "causal": masking[1] if isinstance(masking, tuple) else causal}
@@ -135,7 +140,8 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, attn_mask, dropou
     cand = Candidate(node, info, op_before, needs_weights=False,
                      data={"q": q, "k": k, "v": v, "ndim": ndim, "causal": extra["causal"], "scale": scale,
                            "base_name": base_name, "owner": owner, "groups": 1, "sample": sample,
-                           "padding": masking[0] if isinstance(masking, tuple) else [], "ignore": mask_ignores})
+                           "padding": masking[0] if isinstance(masking, tuple) else [], "ignore": mask_ignores,
+                           "keys_transposed": keys_transposed})
     if unsupported:
         cand.unsupported = unsupported
     elif not ndim:
@@ -197,8 +203,8 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
                        info.dtype, info.device)
     p_node = ctx.add_constant(f"{d['base_name']}_rf_projection", P, node)
     new = trace_into(ctx.graph, node, rf_sdpa, d["q"], d["k"], d["v"], p_node, spec.kernel_fn, d["causal"],
-                     d["scale"], d["groups"], d["ndim"], info.shapes["query"][0], info.extra["len_k"], d["ignore"],
-                     *d["padding"])[-1]
+                     d["scale"], d["groups"], d["ndim"], info.shapes["query"][0], info.extra["len_k"],
+                     d["keys_transposed"], d["ignore"], *d["padding"])[-1]
     for out in d.get("outputs", [node]):
         new.meta.update(out.meta)
         out.replace_all_uses_with(new)
@@ -210,12 +216,13 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
 
 
 def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int, ndim: int, batch: int, keys: int,
-            ignore: bool, *padding):
+            keys_transposed: bool, ignore: bool, *padding):
     """SDPA's meaning in random features, for q, k, v of rank ``ndim`` (3-D and 5-D+ folded to 4-D as
     ``attention_error.fold_heads`` says, and back): ``groups`` query heads share each key/value head
-    (``enable_gqa``); ``padding`` are the mask's key padding factors (True = attend, or with ``ignore``
-    True = ignore; see ``sdpa_mask``)."""
+    (``enable_gqa``); ``k`` holds the keys transposed with ``keys_transposed``; ``padding`` are the mask's
+    key padding factors (True = attend, or with ``ignore`` True = ignore; see ``sdpa_mask``)."""
     unfolded = q
+    k = k.transpose(-2, -1) if keys_transposed else k
     q, k, v = (fold_heads(t, ndim) for t in (q, k, v))
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)

@@ -3,7 +3,8 @@
 Pattern (Dynamo torch IR), read backwards from the product with the values:
     s = matmul(q, k.transpose(-2, -1))          # or q.matmul(...), q @ ...; transpose(2, 3), k.mT;
                                                 # baddbmm(x, q, kᵀ, beta=0, alpha=c) (diffusers);
-                                                # einsum("bhid,bhjd->bhij", q, k)
+                                                # einsum("bhid,bhjd->bhij", q, k); or keys the model
+                                                # keeps transposed: q @ kt, einsum("bhid,bhdj->bhij")
     s = s * c, s / c                            # scalar factors: SDPA's ``scale`` is their product
     s = s + where(keep, 0, -inf)                # Hugging Face's eager mask (or where(ignore, -inf, 0)), or
     s = s.masked_fill(ignore, -inf)             # any fill of at most -1e4; or where(keep, s, -inf)
@@ -67,6 +68,7 @@ class WrittenAttention:
     dropout_p: object = 0.0
     chain: List[fx.Node] = field(default_factory=list)  # scores to probabilities, consumers before producers
     kt: Optional[fx.Node] = None  # the transposed keys of ``q @ kᵀ`` (may serve other products too)
+    keys_transposed: bool = False  # ``k`` holds the keys transposed (GPT-1's and openai/whisper's (B, H, d, L))
     problem: Optional[str] = None
 
 
@@ -122,6 +124,18 @@ def _product(n, with_transposed: bool):
         a, b = n.args
         return (a, _untransposed(b) if with_transposed else b) if isinstance(a, fx.Node) else None
     return _einsum_operands(n, with_transposed)
+
+
+def _score_product(n):
+    """``(q, k, keys_transposed)`` when ``n`` is ``q @ kᵀ``: ``k`` untransposed where the graph transposes it,
+    else the right operand as it is, of the queries' rank (keys that the model keeps transposed; a product
+    with a weight matrix is not attention)."""
+    found = _product(n, with_transposed=True)
+    if found is not None and found[1] is not None:
+        return found[0], found[1], False
+    q_kt = _product(n, with_transposed=False)
+    ranks = {_ndim(t) for t in q_kt} if q_kt is not None else {None}
+    return (*q_kt, True) if None not in ranks and len(ranks) == 1 and min(ranks) >= 3 else None
 
 
 def _factor(n):
@@ -190,13 +204,14 @@ def _scores(s, found: WrittenAttention) -> bool:
             _scale_by(found, _factor(alpha), 1)
             if beta != 0:
                 found.masks.append(additive_mask(s.args[0]) if beta == 1 else f"baddbmm with beta={beta!r}")
-            found.q, found.k, found.kt = s.args[1], _untransposed(s.args[2]), s.args[2]
-            return found.k is not None and isinstance(found.q, fx.Node)
-        elif _product(s, with_transposed=True):
-            found.q, found.k = _product(s, with_transposed=True)
-            if found.k is None or not isinstance(found.q, fx.Node):
-                return False
-            if is_call(s, MATMUL_FUNCTIONS, MATMUL_METHODS):
+            found.q, found.kt = s.args[1], s.args[2]
+            found.k = _untransposed(found.kt)
+            if found.k is None:
+                found.k, found.keys_transposed = found.kt, True
+            return isinstance(found.q, fx.Node) and isinstance(found.kt, fx.Node)
+        elif (product := _score_product(s)) is not None:
+            found.q, found.k, found.keys_transposed = product
+            if is_call(s, MATMUL_FUNCTIONS, MATMUL_METHODS) and not found.keys_transposed:
                 found.kt = s.args[1]
             return True
         elif (inner := _towards_product(s, _UNFOLLOWED_DEPTH)) is not None:
@@ -260,6 +275,8 @@ def parse(node) -> Optional[WrittenAttention]:
         return None
     found.chain = [n for n in found.chain if isinstance(n, fx.Node)]
     found.q, found.k = _unscaled(found.q, found), _unscaled(found.k, found)
+    if found.keys_transposed and _untransposed(found.k) is not None:  # k.transpose(-2, -1) * c
+        found.k, found.keys_transposed = _untransposed(found.k), False
     values = [n.meta.get("example_value") for n in (found.q, found.k, found.v, node)]
     unreadable = [m for m in found.masks if isinstance(m, str)]
     if any(len(n.users) > 1 for n in found.chain):
@@ -294,7 +311,8 @@ def sampler(node):
         if keep is not None:  # boolean, or 0/1 integers (sdpa_mask.additive_mask)
             keep = keep.logical_not() if ignores else keep.bool()
         scale = scale_of(w.scale, tuple(p for _, p in w.symbolic), *(float(values[n]) for n in scalars))
-        return sample(values[w.q], values[w.k], values[w.v], keep, False, scale, False)
+        k = values[w.k].transpose(-2, -1) if w.keys_transposed else values[w.k]
+        return sample(values[w.q], k, values[w.v], keep, False, scale, False)
 
     return needed, take
 
@@ -305,7 +323,7 @@ def match(node, ctx: PassContext):
         return None
     mask, ignores = (None, False) if w.problem else _mask(w)
     cand = sketch_sdpa.candidate(node, ctx, OP_BEFORE, w.q, w.k, w.v, mask, w.dropout_p, False, w.scale, False,
-                                 mask_ignores=ignores, unsupported=w.problem)
+                                 mask_ignores=ignores, unsupported=w.problem, keys_transposed=w.keys_transposed)
     cand.data.update(chain=w.chain + ([w.kt] if w.kt is not None else []), symbolic=w.symbolic)
     return cand
 

@@ -70,6 +70,13 @@ class Written(nn.Module):
             return F.softmax(s.float(), dim=-1).type_as(q) @ v
         if self.style == "buffer_additive":  # openai/whisper without SDPA: the same as a module buffer
             return (q @ k.transpose(-1, -2) * d ** -0.5 + self.mask[:L, :L]).softmax(-1) @ v
+        if self.style == "openai_whisper":  # keys kept transposed, (B, H, d, L); both sides scaled by d^-1/4
+            kt = k.transpose(1, 2).permute(0, 2, 3, 1) * d ** -0.25
+            s = (q * d ** -0.25) @ kt + self.mask[:L, :L]
+            return F.softmax(s.float(), dim=-1).to(q.dtype) @ v
+        if self.style == "kept_transposed":  # the same through einsum, with key padding
+            s = torch.einsum("bhid,bhdj->bhij", q, k.transpose(1, 2).permute(0, 2, 3, 1)) / math.sqrt(d)
+            return torch.einsum("bhij,bhjd->bhid", s.masked_fill(pad[:, None, None, :], -1e9).softmax(-1), v)
         if self.style == "inplace":  # Falcon's eager attention: the scale and the mask applied in place
             s = q @ k.transpose(-1, -2)
             s /= math.sqrt(d)
@@ -93,7 +100,8 @@ STYLES = {"timm": (8 ** -0.5, False, False), "method": (8 ** -0.5, False, False)
           "padding_fill": (8 ** -0.5, False, True), "additive": (0.25, True, True),
           "legacy_additive": (8 ** -0.5, False, True), "ignore_additive": (8 ** -0.5, False, True),
           "inplace": (8 ** -0.5, False, True), "sdpa_additive": (8 ** -0.5, False, True),
-          "meta_llama": (8 ** -0.5, True, False), "buffer_additive": (8 ** -0.5, True, False)}
+          "meta_llama": (8 ** -0.5, True, False), "buffer_additive": (8 ** -0.5, True, False),
+          "openai_whisper": (8 ** -0.5, True, False), "kept_transposed": (8 ** -0.5, False, True)}
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -350,8 +358,8 @@ def _written(product, scale, mask, cast, escape):
         if scale == "q":
             q = q * 0.5
         s = {"transpose": lambda: q @ k.transpose(-2, -1), "mT": lambda: torch.matmul(q, k.mT),
-             "einsum": lambda: torch.einsum("bhid,bhjd->bhij", q, k), "method": lambda: q.matmul(k.transpose(2, 3))
-             }[product]()
+             "einsum": lambda: torch.einsum("bhid,bhjd->bhij", q, k), "method": lambda: q.matmul(k.transpose(2, 3)),
+             "kept_transposed": lambda: q @ k.transpose(1, 2).permute(0, 2, 3, 1)}[product]()
         if scale in ("mul", "div", "tensor"):
             s = {"mul": lambda: s * 0.5, "div": lambda: s / 3.0, "tensor": lambda: s * t}[scale]()
         causal = torch.ones(L, L, dtype=torch.bool).tril()
@@ -380,7 +388,7 @@ def _written(product, scale, mask, cast, escape):
 
 
 @settings(max_examples=30, deadline=None)
-@given(product=st.sampled_from(["transpose", "mT", "einsum", "method"]),
+@given(product=st.sampled_from(["transpose", "mT", "einsum", "method", "kept_transposed"]),
        scale=st.sampled_from(["none", "q", "mul", "div", "tensor"]),
        mask=st.sampled_from(["none", "causal_fill", "padding_fill", "hf_add", "legacy_add", "const_add", "where_keep",
                              "window", "bias"]),
