@@ -22,7 +22,7 @@ symbolic so the index factor could differ at another length) is left to exact at
 from __future__ import annotations
 
 import operator
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import fx
@@ -229,11 +229,12 @@ def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor, ignore: bool = Fa
     return "attn_mask is neither causal nor key padding (e.g. a sliding window or a prefix pattern)"
 
 
-def key_padding_mask(pads: List[fx.Node], batch: int, keys: int, ignore: bool = False):
-    """rf_attention's ``key_padding_mask`` (True = ignore) from padding factors (True = keep, or with
-    ``ignore`` True = ignore); traced by ``trace_into``, so ``pads`` are proxies there."""
-    mask = pads[0].bool()  # a 0/1 integer mask (additive_mask) as well
-    for p in pads[1:]:
-        mask = mask | p if ignore else mask & p
-    mask = mask.reshape(-1, keys).expand(batch, keys)
-    return mask if ignore else mask.logical_not()
+def key_padding_mask(pads: List[fx.Node], batch: int, keys: int, ignores: Sequence[bool]):
+    """rf_attention's ``key_padding_mask`` (True = ignore) from padding factors, each True = keep, or where
+    ``ignores`` says so True = ignore: a key is ignored where any factor ignores it. Traced by ``trace_into``,
+    so ``pads`` are proxies there."""
+    mask = None
+    for p, ignore in zip(pads, ignores):
+        p = p.bool() if ignore else p.bool().logical_not()  # a 0/1 integer mask (additive_mask) as well
+        mask = p if mask is None else mask | p
+    return mask.reshape(-1, keys).expand(batch, keys)

@@ -222,9 +222,10 @@ def match(node, ctx: PassContext):
     c = parse(node)
     if c is None:
         return None
-    cand = sketch_sdpa.candidate(node, ctx, OP_BEFORE, c.q, c.k, c.v, None, 0.0, c.causal, c.scale, c.gqa,
+    cand = sketch_sdpa.candidate(node, ctx, OP_BEFORE, c.q, c.k, c.v, [], 0.0, c.causal, c.scale, c.gqa,
                                  unsupported=c.problem)
-    cand.data.update(outputs=list(node.users), padding=c.pads)  # outputs: getitem(out, 0), what the result replaces
+    # outputs: getitem(out, 0), what the result replaces; the padding factors keep keys (True = attend)
+    cand.data.update(outputs=list(node.users), padding=[(p, False) for p in c.pads])
     return cand
 
 

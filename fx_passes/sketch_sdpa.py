@@ -81,22 +81,22 @@ def match(node, ctx: PassContext):
     q, k, v, attn_mask, *rest = sdpa_args(node.args, node.kwargs)
     value = attn_mask.meta.get("example_value") if isinstance(attn_mask, torch.fx.Node) else None
     if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
-        return candidate(node, ctx, "scaled_dot_product_attention", q, k, v, attn_mask, *rest)
+        masks = [] if attn_mask is None else [(attn_mask, False)]
+        return candidate(node, ctx, "scaled_dot_product_attention", q, k, v, masks, *rest)
     # a float mask, which SDPA adds to the scores, as the 0/1 mask it applies, or why it is not one
     read = additive_mask(attn_mask, ctx.buffer_value)
-    mask, ignores = (None, False) if isinstance(read, str) else read
-    return candidate(node, ctx, "scaled_dot_product_attention", q, k, v, mask, *rest, mask_ignores=ignores,
-                     unsupported=read if isinstance(read, str) else None)
+    return candidate(node, ctx, "scaled_dot_product_attention", q, k, v, [] if isinstance(read, str) else [read],
+                     *rest, unsupported=read if isinstance(read, str) else None)
 
 
-def candidate(node, ctx: PassContext, op_before: str, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-              *, mask_ignores: bool = False, unsupported: Optional[str] = None,
-              keys_transposed: bool = False) -> Candidate:
+def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p, is_causal, scale, enable_gqa,
+              *, unsupported: Optional[str] = None, keys_transposed: bool = False) -> Candidate:
     """The candidate of an attention call with SDPA's arguments (nodes or constants) that ``rewrite`` turns
     into ``panther::rf_attention``: its LayerInfo, and what stops the rewrite (``unsupported`` first, from the
-    caller's own pattern). ``attn_mask`` is boolean, True = attend (``mask_ignores``: True = ignore), or 0/1
-    valued (``sdpa_mask.additive_mask``). ``keys_transposed``: ``k`` holds the keys with their last two
-    dimensions swapped (a model that stores them so)."""
+    caller's own pattern). ``masks`` stand for ``attn_mask``: ``(mask, ignores)`` terms that all apply, each
+    boolean, True = attend (with ``ignores``: True = ignore), or 0/1 valued (``sdpa_mask.additive_mask``).
+    ``keys_transposed``: ``k`` holds the keys with their last two dimensions swapped (a model that stores
+    them so)."""
     shapes = {r: shape_of(t.meta.get("example_value")) if isinstance(t, torch.fx.Node) else None
               for r, t in (("query", q), ("key", k), ("value", v))}
     if keys_transposed and shapes["key"] is not None and len(shapes["key"]) >= 2:
@@ -117,10 +117,14 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, attn_mask, dropou
                   for r in ("query", "key", "value"))
     ok4 = ndim == 4
     causal = is_causal is True
-    # a mask that is key padding and/or the causal triangle: (padding nodes, causal), else a reason
-    masking = padding_and_causal(attn_mask, qv, torch.empty(shapes["key"], device="meta"), mask_ignores,
-                                 ctx.buffer_value) \
-        if ok4 and attn_mask is not None else ([], causal)
+    # the masks' key padding factors, (node, ignores), and whether one is the causal triangle; else a reason
+    masking = ([], causal)
+    for mask, ignores in masks if ok4 else ():  # each key padding and/or causal: their factors all apply
+        read = padding_and_causal(mask, qv, torch.empty(shapes["key"], device="meta"), ignores, ctx.buffer_value)
+        if isinstance(read, str):
+            masking = read
+            break
+        masking = (masking[0] + [(p, ignores) for p in read[0]], masking[1] or read[1])
     extra = {"head_dim": qs[-1] if qs else 1, "projections": proj_names,
              "causal": masking[1] if isinstance(masking, tuple) else causal}
     sample = ctx.attention_samples.get(node)
@@ -140,13 +144,13 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, attn_mask, dropou
     cand = Candidate(node, info, op_before, needs_weights=False,
                      data={"q": q, "k": k, "v": v, "ndim": ndim, "causal": extra["causal"], "scale": scale,
                            "base_name": base_name, "owner": owner, "groups": 1, "sample": sample,
-                           "padding": masking[0] if isinstance(masking, tuple) else [], "ignore": mask_ignores,
+                           "padding": masking[0] if isinstance(masking, tuple) else [],
                            "keys_transposed": keys_transposed})
     if unsupported:
         cand.unsupported = unsupported
     elif not ndim:
         cand.unsupported = "query/key/value differ in rank or have fewer than 3 dimensions"
-    elif not ok4 and (attn_mask is not None or enable_gqa is not False):
+    elif not ok4 and (masks or enable_gqa is not False):
         cand.unsupported = "attn_mask or enable_gqa on attention that is not 4-D (B, H, L, d): only 4-D masks are read"
     elif isinstance(masking, str):
         cand.unsupported = masking
@@ -204,7 +208,8 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     p_node = ctx.add_constant(f"{d['base_name']}_rf_projection", P, node)
     new = trace_into(ctx.graph, node, rf_sdpa, d["q"], d["k"], d["v"], p_node, spec.kernel_fn, d["causal"],
                      d["scale"], d["groups"], d["ndim"], info.shapes["query"][0], info.extra["len_k"],
-                     d["keys_transposed"], d["ignore"], *d["padding"])[-1]
+                     d["keys_transposed"], tuple(ignores for _, ignores in d["padding"]),
+                     *(p for p, _ in d["padding"]))[-1]
     for out in d.get("outputs", [node]):
         new.meta.update(out.meta)
         out.replace_all_uses_with(new)
@@ -216,16 +221,16 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
 
 
 def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int, ndim: int, batch: int, keys: int,
-            keys_transposed: bool, ignore: bool, *padding):
+            keys_transposed: bool, ignores: tuple, *padding):
     """SDPA's meaning in random features, for q, k, v of rank ``ndim`` (3-D and 5-D+ folded to 4-D as
     ``attention_error.fold_heads`` says, and back): ``groups`` query heads share each key/value head
-    (``enable_gqa``); ``k`` holds the keys transposed with ``keys_transposed``; ``padding`` are the mask's
-    key padding factors (True = attend, or with ``ignore`` True = ignore; see ``sdpa_mask``)."""
+    (``enable_gqa``); ``k`` holds the keys transposed with ``keys_transposed``; ``padding`` are the masks'
+    key padding factors (True = attend, or where ``ignores`` says so True = ignore; see ``sdpa_mask``)."""
     unfolded = q
     k = k.transpose(-2, -1) if keys_transposed else k
     q, k, v = (fold_heads(t, ndim) for t in (q, k, v))
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
-    kpm = key_padding_mask(list(padding), batch, keys, ignore) if padding else None
+    kpm = key_padding_mask(list(padding), batch, keys, ignores) if padding else None
     out = torch.ops.panther.rf_attention(q, k, v, P, kernel_fn, causal, scale, kpm)
     return out.squeeze(1) if ndim == 3 else out.unflatten(0, unfolded.shape[:-3]) if ndim > 4 else out

@@ -164,7 +164,7 @@ def scale_of(number: float, powers: tuple, *scalars):
 
 
 def _scores(s, found: WrittenAttention) -> bool:
-    """Read ``s = q @ kᵀ`` with constant factors and one mask into ``found``; False if it is not that."""
+    """Read ``s = q @ kᵀ`` with constant factors and masks into ``found``; False if it is not that."""
     while True:
         if not isinstance(s, fx.Node):
             return False
@@ -217,7 +217,7 @@ def _scores(s, found: WrittenAttention) -> bool:
         elif (inner := _towards_product(s, _UNFOLLOWED_DEPTH)) is not None:
             name = s.target if isinstance(s.target, str) else getattr(s.target, "__name__", str(s.target))
             found.unfollowed = found.unfollowed or f"the scores pass through {name} before the softmax: random " \
-                "features take only scalar factors, casts and one key padding / causal mask there"
+                "features take only scalar factors, casts and key padding / causal masks there"
             s = inner
         else:
             return False
@@ -283,8 +283,8 @@ def parse(node) -> Optional[WrittenAttention]:
         found.problem = "the attention weights are used elsewhere (e.g. returned with output_attentions=True)"
     elif found.unfollowed:
         found.problem = found.unfollowed
-    elif unreadable or len(found.masks) > 1:
-        found.problem = unreadable[0] if unreadable else "more than one mask term"
+    elif unreadable:
+        found.problem = unreadable[0]
     elif found.scale is None:
         found.problem = "the scores are scaled by a tensor: random-feature attention takes a scalar scale"
     elif len({getattr(t, "dtype", None) for t in values}) > 1:
@@ -292,24 +292,19 @@ def parse(node) -> Optional[WrittenAttention]:
     return found
 
 
-def _mask(w: WrittenAttention):
-    """``(boolean mask or None, ignores)`` of a pattern without problems."""
-    return w.masks[0] if w.masks else (None, False)
-
-
 def sampler(node):
     """How ``attention_sample`` samples this node's attention, if it is attention written out."""
     w = parse(node)
     if w is None or w.problem:
         return None
-    mask, ignores = _mask(w)
     scalars = [n for n, _ in w.symbolic]
-    needed = [w.q, w.k, w.v] + ([mask] if mask is not None else []) + scalars
+    needed = [w.q, w.k, w.v] + [mask for mask, _ in w.masks] + scalars
 
     def take(values):
-        keep = values.get(mask)
-        if keep is not None:  # boolean, or 0/1 integers (sdpa_mask.additive_mask)
-            keep = keep.logical_not() if ignores else keep.bool()
+        keep = None
+        for mask, ignores in w.masks:  # boolean, or 0/1 integers (sdpa_mask.additive_mask)
+            term = values[mask].logical_not() if ignores else values[mask].bool()
+            keep = term if keep is None else keep & term
         scale = scale_of(w.scale, tuple(p for _, p in w.symbolic), *(float(values[n]) for n in scalars))
         k = values[w.k].transpose(-2, -1) if w.keys_transposed else values[w.k]
         return sample(values[w.q], k, values[w.v], keep, False, scale, False)
@@ -321,9 +316,8 @@ def match(node, ctx: PassContext):
     w = parse(node)
     if w is None:
         return None
-    mask, ignores = (None, False) if w.problem else _mask(w)
-    cand = sketch_sdpa.candidate(node, ctx, OP_BEFORE, w.q, w.k, w.v, mask, w.dropout_p, False, w.scale, False,
-                                 mask_ignores=ignores, unsupported=w.problem, keys_transposed=w.keys_transposed)
+    cand = sketch_sdpa.candidate(node, ctx, OP_BEFORE, w.q, w.k, w.v, [] if w.problem else w.masks, w.dropout_p,
+                                 False, w.scale, False, unsupported=w.problem, keys_transposed=w.keys_transposed)
     cand.data.update(chain=w.chain + ([w.kt] if w.kt is not None else []), symbolic=w.symbolic)
     return cand
 

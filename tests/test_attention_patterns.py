@@ -77,6 +77,11 @@ class Written(nn.Module):
         if self.style == "kept_transposed":  # the same through einsum, with key padding
             s = torch.einsum("bhid,bhdj->bhij", q, k.transpose(1, 2).permute(0, 2, 3, 1)) / math.sqrt(d)
             return torch.einsum("bhij,bhjd->bhid", s.masked_fill(pad[:, None, None, :], -1e9).softmax(-1), v)
+        if self.style == "two_masks":  # GPT-J before masking_utils: the causal triangle, then the padding added
+            s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
+            s = torch.where(self.bias[:, :, :L, :L].bool(), s, torch.finfo(s.dtype).min)
+            s = s + (1.0 - (~pad).long()[:, None, None, :].to(q.dtype)) * torch.finfo(q.dtype).min
+            return F.softmax(s, dim=-1) @ v
         if self.style == "inplace":  # Falcon's eager attention: the scale and the mask applied in place
             s = q @ k.transpose(-1, -2)
             s /= math.sqrt(d)
@@ -101,7 +106,8 @@ STYLES = {"timm": (8 ** -0.5, False, False), "method": (8 ** -0.5, False, False)
           "legacy_additive": (8 ** -0.5, False, True), "ignore_additive": (8 ** -0.5, False, True),
           "inplace": (8 ** -0.5, False, True), "sdpa_additive": (8 ** -0.5, False, True),
           "meta_llama": (8 ** -0.5, True, False), "buffer_additive": (8 ** -0.5, True, False),
-          "openai_whisper": (8 ** -0.5, True, False), "kept_transposed": (8 ** -0.5, False, True)}
+          "openai_whisper": (8 ** -0.5, True, False), "kept_transposed": (8 ** -0.5, False, True),
+          "two_masks": (8 ** -0.5, True, True)}
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -171,7 +177,7 @@ class Unreadable(nn.Module):
             i = torch.arange(q.shape[2])
             outside = (i[None, :] > i[:, None]) | (i[:, None] - i[None, :] >= 3)
             return s.masked_fill(outside, float("-inf")).softmax(-1) @ v
-        if self.case == "two_masks":
+        if self.case == "causal_and_other":  # two masks, the second per query and from the inputs
             s = s.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
             return (s + torch.where(extra > -3, 0.0, float("-inf"))).softmax(-1) @ v
         raise AssertionError(self.case)
@@ -187,7 +193,7 @@ class Unreadable(nn.Module):
     ("tensor_scale", "scaled by a tensor"),
     ("softcap", "pass through tanh"),
     ("window", "neither causal nor key padding"),
-    ("two_masks", "more than one mask"),
+    ("causal_and_other", "varies per query with the inputs"),
 ])
 def test_written_out_attention_left_alone_with_the_reason(case, reason, qkv):
     q, k, v, _ = qkv
@@ -374,6 +380,8 @@ def _written(product, scale, mask, cast, escape):
             s = s + torch.triu(torch.full((L, L), float("-inf")), diagonal=1)
         elif mask == "legacy_add":
             s = s + (1.0 - (~pad).long()[:, None, None, :].to(s.dtype)) * torch.finfo(s.dtype).min
+        elif mask == "two_terms":
+            s = s.masked_fill(~causal, float("-inf")) + torch.where(pad[:, None, None, :], -1e9, 0.0)
         elif mask == "where_keep":
             s = torch.where(causal, s, float("-inf"))
         elif mask == "window":
@@ -391,7 +399,7 @@ def _written(product, scale, mask, cast, escape):
 @given(product=st.sampled_from(["transpose", "mT", "einsum", "method", "kept_transposed"]),
        scale=st.sampled_from(["none", "q", "mul", "div", "tensor"]),
        mask=st.sampled_from(["none", "causal_fill", "padding_fill", "hf_add", "legacy_add", "const_add", "where_keep",
-                             "window", "bias"]),
+                             "two_terms", "window", "bias"]),
        cast=st.booleans(), escape=st.booleans())
 def test_written_out_attention_is_rf_attention_or_left_exactly_alone(product, scale, mask, cast, escape):
     """Any combination of the pieces: rewritten, and then exactly the random-feature attention of what it
@@ -413,8 +421,8 @@ def test_written_out_attention_is_rf_attention_or_left_exactly_alone(product, sc
         torch.testing.assert_close(y, ref, equal_nan=True)
         return
     factor = {"none": 1.0, "q": 0.5, "mul": 0.5, "div": 1 / 3.0}[scale]
-    causal = mask in ("causal_fill", "hf_add", "const_add", "where_keep")
-    kpm = pad if mask in ("padding_fill", "hf_add", "legacy_add") else None
+    causal = mask in ("causal_fill", "hf_add", "const_add", "where_keep", "two_terms")
+    kpm = pad if mask in ("padding_fill", "hf_add", "legacy_add", "two_terms") else None
     expect = torch.ops.panther.rf_attention(q, k, v, features(SPEC, row.name), "softmax", causal, factor, kpm)
     torch.testing.assert_close(y, expect)
 
