@@ -141,9 +141,9 @@ def is_masked(n) -> bool:
     return _constant(n, lambda t: t <= MASKED)
 
 
-def _through(n, methods):
-    """``n`` without the calls of ``methods`` on top (casts, say)."""
-    while isinstance(n, fx.Node) and n.op == "call_method" and n.target in methods:
+def uncast(n):
+    """``n`` without the casts (:data:`CASTS`) on top."""
+    while isinstance(n, fx.Node) and n.op == "call_method" and n.target in CASTS:
         n = n.args[0]
     return n
 
@@ -172,7 +172,7 @@ def additive_mask(term, state: State = None) -> Union[Tuple[fx.Node, bool], str]
     if len(factor) == 1:  # (1 - keep) * c, or ignore * c
         m = factor[0]
         ignores = not (is_call(m, (operator.sub, torch.sub), ("sub",)) and _constant(m.args[0], lambda t: t == 1))
-        return _through(m if ignores else m.args[1], CASTS), ignores
+        return uncast(m if ignores else m.args[1]), ignores
     v = _value(term)
     if isinstance(v, torch.Tensor) and v.is_floating_point():
         return term, True  # the mask itself, nonzero where it ignores (Meta's Llama: triu(full(-inf), 1))

@@ -37,7 +37,7 @@ from panther.policy import SketchSpec
 
 from . import sketch_sdpa
 from .common import MATMUL_FUNCTIONS, MATMUL_METHODS, PassContext, is_call, trace_into
-from .sdpa_mask import CASTS, MASKED, additive_mask, constant_value, is_masked, is_zero
+from .sdpa_mask import CASTS, MASKED, additive_mask, constant_value, is_masked, is_zero, uncast
 
 KIND = sketch_sdpa.KIND
 OP_BEFORE = "softmax(q @ k^T) @ v"
@@ -64,6 +64,9 @@ class WrittenAttention:
     # (node, 1) multiplies, (node, -1) divides
     symbolic: List[tuple] = field(default_factory=list)
     masks: List[tuple] = field(default_factory=list)  # (boolean node, ignores) or the reason one is unreadable
+    # tensors the scores are multiplied by: fine where each is the 0/1 keep of a mask term (GPT-1's
+    # ``w * b + -1e4 * (1 - b)``: the product only zeroes scores that the term masks anyway)
+    multipliers: List[fx.Node] = field(default_factory=list)
     unfollowed: Optional[str] = None  # a step between q @ kᵀ and the softmax that random features cannot take
     dropout_p: object = 0.0
     chain: List[fx.Node] = field(default_factory=list)  # scores to probabilities, consumers before producers
@@ -174,7 +177,10 @@ def _scores(s, found: WrittenAttention) -> bool:
         elif is_call(s, _MUL, ("mul",)) and len(s.args) == 2:
             a, b = s.args
             s, c = (b, a) if _factor(a) is not None else (a, b)
-            _scale_by(found, _factor(c), 1)
+            if _factor(c) is None and isinstance(c, fx.Node):
+                found.multipliers.append(c)
+            else:
+                _scale_by(found, _factor(c), 1)
         elif is_call(s, _DIV, ("div",)) and len(s.args) == 2 and not s.kwargs:
             s, c = s.args
             _scale_by(found, _factor(c), -1)
@@ -182,7 +188,8 @@ def _scores(s, found: WrittenAttention) -> bool:
             s = s.args[1] if is_zero(s.args[0]) else s.args[0]  # T5 adds a zero position bias where it has none
         elif is_call(s, _ADD, ("add",)) and len(s.args) == 2 and not s.kwargs:
             for scores, term in (s.args, s.args[::-1]):
-                trial = dataclasses.replace(found, chain=list(found.chain), masks=list(found.masks))
+                trial = dataclasses.replace(found, chain=list(found.chain), masks=list(found.masks),
+                                            multipliers=list(found.multipliers))
                 if _scores(scores, trial):
                     trial.masks.append(additive_mask(term))
                     found.__dict__.update(trial.__dict__)
@@ -279,6 +286,9 @@ def parse(node) -> Optional[WrittenAttention]:
         found.k, found.keys_transposed = _untransposed(found.k), False
     values = [n.meta.get("example_value") for n in (found.q, found.k, found.v, node)]
     unreadable = [m for m in found.masks if isinstance(m, str)]
+    keeps = [m for m, ignores in (t for t in found.masks if not isinstance(t, str)) if not ignores]
+    if any(uncast(m) not in keeps for m in found.multipliers):
+        found.scale = None
     if any(len(n.users) > 1 for n in found.chain):
         found.problem = "the attention weights are used elsewhere (e.g. returned with output_attentions=True)"
     elif found.unfollowed:

@@ -77,6 +77,12 @@ class Written(nn.Module):
         if self.style == "kept_transposed":  # the same through einsum, with key padding
             s = torch.einsum("bhid,bhdj->bhij", q, k.transpose(1, 2).permute(0, 2, 3, 1)) / math.sqrt(d)
             return torch.einsum("bhij,bhjd->bhid", s.masked_fill(pad[:, None, None, :], -1e9).softmax(-1), v)
+        if self.style == "gpt1":  # GPT-1: keys kept transposed, the causal buffer both multiplied and added
+            s = torch.matmul(q, k.transpose(-1, -2).contiguous()) / math.sqrt(d)
+            b = self.bias[:, :, :L, :L]
+            s = s * b + -1e4 * (1 - b)
+            s = s + (1.0 - (~pad).long()[:, None, None, :].to(q.dtype)) * -10000.0
+            return F.softmax(s, dim=-1) @ v
         if self.style == "two_masks":  # GPT-J before masking_utils: the causal triangle, then the padding added
             s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
             s = torch.where(self.bias[:, :, :L, :L].bool(), s, torch.finfo(s.dtype).min)
@@ -107,7 +113,7 @@ STYLES = {"timm": (8 ** -0.5, False, False), "method": (8 ** -0.5, False, False)
           "inplace": (8 ** -0.5, False, True), "sdpa_additive": (8 ** -0.5, False, True),
           "meta_llama": (8 ** -0.5, True, False), "buffer_additive": (8 ** -0.5, True, False),
           "openai_whisper": (8 ** -0.5, True, False), "kept_transposed": (8 ** -0.5, False, True),
-          "two_masks": (8 ** -0.5, True, True)}
+          "two_masks": (8 ** -0.5, True, True), "gpt1": (8 ** -0.5, True, True)}
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -173,6 +179,9 @@ class Unreadable(nn.Module):
             return (s.view(2, 1, 3, 9, 9) + extra.view(2, 1, 3, 9, 9)).view(2, 3, 9, 9).softmax(-1) @ v
         if self.case == "tensor_scale":
             return (s * extra).softmax(-1) @ v
+        if self.case == "multiplied_unmasked":  # a 0/1 factor that no mask term masks (the keys, not the queries)
+            b = torch.ones(9, 9).tril()
+            return (s * b + -1e4 * (1 - b.T)).softmax(-1) @ v
         if self.case == "window":
             i = torch.arange(q.shape[2])
             outside = (i[None, :] > i[:, None]) | (i[:, None] - i[None, :] >= 3)
@@ -191,6 +200,7 @@ class Unreadable(nn.Module):
     ("float_keep", "a float term is added to the scores"),
     ("half_keep", "values other than 0 / 1 or 0 / -inf"),
     ("tensor_scale", "scaled by a tensor"),
+    ("multiplied_unmasked", "scaled by a tensor"),
     ("softcap", "pass through tanh"),
     ("window", "neither causal nor key padding"),
     ("causal_and_other", "varies per query with the inputs"),
@@ -333,6 +343,31 @@ def test_hf_eager_attention_is_rewritten_as_its_sdpa_twin(arch):
     torch.testing.assert_close(y_eager, y_sdpa, rtol=1e-4, atol=1e-5)
 
 
+def test_hf_openai_gpt_eager_attention_is_rewritten_and_keeps_its_masks():
+    """GPT-1 keeps its keys transposed, multiplies and masks its scores by the causal buffer, then adds the
+    padding mask: both attention layers are rewritten, and neither padded keys nor later tokens reach a token."""
+    tf = pytest.importorskip("transformers")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = tf.OpenAIGPTModel(tf.OpenAIGPTConfig(n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=64,
+                                                     attn_implementation="eager")).eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    compiled, reports = compile_panther(model, policy={"attention": SketchSpec(num_random_features=64, seed=0)})
+    changed = ids.clone()
+    changed[1, 8:] = (ids[1, 8:] + 1) % 64  # other padding tokens
+    changed[0, 10:] = (ids[0, 10:] + 1) % 64  # other later tokens
+    with torch.no_grad():
+        y = compiled(ids, attention_mask=mask).last_hidden_state
+        y_changed = compiled(changed, attention_mask=mask).last_hidden_state
+    rows = [r for rep in reports for r in rep.rows if r.kind == "attention"]
+    assert len(rows) == 2 and all(r.replaced for r in rows), [r.reason for r in rows]
+    torch.testing.assert_close(y_changed[1, :8], y[1, :8])
+    torch.testing.assert_close(y_changed[0, :10], y[0, :10])
+    assert not torch.allclose(y_changed[0, 10:], y[0, 10:])
+
+
 def test_scales_that_are_graph_scalars_under_dynamic_shapes(qkv):
     """With ``dynamic=True`` a float attribute and ``√d`` of a symbolic size are scalars of the graph: the
     scale is computed there, and the attention rewritten as with constants."""
@@ -384,6 +419,9 @@ def _written(product, scale, mask, cast, escape):
             s = s.masked_fill(~causal, float("-inf")) + torch.where(pad[:, None, None, :], -1e9, 0.0)
         elif mask == "where_keep":
             s = torch.where(causal, s, float("-inf"))
+        elif mask == "multiplied":  # GPT-1: the 0/1 triangle multiplied, then masked by its complement
+            b = causal.float()
+            s = s * b + -1e4 * (1 - b)
         elif mask == "window":
             s = s.masked_fill((i[None, :] > i[:, None]) | (i[:, None] - i[None, :] >= 3), float("-inf"))
         elif mask == "bias":
@@ -399,7 +437,7 @@ def _written(product, scale, mask, cast, escape):
 @given(product=st.sampled_from(["transpose", "mT", "einsum", "method", "kept_transposed"]),
        scale=st.sampled_from(["none", "q", "mul", "div", "tensor"]),
        mask=st.sampled_from(["none", "causal_fill", "padding_fill", "hf_add", "legacy_add", "const_add", "where_keep",
-                             "two_terms", "window", "bias"]),
+                             "multiplied", "two_terms", "window", "bias"]),
        cast=st.booleans(), escape=st.booleans())
 def test_written_out_attention_is_rf_attention_or_left_exactly_alone(product, scale, mask, cast, escape):
     """Any combination of the pieces: rewritten, and then exactly the random-feature attention of what it
@@ -421,7 +459,7 @@ def test_written_out_attention_is_rf_attention_or_left_exactly_alone(product, sc
         torch.testing.assert_close(y, ref, equal_nan=True)
         return
     factor = {"none": 1.0, "q": 0.5, "mul": 0.5, "div": 1 / 3.0}[scale]
-    causal = mask in ("causal_fill", "hf_add", "const_add", "where_keep", "two_terms")
+    causal = mask in ("causal_fill", "hf_add", "const_add", "where_keep", "multiplied", "two_terms")
     kpm = pad if mask in ("padding_fill", "hf_add", "legacy_add", "two_terms") else None
     expect = torch.ops.panther.rf_attention(q, k, v, features(SPEC, row.name), "softmax", causal, factor, kpm)
     torch.testing.assert_close(y, expect)
