@@ -26,6 +26,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .common import is_call
 
@@ -185,24 +186,36 @@ FLOAT_TERM = "a float term is added to the scores (a position bias such as Swin'
              "supports only causal / key padding masks"
 
 
-def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor, ignore: bool = False, state: State = None
+def _per_key(shape: tuple, batch, keys) -> bool:
+    """Whether a mask of this 4-D ``shape`` masks each sequence's keys alike for every head and query."""
+    known = statically_known_true
+    return shape[1] == 1 and shape[2] == 1 and (shape[0] == 1 or known(shape[0] == batch)) and (
+        shape[3] == 1 or known(shape[3] == keys))
+
+
+def padding_and_causal(mask, sizes: tuple, ignore: bool = False, state: State = None
                        ) -> Union[Tuple[List[fx.Node], bool], str]:
     """``(padding factors, causal)`` when ``mask`` (SDPA's boolean ``attn_mask``, True = attend, or with
-    ``ignore`` True = ignore; ``q``, ``k`` the example values of the queries and keys) is a key padding mask,
-    the causal mask, both, or neither (an all-attend mask); else the reason it is not. Each padding factor is
-    a ``(B or 1, 1, 1, Lk)`` boolean node; their AND is the keys to keep (with ``ignore``: their OR, the keys
+    ``ignore`` True = ignore) of attention of ``sizes`` ``(B, Lq, Lk)`` (possibly symbolic) is a key padding
+    mask, the causal mask, both, or neither (an all-attend mask); else the reason it is not. Each padding
+    factor is a ``(B or 1, 1, 1, Lk or 1)`` node; their AND is the keys to keep (with ``ignore``: their OR, the keys
     to ignore). ``state`` gives the values of module buffers, which an index factor may read."""
     if not isinstance(mask, fx.Node) or not isinstance(_value(mask), torch.Tensor):
         return "explicit attn_mask that is not a tensor of the graph"
     if _value(mask).is_floating_point() and not reads_no_input(mask, state):
         return FLOAT_TERM  # its values could be other than 0 / 1 or 0 / -inf
-    B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
+    B, Lq, Lk = sizes
+    # a decoding step: the mask of one query, whatever it reads, only says which keys that query sees
+    one_query = isinstance(Lq, int) and Lq == 1
     pads, index = [], None
     for f in factors(mask, ignore):
         v = _value(f)
         if not isinstance(v, torch.Tensor) or v.dim() > 4:
             return "explicit attn_mask of more than 4 dimensions"
         shape = (1,) * (4 - v.dim()) + tuple(v.shape)
+        if one_query and not v.is_floating_point() and _per_key(shape, B, Lk):
+            pads.append(f)
+            continue
         if not all(isinstance(s, int) for s in shape + (B, Lq, Lk)):
             return "attn_mask under dynamic shapes: its causal / padding pattern cannot be checked for every length"
         if reads_no_input(f, state):
@@ -214,10 +227,13 @@ def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor, ignore: bool = Fa
             if not (binary or ignore and added):
                 return "a constant mask or term added to the scores with values other than 0 / 1 or 0 / -inf " \
                        "(a bias such as ALiBi): random-feature attention supports only causal / key padding masks"
+            if one_query and _per_key(shape, B, Lk):  # a constant of 0 / 1 or 0 / -inf: padding as any other
+                pads.append(f)
+                continue
             value = (value != 0).reshape(shape[2:]).expand(Lq, Lk).cpu()
             value = value.logical_not() if ignore else value
             index = value if index is None else index & value
-        elif shape[1:3] == (1, 1) and shape[0] in (1, B) and shape[3] == Lk:
+        elif _per_key(shape, B, Lk):
             pads.append(f)
         else:
             return "explicit attn_mask that varies per query with the inputs: random-feature attention supports " \
@@ -229,12 +245,14 @@ def padding_and_causal(mask, q: torch.Tensor, k: torch.Tensor, ignore: bool = Fa
     return "attn_mask is neither causal nor key padding (e.g. a sliding window or a prefix pattern)"
 
 
-def key_padding_mask(pads: List[fx.Node], batch: int, keys: int, ignores: Sequence[bool]):
-    """rf_attention's ``key_padding_mask`` (True = ignore) from padding factors, each True = keep, or where
-    ``ignores`` says so True = ignore: a key is ignored where any factor ignores it. Traced by ``trace_into``,
-    so ``pads`` are proxies there."""
+def key_padding_mask(pads: List[fx.Node], batch, keys, ignores: Sequence[bool]):
+    """rf_attention's ``key_padding_mask`` (True = ignore), ``(batch, keys)``, from padding factors, each
+    True = keep, or where ``ignores`` says so True = ignore: a key is ignored where any factor ignores it.
+    Traced by ``trace_into``, so ``pads`` are proxies there (and the sizes symbolic under dynamic shapes)."""
     mask = None
     for p, ignore in zip(pads, ignores):
-        p = p.bool() if ignore else p.bool().logical_not()  # a 0/1 integer mask (additive_mask) as well
+        p = torch.atleast_1d(p)  # (B or 1, 1, 1, Lk or 1), flex_attention's (B, Lk), or one scalar
+        p = p.reshape(-1, p.shape[-1]).bool()  # a 0/1 integer mask (additive_mask) as well
+        p = p if ignore else p.logical_not()
         mask = p if mask is None else mask | p
-    return mask.reshape(-1, keys).expand(batch, keys)
+    return mask.expand(batch, keys)

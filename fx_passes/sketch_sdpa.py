@@ -119,8 +119,11 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
     causal = is_causal is True
     # the masks' key padding factors, (node, ignores), and whether one is the causal triangle; else a reason
     masking = ([], causal)
+    if ok4:  # (B, Lq, Lk), as the graph has them (symbolic under dynamic shapes)
+        kv = k.meta["example_value"]
+        sizes = (qv.shape[0], qv.shape[2], kv.shape[-1] if keys_transposed else kv.shape[2])
     for mask, ignores in masks if ok4 else ():  # each key padding and/or causal: their factors all apply
-        read = padding_and_causal(mask, qv, torch.empty(shapes["key"], device="meta"), ignores, ctx.buffer_value)
+        read = padding_and_causal(mask, sizes, ignores, ctx.buffer_value)
         if isinstance(read, str):
             masking = read
             break
@@ -207,9 +210,8 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
                        info.dtype, info.device)
     p_node = ctx.add_constant(f"{d['base_name']}_rf_projection", P, node)
     new = trace_into(ctx.graph, node, rf_sdpa, d["q"], d["k"], d["v"], p_node, spec.kernel_fn, d["causal"],
-                     d["scale"], d["groups"], d["ndim"], info.shapes["query"][0], info.extra["len_k"],
-                     d["keys_transposed"], tuple(ignores for _, ignores in d["padding"]),
-                     *(p for p, _ in d["padding"]))[-1]
+                     d["scale"], d["groups"], d["ndim"], d["keys_transposed"],
+                     tuple(ignores for _, ignores in d["padding"]), *(p for p, _ in d["padding"]))[-1]
     for out in d.get("outputs", [node]):
         new.meta.update(out.meta)
         out.replace_all_uses_with(new)
@@ -220,8 +222,8 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     return OP_AFTER, err
 
 
-def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int, ndim: int, batch: int, keys: int,
-            keys_transposed: bool, ignores: tuple, *padding):
+def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int, ndim: int, keys_transposed: bool,
+            ignores: tuple, *padding):
     """SDPA's meaning in random features, for q, k, v of rank ``ndim`` (3-D and 5-D+ folded to 4-D as
     ``attention_error.fold_heads`` says, and back): ``groups`` query heads share each key/value head
     (``enable_gqa``); ``k`` holds the keys transposed with ``keys_transposed``; ``padding`` are the masks'
@@ -231,6 +233,6 @@ def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int, ndim: 
     q, k, v = (fold_heads(t, ndim) for t in (q, k, v))
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
-    kpm = key_padding_mask(list(padding), batch, keys, ignores) if padding else None
+    kpm = key_padding_mask(list(padding), q.shape[0], k.shape[2], ignores) if padding else None
     out = torch.ops.panther.rf_attention(q, k, v, P, kernel_fn, causal, scale, kpm)
     return out.squeeze(1) if ndim == 3 else out.unflatten(0, unfolded.shape[:-3]) if ndim > 4 else out
