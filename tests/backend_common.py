@@ -30,3 +30,37 @@ def padded_qkv():
     keep = torch.ones(2, 9, dtype=torch.bool)
     keep[1, 6:] = False
     return q, k, v, keep
+
+
+def decode_steps_and_whole(impl: str, device: str, options: dict):
+    """A small random Llama (``attn_implementation=impl``) with a seeded random-feature attention policy, on a
+    left-padded batch of 12 tokens: the logits of positions 7 to 11 from a prompt of 8 and four decoding steps
+    with a KV cache (the cache length symbolic from the second), those of the whole sequence in one call, and
+    the steps' attention report rows."""
+    import pytest
+
+    tf = pytest.importorskip("transformers")
+    from panther.policy import SketchSpec
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, attn_implementation=impl)).eval().to(device)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones(2, 12, dtype=torch.long, device=device)
+    mask[1, :3] = 0
+    policy = {"attention": SketchSpec(num_random_features=64, seed=0)}
+    whole, _ = compile_panther(model, policy=policy, **options)
+    with torch.no_grad():
+        expect = whole(ids, attention_mask=mask).logits[:, 7:]
+    step, reports = compile_panther(model, policy=policy, **options)
+    with torch.no_grad():
+        out = step(ids[:, :8], attention_mask=mask[:, :8], use_cache=True)
+        logits = [out.logits[:, -1]]
+        for t in range(8, 12):
+            out = step(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=out.past_key_values,
+                       use_cache=True)
+            logits.append(out.logits[:, -1])
+    assert len(reports) >= 3  # the prompt, the first step, then graphs with the cache length symbolic
+    return torch.stack(logits, 1), expect, [r for rep in reports for r in rep.rows if r.kind == "attention"]

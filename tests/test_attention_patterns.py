@@ -14,7 +14,7 @@ from fx_passes import run_passes
 from panther.backend import panther_backend
 from panther.policy import SketchSpec
 
-from backend_common import FAST, compile_panther, features, padded_qkv  # tests/ is on sys.path
+from backend_common import FAST, compile_panther, decode_steps_and_whole, features, padded_qkv  # tests/ is on sys.path
 
 SPEC = SketchSpec(num_random_features=16, seed=1)
 
@@ -373,31 +373,9 @@ def test_hf_decoding_steps_are_the_prefix_of_causal_rf_attention(impl):
     """Generating with a KV cache: each step's one query sees the keys its mask keeps, whatever the mask reads
     and though the cache length is symbolic from the second step on. So the steps' random-feature attention is
     the causal random-feature attention of the whole sequence at its last positions (a left-padded batch)."""
-    tf = pytest.importorskip("transformers")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, attn_implementation=impl)).eval()
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[1, :3] = 0
-    policy = {"attention": SketchSpec(num_random_features=64, seed=0)}
-    whole, _ = compile_panther(model, policy=policy)
-    with torch.no_grad():
-        expect = whole(ids, attention_mask=mask).logits[:, 7:]  # the prefix's last position, then each step
-    step, reports = compile_panther(model, policy=policy)
-    with torch.no_grad():
-        out = step(ids[:, :8], attention_mask=mask[:, :8], use_cache=True)
-        logits, cache = [out.logits[:, -1]], out.past_key_values
-        for t in range(8, 12):
-            out = step(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
-            logits.append(out.logits[:, -1])
-            cache = out.past_key_values
-    rows = [r for rep in reports for r in rep.rows if r.kind == "attention"]
-    assert len(reports) >= 3 and all(r.replaced for r in rows), [r.reason for r in rows]  # some symbolic
-    torch.testing.assert_close(torch.stack(logits[1:], 1), expect[:, 1:], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(logits[0], expect[:, 0], rtol=1e-4, atol=1e-5)
+    steps, whole, rows = decode_steps_and_whole(impl, "cpu", FAST)
+    assert all(r.replaced for r in rows), [r.reason for r in rows]
+    torch.testing.assert_close(steps, whole, rtol=1e-4, atol=1e-5)
 
 
 def test_scales_that_are_graph_scalars_under_dynamic_shapes(qkv):

@@ -205,6 +205,11 @@ def _bert_mask(pad, dtype):
     return (1.0 - (~pad).long()[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+def _future(q):
+    """The keys after each query, True."""
+    return torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool, device=q.device).triu(1)
+
+
 # name: (attention, its inputs from (q, k, v, pad), the rf_attention it means: (q, k, v, causal, scale, kpm))
 _FORMS = {
     "sdpa_5d": (lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v),
@@ -229,6 +234,11 @@ _FORMS = {
         q.matmul(k.transpose(-1, -2)) / 8.0 + _bert_mask(pad, q.dtype), dim=-1).matmul(v),
         lambda q, k, v, pad: [q, k, v, pad],
         lambda q, k, v, pad: (q, k, v, False, 0.125, pad)),
+    "kept_transposed_two_masks": (lambda q, k, v, pad: torch.softmax(
+        (q @ k.transpose(-1, -2).contiguous() * 0.125).masked_fill(_future(q), float("-inf"))
+        + _bert_mask(pad, q.dtype), dim=-1) @ v,
+        lambda q, k, v, pad: [q, k, v, pad],
+        lambda q, k, v, pad: (q, k, v, True, 0.125, pad)),
 }
 
 
@@ -262,3 +272,14 @@ def test_backend_attention_forms_run_the_triton_kernels(form):
     P = layer_features(row.name, 128, 64, 1, dtype=torch.bfloat16, device="cuda").float()  # as the backend drew it
     ref = torch.ops.panther.rf_attention(qq.float(), kk.float(), vv.float(), P, "softmax", causal, scale, kpm)
     assert ((y.float().reshape(ref.shape) - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_decoding_steps_compile_with_inductor_to_the_triton_attention(impl):
+    """Generation's steps (one query, the cache length symbolic from the second step) under Inductor on CUDA:
+    random-feature attention, the causal random-feature attention of the whole sequence at their positions."""
+    from backend_common import decode_steps_and_whole  # tests/ is on sys.path
+
+    steps, whole, rows = decode_steps_and_whole(impl, "cuda", {"compiler": "inductor"})
+    assert all(r.replaced for r in rows), [r.reason for r in rows]
+    torch.testing.assert_close(steps, whole, rtol=2e-3, atol=2e-3)
