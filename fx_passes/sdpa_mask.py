@@ -186,6 +186,13 @@ FLOAT_TERM = "a float term is added to the scores (a position bias such as Swin'
              "supports only causal / key padding masks"
 
 
+def is_float_term(mask, state: State = None) -> bool:
+    """Whether ``mask`` is a float tensor that reads the inputs: its values could be other than 0 / 1 or
+    0 / -inf (a position bias such as ALiBi)."""
+    value = _value(mask)
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and not reads_no_input(mask, state)
+
+
 def _per_key(shape: tuple, batch, keys) -> bool:
     """Whether a mask of this 4-D ``shape`` masks each sequence's keys alike for every head and query."""
     known = statically_known_true
@@ -202,8 +209,8 @@ def padding_and_causal(mask, sizes: tuple, ignore: bool = False, state: State = 
     to ignore). ``state`` gives the values of module buffers, which an index factor may read."""
     if not isinstance(mask, fx.Node) or not isinstance(_value(mask), torch.Tensor):
         return "explicit attn_mask that is not a tensor of the graph"
-    if _value(mask).is_floating_point() and not reads_no_input(mask, state):
-        return FLOAT_TERM  # its values could be other than 0 / 1 or 0 / -inf
+    if is_float_term(mask, state):
+        return FLOAT_TERM
     B, Lq, Lk = sizes
     # a decoding step: the mask of one query, whatever it reads, only says which keys that query sees
     one_query = isinstance(Lq, int) and Lq == 1

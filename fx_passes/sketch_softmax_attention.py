@@ -6,6 +6,8 @@ Pattern (Dynamo torch IR), read backwards from the product with the values:
                                                 # einsum("bhid,bhjd->bhij", q, k); or keys the model
                                                 # keeps transposed: q @ kt, einsum("bhid,bhdj->bhij")
     s = s * c, s / c                            # scalar factors: SDPA's ``scale`` is their product
+    s = s.view(B, H, L, L)                      # views that regroup only the batch and head dimensions
+                                                # (BLOOM), here and on the probabilities
     s = s + where(keep, 0, -inf)                # Hugging Face's eager mask (or where(ignore, -inf, 0)), or
     s = s.masked_fill(ignore, -inf)             # any fill of at most -1e4; or where(keep, s, -inf)
     p = softmax(s, dim=-1)                      # F.softmax / torch.softmax / .softmax, with dtype= or not
@@ -73,6 +75,21 @@ class WrittenAttention:
     kt: Optional[fx.Node] = None  # the transposed keys of ``q @ kᵀ`` (may serve other products too)
     keys_transposed: bool = False  # ``k`` holds the keys transposed (GPT-1's and openai/whisper's (B, H, d, L))
     problem: Optional[str] = None
+
+
+def _fold(n) -> Optional[fx.Node]:
+    """``x`` when ``n`` reshapes ``x`` only in its leading (batch, head) dimensions: BLOOM views its
+    ``(B·H, Lq, Lk)`` scores as ``(B, H, Lq, Lk)`` to add the mask, and its probabilities back."""
+    if not is_call(n, (torch.reshape, torch.flatten, torch.unflatten), ("view", "reshape", "flatten", "unflatten")):
+        return None
+    x = n.args[0]
+    shapes = [getattr(_value(t), "shape", None) for t in (n, x)]
+    ok = all(s is not None and len(s) >= 2 for s in shapes) and shapes[0][-2:] == shapes[1][-2:]
+    return x if ok else None
+
+
+def _value(n):
+    return n.meta.get("example_value") if isinstance(n, fx.Node) else None
 
 
 def _arg(n: fx.Node, i: int, name: str, default=None):
@@ -174,6 +191,8 @@ def _scores(s, found: WrittenAttention) -> bool:
         found.chain.append(s)
         if is_call(s, (), CASTS):
             s = s.args[0]
+        elif (inner := _fold(s)) is not None:
+            s = inner
         elif is_call(s, _MUL, ("mul",)) and len(s.args) == 2:
             a, b = s.args
             s, c = (b, a) if _factor(a) is not None else (a, b)
@@ -205,13 +224,14 @@ def _scores(s, found: WrittenAttention) -> bool:
             ignores = is_masked(a)
             s = b if ignores else a
             found.masks.append((cond, ignores))
-        elif is_call(s, (torch.baddbmm,), ("baddbmm",)) and len(s.args) == 3:
+        elif _is_baddbmm(s):
             # beta·input + alpha·(q @ kᵀ): diffusers' classic processor, with beta 0 (input unread) or a mask
+            # (BLOOM's ALiBi bias, unreadable)
             beta, alpha = s.kwargs.get("beta", 1), s.kwargs.get("alpha", 1)
             _scale_by(found, _factor(alpha), 1)
             if beta != 0:
                 found.masks.append(additive_mask(s.args[0]) if beta == 1 else f"baddbmm with beta={beta!r}")
-            found.q, found.kt = s.args[1], s.args[2]
+            found.q, found.kt = _arg(s, 1, "batch1"), _arg(s, 2, "batch2")
             found.k = _untransposed(found.kt)
             if found.k is None:
                 found.k, found.keys_transposed = found.kt, True
@@ -247,12 +267,18 @@ def _unscaled(x: fx.Node, found: WrittenAttention) -> fx.Node:
     return x
 
 
+def _is_baddbmm(n) -> bool:
+    return is_call(n, (torch.baddbmm,), ("baddbmm",)) and len(n.args) + len(
+        {"batch1", "batch2"} & set(n.kwargs)) == 3
+
+
 def _towards_product(n: fx.Node, depth: int) -> Optional[fx.Node]:
     """The input of ``n`` through which a product ``q @ kᵀ`` is at most ``depth`` steps back, if any."""
     for a in n.all_input_nodes:
         frontier, seen = {a}, {a}
         for _ in range(depth):
-            if any((p := _product(x, with_transposed=True)) and p[1] is not None for x in frontier):
+            if any(_is_baddbmm(x) or (p := _product(x, with_transposed=True)) and p[1] is not None
+                   for x in frontier):
                 return a
             frontier = {i for x in frontier for i in x.all_input_nodes} - seen
             seen |= frontier
@@ -264,9 +290,13 @@ def parse(node) -> Optional[WrittenAttention]:
     if _product(node, with_transposed=False) is None:
         return None
     p, v = _product(node, with_transposed=False)
+    probabilities = p
     chain, dropout_p = [], 0.0
-    while is_call(p, _DROPOUT, CASTS):
+    while is_call(p, _DROPOUT, CASTS) or _fold(p) is not None:
         chain.append(p)
+        if _fold(p) is not None:
+            p = _fold(p)
+            continue
         if p.target in _DROPOUT:
             rate, training = _arg(p, 1, "p", 0.5), _arg(p, 2, "training" if p.target is F.dropout else "train", True)
             if training is not False and rate != 0:
@@ -281,6 +311,10 @@ def parse(node) -> Optional[WrittenAttention]:
     if not _scores(_arg(p, 0, "input"), found):
         return None
     found.chain = [n for n in found.chain if isinstance(n, fx.Node)]
+    folded = any(_fold(n) is not None for n in found.chain)
+    if folded and _value(probabilities).shape != _value(found.chain[-1]).shape:  # not back as q @ kᵀ has them
+        found.unfollowed = found.unfollowed or "the scores are reshaped across the softmax into other batch " \
+            "dimensions than the product with the values takes"
     found.q, found.k = _unscaled(found.q, found), _unscaled(found.k, found)
     if found.keys_transposed and _untransposed(found.k) is not None:  # k.transpose(-2, -1) * c
         found.k, found.keys_transposed = _untransposed(found.k), False

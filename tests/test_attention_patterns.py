@@ -83,6 +83,11 @@ class Written(nn.Module):
             s = s * b + -1e4 * (1 - b)
             s = s + (1.0 - (~pad).long()[:, None, None, :].to(q.dtype)) * -10000.0
             return F.softmax(s, dim=-1) @ v
+        if self.style == "folded":  # BLOOM's layout: (B·H, L, d) products, the scores viewed as (B, H, L, L) between
+            B, H = q.shape[:2]
+            q3, k3, v3 = (t.reshape(B * H, L, d) for t in (q, k, v))
+            s = torch.matmul(q3, k3.transpose(1, 2)).view(B, H, L, L) / math.sqrt(d)
+            return torch.matmul(F.softmax(s, dim=-1).view(B * H, L, L), v3).view(B, H, L, d)
         if self.style == "two_masks":  # GPT-J before masking_utils: the causal triangle, then the padding added
             s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
             s = torch.where(self.bias[:, :, :L, :L].bool(), s, torch.finfo(s.dtype).min)
@@ -113,7 +118,8 @@ STYLES = {"timm": (8 ** -0.5, False, False), "method": (8 ** -0.5, False, False)
           "inplace": (8 ** -0.5, False, True), "sdpa_additive": (8 ** -0.5, False, True),
           "meta_llama": (8 ** -0.5, True, False), "buffer_additive": (8 ** -0.5, True, False),
           "openai_whisper": (8 ** -0.5, True, False), "kept_transposed": (8 ** -0.5, False, True),
-          "two_masks": (8 ** -0.5, True, True), "gpt1": (8 ** -0.5, True, True)}
+          "two_masks": (8 ** -0.5, True, True), "gpt1": (8 ** -0.5, True, True),
+          "folded": (8 ** -0.5, False, False)}
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -177,6 +183,14 @@ class Unreadable(nn.Module):
             return (s + (1.0 - torch.full((9,), 0.5)) * -1e9).softmax(-1) @ v
         if self.case == "reshaped":  # Swin's shifted windows: a view to add a per-window mask, and back
             return (s.view(2, 1, 3, 9, 9) + extra.view(2, 1, 3, 9, 9)).view(2, 3, 9, 9).softmax(-1) @ v
+        if self.case in ("alibi_folded", "folded_other_batches"):  # BLOOM: ALiBi added by baddbmm, then views
+            q3, k3 = q.reshape(6, 9, 8), k.reshape(6, 9, 8)
+            if self.case == "alibi_folded":
+                alibi = extra[:, :, :1, :].reshape(6, 1, 9)
+                s = alibi.baddbmm(batch1=q3, batch2=k3.transpose(-1, -2), beta=1.0, alpha=0.35).view(2, 3, 9, 9)
+                return torch.bmm(F.softmax(s, dim=-1).view(6, 9, 9), v.reshape(6, 9, 8))
+            s = torch.bmm(q3, k3.transpose(1, 2)).view(2, 3, 9, 9)
+            return s.softmax(-1).view(3, 2, 9, 9) @ v.reshape(3, 2, 9, 8)
         if self.case == "tensor_scale":
             return (s * extra).softmax(-1) @ v
         if self.case == "multiplied_unmasked":  # a 0/1 factor that no mask term masks (the keys, not the queries)
@@ -196,7 +210,9 @@ class Unreadable(nn.Module):
     ("weights_returned", "attention weights are used elsewhere"),
     ("dropout", "dropout_p=0.1"),
     ("bias", "a float term is added to the scores"),
-    ("reshaped", "the scores pass through view before the softmax"),
+    ("reshaped", "a float term is added to the scores"),  # the views only regroup the batch and heads
+    ("alibi_folded", "a float term is added to the scores"),
+    ("folded_other_batches", "reshaped across the softmax into other batch dimensions"),
     ("float_keep", "a float term is added to the scores"),
     ("half_keep", "values other than 0 / 1 or 0 / -inf"),
     ("tensor_scale", "scaled by a tensor"),
