@@ -90,17 +90,23 @@ def match(node, ctx: PassContext):
 
 
 def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p, is_causal, scale, enable_gqa,
-              *, unsupported: Optional[str] = None, keys_transposed: bool = False) -> Candidate:
+              *, unsupported: Optional[str] = None, keys_transposed: bool = False,
+              heads: Optional[int] = None) -> Candidate:
     """The candidate of an attention call with SDPA's arguments (nodes or constants) that ``rewrite`` turns
     into ``panther::rf_attention``: its LayerInfo, and what stops the rewrite (``unsupported`` first, from the
     caller's own pattern). ``masks`` stand for ``attn_mask``: ``(mask, ignores)`` terms that all apply, each
     boolean, True = attend (with ``ignores``: True = ignore), or 0/1 valued (``sdpa_mask.additive_mask``).
     ``keys_transposed``: ``k`` holds the keys with their last two dimensions swapped (a model that stores
-    them so)."""
+    them so). ``heads``: q, k, v are ``(B·heads, L, d)`` and the masks apply to the scores viewed as
+    ``(B, heads, Lq, Lk)`` (fairseq's layout): the call is read, and rewritten, as that 4-D one."""
     shapes = {r: shape_of(t.meta.get("example_value")) if isinstance(t, torch.fx.Node) else None
               for r, t in (("query", q), ("key", k), ("value", v))}
     if keys_transposed and shapes["key"] is not None and len(shapes["key"]) >= 2:
         shapes["key"] = shapes["key"][:-2] + shapes["key"][:-3:-1]
+    if heads and all(s is not None and len(s) == 3 for s in shapes.values()):
+        shapes = {r: (s[0] // heads, heads) + s[1:] for r, s in shapes.items()}
+    else:
+        heads = None
     qv = q.meta.get("example_value") if isinstance(q, torch.fx.Node) else None
     projections = []
     for t in (q, k, v):
@@ -121,7 +127,8 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
     masking = ([], causal)
     if ok4:  # (B, Lq, Lk), as the graph has them (symbolic under dynamic shapes)
         kv = k.meta["example_value"]
-        sizes = (qv.shape[0], qv.shape[2], kv.shape[-1] if keys_transposed else kv.shape[2])
+        sizes = (qv.shape[0] // heads if heads else qv.shape[0], qv.shape[-2],
+                 kv.shape[-1] if keys_transposed else kv.shape[-2])
     for mask, ignores in masks if ok4 else ():  # each key padding and/or causal: their factors all apply
         read = padding_and_causal(mask, sizes, ignores, ctx.buffer_value)
         if isinstance(read, str):
@@ -148,7 +155,7 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
                      data={"q": q, "k": k, "v": v, "ndim": ndim, "causal": extra["causal"], "scale": scale,
                            "base_name": base_name, "owner": owner, "groups": 1, "sample": sample,
                            "padding": masking[0] if isinstance(masking, tuple) else [],
-                           "keys_transposed": keys_transposed})
+                           "keys_transposed": keys_transposed, "heads": heads})
     if unsupported:
         cand.unsupported = unsupported
     elif not ndim:
@@ -212,7 +219,7 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
                        info.dtype, info.device)
     p_node = ctx.add_constant(f"{d['base_name']}_rf_projection", P, node)
     new = trace_into(ctx.graph, node, rf_sdpa, d["q"], d["k"], d["v"], p_node, spec.kernel_fn, d["causal"],
-                     d["scale"], d["groups"], d["ndim"], d["keys_transposed"],
+                     d["scale"], d["groups"], d["ndim"], d["heads"], d["keys_transposed"],
                      tuple(ignores for _, ignores in d["padding"]), *(p for p, _ in d["padding"]))[-1]
     for out in d.get("outputs", [node]):
         new.meta.update(out.meta)
@@ -224,14 +231,18 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     return OP_AFTER, err
 
 
-def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int, ndim: int, keys_transposed: bool,
-            ignores: tuple, *padding):
+def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int, ndim: int, heads: Optional[int],
+            keys_transposed: bool, ignores: tuple, *padding):
     """SDPA's meaning in random features, for q, k, v of rank ``ndim`` (3-D and 5-D+ folded to 4-D as
-    ``attention_error.fold_heads`` says, and back): ``groups`` query heads share each key/value head
-    (``enable_gqa``); ``k`` holds the keys transposed with ``keys_transposed``; ``padding`` are the masks'
-    key padding factors (True = attend, or where ``ignores`` says so True = ignore; see ``sdpa_mask``)."""
-    unfolded = q
+    ``attention_error.fold_heads`` says, and back; with ``heads``, 3-D ``(B·heads, L, d)`` unflattened to
+    ``(B, heads, L, d)`` and back): ``groups`` query heads share each key/value head (``enable_gqa``); ``k``
+    holds the keys transposed with ``keys_transposed``; ``padding`` are the masks' key padding factors
+    (True = attend, or where ``ignores`` says so True = ignore; see ``sdpa_mask``)."""
     k = k.transpose(-2, -1) if keys_transposed else k
+    if heads:
+        return rf_sdpa(*(t.unflatten(0, (-1, heads)) for t in (q, k, v)), P, kernel_fn, causal, scale, groups, 4,
+                       None, False, ignores, *padding).flatten(0, 1)
+    unfolded = q
     q, k, v = (fold_heads(t, ndim) for t in (q, k, v))
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)

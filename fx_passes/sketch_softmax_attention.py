@@ -8,7 +8,8 @@ Pattern (Dynamo torch IR), read backwards from the product with the values:
     s = s * c, s / c                            # scalar factors: SDPA's ``scale`` is their product
     s = s.view(B, H, L, L)                      # views that regroup only the batch and head dimensions
                                                 # (BLOOM), here and on the probabilities
-    s = s + where(keep, 0, -inf)                # Hugging Face's eager mask (or where(ignore, -inf, 0)), or
+    s = s + where(keep, 0, -inf)                # Hugging Face's eager mask (or where(ignore, -inf, 0)), then
+                                                # perhaps max(s, finfo.min) (XGLM); or
     s = s.masked_fill(ignore, -inf)             # any fill of at most -1e4; or where(keep, s, -inf)
     p = softmax(s, dim=-1)                      # F.softmax / torch.softmax / .softmax, with dtype= or not
     p = p.to(dtype), dropout(p, training=False) # casts and inactive dropout
@@ -74,6 +75,7 @@ class WrittenAttention:
     chain: List[fx.Node] = field(default_factory=list)  # scores to probabilities, consumers before producers
     kt: Optional[fx.Node] = None  # the transposed keys of ``q @ kᵀ`` (may serve other products too)
     keys_transposed: bool = False  # ``k`` holds the keys transposed (GPT-1's and openai/whisper's (B, H, d, L))
+    heads: Optional[int] = None  # (B·heads, Lq, Lk) scores viewed as (B, heads, Lq, Lk) (fairseq's masks)
     problem: Optional[str] = None
 
 
@@ -86,6 +88,26 @@ def _fold(n) -> Optional[fx.Node]:
     shapes = [getattr(_value(t), "shape", None) for t in (n, x)]
     ok = all(s is not None and len(s) >= 2 for s in shapes) and shapes[0][-2:] == shapes[1][-2:]
     return x if ok else None
+
+
+def _heads_view(n, x) -> Optional[int]:
+    """``H`` when ``n`` views 3-D ``x``, ``(B·H, Lq, Lk)``, as ``(B, H, Lq, Lk)``."""
+    a, b = _value(n), _value(x)
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 4 and b.dim() == 3):
+        return None
+    return a.shape[1] if all(isinstance(d, int) for d in a.shape[:2] + b.shape[:1]) else None
+
+
+def _floored(n) -> Optional[fx.Node]:
+    """``s`` when ``n`` is ``max(s, c)`` / ``s.clamp(min=c)`` with a constant ``c`` that masks (XGLM and old
+    BART-style code floor masked scores at ``finfo.min``): it changes only scores that are masked anyway."""
+    if is_call(n, (torch.max, torch.maximum), ("max", "maximum")) and len(n.args) == 2 and not n.kwargs:
+        s, c = n.args
+    elif is_call(n, (torch.clamp, torch.clamp_min), ("clamp", "clamp_min")) and _arg(n, 2, "max") is None:
+        s, c = n.args[0], _arg(n, 1, "min")
+    else:
+        return None
+    return s if isinstance(s, fx.Node) and is_masked(c) else None
 
 
 def _value(n):
@@ -191,7 +213,8 @@ def _scores(s, found: WrittenAttention) -> bool:
         found.chain.append(s)
         if is_call(s, (), CASTS):
             s = s.args[0]
-        elif (inner := _fold(s)) is not None:
+        elif (inner := _fold(s)) is not None or (inner := _floored(s)) is not None:
+            found.heads = found.heads or _heads_view(s, inner)
             s = inner
         elif is_call(s, _MUL, ("mul",)) and len(s.args) == 2:
             a, b = s.args
@@ -350,8 +373,10 @@ def sampler(node):
             term = values[mask].logical_not() if ignores else values[mask].bool()
             keep = term if keep is None else keep & term
         scale = scale_of(w.scale, tuple(p for _, p in w.symbolic), *(float(values[n]) for n in scalars))
-        k = values[w.k].transpose(-2, -1) if w.keys_transposed else values[w.k]
-        return sample(values[w.q], k, values[w.v], keep, False, scale, False)
+        q, k, v = values[w.q], values[w.k].transpose(-2, -1) if w.keys_transposed else values[w.k], values[w.v]
+        if w.heads and q.dim() == 3:
+            q, k, v = (t.unflatten(0, (-1, w.heads)) for t in (q, k, v))
+        return sample(q, k, v, keep, False, scale, False)
 
     return needed, take
 
@@ -361,7 +386,8 @@ def match(node, ctx: PassContext):
     if w is None:
         return None
     cand = sketch_sdpa.candidate(node, ctx, OP_BEFORE, w.q, w.k, w.v, [] if w.problem else w.masks, w.dropout_p,
-                                 False, w.scale, False, unsupported=w.problem, keys_transposed=w.keys_transposed)
+                                 False, w.scale, False, unsupported=w.problem, keys_transposed=w.keys_transposed,
+                                 heads=w.heads)
     cand.data.update(chain=w.chain + ([w.kt] if w.kt is not None else []), symbolic=w.symbolic)
     return cand
 

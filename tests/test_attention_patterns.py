@@ -88,6 +88,14 @@ class Written(nn.Module):
             q3, k3, v3 = (t.reshape(B * H, L, d) for t in (q, k, v))
             s = torch.matmul(q3, k3.transpose(1, 2)).view(B, H, L, L) / math.sqrt(d)
             return torch.matmul(F.softmax(s, dim=-1).view(B * H, L, L), v3).view(B, H, L, d)
+        if self.style == "fairseq":  # (B·H, L, d) products; the causal mask added 3-D, the key padding filled on
+            B, H = q.shape[:2]       # a (B, H, L, L) view, floored at finfo.min (XGLM), viewed back
+            q3, k3, v3 = (t.reshape(B * H, L, d) for t in (q, k, v))
+            s = torch.bmm(q3 * d ** -0.5, k3.transpose(1, 2))
+            s += torch.triu(torch.full((L, L), float("-inf")), 1).unsqueeze(0)
+            s = s.view(B, H, L, L).masked_fill(pad[:, None, None, :], float("-inf"))
+            s = torch.max(s, torch.tensor(torch.finfo(s.dtype).min)).view(B * H, L, L)
+            return torch.bmm(F.softmax(s, dim=-1), v3).view(B, H, L, d)
         if self.style == "two_masks":  # GPT-J before masking_utils: the causal triangle, then the padding added
             s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
             s = torch.where(self.bias[:, :, :L, :L].bool(), s, torch.finfo(s.dtype).min)
@@ -119,7 +127,7 @@ STYLES = {"timm": (8 ** -0.5, False, False), "method": (8 ** -0.5, False, False)
           "meta_llama": (8 ** -0.5, True, False), "buffer_additive": (8 ** -0.5, True, False),
           "openai_whisper": (8 ** -0.5, True, False), "kept_transposed": (8 ** -0.5, False, True),
           "two_masks": (8 ** -0.5, True, True), "gpt1": (8 ** -0.5, True, True),
-          "folded": (8 ** -0.5, False, False)}
+          "folded": (8 ** -0.5, False, False), "fairseq": (8 ** -0.5, True, True)}
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -426,7 +434,8 @@ def _written(product, scale, mask, cast, escape):
             q = q * 0.5
         s = {"transpose": lambda: q @ k.transpose(-2, -1), "mT": lambda: torch.matmul(q, k.mT),
              "einsum": lambda: torch.einsum("bhid,bhjd->bhij", q, k), "method": lambda: q.matmul(k.transpose(2, 3)),
-             "kept_transposed": lambda: q @ k.transpose(1, 2).permute(0, 2, 3, 1)}[product]()
+             "kept_transposed": lambda: q @ k.transpose(1, 2).permute(0, 2, 3, 1),
+             "folded": lambda: torch.bmm(q.flatten(0, 1), k.flatten(0, 1).mT).view(2, 3, L, L)}[product]()
         if scale in ("mul", "div", "tensor"):
             s = {"mul": lambda: s * 0.5, "div": lambda: s / 3.0, "tensor": lambda: s * t}[scale]()
         causal = torch.ones(L, L, dtype=torch.bool).tril()
@@ -453,14 +462,15 @@ def _written(product, scale, mask, cast, escape):
         elif mask == "bias":
             s = s + (i[None, :] - i[:, None]).float() * 0.1
         p = s.float().softmax(-1).to(q.dtype) if cast else F.softmax(s, dim=-1)
-        out = {"einsum": lambda: torch.einsum("bhij,bhjd->bhid", p, v), "method": lambda: p.matmul(v)}.get(
+        out = {"einsum": lambda: torch.einsum("bhij,bhjd->bhid", p, v), "method": lambda: p.matmul(v),
+               "folded": lambda: torch.bmm(p.flatten(0, 1), v.flatten(0, 1)).view(2, 3, L, -1)}.get(
             product, lambda: p @ v)()
         return (out, p) if escape else out
     return fn
 
 
 @settings(max_examples=30, deadline=None)
-@given(product=st.sampled_from(["transpose", "mT", "einsum", "method", "kept_transposed"]),
+@given(product=st.sampled_from(["transpose", "mT", "einsum", "method", "kept_transposed", "folded"]),
        scale=st.sampled_from(["none", "q", "mul", "div", "tensor"]),
        mask=st.sampled_from(["none", "causal_fill", "padding_fill", "hf_add", "legacy_add", "const_add", "where_keep",
                              "multiplied", "two_terms", "window", "bias"]),
@@ -485,6 +495,8 @@ def test_written_out_attention_is_rf_attention_or_left_exactly_alone(product, sc
         torch.testing.assert_close(y, ref, equal_nan=True)
         return
     factor = {"none": 1.0, "q": 0.5, "mul": 0.5, "div": 1 / 3.0}[scale]
+    if scale == "q" and product == "folded":  # a factor of the queries before a reshape stays on them
+        q, factor = q * 0.5, 1.0
     causal = mask in ("causal_fill", "hf_add", "const_add", "where_keep", "multiplied", "two_terms")
     kpm = pad if mask in ("padding_fill", "hf_add", "legacy_add", "two_terms") else None
     expect = torch.ops.panther.rf_attention(q, k, v, features(SPEC, row.name), "softmax", causal, factor, kpm)

@@ -239,6 +239,12 @@ _FORMS = {
         + _bert_mask(pad, q.dtype), dim=-1) @ v,
         lambda q, k, v, pad: [q, k, v, pad],
         lambda q, k, v, pad: (q, k, v, True, 0.125, pad)),
+    "fairseq_masks": (lambda q, k, v, pad: torch.bmm(torch.softmax(torch.max(
+        (torch.bmm(q, k.transpose(1, 2)) * 0.125).view(2, 4, 512, 512).masked_fill(pad[:, None, None, :], float("-inf"))
+        + torch.triu(torch.full((512, 512), float("-inf"), device=q.device), 1),
+        torch.tensor(torch.finfo(q.dtype).min, device=q.device)).view(8, 512, 512), dim=-1), v),
+        lambda q, k, v, pad: [q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), pad],
+        lambda q, k, v, pad: (q, k, v, True, 0.125, pad)),
 }
 
 
