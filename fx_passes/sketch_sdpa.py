@@ -103,7 +103,8 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
               for r, t in (("query", q), ("key", k), ("value", v))}
     if keys_transposed and shapes["key"] is not None and len(shapes["key"]) >= 2:
         shapes["key"] = shapes["key"][:-2] + shapes["key"][:-3:-1]
-    if heads and all(s is not None and len(s) == 3 for s in shapes.values()):
+    if heads and all(s is not None and len(s) == 3 and s[0] % heads == 0 for s in shapes.values()) and len(
+            {s[0] for s in shapes.values()}) == 1:  # one (B·heads) for q, k and v
         shapes = {r: (s[0] // heads, heads) + s[1:] for r, s in shapes.items()}
     else:
         heads = None
