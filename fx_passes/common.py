@@ -83,6 +83,13 @@ def concrete(d) -> int:
         return int(hint) if hint is not None else 1
 
 
+def same_sizes(a, b) -> bool:
+    """Whether two shapes, possibly symbolic, are known equal (without guarding on symbols)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
 def shape_of(value) -> Optional[Tuple[int, ...]]:
     if isinstance(value, torch.Tensor):
         return tuple(concrete(s) for s in value.shape)

@@ -66,20 +66,21 @@ def factors(n: fx.Node, ignore: bool = False) -> List[fx.Node]:
     return [n]
 
 
-def reads_no_input(n: fx.Node, state: State = None, seen=None) -> bool:
+def reads_no_input(n: fx.Node, state: State = None, seen=None, sizes_too: bool = False) -> bool:
     """Whether ``n``'s value is fixed by the graph: no placeholder (input, parameter or symbolic size) or
     module attribute reaches it, except module buffers ``state`` knows and the ``self`` of a method that reads
-    only sizes (``new_ones``...)."""
+    only sizes (``new_ones``...); with ``sizes_too``, whether it is fixed by the graph's sizes."""
     seen = set() if seen is None else seen
     if n in seen:
         return True
     seen.add(n)
     if n.op in ("placeholder", "get_attr"):
-        return state is not None and state(n) is not None
+        size = sizes_too and isinstance(_value(n), (torch.SymInt, int))
+        return size or state is not None and state(n) is not None
     args = (n.args[1:], n.kwargs) if n.op == "call_method" and n.target in _SIZE_ONLY_METHODS else (n.args, n.kwargs)
     inputs: List[fx.Node] = []
     fx.node.map_arg(args, inputs.append)
-    return all(reads_no_input(a, state, seen) for a in inputs)
+    return all(reads_no_input(a, state, seen, sizes_too) for a in inputs)
 
 
 def evaluate(node: fx.Node, state: State = None) -> Optional[torch.Tensor]:
@@ -180,17 +181,21 @@ def additive_mask(term, state: State = None) -> Union[Tuple[fx.Node, bool], str]
     return FLOAT_TERM
 
 
+#: why a mask whose pattern depends on the sequence length stays exact under dynamic shapes
+DYNAMIC_MASK = "attn_mask under dynamic shapes: its causal / padding pattern cannot be checked for every length"
 #: why a float term added to the scores stays exact attention
 FLOAT_TERM = "a float term is added to the scores (a position bias such as Swin's or ALiBi, or a mask not written " \
              "as where(mask, 0, -inf), (1 - mask) * min or a constant of 0 and -inf): random-feature attention " \
              "supports only causal / key padding masks"
 
 
-def is_float_term(mask, state: State = None) -> bool:
-    """Whether ``mask`` is a float tensor that reads the inputs: its values could be other than 0 / 1 or
-    0 / -inf (a position bias such as ALiBi)."""
+def float_term(mask, state: State = None) -> Optional[str]:
+    """Why a float ``mask`` that is not a constant stays exact: it reads the inputs, so its values could be
+    other than 0 / 1 or 0 / -inf (a position bias such as ALiBi), or it is built from symbolic sizes."""
     value = _value(mask)
-    return isinstance(value, torch.Tensor) and value.is_floating_point() and not reads_no_input(mask, state)
+    if not (isinstance(value, torch.Tensor) and value.is_floating_point()) or reads_no_input(mask, state):
+        return None
+    return DYNAMIC_MASK if reads_no_input(mask, state, sizes_too=True) else FLOAT_TERM
 
 
 def _per_key(shape: tuple, batch, keys) -> bool:
@@ -209,8 +214,9 @@ def padding_and_causal(mask, sizes: tuple, ignore: bool = False, state: State = 
     to ignore). ``state`` gives the values of module buffers, which an index factor may read."""
     if not isinstance(mask, fx.Node) or not isinstance(_value(mask), torch.Tensor):
         return "explicit attn_mask that is not a tensor of the graph"
-    if is_float_term(mask, state):
-        return FLOAT_TERM
+    reason = float_term(mask, state)
+    if reason:
+        return reason
     B, Lq, Lk = sizes
     # a decoding step: the mask of one query, whatever it reads, only says which keys that query sees
     one_query = isinstance(Lq, int) and Lq == 1
@@ -224,7 +230,7 @@ def padding_and_causal(mask, sizes: tuple, ignore: bool = False, state: State = 
             pads.append(f)
             continue
         if not all(isinstance(s, int) for s in shape + (B, Lq, Lk)):
-            return "attn_mask under dynamic shapes: its causal / padding pattern cannot be checked for every length"
+            return DYNAMIC_MASK
         if reads_no_input(f, state):
             value = evaluate(f, state)
             if value is None or shape[:2] != (1, 1):

@@ -28,7 +28,7 @@ from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
 from .attention_sample import of_call
 from .common import Candidate, PassContext, common_prefix, shape_of, trace_into
-from .sdpa_mask import FLOAT_TERM, MASKED, additive_mask, is_float_term, key_padding_mask, padding_and_causal
+from .sdpa_mask import MASKED, additive_mask, float_term, key_padding_mask, padding_and_causal
 
 KIND = "attention"
 OP_AFTER = "panther.rf_attention"
@@ -157,12 +157,13 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
                            "base_name": base_name, "owner": owner, "groups": 1, "sample": sample,
                            "padding": masking[0] if isinstance(masking, tuple) else [],
                            "keys_transposed": keys_transposed, "heads": heads})
+    float_terms = [] if ok4 else [r for r in (float_term(m, ctx.buffer_value) for m, _ in masks) if r]
     if unsupported:
         cand.unsupported = unsupported
     elif not ndim:
         cand.unsupported = "query/key/value differ in rank or have fewer than 3 dimensions"
-    elif not ok4 and any(is_float_term(m, ctx.buffer_value) for m, _ in masks):
-        cand.unsupported = FLOAT_TERM  # BLOOM's ALiBi, added to its (B·H, L, L) scores
+    elif float_terms:  # BLOOM's ALiBi on its (B·H, L, L) scores
+        cand.unsupported = float_terms[0]
     elif not ok4 and (masks or enable_gqa is not False):
         cand.unsupported = "attn_mask or enable_gqa on attention that is not 4-D (B, H, L, d): only 4-D masks are read"
     elif isinstance(masking, str):

@@ -39,7 +39,7 @@ from panther.attention_error import sample
 from panther.policy import SketchSpec
 
 from . import sketch_sdpa
-from .common import MATMUL_FUNCTIONS, MATMUL_METHODS, PassContext, is_call, trace_into
+from .common import MATMUL_FUNCTIONS, MATMUL_METHODS, PassContext, is_call, same_sizes, trace_into
 from .sdpa_mask import CASTS, MASKED, additive_mask, constant_value, is_masked, is_zero, uncast
 
 KIND = sketch_sdpa.KIND
@@ -86,7 +86,7 @@ def _fold(n) -> Optional[fx.Node]:
         return None
     x = n.args[0]
     shapes = [getattr(_value(t), "shape", None) for t in (n, x)]
-    ok = all(s is not None and len(s) >= 2 for s in shapes) and shapes[0][-2:] == shapes[1][-2:]
+    ok = all(s is not None and len(s) >= 2 for s in shapes) and same_sizes(shapes[0][-2:], shapes[1][-2:])
     return x if ok else None
 
 
@@ -334,8 +334,9 @@ def parse(node) -> Optional[WrittenAttention]:
     if not _scores(_arg(p, 0, "input"), found):
         return None
     found.chain = [n for n in found.chain if isinstance(n, fx.Node)]
+    # reshaped between the products: the probabilities must come back as q @ kᵀ has them
     folded = any(_fold(n) is not None for n in found.chain)
-    if folded and _value(probabilities).shape != _value(found.chain[-1]).shape:  # not back as q @ kᵀ has them
+    if folded and not same_sizes(_value(probabilities).shape, _value(found.chain[-1]).shape):
         found.unfollowed = found.unfollowed or "the scores are reshaped across the softmax into other batch " \
             "dimensions than the product with the values takes"
     found.q, found.k = _unscaled(found.q, found), _unscaled(found.k, found)

@@ -402,6 +402,21 @@ def test_hf_decoding_steps_are_the_prefix_of_causal_rf_attention(impl):
     torch.testing.assert_close(steps, whole, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("style", ["meta_llama", "fairseq"])
+def test_constant_masks_of_symbolic_sizes_say_so(style):
+    """Under ``dynamic=True`` a constant mask built from the sequence length (Meta's Llama, fairseq's future
+    mask) is left exact for what it is, a pattern that could differ at another length, not a float term."""
+    torch._dynamo.reset()
+    reports, model = [], Written(style).eval()
+    compiled = torch.compile(model, backend=panther_backend, dynamic=True,
+                             options={**FAST, "report": reports.append, "policy": {"attention": SPEC}})
+    q, k, v, pad = padded_qkv()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v, ~pad), model(q, k, v, ~pad))
+    (row,) = reports[0].rows
+    assert not row.replaced and "attn_mask under dynamic shapes" in row.reason, row.reason
+
+
 def test_scales_that_are_graph_scalars_under_dynamic_shapes(qkv):
     """With ``dynamic=True`` a float attribute and ``√d`` of a symbolic size are scalars of the graph: the
     scale is computed there, and the attention rewritten as with constants."""
