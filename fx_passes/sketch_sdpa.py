@@ -91,16 +91,22 @@ def match(node, ctx: PassContext):
 
 def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p, is_causal, scale, enable_gqa,
               *, unsupported: Optional[str] = None, keys_transposed: bool = False,
-              heads: Optional[int] = None) -> Candidate:
+              heads: Optional[int] = None, layout: Optional[tuple] = None) -> Candidate:
     """The candidate of an attention call with SDPA's arguments (nodes or constants) that ``rewrite`` turns
     into ``panther::rf_attention``: its LayerInfo, and what stops the rewrite (``unsupported`` first, from the
     caller's own pattern). ``masks`` stand for ``attn_mask``: ``(mask, ignores)`` terms that all apply, each
     boolean, True = attend (with ``ignores``: True = ignore), or 0/1 valued (``sdpa_mask.additive_mask``).
     ``keys_transposed``: ``k`` holds the keys with their last two dimensions swapped (a model that stores
     them so). ``heads``: q, k, v are ``(B·heads, L, d)`` and the masks apply to the scores viewed as
-    ``(B, heads, Lq, Lk)`` (fairseq's layout): the call is read, and rewritten, as that 4-D one."""
+    ``(B, heads, Lq, Lk)`` (fairseq's layout): the call is read, and rewritten, as that 4-D one. ``layout``:
+    ``(perm, out_perm)``, q, k, v permuted by ``perm`` are the call's ``(B, H, L, d)`` (flash-attn's
+    ``(B, L, H, d)`` layout), the result is permuted by ``out_perm`` back."""
     shapes = {r: shape_of(t.meta.get("example_value")) if isinstance(t, torch.fx.Node) else None
               for r, t in (("query", q), ("key", k), ("value", v))}
+    if layout and all(s is not None and len(s) == len(layout[0]) for s in shapes.values()):
+        shapes = {r: tuple(s[i] for i in layout[0]) for r, s in shapes.items()}
+    else:
+        layout = None
     if keys_transposed and shapes["key"] is not None and len(shapes["key"]) >= 2:
         shapes["key"] = shapes["key"][:-2] + shapes["key"][:-3:-1]
     if heads and all(s is not None and len(s) == 3 and s[0] % heads == 0 for s in shapes.values()) and len(
@@ -127,9 +133,9 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
     # the masks' key padding factors, (node, ignores), and whether one is the causal triangle; else a reason
     masking = ([], causal)
     if ok4:  # (B, Lq, Lk), as the graph has them (symbolic under dynamic shapes)
-        kv = k.meta["example_value"]
-        sizes = (qv.shape[0] // heads if heads else qv.shape[0], qv.shape[-2],
-                 kv.shape[-1] if keys_transposed else kv.shape[-2])
+        qz, kz = (tuple(t.meta["example_value"].shape) for t in (q, k))
+        qz, kz = (tuple(z[i] for i in layout[0]) if layout else z for z in (qz, kz))
+        sizes = (qz[0] // heads if heads else qz[0], qz[-2], kz[-1] if keys_transposed else kz[-2])
     for mask, ignores in masks if ok4 else ():  # each key padding and/or causal: their factors all apply
         read = padding_and_causal(mask, sizes, ignores, ctx.buffer_value)
         if isinstance(read, str):
@@ -156,7 +162,7 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
                      data={"q": q, "k": k, "v": v, "ndim": ndim, "causal": extra["causal"], "scale": scale,
                            "base_name": base_name, "owner": owner, "groups": 1, "sample": sample,
                            "padding": masking[0] if isinstance(masking, tuple) else [],
-                           "keys_transposed": keys_transposed, "heads": heads})
+                           "keys_transposed": keys_transposed, "heads": heads, "layout": layout})
     float_terms = [] if ok4 else [r for r in (float_term(m, ctx.buffer_value) for m, _ in masks) if r]
     if unsupported:
         cand.unsupported = unsupported
@@ -221,7 +227,7 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
                        info.dtype, info.device)
     p_node = ctx.add_constant(f"{d['base_name']}_rf_projection", P, node)
     new = trace_into(ctx.graph, node, rf_sdpa, d["q"], d["k"], d["v"], p_node, spec.kernel_fn, d["causal"],
-                     d["scale"], d["groups"], d["ndim"], d["heads"], d["keys_transposed"],
+                     d["scale"], d["groups"], d["ndim"], d["heads"], d["layout"], d["keys_transposed"],
                      tuple(ignores for _, ignores in d["padding"]), *(p for p, _ in d["padding"]))[-1]
     for out in d.get("outputs", [node]):
         new.meta.update(out.meta)
@@ -234,16 +240,21 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
 
 
 def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int, ndim: int, heads: Optional[int],
-            keys_transposed: bool, ignores: tuple, *padding):
+            layout: Optional[tuple], keys_transposed: bool, ignores: tuple, *padding):
     """SDPA's meaning in random features, for q, k, v of rank ``ndim`` (3-D and 5-D+ folded to 4-D as
     ``attention_error.fold_heads`` says, and back; with ``heads``, 3-D ``(B·heads, L, d)`` unflattened to
     ``(B, heads, L, d)`` and back): ``groups`` query heads share each key/value head (``enable_gqa``); ``k``
     holds the keys transposed with ``keys_transposed``; ``padding`` are the masks' key padding factors
-    (True = attend, or where ``ignores`` says so True = ignore; see ``sdpa_mask``)."""
+    (True = attend, or where ``ignores`` says so True = ignore; see ``sdpa_mask``); ``layout``: ``(perm,
+    out_perm)``, the permutations of q, k, v into that order and of the result back."""
+    if layout:
+        perm, out_perm = layout
+        return rf_sdpa(*(t.permute(perm) for t in (q, k, v)), P, kernel_fn, causal, scale, groups, ndim, heads,
+                       None, keys_transposed, ignores, *padding).permute(out_perm)
     k = k.transpose(-2, -1) if keys_transposed else k
     if heads:
         return rf_sdpa(*(t.unflatten(0, (-1, heads)) for t in (q, k, v)), P, kernel_fn, causal, scale, groups, 4,
-                       None, False, ignores, *padding).flatten(0, 1)
+                       None, None, False, ignores, *padding).flatten(0, 1)
     unfolded = q
     q, k, v = (fold_heads(t, ndim) for t in (q, k, v))
     if groups > 1:

@@ -76,6 +76,9 @@ class WrittenAttention:
     kt: Optional[fx.Node] = None  # the transposed keys of ``q @ kᵀ`` (may serve other products too)
     keys_transposed: bool = False  # ``k`` holds the keys transposed (GPT-1's and openai/whisper's (B, H, d, L))
     heads: Optional[int] = None  # (B·heads, Lq, Lk) scores viewed as (B, heads, Lq, Lk) (fairseq's masks)
+    # (perm, out_perm): q, k, v permuted by ``perm`` are (B, H, L, d), the result of those permuted by
+    # ``out_perm`` is the model's (an einsum of flash-attn's (B, L, H, d) layout); None where that is so already
+    layout: Optional[tuple] = None
     problem: Optional[str] = None
 
 
@@ -141,10 +144,8 @@ def _untransposed(n) -> Optional[fx.Node]:
     return None
 
 
-def _einsum_operands(n, contracts_last: bool):
-    """``(a, b)`` when ``n`` is ``einsum`` of two operands that share their batch letters and contract
-    ``a``'s last letter with ``b``'s last (``"...id,...jd->...ij"``, ``contracts_last``) or second last
-    (``"...ij,...jd->...id"``) letter."""
+def _einsum(n):
+    """``(a, b, out, operands)``: the letters and operands of a two-operand ``einsum`` call, else None."""
     if not is_call(n, (torch.functional.einsum, torch.einsum)) or n.kwargs or len(n.args) < 2:
         return None
     operands = n.args[1:] if len(n.args) > 2 else n.args[1]
@@ -152,11 +153,47 @@ def _einsum_operands(n, contracts_last: bool):
         return None
     inputs, _, out = n.args[0].replace(" ", "").partition("->")
     a, _, b = inputs.partition(",")
+    return a, b, out, tuple(operands)
+
+
+def _einsum_operands(n, contracts_last: bool):
+    """``(a, b)`` when ``n`` is ``einsum`` of two operands that share their batch letters and contract
+    ``a``'s last letter with ``b``'s last (``"...id,...jd->...ij"``, ``contracts_last``) or second last
+    (``"...ij,...jd->...id"``) letter."""
+    if _einsum(n) is None:
+        return None
+    a, b, out, operands = _einsum(n)
     if not (len(a) == len(b) == len(out) >= 3 and a[:-2] == b[:-2] == out[:-2] and len(set(a + b)) == len(a) + 1):
         return None
     (i, x), (y, z) = a[-2:], b[-2:]
     shape_ok = (x == z and out[-2:] == i + y) if contracts_last else (x == y and out[-2:] == i + z)
-    return tuple(operands) if shape_ok else None
+    return operands if shape_ok else None
+
+
+def _einsum_layout(n, scores: bool):
+    """``(a, b, perm, out_perm)`` when ``n`` is an ``einsum`` of attention whose operands order their
+    dimensions otherwise than ``(..., L, d)``, as flash-attn's ``(B, L, H, d)`` reference does with
+    ``"bthd,bshd->bhts"`` (``scores``: the scores ``(..., Lq, Lk)``, q and k in one order) and
+    ``"bhts,bshd->bthd"`` (the values; the probabilities as the scores are): ``perm`` puts the operands
+    (q and k, or v) in ``(..., L, d)`` order, ``out_perm`` (values only) the result back in its own."""
+    spec = _einsum(n)
+    if spec is None or min(map(len, spec[:3])) < 3 or any(len(set(t)) != len(t) for t in spec[:3]):
+        return None
+    a, b, out, operands = spec
+    if scores:  # a: q, b: k, out: batch + i + j
+        batch, i, j = out[:-2], out[-2], out[-1]
+        contracted = (set(a) & set(b)) - set(out)
+        if len(contracted) != 1 or set(a) != set(batch) | {i} | contracted or set(b) != set(batch) | {j} | contracted:
+            return None
+        (x,) = contracted
+        perm = tuple(a.index(c) for c in batch + i + x)
+        return (*operands, perm, None) if perm == tuple(b.index(c) for c in batch + j + x) else None
+    batch, i, j = a[:-2], a[-2], a[-1]  # a: the probabilities, b: v
+    own = set(b) - set(a)
+    if len(own) != 1 or set(b) != set(batch) | {j} | own or set(out) != set(batch) | {i} | own:
+        return None
+    (y,) = own
+    return (*operands, tuple(b.index(c) for c in batch + j + y), tuple((batch + i + y).index(c) for c in out))
 
 
 def _product(n, with_transposed: bool):
@@ -264,6 +301,9 @@ def _scores(s, found: WrittenAttention) -> bool:
             if is_call(s, MATMUL_FUNCTIONS, MATMUL_METHODS) and not found.keys_transposed:
                 found.kt = s.args[1]
             return True
+        elif (product := _einsum_layout(s, scores=True)) is not None:
+            found.q, found.k, found.layout = product[0], product[1], (product[2], None)
+            return True
         elif (inner := _towards_product(s, _UNFOLLOWED_DEPTH)) is not None:
             name = s.target if isinstance(s.target, str) else getattr(s.target, "__name__", str(s.target))
             found.unfollowed = found.unfollowed or f"the scores pass through {name} before the softmax: random " \
@@ -310,9 +350,12 @@ def _towards_product(n: fx.Node, depth: int) -> Optional[fx.Node]:
 
 def parse(node) -> Optional[WrittenAttention]:
     """The attention ``node`` computes, if it is the value product of attention written out."""
-    if _product(node, with_transposed=False) is None:
+    p, v = _product(node, with_transposed=False) or (None, None)
+    value_layout = None
+    if p is None and (product := _einsum_layout(node, scores=False)) is not None:
+        p, v, *value_layout = product
+    if p is None:
         return None
-    p, v = _product(node, with_transposed=False)
     probabilities = p
     chain, dropout_p = [], 0.0
     while is_call(p, _DROPOUT, CASTS) or _fold(p) is not None:
@@ -339,6 +382,12 @@ def parse(node) -> Optional[WrittenAttention]:
     if folded and not same_sizes(_value(probabilities).shape, _value(found.chain[-1]).shape):
         found.unfollowed = found.unfollowed or "the scores are reshaped across the softmax into other batch " \
             "dimensions than the product with the values takes"
+    identity = tuple(range(_ndim(v) or 0))
+    perm = found.layout[0] if found.layout else identity
+    if value_layout or found.layout:  # one order for q, k and v
+        if tuple(value_layout[0] if value_layout else identity) != perm:
+            return None
+        found.layout = (perm, tuple(value_layout[1]) if value_layout else identity)
     found.q, found.k = _unscaled(found.q, found), _unscaled(found.k, found)
     if found.keys_transposed and _untransposed(found.k) is not None:  # k.transpose(-2, -1) * c
         found.k, found.keys_transposed = _untransposed(found.k), False
@@ -377,6 +426,8 @@ def sampler(node):
         q, k, v = values[w.q], values[w.k].transpose(-2, -1) if w.keys_transposed else values[w.k], values[w.v]
         if w.heads and q.dim() == 3:
             q, k, v = (t.unflatten(0, (-1, w.heads)) for t in (q, k, v))
+        if w.layout:
+            q, k, v = (t.permute(w.layout[0]) for t in (q, k, v))
         return sample(q, k, v, keep, False, scale, False)
 
     return needed, take
@@ -388,7 +439,7 @@ def match(node, ctx: PassContext):
         return None
     cand = sketch_sdpa.candidate(node, ctx, OP_BEFORE, w.q, w.k, w.v, [] if w.problem else w.masks, w.dropout_p,
                                  False, w.scale, False, unsupported=w.problem, keys_transposed=w.keys_transposed,
-                                 heads=w.heads)
+                                 heads=w.heads, layout=w.layout)
     cand.data.update(chain=w.chain + ([w.kt] if w.kt is not None else []), symbolic=w.symbolic)
     return cand
 

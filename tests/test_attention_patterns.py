@@ -96,6 +96,11 @@ class Written(nn.Module):
             s = s.view(B, H, L, L).masked_fill(pad[:, None, None, :], float("-inf"))
             s = torch.max(s, torch.tensor(torch.finfo(s.dtype).min)).view(B * H, L, L)
             return torch.bmm(F.softmax(s, dim=-1), v3).view(B, H, L, d)
+        if self.style == "flash_layout":  # flash-attn's reference: (B, L, H, d) operands, einsums, causal
+            qb, kb, vb = (t.transpose(1, 2) for t in (q, k, v))
+            s = torch.einsum("bthd,bshd->bhts", qb / math.sqrt(d), kb)
+            s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+            return torch.einsum("bhts,bshd->bthd", s.softmax(dim=-1), vb).transpose(1, 2)
         if self.style == "two_masks":  # GPT-J before masking_utils: the causal triangle, then the padding added
             s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
             s = torch.where(self.bias[:, :, :L, :L].bool(), s, torch.finfo(s.dtype).min)
@@ -127,7 +132,8 @@ STYLES = {"timm": (8 ** -0.5, False, False), "method": (8 ** -0.5, False, False)
           "meta_llama": (8 ** -0.5, True, False), "buffer_additive": (8 ** -0.5, True, False),
           "openai_whisper": (8 ** -0.5, True, False), "kept_transposed": (8 ** -0.5, False, True),
           "two_masks": (8 ** -0.5, True, True), "gpt1": (8 ** -0.5, True, True),
-          "folded": (8 ** -0.5, False, False), "fairseq": (8 ** -0.5, True, True)}
+          "folded": (8 ** -0.5, False, False), "fairseq": (8 ** -0.5, True, True),
+          "flash_layout": (8 ** -0.5, True, False)}
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -450,7 +456,8 @@ def _written(product, scale, mask, cast, escape):
         s = {"transpose": lambda: q @ k.transpose(-2, -1), "mT": lambda: torch.matmul(q, k.mT),
              "einsum": lambda: torch.einsum("bhid,bhjd->bhij", q, k), "method": lambda: q.matmul(k.transpose(2, 3)),
              "kept_transposed": lambda: q @ k.transpose(1, 2).permute(0, 2, 3, 1),
-             "folded": lambda: torch.bmm(q.flatten(0, 1), k.flatten(0, 1).mT).view(2, 3, L, L)}[product]()
+             "folded": lambda: torch.bmm(q.flatten(0, 1), k.flatten(0, 1).mT).view(2, 3, L, L),
+             "flash_layout": lambda: torch.einsum("bthd,bshd->bhts", q.transpose(1, 2), k.transpose(1, 2))}[product]()
         if scale in ("mul", "div", "tensor"):
             s = {"mul": lambda: s * 0.5, "div": lambda: s / 3.0, "tensor": lambda: s * t}[scale]()
         causal = torch.ones(L, L, dtype=torch.bool).tril()
@@ -478,14 +485,16 @@ def _written(product, scale, mask, cast, escape):
             s = s + (i[None, :] - i[:, None]).float() * 0.1
         p = s.float().softmax(-1).to(q.dtype) if cast else F.softmax(s, dim=-1)
         out = {"einsum": lambda: torch.einsum("bhij,bhjd->bhid", p, v), "method": lambda: p.matmul(v),
-               "folded": lambda: torch.bmm(p.flatten(0, 1), v.flatten(0, 1)).view(2, 3, L, -1)}.get(
+               "folded": lambda: torch.bmm(p.flatten(0, 1), v.flatten(0, 1)).view(2, 3, L, -1),
+               "flash_layout": lambda: torch.einsum("bhts,bshd->bthd", p, v.transpose(1, 2)).transpose(1, 2)}.get(
             product, lambda: p @ v)()
         return (out, p) if escape else out
     return fn
 
 
 @settings(max_examples=30, deadline=None)
-@given(product=st.sampled_from(["transpose", "mT", "einsum", "method", "kept_transposed", "folded"]),
+@given(product=st.sampled_from(["transpose", "mT", "einsum", "method", "kept_transposed", "folded",
+                                 "flash_layout"]),
        scale=st.sampled_from(["none", "q", "mul", "div", "tensor"]),
        mask=st.sampled_from(["none", "causal_fill", "padding_fill", "hf_add", "legacy_add", "const_add", "where_keep",
                              "multiplied", "two_terms", "window", "bias"]),
@@ -510,7 +519,8 @@ def test_written_out_attention_is_rf_attention_or_left_exactly_alone(product, sc
         torch.testing.assert_close(y, ref, equal_nan=True)
         return
     factor = {"none": 1.0, "q": 0.5, "mul": 0.5, "div": 1 / 3.0}[scale]
-    if scale == "q" and product == "folded":  # a factor of the queries before a reshape stays on them
+    if scale == "q" and product in ("folded", "flash_layout"):  # a factor of the queries before a reshape
+        # or a transpose stays on them
         q, factor = q * 0.5, 1.0
     causal = mask in ("causal_fill", "hf_add", "const_add", "where_keep", "multiplied", "two_terms")
     kpm = pad if mask in ("padding_fill", "hf_add", "legacy_add", "two_terms") else None

@@ -245,6 +245,11 @@ _FORMS = {
         torch.tensor(torch.finfo(q.dtype).min, device=q.device)).view(8, 512, 512), dim=-1), v),
         lambda q, k, v, pad: [q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), pad],
         lambda q, k, v, pad: (q, k, v, True, 0.125, pad)),
+    "flash_layout_einsum": (lambda q, k, v: torch.einsum("bhts,bshd->bthd", torch.einsum(
+        "bthd,bshd->bhts", q * 0.125, k).masked_fill(_future(q.transpose(1, 2)), float("-inf")).softmax(-1),
+        v).transpose(1, 2),
+        lambda q, k, v, pad: [t.transpose(1, 2) for t in (q, k, v)],
+        lambda q, k, v, pad: (q, k, v, True, 0.125, None)),
 }
 
 
