@@ -44,12 +44,13 @@ CASTS = {"to", "type", "type_as", "float", "half", "bfloat16", "double", "contig
 _SIZE_ONLY_METHODS = {"new_ones", "new_zeros", "new_full", "new_empty", "size", "dim"}
 
 
-def _value(n):
+def value_of(n):
+    """A node's example value (its fake tensor or symbolic size), or None."""
     return n.meta.get("example_value") if isinstance(n, fx.Node) else None
 
 
 def _is_bool(n) -> bool:
-    v = _value(n)
+    v = value_of(n)
     return isinstance(v, torch.Tensor) and v.dtype == torch.bool
 
 
@@ -75,7 +76,7 @@ def reads_no_input(n: fx.Node, state: State = None, seen=None, sizes_too: bool =
         return True
     seen.add(n)
     if n.op in ("placeholder", "get_attr"):
-        size = sizes_too and isinstance(_value(n), (torch.SymInt, int))
+        size = sizes_too and isinstance(value_of(n), (torch.SymInt, int))
         return size or state is not None and state(n) is not None
     args = (n.args[1:], n.kwargs) if n.op == "call_method" and n.target in _SIZE_ONLY_METHODS else (n.args, n.kwargs)
     inputs: List[fx.Node] = []
@@ -107,7 +108,7 @@ def evaluate(node: fx.Node, state: State = None) -> Optional[torch.Tensor]:
             visit(this)
             this = env[this]
         else:
-            v = _value(this)
+            v = value_of(this)
             this = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         env[n] = getattr(this, n.target)(*args, **kwargs)
 
@@ -157,8 +158,8 @@ def additive_mask(term, state: State = None) -> Union[Tuple[fx.Node, bool], str]
     boolean or integer, or a constant (:func:`padding_and_causal` checks its values). Looks through casts,
     ``expand`` and slices that keep its shape; else the reason it cannot be read."""
     while is_call(term, (operator.getitem,), {"expand", "expand_as"} | CASTS):
-        v, inner = _value(term), term.args[0]
-        iv = _value(inner)
+        v, inner = value_of(term), term.args[0]
+        iv = value_of(inner)
         if term.target is operator.getitem and not (isinstance(v, torch.Tensor) and isinstance(iv, torch.Tensor)
                                                      and v.shape == iv.shape):
             break  # a slice that cuts the mask
@@ -175,7 +176,7 @@ def additive_mask(term, state: State = None) -> Union[Tuple[fx.Node, bool], str]
         m = factor[0]
         ignores = not (is_call(m, (operator.sub, torch.sub), ("sub",)) and _constant(m.args[0], lambda t: t == 1))
         return uncast(m if ignores else m.args[1]), ignores
-    v = _value(term)
+    v = value_of(term)
     if isinstance(v, torch.Tensor) and v.is_floating_point():
         return term, True  # the mask itself, nonzero where it ignores (Meta's Llama: triu(full(-inf), 1))
     return FLOAT_TERM
@@ -192,7 +193,7 @@ FLOAT_TERM = "a float term is added to the scores (a position bias such as Swin'
 def float_term(mask, state: State = None) -> Optional[str]:
     """Why a float ``mask`` that is not a constant stays exact: it reads the inputs, so its values could be
     other than 0 / 1 or 0 / -inf (a position bias such as ALiBi), or it is built from symbolic sizes."""
-    value = _value(mask)
+    value = value_of(mask)
     if not (isinstance(value, torch.Tensor) and value.is_floating_point()) or reads_no_input(mask, state):
         return None
     return DYNAMIC_MASK if reads_no_input(mask, state, sizes_too=True) else FLOAT_TERM
@@ -212,7 +213,7 @@ def padding_and_causal(mask, sizes: tuple, ignore: bool = False, state: State = 
     mask, the causal mask, both, or neither (an all-attend mask); else the reason it is not. Each padding
     factor is a ``(B or 1, 1, 1, Lk or 1)`` node; their AND is the keys to keep (with ``ignore``: their OR, the keys
     to ignore). ``state`` gives the values of module buffers, which an index factor may read."""
-    if not isinstance(mask, fx.Node) or not isinstance(_value(mask), torch.Tensor):
+    if not isinstance(mask, fx.Node) or not isinstance(value_of(mask), torch.Tensor):
         return "explicit attn_mask that is not a tensor of the graph"
     reason = float_term(mask, state)
     if reason:
@@ -222,11 +223,12 @@ def padding_and_causal(mask, sizes: tuple, ignore: bool = False, state: State = 
     one_query = isinstance(Lq, int) and Lq == 1
     pads, index = [], None
     for f in factors(mask, ignore):
-        v = _value(f)
+        v = value_of(f)
         if not isinstance(v, torch.Tensor) or v.dim() > 4:
             return "explicit attn_mask of more than 4 dimensions"
         shape = (1,) * (4 - v.dim()) + tuple(v.shape)
-        if one_query and not v.is_floating_point() and _per_key(shape, B, Lk):
+        per_key = _per_key(shape, B, Lk)
+        if one_query and per_key and not v.is_floating_point():
             pads.append(f)
             continue
         if not all(isinstance(s, int) for s in shape + (B, Lq, Lk)):
@@ -240,13 +242,13 @@ def padding_and_causal(mask, sizes: tuple, ignore: bool = False, state: State = 
             if not (binary or ignore and added):
                 return "a constant mask or term added to the scores with values other than 0 / 1 or 0 / -inf " \
                        "(a bias such as ALiBi): random-feature attention supports only causal / key padding masks"
-            if one_query and _per_key(shape, B, Lk):  # a constant of 0 / 1 or 0 / -inf: padding as any other
+            if one_query and per_key:  # a constant of 0 / 1 or 0 / -inf: padding as any other
                 pads.append(f)
                 continue
             value = (value != 0).reshape(shape[2:]).expand(Lq, Lk).cpu()
             value = value.logical_not() if ignore else value
             index = value if index is None else index & value
-        elif _per_key(shape, B, Lk):
+        elif per_key:
             pads.append(f)
         else:
             return "explicit attn_mask that varies per query with the inputs: random-feature attention supports " \

@@ -27,7 +27,7 @@ from panther.attention_error import error_of_features, fold_heads, layer_feature
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
 from .attention_sample import of_call
-from .common import Candidate, PassContext, common_prefix, shape_of, trace_into
+from .common import Candidate, PassContext, common_prefix, concrete, trace_into
 from .sdpa_mask import MASKED, additive_mask, float_term, key_padding_mask, padding_and_causal
 
 KIND = "attention"
@@ -101,19 +101,21 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
     ``(B, heads, Lq, Lk)`` (fairseq's layout): the call is read, and rewritten, as that 4-D one. ``layout``:
     ``(perm, out_perm)``, q, k, v permuted by ``perm`` are the call's ``(B, H, L, d)`` (flash-attn's
     ``(B, L, H, d)`` layout), the result is permuted by ``out_perm`` back."""
-    shapes = {r: shape_of(t.meta.get("example_value")) if isinstance(t, torch.fx.Node) else None
-              for r, t in (("query", q), ("key", k), ("value", v))}
-    if layout and all(s is not None and len(s) == len(layout[0]) for s in shapes.values()):
-        shapes = {r: tuple(s[i] for i in layout[0]) for r, s in shapes.items()}
+    # the shapes of the call as SDPA takes them, as the graph has them (symbolic under dynamic shapes)
+    sym = {r: tuple(t.meta["example_value"].shape) if isinstance(t, torch.fx.Node) and isinstance(
+        t.meta.get("example_value"), torch.Tensor) else None for r, t in (("query", q), ("key", k), ("value", v))}
+    if layout and all(s is not None and len(s) == len(layout[0]) for s in sym.values()):
+        sym = {r: tuple(s[i] for i in layout[0]) for r, s in sym.items()}
     else:
         layout = None
-    if keys_transposed and shapes["key"] is not None and len(shapes["key"]) >= 2:
-        shapes["key"] = shapes["key"][:-2] + shapes["key"][:-3:-1]
-    if heads and all(s is not None and len(s) == 3 and s[0] % heads == 0 for s in shapes.values()) and len(
-            {s[0] for s in shapes.values()}) == 1:  # one (B·heads) for q, k and v
-        shapes = {r: (s[0] // heads, heads) + s[1:] for r, s in shapes.items()}
+    if keys_transposed and sym["key"] is not None and len(sym["key"]) >= 2:
+        sym["key"] = sym["key"][:-2] + sym["key"][:-3:-1]
+    if heads and all(s is not None and len(s) == 3 and isinstance(s[0], int) and s[0] % heads == 0
+                     for s in sym.values()) and len({s[0] for s in sym.values()}) == 1:  # one B·heads for q, k, v
+        sym = {r: (s[0] // heads, heads) + s[1:] for r, s in sym.items()}
     else:
         heads = None
+    shapes = {r: None if s is None else tuple(concrete(d) for d in s) for r, s in sym.items()}
     qv = q.meta.get("example_value") if isinstance(q, torch.fx.Node) else None
     projections = []
     for t in (q, k, v):
@@ -132,12 +134,8 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
     causal = is_causal is True
     # the masks' key padding factors, (node, ignores), and whether one is the causal triangle; else a reason
     masking = ([], causal)
-    if ok4:  # (B, Lq, Lk), as the graph has them (symbolic under dynamic shapes)
-        qz, kz = (tuple(t.meta["example_value"].shape) for t in (q, k))
-        qz, kz = (tuple(z[i] for i in layout[0]) if layout else z for z in (qz, kz))
-        sizes = (qz[0] // heads if heads else qz[0], qz[-2], kz[-1] if keys_transposed else kz[-2])
     for mask, ignores in masks if ok4 else ():  # each key padding and/or causal: their factors all apply
-        read = padding_and_causal(mask, sizes, ignores, ctx.buffer_value)
+        read = padding_and_causal(mask, (sym["query"][0], sym["query"][2], sym["key"][2]), ignores, ctx.buffer_value)
         if isinstance(read, str):
             masking = read
             break

@@ -40,7 +40,7 @@ from panther.policy import SketchSpec
 
 from . import sketch_sdpa
 from .common import MATMUL_FUNCTIONS, MATMUL_METHODS, PassContext, is_call, same_sizes, trace_into
-from .sdpa_mask import CASTS, MASKED, additive_mask, constant_value, is_masked, is_zero, uncast
+from .sdpa_mask import CASTS, MASKED, additive_mask, constant_value, is_masked, is_zero, uncast, value_of
 
 KIND = sketch_sdpa.KIND
 OP_BEFORE = "softmax(q @ k^T) @ v"
@@ -88,14 +88,14 @@ def _fold(n) -> Optional[fx.Node]:
     if not is_call(n, (torch.reshape, torch.flatten, torch.unflatten), ("view", "reshape", "flatten", "unflatten")):
         return None
     x = n.args[0]
-    shapes = [getattr(_value(t), "shape", None) for t in (n, x)]
+    shapes = [getattr(value_of(t), "shape", None) for t in (n, x)]
     ok = all(s is not None and len(s) >= 2 for s in shapes) and same_sizes(shapes[0][-2:], shapes[1][-2:])
     return x if ok else None
 
 
 def _heads_view(n, x) -> Optional[int]:
     """``H`` when ``n`` views 3-D ``x``, ``(B·H, Lq, Lk)``, as ``(B, H, Lq, Lk)``."""
-    a, b = _value(n), _value(x)
+    a, b = value_of(n), value_of(x)
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 4 and b.dim() == 3):
         return None
     return a.shape[1] if all(isinstance(d, int) for d in a.shape[:2] + b.shape[:1]) else None
@@ -113,17 +113,13 @@ def _floored(n) -> Optional[fx.Node]:
     return s if isinstance(s, fx.Node) and is_masked(c) else None
 
 
-def _value(n):
-    return n.meta.get("example_value") if isinstance(n, fx.Node) else None
-
-
 def _arg(n: fx.Node, i: int, name: str, default=None):
     """Argument ``i`` / ``name`` of a call (a method's ``self`` is argument 0)."""
     return n.kwargs[name] if name in n.kwargs else n.args[i] if len(n.args) > i else default
 
 
 def _ndim(n) -> Optional[int]:
-    v = n.meta.get("example_value") if isinstance(n, fx.Node) else None
+    v = value_of(n)
     return v.dim() if isinstance(v, torch.Tensor) else None
 
 
@@ -379,15 +375,15 @@ def parse(node) -> Optional[WrittenAttention]:
     found.chain = [n for n in found.chain if isinstance(n, fx.Node)]
     # reshaped between the products: the probabilities must come back as q @ kᵀ has them
     folded = any(_fold(n) is not None for n in found.chain)
-    if folded and not same_sizes(_value(probabilities).shape, _value(found.chain[-1]).shape):
+    if folded and not same_sizes(value_of(probabilities).shape, value_of(found.chain[-1]).shape):
         found.unfollowed = found.unfollowed or "the scores are reshaped across the softmax into other batch " \
             "dimensions than the product with the values takes"
     identity = tuple(range(_ndim(v) or 0))
-    perm = found.layout[0] if found.layout else identity
-    if value_layout or found.layout:  # one order for q, k and v
-        if tuple(value_layout[0] if value_layout else identity) != perm:
-            return None
-        found.layout = (perm, tuple(value_layout[1]) if value_layout else identity)
+    v_perm, out_perm = value_layout or (identity, identity)
+    qk_perm = found.layout[0] if found.layout else identity
+    if v_perm != qk_perm:  # one order for q, k and v
+        return None
+    found.layout = None if qk_perm == out_perm == identity else (qk_perm, out_perm)
     found.q, found.k = _unscaled(found.q, found), _unscaled(found.k, found)
     if found.keys_transposed and _untransposed(found.k) is not None:  # k.transpose(-2, -1) * c
         found.k, found.keys_transposed = _untransposed(found.k), False
