@@ -28,6 +28,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from . import index_pattern
 from .common import is_call
 
 #: the value of a module buffer placeholder, or None (``PassContext.buffer_value``)
@@ -212,16 +213,16 @@ def padding_and_causal(mask, sizes: tuple, ignore: bool = False, state: State = 
     ``ignore`` True = ignore) of attention of ``sizes`` ``(B, Lq, Lk)`` (possibly symbolic) is a key padding
     mask, the causal mask, both, or neither (an all-attend mask); else the reason it is not. Each padding
     factor is a ``(B or 1, 1, 1, Lk or 1)`` node; their AND is the keys to keep (with ``ignore``: their OR, the keys
-    to ignore). ``state`` gives the values of module buffers, which an index factor may read."""
+    to ignore). ``state`` gives the values of module buffers, which an index factor may read. An index factor of
+    symbolic sizes (dynamic shapes) is read for every length by ``index_pattern``."""
     if not isinstance(mask, fx.Node) or not isinstance(value_of(mask), torch.Tensor):
         return "explicit attn_mask that is not a tensor of the graph"
-    reason = float_term(mask, state)
-    if reason:
-        return reason
+    if float_term(mask, state) == FLOAT_TERM:
+        return FLOAT_TERM
     B, Lq, Lk = sizes
     # a decoding step: the mask of one query, whatever it reads, only says which keys that query sees
     one_query = isinstance(Lq, int) and Lq == 1
-    pads, index = [], None
+    pads, index, causal = [], None, False
     for f in factors(mask, ignore):
         v = value_of(f)
         if not isinstance(v, torch.Tensor) or v.dim() > 4:
@@ -231,33 +232,67 @@ def padding_and_causal(mask, sizes: tuple, ignore: bool = False, state: State = 
         if one_query and per_key and not v.is_floating_point():
             pads.append(f)
             continue
-        if not all(isinstance(s, int) for s in shape + (B, Lq, Lk)):
-            return DYNAMIC_MASK
-        if reads_no_input(f, state):
-            value = evaluate(f, state)
-            if value is None or shape[:2] != (1, 1):
-                return "attn_mask built from indices that do not reduce to a causal / padding pattern"
-            # numeric masks (additive_mask): 0 / 1, or where True = ignore also a constant added (0 / -inf)
-            binary, added = ((value == 0) | (value == 1)).all(), ((value == 0) | (value <= MASKED)).all()
-            if not (binary or ignore and added):
-                return "a constant mask or term added to the scores with values other than 0 / 1 or 0 / -inf " \
-                       "(a bias such as ALiBi): random-feature attention supports only causal / key padding masks"
-            if one_query and per_key:  # a constant of 0 / 1 or 0 / -inf: padding as any other
-                pads.append(f)
-                continue
-            value = (value != 0).reshape(shape[2:]).expand(Lq, Lk).cpu()
-            value = value.logical_not() if ignore else value
-            index = value if index is None else index & value
-        elif per_key:
+        if not reads_no_input(f, state, sizes_too=True):  # reads the inputs: key padding, or not readable
+            if not per_key:
+                return "explicit attn_mask that varies per query with the inputs: random-feature attention " \
+                       "supports only causal / key padding masks"
             pads.append(f)
-        else:
-            return "explicit attn_mask that varies per query with the inputs: random-feature attention supports " \
-                   "only causal / key padding masks"
+            continue
+        if not (reads_no_input(f, state) and all(isinstance(s, int) for s in shape + (Lq, Lk))):
+            read = _read_for_every_length(f, shape, Lq, Lk, ignore, state)
+            if isinstance(read, str):
+                return read
+            causal = causal or read
+            continue
+        value = evaluate(f, state)
+        if value is None or shape[:2] != (1, 1):
+            return "attn_mask built from indices that do not reduce to a causal / padding pattern"
+        if not _mask_values(value, ignore):
+            return MASK_VALUES
+        if one_query and per_key:  # a constant of 0 / 1 or 0 / -inf: padding as any other
+            pads.append(f)
+            continue
+        value = (value != 0).reshape(shape[2:]).expand(Lq, Lk).cpu()
+        value = value.logical_not() if ignore else value
+        index = value if index is None else index & value
     if index is None or bool(index.all()):
-        return pads, False
+        return pads, causal
     if Lq == Lk and torch.equal(index, torch.ones(Lq, Lk, dtype=torch.bool).tril()):
         return pads, True
-    return "attn_mask is neither causal nor key padding (e.g. a sliding window or a prefix pattern)"
+    return NEITHER
+
+
+#: why a mask of another index pattern stays exact
+NEITHER = "attn_mask is neither causal nor key padding (e.g. a sliding window or a prefix pattern)"
+#: why a constant mask of other values stays exact
+MASK_VALUES = "a constant mask or term added to the scores with values other than 0 / 1 or 0 / -inf (a bias such " \
+              "as ALiBi): random-feature attention supports only causal / key padding masks"
+
+
+def _mask_values(value: torch.Tensor, ignore: bool) -> bool:
+    """Whether a mask factor's values say only attend or not: 0 / 1, or where True = ignore also a constant added
+    (0 / -inf)."""
+    binary, added = ((value == 0) | (value == 1)).all(), ((value == 0) | (value <= MASKED)).all()
+    return bool(binary or ignore and added)
+
+
+def _read_for_every_length(f: fx.Node, shape: tuple, Lq, Lk, ignore: bool, state: State) -> Union[bool, str]:
+    """Whether an index factor of symbolic sizes keeps the causal triangle (True) or every key (False), proved for
+    every length (:func:`index_pattern.read`); else the reason it stays exact."""
+    read = index_pattern.read(f, state or (lambda n: None))
+    if not isinstance(read, index_pattern.Pattern):
+        return DYNAMIC_MASK
+    values = torch.stack([read.hi.double(), read.lo.double()])
+    if not _mask_values(values, ignore):
+        return MASK_VALUES
+    keep_hi, keep_lo = (bool(x != 0) != ignore for x in values)
+    if keep_hi and (keep_lo or read.diagonal is None):
+        return False
+    known = statically_known_true
+    square = known(shape[2] == Lq) and known(shape[3] == Lk) and known(Lq == Lk)
+    if read.diagonal == 0 and keep_hi and not keep_lo and square:
+        return True
+    return NEITHER
 
 
 def key_padding_mask(pads: List[fx.Node], batch, keys, ignores: Sequence[bool]):

@@ -22,13 +22,13 @@ def features(spec, name, d=8):
                                       generator=torch.Generator().manual_seed(seed_for(spec, name)))
 
 
-def padded_qkv():
-    """``q, k, v`` of shape (2, 3, 9, 8) and the keys each sequence keeps, ``(2, 9)``: the second sequence is
-    padded from position 6."""
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 9, 8, generator=g) for _ in range(3))
-    keep = torch.ones(2, 9, dtype=torch.bool)
-    keep[1, 6:] = False
+def padded_qkv(length: int = 9):
+    """``q, k, v`` of shape (2, 3, length, 8) and the keys each sequence keeps, ``(2, length)``: the second sequence
+    is padded in its last 3 positions."""
+    g = torch.Generator().manual_seed(length - 9)
+    q, k, v = (torch.randn(2, 3, length, 8, generator=g) for _ in range(3))
+    keep = torch.ones(2, length, dtype=torch.bool)
+    keep[1, length - 3:] = False
     return q, k, v, keep
 
 

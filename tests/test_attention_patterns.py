@@ -408,12 +408,34 @@ def test_hf_decoding_steps_are_the_prefix_of_causal_rf_attention(impl):
     torch.testing.assert_close(steps, whole, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("style", ["meta_llama", "fairseq"])
-def test_constant_masks_of_symbolic_sizes_say_so(style):
-    """Under ``dynamic=True`` a constant mask built from the sequence length (Meta's Llama, fairseq's future
-    mask) is left exact for what it is, a pattern that could differ at another length, not a float term."""
+@pytest.mark.parametrize("style", ["buffer_fill", "einsum", "additive", "legacy_additive", "meta_llama",
+                                   "buffer_additive", "two_masks", "gpt1"])
+def test_written_out_masks_are_read_for_every_length_under_dynamic_shapes(style):
+    """Under ``dynamic=True`` one graph serves every length: masks built from the sequence length (a triangle of
+    ``ones`` or ``full(-inf)``, a slice of a module's triangle buffer) and key padding are read for every length,
+    and both lengths run random-feature attention."""
     torch._dynamo.reset()
-    reports, model = [], Written(style).eval()
+    reports = []
+    compiled = torch.compile(Written(style).eval(), backend=panther_backend, dynamic=True,
+                             options={**FAST, "report": reports.append, "policy": {"attention": SPEC}})
+    scale, causal, padded = STYLES[style]
+    for length in (9, 13):
+        q, k, v, keep = padded_qkv(length)
+        with torch.no_grad():
+            y = compiled(q, k, v, ~keep)
+        (report,) = reports  # the second length ran the same graph
+        (row,) = report.rows
+        assert row.replaced, row.reason
+        ref = torch.ops.panther.rf_attention(q, k, v, features(SPEC, row.name), "softmax", causal, scale,
+                                             ~keep if padded else None)
+        torch.testing.assert_close(y, ref)
+
+
+def test_fairseq_layout_under_dynamic_shapes_says_so():
+    """fairseq's ``(B·H, L, d)`` products are read as ``(B, H, L, d)`` only when ``B·H`` is a number; under
+    ``dynamic=True`` its causal mask, added to the 3-D scores, stays exact for that reason."""
+    torch._dynamo.reset()
+    reports, model = [], Written("fairseq").eval()
     compiled = torch.compile(model, backend=panther_backend, dynamic=True,
                              options={**FAST, "report": reports.append, "policy": {"attention": SPEC}})
     q, k, v, pad = padded_qkv()

@@ -222,7 +222,12 @@ class MaskedSDPA(nn.Module):
     def forward(self, q, k, v, keep):
         L = q.shape[2]
         qi, ki = torch.arange(L)[None, None, :, None], torch.arange(L)[None, None, None, :]
-        index = {"none": qi >= 0, "causal": ki <= qi, "window": (ki <= qi) & (qi - ki < 3)}[self.pattern]
+        index = {"none": lambda: qi >= 0, "causal": lambda: ki <= qi, "window": lambda: (ki <= qi) & (qi - ki < 3),
+                 "tril": lambda: torch.ones(L, L, dtype=torch.bool).tril(),
+                 "both_shifted": lambda: ki + 2 < qi + 3,  # the causal triangle, written otherwise
+                 "wide_window": lambda: (ki <= qi) & (qi - ki < 4096),  # causal while L <= 4096 only
+                 "strict": lambda: ki < qi, "upper": lambda: ki >= qi,
+                 "offset": lambda: ki <= qi + L // 2}[self.pattern]()
         mask = (keep[:, None, None, :] & index).expand(q.shape[0], 1, L, L)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
@@ -267,15 +272,48 @@ def test_masks_random_features_cannot_apply_are_left_alone(masked_inputs):
         (row,) = reports[0].rows
         assert not row.replaced and reason in row.reason, row.reason
         torch.testing.assert_close(y, fn(*args))
-    # under dynamic shapes the index pattern is only known at the traced length
+
+
+def compile_dynamic(model, policy):
+    """``torch.compile(model, backend="panther", dynamic=True)``: one graph with the sizes symbolic."""
     torch._dynamo.reset()
     reports = []
-    compiled = torch.compile(MaskedSDPA("causal"), backend=panther_backend, dynamic=True,
-                             options={**FAST, "report": reports.append, "policy": policy})
+    return torch.compile(model, backend=panther_backend, dynamic=True,
+                         options={**FAST, "report": reports.append, "policy": policy}), reports
+
+
+@pytest.mark.parametrize("pattern", ["none", "causal", "tril", "both_shifted"])
+def test_index_masks_are_read_for_every_length_under_dynamic_shapes(pattern):
+    """Under dynamic shapes one graph serves every length, so the mask's index pattern is read symbolically: the
+    causal triangle (or no mask) proved for every length, both lengths run random-feature attention."""
+    spec = SketchSpec(num_random_features=16, seed=1)
+    compiled, reports = compile_dynamic(MaskedSDPA(pattern), {"attention": spec})
+    for length in (9, 13):
+        q, k, v, keep = padded_qkv(length)
+        with torch.no_grad():
+            y = compiled(q, k, v, keep)
+        (report,) = reports  # the second length ran the same graph
+        (row,) = report.rows
+        assert row.replaced, row.reason
+        ref = torch.ops.panther.rf_attention(q, k, v, features(spec, row.name), "softmax", pattern != "none", None,
+                                             ~keep)
+        torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("pattern, reason", [
+    ("window", "neither causal nor key padding"), ("wide_window", "neither causal nor key padding"),
+    ("strict", "neither causal nor key padding"), ("upper", "neither causal nor key padding"),
+    ("offset", "attn_mask under dynamic shapes")])
+def test_index_masks_not_causal_at_every_length_stay_exact_under_dynamic_shapes(pattern, reason, masked_inputs):
+    """A window wider than the sequence is causal at the traced length but not at every length the graph serves;
+    a diagonal shifted by a symbolic size cannot be placed: each stays exact, and says why."""
+    q, k, v, keep = masked_inputs
+    model = MaskedSDPA(pattern)
+    compiled, reports = compile_dynamic(model, {"attention": SketchSpec(num_random_features=16)})
     with torch.no_grad():
-        compiled(q, k, v, keep)
+        torch.testing.assert_close(compiled(q, k, v, keep), model(q, k, v, keep))
     (row,) = reports[0].rows
-    assert not row.replaced and "dynamic shapes" in row.reason, row.reason
+    assert not row.replaced and reason in row.reason, row.reason
 
 
 class ScaledSDPA(nn.Module):
@@ -462,6 +500,38 @@ def test_hf_padded_batches_get_random_feature_attention(arch):
     torch.testing.assert_close(y_other[1, valid], y[1, valid])
     assert rel(y_other[1, pad], y[1, pad]) > 1e-3  # the changed tokens themselves did change
     assert rel(y[1, valid], dense[1, valid]) < 0.02 and rel(y[0], dense[0]) < 0.02
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_hf_prompts_of_every_length_get_random_feature_attention_under_dynamic_shapes(impl):
+    """Dynamo compiles a model again with the sizes symbolic once it sees a second length: a left-padded Llama
+    batch of two lengths under ``dynamic=True`` runs one graph whose attention is random features at both,
+    the same as the static graph of each length."""
+    tf = pytest.importorskip("transformers")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                   attn_implementation=impl)).eval()
+    policy = {"attention": SketchSpec(num_random_features=64, seed=0)}
+    dynamic, reports = compile_dynamic(model, policy)
+    batches, compiles = [], []
+    for length in (8, 11):
+        ids = torch.randint(0, 64, (2, length), generator=torch.Generator().manual_seed(length))
+        mask = torch.ones(2, length, dtype=torch.long)
+        mask[1, :3] = 0
+        with torch.no_grad():
+            batches.append((ids, mask, dynamic(ids, attention_mask=mask).logits))
+        compiles.append(len(reports))
+    assert compiles[0] == compiles[1], compiles  # the second length ran the graphs of the first
+    rows = [r for rep in reports for r in rep.rows if r.kind == "attention"]
+    assert rows and all(r.replaced for r in rows), [r.reason for r in rows]
+    for ids, mask, y in batches:
+        static, static_reports = compile_panther(model, policy=policy)
+        with torch.no_grad():
+            torch.testing.assert_close(y, static(ids, attention_mask=mask).logits)
+        (row,) = [r for rep in static_reports for r in rep.rows if r.kind == "attention"]
+        assert row.replaced, row.reason
 
 
 # ---------------------------------------------------------------------------------------------------- MHA
