@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -34,6 +35,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from panther.attention_error import sample
 from panther.policy import SketchSpec
@@ -309,19 +311,28 @@ def _scores(s, found: WrittenAttention) -> bool:
             return False
 
 
+def _positive(c) -> bool:
+    """Whether a factor from :func:`_factor` is known to be positive (a number, or a scalar of the graph such as
+    ``d ** -0.5`` of a symbolic head size under ``dynamic=True``)."""
+    if is_call(c, (operator.pow, math.pow)) and len(c.args) == 2:
+        return _positive(c.args[0])  # a positive number to any power (the shapes' reasoning misses d ** -0.5)
+    value = value_of(c) if isinstance(c, fx.Node) else c
+    return value is not None and statically_known_true(value > 0)
+
+
 def _unscaled(x: fx.Node, found: WrittenAttention) -> fx.Node:
-    """``x`` without positive constant factors (timm scales its queries before the product), which go into
-    ``found.scale``: random features split the scale evenly between queries and keys, and are more accurate
-    so than on queries that carry all of it. In-place products are kept: they change ``x`` itself."""
+    """``x`` without positive scalar factors (timm scales its queries before the product), which go into the
+    scale: random features split the scale evenly between queries and keys, and are more accurate so than on
+    queries that carry all of it. In-place products are kept: they change ``x`` itself."""
     while found.scale is not None and isinstance(x, fx.Node) and len(x.args) == 2 and not x.kwargs and (
             is_call(x, {operator.mul, torch.mul, operator.truediv, torch.div}, ("mul", "div"))):
         divides = x.target in (operator.truediv, torch.div, "div")
         a, b = x.args
         first = None if divides else _factor(a)
-        inner, c = (b, first) if isinstance(first, float) else (a, _factor(b))
-        if not (isinstance(c, float) and c > 0 and isinstance(inner, fx.Node)):
+        inner, c = (b, first) if first is not None else (a, _factor(b))
+        if not (c is not None and _positive(c) and isinstance(inner, fx.Node)):
             break
-        found.scale *= 1 / c if divides else c
+        _scale_by(found, c, -1 if divides else 1)
         x = inner
     return x
 

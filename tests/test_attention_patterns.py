@@ -409,26 +409,29 @@ def test_hf_decoding_steps_are_the_prefix_of_causal_rf_attention(impl):
 
 
 @pytest.mark.parametrize("style", ["buffer_fill", "einsum", "additive", "legacy_additive", "meta_llama",
-                                   "buffer_additive", "two_masks", "gpt1"])
-def test_written_out_masks_are_read_for_every_length_under_dynamic_shapes(style):
+                                   "buffer_additive", "two_masks", "gpt1", "timm", "flash_layout"])
+def test_written_out_attention_is_read_for_every_length_under_dynamic_shapes(style):
     """Under ``dynamic=True`` one graph serves every length: masks built from the sequence length (a triangle of
     ``ones`` or ``full(-inf)``, a slice of a module's triangle buffer) and key padding are read for every length,
-    and both lengths run random-feature attention."""
+    and both lengths run random-feature attention. A scale of the symbolic head size (timm's ``q * d ** -0.5``
+    on the queries, flash-attn's ``q / sqrt(d)``) goes into rf_attention's scale as a constant one does."""
     torch._dynamo.reset()
     reports = []
     compiled = torch.compile(Written(style).eval(), backend=panther_backend, dynamic=True,
                              options={**FAST, "report": reports.append, "policy": {"attention": SPEC}})
     scale, causal, padded = STYLES[style]
+    compiles = []
     for length in (9, 13):
         q, k, v, keep = padded_qkv(length)
         with torch.no_grad():
             y = compiled(q, k, v, ~keep)
-        (report,) = reports  # the second length ran the same graph
-        (row,) = report.rows
+        compiles.append(len(reports))
+        (row,) = reports[-1].rows
         assert row.replaced, row.reason
         ref = torch.ops.panther.rf_attention(q, k, v, features(SPEC, row.name), "softmax", causal, scale,
                                              ~keep if padded else None)
         torch.testing.assert_close(y, ref)
+    assert compiles[0] == compiles[1], compiles  # the second length ran the graph of the first
 
 
 def test_fairseq_layout_under_dynamic_shapes_says_so():
