@@ -101,7 +101,8 @@ _COMPARE = {operator.le: "le", operator.lt: "lt", operator.ge: "ge", operator.gt
 _SAME_VALUES = {"expand", "expand_as", "contiguous", "clone"}
 # creations of one value everywhere: their fill, from (args, kwargs)
 _FILLS: Dict[object, Callable] = {
-    torch.ones: lambda a, k: 1, torch.zeros: lambda a, k: 0, torch.full: lambda a, k: a[1] if len(a) > 1 else k["fill_value"],
+    torch.ones: lambda a, k: 1, torch.zeros: lambda a, k: 0,
+    torch.full: lambda a, k: a[1] if len(a) > 1 else k["fill_value"],
     torch.ones_like: lambda a, k: 1, torch.zeros_like: lambda a, k: 0,
     "new_ones": lambda a, k: 1, "new_zeros": lambda a, k: 0,
     "new_full": lambda a, k: a[2] if len(a) > 2 else k["fill_value"]}

@@ -11,7 +11,7 @@ import panther
 from panther.backend import panther_backend
 from panther.policy import SketchSpec
 
-from backend_common import FAST, compile_panther, features, padded_qkv  # tests/ is on sys.path
+from backend_common import FAST, compile_panther, features, padded_qkv, prompts_dynamic_and_static  # tests/ is on sys.path
 
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
@@ -507,31 +507,11 @@ def test_hf_prompts_of_every_length_get_random_feature_attention_under_dynamic_s
     """Dynamo compiles a model again with the sizes symbolic once it sees a second length: a left-padded Llama
     batch of two lengths under ``dynamic=True`` runs one graph whose attention is random features at both,
     the same as the static graph of each length."""
-    tf = pytest.importorskip("transformers")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                                   attn_implementation=impl)).eval()
-    policy = {"attention": SketchSpec(num_random_features=64, seed=0)}
-    dynamic, reports = compile_dynamic(model, policy)
-    batches, compiles = [], []
-    for length in (8, 11):
-        ids = torch.randint(0, 64, (2, length), generator=torch.Generator().manual_seed(length))
-        mask = torch.ones(2, length, dtype=torch.long)
-        mask[1, :3] = 0
-        with torch.no_grad():
-            batches.append((ids, mask, dynamic(ids, attention_mask=mask).logits))
-        compiles.append(len(reports))
+    outputs, compiles, rows = prompts_dynamic_and_static(impl, "cpu", FAST)
     assert compiles[0] == compiles[1], compiles  # the second length ran the graphs of the first
-    rows = [r for rep in reports for r in rep.rows if r.kind == "attention"]
     assert rows and all(r.replaced for r in rows), [r.reason for r in rows]
-    for ids, mask, y in batches:
-        static, static_reports = compile_panther(model, policy=policy)
-        with torch.no_grad():
-            torch.testing.assert_close(y, static(ids, attention_mask=mask).logits)
-        (row,) = [r for rep in static_reports for r in rep.rows if r.kind == "attention"]
-        assert row.replaced, row.reason
+    for dynamic, static in outputs:
+        torch.testing.assert_close(dynamic, static)
 
 
 # ---------------------------------------------------------------------------------------------------- MHA

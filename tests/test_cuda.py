@@ -294,3 +294,16 @@ def test_decoding_steps_compile_with_inductor_to_the_triton_attention(impl):
     steps, whole, rows = decode_steps_and_whole(impl, "cuda", {"compiler": "inductor"})
     assert all(r.replaced for r in rows), [r.reason for r in rows]
     torch.testing.assert_close(steps, whole, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_prompts_of_two_lengths_share_one_dynamic_graph_under_inductor(impl):
+    """Under ``dynamic=True`` on CUDA, Inductor: the causal padded mask of a symbolic length is read for every
+    length, and both lengths run the random-feature attention of their static graphs."""
+    from backend_common import prompts_dynamic_and_static  # tests/ is on sys.path
+
+    outputs, compiles, rows = prompts_dynamic_and_static(impl, "cuda", {"compiler": "inductor"})
+    assert compiles[0] == compiles[1], compiles
+    assert rows and all(r.replaced for r in rows), [r.reason for r in rows]
+    for dynamic, static in outputs:
+        torch.testing.assert_close(dynamic, static, rtol=2e-3, atol=2e-3)
