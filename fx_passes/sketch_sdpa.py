@@ -19,22 +19,126 @@ masks (random features cannot apply an arbitrary one), ``dropout_p > 0``, masks 
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+import operator
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from panther.attention_error import error_of_features, fold_heads, layer_features, sample, sample_error
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
 from .attention_sample import of_call
-from .common import Candidate, PassContext, common_prefix, concrete, trace_into
-from .sdpa_mask import MASKED, additive_mask, float_term, key_padding_mask, padding_and_causal
+from .common import Candidate, PassContext, common_prefix, concrete, is_call, trace_into
+from .sdpa_mask import MASKED, additive_mask, constant_value, float_term, key_padding_mask, padding_and_causal, value_of
 
 KIND = "attention"
 OP_AFTER = "panther.rf_attention"
 _SDPA = torch._C._nn.scaled_dot_product_attention
 _ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _DEFAULTS = (None, None, None, None, 0.0, False, None, False)
+
+
+# shape-only steps that a scalar factor of the queries or keys passes through (OPT scales its queries, then splits
+# their heads)
+_SHAPE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten, torch.unsqueeze,
+                    torch.squeeze}
+_SHAPE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "unflatten", "flatten", "unsqueeze", "squeeze"}
+_MUL, _DIV = {operator.mul, torch.mul}, {operator.truediv, torch.div}
+
+
+def scalar_factor(n):
+    """A scalar factor: a number, a one-element node that reads no input (GPT-2's ``torch.full([], √d)``),
+    evaluated now, or a scalar node of the graph (a ``SymFloat``), kept; else None."""
+    if isinstance(n, fx.Node) and isinstance(n.meta.get("example_value"), (torch.SymInt, torch.SymFloat, int, float)):
+        return n
+    value = constant_value(n)
+    return float(value) if value is not None and value.numel() == 1 else None
+
+
+def is_positive(c) -> bool:
+    """Whether a :func:`scalar_factor` is known to be positive (a number, or a scalar of the graph such as
+    ``d ** -0.5`` of a symbolic head size under ``dynamic=True``)."""
+    if is_call(c, (operator.pow, math.pow)) and len(c.args) == 2:
+        return is_positive(c.args[0])  # a positive number to any power (the shapes' reasoning misses d ** -0.5)
+    value = value_of(c) if isinstance(c, fx.Node) else c
+    return value is not None and statically_known_true(value > 0)
+
+
+def scale_of(number: float, powers: tuple, *scalars):
+    """The scale: ``number`` times each of ``scalars`` to its power (±1); traced by ``trace_into``."""
+    for x, p in zip(scalars, powers):
+        number = number * x if p > 0 else number / x
+    return number
+
+
+@dataclass(frozen=True)
+class Peeled:
+    """An attention operand that is ``chain(base)`` times positive scalar ``factors`` (``(factor, ±1)``): random
+    features split the scale evenly between queries and keys, and approximate far less accurately when the
+    queries carry all of it, so the factors go into the scale and ``chain`` (shape-only steps, outermost first)
+    is applied to ``base`` again by the rewrite."""
+    base: fx.Node
+    chain: Tuple[fx.Node, ...]
+    factors: Tuple[tuple, ...]
+
+
+def peel(x) -> Optional[Peeled]:
+    """``x``'s positive scalar factors, also those under shape-only steps, if any (in-place products are kept:
+    they change their input itself)."""
+    n, steps, found = x, [], None
+    factors = []
+    while isinstance(n, fx.Node) and n.args:
+        if is_call(n, _MUL | _DIV, ("mul", "div")) and len(n.args) == 2 and not n.kwargs:
+            divides = n.target in _DIV or n.target == "div"
+            a, b = n.args
+            first = None if divides else scalar_factor(a)
+            inner, c = (b, first) if first is not None else (a, scalar_factor(b))
+            if c is None or not isinstance(inner, fx.Node) or not is_positive(c):
+                break
+            factors.append((c, -1 if divides else 1))
+            n = inner
+            found = Peeled(n, tuple(steps), tuple(factors))
+        elif is_call(n, _SHAPE_FUNCTIONS, _SHAPE_METHODS) and isinstance(n.args[0], fx.Node):
+            steps.append(n)
+            n = n.args[0]
+        else:
+            break
+    return found
+
+
+def _replay(graph: fx.Graph, before: fx.Node, peeled: Peeled) -> fx.Node:
+    """The operand without its factors, placed just before ``before``: ``peeled.chain`` applied to its base."""
+    x = peeled.base
+    with graph.inserting_before(before):
+        for step in reversed(peeled.chain):
+            x = graph.node_copy(step, lambda a, step=step, x=x: x if a is step.args[0] else a)
+    return x
+
+
+def _hint(c) -> Optional[float]:
+    """A factor's value where the graph's example runs (a scalar of the graph at its size hints), or None."""
+    v = value_of(c) if isinstance(c, fx.Node) else c
+    if isinstance(v, (torch.SymInt, torch.SymFloat)):
+        v = v.node.hint
+    return None if v is None else float(v)
+
+
+def _rescaled(sample: dict, peeled: dict) -> Optional[dict]:
+    """The accuracy sample of a call whose operands lose their factors into the scale, as the rewrite computes it."""
+    scale = sample["scale"] if sample["scale"] is not None else sample["q"].shape[-1] ** -0.5
+    out = dict(sample)
+    for r, p in peeled.items():
+        hints = [_hint(c) for c, _ in p.factors]
+        if None in hints or not isinstance(scale, (int, float)):
+            return None
+        c = math.prod(h ** power for h, (_, power) in zip(hints, p.factors))
+        out[r], scale = sample[r] / c, scale * c
+    out["scale"] = scale
+    return out
 
 
 def is_projection(n) -> bool:
@@ -91,7 +195,7 @@ def match(node, ctx: PassContext):
 
 def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p, is_causal, scale, enable_gqa,
               *, unsupported: Optional[str] = None, keys_transposed: bool = False,
-              heads: Optional[int] = None, layout: Optional[tuple] = None) -> Candidate:
+              heads: Optional[int] = None, layout: Optional[tuple] = None, symbolic=()) -> Candidate:
     """The candidate of an attention call with SDPA's arguments (nodes or constants) that ``rewrite`` turns
     into ``panther::rf_attention``: its LayerInfo, and what stops the rewrite (``unsupported`` first, from the
     caller's own pattern). ``masks`` stand for ``attn_mask``: ``(mask, ignores)`` terms that all apply, each
@@ -100,7 +204,8 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
     them so). ``heads``: q, k, v are ``(B·heads, L, d)`` and the masks apply to the scores viewed as
     ``(B, heads, Lq, Lk)`` (fairseq's layout): the call is read, and rewritten, as that 4-D one. ``layout``:
     ``(perm, out_perm)``, q, k, v permuted by ``perm`` are the call's ``(B, H, L, d)`` (flash-attn's
-    ``(B, L, H, d)`` layout), the result is permuted by ``out_perm`` back."""
+    ``(B, L, H, d)`` layout), the result is permuted by ``out_perm`` back. ``symbolic``: scalars of the graph the
+    scale is multiplied by, ``(node, ±1)``. Positive scalar factors of q and k (:func:`peel`) go into the scale."""
     # the shapes of the call as SDPA takes them, as the graph has them (symbolic under dynamic shapes)
     sym = {r: tuple(t.meta["example_value"].shape) if isinstance(t, torch.fx.Node) and isinstance(
         t.meta.get("example_value"), torch.Tensor) else None for r, t in (("query", q), ("key", k), ("value", v))}
@@ -116,6 +221,18 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
     else:
         heads = None
     shapes = {r: None if s is None else tuple(concrete(d) for d in s) for r, s in sym.items()}
+    # the operands' factors go into the scale: a number (SDPA's default scale needs a known head size)
+    head = sym["query"][-1] if sym["query"] else None
+    number = scale if scale is None or isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
+    number = head ** -0.5 if number is None and scale is None and isinstance(head, int) else number
+    peeled = {r: p for r, p in (("q", peel(q)), ("k", peel(k))) if p is not None} if number is not None else {}
+    symbolic = list(symbolic)
+    for c, power in (f for p in peeled.values() for f in p.factors):
+        if isinstance(c, fx.Node):
+            symbolic.append((c, power))
+        else:
+            number *= c ** power
+    scale = number if peeled else scale
     qv = q.meta.get("example_value") if isinstance(q, torch.fx.Node) else None
     projections = []
     for t in (q, k, v):
@@ -143,6 +260,8 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
     extra = {"head_dim": qs[-1] if qs else 1, "projections": proj_names,
              "causal": masking[1] if isinstance(masking, tuple) else causal}
     sample = ctx.attention_samples.get(node)
+    if sample is not None and peeled:
+        sample = _rescaled(sample, peeled)
     owner = _owner(ctx, projections)
     if sample is not None and isinstance(masking, tuple):  # what the policy may weigh
         draw = features_of(ctx, owner, base_name, qs[-1], getattr(qv, "dtype", None), getattr(qv, "device", None))
@@ -160,7 +279,8 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
                      data={"q": q, "k": k, "v": v, "ndim": ndim, "causal": extra["causal"], "scale": scale,
                            "base_name": base_name, "owner": owner, "groups": 1, "sample": sample,
                            "padding": masking[0] if isinstance(masking, tuple) else [],
-                           "keys_transposed": keys_transposed, "heads": heads, "layout": layout})
+                           "keys_transposed": keys_transposed, "heads": heads, "layout": layout,
+                           "peeled": peeled, "symbolic": symbolic})
     float_terms = [] if ok4 else [r for r in (float_term(m, ctx.buffer_value) for m, _ in masks) if r]
     if unsupported:
         cand.unsupported = unsupported
@@ -224,8 +344,13 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     P = projection_for(ctx, d["owner"], d["base_name"], spec.num_random_features, spec.seed, info.extra["head_dim"],
                        info.dtype, info.device)
     p_node = ctx.add_constant(f"{d['base_name']}_rf_projection", P, node)
-    new = trace_into(ctx.graph, node, rf_sdpa, d["q"], d["k"], d["v"], p_node, spec.kernel_fn, d["causal"],
-                     d["scale"], d["groups"], d["ndim"], d["heads"], d["layout"], d["keys_transposed"],
+    q, k = (_replay(ctx.graph, node, d["peeled"][r]) if r in d["peeled"] else d[r] for r in ("q", "k"))
+    scale = d["scale"]
+    if d["symbolic"]:  # the scale is computed in the graph, from its scalars
+        nodes, powers = zip(*d["symbolic"])
+        scale = trace_into(ctx.graph, node, scale_of, scale, powers, *nodes)[-1]
+    new = trace_into(ctx.graph, node, rf_sdpa, q, k, d["v"], p_node, spec.kernel_fn, d["causal"],
+                     scale, d["groups"], d["ndim"], d["heads"], d["layout"], d["keys_transposed"],
                      tuple(ignores for _, ignores in d["padding"]), *(p for p, _ in d["padding"]))[-1]
     for out in d.get("outputs", [node]):
         new.meta.update(out.meta)

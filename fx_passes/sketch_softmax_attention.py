@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -35,14 +34,13 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from panther.attention_error import sample
 from panther.policy import SketchSpec
 
 from . import sketch_sdpa
-from .common import MATMUL_FUNCTIONS, MATMUL_METHODS, PassContext, is_call, same_sizes, trace_into
-from .sdpa_mask import CASTS, MASKED, additive_mask, constant_value, is_masked, is_zero, uncast, value_of
+from .common import MATMUL_FUNCTIONS, MATMUL_METHODS, PassContext, is_call, same_sizes
+from .sdpa_mask import CASTS, MASKED, additive_mask, is_masked, is_zero, uncast, value_of
 
 KIND = sketch_sdpa.KIND
 OP_BEFORE = "softmax(q @ k^T) @ v"
@@ -215,15 +213,6 @@ def _score_product(n):
     return (*q_kt, True) if None not in ranks and len(ranks) == 1 and min(ranks) >= 3 else None
 
 
-def _factor(n):
-    """A scalar factor of the scores: a number, a one-element node that reads no input (GPT-2's
-    ``torch.full([], √d)``), evaluated now, or a scalar node of the graph (a ``SymFloat``), kept; else None."""
-    if isinstance(n, fx.Node) and isinstance(n.meta.get("example_value"), (torch.SymInt, torch.SymFloat, int, float)):
-        return n
-    value = constant_value(n)
-    return float(value) if value is not None and value.numel() == 1 else None
-
-
 def _scale_by(found: "WrittenAttention", factor, power: int):
     if isinstance(factor, fx.Node):
         found.symbolic.append((factor, power))
@@ -231,13 +220,6 @@ def _scale_by(found: "WrittenAttention", factor, power: int):
         found.scale = None
     else:
         found.scale *= factor ** power
-
-
-def scale_of(number: float, powers: tuple, *scalars):
-    """The scale: ``number`` times each of ``scalars`` to its power (±1); traced by ``trace_into``."""
-    for x, p in zip(scalars, powers):
-        number = number * x if p > 0 else number / x
-    return number
 
 
 def _scores(s, found: WrittenAttention) -> bool:
@@ -253,14 +235,14 @@ def _scores(s, found: WrittenAttention) -> bool:
             s = inner
         elif is_call(s, _MUL, ("mul",)) and len(s.args) == 2:
             a, b = s.args
-            s, c = (b, a) if _factor(a) is not None else (a, b)
-            if _factor(c) is None and isinstance(c, fx.Node):
+            s, c = (b, a) if sketch_sdpa.scalar_factor(a) is not None else (a, b)
+            if sketch_sdpa.scalar_factor(c) is None and isinstance(c, fx.Node):
                 found.multipliers.append(c)
             else:
-                _scale_by(found, _factor(c), 1)
+                _scale_by(found, sketch_sdpa.scalar_factor(c), 1)
         elif is_call(s, _DIV, ("div",)) and len(s.args) == 2 and not s.kwargs:
             s, c = s.args
-            _scale_by(found, _factor(c), -1)
+            _scale_by(found, sketch_sdpa.scalar_factor(c), -1)
         elif is_call(s, _ADD, ("add",)) and len(s.args) == 2 and not s.kwargs and any(map(is_zero, s.args)):
             s = s.args[1] if is_zero(s.args[0]) else s.args[0]  # T5 adds a zero position bias where it has none
         elif is_call(s, _ADD, ("add",)) and len(s.args) == 2 and not s.kwargs:
@@ -286,7 +268,7 @@ def _scores(s, found: WrittenAttention) -> bool:
             # beta·input + alpha·(q @ kᵀ): diffusers' classic processor, with beta 0 (input unread) or a mask
             # (BLOOM's ALiBi bias, unreadable)
             beta, alpha = s.kwargs.get("beta", 1), s.kwargs.get("alpha", 1)
-            _scale_by(found, _factor(alpha), 1)
+            _scale_by(found, sketch_sdpa.scalar_factor(alpha), 1)
             if beta != 0:
                 found.masks.append(additive_mask(s.args[0]) if beta == 1 else f"baddbmm with beta={beta!r}")
             found.q, found.kt = _arg(s, 1, "batch1"), _arg(s, 2, "batch2")
@@ -309,32 +291,6 @@ def _scores(s, found: WrittenAttention) -> bool:
             s = inner
         else:
             return False
-
-
-def _positive(c) -> bool:
-    """Whether a factor from :func:`_factor` is known to be positive (a number, or a scalar of the graph such as
-    ``d ** -0.5`` of a symbolic head size under ``dynamic=True``)."""
-    if is_call(c, (operator.pow, math.pow)) and len(c.args) == 2:
-        return _positive(c.args[0])  # a positive number to any power (the shapes' reasoning misses d ** -0.5)
-    value = value_of(c) if isinstance(c, fx.Node) else c
-    return value is not None and statically_known_true(value > 0)
-
-
-def _unscaled(x: fx.Node, found: WrittenAttention) -> fx.Node:
-    """``x`` without positive scalar factors (timm scales its queries before the product), which go into the
-    scale: random features split the scale evenly between queries and keys, and are more accurate so than on
-    queries that carry all of it. In-place products are kept: they change ``x`` itself."""
-    while found.scale is not None and isinstance(x, fx.Node) and len(x.args) == 2 and not x.kwargs and (
-            is_call(x, {operator.mul, torch.mul, operator.truediv, torch.div}, ("mul", "div"))):
-        divides = x.target in (operator.truediv, torch.div, "div")
-        a, b = x.args
-        first = None if divides else _factor(a)
-        inner, c = (b, first) if first is not None else (a, _factor(b))
-        if not (c is not None and _positive(c) and isinstance(inner, fx.Node)):
-            break
-        _scale_by(found, c, -1 if divides else 1)
-        x = inner
-    return x
 
 
 def _is_baddbmm(n) -> bool:
@@ -395,9 +351,6 @@ def parse(node) -> Optional[WrittenAttention]:
     if v_perm != qk_perm:  # one order for q, k and v
         return None
     found.layout = None if qk_perm == out_perm == identity else (qk_perm, out_perm)
-    found.q, found.k = _unscaled(found.q, found), _unscaled(found.k, found)
-    if found.keys_transposed and _untransposed(found.k) is not None:  # k.transpose(-2, -1) * c
-        found.k, found.keys_transposed = _untransposed(found.k), False
     values = [n.meta.get("example_value") for n in (found.q, found.k, found.v, node)]
     unreadable = [m for m in found.masks if isinstance(m, str)]
     keeps = [m for m, ignores in (t for t in found.masks if not isinstance(t, str)) if not ignores]
@@ -429,7 +382,7 @@ def sampler(node):
         for mask, ignores in w.masks:  # boolean, or 0/1 integers (sdpa_mask.additive_mask)
             term = values[mask].logical_not() if ignores else values[mask].bool()
             keep = term if keep is None else keep & term
-        scale = scale_of(w.scale, tuple(p for _, p in w.symbolic), *(float(values[n]) for n in scalars))
+        scale = sketch_sdpa.scale_of(w.scale, tuple(p for _, p in w.symbolic), *(float(values[n]) for n in scalars))
         q, k, v = values[w.q], values[w.k].transpose(-2, -1) if w.keys_transposed else values[w.k], values[w.v]
         if w.heads and q.dim() == 3:
             q, k, v = (t.unflatten(0, (-1, w.heads)) for t in (q, k, v))
@@ -446,17 +399,14 @@ def match(node, ctx: PassContext):
         return None
     cand = sketch_sdpa.candidate(node, ctx, OP_BEFORE, w.q, w.k, w.v, [] if w.problem else w.masks, w.dropout_p,
                                  False, w.scale, False, unsupported=w.problem, keys_transposed=w.keys_transposed,
-                                 heads=w.heads, layout=w.layout)
-    cand.data.update(chain=w.chain + ([w.kt] if w.kt is not None else []), symbolic=w.symbolic)
+                                 heads=w.heads, layout=w.layout, symbolic=w.symbolic)
+    cand.data.update(chain=w.chain + ([w.kt] if w.kt is not None else []))
     return cand
 
 
 def rewrite(cand, spec: SketchSpec, ctx: PassContext):
     chain = cand.data["chain"]
     masks = [a for n in chain for a in n.all_input_nodes if a not in chain]  # what built the mask, say
-    if cand.data["symbolic"]:  # the scale is computed in the graph, from its scalars
-        nodes, powers = zip(*cand.data["symbolic"])
-        cand.data["scale"] = trace_into(ctx.graph, cand.node, scale_of, cand.data["scale"], powers, *nodes)[-1]
     op_after, err = sketch_sdpa.rewrite(cand, spec, ctx)
     for n in chain + masks:
         _erase_if_unused(ctx.graph, n)

@@ -327,6 +327,46 @@ class ScaledSDPA(nn.Module):
         return F.scaled_dot_product_attention(self.gain * q, self.gain * k, v, is_causal=True)
 
 
+class PreScaled(nn.Module):
+    """OPT's attention: the queries scaled as they come out of their projection, then split into heads; the call
+    itself unscaled (``scale=1.0``), through SDPA or written out."""
+
+    def __init__(self, written: bool, heads: int = 4):
+        super().__init__()
+        self.written, self.heads = written, heads
+
+    def forward(self, x, k, v):
+        B, L, D = x.shape
+        q = (x * (D // self.heads) ** -0.5).view(B, L, self.heads, -1).transpose(1, 2)
+        if self.written:
+            return torch.matmul(q, k.transpose(-1, -2)).softmax(-1) @ v
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_a_query_factor_before_the_heads_split_goes_into_the_scale(written):
+    """Random features split the scale between queries and keys; queries that carry all of it (OPT's, scaled
+    before the heads are split) approximate far less accurately, so the factor is taken off them through the
+    view and transpose: the result is the random-feature attention of the unscaled queries with the scale,
+    and the error the report measures is that one's."""
+    from panther.attention_error import sample, sample_error
+
+    g = torch.Generator().manual_seed(0)
+    x, k, v = torch.randn(2, 64, 32, generator=g), torch.randn(2, 4, 64, 8, generator=g), torch.randn(2, 4, 64, 8)
+    spec = SketchSpec(num_random_features=32, seed=3)
+    compiled, reports = compile_panther(PreScaled(written), policy={"attention": spec})
+    with torch.no_grad():
+        y = compiled(x, k, v)
+    (row,) = reports[0].rows
+    assert row.replaced, row.reason
+    q = x.view(2, 64, 4, 8).transpose(1, 2)
+    P = features(spec, row.name)
+    torch.testing.assert_close(y, torch.ops.panther.rf_attention(q, k, v, P, "softmax", False, 8 ** -0.5, None))
+    split = sample_error(sample(q, k, v, None, False, 8 ** -0.5, False), P, "softmax", False)
+    on_queries = sample_error(sample(q * 8 ** -0.5, k, v, None, False, 1.0, False), P, "softmax", False)
+    assert row.est_error == pytest.approx(split, rel=1e-4) and split < on_queries
+
+
 def test_attention_error_is_measured_on_the_example_and_guards_the_default_policy(caplog):
     """Random features are accurate for small query/key norms and useless for large ones. The backend runs
     the graph once on the example input and measures the error on a sample: the report shows it, and the
