@@ -250,6 +250,10 @@ _FORMS = {
         v).transpose(1, 2),
         lambda q, k, v, pad: [t.transpose(1, 2) for t in (q, k, v)],
         lambda q, k, v, pad: (q, k, v, True, 0.125, None)),
+    "opt_prescaled_sdpa": (lambda x, k, v: torch.nn.functional.scaled_dot_product_attention(
+        (x * 0.125).view(2, 512, 4, 64).transpose(1, 2), k, v, is_causal=True, scale=1.0),
+        lambda q, k, v, pad: [q.transpose(1, 2).reshape(2, 512, 256), k, v],
+        lambda q, k, v, pad: (q, k, v, True, 0.125, None)),
 }
 
 
