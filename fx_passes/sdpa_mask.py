@@ -130,8 +130,12 @@ def constant_value(n) -> Optional[torch.Tensor]:
 
 
 def _constant(n, test) -> bool:
-    """Whether ``n`` is a constant (:func:`constant_value`) for which ``test`` holds everywhere."""
+    """Whether ``n`` is a constant (:func:`constant_value`), or under dynamic shapes one of the sizes (T5's zero
+    position bias ``zeros(1, H, Lq, Lk)``, read by ``index_pattern``), for which ``test`` holds everywhere."""
     value = constant_value(n)
+    if value is None and isinstance(n, fx.Node) and reads_no_input(n, sizes_too=True):
+        read = index_pattern.read(n, lambda _: None)
+        value = torch.stack([read.hi, read.lo]) if isinstance(read, index_pattern.Pattern) else None
     return value is not None and bool(test(value).all())
 
 

@@ -300,6 +300,26 @@ def test_index_masks_are_read_for_every_length_under_dynamic_shapes(pattern):
         torch.testing.assert_close(y, ref)
 
 
+def test_t5_zero_position_bias_of_symbolic_sizes_is_read_as_zero():
+    """T5's layers without a position bias add ``zeros(1, H, Lq, Lk)`` where the mask keeps keys: under dynamic
+    shapes it is built from symbolic sizes and is still read as zero, so the call is the key padding it applies."""
+    def t5_cross(q, k, v, keep):
+        zeros = torch.zeros(1, q.shape[1], q.shape[2], k.shape[2])
+        bias = torch.where(keep[:, None, None, :], zeros, torch.finfo(q.dtype).min)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    spec = SketchSpec(num_random_features=16, seed=1)
+    compiled, reports = compile_dynamic(t5_cross, {"attention": spec})
+    for length in (9, 13):
+        q, k, v, keep = padded_qkv(length)
+        with torch.no_grad():
+            y = compiled(q, k, v, keep)
+        (row,) = reports[-1].rows
+        assert row.replaced, row.reason
+        torch.testing.assert_close(y, torch.ops.panther.rf_attention(q, k, v, features(spec, row.name), "softmax",
+                                                                     False, None, ~keep))
+
+
 @pytest.mark.parametrize("pattern, reason", [
     ("window", "neither causal nor key padding"), ("wide_window", "neither causal nor key padding"),
     ("strict", "neither causal nor key padding"), ("upper", "neither causal nor key padding"),
