@@ -108,16 +108,20 @@ _FILLS: Dict[object, Callable] = {
     "new_full": lambda a, k: a[2] if len(a) > 2 else k["fill_value"]}
 
 
-def read(node: fx.Node, buffer_value: Callable[[fx.Node], Optional[torch.Tensor]]) -> Optional[Value]:
+def read(node: fx.Node, buffer_value: Callable[[fx.Node], Optional[torch.Tensor]], *,
+         leaves: Optional[Dict[fx.Node, Value]] = None, grid: Optional[Tuple[Size, Size]] = None) -> Optional[Value]:
     """``node``'s value as a :class:`Linear` form or a :class:`Pattern`, for every size; None when it is neither
-    or cannot be read. Its inputs may only be sizes, module buffers (``buffer_value``) and constants."""
-    env: Dict[fx.Node, object] = {}
+    or cannot be read. Its inputs may only be sizes, module buffers (``buffer_value``), constants and ``leaves``
+    (nodes whose value is given). With ``grid`` ``(Lq, Lk)``, every value stands for the whole query × key grid
+    (a ``flex_attention`` mask_mod, which computes one element from the scalar indices ``leaves`` stand for)."""
+    env: Dict[fx.Node, object] = dict(leaves or {})
 
     def value(a):
         if not isinstance(a, fx.Node):
             return a
         if a not in env:
-            env[a] = _checked(a, _read(a, value, buffer_value))
+            shape = (1, 1) + tuple(grid) if grid is not None else _shape(a)
+            env[a] = _checked(shape, _read(a, value, buffer_value, shape))
         return env[a]
 
     try:
@@ -131,10 +135,9 @@ class _Unread(Exception):
     pass
 
 
-def _checked(n: fx.Node, v):
-    """``v`` for node ``n``, once its dimensions are checked: a varying index or diagonal needs a dimension that is
-    not of size 1, else broadcasting it would repeat one row instead of varying along it."""
-    shape = _shape(n)
+def _checked(shape: Optional[tuple], v):
+    """``v`` for a node of ``shape``, once its dimensions are checked: a varying index or diagonal needs a dimension
+    that is not of size 1, else broadcasting it would repeat one row instead of varying along it."""
     if isinstance(v, Linear):
         if shape is None or any(-a > len(shape) or not known(shape[a] > 1) for a, _ in v.coefs):
             raise _Unread
@@ -144,7 +147,7 @@ def _checked(n: fx.Node, v):
     return v
 
 
-def _read(n: fx.Node, value, buffer_value):
+def _read(n: fx.Node, value, buffer_value, shape: Optional[tuple]):
     example = n.meta.get("example_value")
     if isinstance(example, (int, torch.SymInt)):
         return example  # a size, or arithmetic on sizes
@@ -189,7 +192,7 @@ def _read(n: fx.Node, value, buffer_value):
     if target in _COMPARE:
         a, b = value(args[0]), value(args[1])
         if isinstance(a, Linear) or isinstance(b, Linear):
-            return _compare(n, a, b, _COMPARE[target])
+            return _compare(shape, a, b, _COMPARE[target])
     if target in ("add", "sub", operator.add, operator.sub, torch.add, torch.sub, operator.mul, torch.mul, "mul",
                   operator.neg, "neg"):
         operands = [value(a) for a in args]
@@ -301,7 +304,7 @@ def _arithmetic(target, operands) -> Linear:
     return a.plus(b, -1 if target in ("sub", operator.sub, torch.sub) else 1)
 
 
-def _compare(n: fx.Node, a, b, how: str) -> Pattern:
+def _compare(shape: Optional[tuple], a, b, how: str) -> Pattern:
     """A comparison of linear forms over the last two dimensions, ``alpha * i + beta * j + c <= 0``: one value
     everywhere when that holds (or fails) at every index, else ``j - i`` against a diagonal."""
     if isinstance(a, Pattern) or isinstance(b, Pattern):
@@ -311,7 +314,6 @@ def _compare(n: fx.Node, a, b, how: str) -> Pattern:
     form = Linear(form.coefs, form.const + add)
     if any(axis < -2 for axis, _ in form.coefs):
         raise _Unread  # varies along a batch or head dimension
-    shape = _shape(n)
     alpha, beta, c = form.coef(-2), form.coef(-1), form.const
     size = {a: shape[a] if shape is not None and len(shape) >= -a else 1 for a in (-2, -1)}
     highest = c + max(alpha, 0) * (size[-2] - 1) + max(beta, 0) * (size[-1] - 1)

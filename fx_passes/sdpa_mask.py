@@ -268,6 +268,9 @@ def padding_and_causal(mask, sizes: tuple, ignore: bool = False, state: State = 
 
 #: why a mask of another index pattern stays exact
 NEITHER = "attn_mask is neither causal nor key padding (e.g. a sliding window or a prefix pattern)"
+#: why a causal mask of symbolic sizes stays exact when the lengths may differ
+UNEQUAL_LENGTHS = "causal attn_mask whose query and key lengths are separate symbolic sizes, not known to be equal: " \
+                  "random-feature attention's causal mode needs equal lengths"
 #: why a constant mask of other values stays exact
 MASK_VALUES = "a constant mask or term added to the scores with values other than 0 / 1 or 0 / -inf (a bias such " \
               "as ALiBi): random-feature attention supports only causal / key padding masks"
@@ -293,9 +296,8 @@ def _read_for_every_length(f: fx.Node, shape: tuple, Lq, Lk, ignore: bool, state
     if keep_hi and (keep_lo or read.diagonal is None):
         return False
     known = statically_known_true
-    square = known(shape[2] == Lq) and known(shape[3] == Lk) and known(Lq == Lk)
-    if read.diagonal == 0 and keep_hi and not keep_lo and square:
-        return True
+    if read.diagonal == 0 and keep_hi and not keep_lo and known(shape[2] == Lq) and known(shape[3] == Lk):
+        return True if known(Lq == Lk) else UNEQUAL_LENGTHS
     return NEITHER
 
 

@@ -23,13 +23,14 @@ from typing import List, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true as known
 
 from panther.attention_error import sample
 from panther.policy import SketchSpec
 
-from . import sketch_sdpa
+from . import index_pattern, sketch_sdpa
 from .common import PassContext
-from .sdpa_mask import factors
+from .sdpa_mask import UNEQUAL_LENGTHS, factors
 
 KIND = sketch_sdpa.KIND
 OP_BEFORE = "flex_attention"
@@ -77,9 +78,12 @@ def mask_pattern(mask_mod, B: int, H: int, Lq: int, Lk: int, buffers=()) -> Unio
         full = full and bool(keep.all())
         causal = causal and bool((keep == (kv <= q)).all())
         if not (full or causal):
-            return "the block mask is neither causal nor full (a sliding window, say): random-feature attention " \
-                   "supports only causal / key padding masks"
+            return _NEITHER
     return not full
+
+
+_NEITHER = "the block mask is neither causal nor full (a sliding window, say): random-feature attention supports " \
+           "only causal / key padding masks"
 
 
 def _mask_pattern(mask_mod: fx.GraphModule, sizes: tuple, buffers: tuple) -> Union[bool, str]:
@@ -118,9 +122,35 @@ def _padding_buffers(mask_mod: fx.GraphModule, buffers, B: int, Lk: int) -> Unio
     pads = [buffers[inner.index(p)] for p in inner if p in read]
     values = [p.meta.get("example_value") if isinstance(p, fx.Node) else None for p in buffers]
     if len(pads) != len(buffers) or not all(isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.dim() == 2
-                                            and v.shape[0] in (1, B) and v.shape[1] == Lk for v in values):
+                                            and (known(v.shape[0] == 1) or known(v.shape[0] == B))
+                                            and known(v.shape[1] == Lk) for v in values):
         return reason
     return pads
+
+
+def _pattern_for_every_length(mask_mod: fx.GraphModule, Lq, Lk) -> Union[bool, str]:
+    """:func:`mask_pattern` under dynamic shapes: each factor of the mask_mod's AND other than key padding
+    (``buffer[b, kv_idx]``) read for every length by ``index_pattern``, the indices as linear forms of the grid."""
+    b_idx, h_idx, q_idx, kv_idx, *inner = [n for n in mask_mod.graph.nodes if n.op == "placeholder"]
+    out = next(n for n in mask_mod.graph.nodes if n.op == "output").args[0]
+    out = out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+    leaves = {q_idx: index_pattern.Linear(((-2, 1),)), kv_idx: index_pattern.Linear(((-1, 1),))}
+    causal = False
+    for f in factors(out) if isinstance(out, fx.Node) else [out]:
+        if f.target is operator.getitem and f.args[0] in inner:
+            continue  # key padding (_padding_buffers)
+        read = index_pattern.read(f, lambda _: None, leaves=leaves, grid=(Lq, Lk))
+        if not (isinstance(read, index_pattern.Pattern) and read.hi.dtype == torch.bool):
+            return "flex_attention under dynamic shapes: its mask cannot be read for every length"
+        if bool(read.hi) and (bool(read.lo) or read.diagonal is None):
+            continue  # all True
+        if read.diagonal == 0 and not bool(read.lo):
+            if not known(Lq == Lk):
+                return UNEQUAL_LENGTHS
+            causal = True
+            continue
+        return _NEITHER
+    return causal
 
 
 @dataclass
@@ -169,8 +199,6 @@ def parse(node) -> Optional[FlexCall]:
         pass  # sketch_sdpa.candidate says why
     elif mask_mod is None:
         call.problem = "no block mask's mask_mod in the call"
-    elif not all(isinstance(s, int) for s in (*shapes[0], shapes[1][2])):
-        call.problem = "flex_attention under dynamic shapes: its mask cannot be checked for every length"
     else:
         (B, H, Lq, _), Lk = shapes[0], shapes[1][2]
         pads = _padding_buffers(mask_mod, mask_buffers, B, Lk) if mask_buffers else []
@@ -178,9 +206,12 @@ def parse(node) -> Optional[FlexCall]:
             call.problem = pads
             return call
         call.pads = pads
-        # the padding factors set to True leave the mask's index pattern
-        ones = tuple(torch.ones(p.meta["example_value"].shape, dtype=torch.bool) for p in pads)
-        pattern = _mask_pattern(mask_mod, (B, H, Lq, Lk), ones)
+        if all(isinstance(s, int) for s in (B, H, Lq, Lk)):
+            # the padding factors set to True leave the mask's index pattern
+            ones = tuple(torch.ones(p.meta["example_value"].shape, dtype=torch.bool) for p in pads)
+            pattern = _mask_pattern(mask_mod, (B, H, Lq, Lk), ones)
+        else:
+            pattern = _pattern_for_every_length(mask_mod, Lq, Lk)
         call.causal, call.problem = (pattern, None) if isinstance(pattern, bool) else (False, pattern)
     return call
 

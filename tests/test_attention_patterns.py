@@ -613,6 +613,37 @@ def test_flex_attention_with_a_causal_or_no_mask_is_rf_attention(case, flex_inpu
     torch.testing.assert_close(y, ref)
 
 
+@pytest.mark.parametrize("case", ["causal", "window"])
+def test_flex_attention_masks_are_read_for_every_length_under_dynamic_shapes(case, monkeypatch):
+    """Self-attention (q, k and v of one symbolic length) under ``dynamic=True``: the mask_mod is read for every
+    length, not evaluated at one; causal is rewritten, a window stays exact."""
+    from fx_passes import sketch_flex_attention
+
+    symbolic = []
+    for_every_length = sketch_flex_attention._pattern_for_every_length
+    monkeypatch.setattr(sketch_flex_attention, "_pattern_for_every_length",
+                        lambda *a: symbolic.append(a) or for_every_length(*a))
+    torch._dynamo.reset()
+    reports = []
+    compiled = torch.compile(lambda qkv, bm: flex.flex_attention(*qkv.unbind(0), block_mask=bm),
+                             backend=panther_backend, dynamic=True,
+                             options={**FAST, "report": reports.append, "policy": {"attention": SPEC}})
+    qkv = torch.randn(3, 2, 4, 256, 8, generator=torch.Generator().manual_seed(4))
+    block_mask = flex.create_block_mask(_causal if case == "causal" else _window, None, None, 256, 256, device="cpu")
+    with torch.no_grad():
+        y = compiled(qkv, block_mask)
+    (row,) = reports[0].rows
+    assert symbolic  # the sizes were symbolic
+    if case == "window":
+        assert not row.replaced and "neither causal nor full" in row.reason, row.reason
+        torch.testing.assert_close(y, flex.flex_attention(*qkv.unbind(0), block_mask=block_mask))
+        return
+    assert row.replaced, row.reason
+    q, k, v = qkv.unbind(0)
+    torch.testing.assert_close(y, torch.ops.panther.rf_attention(q, k, v, features(SPEC, row.name), "softmax", True,
+                                                                 None, None))
+
+
 def test_the_measuring_run_computes_flex_attention_through_sdpa(flex_inputs, monkeypatch):
     """Outside a compiled kernel flex_attention computes every score; the run that samples the attention
     inputs computes the calls it can rewrite through SDPA instead, with the same result."""

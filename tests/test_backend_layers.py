@@ -300,6 +300,22 @@ def test_index_masks_are_read_for_every_length_under_dynamic_shapes(pattern):
         torch.testing.assert_close(y, ref)
 
 
+def test_a_causal_mask_of_two_separate_lengths_stays_exact():
+    """Without duck sizing the query and key lengths are separate symbols: the mask is the causal triangle only if
+    they are equal, which the graph does not promise, and random-feature attention's causal mode needs that."""
+    def causal(q, k, v):
+        qi, ki = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ki <= qi)
+
+    q, k, v, _ = padded_qkv()
+    with torch.fx.experimental._config.patch(use_duck_shape=False):
+        compiled, reports = compile_dynamic(causal, {"attention": SketchSpec(num_random_features=16)})
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(q, k, v), causal(q, k, v))
+    (row,) = reports[0].rows
+    assert not row.replaced and "not known to be equal" in row.reason, row.reason
+
+
 def test_t5_zero_position_bias_of_symbolic_sizes_is_read_as_zero():
     """T5's layers without a position bias add ``zeros(1, H, Lq, Lk)`` where the mask keeps keys: under dynamic
     shapes it is built from symbolic sizes and is still read as zero, so the call is the key padding it applies."""
