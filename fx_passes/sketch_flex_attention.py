@@ -82,6 +82,7 @@ def mask_pattern(mask_mod, B: int, H: int, Lq: int, Lk: int, buffers=()) -> Unio
     return not full
 
 
+_DYNAMIC = "flex_attention under dynamic shapes: its mask cannot be read for every length"
 _NEITHER = "the block mask is neither causal nor full (a sliding window, say): random-feature attention supports " \
            "only causal / key padding masks"
 
@@ -141,7 +142,7 @@ def _pattern_for_every_length(mask_mod: fx.GraphModule, Lq, Lk) -> Union[bool, s
             continue  # key padding (_padding_buffers)
         read = index_pattern.read(f, lambda _: None, leaves=leaves, grid=(Lq, Lk))
         if not (isinstance(read, index_pattern.Pattern) and read.hi.dtype == torch.bool):
-            return "flex_attention under dynamic shapes: its mask cannot be read for every length"
+            return _DYNAMIC
         if bool(read.hi) and (bool(read.lo) or read.diagonal is None):
             continue  # all True
         if read.diagonal == 0 and not bool(read.lo):
@@ -202,8 +203,10 @@ def parse(node) -> Optional[FlexCall]:
     else:
         (B, H, Lq, _), Lk = shapes[0], shapes[1][2]
         pads = _padding_buffers(mask_mod, mask_buffers, B, Lk) if mask_buffers else []
-        if isinstance(pads, str):
-            call.problem = pads
+        sizes = [n for n in mask_mod.graph.nodes if n.op == "placeholder"
+                 and isinstance(n.meta.get("example_value"), torch.SymInt)]
+        if isinstance(pads, str) or sizes:  # sizes: Hugging Face's mask_mod under dynamic shapes adds symbolic
+            call.problem = _DYNAMIC if sizes else pads  # offsets to the indices, which cannot be proved 0
             return call
         call.pads = pads
         if all(isinstance(s, int) for s in (B, H, Lq, Lk)):
