@@ -223,8 +223,10 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
     shapes = {r: None if s is None else tuple(concrete(d) for d in s) for r, s in sym.items()}
     # the operands' factors go into the scale: a number (SDPA's default scale needs a known head size)
     head = sym["query"][-1] if sym["query"] else None
-    number = scale if scale is None or isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
-    number = head ** -0.5 if number is None and scale is None and isinstance(head, int) else number
+    if scale is None:
+        number = head ** -0.5 if isinstance(head, int) else None
+    else:
+        number = scale if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
     peeled = {r: p for r, p in (("q", peel(q)), ("k", peel(k))) if p is not None} if number is not None else {}
     symbolic = list(symbolic)
     for c, power in (f for p in peeled.values() for f in p.factors):

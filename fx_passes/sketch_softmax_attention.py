@@ -235,11 +235,12 @@ def _scores(s, found: WrittenAttention) -> bool:
             s = inner
         elif is_call(s, _MUL, ("mul",)) and len(s.args) == 2:
             a, b = s.args
-            s, c = (b, a) if sketch_sdpa.scalar_factor(a) is not None else (a, b)
-            if sketch_sdpa.scalar_factor(c) is None and isinstance(c, fx.Node):
+            first = sketch_sdpa.scalar_factor(a)  # each side read once: a constant side is evaluated
+            s, c, factor = (b, a, first) if first is not None else (a, b, sketch_sdpa.scalar_factor(b))
+            if factor is None and isinstance(c, fx.Node):
                 found.multipliers.append(c)
             else:
-                _scale_by(found, sketch_sdpa.scalar_factor(c), 1)
+                _scale_by(found, factor, 1)
         elif is_call(s, _DIV, ("div",)) and len(s.args) == 2 and not s.kwargs:
             s, c = s.args
             _scale_by(found, sketch_sdpa.scalar_factor(c), -1)
