@@ -93,8 +93,10 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
         Dict of name/kind patterns -> ``SketchSpec`` | ``"skip"``, consulted before ``policy``
         (per-layer exceptions to any policy).
     ``report`` (default ``None``)
-        Callable receiving each graph's :class:`~panther.report.GraphDiffReport`. The report is also
-        kept as :func:`panther.last_report` and logged at INFO on the ``"panther"`` logger.
+        Callable receiving each graph's :class:`~panther.report.GraphDiffReport` once the graph is compiled
+        (when Dynamo restarts a compile, as it does to specialise a float under dynamic shapes, only the
+        attempt it keeps reports). The report is also kept as :func:`panther.last_report` and logged at
+        INFO on the ``"panther"`` logger.
     ``compiler`` (default ``"inductor"``)
         What compiles the rewritten graph (:data:`COMPILERS`): ``"inductor"`` (with panther's
         decompositions), ``"aot_eager"`` (AOTAutograd without code generation; quick, for tests) or
@@ -146,19 +148,34 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
 
     import fx_passes
     from panther.policy import with_overrides
-    from panther.report import _set_last
 
     policy = opts["policy"]
     if opts["overrides"]:
         policy = with_overrides(policy, opts["overrides"])
     report = fx_passes.run_passes(gm, example_inputs, policy=policy, grad_enabled=torch.is_grad_enabled(),
                                   measure_attention=opts["measure_attention"])
+    from torch._dynamo.exc import RestartAnalysis
+
+    try:
+        compiled = _compile(gm, example_inputs, opts)
+    except RestartAnalysis:
+        raise  # Dynamo traces the frame again and calls the backend again, which reports that graph
+    except BaseException:
+        _publish(report, opts)  # what was rewritten helps to read the error
+        raise
+    _publish(report, opts)
+    return compiled
+
+
+def _publish(report, opts):
+    """Make ``report`` the last one, log it and hand it to the ``report`` option."""
+    from panther.report import _set_last
+
     _set_last(report)
     if log.isEnabledFor(logging.INFO):
         log.info("%s", report)
     if opts["report"] is not None:
         opts["report"](report)
-    return _compile(gm, example_inputs, opts)
 
 
 def _compile(gm, example_inputs, opts):
