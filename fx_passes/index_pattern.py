@@ -9,7 +9,8 @@ than the window. This reads such a factor symbolically instead, as a proof over 
 * every other tensor is a :class:`Pattern` of its last two dimensions (query ``i``, key ``j``): one value where
   ``j - i <= diagonal`` and another elsewhere, or one value everywhere (``diagonal`` None). Comparing linear forms
   gives such a pattern (``kv_idx <= q_idx`` is ``j - i <= 0``), as do ``tril`` / ``triu`` of a constant and a
-  module buffer that is a triangle; elementwise ops apply to the two values, as the graph applies them.
+  module buffer that is a triangle; elementwise ops apply to the two values, as the graph applies them, and views
+  that keep the last two dimensions keep the pattern.
 
 Anything else (an index of a third dimension, a band, a slice that shifts the diagonal) is not read: None.
 """
@@ -186,7 +187,11 @@ def _read(n: fx.Node, value, buffer_value, shape: Optional[tuple]):
         return _index(n, value(args[0]), args[1])
     if target in ("unsqueeze", torch.unsqueeze):
         x, dim = value(args[0]), args[1] if len(args) > 1 else n.kwargs["dim"]
-        return _index(n, x, (Ellipsis, None) if dim == -1 else (slice(None),) * dim + (None,) if dim >= 0 else None)
+        if not (dim == -1 or dim >= 0):
+            raise _Unread
+        return _index(n, x, (Ellipsis, None) if dim == -1 else (slice(None),) * dim + (None,))
+    if target in ("view", "reshape", torch.reshape):
+        return _reshaped(n, value(args[0]))
     if target in _SAME_VALUES or target in ("to", "type_as") and not _casts(n):
         return value(args[0])  # a varying dimension is never of size 1 (_checked): only others broadcast
     if target in _COMPARE:
@@ -201,6 +206,20 @@ def _read(n: fx.Node, value, buffer_value, shape: Optional[tuple]):
     if target in _ELEMENTWISE_FUNCTIONS or target in _ELEMENTWISE_METHODS or target in ("to", "type_as"):
         return _elementwise(n, value)
     raise _Unread
+
+
+def _reshaped(n: fx.Node, x) -> Value:
+    """A view or reshape that keeps the last two dimensions (nn.MultiheadAttention's ``view(1, 1, L, S)`` of a
+    mask) keeps every element's query and key index; one value everywhere stays so under any reshape."""
+    if isinstance(x, Pattern) and x.diagonal is None:
+        return x
+    before, after = _shape(n.args[0]), _shape(n)
+    if before is None or after is None or min(len(before), len(after)) < 2 or not (
+            known(before[-1] == after[-1]) and known(before[-2] == after[-2])):
+        raise _Unread
+    if isinstance(x, Linear) and any(axis < -2 for axis, _ in x.coefs):
+        raise _Unread
+    return x
 
 
 def _casts(n: fx.Node) -> bool:
@@ -247,7 +266,7 @@ def _index(n: fx.Node, x, index) -> Value:
     """``x[index]`` for an index of ``None``, ``...`` and whole slices ``[:end]`` (which keep the indices of the
     elements they keep)."""
     shape, before = _shape(n), _shape(n.args[0])
-    if index is None or shape is None or before is None:
+    if shape is None or before is None:
         raise _Unread
     index = index if isinstance(index, tuple) else (index,)
     if isinstance(x, Pattern) and x.diagonal is None:

@@ -50,7 +50,7 @@ def value_of(n):
     return n.meta.get("example_value") if isinstance(n, fx.Node) else None
 
 
-def _is_bool(n) -> bool:
+def is_bool(n) -> bool:
     v = value_of(n)
     return isinstance(v, torch.Tensor) and v.dtype == torch.bool
 
@@ -61,9 +61,9 @@ def factors(n: fx.Node, ignore: bool = False) -> List[fx.Node]:
     if n.op == "call_function" and n.target in _COMBINE_FUNCTIONS[ignore] or (
             n.op == "call_method" and n.target in _COMBINE_METHODS[ignore]):
         a, b = n.args[:2]
-        if isinstance(a, fx.Node) and isinstance(b, fx.Node) and _is_bool(a) and _is_bool(b):
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node) and is_bool(a) and is_bool(b):
             return factors(a, ignore) + factors(b, ignore)
-    if n.op == "call_method" and n.target in ("expand", "expand_as", "to", "bool", "contiguous") and _is_bool(n.args[0]):
+    if n.op == "call_method" and n.target in ("expand", "expand_as", "to", "bool", "contiguous") and is_bool(n.args[0]):
         return factors(n.args[0], ignore)
     return [n]
 
@@ -195,11 +195,34 @@ FLOAT_TERM = "a float term is added to the scores (a position bias such as Swin'
              "supports only causal / key padding masks"
 
 
+#: methods that move a mask's values around without changing them
+_VIEWS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "flatten", "__getitem__"} | CASTS
+
+
+def _unviewed(n):
+    """``n`` without the views, expands and casts (:data:`_VIEWS`) on top."""
+    while is_call(n, (operator.getitem, torch.flatten, torch.unsqueeze, torch.reshape), _VIEWS):
+        n = n.args[0]
+    return n
+
+
+def zero_or_masked(n) -> bool:
+    """Whether a float mask's values are only 0 and masked (at most :data:`MASKED`) whatever the inputs:
+    ``zeros_like(b).masked_fill(b, c)`` with ``c`` masked (how nn.MultiheadAttention and nn.Transformer turn a
+    boolean mask into an additive one), seen through views, expands and casts."""
+    n = _unviewed(n)
+    if not (is_call(n, (torch.masked_fill,), ("masked_fill", "masked_fill_")) and len(n.args) == 3):
+        return False
+    base, where, fill = n.args
+    return is_call(base, (torch.zeros_like,), ("new_zeros",)) and is_bool(where) and is_masked(fill)
+
+
 def float_term(mask, state: State = None) -> Optional[str]:
     """Why a float ``mask`` that is not a constant stays exact: it reads the inputs, so its values could be
     other than 0 / 1 or 0 / -inf (a position bias such as ALiBi), or it is built from symbolic sizes."""
     value = value_of(mask)
-    if not (isinstance(value, torch.Tensor) and value.is_floating_point()) or reads_no_input(mask, state):
+    if not (isinstance(value, torch.Tensor) and value.is_floating_point()) or reads_no_input(mask, state) \
+            or zero_or_masked(mask):
         return None
     return DYNAMIC_MASK if reads_no_input(mask, state, sizes_too=True) else FLOAT_TERM
 
@@ -238,8 +261,8 @@ def padding_and_causal(mask, sizes: tuple, ignore: bool = False, state: State = 
             continue
         if not reads_no_input(f, state, sizes_too=True):  # reads the inputs: key padding, or not readable
             if not per_key:
-                return "explicit attn_mask that varies per query with the inputs: random-feature attention " \
-                       "supports only causal / key padding masks"
+                return GRAPH_INPUT if per_query_input(f) else "explicit attn_mask that varies per query with " \
+                    "the inputs: random-feature attention supports only causal / key padding masks"
             pads.append(f)
             continue
         if not (reads_no_input(f, state) and all(isinstance(s, int) for s in shape + (Lq, Lk))):
@@ -266,6 +289,37 @@ def padding_and_causal(mask, sizes: tuple, ignore: bool = False, state: State = 
     return NEITHER
 
 
+def per_query_input(n) -> bool:
+    """Whether mask ``n`` is an input of the graph (seen through views, casts and MHA's additive form of a bool
+    mask) of more than one query row: a mask whose values the compiler cannot see."""
+    shape = value_of(n).shape if isinstance(value_of(n), torch.Tensor) else ()
+    if not (len(shape) >= 2 and statically_known_true(shape[-2] > 1)):
+        return False
+    n = _unviewed(n)
+    if is_call(n, (torch.masked_fill,), ("masked_fill", "masked_fill_")) and is_call(
+            n.args[0], (torch.zeros_like,), ("new_zeros",)):
+        n = n.args[1]
+    return isinstance(n, fx.Node) and n.op == "placeholder"
+
+
+def read_masks(masks, sizes: tuple, state: State = None) -> Union[Tuple[List[Tuple[fx.Node, bool]], bool], str]:
+    """:func:`padding_and_causal` of masks that all apply, ``(mask, ignores)`` each: ``(padding, causal)`` with
+    each key padding factor paired with its ``ignores``, and whether one mask is the causal triangle; else the
+    first reason one cannot be read."""
+    padding, causal = [], False
+    for mask, ignores in masks:
+        read = padding_and_causal(mask, sizes, ignores, state)
+        if isinstance(read, str):
+            return read
+        padding += [(p, ignores) for p in read[0]]
+        causal = causal or read[1]
+    return padding, causal
+
+
+#: why a mask the compiled graph takes as an input stays exact
+GRAPH_INPUT = "attn_mask is an input of the compiled graph, so its pattern is unknown when compiling: build the " \
+              "mask inside the compiled model (e.g. nn.Transformer.generate_square_subsequent_mask in its forward), " \
+              "or pass is_causal=True to the attention call instead of a mask"
 #: why a mask of another index pattern stays exact
 NEITHER = "attn_mask is neither causal nor key padding (e.g. a sliding window or a prefix pattern)"
 #: why a causal mask of symbolic sizes stays exact when the lengths may differ

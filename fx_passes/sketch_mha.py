@@ -12,10 +12,14 @@ Replacement, recorded in the graph as the torch calls it makes (so the CUDA kern
 which projects with the layer's own weights, runs random-feature attention per head with an (m, d_head)
 feature matrix ``P`` and applies the output projection, the same computation as
 ``panther.nn.RandMultiHeadAttention.from_mha(mha, m)`` (the projection weights stay the module's
-parameters, so training through this rewrite updates them). Causality comes from ``is_causal``.
+parameters, so training through this rewrite updates them). Causality comes from ``is_causal``, or from an
+``attn_mask`` built in the graph that ``sdpa_mask`` reads as the causal triangle (and key padding), such as
+``nn.Transformer.generate_square_subsequent_mask`` in the model's forward, merged with the key padding mask as
+nn.TransformerEncoderLayer's fused path does.
 
-Left alone: ``bias_k``/``bias_v``, ``add_zero_attn``, an ``attn_mask`` that is not flagged causal, attention
-dropout in training, float key padding masks, unbatched inputs, and uses of the attention weights.
+Left alone: ``bias_k``/``bias_v``, ``add_zero_attn``, other ``attn_mask`` patterns (and masks that are inputs of
+the graph, whose values are unknown), attention dropout in training, float key padding masks, unbatched inputs,
+and uses of the attention weights.
 """
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ from panther.attention_error import error_of_features, mha_heads, mha_sample, sa
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
 from .attention_sample import of_call
-from .common import Candidate, PassContext, shape_of, trace_into
+from . import sdpa_mask
+from .common import Candidate, PassContext, is_call, shape_of, trace_into
+from .sdpa_mask import GRAPH_INPUT, MASKED, additive_mask, is_bool, key_padding_mask, per_query_input, zero_or_masked
 from .sketch_sdpa import features_of, projection_for
 
 KIND = "attention"
@@ -45,38 +51,61 @@ _DEFAULTS = {"training": True, "key_padding_mask": None, "need_weights": True, "
 
 
 def rf_multi_head_attention(query, key, value, num_heads, in_proj_weight, in_proj_bias, out_proj_weight,
-                            out_proj_bias, projection, kernel_fn, causal, key_padding_mask=None,
-                            q_proj_weight=None, k_proj_weight=None, v_proj_weight=None):
-    """Multi-head attention with random-feature attention per head; inputs and output in (L, B, E)."""
+                            out_proj_bias, projection, kernel_fn, causal, q_proj_weight=None, k_proj_weight=None,
+                            v_proj_weight=None, ignores=(), *padding):
+    """Multi-head attention with random-feature attention per head; inputs and output in (L, B, E).
+    ``padding``: key padding masks, True = attend or where ``ignores`` says so True = ignore
+    (``sdpa_mask.key_padding_mask``)."""
     E = query.shape[-1]
     q, k, v = mha_heads(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight,
                         k_proj_weight, v_proj_weight)
-    o = torch.ops.panther.rf_attention(q, k, v, projection, kernel_fn, causal, None, key_padding_mask)
+    kpm = key_padding_mask(list(padding), q.shape[0], k.shape[2], ignores) if padding else None
+    o = torch.ops.panther.rf_attention(q, k, v, projection, kernel_fn, causal, None, kpm)
     o = o.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], E)
     return F.linear(o, out_proj_weight, out_proj_bias)
 
 
-def _is_bool(n) -> bool:
-    v = n.meta.get("example_value") if isinstance(n, torch.fx.Node) else None
-    return isinstance(v, torch.Tensor) and v.dtype == torch.bool
-
-
-def bool_key_padding_mask(kpm):
-    """The bool (B, S) mask behind MHA's key_padding_mask, or None.
-
-    nn.MultiheadAttention.forward turns a bool mask into an additive one before the functional call:
-    ``zeros_like(b, dtype=...).masked_fill_(b, -inf)``; recover ``b`` from that pattern. Other float masks
-    (arbitrary additive values) have no random-feature equivalent.
-    """
-    if kpm is None or _is_bool(kpm):
-        return kpm
-    n = kpm
-    if (isinstance(n, torch.fx.Node) and n.target in ("masked_fill_", "masked_fill", torch.masked_fill)
-            and len(n.args) == 3 and n.args[2] == float("-inf") and _is_bool(n.args[1])):
-        base = n.args[0]
-        if isinstance(base, torch.fx.Node) and base.target is torch.zeros_like:
-            return n.args[1]
+def _flattened_heads(mask):
+    """The ``(B, H, Lq, Lk)`` mask a ``(B·H, Lq, Lk)`` one was flattened from (nn.TransformerEncoderLayer merges
+    its masks so, ``expand_encoder_layer`` flattens them), else None."""
+    if is_call(mask, (torch.flatten,), ("flatten",)) and tuple(mask.args[1:]) == (0, 1):
+        source = mask.args[0]
+        value = source.meta.get("example_value") if isinstance(source, torch.fx.Node) else None
+        return source if isinstance(value, torch.Tensor) and value.dim() == 4 else None
     return None
+
+
+def _added_terms(n):
+    """The float terms whose sum is ``n`` (nn.MultiheadAttention's merged ``attn_mask + key_padding_mask``)."""
+    if is_call(n, (operator.add, torch.add), ("add",)) and len(n.args) == 2 and not n.kwargs:
+        return _added_terms(n.args[0]) + _added_terms(n.args[1])
+    return [n]
+
+
+def read_masks(a, sizes, state):
+    """``(padding, causal)`` that an MHA call's masks apply, as ``sdpa_mask.read_masks`` gives them, or why they
+    cannot be read. ``attn_mask`` is boolean (True = ignore) or added to the scores, ``(Lq, Lk)`` or a merged
+    ``(B·H, Lq, Lk)``; an ``is_causal`` flag is trusted as the promise it is (without a key padding mask PyTorch's MHA drops the mask then).
+    ``key_padding_mask`` is boolean (True = ignore) or nn.MultiheadAttention's additive form of one."""
+    padding = []
+    kpm = a["key_padding_mask"]
+    if kpm is not None:  # (B, S), so not read as a 4-D mask is
+        if not (is_bool(kpm) or zero_or_masked(kpm)):
+            return "key_padding_mask is an additive float mask (only bool masks are supported)"
+        padding.append((kpm, True))
+    mask = a["attn_mask"]
+    if mask is None or a["is_causal"]:
+        return padding, bool(a["is_causal"])
+    value = mask.meta.get("example_value") if isinstance(mask, torch.fx.Node) else None
+    if isinstance(value, torch.Tensor) and value.dim() == 3:
+        mask = _flattened_heads(mask)
+        if mask is None:
+            return "attn_mask of shape (B·num_heads, L, S) not flattened from (B, num_heads, L, S)"
+    if any(per_query_input(t) for t in _added_terms(mask)):
+        return GRAPH_INPUT  # a bool mask, or a float one (a mask by nn.MultiheadAttention's contract)
+    terms = [(mask, True)] if is_bool(mask) else [additive_mask(t, state) for t in _added_terms(mask)]
+    read = next((t for t in terms if isinstance(t, str)), None) or sdpa_mask.read_masks(terms, sizes, state)
+    return read if isinstance(read, str) else (padding + read[0], read[1])
 
 
 def is_attention(node) -> bool:
@@ -94,8 +123,10 @@ def sample_args(args, kwargs) -> dict:
     """The ``panther.attention_error`` sample of an MHA call, from its argument values."""
     a = _arguments(args, kwargs)
     separate = (a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"]) if a["use_separate_proj_weight"] else ()
+    kpm, mask = (None if m is None else m if m.dtype == torch.bool else m <= MASKED  # True = ignore
+                 for m in (a["key_padding_mask"], a["attn_mask"]))
     return mha_sample(a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"], a["in_proj_bias"],
-                      *separate, key_padding_mask=a["key_padding_mask"], is_causal=bool(a["is_causal"]))
+                      *separate, key_padding_mask=kpm, is_causal=bool(a["is_causal"]), attn_mask=mask)
 
 
 def sampler(node):
@@ -120,7 +151,10 @@ def match(node, ctx: PassContext):
     name = ctx.unique_layer_name(base_name)
     node.meta["panther_layer"] = name
     ok = qs is not None and ks is not None and vs is not None and len(qs) == 3 and isinstance(H, int)
-    extra = {"head_dim": 1, "causal": bool(a["is_causal"])}
+    # the key padding masks, and whether attention is causal; else why the masks cannot be read
+    masking = read_masks(a, (qv.shape[1], qv.shape[0], k.meta["example_value"].shape[0]), ctx.buffer_value) \
+        if ok else ([], False)
+    extra = {"head_dim": 1, "causal": masking[1] if isinstance(masking, tuple) else bool(a["is_causal"])}
     flops = None
     params = 0
     if ok:
@@ -131,8 +165,7 @@ def match(node, ctx: PassContext):
         params = E * (E + kdim + vdim) + E * E
         params += (3 * E if a["in_proj_bias"] is not None else 0) + (E if a["out_proj_bias"] is not None else 0)
         proj = 2 * B * (Lq * E * E + Lk * E * kdim + Lk * E * vdim + Lq * E * E)
-        causal = bool(a["is_causal"])
-        flops = proj + dense_attention_flops(B * H, Lq, Lk, d, d, causal)
+        flops = proj + dense_attention_flops(B * H, Lq, Lk, d, d, bool(a["is_causal"]))  # a mask skips nothing
         extra.update(batch_heads=B * H, num_heads=H, len_q=Lq, len_k=Lk, head_dim=d, head_dim_v=d,
                      embed_dim=E, projection_flops=proj)
     info = LayerInfo(name=name, kind=KIND, shapes={"query": qs, "key": ks, "value": vs},
@@ -144,10 +177,8 @@ def match(node, ctx: PassContext):
         draw = features_of(ctx, W, base_name, extra["head_dim"], info.dtype, info.device)
         extra["output_error"] = error_of_features(sample, draw, extra["causal"])
     cand = Candidate(node, info, OP_BEFORE, needs_weights=False,
-                     data={"a": a, "base_name": base_name, "owner": W, "sample": sample})
-    kpm = a["key_padding_mask"]
-    kpm_bool = bool_key_padding_mask(kpm)
-    cand.data["kpm"] = kpm_bool
+                     data={"a": a, "base_name": base_name, "owner": W, "sample": sample, "causal": extra["causal"],
+                           "padding": masking[0] if isinstance(masking, tuple) else []})
     uses = [u for u in node.users]
     if not ok:
         cand.unsupported = "unbatched or unknown input shapes"
@@ -157,13 +188,11 @@ def match(node, ctx: PassContext):
         cand.unsupported = "bias_k/bias_v/add_zero_attn are not supported"
     elif a["static_k"] is not None or a["static_v"] is not None:
         cand.unsupported = "static_k/static_v are not supported"
-    elif a["attn_mask"] is not None and not a["is_causal"]:
-        cand.unsupported = "explicit attn_mask: random-feature attention supports only causal / key padding masks"
+    elif isinstance(masking, str):
+        cand.unsupported = masking
     elif a["training"] is not False and a["dropout_p"] not in (0, 0.0):
         cand.unsupported = f"attention dropout {a['dropout_p']} in training mode"
-    elif kpm is not None and kpm_bool is None:
-        cand.unsupported = "key_padding_mask is an additive float mask (only bool masks are supported)"
-    elif causal and Lq != Lk:
+    elif extra["causal"] and Lq != Lk:
         cand.unsupported = "causal attention with different query and key lengths"
     elif E % H:
         cand.unsupported = "embed_dim is not divisible by num_heads"
@@ -179,13 +208,14 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
                        info.extra["head_dim"], info.dtype, info.device)
     p_node = ctx.add_constant(f"{base_name}_rf_projection", P, node)
     sep = bool(a["use_separate_proj_weight"])
+    padding, causal = cand.data["padding"], cand.data["causal"]
     new = trace_into(ctx.graph, node, rf_multi_head_attention, a["query"], a["key"], a["value"], a["num_heads"],
                      a["in_proj_weight"], a["in_proj_bias"], a["out_proj_weight"], a["out_proj_bias"], p_node,
-                     spec.kernel_fn, bool(a["is_causal"]), cand.data["kpm"], a["q_proj_weight"] if sep else None,
-                     a["k_proj_weight"] if sep else None, a["v_proj_weight"] if sep else None)[-1]
+                     spec.kernel_fn, causal, *((a[f"{r}_proj_weight"] if sep else None) for r in "qkv"),
+                     tuple(ignores for _, ignores in padding), *(p for p, _ in padding))[-1]
     for user in list(node.users):  # every user is out[0] (checked in match)
         user.replace_all_uses_with(new)
         ctx.graph.erase_node(user)
     ctx.graph.erase_node(node)
     sample = cand.data["sample"]
-    return OP_AFTER, None if sample is None else sample_error(sample, P, spec.kernel_fn, bool(a["is_causal"]))
+    return OP_AFTER, None if sample is None else sample_error(sample, P, spec.kernel_fn, causal)

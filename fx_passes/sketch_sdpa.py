@@ -33,7 +33,7 @@ from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
 from .attention_sample import of_call
 from .common import Candidate, PassContext, common_prefix, concrete, is_call, trace_into
-from .sdpa_mask import MASKED, additive_mask, constant_value, float_term, key_padding_mask, padding_and_causal, value_of
+from .sdpa_mask import MASKED, additive_mask, constant_value, float_term, key_padding_mask, read_masks, value_of
 
 KIND = "attention"
 OP_AFTER = "panther.rf_attention"
@@ -252,13 +252,10 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
     ok4 = ndim == 4
     causal = is_causal is True
     # the masks' key padding factors, (node, ignores), and whether one is the causal triangle; else a reason
-    masking = ([], causal)
-    for mask, ignores in masks if ok4 else ():  # each key padding and/or causal: their factors all apply
-        read = padding_and_causal(mask, (sym["query"][0], sym["query"][2], sym["key"][2]), ignores, ctx.buffer_value)
-        if isinstance(read, str):
-            masking = read
-            break
-        masking = (masking[0] + [(p, ignores) for p in read[0]], masking[1] or read[1])
+    masking = read_masks(masks if ok4 else (), (sym["query"][0], sym["query"][2], sym["key"][2]) if ok4 else None,
+                         ctx.buffer_value)
+    if isinstance(masking, tuple):
+        masking = (masking[0], causal or masking[1])
     extra = {"head_dim": qs[-1] if qs else 1, "projections": proj_names,
              "causal": masking[1] if isinstance(masking, tuple) else causal}
     sample = ctx.attention_samples.get(node)

@@ -130,9 +130,10 @@ def mha_heads(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj
 
 
 def mha_sample(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight=None, k_proj_weight=None,
-               v_proj_weight=None, key_padding_mask=None, is_causal=False) -> Dict:
+               v_proj_weight=None, key_padding_mask=None, is_causal=False, attn_mask=None) -> Dict:
     """:func:`sample` of an nn.MultiheadAttention call, inputs (L, B, E): the heads projected, the key padding
-    (bool, True = ignore, or the additive form nn.MultiheadAttention makes of one) and causality as one mask."""
+    (bool, True = ignore, or the additive form nn.MultiheadAttention makes of one), causality and ``attn_mask``
+    (bool, True = ignore; ``(Lq, Lk)`` or ``(B·H, Lq, Lk)``) as one mask."""
     q, k, v = mha_heads(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight, k_proj_weight,
                         v_proj_weight)
     keep = torch.ones(q.shape[0], 1, 1, k.shape[2], dtype=torch.bool, device=q.device)
@@ -141,4 +142,7 @@ def mha_sample(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_pro
         keep = keep & ~(kpm if kpm.dtype == torch.bool else kpm == float("-inf"))[:, None, None, :]
     if is_causal:
         keep = keep & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        keep = keep & ~attn_mask.reshape(-1 if attn_mask.dim() == 3 else 1, q.shape[1] if attn_mask.dim() == 3
+                                         else 1, q.shape[2], k.shape[2])
     return sample(q, k, v, keep, False, None, False)

@@ -1,6 +1,7 @@
 """backend="panther" on conv nets, F.scaled_dot_product_attention and nn.MultiheadAttention: the report
 (which nodes, params/FLOPs, reasons) and numerics against panther.convert / the panther ops run eagerly."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -8,8 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import panther
+from panther.attention_error import mha_heads
 from panther.backend import panther_backend
 from panther.policy import SketchSpec
+from fx_passes import sdpa_mask
 
 from backend_common import FAST, compile_panther, features, padded_qkv, prompts_dynamic_and_static  # tests/ is on sys.path
 
@@ -261,7 +264,7 @@ def test_masks_random_features_cannot_apply_are_left_alone(masked_inputs):
         (MaskedSDPA("window"), (q, k, v, keep), "neither causal nor key padding"),
         # a per-query mask that is an input, and an additive float mask
         (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
-         (q, k, v, torch.rand(2, 1, 9, 9, generator=torch.Generator().manual_seed(1)) > 0.3), "varies per query"),
+         (q, k, v, torch.rand(2, 1, 9, 9, generator=torch.Generator().manual_seed(1)) > 0.3), sdpa_mask.GRAPH_INPUT),
         (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), (q, k, v, torch.zeros(2, 1, 9, 9)),
          "a float term is added to the scores"),
     ]
@@ -761,5 +764,112 @@ def test_fused_encoder_layer_with_causal_mask_sketches_its_linears():
     rep = reports[0]
     assert [r.name for r in rep.replaced] == ["layers.0.linear1", "layers.0.linear2", "layers.1.linear1",
                                               "layers.1.linear2"]
-    assert "attn_mask" in rep.row("layers.0.self_attn").reason
+    assert rep.row("layers.0.self_attn").reason == sdpa_mask.GRAPH_INPUT  # its values are not known
     torch.testing.assert_close(y, ordinary, rtol=1e-4, atol=1e-4)
+
+
+class CausalEncoder(nn.Module):
+    """A GPT-style nn.TransformerEncoder that builds its causal mask in its forward, as a float mask
+    (``generate_square_subsequent_mask``) or a bool one (True = ignore)."""
+
+    def __init__(self, bool_mask: bool):
+        super().__init__()
+        self.encoder, self.bool_mask = encoder(False, "relu"), bool_mask
+
+    def forward(self, x, pad=None):
+        length = x.shape[1]
+        if self.bool_mask:
+            mask = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        else:
+            mask = nn.Transformer.generate_square_subsequent_mask(length, device=x.device)
+        return self.encoder(x, mask=mask, src_key_padding_mask=pad, is_causal=True)
+
+
+# nn.TransformerEncoder warns when a float mask meets a bool padding mask, and Dynamo breaks its graph on the
+# warning (the encoder then runs uncompiled); deferring the warning keeps one graph
+ONE_GRAPH = torch._dynamo.config.patch(reorderable_logging_functions={warnings.warn})
+
+
+def left_padded(length):
+    x = torch.randn(2, length, 32)
+    pad = torch.zeros(2, length, dtype=torch.bool)
+    pad[1, :3] = True
+    return x, pad
+
+
+@pytest.mark.parametrize("bool_mask", [False, True], ids=["float_mask", "bool_mask"])
+@pytest.mark.parametrize("padded", [False, True], ids=["", "padded"])
+def test_a_causal_mask_built_in_the_model_is_read_through_the_fused_encoder_layer(bool_mask, padded):
+    # Without gradients each layer is the fused call, which drops is_causal and takes the mask (merged with the
+    # key padding as (B, H, L, L)); the mask, built in the graph, is read as the causal triangle. The result is
+    # the one the unfused path gets from is_causal, and no output sees a later or a padded position.
+    model = CausalEncoder(bool_mask).eval()
+    x, pad = left_padded(9)
+    pad = pad if padded else None
+    policy = {"attention": SketchSpec(num_random_features=16, seed=2)}
+    outputs, errors = {}, {}
+    for grad in (False, True):
+        compiled, reports = compile_panther(model, policy=policy)
+        with torch.set_grad_enabled(grad), ONE_GRAPH:
+            outputs[grad] = compiled(x, pad).detach()
+        (report,) = reports
+        assert [r.name for r in report.replaced] == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
+        errors[grad] = [r.est_error for r in report.replaced]
+    torch.testing.assert_close(outputs[False], outputs[True])
+    assert errors[False] == pytest.approx(errors[True])  # measured against the same exact attention
+    later, padded_keys = x.clone(), x.clone()
+    later[:, 6:] += 1.0
+    padded_keys[1, :3] += 1.0
+    with torch.no_grad(), ONE_GRAPH:
+        moved = compiled(later, pad)
+        torch.testing.assert_close(moved[:, :6], outputs[True][:, :6])
+        assert rel(moved[:, 6:], outputs[True][:, 6:]) > 1e-2  # it did read x
+        if padded:
+            torch.testing.assert_close(compiled(padded_keys, pad)[1, 3:], outputs[True][1, 3:])
+
+
+class MaskedMHA(nn.Module):
+    """nn.MultiheadAttention given a causal mask (True = ignore) built in the forward, without is_causal."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x, pad):
+        length = x.shape[1]
+        mask = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        return self.attn(x, x, x, attn_mask=mask, key_padding_mask=pad, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_mha_given_a_causal_mask_built_in_the_graph_runs_causal_random_feature_attention(grad):
+    model = MaskedMHA().eval()
+    x, pad = left_padded(9)
+    spec = SketchSpec(num_random_features=16, seed=1)
+    compiled, reports = compile_panther(model, policy={"attention": spec})
+    with torch.set_grad_enabled(grad):
+        y = compiled(x, pad)
+    (row,) = reports[0].rows
+    assert row.replaced, row.reason
+    a = model.attn
+    with torch.no_grad():
+        t = x.transpose(0, 1)
+        q, k, v = mha_heads(t, t, t, 4, a.in_proj_weight, a.in_proj_bias)
+        o = torch.ops.panther.rf_attention(q, k, v, features(spec, "attn"), "softmax", True, None, pad)
+        expected = F.linear(o.permute(0, 2, 1, 3).reshape(2, 9, 32), a.out_proj.weight, a.out_proj.bias)
+    torch.testing.assert_close(y.detach(), expected)
+
+
+def test_a_causal_mask_built_in_the_model_is_read_under_dynamic_shapes():
+    spec = SketchSpec(num_random_features=16, seed=2)
+    compiled, reports = compile_dynamic(CausalEncoder(False).eval(), {"attention": spec})
+    for length in (9, 13):
+        x, pad = left_padded(length)
+        with torch.no_grad(), ONE_GRAPH:
+            y = compiled(x, pad)
+            later = x.clone()
+            later[:, 7:] += 1.0
+            torch.testing.assert_close(compiled(later, pad)[:, :7], y[:, :7])
+        (report,) = reports  # the second length ran the same graph
+        assert [r.name for r in report.replaced] == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]

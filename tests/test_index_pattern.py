@@ -31,6 +31,8 @@ OTHERS = [
     lambda q, k, L: torch.full((L, L), float("-inf")).triu(2),
     lambda q, k, L: torch.hstack([torch.zeros((L, 0)), torch.full((L, L), float("-inf")).triu(1)]),
     lambda q, k, L: torch.zeros(L, L).masked_fill(k > q, float("-inf")),
+    lambda q, k, L: torch.triu(torch.full((L, L), float("-inf")), diagonal=1).view(1, 1, L, L),  # nn.MHA's view
+    lambda q, k, L: (k <= q)[None].expand(3, L, L).reshape(1, 3, L, L),
     # not diagonals: read as nothing, or never as a wrong pattern
     lambda q, k, L: (k <= q) & (q - k < 3),
     lambda q, k, L: (k <= q) | (q - k > 100),  # causal up to 101 positions only
@@ -38,6 +40,8 @@ OTHERS = [
     lambda q, k, L: k.mT <= q.mT,
     lambda q, k, L: (k <= q).flip(-1),
     lambda q, k, L: k * k <= q,
+    lambda q, k, L: (k <= q)[None].expand(2, L, L).reshape(2 * L, L),  # rows of two heads: a triangle twice
+    lambda q, k, L: (k <= q).reshape(L * L),
 ]
 MASKS = LINEAR + OTHERS
 
@@ -83,8 +87,8 @@ def test_what_is_read_is_the_mask_at_every_length(captured):
                 got = materialise(pattern, expect.shape)
                 assert got.dtype == expect.dtype and torch.equal(got, expect), (MASKS.index(mask), length, pattern)
     # it is not vacuous: the diagonals and the constants it should read, it reads
-    assert all(isinstance(p, index_pattern.Pattern) for p in read[len(LINEAR):len(LINEAR) + 17])
-    assert not any(isinstance(p, index_pattern.Pattern) for p in read[len(LINEAR) + 17:])
+    assert all(isinstance(p, index_pattern.Pattern) for p in read[len(LINEAR):len(LINEAR) + 19])
+    assert not any(isinstance(p, index_pattern.Pattern) for p in read[len(LINEAR) + 19:])
     diagonal = [isinstance(p, index_pattern.Pattern) and p.diagonal is not None for p in read[:len(LINEAR)]]
     slopes = [a == -b != 0 for a, b, c, op in itertools.product((-2, -1, 0, 1, 2), (-2, -1, 0, 1), (-2, 0, 1, 3),
                                                                COMPARISONS)]
