@@ -108,10 +108,21 @@ def _attention_case(kind):
         return (lambda t: mha(t, t, t, need_weights=False)[0]), x, "_query"
     # in eval mode without gradients one fused native call, which panther expands first
     layer = torch.nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, batch_first=True, device="cuda")
-    return torch.nn.TransformerEncoder(layer, 1).eval(), x, "_query"
+    encoder = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    if kind == "encoder_layer":
+        return encoder, x, "_query"
+
+    def causal(t, pad):  # the fused call takes the mask built here merged with the padding: read as causal
+        length = t.shape[1]
+        mask = torch.ones(length, length, dtype=torch.bool, device=t.device).triu(1)
+        return encoder(t, mask=mask, src_key_padding_mask=pad, is_causal=True)
+
+    pad = torch.zeros(2, 300, dtype=torch.bool, device="cuda")
+    pad[1, 250:] = True
+    return causal, x + [pad], "_causal_out_kernel"
 
 
-@pytest.mark.parametrize("kind", ["sdpa", "mha", "encoder_layer"])
+@pytest.mark.parametrize("kind", ["sdpa", "mha", "encoder_layer", "causal_encoder"])
 def test_backend_attention_rewrites_inline_the_triton_attention_kernels(kind):
     """backend="panther" with Inductor on CUDA: the rewritten attention runs panther's Triton kernels,
     inlined in the generated code (not the C++ op), and matches the same rewrite run by aot_eager
