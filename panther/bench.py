@@ -274,11 +274,26 @@ def bench_causal_scaling(lengths=(1024, 4096), batch=1, heads=8, head_dim=64, nu
     return rows, ["implementation", "median ms", "note"]
 
 
+class _CausalEncoder(torch.nn.Module):
+    """``nn.TransformerEncoder`` as a decoder-only stack: its causal mask built in the forward, so that a compile
+    of the model sees how it was made (``generate_square_subsequent_mask``), as GPT-style models do."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x):
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device, dtype=x.dtype)
+        return self.encoder(x, mask=mask, is_causal=True)
+
+
 @torch.no_grad()
 def bench_transformer(d_model=1024, heads=16, layers=4, seq=8192, batch=2, low_rank=64, num_features=256, *,
-                      device="cpu", dtype=torch.float32, repeats=20, compiler="inductor", default_policy=False):
+                      device="cpu", dtype=torch.float32, repeats=20, compiler="inductor", default_policy=False,
+                      causal=False):
     """Inference of PyTorch's own ``nn.TransformerEncoder`` (pre-norm, GELU, feed-forward ``4·d_model``,
-    eval mode, no grad), three ways on the same input: dense eager (torch's fused encoder kernel), dense
+    eval mode, no grad; with ``causal``, under the causal mask the model builds in its forward, which the fused
+    encoder kernel applies as a mask), three ways on the same input: dense eager (torch's fused encoder kernel), dense
     under ``torch.compile``, and ``backend="panther"`` with the feed-forward linears at rank ``2·low_rank``
     (``init="svd"``) and random-feature attention with ``num_features`` features (the attention's own
     projections stay dense); with ``default_policy``, what panther's default policy picks instead (what
@@ -293,6 +308,7 @@ def bench_transformer(d_model=1024, heads=16, layers=4, seq=8192, batch=2, low_r
         layer = torch.nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, activation="gelu",
                                                  batch_first=True, norm_first=True, device=device, dtype=dtype)
         model = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+        model = _CausalEncoder(model) if causal else model
         x = torch.randn(batch, seq, d_model, device=device, dtype=dtype)
     policy = None if default_policy else {"linear": SketchSpec(num_terms=1, low_rank=low_rank, init="svd"),
                                           "attention": SketchSpec(num_random_features=num_features, seed=0)}
@@ -725,7 +741,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m panther bench", description=__doc__)
     p.add_argument("what", choices=["linear", "conv2d", "attention", "causal-scaling", "transformer", "llama"])
     p.add_argument("--seq", type=int, default=None, help="attention: sequence length")
-    p.add_argument("--causal", action="store_true", help="attention: causal")
+    p.add_argument("--causal", action="store_true",
+                   help="attention: causal; transformer: a decoder-only stack under the causal mask it builds")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--in-features", type=int, default=None)
@@ -781,7 +798,7 @@ def main(argv=None):
     if a.what == "transformer":
         cfg = dict(d_model=1024 if cuda else 256, heads=16 if cuda else 4, layers=4 if cuda else 2,
                    seq=a.seq or (8192 if cuda else 1024), batch=a.batch or 2, low_rank=transformer_rank,
-                   num_features=256 if cuda else 64)
+                   num_features=256 if cuda else 64, causal=a.causal)
         if a.default_policy:
             cfg = {k: v for k, v in cfg.items() if k not in ("low_rank", "num_features")} | {"default_policy": True}
         rows, headers, report = bench_transformer(**cfg, device=a.device, dtype=dtype, repeats=a.repeats)

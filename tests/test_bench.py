@@ -217,16 +217,19 @@ def test_timed_table_puts_each_timer_in_its_columns(monkeypatch):
     assert headers == ["implementation", "median ms", "time / panther"] and rows == [["ours", "0.500", "1.00x"]]
 
 
-def test_transformer_bench_rows_errors_and_report():
+@pytest.mark.parametrize("causal", [False, True], ids=["", "causal"])
+def test_transformer_bench_rows_errors_and_report(causal):
     rng = torch.get_rng_state()
     rows, headers, report = bench.bench_transformer(d_model=32, heads=2, layers=1, seq=64, batch=2, low_rank=4,
-                                                    num_features=16, repeats=1, compiler="aot_eager")
+                                                    num_features=16, repeats=1, compiler="aot_eager", causal=causal)
     assert torch.equal(rng, torch.get_rng_state())  # fixed draws, the caller's RNG untouched
     assert [r[0] for r in rows] == ["dense, eager", "dense, torch.compile (aot_eager)", 'backend="panther"']
     assert headers[-1] == "rel. error vs dense eager"
     errors = [float(r[-1]) for r in rows]
     assert errors[0] == 0 and errors[1] < 1e-5 and 0.01 < errors[2] < 2  # rank 8 of 32 really approximates
-    assert [r.name for r in report.replaced] == ["layers.0.self_attn", "layers.0.linear1", "layers.0.linear2"]
+    prefix = "encoder." if causal else ""  # the causal model wraps the encoder to build its mask
+    assert [r.name for r in report.replaced] == [prefix + n for n in ("layers.0.self_attn", "layers.0.linear1",
+                                                                     "layers.0.linear2")]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -263,12 +266,15 @@ def test_transformer_subcommand_wiring(monkeypatch, capsys):
 
     monkeypatch.setattr(bench, "bench_transformer", fake)
     bench.main(["transformer", "--seq", "128", "--repeats", "1", "--no-malloc-tuning"])
-    assert seen["seq"] == 128 and seen["low_rank"] == 16 and seen["device"] == "cpu"
+    assert seen["seq"] == 128 and seen["low_rank"] == 16 and seen["device"] == "cpu" and not seen["causal"]
     assert "nn.TransformerEncoder inference forward: d_model=256" in capsys.readouterr().out
     seen.clear()
     bench.main(["transformer", "--default-policy", "--repeats", "1", "--no-malloc-tuning"])
     assert seen["default_policy"] and "low_rank" not in seen and "num_features" not in seen
     assert "default_policy=True" in capsys.readouterr().out
+    seen.clear()
+    bench.main(["transformer", "--causal", "--repeats", "1", "--no-malloc-tuning"])
+    assert seen["causal"] and "causal=True" in capsys.readouterr().out
     monkeypatch.setattr(bench, "bench_llama", fake)
     seen.clear()
     bench.main(["llama", "--seq", "64", "--repeats", "1", "--no-malloc-tuning"])
