@@ -196,7 +196,7 @@ FLOAT_TERM = "a float term is added to the scores (a position bias such as Swin'
 
 
 #: methods that move a mask's values around without changing them
-_VIEWS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "flatten", "__getitem__"} | CASTS
+_VIEWS = {"view", "reshape", "expand", "expand_as", "unsqueeze", "flatten"} | CASTS
 
 
 def _unviewed(n):

@@ -252,10 +252,9 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
     ok4 = ndim == 4
     causal = is_causal is True
     # the masks' key padding factors, (node, ignores), and whether one is the causal triangle; else a reason
-    masking = read_masks(masks if ok4 else (), (sym["query"][0], sym["query"][2], sym["key"][2]) if ok4 else None,
-                         ctx.buffer_value)
-    if isinstance(masking, tuple):
-        masking = (masking[0], causal or masking[1])
+    masking = read_masks(masks, (sym["query"][0], sym["query"][2], sym["key"][2]), ctx.buffer_value) if ok4 \
+        else ([], False)
+    masking = (masking[0], causal or masking[1]) if isinstance(masking, tuple) else masking
     extra = {"head_dim": qs[-1] if qs else 1, "projections": proj_names,
              "causal": masking[1] if isinstance(masking, tuple) else causal}
     sample = ctx.attention_samples.get(node)
