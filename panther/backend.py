@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Optional
 
 __all__ = ["panther_backend", "OPTIONS", "COMPILERS"]
 
@@ -154,6 +155,7 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
         policy = with_overrides(policy, opts["overrides"])
     report = fx_passes.run_passes(gm, example_inputs, policy=policy, grad_enabled=torch.is_grad_enabled(),
                                   measure_attention=opts["measure_attention"])
+    report.graph_break = graph_break()
     from torch._dynamo.exc import RestartAnalysis
 
     try:
@@ -167,10 +169,47 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
     return compiled
 
 
+#: what to do about graph breaks PyTorch's own modules make, by the function the break is in
+BREAK_ADVICE = {
+    "_detect_is_causal_mask": "pass is_causal=True or False with the mask to nn.TransformerEncoder / "
+                              "nn.Transformer: left unset, PyTorch compares the mask with the causal one value by value",
+    "_canonical_mask": "give the attention mask and the key padding mask one dtype: PyTorch warns (warnings.warn) "
+                       "about a float mask beside a bool one",
+}
+
+
+def graph_break() -> Optional[str]:
+    """Where and why Dynamo ended the graph it is compiling at a graph break, with advice where the break is a
+    known one of PyTorch's own modules (:data:`BREAK_ADVICE`); None when the graph ends at its frame's return. Dynamo keeps this in the
+    output graph of the frame it is tracing, which the backend is called from: a private structure, so nothing
+    is said if it is not there."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        reason = InstructionTranslator.current_tx().output.compile_subgraph_reason
+        if reason is None or not reason.graph_break:
+            return None
+        lines, stack = [line.strip() for line in reason.reason.strip().splitlines()], list(reason.user_stack or [])
+    except Exception:  # noqa: BLE001 - a missing note, never a failed compile
+        return None
+    explained = [line[len("Explanation:"):].strip() for line in lines if line.startswith("Explanation:")]
+    why = f"{lines[0]} ({explained[0].rstrip('.')})" if explained else lines[0]
+    # where it broke, and the outermost frame of the call that got there (the model's own code)
+    where = " from ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}"
+                          for f in ([stack[-1], stack[0]] if len(stack) > 1 else stack))
+    advice = next((BREAK_ADVICE[f.name] for f in stack if f.name in BREAK_ADVICE), None)
+    text = f"Dynamo ended this graph at {where or 'a graph break'}: {why}. The code after it is another graph, " \
+           "or runs uncompiled (as torch.nn's own modules do after a break in them)"
+    return text + (f"; to compile it, {advice}" if advice else "")
+
+
 def _publish(report, opts):
-    """Make ``report`` the last one, log it and hand it to the ``report`` option."""
+    """Make ``report`` the last one, log it and hand it to the ``report`` option. A known graph break of
+    PyTorch's own modules is also a warning: everything after it runs uncompiled, in no report."""
     from panther.report import _set_last
 
+    if report.graph_break and any(advice in report.graph_break for advice in BREAK_ADVICE.values()):
+        log.warning("panther backend: %s", report.graph_break)
     _set_last(report)
     if log.isEnabledFor(logging.INFO):
         log.info("%s", report)

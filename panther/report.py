@@ -95,12 +95,17 @@ class GraphDiffReport:
     ``role``, and ``layer`` = the row name on candidate nodes; see ``fx_passes.graph_view``), for
     ``panther.convert`` reports the module tree of the candidate layers and their parent modules.
     It is ``None`` for reports built by hand; it is left out of :meth:`as_dict`, ``==`` and ``repr``.
+
+    ``graph_break`` says where and why Dynamo ended a compile report's graph at a graph break (``None`` when
+    the graph ends where its frame returns): the code after the break is another graph, with a report of its
+    own, or runs uncompiled, in no report.
     """
 
     rows: List[ReportRow] = field(default_factory=list)
     source: str = "compile"
     graph_id: Optional[str] = None
     graph: Any = field(default=None, repr=False, compare=False)
+    graph_break: Optional[str] = None
 
     # -- queries -------------------------------------------------------------------------------------
     @property
@@ -176,7 +181,8 @@ class GraphDiffReport:
         from tabulate import tabulate
 
         title = f"panther graph diff ({self.source}{', ' + self.graph_id if self.graph_id else ''})"
-        return title + "\n" + tabulate(self._table_rows(), headers=self._HEADERS, tablefmt="simple")
+        table = title + "\n" + tabulate(self._table_rows(), headers=self._HEADERS, tablefmt="simple")
+        return table + (f"\ngraph break: {self.graph_break}" if self.graph_break else "")
 
     def to_markdown(self) -> str:
         """The table of ``str(report)`` as a GitHub Markdown table (no title line)."""
@@ -210,10 +216,11 @@ class GraphDiffReport:
         return draw_report(self, path, "svg", dpi=100, figsize=figsize, max_nodes=max_nodes)
 
     def as_dict(self) -> Dict[str, Any]:
-        """Plain dicts and numbers (JSON-ready): ``source``, ``graph_id``, ``rows`` and ``totals``."""
+        """Plain dicts and numbers (JSON-ready): ``source``, ``graph_id``, ``graph_break``, ``rows`` and ``totals``."""
         return {
             "source": self.source,
             "graph_id": self.graph_id,
+            "graph_break": self.graph_break,
             "rows": [r.as_dict() for r in self.rows],
             "totals": self.totals,
         }

@@ -815,6 +815,7 @@ def test_a_causal_mask_built_in_the_model_is_read_through_the_fused_encoder_laye
         (report,) = reports
         assert [r.name for r in report.replaced] == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
         errors[grad] = [r.est_error for r in report.replaced]
+        assert report.graph_break is None  # one graph, to the model's return
     torch.testing.assert_close(outputs[False], outputs[True])
     assert errors[False] == pytest.approx(errors[True])  # measured against the same exact attention
     later, padded_keys = x.clone(), x.clone()
@@ -859,6 +860,30 @@ def test_mha_given_a_causal_mask_built_in_the_graph_runs_causal_random_feature_a
         o = torch.ops.panther.rf_attention(q, k, v, features(spec, "attn"), "softmax", True, None, pad)
         expected = F.linear(o.permute(0, 2, 1, 3).reshape(2, 9, 32), a.out_proj.weight, a.out_proj.bias)
     torch.testing.assert_close(y.detach(), expected)
+
+
+class UnflaggedEncoder(CausalEncoder):
+    """A causal mask without is_causal, or a float mask beside a bool padding mask: PyTorch's encoder then does
+    what Dynamo cannot trace (compares the mask's values, warns), and everything after runs uncompiled."""
+
+    def forward(self, x, pad=None):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
+        return self.encoder(x, mask=mask, src_key_padding_mask=pad, **({} if pad is None else {"is_causal": True}))
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["is_causal_unset", "mixed_mask_dtypes"])
+def test_a_graph_break_in_torch_modules_is_reported_with_what_to_do(padded, caplog):
+    x, pad = left_padded(9)
+    compiled, reports = compile_panther(UnflaggedEncoder(False).eval(), policy={"attention": SketchSpec(seed=2)})
+    with torch.no_grad(), caplog.at_level("WARNING", logger="panther"):
+        compiled(x, pad if padded else None)
+    first = reports[0]
+    assert first.rows == []  # the graph ends at the break: the mask only
+    where, advice = ("_canonical_mask", "one dtype") if padded else ("_detect_is_causal_mask", "is_causal=True or False")
+    assert where in first.graph_break and advice in first.graph_break, first.graph_break
+    assert f"graph break: {first.graph_break}" in str(first) and first.as_dict()["graph_break"] == first.graph_break
+    assert first.graph_break in caplog.text
+    assert all(not r.rows for r in reports)  # the encoder ran uncompiled: no layer in any report
 
 
 def test_a_causal_mask_built_in_the_model_is_read_under_dynamic_shapes():
