@@ -171,8 +171,9 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
 
 #: what to do about graph breaks PyTorch's own modules make, by the function the break is in
 BREAK_ADVICE = {
-    "_detect_is_causal_mask": "pass is_causal=True or False with the mask to nn.TransformerEncoder / "
-                              "nn.Transformer: left unset, PyTorch compares the mask with the causal one value by value",
+    "_detect_is_causal_mask": "pass is_causal=True or False with the mask to nn.TransformerEncoder (tgt_is_causal "
+                              "to nn.TransformerDecoder, src_is_causal / tgt_is_causal to nn.Transformer): left "
+                              "unset, PyTorch compares the mask with the causal one value by value",
     "_canonical_mask": "give the attention mask and the key padding mask one dtype: PyTorch warns (warnings.warn) "
                        "about a float mask beside a bool one",
 }
