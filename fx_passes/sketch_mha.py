@@ -85,8 +85,8 @@ def _added_terms(n):
 def read_masks(a, sizes, state):
     """``(padding, causal)`` that an MHA call's masks apply, as ``sdpa_mask.read_masks`` gives them, or why they
     cannot be read. ``attn_mask`` is boolean (True = ignore) or added to the scores, ``(Lq, Lk)`` or a merged
-    ``(B·H, Lq, Lk)``; an ``is_causal`` flag is trusted as the promise it is (without a key padding mask PyTorch's MHA drops the mask then).
-    ``key_padding_mask`` is boolean (True = ignore) or nn.MultiheadAttention's additive form of one."""
+    ``(B·H, Lq, Lk)``; an ``is_causal`` flag is trusted as the promise it is (without a key padding mask
+    PyTorch's MHA drops the mask then). ``key_padding_mask`` is boolean (True = ignore) or nn.MultiheadAttention's additive form of one."""
     padding = []
     kpm = a["key_padding_mask"]
     if kpm is not None:  # (B, S), so not read as a 4-D mask is

@@ -181,9 +181,9 @@ BREAK_ADVICE = {
 
 def graph_break() -> Optional[str]:
     """Where and why Dynamo ended the graph it is compiling at a graph break, with advice where the break is a
-    known one of PyTorch's own modules (:data:`BREAK_ADVICE`); None when the graph ends at its frame's return. Dynamo keeps this in the
-    output graph of the frame it is tracing, which the backend is called from: a private structure, so nothing
-    is said if it is not there."""
+    known one of PyTorch's own modules (:data:`BREAK_ADVICE`); None when the graph ends at its frame's return.
+    Dynamo keeps this in the output graph of the frame it is tracing, which the backend is called from: a
+    private structure, so nothing is said if it is not there."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
@@ -194,6 +194,7 @@ def graph_break() -> Optional[str]:
     except Exception:  # noqa: BLE001 - a missing note, never a failed compile
         return None
     explained = [line[len("Explanation:"):].strip() for line in lines if line.startswith("Explanation:")]
+    explained = [e for e in explained if e]
     why = f"{lines[0]} ({explained[0].rstrip('.')})" if explained else lines[0]
     # where it broke, and the outermost frame of the call that got there (the model's own code)
     where = " from ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}"
