@@ -312,15 +312,15 @@ def bench_transformer(d_model=1024, heads=16, layers=4, seq=8192, batch=2, low_r
         x = torch.randn(batch, seq, d_model, device=device, dtype=dtype)
     policy = None if default_policy else {"linear": SketchSpec(num_terms=1, low_rank=low_rank, init="svd"),
                                           "attention": SketchSpec(num_random_features=num_features, seed=0)}
-    # the fused kernel applies the causal mask as a mask (every score computed); exact attention can do better
+    # the fused kernel applies the causal mask as a mask (every score computed); exact attention does better
     # through SDPA's is_causal, which the layers' unfused path calls
-    extra = {"dense, eager, unfused layers (SDPA is_causal)": _unfused(lambda m: m(x))} if causal else {}
     return _dense_against_panther(model, lambda m: m(x), policy, compiler=compiler, device=device, repeats=repeats,
-                                  extra=extra)
+                                  unfused_rows=causal)
 
 
 def _unfused(call):
-    """``call`` with PyTorch's fused MHA / encoder-layer fast path turned off for its duration."""
+    """``call`` with PyTorch's fused MHA / encoder-layer fast path turned off for its duration (Dynamo guards on
+    that switch: a compiled model compiles a second graph, of the unfused layers, for it)."""
     def run(model):
         enabled = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
@@ -361,10 +361,11 @@ def bench_llama(hidden=2048, heads=16, kv_heads=4, layers=4, seq=8192, batch=2, 
                                   compiler=compiler, device=device, repeats=repeats)
 
 
-def _dense_against_panther(model, call, policy, *, compiler, device, repeats, extra=None):
+def _dense_against_panther(model, call, policy, *, compiler, device, repeats, unfused_rows=False):
     """``call(model)`` timed dense eager, dense compiled and compiled with ``backend="panther"`` under
-    ``policy`` (and ``extra``: more rows, name -> ``fn(model)``, run on the dense model), side by side, each with
-    its output's relative error against dense eager; and panther's report."""
+    ``policy`` (with ``unfused_rows``, the dense model eager and compiled with PyTorch's fused attention and
+    encoder-layer kernels off too), side by side, each with its output's relative error against dense eager;
+    and panther's report."""
     from .backend import panther_backend
     from .report import GraphDiffReport
 
@@ -373,9 +374,12 @@ def _dense_against_panther(model, call, policy, *, compiler, device, repeats, ex
     reports = []  # one per graph: a model with graph breaks (Hugging Face's flex_attention path) has several
     ours = torch.compile(model, backend=panther_backend,
                          options={"policy": policy, "compiler": compiler, "report": reports.append})
+    unfused = _unfused(call)
     candidates = {"dense, eager": lambda: call(model),
-                  **{name: (lambda fn=fn: fn(model)) for name, fn in (extra or {}).items()},
                   f"dense, torch.compile ({compiler})": lambda: call(dense_compiled),
+                  **({"dense, eager, unfused layers (SDPA is_causal)": lambda: unfused(model),
+                      f"dense, torch.compile ({compiler}), unfused layers": lambda: unfused(dense_compiled)}
+                     if unfused_rows else {}),
                   'backend="panther"': lambda: call(ours)}
     reference = call(model).float()
     errors = {name: ((fn().float() - reference).norm() / reference.norm()).item() for name, fn in candidates.items()}
