@@ -862,6 +862,43 @@ def test_mha_given_a_causal_mask_built_in_the_graph_runs_causal_random_feature_a
     torch.testing.assert_close(y.detach(), expected)
 
 
+class Seq2Seq(nn.Module):
+    """nn.Transformer as PyTorch's sequence-to-sequence tutorial uses it, the causal target mask built in the
+    forward (and flagged, so that PyTorch does not compare its values), source and target padded."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.transformer = nn.Transformer(32, 4, 1, 1, 64, dropout=0.0, batch_first=True)
+
+    def forward(self, src, tgt, src_pad, tgt_pad):
+        mask = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1], device=tgt.device) == float("-inf")
+        return self.transformer(src, tgt, tgt_mask=mask, src_key_padding_mask=src_pad, tgt_key_padding_mask=tgt_pad,
+                                memory_key_padding_mask=src_pad, tgt_is_causal=True)
+
+
+def test_nn_transformer_encoder_decoder_attention_is_all_rewritten_and_the_decoder_stays_causal():
+    model = Seq2Seq().eval()
+    src, src_pad = left_padded(11)
+    tgt, tgt_pad = torch.randn(2, 7, 32), torch.zeros(2, 7, dtype=torch.bool)
+    tgt_pad[1, 5:] = True
+    compiled, reports = compile_panther(model, policy={"attention": SketchSpec(num_random_features=16, seed=3)})
+    later, padded_source = tgt.clone(), src.clone()
+    later[:, 4:] += 1.0
+    padded_source[1, :3] += 1.0
+    with torch.no_grad():
+        y = compiled(src, tgt, src_pad, tgt_pad)
+        moved = compiled(src, later, src_pad, tgt_pad)
+        unmoved = compiled(padded_source, tgt, src_pad, tgt_pad)
+    (report,) = reports
+    assert [r.name for r in report.replaced] == ["transformer.encoder.layers.0.self_attn",
+                                                 "transformer.decoder.layers.0.self_attn",
+                                                 "transformer.decoder.layers.0.multihead_attn"]
+    torch.testing.assert_close(moved[:, :4], y[:, :4])  # the decoder's self-attention is causal
+    assert rel(moved[:, 4:], y[:, 4:]) > 1e-2
+    torch.testing.assert_close(unmoved, y)  # padded source positions reach nothing
+
+
 class UnflaggedEncoder(CausalEncoder):
     """A causal mask without is_causal, or a float mask beside a bool padding mask: PyTorch's encoder then does
     what Dynamo cannot trace (compares the mask's values, warns), and everything after runs uncompiled."""
