@@ -206,15 +206,21 @@ def _unviewed(n):
     return n
 
 
-def zero_or_masked(n) -> bool:
-    """Whether a float mask's values are only 0 and masked (at most :data:`MASKED`) whatever the inputs:
-    ``zeros_like(b).masked_fill(b, c)`` with ``c`` masked (how nn.MultiheadAttention and nn.Transformer turn a
-    boolean mask into an additive one), seen through views, expands and casts."""
+def _filled_zeros(n) -> Optional[tuple]:
+    """``(where, fill)`` when ``n`` is ``zeros_like(x).masked_fill(where, fill)`` seen through views, expands and
+    casts (how nn.MultiheadAttention and nn.Transformer turn a boolean mask into an additive one), else None."""
     n = _unviewed(n)
-    if not (is_call(n, (torch.masked_fill,), ("masked_fill", "masked_fill_")) and len(n.args) == 3):
-        return False
-    base, where, fill = n.args
-    return is_call(base, (torch.zeros_like,), ("new_zeros",)) and is_bool(where) and is_masked(fill)
+    if is_call(n, (torch.masked_fill,), ("masked_fill", "masked_fill_")) and len(n.args) == 3 and is_call(
+            n.args[0], (torch.zeros_like,), ("new_zeros",)):
+        return n.args[1], n.args[2]
+    return None
+
+
+def zero_or_masked(n) -> bool:
+    """Whether a float mask's values are only 0 and masked (at most :data:`MASKED`) whatever the inputs: a
+    boolean mask made additive (:func:`_filled_zeros`) with a masked fill."""
+    filled = _filled_zeros(n)
+    return filled is not None and is_bool(filled[0]) and is_masked(filled[1])
 
 
 def float_term(mask, state: State = None) -> Optional[str]:
@@ -295,10 +301,8 @@ def per_query_input(n) -> bool:
     shape = value_of(n).shape if isinstance(value_of(n), torch.Tensor) else ()
     if not (len(shape) >= 2 and statically_known_true(shape[-2] > 1)):
         return False
-    n = _unviewed(n)
-    if is_call(n, (torch.masked_fill,), ("masked_fill", "masked_fill_")) and is_call(
-            n.args[0], (torch.zeros_like,), ("new_zeros",)):
-        n = n.args[1]
+    filled = _filled_zeros(n)
+    n = _unviewed(n) if filled is None else filled[0]
     return isinstance(n, fx.Node) and n.op == "placeholder"
 
 

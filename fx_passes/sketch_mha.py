@@ -86,7 +86,8 @@ def read_masks(a, sizes, state):
     """``(padding, causal)`` that an MHA call's masks apply, as ``sdpa_mask.read_masks`` gives them, or why they
     cannot be read. ``attn_mask`` is boolean (True = ignore) or added to the scores, ``(Lq, Lk)`` or a merged
     ``(B·H, Lq, Lk)``; an ``is_causal`` flag is trusted as the promise it is (without a key padding mask
-    PyTorch's MHA drops the mask then). ``key_padding_mask`` is boolean (True = ignore) or nn.MultiheadAttention's additive form of one."""
+    PyTorch's MHA drops the mask then). ``key_padding_mask`` is boolean (True = ignore) or
+    nn.MultiheadAttention's additive form of one."""
     padding = []
     kpm = a["key_padding_mask"]
     if kpm is not None:  # (B, S), so not read as a 4-D mask is
@@ -101,9 +102,10 @@ def read_masks(a, sizes, state):
         mask = _flattened_heads(mask)
         if mask is None:
             return "attn_mask of shape (B·num_heads, L, S) not flattened from (B, num_heads, L, S)"
-    if any(per_query_input(t) for t in _added_terms(mask)):
+    added = _added_terms(mask)
+    if any(per_query_input(t) for t in added):
         return GRAPH_INPUT  # a bool mask, or a float one (a mask by nn.MultiheadAttention's contract)
-    terms = [(mask, True)] if is_bool(mask) else [additive_mask(t, state) for t in _added_terms(mask)]
+    terms = [(mask, True)] if is_bool(mask) else [additive_mask(t, state) for t in added]
     read = next((t for t in terms if isinstance(t, str)), None) or sdpa_mask.read_masks(terms, sizes, state)
     return read if isinstance(read, str) else (padding + read[0], read[1])
 

@@ -147,6 +147,8 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
 
     import torch
 
+    from torch._dynamo.exc import RestartAnalysis
+
     import fx_passes
     from panther.policy import with_overrides
 
@@ -156,8 +158,6 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
     report = fx_passes.run_passes(gm, example_inputs, policy=policy, grad_enabled=torch.is_grad_enabled(),
                                   measure_attention=opts["measure_attention"])
     report.graph_break = graph_break()
-    from torch._dynamo.exc import RestartAnalysis
-
     try:
         compiled = _compile(gm, example_inputs, opts)
     except RestartAnalysis:

@@ -293,12 +293,13 @@ def bench_transformer(d_model=1024, heads=16, layers=4, seq=8192, batch=2, low_r
                       causal=False):
     """Inference of PyTorch's own ``nn.TransformerEncoder`` (pre-norm, GELU, feed-forward ``4·d_model``,
     eval mode, no grad; with ``causal``, under the causal mask the model builds in its forward, which the fused
-    encoder kernel applies as a mask), three ways on the same input: dense eager (torch's fused encoder kernel), dense
-    under ``torch.compile``, and ``backend="panther"`` with the feed-forward linears at rank ``2·low_rank``
-    (``init="svd"``) and random-feature attention with ``num_features`` features (the attention's own
-    projections stay dense); with ``default_policy``, what panther's default policy picks instead (what
-    ``torch.compile(model, backend="panther")`` does unconfigured). ``compiler`` is what both compiles end
-    in (``"inductor"``; ``"aot_eager"`` for a quick check).
+    encoder kernel applies as a mask), on the same input: dense eager (torch's fused encoder kernel), dense
+    under ``torch.compile``, with ``causal`` both again with the fused kernels off (the layers unfused, their
+    attention SDPA's causal flash kernel: the exact baseline to beat), and ``backend="panther"`` with the
+    feed-forward linears at rank ``2·low_rank`` (``init="svd"``) and random-feature attention with
+    ``num_features`` features (the attention's own projections stay dense); with ``default_policy``, what
+    panther's default policy picks instead (what ``torch.compile(model, backend="panther")`` does
+    unconfigured). ``compiler`` is what the compiles end in (``"inductor"``; ``"aot_eager"`` for a quick check).
 
     Returns ``(rows, headers, report)``: the timings side by side, each with its output's relative error
     against dense eager, and panther's graph diff report. The weights are random, whose flat spectrum

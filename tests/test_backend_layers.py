@@ -809,9 +809,17 @@ def test_a_causal_mask_built_in_the_model_is_read_through_the_fused_encoder_laye
     policy = {"attention": SketchSpec(num_random_features=16, seed=2)}
     outputs, errors = {}, {}
     for grad in (False, True):
-        compiled, reports = compile_panther(model, policy=policy)
+        reports, fused = [], []
+
+        def backend(gm, example_inputs):
+            fused.append(fused_calls(gm))  # Dynamo's graph, before panther expands the fused calls
+            return panther_backend(gm, example_inputs, options={**FAST, "report": reports.append, "policy": policy})
+
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=backend)
         with torch.set_grad_enabled(grad), ONE_GRAPH:
             outputs[grad] = compiled(x, pad).detach()
+        assert fused == [0 if grad else 2]  # without gradients both layers were the fused call
         (report,) = reports
         assert [r.name for r in report.replaced] == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
         errors[grad] = [r.est_error for r in report.replaced]
