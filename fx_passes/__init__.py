@@ -120,26 +120,30 @@ def _row(cand, *, replaced, reason="", op_after=None, params_after=None, flops_a
 
 def _apply(p, cand, ctx: PassContext, policy_fn) -> bool:
     if cand.unsupported:
-        ctx.record(cand, _row(cand, replaced=False, reason=cand.unsupported))
-        return False
+        return _keep(p, cand, ctx, reason=cand.unsupported)
     info = cand.info
     if "#" in info.name:  # a module called again: the policy judges the module path, the row keeps the suffix
         info = dataclasses.replace(info, name=info.name.split("#", 1)[0])
     # a rewrite in a graph is never trained (see TRAINING_REASON), so the best approximation is the default
     spec, reason = decide(policy_fn, info, default_init="svd")
     if spec is None:
-        ctx.record(cand, _row(cand, replaced=False, reason=reason or "policy declined"))
-        return False
+        return _keep(p, cand, ctx, reason=reason or "policy declined")
     if cand.needs_weights and ctx.grad_enabled:
-        ctx.record(cand, _row(cand, replaced=False, reason=TRAINING_REASON, spec=spec))
-        return False
+        return _keep(p, cand, ctx, reason=TRAINING_REASON, spec=spec)
     problem = getattr(p, "check", lambda c, s: None)(cand, spec)
     if problem:
-        ctx.record(cand, _row(cand, replaced=False, reason=problem, spec=spec))
-        return False
+        return _keep(p, cand, ctx, reason=problem, spec=spec)
     params_after, flops_after = sketched_cost(cand.info, spec)
     op_after, err = p.rewrite(cand, spec, ctx)
     ctx.graph_changed()
     ctx.record(cand, _row(cand, replaced=True, op_after=op_after, params_after=params_after,
                           flops_after=flops_after, spec=spec, err=err))
     return True
+
+
+def _keep(p, cand, ctx: PassContext, *, reason, spec=None) -> bool:
+    """Record ``cand`` as left as it is, after the pass's ``keep`` hook (a pass may restore a hint the exact call
+    lost, and says so in the reason). Returns whether the graph changed."""
+    note = getattr(p, "keep", lambda c: None)(cand)
+    ctx.record(cand, _row(cand, replaced=False, reason=f"{reason}; {note}" if note else reason, spec=spec))
+    return note is not None

@@ -203,6 +203,37 @@ def match(node, ctx: PassContext):
     return cand
 
 
+#: the note of a kept call whose mask ``keep`` found causal
+CAUSAL_HINT = "its attn_mask, read as the causal triangle, runs as is_causal=True (PyTorch's causal kernel)"
+
+
+def keep(cand: Candidate):
+    """Flag a call left exact ``is_causal`` when its ``attn_mask`` was read as the causal triangle alone (no key
+    padding, no attention weights asked for): PyTorch's MHA then drops the mask and runs SDPA's causal kernel,
+    as it does when the model passes ``is_causal=True`` (the panther backend tells nn.TransformerEncoder a mask
+    is not known causal rather than compare its values: ``panther.backend``). A fused encoder layer so flagged
+    runs its ordinary forward: the fused kernel applies a mask as a mask.
+    Returns the report's note, or None when nothing changed."""
+    a = cand.data.get("a")
+    if not (a and cand.data["causal"] and not cand.data["padding"] and a["attn_mask"] is not None
+            and not a["is_causal"] and a["key_padding_mask"] is None and a["need_weights"] is False):
+        return None
+    node, graph = cand.node, cand.node.graph
+    args, kwargs = list(node.args), dict(node.kwargs)
+    if len(args) > _ARGS.index("is_causal"):
+        args[_ARGS.index("is_causal")] = True
+    else:
+        kwargs["is_causal"] = True
+    # a new node rather than an edited one: a fused encoder layer whose nodes all remain is put back fused
+    # (expand_encoder_layer.restore), and that kernel would not take the hint
+    with graph.inserting_before(node):
+        flagged = graph.call_function(node.target, tuple(args), kwargs)
+    flagged.meta.update(node.meta)
+    node.replace_all_uses_with(flagged)
+    graph.erase_node(node)
+    return CAUSAL_HINT
+
+
 def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     node, a, info = cand.node, cand.data["a"], cand.info
     base_name = cand.data["base_name"]

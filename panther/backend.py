@@ -169,7 +169,8 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
     return compiled
 
 
-#: what to do about graph breaks PyTorch's own modules make, by the function the break is in
+#: what to do about graph breaks PyTorch's own modules make, by the function the break is in (the first one only
+#: where the substitute of _register_is_causal_hint does not see this backend: a function wrapping it, say)
 BREAK_ADVICE = {
     "_detect_is_causal_mask": "pass is_causal=True or False with the mask to nn.TransformerEncoder (tgt_is_causal "
                               "to nn.TransformerDecoder, src_is_causal / tgt_is_causal to nn.Transformer): left "
@@ -203,6 +204,51 @@ def graph_break() -> Optional[str]:
     text = f"Dynamo ended this graph at {where or 'a graph break'}: {why}. The code after it is another graph, " \
            "or runs uncompiled (as torch.nn's own modules do after a break in them)"
     return text + (f"; to compile it, {advice}" if advice else "")
+
+
+def _compiling_for_panther() -> bool:
+    """Whether the graph Dynamo is tracing now is for this backend (read from its private output graph;
+    False where that is not there)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        fn = InstructionTranslator.current_tx().output.compiler_fn
+    except Exception:  # noqa: BLE001 - unknown: keep PyTorch's behaviour
+        return False
+    for _ in range(8):  # Dynamo's debug wrapper, torch.compile's wrapper, a functools.partial
+        if fn is panther_backend:
+            return True
+        fn = getattr(fn, "compiler_fn", None) or getattr(fn, "func", None) or getattr(fn, "__wrapped__", None)
+    return False
+
+
+def _register_is_causal_hint():
+    """Trace ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` calls that leave ``is_causal`` unset
+    without a graph break, in panther's compiles only.
+
+    Left unset, PyTorch compares the mask with the causal one value by value (``_detect_is_causal_mask``),
+    a data-dependent branch that ends Dynamo's graph; the rest of the module then runs uncompiled. Under
+    this backend the answer "not known to be causal" is given instead: it only drops a hint, since the
+    layers then apply the mask as given, and the attention rewrite proves a mask built in the forward
+    causal from the graph itself. Other backends trace PyTorch's own function, unchanged."""
+    import types
+
+    import torch
+    from torch.nn.modules import transformer
+
+    detect = getattr(transformer, "_detect_is_causal_mask", None)
+    if detect is None or not hasattr(torch.compiler, "substitute_in_graph"):
+        return
+    # the same code as a distinct function object, so that Dynamo inlines it rather than this substitute
+    pytorch_detect = types.FunctionType(detect.__code__, detect.__globals__, detect.__name__,
+                                        detect.__defaults__, detect.__closure__)
+    for_panther = torch._dynamo.assume_constant_result(_compiling_for_panther)
+
+    @torch.compiler.substitute_in_graph(detect)
+    def _detect_is_causal_mask(mask, is_causal=None, size=None):
+        if is_causal is None and mask is not None and for_panther():
+            return False
+        return pytorch_detect(mask, is_causal, size)
 
 
 def _publish(report, opts):
@@ -252,3 +298,6 @@ def _compile(gm, example_inputs, opts):
     tag = torch.compiler.config.cache_key_tag
     with torch.compiler.config.patch(cache_key_tag=f"{tag}|{own}" if tag else own):
         return compile_fx(gm, example_inputs, config_patches=patches or None, decompositions=decompositions)
+
+
+_register_is_causal_hint()

@@ -12,7 +12,8 @@ import panther
 from panther.attention_error import mha_heads
 from panther.backend import panther_backend
 from panther.policy import SketchSpec
-from fx_passes import sdpa_mask
+import fx_passes
+from fx_passes import sdpa_mask, sketch_mha
 
 from backend_common import FAST, compile_panther, features, padded_qkv, prompts_dynamic_and_static  # tests/ is on sys.path
 
@@ -908,25 +909,83 @@ def test_nn_transformer_encoder_decoder_attention_is_all_rewritten_and_the_decod
 
 
 class UnflaggedEncoder(CausalEncoder):
-    """A causal mask without is_causal, or a float mask beside a bool padding mask: PyTorch's encoder then does
-    what Dynamo cannot trace (compares the mask's values, warns), and everything after runs uncompiled."""
+    """CausalEncoder's float mask without is_causal: PyTorch's encoder then compares the mask's values with the
+    causal ones (``_detect_is_causal_mask``), which Dynamo cannot trace. Padded, the float mask meets a bool
+    padding mask, and PyTorch warns."""
 
     def forward(self, x, pad=None):
         mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
         return self.encoder(x, mask=mask, src_key_padding_mask=pad, **({} if pad is None else {"is_causal": True}))
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["is_causal_unset", "mixed_mask_dtypes"])
-def test_a_graph_break_in_torch_modules_is_reported_with_what_to_do(padded, caplog):
+@pytest.mark.parametrize("grad", [False, True], ids=["fused", "unfused"])
+def test_an_encoder_left_to_detect_its_causal_mask_compiles_to_one_graph_under_panther_only(grad):
+    # PyTorch's value-by-value comparison would end the graph; under this backend the encoder is told the mask is
+    # not known causal, so it applies it as given, and the rewrite proves it causal: the same compiled model as
+    # with is_causal=True, one graph, causal.
+    x, _ = left_padded(9)
+    policy = {"attention": SketchSpec(num_random_features=16, seed=2)}
+    outputs = {}
+    for model in (UnflaggedEncoder(False).eval(), CausalEncoder(False).eval()):
+        compiled, reports = compile_panther(model, policy=policy)
+        with torch.set_grad_enabled(grad):
+            outputs[type(model)] = y = compiled(x).detach()
+            later = x.clone()
+            later[:, 6:] += 1.0
+            torch.testing.assert_close(compiled(later)[:, :6].detach(), y[:, :6])  # causal
+        (report,) = reports
+        assert report.graph_break is None
+        assert [r.name for r in report.replaced] == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
+    torch.testing.assert_close(outputs[UnflaggedEncoder], outputs[CausalEncoder])
+    # another backend traces PyTorch's own comparison, and breaks there as before
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(UnflaggedEncoder(False).eval())(x)
+    assert any(f.name == "_detect_is_causal_mask" for b in explained.break_reasons for f in b.user_stack)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fused", "unfused"])
+@pytest.mark.parametrize("case", ["causal", "padded", "weights"])
+def test_exact_attention_whose_mask_is_read_as_causal_runs_as_is_causal(grad, case, monkeypatch):
+    # Attention the policy keeps exact gets back the hint the encoder was not given: its MHA call is flagged
+    # is_causal, unless key padding or the attention weights need the mask. The fused layer then runs unfused.
+    graphs = []
+    run_passes = fx_passes.run_passes
+    monkeypatch.setattr(fx_passes, "run_passes", lambda gm, *a, **k: graphs.append(gm) or run_passes(gm, *a, **k))
     x, pad = left_padded(9)
+    if case == "weights":
+        model = MaskedMHA()  # nn.MultiheadAttention's default need_weights=True, the weights then unused
+
+        def call(x, pad):
+            mask = torch.ones(9, 9, dtype=torch.bool).triu(1)
+            return model.attn(x, x, x, attn_mask=mask)[0]
+    else:
+        model = CausalEncoder(bool_mask=True).eval()
+        model.forward = lambda x, pad: model.encoder(x, mask=torch.ones(9, 9, dtype=torch.bool).triu(1),
+                                                     src_key_padding_mask=pad)
+
+        def call(x, pad):
+            return model(x, pad)
+    pad = pad if case == "padded" else None
+    compiled, reports = compile_panther(call, policy={"attention": "skip"})
+    with torch.set_grad_enabled(grad):
+        y, expected = compiled(x, pad), call(x, pad)
+    torch.testing.assert_close(y, expected, equal_nan=True)  # padded queries see no key: NaN either way
+    flags = [n.kwargs.get("is_causal", False) for n in graphs[0].graph.nodes if n.target is F.multi_head_attention_forward]
+    hinted = [sketch_mha.CAUSAL_HINT in r.reason for r in reports[0].rows if r.kind == "attention"]
+    flagged = case == "causal"
+    assert hinted == [flagged] * len(hinted) and hinted
+    assert flags == ([True] * len(hinted) if flagged else [False] * len(flags))
+    assert not any(n.target is torch._transformer_encoder_layer_fwd for n in graphs[0].graph.nodes) or not flagged
+
+
+def test_a_graph_break_in_torch_modules_is_reported_with_what_to_do(caplog):
+    x, pad = left_padded(9)  # a float mask beside a bool padding mask: PyTorch warns, Dynamo breaks there
     compiled, reports = compile_panther(UnflaggedEncoder(False).eval(), policy={"attention": SketchSpec(seed=2)})
     with torch.no_grad(), caplog.at_level("WARNING", logger="panther"):
-        compiled(x, pad if padded else None)
+        compiled(x, pad)
     first = reports[0]
     assert first.rows == []  # the graph ends at the break: the mask only
-    where, advice = ("_canonical_mask", "one dtype") if padded else \
-        ("_detect_is_causal_mask", "is_causal=True or False")
-    assert where in first.graph_break and advice in first.graph_break, first.graph_break
+    assert "_canonical_mask" in first.graph_break and "one dtype" in first.graph_break, first.graph_break
     assert f"graph break: {first.graph_break}" in str(first) and first.as_dict()["graph_break"] == first.graph_break
     assert first.graph_break in caplog.text
     assert all(not r.rows for r in reports)  # the encoder ran uncompiled: no layer in any report
