@@ -259,6 +259,18 @@ class Candidate:
     unsupported: Optional[str] = None  # reason the node cannot be rewritten at all
 
 
+def replace_call(node: fx.Node, args: tuple, kwargs: dict) -> fx.Node:
+    """Replace a call node by a new call of the same target with other arguments (a new node rather than an
+    edited one: a fused encoder layer whose nodes all remain is put back fused, ``expand_encoder_layer.restore``)."""
+    graph = node.graph
+    with graph.inserting_before(node):
+        new = graph.call_function(node.target, tuple(args), dict(kwargs))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
 def trace_into(graph: fx.Graph, before: fx.Node, fn: Callable, *args) -> List[fx.Node]:
     """Record ``fn(*args)`` in ``graph`` just before ``before``, the node it replaces, as the torch calls it
     makes (FX proxies stand for the graph values among ``args``), so one Python function is both a

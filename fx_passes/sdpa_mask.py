@@ -324,6 +324,8 @@ def read_masks(masks, sizes: tuple, state: State = None) -> Union[Tuple[List[Tup
 GRAPH_INPUT = "attn_mask is an input of the compiled graph, so its pattern is unknown when compiling: build the " \
               "mask inside the compiled model (e.g. nn.Transformer.generate_square_subsequent_mask in its forward), " \
               "or pass is_causal=True to the attention call instead of a mask"
+#: the report's note on exact attention whose mask was read as the causal triangle alone, now flagged is_causal
+CAUSAL_HINT = "its attn_mask, read as the causal triangle, runs as is_causal=True (PyTorch's causal kernel)"
 #: why a mask of another index pattern stays exact
 NEITHER = "attn_mask is neither causal nor key padding (e.g. a sliding window or a prefix pattern)"
 #: why a causal mask of symbolic sizes stays exact when the lengths may differ

@@ -33,8 +33,8 @@ from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
 from .attention_sample import of_call
 from . import sdpa_mask
-from .common import Candidate, PassContext, is_call, shape_of, trace_into
-from .sdpa_mask import GRAPH_INPUT, MASKED, additive_mask, is_bool, key_padding_mask, per_query_input, zero_or_masked
+from .common import Candidate, PassContext, is_call, replace_call, shape_of, trace_into
+from .sdpa_mask import CAUSAL_HINT, GRAPH_INPUT, MASKED, additive_mask, is_bool, key_padding_mask, per_query_input, zero_or_masked
 from .sketch_sdpa import features_of, projection_for
 
 KIND = "attention"
@@ -203,10 +203,6 @@ def match(node, ctx: PassContext):
     return cand
 
 
-#: the note of a kept call whose mask ``keep`` found causal
-CAUSAL_HINT = "its attn_mask, read as the causal triangle, runs as is_causal=True (PyTorch's causal kernel)"
-
-
 def keep(cand: Candidate):
     """Flag a call left exact ``is_causal`` when its ``attn_mask`` was read as the causal triangle alone (no key
     padding, no attention weights asked for): PyTorch's MHA then drops the mask and runs SDPA's causal kernel,
@@ -218,19 +214,12 @@ def keep(cand: Candidate):
     if not (a and cand.data["causal"] and not cand.data["padding"] and a["attn_mask"] is not None
             and not a["is_causal"] and a["key_padding_mask"] is None and a["need_weights"] is False):
         return None
-    node, graph = cand.node, cand.node.graph
-    args, kwargs = list(node.args), dict(node.kwargs)
+    args, kwargs = list(cand.node.args), dict(cand.node.kwargs)
     if len(args) > _ARGS.index("is_causal"):
         args[_ARGS.index("is_causal")] = True
     else:
         kwargs["is_causal"] = True
-    # a new node rather than an edited one: a fused encoder layer whose nodes all remain is put back fused
-    # (expand_encoder_layer.restore), and that kernel would not take the hint
-    with graph.inserting_before(node):
-        flagged = graph.call_function(node.target, tuple(args), kwargs)
-    flagged.meta.update(node.meta)
-    node.replace_all_uses_with(flagged)
-    graph.erase_node(node)
+    replace_call(cand.node, args, kwargs)
     return CAUSAL_HINT
 
 

@@ -32,8 +32,8 @@ from panther.attention_error import error_of_features, fold_heads, layer_feature
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
 from .attention_sample import of_call
-from .common import Candidate, PassContext, common_prefix, concrete, is_call, trace_into
-from .sdpa_mask import MASKED, additive_mask, constant_value, float_term, key_padding_mask, read_masks, value_of
+from .common import Candidate, PassContext, common_prefix, concrete, is_call, replace_call, trace_into
+from .sdpa_mask import CAUSAL_HINT, MASKED, additive_mask, constant_value, float_term, key_padding_mask, read_masks, value_of
 
 KIND = "attention"
 OP_AFTER = "panther.rf_attention"
@@ -191,6 +191,29 @@ def match(node, ctx: PassContext):
     read = additive_mask(attn_mask, ctx.buffer_value)
     return candidate(node, ctx, "scaled_dot_product_attention", q, k, v, [] if isinstance(read, str) else [read],
                      *rest, unsupported=read if isinstance(read, str) else None)
+
+
+def keep(cand: Candidate):
+    """Run an SDPA call left exact with ``is_causal=True`` and no mask when its ``attn_mask`` was read as the
+    causal triangle alone (no key padding) over as many queries as keys: the same attention, through SDPA's causal
+    kernel rather than a masked one (``sketch_mha.keep`` does so for nn.MultiheadAttention). Returns the report's
+    note, or None when nothing changed."""
+    node = cand.node
+    if not (is_attention(node) and cand.data["causal"] and not cand.data["padding"] and cand.data["ndim"] == 4):
+        return None
+    q, k, _, attn_mask, _, is_causal, *_ = sdpa_args(node.args, node.kwargs)
+    shapes = [t.meta.get("example_value") for t in (q, k)]
+    if attn_mask is None or is_causal is not False or not all(isinstance(t, torch.Tensor) for t in shapes) \
+            or not statically_known_true(shapes[0].shape[-2] == shapes[1].shape[-2]):
+        return None
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for name, value in (("attn_mask", None), ("is_causal", True)):
+        if len(args) > _ARGS.index(name):
+            args[_ARGS.index(name)] = value
+        else:
+            kwargs[name] = value
+    replace_call(node, args, kwargs)
+    return CAUSAL_HINT
 
 
 def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p, is_causal, scale, enable_gqa,

@@ -13,7 +13,7 @@ from panther.attention_error import mha_heads
 from panther.backend import panther_backend
 from panther.policy import SketchSpec
 import fx_passes
-from fx_passes import sdpa_mask, sketch_mha
+from fx_passes import sdpa_mask
 
 from backend_common import FAST, compile_panther, features, padded_qkv, prompts_dynamic_and_static  # tests/ is on sys.path
 
@@ -971,11 +971,39 @@ def test_exact_attention_whose_mask_is_read_as_causal_runs_as_is_causal(grad, ca
         y, expected = compiled(x, pad), call(x, pad)
     torch.testing.assert_close(y, expected, equal_nan=True)  # padded queries see no key: NaN either way
     flags = [n.kwargs.get("is_causal", False) for n in graphs[0].graph.nodes if n.target is F.multi_head_attention_forward]
-    hinted = [sketch_mha.CAUSAL_HINT in r.reason for r in reports[0].rows if r.kind == "attention"]
+    hinted = [sdpa_mask.CAUSAL_HINT in r.reason for r in reports[0].rows if r.kind == "attention"]
     flagged = case == "causal"
     assert hinted == [flagged] * len(hinted) and hinted
     assert flags == ([True] * len(hinted) if flagged else [False] * len(flags))
     assert not any(n.target is torch._transformer_encoder_layer_fwd for n in graphs[0].graph.nodes) or not flagged
+
+
+class TriangleSDPA(nn.Module):
+    """SDPA given the causal triangle (True = attend) built in the forward, and a key padding mask if any."""
+
+    def forward(self, q, k, v, pad=None):
+        length = q.shape[2]
+        mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        if pad is not None:
+            mask = mask & ~pad[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "padded"])
+def test_exact_sdpa_whose_mask_is_read_as_causal_runs_as_is_causal(padded, monkeypatch):
+    graphs = []
+    run_passes = fx_passes.run_passes
+    monkeypatch.setattr(fx_passes, "run_passes", lambda gm, *a, **k: graphs.append(gm) or run_passes(gm, *a, **k))
+    q, k, v = torch.randn(3, 2, 4, 9, 8).unbind(0)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, :3] = True
+    pad = pad if padded else None
+    compiled, reports = compile_panther(TriangleSDPA(), policy={"attention": "skip"})
+    torch.testing.assert_close(compiled(q, k, v, pad), TriangleSDPA()(q, k, v, pad), equal_nan=True)
+    (call,) = [n for n in graphs[0].graph.nodes if n.target is F.scaled_dot_product_attention]
+    (row,) = reports[0].rows
+    assert (sdpa_mask.CAUSAL_HINT in row.reason) == (not padded)
+    assert (call.kwargs.get("is_causal", False), call.kwargs.get("attn_mask") is None) == (not padded, not padded)
 
 
 def test_a_graph_break_in_torch_modules_is_reported_with_what_to_do(caplog):
