@@ -35,7 +35,7 @@ from .attention_sample import of_call
 from . import sdpa_mask
 from .common import Candidate, PassContext, is_call, replace_call, shape_of, trace_into
 from .sdpa_mask import CAUSAL_HINT, GRAPH_INPUT, MASKED, additive_mask, is_bool, key_padding_mask, per_query_input, zero_or_masked
-from .sketch_sdpa import features_of, projection_for
+from .sketch_sdpa import dropout_reason, features_of, projection_for
 
 KIND = "attention"
 OP_AFTER = "panther.rf_attention"
@@ -193,7 +193,7 @@ def match(node, ctx: PassContext):
     elif isinstance(masking, str):
         cand.unsupported = masking
     elif a["training"] is not False and a["dropout_p"] not in (0, 0.0):
-        cand.unsupported = f"attention dropout {a['dropout_p']} in training mode"
+        cand.unsupported = dropout_reason(a["dropout_p"])
     elif extra["causal"] and Lq != Lk:
         cand.unsupported = "causal attention with different query and key lengths"
     elif E % H:

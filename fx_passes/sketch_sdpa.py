@@ -193,6 +193,13 @@ def match(node, ctx: PassContext):
                      *rest, unsupported=read if isinstance(read, str) else None)
 
 
+def dropout_reason(p) -> str:
+    """Why attention with active dropout (rate ``p``) stays exact, and what lets it be rewritten."""
+    return f"dropout_p={p!r}: random-feature attention has no attention dropout; set the model's attention " \
+           "dropout to 0 to rewrite it (Hugging Face configs: attn_pdrop, attention_dropout or " \
+           "attention_probs_dropout_prob; nn.MultiheadAttention's dropout)"
+
+
 def keep(cand: Candidate):
     """Run an SDPA call left exact with ``is_causal=True`` and no mask when its ``attn_mask`` was read as the
     causal triangle alone (no key padding) over as many queries as keys: the same attention, through SDPA's causal
@@ -314,7 +321,7 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
     elif isinstance(masking, str):
         cand.unsupported = masking
     elif not (isinstance(dropout_p, (int, float)) and dropout_p == 0):
-        cand.unsupported = f"dropout_p={dropout_p!r}: random-feature attention has no attention dropout"
+        cand.unsupported = dropout_reason(dropout_p)
     elif enable_gqa not in (False, True):
         cand.unsupported = "enable_gqa is not a constant"
     elif (qs[1] % ks[1] if enable_gqa or ks[1] == 1 else qs[1] != ks[1]) or ks[:3] != vs[:3] or qs[0] != ks[0] \

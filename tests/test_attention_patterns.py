@@ -222,7 +222,7 @@ class Unreadable(nn.Module):
 
 @pytest.mark.parametrize("case, reason", [
     ("weights_returned", "attention weights are used elsewhere"),
-    ("dropout", "dropout_p=0.1"),
+    ("dropout", "dropout_p=0.1: random-feature attention has no attention dropout; set the model's attention dropout to 0"),
     ("bias", "a float term is added to the scores"),
     ("reshaped", "a float term is added to the scores"),  # the views only regroup the batch and heads
     ("alibi_folded", "a float term is added to the scores"),

@@ -13,7 +13,7 @@ from panther.attention_error import mha_heads
 from panther.backend import panther_backend
 from panther.policy import SketchSpec
 import fx_passes
-from fx_passes import sdpa_mask
+from fx_passes import sdpa_mask, sketch_sdpa
 
 from backend_common import FAST, compile_panther, features, padded_qkv, prompts_dynamic_and_static  # tests/ is on sys.path
 
@@ -869,6 +869,16 @@ def test_mha_given_a_causal_mask_built_in_the_graph_runs_causal_random_feature_a
         o = torch.ops.panther.rf_attention(q, k, v, features(spec, "attn"), "softmax", True, None, pad)
         expected = F.linear(o.permute(0, 2, 1, 3).reshape(2, 9, 32), a.out_proj.weight, a.out_proj.bias)
     torch.testing.assert_close(y.detach(), expected)
+
+
+def test_mha_with_attention_dropout_in_training_stays_exact_and_says_how_to_rewrite_it():
+    model = MaskedMHA().train()
+    model.attn.dropout = 0.1
+    compiled, reports = compile_panther(model, policy={"attention": SketchSpec(num_random_features=16, seed=1)})
+    compiled(*left_padded(9))
+    (row,) = reports[0].rows
+    assert not row.replaced and row.reason == sketch_sdpa.dropout_reason(0.1)
+    assert "set the model's attention dropout to 0" in row.reason
 
 
 class Seq2Seq(nn.Module):
