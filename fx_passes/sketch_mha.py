@@ -17,25 +17,28 @@ parameters, so training through this rewrite updates them). Causality comes from
 ``nn.Transformer.generate_square_subsequent_mask`` in the model's forward, merged with the key padding mask as
 nn.TransformerEncoderLayer's fused path does.
 
-Left alone: ``bias_k``/``bias_v``, ``add_zero_attn``, other ``attn_mask`` patterns (and masks that are inputs of
-the graph, whose values are unknown), attention dropout in training, float key padding masks, unbatched inputs,
-and uses of the attention weights.
+Attention dropout in training becomes what random features can apply, whole keys dropped per head
+(``panther.ops.attention.dropped_keys``, as ``RandMultiHeadAttention`` does). Left alone: ``bias_k``/``bias_v``,
+``add_zero_attn``, other ``attn_mask`` patterns (and masks that are inputs of the graph, whose values are unknown),
+float key padding masks, unbatched inputs, and uses of the attention weights.
 """
 from __future__ import annotations
 
 import operator
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from panther.attention_error import error_of_features, mha_heads, mha_sample, sample_error
+from panther.ops.attention import dropped_keys
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
 from .attention_sample import of_call
 from . import sdpa_mask
 from .common import Candidate, PassContext, is_call, replace_call, shape_of, trace_into
 from .sdpa_mask import CAUSAL_HINT, GRAPH_INPUT, MASKED, additive_mask, is_bool, key_padding_mask, per_query_input, zero_or_masked
-from .sketch_sdpa import dropout_reason, features_of, projection_for
+from .sketch_sdpa import dropout_rate, dropout_reason, features_of, projection_for
 
 KIND = "attention"
 OP_AFTER = "panther.rf_attention"
@@ -51,14 +54,17 @@ _DEFAULTS = {"training": True, "key_padding_mask": None, "need_weights": True, "
 
 
 def rf_multi_head_attention(query, key, value, num_heads, in_proj_weight, in_proj_bias, out_proj_weight,
-                            out_proj_bias, projection, kernel_fn, causal, q_proj_weight=None, k_proj_weight=None,
-                            v_proj_weight=None, ignores=(), *padding):
+                            out_proj_bias, projection, kernel_fn, causal, dropout_p=0.0, q_proj_weight=None,
+                            k_proj_weight=None, v_proj_weight=None, ignores=(), *padding):
     """Multi-head attention with random-feature attention per head; inputs and output in (L, B, E).
-    ``padding``: key padding masks, True = attend or where ``ignores`` says so True = ignore
-    (``sdpa_mask.key_padding_mask``)."""
+    ``dropout_p``: attention dropout as random features apply it, whole keys per head (as
+    ``RandMultiHeadAttention``). ``padding``: key padding masks, True = attend or where ``ignores`` says so True =
+    ignore (``sdpa_mask.key_padding_mask``)."""
     E = query.shape[-1]
     q, k, v = mha_heads(query, key, value, num_heads, in_proj_weight, in_proj_bias, q_proj_weight,
                         k_proj_weight, v_proj_weight)
+    if dropout_p:
+        v = dropped_keys(v, dropout_p)
     kpm = key_padding_mask(list(padding), q.shape[0], k.shape[2], ignores) if padding else None
     o = torch.ops.panther.rf_attention(q, k, v, projection, kernel_fn, causal, None, kpm)
     o = o.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], E)
@@ -108,6 +114,11 @@ def read_masks(a, sizes, state):
     terms = [(mask, True)] if is_bool(mask) else [additive_mask(t, state) for t in added]
     read = next((t for t in terms if isinstance(t, str)), None) or sdpa_mask.read_masks(terms, sizes, state)
     return read if isinstance(read, str) else (padding + read[0], read[1])
+
+
+def _dropout(a) -> Optional[float]:
+    """The call's attention dropout rate (0 outside training), or None if random features cannot apply it."""
+    return 0.0 if a["training"] is False else dropout_rate(a["dropout_p"]) if a["training"] is True else None
 
 
 def is_attention(node) -> bool:
@@ -192,8 +203,9 @@ def match(node, ctx: PassContext):
         cand.unsupported = "static_k/static_v are not supported"
     elif isinstance(masking, str):
         cand.unsupported = masking
-    elif a["training"] is not False and a["dropout_p"] not in (0, 0.0):
-        cand.unsupported = dropout_reason(a["dropout_p"])
+    elif _dropout(a) is None:
+        cand.unsupported = dropout_reason(a["dropout_p"] if a["training"] is True else
+                                          f"{a['dropout_p']!r} with training={a['training']!r}")
     elif extra["causal"] and Lq != Lk:
         cand.unsupported = "causal attention with different query and key lengths"
     elif E % H:
@@ -233,7 +245,8 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     padding, causal = cand.data["padding"], cand.data["causal"]
     new = trace_into(ctx.graph, node, rf_multi_head_attention, a["query"], a["key"], a["value"], a["num_heads"],
                      a["in_proj_weight"], a["in_proj_bias"], a["out_proj_weight"], a["out_proj_bias"], p_node,
-                     spec.kernel_fn, causal, *((a[f"{r}_proj_weight"] if sep else None) for r in "qkv"),
+                     spec.kernel_fn, causal, _dropout(a),
+                     *((a[f"{r}_proj_weight"] if sep else None) for r in "qkv"),
                      tuple(ignores for _, ignores in padding), *(p for p, _ in padding))[-1]
     for user in list(node.users):  # every user is out[0] (checked in match)
         user.replace_all_uses_with(new)

@@ -13,9 +13,10 @@ so recompiles keep the same features. The other attention passes (written out, f
 calls as SDPA's arguments and share :func:`candidate` and :func:`rewrite`.
 
 A boolean ``attn_mask`` that is key padding and/or the causal triangle (as Hugging Face models build
-theirs; see ``sdpa_mask``) becomes rf_attention's ``key_padding_mask`` and ``causal``. Left alone: other
-masks (random features cannot apply an arbitrary one), ``dropout_p > 0``, masks of calls that are not 4-D
-(``(B, L, d)`` and ``(*batch, H, L, d)`` calls are folded to 4-D), causal with different query/key lengths.
+theirs; see ``sdpa_mask``) becomes rf_attention's ``key_padding_mask`` and ``causal``; ``dropout_p`` (training)
+drops whole keys per head, the attention dropout random features can apply. Left alone: other masks (random
+features cannot apply an arbitrary one), masks of calls that are not 4-D (``(B, L, d)`` and
+``(*batch, H, L, d)`` calls are folded to 4-D), causal with different query/key lengths.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from panther.attention_error import error_of_features, fold_heads, layer_features, sample, sample_error
+from panther.ops.attention import dropped_keys
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
 
 from .attention_sample import of_call
@@ -193,11 +195,16 @@ def match(node, ctx: PassContext):
                      *rest, unsupported=read if isinstance(read, str) else None)
 
 
+def dropout_rate(p) -> Optional[float]:
+    """An attention dropout rate random features can apply (whole keys per head, ``dropped_keys``): a constant in
+    [0, 1); else None."""
+    return float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1 else None
+
+
 def dropout_reason(p) -> str:
-    """Why attention with active dropout (rate ``p``) stays exact, and what lets it be rewritten."""
-    return f"dropout_p={p!r}: random-feature attention has no attention dropout; set the model's attention " \
-           "dropout to 0 to rewrite it (Hugging Face configs: attn_pdrop, attention_dropout or " \
-           "attention_probs_dropout_prob; nn.MultiheadAttention's dropout)"
+    """Why attention whose dropout is ``p`` (no :func:`dropout_rate`) stays exact."""
+    return f"dropout_p={p!r}: random-feature attention applies attention dropout at a constant rate in [0, 1) only " \
+           "(whole keys per head)"
 
 
 def keep(cand: Candidate):
@@ -308,7 +315,7 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
                            "base_name": base_name, "owner": owner, "groups": 1, "sample": sample,
                            "padding": masking[0] if isinstance(masking, tuple) else [],
                            "keys_transposed": keys_transposed, "heads": heads, "layout": layout,
-                           "peeled": peeled, "symbolic": symbolic})
+                           "peeled": peeled, "symbolic": symbolic, "dropout_p": dropout_p})
     float_terms = [] if ok4 else [r for r in (float_term(m, ctx.buffer_value) for m, _ in masks) if r]
     if unsupported:
         cand.unsupported = unsupported
@@ -320,7 +327,7 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
         cand.unsupported = "attn_mask or enable_gqa on attention that is not 4-D (B, H, L, d): only 4-D masks are read"
     elif isinstance(masking, str):
         cand.unsupported = masking
-    elif not (isinstance(dropout_p, (int, float)) and dropout_p == 0):
+    elif dropout_rate(dropout_p) is None:
         cand.unsupported = dropout_reason(dropout_p)
     elif enable_gqa not in (False, True):
         cand.unsupported = "enable_gqa is not a constant"
@@ -379,6 +386,7 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
         scale = trace_into(ctx.graph, node, scale_of, scale, powers, *nodes)[-1]
     new = trace_into(ctx.graph, node, rf_sdpa, q, k, d["v"], p_node, spec.kernel_fn, d["causal"],
                      scale, d["groups"], d["ndim"], d["heads"], d["layout"], d["keys_transposed"],
+                     dropout_rate(d["dropout_p"]),
                      tuple(ignores for _, ignores in d["padding"]), *(p for p, _ in d["padding"]))[-1]
     for out in d.get("outputs", [node]):
         new.meta.update(out.meta)
@@ -391,25 +399,28 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
 
 
 def rf_sdpa(q, k, v, P, kernel_fn: str, causal: bool, scale, groups: int, ndim: int, heads: Optional[int],
-            layout: Optional[tuple], keys_transposed: bool, ignores: tuple, *padding):
+            layout: Optional[tuple], keys_transposed: bool, dropout_p: float, ignores: tuple, *padding):
     """SDPA's meaning in random features, for q, k, v of rank ``ndim`` (3-D and 5-D+ folded to 4-D as
     ``attention_error.fold_heads`` says, and back; with ``heads``, 3-D ``(B·heads, L, d)`` unflattened to
     ``(B, heads, L, d)`` and back): ``groups`` query heads share each key/value head (``enable_gqa``); ``k``
-    holds the keys transposed with ``keys_transposed``; ``padding`` are the masks' key padding factors
+    holds the keys transposed with ``keys_transposed``; ``dropout_p`` drops whole keys per head
+    (``panther.ops.attention.dropped_keys``); ``padding`` are the masks' key padding factors
     (True = attend, or where ``ignores`` says so True = ignore; see ``sdpa_mask``); ``layout``: ``(perm,
     out_perm)``, the permutations of q, k, v into that order and of the result back."""
     if layout:
         perm, out_perm = layout
         return rf_sdpa(*(t.permute(perm) for t in (q, k, v)), P, kernel_fn, causal, scale, groups, ndim, heads,
-                       None, keys_transposed, ignores, *padding).permute(out_perm)
+                       None, keys_transposed, dropout_p, ignores, *padding).permute(out_perm)
     k = k.transpose(-2, -1) if keys_transposed else k
     if heads:
         return rf_sdpa(*(t.unflatten(0, (-1, heads)) for t in (q, k, v)), P, kernel_fn, causal, scale, groups, 4,
-                       None, None, False, ignores, *padding).flatten(0, 1)
+                       None, None, False, dropout_p, ignores, *padding).flatten(0, 1)
     unfolded = q
     q, k, v = (fold_heads(t, ndim) for t in (q, k, v))
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    if dropout_p:  # SDPA's attention dropout, as random features can apply it: whole keys per head
+        v = dropped_keys(v, dropout_p)
     kpm = key_padding_mask(list(padding), q.shape[0], k.shape[2], ignores) if padding else None
     out = torch.ops.panther.rf_attention(q, k, v, P, kernel_fn, causal, scale, kpm)
     return out.squeeze(1) if ndim == 3 else out.unflatten(0, unfolded.shape[:-3]) if ndim > 4 else out

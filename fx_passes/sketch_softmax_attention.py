@@ -12,14 +12,15 @@ Pattern (Dynamo torch IR), read backwards from the product with the values:
                                                 # perhaps max(s, finfo.min) (XGLM); or
     s = s.masked_fill(ignore, -inf)             # any fill of at most -1e4; or where(keep, s, -inf)
     p = softmax(s, dim=-1)                      # F.softmax / torch.softmax / .softmax, with dtype= or not
-    p = p.to(dtype), dropout(p, training=False) # casts and inactive dropout
+    p = p.to(dtype), dropout(p, rate)            # casts, and dropout (SDPA's dropout_p in training)
     o = matmul(p, v)                            # or p.matmul(v), p @ v, einsum("bhij,bhjd->bhid", p, v)
 with q, k, v of shape (B, H, L, d). This is how ``attn_implementation="eager"`` Hugging Face models, timm's
 unfused attention and many research codebases compute attention.
 
 Replacement: that of :mod:`.sketch_sdpa` (same candidate, report row, accuracy guard and features), then the
 scores and probabilities, now unused, are erased. Left alone, with the reason: scores or probabilities used
-elsewhere (a model returning its attention weights), active dropout, scores scaled by a tensor, masks
+elsewhere (a model returning its attention weights), dropout whose rate is not a constant (a constant one
+becomes SDPA's ``dropout_p``), scores scaled by a tensor, masks
 other than key padding / causal (see ``sdpa_mask``), float biases, other steps between ``q @ kᵀ`` and the
 softmax (tanh soft-capping, reshapes), mixed dtypes.
 """
@@ -330,7 +331,8 @@ def parse(node) -> Optional[WrittenAttention]:
         if p.target in _DROPOUT:
             rate, training = _arg(p, 1, "p", 0.5), _arg(p, 2, "training" if p.target is F.dropout else "train", True)
             if training is not False and rate != 0:
-                dropout_p = rate if training is True else f"{rate!r} with training={training!r}"
+                dropout_p = rate if training is True and dropout_p == 0.0 else \
+                    f"{rate!r} with training={training!r}" if dropout_p == 0.0 else "several dropouts"
         p = p.args[0]
     nd = _ndim(p)
     if not (is_call(p, _SOFTMAX, ("softmax",)) and nd is not None and isinstance(_arg(p, 1, "dim"), int)

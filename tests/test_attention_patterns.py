@@ -185,8 +185,8 @@ class Unreadable(nn.Module):
         if self.case == "weights_returned":
             p = s.softmax(-1)
             return p @ v, p
-        if self.case == "dropout":
-            return F.dropout(s.softmax(-1), 0.1, training=True) @ v
+        if self.case == "dropout_all":  # a rate random features cannot apply (every key dropped)
+            return F.dropout(s.softmax(-1), 1.0, training=True) @ v
         if self.case == "bias":  # a float bias (ALiBi, relative positions): not a mask
             return (s + extra).softmax(-1) @ v
         if self.case == "softcap":  # Gemma 2
@@ -222,7 +222,7 @@ class Unreadable(nn.Module):
 
 @pytest.mark.parametrize("case, reason", [
     ("weights_returned", "attention weights are used elsewhere"),
-    ("dropout", "dropout_p=0.1: random-feature attention has no attention dropout; set the model's attention dropout to 0"),
+    ("dropout_all", "dropout_p=1.0: random-feature attention applies attention dropout at a constant rate in [0, 1)"),
     ("bias", "a float term is added to the scores"),
     ("reshaped", "a float term is added to the scores"),  # the views only regroup the batch and heads
     ("alibi_folded", "a float term is added to the scores"),

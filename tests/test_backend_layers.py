@@ -10,10 +10,11 @@ from torch import nn
 
 import panther
 from panther.attention_error import mha_heads
+from panther.ops.attention import dropped_keys
 from panther.backend import panther_backend
 from panther.policy import SketchSpec
 import fx_passes
-from fx_passes import sdpa_mask, sketch_sdpa
+from fx_passes import sdpa_mask
 
 from backend_common import FAST, compile_panther, features, padded_qkv, prompts_dynamic_and_static  # tests/ is on sys.path
 
@@ -871,14 +872,58 @@ def test_mha_given_a_causal_mask_built_in_the_graph_runs_causal_random_feature_a
     torch.testing.assert_close(y.detach(), expected)
 
 
-def test_mha_with_attention_dropout_in_training_stays_exact_and_says_how_to_rewrite_it():
-    model = MaskedMHA().train()
-    model.attn.dropout = 0.1
-    compiled, reports = compile_panther(model, policy={"attention": SketchSpec(num_random_features=16, seed=1)})
-    compiled(*left_padded(9))
+class DroppedAttention(nn.Module):
+    """Attention with dropout in training, as SDPA's dropout_p, as nn.MultiheadAttention's, or written out."""
+
+    def __init__(self, form):
+        super().__init__()
+        torch.manual_seed(0)
+        self.form, self.attn = form, nn.MultiheadAttention(32, 4, dropout=0.1, batch_first=True)
+
+    def forward(self, x):
+        if self.form == "mha":
+            return self.attn(x, x, x, need_weights=False)[0]
+        q = k = v = x.view(2, 9, 4, 8).transpose(1, 2)
+        if self.form == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1 if self.training else 0.0)
+        p = F.dropout((q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1), 0.1, training=self.training)
+        return p @ v
+
+
+@pytest.mark.parametrize("form", ["sdpa", "mha", "written_out"])
+def test_attention_dropout_in_training_drops_whole_keys_per_head(form):
+    # Random features have no per-(query, key) weights to drop; like RandMultiHeadAttention, the rewrite drops
+    # whole keys of each head (their value rows, rescaled), drawn from the global generator as dropout is.
+    model = DroppedAttention(form).train()
+    x = torch.randn(2, 9, 32)
+    spec = SketchSpec(num_random_features=16, seed=1)
+    compiled, reports = compile_panther(model, policy={"attention": spec})
+    compiled(x)
     (row,) = reports[0].rows
-    assert not row.replaced and row.reason == sketch_sdpa.dropout_reason(0.1)
-    assert "set the model's attention dropout to 0" in row.reason
+    assert row.replaced, row.reason
+    P = features(spec, row.name)
+
+    def expected(drop):
+        if form == "mha":
+            a = model.attn
+            q, k, v = mha_heads(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), 4, a.in_proj_weight,
+                                a.in_proj_bias)
+        else:
+            q = k = v = x.view(2, 9, 4, 8).transpose(1, 2)
+        o = torch.ops.panther.rf_attention(q, k, dropped_keys(v, 0.1) if drop else v, P, "softmax", False, None, None)
+        if form != "mha":
+            return o
+        return F.linear(o.permute(0, 2, 1, 3).reshape(2, 9, 32), model.attn.out_proj.weight, model.attn.out_proj.bias)
+
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        y = compiled(x)
+        torch.manual_seed(7)
+        torch.testing.assert_close(y, expected(True))
+        assert rel(compiled(x), y) > 1e-2  # another draw
+    assert rel(y, expected(False)) > 1e-2
+    model.eval()  # no dropout: its own graph, the same random features
+    torch.testing.assert_close(compiled(x), expected(False))
 
 
 class Seq2Seq(nn.Module):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..ops.attention import dropped_keys
 from ..sketch import orthogonal_random_features
 from ._checks import input_matches, make_generator
 from ._triton_ops import LazyTritonOp
@@ -212,8 +213,7 @@ class RandMultiHeadAttention(nn.Module):
             q, k = self.srpe.filter(q, k)  # (B, L, H, R), no (B, L, H, d, R) intermediate
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.training and self.dropout > 0:
-            keep = torch.rand(B, H, S, 1, device=v.device) >= self.dropout
-            v = v * (keep.to(v.dtype) / (1.0 - self.dropout))
+            v = dropped_keys(v, self.dropout)
         # CUDA: the fused Triton kernels (feature maps never reach HBM); they route what they do not cover
         # (float64, wide heads, m > 256) to the C++ op themselves.
         attend = triton_attention.for_input(q, torch.ops.panther.rf_attention)

@@ -29,6 +29,7 @@ import torch
 
 
 __all__ = [
+    "dropped_keys",
     "rf_attention",
     "rf_attention_reference",
     "rf_feature_maps",
@@ -306,6 +307,16 @@ def _srpe_backward(ctx, grad):
 
 torch.library.register_autograd("panther::srpe_filter", _srpe_backward,
                                 setup_context=_srpe_setup_context)
+
+
+def dropped_keys(v, p):
+    """Attention dropout for random-feature attention: ``v`` ``(B, H, S, dv)`` with whole keys dropped, each with
+    probability ``p`` (independently across batch, heads and keys; every query of a head loses the same ones), and
+    the rest scaled by ``1 / (1 - p)``. Dropping value rows after the normalisation is fixed drops those columns of
+    the normalised attention matrix, so the output is an unbiased estimate of the undropped one; random-feature
+    attention has no per-(query, key) weights to drop one by one."""
+    keep = torch.rand_like(v[..., :1], dtype=torch.float32) >= p
+    return v * (keep.to(v.dtype) / (1.0 - p))
 
 
 # ------------------------------------------------------------------------------------------
