@@ -149,6 +149,40 @@ def test_backend_attention_rewrites_inline_the_triton_attention_kernels(kind):
     assert ((outs["inductor"] - ref).norm() / ref.norm()).item() < 1e-3
 
 
+def test_backend_training_step_with_attention_dropout_runs_the_triton_kernels():
+    """nn.MultiheadAttention with dropout in training: the rewrite drops whole keys per head in the graph, and
+    Inductor still inlines the Triton attention kernels, forward and backward; eval mode drops nothing."""
+    from torch._inductor.utils import run_and_get_code
+
+    from panther.backend import panther_backend
+    from panther.policy import SketchSpec
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(128, 4, dropout=0.1, batch_first=True, device="cuda")
+    x = torch.randn(2, 300, 128, device="cuda") * 0.5
+    reports = []
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: mha(t, t, t, need_weights=False)[0], backend=panther_backend,
+                             options={"policy": {"attention": SketchSpec(num_random_features=64, seed=1)},
+                                      "report": reports.append})
+
+    def step():
+        out = compiled(x)
+        out.square().mean().backward()
+        return out
+
+    out, code = run_and_get_code(step)
+    assert reports[0].rows[0].replaced, reports[0].rows[0].reason
+    src = "\n".join(code)
+    assert "_query" in src and "torch.ops.panther.rf_attention." not in src
+    assert torch.isfinite(out).all() and all(torch.isfinite(p.grad).all() for p in mha.parameters())
+    mha.eval()  # with gradients, so that nn.MultiheadAttention keeps its ordinary path
+    undropped, again = compiled(x).detach(), compiled(x).detach()
+    assert torch.equal(undropped, again)  # eval: no dropout
+    assert reports[-1].rows[0].replaced
+    assert ((out.detach() - undropped).norm() / undropped.norm()).item() > 1e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_empty_batches_run_forward_and_backward_on_cuda(dtype):
     """Zero rows through every GPU path (fused linear kernels, the tap GEMM, the attention kernels): the
