@@ -25,6 +25,18 @@ assert panther.last_report() is seen[0]
 print([(r.name, r.replaced) for r in seen[0].rows])
 assert [(r.name, r.replaced) for r in seen[0].rows] == [("0", True), ("2", False)], seen[0]
 assert y.shape == (3, 4)
+# the entry point loaded the backend before Dynamo traced: an encoder left to detect its causal mask is one graph
+from panther.policy import SketchSpec
+enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 1,
+                            enable_nested_tensor=False).eval()
+seen.clear()
+c = torch.compile(lambda t: enc(t, mask=nn.Transformer.generate_square_subsequent_mask(t.shape[1])),
+                  backend="panther", options={"compiler": "aot_eager", "report": seen.append,
+                                              "policy": {"attention": SketchSpec(num_random_features=16)}})
+with torch.no_grad():
+    c(torch.randn(2, 9, 32))
+assert len(seen) == 1 and seen[0].graph_break is None, seen
+assert [r.replaced for r in seen[0].rows if r.kind == "attention"] == [True], seen[0]
 """
 
 
