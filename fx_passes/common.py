@@ -288,10 +288,12 @@ def trace_into(graph: fx.Graph, before: fx.Node, fn: Callable, *args) -> List[fx
     assert new[-1] is out.node  # created last, so placed last before ``before``
     for n in new:
         n.meta.update(meta)
-        if fake_mode is None:
-            continue  # no example values to start from (AOT re-traces the graph anyway)
+        inputs = [a.meta.get("example_value") for a in n.all_input_nodes]
+        if fake_mode is None and (not inputs or any(v is None for v in inputs)):
+            continue  # no example values to start from (AOT re-traces the graph anyway); scalars of the graph
+            # (SymFloat) need no fake mode
         vargs, vkwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: a.meta.get("example_value"))
-        with fake_mode:
+        with fake_mode or contextlib.nullcontext():
             if n.op == "call_method":
                 n.meta["example_value"] = getattr(vargs[0], n.target)(*vargs[1:], **vkwargs)
             else:

@@ -70,6 +70,13 @@ def is_positive(c) -> bool:
     return value is not None and statically_known_true(value > 0)
 
 
+def signed_queries(q, scale):
+    """``q`` times the sign of ``scale`` (a scalar of the graph), traced by ``trace_into``: random features take the
+    square root of the scale, so :func:`rewrite` gives them ``|scale|`` and the sign goes onto the queries,
+    q·k·c = (sign(c)·q)·k·|c| (a zero scale zeroes both sides: uniform weights either way)."""
+    return q * torch.sign(torch.scalar_tensor(scale))
+
+
 def scale_of(number: float, powers: tuple, *scalars):
     """The scale: ``number`` times each of ``scalars`` to its power (±1); traced by ``trace_into``."""
     for x, p in zip(scalars, powers):
@@ -89,8 +96,9 @@ class Peeled:
 
 
 def peel(x) -> Optional[Peeled]:
-    """``x``'s positive scalar factors, also those under shape-only steps, if any (in-place products are kept:
-    they change their input itself)."""
+    """``x``'s scalar factors, also those under shape-only steps, if any: numbers other than 0, and scalars of the
+    graph (the rewrite puts the scale's sign onto the queries: :func:`signed_queries`). In-place products are kept:
+    they change their input itself."""
     n, steps, found = x, [], None
     factors = []
     while isinstance(n, fx.Node) and n.args:
@@ -99,7 +107,7 @@ def peel(x) -> Optional[Peeled]:
             a, b = n.args
             first = None if divides else scalar_factor(a)
             inner, c = (b, first) if first is not None else (a, scalar_factor(b))
-            if c is None or not isinstance(inner, fx.Node) or not is_positive(c):
+            if c is None or not isinstance(inner, fx.Node) or not (isinstance(c, fx.Node) or c != 0):
                 break
             factors.append((c, -1 if divides else 1))
             n = inner
@@ -139,6 +147,8 @@ def _rescaled(sample: dict, peeled: dict) -> Optional[dict]:
             return None
         c = math.prod(h ** power for h, (_, power) in zip(hints, p.factors))
         out[r], scale = sample[r] / c, scale * c
+    if scale < 0:  # as the rewrite does it (signed_queries)
+        out["q"], scale = -out["q"], -scale
     out["scale"] = scale
     return out
 
@@ -381,9 +391,15 @@ def rewrite(cand: Candidate, spec: SketchSpec, ctx: PassContext):
     p_node = ctx.add_constant(f"{d['base_name']}_rf_projection", P, node)
     q, k = (_replay(ctx.graph, node, d["peeled"][r]) if r in d["peeled"] else d[r] for r in ("q", "k"))
     scale = d["scale"]
+    negative = isinstance(scale, (int, float)) and scale < 0  # a negative factor of the queries or keys
     if d["symbolic"]:  # the scale is computed in the graph, from its scalars
         nodes, powers = zip(*d["symbolic"])
         scale = trace_into(ctx.graph, node, scale_of, scale, powers, *nodes)[-1]
+        if negative or not all(is_positive(n) for n in nodes):  # OPT's float `scaling` under dynamic=True, say
+            q = trace_into(ctx.graph, node, signed_queries, q, scale)[-1]
+            scale = trace_into(ctx.graph, node, abs, scale)[-1]
+    elif negative:
+        q, scale = trace_into(ctx.graph, node, operator.neg, q)[-1], -scale
     new = trace_into(ctx.graph, node, rf_sdpa, q, k, d["v"], p_node, spec.kernel_fn, d["causal"],
                      scale, d["groups"], d["ndim"], d["heads"], d["layout"], d["keys_transposed"],
                      dropout_rate(d["dropout_p"]),

@@ -1,6 +1,7 @@
 """backend="panther" on conv nets, F.scaled_dot_product_attention and nn.MultiheadAttention: the report
 (which nodes, params/FLOPs, reasons) and numerics against panther.convert / the panther ops run eagerly."""
 import copy
+import math
 import warnings
 
 import pytest
@@ -406,6 +407,54 @@ def test_a_query_factor_before_the_heads_split_goes_into_the_scale(written):
     split = sample_error(sample(q, k, v, None, False, 8 ** -0.5, False), P, "softmax", False)
     on_queries = sample_error(sample(q * 8 ** -0.5, k, v, None, False, 1.0, False), P, "softmax", False)
     assert row.est_error == pytest.approx(split, rel=1e-4) and split < on_queries
+
+
+class PreScaledByAttribute(PreScaled):
+    """OPT's attention as Hugging Face writes it: the factor a float attribute (``self.scaling``), which Dynamo
+    turns into a scalar of the graph under ``dynamic=True`` (its sign then unknown to the compiler)."""
+
+    def __init__(self, written: bool, scaling: float):
+        super().__init__(written)
+        self.scaling = scaling
+
+    def forward(self, x, k, v):
+        B, L, _ = x.shape
+        q = (x * self.scaling).view(B, L, self.heads, -1).transpose(1, 2)
+        if self.written:
+            return torch.matmul(q, k.transpose(-1, -2)).softmax(-1) @ v
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+
+
+@pytest.mark.parametrize("scaling", [0.35, -0.35])
+@pytest.mark.parametrize("written,compiler", [(False, "aot_eager"), (True, "aot_eager"), (False, "eager")])
+def test_a_query_factor_of_unknown_sign_goes_into_the_scale_with_its_sign_on_the_queries(written, compiler, scaling):
+    # q·k·c = (sign(c)·q)·k·|c|: random features get |c| (they take its square root). Through AOTAutograd the float
+    # reaching the op makes Dynamo specialise it (a constant, its sign known); run as it is ("eager"), the graph
+    # keeps the scalar and takes its sign at run time.
+    from panther.attention_error import sample, sample_error
+
+    g = torch.Generator().manual_seed(0)
+    spec = SketchSpec(num_random_features=32, seed=3)
+    torch._dynamo.reset()
+    reports = []
+    compiled = torch.compile(PreScaledByAttribute(written, scaling), backend=panther_backend, dynamic=True,
+                             options={"compiler": compiler, "report": reports.append, "policy": {"attention": spec}})
+    examples = []
+    for length in (64, 40):
+        x, k, v = torch.randn(2, length, 32, generator=g), torch.randn(2, 4, length, 8, generator=g), \
+            torch.randn(2, 4, length, 8, generator=g)
+        with torch.no_grad():
+            y = compiled(x, k, v)
+        q = x.view(2, length, 4, 8).transpose(1, 2) * math.copysign(1.0, scaling)
+        P = features(spec, reports[0].rows[0].name)
+        torch.testing.assert_close(y, torch.ops.panther.rf_attention(q, k, v, P, "softmax", False, abs(scaling), None))
+        examples.append((q, k, v))
+    (report,) = reports  # one graph for both lengths
+    (row,) = report.rows
+    assert row.replaced, row.reason
+    q, k, v = examples[0]  # measured on the first call's inputs, as computed
+    assert row.est_error == pytest.approx(sample_error(sample(q, k, v, None, False, abs(scaling), False), P, "softmax",
+                                                       False), rel=1e-4)
 
 
 def test_attention_error_is_measured_on_the_example_and_guards_the_default_policy(caplog):
