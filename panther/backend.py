@@ -170,7 +170,8 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
 
 
 #: what to do about graph breaks PyTorch's own modules make, by the function the break is in (the first one only
-#: where the substitute of _register_is_causal_hint does not see this backend: a function wrapping it, say)
+#: for a mask from outside the graph, or where the substitute of _register_is_causal_hint does not see this
+#: backend: a function wrapping it, say)
 BREAK_ADVICE = {
     "_detect_is_causal_mask": "pass is_causal=True or False with the mask to nn.TransformerEncoder (tgt_is_causal "
                               "to nn.TransformerDecoder, src_is_causal / tgt_is_causal to nn.Transformer): left "
@@ -206,20 +207,29 @@ def graph_break() -> Optional[str]:
     return text + (f"; to compile it, {advice}" if advice else "")
 
 
-def _compiling_for_panther() -> bool:
-    """Whether the graph Dynamo is tracing now is for this backend (read from its private output graph;
-    False where that is not there)."""
+def _traced_for_panther():
+    """The innermost frame Dynamo is tracing, if the graph is for this backend; else None (another backend, or
+    Dynamo's private structures not as expected)."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
-        fn = InstructionTranslator.current_tx().output.compiler_fn
+        output = InstructionTranslator.current_tx().output
+        fn, tx = output.compiler_fn, output.current_tx
     except Exception:  # noqa: BLE001 - unknown: keep PyTorch's behaviour
-        return False
+        return None
     for _ in range(8):  # Dynamo's debug wrapper, torch.compile's wrapper, a functools.partial
         if fn is panther_backend:
-            return True
+            return tx
         fn = getattr(fn, "compiler_fn", None) or getattr(fn, "func", None) or getattr(fn, "__wrapped__", None)
-    return False
+    return None
+
+
+def _mask_built_in_graph() -> bool:
+    """Whether the ``mask`` of the function Dynamo is inlining for this backend is computed in the graph (it has
+    no source: not an input, a module attribute or a global, whose values the compiler cannot see)."""
+    tx = _traced_for_panther()
+    mask = None if tx is None else tx.symbolic_locals.get("mask")
+    return mask is not None and getattr(mask, "source", True) is None
 
 
 def _register_is_causal_hint():
@@ -228,9 +238,11 @@ def _register_is_causal_hint():
 
     Left unset, PyTorch compares the mask with the causal one value by value (``_detect_is_causal_mask``),
     a data-dependent branch that ends Dynamo's graph; the rest of the module then runs uncompiled. Under
-    this backend the answer "not known to be causal" is given instead: it only drops a hint, since the
-    layers then apply the mask as given, and the attention rewrite proves a mask built in the forward
-    causal from the graph itself. Other backends trace PyTorch's own function, unchanged."""
+    this backend, for a mask computed in the graph, the answer "not known to be causal" is given instead: it
+    only drops a hint, since the layers then apply the mask as given, and the attention rewrite proves such a
+    mask causal from the graph itself. A mask from outside the graph, whose values the rewrite cannot read,
+    and other backends get PyTorch's own function, unchanged (PyTorch then finds a causal mask causal and runs
+    its causal kernel, uncompiled)."""
     import types
 
     import torch
@@ -242,11 +254,11 @@ def _register_is_causal_hint():
     # the same code as a distinct function object, so that Dynamo inlines it rather than this substitute
     pytorch_detect = types.FunctionType(detect.__code__, detect.__globals__, detect.__name__,
                                         detect.__defaults__, detect.__closure__)
-    for_panther = torch._dynamo.assume_constant_result(_compiling_for_panther)
+    built_in_graph = torch._dynamo.assume_constant_result(_mask_built_in_graph)
 
     @torch.compiler.substitute_in_graph(detect)
     def _detect_is_causal_mask(mask, is_causal=None, size=None):
-        if is_causal is None and mask is not None and for_panther():
+        if is_causal is None and mask is not None and built_in_graph():
             return False
         return pytorch_detect(mask, is_causal, size)
 

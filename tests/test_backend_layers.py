@@ -1047,6 +1047,24 @@ def test_an_encoder_left_to_detect_its_causal_mask_compiles_to_one_graph_under_p
     assert any(f.name == "_detect_is_causal_mask" for b in explained.break_reasons for f in b.user_stack)
 
 
+@pytest.mark.parametrize("source", ["input", "attribute"])
+def test_a_mask_from_outside_left_to_detect_is_left_to_pytorch(source):
+    # Its values are unknown to the compiler, so PyTorch compares them (a graph break, then its causal kernel,
+    # uncompiled), as before: exact attention, and no graph with the encoder's layers.
+    model = CausalEncoder(False).eval()
+    mask = nn.Transformer.generate_square_subsequent_mask(9)
+    if source == "attribute":
+        model.mask = mask
+        call = lambda x: model.encoder(x, mask=model.mask)  # noqa: E731
+    else:
+        call = lambda x, m: model.encoder(x, mask=m)  # noqa: E731
+    compiled, reports = compile_panther(call, policy={"attention": SketchSpec(num_random_features=16, seed=2)})
+    x, _ = left_padded(9)
+    y = compiled(x) if source == "attribute" else compiled(x, mask)
+    torch.testing.assert_close(y, model.encoder(x, mask=mask, is_causal=True))  # exact
+    assert not any(rep.rows for rep in reports)
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["fused", "unfused"])
 @pytest.mark.parametrize("case", ["causal", "padded", "weights"])
 def test_exact_attention_whose_mask_is_read_as_causal_runs_as_is_causal(grad, case, monkeypatch):
