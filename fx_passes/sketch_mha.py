@@ -224,7 +224,7 @@ def keep(cand: Candidate):
     Returns the report's note, or None when nothing changed."""
     a = cand.data.get("a")
     if not (a and cand.data["causal"] and not cand.data["padding"] and a["attn_mask"] is not None
-            and not a["is_causal"] and a["key_padding_mask"] is None and a["need_weights"] is False):
+            and not a["is_causal"] and a["need_weights"] is False):
         return None
     args, kwargs = list(cand.node.args), dict(cand.node.kwargs)
     if len(args) > _ARGS.index("is_causal"):

@@ -138,7 +138,8 @@ def _hint(c) -> Optional[float]:
 
 
 def _rescaled(sample: dict, peeled: dict) -> Optional[dict]:
-    """The accuracy sample of a call whose operands lose their factors into the scale, as the rewrite computes it."""
+    """The accuracy sample of a call as the rewrite computes it: its operands' factors in the scale, and a negative
+    scale's sign on the queries."""
     scale = sample["scale"] if sample["scale"] is not None else sample["q"].shape[-1] ** -0.5
     out = dict(sample)
     for r, p in peeled.items():
@@ -147,7 +148,7 @@ def _rescaled(sample: dict, peeled: dict) -> Optional[dict]:
             return None
         c = math.prod(h ** power for h, (_, power) in zip(hints, p.factors))
         out[r], scale = sample[r] / c, scale * c
-    if scale < 0:  # as the rewrite does it (signed_queries)
+    if isinstance(scale, (int, float)) and scale < 0:  # as the rewrite does it (signed_queries)
         out["q"], scale = -out["q"], -scale
     out["scale"] = scale
     return out
@@ -305,7 +306,7 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
     extra = {"head_dim": qs[-1] if qs else 1, "projections": proj_names,
              "causal": masking[1] if isinstance(masking, tuple) else causal}
     sample = ctx.attention_samples.get(node)
-    if sample is not None and peeled:
+    if sample is not None:
         sample = _rescaled(sample, peeled)
     owner = _owner(ctx, projections)
     if sample is not None and isinstance(masking, tuple):  # what the policy may weigh

@@ -457,6 +457,24 @@ def test_a_query_factor_of_unknown_sign_goes_into_the_scale_with_its_sign_on_the
                                                        False), rel=1e-4)
 
 
+def test_a_negative_scale_puts_its_sign_on_the_queries_and_is_measured_so():
+    from panther.attention_error import sample, sample_error
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 64, 8, generator=g) for _ in range(3))
+    spec = SketchSpec(num_random_features=32, seed=3)
+    compiled, reports = compile_panther(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=-0.5),
+                                        policy={"attention": spec})
+    with torch.no_grad():
+        y = compiled(q, k, v)
+    (row,) = reports[0].rows
+    assert row.replaced, row.reason
+    P = features(spec, row.name)
+    torch.testing.assert_close(y, torch.ops.panther.rf_attention(-q, k, v, P, "softmax", False, 0.5, None))
+    assert row.est_error == pytest.approx(sample_error(sample(-q, k, v, None, False, 0.5, False), P, "softmax", False),
+                                          rel=1e-4)
+
+
 def test_attention_error_is_measured_on_the_example_and_guards_the_default_policy(caplog):
     """Random features are accurate for small query/key norms and useless for large ones. The backend runs
     the graph once on the example input and measures the error on a sample: the report shows it, and the
