@@ -19,7 +19,7 @@ from .policy import SketchSpec
 
 __all__ = ["time_fn", "back_to_back_time_fn", "graph_time_fn", "bench_linear", "bench_conv2d", "bench_attention",
            "bench_transformer",
-           "bench_llama",
+           "bench_llama", "bench_decode",
            "per_term_bmm", "sweep", "sweep_table", "plot_sweep", "write_markdown", "DEFAULT_SWEEPS"]
 
 
@@ -272,6 +272,63 @@ def bench_causal_scaling(lengths=(1024, 4096), batch=1, heads=8, head_dim=64, nu
     rows.append([f"per-token loop (public library scheme), L={lengths[-1]}", f"{loop_ms:.1f}",
                  f"{loop_ms / ms:.1f}x slower than panther"])
     return rows, ["implementation", "median ms", "note"]
+
+
+@torch.no_grad()
+def bench_decode(context=65536, batch=1, embed=1024, heads=16, num_features=256, *, device="cpu",
+                 dtype=torch.float32, repeats=20):
+    """One generated token through one causal attention layer after a prompt of ``context`` tokens: exact
+    attention over a KV cache (the prompt's keys and values, the cache allocated up front as static caches
+    are; SDPA) against the same layer's random-feature attention going on from its
+    :class:`~panther.nn.RandAttentionState` (eager and under ``torch.compile``), with the bytes each keeps of
+    the past and the step's output error against exact attention. Both compute the projections the same way."""
+    from torch.nn import functional as F
+
+    from .nn import RandAttentionState, RandMultiHeadAttention
+
+    layer = RandMultiHeadAttention(embed, heads, num_features, iscausal=True, device=device, dtype=dtype,
+                                   seed=0).eval()
+    H, d = heads, embed // heads
+    g = torch.Generator(device=device).manual_seed(0)
+    prompt = torch.randn(batch, context + 1, embed, device=device, dtype=dtype, generator=g) * 0.35
+    prompt, x = prompt[:, :context], prompt[:, context:]
+
+    def heads_of(t, w, b):
+        return F.linear(t, w, b).view(batch, t.shape[1], H, d).transpose(1, 2)
+
+    cache = [torch.empty(batch, H, context + 1, d, device=device, dtype=dtype) for _ in range(2)]
+    for c, (w, b) in zip(cache, ((layer.Wk, layer.bk), (layer.Wv, layer.bv))):
+        c[:, :, :context] = heads_of(prompt, w, b)
+
+    def exact():
+        for c, (w, b) in zip(cache, ((layer.Wk, layer.bk), (layer.Wv, layer.bv))):
+            c[:, :, context:] = heads_of(x, w, b)
+        out = F.scaled_dot_product_attention(heads_of(x, layer.Wq, layer.bq), *cache)  # one query: every key
+        return F.linear(out.transpose(1, 2).reshape(batch, 1, embed), layer.W0, layer.b0)
+
+    state = RandAttentionState()
+    layer(prompt, prompt, prompt, state=state)
+    seen = state[layer]
+    compiled = torch.compile(layer)
+
+    def step(fn):
+        def call():   # every timed call goes on from the prompt's state (a step's cost does not grow)
+            state[layer] = seen
+            return fn(x, x, x, state=state)[0]
+        return call
+
+    candidates = {"exact: KV cache + SDPA": exact,
+                  "panther: RandAttentionState": step(layer),
+                  "panther: RandAttentionState, torch.compile": step(compiled)}
+    reference = exact().float()
+    errors = {name: ((fn().float() - reference).norm() / reference.norm()).item() for name, fn in candidates.items()}
+    held = {"exact: KV cache + SDPA": _nbytes(*cache)}
+    held.update({name: state.nbytes for name in candidates if name.startswith("panther")})
+    rows, headers = _timed_table(candidates, "panther: RandAttentionState", repeats=repeats, device=device,
+                                 graph=torch.device(device).type == "cuda")
+    for row in rows:
+        row += [f"{held[row[0]] / 2 ** 20:.3g}", f"{errors[row[0]]:.3g}"]
+    return rows, headers + ["MiB kept of the past", "rel. error vs exact"]
 
 
 class _CausalEncoder(torch.nn.Module):
@@ -762,8 +819,9 @@ def main(argv=None):
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m panther bench", description=__doc__)
-    p.add_argument("what", choices=["linear", "conv2d", "attention", "causal-scaling", "transformer", "llama"])
-    p.add_argument("--seq", type=int, default=None, help="attention: sequence length")
+    p.add_argument("what", choices=["linear", "conv2d", "attention", "causal-scaling", "transformer", "llama",
+                                    "decode"])
+    p.add_argument("--seq", type=int, default=None, help="attention: sequence length; decode: the prompt's length")
     p.add_argument("--causal", action="store_true",
                    help="attention: causal; transformer: a decoder-only stack under the causal mask it builds")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -800,7 +858,7 @@ def main(argv=None):
     if a.sizes is not None and a.plot is None:
         p.error("--sizes needs --plot FILE")
     if a.plot is not None:
-        if a.what in ("causal-scaling", "transformer", "llama"):
+        if a.what in ("causal-scaling", "transformer", "llama", "decode"):
             p.error("--plot supports linear, conv2d and attention")
         given = [f for f in ("seq", "in_features", "out_features") if getattr(a, f) is not None]
         if given or a.backward:
@@ -833,6 +891,10 @@ def main(argv=None):
         if a.default_policy:
             cfg = {k: v for k, v in cfg.items() if k not in ("low_rank", "num_features")} | {"default_policy": True}
         rows, headers, report = bench_llama(**cfg, device=a.device, dtype=dtype, repeats=a.repeats)
+    elif a.what == "decode":
+        cfg = dict(context=a.seq or (65536 if cuda else 4096), batch=a.batch or 1, embed=1024 if cuda else 256,
+                   heads=16 if cuda else 4, num_features=256 if cuda else 64)
+        rows, headers = bench_decode(**cfg, device=a.device, dtype=dtype, repeats=a.repeats)
     elif a.what == "causal-scaling":
         cfg = dict(lengths=(1024, 4096), heads=8, head_dim=64, num_features=256)
         rows, headers = bench_causal_scaling(**cfg, device=a.device, dtype=dtype, repeats=min(a.repeats, 5))
@@ -850,7 +912,8 @@ def main(argv=None):
         rows, headers = bench_linear(**cfg, device=a.device, dtype=dtype, repeats=a.repeats, backward=a.backward)
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     kind = {"transformer": "nn.TransformerEncoder inference",
-            "llama": "Hugging Face LlamaForCausalLM inference, last sequence left-padded by 25%"}.get(a.what, f"sketched {a.what}")
+            "llama": "Hugging Face LlamaForCausalLM inference, last sequence left-padded by 25%",
+            "decode": "one generated token through a causal attention layer"}.get(a.what, f"sketched {a.what}")
     title = (f"{kind} {'forward+backward' if a.backward else 'forward'}: "
              + ", ".join(f"{k}={v}" for k, v in cfg.items()) + f", {dtype}")
     print(f"{title}, {where}, torch {torch.__version__}")

@@ -92,6 +92,51 @@ def test_rand_mha_uses_the_triton_kernels_on_cuda():
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_generation_state_on_cuda_equals_the_whole_sequence(dtype, tol):
+    # the prompt through the Triton kernel and the state's sums, then tokens one at a time (also compiled)
+    from panther.nn import RandAttentionState, RandMultiHeadAttention, attention, sinSRPE
+
+    pe = sinSRPE(4, 32, 4, num_realizations=32, device="cuda", dtype=dtype)
+    layer = RandMultiHeadAttention(128, 4, 64, iscausal=True, SRPE=pe, seed=0, device="cuda", dtype=dtype).eval()
+    x = torch.randn(2, 300, 128, device="cuda", dtype=dtype) * 0.5
+    pad = torch.zeros(2, 300, dtype=torch.bool, device="cuda")
+    pad[1, :40] = True
+    compiled = torch.compile(layer)
+    with torch.no_grad():
+        ref, _ = layer(x, x, x, pad)
+        state = RandAttentionState()
+        outs = [layer(x[:, :200], x[:, :200], x[:, :200], pad[:, :200], state=state)[0]]
+        for t in range(200, 300):
+            fn = compiled if t % 2 else layer
+            outs.append(fn(x[:, t:t + 1], x[:, t:t + 1], x[:, t:t + 1], pad[:, t:t + 1], state=state)[0])
+    out = torch.cat(outs, dim=1)
+    assert attention.triton_step.op is not None   # the one-token steps ran the Triton kernel
+    assert state.length == 300 and state[layer].kv.dtype == torch.float32
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < tol
+
+
+@pytest.mark.parametrize("kern", ["softmax", "relu"])
+def test_decoding_kernel_opcheck_and_torch_step_on_cuda(kern):
+    from inductor_ext import triton_rf_step as ts
+    from panther.ops.attention import rf_attention_step, rf_causal_state
+    from panther.sketch import orthogonal_random_features
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 9, 64, device="cuda", generator=g) * 0.7 for _ in range(3))
+    P = orthogonal_random_features(256, 64, device="cuda")
+    mask = torch.zeros(3, 9, dtype=torch.bool, device="cuda")
+    mask[0, :8] = True
+    mask[1, 8] = True
+    state = rf_causal_state(k[:, :, :8], v[:, :, :8], P, kern, None, mask[:, :8])
+    new = [t[:, :, 8:] for t in (q, k, v)]
+    assert ts.kernel_ok(*new, P, state)
+    torch.library.opcheck(torch.ops.panther.rf_attention_token.default, (*new, P, kern, None, mask[:, 8:], *state[:3]))
+    out, got = ts.rf_attention_step_triton(*new, P, kern, None, mask[:, 8:], state)
+    ref, want = rf_attention_step(*new, P, kern, None, mask[:, 8:], state)
+    torch.testing.assert_close((out, got.kv, got.k_sum), (ref, want.kv, want.k_sum), rtol=1e-4, atol=1e-5)
+
+
 class _SDPABlock(torch.nn.Module):
     def forward(self, q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True) * 2

@@ -2,20 +2,22 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops.attention import dropped_keys
+from ..ops.attention import RFState, dropped_keys, rf_attention_step, rf_causal_state
 from ..sketch import orthogonal_random_features
 from ._checks import input_matches, make_generator
 from ._triton_ops import LazyTritonOp
 from .srpe import sinSRPE
 
-__all__ = ["RandMultiHeadAttention"]
+__all__ = ["RandAttentionState", "RandMultiHeadAttention"]
 
 triton_attention = LazyTritonOp("inductor_ext.triton_attention", "rf_attention_triton")
+triton_step = LazyTritonOp("inductor_ext.triton_rf_step", "rf_attention_step_triton")   # one token, one kernel
 
 
 _KERNELS = ("softmax", "relu")
@@ -90,10 +92,12 @@ class RandMultiHeadAttention(nn.Module):
     orthogonal random features (rows marginally ``N(0, I)``), redrawn by
     :meth:`redraw_features`.
 
-    ``forward(query (B, Lq, E), key (B, S, E), value (B, S, E), attention_mask=None)`` returns
-    ``(output (B, Lq, E), None)``. ``attention_mask`` is a key-padding mask ``(B, S)`` of dtype
+    ``forward(query (B, Lq, E), key (B, S, E), value (B, S, E), attention_mask=None, *, state=None)``
+    returns ``(output (B, Lq, E), None)``. ``attention_mask`` is a key-padding mask ``(B, S)`` of dtype
     bool, True = ignore that key (the ``nn.MultiheadAttention`` convention); it combines with
-    ``iscausal``. A query that sees no unmasked key gets a zero attention output.
+    ``iscausal``. A query that sees no unmasked key gets a zero attention output. ``state``, a
+    :class:`RandAttentionState`, makes a causal layer go on from the positions it saw in earlier calls
+    (generation: the prompt once, then one token per call, in time and memory independent of the length).
 
     Raises:
         TypeError: a size that is not an int, ``dropout`` not a number, ``SRPE`` not a
@@ -110,6 +114,8 @@ class RandMultiHeadAttention(nn.Module):
                 SRPE)
         super().__init__()
         triton_attention.load()
+        if iscausal:
+            triton_step.load()
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -183,7 +189,7 @@ class RandMultiHeadAttention(nn.Module):
                     f"attention_mask must be a key-padding mask: a bool tensor of shape (B, S) = "
                     f"({B}, {S}) with True = ignore that key; got {desc}")
 
-    def forward(self, query, key, value, attention_mask=None):
+    def forward(self, query, key, value, attention_mask=None, *, state=None):
         """Attend from ``query`` to ``key``/``value`` (batch-first).
 
         Args:
@@ -192,6 +198,8 @@ class RandMultiHeadAttention(nn.Module):
             value: ``(B, S, E)``.
             attention_mask: optional key-padding mask, a bool tensor ``(B, S)`` with True = ignore that
                 key; combines with ``iscausal``.
+            state: a :class:`RandAttentionState` (causal layers only): this call's positions follow those
+                the layer saw through it before, and the state then holds them too. None: a whole sequence.
 
         Returns:
             ``(output, None)``: ``output`` is ``(B, Lq, E)``; random-feature attention never forms the
@@ -200,24 +208,38 @@ class RandMultiHeadAttention(nn.Module):
         Raises:
             TypeError: (outside autocast) an input whose dtype is not the layer's.
             ValueError: inputs that are not ``(B, L, E)`` tensors with matching batch and key/value
-                lengths, ``Lq != S`` with ``iscausal``, a mask of the wrong dtype or shape, or inputs on
-                another device.
+                lengths, ``Lq != S`` with ``iscausal``, a mask of the wrong dtype or shape, inputs on
+                another device, a ``state`` on a layer that is not causal or of another batch size.
+            TypeError: a ``state`` that is not a :class:`RandAttentionState`.
         """
         self._check_forward(query, key, value, attention_mask)
+        if state is not None:
+            if not isinstance(state, RandAttentionState):
+                raise TypeError(f"state must be a panther.nn.RandAttentionState or None, got {type(state).__name__}")
+            if not self.causal:
+                raise ValueError("state: only a causal layer (iscausal=True) goes on from the positions it saw")
+        seen = state[self] if state is not None else None
         B, Lq, S = query.shape[0], query.shape[1], key.shape[1]
         H, dh = self.num_heads, self.head_dim
         q = F.linear(query, self.Wq, self.bq).view(B, Lq, H, dh)
         k = F.linear(key, self.Wk, self.bk).view(B, S, H, dh)
         v = F.linear(value, self.Wv, self.bv).view(B, S, H, dh)
-        if self.srpe is not None:
-            q, k = self.srpe.filter(q, k)  # (B, L, H, R), no (B, L, H, d, R) intermediate
+        if self.srpe is not None:  # (B, L, H, R), no (B, L, H, d, R) intermediate
+            q, k = self.srpe.filter(q, k, seen.length if seen is not None else 0)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.training and self.dropout > 0:
             v = dropped_keys(v, self.dropout)
         # CUDA: the fused Triton kernels (feature maps never reach HBM); they route what they do not cover
         # (float64, wide heads, m > 256) to the C++ op themselves.
-        attend = triton_attention.for_input(q, torch.ops.panther.rf_attention)
-        out = attend(q, k, v, self.projection_matrix, self.kernel_fn, self.causal, None, attention_mask)
+        if seen is not None:
+            step = triton_step.for_input(q, rf_attention_step)
+            out, state[self] = step(q, k, v, self.projection_matrix, self.kernel_fn, None, attention_mask, seen)
+        else:
+            attend = triton_attention.for_input(q, torch.ops.panther.rf_attention)
+            out = attend(q, k, v, self.projection_matrix, self.kernel_fn, self.causal, None, attention_mask)
+            if state is not None:
+                state[self] = rf_causal_state(k, v, self.projection_matrix, self.kernel_fn, None,
+                                              attention_mask)
         out = out.transpose(1, 2).reshape(B, Lq, self.embed_dim)
         return F.linear(out, self.W0, self.b0), None
 
@@ -276,6 +298,48 @@ class RandMultiHeadAttention(nn.Module):
                 layer.bv.copy_(b[2 * E:])
                 layer.b0.copy_(mha.out_proj.bias)
         return layer
+
+
+class RandAttentionState:
+    """The decoding state of causal :class:`RandMultiHeadAttention` layers, passed as ``state=`` to each of
+    them: per layer, an :class:`panther.ops.RFState` of running sums, ``(B, H, m, d)`` per layer whatever the
+    number of positions seen, where exact attention keeps every key and value (a KV cache).
+
+    Generation: one ``RandAttentionState()`` per sequence batch, the prompt in one call, then one token per
+    call; each call's output equals the layer's output on the whole sequence so far at those positions (up to
+    rounding). ``index_select`` reorders the batch (beam search); a new batch needs a new state.
+    """
+
+    def __init__(self):
+        self._states = weakref.WeakKeyDictionary()   # layer -> RFState, dropped with the layer
+
+    def __getitem__(self, layer):
+        """The layer's :class:`panther.ops.RFState`, or None before its first call."""
+        return self._states.get(layer)
+
+    def __setitem__(self, layer, rf_state):
+        if not isinstance(rf_state, RFState):
+            raise TypeError(f"a layer's state must be a panther.ops.RFState, got {type(rf_state).__name__}")
+        self._states[layer] = rf_state
+
+    def __len__(self):
+        """The number of layers holding a state."""
+        return len(self._states)
+
+    @property
+    def length(self):
+        """The positions the layers have seen (0 before the first call)."""
+        return max((s.length for s in self._states.values()), default=0)
+
+    @property
+    def nbytes(self):
+        """Bytes held by all layers' sums."""
+        return sum(t.numel() * t.element_size() for s in self._states.values() for t in s[:3])
+
+    def index_select(self, index):
+        """Keep the batch rows ``index`` (a 1-D int tensor), in that order, in every layer's state."""
+        for layer, s in list(self._states.items()):
+            self._states[layer] = s.index_select(index.to(s.kv.device))
 
 
 def _xavier_uniform(w, generator):

@@ -24,14 +24,18 @@ Ops (schemas and ATen kernels in ``csrc/rf_attention.cpp``):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 
 __all__ = [
+    "RFState",
     "dropped_keys",
     "rf_attention",
+    "rf_attention_step",
     "rf_attention_reference",
+    "rf_causal_state",
     "rf_feature_maps",
     "sine_bases",
     "srpe_filter",
@@ -127,17 +131,17 @@ def _srpe_blocks(theta, length):
     return [(n0, min(length, n0 + step)) for n0 in range(0, max(length, 1), step)]
 
 
-def srpe_filter_sines_forward(x, theta, phase, weight):
-    """``srpe_filter(x, sine_bases(theta, phase, L), weight)`` with the bases built block by block
+def srpe_filter_sines_forward(x, theta, phase, weight, start=0):
+    """``srpe_filter(x, sine_bases(theta, phase, L, start), weight)`` with the bases built block by block
     (``SRPE_CHUNK_BYTES``), in x's dtype."""
     outs = [torch.ops.panther.srpe_filter(x[:, n0:n1],
-                                          sine_bases(theta, phase, n1 - n0, start=n0).to(x.dtype),
+                                          sine_bases(theta, phase, n1 - n0, start=start + n0).to(x.dtype),
                                           weight)
             for n0, n1 in _srpe_blocks(theta, x.shape[1])]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
-def srpe_filter_sines_backward(grad, x, theta, phase, weight, needs):
+def srpe_filter_sines_backward(grad, x, theta, phase, weight, needs, start=0):
     """The gradients ``(dx, dtheta, dphase, dweight)`` of :func:`srpe_filter_sines_forward`, the
     bases rebuilt block by block; ``needs``: which of the four an autograd backward wants
     (``ctx.needs_input_grad``), the others None (dphase also None without a phase)."""
@@ -149,7 +153,7 @@ def srpe_filter_sines_backward(grad, x, theta, phase, weight, needs):
     dtheta = torch.zeros_like(theta) if need[1] else None
     dphase = torch.zeros_like(theta) if need[1] and phase is not None else None
     for n0, n1 in _srpe_blocks(theta, x.shape[1]):
-        omega = sine_bases(theta, phase, n1 - n0, start=n0)
+        omega = sine_bases(theta, phase, n1 - n0, start=start + n0)
         dxc, dom, dwc = torch.ops.panther.srpe_filter_backward(
             grad[:, n0:n1].contiguous(), x[:, n0:n1], omega.to(x.dtype), weight, need)
         if dx is not None:
@@ -160,7 +164,7 @@ def srpe_filter_sines_backward(grad, x, theta, phase, weight, needs):
             # omega = [cos(a), sin(a)] with a = theta n + phase: d a = -sin(a) d cos + cos(a) d sin
             dom = dom.to(theta.dtype)
             dang = -omega[..., S:] * dom[..., :S] + omega[..., :S] * dom[..., S:]
-            n = torch.arange(n0, n1, device=x.device, dtype=theta.dtype).view(-1, 1, 1, 1)
+            n = torch.arange(start + n0, start + n1, device=x.device, dtype=theta.dtype).view(-1, 1, 1, 1)
             dtheta += (dang * n).sum(0)
             if dphase is not None:
                 dphase += dang.sum(0)
@@ -170,20 +174,20 @@ def srpe_filter_sines_backward(grad, x, theta, phase, weight, needs):
 
 class _SrpeSinesBlocks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, theta, phase, weight):
+    def forward(ctx, x, theta, phase, weight, start):
         ctx.save_for_backward(x, theta, phase, weight)
-        ctx.has_phase = phase is not None
-        return srpe_filter_sines_forward(x, theta, phase, weight)
+        ctx.has_phase, ctx.start = phase is not None, start
+        return srpe_filter_sines_forward(x, theta, phase, weight, start)
 
     @staticmethod
     def backward(ctx, grad):
         x, theta, phase, weight = ctx.saved_tensors
         return srpe_filter_sines_backward(grad, x, theta, phase if ctx.has_phase else None, weight,
-                                          ctx.needs_input_grad)
+                                          ctx.needs_input_grad[:4], ctx.start) + (None,)
 
 
-def srpe_filter_sines_chunked(x, theta, phase, weight):
-    """The sine-SRPE contraction ``srpe_filter(x, sine_bases(theta, phase, L), weight)`` with the
+def srpe_filter_sines_chunked(x, theta, phase, weight, start=0):
+    """The sine-SRPE contraction ``srpe_filter(x, sine_bases(theta, phase, L, start), weight)`` with the
     bases built a block of positions at a time, forward and backward, so that memory does not grow
     with the bases of the whole sequence. :meth:`panther.nn.sinSRPE.filter` takes it where the
     fused Triton op (bases built on chip) does not serve the call.
@@ -193,11 +197,12 @@ def srpe_filter_sines_chunked(x, theta, phase, weight):
         theta: angular frequencies ``(H, d, S)``.
         phase: phases ``(H, d, S)`` in theta's dtype, or None.
         weight: mixing ``(H, d, 2S, R)`` in x's dtype.
+        start: the position of ``x``'s first row (a decoding step's offset).
 
     Returns:
         ``(B, L, H, R)`` in x's dtype.
     """
-    return _SrpeSinesBlocks.apply(x, theta, phase, weight)
+    return _SrpeSinesBlocks.apply(x, theta, phase, weight, start)
 
 
 # ------------------------------------------------------------------------------------------
@@ -320,6 +325,100 @@ def dropped_keys(v, p):
 
 
 # ------------------------------------------------------------------------------------------
+# decoding: causal random-feature attention carried from call to call by its running sums
+
+class RFState(NamedTuple):
+    """What causal random-feature attention keeps of the keys it has seen, whatever their number: per
+    (batch, head), ``kv = Σ_j φ(k_j) v_jᵀ`` ``(B, H, m, dv)`` and ``k_sum = Σ_j φ(k_j)`` ``(B, H, m)`` in fp32
+    (fp64 for fp64 inputs), the keys' shared softmax ``shift`` ``(B, H, 1, 1)`` both sums are taken at (zeros
+    for relu; -inf while no key was seen), and ``length``, the positions seen (masked ones included)."""
+    kv: torch.Tensor
+    k_sum: torch.Tensor
+    shift: torch.Tensor
+    length: int
+
+    @classmethod
+    def empty(cls, B, H, m, dv, kernel_fn, device, dtype=torch.float32):
+        """The state before any position: zero sums, no shift yet (relu: none needed)."""
+        return cls(torch.zeros(B, H, m, dv, device=device, dtype=dtype), torch.zeros(B, H, m, device=device, dtype=dtype),
+                   torch.full((B, H, 1, 1), 0.0 if kernel_fn == "relu" else float("-inf"), device=device, dtype=dtype), 0)
+
+    def index_select(self, index):
+        """The state of the batch rows ``index`` (a beam search's reordering)."""
+        return RFState(self.kv.index_select(0, index), self.k_sum.index_select(0, index),
+                       self.shift.index_select(0, index), self.length)
+
+
+# a multi-token step attends within itself this many positions at a time (an (n, n) block per head)
+STEP_BLOCK = 128
+
+
+def _rebased(state, k, v, projection, kernel_fn, scale, key_padding_mask):
+    """``(kv, k_sum, shift, φ(k), v)`` in the state's compute dtype: the state's sums rescaled to the
+    shift that also covers the new keys, and those keys' features at it."""
+    ct = torch.float64 if k.dtype == torch.float64 else torch.float32
+    k, v = k.to(ct), v.to(ct)
+    B, H, _, dv = v.shape
+    m = projection.shape[0]
+    if state is None:
+        state = RFState.empty(B, H, m, dv, kernel_fn, k.device, ct)
+    _check_state(state, B, H, m, dv, ct)
+    if kernel_fn == "relu":
+        return state.kv, state.k_sum, state.shift, _key_features(k, projection, kernel_fn, scale, None,
+                                                                  key_padding_mask), v
+    uk = _exponents(k, projection, scale)
+    shift = torch.maximum(state.shift, _largest_visible(uk, key_padding_mask))
+    at = torch.nan_to_num(shift, neginf=0.0)   # -inf: no key seen yet, whose sums are zeros at any shift
+    factor = torch.exp(state.shift - at)       # <= 1; exp(-inf) = 0 for an empty state
+    return (state.kv * factor, state.k_sum * factor[..., 0], shift,
+            _key_features(k, projection, kernel_fn, scale, at, key_padding_mask, uk), v)
+
+
+def _check_state(state, B, H, m, dv, ct):
+    if not isinstance(state, RFState):
+        raise TypeError(f"state must be a panther.ops.RFState or None, got {type(state).__name__}")
+    if tuple(state.kv.shape) != (B, H, m, dv) or state.kv.dtype != ct:
+        raise ValueError(f"state holds sums of shape {tuple(state.kv.shape)} ({state.kv.dtype}); these inputs "
+                         f"need ({B}, {H}, {m}, {dv}) ({ct}): batch, heads, features or value width differ")
+
+
+def rf_causal_state(k, v, projection, kernel_fn="softmax", scale=None, key_padding_mask=None, state=None):
+    """The :class:`RFState` after the keys ``k`` ``(B, H, L, d)`` and values ``v`` ``(B, H, L, dv)``, at the
+    positions following ``state``'s (None: from the first). With :func:`rf_attention` ``causal=True`` over
+    the same keys, this is a prompt's state; :func:`rf_attention_step` goes on from it."""
+    _check_rf(k, k, v, projection, kernel_fn, True, scale, key_padding_mask)
+    kv, k_sum, shift, fk, v = _rebased(state, k, v, projection, kernel_fn, scale, key_padding_mask)
+    return RFState(kv + fk.transpose(-2, -1) @ v, k_sum + fk.sum(-2), shift,
+                   (state.length if state is not None else 0) + k.shape[2])
+
+
+def rf_attention_step(q, k, v, projection, kernel_fn="softmax", scale=None, key_padding_mask=None,
+                      state=None):
+    """Causal random-feature attention of ``L`` new positions (one token while generating) given the
+    :class:`RFState` of the positions before them: ``(output (B, H, L, dv), the state after them)``.
+
+    Time and memory per call grow with ``L`` only, not with the positions before: the output equals
+    :func:`rf_attention` ``causal=True`` over the whole sequence at those rows (same features, up to
+    rounding). Arguments as :func:`rf_attention`; ``key_padding_mask`` ``(B, L)`` covers the new keys.
+    """
+    _check_rf(q, k, v, projection, kernel_fn, True, scale, key_padding_mask)
+    fq = _query_features(q.to(torch.float64 if q.dtype == torch.float64 else torch.float32),
+                         projection, kernel_fn, scale)
+    kv, k_sum, shift, fk, v_ = _rebased(state, k, v, projection, kernel_fn, scale, key_padding_mask)
+    outs = []
+    for t0 in range(0, q.shape[2], STEP_BLOCK):
+        sl = slice(t0, t0 + STEP_BLOCK)
+        a = (fq[:, :, sl] @ fk[:, :, sl].transpose(-2, -1)).tril()
+        num = fq[:, :, sl] @ kv + a @ v_[:, :, sl]
+        den = fq[:, :, sl] @ k_sum.unsqueeze(-1) + a.sum(-1, keepdim=True)
+        outs.append(num / torch.where(den == 0, torch.ones_like(den), den))
+        kv = kv + fk[:, :, sl].transpose(-2, -1) @ v_[:, :, sl]
+        k_sum = k_sum + fk[:, :, sl].sum(-2)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2) if outs else v_.new_zeros(q.shape[:3] + v.shape[3:])
+    return out.to(q.dtype), RFState(kv, k_sum, shift, (state.length if state is not None else 0) + q.shape[2])
+
+
+# ------------------------------------------------------------------------------------------
 # plain-torch references (test oracles: explicit quadratic attention over the same features)
 
 def rf_feature_maps(q, k, projection, kernel_fn="softmax", scale=None, key_padding_mask=None):
@@ -329,27 +428,49 @@ def rf_feature_maps(q, k, projection, kernel_fn="softmax", scale=None, key_paddi
 
     Softmax shifts: each query's by its largest exponent, the keys' of one (b, h) by one shared
     constant (their largest visible exponent); both cancel in the normalised output."""
-    m, d = projection.shape
-    W = projection.to(q.dtype)
+    fq = _query_features(q, projection, kernel_fn, scale)
     if kernel_fn == "relu":
-        return torch.relu(q @ W.T) / math.sqrt(m), _masked(torch.relu(k @ W.T) / math.sqrt(m),
-                                                          key_padding_mask)
-    a = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(d))
+        return fq, _key_features(k, projection, kernel_fn, scale, None, key_padding_mask)
+    uk = _exponents(k, projection, scale)
+    kshift = torch.nan_to_num(_largest_visible(uk, key_padding_mask), neginf=0.0)
+    return fq, _key_features(k, projection, kernel_fn, scale, kshift, key_padding_mask, uk)
 
-    def exponent(x):
-        xs = x * a
-        return xs @ W.T - (xs * xs).sum(-1, keepdim=True) / 2
 
-    uq, uk = exponent(q), exponent(k)
-    # shifts are constants that cancel in the normalisation; they only keep exp() in range
-    fq = torch.exp(uq - uq.amax(-1, keepdim=True).detach()) / math.sqrt(m)
-    visible = uk
+def _exponents(x, projection, scale):
+    """The softmax features' exponents ``w_j.x' - |x'|^2/2``, ``x' = x * scale**0.5``: ``(..., L, m)``."""
+    m, d = projection.shape
+    xs = x * math.sqrt(scale if scale is not None else 1.0 / math.sqrt(d))
+    return xs @ projection.to(x.dtype).T - (xs * xs).sum(-1, keepdim=True) / 2
+
+
+def _query_features(q, projection, kernel_fn, scale):
+    """phi(q), each query's softmax exponents shifted by their largest (the shift cancels in its row)."""
+    m = projection.shape[0]
+    if kernel_fn == "relu":
+        return torch.relu(q @ projection.to(q.dtype).T) / math.sqrt(m)
+    uq = _exponents(q, projection, scale)
+    return torch.exp(uq - uq.amax(-1, keepdim=True).detach()) / math.sqrt(m)
+
+
+def _largest_visible(uk, key_padding_mask):
+    """The largest exponent of the keys a (b, h) sees, ``(B, H, 1, 1)``, detached; -inf where it sees none."""
     if key_padding_mask is not None:
-        visible = uk.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
-    kshift = visible.detach().amax(dim=(-2, -1), keepdim=True) if uk.shape[2] else 0.0
-    if torch.is_tensor(kshift):
-        kshift = torch.nan_to_num(kshift, neginf=0.0)
-    return fq, _masked(torch.exp(uk - kshift) / math.sqrt(m), key_padding_mask)
+        uk = uk.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
+    if not uk.shape[2]:
+        return uk.new_full((*uk.shape[:2], 1, 1), float("-inf"))
+    return uk.detach().amax(dim=(-2, -1), keepdim=True)
+
+
+def _key_features(k, projection, kernel_fn, scale, shift, key_padding_mask, exponents=None):
+    """phi(k) with the keys' shared softmax ``shift`` (``(B, H, 1, 1)``; unused by relu); masked keys 0.
+    ``exponents``: ``_exponents(k, ...)`` when the caller has them."""
+    m = projection.shape[0]
+    if kernel_fn == "relu":
+        fk = torch.relu(k @ projection.to(k.dtype).T) / math.sqrt(m)
+    else:
+        uk = exponents if exponents is not None else _exponents(k, projection, scale)
+        fk = torch.exp(uk - shift) / math.sqrt(m)
+    return _masked(fk, key_padding_mask)
 
 
 def _masked(fk, key_padding_mask):
