@@ -33,6 +33,7 @@ def in_pieces(q, k, v, W, kern, mask, cuts):
 @pytest.mark.parametrize("mask_p", [None, 0.3])
 def test_pieces_equal_whole_sequence(kern, mask_p, monkeypatch):
     monkeypatch.setattr(ops, "STEP_BLOCK", 3)   # a multi-token step crosses several blocks
+    monkeypatch.setattr(ops, "STATE_BLOCK", 4)  # and so does the prompt's sum
     q, k, v, W, mask = make(B=3, H=2, Lq=20, S=20, d=4, dv=5, m=8, mask_p=mask_p, sigma=1.0)
     out, state = in_pieces(q, k, v, W, kern, mask, [6, 7, 8, 9, 17])   # prompt 6, three tokens, 8, then 3
     torch.testing.assert_close(out, rf_attention_reference(q, k, v, W, kern, True, None, mask))
@@ -42,13 +43,14 @@ def test_pieces_equal_whole_sequence(kern, mask_p, monkeypatch):
     torch.testing.assert_close(whole, rf_attention_reference(q, k, v, W, kern, True, None, mask))
 
 
-def test_shift_follows_the_keys_seen():
+def test_shift_follows_the_keys_seen(monkeypatch):
     # The sums are kept at the largest key exponent seen so far (fp32 underflows below exp(-103)). Row 0's
-    # prompt keys are long (exponents near -200), its later ones short: the sums must be rescaled to the
-    # later keys' shift, or their features overflow. Row 1's prompt is all padding and its later keys long:
+    # prompt ends with long keys (exponents near -200), its later ones are short: the sums must be rescaled
+    # to the later keys' shift, or their features overflow. Row 1's prompt is all padding and its later keys long:
     # its shift must start at those keys' exponents, or their features underflow to zero.
+    monkeypatch.setattr(ops, "STATE_BLOCK", 4)   # the prompt's second block holds the first long keys
     q, k, v, W, _ = make(B=2, H=2, Lq=12, S=12, d=4, dv=3, m=8, sigma=0.5, dtype=torch.float32)
-    k[0, :, :6] *= 30
+    k[0, :, 2:6] *= 30
     k[1, :, 6:] *= 30
     mask = torch.zeros(2, 12, dtype=torch.bool)
     mask[1, :6] = True

@@ -206,11 +206,11 @@ class RandMultiHeadAttention(nn.Module):
             attention weights, so the second element is always ``None``.
 
         Raises:
-            TypeError: (outside autocast) an input whose dtype is not the layer's.
+            TypeError: (outside autocast) an input whose dtype is not the layer's; a ``state`` that is not a
+                :class:`RandAttentionState`.
             ValueError: inputs that are not ``(B, L, E)`` tensors with matching batch and key/value
                 lengths, ``Lq != S`` with ``iscausal``, a mask of the wrong dtype or shape, inputs on
                 another device, a ``state`` on a layer that is not causal or of another batch size.
-            TypeError: a ``state`` that is not a :class:`RandAttentionState`.
         """
         self._check_forward(query, key, value, attention_mask)
         if state is not None:

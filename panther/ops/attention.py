@@ -349,29 +349,11 @@ class RFState(NamedTuple):
                        self.shift.index_select(0, index), self.length)
 
 
-# a multi-token step attends within itself this many positions at a time (an (n, n) block per head)
+# Positions worked through at a time: a step's queries attend within such a block ((n, n) per head), and
+# a prompt's keys are summed in blocks of STATE_BLOCK, so that no call holds the features of them all
+# ((B, H, L, m) in fp32: 1 GiB at 65,536 positions, 16 heads, m = 256).
 STEP_BLOCK = 128
-
-
-def _rebased(state, k, v, projection, kernel_fn, scale, key_padding_mask):
-    """``(kv, k_sum, shift, φ(k), v)`` in the state's compute dtype: the state's sums rescaled to the
-    shift that also covers the new keys, and those keys' features at it."""
-    ct = torch.float64 if k.dtype == torch.float64 else torch.float32
-    k, v = k.to(ct), v.to(ct)
-    B, H, _, dv = v.shape
-    m = projection.shape[0]
-    if state is None:
-        state = RFState.empty(B, H, m, dv, kernel_fn, k.device, ct)
-    _check_state(state, B, H, m, dv, ct)
-    if kernel_fn == "relu":
-        return state.kv, state.k_sum, state.shift, _key_features(k, projection, kernel_fn, scale, None,
-                                                                  key_padding_mask), v
-    uk = _exponents(k, projection, scale)
-    shift = torch.maximum(state.shift, _largest_visible(uk, key_padding_mask))
-    at = torch.nan_to_num(shift, neginf=0.0)   # -inf: no key seen yet, whose sums are zeros at any shift
-    factor = torch.exp(state.shift - at)       # <= 1; exp(-inf) = 0 for an empty state
-    return (state.kv * factor, state.k_sum * factor[..., 0], shift,
-            _key_features(k, projection, kernel_fn, scale, at, key_padding_mask, uk), v)
+STATE_BLOCK = 4096
 
 
 def _check_state(state, B, H, m, dv, ct):
@@ -382,14 +364,49 @@ def _check_state(state, B, H, m, dv, ct):
                          f"need ({B}, {H}, {m}, {dv}) ({ct}): batch, heads, features or value width differ")
 
 
+def _start(state, v, projection, kernel_fn):
+    """``(state, compute dtype)``: ``state`` checked against these values, or the empty state for None."""
+    ct = torch.float64 if v.dtype == torch.float64 else torch.float32
+    B, H, _, dv = v.shape
+    m = projection.shape[0]
+    if state is None:
+        state = RFState.empty(B, H, m, dv, kernel_fn, v.device, ct)
+    _check_state(state, B, H, m, dv, ct)
+    return state, ct
+
+
+def _rebased(kv, k_sum, shift, k, projection, kernel_fn, scale, key_padding_mask):
+    """For a block of keys ``k``: ``(kv, k_sum, shift, φ(k))``, the sums rescaled to the shift that also covers
+    those keys (softmax), that shift, and the keys' features at it."""
+    if kernel_fn == "relu":
+        return kv, k_sum, shift, _key_features(k, projection, kernel_fn, scale, None, key_padding_mask)
+    uk = _exponents(k, projection, scale)
+    new = torch.maximum(shift, _largest_visible(uk, key_padding_mask))
+    at = torch.nan_to_num(new, neginf=0.0)   # -inf: no key seen yet, whose sums are zeros at any shift
+    factor = torch.exp(shift - at)           # <= 1; exp(-inf) = 0 for empty sums
+    return (kv * factor, k_sum * factor[..., 0], new,
+            _key_features(k, projection, kernel_fn, scale, at, key_padding_mask, uk))
+
+
+def _span(t, sl):
+    """Positions ``sl`` of q, k, v ``(B, H, L, d)`` or of a key padding mask ``(B, L)`` (None stays None)."""
+    return None if t is None else t[:, :, sl] if t.dim() == 4 else t[:, sl]
+
+
 def rf_causal_state(k, v, projection, kernel_fn="softmax", scale=None, key_padding_mask=None, state=None):
     """The :class:`RFState` after the keys ``k`` ``(B, H, L, d)`` and values ``v`` ``(B, H, L, dv)``, at the
     positions following ``state``'s (None: from the first). With :func:`rf_attention` ``causal=True`` over
     the same keys, this is a prompt's state; :func:`rf_attention_step` goes on from it."""
     _check_rf(k, k, v, projection, kernel_fn, True, scale, key_padding_mask)
-    kv, k_sum, shift, fk, v = _rebased(state, k, v, projection, kernel_fn, scale, key_padding_mask)
-    return RFState(kv + fk.transpose(-2, -1) @ v, k_sum + fk.sum(-2), shift,
-                   (state.length if state is not None else 0) + k.shape[2])
+    state, ct = _start(state, v, projection, kernel_fn)
+    kv, k_sum, shift = state[:3]
+    for t0 in range(0, k.shape[2], STATE_BLOCK):
+        sl = slice(t0, t0 + STATE_BLOCK)
+        vb = _span(v, sl).to(ct)
+        kv, k_sum, shift, fk = _rebased(kv, k_sum, shift, _span(k, sl).to(ct), projection, kernel_fn, scale,
+                                        _span(key_padding_mask, sl))
+        kv, k_sum = kv + fk.transpose(-2, -1) @ vb, k_sum + fk.sum(-2)
+    return RFState(kv, k_sum, shift, state.length + k.shape[2])
 
 
 def rf_attention_step(q, k, v, projection, kernel_fn="softmax", scale=None, key_padding_mask=None,
@@ -402,20 +419,22 @@ def rf_attention_step(q, k, v, projection, kernel_fn="softmax", scale=None, key_
     rounding). Arguments as :func:`rf_attention`; ``key_padding_mask`` ``(B, L)`` covers the new keys.
     """
     _check_rf(q, k, v, projection, kernel_fn, True, scale, key_padding_mask)
-    fq = _query_features(q.to(torch.float64 if q.dtype == torch.float64 else torch.float32),
-                         projection, kernel_fn, scale)
-    kv, k_sum, shift, fk, v_ = _rebased(state, k, v, projection, kernel_fn, scale, key_padding_mask)
+    state, ct = _start(state, v, projection, kernel_fn)
+    kv, k_sum, shift = state[:3]
     outs = []
     for t0 in range(0, q.shape[2], STEP_BLOCK):
         sl = slice(t0, t0 + STEP_BLOCK)
-        a = (fq[:, :, sl] @ fk[:, :, sl].transpose(-2, -1)).tril()
-        num = fq[:, :, sl] @ kv + a @ v_[:, :, sl]
-        den = fq[:, :, sl] @ k_sum.unsqueeze(-1) + a.sum(-1, keepdim=True)
-        outs.append(num / torch.where(den == 0, torch.ones_like(den), den))
-        kv = kv + fk[:, :, sl].transpose(-2, -1) @ v_[:, :, sl]
-        k_sum = k_sum + fk[:, :, sl].sum(-2)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2) if outs else v_.new_zeros(q.shape[:3] + v.shape[3:])
-    return out.to(q.dtype), RFState(kv, k_sum, shift, (state.length if state is not None else 0) + q.shape[2])
+        vb = _span(v, sl).to(ct)
+        kv, k_sum, shift, fk = _rebased(kv, k_sum, shift, _span(k, sl).to(ct), projection, kernel_fn, scale,
+                                        _span(key_padding_mask, sl))
+        fq = _query_features(_span(q, sl).to(ct), projection, kernel_fn, scale)
+        a = (fq @ fk.transpose(-2, -1)).tril()   # within the block, causal
+        num = fq @ kv + a @ vb
+        den = fq @ k_sum.unsqueeze(-1) + a.sum(-1, keepdim=True)
+        outs.append(num / torch.where(den == 0, torch.ones_like(den), den))   # sees no key: 0
+        kv, k_sum = kv + fk.transpose(-2, -1) @ vb, k_sum + fk.sum(-2)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2) if outs else v.new_zeros(q.shape[:3] + v.shape[3:])
+    return out.to(q.dtype), RFState(kv, k_sum, shift, state.length + q.shape[2])
 
 
 # ------------------------------------------------------------------------------------------
