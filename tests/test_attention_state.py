@@ -7,7 +7,6 @@ import panther  # noqa: F401  (registers the ops)
 from panther.nn import RandAttentionState, RandMultiHeadAttention, sinSRPE
 from panther.ops import attention as ops
 from panther.ops.attention import RFState, rf_attention_reference, rf_attention_step, rf_causal_state
-from panther.sketch import orthogonal_random_features
 
 from test_attention import make, module_reference
 
