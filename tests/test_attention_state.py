@@ -132,6 +132,25 @@ def test_module_generation_equals_whole_sequence(kern, srpe):
     assert state.length == 24 and len(state) == 1 and state[layer].length == 24
 
 
+@pytest.mark.parametrize("srpe", [False, True])
+def test_compiled_generation_compiles_a_bounded_number_of_graphs(srpe):
+    # fullgraph: Dynamo traces the state's lookups and updates without a break. The position is an int of the
+    # state: the second step compiles again with it symbolic, and every later step reuses that graph
+    from torch._dynamo.utils import counters
+
+    layer, x, mask = layer_and_inputs(srpe=srpe, L=20)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    cuts = [0, 8] + list(range(9, 20))
+    with torch.no_grad():
+        eager = generate(layer, x, mask, cuts, RandAttentionState())
+        state = RandAttentionState()
+        out = generate(compiled, x, mask, cuts, state)
+    torch.testing.assert_close(out, eager)
+    assert state.length == 20 and counters["stats"]["unique_graphs"] == 3   # the prompt, a step, any step
+
+
 def test_state_memory_does_not_grow():
     layer, x, mask = layer_and_inputs()
     state = RandAttentionState()
