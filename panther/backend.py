@@ -229,7 +229,14 @@ def _mask_built_in_graph() -> bool:
     no source: not an input, a module attribute or a global, whose values the compiler cannot see)."""
     tx = _traced_for_panther()
     mask = None if tx is None else tx.symbolic_locals.get("mask")
-    return mask is not None and getattr(mask, "source", True) is None
+    if mask is None:
+        return False
+    if getattr(mask, "source", None) is not None:   # PyTorch's comparison will end the graph: say so, no report will
+        log.warning("panther backend: a mask from outside the compiled code reached nn.TransformerEncoder / "
+                    "nn.TransformerDecoder with is_causal unset: PyTorch compares it with the causal mask value by "
+                    "value, which ends the graph, and the module then runs uncompiled, nothing in it rewritten; "
+                    "to compile it, %s", BREAK_ADVICE["_detect_is_causal_mask"])
+    return getattr(mask, "source", True) is None
 
 
 def _register_is_causal_hint():

@@ -1,6 +1,7 @@
 """backend="panther" on conv nets, F.scaled_dot_product_attention and nn.MultiheadAttention: the report
 (which nodes, params/FLOPs, reasons) and numerics against panther.convert / the panther ops run eagerly."""
 import copy
+import logging
 import math
 import warnings
 
@@ -1066,9 +1067,9 @@ def test_an_encoder_left_to_detect_its_causal_mask_compiles_to_one_graph_under_p
 
 
 @pytest.mark.parametrize("source", ["input", "attribute"])
-def test_a_mask_from_outside_left_to_detect_is_left_to_pytorch(source):
+def test_a_mask_from_outside_left_to_detect_is_left_to_pytorch(source, caplog):
     # Its values are unknown to the compiler, so PyTorch compares them (a graph break, then its causal kernel,
-    # uncompiled), as before: exact attention, and no graph with the encoder's layers.
+    # uncompiled), as before: exact attention, and no graph with the encoder's layers; a warning says so.
     model = CausalEncoder(False).eval()
     mask = nn.Transformer.generate_square_subsequent_mask(9)
     if source == "attribute":
@@ -1078,9 +1079,11 @@ def test_a_mask_from_outside_left_to_detect_is_left_to_pytorch(source):
         call = lambda x, m: model.encoder(x, mask=m)  # noqa: E731
     compiled, reports = compile_panther(call, policy={"attention": SketchSpec(num_random_features=16, seed=2)})
     x, _ = left_padded(9)
-    y = compiled(x) if source == "attribute" else compiled(x, mask)
+    with caplog.at_level(logging.WARNING, logger="panther"):
+        y = compiled(x) if source == "attribute" else compiled(x, mask)
     torch.testing.assert_close(y, model.encoder(x, mask=mask, is_causal=True))  # exact
     assert not any(rep.rows for rep in reports)
+    assert "a mask from outside the compiled code" in caplog.text and "pass is_causal=True" in caplog.text
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["fused", "unfused"])
