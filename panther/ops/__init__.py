@@ -19,6 +19,10 @@ op                                     Python wrapper           plain-torch refe
 :func:`rf_feature_maps` gives the reference's random-feature maps phi(q), phi(k) as tensors (for
 gluing them to other linear-attention kernels, as ``triton_attention_bench --peers`` does).
 
+Generation: :func:`rf_causal_state` sums a prompt's keys into an :class:`RFState`, and
+:func:`rf_attention_step` goes on from it a few positions (one token) at a time, in time and memory that do not
+grow with the positions before (``panther.nn.RandAttentionState`` keeps one per layer).
+
 Every op runs on CPU and CUDA (ATen kernels), under autocast, and has a fake kernel and an autograd
 formula, so it works under ``torch.compile`` and ``torch.export``.
 """

@@ -340,8 +340,9 @@ class RFState(NamedTuple):
     @classmethod
     def empty(cls, B, H, m, dv, kernel_fn, device, dtype=torch.float32):
         """The state before any position: zero sums, no shift yet (relu: none needed)."""
-        return cls(torch.zeros(B, H, m, dv, device=device, dtype=dtype), torch.zeros(B, H, m, device=device, dtype=dtype),
-                   torch.full((B, H, 1, 1), 0.0 if kernel_fn == "relu" else float("-inf"), device=device, dtype=dtype), 0)
+        like = dict(device=device, dtype=dtype)
+        return cls(torch.zeros(B, H, m, dv, **like), torch.zeros(B, H, m, **like),
+                   torch.full((B, H, 1, 1), 0.0 if kernel_fn == "relu" else float("-inf"), **like), 0)
 
     def index_select(self, index):
         """The state of the batch rows ``index`` (a beam search's reordering)."""
