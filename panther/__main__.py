@@ -1,5 +1,5 @@
 """``python -m panther demo`` (the main job; ``--report-png PATH`` picks where the graph picture goes)
-and ``python -m panther bench linear|conv2d|attention|causal-scaling [--device cuda]``
+and ``python -m panther bench linear|conv2d|attention|causal-scaling|transformer|llama|decode [--device cuda]``
 (``--plot FILE.png [--sizes 64,128]``: a size sweep, dense vs sketched, speed and memory drawn to FILE).
 ``python -m panther bench --help`` lists the benchmark options."""
 import sys
