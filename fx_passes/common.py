@@ -18,7 +18,7 @@ import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import networkx as nx
 import torch
@@ -259,12 +259,20 @@ class Candidate:
     unsupported: Optional[str] = None  # reason the node cannot be rewritten at all
 
 
-def replace_call(node: fx.Node, args: tuple, kwargs: dict) -> fx.Node:
-    """Replace a call node by a new call of the same target with other arguments (a new node rather than an
-    edited one: a fused encoder layer whose nodes all remain is put back fused, ``expand_encoder_layer.restore``)."""
+def replace_call(node: fx.Node, names: Sequence[str], **values) -> fx.Node:
+    """Replace a call node by a new call of the same target with the arguments ``values`` changed, each where the
+    call passes it (positionally, at its place in the target's argument ``names``, or by keyword). A new node
+    rather than an edited one: a fused encoder layer whose nodes all remain is put back fused
+    (``expand_encoder_layer.restore``)."""
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for name, value in values.items():
+        if len(args) > names.index(name):
+            args[names.index(name)] = value
+        else:
+            kwargs[name] = value
     graph = node.graph
     with graph.inserting_before(node):
-        new = graph.call_function(node.target, tuple(args), dict(kwargs))
+        new = graph.call_function(node.target, tuple(args), kwargs)
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)

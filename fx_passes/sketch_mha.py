@@ -226,12 +226,7 @@ def keep(cand: Candidate):
     if not (a and cand.data["causal"] and not cand.data["padding"] and a["attn_mask"] is not None
             and not a["is_causal"] and a["need_weights"] is False):
         return None
-    args, kwargs = list(cand.node.args), dict(cand.node.kwargs)
-    if len(args) > _ARGS.index("is_causal"):
-        args[_ARGS.index("is_causal")] = True
-    else:
-        kwargs["is_causal"] = True
-    replace_call(cand.node, args, kwargs)
+    replace_call(cand.node, _ARGS, is_causal=True)
     return CAUSAL_HINT
 
 

@@ -231,13 +231,7 @@ def keep(cand: Candidate):
     if attn_mask is None or is_causal is not False or not all(isinstance(t, torch.Tensor) for t in shapes) \
             or not statically_known_true(shapes[0].shape[-2] == shapes[1].shape[-2]):
         return None
-    args, kwargs = list(node.args), dict(node.kwargs)
-    for name, value in (("attn_mask", None), ("is_causal", True)):
-        if len(args) > _ARGS.index(name):
-            args[_ARGS.index(name)] = value
-        else:
-            kwargs[name] = value
-    replace_call(node, args, kwargs)
+    replace_call(node, _ARGS, attn_mask=None, is_causal=True)
     return CAUSAL_HINT
 
 
