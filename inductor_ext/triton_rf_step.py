@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 import panther  # noqa: F401  (loads the native ops)
-from panther.ops.attention import RFState, _check_rf, _check_state, rf_attention_step
+from panther.ops.attention import RFState, _check_rf, _start, rf_attention_step
 
 from .triton_attention import _DTYPES, _INTERPRET, MAX_FEATURES, MAX_HEAD_DIM, _launcher
 
@@ -161,13 +161,9 @@ def rf_attention_step_triton(q, k, v, projection, kernel_fn="softmax", scale=Non
     """``panther.ops.attention.rf_attention_step`` with a one-position step in one Triton kernel where it
     serves the call (``kernel_ok``); same arguments and result."""
     _check_rf(q, k, v, projection, kernel_fn, True, scale, key_padding_mask)
-    B, H, _, dv = v.shape
-    if state is None:
-        state = RFState.empty(B, H, projection.shape[0], dv, kernel_fn, q.device,
-                              torch.float64 if q.dtype == torch.float64 else torch.float32)
+    state, _ = _start(state, v, projection, kernel_fn)   # checked (the kernel's inputs: fp32 sums)
     if not kernel_ok(q, k, v, projection, state):
         return rf_attention_step(q, k, v, projection, kernel_fn, scale, key_padding_mask, state)
-    _check_state(state, B, H, projection.shape[0], dv, torch.float32)
     args = (q, k, v, projection, kernel_fn, scale, key_padding_mask, *state[:3])
     if torch.compiler.is_compiling():   # the op, which Inductor inlines
         out, kv, k_sum, shift = torch.ops.panther.rf_attention_token(*args)

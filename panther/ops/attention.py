@@ -380,13 +380,13 @@ def _rebased(kv, k_sum, shift, k, projection, kernel_fn, scale, key_padding_mask
     """For a block of keys ``k``: ``(kv, k_sum, shift, φ(k))``, the sums rescaled to the shift that also covers
     those keys (softmax), that shift, and the keys' features at it."""
     if kernel_fn == "relu":
-        return kv, k_sum, shift, _key_features(k, projection, kernel_fn, scale, None, key_padding_mask)
+        return kv, k_sum, shift, _key_features(k, projection, kernel_fn, None, key_padding_mask, None)
     uk = _exponents(k, projection, scale)
     new = torch.maximum(shift, _largest_visible(uk, key_padding_mask))
     at = torch.nan_to_num(new, neginf=0.0)   # -inf: no key seen yet, whose sums are zeros at any shift
     factor = torch.exp(shift - at)           # <= 1; exp(-inf) = 0 for empty sums
     return (kv * factor, k_sum * factor[..., 0], new,
-            _key_features(k, projection, kernel_fn, scale, at, key_padding_mask, uk))
+            _key_features(k, projection, kernel_fn, at, key_padding_mask, uk))
 
 
 def _span(t, sl):
@@ -450,10 +450,10 @@ def rf_feature_maps(q, k, projection, kernel_fn="softmax", scale=None, key_paddi
     constant (their largest visible exponent); both cancel in the normalised output."""
     fq = _query_features(q, projection, kernel_fn, scale)
     if kernel_fn == "relu":
-        return fq, _key_features(k, projection, kernel_fn, scale, None, key_padding_mask)
+        return fq, _key_features(k, projection, kernel_fn, None, key_padding_mask, None)
     uk = _exponents(k, projection, scale)
     kshift = torch.nan_to_num(_largest_visible(uk, key_padding_mask), neginf=0.0)
-    return fq, _key_features(k, projection, kernel_fn, scale, kshift, key_padding_mask, uk)
+    return fq, _key_features(k, projection, kernel_fn, kshift, key_padding_mask, uk)
 
 
 def _exponents(x, projection, scale):
@@ -481,15 +481,14 @@ def _largest_visible(uk, key_padding_mask):
     return uk.detach().amax(dim=(-2, -1), keepdim=True)
 
 
-def _key_features(k, projection, kernel_fn, scale, shift, key_padding_mask, exponents=None):
-    """phi(k) with the keys' shared softmax ``shift`` (``(B, H, 1, 1)``; unused by relu); masked keys 0.
-    ``exponents``: ``_exponents(k, ...)`` when the caller has them."""
+def _key_features(k, projection, kernel_fn, shift, key_padding_mask, exponents):
+    """phi(k): relu's of ``k``, or softmax's from the keys' ``exponents`` (``_exponents``, which the caller
+    needs for the shift too) and their shared ``shift`` (``(B, H, 1, 1)``); masked keys 0."""
     m = projection.shape[0]
     if kernel_fn == "relu":
         fk = torch.relu(k @ projection.to(k.dtype).T) / math.sqrt(m)
     else:
-        uk = exponents if exponents is not None else _exponents(k, projection, scale)
-        fk = torch.exp(uk - shift) / math.sqrt(m)
+        fk = torch.exp(exponents - shift) / math.sqrt(m)
     return _masked(fk, key_padding_mask)
 
 
