@@ -24,7 +24,7 @@ from torch import Tensor
 import panther  # noqa: F401  (loads the native ops)
 from panther.ops.attention import RFState, _check_rf, _start, rf_attention_step
 
-from .triton_attention import _DTYPES, _INTERPRET, MAX_FEATURES, MAX_HEAD_DIM, _launcher
+from .triton_attention import _DTYPES, _INTERPRET, MAX_FEATURES, MAX_HEAD_DIM, _launcher, _pow2
 
 try:  # Triton is optional: without it every call takes the torch step.
     import triton
@@ -144,12 +144,12 @@ def _launch(kernel, q, k, v, projection, kernel_fn, scale, key_padding_mask, kv,
     softmax = kernel_fn == "softmax"
     a = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(d)) if softmax else 1.0
     pad = key_padding_mask.to(torch.uint8).contiguous() if key_padding_mask is not None else q
-    m_pad = max(BLOCK_M, triton.next_power_of_2(m))
-    kernel[(B * H, triton.cdiv(dv, BLOCK_V))](
+    # Plain int arithmetic: triton.cdiv / next_power_of_2 cost microseconds a call in newer Tritons.
+    kernel[(B * H, -(-dv // BLOCK_V))](
         q.contiguous(), k.contiguous(), v.contiguous(), projection.contiguous(), kv.contiguous(), k_sum.contiguous(),
         shift.contiguous(), pad, out, kv_new, k_sum_new, shift_new, H, d, dv, m, a, 1.0 / math.sqrt(m),
-        SOFTMAX=softmax, HAS_PAD=key_padding_mask is not None, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_M=BLOCK_M, M_BLOCKS=m_pad // BLOCK_M, BLOCK_V=BLOCK_V, num_warps=4)
+        SOFTMAX=softmax, HAS_PAD=key_padding_mask is not None, BLOCK_D=_pow2(d),
+        BLOCK_M=BLOCK_M, M_BLOCKS=_pow2(m, BLOCK_M) // BLOCK_M, BLOCK_V=BLOCK_V, num_warps=4)
     return out, kv_new, k_sum_new, shift_new
 
 
