@@ -200,3 +200,45 @@ def test_srpe_positions_from_an_offset():
     w = pe.mixing().detach()
     assert torch.autograd.gradcheck(
         lambda x, th, ph: ops.srpe_filter_sines_chunked(x, th, ph, w, 6), (q[:, 6:].requires_grad_(), theta, phase))
+
+
+@pytest.mark.parametrize("srpe", [False, True])
+def test_static_state_updates_its_buffers_under_one_graph(srpe):
+    # to_static: the outputs of the state it came from, the sums kept in the same tensors, and under torch.compile
+    # with dynamic=False one graph for every token (a plain state's int position would recompile at each)
+    from torch._dynamo.utils import counters
+
+    layer, x, mask = layer_and_inputs(srpe=srpe, L=16)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        prompt = RandAttentionState()
+        layer(x[:, :8], x[:, :8], x[:, :8], mask[:, :8], state=prompt)
+        static = prompt.to_static()
+        buffers = [t.data_ptr() for t in static[layer]]
+        out = generate(compiled, x, mask, list(range(8, 16)), static)
+        torch.testing.assert_close(out, module_reference(layer, x, x, x, mask)[:, 8:])
+    assert static.static and not prompt.static
+    assert static.length == 16 and prompt.length == 8 and torch.is_tensor(static[layer].length)
+    assert [t.data_ptr() for t in static[layer]] == buffers
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_static_state_reorders_in_place_and_takes_no_new_layer():
+    layer, x, mask = layer_and_inputs(L=12)
+    order = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        plain = RandAttentionState()
+        with pytest.raises(ValueError, match="holds no layer"):
+            plain.to_static()
+        generate(layer, x[:, :10], mask[:, :10], [0], plain)
+        static = plain.to_static()
+        kv = static[layer].kv.data_ptr()
+        static.index_select(order)
+        out = layer(x[order, 10:], x[order, 10:], x[order, 10:], mask[order, 10:], state=static)[0]
+        torch.testing.assert_close(out, module_reference(layer, x, x, x, mask)[order, 10:])
+        assert static[layer].kv.data_ptr() == kv
+        other = RandMultiHeadAttention(16, 2, 10, iscausal=True, dtype=torch.float64)
+        with pytest.raises(ValueError, match="to_static"):
+            other(x, x, x, state=static)

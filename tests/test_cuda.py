@@ -116,6 +116,42 @@ def test_generation_state_on_cuda_equals_the_whole_sequence(dtype, tol):
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < tol
 
 
+class _CausalStack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from panther.nn import RandMultiHeadAttention, sinSRPE
+
+        pe = sinSRPE(4, 32, 4, num_realizations=32, device="cuda")
+        self.a = RandMultiHeadAttention(128, 4, 64, iscausal=True, SRPE=pe, seed=0, device="cuda")
+        self.b = RandMultiHeadAttention(128, 4, 64, iscausal=True, seed=1, device="cuda")
+
+    def forward(self, x, state=None):
+        x = x + self.a(x, x, x, state=state)[0]
+        return x + self.b(x, x, x, state=state)[0]
+
+
+def test_static_state_steps_replay_one_cuda_graph():
+    # mode="reduce-overhead": a static state's steps run as CUDA-graph replays (no skip), one graph for all
+    from torch._dynamo.utils import counters
+    from panther.nn import RandAttentionState
+
+    model = _CausalStack().eval()
+    x = torch.randn(2, 60, 128, device="cuda") * 0.5
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        ref = model(x)
+        state = RandAttentionState()
+        outs = [model(x[:, :40], state)]
+        state = state.to_static()
+        for t in range(40, 60):
+            outs.append(step(x[:, t:t + 1], state).clone())   # a replay's output is overwritten by the next
+    assert counters["inductor"]["cudagraph_skips"] == 0 and counters["stats"]["unique_graphs"] == 1
+    assert state.length == 60
+    torch.testing.assert_close(torch.cat(outs, dim=1), ref, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("kern", ["softmax", "relu"])
 def test_decoding_kernel_opcheck_and_torch_step_on_cuda(kern):
     from inductor_ext import triton_rf_step as ts

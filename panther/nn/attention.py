@@ -308,10 +308,12 @@ class RandAttentionState:
     Generation: one ``RandAttentionState()`` per sequence batch, the prompt in one call, then one token per
     call; each call's output equals the layer's output on the whole sequence so far at those positions (up to
     rounding). ``index_select`` reorders the batch (beam search); a new batch needs a new state.
+    :meth:`to_static` gives the same state in fixed buffers, for CUDA graphs.
     """
 
     def __init__(self):
         self._states = weakref.WeakKeyDictionary()   # layer -> RFState, dropped with the layer
+        self._static = False
 
     def __getitem__(self, layer):
         """The layer's :class:`panther.ops.RFState`, or None before its first call."""
@@ -320,16 +322,29 @@ class RandAttentionState:
     def __setitem__(self, layer, rf_state):
         if not isinstance(rf_state, RFState):
             raise TypeError(f"a layer's state must be a panther.ops.RFState, got {type(rf_state).__name__}")
-        self._states[layer] = rf_state
+        if not self._static:
+            self._states[layer] = rf_state
+            return
+        held = self._states.get(layer)
+        if held is None:
+            raise ValueError("a static RandAttentionState holds only the layers it held at to_static(): pass the "
+                             "prompt through every causal layer before calling it")
+        for buffer, value in zip(held, rf_state):   # the same memory, so that a captured graph reads the new values
+            buffer.copy_(torch.as_tensor(value))
 
     def __len__(self):
         """The number of layers holding a state."""
         return len(self._states)
 
     @property
+    def static(self):
+        """Whether the sums live in fixed buffers that every call updates in place (:meth:`to_static`)."""
+        return self._static
+
+    @property
     def length(self):
         """The positions the layers have seen (0 before the first call)."""
-        return max((s.length for s in self._states.values()), default=0)
+        return max((int(s.length) for s in self._states.values()), default=0)
 
     @property
     def nbytes(self):
@@ -339,7 +354,34 @@ class RandAttentionState:
     def index_select(self, index):
         """Keep the batch rows ``index`` (a 1-D int tensor), in that order, in every layer's state."""
         for layer, s in list(self._states.items()):
-            self._states[layer] = s.index_select(index.to(s.kv.device))
+            self[layer] = s.index_select(index.to(s.kv.device))
+
+    def to_static(self):
+        """This state in fixed buffers, for CUDA graphs (``torch.compile(..., mode="reduce-overhead")``).
+
+        Every later call writes the layer's new sums into the same tensors (marked static for
+        ``torch.compile``) and counts the positions in a 0-dim int64 tensor on the sums' device instead of an
+        int, so one step's graph serves every token: nothing it reads changes address or value on the host.
+        Call it after the prompt (which takes the fused kernels), for the decoding steps; a static state takes no
+        new layers and keeps its batch size (``index_select`` reorders in place).
+
+        Returns:
+            A new static :class:`RandAttentionState`; this one is left as it was.
+
+        Raises:
+            ValueError: the state holds no layer yet.
+        """
+        if not self._states:
+            raise ValueError("to_static: the state holds no layer yet; pass the prompt through the model with it first")
+        static = RandAttentionState()
+        for layer, s in self._states.items():
+            buffers = RFState(s.kv.clone(), s.k_sum.clone(), s.shift.clone(),
+                              torch.tensor(int(s.length), device=s.kv.device))
+            for t in buffers:
+                torch._dynamo.mark_static_address(t)
+            static._states[layer] = buffers
+        static._static = True
+        return static
 
 
 def _xavier_uniform(w, generator):

@@ -132,7 +132,7 @@ class sinSRPE(nn.Module):
         """Apply the codes to ``q (B, Lq, H, d)`` and ``k (B, S, H, d)`` without materialising
         them per batch element: returns ``(qhat (B, Lq, H, R), khat (B, S, H, R))``.
         Positions are ``start..start+Lq-1`` for queries and ``start..start+S-1`` for keys (``start``: a
-        decoding step's offset)."""
+        decoding step's offset: an int, or a static state's 0-dim position tensor)."""
         for name, t in (("q", q), ("k", k)):
             if t.dim() != 4 or t.shape[2] != self.num_heads or t.shape[3] != self.perHead_in:
                 raise ValueError(f"sinSRPE.filter: {name} must be (B, L, {self.num_heads}, "
@@ -141,7 +141,7 @@ class sinSRPE(nn.Module):
         theta, phase = self.angles()
         # the bases, (L, H, d, 2S) per queries and keys, are never built whole: on CUDA the fused
         # op builds them on chip, elsewhere a block of positions at a time (forward and backward)
-        if start:   # the fused op's positions start at 0
+        if torch.is_tensor(start) or start:   # the fused op's positions start at 0
             return (srpe_filter_sines_chunked(q, theta, phase, w, start),
                     srpe_filter_sines_chunked(k, theta, None, w, start))
         sines = triton_srpe.for_input(q, srpe_filter_sines_chunked)

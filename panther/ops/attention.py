@@ -76,6 +76,13 @@ def rf_attention(q, k, v, projection, kernel_fn="softmax", causal=False, scale=N
                                           key_padding_mask)
 
 
+def _positions(theta, start, length):
+    """Positions ``start .. start + length - 1`` as ``(length, 1, 1, 1)`` in theta's dtype; ``start`` an int or a
+    0-dim tensor (added on the device: a static state's position is never read back to the host)."""
+    n = torch.arange(length, device=theta.device) + start
+    return n.to(theta.dtype).view(length, 1, 1, 1)
+
+
 def sine_bases(theta, phase, length, start=0):
     """The sine-SRPE bases ``omega[n, h, i, :] = [cos(theta n + phase), sin(theta n + phase)]``.
 
@@ -83,13 +90,12 @@ def sine_bases(theta, phase, length, start=0):
         theta: angular frequencies ``(H, d, S)`` (radians per position).
         phase: phases ``(H, d, S)``, or None (keys: no phase).
         length: number of positions ``n = start .. start + length - 1``.
-        start: the first position.
+        start: the first position (an int, or a 0-dim integer tensor: a static decoding state's).
 
     Returns:
         ``(length, H, d, 2S)`` in theta's dtype: the ``S`` cosines, then the ``S`` sines.
     """
-    n = torch.arange(start, start + length, device=theta.device, dtype=theta.dtype).view(length, 1, 1, 1)
-    ang = theta * n
+    ang = theta * _positions(theta, start, length)
     if phase is not None:
         ang = ang + phase
     return torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1)
@@ -164,8 +170,7 @@ def srpe_filter_sines_backward(grad, x, theta, phase, weight, needs, start=0):
             # omega = [cos(a), sin(a)] with a = theta n + phase: d a = -sin(a) d cos + cos(a) d sin
             dom = dom.to(theta.dtype)
             dang = -omega[..., S:] * dom[..., :S] + omega[..., :S] * dom[..., S:]
-            n = torch.arange(start + n0, start + n1, device=x.device, dtype=theta.dtype).view(-1, 1, 1, 1)
-            dtheta += (dang * n).sum(0)
+            dtheta += (dang * _positions(theta, start + n0, n1 - n0)).sum(0)
             if dphase is not None:
                 dphase += dang.sum(0)
     return (dx, dtheta if needs[1] else None, dphase if needs[2] else None,
@@ -331,11 +336,12 @@ class RFState(NamedTuple):
     """What causal random-feature attention keeps of the keys it has seen, whatever their number: per
     (batch, head), ``kv = Σ_j φ(k_j) v_jᵀ`` ``(B, H, m, dv)`` and ``k_sum = Σ_j φ(k_j)`` ``(B, H, m)`` in fp32
     (fp64 for fp64 inputs), the keys' shared softmax ``shift`` ``(B, H, 1, 1)`` both sums are taken at (zeros
-    for relu; -inf while no key was seen), and ``length``, the positions seen (masked ones included)."""
+    for relu; -inf while no key was seen), and ``length``, the positions seen (masked ones included): an int, or
+    a 0-dim int64 tensor on the sums' device in a static state (``panther.nn.RandAttentionState.to_static``)."""
     kv: torch.Tensor
     k_sum: torch.Tensor
     shift: torch.Tensor
-    length: int
+    length: int | torch.Tensor
 
     @classmethod
     def empty(cls, B, H, m, dv, kernel_fn, device, dtype=torch.float32):
