@@ -59,7 +59,8 @@ def back_to_back_time_fn(fn, *, calls=20, repeats=5, warmup=3, device="cpu"):
 def _timed_table(candidates, ours, *, repeats, device, floor=None, graph=False):
     """(rows, headers) of ``candidates`` ({name: fn}) timed side by side, each column with its ratio to the
     row ``ours``: "median ms" (``time_fn``, one synchronised call); on CUDA also "back-to-back ms"
-    (``back_to_back_time_fn``) and, with ``graph``, "CUDA-graph ms" (``graph_time_fn``). ``floor``: a
+    (``back_to_back_time_fn``) and, with ``graph`` (True, or the names to capture: a call that replays CUDA
+    graphs itself cannot be captured, its cell says "-"), "CUDA-graph ms" (``graph_time_fn``). ``floor``: a
     ``(name, ms)`` row added to every column (the memory floor)."""
     timers = {"median ms": lambda fn: time_fn(fn, repeats=repeats, device=device)}
     if torch.device(device).type == "cuda":
@@ -67,7 +68,10 @@ def _timed_table(candidates, ours, *, repeats, device, floor=None, graph=False):
                                                                     device=device)
         if graph:
             timers["CUDA-graph ms"] = lambda fn: graph_time_fn(fn, repeats=repeats)
-    columns = {col: {name: timer(fn) for name, fn in candidates.items()} for col, timer in timers.items()}
+    captured = candidates if graph is True else graph or ()
+    columns = {col: {name: timer(fn) for name, fn in candidates.items()
+                     if col != "CUDA-graph ms" or name in captured}
+               for col, timer in timers.items()}
     if floor is not None:
         for times in columns.values():
             times[floor[0]] = floor[1]
@@ -77,7 +81,7 @@ def _timed_table(candidates, ours, *, repeats, device, floor=None, graph=False):
     for col, times in columns.items():
         headers += [col, "time / panther" + ("" if col == "median ms" else f" ({col.removesuffix(' ms')})")]
         for row, name in zip(rows, names):
-            row += [f"{times[name]:.3f}", f"{times[name] / times[ours]:.2f}x"]
+            row += [f"{times[name]:.3f}", f"{times[name] / times[ours]:.2f}x"] if name in times else ["-", "-"]
     return rows, headers
 
 
@@ -274,20 +278,34 @@ def bench_causal_scaling(lengths=(1024, 4096), batch=1, heads=8, head_dim=64, nu
     return rows, ["implementation", "median ms", "note"]
 
 
+class _DecodeStack(torch.nn.Module):
+    """Causal attention layers, each added to its input (a decoder's residual stream without the rest)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, x, state=None):
+        for layer in self.layers:
+            x = x + layer(x, x, x, state=state)[0]
+        return x
+
+
 @torch.no_grad()
-def bench_decode(context=65536, batch=1, embed=1024, heads=16, num_features=256, *, device="cpu",
+def bench_decode(context=65536, batch=1, embed=1024, heads=16, num_features=256, layers=1, *, device="cpu",
                  dtype=torch.float32, repeats=20):
-    """One generated token through one causal attention layer after a prompt of ``context`` tokens: exact
-    attention over a KV cache (the prompt's keys and values, the cache allocated up front as static caches
-    are; SDPA) against the same layer's random-feature attention going on from its
-    :class:`~panther.nn.RandAttentionState` (eager and under ``torch.compile``), with the bytes each keeps of
-    the past and the step's output error against exact attention. Both compute the projections the same way."""
+    """One generated token through ``layers`` causal attention layers (each added to its input) after a prompt of
+    ``context`` tokens: exact attention over a KV cache per layer (the prompt's keys and values, the caches
+    allocated up front as static caches are; SDPA) against the same layers' random-feature attention going on
+    from a :class:`~panther.nn.RandAttentionState` (eager and under ``torch.compile``; on CUDA also its static
+    form under ``mode="reduce-overhead"``, whose steps replay one CUDA graph), with the bytes each keeps of the
+    past and the output's error against exact attention. Both compute the projections the same way."""
     from torch.nn import functional as F
 
     from .nn import RandAttentionState, RandMultiHeadAttention
 
-    layer = RandMultiHeadAttention(embed, heads, num_features, iscausal=True, device=device, dtype=dtype,
-                                   seed=0).eval()
+    stack = _DecodeStack(RandMultiHeadAttention(embed, heads, num_features, iscausal=True, device=device,
+                                                dtype=dtype, seed=i).eval() for i in range(layers))
     H, d = heads, embed // heads
     g = torch.Generator(device=device).manual_seed(0)
     prompt = torch.randn(batch, context + 1, embed, device=device, dtype=dtype, generator=g) * 0.35
@@ -296,36 +314,53 @@ def bench_decode(context=65536, batch=1, embed=1024, heads=16, num_features=256,
     def heads_of(t, w, b):
         return F.linear(t, w, b).view(batch, t.shape[1], H, d).transpose(1, 2)
 
-    cache = [torch.empty(batch, H, context + 1, d, device=device, dtype=dtype) for _ in range(2)]
-    for c, (w, b) in zip(cache, ((layer.Wk, layer.bk), (layer.Wv, layer.bv))):
-        c[:, :, :context] = heads_of(prompt, w, b)
+    def exact_layer(layer, cache, h, at):
+        """Exact attention of ``h``'s positions from ``at`` on, their keys and values written into ``cache``."""
+        for c, (w, b) in zip(cache, ((layer.Wk, layer.bk), (layer.Wv, layer.bv))):
+            c[:, :, at:at + h.shape[1]] = heads_of(h, w, b)
+        q = heads_of(h, layer.Wq, layer.bq)   # one query sees every key; a prompt, causally
+        out = F.scaled_dot_product_attention(q, *(c[:, :, :at + h.shape[1]] for c in cache), is_causal=at == 0)
+        return h + F.linear(out.transpose(1, 2).reshape(batch, h.shape[1], embed), layer.W0, layer.b0)
+
+    caches = [[torch.empty(batch, H, context + 1, d, device=device, dtype=dtype) for _ in range(2)]
+              for _ in range(layers)]
+    h = prompt
+    for layer, cache in zip(stack.layers, caches):   # the prompt fills every layer's cache
+        h = exact_layer(layer, cache, h, 0)
+    del h
 
     def exact():
-        for c, (w, b) in zip(cache, ((layer.Wk, layer.bk), (layer.Wv, layer.bv))):
-            c[:, :, context:] = heads_of(x, w, b)
-        out = F.scaled_dot_product_attention(heads_of(x, layer.Wq, layer.bq), *cache)  # one query: every key
-        return F.linear(out.transpose(1, 2).reshape(batch, 1, embed), layer.W0, layer.b0)
+        h = x
+        for layer, cache in zip(stack.layers, caches):
+            h = exact_layer(layer, cache, h, context)
+        return h
 
     state = RandAttentionState()
-    layer(prompt, prompt, prompt, state=state)
-    seen = state[layer]
-    compiled = torch.compile(layer)
+    stack(prompt, state)
+    seen = {layer: state[layer] for layer in stack.layers}
+    compiled = torch.compile(stack)
 
     def step(fn):
         def call():   # every timed call goes on from the prompt's state (a step's cost does not grow)
-            state[layer] = seen
-            return fn(x, x, x, state=state)[0]
+            for layer, s in seen.items():
+                state[layer] = s
+            return fn(x, state)
         return call
 
     candidates = {"exact: KV cache + SDPA": exact,
-                  "panther: RandAttentionState": step(layer),
+                  "panther: RandAttentionState": step(stack),
                   "panther: RandAttentionState, torch.compile": step(compiled)}
+    cuda = torch.device(device).type == "cuda"
+    captured = list(candidates)
+    if cuda:   # each timed call goes on from the last (its cost does not grow): the buffers stay where they are
+        static, replayed = state.to_static(), torch.compile(stack, mode="reduce-overhead")
+        candidates["panther: static state, reduce-overhead"] = lambda: replayed(x, static)
     reference = exact().float()
     errors = {name: ((fn().float() - reference).norm() / reference.norm()).item() for name, fn in candidates.items()}
-    held = {"exact: KV cache + SDPA": _nbytes(*cache)}
+    held = {"exact: KV cache + SDPA": _nbytes(*(c for cache in caches for c in cache))}
     held.update({name: state.nbytes for name in candidates if name.startswith("panther")})
     rows, headers = _timed_table(candidates, "panther: RandAttentionState", repeats=repeats, device=device,
-                                 graph=torch.device(device).type == "cuda")
+                                 graph=cuda and captured)
     for row in rows:
         row += [f"{held[row[0]] / 2 ** 20:.3g}", f"{errors[row[0]]:.3g}"]
     return rows, headers + ["MiB kept of the past", "rel. error vs exact"]
@@ -829,6 +864,7 @@ def main(argv=None):
     p.add_argument("--in-features", type=int, default=None)
     p.add_argument("--out-features", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None, help="decode: causal attention layers in the stack (default 1)")
     p.add_argument("--num-terms", type=int, default=1)
     p.add_argument("--low-rank", type=int, default=None, help="k (default 16; transformer, llama: 64 on CUDA)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 20; 5 with --plot)")
@@ -857,6 +893,8 @@ def main(argv=None):
         p.error("--device cuda: no CUDA device available (torch.cuda.is_available() is False)")
     if a.sizes is not None and a.plot is None:
         p.error("--sizes needs --plot FILE")
+    if a.layers is not None and (a.what != "decode" or a.layers < 1):
+        p.error("--layers: a positive number of layers, for decode only")
     if a.plot is not None:
         if a.what in ("causal-scaling", "transformer", "llama", "decode"):
             p.error("--plot supports linear, conv2d and attention")
@@ -893,7 +931,7 @@ def main(argv=None):
         rows, headers, report = bench_llama(**cfg, device=a.device, dtype=dtype, repeats=a.repeats)
     elif a.what == "decode":
         cfg = dict(context=a.seq or (65536 if cuda else 4096), batch=a.batch or 1, embed=1024 if cuda else 256,
-                   heads=16 if cuda else 4, num_features=256 if cuda else 64)
+                   heads=16 if cuda else 4, num_features=256 if cuda else 64, layers=a.layers or 1)
         rows, headers = bench_decode(**cfg, device=a.device, dtype=dtype, repeats=a.repeats)
     elif a.what == "causal-scaling":
         cfg = dict(lengths=(1024, 4096), heads=8, head_dim=64, num_features=256)
@@ -913,7 +951,7 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     kind = {"transformer": "nn.TransformerEncoder inference",
             "llama": "Hugging Face LlamaForCausalLM inference, last sequence left-padded by 25%",
-            "decode": "one generated token through a causal attention layer"}.get(a.what, f"sketched {a.what}")
+            "decode": "one generated token through causal attention layers"}.get(a.what, f"sketched {a.what}")
     title = (f"{kind} {'forward+backward' if a.backward else 'forward'}: "
              + ", ".join(f"{k}={v}" for k, v in cfg.items()) + f", {dtype}")
     print(f"{title}, {where}, torch {torch.__version__}")

@@ -32,13 +32,14 @@ def test_subcommands_run(capsys):
 
 def test_decode_bench_keeps_a_state_instead_of_the_cache():
     torch._dynamo.reset()
-    rows, headers = bench.bench_decode(context=32, batch=2, embed=16, heads=2, num_features=8, repeats=1)
+    rows, headers = bench.bench_decode(context=32, batch=2, embed=16, heads=2, num_features=8, layers=2, repeats=1)
     assert [r[0] for r in rows] == ["exact: KV cache + SDPA", "panther: RandAttentionState",
                                     "panther: RandAttentionState, torch.compile"]
     held = {r[0]: float(r[headers.index("MiB kept of the past")]) * 2 ** 20 for r in rows}
     err = {r[0]: float(r[headers.index("rel. error vs exact")]) for r in rows}
-    assert held["exact: KV cache + SDPA"] == pytest.approx(2 * 2 * 2 * 33 * 8 * 4, rel=1e-2)   # k, v: (B, H, L+1, d)
-    assert held["panther: RandAttentionState"] == pytest.approx(2 * 2 * (8 * 8 + 8 + 1) * 4, rel=1e-2)   # 3 digits printed
+    # per layer, k and v: (B, H, L+1, d) against kv, k_sum, shift: (B, H, m, d), (B, H, m), (B, H, 1, 1)
+    assert held["exact: KV cache + SDPA"] == pytest.approx(2 * 2 * 2 * 2 * 33 * 8 * 4, rel=1e-2)
+    assert held["panther: RandAttentionState"] == pytest.approx(2 * 2 * 2 * (8 * 8 + 8 + 1) * 4, rel=1e-2)
     assert err["exact: KV cache + SDPA"] == 0 and 0 < err["panther: RandAttentionState"] < 2
     assert err["panther: RandAttentionState, torch.compile"] == pytest.approx(err["panther: RandAttentionState"],
                                                                             rel=1e-3)
