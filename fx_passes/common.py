@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import os
 import re
 import sys
 import threading
@@ -25,6 +26,7 @@ import torch
 import torch.fx as fx
 from torch.utils.weak import WeakIdKeyDictionary
 
+import panther
 from panther.policy import LayerInfo, SketchSpec
 from panther.report import ReportRow
 
@@ -36,6 +38,8 @@ _ACCESS = re.compile(r"""(?:\.__dict__\[['"])?\.?_(?:modules|parameters|buffers)
                      r"""|\.__dict__\[['"]([^'"]+)['"]\]|\.(\w+)|\[(\d+)\]|\[['"]([^'"]+)['"]\]""")
 # a module passed through a wrapper's ``*args`` (Hugging Face's forward decorators) is ``L['args'][0]``
 _ROOT = re.compile(r"""^(?:[LG]\[['"]args['"]\]\[\d+\]|[LG]\[['"][^'"]+['"]\]|[A-Za-z_]\w*)""")
+_FRAME = re.compile(r'File "([^"]+)", line \d+')   # the files of a node's stack trace, outermost first
+_PANTHER_DIR = os.path.dirname(os.path.abspath(panther.__file__)) + os.sep
 
 
 def source_to_fqn(source_name: str) -> Optional[str]:
@@ -468,13 +472,17 @@ class PassContext:
     def panther_owner(self, node: fx.Node) -> Optional[str]:
         """``panther.nn.RandMultiHeadAttention`` (say) when ``node`` runs inside a panther module: such a
         module is already what a policy chose (``panther.convert`` made it), so its own weights, e.g. the
-        attention's projections, are not sketched again."""
+        attention's projections, are not sketched again. The module compiled itself is not in Dynamo's
+        ``nn_module_stack``: a call whose code is panther's own (the stack trace's innermost frame) counts too."""
         stack = node.meta.get("nn_module_stack")
         cls = list(stack.values())[-1][1] if stack else None
-        if not (isinstance(cls, type) and cls.__module__.split(".")[0] == "panther"):
-            return None
-        public = next((c for c in cls.__mro__ if c.__module__.startswith("panther.nn")), None)
-        return f"panther.nn.{public.__name__}" if public else f"{cls.__module__}.{cls.__qualname__}"
+        if isinstance(cls, type) and cls.__module__.split(".")[0] == "panther":
+            public = next((c for c in cls.__mro__ if c.__module__.startswith("panther.nn")), None)
+            return f"panther.nn.{public.__name__}" if public else f"{cls.__module__}.{cls.__qualname__}"
+        frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+        if frames and os.path.abspath(frames[-1]).startswith(_PANTHER_DIR):
+            return "panther." + os.path.splitext(os.path.relpath(frames[-1], _PANTHER_DIR))[0].replace(os.sep, ".")
+        return None
 
     def _first_path(self, key: str, path: str) -> str:
         """The first path the graph calls a module by. Dynamo keys ``nn_module_stack`` by the module's

@@ -717,6 +717,32 @@ def test_mha_compile_equals_convert(batch_first):
     assert rel(y, dense) > 1e-3
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_panther_layer_compiled_alone_or_nested_keeps_its_projections(nested):
+    # The module being compiled is not in Dynamo's nn_module_stack: RandMultiHeadAttention compiled by itself
+    # showed its projections as plain linears of the root, and the default policy sketched them again
+    torch.manual_seed(0)
+    attn = panther.nn.RandMultiHeadAttention(128, 4, 32, iscausal=True, seed=0).eval()
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, x, k, v):
+            return self.attn(x, k, v)
+
+    x = torch.randn(2, 16, 128)
+    compiled, reports = compile_panther(Block() if nested else attn)
+    with torch.no_grad():
+        out = compiled(x, x, x)[0]
+        want = attn(x, x, x)[0]
+    rows = reports[-1].rows
+    assert len(rows) == 4 and not any(r.replaced for r in rows)
+    assert all("panther's own layer: not sketched again" in r.reason for r in rows)
+    torch.testing.assert_close(out, want)
+
+
 def test_mha_rewrite_shows_its_attention_op_to_the_kernel_routing():
     # The rewrite is recorded as its torch calls: the panther.rf_attention node (which the CUDA routing
     # retargets to the Triton kernels) is in the graph with the example values the routing reads.
