@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from typing import Optional
 
 import torch
@@ -42,7 +43,8 @@ log = logging.getLogger("panther")
 ATTENTION_PASSES = (sketch_sdpa, sketch_mha, sketch_softmax_attention, sketch_flex_attention)
 PASSES = (sketch_linear, sketch_conv2d) + ATTENTION_PASSES
 
-TRAINING_REASON = "training: use panther.convert"
+# eval() does not turn autograd off: an inference call outside torch.no_grad() lands here too
+TRAINING_REASON = "gradients enabled: for inference call under torch.no_grad(); to train, use panther.convert"
 
 
 def run_passes(
@@ -129,6 +131,10 @@ def _apply(p, cand, ctx: PassContext, policy_fn) -> bool:
     if spec is None:
         return _keep(p, cand, ctx, reason=reason or "policy declined")
     if cand.needs_weights and ctx.grad_enabled:
+        warnings.warn("panther: the linears and convolutions the policy sketches stay dense while gradients are "
+                      "enabled (model.eval() does not disable them): call the compiled model under torch.no_grad() "
+                      "or torch.inference_mode() for inference; to train sketched layers, use panther.convert",
+                      UserWarning, stacklevel=2)
         return _keep(p, cand, ctx, reason=TRAINING_REASON, spec=spec)
     problem = getattr(p, "check", lambda c, s: None)(cand, spec)
     if problem:

@@ -9,7 +9,7 @@ What one backend call does, for each graph Dynamo captures:
 
 1. run panther's FX passes (``fx_passes``): find linear / conv2d / attention nodes, ask the policy,
    rewrite the accepted ones into panther ops. Weight-derived rewrites (linear, conv2d) only when grad is
-   disabled (inference); with grad enabled they stay dense with the reason "training: use panther.convert".
+   disabled (inference); with grad enabled they stay dense with the reason ``fx_passes.TRAINING_REASON`` (and a warning).
 2. deliver the graph diff report (``options["report"]`` callable, ``panther.last_report()``, INFO log on
    the ``"panther"`` logger);
 3. compile the graph: Inductor with panther's decompositions (default), or ``aot_eager`` / ``eager``.
@@ -124,7 +124,7 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
         above ``DEFAULT_MAX_ATTENTION_ERROR``. ``False`` skips that run (no error; FLOPs alone decide).
 
     Weight-bearing rewrites (linear, conv2d) happen only with grad disabled; with grad enabled those
-    layers stay dense with the reason ``"training: use panther.convert"``. Attention rewrites are applied
+    layers stay dense with the reason ``fx_passes.TRAINING_REASON`` and a warning. Attention rewrites are applied
     in both modes.
 
     Args:

@@ -192,7 +192,7 @@ def test_sdpa_rewrite_also_in_training(sdpa_model):
     rep = reports[0]
     att = [r for r in rep.rows if r.kind == "attention"]
     assert len(att) == 1 and att[0].replaced
-    assert all(r.reason == "training: use panther.convert" for r in rep.rows if r.kind == "linear")
+    assert all(r.reason == fx_passes.TRAINING_REASON for r in rep.rows if r.kind == "linear")
     assert sdpa_model.attn.q.weight.grad is not None and sdpa_model.attn.q.weight.grad.abs().sum() > 0
     sdpa_model.zero_grad()
 

@@ -196,7 +196,8 @@ def test_grad_enabled_compile_never_bakes_factors(mlp):
     before = fx_passes.factor_cache.misses
     compiled, reports = compile_panther(mlp, policy=POLICY)
     x = torch.randn(4, 32, requires_grad=True)
-    y = compiled(x)
+    with pytest.warns(UserWarning, match=r"model.eval\(\) does not disable them.*torch.no_grad\(\)"):
+        y = compiled(x)
     y.sum().backward()
     (rep,) = reports
     assert not rep.replaced
