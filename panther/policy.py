@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import operator
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Mapping, Optional, Tuple, Union
@@ -138,10 +139,17 @@ class SketchSpec:
     def __post_init__(self):
         for key in ("num_terms", "low_rank", "num_random_features"):
             v = getattr(self, key)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            if v is None:
+                continue
+            try:   # any integer type (numpy's, a 0-dim tensor's .item()), kept as a plain int
+                n = operator.index(v)
+            except TypeError:
+                n = None
+            if n is None or isinstance(v, bool):
                 raise TypeError(f"SketchSpec.{key} must be a positive int or None, got {v!r}")
-            if v is not None and v < 1:
+            if n < 1:
                 raise ValueError(f"SketchSpec.{key} must be a positive int or None, got {v!r}")
+            object.__setattr__(self, key, n)
         if self.init is not None and self.init not in _INITS:
             raise ValueError(f"SketchSpec.init must be one of {_INITS} or None, got {self.init!r}")
         if self.kernel_fn not in _KERNEL_FNS:

@@ -2,6 +2,7 @@
 import dataclasses
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -211,3 +212,15 @@ def test_layerinfo_is_plain_data():
     assert dataclasses.replace(info, name="g").name == "g"
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.name = "h"
+
+
+def test_spec_sizes_take_any_integer_type_and_keep_a_plain_int():
+    np = pytest.importorskip("numpy")
+    spec = SketchSpec(num_terms=np.int32(2), low_rank=np.int64(16), num_random_features=torch.tensor(8).item())
+    assert spec == SketchSpec(num_terms=2, low_rank=16, num_random_features=8)
+    assert type(spec.low_rank) is int and type(spec.num_terms) is int
+    for bad in (16.0, True, "16", np.float64(16)):
+        with pytest.raises(TypeError, match="low_rank must be a positive int"):
+            SketchSpec(low_rank=bad)
+    with pytest.raises(ValueError, match="low_rank must be a positive int"):
+        SketchSpec(low_rank=np.int64(0))
