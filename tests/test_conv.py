@@ -351,12 +351,18 @@ def test_padding_modes_match_nn_conv2d(padding_mode, kernel, padding):
     (dict(dtype=torch.int32), TypeError, "dtype"),
     (dict(seed=1, generator=torch.Generator()), ValueError, "seed"),
     (dict(generator=3), TypeError, "generator"),
+    (dict(groups=2), ValueError, "groups must be 1"),
 ])
 def test_constructor_errors(kwargs, exc, needle):
     args = dict(in_channels=4, out_channels=8, kernel_size=3, num_terms=1, low_rank=2)
     args.update(kwargs)
     with pytest.raises(exc, match=needle):
         SKConv2d(**args)
+
+
+def test_groups_one_is_taken_like_nn_conv2d():
+    conv = SKConv2d(4, 8, 3, groups=1, num_terms=1, low_rank=2, seed=0)
+    assert conv(torch.randn(1, 4, 6, 6)).shape == (1, 8, 4, 4)
 
 
 def test_forward_errors():

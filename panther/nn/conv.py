@@ -72,6 +72,7 @@ class SKConv2d(nn.Module):
         dilation: int or pair (default 1).
         padding_mode: ``"zeros"`` (default), ``"reflect"``, ``"replicate"`` or ``"circular"``, as in
             ``nn.Conv2d``.
+        groups: 1 only; taken so that ``nn.Conv2d``'s keyword arguments carry over.
         seed: an int that builds a private ``torch.Generator`` for the random draws.
         generator: a ``torch.Generator`` to draw from. With neither, torch's global RNG is used (never
             reseeded).
@@ -80,8 +81,9 @@ class SKConv2d(nn.Module):
 
     Raises:
         TypeError: a size that is not an int, ``bias`` not a bool, a non-floating ``dtype`` or ``W_init``.
-        ValueError: a size ``<= 0``, a bad ``padding`` string or ``padding_mode``, ``padding="same"`` with a
-            stride, ``W_init`` of the wrong shape, an unknown ``init``, both ``seed`` and ``generator``.
+        ValueError: a size ``<= 0``, ``groups != 1``, a bad ``padding`` string or ``padding_mode``,
+            ``padding="same"`` with a stride, ``W_init`` of the wrong shape, an unknown ``init``, both ``seed``
+            and ``generator``.
 
     Warns:
         UserWarning: when ``2·L·k·(C_in·kh·kw + C_out) >= C_out·C_in·kh·kw``, i.e. the sketch is not
@@ -98,8 +100,11 @@ class SKConv2d(nn.Module):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, num_terms=1,
                  low_rank=64, W_init=None, dtype=None, device=None, *, dilation=1, seed=None, generator=None,
-                 init="sketch", padding_mode="zeros"):
+                 init="sketch", padding_mode="zeros", groups=1):
         super().__init__()
+        if isinstance(groups, bool) or groups != 1:
+            raise ValueError(f"SKConv2d: groups must be 1 (a grouped convolution has no sketched form here), "
+                             f"got {groups!r}")
         self.in_channels = _positive_int(in_channels, "in_channels")
         self.out_channels = _positive_int(out_channels, "out_channels")
         self.num_terms = _positive_int(num_terms, "num_terms")
