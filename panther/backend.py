@@ -23,7 +23,7 @@ import logging
 from collections.abc import Mapping
 from typing import Optional
 
-__all__ = ["panther_backend", "OPTIONS", "COMPILERS"]
+__all__ = ["panther_backend", "check_options", "OPTIONS", "COMPILERS"]
 
 log = logging.getLogger("panther")
 
@@ -35,8 +35,11 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 OPTIONS = ("policy", "overrides", "report", "compiler", "mode", "inductor_config", "decompose", "measure_attention")
 
 
-def _check_options(options, mode):
-    """Validated options as a plain dict (ValueError / TypeError name the key and what is allowed)."""
+def check_options(options=None, mode=None):
+    """The backend's ``options`` validated, as a plain dict with every key (ValueError / TypeError name the key
+    and what is allowed). The backend runs this at the first call of the compiled model, where Dynamo wraps
+    its error in ``torch._dynamo.exc.BackendCompilerFailed``; call it yourself to check options where you
+    build them."""
     if options is None:
         options = {}
     if not isinstance(options, Mapping):
@@ -72,6 +75,16 @@ def _check_options(options, mode):
             raise TypeError(f"panther backend: options[{key!r}] must be a bool, got {type(opts[key]).__name__}")
     if opts["compiler"] != "inductor" and (opts["mode"] not in (None, "default") or opts["inductor_config"]):
         raise ValueError("panther backend: 'mode' and 'inductor_config' apply only with options['compiler']='inductor'")
+    if opts["inductor_config"]:
+        import torch._inductor.config as inductor_config
+
+        unknown = sorted(set(opts["inductor_config"]) - set(inductor_config.get_config_copy()))
+        if unknown:
+            raise ValueError(f"panther backend: options['inductor_config'] has unknown key(s) {unknown}; the keys "
+                             f"are torch._inductor.config's (dotted for nested ones, e.g. 'triton.cudagraphs')")
+    from .policy import resolve_policy, with_overrides
+
+    resolve_policy(with_overrides(opts["policy"], opts["overrides"]) if opts["overrides"] else opts["policy"])
     return opts
 
 
@@ -138,12 +151,15 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
 
     Raises:
         ValueError: an unknown option key, an unknown ``compiler`` or ``mode``, ``mode`` given twice with
-            different values, or ``mode``/``inductor_config`` with a compiler other than Inductor.
+            different values, ``mode``/``inductor_config`` with a compiler other than Inductor, an
+            ``inductor_config`` key that ``torch._inductor.config`` lacks, or a bad policy entry value.
         TypeError: an option of the wrong type (``policy`` not None/callable/dict, ``overrides`` or
             ``inductor_config`` not a dict, ``report`` not callable, ``decompose`` or ``measure_attention``
-            not a bool).
+            not a bool, a policy entry that is not a SketchSpec, a dict of its fields or ``"skip"``).
+        (Through ``torch.compile`` these arrive wrapped in Dynamo's ``BackendCompilerFailed``; see
+        :func:`check_options`.)
     """
-    opts = _check_options(options, mode)
+    opts = check_options(options, mode)
 
     import torch
 

@@ -12,7 +12,7 @@ from torch import nn
 import fx_passes
 import panther
 from fx_passes import sketch_linear
-from panther.backend import panther_backend
+from panther.backend import check_options, panther_backend
 from panther.policy import SketchSpec
 
 FAST = {"compiler": "aot_eager"}
@@ -293,12 +293,26 @@ def test_a_weight_computed_in_the_graph_is_left_with_its_sources():
         ({"measure_attention": 1}, TypeError, "measure_attention"),
         ({"mode": "fastest"}, ValueError, "max-autotune"),
         ({"compiler": "eager", "mode": "max-autotune"}, ValueError, "inductor"),
+        ({"inductor_config": {"no_such_flag": 1}}, ValueError, r"unknown key\(s\) \['no_such_flag'\]"),
+        ({"policy": {"fc": 3}}, TypeError, "policy"),
+        ({"overrides": {"fc": {"rank": 4}}}, TypeError, "unknown SketchSpec field"),
     ],
 )
 def test_option_validation(options, exc, needle):
     gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
     with pytest.raises(exc, match=needle):
         panther_backend(gm, [torch.randn(1, 2)], options=options)
+    with pytest.raises(exc, match=needle):   # the same check, where the options are built
+        check_options(options)
+
+
+def test_option_errors_reach_the_caller_through_dynamo_at_the_first_call():
+    torch._dynamo.reset()
+    compiled = torch.compile(nn.Linear(2, 2), backend="panther", options={"polcy": None})   # nothing checked yet
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="unknown option") as e:
+        compiled(torch.randn(1, 2))
+    assert isinstance(e.value.inner_exception, ValueError)
+    assert check_options({"inductor_config": {"triton.cudagraphs": False}})["inductor_config"]
 
 
 def test_callable_policy_and_overrides_through_options(mlp, caplog):
