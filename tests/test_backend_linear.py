@@ -452,3 +452,15 @@ def test_layers_after_a_graph_break_inside_a_submodule_keep_their_full_names():
     rows = {r.name: r for rep in reports for r in rep.rows}
     assert set(rows) == {"pre", "inner.a", "inner.b"}, rows
     assert [n for n, r in rows.items() if r.replaced] == ["inner.b"]
+
+
+def test_a_rank_beyond_the_layer_is_applied_and_said():
+    # the policy asked for it: done, with SKLinear's warning and a note on the row
+    torch._dynamo.reset()
+    compiled, reports = compile_panther(nn.Sequential(nn.Linear(64, 64)).eval(),
+                                        policy={"linear": SketchSpec(low_rank=1000)})
+    with pytest.warns(UserWarning, match=r"panther: 0 holds more parameters than the dense layer \(256064 > 4160\)"):
+        with torch.no_grad():
+            compiled(torch.randn(2, 64))
+    row = reports[0].row("0")
+    assert row.replaced and row.params_after == 256064 and "a smaller rank would be cheaper" in row.reason
