@@ -20,6 +20,7 @@ keys are :data:`OPTIONS`.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from typing import Optional
 
@@ -174,6 +175,7 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
     report = fx_passes.run_passes(gm, example_inputs, policy=policy, grad_enabled=torch.is_grad_enabled(),
                                   measure_attention=opts["measure_attention"])
     report.graph_break = graph_break()
+    _warn_unmatched(opts, report)
     try:
         compiled = _compile(gm, example_inputs, opts)
     except RestartAnalysis:
@@ -183,6 +185,22 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
         raise
     _publish(report, opts)
     return compiled
+
+
+def _warn_unmatched(opts, report):
+    """Warn about dict policy entries that match no layer of this graph (most likely a typo, which would leave
+    layers silently dense), as ``panther.convert`` does for the model."""
+    from panther.policy import unmatched_entries
+
+    layers = [(r.name.split("#", 1)[0], r.kind) for r in report.rows]
+    for key in ("policy", "overrides"):
+        table = opts[key]
+        unmatched = unmatched_entries(table, layers) if isinstance(table, Mapping) and layers else []
+        if unmatched:
+            warnings.warn(f"panther backend: options[{key!r}] entries that match no layer of this graph: {unmatched}; "
+                          f"entries match a layer's module path (e.g. {layers[0][0]!r}) or kind ('linear', "
+                          f"'conv2d', 'attention'); a model Dynamo splits may have the layer in another graph",
+                          UserWarning, stacklevel=2)
 
 
 #: what to do about graph breaks PyTorch's own modules make, by the function the break is in (the first one only

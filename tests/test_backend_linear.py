@@ -464,3 +464,19 @@ def test_a_rank_beyond_the_layer_is_applied_and_said():
             compiled(torch.randn(2, 64))
     row = reports[0].row("0")
     assert row.replaced and row.params_after == 256064 and "a smaller rank would be cheaper" in row.reason
+
+
+def test_a_policy_entry_that_matches_no_layer_is_warned_about():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)).eval()
+    compiled, reports = compile_panther(model, policy={"Linear": SketchSpec(low_rank=2), "1": "skip", "0": "skip"},
+                                        overrides={"2": "skip", "3": "skip"})
+    with pytest.warns(UserWarning) as caught:
+        with torch.no_grad():
+            compiled(torch.randn(2, 16))
+    said = [str(w.message) for w in caught if "match no layer" in str(w.message)]
+    # 'Linear' is not the kind 'linear'; module '1' is the ReLU, not a candidate; '3' does not exist
+    assert len(said) == 2
+    assert "options['policy'] entries that match no layer of this graph: ['Linear', '1']" in said[0]
+    assert "options['overrides'] entries that match no layer of this graph: ['3']" in said[1]
+    assert not reports[0].replaced
