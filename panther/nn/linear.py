@@ -180,6 +180,14 @@ class SKLinear(nn.Module):
         unused product is dropped."""
         return self.effective_weight()
 
+    def register_parameter(self, name, param):
+        # assigning a Parameter as ``weight`` (weight tying: Hugging Face's tie_weights) lands here
+        if name == "weight":
+            raise TypeError(f"{type(self).__name__} has no dense weight to set or tie: its weight is the product of "
+                            f"its factors. To keep a tied layer (an lm_head sharing the embedding's weight), leave "
+                            f"it dense: a policy entry such as {{'lm_head': 'skip'}}")
+        super().register_parameter(name, param)
+
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_terms={self.num_terms}, "
                 f"low_rank={self.low_rank}, bias={self.bias is not None}, init={self.init!r}")
