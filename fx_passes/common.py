@@ -39,7 +39,7 @@ _ACCESS = re.compile(r"""(?:\.__dict__\[['"])?\.?_(?:modules|parameters|buffers)
 # a module passed through a wrapper's ``*args`` (Hugging Face's forward decorators) is ``L['args'][0]``
 _ROOT = re.compile(r"""^(?:[LG]\[['"]args['"]\]\[\d+\]|[LG]\[['"][^'"]+['"]\]|[A-Za-z_]\w*)""")
 _FRAME = re.compile(r'File "([^"]+)", line \d+')   # the files of a node's stack trace, outermost first
-_PANTHER_DIR = os.path.dirname(os.path.abspath(panther.__file__)) + os.sep
+_PANTHER_NN = os.path.join(os.path.dirname(os.path.abspath(panther.__file__)), "nn") + os.sep   # the layers' code
 
 
 def source_to_fqn(source_name: str) -> Optional[str]:
@@ -473,15 +473,16 @@ class PassContext:
         """``panther.nn.RandMultiHeadAttention`` (say) when ``node`` runs inside a panther module: such a
         module is already what a policy chose (``panther.convert`` made it), so its own weights, e.g. the
         attention's projections, are not sketched again. The module compiled itself is not in Dynamo's
-        ``nn_module_stack``: a call whose code is panther's own (the stack trace's innermost frame) counts too."""
+        ``nn_module_stack``: a call made by the code of ``panther.nn`` (the stack trace's innermost frame) counts too
+        (not any file of the package: the demo's and the benchmarks' models are users' models)."""
         stack = node.meta.get("nn_module_stack")
         cls = list(stack.values())[-1][1] if stack else None
         if isinstance(cls, type) and cls.__module__.split(".")[0] == "panther":
             public = next((c for c in cls.__mro__ if c.__module__.startswith("panther.nn")), None)
             return f"panther.nn.{public.__name__}" if public else f"{cls.__module__}.{cls.__qualname__}"
         frames = _FRAME.findall(node.meta.get("stack_trace") or "")
-        if frames and os.path.abspath(frames[-1]).startswith(_PANTHER_DIR):
-            return "panther." + os.path.splitext(os.path.relpath(frames[-1], _PANTHER_DIR))[0].replace(os.sep, ".")
+        if frames and os.path.abspath(frames[-1]).startswith(_PANTHER_NN):
+            return "panther.nn." + os.path.splitext(os.path.relpath(frames[-1], _PANTHER_NN))[0].replace(os.sep, ".")
         return None
 
     def _first_path(self, key: str, path: str) -> str:
