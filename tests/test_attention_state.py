@@ -242,3 +242,15 @@ def test_static_state_reorders_in_place_and_takes_no_new_layer():
         other = RandMultiHeadAttention(16, 2, 10, iscausal=True, dtype=torch.float64)
         with pytest.raises(ValueError, match="to_static"):
             other(x, x, x, state=static)
+        with pytest.raises(ValueError, match="keeps its batch"):   # broadcast into the buffers, it would mix rows
+            static.index_select(torch.tensor([1]))
+
+
+def test_static_state_holds_no_autograd_graph():
+    layer, x, mask = layer_and_inputs(L=12)
+    plain = RandAttentionState()
+    layer(x[:, :10], x[:, :10], x[:, :10], mask[:, :10], state=plain)   # a prompt with gradients on
+    static = plain.to_static()
+    layer(x[:, 10:11], x[:, 10:11], x[:, 10:11], mask[:, 10:11], state=static)
+    assert plain[layer].kv.grad_fn is not None
+    assert all(not t.requires_grad for t in static[layer])

@@ -329,8 +329,12 @@ class RandAttentionState:
         if held is None:
             raise ValueError("a static RandAttentionState holds only the layers it held at to_static(): pass the "
                              "prompt through every causal layer before calling it")
-        for buffer, value in zip(held, rf_state):   # the same memory, so that a captured graph reads the new values
-            buffer.copy_(torch.as_tensor(value))
+        if rf_state.kv.shape != held.kv.shape:
+            raise ValueError(f"a static RandAttentionState keeps its batch: sums of shape {tuple(held.kv.shape)}, "
+                             f"got {tuple(rf_state.kv.shape)}")
+        with torch.no_grad():   # decoding buffers: no step's autograd graph is chained onto them
+            for buffer, value in zip(held, rf_state):   # the same memory, so a captured graph reads the new values
+                buffer.copy_(torch.as_tensor(value))
 
     def __len__(self):
         """The number of layers holding a state."""
@@ -363,7 +367,8 @@ class RandAttentionState:
         ``torch.compile``) and counts the positions in a 0-dim int64 tensor on the sums' device instead of an
         int, so one step's graph serves every token: nothing it reads changes address or value on the host.
         Call it after the prompt (which takes the fused kernels), for the decoding steps; a static state takes no
-        new layers and keeps its batch size (``index_select`` reorders in place).
+        new layers, keeps its batch size (``index_select`` reorders in place, an index of another length is a
+        ``ValueError``) and carries no gradient (its buffers are detached and written without autograd).
 
         Returns:
             A new static :class:`RandAttentionState`; this one is left as it was.
@@ -375,7 +380,7 @@ class RandAttentionState:
             raise ValueError("to_static: the state holds no layer yet; pass the prompt through the model with it first")
         static = RandAttentionState()
         for layer, s in self._states.items():
-            buffers = RFState(s.kv.clone(), s.k_sum.clone(), s.shift.clone(),
+            buffers = RFState(s.kv.detach().clone(), s.k_sum.detach().clone(), s.shift.detach().clone(),
                               torch.tensor(int(s.length), device=s.kv.device))
             for t in buffers:
                 torch._dynamo.mark_static_address(t)
