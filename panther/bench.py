@@ -6,6 +6,7 @@ the factors once at the measured copy bandwidth) is printed beside the measured 
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import textwrap
 import time
@@ -856,18 +857,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m panther bench", description=__doc__)
     p.add_argument("what", choices=["linear", "conv2d", "attention", "causal-scaling", "transformer", "llama",
                                     "decode"])
-    p.add_argument("--seq", type=int, default=None, help="attention: sequence length; decode: the prompt's length")
+    p.add_argument("--seq", type=_positive_int, default=None, help="attention: sequence length; decode: the prompt's length")
     p.add_argument("--causal", action="store_true",
                    help="attention: causal; transformer: a decoder-only stack under the causal mask it builds")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--in-features", type=int, default=None)
-    p.add_argument("--out-features", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--layers", type=int, default=None, help="decode: causal attention layers in the stack (default 1)")
-    p.add_argument("--num-terms", type=int, default=1)
-    p.add_argument("--low-rank", type=int, default=None, help="k (default 16; transformer, llama: 64 on CUDA)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 20; 5 with --plot)")
+    p.add_argument("--in-features", type=_positive_int, default=None)
+    p.add_argument("--out-features", type=_positive_int, default=None)
+    p.add_argument("--batch", type=_positive_int, default=None)
+    p.add_argument("--layers", type=_positive_int, default=None, help="decode: causal attention layers in the stack (default 1)")
+    p.add_argument("--num-terms", type=_positive_int, default=1)
+    p.add_argument("--low-rank", type=_positive_int, default=None, help="k (default 16; transformer, llama: 64 on CUDA)")
+    p.add_argument("--repeats", type=_positive_int, default=None, help="timed calls per measurement (default 20; 5 with --plot)")
     p.add_argument("--backward", action="store_true", help="time forward+backward")
     p.add_argument("--flex", action="store_true",
                    help="attention: also flex_attention, compiled by Inductor and by backend=\"panther\"")
@@ -893,8 +894,14 @@ def main(argv=None):
         p.error("--device cuda: no CUDA device available (torch.cuda.is_available() is False)")
     if a.sizes is not None and a.plot is None:
         p.error("--sizes needs --plot FILE")
-    if a.layers is not None and (a.what != "decode" or a.layers < 1):
-        p.error("--layers: a positive number of layers, for decode only")
+    if a.layers is not None and a.what != "decode":
+        p.error("--layers is for decode only")
+    if a.backward and a.what not in ("linear", "attention"):
+        p.error(f"--backward times linear and attention only, not {a.what}")
+    for flag, path in (("--plot", a.plot), ("--markdown", a.markdown)):   # checked before the run, not after it
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            p.error(f"{flag}: no such folder {folder!r}")
     if a.plot is not None:
         if a.what in ("causal-scaling", "transformer", "llama", "decode"):
             p.error("--plot supports linear, conv2d and attention")
@@ -904,6 +911,11 @@ def main(argv=None):
         from ._plot import require_matplotlib
 
         require_matplotlib()  # fail before the sweep, not after it
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if os.path.splitext(a.plot)[1].lstrip(".").lower() not in kinds:
+            p.error(f"--plot: FILE must end in one of {sorted('.' + k for k in kinds)}, got {a.plot!r}")
     tuned = a.device == "cpu" and not a.no_malloc_tuning and reuse_freed_memory()
     if a.plot is not None:
         return _plot_main(a, tuned, argv)
@@ -961,6 +973,18 @@ def main(argv=None):
     _markdown(a, argv, title, rows, headers)
     if tuned:
         print("(glibc set to reuse freed memory, see panther.bench.reuse_freed_memory; --no-malloc-tuning to skip)")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _int_list(text):

@@ -183,6 +183,29 @@ def test_plot_errors(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["linear", "--batch", "0"], "argument --batch: expected a positive integer, got '0'"),
+    (["linear", "--low-rank", "-3"], "argument --low-rank: expected a positive integer"),
+    (["conv2d", "--backward"], "--backward times linear and attention only, not conv2d"),
+    (["linear", "--layers", "2"], "--layers is for decode only"),
+    (["linear", "--markdown", "/no/such/folder/x.md"], "--markdown: no such folder '/no/such/folder'"),
+    (["linear", "--plot", "/no/such/folder/x.png", "--sizes", "16"], "--plot: no such folder"),
+])
+def test_bad_flags_are_usage_errors_before_any_run(argv, said, capsys):
+    # a value the run cannot use (0 once meant "the default"), a flag the command would ignore, a file it could not
+    # write after the whole run: each is argparse's error naming the flag, before anything is timed
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    assert said in capsys.readouterr().err
+
+
+def test_plot_file_type_is_checked_before_the_sweep(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(SystemExit):
+        bench.main(["linear", "--plot", str(tmp_path / "x.txt"), "--sizes", "16"])
+    assert "--plot: FILE must end in one of" in capsys.readouterr().err
+
+
 def test_graph_timer_says_why_a_call_was_not_captured(monkeypatch):
     """A call that cannot be captured gets no CUDA-graph time and a warning naming the failure (the fp32
     linear's blank once hid a capture bug). CPU: the CUDA calls are stubbed."""
