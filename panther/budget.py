@@ -133,6 +133,11 @@ def collect_stats(model: nn.Module, calibration, *, progress=None) -> Dict[str, 
             hooks.append(m.register_forward_pre_hook(make_hook(name, m, kind)))
     modes = {m: m.training for m in model.modules()}
     batches = None
+    is_batches = isinstance(calibration, (torch.Tensor, Mapping)) or hasattr(calibration, "__iter__")
+    if not (is_batches or callable(calibration)) or isinstance(calibration, (str, bytes)):
+        raise TypeError("calibration must be a tensor (one batch), an iterable of batches (tensors, tuples of "
+                        f"arguments or mappings of keyword arguments) or a callable fn(model); got "
+                        f"{type(calibration).__name__}")
     if not callable(calibration) or isinstance(calibration, nn.Module):
         batches = [calibration] if isinstance(calibration, (torch.Tensor, Mapping)) else calibration
     bar = _progress(total=len(batches) if hasattr(batches, "__len__") else None, desc="panther calibration",
@@ -243,9 +248,10 @@ class ErrorBudgetPolicy:
     the model, is within ``headroom * budget``; they are not calibrated.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``; ``calibration`` none of the accepted kinds.
         ValueError: a budget outside ``(0, 1)``, an unknown ``init``, ``min_saving`` outside ``[0, 1)``,
-            ``headroom`` outside ``(0, 1]``, or calibration that runs no linear / conv2d layer.
+            ``headroom`` outside ``(0, 1]``, ``min_rows_per_dim`` below 0, or calibration that runs no linear /
+            conv2d layer.
     """
 
     def __init__(self, model: nn.Module, calibration, budget=0.05, *, init: str = "svd_act",
@@ -267,6 +273,8 @@ class ErrorBudgetPolicy:
             raise ValueError(f"headroom must be a number in (0, 1], got {headroom!r}")
         self.budget, self.init, self.min_saving, self.seed = budget, init, float(min_saving), seed
         self.headroom = float(headroom)
+        if isinstance(min_rows_per_dim, bool) or not isinstance(min_rows_per_dim, (int, float)) or not min_rows_per_dim >= 0:
+            raise ValueError(f"min_rows_per_dim must be a number >= 0, got {min_rows_per_dim!r}")
         self.min_rows_per_dim = float(min_rows_per_dim)
         self.stats = collect_stats(model, calibration, progress=progress)
         self._curves: Dict[str, Tuple[torch.Tensor, float, float]] = {}

@@ -199,6 +199,11 @@ def test_bad_arguments(mlp_case):
         ErrorBudgetPolicy(model, calib, 0.1, init="qr")
     with pytest.raises(ValueError, match="calibration"):
         ErrorBudgetPolicy(nn.Sequential(nn.ReLU()), [torch.randn(2, 3)], 0.1)
+    for bad in (None, 3, "batches.pt"):
+        with pytest.raises(TypeError, match="calibration must be a tensor"):
+            ErrorBudgetPolicy(model, bad, 0.1)
+    with pytest.raises(ValueError, match="min_rows_per_dim must be a number >= 0"):
+        ErrorBudgetPolicy(model, calib, 0.1, min_rows_per_dim=-1)
 
 
 def test_few_rows_fall_back_to_plain_svd(mlp_case):
@@ -416,3 +421,4 @@ def test_demo_error_budget_part_times_the_converted_model(capsys):
     assert set(rows) == {"dense, eager", "converted, eager", "converted, backend=inductor"}
     assert rows["dense, eager"][1] == 1.0
     assert all(ms > 0 and speedup > 0 for ms, speedup in rows.values())
+    assert "1-min load average" in out   # how the times were taken, as part 2 says it
