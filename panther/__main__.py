@@ -4,11 +4,25 @@ and ``python -m panther bench linear|conv2d|attention|causal-scaling|transformer
 ``python -m panther bench --help`` lists the benchmark options."""
 import sys
 
+USAGE = """usage: python -m panther {demo,bench} [options]
+
+  demo    the main job: a built-in model, its graph diff report, speed and accuracy
+          (python -m panther demo --help)
+  bench   dense against sketched: linear, conv2d, attention, causal-scaling, transformer, llama, decode
+          (python -m panther bench --help)
+
+  --version   print panther's version"""
+
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(USAGE)
+        return 0
+    if argv[0] == "--version":
+        from . import __version__
+
+        print(f"panther {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "bench":
@@ -19,7 +33,8 @@ def main(argv=None):
         from .demo import main as demo_main
 
         return demo_main(rest)
-    print(f"unknown command {command!r}; expected 'demo' or 'bench'", file=sys.stderr)
+    print(f"{USAGE}\n\npython -m panther: error: unknown command {command!r}; expected 'demo' or 'bench'",
+          file=sys.stderr)
     return 2
 
 

@@ -132,10 +132,12 @@ def _interleaved_ms(fns, x, repeats):
 def main(argv=None):
     """``python -m panther demo [options]`` (options in the module docstring); returns the exit code."""
     ap = argparse.ArgumentParser(prog="python -m panther demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--blocks", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--policy", choices=("default", "attention"), default="default")
+    ap.add_argument("--blocks", type=int, default=2, help="transformer blocks after the conv stem (default 2)")
+    ap.add_argument("--batch", type=int, default=4, help="images of 3x64x64 per call (default 4)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per model, round robin (default 5)")
+    ap.add_argument("--policy", choices=("default", "attention"), default="default",
+                    help="part 1's policy: panther's default, or 'attention' (random features for every "
+                         "attention layer as well)")
     ap.add_argument("--budget", type=float, default=0.05, help="error budget of part 4 (relative, per layer)")
     ap.add_argument("--report-png", default="panther-report.png", metavar="PATH",
                     help="draw part 1's graph diff report to PATH ('' to skip; needs matplotlib)")

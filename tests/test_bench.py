@@ -326,3 +326,13 @@ def test_transformer_subcommand_wiring(monkeypatch, capsys):
     assert seen["attention"] == "eager"
     assert "Hugging Face LlamaForCausalLM inference, last sequence left-padded by 25% forward: hidden=256" \
         in capsys.readouterr().out
+
+
+def test_entry_point_prints_usage_version_and_errors(capsys):
+    from panther import __main__ as entry
+
+    assert entry.main(["--help"]) == 0 and entry.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m panther {demo,bench}") and "``" not in out   # plain text, not RST
+    assert entry.main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"panther {panther.__version__}"
+    assert entry.main(["foo"]) == 2 and "unknown command 'foo'" in capsys.readouterr().err
