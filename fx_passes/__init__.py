@@ -142,12 +142,13 @@ def _apply(p, cand, ctx: PassContext, policy_fn) -> bool:
     params_after, flops_after = sketched_cost(cand.info, spec)
     larger = ""
     if cand.needs_weights and params_after > info.params:   # asked for, so done; said, as SKLinear says it
-        larger = f"holds more parameters than the dense layer ({params_after} > {info.params}): a smaller rank"
-        warnings.warn(f"panther: {info.name} {larger} would be cheaper", UserWarning, stacklevel=2)
+        larger = (f"holds more parameters than the dense layer ({params_after} > {info.params}): a smaller rank "
+                  f"would be cheaper")
+        warnings.warn(f"panther: {info.name} {larger}", UserWarning, stacklevel=2)
     op_after, err = p.rewrite(cand, spec, ctx)
     ctx.graph_changed()
     ctx.record(cand, _row(cand, replaced=True, op_after=op_after, params_after=params_after,
-                          flops_after=flops_after, spec=spec, err=err, reason=larger and larger + " would be cheaper"))
+                          flops_after=flops_after, spec=spec, err=err, reason=larger))
     return True
 
 

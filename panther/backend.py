@@ -9,7 +9,8 @@ What one backend call does, for each graph Dynamo captures:
 
 1. run panther's FX passes (``fx_passes``): find linear / conv2d / attention nodes, ask the policy,
    rewrite the accepted ones into panther ops. Weight-derived rewrites (linear, conv2d) only when grad is
-   disabled (inference); with grad enabled they stay dense with the reason ``fx_passes.TRAINING_REASON`` (and a warning).
+   disabled (inference); with grad enabled they stay dense with the reason ``fx_passes.TRAINING_REASON`` (and a
+   warning).
 2. deliver the graph diff report (``options["report"]`` callable, ``panther.last_report()``, INFO log on
    the ``"panther"`` logger);
 3. compile the graph: Inductor with panther's decompositions (default), or ``aot_eager`` / ``eager``.
@@ -83,10 +84,15 @@ def check_options(options=None, mode=None):
         if unknown:
             raise ValueError(f"panther backend: options['inductor_config'] has unknown key(s) {unknown}; the keys "
                              f"are torch._inductor.config's (dotted for nested ones, e.g. 'triton.cudagraphs')")
+    _policy(opts)   # a dict policy's entries are checked as it is resolved
+    return opts
+
+
+def _policy(opts):
+    """The policy the options describe, ``overrides`` in front."""
     from .policy import resolve_policy, with_overrides
 
-    resolve_policy(with_overrides(opts["policy"], opts["overrides"]) if opts["overrides"] else opts["policy"])
-    return opts
+    return with_overrides(opts["policy"], opts["overrides"]) if opts["overrides"] else resolve_policy(opts["policy"])
 
 
 def panther_backend(gm, example_inputs, *, options=None, mode=None):
@@ -167,12 +173,8 @@ def panther_backend(gm, example_inputs, *, options=None, mode=None):
     from torch._dynamo.exc import RestartAnalysis
 
     import fx_passes
-    from panther.policy import with_overrides
 
-    policy = opts["policy"]
-    if opts["overrides"]:
-        policy = with_overrides(policy, opts["overrides"])
-    report = fx_passes.run_passes(gm, example_inputs, policy=policy, grad_enabled=torch.is_grad_enabled(),
+    report = fx_passes.run_passes(gm, example_inputs, policy=_policy(opts), grad_enabled=torch.is_grad_enabled(),
                                   measure_attention=opts["measure_attention"])
     report.graph_break = graph_break()
     _warn_unmatched(opts, report)

@@ -857,7 +857,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m panther bench", description=__doc__)
     p.add_argument("what", choices=["linear", "conv2d", "attention", "causal-scaling", "transformer", "llama",
                                     "decode"])
-    p.add_argument("--seq", type=_positive_int, default=None, help="attention: sequence length; decode: the prompt's length")
+    p.add_argument("--seq", type=_positive_int, default=None,
+                   help="attention: sequence length; decode: the prompt's length")
     p.add_argument("--causal", action="store_true",
                    help="attention: causal; transformer: a decoder-only stack under the causal mask it builds")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -865,10 +866,13 @@ def main(argv=None):
     p.add_argument("--in-features", type=_positive_int, default=None)
     p.add_argument("--out-features", type=_positive_int, default=None)
     p.add_argument("--batch", type=_positive_int, default=None)
-    p.add_argument("--layers", type=_positive_int, default=None, help="decode: causal attention layers in the stack (default 1)")
+    p.add_argument("--layers", type=_positive_int, default=None,
+                   help="decode: causal attention layers in the stack (default 1)")
     p.add_argument("--num-terms", type=_positive_int, default=1)
-    p.add_argument("--low-rank", type=_positive_int, default=None, help="k (default 16; transformer, llama: 64 on CUDA)")
-    p.add_argument("--repeats", type=_positive_int, default=None, help="timed calls per measurement (default 20; 5 with --plot)")
+    p.add_argument("--low-rank", type=_positive_int, default=None,
+                   help="k (default 16; transformer, llama: 64 on CUDA)")
+    p.add_argument("--repeats", type=_positive_int, default=None,
+                   help="timed calls per measurement (default 20; 5 with --plot)")
     p.add_argument("--backward", action="store_true", help="time forward+backward")
     p.add_argument("--flex", action="store_true",
                    help="attention: also flex_attention, compiled by Inductor and by backend=\"panther\"")

@@ -273,7 +273,8 @@ class ErrorBudgetPolicy:
             raise ValueError(f"headroom must be a number in (0, 1], got {headroom!r}")
         self.budget, self.init, self.min_saving, self.seed = budget, init, float(min_saving), seed
         self.headroom = float(headroom)
-        if isinstance(min_rows_per_dim, bool) or not isinstance(min_rows_per_dim, (int, float)) or not min_rows_per_dim >= 0:
+        if (isinstance(min_rows_per_dim, bool) or not isinstance(min_rows_per_dim, (int, float))
+                or not min_rows_per_dim >= 0):
             raise ValueError(f"min_rows_per_dim must be a number >= 0, got {min_rows_per_dim!r}")
         self.min_rows_per_dim = float(min_rows_per_dim)
         self.stats = collect_stats(model, calibration, progress=progress)
