@@ -395,6 +395,11 @@ def _rebased(kv, k_sum, shift, k, projection, kernel_fn, scale, key_padding_mask
             _key_features(k, projection, kernel_fn, at, key_padding_mask, uk))
 
 
+def _absorbed(kv, k_sum, fk, v):
+    """The running sums after keys of features ``fk`` ``(B, H, n, m)`` and their values ``v`` ``(B, H, n, dv)``."""
+    return kv + fk.transpose(-2, -1) @ v, k_sum + fk.sum(-2)
+
+
 def _span(t, sl):
     """Positions ``sl`` of q, k, v ``(B, H, L, d)`` or of a key padding mask ``(B, L)`` (None stays None)."""
     return None if t is None else t[:, :, sl] if t.dim() == 4 else t[:, sl]
@@ -412,7 +417,7 @@ def rf_causal_state(k, v, projection, kernel_fn="softmax", scale=None, key_paddi
         vb = _span(v, sl).to(ct)
         kv, k_sum, shift, fk = _rebased(kv, k_sum, shift, _span(k, sl).to(ct), projection, kernel_fn, scale,
                                         _span(key_padding_mask, sl))
-        kv, k_sum = kv + fk.transpose(-2, -1) @ vb, k_sum + fk.sum(-2)
+        kv, k_sum = _absorbed(kv, k_sum, fk, vb)
     return RFState(kv, k_sum, shift, state.length + k.shape[2])
 
 
@@ -439,7 +444,7 @@ def rf_attention_step(q, k, v, projection, kernel_fn="softmax", scale=None, key_
         num = fq @ kv + a @ vb
         den = fq @ k_sum.unsqueeze(-1) + a.sum(-1, keepdim=True)
         outs.append(num / torch.where(den == 0, torch.ones_like(den), den))   # sees no key: 0
-        kv, k_sum = kv + fk.transpose(-2, -1) @ vb, k_sum + fk.sum(-2)
+        kv, k_sum = _absorbed(kv, k_sum, fk, vb)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2) if outs else v.new_zeros(q.shape[:3] + v.shape[3:])
     return out.to(q.dtype), RFState(kv, k_sum, shift, state.length + q.shape[2])
 
