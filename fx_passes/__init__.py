@@ -29,7 +29,7 @@ import torch
 
 from panther._progress import progress
 from panther.policy import Policy, decide, resolve_policy, sketched_cost
-from panther.report import GraphDiffReport, ReportRow, warn_inaccurate_attention
+from panther.report import GraphDiffReport, ReportRow, module_of, warn_inaccurate_attention
 
 from . import (attention_sample, expand_encoder_layer, sketch_conv2d, sketch_flex_attention, sketch_linear,
                sketch_mha, sketch_sdpa, sketch_softmax_attention)
@@ -125,7 +125,7 @@ def _apply(p, cand, ctx: PassContext, policy_fn) -> bool:
         return _keep(p, cand, ctx, reason=cand.unsupported)
     info = cand.info
     if "#" in info.name:  # a module called again: the policy judges the module path, the row keeps the suffix
-        info = dataclasses.replace(info, name=info.name.split("#", 1)[0])
+        info = dataclasses.replace(info, name=module_of(info.name))
     # a rewrite in a graph is never trained (see TRAINING_REASON), so the best approximation is the default
     spec, reason = decide(policy_fn, info, default_init="svd")
     if spec is None:

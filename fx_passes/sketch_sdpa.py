@@ -32,6 +32,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from panther.attention_error import error_of_features, fold_heads, layer_features, sample, sample_error
 from panther.ops.attention import dropped_keys
 from panther.policy import LayerInfo, SketchSpec, dense_attention_flops
+from panther.report import module_of
 
 from .attention_sample import of_call
 from .common import Candidate, PassContext, common_prefix, concrete, is_call, replace_call, trace_into
@@ -283,7 +284,7 @@ def candidate(node, ctx: PassContext, op_before: str, q, k, v, masks, dropout_p,
         if isinstance(t, torch.fx.Node):
             projections += [p for p in ctx.producers(t, is_projection) if p not in projections]
     proj_names = [p.meta.get("panther_layer", p.name) for p in projections]
-    base_name = ctx.module_path(node) or common_prefix([n.split("#")[0] for n in proj_names]) or node.name
+    base_name = ctx.module_path(node) or common_prefix([module_of(n) for n in proj_names]) or node.name
     name = ctx.unique_layer_name(base_name)
     node.meta["panther_layer"] = name
     ranks = {len(s) if s is not None else 0 for s in shapes.values()}

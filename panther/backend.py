@@ -193,8 +193,9 @@ def _warn_unmatched(opts, report):
     """Warn about dict policy entries that match no layer of this graph (most likely a typo, which would leave
     layers silently dense), as ``panther.convert`` does for the model."""
     from panther.policy import unmatched_entries
+    from panther.report import module_of
 
-    layers = [(r.name.split("#", 1)[0], r.kind) for r in report.rows]
+    layers = [(module_of(r.name), r.kind) for r in report.rows]
     for key in ("policy", "overrides"):
         table = opts[key]
         unmatched = unmatched_entries(table, layers) if isinstance(table, Mapping) and layers else []

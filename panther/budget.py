@@ -40,6 +40,7 @@ from torch.nn.utils import parametrize
 from ._progress import progress as _progress
 from .conversion import call_with, is_conv1d
 from .policy import LayerInfo, SketchSpec, _dims, sketched_cost
+from .report import module_of
 
 __all__ = ["ErrorBudgetPolicy", "error_budget_policy", "LayerStats", "LayerChoice", "collect_stats",
            "is_conv1d", "relative_output_errors"]
@@ -334,7 +335,7 @@ class ErrorBudgetPolicy:
         return math.sqrt(max(e, 0.0) / max(out_sq, 1e-300))
 
     def _key(self, name):
-        name = _base(name)
+        name = module_of(name)   # a module called twice: same weights, same statistics
         return self._alias.get(name, name)
 
     @staticmethod
@@ -364,7 +365,7 @@ class ErrorBudgetPolicy:
         return hits[-1] if hits else None
 
     def _choose(self, info: LayerInfo) -> LayerChoice:
-        name = _base(info.name)
+        name = module_of(info.name)
         name = self._alias.get(name, name)
 
         def no(reason):
@@ -480,11 +481,6 @@ def _k_max(d_in, d_out):
 def _short(spec):
     act = "+act" if spec.act_gram is not None else ""
     return f"L={spec.num_terms}, k={spec.low_rank}, {spec.init}{act}"
-
-
-def _base(name: str) -> str:
-    """A module called twice appears in compile reports as ``name#1``: same weights, same statistics."""
-    return name.split("#", 1)[0]
 
 
 def _check_budget(v, what):

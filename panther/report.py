@@ -16,6 +16,11 @@ from typing import Any, Dict, List, Optional
 __all__ = ["ReportRow", "GraphDiffReport", "last_report"]
 
 
+
+def module_of(row_name: str) -> str:
+    """The module path of a row's layer: a module called several times in one graph has rows ``fc``, ``fc#1``..."""
+    return row_name.split("#", 1)[0]
+
 @dataclass
 class ReportRow:
     """One candidate layer (graph node or module).
@@ -132,7 +137,7 @@ class GraphDiffReport:
         factors, so its parameters count once per distinct outcome (kept dense / replaced)."""
         before, after = {}, {}
         for r in self.rows:
-            base = r.name.split("#", 1)[0]
+            base = module_of(r.name)
             before[base] = r.params_before
             after[(base, r.replaced)] = r.params_after
         return {
